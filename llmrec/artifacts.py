@@ -1,0 +1,105 @@
+"""Artifact folders describe themselves with a `meta.json`; the next stage checks it before loading.
+
+Every `meta.json` has at least `{schema_version, stage, created_at, code_version}`; stages add their own keys
+(`model_name`, `dim`, ...). `check_compatible` turns a mismatch into one clear line that says what was
+expected, what was found and which stage to re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from llmrec import __version__
+from llmrec.schema import META_FILE, SCHEMA_VERSION
+
+
+class ArtifactError(ValueError):
+    """An artifact folder is missing, of the wrong stage, or incompatible with what the caller needs."""
+
+
+def write_meta(out_dir: str | os.PathLike, stage: str, **fields: Any) -> dict[str, Any]:
+    """Write `out_dir/meta.json` atomically and return what was written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "stage": stage,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code_version": __version__,
+        **fields,
+    }
+    tmp = out / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, out / META_FILE)
+    return meta
+
+
+def read_meta(art_dir: str | os.PathLike, stage: str | None = None) -> dict[str, Any]:
+    """Read `art_dir/meta.json`; with `stage`, refuse an artifact of another stage."""
+    path = Path(art_dir) / META_FILE
+    if not path.is_file():
+        hint = f"; run `llmrec {stage}` to create it" if stage else ""
+        raise ArtifactError(f"{art_dir} is not an llmrec artifact: {path} does not exist{hint}")
+    meta = json.loads(path.read_text())
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path}: schema_version {meta.get('schema_version')!r}, this llmrec reads {SCHEMA_VERSION}; "
+            f"re-run the stage that wrote it ({meta.get('stage')!r})"
+        )
+    if stage is not None and meta.get("stage") != stage:
+        raise ArtifactError(
+            f"{art_dir} holds a {meta.get('stage')!r} artifact, expected a {stage!r} artifact; "
+            f"pass the folder written by `llmrec {stage}`"
+        )
+    return meta
+
+
+def check_compatible(
+    found: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    keys: Iterable[str],
+    *,
+    found_name: str,
+    expected_name: str,
+    rerun: str,
+) -> None:
+    """Raise ArtifactError naming every key whose value differs between two metas.
+
+    Example::
+
+        check_compatible(index_meta["embed"], embed_meta, ["model_name", "dim"],
+                         found_name="index", expected_name="embeddings", rerun="llmrec index")
+    """
+    diffs = [
+        f"{k}: {expected_name} has {expected.get(k)!r}, {found_name} has {found.get(k)!r}"
+        for k in keys
+        if found.get(k) != expected.get(k)
+    ]
+    if diffs:
+        raise ArtifactError(
+            f"{found_name} does not match {expected_name} (" + "; ".join(diffs) + f"); re-run `{rerun}`"
+        )
+
+
+def file_fingerprint(paths: Iterable[str | os.PathLike], chunk_bytes: int = 1 << 20) -> str:
+    """sha256 (first 16 hex digits) over the bytes of the given files, in order."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(chunk_bytes):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

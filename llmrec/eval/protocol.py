@@ -1,0 +1,45 @@
+"""The interface every evaluated model implements (llmrec's scorer and each baseline alike).
+
+Items live in one fixed index space for a whole evaluation: `ItemSpace.item_ids[i]` is item i, in the order of
+the embeddings artifact (every catalog item, including items never seen in training = cold items).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class ItemSpace:
+    item_ids: np.ndarray  # (N,) object/str, catalog order
+    text_vectors: np.ndarray  # (N, D) float32, L2-normalised BERT text embeddings, row i = item_ids[i]
+    titles: np.ndarray | None = None  # (N,) str, for reports; may be None
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+
+@dataclass(frozen=True)
+class History:
+    """One user's time-ordered history as of the moment of recommendation."""
+
+    user_id: str
+    item_idx: np.ndarray  # (L,) int64 indices into ItemSpace, oldest first
+    ts: np.ndarray  # (L,) int64
+    event: np.ndarray  # (L,) str, schema.EVENT_KINDS
+    rating: np.ndarray  # (L,) float64, NaN where none
+
+
+class Recommender(Protocol):
+    name: str  # key in metrics.json["models"]
+
+    def fit(self, train: pd.DataFrame, items: ItemSpace) -> None:
+        """train: interactions columns (user_id, item_id, ts, rating, event) plus `item_idx` int64."""
+
+    def score(self, histories: list[History]) -> np.ndarray:
+        """Scores over the whole catalog: float32 (B, N); higher is better. -inf = cannot recommend."""

@@ -1,0 +1,63 @@
+"""Start or join Ray the way this project needs on every machine (see docs/platform.md).
+
+Entry points (CLI, jobs, tests) call `local_env_defaults()` once, before Ray starts, then `init_ray()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+# Ray 2.60: on a single machine keep every listener on loopback (otherwise the node IP is eth0's) and make
+# the auth mode explicit (token auth is on by default and CLI clients do not send the token unless told).
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def local_env_defaults() -> None:
+    """Set LOCAL_ENV keys the user has not set. Only entry points call this (never at import)."""
+    for k, v in LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded local Ray.
+
+    A no-op when Ray is already initialised (e.g. inside `ray job submit` or a test session).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env_vars = {k: os.environ[k] for k in LOCAL_ENV if k in os.environ}
+    if address:
+        logger.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            runtime_env={"env_vars": env_vars},
+            log_to_driver=True,
+        )
+        logger.info("started embedded local Ray: %s", ray.cluster_resources())
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))

@@ -1,0 +1,34 @@
+"""Column, file and artifact names shared by every stage. Import names from here; never spell them inline."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# canonical tables (written by `llmrec prepare`)
+ITEMS_FILE = "items.parquet"
+INTERACTIONS_FILE = "interactions.parquet"
+ITEM_ID = "item_id"  # string
+TEXT = "text"  # string, the text the encoder reads
+USER_ID = "user_id"  # string
+TS = "ts"  # int64 unix seconds, or a monotone order when the source has no time
+RATING = "rating"  # float64 or null
+EVENT = "event"  # string, one of EVENT_KINDS
+
+# feedback / interaction event kinds, in the order the HTTP API documents them
+EVENT_KINDS = ("view", "click", "like", "dislike", "skip", "purchase", "rating")
+
+# artifacts
+META_FILE = "meta.json"
+EMBEDDINGS_FILE = "embeddings.parquet"
+EMBEDDING = "embedding"  # fixed_size_list<float32>[dim]
+INDEX_FILE = "index.faiss"
+INDEX_TORCH_FILE = "index.npy"
+INDEX_IDS_FILE = "item_ids.npy"
+
+# run directory layout (`llmrec pipeline --out RUN`)
+RUN_DATA = "data"
+RUN_EMBEDDINGS = "embeddings"
+RUN_INDEX = "index"
+RUN_SCORER = "scorer"
+RUN_EVAL = "eval"
+RUN_EVENTS = "events"  # the serving event log

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmrec.artifacts import ArtifactError, check_compatible, file_fingerprint, read_meta, write_meta
+from llmrec.schema import META_FILE, SCHEMA_VERSION
+
+
+def test_write_read_round_trip(tmp_path):
+    written = write_meta(tmp_path / "emb", "embed", model_name="m", dim=384)
+    got = read_meta(tmp_path / "emb", "embed")
+    assert got == written
+    assert got["schema_version"] == SCHEMA_VERSION and got["dim"] == 384 and got["stage"] == "embed"
+    assert not (tmp_path / "emb" / (META_FILE + ".tmp")).exists()
+
+
+def test_missing_meta_names_path_and_command(tmp_path):
+    with pytest.raises(ArtifactError) as e:
+        read_meta(tmp_path, "index")
+    assert str(tmp_path / META_FILE) in str(e.value) and "llmrec index" in str(e.value)
+
+
+def test_wrong_stage_refused(tmp_path):
+    write_meta(tmp_path, "embed")
+    with pytest.raises(ArtifactError, match="holds a 'embed' artifact, expected a 'index'"):
+        read_meta(tmp_path, "index")
+
+
+def test_old_schema_version_refused(tmp_path):
+    meta = write_meta(tmp_path, "embed")
+    meta["schema_version"] = SCHEMA_VERSION + 1
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="schema_version"):
+        read_meta(tmp_path)
+
+
+def test_check_compatible_names_both_values_and_fix():
+    with pytest.raises(ArtifactError) as e:
+        check_compatible({"model_name": "a", "dim": 32}, {"model_name": "b", "dim": 384}, ["model_name", "dim"],
+                         found_name="index", expected_name="embeddings", rerun="llmrec index")
+    msg = str(e.value)
+    assert "embeddings has 'b', index has 'a'" in msg and "embeddings has 384, index has 32" in msg
+    assert "re-run `llmrec index`" in msg
+    check_compatible({"dim": 3}, {"dim": 3}, ["dim"], found_name="x", expected_name="y", rerun="z")  # equal: no raise
+
+
+def test_fingerprint_changes_with_content(tmp_path):
+    a = tmp_path / "a"
+    a.write_bytes(b"hello")
+    f1 = file_fingerprint([a])
+    assert f1 == file_fingerprint([a]) and len(f1) == 16
+    a.write_bytes(b"hello!")
+    assert file_fingerprint([a]) != f1

@@ -1,0 +1,262 @@
+"""Full-ranking metrics over the whole catalog: Recall@k, NDCG@k (binary relevance, log2 discount), MRR, coverage@k.
+
+Inputs are a score matrix `scores` float (B, N) (higher is better, `-inf` = cannot recommend), one or more
+target item indices per user, and an exclusion set per user (the user's training items). Conventions:
+
+- **Exclusion**: excluded items are removed from the ranking; a target is never excluded, even if it is also
+  in the user's history (a repeat consumption stays rankable).
+- **Ties are broken against the targets** (pessimistic): an item with the same score as a target ranks ahead
+  of it, so a model that gives everything the same score (or `-inf` to a cold target) earns nothing.
+  Among several targets of one user, the one with the lower index ranks first. This is one consistent total
+  order, so the ranks agree with a real top-k list.
+- `rank` is 1-based. Recall@k = (#targets with rank <= k) / #targets. NDCG@k = DCG@k / IDCG@k with
+  DCG = sum over targets with rank <= k of 1 / log2(rank + 1), IDCG = sum_{i=1..min(#targets, k)} 1/log2(i+1).
+  MRR = 1 / (rank of the best-ranked target), no cutoff. All are averaged over users (each user counts once).
+- Coverage@k = |union of the users' top-k lists| / N (finite scores only), over all users seen.
+
+Everything works on row chunks (`chunk_rows`), so the temporaries stay O(chunk_rows x N) and a 72k x 2.4k
+evaluation runs in bounded memory; `RankingMetrics` accumulates over batches so the caller never holds the
+full (users x items) score matrix either.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RankingMetrics",
+    "compute_metrics",
+    "coverage_at_k",
+    "metric_names",
+    "mrr",
+    "ndcg_at_k",
+    "recall_at_k",
+    "target_ranks",
+    "topk_indices",
+]
+
+Targets = Union[np.ndarray, Sequence[Union[int, np.ndarray, Sequence[int]]]]
+Exclude = Union[np.ndarray, Sequence[Union[np.ndarray, Sequence[int]]], None]
+
+DEFAULT_KS = (10, 20)
+DEFAULT_COVERAGE_K = 10
+
+
+def metric_names(ks: Sequence[int] = DEFAULT_KS, coverage_k: int = DEFAULT_COVERAGE_K) -> list[str]:
+    """The keys `RankingMetrics.result()` returns, in report order: recall@k..., ndcg@k..., mrr, coverage@k."""
+    return [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr", f"coverage@{coverage_k}"]
+
+
+def target_ranks(scores: np.ndarray, targets: Targets, exclude: Exclude = None, chunk_rows: int = 1024) -> list[np.ndarray]:
+    """1-based rank of every target among the user's non-excluded items (ties against the target).
+
+    Args:
+        scores: float (B, N); NaN is refused, -inf allowed.
+        targets: (B,) int array, or a length-B sequence of ints / int arrays (one or more targets per user).
+        exclude: None, bool (B, N) mask (True = excluded), or a length-B sequence of index arrays.
+        chunk_rows: rows processed at once (bounds temporary memory to ~chunk_rows x N).
+
+    Returns:
+        list of B int64 arrays; element b has one rank per target of user b, in the order given.
+    """
+    scores = _check_scores(scores)
+    n_rows, n_items = scores.shape
+    tgt = _normalize_targets(targets, n_rows, n_items)
+    _check_exclude(exclude, n_rows, n_items)
+    out: list[np.ndarray] = []
+    for start in range(0, n_rows, chunk_rows):
+        stop = min(start + chunk_rows, n_rows)
+        s = scores[start:stop]  # (C, N)
+        valid = _valid_mask(exclude, start, stop, n_items)  # (C, N) True = competes with the targets
+        rows = np.concatenate([np.full(len(tgt[b]), b - start, dtype=np.int64) for b in range(start, stop)])
+        cols = np.concatenate([tgt[b] for b in range(start, stop)]).astype(np.int64)
+        valid[rows, cols] = False  # targets never excluded, and counted among themselves below
+        t_scores = s[rows, cols]  # (P,)
+        ahead = np.empty(len(rows), dtype=np.int64)
+        for p0 in range(0, len(rows), chunk_rows):  # (P, N) temporaries, P ~ C
+            r, ts = rows[p0 : p0 + chunk_rows], t_scores[p0 : p0 + chunk_rows]
+            ahead[p0 : p0 + chunk_rows] = ((s[r] >= ts[:, None]) & valid[r]).sum(axis=1)
+        pos = 0
+        for b in range(start, stop):
+            m = len(tgt[b])
+            r_b = ahead[pos : pos + m] + 1
+            if m > 1:  # order among the user's own targets: higher score first, then lower index
+                ts_b, idx_b = t_scores[pos : pos + m], cols[pos : pos + m]
+                better = (ts_b[None, :] > ts_b[:, None]) | ((ts_b[None, :] == ts_b[:, None]) & (idx_b[None, :] < idx_b[:, None]))
+                r_b = r_b + better.sum(axis=1)
+            out.append(r_b.astype(np.int64))
+            pos += m
+    return out
+
+
+def topk_indices(scores: np.ndarray, k: int, exclude: Exclude = None, chunk_rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k item indices per row, best first, excluded items removed.
+
+    Returns:
+        (idx int64 (B, k), top_scores float32 (B, k)); rows with fewer than k rankable items are padded with
+        -inf scores (their indices are then meaningless); ties broken by lower item index.
+    """
+    scores = _check_scores(scores)
+    n_rows, n_items = scores.shape
+    if not 1 <= k:
+        raise ValueError(f"k must be >= 1, got {k}")
+    _check_exclude(exclude, n_rows, n_items)
+    kk = min(k, n_items)
+    idx_out = np.zeros((n_rows, k), dtype=np.int64)
+    sc_out = np.full((n_rows, k), -np.inf, dtype=np.float32)
+    for start in range(0, n_rows, chunk_rows):
+        stop = min(start + chunk_rows, n_rows)
+        s = scores[start:stop].astype(np.float32, copy=True)
+        s[~_valid_mask(exclude, start, stop, n_items)] = -np.inf
+        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < n_items else np.tile(np.arange(n_items), (len(s), 1))
+        ps = np.take_along_axis(s, part, axis=1)
+        order = np.lexsort((part, -ps), axis=1)  # score desc, then index asc
+        idx_out[start:stop, :kk] = np.take_along_axis(part, order, axis=1)
+        sc_out[start:stop, :kk] = np.take_along_axis(ps, order, axis=1)
+    return idx_out, sc_out
+
+
+class RankingMetrics:
+    """Accumulates per-user metrics over score batches; `result()` gives the metrics.json entry.
+
+    Example::
+
+        acc = RankingMetrics(n_items=5)
+        acc.update(np.array([[0.9, 0.1, 0.5, 0.3, 0.2]]), targets=[2], exclude=[[0]])
+        acc.result()["mrr"]  # 1.0: item 0 is excluded, so item 2 ranks first
+    """
+
+    def __init__(self, n_items: int, ks: Sequence[int] = DEFAULT_KS, coverage_k: int = DEFAULT_COVERAGE_K) -> None:
+        if n_items < 1:
+            raise ValueError(f"n_items must be >= 1, got {n_items}")
+        self.n_items, self.ks, self.coverage_k = int(n_items), tuple(int(k) for k in ks), int(coverage_k)
+        self._sums = {name: 0.0 for name in metric_names(self.ks, self.coverage_k) if not name.startswith("coverage")}
+        self._covered = np.zeros(self.n_items, dtype=bool)
+        self.n_users = 0
+
+    def update(self, scores: np.ndarray, targets: Targets, exclude: Exclude = None) -> None:
+        """Add one batch: scores (B, N), B users' targets and exclusions (see `target_ranks`)."""
+        if scores.ndim != 2 or scores.shape[1] != self.n_items:
+            raise ValueError(f"scores must be (B, {self.n_items}), got shape {scores.shape}")
+        ranks = target_ranks(scores, targets, exclude)
+        for r in ranks:
+            r = r.astype(np.float64)
+            for k in self.ks:
+                self._sums[f"recall@{k}"] += float((r <= k).sum()) / len(r)
+                dcg = float((1.0 / np.log2(r[r <= k] + 1.0)).sum())
+                idcg = float((1.0 / np.log2(np.arange(2, min(len(r), k) + 2))).sum())
+                self._sums[f"ndcg@{k}"] += dcg / idcg
+            self._sums["mrr"] += 1.0 / float(r.min())
+        idx, top = topk_indices(scores, self.coverage_k, exclude)
+        self._covered[idx[np.isfinite(top)]] = True
+        self.n_users += len(ranks)
+
+    def result(self) -> dict[str, float]:
+        """Means over users (keys from `metric_names`); NaN for every metric when no user was added."""
+        n = self.n_users
+        res = {name: (v / n if n else float("nan")) for name, v in self._sums.items()}
+        res[f"coverage@{self.coverage_k}"] = float(self._covered.sum()) / self.n_items if n else float("nan")
+        return {name: float(res[name]) for name in metric_names(self.ks, self.coverage_k)}
+
+
+def compute_metrics(
+    scores: np.ndarray,
+    targets: Targets,
+    exclude: Exclude = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    coverage_k: int = DEFAULT_COVERAGE_K,
+) -> dict[str, float]:
+    """All metrics for one score matrix (B, N); see the module docstring for definitions."""
+    acc = RankingMetrics(np.asarray(scores).shape[1], ks, coverage_k)
+    acc.update(scores, targets, exclude)
+    return acc.result()
+
+
+def recall_at_k(scores: np.ndarray, targets: Targets, k: int, exclude: Exclude = None) -> float:
+    """Mean over users of (#targets ranked <= k) / #targets."""
+    return compute_metrics(scores, targets, exclude, ks=(k,))[f"recall@{k}"]
+
+
+def ndcg_at_k(scores: np.ndarray, targets: Targets, k: int, exclude: Exclude = None) -> float:
+    """Mean over users of binary-relevance NDCG@k with a log2 discount."""
+    return compute_metrics(scores, targets, exclude, ks=(k,))[f"ndcg@{k}"]
+
+
+def mrr(scores: np.ndarray, targets: Targets, exclude: Exclude = None) -> float:
+    """Mean over users of 1 / rank of the best-ranked target (full ranking, no cutoff)."""
+    return compute_metrics(scores, targets, exclude)["mrr"]
+
+
+def coverage_at_k(scores: np.ndarray, k: int, exclude: Exclude = None) -> float:
+    """Share of the N catalog items that appear (with a finite score) in at least one user's top-k."""
+    scores = _check_scores(scores)
+    idx, top = topk_indices(scores, k, exclude)
+    covered = np.zeros(scores.shape[1], dtype=bool)
+    covered[idx[np.isfinite(top)]] = True
+    return float(covered.mean())
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _check_scores(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be a 2-D (users, items) array, got shape {scores.shape}")
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float32)
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN; a model must give -inf (not NaN) to items it cannot score")
+    return scores
+
+
+def _normalize_targets(targets: Targets, n_rows: int, n_items: int) -> list[np.ndarray]:
+    if isinstance(targets, np.ndarray) and targets.ndim == 1 and targets.dtype != object:
+        tgt = [targets[b : b + 1] for b in range(len(targets))]
+    else:
+        tgt = [np.atleast_1d(np.asarray(t)) for t in targets]
+    if len(tgt) != n_rows:
+        raise ValueError(f"got {len(tgt)} target entries for {n_rows} score rows; pass one entry per user")
+    for b, t in enumerate(tgt):
+        if len(t) == 0:
+            raise ValueError(f"user row {b} has no target; drop users without a test event before scoring")
+        if not np.issubdtype(t.dtype, np.integer):
+            raise ValueError(f"targets must be integer item indices, got dtype {t.dtype} for row {b}")
+        if t.min() < 0 or t.max() >= n_items:
+            raise ValueError(f"target index out of range [0, {n_items}) in row {b}: {t.tolist()}")
+        if len(np.unique(t)) != len(t):
+            raise ValueError(f"duplicate target indices in row {b}: {t.tolist()}; de-duplicate the test items")
+    return tgt
+
+
+def _check_exclude(exclude: Exclude, n_rows: int, n_items: int) -> None:
+    if exclude is None:
+        return
+    if isinstance(exclude, np.ndarray) and exclude.dtype == bool:
+        if exclude.shape != (n_rows, n_items):
+            raise ValueError(f"exclude mask must be ({n_rows}, {n_items}), got {exclude.shape}")
+        return
+    if len(exclude) != n_rows:
+        raise ValueError(f"got {len(exclude)} exclude entries for {n_rows} score rows; pass one per user")
+
+
+def _valid_mask(exclude: Exclude, start: int, stop: int, n_items: int) -> np.ndarray:
+    valid = np.ones((stop - start, n_items), dtype=bool)
+    if exclude is None:
+        return valid
+    if isinstance(exclude, np.ndarray) and exclude.dtype == bool:
+        valid &= ~exclude[start:stop]
+        return valid
+    for b in range(start, stop):
+        ex = np.asarray(exclude[b], dtype=np.int64)
+        if len(ex):
+            if ex.min() < 0 or ex.max() >= n_items:
+                raise ValueError(f"exclude index out of range [0, {n_items}) in row {b}")
+            valid[b - start, ex] = False
+    return valid

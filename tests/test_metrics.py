@@ -1,0 +1,119 @@
+"""Metrics against hand-computed values and a brute-force sort reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from llmrec.eval.metrics import (
+    RankingMetrics,
+    compute_metrics,
+    coverage_at_k,
+    metric_names,
+    mrr,
+    ndcg_at_k,
+    recall_at_k,
+    target_ranks,
+    topk_indices,
+)
+
+
+def test_perfect_ranking_scores_one() -> None:
+    scores = np.eye(4, dtype=np.float32)  # user b likes item b best
+    m = compute_metrics(scores, np.arange(4), ks=(1, 2))
+    assert m["recall@1"] == 1.0 and m["ndcg@1"] == 1.0 and m["mrr"] == 1.0
+    assert m["coverage@10"] == 1.0  # every item is someone's recommendation
+
+
+def test_no_hit_scores_zero() -> None:
+    scores = np.tile(np.arange(10, dtype=np.float32), (3, 1))  # item 9 best, item 0 worst
+    assert recall_at_k(scores, np.zeros(3, dtype=np.int64), 5) == 0.0
+    assert ndcg_at_k(scores, np.zeros(3, dtype=np.int64), 5) == 0.0
+    assert mrr(scores, np.zeros(3, dtype=np.int64)) == pytest.approx(1 / 10)  # rank 10 of 10
+
+
+def test_worked_dcg_example_with_exclusion() -> None:
+    # ranking by score: 0, 1, 2, 3, 4, 5; item 0 is in the user's history, so it is removed:
+    # 1 (rank 1), 2 (rank 2), 3 (3), 4 (4), 5 (5); targets 2 and 5 sit at ranks 2 and 5.
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]], dtype=np.float32)
+    targets, exclude = [np.array([2, 5])], [np.array([0])]
+    assert target_ranks(scores, targets, exclude)[0].tolist() == [2, 5]
+    m = compute_metrics(scores, targets, exclude, ks=(3, 5))
+    idcg = 1 + 1 / math.log2(3)
+    assert m["recall@3"] == pytest.approx(0.5)
+    assert m["ndcg@3"] == pytest.approx((1 / math.log2(3)) / idcg)  # = 0.38685
+    assert m["ndcg@3"] == pytest.approx(0.386853, abs=1e-6)
+    assert m["recall@5"] == pytest.approx(1.0)
+    assert m["ndcg@5"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(6)) / idcg)
+    assert m["mrr"] == pytest.approx(0.5)
+    # without the exclusion item 0 takes rank 1 and everything moves down one
+    assert target_ranks(scores, targets)[0].tolist() == [3, 6]
+
+
+def test_target_is_never_excluded_and_ties_go_against_targets() -> None:
+    scores = np.array([[1.0, 1.0, 1.0, 0.0]], dtype=np.float32)
+    # target 0 is also in the history: still ranked; items 1 and 2 tie with it and rank ahead
+    assert target_ranks(scores, [0], [np.array([0, 3])])[0].tolist() == [3]
+    const = np.zeros((2, 50), dtype=np.float32)
+    assert recall_at_k(const, np.array([0, 1]), 10) == 0.0  # a constant model earns nothing
+    cold = np.array([[0.5, -np.inf, 0.1, 0.2]], dtype=np.float32)
+    assert target_ranks(cold, [1])[0].tolist() == [4]  # -inf target ranks last
+
+
+def test_multiple_targets_of_one_user_rank_consistently() -> None:
+    scores = np.array([[0.5, 0.5, 0.9, 0.1]], dtype=np.float32)
+    r = target_ranks(scores, [np.array([1, 0])])[0]
+    assert r.tolist() == [3, 2]  # 2 first, then targets tied at 0.5: lower index (0) first
+    assert recall_at_k(scores, [np.array([1, 0])], 2) == pytest.approx(0.5)
+
+
+def _reference_ranks(s: np.ndarray, tgt: np.ndarray, ex: np.ndarray) -> list[int]:
+    """Sort explicitly: score desc, non-targets before targets on ties, then index."""
+    keep = [j for j in range(len(s)) if j not in set(ex.tolist()) or j in set(tgt.tolist())]
+    order = sorted(keep, key=lambda j: (-s[j], j in set(tgt.tolist()), j))
+    return [order.index(t) + 1 for t in tgt]
+
+
+def test_ranks_match_brute_force_sort_and_chunking() -> None:
+    rng = np.random.default_rng(0)
+    n_users, n_items = 40, 30
+    scores = rng.integers(0, 6, size=(n_users, n_items)).astype(np.float32)  # many ties on purpose
+    scores[rng.random(scores.shape) < 0.1] = -np.inf
+    targets = [rng.choice(n_items, size=rng.integers(1, 4), replace=False) for _ in range(n_users)]
+    exclude = [rng.choice(n_items, size=rng.integers(0, 8), replace=False) for _ in range(n_users)]
+    got = target_ranks(scores, targets, exclude, chunk_rows=7)
+    for b in range(n_users):
+        assert got[b].tolist() == _reference_ranks(scores[b], targets[b], exclude[b])
+    mask = np.zeros((n_users, n_items), dtype=bool)
+    for b, e in enumerate(exclude):
+        mask[b, e] = True
+    assert [r.tolist() for r in target_ranks(scores, targets, mask)] == [r.tolist() for r in got]
+    # batched accumulation == one shot
+    acc = RankingMetrics(n_items)
+    for s0 in range(0, n_users, 9):
+        acc.update(scores[s0 : s0 + 9], targets[s0 : s0 + 9], exclude[s0 : s0 + 9])
+    one = compute_metrics(scores, targets, exclude)
+    assert acc.result() == pytest.approx(one)
+    assert list(one) == metric_names()
+
+
+def test_topk_and_coverage() -> None:
+    scores = np.array([[0.1, 0.9, 0.8, -np.inf], [0.7, 0.6, 0.5, 0.4]], dtype=np.float32)
+    idx, top = topk_indices(scores, 2, [np.array([1]), np.array([])])
+    assert idx.tolist() == [[2, 0], [0, 1]]
+    assert coverage_at_k(scores, 2, [np.array([1]), np.array([])]) == pytest.approx(3 / 4)
+    idx, top = topk_indices(scores, 4, [np.array([1]), np.array([])])
+    assert np.isinf(top[0, 2:]).all()  # only 2 finite, rankable items for user 0
+
+
+def test_bad_input_is_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        compute_metrics(np.array([[np.nan, 1.0]]), np.array([0]))
+    with pytest.raises(ValueError, match="out of range"):
+        compute_metrics(np.zeros((1, 3)), np.array([3]))
+    with pytest.raises(ValueError, match="target entries"):
+        compute_metrics(np.zeros((2, 3)), np.array([0]))
+    with pytest.raises(ValueError, match="no target"):
+        compute_metrics(np.zeros((1, 3)), [np.array([], dtype=np.int64)])

@@ -1,0 +1,457 @@
+"""Pure ranking logic behind `GET /recommend` and `llmrec replay` (numpy only; no Ray, no HTTP).
+
+Pipeline for one user (batched over B users at once, see `RecommendCore.recommend`):
+
+1. user vector: with a `Scorer` deployed and a non-empty history, the trained user encoder over the history
+   (retrieval in the scorer's space); otherwise the state's zero-shot vector (`MeanVectorizer`, computed by
+   the state shard, or here by `vectorizer` when missing). New users (no vector): popularity prior.
+2. query: a natural-language query's BERT vector `q` is blended with the text-space user vector,
+   `normalize((1 - w) * u + w * q)` with `w = RankConfig.query_weight`; for new users `q` alone plus
+   `pop_weight * popularity`.
+3. candidates: the item index (text space) with that vector, plus, with a Scorer, the top items by
+   `u_s @ scorer.item_vectors().T`; seen items are dropped when `exclude_seen`.
+4. re-rank: the Scorer MLP (z-scored per user, plus `w` times the z-scored query cosine) when present, else
+   the cosine itself.
+5. push down: every candidate whose cosine (text space) to a negative item (dislike/skip) exceeds
+   `neg_threshold` - the item itself included - loses `neg_penalty * weight`, so it sinks below the others.
+6. reason: the query when it contributed more than the history, else the history item (by title) or the
+   text feedback most similar to the pick, else "popular".
+
+Choices the design leaves open (documented here): exclude_seen defaults to True at the API; penalised items
+are pushed down, not removed; rating events count as positive history when value >= 4 (as in llmrec.state).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+POSITIVE_EVENTS = {"like", "purchase", "click"}
+NEGATIVE_EVENTS = {"dislike", "skip"}
+_VERBS = {"like": "liked", "purchase": "bought", "click": "clicked", "view": "viewed", "rating": "rated"}
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    query_weight: float = 0.5  # w in normalize((1-w) u + w q); 0 = ignore the query, 1 = query only
+    pop_weight: float = 0.1  # weight of the popularity prior (log-count scaled to [0, 1]) for new users
+    neg_threshold: float = 0.9  # cosine above which a candidate counts as a near-duplicate of a negative
+    neg_penalty: float = 10.0  # subtracted (times the negative's weight) from a penalised candidate's score
+    min_candidates: int = 100  # candidates retrieved per user: max(min_candidates, 4 k) + |seen|
+    text_feedback_weight: float = 0.3  # scorer mode: weight of the text-feedback cosines
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.query_weight <= 1.0:
+            raise ValueError(f"query_weight must be within [0, 1], got {self.query_weight}")
+        if not -1.0 <= self.neg_threshold <= 1.0:
+            raise ValueError(f"neg_threshold is a cosine within [-1, 1], got {self.neg_threshold}")
+        if self.min_candidates < 1:
+            raise ValueError(f"min_candidates must be >= 1, got {self.min_candidates}")
+
+
+@dataclass
+class Catalog:
+    """The items a deployment can recommend, in embeddings order.
+
+    item_ids: (N,) str; vectors: (N, D) float32 L2-normalised text vectors; titles: (N,) str;
+    popularity: (N,) float >= 0 (interaction counts) or None.
+    """
+
+    item_ids: np.ndarray
+    vectors: np.ndarray
+    titles: np.ndarray
+    popularity: np.ndarray | None = None
+    id_to_idx: dict[str, int] = field(init=False, repr=False)
+    pop_score: np.ndarray = field(init=False, repr=False)  # (N,) log-popularity scaled to [0, 1]
+
+    def __post_init__(self) -> None:
+        self.item_ids = np.asarray(self.item_ids, dtype=object)
+        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        n = len(self.item_ids)
+        if self.vectors.ndim != 2 or self.vectors.shape[0] != n:
+            raise ValueError(f"vectors must be (N={n}, D), got {self.vectors.shape}")
+        self.titles = np.asarray(self.titles if self.titles is not None else self.item_ids, dtype=object)
+        if len(self.titles) != n:
+            raise ValueError(f"titles must have N={n} entries, got {len(self.titles)}")
+        self.id_to_idx = {str(i): j for j, i in enumerate(self.item_ids)}
+        if len(self.id_to_idx) != n:
+            raise ValueError("item_ids must be unique")
+        pop = np.zeros(n, np.float64) if self.popularity is None else np.asarray(self.popularity, np.float64)
+        if pop.shape != (n,):
+            raise ValueError(f"popularity must be (N={n},), got {pop.shape}")
+        lp = np.log1p(np.maximum(pop, 0.0))
+        self.pop_score = (lp / lp.max() if lp.max() > 0 else lp).astype(np.float32)
+        self._pop_order = np.argsort(-self.pop_score, kind="stable")
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+
+@dataclass
+class UserView:
+    """What the ranker needs from a user's state (a `llmrec.state` summary, a `UserState`, or nothing)."""
+
+    user_id: str
+    history: list[tuple[str, str, float | None, float]] = field(default_factory=list)  # (item, event, value, ts)
+    seen: set[str] = field(default_factory=set)
+    negatives: dict[str, float] = field(default_factory=dict)
+    text_feedback: list[tuple[str, float, np.ndarray | None]] = field(default_factory=list)  # (text, pol, vec)
+    vector: np.ndarray | None = None  # (D,) text-space user vector
+    version: int = 0
+
+    @classmethod
+    def from_state(cls, state: Any, user_id: str | None = None) -> UserView:
+        """Accepts None (new user), a summary dict (as `StateStore.get` returns) or a `UserState` object."""
+        if state is None:
+            return cls(user_id=user_id or "")
+        get = state.get if isinstance(state, Mapping) else (lambda k, d=None: getattr(state, k, d))
+        hist = [_history_entry(h) for h in (get("history") or [])]
+        seen = {str(s) for s in (get("seen") or [])} | {h[0] for h in hist if h[0]}
+        neg_raw = get("negatives") or {}
+        negatives = {str(k): float(v) for k, v in (neg_raw.items() if isinstance(neg_raw, Mapping) else neg_raw)}
+        tf = [_text_entry(t) for t in (get("text_feedback") or [])]
+        vec = get("vector")
+        vec = None if vec is None or len(vec) == 0 else np.asarray(vec, dtype=np.float32)
+        return cls(
+            user_id=str(get("user_id") or user_id or ""),
+            history=hist,
+            seen=seen,
+            negatives=negatives,
+            text_feedback=tf,
+            vector=vec,
+            version=int(get("version") or get("state_version") or 0),
+        )
+
+    def positives(self) -> list[tuple[str, str]]:
+        """(item_id, event) of the positive history, newest first."""
+        out = []
+        for item, ev, val, _ in reversed(self.history):
+            if item and (ev in POSITIVE_EVENTS or (ev == "rating" and val is not None and val >= 4)
+                         or ev == "view"):
+                out.append((item, ev))
+        return out
+
+
+def _history_entry(h: Any) -> tuple[str, str, float | None, float]:
+    if isinstance(h, Mapping):
+        item, ev, val, ts = h.get("item_id"), h.get("event"), h.get("value"), h.get("ts", 0.0)
+    else:
+        item, ev, val, ts = (list(h) + [None, None, None, 0.0])[:4]
+    return (str(item) if item is not None else "", str(ev), None if val is None else float(val), float(ts or 0.0))
+
+
+def _text_entry(t: Any) -> tuple[str, float, np.ndarray | None]:
+    if isinstance(t, Mapping):
+        text, pol, vec = t.get("text"), t.get("polarity", 0.0), t.get("vec", t.get("text_vec"))
+    else:
+        text, pol, vec = (list(t) + [None, 0.0, None])[:3]
+    return str(text), float(pol or 0.0), None if vec is None else np.asarray(vec, dtype=np.float32)
+
+
+@dataclass
+class Query:
+    text: str
+    vector: np.ndarray  # (D,) L2-normalised, text space
+
+
+class RecommendCore:
+    """Ranks the catalog for a batch of users. Thread-compatible; swap a whole instance to change models.
+
+    Args:
+        catalog: the items (text vectors define the space of the index, the queries and the negatives).
+        index: any object with `.search(queries (B, D) float32, k) -> (scores (B, k), item_ids (B, k))`
+            (`llmrec.index.item_index.ItemIndex`); ids not in the catalog are ignored.
+        scorer: optional `llmrec.scorer.inference.Scorer` (user encoder + MLP re-ranker).
+        vectorizer: optional `(state) -> (D,) | None`, used when a state carries no vector.
+        config: RankConfig.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        index: Any,
+        scorer: Any | None = None,
+        vectorizer: Callable[[Any], np.ndarray | None] | None = None,
+        config: RankConfig | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.index = index
+        self.scorer = scorer
+        self.vectorizer = vectorizer
+        self.config = config or RankConfig()
+        idx_dim = getattr(index, "dim", catalog.dim)
+        if idx_dim != catalog.dim:
+            raise ValueError(
+                f"index dim {idx_dim} != catalog vector dim {catalog.dim}; rebuild the index from these embeddings"
+            )
+        self._s_vecs = None
+        if scorer is not None:
+            s_ids = [str(i) for i in scorer.item_ids]
+            self._s_id_to_idx = {i: j for j, i in enumerate(s_ids)}
+            self._s_vecs = np.asarray(scorer.item_vectors(), dtype=np.float32)  # (Ns, Ds)
+            # scorer row j -> catalog row (or -1 when the scorer knows an item the catalog lacks)
+            self._s_to_cat = np.array([catalog.id_to_idx.get(i, -1) for i in s_ids], dtype=np.int64)
+            self._cat_to_s = np.full(catalog.n_items, -1, dtype=np.int64)
+            ok = self._s_to_cat >= 0
+            self._cat_to_s[self._s_to_cat[ok]] = np.nonzero(ok)[0]
+            logger.info("scorer attached: %d scorer items, %d in the catalog", len(s_ids), int(ok.sum()))
+
+    # ------------------------------------------------------------------ public
+    def recommend(
+        self,
+        users: Sequence[UserView],
+        k: int | Sequence[int] = 10,
+        queries: Sequence[Query | None] | None = None,
+        exclude_seen: bool | Sequence[bool] = True,
+    ) -> list[list[dict[str, Any]]]:
+        """Top-k per user: a list (B) of lists of {item_id, score, title, reason}, best first."""
+        t0 = time.perf_counter()
+        b = len(users)
+        ks = [int(k)] * b if isinstance(k, (int, np.integer)) else [int(x) for x in k]
+        qs = list(queries) if queries is not None else [None] * b
+        ex = [bool(exclude_seen)] * b if isinstance(exclude_seen, bool) else [bool(x) for x in exclude_seen]
+        if not (len(ks) == len(qs) == len(ex) == b):
+            raise ValueError(f"k, queries and exclude_seen must have one entry per user ({b})")
+        for q in qs:
+            if q is not None and np.asarray(q.vector).shape != (self.catalog.dim,):
+                raise ValueError(f"query vector must be ({self.catalog.dim},), got {np.asarray(q.vector).shape}")
+        uvecs = [self._text_user_vector(u) for u in users]
+        use_scorer = [self.scorer is not None and self._has_history(u) for u in users]
+
+        # text-space retrieval vectors (B, D); rows without any vector are retrieved by popularity
+        w = self.config.query_weight
+        rvecs, has_r = np.zeros((b, self.catalog.dim), np.float32), np.zeros(b, bool)
+        for i, (u, q) in enumerate(zip(uvecs, qs)):
+            v = None
+            if u is not None and q is not None:
+                v = (1.0 - w) * u + w * q.vector
+            elif q is not None:
+                v = q.vector
+            elif u is not None and not use_scorer[i]:
+                v = u
+            if v is not None and np.linalg.norm(v) > 0:
+                rvecs[i], has_r[i] = v / np.linalg.norm(v), True
+        n_cand = [
+            min(self.catalog.n_items, max(self.config.min_candidates, 4 * kk) + (len(u.seen) if e else 0))
+            for kk, u, e in zip(ks, users, ex)
+        ]
+        cand: list[np.ndarray] = [np.zeros(0, np.int64)] * b
+        if has_r.any():
+            rows = np.nonzero(has_r)[0]
+            _, ids = self.index.search(rvecs[rows], max(n_cand[i] for i in rows))
+            for r, i in enumerate(rows):
+                cand[i] = self._ids_to_idx(ids[r][: n_cand[i]])
+        s_user = self._scorer_user_vectors(users, use_scorer)
+        for i in range(b):
+            extra = []
+            if s_user is not None and use_scorer[i]:
+                s = self._s_vecs @ s_user[i]  # (Ns,)
+                top = np.argpartition(-s, min(n_cand[i], len(s) - 1))[: n_cand[i]]
+                extra.append(self._s_to_cat[top][self._s_to_cat[top] >= 0])
+            if not has_r[i] and not use_scorer[i]:
+                extra.append(self.catalog._pop_order[: n_cand[i]])
+            if extra:
+                cand[i] = np.unique(np.concatenate([cand[i], *extra]))
+        out = [
+            self._rank_one(users[i], cand[i], ks[i], qs[i], ex[i], uvecs[i],
+                           None if s_user is None or not use_scorer[i] else s_user[i])
+            for i in range(b)
+        ]
+        logger.debug("ranked %d users in %.1f ms", b, (time.perf_counter() - t0) * 1e3)
+        return out
+
+    # ------------------------------------------------------------------ helpers
+    def _has_history(self, u: UserView) -> bool:
+        return any(item in self.catalog.id_to_idx for item, *_ in u.history)
+
+    def _text_user_vector(self, u: UserView) -> np.ndarray | None:
+        v = u.vector
+        if v is None and self.vectorizer is not None and (u.history or u.text_feedback):
+            v = self.vectorizer(u)
+        if v is None:
+            return None
+        v = np.asarray(v, dtype=np.float32)
+        if v.shape != (self.catalog.dim,):
+            raise ValueError(
+                f"user vector has shape {v.shape}, the catalog is {self.catalog.dim}-d; the state was built with "
+                "another embedding model: DELETE the user or restart serving with the matching run"
+            )
+        n = float(np.linalg.norm(v))
+        return v / n if n > 0 else None
+
+    def _ids_to_idx(self, ids: Sequence[Any]) -> np.ndarray:
+        get = self.catalog.id_to_idx.get
+        idx = [get(str(i), -1) for i in ids if i is not None]
+        return np.array([j for j in idx if j >= 0], dtype=np.int64)
+
+    def _scorer_user_vectors(self, users: Sequence[UserView], mask: Sequence[bool]) -> np.ndarray | None:
+        if self.scorer is None or not any(mask):
+            return None
+        from llmrec.eval.protocol import History
+
+        hists, rows = [], []
+        for i, (u, m) in enumerate(zip(users, mask)):
+            if not m:
+                continue
+            ent = [(self._s_id_to_idx[it], ev, val, ts) for it, ev, val, ts in u.history if it in self._s_id_to_idx]
+            hists.append(History(
+                user_id=u.user_id,
+                item_idx=np.array([e[0] for e in ent], np.int64),
+                ts=np.array([int(e[3]) for e in ent], np.int64),
+                event=np.array([e[1] for e in ent], dtype=object),
+                rating=np.array([np.nan if e[2] is None else e[2] for e in ent], np.float64),
+            ))
+            rows.append(i)
+        uv = np.asarray(self.scorer.user_vectors(hists), dtype=np.float32)  # (B', Ds)
+        out = np.zeros((len(users), uv.shape[1]), np.float32)
+        out[rows] = uv
+        return out
+
+    def _rank_one(
+        self,
+        u: UserView,
+        cand: np.ndarray,
+        k: int,
+        q: Query | None,
+        exclude_seen: bool,
+        uvec: np.ndarray | None,
+        s_user: np.ndarray | None,
+    ) -> list[dict[str, Any]]:
+        cat, cfg = self.catalog, self.config
+        if exclude_seen and len(cand) and u.seen:
+            seen_idx = {cat.id_to_idx[s] for s in u.seen if s in cat.id_to_idx}
+            cand = np.array([c for c in cand if c not in seen_idx], dtype=np.int64)
+        if len(cand) == 0:
+            return []
+        cv = cat.vectors[cand]  # (K, D)
+        q_cos = cv @ q.vector if q is not None else None  # (K,)
+        u_cos = cv @ uvec if uvec is not None else None  # (K,)
+        w = cfg.query_weight
+        if s_user is not None:  # trained scorer: MLP scores over candidates known to the scorer
+            s_idx = self._cat_to_s[cand]
+            mlp = np.full(len(cand), -np.inf, np.float32)
+            known = s_idx >= 0
+            if known.any():
+                mlp[known] = np.asarray(self.scorer.score(s_user[None, :], s_idx[known][None, :]))[0]
+            score = _zscore(mlp)
+            if q_cos is not None:
+                score = (1.0 - w) * score + w * _zscore(q_cos)
+            for _, pol, vec in u.text_feedback:
+                if vec is not None and vec.shape == (cat.dim,):
+                    score = score + cfg.text_feedback_weight * pol * _zscore(cv @ vec)
+        elif u_cos is not None and q_cos is not None:
+            score = (1.0 - w) * u_cos + w * q_cos
+        elif q_cos is not None:
+            score = q_cos + cfg.pop_weight * cat.pop_score[cand]
+        elif u_cos is not None:
+            score = u_cos
+        else:
+            score = cat.pop_score[cand].astype(np.float32)
+        score = np.nan_to_num(score.astype(np.float32), neginf=-1e6)
+
+        # push down negatives and their near-duplicates
+        neg = [(cat.id_to_idx[i], wgt) for i, wgt in u.negatives.items() if i in cat.id_to_idx and wgt > 0]
+        if neg:
+            nv = cat.vectors[[j for j, _ in neg]]  # (M, D)
+            nw = np.array([wgt for _, wgt in neg], np.float32)  # (M,)
+            sim = cv @ nv.T  # (K, M)
+            hit = sim > cfg.neg_threshold
+            pen = (hit * nw[None, :]).max(axis=1)  # (K,)
+            score = score - cfg.neg_penalty * pen
+        else:
+            pen = np.zeros(len(cand), np.float32)
+
+        order = np.argsort(-score, kind="stable")[:k]
+        pos = [(cat.id_to_idx[i], ev) for i, ev in u.positives() if i in cat.id_to_idx][:50]
+        pos_v = cat.vectors[[j for j, _ in pos]] if pos else None  # (P, D)
+        out = []
+        for o in order:
+            c = int(cand[o])
+            out.append({
+                "item_id": str(cat.item_ids[c]),
+                "score": float(score[o]),
+                "title": str(cat.titles[c]),
+                "reason": self._reason(u, c, q, w, q_cos, u_cos, o, pos, pos_v, bool(pen[o] > 0), s_user),
+            })
+        return out
+
+    def _reason(self, u, c, q, w, q_cos, u_cos, o, pos, pos_v, penalised, s_user) -> str:
+        cat = self.catalog
+        hist_part = None
+        if pos_v is not None:
+            sims = pos_v @ cat.vectors[c]
+            j = int(np.argmax(sims))
+            hist_part = (float(sims[j]), f"because you {_VERBS.get(pos[j][1], 'liked')} '{cat.titles[pos[j][0]]}'")
+        tf_part = None
+        for text, pol, vec in u.text_feedback:
+            if pol > 0 and vec is not None and vec.shape == (cat.dim,):
+                s = float(vec @ cat.vectors[c])
+                if tf_part is None or s > tf_part[0]:
+                    tf_part = (s, f"because you said '{_clip(text)}'")
+        if q is not None:
+            u_contrib = (1.0 - w) * float(u_cos[o]) if u_cos is not None else -math.inf
+            if hist_part is None or w * float(q_cos[o]) >= u_contrib:
+                r = f"matches your query '{_clip(q.text)}'"
+                return r + " (similar to something you disliked)" if penalised else r
+        best = max([p for p in (hist_part, tf_part) if p is not None], default=None, key=lambda p: p[0])
+        r = best[1] if best is not None else "popular with other users"
+        if s_user is not None and best is not None:
+            r += " (ranked by your trained taste profile)"
+        return r + " (similar to something you disliked)" if penalised else r
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    fin = np.isfinite(x)
+    if fin.sum() < 2:
+        return np.where(fin, 0.0, -1e6).astype(np.float32)
+    m, s = float(x[fin].mean()), float(x[fin].std())
+    return np.where(fin, (x - m) / (s if s > 1e-9 else 1.0), -1e6).astype(np.float32)
+
+
+def _clip(text: str, n: int = 60) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+# ---------------------------------------------------------------------------- loading a run folder
+def load_catalog(run_dir: str | Path) -> tuple[Catalog, dict[str, Any]]:
+    """RUN/embeddings (+ RUN/data items titles and interaction counts when present) -> (Catalog, embed meta)."""
+    import pandas as pd
+
+    from llmrec import schema
+    from llmrec.embed.artifact import load_embeddings
+
+    run = Path(run_dir)
+    t0 = time.perf_counter()
+    emb = load_embeddings(run / schema.RUN_EMBEDDINGS)
+    ids = np.asarray(emb.item_ids, dtype=object)
+    titles = ids.copy()
+    items_path = run / schema.RUN_DATA / schema.ITEMS_FILE
+    if items_path.is_file():
+        items = pd.read_parquet(items_path)
+        col = "title" if "title" in items.columns else schema.TEXT
+        m = dict(zip(items[schema.ITEM_ID].astype(str), items[col].astype(str)))
+        titles = np.array([m.get(str(i), str(i)) for i in ids], dtype=object)
+    pop = None
+    inter_path = run / schema.RUN_DATA / schema.INTERACTIONS_FILE
+    if inter_path.is_file():
+        counts = pd.read_parquet(inter_path, columns=[schema.ITEM_ID])[schema.ITEM_ID].astype(str).value_counts()
+        pop = np.array([counts.get(str(i), 0) for i in ids], dtype=np.float64)
+    cat = Catalog(item_ids=ids, vectors=emb.vectors, titles=titles, popularity=pop)
+    logger.info("catalog: %d items, dim %d, loaded in %.2fs", cat.n_items, cat.dim, time.perf_counter() - t0)
+    return cat, dict(emb.meta)

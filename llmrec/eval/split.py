@@ -1,0 +1,178 @@
+"""Evaluation splits of a canonical interactions table: leave-last-out per user, and a global time cutoff.
+
+Both return a `Split`:
+- `train`: the events models are fit on.
+- `history`: the events a model may read when it recommends for a test user (its input `History`).
+- `test`: one row per (user, target item), with a boolean `is_cold` (the target item is absent from `train`).
+
+Ordering and ties (deterministic, independent of the input row order): every user's events are sorted by
+`ts`, then `item_id` (string order), then `event`. "Last" means last in that order.
+
+Leave-last-out (`leave_last_out`, protocol "loo", the SASRec protocol): per user, last event = test, the one
+before = validation, the rest = train. Users with fewer than 3 events are train-only (counted in
+`stats["n_users_train_only"]` and logged). Models are fit on train; at test time a user's history is train +
+validation (everything before the test event), so `history` = train + valid. Validation events are there for
+early stopping / tuning by callers; `evaluate` does not tune on them.
+
+Global time cutoff (`time_split`, protocol "time"): `cutoff_ts` defaults to the (1 - test_frac) quantile of all
+event timestamps (so about `test_frac` of the *events*, not of the calendar span, fall after it; events at
+exactly the cutoff are train). Train = events with ts <= cutoff; history = train. Test users are users with
+train history and at least one later event; their target is the **first** post-cutoff event (`targets="first"`,
+default: the next thing the user did, given everything known at the cutoff) or every distinct post-cutoff item
+(`targets="all"`). Cold items = items first seen after the cutoff (never in train); cold users = users whose
+events all fall after the cutoff (they have no history, so they are counted, not evaluated).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from llmrec.schema import EVENT, ITEM_ID, TS, USER_ID
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Split", "leave_last_out", "sort_events", "time_split"]
+
+REQUIRED = (USER_ID, ITEM_ID, TS)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One evaluation split; see the module docstring for what each table holds."""
+
+    protocol: str  # "loo" | "time"
+    train: pd.DataFrame  # fit set
+    history: pd.DataFrame  # what models see at recommendation time (sorted per user)
+    valid: pd.DataFrame  # loo: 2nd-to-last event per user; time: empty
+    test: pd.DataFrame  # one row per (user, target item); column `is_cold`
+    cold_items: np.ndarray  # (C,) item ids of test targets never seen in train
+    cold_users: np.ndarray  # (U,) user ids with post-cutoff events but no train events (time only)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def targets_by_user(self) -> dict[str, np.ndarray]:
+        """user_id -> item ids (object array) of that user's test targets, in event order."""
+        return {u: g[ITEM_ID].to_numpy() for u, g in self.test.groupby(USER_ID, sort=False)}
+
+
+def sort_events(interactions: pd.DataFrame) -> pd.DataFrame:
+    """Events sorted by user, ts, item_id, event (stable), with a fresh RangeIndex."""
+    _check_columns(interactions)
+    keys = [USER_ID, TS, ITEM_ID] + ([EVENT] if EVENT in interactions.columns else [])
+    return interactions.sort_values(keys, kind="mergesort").reset_index(drop=True)
+
+
+def leave_last_out(interactions: pd.DataFrame) -> Split:
+    """Leave-last-out per user by time (train / valid / test); see the module docstring."""
+    t0 = time.perf_counter()
+    df = sort_events(interactions)
+    n_per_user = df.groupby(USER_ID, sort=False)[USER_ID].transform("size").to_numpy()
+    pos_from_end = n_per_user - 1 - df.groupby(USER_ID, sort=False).cumcount().to_numpy()
+    eligible = n_per_user >= 3
+    test_m, valid_m = eligible & (pos_from_end == 0), eligible & (pos_from_end == 1)
+    train = df[~(test_m | valid_m)].reset_index(drop=True)
+    valid = df[valid_m].reset_index(drop=True)
+    test = df[test_m].reset_index(drop=True)
+    history = df[~test_m].reset_index(drop=True)
+    train_items = set(train[ITEM_ID].unique())
+    test = test.assign(is_cold=~test[ITEM_ID].isin(train_items))
+    n_train_only = int(df.loc[~eligible, USER_ID].nunique())
+    stats = {
+        "n_events": len(df),
+        "n_users": int(df[USER_ID].nunique()),
+        "n_test_users": len(test),
+        "n_users_train_only": n_train_only,
+        "n_train": len(train),
+        "n_valid": len(valid),
+        "n_test": len(test),
+        "n_cold_test_events": int(test["is_cold"].sum()),
+    }
+    logger.info(
+        "loo split: %d events, %d users -> %d test users, %d users with < 3 events kept train-only, "
+        "%d cold test targets (%.2fs)",
+        len(df), stats["n_users"], len(test), n_train_only, stats["n_cold_test_events"], time.perf_counter() - t0,
+    )
+    cold_items = np.sort(test.loc[test["is_cold"], ITEM_ID].unique()).astype(object)
+    return Split("loo", train, history, valid, test, cold_items, np.array([], dtype=object), stats)
+
+
+def time_split(
+    interactions: pd.DataFrame,
+    test_frac: float = 0.1,
+    cutoff_ts: int | None = None,
+    targets: Literal["first", "all"] = "first",
+) -> Split:
+    """Global time cutoff split; see the module docstring.
+
+    Args:
+        interactions: canonical interactions (user_id, item_id, ts, ...).
+        test_frac: share of events after the default cutoff, in (0, 1); ignored when cutoff_ts is given.
+        cutoff_ts: events with ts <= cutoff_ts are train.
+        targets: "first" post-cutoff event per user, or "all" distinct post-cutoff items.
+    """
+    t0 = time.perf_counter()
+    if targets not in ("first", "all"):
+        raise ValueError(f"targets must be 'first' or 'all', got {targets!r}")
+    df = sort_events(interactions)
+    if cutoff_ts is None:
+        if not 0.0 < test_frac < 1.0:
+            raise ValueError(f"test_frac must be in (0, 1), got {test_frac}; e.g. 0.1 for the last 10% of events")
+        cutoff_ts = int(np.quantile(df[TS].to_numpy(), 1.0 - test_frac, method="lower"))
+    after = df[TS].to_numpy() > cutoff_ts
+    train = df[~after].reset_index(drop=True)
+    post = df[after]
+    if len(train) == 0 or len(post) == 0:
+        raise ValueError(
+            f"time cutoff {cutoff_ts} leaves {len(train)} train and {len(post)} later events; "
+            f"timestamps span {df[TS].min()}..{df[TS].max()}: pick a cutoff inside that range"
+        )
+    train_users = set(train[USER_ID].unique())
+    train_items = set(train[ITEM_ID].unique())
+    has_hist = post[USER_ID].isin(train_users).to_numpy()
+    cold_users = np.sort(post.loc[~has_hist, USER_ID].unique()).astype(object)
+    cand = post[has_hist]
+    if targets == "first":
+        test = cand.groupby(USER_ID, sort=False).head(1)
+    else:
+        test = cand.drop_duplicates([USER_ID, ITEM_ID], keep="first")
+    test = test.reset_index(drop=True)
+    test = test.assign(is_cold=~test[ITEM_ID].isin(train_items))
+    post_items = post[ITEM_ID].unique()
+    cold_items_all = np.sort(post_items[~pd.Series(post_items).isin(train_items).to_numpy()]).astype(object)
+    stats = {
+        "n_events": len(df),
+        "cutoff_ts": int(cutoff_ts),
+        "targets": targets,
+        "n_train": len(train),
+        "n_post_cutoff": int(after.sum()),
+        "post_cutoff_frac": float(after.mean()),
+        "n_test_users": int(test[USER_ID].nunique()),
+        "n_test": len(test),
+        "n_cold_users": len(cold_users),
+        "n_cold_items": len(cold_items_all),
+        "n_cold_test_events": int(test["is_cold"].sum()),
+    }
+    logger.info(
+        "time split at ts=%d: %d train / %d post-cutoff events (%.1f%%); %d test users, %d test targets "
+        "(%d on cold items); %d cold items, %d cold users not evaluated (%.2fs)",
+        cutoff_ts, len(train), stats["n_post_cutoff"], 100 * stats["post_cutoff_frac"], stats["n_test_users"],
+        len(test), stats["n_cold_test_events"], len(cold_items_all), len(cold_users), time.perf_counter() - t0,
+    )
+    empty = df.iloc[:0].reset_index(drop=True)
+    return Split("time", train, train, empty, test, cold_items_all, cold_users, stats)
+
+
+def _check_columns(df: pd.DataFrame) -> None:
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"interactions table lacks columns {missing}; expected at least {list(REQUIRED)}, got {list(df.columns)}; "
+            f"pass the table written by `llmrec prepare`"
+        )
+    if df[USER_ID].isna().any() or df[ITEM_ID].isna().any() or df[TS].isna().any():
+        raise ValueError("interactions have null user_id / item_id / ts values; re-run `llmrec prepare`")

@@ -1,0 +1,102 @@
+"""Split invariants: last-by-time chosen, no test event in train, deterministic ties, cold items/users."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmrec.eval.split import leave_last_out, time_split
+
+
+def _events(rows: list[tuple[str, str, int]]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=["user_id", "item_id", "ts"])
+    return df.assign(ts=df["ts"].astype("int64"), rating=np.nan, event="view")
+
+
+def _random_events(seed: int, n: int = 400) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return _events(
+        [(f"u{rng.integers(0, 30)}", f"i{rng.integers(0, 50)}", int(rng.integers(0, 100))) for _ in range(n)]
+    )
+
+
+def test_loo_takes_last_by_time_and_previous_as_valid() -> None:
+    df = _events([("a", "x", 5), ("a", "y", 1), ("a", "z", 9), ("a", "w", 3), ("b", "x", 1), ("b", "y", 2)])
+    s = leave_last_out(df)
+    assert s.test[["user_id", "item_id"]].values.tolist() == [["a", "z"]]
+    assert s.valid[["user_id", "item_id"]].values.tolist() == [["a", "x"]]
+    assert sorted(s.train.loc[s.train.user_id == "a", "item_id"]) == ["w", "y"]
+    assert s.stats["n_users_train_only"] == 1  # b has only 2 events
+    assert (s.train.user_id == "b").sum() == 2
+    assert sorted(s.history.loc[s.history.user_id == "a", "item_id"]) == ["w", "x", "y"]
+
+
+def test_loo_invariants_on_random_events() -> None:
+    df = _random_events(1)
+    s = leave_last_out(df)
+    assert len(s.train) + len(s.valid) + len(s.test) == len(df)  # nothing dropped
+    key = ["user_id", "item_id", "ts"]
+    merged = s.test.merge(s.train, on=key, how="inner")
+    assert merged.empty  # no test event in train
+    for _, row in s.test.iterrows():
+        u_events = df[df.user_id == row.user_id]
+        assert row.ts == u_events.ts.max()  # last by time
+        v = s.valid[s.valid.user_id == row.user_id].iloc[0]
+        assert s.train[s.train.user_id == row.user_id].ts.max() <= v.ts <= row.ts
+    assert s.test.user_id.is_unique
+
+
+def test_ties_are_deterministic_and_order_independent() -> None:
+    df = _events([("a", "q", 7), ("a", "b", 7), ("a", "m", 7), ("a", "c", 1)])
+    s1 = leave_last_out(df)
+    s2 = leave_last_out(df.iloc[::-1].reset_index(drop=True))
+    assert s1.test.item_id.tolist() == s2.test.item_id.tolist() == ["q"]  # ts tie -> last item_id wins
+    assert s1.valid.item_id.tolist() == ["m"]
+    rnd = _random_events(2)
+    a = time_split(rnd, test_frac=0.2)
+    b = time_split(rnd.sample(frac=1.0, random_state=3), test_frac=0.2)
+    pd.testing.assert_frame_equal(a.test, b.test)
+    pd.testing.assert_frame_equal(a.train, b.train)
+
+
+def test_time_split_cold_items_and_users() -> None:
+    df = _events([
+        ("a", "x", 1), ("a", "y", 2), ("b", "x", 3), ("b", "y", 4),  # train (cutoff 4)
+        ("a", "new", 5), ("a", "x", 6),  # a: first post-cutoff = new (cold item)
+        ("b", "y", 7),  # b: repeat of a train item, still a target
+        ("c", "x", 8),  # c: cold user (no train history)
+    ])
+    s = time_split(df, cutoff_ts=4)
+    assert s.test[["user_id", "item_id", "is_cold"]].values.tolist() == [["a", "new", True], ["b", "y", False]]
+    assert s.cold_items.tolist() == ["new"]
+    assert s.cold_users.tolist() == ["c"]
+    assert s.stats["n_cold_test_events"] == 1
+    assert (s.train.ts <= 4).all() and len(s.train) == 4
+    s_all = time_split(df, cutoff_ts=4, targets="all")
+    assert s_all.test[["user_id", "item_id"]].values.tolist() == [["a", "new"], ["a", "x"], ["b", "y"]]
+
+
+def test_time_split_default_cutoff_and_invariants() -> None:
+    df = _random_events(4, n=1000)
+    s = time_split(df, test_frac=0.1)
+    assert 0.05 < s.stats["post_cutoff_frac"] <= 0.11
+    assert (s.train.ts <= s.stats["cutoff_ts"]).all() and (s.test.ts > s.stats["cutoff_ts"]).all()
+    train_items = set(s.train.item_id)
+    assert set(s.cold_items).isdisjoint(train_items)
+    assert s.test.is_cold.tolist() == [i not in train_items for i in s.test.item_id]
+    assert set(s.test.user_id) <= set(s.train.user_id)
+    first = df[df.ts > s.stats["cutoff_ts"]].sort_values(["user_id", "ts", "item_id"]).groupby("user_id").head(1)
+    first = first[first.user_id.isin(set(s.train.user_id))]
+    assert sorted(map(tuple, first[["user_id", "item_id"]].values)) == sorted(
+        map(tuple, s.test[["user_id", "item_id"]].values)
+    )
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="lacks columns"):
+        leave_last_out(pd.DataFrame({"user": ["a"], "item_id": ["x"], "ts": [1]}))
+    with pytest.raises(ValueError, match="cutoff"):
+        time_split(_events([("a", "x", 1), ("a", "y", 2)]), cutoff_ts=10)
+    with pytest.raises(ValueError, match="test_frac"):
+        time_split(_events([("a", "x", 1), ("a", "y", 2)]), test_frac=1.5)

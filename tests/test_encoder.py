@@ -1,0 +1,154 @@
+"""TextEncoder: shapes, unit norm, determinism, batch/order invariance, the real MiniLM's semantics."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmrec.embed.encoder import (
+    DEFAULT_MODEL_NAME,
+    TextEncoder,
+    TextTokenizer,
+    attention_mask_from_length,
+    default_model_path,
+    resolve_model,
+)
+
+
+def _movie_texts(data_dir: Path, n: int) -> list[str]:
+    with open(data_dir / "movielens-latest-small" / "movies.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:n]
+    return [f"{r['title']} {r['genres'].replace('|', ', ')}" for r in rows]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: str) -> TextEncoder:
+    return TextEncoder(tiny_model_dir, device="cpu", max_length=32)
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_path: str) -> TextEncoder:
+    return TextEncoder(minilm_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def texts(data_dir: Path) -> list[str]:
+    # real titles of varied length, plus a very long one (truncated at max_length) and a 1-word one
+    return _movie_texts(data_dir, 60) + ["word " * 200, "Heat"]
+
+
+def test_shapes_dtype_unit_norm(tiny: TextEncoder, texts: list[str]) -> None:
+    v = tiny.encode(texts, batch_size=16)
+    assert v.shape == (len(texts), 32) and v.dtype == np.float32
+    assert tiny.dim == 32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert len({tuple(np.round(r, 5)) for r in v}) == len(texts)  # distinct texts, distinct vectors
+    e = tiny.encode([])
+    assert e.shape == (0, 32) and e.dtype == np.float32
+
+
+def test_deterministic_across_calls_and_instances(tiny: TextEncoder, tiny_model_dir: str, texts: list[str]) -> None:
+    a = tiny.encode(texts)
+    np.testing.assert_array_equal(a, tiny.encode(texts))
+    other = TextEncoder(tiny_model_dir, device="cpu", max_length=32)
+    np.testing.assert_allclose(a, other.encode(texts), atol=1e-6)
+
+
+def test_order_and_batch_size_do_not_change_vectors(tiny: TextEncoder, texts: list[str]) -> None:
+    # reference: every text alone (batch_size=1, no padding at all)
+    ref = tiny.encode(texts, batch_size=1)
+    for bs in (3, 16, 128):
+        np.testing.assert_allclose(tiny.encode(texts, batch_size=bs), ref, atol=1e-5, err_msg=f"batch_size={bs}")
+    perm = np.random.default_rng(0).permutation(len(texts))
+    got = tiny.encode([texts[i] for i in perm], batch_size=7)
+    np.testing.assert_allclose(got, ref[perm], atol=1e-5)
+
+
+def test_tokenize_and_forward_pieces_match_encode(tiny: TextEncoder, texts: list[str]) -> None:
+    tok = tiny.tokenize(texts, pad_to_max_length=True)
+    ids, length = tok["input_ids"], tok["length"]
+    assert ids.dtype == np.int32 and ids.shape == (len(texts), 32)
+    assert length.dtype == np.int32 and length.shape == (len(texts),)
+    assert length.max() == 32 and length[-2] == 32  # the 200-word text is truncated to max_length
+    assert (ids[:, 0] == 101).all()  # [CLS] first (BERT vocab)
+    # padding is the pad id beyond each row's length
+    assert all((ids[i, n:] == tiny.tokenizer.pad_token_id).all() for i, n in enumerate(length))
+    # "longest" padding: width is the longest row of this call
+    short = tiny.tokenize(texts[:3])
+    assert short["input_ids"].shape[1] == short["length"].max()
+    # forward over fully padded rows == encode (padding under the mask changes nothing)
+    full = tiny.forward(ids, attention_mask_from_length(length, ids.shape[1]))
+    np.testing.assert_allclose(full, tiny.encode(texts), atol=1e-5)
+    # a standalone tokenizer gives the same ids as the encoder's
+    np.testing.assert_array_equal(TextTokenizer(tiny.model_path, 32)(texts, pad_to_max_length=True)["input_ids"], ids)
+
+
+def test_mean_pooling_by_hand(tiny: TextEncoder) -> None:
+    import torch
+
+    tok = tiny.tokenize(["Toy Story (1995)", "Heat"])
+    ids, length = tok["input_ids"], tok["length"]
+    with torch.inference_mode():
+        h = tiny._model(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                        attention_mask=torch.as_tensor(attention_mask_from_length(length, ids.shape[1]))
+                        ).last_hidden_state.numpy()  # (2, L, D)
+    want = np.stack([h[i, : length[i]].mean(0) for i in range(2)])
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(tiny.encode(["Toy Story (1995)", "Heat"]), want, atol=1e-5)
+
+
+def test_model_name_rules(tiny_model_dir: str, minilm_path: str) -> None:
+    assert default_model_path() == minilm_path and Path(minilm_path, "config.json").is_file()
+    assert resolve_model(None) == (minilm_path, DEFAULT_MODEL_NAME)
+    assert resolve_model(minilm_path)[1] == DEFAULT_MODEL_NAME  # the packaged default, whatever its path
+    path, name = resolve_model(tiny_model_dir)
+    assert path == name == str(Path(tiny_model_dir).resolve())
+    assert resolve_model("org/some-model") == ("org/some-model", "org/some-model")  # hub names pass through
+
+
+def test_bad_inputs_have_clear_errors(tiny: TextEncoder, tiny_model_dir: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        TextEncoder(tiny_model_dir, device="cpu", fp16=True)
+    with pytest.raises(ValueError, match=r"texts\[1\] must be a str, got NoneType"):
+        tiny.encode(["ok", None])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="single str"):
+        tiny.encode("just one")
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        tiny.encode(["a"], batch_size=0)
+    with pytest.raises(ValueError, match="max_length must be an int >= 2"):
+        TextTokenizer(tiny_model_dir, max_length=1)
+    with pytest.raises(ValueError, match="has no config.json"):
+        TextEncoder(str(tmp_path), device="cpu")
+    with pytest.raises(ValueError, match="input_ids and attention_mask must both be"):
+        tiny.forward(np.zeros((2, 3), np.int32), np.ones((2, 4), np.int32))
+
+
+def test_minilm_neighbours_are_sensible(minilm: TextEncoder) -> None:
+    # hand-checked: each anchor's related title must be closer than the unrelated one
+    cases = [
+        ("Toy Story (1995) Animation, Children's, Comedy",
+         "Toy Story 2 (1999) Adventure, Animation, Children, Comedy", "Schindler's List (1993) Drama, War"),
+        ("Alien (1979) Horror, Sci-Fi", "Aliens (1986) Action, Adventure, Horror, Sci-Fi",
+         "Sense and Sensibility (1995) Drama, Romance"),
+        ("The Godfather (1972) Crime, Drama", "The Godfather: Part II (1974) Crime, Drama",
+         "Finding Nemo (2003) Adventure, Animation, Children, Comedy"),
+    ]
+    flat = [t for c in cases for t in c]
+    v = minilm.encode(flat).reshape(len(cases), 3, -1)  # (cases, [anchor, near, far], D)
+    assert minilm.dim == 384 and minilm.model_name == DEFAULT_MODEL_NAME
+    for (a, near, far), (va, vn, vf) in zip(cases, v):
+        assert va @ vn > va @ vf + 0.1, f"{a!r}: near {va @ vn:.3f} vs far {va @ vf:.3f}"
+
+
+def test_minilm_matches_sentence_transformers(minilm: TextEncoder, minilm_path: str, texts: list[str]) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(minilm_path, device="cpu")
+    st.max_seq_length = minilm.max_length
+    ref = st.encode(texts[:40], batch_size=16, normalize_embeddings=True, convert_to_numpy=True)
+    got = minilm.encode(texts[:40], batch_size=16)
+    cos = (ref * got).sum(1)
+    assert cos.min() >= 0.9999, cos.min()

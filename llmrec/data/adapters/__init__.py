@@ -1,0 +1,41 @@
+"""Dataset adapters: each turns one raw dataset folder into canonical-column frames.
+
+Every adapter module defines `NAME: str` and `load(source: Path, **opts) -> Loaded`. Adapters only parse
+and build text; `llmrec.data.prepare` validates (llmrec.data.catalog) and writes the tables. Rows that an
+adapter knowingly cannot use (an item without text, a click on news without a text row) go to
+`Loaded.rejects` with a reason, never silently away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from llmrec.data.catalog import empty_rejects
+
+
+@dataclass
+class Loaded:
+    """What an adapter read: canonical-column frames plus the source files it used (for the fingerprint)."""
+
+    items: pd.DataFrame  # item_id, text, original fields
+    interactions: pd.DataFrame  # user_id, item_id, ts, rating, event
+    files: list[Path]  # source files read, in a fixed order
+    rejects: pd.DataFrame = field(default_factory=empty_rejects)  # catalog.REJECT_COLUMNS
+    notes: dict[str, object] = field(default_factory=dict)  # extra meta.json fields
+
+
+def require_files(source: Path, names: list[str], dataset: str) -> list[Path]:
+    """The paths `source/name`, or a FileNotFoundError naming the missing ones and what folder to pass."""
+    source = Path(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"--source {source} is not a folder; pass the {dataset} dataset folder")
+    paths = [source / n for n in names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{source} is missing {missing} for dataset {dataset!r}; pass the folder that holds {names}"
+        )
+    return paths

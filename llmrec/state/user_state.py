@@ -1,0 +1,401 @@
+"""Per-user state as a pure value: `Event`, `UserState`, `apply_event`, `summary`, `MeanVectorizer` (no Ray).
+
+An `Event` is one piece of feedback (`schema.EVENT_KINDS`) on an item, on a piece of free text ("less horror,
+more space opera"), or on both. `apply_event(state, event)` returns a NEW `UserState`; the input is never
+changed, so the store can log first and update memory after, and tests can compare before/after.
+
+Polarity (the sign an event pushes the user vector with):
+
+=============  =========================================================  ========
+event          weight of the item in the user vector                      polarity
+=============  =========================================================  ========
+purchase       +1.0                                                       positive
+like           +1.0                                                       positive
+click          +0.5                                                       positive
+view           +0.25 (weak interest; never a negative, never text-only)   neutral
+rating v>=4    +(v - 3) / 2   (4 -> 0.5, 5 -> 1.0)                        positive
+2 < v < 4      0 (kept in history and `seen`, no pull either way)         neutral
+rating v<=2    -(3 - v) / 2   (2 -> -0.5, 1 -> -1.0)                      negative
+skip           -0.5                                                       negative
+dislike        -1.0                                                       negative
+=============  =========================================================  ========
+
+Choices the design leaves open (documented here):
+
+- Negative events add their |weight| to `negatives[item_id]` (capped at `max_negatives` items, oldest
+  evicted); a later positive event on the same item removes it from `negatives`.
+- `seen` holds every item the user touched (any kind), unbounded: serving excludes it from recommendations.
+- A text-only event (no `item_id`) needs a polar kind (like/dislike/click/skip/purchase, or a rating <= 2 or
+  >= 4): a neutral text has no direction, so it is refused rather than silently ignored.
+- `text_vec` is optional (the ingress computes it with the item encoder); text without a vector is kept in
+  `text_feedback` but cannot move the vector.
+- `applied_ids` keeps the last `applied_len` (default 1000) event ids of the user; the store uses it to make
+  retries idempotent. A retry older than that window would be applied again.
+- The user vector (`MeanVectorizer`) uses recency by position (half-life in events, newest = weight 1), not
+  wall-clock time, so replaying a log gives the same vector at any time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from llmrec.schema import EVENT_KINDS
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Event",
+    "UserState",
+    "apply_event",
+    "event_weight",
+    "polarity",
+    "summary",
+    "MeanVectorizer",
+    "Vectorizer",
+    "state_to_dict",
+    "state_from_dict",
+]
+
+POSITIVE_KINDS = ("like", "purchase", "click")
+NEGATIVE_KINDS = ("dislike", "skip")
+_KIND_WEIGHT = {"purchase": 1.0, "like": 1.0, "click": 0.5, "view": 0.25, "skip": -0.5, "dislike": -1.0}
+_EVENT_FIELDS = ("event_id", "user_id", "item_id", "event", "value", "text", "text_vec", "ts")
+RATING_MIN, RATING_MAX = 0.0, 5.0
+
+# A vectorizer maps a user state to a (D,) float32 vector in the item retrieval space, or None (cold user).
+Vectorizer = Callable[["UserState"], "np.ndarray | None"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """One feedback event. Build it with `Event.from_dict` (validates) or directly in trusted code."""
+
+    event_id: str | None = None  # unique; the store assigns a uuid4 hex when missing
+    user_id: str
+    item_id: str | None = None  # None for text-only feedback
+    event: str  # one of schema.EVENT_KINDS
+    value: float | None = None  # the rating for event == "rating" (0..5)
+    text: str | None = None  # free-text feedback
+    text_vec: list[float] | None = None  # BERT vector of `text` (D,), computed by the ingress
+    ts: float  # unix seconds
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, default_ts: float | None = None) -> Event:
+        """Validate a JSON-like dict; raise ValueError naming the field, what came and what is allowed.
+
+        `ts` defaults to `default_ts`, else the current time. Unknown keys are refused.
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"event must be a dict with keys {list(_EVENT_FIELDS)}, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(_EVENT_FIELDS))
+        if unknown:
+            raise ValueError(f"event has unknown field(s) {unknown}; allowed fields: {list(_EVENT_FIELDS)}")
+        user_id = _req_str(d, "user_id")
+        kind = d.get("event")
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"event.event must be one of {list(EVENT_KINDS)}, got {kind!r}")
+        item_id = _opt_str(d, "item_id")
+        event_id = _opt_str(d, "event_id")
+        text = _opt_str(d, "text")
+        value = d.get("value")
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise ValueError(f"event.value must be a number or null, got {type(value).__name__} {value!r}")
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"event.value must be finite, got {value!r}")
+        if kind == "rating":
+            if value is None:
+                raise ValueError("event.value is required for event 'rating' (a number in [0, 5]), got null")
+            if not RATING_MIN <= value <= RATING_MAX:
+                raise ValueError(f"event.value for a rating must be in [{RATING_MIN}, {RATING_MAX}], got {value}")
+        text_vec = d.get("text_vec")
+        if text_vec is not None:
+            if text is None:
+                raise ValueError("event.text_vec was given without event.text; send the text it encodes")
+            text_vec = _float_list(text_vec, "text_vec")
+        if item_id is None and text is None:
+            raise ValueError(
+                f"event {kind!r} for user {user_id!r} has neither item_id nor text; "
+                "send item_id (feedback on an item) and/or text (free-text feedback)"
+            )
+        if item_id is None and polarity(kind, value) == 0:
+            raise ValueError(
+                f"text-only event {kind!r} (value={value}) is neutral and cannot steer recommendations; "
+                f"use one of {list(POSITIVE_KINDS + NEGATIVE_KINDS)} or a rating <= 2 or >= 4"
+            )
+        ts = d.get("ts")
+        if ts is None:
+            ts = time.time() if default_ts is None else default_ts
+        if isinstance(ts, bool) or not isinstance(ts, (int, float, np.floating, np.integer)):
+            raise ValueError(f"event.ts must be unix seconds (a number), got {type(ts).__name__} {ts!r}")
+        ts = float(ts)
+        if not math.isfinite(ts) or ts < 0:
+            raise ValueError(f"event.ts must be finite unix seconds >= 0, got {ts!r}")
+        return cls(event_id=event_id, user_id=user_id, item_id=item_id, event=kind, value=value, text=text,
+                   text_vec=text_vec, ts=ts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict with every field (the event-log record, minus `seq`)."""
+        return {k: getattr(self, k) for k in _EVENT_FIELDS}
+
+    def with_id(self, event_id: str) -> Event:
+        return dataclasses.replace(self, event_id=event_id)
+
+
+@dataclass
+class UserState:
+    """Everything the server knows about one user. Treat as immutable: `apply_event` returns a new one.
+
+    history: (item_id, event, value, ts) tuples, oldest first, at most `history_len` (item events only).
+    text_feedback: (text, polarity +1/-1, vec (D,) list or None) tuples, oldest first, at most `text_len`.
+    """
+
+    user_id: str
+    history: list[tuple[str, str, float | None, float]] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    negatives: dict[str, float] = field(default_factory=dict)
+    text_feedback: list[tuple[str, float, list[float] | None]] = field(default_factory=list)
+    version: int = 0
+    n_events: int = 0
+    last_ts: float | None = None
+    vector: list[float] | None = None
+    applied_ids: list[str] = field(default_factory=list)
+    history_len: int = 200
+    text_len: int = 50
+    applied_len: int = 1000
+    max_negatives: int = 500
+
+    def __post_init__(self) -> None:
+        for name in ("history_len", "text_len", "applied_len", "max_negatives"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"UserState.{name} must be an int >= 1, got {v!r}")
+        self._applied_set = set(self.applied_ids)
+
+    def has_applied(self, event_id: str | None) -> bool:
+        """True when an event with this id was already applied (within the last `applied_len` ids)."""
+        return event_id is not None and event_id in self._applied_set
+
+
+def event_weight(kind: str, value: float | None = None) -> float:
+    """Signed weight of the event's item in the user vector (see the module table)."""
+    if kind == "rating":
+        if value is None:
+            return 0.0
+        if value >= 4:
+            return (value - 3.0) / 2.0
+        if value <= 2:
+            return -(3.0 - value) / 2.0
+        return 0.0
+    return _KIND_WEIGHT[kind]
+
+
+def polarity(kind: str, value: float | None = None) -> int:
+    """+1 positive (like/purchase/click/rating>=4), -1 negative (dislike/skip/rating<=2), 0 neutral."""
+    if kind in POSITIVE_KINDS:
+        return 1
+    if kind in NEGATIVE_KINDS:
+        return -1
+    if kind == "rating" and value is not None:
+        return 1 if value >= 4 else (-1 if value <= 2 else 0)
+    return 0
+
+
+def apply_event(state: UserState, event: Event) -> UserState:
+    """Return the state after `event` (pure: `state` is not modified).
+
+    Raises:
+        ValueError: the event belongs to another user.
+    """
+    if event.user_id != state.user_id:
+        raise ValueError(f"event for user {event.user_id!r} applied to the state of user {state.user_id!r}")
+    history = list(state.history)
+    seen = set(state.seen)
+    negatives = dict(state.negatives)
+    text_feedback = list(state.text_feedback)
+    applied = list(state.applied_ids)
+    pol = polarity(event.event, event.value)
+    if event.item_id is not None:
+        history.append((event.item_id, event.event, event.value, event.ts))
+        if len(history) > state.history_len:
+            del history[: len(history) - state.history_len]
+        seen.add(event.item_id)
+        w = event_weight(event.event, event.value)
+        if w < 0:
+            negatives[event.item_id] = negatives.pop(event.item_id, 0.0) + (-w)  # re-insert = most recent
+            while len(negatives) > state.max_negatives:
+                negatives.pop(next(iter(negatives)))
+        elif pol > 0:
+            negatives.pop(event.item_id, None)
+    if event.text is not None:
+        text_feedback.append((event.text, float(pol), list(event.text_vec) if event.text_vec else None))
+        if len(text_feedback) > state.text_len:
+            del text_feedback[: len(text_feedback) - state.text_len]
+    if event.event_id is not None:
+        applied.append(event.event_id)
+        if len(applied) > state.applied_len:
+            del applied[: len(applied) - state.applied_len]
+    last_ts = event.ts if state.last_ts is None else max(state.last_ts, event.ts)
+    return dataclasses.replace(
+        state, history=history, seen=seen, negatives=negatives, text_feedback=text_feedback,
+        version=state.version + 1, n_events=state.n_events + 1, last_ts=last_ts, applied_ids=applied,
+    )
+
+
+def summary(state: UserState) -> dict[str, Any]:
+    """JSON-safe view for GET /users/{id}: counts, history (oldest first), seen, negatives, text feedback.
+
+    The vector is not included (the store adds it as `vector`).
+    """
+    return {
+        "user_id": state.user_id,
+        "version": state.version,
+        "n_events": state.n_events,
+        "last_ts": state.last_ts,
+        "history": [{"item_id": i, "event": e, "value": v, "ts": t} for i, e, v, t in state.history],
+        "seen": sorted(state.seen),
+        "negatives": dict(state.negatives),
+        "text_feedback": [
+            {"text": t, "polarity": p, "has_vec": vec is not None} for t, p, vec in state.text_feedback
+        ],
+    }
+
+
+def state_to_dict(state: UserState) -> dict[str, Any]:
+    """Full JSON-safe dump (for snapshots); `state_from_dict` inverts it exactly."""
+    d = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    d["seen"] = sorted(state.seen)
+    d["history"] = [list(h) for h in state.history]
+    d["text_feedback"] = [list(t) for t in state.text_feedback]
+    return d
+
+
+def state_from_dict(d: Mapping[str, Any]) -> UserState:
+    d = dict(d)
+    d["seen"] = set(d.get("seen", ()))
+    d["history"] = [tuple(h) for h in d.get("history", ())]
+    d["text_feedback"] = [tuple(t) for t in d.get("text_feedback", ())]
+    return UserState(**d)
+
+
+class MeanVectorizer:
+    """Zero-shot user vector from item text vectors (also the fallback when no scorer is deployed).
+
+    u = m_pos - negative_weight * m_neg + text_weight * m_text, then L2-normalised, where
+      m_pos  = sum_h r_h w_h x_h / sum_h r_h w_h  over history entries with weight w_h > 0,
+      m_neg  = sum_j n_j x_j / sum_j n_j          over `negatives` (n_j = accumulated |weight|),
+      m_text = sum_t r_t p_t e_t / sum_t r_t      over text feedback with a vector (p_t = +1/-1),
+    r = 0.5 ** (age / half_life), age = 0 for the newest entry of its list; a group with no entries is 0.
+    Items unknown to the vectorizer are skipped. Returns None (a cold user) when there is no positive
+    signal (no known positive item and no positive text), or the result has zero norm.
+
+    Args:
+        item_ids: (N,) item ids.
+        vectors: (N, D) float item text vectors (normally L2-normalised BERT embeddings).
+
+    Example::
+
+        vec = MeanVectorizer(["a", "b"], np.eye(2, dtype=np.float32))
+        s = apply_event(UserState("u1"), Event(user_id="u1", item_id="a", event="like", ts=1.0))
+        vec(s)  # array([1., 0.], dtype=float32)
+    """
+
+    def __init__(self, item_ids: Sequence[str] | np.ndarray, vectors: np.ndarray, *, half_life: float = 20.0,
+                 negative_weight: float = 0.5, text_weight: float = 0.5) -> None:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2:
+            raise ValueError(f"vectors must be a 2-D (N, D) array, got shape {vectors.shape}")
+        ids = [str(i) for i in item_ids]
+        if len(ids) != vectors.shape[0]:
+            raise ValueError(f"{len(ids)} item_ids but {vectors.shape[0]} vector rows; pass one row per item id")
+        if not np.isfinite(vectors).all():
+            raise ValueError("vectors contain NaN or inf; re-run `llmrec embed`")
+        if half_life <= 0:
+            raise ValueError(f"half_life must be > 0 events, got {half_life}")
+        self.vectors = vectors  # (N, D)
+        self.row = {i: r for r, i in enumerate(ids)}
+        if len(self.row) != len(ids):
+            raise ValueError(f"item_ids has {len(ids) - len(self.row)} duplicate id(s); ids must be unique")
+        self.dim = int(vectors.shape[1])
+        self.half_life = float(half_life)
+        self.negative_weight = float(negative_weight)
+        self.text_weight = float(text_weight)
+
+    def __call__(self, state: UserState) -> np.ndarray | None:
+        """Returns: float32 (D,) L2-normalised, or None for a user with no positive signal."""
+        D = self.dim
+        pos, pos_mass = np.zeros(D, np.float64), 0.0
+        n_hist = len(state.history)
+        for k, (item_id, kind, value, _ts) in enumerate(state.history):
+            w = event_weight(kind, value)
+            row = self.row.get(item_id)
+            if w <= 0 or row is None:
+                continue
+            rw = 0.5 ** ((n_hist - 1 - k) / self.half_life) * w
+            pos += rw * self.vectors[row]
+            pos_mass += rw
+        neg, neg_mass = np.zeros(D, np.float64), 0.0
+        for item_id, n in state.negatives.items():
+            row = self.row.get(item_id)
+            if row is not None and n > 0:
+                neg += n * self.vectors[row]
+                neg_mass += n
+        txt, txt_mass, txt_pos = np.zeros(D, np.float64), 0.0, False
+        with_vec = [(p, v) for _t, p, v in state.text_feedback if v is not None and p != 0]
+        for k, (p, v) in enumerate(with_vec):
+            e = np.asarray(v, dtype=np.float64)
+            if e.shape != (D,):
+                raise ValueError(f"text feedback vector has shape {e.shape}, the item space has dim {D}; "
+                                 "encode feedback text with the same model as the items")
+            r = 0.5 ** ((len(with_vec) - 1 - k) / self.half_life)
+            txt += r * p * e
+            txt_mass += r
+            txt_pos = txt_pos or p > 0
+        if pos_mass == 0 and not txt_pos:
+            return None
+        u = np.zeros(D, np.float64)
+        if pos_mass > 0:
+            u += pos / pos_mass
+        if neg_mass > 0:
+            u -= self.negative_weight * neg / neg_mass
+        if txt_mass > 0:
+            u += self.text_weight * txt / txt_mass
+        norm = float(np.linalg.norm(u))
+        if norm < 1e-12:
+            return None
+        return (u / norm).astype(np.float32)
+
+
+def _req_str(d: Mapping[str, Any], key: str) -> str:
+    v = d.get(key)
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"event.{key} must be a non-empty string, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _opt_str(d: Mapping[str, Any], key: str) -> str | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    return _req_str(d, key)
+
+
+def _float_list(v: Any, key: str) -> list[float]:
+    try:
+        arr = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"event.{key} must be a list of numbers, got {type(v).__name__}") from None
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"event.{key} must be a non-empty 1-D list of numbers, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"event.{key} contains NaN or inf")
+    return arr.tolist()

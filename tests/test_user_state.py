@@ -1,0 +1,182 @@
+"""Pure user state: event validation, apply_event bookkeeping, MeanVectorizer math on hand-built vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmrec.state.user_state import (
+    Event,
+    MeanVectorizer,
+    UserState,
+    apply_event,
+    event_weight,
+    polarity,
+    state_from_dict,
+    state_to_dict,
+    summary,
+)
+
+
+def ev(kind: str, item: str | None = None, *, user: str = "u1", ts: float = 1.0, **kw) -> Event:
+    return Event.from_dict({"user_id": user, "item_id": item, "event": kind, "ts": ts, **kw})
+
+
+def run(events: list[Event], user: str = "u1", **state_kw) -> UserState:
+    s = UserState(user_id=user, **state_kw)
+    for e in events:
+        s = apply_event(s, e)
+    return s
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# ---- validation --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ({"user_id": "u", "item_id": "i", "event": "love"}, "event.event must be one of"),
+        ({"user_id": "", "item_id": "i", "event": "like"}, "event.user_id must be a non-empty string"),
+        ({"user_id": 5, "item_id": "i", "event": "like"}, "event.user_id must be a non-empty string"),
+        ({"user_id": "u", "event": "like"}, "neither item_id nor text"),
+        ({"user_id": "u", "item_id": "i", "event": "rating"}, "value is required for event 'rating'"),
+        ({"user_id": "u", "item_id": "i", "event": "rating", "value": 7}, "must be in [0.0, 5.0]"),
+        ({"user_id": "u", "item_id": "i", "event": "like", "value": "x"}, "event.value must be a number"),
+        ({"user_id": "u", "item_id": "i", "event": "like", "value": True}, "event.value must be a number"),
+        ({"user_id": "u", "item_id": "i", "event": "like", "value": float("nan")}, "must be finite"),
+        ({"user_id": "u", "item_id": "i", "event": "like", "ts": "yesterday"}, "event.ts must be unix seconds"),
+        ({"user_id": "u", "item_id": "i", "event": "like", "ts": -1}, "finite unix seconds >= 0"),
+        ({"user_id": "u", "item_id": "i", "event": "like", "colour": "red"}, "unknown field(s) ['colour']"),
+        ({"user_id": "u", "event": "view", "text": "hmm"}, "neutral and cannot steer"),
+        ({"user_id": "u", "event": "like", "text_vec": [1.0]}, "text_vec was given without event.text"),
+        ({"user_id": "u", "event": "like", "text": "t", "text_vec": [1.0, float("inf")]}, "NaN or inf"),
+        ({"user_id": "u", "event": "like", "text": "t", "text_vec": [[1.0]]}, "1-D list of numbers"),
+    ],
+)
+def test_event_validation_names_field_and_allowed(bad: dict, fragment: str) -> None:
+    with pytest.raises(ValueError) as ei:
+        Event.from_dict(bad)
+    assert fragment in str(ei.value)
+
+
+def test_event_validation_lists_allowed_kinds_and_accepts_good_events() -> None:
+    with pytest.raises(ValueError, match=r"\['view', 'click', 'like', 'dislike', 'skip', 'purchase', 'rating'\]"):
+        Event.from_dict({"user_id": "u", "item_id": "i", "event": "LIKE"})
+    e = Event.from_dict({"user_id": "u", "item_id": "i", "event": "rating", "value": 4, "ts": 10})
+    assert (e.value, e.ts, e.event_id) == (4.0, 10.0, None)
+    t = Event.from_dict({"user_id": "u", "event": "dislike", "text": "no horror", "text_vec": [0, 1]})
+    assert t.item_id is None and t.text_vec == [0.0, 1.0] and t.ts > 1.7e9  # ts defaults to now
+    assert Event.from_dict(e.to_dict()) == e  # round trip
+
+
+def test_polarity_and_weights_follow_the_table() -> None:
+    assert [polarity(k) for k in ("like", "purchase", "click", "view", "dislike", "skip")] == [1, 1, 1, 0, -1, -1]
+    assert [polarity("rating", v) for v in (5, 4, 3.5, 3, 2, 1)] == [1, 1, 0, 0, -1, -1]
+    assert [event_weight("rating", v) for v in (5, 4, 3, 2, 1)] == [1.0, 0.5, 0.0, -0.5, -1.0]
+    assert event_weight("view") == 0.25 and event_weight("skip") == -0.5
+
+
+# ---- apply_event ---------------------------------------------------------------------------------------
+
+
+def test_apply_event_is_pure_and_counts() -> None:
+    s0 = UserState(user_id="u1")
+    s1 = apply_event(s0, ev("like", "a", ts=5.0, event_id="e1"))
+    assert (s0.version, s0.n_events, s0.history, s0.seen) == (0, 0, [], set())  # input untouched
+    assert (s1.version, s1.n_events, s1.last_ts) == (1, 1, 5.0)
+    assert s1.history == [("a", "like", None, 5.0)] and s1.seen == {"a"}
+    assert s1.has_applied("e1") and not s0.has_applied("e1")
+    with pytest.raises(ValueError, match="applied to the state of user 'u1'"):
+        apply_event(s1, ev("like", "a", user="u2"))
+
+
+def test_negatives_accumulate_and_positive_clears() -> None:
+    s = run([ev("dislike", "a"), ev("skip", "a"), ev("skip", "b"), ev("rating", "c", value=1)])
+    assert s.negatives == {"a": 1.5, "b": 0.5, "c": 1.0}
+    s = apply_event(s, ev("like", "a"))
+    assert s.negatives == {"b": 0.5, "c": 1.0} and s.seen == {"a", "b", "c"}
+    s = apply_event(s, ev("view", "b"))  # neutral: no change to negatives
+    assert s.negatives == {"b": 0.5, "c": 1.0}
+
+
+def test_bounded_history_text_ids_and_negatives() -> None:
+    events = [ev("click", f"i{k}", ts=float(k), event_id=f"e{k}") for k in range(30)]
+    events += [ev("dislike", text=f"t{k}", event_id=f"x{k}") for k in range(7)]
+    events += [ev("skip", f"n{k}") for k in range(6)]
+    s = run(events, history_len=10, text_len=3, applied_len=5, max_negatives=4)
+    assert [h[0] for h in s.history] == [f"i{k}" for k in range(26, 30)] + [f"n{k}" for k in range(6)]
+    assert [t[0] for t in s.text_feedback] == ["t4", "t5", "t6"] and all(t[1] == -1 for t in s.text_feedback)
+    assert s.applied_ids == ["x2", "x3", "x4", "x5", "x6"] and not s.has_applied("e29")
+    assert list(s.negatives) == ["n2", "n3", "n4", "n5"]
+    assert s.n_events == 43 and len(s.seen) == 36  # seen is not bounded
+
+
+def test_summary_is_json_safe_and_snapshot_dict_round_trips() -> None:
+    import json
+
+    s = run([ev("like", "a", ts=2.0), ev("dislike", text="no gore", text_vec=[0.0, 1.0]), ev("rating", "b", value=2)])
+    d = summary(s)
+    assert json.loads(json.dumps(d)) == d
+    assert d["n_events"] == 3 and d["seen"] == ["a", "b"] and d["negatives"] == {"b": 0.5}
+    assert d["text_feedback"] == [{"text": "no gore", "polarity": -1.0, "has_vec": True}]
+    back = state_from_dict(json.loads(json.dumps(state_to_dict(s))))
+    assert state_to_dict(back) == state_to_dict(s) and back.seen == s.seen
+
+
+# ---- MeanVectorizer ------------------------------------------------------------------------------------
+
+V = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0.6, 0.8, 0, 0]], dtype=np.float32)
+IDS = ["a", "b", "c", "d"]
+
+
+def test_mean_vectorizer_equals_hand_computed_weighted_mean() -> None:
+    vec = MeanVectorizer(IDS, V, half_life=1.0, negative_weight=0.5, text_weight=0.5)
+    # history: like a (age 2), click b (age 1), dislike c (age 0); text like e=[0,0,0,1]
+    s = run([ev("like", "a"), ev("click", "b"), ev("dislike", "c"),
+             ev("like", text="more of this", text_vec=[0, 0, 0, 1])])
+    # positives: a: r=0.5**2=0.25, w=1 -> 0.25; b: r=0.5**1, w=0.5 -> 0.25  => m_pos = (a + b) / 2
+    m_pos = (0.25 * V[0] + 0.25 * V[1]) / 0.5
+    m_neg = V[2]  # only c, weight 1
+    m_text = np.array([0, 0, 0, 1.0])
+    u = m_pos - 0.5 * m_neg + 0.5 * m_text
+    np.testing.assert_allclose(vec(s), u / np.linalg.norm(u), rtol=1e-6)
+    assert vec(s).dtype == np.float32 and abs(np.linalg.norm(vec(s)) - 1) < 1e-6
+
+
+def test_recency_weights_newer_items_more() -> None:
+    vec = MeanVectorizer(IDS, V, half_life=2.0)
+    s = run([ev("like", "a"), ev("like", "b")])
+    r_a = 0.5 ** (1 / 2.0)  # a is one event older
+    u = (r_a * V[0] + V[1]) / (r_a + 1)
+    np.testing.assert_allclose(vec(s), u / np.linalg.norm(u), rtol=1e-6)
+    assert vec(s)[1] > vec(s)[0]
+
+
+def test_dislike_moves_vector_away_and_negative_text_reduces_cosine() -> None:
+    vec = MeanVectorizer(IDS, V)
+    base = run([ev("like", "a"), ev("like", "d")])
+    after = apply_event(base, ev("dislike", "b"))
+    assert cos(vec(after), V[1]) < cos(vec(base), V[1]) - 0.1
+    e = np.array([0.0, 0.6, 0.0, 0.8])  # the text's vector
+    txt = apply_event(base, ev("dislike", text="less of b", text_vec=e.tolist()))
+    assert cos(vec(txt), e) < cos(vec(base), e) - 0.1
+    pos = apply_event(base, ev("like", text="more of b", text_vec=e.tolist()))
+    assert cos(vec(pos), e) > cos(vec(base), e) + 0.1
+
+
+def test_mean_vectorizer_cold_and_unknown_items_and_bad_input() -> None:
+    vec = MeanVectorizer(IDS, V)
+    assert vec(UserState(user_id="u1")) is None
+    assert vec(run([ev("dislike", "a")])) is None  # no positive signal
+    assert vec(run([ev("like", "zzz")])) is None  # unknown item only
+    np.testing.assert_allclose(vec(run([ev("like", "zzz"), ev("like", "c")])), V[2])
+    with pytest.raises(ValueError, match="3 item_ids but 4 vector rows"):
+        MeanVectorizer(IDS[:3], V)
+    with pytest.raises(ValueError, match="duplicate"):
+        MeanVectorizer(["a", "a", "b", "c"], V)
+    with pytest.raises(ValueError, match="dim 4"):
+        vec(run([ev("like", "a"), ev("like", text="t", text_vec=[1.0, 0.0])]))

@@ -109,9 +109,9 @@ def load(source: Path) -> Loaded:
     with_text = set(items[ITEM_ID])
     has_meta = set(meta_items[ITEM_ID])
     asins = ratings["asin"].to_numpy()
-    reason = np.where(
-        np.isin(asins, list(with_text)), "", np.where(np.isin(asins, list(has_meta)), "item_no_text", "item_no_metadata")
-    )
+    in_text = ratings["asin"].isin(with_text).to_numpy()
+    in_meta = ratings["asin"].isin(has_meta).to_numpy()
+    reason = np.where(in_text, "", np.where(in_meta, "item_no_text", "item_no_metadata"))
     keep = reason == ""
     kept = ratings[keep]
     interactions = pd.DataFrame(

@@ -64,8 +64,8 @@ class FeedbackEvent(BaseModel):
         if self.event == "rating":
             if self.value is None:
                 raise ValueError("event 'rating' needs a numeric value (e.g. 4.5)")
-            if not 0.0 <= self.value <= 10.0:
-                raise ValueError(f"rating value must be within [0, 10], got {self.value}")
+            if not 0.0 <= self.value <= 5.0:
+                raise ValueError(f"rating value must be within [0, 5], got {self.value}")
         if self.ts is not None and not 0.0 <= self.ts < 1e11:
             raise ValueError(f"ts must be unix seconds within [0, 1e11), got {self.ts}")
         return self

@@ -1,0 +1,335 @@
+"""Replay measurement: how much does real-time feedback help the next recommendation?
+
+`replay(run_dir, data_dir, ...)`:
+1. Global time cutoff: `cutoff` = the (1 - test_frac) quantile of event timestamps (as `llmrec.eval.split`);
+   events with ts <= cutoff are history, later ones are streamed in time order (ties: user, item, event),
+   at most `max_events` of them (the earliest ones).
+2. Every streamed user's state is initialised from their pre-cutoff events through the real update code
+   (`llmrec.state.apply_event`, user vector by `MeanVectorizer`).
+3. Before each streamed event the user's top-k (`k`=10, seen items excluded) is asked for twice:
+   - online: the state that has absorbed every earlier streamed event of this user;
+   - frozen: the state as of the cutoff (never updated).
+   The event is a target when its item is in the catalog and the user has not touched it before (a seen
+   item is excluded from recommendations, so it could never be hit); hit@k and NDCG@k (one relevant item:
+   1 / log2(rank + 2)) are averaged over targets, for all targets and for positive ones (like / purchase /
+   click / rating >= 4). Afterwards the event is applied to the online state only.
+4. In-process (default): `RecommendCore` over the run's catalog + index (+ scorer when RUN/scorer exists),
+   no Ray. With `url`: the same through the HTTP API of a running `llmrec serve` (users are namespaced
+   `replay-<tag>-on-<uid>` / `-fr-`, initial history posted in batches, deleted at the end).
+Writes `replay.json` (metrics, counts, timings) to `out_dir` (default RUN/eval).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llmrec import schema
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["replay", "cutoff_split"]
+
+_POSITIVE = {"like", "purchase", "click"}
+
+
+def cutoff_split(interactions: pd.DataFrame, test_frac: float = 0.1) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """(history ts <= cutoff, stream ts > cutoff in time order, cutoff). Raises ValueError when empty."""
+    if not 0.0 < test_frac < 1.0:
+        raise ValueError(f"test_frac must be within (0, 1), got {test_frac}")
+    if len(interactions) == 0:
+        raise ValueError("no interactions to replay")
+    df = interactions.sort_values([schema.TS, schema.USER_ID, schema.ITEM_ID, schema.EVENT], kind="mergesort")
+    cutoff = int(np.quantile(df[schema.TS].to_numpy(), 1.0 - test_frac, method="lower"))
+    hist = df[df[schema.TS] <= cutoff].reset_index(drop=True)
+    stream = df[df[schema.TS] > cutoff].reset_index(drop=True)
+    if len(stream) == 0:
+        raise ValueError(f"no events after the cutoff ts {cutoff} (all timestamps equal?); nothing to replay")
+    return hist, stream, cutoff
+
+
+def replay(
+    run_dir: str | Path,
+    data_dir: str | Path,
+    *,
+    url: str | None = None,
+    max_events: int | None = 2000,
+    k: int = 10,
+    test_frac: float = 0.1,
+    out_dir: str | Path | None = None,
+    auth_token: str | None = None,
+    rank_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the replay (see the module docstring) and write `replay.json`; returns what was written.
+
+    Args:
+        run_dir: run folder with embeddings/ and index/ (and optionally scorer/).
+        data_dir: folder (or file) with the canonical interactions.parquet to replay.
+        url: base URL of a running `llmrec serve` (e.g. http://127.0.0.1:8000); None = in-process.
+        max_events: stream at most this many post-cutoff events (None = all).
+        k: list length per request.
+        test_frac: fraction of events (by time) after the cutoff.
+        out_dir: where replay.json goes (default RUN/eval).
+        auth_token: bearer token of the server (url mode, when auth is on).
+        rank_config: RankConfig overrides (in-process mode).
+    """
+    from llmrec.data.tables import read_interactions
+
+    t0 = time.perf_counter()
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if max_events is not None and max_events < 1:
+        raise ValueError(f"max_events must be >= 1 (or None for all), got {max_events}")
+    inter = read_interactions(data_dir)
+    hist, stream, cutoff = cutoff_split(inter, test_frac)
+    n_stream_total = len(stream)
+    if max_events is not None:
+        stream = stream.iloc[:max_events]
+    users = set(stream[schema.USER_ID])
+    hist = hist[hist[schema.USER_ID].isin(users)]
+    logger.info("replay: cutoff ts %d, %d history events of %d users, streaming %d of %d later events",
+                cutoff, len(hist), len(users), len(stream), n_stream_total)
+    runner = _HttpRunner(url, auth_token, k, run_dir) if url else _LocalRunner(run_dir, k, rank_config)
+    try:
+        runner.init_users(hist)
+        t_stream = time.perf_counter()
+        res = _stream(runner, stream, k)
+        stream_s = time.perf_counter() - t_stream
+    finally:
+        runner.close()
+    out = {
+        "mode": "http" if url else "in-process",
+        "url": url,
+        "run_dir": str(run_dir),
+        "data": str(data_dir),
+        "k": k,
+        "test_frac": test_frac,
+        "cutoff_ts": cutoff,
+        "n_history_events": int(len(hist)),
+        "n_stream_events": int(len(stream)),
+        "n_stream_events_available": int(n_stream_total),
+        "n_users": len(users),
+        **res,
+        "stream_s": round(stream_s, 3),
+        "events_per_s": round(len(stream) / stream_s, 1) if stream_s > 0 else None,
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "scorer": getattr(runner, "has_scorer", None),
+    }
+    out_path = Path(out_dir) if out_dir else Path(run_dir) / schema.RUN_EVAL
+    out_path.mkdir(parents=True, exist_ok=True)
+    (out_path / "replay.json").write_text(json.dumps(out, indent=2) + "\n")
+    on, fr = out["online"], out["frozen"]
+    logger.info("replay: %d targets; Recall@%d online %.4f vs frozen %.4f, NDCG@%d online %.4f vs frozen %.4f "
+                "(%.1fs) -> %s", out["n_targets"], k, on[f"recall@{k}"], fr[f"recall@{k}"], k,
+                on[f"ndcg@{k}"], fr[f"ndcg@{k}"], out["wall_s"], out_path / "replay.json")
+    return out
+
+
+def _stream(runner: Any, stream: pd.DataFrame, k: int) -> dict[str, Any]:
+    seen: dict[str, set[str]] = runner.seen
+    acc = {m: {"all": [0.0, 0.0, 0], "pos": [0.0, 0.0, 0]} for m in ("online", "frozen")}
+    lat: list[float] = []
+    for row in stream.itertuples(index=False):
+        uid, item = getattr(row, schema.USER_ID), getattr(row, schema.ITEM_ID)
+        ev, rating = getattr(row, schema.EVENT), getattr(row, schema.RATING)
+        value = None if rating is None or (isinstance(rating, float) and math.isnan(rating)) else float(rating)
+        user_seen = seen.setdefault(uid, set())
+        if runner.knows(item) and item not in user_seen:
+            positive = ev in _POSITIVE or (ev == "rating" and value is not None and value >= 4)
+            for mode in ("online", "frozen"):
+                t = time.perf_counter()
+                recs = runner.recommend(uid, mode)
+                if mode == "online":
+                    lat.append(time.perf_counter() - t)
+                rank = recs.index(item) if item in recs[:k] else -1
+                gain = (1.0 / math.log2(rank + 2)) if rank >= 0 else 0.0
+                for part in ("all", "pos") if positive else ("all",):
+                    a = acc[mode][part]
+                    a[0] += rank >= 0
+                    a[1] += gain
+                    a[2] += 1
+        runner.apply(uid, item, ev, value, float(getattr(row, schema.TS)))
+        user_seen.add(item)
+    res: dict[str, Any] = {}
+    for mode in ("online", "frozen"):
+        a, p = acc[mode]["all"], acc[mode]["pos"]
+        res[mode] = {
+            f"recall@{k}": a[0] / a[2] if a[2] else 0.0,
+            f"ndcg@{k}": a[1] / a[2] if a[2] else 0.0,
+            f"recall@{k}_positive": p[0] / p[2] if p[2] else 0.0,
+            f"ndcg@{k}_positive": p[1] / p[2] if p[2] else 0.0,
+        }
+    res["n_targets"] = acc["online"]["all"][2]
+    res["n_positive_targets"] = acc["online"]["pos"][2]
+    res["gain"] = {m: res["online"][m] - res["frozen"][m] for m in res["online"]}
+    if lat:
+        res["online_recommend_ms"] = {"p50": float(np.percentile(lat, 50) * 1e3),
+                                      "p99": float(np.percentile(lat, 99) * 1e3)}
+    return res
+
+
+class _LocalRunner:
+    """In-process: RecommendCore + apply_event + MeanVectorizer (the code the state shards run)."""
+
+    def __init__(self, run_dir: str | Path, k: int, rank_config: Mapping[str, Any] | None) -> None:
+        from llmrec.artifacts import read_meta
+        from llmrec.index.item_index import ItemIndex
+        from llmrec.serve.recommend_core import RankConfig, RecommendCore, load_catalog
+        from llmrec.state.user_state import MeanVectorizer
+
+        run = Path(run_dir)
+        catalog, embed_meta = load_catalog(run)
+        index = ItemIndex.load(run / schema.RUN_INDEX, expect_embed_meta=embed_meta, device="cpu")
+        scorer = None
+        if (run / schema.RUN_SCORER / schema.META_FILE).is_file():
+            from llmrec.scorer.inference import Scorer
+
+            read_meta(run / schema.RUN_SCORER)
+            scorer = Scorer.load(run / schema.RUN_SCORER, device="cpu")
+        self.has_scorer = scorer is not None
+        self.vectorizer = MeanVectorizer(catalog.item_ids, catalog.vectors)
+        self.core = RecommendCore(catalog, index, scorer=scorer, config=RankConfig(**(rank_config or {})))
+        self.k = k
+        self.online: dict[str, Any] = {}
+        self.frozen_recs: dict[str, list[str]] = {}
+        self.frozen: dict[str, Any] = {}
+        self.seen: dict[str, set[str]] = {}
+
+    def knows(self, item: str) -> bool:
+        return item in self.core.catalog.id_to_idx
+
+    def _state(self, uid: str) -> Any:
+        from llmrec.state.user_state import UserState
+
+        if uid not in self.online:
+            self.online[uid] = UserState(user_id=uid)
+        return self.online[uid]
+
+    def init_users(self, hist: pd.DataFrame) -> None:
+        t0 = time.perf_counter()
+        for row in hist.sort_values([schema.USER_ID, schema.TS], kind="mergesort").itertuples(index=False):
+            uid = getattr(row, schema.USER_ID)
+            r = getattr(row, schema.RATING)
+            value = None if r is None or (isinstance(r, float) and math.isnan(r)) else float(r)
+            self.apply(uid, getattr(row, schema.ITEM_ID), getattr(row, schema.EVENT), value,
+                       float(getattr(row, schema.TS)))
+            self.seen.setdefault(uid, set()).add(getattr(row, schema.ITEM_ID))
+        self.frozen = dict(self.online)
+        logger.info("initialised %d users from %d history events in %.1fs", len(self.online), len(hist),
+                    time.perf_counter() - t0)
+
+    def apply(self, uid: str, item: str, ev: str, value: float | None, ts: float) -> None:
+        from llmrec.state.user_state import Event, apply_event
+
+        self.online[uid] = apply_event(self._state(uid), Event(user_id=uid, item_id=item, event=ev, value=value,
+                                                                ts=ts))
+
+    def recommend(self, uid: str, mode: str) -> list[str]:
+        from llmrec.serve.recommend_core import UserView
+
+        if mode == "frozen" and uid in self.frozen_recs:
+            return self.frozen_recs[uid]
+        state = self._state(uid) if mode == "online" else self.frozen.get(uid)
+        view = UserView.from_state(state, uid)
+        if state is not None:
+            vec = self.vectorizer(state)
+            view.vector = vec
+        recs = [r["item_id"] for r in self.core.recommend([view], k=self.k)[0]]
+        if mode == "frozen":
+            self.frozen_recs[uid] = recs
+        return recs
+
+    def close(self) -> None:
+        pass
+
+
+class _HttpRunner:
+    """Through a running server: online and frozen users are separate, namespaced user ids."""
+
+    def __init__(self, url: str, auth_token: str | None, k: int, run_dir: str | Path) -> None:
+        import requests
+
+        self.url = url.rstrip("/")
+        self.http = requests.Session()
+        if auth_token:
+            self.http.headers["Authorization"] = f"Bearer {auth_token}"
+        self.k = k
+        self.tag = uuid.uuid4().hex[:8]
+        self.seen: dict[str, set[str]] = {}
+        self.frozen_recs: dict[str, list[str]] = {}
+        self.users: set[str] = set()
+        self.has_scorer = None
+        r = self.http.get(f"{self.url}/healthz", timeout=30)
+        if r.status_code != 200:
+            raise ValueError(f"{self.url}/healthz answered {r.status_code}: {r.text[:200]}; is `llmrec serve` up?")
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(Path(run_dir) / schema.RUN_EMBEDDINGS / schema.EMBEDDINGS_FILE, columns=[schema.ITEM_ID])
+        self._known = {str(x) for x in t.column(schema.ITEM_ID).to_pylist()}
+
+    def _uid(self, uid: str, mode: str) -> str:
+        return f"replay-{self.tag}-{'on' if mode == 'online' else 'fr'}-{uid}"
+
+    def _post(self, events: list[dict[str, Any]]) -> None:
+        r = self.http.post(f"{self.url}/feedback", json={"events": events}, timeout=60)
+        if r.status_code != 200:
+            raise ValueError(f"POST /feedback answered {r.status_code}: {r.text[:300]}")
+
+    def _event(self, uid: str, item: str, ev: str, value: float | None, ts: float) -> dict[str, Any]:
+        d: dict[str, Any] = {"user_id": uid, "item_id": item, "event": ev, "ts": ts,
+                             "event_id": uuid.uuid4().hex}
+        if value is not None:
+            d["value"] = value
+        self.users.add(uid)
+        return d
+
+    def init_users(self, hist: pd.DataFrame) -> None:
+        batch: list[dict[str, Any]] = []
+        for row in hist.itertuples(index=False):
+            uid, item = getattr(row, schema.USER_ID), getattr(row, schema.ITEM_ID)
+            self.seen.setdefault(uid, set()).add(item)
+            if not self.knows(item):
+                continue
+            r = getattr(row, schema.RATING)
+            value = None if r is None or (isinstance(r, float) and math.isnan(r)) else float(r)
+            for mode in ("online", "frozen"):
+                batch.append(self._event(self._uid(uid, mode), item, getattr(row, schema.EVENT), value,
+                                         float(getattr(row, schema.TS))))
+            if len(batch) >= 500:
+                self._post(batch)
+                batch = []
+        if batch:
+            self._post(batch)
+
+    def knows(self, item: str) -> bool:
+        return item in self._known
+
+    def apply(self, uid: str, item: str, ev: str, value: float | None, ts: float) -> None:
+        if self.knows(item):
+            self._post([self._event(self._uid(uid, "online"), item, ev, value, ts)])
+
+    def recommend(self, uid: str, mode: str) -> list[str]:
+        if mode == "frozen" and uid in self.frozen_recs:
+            return self.frozen_recs[uid]
+        r = self.http.get(f"{self.url}/recommend", params={"user_id": self._uid(uid, mode), "k": self.k},
+                          timeout=30)
+        if r.status_code != 200:
+            raise ValueError(f"GET /recommend answered {r.status_code}: {r.text[:300]}")
+        recs = [it["item_id"] for it in r.json()["items"]]
+        if mode == "frozen":
+            self.frozen_recs[uid] = recs
+        return recs
+
+    def close(self) -> None:
+        for u in self.users:
+            self.http.delete(f"{self.url}/users/{u}", timeout=30)
+        self.http.close()

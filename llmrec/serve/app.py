@@ -1,0 +1,128 @@
+"""`build_app(args) -> serve.Application`: the llmrec Serve app (import path `llmrec.serve.app:build_app`).
+
+No side effects at import: Ray, FastAPI and the models are touched only when `build_app` is called (by
+`serve run`, `serve deploy`, `llmrec serve` or a test), and the state actors only when the Ingress starts.
+
+args (a dict; `serve run llmrec.serve.app:build_app run_dir=RUN n_shards=4` passes strings, so every value
+is coerced and checked here):
+    run_dir (required): the run folder (RUN/embeddings, RUN/index, optional RUN/scorer; RUN/events is the
+        serving event log unless `log_dir` is given).
+    n_shards (4): state shard actors. auth_token (None): bearer token for /feedback, DELETE, /admin.
+    num_replicas (1) or autoscaling ({"min_replicas", "max_replicas", ...}): for both deployments.
+    log_user_ids (False): log user ids in clear instead of hashed.
+    model (None): text encoder path/name for queries and text feedback (default: the embeddings' model).
+    user_config ({}): initial Recommender/Ingress user_config (embeddings_dir, index_dir, scorer_dir,
+        model_version, rank).
+    state_name ("llmrec-state"), namespace ("llmrec"): names of the detached state actors.
+    max_body_bytes (1 MiB), num_cpus (0.25 per replica), device ("cpu").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_KNOWN_ARGS = {
+    "run_dir", "n_shards", "auth_token", "num_replicas", "autoscaling", "log_user_ids", "model", "user_config",
+    "state_name", "namespace", "max_body_bytes", "num_cpus", "device", "log_dir",
+}
+
+
+def build_app(args: Mapping[str, Any]) -> Any:
+    """Build the Serve application (Ingress -> Recommender, plus the state shards the Ingress opens).
+
+    Returns:
+        a `ray.serve.Application`; run it with `serve.run(app)`.
+
+    Raises:
+        ValueError: an unknown or malformed arg, or a run folder without embeddings/index.
+
+    Example::
+
+        from ray import serve
+        serve.run(build_app({"run_dir": "runs/movielens-latest-small"}), blocking=False)
+    """
+    cfg = _parse_args(args)
+    from ray.serve.config import AutoscalingConfig  # noqa: F401  (fail early with a clear import error)
+
+    from llmrec.serve.deployments import Ingress, Recommender
+
+    scale: dict[str, Any] = (
+        {"autoscaling_config": cfg["autoscaling"]} if cfg["autoscaling"] else {"num_replicas": cfg["num_replicas"]}
+    )
+    actor_opts = {"num_cpus": cfg["num_cpus"]}
+    recommender = Recommender.options(
+        user_config=cfg["user_config"], ray_actor_options=actor_opts, **scale
+    ).bind(cfg["run_dir"], cfg["model"], cfg["device"])
+    ingress = Ingress.options(user_config=cfg["user_config"], ray_actor_options=actor_opts, **scale).bind(
+        recommender,
+        cfg["run_dir"],
+        n_shards=cfg["n_shards"],
+        auth_token=cfg["auth_token"],
+        log_user_ids=cfg["log_user_ids"],
+        max_body_bytes=cfg["max_body_bytes"],
+        state_name=cfg["state_name"],
+        namespace=cfg["namespace"],
+        log_dir=cfg["log_dir"],
+    )
+    logger.info("built llmrec app for %s (%d shards, auth %s)", cfg["run_dir"], cfg["n_shards"],
+                "on" if cfg["auth_token"] else "off")
+    return ingress
+
+
+def _parse_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(args, Mapping):
+        raise ValueError(f"build_app args must be a dict, got {type(args).__name__}")
+    unknown = sorted(set(args) - _KNOWN_ARGS)
+    if unknown:
+        raise ValueError(f"unknown build_app arg(s) {unknown}; valid: {sorted(_KNOWN_ARGS)}")
+    if not args.get("run_dir"):
+        raise ValueError("build_app needs run_dir (the folder written by `llmrec pipeline --out RUN`)")
+    run = Path(str(args["run_dir"])).expanduser().resolve()
+    user_config = dict(args.get("user_config") or {})
+    for sub, key in (("embeddings", "embeddings_dir"), ("index", "index_dir")):
+        d = Path(user_config.get(key) or run / sub)
+        if not (d / "meta.json").is_file():
+            raise ValueError(f"{d} has no meta.json; run `llmrec {'embed' if sub == 'embeddings' else 'index'}` "
+                             f"for {run} first (or pass user_config.{key})")
+    autoscaling = args.get("autoscaling")
+    if autoscaling is not None and not isinstance(autoscaling, Mapping):
+        raise ValueError(f"autoscaling must be a dict like {{'min_replicas': 1, 'max_replicas': 4}}, got {autoscaling!r}")
+    return {
+        "run_dir": str(run),
+        "n_shards": _int(args.get("n_shards", 4), "n_shards", 1, 1024),
+        "auth_token": str(args["auth_token"]) if args.get("auth_token") else None,
+        "num_replicas": _int(args.get("num_replicas", 1), "num_replicas", 1, 1000),
+        "autoscaling": dict(autoscaling) if autoscaling else None,
+        "log_user_ids": _bool(args.get("log_user_ids", False), "log_user_ids"),
+        "model": str(args["model"]) if args.get("model") else None,
+        "user_config": user_config,
+        "state_name": str(args.get("state_name") or "llmrec-state"),
+        "namespace": str(args.get("namespace") or "llmrec"),
+        "max_body_bytes": _int(args.get("max_body_bytes", 1 << 20), "max_body_bytes", 1024, 1 << 30),
+        "num_cpus": float(args.get("num_cpus", 0.25)),
+        "device": str(args.get("device") or "cpu"),
+        "log_dir": str(args["log_dir"]) if args.get("log_dir") else None,
+    }
+
+
+def _int(v: Any, name: str, lo: int, hi: int) -> int:
+    try:
+        i = int(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}") from None
+    if not lo <= i <= hi or (isinstance(v, float) and v != i):
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+    return i
+
+
+def _bool(v: Any, name: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return v.lower() in ("true", "1", "yes")
+    raise ValueError(f"{name} must be true or false, got {v!r}")

@@ -1,0 +1,481 @@
+"""Ray Serve deployments: `Ingress` (FastAPI, HTTP API) and `Recommender` (retrieval, scoring, text encoding).
+
+    HTTP --> Ingress --(StateStore: S named UserStateShard actors)--> state get/apply/delete
+                    \\--(DeploymentHandle)--> Recommender.recommend (@serve.batch) / .embed (@serve.batch)
+
+- `Recommender` holds a `RecommendCore` (catalog + ItemIndex + optional Scorer) and the BERT `TextEncoder`
+  (for `q` queries and text feedback). `reconfigure(user_config)` builds a new core off the event loop and
+  swaps it in one assignment, so requests keep being served by the old model until the new one is ready.
+- `Ingress` validates everything (4xx `{"error": ...}` for any client mistake, never a 500), embeds feedback
+  text through the Recommender, writes events through the `StateStore` (fsync'd log before the answer, so
+  the next /recommend sees them: read-your-writes) and exports the metrics named in `METRICS`.
+
+user_config keys (both deployments get the same dict; all optional): `embeddings_dir`, `index_dir`,
+`scorer_dir` (null = no scorer; default RUN/scorer when it holds a meta.json), `model_version` (default: a
+hash of the artifacts' created_at), `rank` (RankConfig fields). Changing the embedding model needs a
+redeploy (the state shards' user vectors live in that space); a new index or scorer does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmrec import schema
+from llmrec.serve import schemas as S
+
+logger = logging.getLogger(__name__)
+
+METRICS = (
+    "llmrec_feedback_events_total",
+    "llmrec_feedback_latency_ms",
+    "llmrec_recommend_latency_ms",
+    "llmrec_state_users",
+    "llmrec_errors_total",
+)
+_LATENCY_BOUNDS_MS = [1, 2, 5, 10, 20, 30, 50, 75, 100, 200, 500, 1000, 5000]
+
+
+class ClientError(Exception):
+    """A client mistake: answered with `status` and `{"error": message}`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --------------------------------------------------------------------------- helpers shared by both sides
+class EmbeddingsMeanVectorizer:
+    """Picklable zero-arg vectorizer factory for the state shards: loads the embeddings inside the actor."""
+
+    def __init__(self, embeddings_dir: str) -> None:
+        self.embeddings_dir = str(embeddings_dir)
+
+    def __call__(self) -> Any:
+        from llmrec.embed.artifact import load_embeddings
+        from llmrec.state.user_state import MeanVectorizer
+
+        emb = load_embeddings(self.embeddings_dir)
+        return MeanVectorizer(emb.item_ids, emb.vectors)
+
+
+def resolve_artifacts(run_dir: str, user_config: dict[str, Any] | None) -> dict[str, Any]:
+    """Artifact folders for a run: RUN/{embeddings,index,scorer} unless user_config overrides them."""
+    cfg = dict(user_config or {})
+    run = Path(run_dir)
+    scorer_default = run / schema.RUN_SCORER
+    scorer = cfg.get("scorer_dir", str(scorer_default) if (scorer_default / schema.META_FILE).is_file() else None)
+    return {
+        "embeddings_dir": str(cfg.get("embeddings_dir") or run / schema.RUN_EMBEDDINGS),
+        "index_dir": str(cfg.get("index_dir") or run / schema.RUN_INDEX),
+        "scorer_dir": str(scorer) if scorer else None,
+        "model_version": cfg.get("model_version"),
+        "rank": dict(cfg.get("rank") or {}),
+    }
+
+
+def hash_user_id(user_id: str) -> str:
+    """What logs show instead of a user id (unless log_user_ids): sha256 prefix."""
+    return "u:" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- Recommender
+@serve.deployment(name="Recommender", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class Recommender:
+    """Retrieval + re-ranking + text encoding for one run folder (see the module docstring)."""
+
+    def __init__(self, run_dir: str, model: str | None = None, device: str = "cpu") -> None:
+        self._run_dir = str(run_dir)
+        self._model_arg = model
+        self._device = device
+        self._encoder: Any = None
+        self._state: dict[str, Any] | None = None
+        self._load_lock = asyncio.Lock()
+        self._swap(self._build(resolve_artifacts(self._run_dir, None)))
+
+    # -- model loading / swapping
+    def _build(self, arts: dict[str, Any]) -> dict[str, Any]:
+        from llmrec.index.item_index import ItemIndex
+        from llmrec.serve.recommend_core import RankConfig, RecommendCore, load_catalog
+
+        t0 = time.perf_counter()
+        catalog, embed_meta = load_catalog_from(arts["embeddings_dir"], self._run_dir, load_catalog)
+        index = ItemIndex.load(arts["index_dir"], expect_embed_meta=embed_meta, device=self._device)
+        scorer, scorer_meta = None, {}
+        if arts["scorer_dir"]:
+            from llmrec.artifacts import read_meta
+            from llmrec.scorer.inference import Scorer
+
+            scorer_meta = read_meta(arts["scorer_dir"])
+            scorer = Scorer.load(arts["scorer_dir"], device=self._device)
+        core = RecommendCore(catalog, index, scorer=scorer, config=RankConfig(**arts["rank"]))
+        if self._encoder is None:
+            self._encoder = _load_encoder(self._model_arg, embed_meta, self._device)
+        if self._encoder.dim != catalog.dim:
+            raise ValueError(
+                f"text encoder {self._encoder.model_name!r} is {self._encoder.dim}-d but the embeddings are "
+                f"{catalog.dim}-d ({embed_meta.get('model_name')!r}); serve with the encoder that built them"
+            )
+        from llmrec.artifacts import read_meta
+
+        index_meta = read_meta(arts["index_dir"])
+        version = arts["model_version"] or hashlib.sha256(json.dumps(
+            [embed_meta.get("created_at"), index_meta.get("created_at"), scorer_meta.get("created_at")]
+        ).encode()).hexdigest()[:10]
+        logger.info("recommender ready: %d items, index %s, scorer %s, version %s (%.1fs)", catalog.n_items,
+                    index.kind, "yes" if scorer is not None else "no", version, time.perf_counter() - t0)
+        return {"core": core, "model_version": str(version), "arts": arts}
+
+    def _swap(self, state: dict[str, Any]) -> None:
+        self._state = state  # one assignment: requests see the old or the new model, never a mix
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        arts = resolve_artifacts(self._run_dir, user_config)
+        if self._state is not None and arts == self._state["arts"]:
+            return
+        async with self._load_lock:
+            new = await asyncio.get_running_loop().run_in_executor(None, self._build, arts)
+            self._swap(new)
+
+    # -- requests
+    def info(self) -> dict[str, Any]:
+        st = self._state
+        cat = st["core"].catalog
+        return {"model_version": st["model_version"], "n_items": cat.n_items, "dim": cat.dim,
+                "scorer": st["core"].scorer is not None, "index_kind": getattr(st["core"].index, "kind", "?"),
+                "embeddings_dir": st["arts"]["embeddings_dir"]}
+
+    def item_ids(self) -> list[str]:
+        return [str(i) for i in self._state["core"].catalog.item_ids]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """Batched BERT encoding: one text in, its (D,) unit vector out."""
+        vecs = self._encoder.encode(list(texts), batch_size=32)
+        return [v.tolist() for v in vecs]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def recommend(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Batched ranking. A request: {user_id, state (dict|None), k, q (str|None), exclude_seen}."""
+        from llmrec.serve.recommend_core import Query, UserView
+
+        st = self._state
+        core = st["core"]
+        q_texts = [r["q"] for r in reqs if r.get("q")]
+        q_vecs = iter(self._encoder.encode(q_texts, batch_size=32) if q_texts else [])
+        queries = [Query(r["q"], next(q_vecs)) if r.get("q") else None for r in reqs]
+        users = [UserView.from_state(r.get("state"), r["user_id"]) for r in reqs]
+        out = core.recommend(users, k=[int(r["k"]) for r in reqs], queries=queries,
+                             exclude_seen=[bool(r.get("exclude_seen", True)) for r in reqs])
+        return [{"items": items, "model_version": st["model_version"]} for items in out]
+
+
+def load_catalog_from(embeddings_dir: str, run_dir: str, loader: Any) -> tuple[Any, dict[str, Any]]:
+    """`load_catalog` for RUN, but with the embeddings taken from `embeddings_dir` when it is elsewhere."""
+    from llmrec.embed.artifact import load_embeddings
+    from llmrec.serve.recommend_core import Catalog
+
+    default = Path(run_dir) / schema.RUN_EMBEDDINGS
+    if Path(embeddings_dir).resolve() == default.resolve():
+        return loader(run_dir)
+    base, _ = loader(run_dir) if default.is_dir() else (None, None)
+    emb = load_embeddings(embeddings_dir)
+    titles = pop = None
+    if base is not None:
+        titles = np.array([base.titles[base.id_to_idx[i]] if i in base.id_to_idx else i for i in emb.item_ids],
+                          dtype=object)
+        raw_pop = np.expm1(base.pop_score.astype(np.float64))
+        pop = np.array([raw_pop[base.id_to_idx[i]] if i in base.id_to_idx else 0.0 for i in emb.item_ids])
+    return Catalog(item_ids=emb.item_ids, vectors=emb.vectors, titles=titles, popularity=pop), dict(emb.meta)
+
+
+def _load_encoder(model: str | None, embed_meta: dict[str, Any], device: str) -> Any:
+    from llmrec.embed.encoder import DEFAULT_MODEL_NAME, TextEncoder
+
+    if model is None:
+        path = embed_meta.get("model_path")
+        name = embed_meta.get("model_name")
+        if path and Path(path).is_dir():
+            model = path
+        elif name and name != DEFAULT_MODEL_NAME:
+            model = name
+    return TextEncoder(model, device=device, max_length=int(embed_meta.get("max_length") or 128))
+
+
+# --------------------------------------------------------------------------- Ingress (FastAPI)
+api = FastAPI(
+    title="llmrec",
+    description="Text-first, feedback-adaptive recommendations. Errors are `{\"error\": \"...\"}` with a 4xx.",
+    version="0.1.0",
+)
+
+
+@api.exception_handler(ClientError)
+async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
+    _count_error(request, exc.status)
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    _count_error(request, 422)
+    return JSONResponse({"error": S.format_validation_error(exc)}, status_code=422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    _count_error(request, exc.status_code)
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+
+@api.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    _count_error(request, 500)
+    logger.exception("internal error on %s", request.url.path)
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+
+
+_METRICS: dict[str, Any] = {}
+
+
+def _metrics() -> dict[str, Any]:
+    """ray.util.metrics objects, created lazily inside the replica (never at import)."""
+    if not _METRICS:
+        from ray.util import metrics as m
+
+        _METRICS.update(
+            feedback_events=m.Counter("llmrec_feedback_events_total", "feedback events accepted",
+                                      tag_keys=("event",)),
+            feedback_ms=m.Histogram("llmrec_feedback_latency_ms", "POST /feedback latency (ms)",
+                                    boundaries=_LATENCY_BOUNDS_MS),
+            recommend_ms=m.Histogram("llmrec_recommend_latency_ms", "GET /recommend latency (ms)",
+                                     boundaries=_LATENCY_BOUNDS_MS),
+            users=m.Gauge("llmrec_state_users", "users held by the state shards"),
+            errors=m.Counter("llmrec_errors_total", "error answers", tag_keys=("route", "status")),
+        )
+    return _METRICS
+
+
+def _count_error(request: Request, status: int) -> None:
+    route = request.url.path
+    route = "/users" if route.startswith("/users/") else route
+    if route not in ("/feedback", "/recommend", "/users", "/healthz", "/admin/stats"):
+        route = "other"
+    try:
+        _metrics()["errors"].inc(tags={"route": route, "status": str(status)})
+    except Exception:  # metrics must never turn a 4xx into a 500
+        logger.debug("metrics unavailable", exc_info=True)
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=200)
+@serve.ingress(api)
+class Ingress:
+    """The HTTP API (routes below); OpenAPI at /docs."""
+
+    def __init__(
+        self,
+        recommender: Any,
+        run_dir: str,
+        n_shards: int = 4,
+        auth_token: str | None = None,
+        log_user_ids: bool = False,
+        max_body_bytes: int = S.MAX_BODY_BYTES,
+        state_name: str = "llmrec-state",
+        namespace: str = "llmrec",
+        log_dir: str | None = None,
+    ) -> None:
+        from llmrec.state.store import StateStore
+
+        self.recommender = recommender
+        self.run_dir = str(run_dir)
+        self.auth_token = auth_token or None
+        self.log_user_ids = bool(log_user_ids)
+        self.max_body_bytes = int(max_body_bytes)
+        arts = resolve_artifacts(self.run_dir, None)
+        self._embeddings_dir = arts["embeddings_dir"]
+        self._item_ids = self._read_item_ids(self._embeddings_dir)
+        log_dir = log_dir or str(Path(self.run_dir) / schema.RUN_EVENTS)
+        self.store = StateStore(n_shards=n_shards, log_dir=log_dir, namespace=namespace,
+                                vectorizer_factory=EmbeddingsMeanVectorizer(self._embeddings_dir), name=state_name)
+        self._m = _metrics()
+        logger.info("ingress ready: %d items, %d state shards, auth %s", len(self._item_ids), n_shards,
+                    "on" if self.auth_token else "off")
+
+    @staticmethod
+    def _read_item_ids(embeddings_dir: str) -> frozenset[str]:
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(Path(embeddings_dir) / schema.EMBEDDINGS_FILE, columns=[schema.ITEM_ID])
+        return frozenset(str(x) for x in t.column(schema.ITEM_ID).to_pylist())
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        emb = resolve_artifacts(self.run_dir, user_config)["embeddings_dir"]
+        if emb != self._embeddings_dir:
+            self._item_ids = await asyncio.get_running_loop().run_in_executor(None, self._read_item_ids, emb)
+            self._embeddings_dir = emb
+
+    # -- helpers
+    def _uid(self, user_id: str) -> str:
+        return user_id if self.log_user_ids else hash_user_id(user_id)
+
+    def _check_auth(self, request: Request) -> None:
+        if self.auth_token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.auth_token.encode()):
+            raise ClientError(401, "missing or wrong bearer token: send `Authorization: Bearer <token>`")
+
+    async def _read_json(self, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ClientError(400, f"bad Content-Length header {declared[:20]!r}")
+            if int(declared) > self.max_body_bytes:
+                raise ClientError(413, f"body of {declared} bytes exceeds the {self.max_body_bytes}-byte limit; "
+                                       f"send at most {S.MAX_EVENTS} events per request")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise ClientError(413, f"body exceeds the {self.max_body_bytes}-byte limit; send at most "
+                                       f"{S.MAX_EVENTS} events per request")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if not body.strip():
+            raise ClientError(400, "empty body: send a JSON object like "
+                                   '{"user_id": "u1", "item_id": "i1", "event": "like"}')
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ClientError(400, f"body is not valid UTF-8 JSON: {str(e)[:120]}") from None
+
+    @staticmethod
+    def _check_user_id(user_id: str) -> None:
+        if not user_id or len(user_id) > S.MAX_ID_CHARS or not user_id.strip():
+            raise ClientError(422, f"user_id must be 1..{S.MAX_ID_CHARS} non-blank characters, got {user_id[:40]!r}")
+
+    # -- routes
+    @api.post("/feedback", response_model=S.FeedbackResponse, responses={400: {"model": S.ErrorResponse},
+              401: {"model": S.ErrorResponse}, 413: {"model": S.ErrorResponse}, 422: {"model": S.ErrorResponse}})
+    async def feedback(self, request: Request) -> dict[str, Any]:
+        """Record one event `{"user_id", "item_id", "event", "value"?, "text"?, "ts"?}` or `{"events": [...]}`."""
+        t0 = time.perf_counter()
+        self._check_auth(request)
+        try:
+            events = S.parse_feedback(await self._read_json(request))
+        except ValueError as e:
+            raise ClientError(422, str(e)) from None
+        unknown = sorted({e.item_id for e in events if e.item_id is not None and e.item_id not in self._item_ids})
+        if unknown:
+            shown = ", ".join(repr(u[:40]) for u in unknown[:5])
+            raise ClientError(422, f"unknown item_id(s) {shown}{' ...' if len(unknown) > 5 else ''}; "
+                                   f"ids must come from the catalog ({len(self._item_ids)} items)")
+        texts = [e.text for e in events if e.text is not None]
+        vecs = iter(await asyncio.gather(*[self.recommender.embed.remote(t) for t in texts]) if texts else [])
+        from llmrec.state.user_state import Event
+
+        now = time.time()
+        dicts = []
+        for e in events:
+            d = e.model_dump()
+            d["ts"] = now if d["ts"] is None else d["ts"]
+            if e.text is not None:
+                d["text_vec"] = next(vecs)
+            try:
+                Event.from_dict(d)  # the state's own rules (e.g. neutral text-only events) before anything is written
+            except ValueError as err:
+                raise ClientError(422, f"invalid event: {err}") from None
+            dicts.append(d)
+        try:
+            results = await self.store.apply(dicts)
+        except ValueError as err:  # the shard re-validates; its refusals are still client errors
+            raise ClientError(422, f"invalid event: {str(err).splitlines()[-1][:300]}") from None
+        for e in events:
+            self._m["feedback_events"].inc(tags={"event": e.event})
+        dt = (time.perf_counter() - t0) * 1e3
+        self._m["feedback_ms"].observe(dt)
+        logger.debug("feedback: %d events for %s in %.1f ms", len(events), self._uid(events[-1].user_id), dt)
+        return {"ok": True, "state_version": int(results[-1]["state_version"]), "n_events": len(results),
+                "duplicates": sum(bool(r.get("duplicate")) for r in results)}
+
+    @api.get("/recommend", response_model=S.RecommendResponse, responses={422: {"model": S.ErrorResponse}})
+    async def recommend(
+        self,
+        user_id: str = Query(min_length=1, max_length=S.MAX_ID_CHARS),
+        k: int = Query(10, ge=1, le=S.MAX_K),
+        q: str | None = Query(None, min_length=1, max_length=S.MAX_QUERY_CHARS),
+        exclude_seen: bool = True,
+    ) -> dict[str, Any]:
+        """Top-k items for a user (new users get the popularity prior), optionally steered by free text `q`."""
+        t0 = time.perf_counter()
+        self._check_user_id(user_id)
+        if q is not None and not q.strip():
+            raise ClientError(422, "q must contain non-blank text")
+        state = await self.store.get(user_id)
+        res = await self.recommender.recommend.remote(
+            {"user_id": user_id, "state": state, "k": k, "q": q, "exclude_seen": exclude_seen})
+        dt = (time.perf_counter() - t0) * 1e3
+        self._m["recommend_ms"].observe(dt)
+        logger.debug("recommend: %s k=%d in %.1f ms", self._uid(user_id), k, dt)
+        return {"user_id": user_id, "items": res["items"], "state_version": int((state or {}).get("version", 0)),
+                "model_version": res["model_version"]}
+
+    @api.get("/users/{user_id}", responses={404: {"model": S.ErrorResponse}})
+    async def get_user(self, user_id: str) -> dict[str, Any]:
+        """The user's state summary (history, seen, negatives, text feedback, version)."""
+        self._check_user_id(user_id)
+        state = await self.store.get(user_id)
+        if state is None:
+            raise ClientError(404, "unknown user: no feedback recorded for this user_id")
+        out = {k: v for k, v in state.items() if k != "vector"}
+        out["has_vector"] = state.get("vector") is not None
+        return out
+
+    @api.delete("/users/{user_id}", responses={401: {"model": S.ErrorResponse}})
+    async def delete_user(self, user_id: str, request: Request) -> dict[str, Any]:
+        """Forget a user: state and logged events."""
+        self._check_auth(request)
+        self._check_user_id(user_id)
+        deleted = await self.store.delete(user_id)
+        logger.info("deleted user %s (existed: %s)", self._uid(user_id), deleted)
+        return {"ok": True, "deleted": bool(deleted)}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        info = await self.recommender.info.remote()
+        return {"ok": True, "model_version": info["model_version"], "n_items": info["n_items"]}
+
+    @api.get("/admin/stats", responses={401: {"model": S.ErrorResponse}})
+    async def admin_stats(self, request: Request) -> dict[str, Any]:
+        """Model info and per-shard state counts (bearer token when auth is on)."""
+        self._check_auth(request)
+        info = await self.recommender.info.remote()
+        stats = await self.store.stats() if hasattr(self.store, "stats") else {}
+        n_users = _n_users(stats)
+        if n_users is not None:
+            self._m["users"].set(n_users)
+        return {"model": info, "state": stats, "n_users": n_users, "pid": os.getpid()}
+
+
+def _n_users(stats: Any) -> int | None:
+    if isinstance(stats, dict) and "n_users" in stats:
+        return int(stats["n_users"])
+    if isinstance(stats, (list, tuple)):
+        return sum(int(s.get("n_users", 0)) for s in stats)
+    return None

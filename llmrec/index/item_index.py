@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -540,7 +541,12 @@ def exact_topk(xb: Any, xq: np.ndarray, k: int, chunk_elems: int = 1 << 26) -> t
     """
     import torch
 
-    xb_t = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)) if isinstance(xb, np.ndarray) else xb
+    if isinstance(xb, np.ndarray):
+        with warnings.catch_warnings():  # a read-only view (ItemIndex.vectors) is fine: it is never written
+            warnings.simplefilter("ignore", UserWarning)
+            xb_t = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32))
+    else:
+        xb_t = xb
     n = xb_t.shape[0]
     k = min(k, n)
     q_all = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32)).to(xb_t.device, xb_t.dtype)

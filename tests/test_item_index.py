@@ -13,7 +13,15 @@ import pytest
 
 from llmrec.artifacts import ArtifactError, write_meta
 from llmrec.index.item_index import ItemIndex, exact_topk, recall_at_k
-from llmrec.schema import EMBEDDING, EMBEDDINGS_FILE, INDEX_FILE, INDEX_IDS_FILE, INDEX_TORCH_FILE, ITEM_ID, META_FILE
+from llmrec.schema import (
+    EMBEDDING,
+    EMBEDDINGS_FILE,
+    INDEX_FILE,
+    INDEX_IDS_FILE,
+    INDEX_TORCH_FILE,
+    ITEM_ID,
+    META_FILE,
+)
 
 ALL_KINDS = ["flat", "torch", "hnsw", "ivf"]
 EMBED_META = {"model_name": "tiny-bert", "dim": 32, "normalized": True}
@@ -23,7 +31,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _clustered(n: int, d: int, n_queries: int, seed: int, noise: float = 1.3) -> tuple[np.ndarray, np.ndarray]:
+def _clustered(
+    n: int, d: int, n_queries: int, seed: int, noise: float = 1.3
+) -> tuple[np.ndarray, np.ndarray]:
     """Items and held-out queries from topics -> sub-topics -> items with per-item noise, on the unit sphere.
 
     noise=1.3 makes neighbourhoods cross cluster borders: IVF with nprobe=1 (asserted below) and a weak HNSW
@@ -78,7 +88,7 @@ def _one_faiss_thread():
     faiss.omp_set_num_threads(before)
 
 
-# ---------------------------------------------------------------------------------------------- exactness
+# ---------------------------------------------------------------- exactness
 @pytest.mark.parametrize("kind,params", [("flat", {}), ("torch", {}), ("torch", {"chunk_elems": 5000})])
 def test_exact_kinds_equal_numpy_brute_force(small, kind, params):
     x, q = small
@@ -99,7 +109,7 @@ def test_exact_topk_chunked_equals_unchunked(small):
     np.testing.assert_allclose(s1, s2, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------- approximate
+# ---------------------------------------------------------------- approximate
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_approximate_recall_at_10(clustered, kind):
     x, q, exact = clustered
@@ -107,7 +117,9 @@ def test_approximate_recall_at_10(clustered, kind):
     _, ids = idx.search(q, 10)
     rec = recall_at_k(_positions(ids), exact, 10)
     assert rec >= 0.95, (kind, rec, idx.params)
-    if kind == "ivf":  # the data is hard: probing only the nearest list misses; the tuned nprobe earns the recall
+    if (
+        kind == "ivf"
+    ):  # the data is hard: probing only the nearest list misses; the tuned nprobe earns the recall
         weak = ItemIndex.build(x, _ids(len(x)), kind="ivf", device="cpu", nlist=idx.params["nlist"], nprobe=1)
         weak_rec = recall_at_k(_positions(weak.search(q, 10)[1]), exact, 10)
         assert weak_rec < 0.9 and idx.params["nprobe"] > 1, (weak_rec, idx.params)
@@ -118,7 +130,7 @@ def test_auto_kind_by_size(small):
     assert ItemIndex.build(x, _ids(len(x)), kind="auto", device="cpu").kind == "flat"
 
 
-# ---------------------------------------------------------------------------------------------- add
+# ---------------------------------------------------------------- add
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_add_makes_new_items_findable_at_once(small, kind):
     x, q = small
@@ -153,7 +165,7 @@ def test_add_refuses_duplicates_and_dim_mismatch(small):
     assert idx.n_items == 2000 and "new" not in idx  # refused adds change nothing
 
 
-# ---------------------------------------------------------------------------------------------- search options
+# ---------------------------------------------------------------- search options
 @pytest.mark.parametrize("kind", ["flat", "torch", "hnsw"])
 def test_exclude_drops_given_ids(small, kind):
     x, q = small
@@ -162,10 +174,10 @@ def test_exclude_drops_given_ids(small, kind):
     ref_ids = np.array(_ids(2000), dtype=object)[ref_pos]  # (B, 13)
     excl = [[r[0], r[2], r[5], "not-indexed"] for r in ref_ids]
     _, got = idx.search(q, 10, exclude=excl)
-    expected = [[i for i in r if i not in e][:10] for r, e in zip(ref_ids, excl)]
+    expected = [[i for i in r if i not in e][:10] for r, e in zip(ref_ids, excl, strict=True)]
     if kind == "hnsw":
         assert recall_at_k(_positions(got), _positions(np.array(expected)), 10) >= 0.95
-        assert not any(set(g) & set(e) for g, e in zip(got, excl))
+        assert not any(set(g) & set(e) for g, e in zip(got, excl, strict=True))
     else:
         assert got.tolist() == expected
 
@@ -215,7 +227,7 @@ def test_without_faiss_exact_kinds_fall_back_to_torch(small, monkeypatch, caplog
             ItemIndex.build(x, _ids(len(x)), kind=kind, device="cpu")
 
 
-# ---------------------------------------------------------------------------------------------- save / load
+# ---------------------------------------------------------------- save / load
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_save_load_round_trip(small, tmp_path, kind):
     x, q = small
@@ -261,7 +273,7 @@ def test_load_refuses_files_that_disagree_with_meta(small, tmp_path):
         ItemIndex.load(tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------- build_index / CLI
+# ---------------------------------------------------------------- build_index / CLI
 def _write_embeddings(d: Path, x: np.ndarray, ids: list[str], model_name: str = "tiny-bert") -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -269,8 +281,15 @@ def _write_embeddings(d: Path, x: np.ndarray, ids: list[str], model_name: str = 
     d.mkdir(parents=True, exist_ok=True)
     emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1])
     pq.write_table(pa.table({ITEM_ID: pa.array(ids, pa.string()), EMBEDDING: emb}), d / EMBEDDINGS_FILE)
-    write_meta(d, "embed", model_name=model_name, dim=int(x.shape[1]), normalized=True, n_items=len(ids),
-               dataset_fingerprint="test")
+    write_meta(
+        d,
+        "embed",
+        model_name=model_name,
+        dim=int(x.shape[1]),
+        normalized=True,
+        n_items=len(ids),
+        dataset_fingerprint="test",
+    )
     return d
 
 
@@ -337,7 +356,7 @@ def test_cli_builds_then_adds_in_place(small, tmp_path, capsys):
         _cli(["--embeddings", str(emb), "--out", str(tmp_path / "x"), "--param", "M"])
 
 
-# ---------------------------------------------------------------------------------------------- GPU
+# ---------------------------------------------------------------- GPU
 def _cuda() -> bool:
     import torch
 

@@ -8,26 +8,52 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-HELP = "build a top-k item index (faiss flat/hnsw/ivf or torch) over an embeddings artifact, or add items to one"
+HELP = (
+    "build a top-k item index (faiss flat/hnsw/ivf or torch) over an embeddings artifact, or add items to one"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--embeddings", default=None, help="folder written by `llmrec embed` to build the index from")
-    p.add_argument("--out", required=True, help="index folder (index.faiss | index.npy, item_ids.npy, meta.json)")
-    p.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "torch"],
-                   help="auto: exact flat below 50k items, HNSW above; on a GPU faiss GPU flat or torch "
-                        "(default auto)")
-    p.add_argument("--check", action="store_true",
-                   help="measure recall@10 against exact search on --sample catalog items (stored in meta.json)")
-    p.add_argument("--sample", type=int, default=1000, help="catalog items used as queries by --check (default 1000)")
+    p.add_argument(
+        "--embeddings", default=None, help="folder written by `llmrec embed` to build the index from"
+    )
+    p.add_argument(
+        "--out", required=True, help="index folder (index.faiss | index.npy, item_ids.npy, meta.json)"
+    )
+    p.add_argument(
+        "--kind",
+        default="auto",
+        choices=["auto", "flat", "hnsw", "ivf", "torch"],
+        help="auto: exact flat below 50k items, HNSW above; on a GPU faiss GPU flat or torch (default auto)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="measure recall@10 against exact search on --sample catalog items (stored in meta.json)",
+    )
+    p.add_argument(
+        "--sample", type=int, default=1000, help="catalog items used as queries by --check (default 1000)"
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:i (default auto)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="index parameter, repeatable: hnsw M, ef_construction, ef_search, target_recall; "
-                        "ivf nlist, nprobe, target_recall; torch chunk_elems")
-    p.add_argument("--add-embeddings", default=None, metavar="DIR",
-                   help="add the items of this embeddings artifact to the existing index in --out, in place")
-    p.add_argument("--skip-existing", action="store_true",
-                   help="with --add-embeddings: leave out items already indexed instead of refusing")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="index parameter, repeatable: hnsw M, ef_construction, ef_search, target_recall; "
+        "ivf nlist, nprobe, target_recall; torch chunk_elems",
+    )
+    p.add_argument(
+        "--add-embeddings",
+        default=None,
+        metavar="DIR",
+        help="add the items of this embeddings artifact to the existing index in --out, in place",
+    )
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="with --add-embeddings: leave out items already indexed instead of refusing",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,21 +61,38 @@ def run(args: argparse.Namespace) -> int:
 
     if args.add_embeddings:
         if args.embeddings:
-            raise ValueError("pass either --embeddings (build a new index) or --add-embeddings (add to the index "
-                             "in --out), not both")
-        meta = add_to_index(args.out, args.add_embeddings, skip_existing=args.skip_existing, device=args.device)
+            raise ValueError(
+                "pass either --embeddings (build a new index) or --add-embeddings (add to the index "
+                "in --out), not both"
+            )
+        meta = add_to_index(
+            args.out, args.add_embeddings, skip_existing=args.skip_existing, device=args.device
+        )
         last = meta["added"][-1]
-        print(f"added {last['n_added']} items (skipped {last['n_skipped']}) to the {meta['kind']} index in "
-              f"{args.out}: now {meta['n_items']} items")
+        print(
+            f"added {last['n_added']} items (skipped {last['n_skipped']}) to the {meta['kind']} index in "
+            f"{args.out}: now {meta['n_items']} items"
+        )
         return 0
     if not args.embeddings:
-        raise ValueError("--embeddings DIR is required (the folder written by `llmrec embed`), "
-                         "or --add-embeddings DIR to add to an existing index")
-    meta = build_index(args.embeddings, args.out, kind=args.kind, check=args.check, sample=args.sample,
-                       device=args.device, **_parse_params(args.param))
+        raise ValueError(
+            "--embeddings DIR is required (the folder written by `llmrec embed`), "
+            "or --add-embeddings DIR to add to an existing index"
+        )
+    meta = build_index(
+        args.embeddings,
+        args.out,
+        kind=args.kind,
+        check=args.check,
+        sample=args.sample,
+        device=args.device,
+        **_parse_params(args.param),
+    )
     rec = f", recall@10 {meta['recall_at_10']:.4f} vs exact" if "recall_at_10" in meta else ""
-    print(f"indexed {meta['n_items']} x {meta['dim']} items ({meta['embed'].get('model_name')}) as a "
-          f"{meta['kind']} index in {args.out} in {meta['build_s']:.1f}s{rec}")
+    print(
+        f"indexed {meta['n_items']} x {meta['dim']} items ({meta['embed'].get('model_name')}) as a "
+        f"{meta['kind']} index in {args.out} in {meta['build_s']:.1f}s{rec}"
+    )
     return 0
 
 

@@ -28,8 +28,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["add_to_index", "build_index", "check_recall"]
 
 
-def build_index(embeddings_dir: str | os.PathLike, out_dir: str | os.PathLike, kind: str = "auto",
-                check: bool = False, sample: int = 1000, device: str = "auto", **params: Any) -> dict[str, Any]:
+def build_index(
+    embeddings_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    kind: str = "auto",
+    check: bool = False,
+    sample: int = 1000,
+    device: str = "auto",
+    **params: Any,
+) -> dict[str, Any]:
     """Build and save an index over an embeddings artifact.
 
     Args:
@@ -48,8 +55,15 @@ def build_index(embeddings_dir: str | os.PathLike, out_dir: str | os.PathLike, k
         raise ValueError(f"sample must be >= 1 catalog items, got {sample}")
     ids, vectors, embed_meta = _read_embeddings(embeddings_dir)
     t0 = time.perf_counter()
-    idx = ItemIndex.build(vectors, ids, kind=kind, device=device, normalize=False,  # type: ignore[arg-type]
-                          embed_meta=embed_meta, **params)
+    idx = ItemIndex.build(
+        vectors,
+        ids,
+        kind=kind,
+        device=device,
+        normalize=False,  # type: ignore[arg-type]
+        embed_meta=embed_meta,
+        **params,
+    )
     build_s = time.perf_counter() - t0
     extra: dict[str, Any] = {"build_s": round(build_s, 3), "embeddings_dir": os.fspath(embeddings_dir)}
     if check:
@@ -57,12 +71,18 @@ def build_index(embeddings_dir: str | os.PathLike, out_dir: str | os.PathLike, k
         extra.update(recall_at_10=round(rec, 4), recall_queries=n_q, recall_at_10_n_items=idx.n_items)
         logger.info("recall@10 of the %s index vs exact search on %d catalog items: %.4f", idx.kind, n_q, rec)
     meta = idx.save(out_dir, embed_meta, **extra)
-    logger.info("indexed %d items (%s, dim %d) into %s in %.1fs", idx.n_items, idx.kind, idx.dim, out_dir, build_s)
+    logger.info(
+        "indexed %d items (%s, dim %d) into %s in %.1fs", idx.n_items, idx.kind, idx.dim, out_dir, build_s
+    )
     return meta
 
 
-def add_to_index(index_dir: str | os.PathLike, embeddings_dir: str | os.PathLike, skip_existing: bool = False,
-                 device: str = "auto") -> dict[str, Any]:
+def add_to_index(
+    index_dir: str | os.PathLike,
+    embeddings_dir: str | os.PathLike,
+    skip_existing: bool = False,
+    device: str = "auto",
+) -> dict[str, Any]:
     """Add the items of another embeddings artifact to an existing index folder, in place.
 
     Args:
@@ -82,8 +102,10 @@ def add_to_index(index_dir: str | os.PathLike, embeddings_dir: str | os.PathLike
     old_meta = read_meta(index_dir, "index")
     present = np.array([i in idx for i in ids], dtype=bool)
     if present.any() and not skip_existing:
-        raise ValueError(f"{int(present.sum())} of {len(ids)} items in {embeddings_dir} are already in the index "
-                         f"{index_dir}, e.g. {list(ids[present][:5])}; pass --skip-existing to add only new ones")
+        raise ValueError(
+            f"{int(present.sum())} of {len(ids)} items in {embeddings_dir} are already in the index "
+            f"{index_dir}, e.g. {list(ids[present][:5])}; pass --skip-existing to add only new ones"
+        )
     if present.any():
         logger.info("skipping %d of %d items already in the index", int(present.sum()), len(ids))
     new_ids, new_vecs = ids[~present], vectors[~present]
@@ -91,14 +113,20 @@ def add_to_index(index_dir: str | os.PathLike, embeddings_dir: str | os.PathLike
     t0 = time.perf_counter()
     idx.add(list(new_ids), new_vecs)
     add_s = time.perf_counter() - t0
-    added = list(old_meta.get("added", [])) + [{
-        "embeddings_dir": os.fspath(embeddings_dir), "n_added": int(len(new_ids)),
-        "n_skipped": int(present.sum()), "dataset_fingerprint": embed_meta.get("dataset_fingerprint"),
-        "add_s": round(add_s, 3),
-    }]
+    added = list(old_meta.get("added", [])) + [
+        {
+            "embeddings_dir": os.fspath(embeddings_dir),
+            "n_added": int(len(new_ids)),
+            "n_skipped": int(present.sum()),
+            "dataset_fingerprint": embed_meta.get("dataset_fingerprint"),
+            "add_s": round(add_s, 3),
+        }
+    ]
     keep = {k: v for k, v in old_meta.items() if k not in _OWN_META_KEYS}  # build_s, recall_at_10[_n_items]
     meta = idx.save(index_dir, idx.embed_meta, **{**keep, "added": added})
-    logger.info("added %d items to %s (%d -> %d) in %.2fs", len(new_ids), index_dir, n_before, idx.n_items, add_s)
+    logger.info(
+        "added %d items to %s (%d -> %d) in %.2fs", len(new_ids), index_dir, n_before, idx.n_items, add_s
+    )
     return meta
 
 
@@ -118,8 +146,19 @@ def check_recall(index: ItemIndex, sample: int = 1000, k: int = 10, seed: int = 
     return recall_at_k(got, exact, k, self_pos=rows), len(rows)
 
 
-_OWN_META_KEYS = ("schema_version", "stage", "created_at", "code_version", "kind", "dim", "metric", "n_items",
-                  "embed", "params", "added")
+_OWN_META_KEYS = (
+    "schema_version",
+    "stage",
+    "created_at",
+    "code_version",
+    "kind",
+    "dim",
+    "metric",
+    "n_items",
+    "embed",
+    "params",
+    "added",
+)
 
 
 def _read_embeddings(art_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -130,7 +169,11 @@ def _read_embeddings(art_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
         load_embeddings = None
     if load_embeddings is not None:
         emb = load_embeddings(art_dir)
-        return np.asarray(emb.item_ids, dtype=object), np.asarray(emb.vectors, dtype=np.float32), dict(emb.meta)
+        return (
+            np.asarray(emb.item_ids, dtype=object),
+            np.asarray(emb.vectors, dtype=np.float32),
+            dict(emb.meta),
+        )
     return _read_embeddings_parquet(art_dir)
 
 
@@ -141,16 +184,22 @@ def _read_embeddings_parquet(art_dir: str | os.PathLike) -> tuple[np.ndarray, np
     meta = read_meta(art_dir, "embed")
     path = Path(art_dir) / EMBEDDINGS_FILE
     if not path.is_file():
-        raise ArtifactError(f"{art_dir} has an embed meta.json but no {EMBEDDINGS_FILE}; re-run `llmrec embed`")
+        raise ArtifactError(
+            f"{art_dir} has an embed meta.json but no {EMBEDDINGS_FILE}; re-run `llmrec embed`"
+        )
     table = pq.read_table(path, columns=[ITEM_ID, EMBEDDING])
     emb = table.column(EMBEDDING).combine_chunks()
     if not pa.types.is_fixed_size_list(emb.type) or emb.null_count:
-        raise ArtifactError(f"{path}: {EMBEDDING!r} must be non-null fixed_size_list<float32>[D], got {emb.type} "
-                            f"with {emb.null_count} nulls; re-run `llmrec embed`")
+        raise ArtifactError(
+            f"{path}: {EMBEDDING!r} must be non-null fixed_size_list<float32>[D], got {emb.type} "
+            f"with {emb.null_count} nulls; re-run `llmrec embed`"
+        )
     dim = emb.type.list_size
     if dim != meta.get("dim") or table.num_rows != meta.get("n_items"):
-        raise ArtifactError(f"{path} holds {table.num_rows} rows of dim {dim}, meta.json says "
-                            f"n_items={meta.get('n_items')} dim={meta.get('dim')}; re-run `llmrec embed`")
+        raise ArtifactError(
+            f"{path} holds {table.num_rows} rows of dim {dim}, meta.json says "
+            f"n_items={meta.get('n_items')} dim={meta.get('dim')}; re-run `llmrec embed`"
+        )
     vectors = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
     ids = np.asarray(table.column(ITEM_ID).to_pylist(), dtype=object)
     return ids, vectors, meta

@@ -69,8 +69,16 @@ class ItemIndex:
         scores, ids = idx.search(np.eye(3, dtype=np.float32)[:1], k=2)  # ids[0, 0] == "a"
     """
 
-    def __init__(self, kind: str, backend: _Backend, vectors: np.ndarray, item_ids: Sequence[str],
-                 params: dict[str, Any], device: str, embed_meta: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        backend: _Backend,
+        vectors: np.ndarray,
+        item_ids: Sequence[str],
+        params: dict[str, Any],
+        device: str,
+        embed_meta: Mapping[str, Any] | None = None,
+    ) -> None:
         self._kind = kind
         self._backend = backend
         self._dim = int(vectors.shape[1])
@@ -86,9 +94,17 @@ class ItemIndex:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, vectors: np.ndarray, item_ids: Sequence[str], kind: IndexKind = "auto",
-              device: str = "auto", *, normalize: bool = False,
-              embed_meta: Mapping[str, Any] | None = None, **params: Any) -> ItemIndex:
+    def build(
+        cls,
+        vectors: np.ndarray,
+        item_ids: Sequence[str],
+        kind: IndexKind = "auto",
+        device: str = "auto",
+        *,
+        normalize: bool = False,
+        embed_meta: Mapping[str, Any] | None = None,
+        **params: Any,
+    ) -> ItemIndex:
         """Index `vectors` (N, D) under `item_ids` (N,) for inner-product search.
 
         Args:
@@ -130,8 +146,10 @@ class ItemIndex:
             else:
                 kind = "flat" if xb.shape[0] < AUTO_FLAT_MAX_ITEMS else "hnsw"
         if kind in ("hnsw", "ivf") and not has_faiss:
-            raise ValueError(f"kind {kind!r} needs faiss, which is not importable; `pip install faiss-cpu` "
-                             f"(or faiss-gpu-cu12), or use kind 'flat'/'torch' (exact search in torch)")
+            raise ValueError(
+                f"kind {kind!r} needs faiss, which is not importable; `pip install faiss-cpu` "
+                f"(or faiss-gpu-cu12), or use kind 'flat'/'torch' (exact search in torch)"
+            )
         if kind == "flat" and not has_faiss:
             logger.warning("faiss is not importable: using the exact torch index instead of faiss flat")
             kind = "torch"
@@ -142,8 +160,9 @@ class ItemIndex:
             logger.info("faiss has no GPU HNSW: the hnsw index runs on the CPU")
         unknown = set(params) - set(_DEFAULTS[kind])
         if unknown:
-            raise ValueError(f"unknown params {sorted(unknown)} for kind {kind!r}; "
-                             f"valid: {sorted(_DEFAULTS[kind])}")
+            raise ValueError(
+                f"unknown params {sorted(unknown)} for kind {kind!r}; valid: {sorted(_DEFAULTS[kind])}"
+            )
         p = {**_DEFAULTS[kind], **params, "normalize": bool(normalize)}
         t0 = time.perf_counter()
         if kind == "torch":
@@ -153,13 +172,24 @@ class ItemIndex:
         idx = cls(kind, backend, xb, ids, p, dev, embed_meta)
         if kind in ("hnsw", "ivf"):
             idx._tune(p)
-        logger.info("built %s index over %d x %d on %s in %.2fs (params %s)", kind, xb.shape[0], xb.shape[1],
-                    dev, time.perf_counter() - t0, idx.params)
+        logger.info(
+            "built %s index over %d x %d on %s in %.2fs (params %s)",
+            kind,
+            xb.shape[0],
+            xb.shape[1],
+            dev,
+            time.perf_counter() - t0,
+            idx.params,
+        )
         return idx
 
     @classmethod
-    def load(cls, index_dir: str | os.PathLike, expect_embed_meta: Mapping[str, Any] | None = None,
-             device: str = "auto") -> ItemIndex:
+    def load(
+        cls,
+        index_dir: str | os.PathLike,
+        expect_embed_meta: Mapping[str, Any] | None = None,
+        device: str = "auto",
+    ) -> ItemIndex:
         """Load an index folder written by `save`, checking meta.json before touching faiss.
 
         Args:
@@ -179,12 +209,22 @@ class ItemIndex:
         kind, dim, n = meta.get("kind"), meta.get("dim"), meta.get("n_items")
         embed = meta.get("embed") or {}
         if meta.get("metric") != "ip":
-            raise ArtifactError(f"{d}: metric {meta.get('metric')!r}, this llmrec reads 'ip'; re-run `llmrec index`")
+            raise ArtifactError(
+                f"{d}: metric {meta.get('metric')!r}, this llmrec reads 'ip'; re-run `llmrec index`"
+            )
         if kind not in KINDS or kind == "auto" or not isinstance(dim, int) or not isinstance(n, int):
-            raise ArtifactError(f"{d}/meta.json: bad kind/dim/n_items {kind!r}/{dim!r}/{n!r}; re-run `llmrec index`")
+            raise ArtifactError(
+                f"{d}/meta.json: bad kind/dim/n_items {kind!r}/{dim!r}/{n!r}; re-run `llmrec index`"
+            )
         if expect_embed_meta is not None:
-            check_compatible(embed, expect_embed_meta, ["model_name", "dim"], found_name=f"index {d}",
-                             expected_name="embeddings", rerun=f"llmrec index --out {d}")
+            check_compatible(
+                embed,
+                expect_embed_meta,
+                ["model_name", "dim"],
+                found_name=f"index {d}",
+                expected_name="embeddings",
+                rerun=f"llmrec index --out {d}",
+            )
         ids_path = d / INDEX_IDS_FILE
         data_path = d / (INDEX_TORCH_FILE if kind == "torch" else INDEX_FILE)
         for path in (ids_path, data_path):
@@ -192,27 +232,35 @@ class ItemIndex:
                 raise ArtifactError(f"{d}: {path.name} is missing; re-run `llmrec index --out {d}`")
         ids = np.load(ids_path, allow_pickle=False)
         if ids.shape != (n,):
-            raise ArtifactError(f"{ids_path}: {ids.shape[0] if ids.ndim else 0} ids, meta.json says n_items={n}; "
-                                f"re-run `llmrec index --out {d}`")
+            raise ArtifactError(
+                f"{ids_path}: {ids.shape[0] if ids.ndim else 0} ids, meta.json says n_items={n}; "
+                f"re-run `llmrec index --out {d}`"
+            )
         dev = resolve_device(device)
         params = dict(meta.get("params") or {})
         t0 = time.perf_counter()
         if kind == "torch":
             xb = np.load(data_path, allow_pickle=False)
             if xb.shape != (n, dim):
-                raise ArtifactError(f"{data_path}: shape {xb.shape}, meta.json says ({n}, {dim}); "
-                                    f"re-run `llmrec index --out {d}`")
+                raise ArtifactError(
+                    f"{data_path}: shape {xb.shape}, meta.json says ({n}, {dim}); "
+                    f"re-run `llmrec index --out {d}`"
+                )
             xb = np.ascontiguousarray(xb, dtype=np.float32)
             backend: _Backend = _TorchBackend(xb, dev, int(params.get("chunk_elems", 1 << 26)))
         else:
             faiss = _faiss()
             if faiss is None:
-                raise ArtifactError(f"{d} holds a faiss {kind!r} index but faiss is not importable; "
-                                    f"`pip install faiss-cpu`, or rebuild with `llmrec index --kind torch`")
+                raise ArtifactError(
+                    f"{d} holds a faiss {kind!r} index but faiss is not importable; "
+                    f"`pip install faiss-cpu`, or rebuild with `llmrec index --kind torch`"
+                )
             index = faiss.read_index(str(data_path))
             if index.ntotal != n or index.d != dim:
-                raise ArtifactError(f"{data_path}: {index.ntotal} x {index.d} vectors, meta.json says "
-                                    f"{n} x {dim}; re-run `llmrec index --out {d}`")
+                raise ArtifactError(
+                    f"{data_path}: {index.ntotal} x {index.d} vectors, meta.json says "
+                    f"{n} x {dim}; re-run `llmrec index --out {d}`"
+                )
             xb = _reconstruct_all(index, kind)
             on_cuda = dev.startswith("cuda")
             if kind == "flat" and on_cuda and faiss_num_gpus() == 0:
@@ -281,8 +329,9 @@ class ItemIndex:
         return self._buf[[self._pos[i] for i in ids]] if ids else np.zeros((0, self._dim), np.float32)
 
     # ------------------------------------------------------------------ search / add
-    def search(self, queries: np.ndarray, k: int,
-               exclude: Sequence[Iterable[str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, exclude: Sequence[Iterable[str]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items by inner product for each query.
 
         Args:
@@ -297,17 +346,21 @@ class ItemIndex:
         xq = _as_matrix(queries, "queries", allow_1d=True)
         if xq.shape[1] != self._dim:
             model = (self.embed_meta or {}).get("model_name", "an unknown model (built in memory)")
-            raise ValueError(f"query dim {xq.shape[1]} != index dim {self._dim} (index built with {model!r}); "
-                             f"encode queries with the same encoder, or re-run `llmrec index` on embeddings "
-                             f"from your encoder")
+            raise ValueError(
+                f"query dim {xq.shape[1]} != index dim {self._dim} (index built with {model!r}); "
+                f"encode queries with the same encoder, or re-run `llmrec index` on embeddings "
+                f"from your encoder"
+            )
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         b = xq.shape[0]
         excl: list[set[int]] | None = None
         if exclude is not None:
             if isinstance(exclude, str) or len(exclude) != b:
-                raise ValueError(f"exclude must hold one iterable of item ids per query ({b}), got "
-                                 f"{type(exclude).__name__} of length {len(exclude)}")
+                raise ValueError(
+                    f"exclude must hold one iterable of item ids per query ({b}), got "
+                    f"{type(exclude).__name__} of length {len(exclude)}"
+                )
             excl = [{self._pos[i] for i in ex if i in self._pos} for ex in exclude]
         with self._lock:
             n = self._n
@@ -316,7 +369,9 @@ class ItemIndex:
             t0 = time.perf_counter()
             dist, pos = self._backend.search(xq, kk)  # (B, kk) float32, int64 rows (-1 = none)
         id_arr = self.item_ids
-        if not (excl and any(excl)) and kk >= k and (pos >= 0).all():  # the common case: no filtering, no padding
+        if (
+            not (excl and any(excl)) and kk >= k and (pos >= 0).all()
+        ):  # the common case: no filtering, no padding
             return dist[:, :k].copy(), id_arr[pos[:, :k]]
         scores = np.full((b, k), -np.inf, dtype=np.float32)
         out_ids = np.full((b, k), "", dtype=object)
@@ -327,7 +382,9 @@ class ItemIndex:
             p = pos[r][keep][:k]
             scores[r, : len(p)] = dist[r][keep][:k]
             out_ids[r, : len(p)] = id_arr[p]
-        logger.debug("searched %d queries (k=%d, fetched %d) in %.1f ms", b, k, kk, 1e3 * (time.perf_counter() - t0))
+        logger.debug(
+            "searched %d queries (k=%d, fetched %d) in %.1f ms", b, k, kk, 1e3 * (time.perf_counter() - t0)
+        )
         return scores, out_ids
 
     def add(self, item_ids: Sequence[str], vectors: np.ndarray) -> None:
@@ -345,16 +402,20 @@ class ItemIndex:
         xa = _as_matrix(vectors, "vectors", allow_1d=True)
         if xa.shape[1] != self._dim:
             model = (self.embed_meta or {}).get("model_name", "an unknown model")
-            raise ValueError(f"added vectors have dim {xa.shape[1]}, the index has dim {self._dim} (built with "
-                             f"{model!r}); embed the new items with the same encoder")
+            raise ValueError(
+                f"added vectors have dim {xa.shape[1]}, the index has dim {self._dim} (built with "
+                f"{model!r}); embed the new items with the same encoder"
+            )
         ids = _as_ids(item_ids, xa.shape[0])
         if self.params.get("normalize"):
             xa = _l2_normalize(xa)
         with self._lock:
             dup = [i for i in ids if i in self._pos]
             if dup:
-                raise ValueError(f"{len(dup)} of {len(ids)} item ids are already in the index, e.g. {dup[:5]}; "
-                                 f"add only new items")
+                raise ValueError(
+                    f"{len(dup)} of {len(ids)} item ids are already in the index, e.g. {dup[:5]}; "
+                    f"add only new items"
+                )
             if xa.shape[0] == 0:
                 return
             t0 = time.perf_counter()
@@ -369,12 +430,18 @@ class ItemIndex:
                 self._pos[iid] = self._n + j
             self._ids.extend(ids)
             self._n = need
-        logger.info("added %d items to the %s index in %.1f ms (now %d)", len(ids), self._kind,
-                    1e3 * (time.perf_counter() - t0), self._n)
+        logger.info(
+            "added %d items to the %s index in %.1f ms (now %d)",
+            len(ids),
+            self._kind,
+            1e3 * (time.perf_counter() - t0),
+            self._n,
+        )
 
     # ------------------------------------------------------------------ persistence
-    def save(self, out_dir: str | os.PathLike, embed_meta: Mapping[str, Any] | None = None,
-             **extra: Any) -> dict[str, Any]:
+    def save(
+        self, out_dir: str | os.PathLike, embed_meta: Mapping[str, Any] | None = None, **extra: Any
+    ) -> dict[str, Any]:
         """Write index.faiss (index.npy for "torch"), item_ids.npy and meta.json; returns the meta.
 
         `embed_meta` (default: the one given to build/load) is stored under "embed"; `extra` adds meta keys.
@@ -384,8 +451,10 @@ class ItemIndex:
         out.mkdir(parents=True, exist_ok=True)
         embed = dict(embed_meta) if embed_meta is not None else dict(self.embed_meta or {})
         if embed.get("dim") not in (None, self._dim):
-            raise ValueError(f"embed_meta says dim {embed.get('dim')}, the index has dim {self._dim}; "
-                             f"pass the meta of the embeddings this index was built from")
+            raise ValueError(
+                f"embed_meta says dim {embed.get('dim')}, the index has dim {self._dim}; "
+                f"pass the meta of the embeddings this index was built from"
+            )
         with self._lock:
             ids = np.array(self._ids, dtype=str)
             if self._kind == "torch":
@@ -399,8 +468,17 @@ class ItemIndex:
             _atomic(out / INDEX_IDS_FILE, lambda p: np.save(p, ids))
             if stale.exists():  # a previous index of the other family in the same folder
                 stale.unlink()
-            meta = write_meta(out, "index", kind=self._kind, dim=self._dim, metric="ip", n_items=self._n,
-                              embed=embed, params=self.params, **extra)
+            meta = write_meta(
+                out,
+                "index",
+                kind=self._kind,
+                dim=self._dim,
+                metric="ip",
+                n_items=self._n,
+                embed=embed,
+                params=self.params,
+                **extra,
+            )
         self.embed_meta = embed or None
         logger.info("saved %s index (%d items) to %s", self._kind, self._n, out)
         return meta
@@ -523,8 +601,9 @@ class _TorchBackend(_Backend):
         new = torch.from_numpy(np.array(xa, dtype=np.float32)).to(self.device, self.dtype)
         need = self.n + new.shape[0]
         if need > self.buf.shape[0]:
-            grown = torch.empty((max(need, 2 * self.buf.shape[0]), self.buf.shape[1]),
-                                dtype=self.dtype, device=self.device)
+            grown = torch.empty(
+                (max(need, 2 * self.buf.shape[0]), self.buf.shape[1]), dtype=self.dtype, device=self.device
+            )
             grown[: self.n] = self.buf[: self.n]
             self.buf = grown
         self.buf[self.n : need] = new
@@ -626,8 +705,10 @@ def _as_ids(item_ids: Any, n: int) -> list[str]:
         raise ValueError(f"got {len(ids)} item ids for {n} vectors; pass one id per row")
     bad = [i for i in ids if not isinstance(i, str) or not i]
     if bad:
-        raise ValueError(f"item ids must be non-empty strings, got {len(bad)} others, e.g. {bad[:5]!r}; "
-                         f"convert them with str()")
+        raise ValueError(
+            f"item ids must be non-empty strings, got {len(bad)} others, e.g. {bad[:5]!r}; "
+            f"convert them with str()"
+        )
     if len(set(ids)) != n:
         seen: set[str] = set()
         dup = [i for i in ids if i in seen or seen.add(i)]
@@ -645,8 +726,13 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
 def _warn_if_not_unit(x: np.ndarray) -> None:
     dev = np.abs(np.linalg.norm(x, axis=1) - 1.0)
     if (dev > 1e-3).any():
-        logger.warning("%d of %d vectors are not L2-normalised (max |norm-1| %.3g): scores are raw inner "
-                       "products; pass normalize=True for cosine", int((dev > 1e-3).sum()), len(x), dev.max())
+        logger.warning(
+            "%d of %d vectors are not L2-normalised (max |norm-1| %.3g): scores are raw inner "
+            "products; pass normalize=True for cosine",
+            int((dev > 1e-3).sum()),
+            len(x),
+            dev.max(),
+        )
 
 
 def _atomic(path: Path, write: Any) -> None:

@@ -37,16 +37,36 @@ def test_integer_ids_become_strings() -> None:
 @pytest.mark.parametrize(
     ("df", "pattern", "reason", "rows"),
     [
-        (_items(sku=["a", None, "c", ""]), r"2 row\(s\) with missing or empty sku \[missing_id\]: row 1 .*row 3",
-         "missing_id", [1, 3]),
-        (_items(sku=["a", "b", "a", "b"]),
-         r"2 row\(s\) with duplicate sku .*row 2 \(sku='a'\), row 3 \(sku='b'\)", "duplicate_id", [2, 3]),
-        (_items(title=["A", " ", "C", None], body=["x", "", "z", None]),
-         r"2 row\(s\) with empty text .*row 1 \(sku='b'\), row 3 \(sku='d'\)", "empty_text", [1, 3]),
-        (_items(body=["x", 5, "z", ["w"]]), r"2 row\(s\) with non-string values .*row 1 .*row 3",
-         "non_string_text", [1, 3]),
-        (_items(sku=["a", 1.5, True, "d"]), r"2 row\(s\) with sku that is not a string or an integer",
-         "bad_id_type", [1, 2]),
+        (
+            _items(sku=["a", None, "c", ""]),
+            r"2 row\(s\) with missing or empty sku \[missing_id\]: row 1 .*row 3",
+            "missing_id",
+            [1, 3],
+        ),
+        (
+            _items(sku=["a", "b", "a", "b"]),
+            r"2 row\(s\) with duplicate sku .*row 2 \(sku='a'\), row 3 \(sku='b'\)",
+            "duplicate_id",
+            [2, 3],
+        ),
+        (
+            _items(title=["A", " ", "C", None], body=["x", "", "z", None]),
+            r"2 row\(s\) with empty text .*row 1 \(sku='b'\), row 3 \(sku='d'\)",
+            "empty_text",
+            [1, 3],
+        ),
+        (
+            _items(body=["x", 5, "z", ["w"]]),
+            r"2 row\(s\) with non-string values .*row 1 .*row 3",
+            "non_string_text",
+            [1, 3],
+        ),
+        (
+            _items(sku=["a", 1.5, True, "d"]),
+            r"2 row\(s\) with sku that is not a string or an integer",
+            "bad_id_type",
+            [1, 2],
+        ),
     ],
     ids=["missing_id", "duplicate_id", "empty_text", "non_string_text", "bad_id_type"],
 )
@@ -69,7 +89,9 @@ def test_message_caps_the_listed_rows() -> None:
 
 def test_column_errors_always_raise() -> None:
     df = _items()
-    with pytest.raises(ValueError, match=r"column\(s\) \['desc'\] not found.*\['sku', 'title', 'body'\].*--text-cols"):
+    with pytest.raises(
+        ValueError, match=r"column\(s\) \['desc'\] not found.*\['sku', 'title', 'body'\].*--text-cols"
+    ):
         validate_catalog(df, "sku", ["title", "desc"], skip_bad_rows=True)
     with pytest.raises(ValueError, match=r"column\(s\) \['id'\] not found.*--id-col"):
         validate_catalog(df, "id", ["title"])
@@ -88,12 +110,17 @@ def test_join_text() -> None:
     assert join_text(["Q?", "A"]) == "Q? A" and join_text([]) == ""
 
 
-# ------------------------------------------------------------------------------------------------ interactions
+# ---------------------------------------------------------------------------------------------- interactions
 
 
 def _inter(**cols: list) -> pd.DataFrame:
-    base = {"user_id": ["u1", "u1", "u2", "u3"], "item_id": ["a", "b", "a", "c"], "ts": [1, 2, 3, 4],
-            "rating": [5.0, None, 3.0, None], "event": ["rating", "view", "rating", "click"]}
+    base = {
+        "user_id": ["u1", "u1", "u2", "u3"],
+        "item_id": ["a", "b", "a", "c"],
+        "ts": [1, 2, 3, 4],
+        "rating": [5.0, None, 3.0, None],
+        "event": ["rating", "view", "rating", "click"],
+    }
     base.update(cols)
     return pd.DataFrame(base)
 
@@ -102,21 +129,54 @@ def test_clean_interactions_dtypes() -> None:
     clean, rej = validate_interactions(_inter(user_id=[1, 1, 2, 3], ts=[1.0, 2.0, 3.0, 4.0]), ["a", "b", "c"])
     assert clean["user_id"].tolist() == ["1", "1", "2", "3"]
     assert clean["ts"].dtype == np.int64 and clean["ts"].tolist() == [1, 2, 3, 4]
-    assert clean["rating"].dtype == np.float64 and clean["rating"].isna().tolist() == [False, True, False, True]
+    assert clean["rating"].dtype == np.float64 and clean["rating"].isna().tolist() == [
+        False,
+        True,
+        False,
+        True,
+    ]
     assert len(rej) == 0
 
 
 @pytest.mark.parametrize(
     ("kw", "pattern", "reason", "rows"),
     [
-        (dict(item_id=["a", "zz", "a", "yy"]), r"2 row\(s\) with item_id not in the items table.*item_id='zz'",
-         "unknown_item", [1, 3]),
-        (dict(user_id=["u1", None, "", "u3"]), r"2 row\(s\) with missing or empty user_id", "missing_user", [1, 2]),
-        (dict(item_id=["a", None, "a", "c"]), r"1 row\(s\) with missing or empty item_id", "missing_item", [1]),
-        (dict(ts=[1, None, 2.5, "soon"]), r"3 row\(s\) with ts that is missing or not an integer.*row 1 .*row 2 .*row 3",
-         "bad_ts", [1, 2, 3]),
-        (dict(rating=[5.0, "great", None, None]), r"1 row\(s\) with rating that is not a number", "bad_rating", [1]),
-        (dict(event=["rating", "watch", "rating", None]), r"2 row\(s\) with event not in \['view'", "bad_event", [1, 3]),
+        (
+            dict(item_id=["a", "zz", "a", "yy"]),
+            r"2 row\(s\) with item_id not in the items table.*item_id='zz'",
+            "unknown_item",
+            [1, 3],
+        ),
+        (
+            dict(user_id=["u1", None, "", "u3"]),
+            r"2 row\(s\) with missing or empty user_id",
+            "missing_user",
+            [1, 2],
+        ),
+        (
+            dict(item_id=["a", None, "a", "c"]),
+            r"1 row\(s\) with missing or empty item_id",
+            "missing_item",
+            [1],
+        ),
+        (
+            dict(ts=[1, None, 2.5, "soon"]),
+            r"3 row\(s\) with ts that is missing or not an integer.*row 1 .*row 2 .*row 3",
+            "bad_ts",
+            [1, 2, 3],
+        ),
+        (
+            dict(rating=[5.0, "great", None, None]),
+            r"1 row\(s\) with rating that is not a number",
+            "bad_rating",
+            [1],
+        ),
+        (
+            dict(event=["rating", "watch", "rating", None]),
+            r"2 row\(s\) with event not in \['view'",
+            "bad_event",
+            [1, 3],
+        ),
     ],
     ids=["unknown_item", "missing_user", "missing_item", "bad_ts", "bad_rating", "bad_event"],
 )

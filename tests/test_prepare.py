@@ -1,5 +1,5 @@
-"""`llmrec prepare` on the real datasets (counts vs the data README and vs the raw files), the generic adapter on
-CSV / parquet / JSONL files, the table readers, and the command."""
+"""`llmrec prepare` on the real datasets (counts vs the data README and vs the raw files), the generic
+adapter on CSV / parquet / JSONL files, the table readers, and the command."""
 
 from __future__ import annotations
 
@@ -51,8 +51,11 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
 
 def test_datasets_tuple() -> None:
     assert DATASETS == (
-        "movielens-latest-small", "amazon-magazine-subscriptions-2018", "amazon-scientific-unisrec",
-        "mind-small-sample", "generic",
+        "movielens-latest-small",
+        "amazon-magazine-subscriptions-2018",
+        "amazon-scientific-unisrec",
+        "mind-small-sample",
+        "generic",
     )
 
 
@@ -76,7 +79,9 @@ def test_movielens(prepared, data_dir: Path) -> None:
     assert inter["rating"].sum() == pytest.approx(raw["rating"].sum())
     assert (inter["event"] == "rating").all()
     src = data_dir / "movielens-latest-small"
-    assert meta["fingerprint"] == file_fingerprint([src / "movies.csv", src / "ratings.csv", src / "tags.csv"])
+    assert meta["fingerprint"] == file_fingerprint(
+        [src / "movies.csv", src / "ratings.csv", src / "tags.csv"]
+    )
     assert meta["dataset"] == "movielens-latest-small" and meta["ts_is_order"] is False
 
 
@@ -91,14 +96,18 @@ def test_magazine_rejects_reconcile(prepared, data_dir: Path) -> None:
     assert (rej_inter.reason == "item_no_metadata").sum() == 89689 - 85219
     # reference: recompute "no description and no real title" from the raw metadata
     first: dict[str, dict] = {}
-    with gzip.open(data_dir / "amazon-magazine-subscriptions-2018" / "meta_Magazine_Subscriptions.json.gz", "rt") as f:
+    with gzip.open(
+        data_dir / "amazon-magazine-subscriptions-2018" / "meta_Magazine_Subscriptions.json.gz", "rt"
+    ) as f:
         for line in f:
             r = json.loads(line)
             first.setdefault(r["asin"], r)
     assert len(first) == 2320
     no_text = {
-        a for a, r in first.items()
-        if not any(d.strip() for d in r.get("description") or []) and (not r.get("title") or "<" in r["title"])
+        a
+        for a, r in first.items()
+        if not any(d.strip() for d in r.get("description") or [])
+        and (not r.get("title") or "<" in r["title"])
     }
     rej_items = rej[rej.table == "items"]
     assert set(rej_items.item_id) == no_text and (rej_items.reason == "no_text").all()
@@ -114,7 +123,9 @@ def test_scientific(prepared, data_dir: Path) -> None:
     out = prepared("amazon-scientific-unisrec")
     items, inter, meta = _check_canonical(out)
     assert (len(items), len(inter), inter["user_id"].nunique()) == (4385, 59384, 8442)
-    assert meta["ts_is_order"] is True and inter["rating"].isna().all() and (inter["event"] == "purchase").all()
+    assert (
+        meta["ts_is_order"] is True and inter["rating"].isna().all() and (inter["event"] == "purchase").all()
+    )
     # ts is the position 0..L-1 inside each user's sequence
     pos = inter.groupby("user_id", sort=False).cumcount().to_numpy()
     assert (inter["ts"].to_numpy() == pos).all()
@@ -131,8 +142,14 @@ def test_mind_reconciles_with_rejects(prepared, data_dir: Path) -> None:
     out = prepared("mind-small-sample")
     items, inter, meta = _check_canonical(out)
     src = data_dir / "mind-small-sample"
-    beh = pd.read_csv(src / "behaviors.tsv.gz", sep="\t", header=None, dtype=str, keep_default_na=False,
-                      names=["imp", "user", "time", "hist", "imps"])
+    beh = pd.read_csv(
+        src / "behaviors.tsv.gz",
+        sep="\t",
+        header=None,
+        dtype=str,
+        keep_default_na=False,
+        names=["imp", "user", "time", "hist", "imps"],
+    )
     news = set(pd.read_csv(src / "news.tsv.gz", sep="\t", header=None, dtype=str, quoting=3, usecols=[0])[0])
     assert len(items) == 2000 and set(items.item_id) == news
     n_imp_clicks = sum(tok.endswith("-1") for s in beh.imps for tok in s.split())
@@ -146,8 +163,10 @@ def test_mind_reconciles_with_rejects(prepared, data_dir: Path) -> None:
     clicked = {tok[:-2] for s in beh.imps for tok in s.split() if tok.endswith("-1")}
     assert len(clicked) == 1916 and len(clicked & news) == 59
     # history clicks are strictly earlier than the user's first impression
-    t = (pd.to_datetime(beh.time, format="%m/%d/%Y %I:%M:%S %p", utc=True)
-         - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)
+    t = (
+        pd.to_datetime(beh.time, format="%m/%d/%Y %I:%M:%S %p", utc=True)
+        - pd.Timestamp("1970-01-01", tz="UTC")
+    ) // pd.Timedelta(seconds=1)
     first_ts = pd.Series(t.to_numpy(), index=beh.user).groupby(level=0).min()
     hist_rows = inter[inter.ts < inter.user_id.map(first_ts)]
     imp_rows = inter[inter.ts >= inter.user_id.map(first_ts)]
@@ -164,13 +183,21 @@ def test_mind_reconciles_with_rejects(prepared, data_dir: Path) -> None:
 
 def _write_generic(tmp_path: Path, fmt: str) -> tuple[str, str]:
     items = pd.DataFrame(
-        {"sku": ["007", "008", "009"], "name": ["Red shoe", "Blue hat", "Green scarf"],
-         "desc": ["Leather, size 9.", None, "Wool"], "price": [10.5, 3.0, 7.25]}
+        {
+            "sku": ["007", "008", "009"],
+            "name": ["Red shoe", "Blue hat", "Green scarf"],
+            "desc": ["Leather, size 9.", None, "Wool"],
+            "price": [10.5, 3.0, 7.25],
+        }
     )
     inter = pd.DataFrame(
-        {"uid": ["a", "a", "b", "b"], "sku": ["007", "009", "008", "007"],
-         "when": ["2024-01-01T00:00:00Z", "2024-01-01T00:00:10Z", "1700000000", "1700000100"],
-         "stars": [5.0, None, 3.0, None], "kind": ["rating", "click", "rating", "view"]}
+        {
+            "uid": ["a", "a", "b", "b"],
+            "sku": ["007", "009", "008", "007"],
+            "when": ["2024-01-01T00:00:00Z", "2024-01-01T00:00:10Z", "1700000000", "1700000100"],
+            "stars": [5.0, None, 3.0, None],
+            "kind": ["rating", "click", "rating", "view"],
+        }
     )
     if fmt == "csv":
         items.to_csv(tmp_path / "items.csv", index=False)
@@ -189,8 +216,18 @@ def _write_generic(tmp_path: Path, fmt: str) -> tuple[str, str]:
 def test_generic_formats(tmp_path: Path, fmt: str) -> None:
     items_f, inter_f = _write_generic(tmp_path, fmt)
     meta = prepare(
-        "generic", tmp_path, tmp_path / "out", items=items_f, id_col="sku", text_cols="name,desc",
-        interactions=inter_f, user_col="uid", item_col="sku", ts_col="when", rating_col="stars", event_col="kind",
+        "generic",
+        tmp_path,
+        tmp_path / "out",
+        items=items_f,
+        id_col="sku",
+        text_cols="name,desc",
+        interactions=inter_f,
+        user_col="uid",
+        item_col="sku",
+        ts_col="when",
+        rating_col="stars",
+        event_col="kind",
     )
     items, inter, _ = _check_canonical(tmp_path / "out")
     assert items["item_id"].tolist() == ["007", "008", "009"]  # leading zeros kept
@@ -205,7 +242,9 @@ def test_generic_formats(tmp_path: Path, fmt: str) -> None:
 def test_generic_defaults_and_row_order(tmp_path: Path) -> None:
     pd.DataFrame({"item_id": [1, 2], "text": ["one", "two"]}).to_parquet(tmp_path / "c.parquet")
     pd.DataFrame({"user_id": [7, 7, 8], "item_id": [2, 1, 1]}).to_csv(tmp_path / "e.csv", index=False)
-    meta = prepare("generic", None, tmp_path / "out", items=tmp_path / "c.parquet", interactions=tmp_path / "e.csv")
+    meta = prepare(
+        "generic", None, tmp_path / "out", items=tmp_path / "c.parquet", interactions=tmp_path / "e.csv"
+    )
     items, inter, _ = _check_canonical(tmp_path / "out")
     assert items["item_id"].tolist() == ["1", "2"]
     assert inter["ts"].tolist() == [0, 1, 2]  # no time column: row order
@@ -215,9 +254,11 @@ def test_generic_defaults_and_row_order(tmp_path: Path) -> None:
 
 def test_generic_skip_bad_rows_writes_rejects(tmp_path: Path) -> None:
     pd.DataFrame({"id": ["a", "b", "b", None, "e"], "t": ["x", "y", "y2", "z", "  "]}).to_csv(
-        tmp_path / "c.csv", index=False)
-    pd.DataFrame({"user_id": ["u", "u", None, "v"], "item_id": ["a", "zzz", "a", "b"], "ts": [1, 2, 3, "later"]}
-                 ).to_json(tmp_path / "e.jsonl", orient="records", lines=True)
+        tmp_path / "c.csv", index=False
+    )
+    pd.DataFrame(
+        {"user_id": ["u", "u", None, "v"], "item_id": ["a", "zzz", "a", "b"], "ts": [1, 2, 3, "later"]}
+    ).to_json(tmp_path / "e.jsonl", orient="records", lines=True)
     kw = dict(items="c.csv", id_col="id", text_cols="t", interactions="e.jsonl")
     with pytest.raises(ValueError, match="skip-bad-rows"):
         prepare("generic", tmp_path, tmp_path / "out", **kw)
@@ -228,8 +269,14 @@ def test_generic_skip_bad_rows_writes_rejects(tmp_path: Path) -> None:
     assert sorted(rej[rej.table == "items"].reason) == ["duplicate_id", "empty_text", "missing_id"]
     assert sorted(rej[rej.table == "interactions"].reason) == ["bad_ts", "missing_user", "unknown_item"]
     assert len(inter) == 1 and meta["n_rejected"] == 6 == len(rej)
-    assert meta["rejected_reasons"] == {"bad_ts": 1, "duplicate_id": 1, "empty_text": 1, "missing_id": 1,
-                                        "missing_user": 1, "unknown_item": 1}
+    assert meta["rejected_reasons"] == {
+        "bad_ts": 1,
+        "duplicate_id": 1,
+        "empty_text": 1,
+        "missing_id": 1,
+        "missing_user": 1,
+        "unknown_item": 1,
+    }
     # a clean re-run removes the stale rejects file
     pd.DataFrame({"id": ["a"], "t": ["x"]}).to_csv(tmp_path / "ok.csv", index=False)
     prepare("generic", tmp_path, tmp_path / "out", items="ok.csv", id_col="id", text_cols="t")
@@ -249,7 +296,15 @@ def test_generic_errors(tmp_path: Path) -> None:
         prepare("generic", tmp_path, tmp_path / "o", items="c.xlsx")
     pd.DataFrame({"who": ["u"], "item_id": ["a"]}).to_csv(tmp_path / "e.csv", index=False)
     with pytest.raises(ValueError, match="column 'user_id' .*--user-col"):
-        prepare("generic", tmp_path, tmp_path / "o", items="c.csv", id_col="id", text_cols="t", interactions="e.csv")
+        prepare(
+            "generic",
+            tmp_path,
+            tmp_path / "o",
+            items="c.csv",
+            id_col="id",
+            text_cols="t",
+            interactions="e.csv",
+        )
     with pytest.raises(ValueError, match="unknown dataset 'movielens'.*movielens-latest-small"):
         prepare("movielens", tmp_path, tmp_path / "o")
     with pytest.raises(ValueError, match=r"takes no option\(s\) \['items'\]"):
@@ -273,7 +328,9 @@ def test_readers_refuse_bad_tables(tmp_path: Path) -> None:
     pd.DataFrame({"item_id": ["a"], "text": [" "]}).to_parquet(tmp_path / "items.parquet")
     with pytest.raises(ValueError, match="empty text"):
         read_items(tmp_path)
-    inter = pd.DataFrame({"user_id": ["u"], "item_id": ["a"], "ts": [1.5], "rating": [1.0], "event": ["view"]})
+    inter = pd.DataFrame(
+        {"user_id": ["u"], "item_id": ["a"], "ts": [1.5], "rating": [1.0], "event": ["view"]}
+    )
     inter.to_parquet(tmp_path / "interactions.parquet")
     with pytest.raises(ValueError, match="column 'ts' is double, expected int64"):
         read_interactions(tmp_path)
@@ -290,8 +347,16 @@ def test_command_runs(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixt
 
     p = argparse.ArgumentParser()
     cmd.add_arguments(p)
-    args = p.parse_args(["--dataset", "amazon-scientific-unisrec", "--source",
-                         str(data_dir / "amazon-scientific-unisrec"), "--out", str(tmp_path / "d")])
+    args = p.parse_args(
+        [
+            "--dataset",
+            "amazon-scientific-unisrec",
+            "--source",
+            str(data_dir / "amazon-scientific-unisrec"),
+            "--out",
+            str(tmp_path / "d"),
+        ]
+    )
     assert cmd.run(args) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["n_items"] == 4385 and printed["n_interactions"] == 59384

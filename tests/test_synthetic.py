@@ -1,4 +1,4 @@
-"""Synthetic catalog/interactions: seeded, valid canonical schema, and the planted structure is really there."""
+"""Synthetic catalog/interactions: seeded, valid canonical schema, and the planted structure is there."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_text_carries_the_topic(data: tuple[pd.DataFrame, pd.DataFrame]) -> None
     items, _ = data
     names = list(TOPICS)[:8]
     vocab = [set(TOPICS[n]) for n in names]
-    for text, t in zip(items["text"], items["topic"]):
+    for text, t in zip(items["text"], items["topic"], strict=True):
         words = {w.strip(".,:").lower() for w in text.split()}
         own = len(words & vocab[t])
         assert own >= 1 and all(own > len(words & v) for j, v in enumerate(vocab) if j != t)
@@ -45,10 +45,10 @@ def test_text_carries_the_topic(data: tuple[pd.DataFrame, pd.DataFrame]) -> None
 
 def test_planted_preferences_drift_and_popularity(data: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     items, inter = data
-    topic = dict(zip(items["item_id"], items["topic"]))
+    topic = dict(zip(items["item_id"], items["topic"], strict=True))
     prefs = inter.attrs["user_topics"]
     inter = inter.assign(topic=inter["item_id"].map(topic))
-    in_pref = [t in prefs[u] for u, t in zip(inter["user_id"], inter["topic"])]
+    in_pref = [t in prefs[u] for u, t in zip(inter["user_id"], inter["topic"], strict=True)]
     assert np.mean(in_pref) > 0.85  # 90 % preferred by design, the rest noise
     assert all(1 <= len(p) <= 2 for p in prefs.values())
     # no repeats per user; ts strictly increasing per user

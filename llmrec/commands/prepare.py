@@ -2,9 +2,11 @@
 
 Examples::
 
-    llmrec prepare --dataset movielens-latest-small --source ../shared/data/movielens-latest-small --out runs/ml/data
+    llmrec prepare --dataset movielens-latest-small \\
+        --source ../shared/data/movielens-latest-small --out runs/ml/data
     llmrec prepare --dataset generic --source my_data --out runs/mine/data \\
-        --items catalog.csv --id-col sku --text-cols title,description --interactions events.jsonl --ts-col time
+        --items catalog.csv --id-col sku --text-cols title,description \\
+        --interactions events.jsonl --ts-col time
 """
 
 from __future__ import annotations
@@ -12,29 +14,47 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "convert a raw dataset (movielens, amazon, mind or any parquet/CSV/JSONL catalog) into canonical tables"
+HELP = (
+    "convert a raw dataset (movielens, amazon, mind or any parquet/CSV/JSONL catalog) into canonical tables"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from llmrec.data.prepare import DATASETS  # light: no torch/ray
 
     p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset adapter")
-    p.add_argument("--source", default=None, help="folder with the raw files (generic: base of relative paths)")
-    p.add_argument("--out", required=True, help="output folder: items.parquet, interactions.parquet, meta.json")
-    p.add_argument("--skip-bad-rows", action="store_true",
-                   help="write rows that fail validation to rejects.parquet instead of stopping")
+    p.add_argument(
+        "--source", default=None, help="folder with the raw files (generic: base of relative paths)"
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder: items.parquet, interactions.parquet, meta.json"
+    )
+    p.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="write rows that fail validation to rejects.parquet instead of stopping",
+    )
     g = p.add_argument_group("generic dataset")
-    g.add_argument("--items", default=None, help="catalog file (.parquet, .csv, .tsv, .jsonl; optionally .gz)")
+    g.add_argument(
+        "--items", default=None, help="catalog file (.parquet, .csv, .tsv, .jsonl; optionally .gz)"
+    )
     g.add_argument("--id-col", default=None, help="item id column (default item_id)")
-    g.add_argument("--text-cols", default=None, help="comma list of text columns joined into text (default text)")
+    g.add_argument(
+        "--text-cols", default=None, help="comma list of text columns joined into text (default text)"
+    )
     g.add_argument("--interactions", default=None, help="interactions file (optional)")
     g.add_argument("--user-col", default=None, help="user id column (default user_id)")
     g.add_argument("--item-col", default=None, help="item id column in interactions (default item_id)")
-    g.add_argument("--ts-col", default=None, help="time column: unix s, datetime or date string (default ts; "
-                                                  "absent -> row order)")
+    g.add_argument(
+        "--ts-col",
+        default=None,
+        help="time column: unix s, datetime or date string (default ts; absent -> row order)",
+    )
     g.add_argument("--rating-col", default=None, help="rating column (default rating; absent -> null)")
     g.add_argument("--event-col", default=None, help="event column (default event; absent -> rating/view)")
-    g.add_argument("--default-event", default=None, help="event for rows without event and rating (default view)")
+    g.add_argument(
+        "--default-event", default=None, help="event for rows without event and rating (default view)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,10 +62,28 @@ def run(args: argparse.Namespace) -> int:
 
     opts = {
         k: getattr(args, k)
-        for k in ("items", "id_col", "text_cols", "interactions", "user_col", "item_col", "ts_col",
-                  "rating_col", "event_col", "default_event")
+        for k in (
+            "items",
+            "id_col",
+            "text_cols",
+            "interactions",
+            "user_col",
+            "item_col",
+            "ts_col",
+            "rating_col",
+            "event_col",
+            "default_event",
+        )
     }
     meta = prepare(args.dataset, args.source, args.out, skip_bad_rows=args.skip_bad_rows, **opts)
-    keys = ("dataset", "n_items", "n_users", "n_interactions", "n_rejected", "rejected_reasons", "fingerprint")
+    keys = (
+        "dataset",
+        "n_items",
+        "n_users",
+        "n_interactions",
+        "n_rejected",
+        "rejected_reasons",
+        "fingerprint",
+    )
     print(json.dumps({k: meta.get(k) for k in keys}, sort_keys=False))
     return 0

@@ -144,12 +144,15 @@ def validate_catalog(
         )
     if TEXT in df.columns and text_cols != [TEXT]:
         raise ValueError(
-            f"items: the table has a {TEXT!r} column but --text-cols is {text_cols}; the canonical text would "
+            f"items: the table has a {TEXT!r} column but --text-cols is {text_cols}; "
+            f"the canonical text would "
             f"overwrite it: add {TEXT!r} to --text-cols or rename that column"
         )
     for c in text_cols:
         s = df[c]
-        if not (pd.api.types.is_object_dtype(s) or pd.api.types.is_string_dtype(s)) or pd.api.types.is_bool_dtype(s):
+        if not (
+            pd.api.types.is_object_dtype(s) or pd.api.types.is_string_dtype(s)
+        ) or pd.api.types.is_bool_dtype(s):
             if s.isna().all():
                 continue
             raise ValueError(
@@ -162,7 +165,7 @@ def validate_catalog(
     reason: list[str | None] = list(id_bad)
 
     texts: list[str] = []
-    for i, vals in enumerate(zip(*(df[c].tolist() for c in text_cols))):
+    for i, vals in enumerate(zip(*(df[c].tolist() for c in text_cols), strict=True)):
         if any(not _is_missing(v) and not isinstance(v, str) for v in vals):
             reason[i] = reason[i] or "non_string_text"
             texts.append("")
@@ -211,11 +214,13 @@ def validate_interactions(
 
     Args:
         df: columns user_id, item_id, ts, rating, event (extra columns are refused).
-        item_ids: the catalog's ids; interactions with other item ids are "unknown_item". None skips that check.
+        item_ids: the catalog's ids; interactions with other item ids are "unknown_item";
+            None skips that check.
         skip_bad_rows: move bad rows to the rejects frame instead of raising.
 
     Returns:
-        (clean, rejects): clean has user_id str, item_id str, ts int64, rating float64 (NaN = null), event str,
+        (clean, rejects): clean has user_id str, item_id str, ts int64, rating float64 (NaN = null),
+        event str,
         in the input order, index reset; rejects has REJECT_COLUMNS with table="interactions".
 
     Raises:
@@ -232,7 +237,7 @@ def validate_interactions(
     n = len(df)
     users, user_bad = _normalise_ids(df[USER_ID], "missing_user", "bad_user_type")
     items, item_bad = _normalise_ids(df[ITEM_ID], "missing_item", "bad_item_type")
-    reason: list[str | None] = [u or i for u, i in zip(user_bad, item_bad)]
+    reason: list[str | None] = [u or i for u, i in zip(user_bad, item_bad, strict=True)]
 
     if item_ids is not None:
         known = set(map(str, item_ids))
@@ -268,7 +273,10 @@ def validate_interactions(
         }
     ).reset_index(drop=True)
     rejects = make_rejects(
-        "interactions", bad, [df[ITEM_ID].iloc[k] for k in bad], [df[USER_ID].iloc[k] for k in bad],
+        "interactions",
+        bad,
+        [df[ITEM_ID].iloc[k] for k in bad],
+        [df[USER_ID].iloc[k] for k in bad],
         [reason[k] for k in bad],
     )
     if bad:
@@ -328,7 +336,9 @@ def _coerce_int(s: pd.Series) -> tuple[pd.Series, np.ndarray]:
 
 def _coerce_float(s: pd.Series) -> tuple[pd.Series, np.ndarray]:
     """float64 values (NaN = null) and a bad mask: non-null values that are not numbers are bad."""
-    if pd.api.types.is_float_dtype(s) or (pd.api.types.is_integer_dtype(s) and not pd.api.types.is_bool_dtype(s)):
+    if pd.api.types.is_float_dtype(s) or (
+        pd.api.types.is_integer_dtype(s) and not pd.api.types.is_bool_dtype(s)
+    ):
         return s.astype(np.float64).reset_index(drop=True), np.zeros(len(s), dtype=bool)
     vals = s.tolist()
     num = pd.to_numeric(pd.Series(vals, dtype="object"), errors="coerce").astype(np.float64).to_numpy()
@@ -370,4 +380,6 @@ def _problems_message(
         more = f" and {len(rows) - _SHOW} more" if len(rows) > _SHOW else ""
         desc = _REASON_TEXT.get(r, r).format(**fmt)
         lines.append(f"{len(rows)} row(s) with {desc} [{r}]: {', '.join(shown)}{more}")
-    return f"{table}: {len(bad)} bad row(s) of {len(ids)}: " + "; ".join(lines) + f". To continue: {SKIP_HINT}"
+    return (
+        f"{table}: {len(bad)} bad row(s) of {len(ids)}: " + "; ".join(lines) + f". To continue: {SKIP_HINT}"
+    )

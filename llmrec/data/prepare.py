@@ -50,8 +50,16 @@ _MODULES = {
     "generic": "generic",
 }
 GENERIC_OPTS = (
-    "items", "id_col", "text_cols", "interactions", "user_col", "item_col", "ts_col", "rating_col",
-    "event_col", "default_event",
+    "items",
+    "id_col",
+    "text_cols",
+    "interactions",
+    "user_col",
+    "item_col",
+    "ts_col",
+    "rating_col",
+    "event_col",
+    "default_event",
 )
 
 
@@ -91,7 +99,11 @@ def prepare(
     if unknown:
         raise ValueError(
             f"dataset {dataset!r} takes no option(s) {unknown}"
-            + (f"; valid options are {list(allowed)}" if allowed else "; those options are for --dataset generic")
+            + (
+                f"; valid options are {list(allowed)}"
+                if allowed
+                else "; those options are for --dataset generic"
+            )
         )
     if source is None and dataset != "generic":
         raise ValueError(f"dataset {dataset!r} needs --source DIR (the folder with its raw files)")
@@ -136,7 +148,12 @@ def prepare(
     meta = write_meta(out_dir, "prepare", **meta_fields)
     logger.info(
         "prepared %s: %d items, %d users, %d interactions, %d rejected -> %s in %.1fs",
-        dataset, meta["n_items"], meta["n_users"], meta["n_interactions"], meta["n_rejected"], out_dir,
+        dataset,
+        meta["n_items"],
+        meta["n_users"],
+        meta["n_interactions"],
+        meta["n_rejected"],
+        out_dir,
         meta["wall_s"],
     )
     return meta

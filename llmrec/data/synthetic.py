@@ -23,6 +23,7 @@ from llmrec.schema import EVENT, ITEM_ID, RATING, TEXT, TS, USER_ID
 
 logger = logging.getLogger(__name__)
 
+# fmt: off
 TOPICS: dict[str, list[str]] = {
     "cooking": ["recipe", "oven", "garlic", "pasta", "bake", "sauce", "spices", "kitchen", "chef", "dough",
                 "roast", "flavour", "simmer", "butter", "dessert", "soup"],
@@ -71,6 +72,7 @@ _TEMPLATES = [
     "From {w1} to {w2}: {adj} {f} for anyone into {w3}.",
     "Everything about {w1} and {w2}, with {adj} {f} for the {f2}.",
 ]
+# fmt: on
 _EVENTS = ("view", "click", "like", "purchase", "rating")
 _EVENT_P = (0.45, 0.3, 0.1, 0.08, 0.07)
 _T0 = 1_704_067_200  # 2024-01-01 UTC
@@ -93,7 +95,9 @@ def make_catalog(n_items: int, n_topics: int = 8, seed: int = 0) -> pd.DataFrame
     if n_items < 1:
         raise ValueError(f"n_items must be >= 1, got {n_items}")
     if not 1 <= n_topics <= len(TOPICS):
-        raise ValueError(f"n_topics must be in [1, {len(TOPICS)}] (the built-in vocabularies), got {n_topics}")
+        raise ValueError(
+            f"n_topics must be in [1, {len(TOPICS)}] (the built-in vocabularies), got {n_topics}"
+        )
     rng = np.random.default_rng(seed)
     names = list(TOPICS)[:n_topics]
     width = max(5, len(str(n_items - 1)))
@@ -105,19 +109,37 @@ def make_catalog(n_items: int, n_topics: int = 8, seed: int = 0) -> pd.DataFrame
         for _ in range(int(rng.integers(2, 4))):
             tpl = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
             # about 2/3 of the content words come from the topic, the rest is shared filler
-            w = [vocab[int(rng.integers(len(vocab)))] if rng.random() < 0.67
-                 else FILLER[int(rng.integers(len(FILLER)))] for _ in range(3)]
-            sentences.append(tpl.format(
-                adj=ADJECTIVES[int(rng.integers(len(ADJECTIVES)))], f=FILLER[int(rng.integers(len(FILLER)))],
-                f2=FILLER[int(rng.integers(len(FILLER)))], w1=w[0], w2=w[1], w3=w[2],
-            ))
-        title = f"{vocab[int(rng.integers(len(vocab)))].capitalize()} {FILLER[int(rng.integers(len(FILLER)))]} {i}"
+            w = [
+                vocab[int(rng.integers(len(vocab)))]
+                if rng.random() < 0.67
+                else FILLER[int(rng.integers(len(FILLER)))]
+                for _ in range(3)
+            ]
+            sentences.append(
+                tpl.format(
+                    adj=ADJECTIVES[int(rng.integers(len(ADJECTIVES)))],
+                    f=FILLER[int(rng.integers(len(FILLER)))],
+                    f2=FILLER[int(rng.integers(len(FILLER)))],
+                    w1=w[0],
+                    w2=w[1],
+                    w3=w[2],
+                )
+            )
+        head, tail = vocab[int(rng.integers(len(vocab)))], FILLER[int(rng.integers(len(FILLER)))]
+        title = f"{head.capitalize()} {tail} {i}"
         ids.append(f"i{i:0{width}d}")
         titles.append(title)
         texts.append(f"{title}. " + " ".join(sentences))
         topics.append(t)
-    df = pd.DataFrame({ITEM_ID: ids, TEXT: texts, "title": titles, "topic": np.asarray(topics, dtype=np.int64),
-                       "topic_name": [names[t] for t in topics]})
+    df = pd.DataFrame(
+        {
+            ITEM_ID: ids,
+            TEXT: texts,
+            "title": titles,
+            "topic": np.asarray(topics, dtype=np.int64),
+            "topic_name": [names[t] for t in topics],
+        }
+    )
     logger.debug("synthetic catalog: %d items, %d topics", n_items, n_topics)
     return df
 
@@ -192,10 +214,20 @@ def make_interactions(
             tss.append(ts)
             evs.append(ev)
             good = t in prefs
-            ratings.append(float(np.clip(rng.normal(4.2 if good else 2.5, 0.7), 1, 5).round()) if ev == "rating"
-                           else np.nan)
-    df = pd.DataFrame({USER_ID: users, ITEM_ID: its, TS: np.asarray(tss, dtype=np.int64),
-                       RATING: np.asarray(ratings, dtype=np.float64), EVENT: evs})
+            ratings.append(
+                float(np.clip(rng.normal(4.2 if good else 2.5, 0.7), 1, 5).round())
+                if ev == "rating"
+                else np.nan
+            )
+    df = pd.DataFrame(
+        {
+            USER_ID: users,
+            ITEM_ID: its,
+            TS: np.asarray(tss, dtype=np.int64),
+            RATING: np.asarray(ratings, dtype=np.float64),
+            EVENT: evs,
+        }
+    )
     df.attrs["user_topics"] = user_topics
     logger.debug("synthetic interactions: %d users, %d events", n_users, len(df))
     return df

@@ -21,7 +21,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmrec.schema import EVENT, EVENT_KINDS, INTERACTIONS_FILE, ITEM_ID, ITEMS_FILE, RATING, TEXT, TS, USER_ID
+from llmrec.schema import (
+    EVENT,
+    EVENT_KINDS,
+    INTERACTIONS_FILE,
+    ITEM_ID,
+    ITEMS_FILE,
+    RATING,
+    TEXT,
+    TS,
+    USER_ID,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +75,9 @@ def read_items(path_or_dir: str | os.PathLike) -> pd.DataFrame:
     ids = df[ITEM_ID]
     bad_id = ids.isna() | (ids.astype(str).str.strip() == "")
     if bad_id.any():
-        raise ValueError(f"{path}: {int(bad_id.sum())} row(s) with empty item_id (rows {_first(bad_id)}); {_FIX}")
+        raise ValueError(
+            f"{path}: {int(bad_id.sum())} row(s) with empty item_id (rows {_first(bad_id)}); {_FIX}"
+        )
     dup = ids.duplicated()
     if dup.any():
         raise ValueError(
@@ -73,7 +85,9 @@ def read_items(path_or_dir: str | os.PathLike) -> pd.DataFrame:
         )
     bad_text = df[TEXT].isna() | (df[TEXT].astype(str).str.strip() == "")
     if bad_text.any():
-        raise ValueError(f"{path}: {int(bad_text.sum())} row(s) with empty text (rows {_first(bad_text)}); {_FIX}")
+        raise ValueError(
+            f"{path}: {int(bad_text.sum())} row(s) with empty text (rows {_first(bad_text)}); {_FIX}"
+        )
     logger.debug("read %d items from %s", len(df), path)
     return df
 
@@ -125,7 +139,7 @@ def write_interactions(interactions: pd.DataFrame, out_dir: str | os.PathLike) -
 
 
 def write_rejects(rejects: pd.DataFrame, out_dir: str | os.PathLike) -> Path | None:
-    """Write `out_dir/rejects.parquet` when there are rejects, else remove a stale one; returns the path or None."""
+    """Write `out_dir/rejects.parquet` if there are rejects, else remove a stale one; returns path or None."""
     path = Path(out_dir) / REJECTS_FILE
     if len(rejects) == 0:
         path.unlink(missing_ok=True)

@@ -57,8 +57,11 @@ def real_title(t: object) -> str:
 def load(source: Path) -> Loaded:
     ratings_p, meta_p = require_files(source, FILES, NAME)
     ratings = pd.read_csv(
-        ratings_p, header=None, names=["asin", "user", "rating", "ts"],
-        dtype={"asin": str, "user": str}, keep_default_na=False,
+        ratings_p,
+        header=None,
+        names=["asin", "user", "rating", "ts"],
+        dtype={"asin": str, "user": str},
+        keep_default_na=False,
     )
     rows: dict[str, dict] = {}
     row_no: dict[str, int] = {}
@@ -97,8 +100,12 @@ def load(source: Path) -> Loaded:
             {
                 ITEM_ID: asin,
                 TEXT: join_text([title, description, *extra]) if usable else "",
-                "title": title, "description": description, "category": category,
-                "brand": brand, "publisher": publisher, "_row": row_no[asin],
+                "title": title,
+                "description": description,
+                "category": category,
+                "brand": brand,
+                "publisher": publisher,
+                "_row": row_no[asin],
             }
         )
     meta_items = pd.DataFrame(recs)
@@ -116,17 +123,25 @@ def load(source: Path) -> Loaded:
     kept = ratings[keep]
     interactions = pd.DataFrame(
         {
-            USER_ID: kept["user"], ITEM_ID: kept["asin"], TS: kept["ts"],
-            RATING: kept["rating"].astype(np.float64), EVENT: "rating",
+            USER_ID: kept["user"],
+            ITEM_ID: kept["asin"],
+            TS: kept["ts"],
+            RATING: kept["rating"].astype(np.float64),
+            EVENT: "rating",
         }
     ).reset_index(drop=True)
     bad_rows = np.flatnonzero(~keep)
     rejects = pd.concat(
         [
-            make_rejects("items", rejected_items["_row"].tolist(), rejected_items[ITEM_ID].tolist(), None, "no_text"),
             make_rejects(
-                "interactions", bad_rows.tolist(), ratings["asin"].to_numpy()[bad_rows].tolist(),
-                ratings["user"].to_numpy()[bad_rows].tolist(), reason[bad_rows].tolist(),
+                "items", rejected_items["_row"].tolist(), rejected_items[ITEM_ID].tolist(), None, "no_text"
+            ),
+            make_rejects(
+                "interactions",
+                bad_rows.tolist(),
+                ratings["asin"].to_numpy()[bad_rows].tolist(),
+                ratings["user"].to_numpy()[bad_rows].tolist(),
+                reason[bad_rows].tolist(),
             ),
         ],
         ignore_index=True,
@@ -135,8 +150,12 @@ def load(source: Path) -> Loaded:
     logger.warning(
         "magazine: rejected %d items without description or real title (and %d of their ratings); "
         "%d rated items have no metadata (%d ratings rejected); see rejects.parquet",
-        int(no_text.sum()), int((reason == "item_no_text").sum()), n_no_meta_items,
+        int(no_text.sum()),
+        int((reason == "item_no_text").sum()),
+        n_no_meta_items,
         int((reason == "item_no_metadata").sum()),
     )
     notes = {"n_metadata_lines": n_lines, "n_rated_items_without_metadata": n_no_meta_items}
-    return Loaded(items=items, interactions=interactions, files=[ratings_p, meta_p], rejects=rejects, notes=notes)
+    return Loaded(
+        items=items, interactions=interactions, files=[ratings_p, meta_p], rejects=rejects, notes=notes
+    )

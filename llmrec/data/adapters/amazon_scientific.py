@@ -35,7 +35,9 @@ def _read_tsv(path: Path, n_cols: int, header: bool) -> list[list[str]]:
                 continue
             parts = line.split("\t", n_cols - 1)
             if len(parts) != n_cols:
-                raise ValueError(f"{path}: line {i + 1} has {len(parts)} tab-separated fields, expected {n_cols}")
+                raise ValueError(
+                    f"{path}: line {i + 1} has {len(parts)} tab-separated fields, expected {n_cols}"
+                )
             out.append(parts)
     return out
 
@@ -54,7 +56,11 @@ def load(source: Path) -> Loaded:
     text_rows = _read_tsv(text_p, 2, header=True)
     texts = [t.strip() for _, t in text_rows]
     items = pd.DataFrame(
-        {ITEM_ID: [i.strip() for i, _ in text_rows], TEXT: texts, "title": [t.split(". ", 1)[0] for t in texts]}
+        {
+            ITEM_ID: [i.strip() for i, _ in text_rows],
+            TEXT: texts,
+            "title": [t.split(". ", 1)[0] for t in texts],
+        }
     )
     item_of = _index_map(item_p)
     user_of = _index_map(user_p)
@@ -77,10 +83,19 @@ def load(source: Path) -> Loaded:
         pos.extend(range(len(seq)))
     interactions = pd.DataFrame(
         {
-            USER_ID: users, ITEM_ID: seq_items, TS: np.asarray(pos, dtype=np.int64),
-            RATING: np.full(len(users), np.nan), EVENT: "purchase",
+            USER_ID: users,
+            ITEM_ID: seq_items,
+            TS: np.asarray(pos, dtype=np.int64),
+            RATING: np.full(len(users), np.nan),
+            EVENT: "purchase",
         }
     )
-    logger.info("scientific: %d items, %d users, %d interactions", len(items), len(set(users)), len(interactions))
-    return Loaded(items=items, interactions=interactions, files=[text_p, test_p, item_p, user_p],
-                  notes={"ts_is_order": True})
+    logger.info(
+        "scientific: %d items, %d users, %d interactions", len(items), len(set(users)), len(interactions)
+    )
+    return Loaded(
+        items=items,
+        interactions=interactions,
+        files=[text_p, test_p, item_p, user_p],
+        notes={"ts_is_order": True},
+    )

@@ -28,7 +28,13 @@ from llmrec.schema import EVENT, EVENT_KINDS, ITEM_ID, RATING, TEXT, TS, USER_ID
 logger = logging.getLogger(__name__)
 
 NAME = "generic"
-_FLAGS = {USER_ID: "--user-col", ITEM_ID: "--item-col", TS: "--ts-col", RATING: "--rating-col", EVENT: "--event-col"}
+_FLAGS = {
+    USER_ID: "--user-col",
+    ITEM_ID: "--item-col",
+    TS: "--ts-col",
+    RATING: "--rating-col",
+    EVENT: "--event-col",
+}
 SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".jsonl", ".ndjson", ".json")
 
 
@@ -38,7 +44,9 @@ def read_table(path: Path, str_cols: list[str] | None = None) -> pd.DataFrame:
     base = name[:-3] if name.endswith(".gz") else name
     suffix = "." + base.rsplit(".", 1)[-1] if "." in base else ""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass an existing file (relative paths are under --source)")
+        raise FileNotFoundError(
+            f"{path} does not exist; pass an existing file (relative paths are under --source)"
+        )
     if suffix in (".parquet", ".pq"):
         return pd.read_parquet(path)
     if suffix in (".csv", ".tsv"):
@@ -46,7 +54,9 @@ def read_table(path: Path, str_cols: list[str] | None = None) -> pd.DataFrame:
         return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=dtype)
     if suffix in (".jsonl", ".ndjson", ".json"):
         return pd.read_json(path, lines=True, dtype=False)
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {list(SUFFIXES)} (optionally .gz)")
+    raise ValueError(
+        f"{path}: unsupported file type {suffix!r}; use one of {list(SUFFIXES)} (optionally .gz)"
+    )
 
 
 def load(
@@ -86,7 +96,8 @@ def load(
             out[canon] = raw[col]
         elif given is not None or canon in (USER_ID, ITEM_ID):
             raise ValueError(
-                f"{inter_p}: column {col!r} (for {canon}) not found; columns are {list(map(str, raw.columns))}; "
+                f"{inter_p}: column {col!r} (for {canon}) not found; "
+                f"columns are {list(map(str, raw.columns))}; "
                 f"pass {_FLAGS[canon]} with the right name"
             )
     n = len(raw)
@@ -118,9 +129,13 @@ def _path(source: Path | None, p: str | Path) -> Path:
 
 def _empty_interactions() -> pd.DataFrame:
     return pd.DataFrame(
-        {USER_ID: pd.Series([], dtype=object), ITEM_ID: pd.Series([], dtype=object),
-         TS: pd.Series([], dtype=np.int64), RATING: pd.Series([], dtype=np.float64),
-         EVENT: pd.Series([], dtype=object)}
+        {
+            USER_ID: pd.Series([], dtype=object),
+            ITEM_ID: pd.Series([], dtype=object),
+            TS: pd.Series([], dtype=np.int64),
+            RATING: pd.Series([], dtype=np.float64),
+            EVENT: pd.Series([], dtype=object),
+        }
     )
 
 

@@ -29,24 +29,38 @@ logger = logging.getLogger(__name__)
 
 NAME = "mind-small-sample"
 FILES = ["news.tsv.gz", "behaviors.tsv.gz"]
-NEWS_COLS = ["news_id", "category", "subcategory", "title", "abstract", "url", "title_entities", "abstract_entities"]
+NEWS_COLS = [
+    "news_id",
+    "category",
+    "subcategory",
+    "title",
+    "abstract",
+    "url",
+    "title_entities",
+    "abstract_entities",
+]
 BEHAVIOR_COLS = ["impression_id", "user_id", "time", "history", "impressions"]
 
 
 def load(source: Path) -> Loaded:
     news_p, beh_p = require_files(source, FILES, NAME)
-    news = pd.read_csv(news_p, sep="\t", header=None, names=NEWS_COLS, dtype=str, keep_default_na=False,
-                       quoting=3)
+    news = pd.read_csv(
+        news_p, sep="\t", header=None, names=NEWS_COLS, dtype=str, keep_default_na=False, quoting=3
+    )
     items = pd.DataFrame(
         {
             ITEM_ID: news["news_id"],
-            TEXT: [join_text([t, a]) for t, a in zip(news["title"], news["abstract"])],
-            "title": news["title"], "abstract": news["abstract"],
-            "category": news["category"], "subcategory": news["subcategory"], "url": news["url"],
+            TEXT: [join_text([t, a]) for t, a in zip(news["title"], news["abstract"], strict=True)],
+            "title": news["title"],
+            "abstract": news["abstract"],
+            "category": news["category"],
+            "subcategory": news["subcategory"],
+            "url": news["url"],
         }
     )
-    beh = pd.read_csv(beh_p, sep="\t", header=None, names=BEHAVIOR_COLS, dtype=str, keep_default_na=False,
-                      quoting=3)
+    beh = pd.read_csv(
+        beh_p, sep="\t", header=None, names=BEHAVIOR_COLS, dtype=str, keep_default_na=False, quoting=3
+    )
     times = pd.to_datetime(beh["time"], format="%m/%d/%Y %I:%M:%S %p", utc=True)
     beh["ts"] = (times - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(seconds=1)
 
@@ -55,13 +69,13 @@ def load(source: Path) -> Loaded:
     ts: list[int] = []
     first = beh.sort_values(["ts", "impression_id"], kind="stable").drop_duplicates("user_id")
     n_hist = 0
-    for u, t0, hist in zip(first["user_id"], first["ts"], first["history"]):
+    for u, t0, hist in zip(first["user_id"], first["ts"], first["history"], strict=True):
         h = hist.split()
         users.extend([u] * len(h))
         news_ids.extend(h)
         ts.extend(int(t0) - len(h) + i for i in range(len(h)))
         n_hist += len(h)
-    for u, t, imp in zip(beh["user_id"], beh["ts"], beh["impressions"]):
+    for u, t, imp in zip(beh["user_id"], beh["ts"], beh["impressions"], strict=True):
         for tok in imp.split():
             nid, _, label = tok.rpartition("-")
             if label == "1":
@@ -70,18 +84,33 @@ def load(source: Path) -> Loaded:
                 ts.append(int(t))
     n_imp = len(users) - n_hist
     all_clicks = pd.DataFrame(
-        {USER_ID: users, ITEM_ID: news_ids, TS: np.asarray(ts, dtype=np.int64),
-         RATING: np.full(len(users), np.nan), EVENT: "click"}
+        {
+            USER_ID: users,
+            ITEM_ID: news_ids,
+            TS: np.asarray(ts, dtype=np.int64),
+            RATING: np.full(len(users), np.nan),
+            EVENT: "click",
+        }
     )
     has_text = all_clicks[ITEM_ID].isin(set(items[ITEM_ID])).to_numpy()
     bad = np.flatnonzero(~has_text)
-    rejects = make_rejects("interactions", bad.tolist(), all_clicks[ITEM_ID].to_numpy()[bad].tolist(),
-                           all_clicks[USER_ID].to_numpy()[bad].tolist(), "news_without_text")
+    rejects = make_rejects(
+        "interactions",
+        bad.tolist(),
+        all_clicks[ITEM_ID].to_numpy()[bad].tolist(),
+        all_clicks[USER_ID].to_numpy()[bad].tolist(),
+        "news_without_text",
+    )
     interactions = all_clicks[has_text].reset_index(drop=True)
     logger.warning(
         "mind: %d impressions, %d users; %d history clicks + %d impression clicks; %d clicks (%.0f%%) are on "
         "news without a text row and were rejected (see rejects.parquet)",
-        len(beh), beh["user_id"].nunique(), n_hist, n_imp, len(bad), 100.0 * len(bad) / max(1, len(all_clicks)),
+        len(beh),
+        beh["user_id"].nunique(),
+        n_hist,
+        n_imp,
+        len(bad),
+        100.0 * len(bad) / max(1, len(all_clicks)),
     )
     notes = {"n_impressions": len(beh), "n_history_clicks": n_hist, "n_impression_clicks": n_imp}
     return Loaded(items=items, interactions=interactions, files=[news_p, beh_p], rejects=rejects, notes=notes)

@@ -32,7 +32,7 @@ def load(source: Path) -> Loaded:
 
     movie_tags: dict[str, list[str]] = {}
     seen: dict[str, set[str]] = {}
-    for mid, tag in zip(tags["movieId"].tolist(), tags["tag"].tolist()):
+    for mid, tag in zip(tags["movieId"].tolist(), tags["tag"].tolist(), strict=True):
         t = str(tag).strip()
         if not t:
             continue
@@ -48,7 +48,7 @@ def load(source: Path) -> Loaded:
     tag_str = [", ".join(movie_tags.get(m, [])) for m in movies["movieId"].tolist()]
     texts = [
         join_text([title, f"Genres: {g}" if g else "", f"Tags: {t}" if t else ""])
-        for title, g, t in zip(movies["title"].tolist(), genres, tag_str)
+        for title, g, t in zip(movies["title"].tolist(), genres, tag_str, strict=True)
     ]
     items = pd.DataFrame(
         {ITEM_ID: movies["movieId"], TEXT: texts, "title": movies["title"], "genres": genres, "tags": tag_str}
@@ -62,5 +62,7 @@ def load(source: Path) -> Loaded:
             EVENT: "rating",
         }
     )
-    logger.info("movielens: %d movies (%d with tags), %d ratings", len(items), len(movie_tags), len(interactions))
+    logger.info(
+        "movielens: %d movies (%d with tags), %d ratings", len(items), len(movie_tags), len(interactions)
+    )
     return Loaded(items=items, interactions=interactions, files=[movies_p, ratings_p, tags_p])

@@ -250,6 +250,14 @@ def test_generic_defaults_and_row_order(tmp_path: Path) -> None:
     assert inter["ts"].tolist() == [0, 1, 2]  # no time column: row order
     assert inter["event"].tolist() == ["view"] * 3 and inter["rating"].isna().all()
     assert inter["user_id"].tolist() == ["7", "7", "8"] and meta["n_interactions"] == 3
+    assert meta["ts_is_order"] is True
+
+
+def test_generic_mixed_type_field_is_a_clear_error(tmp_path: Path) -> None:
+    rows = [{"id": "a", "text": "x", "extra": 1}, {"id": "b", "text": "y", "extra": "two"}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match=r"column\(s\) \['extra'\] cannot be stored in parquet"):
+        prepare("generic", tmp_path, tmp_path / "o", items="c.jsonl", id_col="id")
 
 
 def test_generic_skip_bad_rows_writes_rejects(tmp_path: Path) -> None:
@@ -363,3 +371,10 @@ def test_command_runs(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixt
     assert read_meta(tmp_path / "d", "prepare")["n_users"] == 8442
     with pytest.raises(SystemExit):
         p.parse_args(["--dataset", "nope", "--out", "x"])
+
+
+def test_generic_csv_numeric_looking_text_stays_text(tmp_path: Path) -> None:
+    (tmp_path / "c.csv").write_text("id,title\n01,1984\n02,2001\n")
+    prepare("generic", tmp_path, tmp_path / "o", items="c.csv", id_col="id", text_cols="title")
+    items = read_items(tmp_path / "o")
+    assert items["item_id"].tolist() == ["01", "02"] and items["text"].tolist() == ["1984", "2001"]

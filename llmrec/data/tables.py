@@ -125,7 +125,14 @@ def read_interactions(path_or_dir: str | os.PathLike) -> pd.DataFrame:
 def write_items(items: pd.DataFrame, out_dir: str | os.PathLike) -> Path:
     """Write validated items to `out_dir/items.parquet` (item_id, text first); returns the path."""
     cols = [ITEM_ID, TEXT] + [c for c in items.columns if c not in (ITEM_ID, TEXT)]
-    table = pa.Table.from_pandas(items[cols], preserve_index=False)
+    try:
+        table = pa.Table.from_pandas(items[cols], preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        bad = [c for c in cols if not _arrow_ok(items[c])]
+        raise ValueError(
+            f"items: column(s) {bad} cannot be stored in parquet ({e}); they mix value types: cast them to "
+            f"one type or drop them from the source"
+        ) from None
     fields = [pa.field(ITEM_ID, pa.string(), nullable=False), pa.field(TEXT, pa.string(), nullable=False)]
     table = table.cast(pa.schema(fields + list(table.schema)[2:]))
     return _write(table, Path(out_dir) / ITEMS_FILE)
@@ -185,6 +192,14 @@ def _check_types(path: Path, table: pa.Table, expected: dict[str, str]) -> None:
             problems.append(f"column {col!r} is {t}, expected {kind}")
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems) + f" (columns: {table.column_names}); {_FIX}")
+
+
+def _arrow_ok(s: pd.Series) -> bool:
+    try:
+        pa.array(s, from_pandas=True)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
 
 
 def _first(mask: pd.Series, n: int = 5) -> list[int]:

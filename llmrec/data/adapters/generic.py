@@ -78,7 +78,7 @@ def load(
         raise ValueError(f"default_event {default_event!r} is not one of {list(EVENT_KINDS)}")
     cols = [c.strip() for c in text_cols.split(",")] if isinstance(text_cols, str) else list(text_cols)
     items_p = _path(source, items)
-    item_df = read_table(items_p, [id_col])
+    item_df = read_table(items_p, [id_col, *cols])  # CSV: "1984" stays a title, "007" an id
     # the text becomes `text`; validate_catalog does the joining and all the checks
     loaded = Loaded(items=item_df, interactions=_empty_interactions(), files=[items_p])
     loaded.notes = {"id_col": id_col, "text_cols": cols, "items_file": str(items_p)}
@@ -108,6 +108,7 @@ def load(
     if TS not in out:
         logger.info("generic: no ts column; ts = row order in %s", inter_p.name)
         out[TS] = pd.Series(np.arange(n, dtype=np.int64))
+        loaded.notes["ts_is_order"] = True
     else:
         out[TS] = _ts_seconds(out[TS])
     if RATING not in out:

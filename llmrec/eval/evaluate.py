@@ -1,0 +1,332 @@
+"""Offline evaluation: split the canonical interactions, fit every model on train, rank the whole catalog.
+
+`evaluate(data_dir, embeddings_dir, out_dir, ...)` runs each protocol ("loo" = leave-last-out, "time" = global
+time cutoff; see `llmrec.eval.split`) over every model (llmrec's scorer when importable, the baselines of
+`llmrec.eval.baselines`, plus `extra_models`), and writes to `out_dir`:
+
+- `metrics.json`: `{"loo": {...}, "time": {...}}`, one object per protocol that was run, each EXACTLY
+  `{"dataset", "protocol", "n_users", "n_items", "models": {name: {recall@10, recall@20, ndcg@10, ndcg@20, mrr,
+  coverage@10}}, "cold_items": {"n_events": int, "models": {name: {...same keys...}}}}`.
+  `n_users` = test users evaluated, `n_items` = catalog size N (every item is rankable, cold ones included).
+  `cold_items` holds the metrics restricted to test targets whose item never occurs in train (only the users
+  with such a target, and only those targets); its `models` is `{}` when `n_events` is 0.
+- `metrics_<protocol>.json`: the same single-protocol object, one file per protocol (for scripts).
+- `report.md`, `metrics.png` (see `llmrec.eval.report`), and `meta.json` (stage "evaluate": split stats,
+  per-model fit/score seconds, skipped models, dropped events, embedding model).
+
+Choices: the ItemSpace is the embeddings artifact (rows in its order). Interactions on items without an
+embedding are dropped with a WARNING and counted in meta (`n_events_without_embedding`). At test time a user's
+history is `split.history` (loo: all events before the test event; time: all events up to the cutoff) and
+the items in it are excluded from the ranking (the target never is). `max_test_users` samples test users
+with `seed` (sorted ids, numpy default_rng) so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llmrec.artifacts import write_meta
+from llmrec.eval.baselines import BASELINES, make_baseline
+from llmrec.eval.metrics import RankingMetrics
+from llmrec.eval.protocol import History, ItemSpace, Recommender
+from llmrec.eval.split import Split, leave_last_out, sort_events, time_split
+from llmrec.schema import (
+    EMBEDDING,
+    EMBEDDINGS_FILE,
+    EVENT,
+    INTERACTIONS_FILE,
+    ITEM_ID,
+    ITEMS_FILE,
+    META_FILE,
+    RATING,
+    TS,
+    USER_ID,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "PROTOCOLS",
+    "attach_item_idx",
+    "evaluate",
+    "evaluate_models",
+    "load_item_space",
+    "make_histories",
+    "read_tables",
+]
+
+PROTOCOLS = ("loo", "time")
+DEFAULT_MODELS = ("llmrec",) + BASELINES
+ITEM_IDX = "item_idx"
+
+
+def evaluate(
+    data_dir: str | os.PathLike,
+    embeddings_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    protocols: Sequence[str] = PROTOCOLS,
+    models: Sequence[str] | None = None,
+    extra_models: Sequence[Recommender] = (),
+    max_test_users: int | None = None,
+    seed: int = 0,
+    scorer_dir: str | os.PathLike | None = None,
+    time_test_frac: float = 0.1,
+    batch_users: int = 1024,
+) -> dict[str, Any]:
+    """Evaluate models under each protocol and write metrics.json, report.md, metrics.png, meta.json.
+
+    Args:
+        data_dir: the `llmrec prepare` folder (items.parquet, interactions.parquet).
+        embeddings_dir: the `llmrec embed` folder; defines the item space.
+        out_dir: where the evaluation artifacts go (created).
+        protocols: subset of ("loo", "time").
+        models: names from DEFAULT_MODELS (None = all; "llmrec" is skipped with a log line when its module
+            is not importable).
+        extra_models: further Recommender instances (their `name` becomes the metrics key).
+        max_test_users: evaluate at most this many test users per protocol (seeded sample).
+        seed: seeds model training and the user sample.
+        scorer_dir: passed to llmrec's recommender when it takes one (default: embeddings_dir/../scorer).
+
+    Returns:
+        `{protocol: metrics object}`, exactly what metrics.json holds.
+    """
+    t_all = time.perf_counter()
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or not protocols:
+        raise ValueError(f"protocols must be a non-empty subset of {list(PROTOCOLS)}, got {list(protocols)}")
+    names = list(DEFAULT_MODELS if models is None else models)
+    unknown = [m for m in names if m not in DEFAULT_MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {list(DEFAULT_MODELS)} (or pass extra_models)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    items_df, inter = read_tables(data_dir)
+    space, embed_meta = load_item_space(embeddings_dir, items_df)
+    inter, n_dropped = attach_item_idx(inter, space)
+    dataset = _dataset_name(data_dir)
+    scorer_dir = Path(scorer_dir) if scorer_dir is not None else Path(embeddings_dir).parent / "scorer"
+
+    results: dict[str, Any] = {}
+    meta_protocols: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for proto in protocols:
+        split = leave_last_out(inter) if proto == "loo" else time_split(inter, test_frac=time_test_frac)
+        recs: list[Recommender] = []
+        for name in names:
+            model = _make_model(name, seed, scorer_dir, skipped)
+            if model is not None:
+                recs.append(model)
+        recs.extend(extra_models)
+        res, timings, n_users = evaluate_models(split, space, recs, max_test_users, seed, batch_users)
+        results[proto] = {
+            "dataset": dataset,
+            "protocol": proto,
+            "n_users": n_users,
+            "n_items": space.n_items,
+            "models": res["models"],
+            "cold_items": res["cold_items"],
+        }
+        meta_protocols[proto] = {"split": split.stats, "timings": timings, "n_test_users_evaluated": n_users}
+        (out / f"metrics_{proto}.json").write_text(json.dumps(results[proto], indent=2) + "\n")
+
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    from llmrec.eval.report import write_report
+
+    write_report(results, {p: m["timings"] for p, m in meta_protocols.items()}, out, skipped=skipped)
+    write_meta(
+        out, "evaluate",
+        dataset=dataset, protocols=list(protocols), models=[m.name for m in recs], skipped_models=skipped,
+        max_test_users=max_test_users, seed=seed, time_test_frac=time_test_frac,
+        n_events=len(inter), n_events_without_embedding=n_dropped,
+        embed={k: embed_meta.get(k) for k in ("model_name", "dim", "n_items", "dataset_fingerprint")},
+        per_protocol=meta_protocols, wall_s=round(time.perf_counter() - t_all, 2),
+    )
+    logger.info("evaluation of %d model(s) x %d protocol(s) written to %s in %.1fs",
+                len(recs), len(protocols), out, time.perf_counter() - t_all)
+    return results
+
+
+def evaluate_models(
+    split: Split,
+    space: ItemSpace,
+    models: Sequence[Recommender],
+    max_test_users: int | None = None,
+    seed: int = 0,
+    batch_users: int = 1024,
+) -> tuple[dict[str, Any], dict[str, dict[str, float]], int]:
+    """Fit each model on `split.train`, score the test users in batches, compute all and cold-item metrics.
+
+    Returns:
+        ({"models": {name: metrics}, "cold_items": {"n_events", "models"}}, {name: timings}, n_test_users).
+    """
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique (they key metrics.json), got {names}")
+    test = split.test
+    users = np.array(sorted(test[USER_ID].unique()), dtype=object)
+    if max_test_users is not None and len(users) > max_test_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, size=max_test_users, replace=False))
+        test = test[test[USER_ID].isin(set(users))]
+    if len(users) == 0:
+        raise ValueError(f"{split.protocol} split has no test users; the data set is too small for this protocol")
+    by_user = {u: g for u, g in test.groupby(USER_ID, sort=False)}
+    targets = [np.unique(by_user[u][ITEM_IDX].to_numpy()) for u in users]
+    cold_t = [np.unique(by_user[u].loc[by_user[u]["is_cold"], ITEM_IDX].to_numpy()) for u in users]
+    histories = make_histories(split.history, users)
+    exclude = [np.unique(h.item_idx) for h in histories]
+    n_cold = int(sum(len(c) for c in cold_t))
+
+    out_models: dict[str, Any] = {}
+    out_cold: dict[str, Any] = {}
+    timings: dict[str, dict[str, float]] = {}
+    for model in models:
+        t0 = time.perf_counter()
+        model.fit(split.train, space)
+        fit_s = time.perf_counter() - t0
+        acc, acc_cold = RankingMetrics(space.n_items), RankingMetrics(space.n_items)
+        t1 = time.perf_counter()
+        for s in range(0, len(users), batch_users):
+            sl = slice(s, s + batch_users)
+            scores = np.asarray(model.score(histories[sl]), dtype=np.float32)  # (b, N)
+            if scores.shape != (len(histories[sl]), space.n_items):
+                raise ValueError(f"{model.name}.score returned shape {scores.shape}, "
+                                 f"expected ({len(histories[sl])}, {space.n_items})")
+            acc.update(scores, targets[sl], exclude[sl])
+            rows = [i for i, c in enumerate(cold_t[sl]) if len(c)]
+            if rows:
+                acc_cold.update(scores[rows], [cold_t[sl][i] for i in rows], [exclude[sl][i] for i in rows])
+        score_s = time.perf_counter() - t1
+        out_models[model.name] = acc.result()
+        if n_cold:
+            out_cold[model.name] = acc_cold.result()
+        timings[model.name] = {"fit_s": round(fit_s, 3), "score_s": round(score_s, 3),
+                               "users_per_s": round(len(users) / max(score_s, 1e-9), 1)}
+        logger.info("%s [%s]: fit %.1fs, scored %d users in %.1fs; recall@10=%.4f ndcg@10=%.4f mrr=%.4f",
+                    model.name, split.protocol, fit_s, len(users), score_s, out_models[model.name]["recall@10"],
+                    out_models[model.name]["ndcg@10"], out_models[model.name]["mrr"])
+    return {"models": out_models, "cold_items": {"n_events": n_cold, "models": out_cold}}, timings, len(users)
+
+
+def read_tables(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(items, interactions) of a prepare folder, via llmrec.data.tables when available."""
+    try:
+        from llmrec.data.tables import read_interactions, read_items
+    except ImportError:  # the tables module is optional for this stage
+        d = Path(data_dir)
+        for f in (ITEMS_FILE, INTERACTIONS_FILE):
+            if not (d / f).is_file():
+                raise FileNotFoundError(f"{d / f} not found; pass the folder written by `llmrec prepare`")
+        return pd.read_parquet(d / ITEMS_FILE), pd.read_parquet(d / INTERACTIONS_FILE)
+    return read_items(data_dir), read_interactions(data_dir)
+
+
+def load_item_space(embeddings_dir: str | os.PathLike, items: pd.DataFrame | None = None) -> tuple[ItemSpace, dict]:
+    """ItemSpace from an embed folder (rows in embeddings order) with titles from `items` when given."""
+    try:
+        from llmrec.embed.artifact import load_embeddings
+    except ImportError:
+        load_embeddings = None
+    if load_embeddings is not None:
+        emb = load_embeddings(embeddings_dir)
+        ids, vecs, meta = emb.item_ids, emb.vectors, emb.meta
+    else:
+        path = Path(embeddings_dir) / EMBEDDINGS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; run `llmrec embed` first")
+        df = pd.read_parquet(path)
+        ids = df[ITEM_ID].to_numpy(dtype=object)
+        vecs = np.stack(df[EMBEDDING].to_numpy()).astype(np.float32)
+        meta_path = Path(embeddings_dir) / META_FILE
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{embeddings_dir}: duplicate item ids in the embeddings; re-run `llmrec embed`")
+    titles = None
+    if items is not None and "title" in items.columns:
+        t = items.set_index(ITEM_ID)["title"]
+        titles = t.reindex(ids).fillna("").astype(str).to_numpy(dtype=object)
+    return ItemSpace(item_ids=np.asarray(ids, dtype=object), text_vectors=np.asarray(vecs, np.float32),
+                     titles=titles), dict(meta)
+
+
+def attach_item_idx(interactions: pd.DataFrame, items: ItemSpace) -> tuple[pd.DataFrame, int]:
+    """Add `item_idx` (int64 index into `items`); events on items outside the space are dropped (logged).
+
+    Returns:
+        (interactions with item_idx, number of dropped events).
+    """
+    index = pd.Index(items.item_ids)
+    idx = index.get_indexer(interactions[ITEM_ID])
+    missing = idx < 0
+    n_missing = int(missing.sum())
+    if n_missing:
+        ex = sorted(set(interactions.loc[missing, ITEM_ID].head(5)))
+        logger.warning("dropping %d of %d interactions on %d item(s) without an embedding (e.g. %s)",
+                       n_missing, len(interactions), interactions.loc[missing, ITEM_ID].nunique(), ex)
+    if n_missing == len(interactions):
+        raise ValueError("no interaction refers to an item of the embeddings; were they built from this data?")
+    out = interactions.loc[~missing].copy()
+    out[ITEM_IDX] = idx[~missing].astype(np.int64)
+    if RATING not in out.columns:
+        out[RATING] = np.nan
+    if EVENT not in out.columns:
+        out[EVENT] = "view"
+    return out.reset_index(drop=True), n_missing
+
+
+def make_histories(events: pd.DataFrame, user_ids: Sequence[str]) -> list[History]:
+    """One time-ordered `History` per requested user (empty when the user has no events), same order."""
+    df = sort_events(events)
+    u = df[USER_ID].to_numpy()
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], len(u)]
+    span = {u[s]: (s, e) for s, e in zip(starts, ends)}
+    idx = df[ITEM_IDX].to_numpy(np.int64)
+    ts = df[TS].to_numpy(np.int64)
+    ev = df[EVENT].to_numpy(dtype=object) if EVENT in df.columns else np.full(len(df), "view", dtype=object)
+    rt = df[RATING].to_numpy(np.float64) if RATING in df.columns else np.full(len(df), np.nan)
+    out = []
+    for user in user_ids:
+        s, e = span.get(user, (0, 0))
+        out.append(History(user_id=str(user), item_idx=idx[s:e], ts=ts[s:e], event=ev[s:e], rating=rt[s:e]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _dataset_name(data_dir: str | os.PathLike) -> str:
+    meta_path = Path(data_dir) / META_FILE
+    if meta_path.is_file():
+        try:
+            name = json.loads(meta_path.read_text()).get("dataset")
+            if name:
+                return str(name)
+        except json.JSONDecodeError:
+            pass
+    return Path(data_dir).resolve().parent.name if Path(data_dir).name == "data" else Path(data_dir).name
+
+
+def _make_model(name: str, seed: int, scorer_dir: Path, skipped: dict[str, str]) -> Recommender | None:
+    if name != "llmrec":
+        return make_baseline(name, seed=seed)  # type: ignore[return-value]
+    try:
+        from llmrec.scorer.recommender import LLMRecRecommender
+    except ImportError as e:
+        skipped["llmrec"] = f"llmrec.scorer.recommender not importable: {e}"
+        logger.warning("skipping model 'llmrec': %s", skipped["llmrec"])
+        return None
+    params = inspect.signature(LLMRecRecommender).parameters
+    offer = {"seed": seed, "scorer_dir": scorer_dir, "ckpt_dir": scorer_dir}
+    kwargs = {k: v for k, v in offer.items() if k in params}
+    return LLMRecRecommender(**kwargs)

@@ -1,4 +1,4 @@
-"""Event log: append/read round trip, durability across readers, torn lines, segments, read_events, forget_user."""
+"""Event log: append/read round trip, durability, torn lines, segments, read_events, forget_user."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def test_fsynced_data_survives_a_new_reader_process(tmp_path: Path) -> None:
         "from llmrec.state.event_log import EventLog\n"
         "from llmrec.state.user_state import Event\n"
         f"log = EventLog({str(tmp_path)!r}, shard=1)\n"
-        "log.append([Event(event_id=f'e{k}', user_id='u', item_id='i', event='like', ts=1.0) for k in range(50)])\n"
+        "log.append([Event(event_id=f'e{k}', user_id='u', item_id='i', event='like', ts=1.0)\n"
+        "            for k in range(50)])\n"
         "print('acked', log.last_seq, flush=True)\n"
         "os._exit(0)\n"  # no close, no flush of Python objects
     )
@@ -71,7 +72,8 @@ def test_fsynced_data_survives_a_new_reader_process(tmp_path: Path) -> None:
         assert log.last_seq == 50
 
 
-def test_torn_last_line_is_skipped_counted_and_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_torn_last_line_is_skipped_counted_and_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                     ) -> None:
     with EventLog(tmp_path, shard=0) as log:
         log.append([mk(0), mk(1), mk(2)])
     seg = segment_paths(tmp_path)[0][2]

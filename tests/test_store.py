@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import pickle
 import threading
 import time
 import uuid
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from llmrec.state.event_log import iter_events, read_events
-from llmrec.state.store import StateStore, UserStateShard, shard_of
+from llmrec.state.store import EmbeddingsMeanVectorizer, StateStore, UserStateShard, shard_of
 from llmrec.state.user_state import Event, MeanVectorizer, UserState, apply_event, state_to_dict
 
 RNG = np.random.default_rng(0)
@@ -35,8 +36,8 @@ def make_events(n: int, users: list[str], seed: int = 1) -> list[dict]:
     out = []
     for k in range(n):
         kind = KINDS[k % len(KINDS)]
-        e = {"event_id": f"ev{seed}-{k}", "user_id": users[k % len(users)], "item_id": IDS[rng.integers(N_ITEMS)],
-             "event": kind, "ts": 1_700_000_000.0 + k}
+        e = {"event_id": f"ev{seed}-{k}", "user_id": users[k % len(users)],
+             "item_id": IDS[rng.integers(N_ITEMS)], "event": kind, "ts": 1_700_000_000.0 + k}
         if kind == "rating":
             e["value"] = float(rng.integers(1, 6))
         out.append(e)
@@ -89,10 +90,12 @@ def test_shard_rebuilds_from_snapshot_plus_log_and_deletes(tmp_path: Path) -> No
         np.testing.assert_allclose(got[u]["vector"], MeanVectorizer(IDS, V)(ref[u]), rtol=1e-6)
     assert rebuilt.delete("b") is True and rebuilt.get("b") is None
     assert rebuilt.delete("b") is False
+    assert rebuilt.stats()["n_events"] == ref["a"].n_events + ref["c"].n_events == 17
     rebuilt.close()
     again = UserStateShard(0, str(tmp_path), vec_factory())
     assert sorted(again.users) == ["a", "c"]
-    assert "b" not in {r["user_id"] for r in iter_events(tmp_path)} and "b" not in set(read_events(tmp_path).user_id)
+    assert "b" not in {r["user_id"] for r in iter_events(tmp_path)}
+    assert "b" not in set(read_events(tmp_path).user_id)
     assert '"b"' not in (tmp_path / "snapshot-s000.json").read_text()
     again.close()
 
@@ -107,6 +110,28 @@ def test_shard_refuses_wrong_routing_and_text_vec_dim(tmp_path: Path) -> None:
         shard.apply([{"user_id": right, "event": "like", "text": "t", "text_vec": [1.0, 2.0]}])
     assert shard.log.last_seq == 0
     shard.close()
+
+
+def test_embeddings_mean_vectorizer_loads_an_embed_artifact(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmrec.artifacts import write_meta
+    from llmrec.schema import EMBEDDING, EMBEDDINGS_FILE, ITEM_ID
+
+    emb = tmp_path / "embeddings"
+    emb.mkdir()
+    col = pa.FixedSizeListArray.from_arrays(pa.array(V.reshape(-1), pa.float32()), DIM)
+    pq.write_table(pa.table({ITEM_ID: IDS, EMBEDDING: col}), emb / EMBEDDINGS_FILE)
+    write_meta(emb, "embed", model_name="hand", dim=DIM, n_items=N_ITEMS, normalized=True)
+    factory = EmbeddingsMeanVectorizer(str(emb), half_life=5.0)
+    vec = pickle.loads(pickle.dumps(factory))()  # what the actor receives
+    s = UserState(user_id="u")
+    for k, kind in enumerate(["like", "click", "dislike"]):
+        s = apply_event(s, Event(user_id="u", item_id=IDS[k], event=kind, ts=float(k)))
+    np.testing.assert_array_equal(vec(s), MeanVectorizer(IDS, V, half_life=5.0)(s))
+    with pytest.raises(ValueError, match="run `llmrec embed`"):
+        EmbeddingsMeanVectorizer(str(tmp_path / "missing"))()
 
 
 @pytest.fixture
@@ -151,7 +176,8 @@ def test_store_read_your_writes_across_shards(store_factory, tmp_path: Path) -> 
 
     async def async_flow() -> tuple:
         res = await store.apply([{"user_id": "new", "item_id": "i3", "event": "like"}])
-        return res, await store.get("new"), await store.stats(), await store.delete("new"), await store.get("new")
+        got, stats = await store.get("new"), await store.stats()
+        return res, got, stats, await store.delete("new"), await store.get("new")
 
     res, got, stats, deleted, gone = asyncio.run(async_flow())
     assert res[0]["duplicate"] is False and len(res[0]["event_id"]) == 32  # id assigned by the client
@@ -168,7 +194,8 @@ def test_store_read_your_writes_across_shards(store_factory, tmp_path: Path) -> 
     with pytest.raises(ValueError, match="n_shards=3, got n_shards=2"):
         StateStore(n_shards=2, log_dir=store.log_dir, namespace=store.namespace, name="other")
     with pytest.raises(ValueError, match="already exists for log_dir"):
-        StateStore(n_shards=3, log_dir=str(tmp_path / "elsewhere"), namespace=store.namespace, name=store.name)
+        StateStore(n_shards=3, log_dir=str(tmp_path / "elsewhere"), namespace=store.namespace,
+                   name=store.name)
 
 
 def test_retry_after_restart_is_recognised_as_duplicate(store_factory) -> None:
@@ -188,7 +215,7 @@ def test_retry_after_restart_is_recognised_as_duplicate(store_factory) -> None:
 
 
 def test_fault_kill_shard_mid_stream_every_acked_event_counted_once(store_factory, caplog) -> None:
-    """300 events stream from a thread; a shard actor is killed mid-stream; nothing acked is lost or doubled."""
+    """300 events stream from a thread; a shard actor is killed mid-stream; nothing acked lost or doubled."""
     import ray
 
     store = store_factory(n_shards=2, snapshot_every=40, vectorizer_factory=vec_factory(), retry_timeout_s=60)

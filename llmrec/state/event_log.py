@@ -113,7 +113,9 @@ class EventLog:
         for i, e in enumerate(events):
             ev = e if isinstance(e, Event) else Event.from_dict(e)
             if not ev.event_id:
-                raise ValueError(f"events[{i}] has no event_id; the log needs one per event (the store assigns it)")
+                raise ValueError(
+                    f"events[{i}] has no event_id; the log needs one per event (the store assigns it)"
+                )
             recs.append(ev.to_dict())
         if not recs:
             return
@@ -175,8 +177,10 @@ class EventLog:
         path = self.dir / f"s{self.shard:03d}-{first_seq:012d}.jsonl"
         if path.exists():
             if any(rec is not None for rec in _read_segment(path, self.shard)):
-                raise ValueError(f"segment {path} already exists with records; the log folder is inconsistent "
-                                 "(two writers?)")
+                raise ValueError(
+                    f"segment {path} already exists with records; the log folder is inconsistent "
+                    "(two writers?)"
+                )
             # a crash right after creating it: the file holds nothing or only a torn (never acknowledged) line
             logger.warning("replacing segment %s that holds no complete record (%d bytes)", path,
                            path.stat().st_size)

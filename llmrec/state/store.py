@@ -1,4 +1,4 @@
-"""Sharded per-user state on Ray: `UserStateShard` actors (log first, then memory) and the `StateStore` client.
+"""Sharded per-user state on Ray: `UserStateShard` actors (log first, then memory), `StateStore` client.
 
 Each shard owns the users with `shard_of(user_id, n_shards) == shard_id` (zlib.crc32, stable across
 processes, unlike Python's salted `hash()`), one `EventLog` shard in `log_dir` and a snapshot file
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from llmrec.schema import EMBEDDING, EMBEDDINGS_FILE, ITEM_ID, META_FILE
+from llmrec.schema import META_FILE
 from llmrec.state.event_log import EventLog, iter_events
 from llmrec.state.user_state import (
     Event,
@@ -97,7 +97,8 @@ class UserStateShard:
                 ev = Event.from_dict(fields)
             except ValueError as e:
                 bad += 1
-                logger.error("shard %d: log record seq %s is invalid, skipped: %s", self.shard_id, rec["seq"], e)
+                logger.error("shard %d: log record seq %s is invalid, skipped: %s", self.shard_id,
+                             rec["seq"], e)
                 continue
             st = self.users.get(ev.user_id)
             if st is not None and st.has_applied(ev.event_id):
@@ -106,11 +107,12 @@ class UserStateShard:
             self.users[ev.user_id] = apply_event(st or self._new_state(ev.user_id), ev)
             self.replayed += 1
         self._since_snapshot = self.replayed
+        self._n_events = sum(s.n_events for s in self.users.values())  # kept current: stats() is O(1)
         self.vectorizer = vectorizer_factory() if vectorizer_factory is not None else None
         self._dirty: set[str] = set(self.users)
-        logger.info("shard %d ready: %d users, snapshot seq %d + %d replayed events (%d duplicate, %d invalid, "
-                    "%d torn skipped) in %.2fs", self.shard_id, len(self.users), snap_seq, self.replayed, dups,
-                    bad, counters.get("torn", 0), time.perf_counter() - t0)
+        logger.info("shard %d ready: %d users, snapshot seq %d + %d replayed events (%d duplicate, "
+                    "%d invalid, %d torn skipped) in %.2fs", self.shard_id, len(self.users), snap_seq,
+                    self.replayed, dups, bad, counters.get("torn", 0), time.perf_counter() - t0)
 
     def apply(self, events: Sequence[Mapping[str, Any] | Event]) -> list[dict[str, Any]]:
         """Validate all, de-duplicate, log with fsync, then update memory and vectors.
@@ -140,6 +142,7 @@ class UserStateShard:
         for uid in {ev.user_id for ev in new}:
             self._refresh_vector(uid)
         self._since_snapshot += len(new)
+        self._n_events += len(new)
         if self._since_snapshot >= self.snapshot_every:
             self.snapshot()
         return [
@@ -159,8 +162,10 @@ class UserStateShard:
         return {**summary(st), "vector": st.vector, "shard": self.shard_id}
 
     def delete(self, user_id: str) -> bool:
-        """Forget a user: memory, then a fresh snapshot, then the logged events. True if anything was removed."""
-        existed = self.users.pop(user_id, None) is not None
+        """Forget a user: memory, a fresh snapshot, then the logged events. True if anything was removed."""
+        gone = self.users.pop(user_id, None)
+        existed = gone is not None
+        self._n_events -= gone.n_events if gone is not None else 0
         self._dirty.discard(user_id)
         self.snapshot()
         removed = self.log.forget_user(user_id)
@@ -171,9 +176,9 @@ class UserStateShard:
     def stats(self) -> dict[str, Any]:
         return {
             "shard_id": self.shard_id, "n_users": len(self.users),
-            "n_events": sum(s.n_events for s in self.users.values()), "last_seq": self.log.last_seq,
-            "log_dir": self.log_dir, "replayed_at_start": self.replayed, "since_snapshot": self._since_snapshot,
-            "pid": os.getpid(),
+            "n_events": self._n_events, "last_seq": self.log.last_seq,
+            "log_dir": self.log_dir, "replayed_at_start": self.replayed,
+            "since_snapshot": self._since_snapshot, "pid": os.getpid(),
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -222,11 +227,12 @@ class UserStateShard:
             raise ValueError(f"events[{i}]: {err}") from None
         if self.n_shards is not None and shard_of(ev.user_id, self.n_shards) != self.shard_id:
             raise ValueError(f"events[{i}]: user {ev.user_id!r} belongs to shard "
-                             f"{shard_of(ev.user_id, self.n_shards)}, not {self.shard_id}; route with shard_of()")
+                             f"{shard_of(ev.user_id, self.n_shards)}, not {self.shard_id}; "
+                             "route with shard_of()")
         dim = getattr(self.vectorizer, "dim", None)
         if dim is not None and ev.text_vec is not None and len(ev.text_vec) != dim:
-            raise ValueError(f"events[{i}]: text_vec has {len(ev.text_vec)} values, the item space has dim {dim};"
-                             " encode feedback text with the same model as the items")
+            raise ValueError(f"events[{i}]: text_vec has {len(ev.text_vec)} values, the item space has "
+                             f"dim {dim}; encode feedback text with the same model as the items")
         return ev if ev.event_id else ev.with_id(uuid.uuid4().hex)
 
     def _refresh_vector(self, user_id: str) -> None:
@@ -264,21 +270,11 @@ class EmbeddingsMeanVectorizer:
     text_weight: float = 0.5
 
     def __call__(self) -> MeanVectorizer:
-        import pyarrow.parquet as pq
+        from llmrec.embed.artifact import load_embeddings  # checks the file against its meta.json
 
-        path = Path(self.embeddings_dir) / EMBEDDINGS_FILE
-        if not path.is_file():
-            raise ValueError(f"{path} not found; run `llmrec embed` to create {self.embeddings_dir}")
-        t0 = time.perf_counter()
-        table = pq.read_table(path, columns=[ITEM_ID, EMBEDDING])
-        col = table[EMBEDDING].combine_chunks()
-        n = table.num_rows
-        vectors = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, -1)
-        ids = table[ITEM_ID].to_pylist()
-        logger.info("loaded %d item vectors (dim %d) from %s in %.2fs", n, vectors.shape[1], path,
-                    time.perf_counter() - t0)
-        return MeanVectorizer(ids, vectors, half_life=self.half_life, negative_weight=self.negative_weight,
-                              text_weight=self.text_weight)
+        emb = load_embeddings(self.embeddings_dir)
+        return MeanVectorizer(emb.item_ids, emb.vectors, half_life=self.half_life,
+                              negative_weight=self.negative_weight, text_weight=self.text_weight)
 
 
 class StateStore:
@@ -302,7 +298,8 @@ class StateStore:
         if not isinstance(n_shards, int) or n_shards < 1:
             raise ValueError(f"n_shards must be an int >= 1, got {n_shards!r}")
         if log_dir is None:
-            raise ValueError("log_dir is required: the folder for the event log and snapshots (e.g. RUN/events)")
+            raise ValueError("log_dir is required: the folder for the event log and snapshots "
+                             "(e.g. RUN/events)")
         if not ray.is_initialized():
             raise ValueError("Ray is not initialised; call llmrec.raysetup.init_ray() before StateStore(...)")
         self.n_shards = n_shards
@@ -411,7 +408,8 @@ class StateStore:
         return groups
 
     @staticmethod
-    def _merge(n: int, groups: dict[int, list[tuple[int, dict[str, Any]]]], outs: Sequence[list]) -> list[dict]:
+    def _merge(n: int, groups: dict[int, list[tuple[int, dict[str, Any]]]],
+               outs: Sequence[list]) -> list[dict]:
         res: list[dict[str, Any]] = [{}] * n
         for (_s, g), out in zip(groups.items(), outs):
             for (i, _e), r in zip(g, out):
@@ -449,8 +447,8 @@ class StateStore:
             try:
                 out.append(ray.get(ref))
             except RayActorError as e:
-                logger.warning("shard %d %s failed (%s); waiting for the actor to restart, then retrying once",
-                               s, method, type(e).__name__)
+                logger.warning("shard %d %s failed (%s); waiting for the actor to restart, then retrying "
+                               "once", s, method, type(e).__name__)
                 self._wait_alive_sync(s, e)
                 out.append(ray.get(getattr(self.actors[s], method).remote(*args)))
         return out
@@ -470,8 +468,9 @@ class StateStore:
                 time.sleep(0.1)
 
     def _unavailable(self, shard: int) -> RuntimeError:
-        return RuntimeError(f"state shard {self.name}-{shard} did not come back within {self.retry_timeout_s}s "
-                            "after a crash; check `ray list actors` and the shard's log")
+        return RuntimeError(f"state shard {self.name}-{shard} did not come back within "
+                            f"{self.retry_timeout_s}s after a crash; check `ray list actors` and the "
+                            "shard's log")
 
 
 def _total(shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -487,11 +486,11 @@ def _check_log_meta(log_dir: str, n_shards: int) -> None:
         meta = json.loads(path.read_text())
         if meta.get("stage") == "events" and meta.get("n_shards") != n_shards:
             raise ValueError(f"{log_dir} was written by a state store with n_shards={meta.get('n_shards')}, "
-                             f"got n_shards={n_shards}; use the same n_shards (users are hashed to shards) or a "
-                             "new log_dir")
+                             f"got n_shards={n_shards}; use the same n_shards (users are hashed to shards) "
+                             "or a new log_dir")
         if meta.get("stage") != "events":
-            raise ValueError(f"{path} belongs to a {meta.get('stage')!r} artifact; give the state store its own "
-                             "log_dir (e.g. RUN/events)")
+            raise ValueError(f"{path} belongs to a {meta.get('stage')!r} artifact; give the state store "
+                             "its own log_dir (e.g. RUN/events)")
         return
     write_meta(log_dir, "events", n_shards=n_shards, hash="zlib.crc32(user_id utf-8) % n_shards",
                format="segmented JSONL, llmrec.state.event_log")

@@ -108,7 +108,9 @@ class Event:
         value = d.get("value")
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-                raise ValueError(f"event.value must be a number or null, got {type(value).__name__} {value!r}")
+                raise ValueError(
+                    f"event.value must be a number or null, got {type(value).__name__} {value!r}"
+                )
             value = float(value)
             if not math.isfinite(value):
                 raise ValueError(f"event.value must be finite, got {value!r}")
@@ -116,7 +118,9 @@ class Event:
             if value is None:
                 raise ValueError("event.value is required for event 'rating' (a number in [0, 5]), got null")
             if not RATING_MIN <= value <= RATING_MAX:
-                raise ValueError(f"event.value for a rating must be in [{RATING_MIN}, {RATING_MAX}], got {value}")
+                raise ValueError(
+                    f"event.value for a rating must be in [{RATING_MIN}, {RATING_MAX}], got {value}"
+                )
         text_vec = d.get("text_vec")
         if text_vec is not None:
             if text is None:
@@ -316,7 +320,9 @@ class MeanVectorizer:
             raise ValueError(f"vectors must be a 2-D (N, D) array, got shape {vectors.shape}")
         ids = [str(i) for i in item_ids]
         if len(ids) != vectors.shape[0]:
-            raise ValueError(f"{len(ids)} item_ids but {vectors.shape[0]} vector rows; pass one row per item id")
+            raise ValueError(
+                f"{len(ids)} item_ids but {vectors.shape[0]} vector rows; pass one row per item id"
+            )
         if not np.isfinite(vectors).all():
             raise ValueError("vectors contain NaN or inf; re-run `llmrec embed`")
         if half_life <= 0:

@@ -49,6 +49,7 @@ from llmrec.schema import (
     ITEMS_FILE,
     META_FILE,
     RATING,
+    RUN_SCORER,
     TS,
     USER_ID,
 )
@@ -81,7 +82,10 @@ def evaluate(
     max_test_users: int | None = None,
     seed: int = 0,
     scorer_dir: str | os.PathLike | None = None,
+    llmrec_kwargs: dict[str, Any] | None = None,
+    baseline_kwargs: dict[str, dict[str, Any]] | None = None,
     time_test_frac: float = 0.1,
+    time_cutoff_ts: int | None = None,
     batch_users: int = 1024,
 ) -> dict[str, Any]:
     """Evaluate models under each protocol and write metrics.json, report.md, metrics.png, meta.json.
@@ -96,7 +100,13 @@ def evaluate(
         extra_models: further Recommender instances (their `name` becomes the metrics key).
         max_test_users: evaluate at most this many test users per protocol (seeded sample).
         seed: seeds model training and the user sample.
-        scorer_dir: passed to llmrec's recommender when it takes one (default: embeddings_dir/../scorer).
+        scorer_dir: the run's `llmrec train` folder (default: embeddings_dir/../scorer); llmrec is retrained on
+            each split's train with the settings in its meta.json (see `llmrec_train_config`).
+        llmrec_kwargs: overrides for `LLMRecRecommender(**kwargs)` (epochs, num_workers, n_candidates, ...).
+        baseline_kwargs: per-baseline constructor overrides, e.g. {"sasrec": {"epochs": 5}}.
+        time_test_frac: share of events after the time protocol's cutoff.
+        time_cutoff_ts: explicit time-protocol cutoff (events with ts <= it are train); overrides time_test_frac.
+        batch_users: users scored per `score` call.
 
     Returns:
         `{protocol: metrics object}`, exactly what metrics.json holds.
@@ -106,7 +116,7 @@ def evaluate(
     if bad or not protocols:
         raise ValueError(f"protocols must be a non-empty subset of {list(PROTOCOLS)}, got {list(protocols)}")
     names = list(DEFAULT_MODELS if models is None else models)
-    unknown = [m for m in names if m not in DEFAULT_MODELS]
+    unknown = [m for m in [*names, *(baseline_kwargs or {})] if m not in DEFAULT_MODELS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {list(DEFAULT_MODELS)} (or pass extra_models)")
     out = Path(out_dir)
@@ -115,16 +125,19 @@ def evaluate(
     space, embed_meta = load_item_space(embeddings_dir, items_df)
     inter, n_dropped = attach_item_idx(inter, space)
     dataset = _dataset_name(data_dir)
-    scorer_dir = Path(scorer_dir) if scorer_dir is not None else Path(embeddings_dir).parent / "scorer"
+    scorer_dir = Path(scorer_dir) if scorer_dir is not None else Path(embeddings_dir).parent / RUN_SCORER
 
     results: dict[str, Any] = {}
     meta_protocols: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for proto in protocols:
-        split = leave_last_out(inter) if proto == "loo" else time_split(inter, test_frac=time_test_frac)
+        if proto == "loo":
+            split = leave_last_out(inter)
+        else:
+            split = time_split(inter, test_frac=time_test_frac, cutoff_ts=time_cutoff_ts)
         recs: list[Recommender] = []
         for name in names:
-            model = _make_model(name, seed, scorer_dir, skipped)
+            model = _make_model(name, seed, scorer_dir, llmrec_kwargs, (baseline_kwargs or {}).get(name, {}), skipped)
             if model is not None:
                 recs.append(model)
         recs.extend(extra_models)
@@ -148,6 +161,7 @@ def evaluate(
         out, "evaluate",
         dataset=dataset, protocols=list(protocols), models=[m.name for m in recs], skipped_models=skipped,
         max_test_users=max_test_users, seed=seed, time_test_frac=time_test_frac,
+        time_cutoff_ts=time_cutoff_ts,
         n_events=len(inter), n_events_without_embedding=n_dropped,
         embed={k: embed_meta.get(k) for k in ("model_name", "dim", "n_items", "dataset_fingerprint")},
         per_protocol=meta_protocols, wall_s=round(time.perf_counter() - t_all, 2),
@@ -317,16 +331,35 @@ def _dataset_name(data_dir: str | os.PathLike) -> str:
     return Path(data_dir).resolve().parent.name if Path(data_dir).name == "data" else Path(data_dir).name
 
 
-def _make_model(name: str, seed: int, scorer_dir: Path, skipped: dict[str, str]) -> Recommender | None:
+def _make_model(name: str, seed: int, scorer_dir: Path, llmrec_kwargs: dict[str, Any] | None,
+                kwargs: dict[str, Any], skipped: dict[str, str]) -> Recommender | None:
     if name != "llmrec":
-        return make_baseline(name, seed=seed)  # type: ignore[return-value]
+        return make_baseline(name, seed=seed, **kwargs)  # type: ignore[return-value]
     try:
         from llmrec.scorer.recommender import LLMRecRecommender
     except ImportError as e:
         skipped["llmrec"] = f"llmrec.scorer.recommender not importable: {e}"
         logger.warning("skipping model 'llmrec': %s", skipped["llmrec"])
         return None
-    params = inspect.signature(LLMRecRecommender).parameters
-    offer = {"seed": seed, "scorer_dir": scorer_dir, "ckpt_dir": scorer_dir}
-    kwargs = {k: v for k, v in offer.items() if k in params}
+    kwargs = {**llmrec_train_config(scorer_dir), **(llmrec_kwargs or {}), "seed": seed}
+    logger.info("llmrec is retrained on each protocol's train split with %s", kwargs)
     return LLMRecRecommender(**kwargs)
+
+
+def llmrec_train_config(scorer_dir: str | os.PathLike) -> dict[str, Any]:
+    """Training settings of the run's scorer (scorer/meta.json "config"), to retrain it the same way on a split.
+
+    The run's own scorer was trained on every interaction, test events included, so evaluation never scores
+    with it; it only borrows its settings. Returns {} when there is no scorer artifact.
+    """
+    path = Path(scorer_dir) / META_FILE
+    if not path.is_file():
+        logger.info("no %s: llmrec is retrained with fit_scorer defaults", path)
+        return {}
+    try:
+        from llmrec.scorer.train import DEFAULTS
+    except ImportError:
+        DEFAULTS = {}  # noqa: N806
+    cfg = json.loads(path.read_text()).get("config", {}) or {}
+    keep = {"epochs", "batch_size", "lr", "patience", "num_workers", "use_gpu", *DEFAULTS}
+    return {k: v for k, v in cfg.items() if k in keep}

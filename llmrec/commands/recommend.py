@@ -1,0 +1,148 @@
+"""`llmrec recommend`: batch top-k recommendations for a list of users as of the end of the training data.
+
+History = every interaction of the user in RUN/data (or --data). Items in the history are never recommended.
+`--model llmrec` (default) uses the trained scorer in RUN/scorer (two-stage: retrieval + MLP re-rank); a
+baseline name fits that baseline on all interactions first. The users file is a text file (one id per line;
+blank lines and lines starting with '#' ignored), or a .parquet / .csv with a `user_id` column. Output:
+parquet `user_id, item_id, rank (1 = best), score`, users in file order. A user may get fewer than k rows when
+fewer than k items are rankable for them (logged with a count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+HELP = "write top-k recommendations (user_id, item_id, rank, score) for the users listed in a file"
+MODELS = ("llmrec", "popularity", "itemknn", "als", "sasrec", "zeroshot_text")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder (data/, embeddings/, scorer/)")
+    p.add_argument("--users", required=True, help="user ids: text file (one per line), .parquet or .csv with user_id")
+    p.add_argument("--k", type=int, default=10, help="recommendations per user (default 10)")
+    p.add_argument("--out", required=True, help="output parquet file")
+    p.add_argument("--model", default="llmrec", choices=MODELS, help="model (default llmrec)")
+    p.add_argument("--data", default=None, help="prepare folder (default RUN/data)")
+    p.add_argument("--skip-unknown", action="store_true",
+                   help="skip users without interactions (counted) instead of failing")
+    p.add_argument("--n-candidates", type=int, default=200, help="llmrec retrieval candidates (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed for baselines that train (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pandas as pd
+
+    from llmrec.eval.evaluate import attach_item_idx, load_item_space, make_histories, read_tables
+    from llmrec.schema import RUN_DATA, RUN_EMBEDDINGS, RUN_SCORER, USER_ID
+
+    t0 = time.perf_counter()
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    run_dir = Path(args.run)
+    data_dir = Path(args.data) if args.data else run_dir / RUN_DATA
+    items_df, inter = read_tables(data_dir)
+    users = read_user_ids(args.users)
+    known = set(inter[USER_ID].unique())
+    unknown = [u for u in users if u not in known]
+    if unknown:
+        if not args.skip_unknown:
+            raise ValueError(
+                f"{len(unknown)} of {len(users)} users have no interactions in {data_dir} (e.g. {unknown[:5]}); "
+                f"pass --skip-unknown to leave them out"
+            )
+        logger.warning("skipping %d of %d users without interactions (e.g. %s)", len(unknown), len(users),
+                       unknown[:5])
+        users = [u for u in users if u in known]
+    if not users:
+        raise ValueError(f"no user of {args.users} has interactions in {data_dir}; nothing to recommend")
+
+    if args.model == "llmrec":
+        from llmrec.eval.protocol import ItemSpace
+        from llmrec.scorer.inference import Scorer
+
+        scorer = Scorer.load(run_dir / RUN_SCORER)
+        item_ids = np.asarray(scorer.item_ids, dtype=object)
+        space = ItemSpace(item_ids=item_ids, text_vectors=np.zeros((len(item_ids), 1), np.float32))
+        inter, _ = attach_item_idx(inter, space)
+        histories = make_histories(inter, users)
+        idx, scores = _batched(lambda h: scorer.recommend(h, args.k, n_candidates=max(args.n_candidates, args.k)),
+                               histories)
+    else:
+        from llmrec.eval.baselines import make_baseline
+        from llmrec.eval.metrics import topk_indices
+
+        space, _ = load_item_space(run_dir / RUN_EMBEDDINGS, items_df)
+        item_ids = space.item_ids
+        inter, _ = attach_item_idx(inter, space)
+        model: Any = make_baseline(args.model, seed=args.seed)
+        model.fit(inter, space)
+        histories = make_histories(inter, users)
+        idx, scores = _batched(
+            lambda h: topk_indices(model.score(h), args.k, [np.unique(x.item_idx) for x in h]), histories
+        )
+    ok = np.isfinite(scores) & (idx >= 0)  # (U, k)
+    short = int((ok.sum(axis=1) < args.k).sum())
+    if short:
+        logger.warning("%d of %d users have fewer than %d rankable items; they get fewer rows", short, len(users),
+                       args.k)
+    u_rows, r_cols = np.nonzero(ok)
+    out = pd.DataFrame({
+        USER_ID: np.asarray(users, dtype=object)[u_rows],
+        "item_id": item_ids[idx[u_rows, r_cols]],
+        "rank": (r_cols + 1).astype(np.int32),
+        "score": scores[u_rows, r_cols].astype(np.float32),
+    })
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    out.to_parquet(tmp, index=False)
+    tmp.replace(out_path)
+    dt = time.perf_counter() - t0
+    logger.info("recommended for %d users with %s in %.1fs", len(users), args.model, dt)
+    print(f"wrote {len(out)} recommendations for {len(users)} users ({args.model}, k={args.k}) to {out_path}")
+    return 0
+
+
+def read_user_ids(path: str | Path) -> list[str]:
+    """User ids from a text file (one per line), or a .parquet / .csv with a `user_id` column; de-duplicated,
+    first-occurrence order."""
+    import pandas as pd
+
+    from llmrec.schema import USER_ID
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"users file {p} not found")
+    if p.suffix in (".parquet", ".csv"):
+        df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, dtype={USER_ID: str})
+        if USER_ID not in df.columns:
+            raise ValueError(f"{p} has no {USER_ID!r} column (columns: {list(df.columns)}); add one or pass a "
+                             f"text file with one id per line")
+        ids = [str(u) for u in df[USER_ID].dropna()]
+    else:
+        ids = [line.strip() for line in p.read_text().splitlines()]
+        ids = [u for u in ids if u and not u.startswith("#")]
+    uniq = list(dict.fromkeys(ids))
+    if len(uniq) < len(ids):
+        logger.info("users file lists %d ids, %d distinct; recommending once per distinct id", len(ids), len(uniq))
+    if not uniq:
+        raise ValueError(f"{p} lists no user ids")
+    return uniq
+
+
+def _batched(fn: Any, histories: list, batch: int = 1024) -> tuple[Any, Any]:
+    import numpy as np
+
+    idx, sc = [], []
+    for s in range(0, len(histories), batch):
+        i, v = fn(histories[s : s + batch])
+        idx.append(np.asarray(i))
+        sc.append(np.asarray(v, dtype=np.float32))
+    return np.concatenate(idx), np.concatenate(sc)

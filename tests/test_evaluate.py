@@ -1,0 +1,155 @@
+"""End to end: evaluate() and the `llmrec evaluate` / `llmrec recommend` commands on a small planted run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llmrec.artifacts import write_meta
+from llmrec.cli import main as cli_main
+from llmrec.eval.evaluate import evaluate
+from llmrec.schema import EMBEDDINGS_FILE
+
+N_CLUSTERS, PER_CLUSTER, N_COLD, DIM, N_USERS, SEQ = 3, 20, 6, 16, 120, 10
+BASELINES = ["popularity", "itemknn", "als", "sasrec", "zeroshot_text"]
+METRIC_KEYS = ["recall@10", "recall@20", "ndcg@10", "ndcg@20", "mrr", "coverage@10"]
+TINY = {"sasrec": {"epochs": 3, "max_len": 12, "n_blocks": 1, "num_threads": 1}, "als": {"factors": 8}}
+
+
+def make_run(root: Path, seed: int = 0) -> Path:
+    """A run folder (data/ + embeddings/) with cluster-walk users; 6 items appear only as some users' last
+    event, after everything else in time: cold items of the time protocol."""
+    from llmrec.data.tables import write_interactions, write_items
+
+    rng = np.random.default_rng(seed)
+    n_warm = N_CLUSTERS * PER_CLUSTER
+    cluster_of = np.r_[np.repeat(np.arange(N_CLUSTERS), PER_CLUSTER), np.arange(N_COLD) % N_CLUSTERS]
+    centroids = rng.normal(size=(N_CLUSTERS, DIM))
+    vecs = centroids[cluster_of] + 0.3 * rng.normal(size=(len(cluster_of), DIM))
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    ids = [f"item{j:03d}" for j in range(len(cluster_of))]
+    items = pd.DataFrame({"item_id": ids, "text": [f"topic {c} item {j}" for j, c in enumerate(cluster_of)],
+                          "title": [f"Item {j}" for j in range(len(ids))]})
+    rows = []
+    for u in range(N_USERS):
+        c, start = int(rng.integers(N_CLUSTERS)), int(rng.integers(PER_CLUSTER))
+        for t in range(SEQ):
+            rows.append((f"user{u:03d}", ids[c * PER_CLUSTER + (start + t) % PER_CLUSTER], 1000 * t + u))
+        if u % 4 == 0:  # a last event on a new item of the user's cluster
+            cold = [n_warm + j for j in range(N_COLD) if cluster_of[n_warm + j] == c]
+            rows.append((f"user{u:03d}", ids[int(rng.choice(cold))], 1000 * SEQ + u))
+    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "ts"]).assign(rating=np.nan, event="view")
+    run = root / "run"
+    write_items(items, run / "data")
+    write_interactions(inter, run / "data")
+    write_meta(run / "data", "prepare", dataset="planted")
+    emb = run / "embeddings"
+    emb.mkdir(parents=True)
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel(), pa.float32()), DIM)
+    pq.write_table(pa.table({"item_id": pa.array(ids, pa.string()), "embedding": arr}), emb / EMBEDDINGS_FILE)
+    write_meta(emb, "embed", model_name="planted-text", dim=DIM, n_items=len(ids), normalized=True)
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp("evalrun"))
+
+
+@pytest.fixture(scope="module")
+def results(run_dir: Path) -> dict:
+    return evaluate(run_dir / "data", run_dir / "embeddings", run_dir / "eval", models=BASELINES,
+                    baseline_kwargs=TINY, seed=0, time_cutoff_ts=1000 * SEQ - 1)
+
+
+def test_metrics_json_has_the_documented_layout(results: dict, run_dir: Path) -> None:
+    on_disk = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert on_disk == results
+    assert list(on_disk) == ["loo", "time"]
+    for proto, res in on_disk.items():
+        assert list(res) == ["dataset", "protocol", "n_users", "n_items", "models", "cold_items"]
+        assert res["dataset"] == "planted" and res["protocol"] == proto and res["n_items"] == 66
+        assert list(res["models"]) == BASELINES
+        for m in res["models"].values():
+            assert list(m) == METRIC_KEYS and all(0.0 <= v <= 1.0 for v in m.values())
+        assert set(res["cold_items"]) == {"n_events", "models"}
+        assert json.loads((run_dir / "eval" / f"metrics_{proto}.json").read_text()) == res
+    assert on_disk["loo"]["n_users"] == N_USERS
+    meta = json.loads((run_dir / "eval" / "meta.json").read_text())
+    assert meta["stage"] == "evaluate" and set(meta["per_protocol"]["loo"]["timings"]) == set(BASELINES)
+    report = (run_dir / "eval" / "report.md").read_text()
+    assert "## Protocol `loo`" in report and "| zeroshot_text |" in report and "Cold items" in report
+    assert (run_dir / "eval" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cold_items_only_text_can_hit(results: dict) -> None:
+    cold = results["time"]["cold_items"]
+    assert cold["n_events"] == N_USERS // 4  # every 4th user's target is a new item
+    for name in ("popularity", "itemknn", "als", "sasrec"):
+        assert cold["models"][name]["recall@20"] == 0.0, name  # -inf: cannot recommend what it never saw
+    assert cold["models"]["zeroshot_text"]["recall@20"] > 0.5  # text places them in the user's cluster
+    warm = results["loo"]["models"]
+    assert warm["itemknn"]["recall@10"] > 0.5 and warm["zeroshot_text"]["recall@10"] > 0.5
+
+
+def test_max_test_users_is_a_seeded_sample(run_dir: Path, tmp_path: Path) -> None:
+    a = evaluate(run_dir / "data", run_dir / "embeddings", tmp_path / "a", protocols=("loo",),
+                 models=["popularity"], max_test_users=30, seed=1)
+    b = evaluate(run_dir / "data", run_dir / "embeddings", tmp_path / "b", protocols=("loo",),
+                 models=["popularity"], max_test_users=30, seed=1)
+    assert a["loo"]["n_users"] == 30 and a == b
+
+
+def test_bad_arguments(run_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown model"):
+        evaluate(run_dir / "data", run_dir / "embeddings", tmp_path, models=["bpr"])
+    with pytest.raises(ValueError, match="protocols"):
+        evaluate(run_dir / "data", run_dir / "embeddings", tmp_path, protocols=("random",))
+
+
+def test_cli_evaluate_and_recommend(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "eval"
+    rc = cli_main(["evaluate", "--data", str(run_dir / "data"), "--run", str(run_dir), "--out", str(out),
+                   "--protocol", "loo", "--models", "popularity,zeroshot_text"])
+    assert rc == 0 and list(json.loads((out / "metrics.json").read_text())["loo"]["models"]) == [
+        "popularity", "zeroshot_text"]
+    users = tmp_path / "users.txt"
+    users.write_text("user001\n\nuser000\nuser001\n")
+    recs = tmp_path / "recs.parquet"
+    rc = cli_main(["recommend", "--run", str(run_dir), "--users", str(users), "--k", "5", "--out", str(recs),
+                   "--model", "popularity"])
+    assert rc == 0
+    df = pd.read_parquet(recs)
+    assert list(df.columns) == ["user_id", "item_id", "rank", "score"]
+    assert df.user_id.tolist() == ["user001"] * 5 + ["user000"] * 5 and df["rank"].tolist() == [1, 2, 3, 4, 5] * 2
+    inter = pd.read_parquet(run_dir / "data" / "interactions.parquet")
+    for u, g in df.groupby("user_id"):
+        seen = set(inter.loc[inter.user_id == u, "item_id"])
+        assert not seen & set(g.item_id)  # history excluded
+        # reference: the most frequent unseen items, in count order
+        counts = inter[~inter.item_id.isin(seen)].item_id.value_counts()
+        assert g.score.tolist() == sorted(g.score.tolist(), reverse=True)
+        assert g.score.iloc[0] == counts.iloc[0] and set(g.score) <= set(counts.iloc[:5].astype(float))
+    users.write_text("user000\nnobody\n")
+    assert cli_main(["recommend", "--run", str(run_dir), "--users", str(users), "--out", str(recs),
+                     "--model", "popularity"]) == 2
+    assert "nobody" in capsys.readouterr().err
+    assert cli_main(["recommend", "--run", str(run_dir), "--users", str(users), "--out", str(recs),
+                     "--model", "popularity", "--skip-unknown"]) == 0
+    assert set(pd.read_parquet(recs).user_id) == {"user000"}
+
+
+@pytest.mark.slow
+def test_llmrec_is_evaluated_when_importable(run_dir: Path, tmp_path: Path, ray_local) -> None:
+    pytest.importorskip("llmrec.scorer.recommender")
+    res = evaluate(run_dir / "data", run_dir / "embeddings", tmp_path, protocols=("loo",),
+                   models=["llmrec", "popularity"], llmrec_kwargs={"epochs": 2, "num_workers": 1})
+    m = res["loo"]["models"]
+    assert list(m) == ["llmrec", "popularity"]
+    assert m["llmrec"]["recall@10"] > m["popularity"]["recall@10"]

@@ -21,6 +21,9 @@ Choices the design leaves open:
 - Joining existing actors whose `log_dir` differs from ours is refused (pass the same folder or another name).
 - `delete` removes the user from memory, writes a snapshot, then rewrites the log segments without the user.
 - `get` returns the summary (`user_state.summary`) plus `vector` (list[float] or None) and `shard`.
+- The vectorizer factory should be small (a path, not arrays): Ray stores constructor arguments over ~100 KB
+  in the object store, where a detached actor's restart can no longer find them once the creating driver is
+  gone (ray-project/ray#53727). `EmbeddingsMeanVectorizer(embeddings_dir)` is the small production factory.
 """
 
 from __future__ import annotations
@@ -308,6 +311,15 @@ class StateStore:
         self.name = name
         self.retry_timeout_s = float(retry_timeout_s)
         _check_log_meta(self.log_dir, n_shards)
+        if vectorizer_factory is not None:
+            from ray import cloudpickle
+
+            nbytes = len(cloudpickle.dumps(vectorizer_factory))
+            if nbytes > 100_000:  # Ray then keeps the actor's constructor args in the object store
+                logger.warning("vectorizer_factory pickles to %d bytes; a restarted detached shard needs its "
+                               "constructor args, which Ray keeps only while this driver lives: pass a small "
+                               "factory that loads the data itself (e.g. EmbeddingsMeanVectorizer(dir))",
+                               nbytes)
         t0 = time.perf_counter()
         remote_cls = ray.remote(UserStateShard)
         self.actors: list[Any] = []

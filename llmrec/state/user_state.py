@@ -339,22 +339,24 @@ class MeanVectorizer:
     def __call__(self, state: UserState) -> np.ndarray | None:
         """Returns: float32 (D,) L2-normalised, or None for a user with no positive signal."""
         D = self.dim
-        pos, pos_mass = np.zeros(D, np.float64), 0.0
         n_hist = len(state.history)
+        rows, ws = [], []
         for k, (item_id, kind, value, _ts) in enumerate(state.history):
             w = event_weight(kind, value)
             row = self.row.get(item_id)
-            if w <= 0 or row is None:
-                continue
-            rw = 0.5 ** ((n_hist - 1 - k) / self.half_life) * w
-            pos += rw * self.vectors[row]
-            pos_mass += rw
-        neg, neg_mass = np.zeros(D, np.float64), 0.0
+            if w > 0 and row is not None:
+                rows.append(row)
+                ws.append(0.5 ** ((n_hist - 1 - k) / self.half_life) * w)
+        pos_mass = float(sum(ws))
+        pos = np.asarray(ws) @ self.vectors[rows].astype(np.float64) if rows else np.zeros(D)  # (D,)
+        rows, ws = [], []
         for item_id, n in state.negatives.items():
             row = self.row.get(item_id)
             if row is not None and n > 0:
-                neg += n * self.vectors[row]
-                neg_mass += n
+                rows.append(row)
+                ws.append(n)
+        neg_mass = float(sum(ws))
+        neg = np.asarray(ws) @ self.vectors[rows].astype(np.float64) if rows else np.zeros(D)  # (D,)
         txt, txt_mass, txt_pos = np.zeros(D, np.float64), 0.0, False
         with_vec = [(p, v) for _t, p, v in state.text_feedback if v is not None and p != 0]
         for k, (p, v) in enumerate(with_vec):

@@ -1,4 +1,4 @@
-"""Baselines on a small seeded planted-structure data set: each beats random; ID models cannot score cold items."""
+"""Baselines on a small seeded planted data set: each beats random; ID models can't score cold items."""
 
 from __future__ import annotations
 
@@ -59,10 +59,24 @@ def planted_results():
     inter, dropped = attach_item_idx(df, space)
     assert dropped == 0
     split = leave_last_out(inter)
-    models = [RandomRecommender(), PopularityRecommender(), ItemKNNRecommender(n_neighbors=20),
-              ALSRecommender(factors=8, iterations=10, seed=0), SASRecRecommender(dim=32, n_blocks=1, max_len=12, epochs=40, batch_size=32, lr=5e-3,
-                                dropout=0.1, seed=0, num_threads=1),
-              ZeroShotTextRecommender()]
+    models = [
+        RandomRecommender(),
+        PopularityRecommender(),
+        ItemKNNRecommender(n_neighbors=20),
+        ALSRecommender(factors=8, iterations=10, seed=0),
+        SASRecRecommender(
+            dim=32,
+            n_blocks=1,
+            max_len=12,
+            epochs=40,
+            batch_size=32,
+            lr=5e-3,
+            dropout=0.1,
+            seed=0,
+            num_threads=1,
+        ),
+        ZeroShotTextRecommender(),
+    ]
     res, timings, n_users = evaluate_models(split, space, models)
     return space, split, models, res, n_users
 
@@ -96,9 +110,15 @@ def test_id_models_cannot_score_cold_items(planted_results) -> None:
 def test_popularity_ranking_is_hand_checkable() -> None:
     ids = np.array(["a", "b", "c", "d"], dtype=object)
     space = ItemSpace(item_ids=ids, text_vectors=np.eye(4, dtype=np.float32))
-    df = pd.DataFrame({"user_id": ["u1", "u1", "u2", "u2", "u3", "u3"], "item_id": ["b", "c", "b", "c", "b", "a"],
-                       "ts": [1, 2, 1, 2, 1, 2], "rating": np.nan,
-                       "event": ["view", "view", "view", "dislike", "view", "view"]})
+    df = pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u2", "u2", "u3", "u3"],
+            "item_id": ["b", "c", "b", "c", "b", "a"],
+            "ts": [1, 2, 1, 2, 1, 2],
+            "rating": np.nan,
+            "event": ["view", "view", "view", "dislike", "view", "view"],
+        }
+    )
     inter, _ = attach_item_idx(df, space)
     m = PopularityRecommender()
     m.fit(inter, space)
@@ -131,7 +151,9 @@ def test_als_fold_in_matches_implicit_recalculate_user() -> None:
     mine = m.user_factors(make_histories(inter, users))
     ui = inter[inter.user_id.isin(users)].drop_duplicates(["user_id", "item_idx"])
     rows = ui.user_id.map({u: i for i, u in enumerate(users)}).to_numpy()
-    mat = sp.csr_matrix((np.ones(len(ui), np.float32), (rows, ui.item_idx.to_numpy())), shape=(10, space.n_items))
+    mat = sp.csr_matrix(
+        (np.ones(len(ui), np.float32), (rows, ui.item_idx.to_numpy())), shape=(10, space.n_items)
+    )
     ref = m.model.recalculate_user(np.arange(10), mat)
     np.testing.assert_allclose(mine, ref, rtol=1e-3, atol=1e-4)
 
@@ -140,8 +162,10 @@ def test_training_is_seeded() -> None:
     space, df = planted(seed=3, n_users=30)
     inter, _ = attach_item_idx(df, space)
     hist = make_histories(inter, ["u000", "u001"])
-    for make in (lambda: ALSRecommender(factors=4, iterations=3, seed=7),
-                 lambda: SASRecRecommender(dim=16, n_blocks=1, max_len=12, epochs=2, seed=7, num_threads=1)):
+    for make in (
+        lambda: ALSRecommender(factors=4, iterations=3, seed=7),
+        lambda: SASRecRecommender(dim=16, n_blocks=1, max_len=12, epochs=2, seed=7, num_threads=1),
+    ):
         a, b = make(), make()
         a.fit(inter, space)
         b.fit(inter, space)
@@ -151,8 +175,15 @@ def test_training_is_seeded() -> None:
 def test_zeroshot_recency_weighting_by_hand() -> None:
     ids = np.array(["a", "b", "c"], dtype=object)
     space = ItemSpace(item_ids=ids, text_vectors=np.eye(3, dtype=np.float32))
-    df = pd.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "b"], "ts": [1, 2], "rating": np.nan,
-                       "event": ["view", "view"]})
+    df = pd.DataFrame(
+        {
+            "user_id": ["u", "u"],
+            "item_id": ["a", "b"],
+            "ts": [1, 2],
+            "rating": np.nan,
+            "event": ["view", "view"],
+        }
+    )
     inter, _ = attach_item_idx(df, space)
     m = ZeroShotTextRecommender(half_life=1.0)
     m.fit(inter, space)

@@ -1,4 +1,4 @@
-"""End to end: evaluate() and the `llmrec evaluate` / `llmrec recommend` commands on a small planted run folder."""
+"""End to end: evaluate() and the `llmrec evaluate` / `llmrec recommend` commands on a planted run folder."""
 
 from __future__ import annotations
 
@@ -34,8 +34,13 @@ def make_run(root: Path, seed: int = 0) -> Path:
     vecs = centroids[cluster_of] + 0.3 * rng.normal(size=(len(cluster_of), DIM))
     vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
     ids = [f"item{j:03d}" for j in range(len(cluster_of))]
-    items = pd.DataFrame({"item_id": ids, "text": [f"topic {c} item {j}" for j, c in enumerate(cluster_of)],
-                          "title": [f"Item {j}" for j in range(len(ids))]})
+    items = pd.DataFrame(
+        {
+            "item_id": ids,
+            "text": [f"topic {c} item {j}" for j, c in enumerate(cluster_of)],
+            "title": [f"Item {j}" for j in range(len(ids))],
+        }
+    )
     rows = []
     for u in range(N_USERS):
         c, start = int(rng.integers(N_CLUSTERS)), int(rng.integers(PER_CLUSTER))
@@ -64,8 +69,15 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def results(run_dir: Path) -> dict:
-    return evaluate(run_dir / "data", run_dir / "embeddings", run_dir / "eval", models=BASELINES,
-                    baseline_kwargs=TINY, seed=0, time_cutoff_ts=1000 * SEQ - 1)
+    return evaluate(
+        run_dir / "data",
+        run_dir / "embeddings",
+        run_dir / "eval",
+        models=BASELINES,
+        baseline_kwargs=TINY,
+        seed=0,
+        time_cutoff_ts=1000 * SEQ - 1,
+    )
 
 
 def test_metrics_json_has_the_documented_layout(results: dict, run_dir: Path) -> None:
@@ -99,10 +111,24 @@ def test_cold_items_only_text_can_hit(results: dict) -> None:
 
 
 def test_max_test_users_is_a_seeded_sample(run_dir: Path, tmp_path: Path) -> None:
-    a = evaluate(run_dir / "data", run_dir / "embeddings", tmp_path / "a", protocols=("loo",),
-                 models=["popularity"], max_test_users=30, seed=1)
-    b = evaluate(run_dir / "data", run_dir / "embeddings", tmp_path / "b", protocols=("loo",),
-                 models=["popularity"], max_test_users=30, seed=1)
+    a = evaluate(
+        run_dir / "data",
+        run_dir / "embeddings",
+        tmp_path / "a",
+        protocols=("loo",),
+        models=["popularity"],
+        max_test_users=30,
+        seed=1,
+    )
+    b = evaluate(
+        run_dir / "data",
+        run_dir / "embeddings",
+        tmp_path / "b",
+        protocols=("loo",),
+        models=["popularity"],
+        max_test_users=30,
+        seed=1,
+    )
     assert a["loo"]["n_users"] == 30 and a == b
 
 
@@ -115,19 +141,50 @@ def test_bad_arguments(run_dir: Path, tmp_path: Path) -> None:
 
 def test_cli_evaluate_and_recommend(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "eval"
-    rc = cli_main(["evaluate", "--data", str(run_dir / "data"), "--run", str(run_dir), "--out", str(out),
-                   "--protocol", "loo", "--models", "popularity,zeroshot_text"])
+    rc = cli_main(
+        [
+            "evaluate",
+            "--data",
+            str(run_dir / "data"),
+            "--run",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--protocol",
+            "loo",
+            "--models",
+            "popularity,zeroshot_text",
+        ]
+    )
     assert rc == 0 and list(json.loads((out / "metrics.json").read_text())["loo"]["models"]) == [
-        "popularity", "zeroshot_text"]
+        "popularity",
+        "zeroshot_text",
+    ]
     users = tmp_path / "users.txt"
     users.write_text("user001\n\nuser000\nuser001\n")
     recs = tmp_path / "recs.parquet"
-    rc = cli_main(["recommend", "--run", str(run_dir), "--users", str(users), "--k", "5", "--out", str(recs),
-                   "--model", "popularity"])
+    rc = cli_main(
+        [
+            "recommend",
+            "--run",
+            str(run_dir),
+            "--users",
+            str(users),
+            "--k",
+            "5",
+            "--out",
+            str(recs),
+            "--model",
+            "popularity",
+        ]
+    )
     assert rc == 0
     df = pd.read_parquet(recs)
     assert list(df.columns) == ["user_id", "item_id", "rank", "score"]
-    assert df.user_id.tolist() == ["user001"] * 5 + ["user000"] * 5 and df["rank"].tolist() == [1, 2, 3, 4, 5] * 2
+    assert (
+        df.user_id.tolist() == ["user001"] * 5 + ["user000"] * 5
+        and df["rank"].tolist() == [1, 2, 3, 4, 5] * 2
+    )
     inter = pd.read_parquet(run_dir / "data" / "interactions.parquet")
     for u, g in df.groupby("user_id"):
         seen = set(inter.loc[inter.user_id == u, "item_id"])
@@ -137,19 +194,54 @@ def test_cli_evaluate_and_recommend(run_dir: Path, tmp_path: Path, capsys: pytes
         assert g.score.tolist() == sorted(g.score.tolist(), reverse=True)
         assert g.score.iloc[0] == counts.iloc[0] and set(g.score) <= set(counts.iloc[:5].astype(float))
     users.write_text("user000\nnobody\n")
-    assert cli_main(["recommend", "--run", str(run_dir), "--users", str(users), "--out", str(recs),
-                     "--model", "popularity"]) == 2
+    assert (
+        cli_main(
+            [
+                "recommend",
+                "--run",
+                str(run_dir),
+                "--users",
+                str(users),
+                "--out",
+                str(recs),
+                "--model",
+                "popularity",
+            ]
+        )
+        == 2
+    )
     assert "nobody" in capsys.readouterr().err
-    assert cli_main(["recommend", "--run", str(run_dir), "--users", str(users), "--out", str(recs),
-                     "--model", "popularity", "--skip-unknown"]) == 0
+    assert (
+        cli_main(
+            [
+                "recommend",
+                "--run",
+                str(run_dir),
+                "--users",
+                str(users),
+                "--out",
+                str(recs),
+                "--model",
+                "popularity",
+                "--skip-unknown",
+            ]
+        )
+        == 0
+    )
     assert set(pd.read_parquet(recs).user_id) == {"user000"}
 
 
 @pytest.mark.slow
 def test_llmrec_is_evaluated_when_importable(run_dir: Path, tmp_path: Path, ray_local) -> None:
     pytest.importorskip("llmrec.scorer.recommender")
-    res = evaluate(run_dir / "data", run_dir / "embeddings", tmp_path, protocols=("loo",),
-                   models=["llmrec", "popularity"], llmrec_kwargs={"epochs": 2, "num_workers": 1})
+    res = evaluate(
+        run_dir / "data",
+        run_dir / "embeddings",
+        tmp_path,
+        protocols=("loo",),
+        models=["llmrec", "popularity"],
+        llmrec_kwargs={"epochs": 2, "num_workers": 1},
+    )
     m = res["loo"]["models"]
     assert list(m) == ["llmrec", "popularity"]
     assert m["llmrec"]["recall@10"] > m["popularity"]["recall@10"]

@@ -61,14 +61,23 @@ def test_ties_are_deterministic_and_order_independent() -> None:
 
 
 def test_time_split_cold_items_and_users() -> None:
-    df = _events([
-        ("a", "x", 1), ("a", "y", 2), ("b", "x", 3), ("b", "y", 4),  # train (cutoff 4)
-        ("a", "new", 5), ("a", "x", 6),  # a: first post-cutoff = new (cold item)
-        ("b", "y", 7),  # b: repeat of a train item, still a target
-        ("c", "x", 8),  # c: cold user (no train history)
-    ])
+    df = _events(
+        [
+            ("a", "x", 1),
+            ("a", "y", 2),
+            ("b", "x", 3),
+            ("b", "y", 4),  # train (cutoff 4)
+            ("a", "new", 5),
+            ("a", "x", 6),  # a: first post-cutoff = new (cold item)
+            ("b", "y", 7),  # b: repeat of a train item, still a target
+            ("c", "x", 8),  # c: cold user (no train history)
+        ]
+    )
     s = time_split(df, cutoff_ts=4)
-    assert s.test[["user_id", "item_id", "is_cold"]].values.tolist() == [["a", "new", True], ["b", "y", False]]
+    assert s.test[["user_id", "item_id", "is_cold"]].values.tolist() == [
+        ["a", "new", True],
+        ["b", "y", False],
+    ]
     assert s.cold_items.tolist() == ["new"]
     assert s.cold_users.tolist() == ["c"]
     assert s.stats["n_cold_test_events"] == 1
@@ -86,7 +95,9 @@ def test_time_split_default_cutoff_and_invariants() -> None:
     assert set(s.cold_items).isdisjoint(train_items)
     assert s.test.is_cold.tolist() == [i not in train_items for i in s.test.item_id]
     assert set(s.test.user_id) <= set(s.train.user_id)
-    first = df[df.ts > s.stats["cutoff_ts"]].sort_values(["user_id", "ts", "item_id"]).groupby("user_id").head(1)
+    first = (
+        df[df.ts > s.stats["cutoff_ts"]].sort_values(["user_id", "ts", "item_id"]).groupby("user_id").head(1)
+    )
     first = first[first.user_id.isin(set(s.train.user_id))]
     assert sorted(map(tuple, first[["user_id", "item_id"]].values)) == sorted(
         map(tuple, s.test[["user_id", "item_id"]].values)

@@ -16,21 +16,42 @@ HELP = "offline evaluation (leave-last-out and time split) of llmrec and baselin
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="folder written by `llmrec prepare` (items/interactions.parquet)")
-    p.add_argument("--run", required=True, help="run folder holding embeddings/ (and scorer/, whose settings "
-                   "llmrec is retrained with on each split)")
+    p.add_argument(
+        "--data", required=True, help="folder written by `llmrec prepare` (items/interactions.parquet)"
+    )
+    p.add_argument(
+        "--run",
+        required=True,
+        help="run folder holding embeddings/ (and scorer/, whose settings "
+        "llmrec is retrained with on each split)",
+    )
     p.add_argument("--out", required=True, help="output folder (e.g. RUN/eval)")
     p.add_argument("--protocol", default="loo,time", help="comma list of loo,time (default both)")
-    p.add_argument("--models", default=None,
-                   help="comma list of llmrec,popularity,itemknn,als,sasrec,zeroshot_text (default all)")
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma list of llmrec,popularity,itemknn,als,sasrec,zeroshot_text (default all)",
+    )
     p.add_argument("--max-test-users", type=int, default=None, help="evaluate a seeded sample of test users")
     p.add_argument("--seed", type=int, default=0, help="seed for training and the user sample (default 0)")
-    p.add_argument("--time-test-frac", type=float, default=0.1,
-                   help="share of events after the time protocol's cutoff (default 0.1)")
-    p.add_argument("--time-cutoff", type=int, default=None,
-                   help="explicit time-protocol cutoff ts (events with ts <= it are train); overrides --time-test-frac")
-    p.add_argument("--epochs", type=int, default=None, help="llmrec training epochs (default: the run scorer's)")
-    p.add_argument("--num-workers", type=int, default=None, help="llmrec Ray Train workers (default: the run's)")
+    p.add_argument(
+        "--time-test-frac",
+        type=float,
+        default=0.1,
+        help="share of events after the time protocol's cutoff (default 0.1)",
+    )
+    p.add_argument(
+        "--time-cutoff",
+        type=int,
+        default=None,
+        help="explicit time-protocol cutoff ts (events with ts <= it are train); overrides --time-test-frac",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help="llmrec training epochs (default: the run scorer's)"
+    )
+    p.add_argument(
+        "--num-workers", type=int, default=None, help="llmrec Ray Train workers (default: the run's)"
+    )
     p.add_argument("--sasrec-epochs", type=int, default=None, help="SASRec baseline epochs (default 20)")
 
 
@@ -46,17 +67,29 @@ def run(args: argparse.Namespace) -> int:
     models = [s.strip() for s in args.models.split(",") if s.strip()] if args.models else None
     if args.max_test_users is not None and args.max_test_users < 1:
         raise ValueError(f"--max-test-users must be >= 1, got {args.max_test_users}")
-    llmrec_kwargs = {k: v for k, v in (("epochs", args.epochs), ("num_workers", args.num_workers)) if v is not None}
+    llmrec_kwargs = {
+        k: v for k, v in (("epochs", args.epochs), ("num_workers", args.num_workers)) if v is not None
+    }
     baseline_kwargs = {"sasrec": {"epochs": args.sasrec_epochs}} if args.sasrec_epochs else None
     results = evaluate(
-        args.data, emb, args.out, protocols=protocols, models=models, max_test_users=args.max_test_users,
-        seed=args.seed, scorer_dir=run_dir / RUN_SCORER, llmrec_kwargs=llmrec_kwargs,
-        baseline_kwargs=baseline_kwargs, time_test_frac=args.time_test_frac,
+        args.data,
+        emb,
+        args.out,
+        protocols=protocols,
+        models=models,
+        max_test_users=args.max_test_users,
+        seed=args.seed,
+        scorer_dir=run_dir / RUN_SCORER,
+        llmrec_kwargs=llmrec_kwargs,
+        baseline_kwargs=baseline_kwargs,
+        time_test_frac=args.time_test_frac,
         time_cutoff_ts=args.time_cutoff,
     )
     for proto, res in results.items():
         best = max(res["models"], key=lambda m: res["models"][m]["ndcg@10"])
-        print(f"{proto}: {res['n_users']} users x {res['n_items']} items; best ndcg@10: {best} "
-              f"({res['models'][best]['ndcg@10']:.4f})")
+        print(
+            f"{proto}: {res['n_users']} users x {res['n_items']} items; best ndcg@10: {best} "
+            f"({res['models'][best]['ndcg@10']:.4f})"
+        )
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

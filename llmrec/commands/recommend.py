@@ -24,13 +24,18 @@ MODELS = ("llmrec", "popularity", "itemknn", "als", "sasrec", "zeroshot_text")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder (data/, embeddings/, scorer/)")
-    p.add_argument("--users", required=True, help="user ids: text file (one per line), .parquet or .csv with user_id")
+    p.add_argument(
+        "--users", required=True, help="user ids: text file (one per line), .parquet or .csv with user_id"
+    )
     p.add_argument("--k", type=int, default=10, help="recommendations per user (default 10)")
     p.add_argument("--out", required=True, help="output parquet file")
     p.add_argument("--model", default="llmrec", choices=MODELS, help="model (default llmrec)")
     p.add_argument("--data", default=None, help="prepare folder (default RUN/data)")
-    p.add_argument("--skip-unknown", action="store_true",
-                   help="skip users without interactions (counted) instead of failing")
+    p.add_argument(
+        "--skip-unknown",
+        action="store_true",
+        help="skip users without interactions (counted) instead of failing",
+    )
     p.add_argument("--n-candidates", type=int, default=200, help="llmrec retrieval candidates (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed for baselines that train (default 0)")
 
@@ -54,11 +59,13 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         if not args.skip_unknown:
             raise ValueError(
-                f"{len(unknown)} of {len(users)} users have no interactions in {data_dir} (e.g. {unknown[:5]}); "
+                f"{len(unknown)} of {len(users)} users have no interactions in {data_dir} "
+                f"(e.g. {unknown[:5]}); "
                 f"pass --skip-unknown to leave them out"
             )
-        logger.warning("skipping %d of %d users without interactions (e.g. %s)", len(unknown), len(users),
-                       unknown[:5])
+        logger.warning(
+            "skipping %d of %d users without interactions (e.g. %s)", len(unknown), len(users), unknown[:5]
+        )
         users = [u for u in users if u in known]
     if not users:
         raise ValueError(f"no user of {args.users} has interactions in {data_dir}; nothing to recommend")
@@ -72,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
         space = ItemSpace(item_ids=item_ids, text_vectors=np.zeros((len(item_ids), 1), np.float32))
         inter, _ = attach_item_idx(inter, space)
         histories = make_histories(inter, users)
-        idx, scores = _batched(lambda h: scorer.recommend(h, args.k, n_candidates=max(args.n_candidates, args.k)),
-                               histories)
+        idx, scores = _batched(
+            lambda h: scorer.recommend(h, args.k, n_candidates=max(args.n_candidates, args.k)), histories
+        )
     else:
         from llmrec.eval.baselines import make_baseline
         from llmrec.eval.metrics import topk_indices
@@ -90,15 +98,18 @@ def run(args: argparse.Namespace) -> int:
     ok = np.isfinite(scores) & (idx >= 0)  # (U, k)
     short = int((ok.sum(axis=1) < args.k).sum())
     if short:
-        logger.warning("%d of %d users have fewer than %d rankable items; they get fewer rows", short, len(users),
-                       args.k)
+        logger.warning(
+            "%d of %d users have fewer than %d rankable items; they get fewer rows", short, len(users), args.k
+        )
     u_rows, r_cols = np.nonzero(ok)
-    out = pd.DataFrame({
-        USER_ID: np.asarray(users, dtype=object)[u_rows],
-        "item_id": item_ids[idx[u_rows, r_cols]],
-        "rank": (r_cols + 1).astype(np.int32),
-        "score": scores[u_rows, r_cols].astype(np.float32),
-    })
+    out = pd.DataFrame(
+        {
+            USER_ID: np.asarray(users, dtype=object)[u_rows],
+            "item_id": item_ids[idx[u_rows, r_cols]],
+            "rank": (r_cols + 1).astype(np.int32),
+            "score": scores[u_rows, r_cols].astype(np.float32),
+        }
+    )
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -123,15 +134,19 @@ def read_user_ids(path: str | Path) -> list[str]:
     if p.suffix in (".parquet", ".csv"):
         df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, dtype={USER_ID: str})
         if USER_ID not in df.columns:
-            raise ValueError(f"{p} has no {USER_ID!r} column (columns: {list(df.columns)}); add one or pass a "
-                             f"text file with one id per line")
+            raise ValueError(
+                f"{p} has no {USER_ID!r} column (columns: {list(df.columns)}); add one or pass a "
+                f"text file with one id per line"
+            )
         ids = [str(u) for u in df[USER_ID].dropna()]
     else:
         ids = [line.strip() for line in p.read_text().splitlines()]
         ids = [u for u in ids if u and not u.startswith("#")]
     uniq = list(dict.fromkeys(ids))
     if len(uniq) < len(ids):
-        logger.info("users file lists %d ids, %d distinct; recommending once per distinct id", len(ids), len(uniq))
+        logger.info(
+            "users file lists %d ids, %d distinct; recommending once per distinct id", len(ids), len(uniq)
+        )
     if not uniq:
         raise ValueError(f"{p} lists no user ids")
     return uniq

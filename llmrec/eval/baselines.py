@@ -59,7 +59,9 @@ class _IDModel:
 
     def _prepare(self, train: pd.DataFrame, items: ItemSpace) -> pd.DataFrame:
         if ITEM_IDX not in train.columns:
-            raise ValueError(f"{self.name}: train must carry an int64 `{ITEM_IDX}` column (index into ItemSpace)")
+            raise ValueError(
+                f"{self.name}: train must carry an int64 `{ITEM_IDX}` column (index into ItemSpace)"
+            )
         pos = train if EVENT not in train.columns else train[~train[EVENT].isin(NEGATIVE_EVENTS)]
         if len(pos) == 0:
             raise ValueError(f"{self.name}: no positive train events to fit on (got {len(train)} events)")
@@ -88,7 +90,9 @@ class PopularityRecommender(_IDModel):
 
     def fit(self, train: pd.DataFrame, items: ItemSpace) -> None:
         pos = self._prepare(train, items)
-        self.counts = np.bincount(pos[ITEM_IDX].to_numpy(), minlength=items.n_items).astype(np.float32)  # (N,)
+        self.counts = np.bincount(pos[ITEM_IDX].to_numpy(), minlength=items.n_items).astype(
+            np.float32
+        )  # (N,)
         logger.info("popularity: %d events over %d items", len(pos), int(self.known.sum()))
 
     def score(self, histories: list[History]) -> np.ndarray:
@@ -135,12 +139,21 @@ class ItemKNNRecommender(_IDModel):
             rows.append(np.repeat(np.arange(start, stop), k)[keep.ravel()])
             cols.append(top.ravel()[keep.ravel()])
             vals.append(tv.ravel()[keep.ravel()])
-        cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt))
+
+        def cat(parts: list[np.ndarray], dt: type) -> np.ndarray:
+            return np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
+
         self.sim = sp.csr_matrix(
-            (cat(vals, np.float32), (cat(rows, np.int64), cat(cols, np.int64))), shape=(items.n_items, items.n_items)
+            (cat(vals, np.float32), (cat(rows, np.int64), cat(cols, np.int64))),
+            shape=(items.n_items, items.n_items),
         )  # (N, N) sparse
-        logger.info("itemknn: %d users x %d items, %d similarities kept (%.1fs)",
-                    x.shape[0], int(self.known.sum()), self.sim.nnz, time.perf_counter() - t0)
+        logger.info(
+            "itemknn: %d users x %d items, %d similarities kept (%.1fs)",
+            x.shape[0],
+            int(self.known.sum()),
+            self.sim.nnz,
+            time.perf_counter() - t0,
+        )
 
     def score(self, histories: list[History]) -> np.ndarray:
         h = _history_matrix([self._history_items(h) for h in histories], self.n_items)  # (B, N) sparse
@@ -157,8 +170,15 @@ class ALSRecommender(_IDModel):
 
     name = "als"
 
-    def __init__(self, factors: int = 64, regularization: float = 0.05, alpha: float = 10.0,
-                 iterations: int = 15, seed: int = 0, num_threads: int = 0) -> None:
+    def __init__(
+        self,
+        factors: int = 64,
+        regularization: float = 0.05,
+        alpha: float = 10.0,
+        iterations: int = 15,
+        seed: int = 0,
+        num_threads: int = 0,
+    ) -> None:
         self.factors, self.regularization, self.alpha = factors, regularization, alpha
         self.iterations, self.seed, self.num_threads = iterations, seed, num_threads
 
@@ -178,14 +198,25 @@ class ALSRecommender(_IDModel):
 
         with threadpool_limits(1, "blas"):  # implicit parallelises itself; a BLAS pool on top only thrashes
             self.model = AlternatingLeastSquares(
-                factors=self.factors, regularization=self.regularization, alpha=self.alpha,
-                iterations=self.iterations, random_state=self.seed, num_threads=self.num_threads, use_gpu=False,
+                factors=self.factors,
+                regularization=self.regularization,
+                alpha=self.alpha,
+                iterations=self.iterations,
+                random_state=self.seed,
+                num_threads=self.num_threads,
+                use_gpu=False,
             )
             self.model.fit(user_items, show_progress=False)
         self.item_factors = np.asarray(self.model.item_factors, dtype=np.float64)  # (N, F)
         self.yty = self.item_factors.T @ self.item_factors  # (F, F)
-        logger.info("als: %d users x %d items, %d factors, %d iterations (%.1fs)",
-                    len(uniques), int(self.known.sum()), self.factors, self.iterations, time.perf_counter() - t0)
+        logger.info(
+            "als: %d users x %d items, %d factors, %d iterations (%.1fs)",
+            len(uniques),
+            int(self.known.sum()),
+            self.factors,
+            self.iterations,
+            time.perf_counter() - t0,
+        )
 
     def user_factors(self, histories: list[History]) -> np.ndarray:
         """(B, F) float64 ALS user factors solved from each history's known positive items."""
@@ -216,10 +247,22 @@ class SASRecRecommender(_IDModel):
 
     name = "sasrec"
 
-    def __init__(self, dim: int = 64, n_blocks: int = 2, n_heads: int = 2, max_len: int = 50,
-                 epochs: int = 20, batch_size: int = 128, n_negatives: int = 256, lr: float = 1e-3,
-                 dropout: float = 0.2, seed: int = 0, device: str = "cpu", max_train_s: float | None = None,
-                 num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        dim: int = 64,
+        n_blocks: int = 2,
+        n_heads: int = 2,
+        max_len: int = 50,
+        epochs: int = 20,
+        batch_size: int = 128,
+        n_negatives: int = 256,
+        lr: float = 1e-3,
+        dropout: float = 0.2,
+        seed: int = 0,
+        device: str = "cpu",
+        max_train_s: float | None = None,
+        num_threads: int | None = None,
+    ) -> None:
         self.dim, self.n_blocks, self.n_heads, self.max_len = dim, n_blocks, n_heads, max_len
         self.epochs, self.batch_size, self.n_negatives, self.lr = epochs, batch_size, n_negatives, lr
         self.dropout, self.seed, self.device, self.max_train_s = dropout, seed, device, max_train_s
@@ -239,7 +282,9 @@ class SASRecRecommender(_IDModel):
         windows = _sequence_windows(pos, self.max_len + 1)  # (W, max_len+1) int64, 0 = pad, item i -> i+1
         if len(windows) == 0:
             raise ValueError("sasrec: no user has 2 or more positive train events; nothing to learn from")
-        self.net = _SASRecNet(items.n_items, self.dim, self.n_blocks, self.n_heads, self.max_len, self.dropout)
+        self.net = _SASRecNet(
+            items.n_items, self.dim, self.n_blocks, self.n_heads, self.max_len, self.dropout
+        )
         self.net.to(self.device)
         opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
         known_tok = np.flatnonzero(self.known) + 1
@@ -260,7 +305,9 @@ class SASRecRecommender(_IDModel):
                 neg_logit = hs @ emb(negs).T  # (T, K)
                 neg_logit = neg_logit.masked_fill(negs[None, :] == ts[:, None], float("-inf"))
                 logits = torch.cat([pos_logit, neg_logit], dim=1)
-                loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(ts), dtype=torch.long, device=self.device))
+                loss = torch.nn.functional.cross_entropy(
+                    logits, torch.zeros(len(ts), dtype=torch.long, device=self.device)
+                )
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -268,11 +315,18 @@ class SASRecRecommender(_IDModel):
             loss_val = total / max(n_tok, 1)
             logger.debug("sasrec epoch %d: loss %.4f", epoch, loss_val)
             if self.max_train_s is not None and time.perf_counter() - t0 > self.max_train_s:
-                logger.info("sasrec: stopping after epoch %d, time budget %.0fs reached", epoch, self.max_train_s)
+                logger.info(
+                    "sasrec: stopping after epoch %d, time budget %.0fs reached", epoch, self.max_train_s
+                )
                 break
         self.final_loss = loss_val
-        logger.info("sasrec: %d windows, %d epochs, final sampled-softmax loss %.3f (%.1fs)",
-                    len(windows), epoch, loss_val, time.perf_counter() - t0)
+        logger.info(
+            "sasrec: %d windows, %d epochs, final sampled-softmax loss %.3f (%.1fs)",
+            len(windows),
+            epoch,
+            loss_val,
+            time.perf_counter() - t0,
+        )
 
     def score(self, histories: list[History]) -> np.ndarray:
         with _torch_threads(self.num_threads):
@@ -370,10 +424,14 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 def _history_matrix(hist_items: list[np.ndarray], n_items: int) -> sp.csr_matrix:
-    rows = np.concatenate([np.full(len(h), b) for b, h in enumerate(hist_items)]) if hist_items else np.zeros(0)
+    rows = (
+        np.concatenate([np.full(len(h), b) for b, h in enumerate(hist_items)]) if hist_items else np.zeros(0)
+    )
     cols = np.concatenate(hist_items) if hist_items else np.zeros(0)
-    m = sp.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows.astype(np.int64), cols.astype(np.int64))),
-                      shape=(len(hist_items), n_items))
+    m = sp.csr_matrix(
+        (np.ones(len(cols), dtype=np.float32), (rows.astype(np.int64), cols.astype(np.int64))),
+        shape=(len(hist_items), n_items),
+    )
     m.sum_duplicates()
     m.data[:] = 1.0  # repeats count once
     return m
@@ -410,8 +468,9 @@ def _sasrec_net_cls():  # torch imported lazily
             super().__init__()
             self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
             self.pos_emb = nn.Embedding(max_len, dim)
-            layer = nn.TransformerEncoderLayer(dim, n_heads, dim_feedforward=dim, dropout=dropout,
-                                               batch_first=True, norm_first=True)
+            layer = nn.TransformerEncoderLayer(
+                dim, n_heads, dim_feedforward=dim, dropout=dropout, batch_first=True, norm_first=True
+            )
             self.blocks = nn.TransformerEncoder(layer, n_blocks, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(dim)
             self.drop = nn.Dropout(dropout)

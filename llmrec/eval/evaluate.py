@@ -5,8 +5,8 @@ time cutoff; see `llmrec.eval.split`) over every model (llmrec's scorer when imp
 `llmrec.eval.baselines`, plus `extra_models`), and writes to `out_dir`:
 
 - `metrics.json`: `{"loo": {...}, "time": {...}}`, one object per protocol that was run, each EXACTLY
-  `{"dataset", "protocol", "n_users", "n_items", "models": {name: {recall@10, recall@20, ndcg@10, ndcg@20, mrr,
-  coverage@10}}, "cold_items": {"n_events": int, "models": {name: {...same keys...}}}}`.
+  `{"dataset", "protocol", "n_users", "n_items", "models": {name: {recall@10, recall@20, ndcg@10, ndcg@20,
+  mrr, coverage@10}}, "cold_items": {"n_events": int, "models": {name: {...same keys...}}}}`.
   `n_users` = test users evaluated, `n_items` = catalog size N (every item is rankable, cold ones included).
   `cold_items` holds the metrics restricted to test targets whose item never occurs in train (only the users
   with such a target, and only those targets); its `models` is `{}` when `n_events` is 0.
@@ -23,7 +23,6 @@ with `seed` (sorted ids, numpy default_rng) so runs are reproducible.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -100,12 +99,13 @@ def evaluate(
         extra_models: further Recommender instances (their `name` becomes the metrics key).
         max_test_users: evaluate at most this many test users per protocol (seeded sample).
         seed: seeds model training and the user sample.
-        scorer_dir: the run's `llmrec train` folder (default: embeddings_dir/../scorer); llmrec is retrained on
-            each split's train with the settings in its meta.json (see `llmrec_train_config`).
+        scorer_dir: the run's `llmrec train` folder (default: embeddings_dir/../scorer); llmrec is
+            retrained on each split's train with the settings in its meta.json (see `llmrec_train_config`).
         llmrec_kwargs: overrides for `LLMRecRecommender(**kwargs)` (epochs, num_workers, n_candidates, ...).
         baseline_kwargs: per-baseline constructor overrides, e.g. {"sasrec": {"epochs": 5}}.
         time_test_frac: share of events after the time protocol's cutoff.
-        time_cutoff_ts: explicit time-protocol cutoff (events with ts <= it are train); overrides time_test_frac.
+        time_cutoff_ts: explicit time-protocol cutoff (events with ts <= it are train); overrides
+            time_test_frac.
         batch_users: users scored per `score` call.
 
     Returns:
@@ -118,7 +118,9 @@ def evaluate(
     names = list(DEFAULT_MODELS if models is None else models)
     unknown = [m for m in [*names, *(baseline_kwargs or {})] if m not in DEFAULT_MODELS]
     if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; choose from {list(DEFAULT_MODELS)} (or pass extra_models)")
+        raise ValueError(
+            f"unknown model(s) {unknown}; choose from {list(DEFAULT_MODELS)} (or pass extra_models)"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items_df, inter = read_tables(data_dir)
@@ -137,7 +139,9 @@ def evaluate(
             split = time_split(inter, test_frac=time_test_frac, cutoff_ts=time_cutoff_ts)
         recs: list[Recommender] = []
         for name in names:
-            model = _make_model(name, seed, scorer_dir, llmrec_kwargs, (baseline_kwargs or {}).get(name, {}), skipped)
+            model = _make_model(
+                name, seed, scorer_dir, llmrec_kwargs, (baseline_kwargs or {}).get(name, {}), skipped
+            )
             if model is not None:
                 recs.append(model)
         recs.extend(extra_models)
@@ -158,16 +162,29 @@ def evaluate(
 
     write_report(results, {p: m["timings"] for p, m in meta_protocols.items()}, out, skipped=skipped)
     write_meta(
-        out, "evaluate",
-        dataset=dataset, protocols=list(protocols), models=[m.name for m in recs], skipped_models=skipped,
-        max_test_users=max_test_users, seed=seed, time_test_frac=time_test_frac,
+        out,
+        "evaluate",
+        dataset=dataset,
+        protocols=list(protocols),
+        models=[m.name for m in recs],
+        skipped_models=skipped,
+        max_test_users=max_test_users,
+        seed=seed,
+        time_test_frac=time_test_frac,
         time_cutoff_ts=time_cutoff_ts,
-        n_events=len(inter), n_events_without_embedding=n_dropped,
+        n_events=len(inter),
+        n_events_without_embedding=n_dropped,
         embed={k: embed_meta.get(k) for k in ("model_name", "dim", "n_items", "dataset_fingerprint")},
-        per_protocol=meta_protocols, wall_s=round(time.perf_counter() - t_all, 2),
+        per_protocol=meta_protocols,
+        wall_s=round(time.perf_counter() - t_all, 2),
     )
-    logger.info("evaluation of %d model(s) x %d protocol(s) written to %s in %.1fs",
-                len(recs), len(protocols), out, time.perf_counter() - t_all)
+    logger.info(
+        "evaluation of %d model(s) x %d protocol(s) written to %s in %.1fs",
+        len(recs),
+        len(protocols),
+        out,
+        time.perf_counter() - t_all,
+    )
     return results
 
 
@@ -193,7 +210,9 @@ def evaluate_models(
         users = np.sort(np.random.default_rng(seed).choice(users, size=max_test_users, replace=False))
         test = test[test[USER_ID].isin(set(users))]
     if len(users) == 0:
-        raise ValueError(f"{split.protocol} split has no test users; the data set is too small for this protocol")
+        raise ValueError(
+            f"{split.protocol} split has no test users; the data set is too small for this protocol"
+        )
     by_user = {u: g for u, g in test.groupby(USER_ID, sort=False)}
     targets = [np.unique(by_user[u][ITEM_IDX].to_numpy()) for u in users]
     cold_t = [np.unique(by_user[u].loc[by_user[u]["is_cold"], ITEM_IDX].to_numpy()) for u in users]
@@ -214,8 +233,10 @@ def evaluate_models(
             sl = slice(s, s + batch_users)
             scores = np.asarray(model.score(histories[sl]), dtype=np.float32)  # (b, N)
             if scores.shape != (len(histories[sl]), space.n_items):
-                raise ValueError(f"{model.name}.score returned shape {scores.shape}, "
-                                 f"expected ({len(histories[sl])}, {space.n_items})")
+                raise ValueError(
+                    f"{model.name}.score returned shape {scores.shape}, "
+                    f"expected ({len(histories[sl])}, {space.n_items})"
+                )
             acc.update(scores, targets[sl], exclude[sl])
             rows = [i for i, c in enumerate(cold_t[sl]) if len(c)]
             if rows:
@@ -224,11 +245,22 @@ def evaluate_models(
         out_models[model.name] = acc.result()
         if n_cold:
             out_cold[model.name] = acc_cold.result()
-        timings[model.name] = {"fit_s": round(fit_s, 3), "score_s": round(score_s, 3),
-                               "users_per_s": round(len(users) / max(score_s, 1e-9), 1)}
-        logger.info("%s [%s]: fit %.1fs, scored %d users in %.1fs; recall@10=%.4f ndcg@10=%.4f mrr=%.4f",
-                    model.name, split.protocol, fit_s, len(users), score_s, out_models[model.name]["recall@10"],
-                    out_models[model.name]["ndcg@10"], out_models[model.name]["mrr"])
+        timings[model.name] = {
+            "fit_s": round(fit_s, 3),
+            "score_s": round(score_s, 3),
+            "users_per_s": round(len(users) / max(score_s, 1e-9), 1),
+        }
+        logger.info(
+            "%s [%s]: fit %.1fs, scored %d users in %.1fs; recall@10=%.4f ndcg@10=%.4f mrr=%.4f",
+            model.name,
+            split.protocol,
+            fit_s,
+            len(users),
+            score_s,
+            out_models[model.name]["recall@10"],
+            out_models[model.name]["ndcg@10"],
+            out_models[model.name]["mrr"],
+        )
     return {"models": out_models, "cold_items": {"n_events": n_cold, "models": out_cold}}, timings, len(users)
 
 
@@ -237,15 +269,19 @@ def read_tables(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
     try:
         from llmrec.data.tables import read_interactions, read_items
     except ImportError:  # the tables module is optional for this stage
-        d = Path(data_dir)
-        for f in (ITEMS_FILE, INTERACTIONS_FILE):
-            if not (d / f).is_file():
-                raise FileNotFoundError(f"{d / f} not found; pass the folder written by `llmrec prepare`")
-        return pd.read_parquet(d / ITEMS_FILE), pd.read_parquet(d / INTERACTIONS_FILE)
-    return read_items(data_dir), read_interactions(data_dir)
+        read_items = read_interactions = None
+    if read_items is not None and read_interactions is not None:
+        return read_items(data_dir), read_interactions(data_dir)
+    d = Path(data_dir)
+    for f in (ITEMS_FILE, INTERACTIONS_FILE):
+        if not (d / f).is_file():
+            raise FileNotFoundError(f"{d / f} not found; pass the folder written by `llmrec prepare`")
+    return pd.read_parquet(d / ITEMS_FILE), pd.read_parquet(d / INTERACTIONS_FILE)
 
 
-def load_item_space(embeddings_dir: str | os.PathLike, items: pd.DataFrame | None = None) -> tuple[ItemSpace, dict]:
+def load_item_space(
+    embeddings_dir: str | os.PathLike, items: pd.DataFrame | None = None
+) -> tuple[ItemSpace, dict]:
     """ItemSpace from an embed folder (rows in embeddings order) with titles from `items` when given."""
     try:
         from llmrec.embed.artifact import load_embeddings
@@ -269,8 +305,9 @@ def load_item_space(embeddings_dir: str | os.PathLike, items: pd.DataFrame | Non
     if items is not None and "title" in items.columns:
         t = items.set_index(ITEM_ID)["title"]
         titles = t.reindex(ids).fillna("").astype(str).to_numpy(dtype=object)
-    return ItemSpace(item_ids=np.asarray(ids, dtype=object), text_vectors=np.asarray(vecs, np.float32),
-                     titles=titles), dict(meta)
+    return ItemSpace(
+        item_ids=np.asarray(ids, dtype=object), text_vectors=np.asarray(vecs, np.float32), titles=titles
+    ), dict(meta)
 
 
 def attach_item_idx(interactions: pd.DataFrame, items: ItemSpace) -> tuple[pd.DataFrame, int]:
@@ -285,10 +322,17 @@ def attach_item_idx(interactions: pd.DataFrame, items: ItemSpace) -> tuple[pd.Da
     n_missing = int(missing.sum())
     if n_missing:
         ex = sorted(set(interactions.loc[missing, ITEM_ID].head(5)))
-        logger.warning("dropping %d of %d interactions on %d item(s) without an embedding (e.g. %s)",
-                       n_missing, len(interactions), interactions.loc[missing, ITEM_ID].nunique(), ex)
+        logger.warning(
+            "dropping %d of %d interactions on %d item(s) without an embedding (e.g. %s)",
+            n_missing,
+            len(interactions),
+            interactions.loc[missing, ITEM_ID].nunique(),
+            ex,
+        )
     if n_missing == len(interactions):
-        raise ValueError("no interaction refers to an item of the embeddings; were they built from this data?")
+        raise ValueError(
+            "no interaction refers to an item of the embeddings; were they built from this data?"
+        )
     out = interactions.loc[~missing].copy()
     out[ITEM_IDX] = idx[~missing].astype(np.int64)
     if RATING not in out.columns:
@@ -304,7 +348,7 @@ def make_histories(events: pd.DataFrame, user_ids: Sequence[str]) -> list[Histor
     u = df[USER_ID].to_numpy()
     starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, dtype=np.int64)
     ends = np.r_[starts[1:], len(u)]
-    span = {u[s]: (s, e) for s, e in zip(starts, ends)}
+    span = {u[s]: (s, e) for s, e in zip(starts, ends, strict=True)}
     idx = df[ITEM_IDX].to_numpy(np.int64)
     ts = df[TS].to_numpy(np.int64)
     ev = df[EVENT].to_numpy(dtype=object) if EVENT in df.columns else np.full(len(df), "view", dtype=object)
@@ -331,8 +375,14 @@ def _dataset_name(data_dir: str | os.PathLike) -> str:
     return Path(data_dir).resolve().parent.name if Path(data_dir).name == "data" else Path(data_dir).name
 
 
-def _make_model(name: str, seed: int, scorer_dir: Path, llmrec_kwargs: dict[str, Any] | None,
-                kwargs: dict[str, Any], skipped: dict[str, str]) -> Recommender | None:
+def _make_model(
+    name: str,
+    seed: int,
+    scorer_dir: Path,
+    llmrec_kwargs: dict[str, Any] | None,
+    kwargs: dict[str, Any],
+    skipped: dict[str, str],
+) -> Recommender | None:
     if name != "llmrec":
         return make_baseline(name, seed=seed, **kwargs)  # type: ignore[return-value]
     try:
@@ -347,7 +397,7 @@ def _make_model(name: str, seed: int, scorer_dir: Path, llmrec_kwargs: dict[str,
 
 
 def llmrec_train_config(scorer_dir: str | os.PathLike) -> dict[str, Any]:
-    """Training settings of the run's scorer (scorer/meta.json "config"), to retrain it the same way on a split.
+    """Training settings of the run's scorer (scorer/meta.json "config"), to retrain it alike on a split.
 
     The run's own scorer was trained on every interaction, test events included, so evaluation never scores
     with it; it only borrows its settings. Returns {} when there is no scorer artifact.

@@ -1,4 +1,4 @@
-"""Full-ranking metrics over the whole catalog: Recall@k, NDCG@k (binary relevance, log2 discount), MRR, coverage@k.
+"""Full-ranking metrics over the whole catalog: Recall@k, NDCG@k (binary relevance, log2), MRR, coverage@k.
 
 Inputs are a score matrix `scores` float (B, N) (higher is better, `-inf` = cannot recommend), one or more
 target item indices per user, and an exclusion set per user (the user's training items). Conventions:
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 
@@ -41,19 +40,21 @@ __all__ = [
     "topk_indices",
 ]
 
-Targets = Union[np.ndarray, Sequence[Union[int, np.ndarray, Sequence[int]]]]
-Exclude = Union[np.ndarray, Sequence[Union[np.ndarray, Sequence[int]]], None]
+Targets = np.ndarray | Sequence[int | np.ndarray | Sequence[int]]
+Exclude = np.ndarray | Sequence[np.ndarray | Sequence[int]] | None
 
 DEFAULT_KS = (10, 20)
 DEFAULT_COVERAGE_K = 10
 
 
 def metric_names(ks: Sequence[int] = DEFAULT_KS, coverage_k: int = DEFAULT_COVERAGE_K) -> list[str]:
-    """The keys `RankingMetrics.result()` returns, in report order: recall@k..., ndcg@k..., mrr, coverage@k."""
+    """Keys of `RankingMetrics.result()` in report order: recall@k..., ndcg@k..., mrr, coverage@k."""
     return [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr", f"coverage@{coverage_k}"]
 
 
-def target_ranks(scores: np.ndarray, targets: Targets, exclude: Exclude = None, chunk_rows: int = 1024) -> list[np.ndarray]:
+def target_ranks(
+    scores: np.ndarray, targets: Targets, exclude: Exclude = None, chunk_rows: int = 1024
+) -> list[np.ndarray]:
     """1-based rank of every target among the user's non-excluded items (ties against the target).
 
     Args:
@@ -88,14 +89,18 @@ def target_ranks(scores: np.ndarray, targets: Targets, exclude: Exclude = None, 
             r_b = ahead[pos : pos + m] + 1
             if m > 1:  # order among the user's own targets: higher score first, then lower index
                 ts_b, idx_b = t_scores[pos : pos + m], cols[pos : pos + m]
-                better = (ts_b[None, :] > ts_b[:, None]) | ((ts_b[None, :] == ts_b[:, None]) & (idx_b[None, :] < idx_b[:, None]))
+                better = (ts_b[None, :] > ts_b[:, None]) | (
+                    (ts_b[None, :] == ts_b[:, None]) & (idx_b[None, :] < idx_b[:, None])
+                )
                 r_b = r_b + better.sum(axis=1)
             out.append(r_b.astype(np.int64))
             pos += m
     return out
 
 
-def topk_indices(scores: np.ndarray, k: int, exclude: Exclude = None, chunk_rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def topk_indices(
+    scores: np.ndarray, k: int, exclude: Exclude = None, chunk_rows: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k item indices per row, best first, excluded items removed.
 
     Returns:
@@ -114,7 +119,11 @@ def topk_indices(scores: np.ndarray, k: int, exclude: Exclude = None, chunk_rows
         stop = min(start + chunk_rows, n_rows)
         s = scores[start:stop].astype(np.float32, copy=True)
         s[~_valid_mask(exclude, start, stop, n_items)] = -np.inf
-        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < n_items else np.tile(np.arange(n_items), (len(s), 1))
+        part = (
+            np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+            if kk < n_items
+            else np.tile(np.arange(n_items), (len(s), 1))
+        )
         ps = np.take_along_axis(s, part, axis=1)
         order = np.lexsort((part, -ps), axis=1)  # score desc, then index asc
         idx_out[start:stop, :kk] = np.take_along_axis(part, order, axis=1)
@@ -132,11 +141,15 @@ class RankingMetrics:
         acc.result()["mrr"]  # 1.0: item 0 is excluded, so item 2 ranks first
     """
 
-    def __init__(self, n_items: int, ks: Sequence[int] = DEFAULT_KS, coverage_k: int = DEFAULT_COVERAGE_K) -> None:
+    def __init__(
+        self, n_items: int, ks: Sequence[int] = DEFAULT_KS, coverage_k: int = DEFAULT_COVERAGE_K
+    ) -> None:
         if n_items < 1:
             raise ValueError(f"n_items must be >= 1, got {n_items}")
         self.n_items, self.ks, self.coverage_k = int(n_items), tuple(int(k) for k in ks), int(coverage_k)
-        self._sums = {name: 0.0 for name in metric_names(self.ks, self.coverage_k) if not name.startswith("coverage")}
+        self._sums = {
+            name: 0.0 for name in metric_names(self.ks, self.coverage_k) if not name.startswith("coverage")
+        }
         self._covered = np.zeros(self.n_items, dtype=bool)
         self.n_users = 0
 
@@ -231,7 +244,9 @@ def _normalize_targets(targets: Targets, n_rows: int, n_items: int) -> list[np.n
         if t.min() < 0 or t.max() >= n_items:
             raise ValueError(f"target index out of range [0, {n_items}) in row {b}: {t.tolist()}")
         if len(np.unique(t)) != len(t):
-            raise ValueError(f"duplicate target indices in row {b}: {t.tolist()}; de-duplicate the test items")
+            raise ValueError(
+                f"duplicate target indices in row {b}: {t.tolist()}; de-duplicate the test items"
+            )
     return tgt
 
 

@@ -1,9 +1,9 @@
 """Human-readable evaluation outputs: `report.md` (markdown tables) and `metrics.png` (bar charts).
 
 `write_report(results, timings, out_dir)` takes the metrics.json object (`{protocol: {...}}`, see
-`llmrec.eval.evaluate`) and `{protocol: {model: {fit_s, score_s, users_per_s}}}`. report.md holds, per protocol,
-a models x metrics table, the same table for cold-item targets, and fit/score times; metrics.png has one row
-of bar charts per protocol (Recall@10, NDCG@10, MRR per model), drawn with the Agg backend (no display).
+`llmrec.eval.evaluate`) and `{protocol: {model: {fit_s, score_s, users_per_s}}}`. report.md holds, per
+protocol, a models x metrics table, the same table for cold-item targets, and fit/score times; metrics.png
+has one row of bar charts per protocol (Recall@10, NDCG@10, MRR per model), drawn with the Agg backend.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def markdown_report(
         lines += [
             f"## Protocol `{proto}` on `{res['dataset']}`",
             "",
-            f"{res['n_users']} test users, full ranking over {res['n_items']} items (training items excluded).",
+            f"{res['n_users']} test users, full ranking over {res['n_items']} items "
+            "(each user's history items excluded).",
             "",
         ]
         lines += _table(res["models"])
@@ -57,7 +58,10 @@ def markdown_report(
         t = timings.get(proto, {})
         if t:
             lines += ["", "### Time", "", "| model | fit (s) | score (s) | users/s |", "|---|---:|---:|---:|"]
-            lines += [f"| {m} | {v['fit_s']:.1f} | {v['score_s']:.1f} | {v['users_per_s']:.0f} |" for m, v in t.items()]
+            lines += [
+                f"| {m} | {v['fit_s']:.1f} | {v['score_s']:.1f} | {v['users_per_s']:.0f} |"
+                for m, v in t.items()
+            ]
         lines.append("")
     if skipped:
         lines += ["## Skipped models", ""] + [f"- `{m}`: {why}" for m, why in skipped.items()] + [""]
@@ -72,8 +76,9 @@ def plot_metrics(results: dict[str, Any], path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     protos = list(results)
-    fig, axes = plt.subplots(len(protos), len(PLOT_METRICS), figsize=(4 * len(PLOT_METRICS), 3.2 * len(protos)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(protos), len(PLOT_METRICS), figsize=(4 * len(PLOT_METRICS), 3.2 * len(protos)), squeeze=False
+    )
     for r, proto in enumerate(protos):
         models = results[proto]["models"]
         names = list(models)

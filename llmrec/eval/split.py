@@ -14,13 +14,14 @@ before = validation, the rest = train. Users with fewer than 3 events are train-
 validation (everything before the test event), so `history` = train + valid. Validation events are there for
 early stopping / tuning by callers; `evaluate` does not tune on them.
 
-Global time cutoff (`time_split`, protocol "time"): `cutoff_ts` defaults to the (1 - test_frac) quantile of all
-event timestamps (so about `test_frac` of the *events*, not of the calendar span, fall after it; events at
+Global time cutoff (`time_split`, protocol "time"): `cutoff_ts` defaults to the (1 - test_frac) quantile of
+all event timestamps (so about `test_frac` of the *events*, not of the calendar span, fall after it; events at
 exactly the cutoff are train). Train = events with ts <= cutoff; history = train. Test users are users with
-train history and at least one later event; their target is the **first** post-cutoff event (`targets="first"`,
-default: the next thing the user did, given everything known at the cutoff) or every distinct post-cutoff item
-(`targets="all"`). Cold items = items first seen after the cutoff (never in train); cold users = users whose
-events all fall after the cutoff (they have no history, so they are counted, not evaluated).
+train history and at least one later event; their target is the **first** post-cutoff event
+(`targets="first"`, default: the next thing the user did, given everything known at the cutoff) or every
+distinct post-cutoff item (`targets="all"`). Cold items = items first seen after the cutoff (never in
+train); cold users = users whose events all fall after the cutoff (they have no history, so they are
+counted, not evaluated).
 """
 
 from __future__ import annotations
@@ -95,7 +96,12 @@ def leave_last_out(interactions: pd.DataFrame) -> Split:
     logger.info(
         "loo split: %d events, %d users -> %d test users, %d users with < 3 events kept train-only, "
         "%d cold test targets (%.2fs)",
-        len(df), stats["n_users"], len(test), n_train_only, stats["n_cold_test_events"], time.perf_counter() - t0,
+        len(df),
+        stats["n_users"],
+        len(test),
+        n_train_only,
+        stats["n_cold_test_events"],
+        time.perf_counter() - t0,
     )
     cold_items = np.sort(test.loc[test["is_cold"], ITEM_ID].unique()).astype(object)
     return Split("loo", train, history, valid, test, cold_items, np.array([], dtype=object), stats)
@@ -121,7 +127,9 @@ def time_split(
     df = sort_events(interactions)
     if cutoff_ts is None:
         if not 0.0 < test_frac < 1.0:
-            raise ValueError(f"test_frac must be in (0, 1), got {test_frac}; e.g. 0.1 for the last 10% of events")
+            raise ValueError(
+                f"test_frac must be in (0, 1), got {test_frac}; e.g. 0.1 for the last 10% of events"
+            )
         cutoff_ts = int(np.quantile(df[TS].to_numpy(), 1.0 - test_frac, method="lower"))
     after = df[TS].to_numpy() > cutoff_ts
     train = df[~after].reset_index(drop=True)
@@ -160,8 +168,16 @@ def time_split(
     logger.info(
         "time split at ts=%d: %d train / %d post-cutoff events (%.1f%%); %d test users, %d test targets "
         "(%d on cold items); %d cold items, %d cold users not evaluated (%.2fs)",
-        cutoff_ts, len(train), stats["n_post_cutoff"], 100 * stats["post_cutoff_frac"], stats["n_test_users"],
-        len(test), stats["n_cold_test_events"], len(cold_items_all), len(cold_users), time.perf_counter() - t0,
+        cutoff_ts,
+        len(train),
+        stats["n_post_cutoff"],
+        100 * stats["post_cutoff_frac"],
+        stats["n_test_users"],
+        len(test),
+        stats["n_cold_test_events"],
+        len(cold_items_all),
+        len(cold_users),
+        time.perf_counter() - t0,
     )
     empty = df.iloc[:0].reset_index(drop=True)
     return Split("time", train, train, empty, test, cold_items_all, cold_users, stats)
@@ -171,7 +187,8 @@ def _check_columns(df: pd.DataFrame) -> None:
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ValueError(
-            f"interactions table lacks columns {missing}; expected at least {list(REQUIRED)}, got {list(df.columns)}; "
+            f"interactions table lacks columns {missing}; expected at least {list(REQUIRED)}, "
+            f"got {list(df.columns)}; "
             f"pass the table written by `llmrec prepare`"
         )
     if df[USER_ID].isna().any() or df[ITEM_ID].isna().any() or df[TS].isna().any():

@@ -92,7 +92,9 @@ def _one_faiss_thread():
 @pytest.mark.parametrize("kind,params", [("flat", {}), ("torch", {}), ("torch", {"chunk_elems": 5000})])
 def test_exact_kinds_equal_numpy_brute_force(small, kind, params):
     x, q = small
-    idx = ItemIndex.build(x, _ids(len(x)), kind=kind, device="cpu", **params)
+    caller_copy = x.copy()
+    idx = ItemIndex.build(caller_copy, _ids(len(x)), kind=kind, device="cpu", **params)
+    caller_copy[:] = 0.0  # the index holds its own copy
     assert idx.kind == kind and idx.n_items == 2000 and idx.dim == 32
     scores, ids = idx.search(q, 10)
     ref_s, ref_pos = _brute(x, q, 10)

@@ -2,11 +2,12 @@
 
 Kinds (`ItemIndex.build(..., kind=...)`):
 - "flat": exact `IndexFlatIP` (faiss GPU `GpuIndexFlatIP` when `device` is CUDA and faiss sees a GPU).
-- "hnsw": `IndexHNSWFlat` (inner product), M=32, efConstruction=64; efSearch is tuned at build time on a
+- "hnsw": `IndexHNSWFlat` (inner product), M=32, efConstruction=40; efSearch is tuned at build time on a
   sample of catalog items (exact search as reference) to the smallest value in 64..512 that reaches
   `target_recall` (default 0.97) @10. faiss has no GPU HNSW, so it always runs on the CPU.
-- "ivf": `IndexIVFFlat` (inner product), nlist ~ 4 sqrt(N) (at least 39 training points per list); nprobe is
-  tuned the same way (smallest power of two reaching `target_recall`). Moved to faiss GPU when available.
+- "ivf": `IndexIVFFlat` (inner product), nlist ~ sqrt(N) (at least 39 items per list), k-means with 10
+  iterations on at most 64 x nlist items; nprobe is tuned the same way (smallest power of two reaching
+  `target_recall`). Moved to faiss GPU when available.
 - "torch": exact `q @ X.T` + `topk` in torch, chunked over items so 1M x 384 fits (fp16 on CUDA, fp32 on
   CPU). It stands in wherever faiss (or faiss-gpu) is missing.
 - "auto": on CUDA, "flat" on faiss GPU if faiss sees a GPU, else "torch" on CUDA; on CPU, "flat" below
@@ -52,7 +53,7 @@ AUTO_FLAT_MAX_ITEMS = 50_000  # "auto" picks exact flat search below this many i
 _TUNE_QUERIES = 500  # catalog items used as queries when tuning efSearch / nprobe
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "flat": {},
-    "hnsw": {"M": 32, "ef_construction": 64, "ef_search": None, "target_recall": 0.97},
+    "hnsw": {"M": 32, "ef_construction": 40, "ef_search": None, "target_recall": 0.97},
     "ivf": {"nlist": None, "nprobe": None, "target_recall": 0.97},
     "torch": {"chunk_elems": 1 << 26},  # max (queries x items) scores held at once, 256 MiB in fp32
 }
@@ -91,6 +92,8 @@ class ItemIndex:
         self.device = device
         self.embed_meta: dict[str, Any] | None = dict(embed_meta) if embed_meta else None
         self._lock = threading.RLock()
+        if isinstance(backend, _TorchBackend) and backend.device.type == "cpu":
+            backend.share_host(lambda: self._buf[: self._n])
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -129,6 +132,8 @@ class ItemIndex:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         xb = _as_matrix(vectors, "vectors")
+        if isinstance(vectors, np.ndarray) and np.may_share_memory(xb, vectors):
+            xb = xb.copy()  # the index keeps its own copy: later edits of the caller's array change nothing
         if xb.shape[0] == 0:
             raise ValueError("vectors is empty (0 rows); an index needs at least one item")
         ids = _as_ids(item_ids, xb.shape[0])
@@ -550,14 +555,15 @@ class _FaissBackend(_Backend):
             index.hnsw.efConstruction = int(p["ef_construction"])
             gpu_device = None
         else:
-            nlist = int(p["nlist"] or max(1, min(int(4 * np.sqrt(n)), n // 39)))
+            nlist = int(p["nlist"] or max(1, min(int(np.sqrt(n)), n // 39)))
             if nlist > n:
                 raise ValueError(f"ivf nlist {nlist} > {n} items; pass a smaller nlist or use kind 'flat'")
             p["nlist"] = nlist
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.niter = 10  # k-means quality for IVF saturates early; nprobe tuning covers the rest
             train = xb
-            if n > 256 * nlist:  # k-means quality saturates; keep training time bounded
-                train = xb[np.random.default_rng(0).choice(n, 256 * nlist, replace=False)]
+            if n > 64 * nlist:  # bounded training cost: 64 points per list is plenty for a coarse quantizer
+                train = xb[np.random.default_rng(0).choice(n, 64 * nlist, replace=False)]
             index.train(train)
         backend = cls(index, gpu_device=gpu_device)
         backend.add(xb)
@@ -581,7 +587,9 @@ class _FaissBackend(_Backend):
 
 
 class _TorchBackend(_Backend):
-    """Exact matmul + topk; items live on `device` (fp16 on CUDA) in a buffer that grows by doubling."""
+    """Exact matmul + topk. On CUDA the items live on the GPU (fp16) in a buffer that grows by doubling; on
+    the CPU the backend reads the owning ItemIndex's float32 buffer (`share_host`), so vectors are held once.
+    """
 
     def __init__(self, xb: np.ndarray, device: str, chunk_elems: int) -> None:
         import torch
@@ -590,15 +598,24 @@ class _TorchBackend(_Backend):
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.chunk_elems = chunk_elems
         self.n = xb.shape[0]
-        self.buf = torch.from_numpy(np.array(xb, dtype=np.float32)).to(self.device, self.dtype)
+        self.host: Any = None
+        self.buf = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)).to(self.device, self.dtype)
+
+    def share_host(self, view: Any) -> None:
+        """Search `view()` (the owner's (N, D) float32 rows) instead of a copy; CPU only."""
+        assert self.device.type == "cpu", "share_host is for the CPU torch backend"
+        self.host, self.buf = view, None
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return exact_topk(self.buf[: self.n], xq, k, chunk_elems=self.chunk_elems)
+        xb = self.host() if self.host is not None else self.buf[: self.n]
+        return exact_topk(xb, xq, k, chunk_elems=self.chunk_elems)
 
     def add(self, xa: np.ndarray) -> None:
         import torch
 
-        new = torch.from_numpy(np.array(xa, dtype=np.float32)).to(self.device, self.dtype)
+        if self.host is not None:  # the owner appends to the shared buffer right after this call
+            return
+        new = torch.from_numpy(np.ascontiguousarray(xa, dtype=np.float32)).to(self.device, self.dtype)
         need = self.n + new.shape[0]
         if need > self.buf.shape[0]:
             grown = torch.empty(

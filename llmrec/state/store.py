@@ -284,6 +284,8 @@ class StateStore:
     """Client facade over `n_shards` named detached `UserStateShard` actors.
 
     Async methods (`apply`, `get`, `delete`, `stats`) are for Serve replicas; `*_sync` twins for scripts.
+    Joining running actors (same `name` and `namespace`) keeps their vectorizer and settings; use
+    `set_vectorizer_sync` to swap the vectorizer.
 
     Example::
 
@@ -338,8 +340,19 @@ class StateStore:
             self.actors.append(handle)
             if not existed:
                 self._created.append(i)
-        for i, st in enumerate(self._gather_sync("stats", [(i, ()) for i in range(n_shards)])):
+        from ray.exceptions import RayActorError
+
+        try:  # waits for the shards' log replay; no retry here: a shard that cannot start should say why
+            first = ray.get([a.stats.remote() for a in self.actors])
+        except RayActorError as e:
+            for i in self._created:  # do not leave detached half-stores behind
+                ray.kill(self.actors[i], no_restart=True)
+            raise RuntimeError(f"a state shard of {name!r} failed to start (cause below); if it says the log "
+                               f"is locked, another store (another name=) writes {self.log_dir}") from e
+        for i, st in enumerate(first):
             if os.path.abspath(st["log_dir"]) != self.log_dir or st["shard_id"] != i:
+                for k in self._created:
+                    ray.kill(self.actors[k], no_restart=True)
                 raise ValueError(f"actor {name}-{i} in namespace {namespace!r} already exists for log_dir "
                                  f"{st['log_dir']!r} shard {st['shard_id']}, not {self.log_dir!r} shard {i}; "
                                  "pass the same log_dir or another name=")

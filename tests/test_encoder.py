@@ -50,7 +50,9 @@ def test_shapes_dtype_unit_norm(tiny: TextEncoder, texts: list[str]) -> None:
     assert e.shape == (0, 32) and e.dtype == np.float32
 
 
-def test_deterministic_across_calls_and_instances(tiny: TextEncoder, tiny_model_dir: str, texts: list[str]) -> None:
+def test_deterministic_across_calls_and_instances(
+    tiny: TextEncoder, tiny_model_dir: str, texts: list[str]
+) -> None:
     a = tiny.encode(texts)
     np.testing.assert_array_equal(a, tiny.encode(texts))
     other = TextEncoder(tiny_model_dir, device="cpu", max_length=32)
@@ -61,7 +63,9 @@ def test_order_and_batch_size_do_not_change_vectors(tiny: TextEncoder, texts: li
     # reference: every text alone (batch_size=1, no padding at all)
     ref = tiny.encode(texts, batch_size=1)
     for bs in (3, 16, 128):
-        np.testing.assert_allclose(tiny.encode(texts, batch_size=bs), ref, atol=1e-5, err_msg=f"batch_size={bs}")
+        np.testing.assert_allclose(
+            tiny.encode(texts, batch_size=bs), ref, atol=1e-5, err_msg=f"batch_size={bs}"
+        )
     perm = np.random.default_rng(0).permutation(len(texts))
     got = tiny.encode([texts[i] for i in perm], batch_size=7)
     np.testing.assert_allclose(got, ref[perm], atol=1e-5)
@@ -83,7 +87,9 @@ def test_tokenize_and_forward_pieces_match_encode(tiny: TextEncoder, texts: list
     full = tiny.forward(ids, attention_mask_from_length(length, ids.shape[1]))
     np.testing.assert_allclose(full, tiny.encode(texts), atol=1e-5)
     # a standalone tokenizer gives the same ids as the encoder's
-    np.testing.assert_array_equal(TextTokenizer(tiny.model_path, 32)(texts, pad_to_max_length=True)["input_ids"], ids)
+    np.testing.assert_array_equal(
+        TextTokenizer(tiny.model_path, 32)(texts, pad_to_max_length=True)["input_ids"], ids
+    )
 
 
 def test_mean_pooling_by_hand(tiny: TextEncoder) -> None:
@@ -92,9 +98,10 @@ def test_mean_pooling_by_hand(tiny: TextEncoder) -> None:
     tok = tiny.tokenize(["Toy Story (1995)", "Heat"])
     ids, length = tok["input_ids"], tok["length"]
     with torch.inference_mode():
-        h = tiny._model(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                        attention_mask=torch.as_tensor(attention_mask_from_length(length, ids.shape[1]))
-                        ).last_hidden_state.numpy()  # (2, L, D)
+        h = tiny._model(
+            input_ids=torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(attention_mask_from_length(length, ids.shape[1])),
+        ).last_hidden_state.numpy()  # (2, L, D)
     want = np.stack([h[i, : length[i]].mean(0) for i in range(2)])
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     np.testing.assert_allclose(tiny.encode(["Toy Story (1995)", "Heat"]), want, atol=1e-5)
@@ -129,21 +136,32 @@ def test_bad_inputs_have_clear_errors(tiny: TextEncoder, tiny_model_dir: str, tm
 def test_minilm_neighbours_are_sensible(minilm: TextEncoder) -> None:
     # hand-checked: each anchor's related title must be closer than the unrelated one
     cases = [
-        ("Toy Story (1995) Animation, Children's, Comedy",
-         "Toy Story 2 (1999) Adventure, Animation, Children, Comedy", "Schindler's List (1993) Drama, War"),
-        ("Alien (1979) Horror, Sci-Fi", "Aliens (1986) Action, Adventure, Horror, Sci-Fi",
-         "Sense and Sensibility (1995) Drama, Romance"),
-        ("The Godfather (1972) Crime, Drama", "The Godfather: Part II (1974) Crime, Drama",
-         "Finding Nemo (2003) Adventure, Animation, Children, Comedy"),
+        (
+            "Toy Story (1995) Animation, Children's, Comedy",
+            "Toy Story 2 (1999) Adventure, Animation, Children, Comedy",
+            "Schindler's List (1993) Drama, War",
+        ),
+        (
+            "Alien (1979) Horror, Sci-Fi",
+            "Aliens (1986) Action, Adventure, Horror, Sci-Fi",
+            "Sense and Sensibility (1995) Drama, Romance",
+        ),
+        (
+            "The Godfather (1972) Crime, Drama",
+            "The Godfather: Part II (1974) Crime, Drama",
+            "Finding Nemo (2003) Adventure, Animation, Children, Comedy",
+        ),
     ]
     flat = [t for c in cases for t in c]
     v = minilm.encode(flat).reshape(len(cases), 3, -1)  # (cases, [anchor, near, far], D)
     assert minilm.dim == 384 and minilm.model_name == DEFAULT_MODEL_NAME
-    for (a, near, far), (va, vn, vf) in zip(cases, v):
+    for (a, _, _), (va, vn, vf) in zip(cases, v, strict=True):
         assert va @ vn > va @ vf + 0.1, f"{a!r}: near {va @ vn:.3f} vs far {va @ vf:.3f}"
 
 
-def test_minilm_matches_sentence_transformers(minilm: TextEncoder, minilm_path: str, texts: list[str]) -> None:
+def test_minilm_matches_sentence_transformers(
+    minilm: TextEncoder, minilm_path: str, texts: list[str]
+) -> None:
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(minilm_path, device="cpu")

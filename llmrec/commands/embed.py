@@ -13,23 +13,48 @@ HELP = "embed every item's text with a BERT encoder on Ray Data (writes embeddin
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", required=True, help="items.parquet, or the folder written by `llmrec prepare`")
     p.add_argument("--out", required=True, help="output folder (embeddings.parquet, meta.json)")
-    p.add_argument("--model", default=None,
-                   help="local HF model folder or hub name (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument(
+        "--model", default=None, help="local HF model folder or hub name (default: packaged all-MiniLM-L6-v2)"
+    )
     p.add_argument("--batch-size", type=int, default=128, help="rows per encoder forward pass (default 128)")
     p.add_argument("--max-length", type=int, default=128, help="token limit per text (default 128)")
-    p.add_argument("--num-actors", type=int, default=None,
-                   help="encoder actors (default: one per GPU, else sized to the CPUs leaving one for reads)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: GPU actors when the Ray cluster has GPUs (default auto)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument(
+        "--num-actors",
+        type=int,
+        default=None,
+        help="encoder actors (default: one per GPU, else sized to the CPUs leaving one for reads)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: GPU actors when the Ray cluster has GPUs (default auto)",
+    )
+    p.add_argument(
+        "--bucketing",
+        default="dataset",
+        choices=["dataset", "group"],
+        help="length bucketing: sort all rows by token count (dataset, default) or within each "
+        "actor call (group: no sort stage)",
+    )
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from llmrec.embed.ray_embed import embed_catalog
 
     meta = embed_catalog(
-        args.items, args.out, model=args.model, batch_size=args.batch_size, max_length=args.max_length,
-        num_actors=args.num_actors, device=args.device, ray_address=args.address,
+        args.items,
+        args.out,
+        model=args.model,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        num_actors=args.num_actors,
+        device=args.device,
+        ray_address=args.address,
+        bucketing=args.bucketing,
     )
     print(
         f"wrote {meta['n_items']} x {meta['dim']} embeddings ({meta['model_name']}) to {args.out} "

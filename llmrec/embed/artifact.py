@@ -1,7 +1,8 @@
 """Read an `llmrec embed` artifact folder: `load_embeddings(dir) -> Embeddings`.
 
 The folder holds `embeddings.parquet` (`item_id` string, `embedding` fixed_size_list<float32>[D]) in the row
-order of the items table it was built from, and a `meta.json` of stage "embed" (model_name, dim, n_items, ...).
+order of the items table it was built from, and a `meta.json` of stage "embed" (model_name, dim, n_items,
+...).
 The loader checks the file against the meta (row count, dim, dtype) so a stale or truncated file fails here
 with one clear line, not later inside an index.
 """
@@ -63,14 +64,20 @@ def load_embeddings(art_dir: str | os.PathLike) -> Embeddings:
     meta = read_meta(art_dir, "embed")
     path = Path(art_dir) / EMBEDDINGS_FILE
     if not path.is_file():
-        raise ArtifactError(f"{art_dir} has an embed meta.json but no {EMBEDDINGS_FILE}; re-run `llmrec embed`")
+        raise ArtifactError(
+            f"{art_dir} has an embed meta.json but no {EMBEDDINGS_FILE}; re-run `llmrec embed`"
+        )
     table = pq.read_table(path)
     for col in (ITEM_ID, EMBEDDING):
         if col not in table.column_names:
-            raise ArtifactError(f"{path} lacks column {col!r} (has {table.column_names}); re-run `llmrec embed`")
+            raise ArtifactError(
+                f"{path} lacks column {col!r} (has {table.column_names}); re-run `llmrec embed`"
+            )
     emb = table.column(EMBEDDING).combine_chunks()
     if not pa.types.is_fixed_size_list(emb.type):
-        raise ArtifactError(f"{path}: {EMBEDDING!r} must be fixed_size_list<float32>, got {emb.type}; re-run `llmrec embed`")
+        raise ArtifactError(
+            f"{path}: {EMBEDDING!r} must be fixed_size_list<float32>, got {emb.type}; re-run `llmrec embed`"
+        )
     dim = emb.type.list_size
     n = table.num_rows
     if dim != meta.get("dim") or n != meta.get("n_items"):
@@ -80,5 +87,7 @@ def load_embeddings(art_dir: str | os.PathLike) -> Embeddings:
         )
     vectors = np.asarray(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, dim)
     item_ids = np.asarray(table.column(ITEM_ID).to_numpy(zero_copy_only=False), dtype=object)
-    logger.info("loaded %d x %d embeddings (%s) in %.2fs", n, dim, meta.get("model_name"), time.perf_counter() - t0)
+    logger.info(
+        "loaded %d x %d embeddings (%s) in %.2fs", n, dim, meta.get("model_name"), time.perf_counter() - t0
+    )
     return Embeddings(item_ids=item_ids, vectors=vectors, meta=meta)

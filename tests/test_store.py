@@ -88,6 +88,9 @@ def test_shard_rebuilds_from_snapshot_plus_log_and_deletes(tmp_path: Path) -> No
         assert comparable(rebuilt.users[u]) == comparable(ref[u])
         assert rebuilt.get(u) == got[u]
         np.testing.assert_allclose(got[u]["vector"], MeanVectorizer(IDS, V)(ref[u]), rtol=1e-6)
+    # the reply to the last batch was "lost" (the old shard is gone): its retry is recognised after replay
+    assert all(r["duplicate"] for r in rebuilt.apply(events[-4:]))
+    assert rebuilt.log.last_seq == 25 and rebuilt.users["a"].n_events == ref["a"].n_events
     assert rebuilt.delete("b") is True and rebuilt.get("b") is None
     assert rebuilt.delete("b") is False
     assert rebuilt.stats()["n_events"] == ref["a"].n_events + ref["c"].n_events == 17

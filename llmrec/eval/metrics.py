@@ -66,36 +66,8 @@ def target_ranks(
     Returns:
         list of B int64 arrays; element b has one rank per target of user b, in the order given.
     """
-    scores = _check_scores(scores)
-    n_rows, n_items = scores.shape
-    tgt = _normalize_targets(targets, n_rows, n_items)
-    _check_exclude(exclude, n_rows, n_items)
-    out: list[np.ndarray] = []
-    for start in range(0, n_rows, chunk_rows):
-        stop = min(start + chunk_rows, n_rows)
-        s = scores[start:stop]  # (C, N)
-        valid = _valid_mask(exclude, start, stop, n_items)  # (C, N) True = competes with the targets
-        rows = np.concatenate([np.full(len(tgt[b]), b - start, dtype=np.int64) for b in range(start, stop)])
-        cols = np.concatenate([tgt[b] for b in range(start, stop)]).astype(np.int64)
-        valid[rows, cols] = False  # targets never excluded, and counted among themselves below
-        t_scores = s[rows, cols]  # (P,)
-        ahead = np.empty(len(rows), dtype=np.int64)
-        for p0 in range(0, len(rows), chunk_rows):  # (P, N) temporaries, P ~ C
-            r, ts = rows[p0 : p0 + chunk_rows], t_scores[p0 : p0 + chunk_rows]
-            ahead[p0 : p0 + chunk_rows] = ((s[r] >= ts[:, None]) & valid[r]).sum(axis=1)
-        pos = 0
-        for b in range(start, stop):
-            m = len(tgt[b])
-            r_b = ahead[pos : pos + m] + 1
-            if m > 1:  # order among the user's own targets: higher score first, then lower index
-                ts_b, idx_b = t_scores[pos : pos + m], cols[pos : pos + m]
-                better = (ts_b[None, :] > ts_b[:, None]) | (
-                    (ts_b[None, :] == ts_b[:, None]) & (idx_b[None, :] < idx_b[:, None])
-                )
-                r_b = r_b + better.sum(axis=1)
-            out.append(r_b.astype(np.int64))
-            pos += m
-    return out
+    rows, ranks, lengths = _flat_ranks(scores, targets, exclude, chunk_rows)
+    return np.split(ranks, np.cumsum(lengths)[:-1])
 
 
 def topk_indices(
@@ -157,18 +129,20 @@ class RankingMetrics:
         """Add one batch: scores (B, N), B users' targets and exclusions (see `target_ranks`)."""
         if scores.ndim != 2 or scores.shape[1] != self.n_items:
             raise ValueError(f"scores must be (B, {self.n_items}), got shape {scores.shape}")
-        ranks = target_ranks(scores, targets, exclude)
-        for r in ranks:
-            r = r.astype(np.float64)
-            for k in self.ks:
-                self._sums[f"recall@{k}"] += float((r <= k).sum()) / len(r)
-                dcg = float((1.0 / np.log2(r[r <= k] + 1.0)).sum())
-                idcg = float((1.0 / np.log2(np.arange(2, min(len(r), k) + 2))).sum())
-                self._sums[f"ndcg@{k}"] += dcg / idcg
-            self._sums["mrr"] += 1.0 / float(r.min())
+        rows, ranks, lengths = _flat_ranks(scores, targets, exclude)  # (P,), (P,), (B,)
+        n_b = len(lengths)
+        r = ranks.astype(np.float64)
+        for k in self.ks:
+            hit = r <= k
+            self._sums[f"recall@{k}"] += float((np.bincount(rows, hit, minlength=n_b) / lengths).sum())
+            dcg = np.bincount(rows, np.where(hit, 1.0 / np.log2(r + 1.0), 0.0), minlength=n_b)
+            ideal = np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))  # (k,) IDCG by number of targets
+            self._sums[f"ndcg@{k}"] += float((dcg / ideal[np.minimum(lengths, k) - 1]).sum())
+        starts = np.r_[0, np.cumsum(lengths)[:-1]]
+        self._sums["mrr"] += float((1.0 / np.minimum.reduceat(r, starts)).sum())
         idx, top = topk_indices(scores, self.coverage_k, exclude)
         self._covered[idx[np.isfinite(top)]] = True
-        self.n_users += len(ranks)
+        self.n_users += n_b
 
     def result(self) -> dict[str, float]:
         """Means over users (keys from `metric_names`); NaN for every metric when no user was added."""
@@ -229,25 +203,69 @@ def _check_scores(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
-def _normalize_targets(targets: Targets, n_rows: int, n_items: int) -> list[np.ndarray]:
+def _flat_ranks(
+    scores: np.ndarray, targets: Targets, exclude: Exclude, chunk_rows: int = 1024
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row (P,), rank (P,), targets per row (B,)) for all P (row, target) pairs, grouped by row in order."""
+    scores = _check_scores(scores)
+    n_rows, n_items = scores.shape
+    cols_all, lengths = _normalize_targets(targets, n_rows, n_items)
+    _check_exclude(exclude, n_rows, n_items)
+    rows_all = np.repeat(np.arange(n_rows, dtype=np.int64), lengths)
+    offsets = np.r_[0, np.cumsum(lengths)]
+    ranks = np.empty(len(cols_all), dtype=np.int64)
+    for start in range(0, n_rows, chunk_rows):
+        stop = min(start + chunk_rows, n_rows)
+        p0, p1 = offsets[start], offsets[stop]
+        s = scores[start:stop]  # (C, N)
+        valid = _valid_mask(exclude, start, stop, n_items)  # (C, N) True = competes with the targets
+        rows, cols = rows_all[p0:p1] - start, cols_all[p0:p1]
+        valid[rows, cols] = False  # targets are never excluded, and are ordered among themselves below
+        t_scores = s[rows, cols]  # (P,)
+        for q in range(0, len(rows), chunk_rows):  # (P, N) temporaries, P ~ C
+            r, ts = rows[q : q + chunk_rows], t_scores[q : q + chunk_rows]
+            ranks[p0 + q : p0 + q + len(r)] = ((s[r] >= ts[:, None]) & valid[r]).sum(axis=1) + 1
+        for b in np.flatnonzero(lengths[start:stop] > 1) + start:  # users with several targets
+            a, e = offsets[b] - p0, offsets[b + 1] - p0
+            ts_b, idx_b = t_scores[a:e], cols[a:e]
+            better = (ts_b[None, :] > ts_b[:, None]) | (
+                (ts_b[None, :] == ts_b[:, None]) & (idx_b[None, :] < idx_b[:, None])
+            )  # higher score first, then lower index
+            ranks[p0 + a : p0 + e] += better.sum(axis=1)
+    return rows_all, ranks, lengths
+
+
+def _normalize_targets(targets: Targets, n_rows: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 target indices (P,), targets per row (B,)) after checking them."""
     if isinstance(targets, np.ndarray) and targets.ndim == 1 and targets.dtype != object:
-        tgt = [targets[b : b + 1] for b in range(len(targets))]
+        if not np.issubdtype(targets.dtype, np.integer):
+            raise ValueError(f"targets must be integer item indices, got dtype {targets.dtype}")
+        tgt = [targets]
+        lengths = np.ones(len(targets), dtype=np.int64)
     else:
         tgt = [np.atleast_1d(np.asarray(t)) for t in targets]
-    if len(tgt) != n_rows:
-        raise ValueError(f"got {len(tgt)} target entries for {n_rows} score rows; pass one entry per user")
-    for b, t in enumerate(tgt):
-        if len(t) == 0:
-            raise ValueError(f"user row {b} has no target; drop users without a test event before scoring")
-        if not np.issubdtype(t.dtype, np.integer):
-            raise ValueError(f"targets must be integer item indices, got dtype {t.dtype} for row {b}")
-        if t.min() < 0 or t.max() >= n_items:
-            raise ValueError(f"target index out of range [0, {n_items}) in row {b}: {t.tolist()}")
-        if len(np.unique(t)) != len(t):
-            raise ValueError(
-                f"duplicate target indices in row {b}: {t.tolist()}; de-duplicate the test items"
-            )
-    return tgt
+        lengths = np.array([len(t) for t in tgt], dtype=np.int64)
+        for b, t in enumerate(tgt):
+            if len(t) == 0:
+                raise ValueError(
+                    f"user row {b} has no target; drop users without a test event before scoring"
+                )
+            if not np.issubdtype(t.dtype, np.integer):
+                raise ValueError(f"targets must be integer item indices, got dtype {t.dtype} for row {b}")
+            if len(t) > 1 and len(np.unique(t)) != len(t):
+                raise ValueError(
+                    f"duplicate target indices in row {b}: {t.tolist()}; de-duplicate the test items"
+                )
+    if len(lengths) != n_rows:
+        raise ValueError(
+            f"got {len(lengths)} target entries for {n_rows} score rows; pass one entry per user"
+        )
+    flat = np.concatenate(tgt).astype(np.int64) if len(tgt) else np.zeros(0, dtype=np.int64)
+    bad = (flat < 0) | (flat >= n_items)
+    if bad.any():
+        b = int(np.repeat(np.arange(n_rows), lengths)[np.argmax(bad)])
+        raise ValueError(f"target index out of range [0, {n_items}) in row {b}: {flat[np.argmax(bad)]}")
+    return flat, lengths
 
 
 def _check_exclude(exclude: Exclude, n_rows: int, n_items: int) -> None:
@@ -268,10 +286,9 @@ def _valid_mask(exclude: Exclude, start: int, stop: int, n_items: int) -> np.nda
     if isinstance(exclude, np.ndarray) and exclude.dtype == bool:
         valid &= ~exclude[start:stop]
         return valid
-    for b in range(start, stop):
-        ex = np.asarray(exclude[b], dtype=np.int64)
-        if len(ex):
-            if ex.min() < 0 or ex.max() >= n_items:
-                raise ValueError(f"exclude index out of range [0, {n_items}) in row {b}")
-            valid[b - start, ex] = False
+    ex = [np.asarray(exclude[b], dtype=np.int64).ravel() for b in range(start, stop)]
+    cols = np.concatenate(ex) if ex else np.zeros(0, dtype=np.int64)
+    if len(cols) and (cols.min() < 0 or cols.max() >= n_items):
+        raise ValueError(f"exclude index out of range [0, {n_items}) in rows {start}..{stop - 1}")
+    valid[np.repeat(np.arange(stop - start), [len(e) for e in ex]), cols] = False
     return valid

@@ -15,7 +15,7 @@ def setup_logging(level: str = "INFO") -> None:
         datefmt="%H:%M:%S",
     )
     # Ray and HTTP clients are chatty at INFO; keep the driver readable.
-    for name in ("urllib3", "httpx", "filelock", "ray.serve"):
+    for name in ("urllib3", "httpx", "filelock", "ray.serve", "faiss.loader"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -570,6 +570,11 @@ class _FaissBackend(_Backend):
         return backend
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._res is not None and k > 2048:
+            raise ValueError(
+                f"faiss GPU returns at most 2048 results per query, asked for {k} (k plus the longest "
+                f"exclude list); lower k / shorten exclude, or load the index with device='cpu'"
+            )
         dist, pos = self.index.search(np.ascontiguousarray(xq, dtype=np.float32), k)
         return dist.astype(np.float32, copy=False), pos.astype(np.int64, copy=False)
 

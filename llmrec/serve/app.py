@@ -55,10 +55,16 @@ def build_app(args: Mapping[str, Any]) -> Any:
         {"autoscaling_config": cfg["autoscaling"]} if cfg["autoscaling"] else {"num_replicas": cfg["num_replicas"]}
     )
     actor_opts = {"num_cpus": cfg["num_cpus"]}
+    # `serve.run` from Python always restarts replicas on redeploy (a new random code version); surge 100 %
+    # starts the new replicas before the old ones stop, so a redeploy has no gap. `serve deploy` with only a
+    # changed user_config is an in-place `reconfigure` instead.
+    scale["max_surge_percent"] = 100
     recommender = Recommender.options(
         user_config=cfg["user_config"], ray_actor_options=actor_opts, **scale
     ).bind(cfg["run_dir"], cfg["model"], cfg["device"])
-    ingress = Ingress.options(user_config=cfg["user_config"], ray_actor_options=actor_opts, **scale).bind(
+    ingress = Ingress.options(
+        user_config=cfg["user_config"], ray_actor_options=actor_opts, **scale
+    ).bind(
         recommender,
         cfg["run_dir"],
         n_shards=cfg["n_shards"],

@@ -25,6 +25,8 @@ import json
 import logging
 import os
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +62,6 @@ class ClientError(Exception):
 
 
 # --------------------------------------------------------------------------- helpers shared by both sides
-class EmbeddingsMeanVectorizer:
-    """Picklable zero-arg vectorizer factory for the state shards: loads the embeddings inside the actor."""
-
-    def __init__(self, embeddings_dir: str) -> None:
-        self.embeddings_dir = str(embeddings_dir)
-
-    def __call__(self) -> Any:
-        from llmrec.embed.artifact import load_embeddings
-        from llmrec.state.user_state import MeanVectorizer
-
-        emb = load_embeddings(self.embeddings_dir)
-        return MeanVectorizer(emb.item_ids, emb.vectors)
-
-
 def resolve_artifacts(run_dir: str, user_config: dict[str, Any] | None) -> dict[str, Any]:
     """Artifact folders for a run: RUN/{embeddings,index,scorer} unless user_config overrides them."""
     cfg = dict(user_config or {})
@@ -87,6 +75,13 @@ def resolve_artifacts(run_dir: str, user_config: dict[str, Any] | None) -> dict[
         "model_version": cfg.get("model_version"),
         "rank": dict(cfg.get("rank") or {}),
     }
+
+
+def _eager_annotations(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Resolve string annotations now: Serve re-wraps ingress methods in its own module, where FastAPI
+    could not resolve `Request` etc. from the postponed annotations (`from __future__ import annotations`)."""
+    fn.__annotations__ = typing.get_type_hints(fn, include_extras=True)
+    return fn
 
 
 def hash_user_id(user_id: str) -> str:
@@ -299,7 +294,7 @@ class Ingress:
         namespace: str = "llmrec",
         log_dir: str | None = None,
     ) -> None:
-        from llmrec.state.store import StateStore
+        from llmrec.state.store import EmbeddingsMeanVectorizer, StateStore
 
         self.recommender = recommender
         self.run_dir = str(run_dir)
@@ -373,6 +368,7 @@ class Ingress:
     # -- routes
     @api.post("/feedback", response_model=S.FeedbackResponse, responses={400: {"model": S.ErrorResponse},
               401: {"model": S.ErrorResponse}, 413: {"model": S.ErrorResponse}, 422: {"model": S.ErrorResponse}})
+    @_eager_annotations
     async def feedback(self, request: Request) -> dict[str, Any]:
         """Record one event `{"user_id", "item_id", "event", "value"?, "text"?, "ts"?}` or `{"events": [...]}`."""
         t0 = time.perf_counter()
@@ -415,6 +411,7 @@ class Ingress:
                 "duplicates": sum(bool(r.get("duplicate")) for r in results)}
 
     @api.get("/recommend", response_model=S.RecommendResponse, responses={422: {"model": S.ErrorResponse}})
+    @_eager_annotations
     async def recommend(
         self,
         user_id: str = Query(min_length=1, max_length=S.MAX_ID_CHARS),
@@ -437,6 +434,7 @@ class Ingress:
                 "model_version": res["model_version"]}
 
     @api.get("/users/{user_id}", responses={404: {"model": S.ErrorResponse}})
+    @_eager_annotations
     async def get_user(self, user_id: str) -> dict[str, Any]:
         """The user's state summary (history, seen, negatives, text feedback, version)."""
         self._check_user_id(user_id)
@@ -448,6 +446,7 @@ class Ingress:
         return out
 
     @api.delete("/users/{user_id}", responses={401: {"model": S.ErrorResponse}})
+    @_eager_annotations
     async def delete_user(self, user_id: str, request: Request) -> dict[str, Any]:
         """Forget a user: state and logged events."""
         self._check_auth(request)
@@ -457,25 +456,21 @@ class Ingress:
         return {"ok": True, "deleted": bool(deleted)}
 
     @api.get("/healthz")
+    @_eager_annotations
     async def healthz(self) -> dict[str, Any]:
+        """Liveness of the model deployment and every state shard; also refreshes `llmrec_state_users`."""
         info = await self.recommender.info.remote()
-        return {"ok": True, "model_version": info["model_version"], "n_items": info["n_items"]}
+        stats = await self.store.stats()
+        self._m["users"].set(int(stats["n_users"]))
+        return {"ok": True, "model_version": info["model_version"], "n_items": info["n_items"],
+                "n_users": int(stats["n_users"]), "n_shards": int(stats["n_shards"])}
 
     @api.get("/admin/stats", responses={401: {"model": S.ErrorResponse}})
+    @_eager_annotations
     async def admin_stats(self, request: Request) -> dict[str, Any]:
         """Model info and per-shard state counts (bearer token when auth is on)."""
         self._check_auth(request)
         info = await self.recommender.info.remote()
-        stats = await self.store.stats() if hasattr(self.store, "stats") else {}
-        n_users = _n_users(stats)
-        if n_users is not None:
-            self._m["users"].set(n_users)
-        return {"model": info, "state": stats, "n_users": n_users, "pid": os.getpid()}
-
-
-def _n_users(stats: Any) -> int | None:
-    if isinstance(stats, dict) and "n_users" in stats:
-        return int(stats["n_users"])
-    if isinstance(stats, (list, tuple)):
-        return sum(int(s.get("n_users", 0)) for s in stats)
-    return None
+        stats = await self.store.stats()
+        self._m["users"].set(int(stats["n_users"]))
+        return {"model": info, "state": stats, "pid": os.getpid()}

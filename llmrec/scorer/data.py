@@ -1,0 +1,233 @@
+"""Training samples for the scorer: (history prefix, next item) pairs from canonical interactions.
+
+Choices (the design doc is silent on them):
+- Each user's events are ordered by `ts`, ties kept in input order. Every event at position t >= 1 whose kind is
+  a *target kind* (all kinds except "dislike" and "skip"; and for "rating" events, only rating >= min_rating
+  when min_rating is set) becomes a target; its history is the up-to-L events before it (every kind, negative
+  ones included, so the encoder sees dislikes through their event embedding).
+- Histories are right-padded (first `hist_len` columns real, oldest first); padding is item 0 / event 0.
+- Negatives are drawn in the training loop: in-batch (the other targets) plus `n_neg` items sampled from a
+  mixture of uniform and popularity^alpha over the catalog (`sample_negatives`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from llmrec.eval.protocol import History, ItemSpace
+from llmrec.schema import EVENT, EVENT_KINDS, ITEM_ID, RATING, TS, USER_ID
+from llmrec.scorer.model import EVENT_INDEX
+
+logger = logging.getLogger(__name__)
+
+NEGATIVE_KINDS = ("dislike", "skip")
+SAMPLE_COLUMNS = ("hist_idx", "hist_event", "hist_rating", "hist_len", "target")
+
+
+def attach_item_idx(df: pd.DataFrame, items: ItemSpace) -> pd.DataFrame:
+    """Return df with an int64 `item_idx` column (kept if present); unknown item ids raise ValueError."""
+    missing_cols = [c for c in (USER_ID, ITEM_ID, TS, EVENT) if c not in df.columns]
+    if missing_cols:
+        raise ValueError(
+            f"interactions lack columns {missing_cols}; expected {USER_ID}, {ITEM_ID}, {TS}, {RATING}, {EVENT} "
+            f"(the canonical table written by `llmrec prepare`), got {list(df.columns)}"
+        )
+    bad_events = sorted(set(df[EVENT].astype(str).unique()) - set(EVENT_KINDS))
+    if bad_events:
+        raise ValueError(f"unknown event kinds {bad_events[:10]}; expected one of {list(EVENT_KINDS)}")
+    if "item_idx" in df.columns:
+        idx = df["item_idx"].to_numpy(dtype=np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= items.n_items):
+            raise ValueError(f"item_idx must lie in [0, {items.n_items}), got [{idx.min()}, {idx.max()}]")
+        return df
+    lookup = pd.Series(np.arange(items.n_items, dtype=np.int64), index=pd.Index(items.item_ids.astype(str)))
+    idx = lookup.reindex(df[ITEM_ID].astype(str).to_numpy())
+    if idx.isna().any():
+        unknown = df[ITEM_ID][idx.isna().to_numpy()].astype(str).unique()
+        raise ValueError(
+            f"{len(unknown)} item ids in the interactions are not in the item space (embeddings), e.g. "
+            f"{list(unknown[:5])}; re-run `llmrec embed` on the same prepared data"
+        )
+    out = df.copy()
+    out["item_idx"] = idx.to_numpy(dtype=np.int64)
+    return out
+
+
+def sort_events(df: pd.DataFrame) -> pd.DataFrame:
+    """Stable sort by (user_id, ts): ties keep input order."""
+    return df.sort_values([USER_ID, TS], kind="stable").reset_index(drop=True)
+
+
+def target_mask(df: pd.DataFrame, min_rating: float | None = None) -> np.ndarray:
+    """bool (n,): which events may be a training/validation target (see module docstring)."""
+    ev = df[EVENT].astype(str).to_numpy()
+    ok = ~np.isin(ev, NEGATIVE_KINDS)
+    if min_rating is not None and RATING in df.columns:
+        r = df[RATING].to_numpy(dtype=np.float64, na_value=np.nan)
+        ok &= ~((ev == "rating") & (np.nan_to_num(r, nan=np.inf) < min_rating))
+    return ok
+
+
+def build_samples(
+    interactions: pd.DataFrame, items: ItemSpace, max_len: int = 50, min_rating: float | None = None
+) -> dict[str, np.ndarray]:
+    """(history prefix, next item) training pairs.
+
+    Args:
+        interactions: canonical columns (user_id, item_id, ts, rating, event), optionally `item_idx`.
+        items: the catalog index space.
+        max_len: L, most recent history events kept.
+        min_rating: rating events below this are not targets (None = every rating is a target).
+
+    Returns:
+        dict of numpy arrays, S samples: hist_idx int32 (S, L), hist_event int8 (S, L), hist_rating float32
+        (S, L) (NaN = none), hist_len int64 (S,), target int64 (S,).
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    df = sort_events(attach_item_idx(interactions, items))
+    n = len(df)
+    item = df["item_idx"].to_numpy(dtype=np.int64)
+    event = df[EVENT].astype(str).map(EVENT_INDEX).to_numpy(dtype=np.int8)
+    rating = (
+        df[RATING].to_numpy(dtype=np.float32, na_value=np.nan) if RATING in df.columns else np.full(n, np.nan, "f4")
+    )
+    user_codes, _ = pd.factorize(df[USER_ID].astype(str))
+    pos = np.arange(n)
+    first = np.r_[True, user_codes[1:] != user_codes[:-1]] if n else np.zeros(0, bool)
+    user_start = np.maximum.accumulate(np.where(first, pos, 0)) if n else pos
+    keep = (pos > user_start) & target_mask(df, min_rating)
+    g = pos[keep]  # (S,) global position of each target
+    start = np.maximum(user_start[keep], g - max_len)
+    hist_len = (g - start).astype(np.int64)
+    cols = start[:, None] + np.arange(max_len)[None, :]  # (S, L)
+    valid = np.arange(max_len)[None, :] < hist_len[:, None]
+    cols = np.where(valid, cols, 0)
+    out = {
+        "hist_idx": np.where(valid, item[cols] if n else 0, 0).astype(np.int32),
+        "hist_event": np.where(valid, event[cols] if n else 0, 0).astype(np.int8),
+        "hist_rating": np.where(valid, rating[cols] if n else np.nan, np.nan).astype(np.float32),
+        "hist_len": hist_len,
+        "target": item[g],
+    }
+    logger.info("built %d training samples from %d events of %d users (L=%d)", len(g), n, first.sum(), max_len)
+    return out
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """Validation users: their train history (encoder input), held-out targets, and train items to exclude."""
+
+    hist_idx: np.ndarray  # int32 (U, L)
+    hist_event: np.ndarray  # int8 (U, L)
+    hist_rating: np.ndarray  # float32 (U, L)
+    hist_len: np.ndarray  # int64 (U,)
+    targets: list[np.ndarray]  # U arrays of held-out item indices
+    exclude: list[np.ndarray]  # U arrays of the user's train item indices
+
+    @property
+    def n_users(self) -> int:
+        return len(self.targets)
+
+
+def build_validation(
+    train: pd.DataFrame, valid: pd.DataFrame, items: ItemSpace, max_len: int = 50, min_rating: float | None = None
+) -> ValidationSet:
+    """Validation users = users with a target event in `valid` and at least one train event.
+
+    Users in `valid` without train history are counted and logged (they cannot be scored by a sequential
+    model without a history); their rows are not used.
+    """
+    tr = sort_events(attach_item_idx(train, items))
+    va = attach_item_idx(valid, items)
+    va = va[target_mask(va, min_rating)]
+    hist = histories_from_frame(tr, max_len=None)
+    by_user = {h.user_id: h for h in hist}
+    targets, exclude, hs = [], [], []
+    n_cold = 0
+    for uid, grp in va.groupby(va[USER_ID].astype(str), sort=True):
+        h = by_user.get(uid)
+        if h is None:
+            n_cold += 1
+            continue
+        hs.append(h)
+        targets.append(np.unique(grp["item_idx"].to_numpy(dtype=np.int64)))
+        exclude.append(np.unique(h.item_idx))
+    if n_cold:
+        logger.info("validation: %d users without train history left out of validation", n_cold)
+    arrs = pad_histories(hs, max_len)
+    return ValidationSet(*arrs, targets=targets, exclude=exclude)
+
+
+def histories_from_frame(df: pd.DataFrame, max_len: int | None = None) -> list[History]:
+    """One History per user (sorted by user id) from a frame with `item_idx`; last max_len events kept."""
+    df = sort_events(df)
+    out = []
+    for uid, g in df.groupby(df[USER_ID].astype(str), sort=True):
+        if max_len is not None:
+            g = g.iloc[-max_len:]
+        rating = g[RATING].to_numpy(dtype=np.float64, na_value=np.nan) if RATING in g else np.full(len(g), np.nan)
+        out.append(History(
+            user_id=uid, item_idx=g["item_idx"].to_numpy(dtype=np.int64), ts=g[TS].to_numpy(dtype=np.int64),
+            event=g[EVENT].astype(str).to_numpy(), rating=rating,
+        ))
+    return out
+
+
+def pad_histories(
+    histories: list[History], max_len: int, n_items: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Histories -> right-padded arrays (hist_idx int32 (B, L), hist_event int8, hist_rating float32, hist_len).
+
+    The last max_len events of each history are kept. Unknown event kinds or out-of-range indices raise.
+    """
+    B = len(histories)
+    idx = np.zeros((B, max_len), np.int32)
+    ev = np.zeros((B, max_len), np.int8)
+    rt = np.full((B, max_len), np.nan, np.float32)
+    ln = np.zeros(B, np.int64)
+    for b, h in enumerate(histories):
+        n = min(len(h.item_idx), max_len)
+        if n == 0:
+            continue
+        ii = np.asarray(h.item_idx[-n:], dtype=np.int64)
+        if n_items is not None and (ii.min() < 0 or ii.max() >= n_items):
+            raise ValueError(f"history of user {h.user_id!r} has item_idx outside [0, {n_items}): {ii.min()}..{ii.max()}")
+        kinds = [EVENT_INDEX.get(str(e)) for e in np.asarray(h.event)[-n:]]
+        if any(k is None for k in kinds):
+            bad = sorted({str(e) for e, k in zip(np.asarray(h.event)[-n:], kinds) if k is None})
+            raise ValueError(f"history of user {h.user_id!r} has unknown event kinds {bad}; expected {list(EVENT_KINDS)}")
+        idx[b, :n] = ii
+        ev[b, :n] = kinds
+        if h.rating is not None and len(h.rating):
+            rt[b, :n] = np.asarray(h.rating, dtype=np.float32)[-n:]
+        ln[b] = n
+    return idx, ev, rt, ln
+
+
+def popularity(train: pd.DataFrame, items: ItemSpace) -> np.ndarray:
+    """float64 (N,) train event counts per catalog item (after attach_item_idx)."""
+    idx = attach_item_idx(train, items)["item_idx"].to_numpy(dtype=np.int64)
+    return np.bincount(idx, minlength=items.n_items).astype(np.float64)
+
+
+def negative_distribution(pop: np.ndarray, uniform_frac: float = 0.5, alpha: float = 0.75) -> np.ndarray:
+    """float64 (N,) sampling probabilities: uniform_frac * uniform + (1 - uniform_frac) * pop^alpha (normalised)."""
+    n = len(pop)
+    p = np.full(n, 1.0 / n)
+    w = np.power(np.asarray(pop, dtype=np.float64), alpha)
+    if w.sum() > 0 and uniform_frac < 1.0:
+        p = uniform_frac * p + (1.0 - uniform_frac) * w / w.sum()
+    return p / p.sum()
+
+
+def id_slots_for(train: pd.DataFrame, items: ItemSpace) -> np.ndarray:
+    """int64 (N,): 1-based ID-embedding slot for items seen in train, 0 for cold items."""
+    seen = popularity(train, items) > 0
+    slots = np.zeros(items.n_items, np.int64)
+    slots[seen] = np.arange(1, int(seen.sum()) + 1)
+    return slots

@@ -1,0 +1,77 @@
+"""llmrec's scorer behind the evaluation protocol (`llmrec.eval.protocol.Recommender`).
+
+`fit` trains with Ray Train (`fit_scorer`) holding out each train user's last train event (by ts) as the
+validation target for early stopping and best-checkpoint choice; users with a single train event keep it for
+training. `score` returns full-catalog scores in which the retrieval top-`n_candidates` (history items
+excluded) carry their MLP re-rank score and sit above every other item, so full-ranking metrics measure the
+production two-stage pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llmrec.eval.protocol import History, ItemSpace
+from llmrec.schema import TS, USER_ID
+
+logger = logging.getLogger(__name__)
+
+
+def split_last_event(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, valid): each user's last event by ts (ties: the last in input order) goes to valid when the user
+    has >= 2 events; everything else stays in train."""
+    d = df.sort_values([USER_ID, TS], kind="stable")
+    n_per_user = d.groupby(USER_ID, sort=False)[TS].transform("size").to_numpy()
+    is_last = ~d[USER_ID].duplicated(keep="last").to_numpy()
+    to_valid = is_last & (n_per_user >= 2)
+    return d[~to_valid].reset_index(drop=True), d[to_valid].reset_index(drop=True)
+
+
+class LLMRecRecommender:
+    """Recommender protocol adapter: Ray Train fit + two-stage full-catalog scores.
+
+    Args:
+        name: key in metrics.json["models"].
+        out_dir: where the scorer artifact goes (default: a temporary folder kept for this object's life).
+        n_candidates: retrieval candidates re-ranked by the MLP in `score`.
+        train_kwargs: passed to `fit_scorer` (num_workers, epochs, batch_size, lr, seed, patience, dim, ...).
+    """
+
+    def __init__(self, name: str = "llmrec", out_dir: str | os.PathLike | None = None, n_candidates: int = 200,
+                 **train_kwargs: Any):
+        self.name = name
+        self.out_dir = out_dir
+        self.n_candidates = n_candidates
+        self.train_kwargs = train_kwargs
+        self.scorer = None
+        self.meta: dict | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def fit(self, train: pd.DataFrame, items: ItemSpace) -> None:
+        from llmrec.scorer.inference import Scorer
+        from llmrec.scorer.train import fit_scorer
+
+        if self.out_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="llmrec-scorer-")
+            out = Path(self._tmp.name)
+        else:
+            out = Path(self.out_dir)
+        tr, va = split_last_event(train)
+        logger.info("%s: fit on %d events, %d validation targets", self.name, len(tr), len(va))
+        self.meta = fit_scorer(tr, items, out, valid_df=va if len(va) else None, **self.train_kwargs)
+        self.scorer = Scorer.load(out)
+
+    def score(self, histories: list[History]) -> np.ndarray:
+        if self.scorer is None:
+            raise RuntimeError(f"{self.name}: call fit(train, items) before score(histories)")
+        out = np.empty((len(histories), self.scorer.n_items), np.float32)
+        for s in range(0, len(histories), 256):
+            out[s:s + 256] = self.scorer.full_scores(histories[s:s + 256], n_candidates=self.n_candidates)
+        return out

@@ -1,0 +1,504 @@
+"""Train the scorer with Ray Train (`fit_scorer`), or in one plain process (`fit_local`, same core, no Ray).
+
+Loss per batch of B (history, next item) samples: the candidates are the B targets (in-batch negatives) plus
+`n_neg` items sampled from 0.5 * uniform + 0.5 * popularity^0.75 (shared by the batch); accidental hits (a
+candidate equal to the row's own target at another column) are masked. Loss = softmax cross-entropy of the
+retrieval score u.v over the candidates + softmax cross-entropy of the MLP head over the positive and the
+`head_neg` (31) candidates of the same pool that retrieval scores highest for that row (hard negatives, the
+kind of items the head re-ranks at inference; see ScorerModel.forward).
+
+Validation (per epoch): for each validation user, full ranking over the catalog with the user's train items
+excluded: retrieval top-`n_candidates` by u.v, re-ranked by the MLP head, then the rest by u.v (the
+production two-stage pipeline) -> `val_recall@10`, `val_ndcg@10`; also `val_retrieval_*` for u.v alone.
+Workers evaluate disjoint user slices and all-reduce the sums, so every rank takes the same early-stopping
+decision.
+
+Checkpoints: rank 0 writes `checkpoint.pt` = {model, optimizer, epoch, model_config, early-stop state} and
+reports it with the epoch's metrics; Ray keeps the 2 best by `val_ndcg@10` (plus the latest). Resuming
+(`resume_from` = a Ray checkpoint dir or a previous `llmrec train` output dir) restores model, optimizer and
+early-stop state and continues at the saved epoch + 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from llmrec.artifacts import write_meta
+from llmrec.eval.protocol import ItemSpace
+from llmrec.schema import INDEX_IDS_FILE
+from llmrec.scorer import data as sdata
+from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+LAST_CHECKPOINT_DIR = "last_checkpoint"
+SCORE_METRIC = "val_ndcg@10"
+
+DEFAULTS: dict[str, Any] = {
+    "dim": 64, "max_len": 50, "n_layers": 1, "n_heads": 2, "mlp_hidden": 128, "id_dropout": 0.3, "dropout": 0.1, "use_ids": True,
+    "n_neg": 128, "head_neg": 31, "weight_decay": 0.0, "n_candidates": 200, "min_rating": None, "grad_clip": 5.0,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------------------
+def fit_scorer(
+    train_df: pd.DataFrame,
+    items: ItemSpace,
+    out_dir: str | os.PathLike,
+    valid_df: pd.DataFrame | None = None,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    epochs: int = 10,
+    batch_size: int = 256,
+    lr: float = 3e-3,
+    seed: int = 0,
+    resume_from: str | os.PathLike | None = None,
+    patience: int = 2,
+    embed_meta: dict | None = None,
+    **model_kwargs: Any,
+) -> dict:
+    """Train the scorer on Ray Train (`TorchTrainer`, DDP) and write `out_dir/model.pt` + `meta.json`.
+
+    Args:
+        train_df: canonical interactions (user_id, item_id, ts, rating, event) [+ item_idx].
+        items: catalog index space (text vectors (N, D)).
+        out_dir: artifact folder; Ray run storage goes to `out_dir/ray/`.
+        valid_df: held-out interactions for per-epoch validation / early stopping / best checkpoint; without
+            it the last epoch is kept and no early stopping happens.
+        num_workers, use_gpu: `ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": 1[, "GPU": 1]})`.
+        epochs: total epochs (a resumed run continues up to this count).
+        batch_size: global batch; each worker takes batch_size // num_workers.
+        resume_from: folder with `checkpoint.pt` (a Ray checkpoint or a previous out_dir).
+        patience: stop after this many epochs without a better `val_ndcg@10`.
+        embed_meta: the embeddings artifact's meta, recorded under meta["embed"].
+        model_kwargs: overrides of DEFAULTS (dim, max_len, n_neg, id_dropout, n_candidates, ...).
+
+    Returns:
+        The written meta (config, best_epoch, metrics, per-epoch history, wall_s, examples_per_s).
+    """
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from llmrec.raysetup import init_ray
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if epochs < 1 or batch_size < num_workers:
+        raise ValueError(f"need epochs >= 1 and batch_size >= num_workers, got epochs={epochs} batch_size={batch_size}")
+    hp = _hparams(model_kwargs, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
+    static, samples = prepare_static(train_df, items, valid_df, hp)
+    resume_file = resolve_resume(resume_from) if resume_from is not None else None
+
+    init_ray()
+    ds = samples_dataset(samples)
+    config = {"hp": hp, "static": ray.put(static), "num_workers": num_workers,
+              "resume_from": str(resume_file) if resume_file else None}
+    has_val = static["val"] is not None and static["val"].n_users > 0
+    ckpt_cfg = CheckpointConfig(
+        num_to_keep=2,
+        checkpoint_score_attribute=SCORE_METRIC if has_val else "epoch",
+        checkpoint_score_order="max",
+    )
+    resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
+    run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{int(time.time() * 1e3) % 1000:03d}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=str((out / "ray").resolve()), checkpoint_config=ckpt_cfg),
+        datasets={"train": ds},
+    )
+    logger.info("TorchTrainer: %d workers, gpu=%s, %d samples, %d epochs", num_workers, use_gpu,
+                len(samples["target"]), epochs)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    best = _pick_best(result, has_val)
+    with best.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    with result.checkpoint.as_directory() as d:
+        last = out / LAST_CHECKPOINT_DIR
+        last.mkdir(exist_ok=True)
+        shutil.copyfile(Path(d) / CHECKPOINT_FILE, last / CHECKPOINT_FILE)
+        last_state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    wall = time.perf_counter() - t0
+    return _write_artifact(out, state, last_state, items, hp, embed_meta, wall=wall,
+                           extra={"num_workers": num_workers, "use_gpu": use_gpu, "ray_run": run_name})
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: DDP model, Ray Data shard batches, per-epoch validation + checkpoint + early stop."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    hp = config["hp"]
+    static = config["static"]
+    if isinstance(static, ray.ObjectRef):
+        static = ray.get(static)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(hp["seed"])  # identical init on every rank (DDP also broadcasts rank 0's weights)
+    model = build_model(static, hp).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    start_epoch, stop_state = 0, {"best": -math.inf, "best_epoch": -1, "bad_epochs": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+    elif config.get("resume_from"):
+        state = torch.load(config["resume_from"], map_location=device, weights_only=False)
+    else:
+        state = None
+    if state is not None:
+        start_epoch, stop_state = load_train_state(model, optimizer, state)
+        if rank == 0:
+            logger.info("resuming at epoch %d (best %s=%.4f)", start_epoch, SCORE_METRIC, stop_state["best"])
+    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    shard = ray.train.get_dataset_shard("train")
+    neg_p = torch.as_tensor(static["neg_p"], dtype=torch.float32, device=device)
+    gen = torch.Generator(device=device).manual_seed(hp["seed"] * 1000 + rank)
+    per_worker_batch = max(1, hp["batch_size"] // world)
+    for epoch in range(start_epoch, hp["epochs"]):
+        t0 = time.perf_counter()
+        batches = shard.iter_torch_batches(
+            batch_size=per_worker_batch, local_shuffle_buffer_size=4 * per_worker_batch,
+            local_shuffle_seed=hp["seed"] * 100_003 + epoch * 101 + rank,
+        )
+        loss_sum, n_ex = train_epoch(ddp_model, optimizer, batches, neg_p, hp, gen, device)
+        train_s = time.perf_counter() - t0
+        totals = torch.tensor([loss_sum, n_ex], dtype=torch.float64)
+        metrics = evaluate(model, static["val"], hp["n_candidates"], rank=rank, world=world, device=device)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+        metrics.update(epoch=epoch, train_loss=float(totals[0] / max(totals[1], 1)),
+                       examples=int(totals[1]), train_s=train_s, examples_per_s=float(totals[1]) / train_s)
+        stop = update_early_stop(stop_state, metrics, epoch, hp["patience"])
+        metrics["best_epoch"] = stop_state["best_epoch"]
+        _report(metrics, model, optimizer, epoch, stop_state, rank)
+        if rank == 0:
+            logger.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        if stop:
+            break
+
+
+def fit_local(
+    train_df: pd.DataFrame,
+    items: ItemSpace,
+    valid_df: pd.DataFrame | None = None,
+    epochs: int = 10,
+    batch_size: int = 256,
+    lr: float = 3e-3,
+    seed: int = 0,
+    patience: int = 2,
+    device: str = "cpu",
+    **model_kwargs: Any,
+) -> tuple[ScorerModel, list[dict]]:
+    """The same training in one plain process (no Ray): for tests, benchmarks and debugging.
+
+    Returns the best model (by val_ndcg@10 when valid_df is given, else the last) in eval mode, and the
+    per-epoch metrics.
+    """
+    hp = _hparams(model_kwargs, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
+    static, samples = prepare_static(train_df, items, valid_df, hp)
+    torch.manual_seed(seed)
+    model = build_model(static, hp).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=hp["weight_decay"])
+    neg_p = torch.as_tensor(static["neg_p"], dtype=torch.float32, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed * 1000)
+    rng = np.random.default_rng(seed)
+    stop_state = {"best": -math.inf, "best_epoch": -1, "bad_epochs": 0}
+    history, best_sd = [], None
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        loss_sum, n_ex = train_epoch(model, optimizer, iter_numpy_batches(samples, batch_size, rng, device),
+                                     neg_p, hp, gen, device)
+        train_s = time.perf_counter() - t0
+        metrics = evaluate(model, static["val"], hp["n_candidates"], device=device)
+        metrics.update(epoch=epoch, train_loss=loss_sum / max(n_ex, 1), examples=n_ex, train_s=train_s,
+                       examples_per_s=n_ex / train_s)
+        stop = update_early_stop(stop_state, metrics, epoch, patience)
+        if stop_state["best_epoch"] == epoch:
+            best_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append(metrics)
+        logger.info("fit_local epoch %d: loss %.4f, %.0f ex/s", epoch, metrics["train_loss"], metrics["examples_per_s"])
+        if stop:
+            break
+    if best_sd is not None:
+        model.load_state_dict(best_sd)
+    return model.eval(), history
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the training core shared by the Ray worker and fit_local
+# ---------------------------------------------------------------------------------------------------------
+def prepare_static(
+    train_df: pd.DataFrame, items: ItemSpace, valid_df: pd.DataFrame | None, hp: dict
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """Driver-side preparation: samples, ID slots, negative distribution, validation set."""
+    text = np.asarray(items.text_vectors, dtype=np.float32)
+    if text.ndim != 2 or text.shape[0] != items.n_items:
+        raise ValueError(f"items.text_vectors must be (N={items.n_items}, D), got {text.shape}")
+    train_df = sdata.attach_item_idx(train_df, items)
+    samples = sdata.build_samples(train_df, items, max_len=hp["max_len"], min_rating=hp["min_rating"])
+    if len(samples["target"]) == 0:
+        raise ValueError(
+            f"no training samples from {len(train_df)} interactions: every user needs >= 2 events with a target "
+            "kind (not dislike/skip); give more interactions"
+        )
+    pop = sdata.popularity(train_df, items)
+    slots = sdata.id_slots_for(train_df, items) if hp["use_ids"] else np.zeros(items.n_items, np.int64)
+    val = None
+    if valid_df is not None and len(valid_df):
+        val = sdata.build_validation(train_df, valid_df, items, max_len=hp["max_len"], min_rating=hp["min_rating"])
+    static = {"text_vectors": text, "id_slots": slots, "neg_p": sdata.negative_distribution(pop), "val": val}
+    return static, samples
+
+
+def build_model(static: dict, hp: dict) -> ScorerModel:
+    n, d_text = static["text_vectors"].shape
+    cfg = ScorerConfig(
+        text_dim=d_text, n_items=n, n_id_slots=int(static["id_slots"].max()) + 1, dim=hp["dim"],
+        max_len=hp["max_len"], n_layers=hp["n_layers"], n_heads=hp["n_heads"], mlp_hidden=hp["mlp_hidden"], id_dropout=hp["id_dropout"], dropout=hp["dropout"],
+    )
+    return ScorerModel(cfg, torch.from_numpy(static["text_vectors"]), torch.from_numpy(static["id_slots"]))
+
+
+def batch_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], neg_p: torch.Tensor, n_neg: int, gen: torch.Generator,
+    head_neg: int = 31,
+) -> torch.Tensor:
+    """Sampled-softmax loss (retrieval u.v + MLP head) for one batch; see the module docstring."""
+    target = batch["target"].long()  # (B,)
+    B = target.shape[0]
+    negs = torch.multinomial(neg_p, n_neg, replacement=True, generator=gen) if n_neg > 0 else target[:0]
+    cand = torch.cat([target, negs])  # (C,)
+    rows = torch.arange(B, device=target.device)
+    hit = cand[None, :] == target[:, None]  # (B, C)
+    hit[rows, rows] = False
+    retrieval, head = model(batch["hist_idx"].long(), batch["hist_event"].long(), batch["hist_rating"].float(),
+                            batch["hist_len"].long(), cand, head_neg, hit)  # (B, C), (B, 1 + head_neg)
+    return F.cross_entropy(retrieval, rows) + F.cross_entropy(head, torch.zeros_like(rows))
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[dict[str, torch.Tensor]],
+    neg_p: torch.Tensor,
+    hp: dict,
+    gen: torch.Generator,
+    device: torch.device | str,
+) -> tuple[float, int]:
+    """One pass over `batches`; returns (sum of per-example loss, examples)."""
+    model.train()
+    loss_sum, n_ex = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = batch_loss(model, batch, neg_p, hp["n_neg"], gen, hp["head_neg"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if hp["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
+        optimizer.step()
+        b = int(batch["target"].shape[0])
+        loss_sum += float(loss.detach()) * b
+        n_ex += b
+    return loss_sum, n_ex
+
+
+@torch.no_grad()
+def evaluate(
+    model: ScorerModel,
+    val: sdata.ValidationSet | None,
+    n_candidates: int = 200,
+    k: int = 10,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | str = "cpu",
+    chunk: int = 256,
+) -> dict[str, float]:
+    """Full-ranking recall@k / ndcg@k of this rank's user slice, all-reduced over ranks when world > 1.
+
+    Returns {} when there is no validation set.
+    """
+    if val is None or val.n_users == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    reps = model.all_item_reps()  # (N, d)
+    N = reps.shape[0]
+    sums = torch.zeros(5, dtype=torch.float64)  # recall, ndcg, retrieval recall, retrieval ndcg, users
+    users = np.arange(rank, val.n_users, world)
+    for s in range(0, len(users), chunk):
+        ub = users[s:s + chunk]
+        t = lambda a, dt: torch.as_tensor(a[ub], device=device).to(dt)  # noqa: E731
+        u = model.user_vectors(t(val.hist_idx, torch.long), t(val.hist_event, torch.long),
+                               t(val.hist_rating, torch.float32), t(val.hist_len, torch.long))
+        excl = torch.zeros(len(ub), N, dtype=torch.bool, device=device)
+        for j, b in enumerate(ub):
+            excl[j, torch.as_tensor(val.exclude[b], device=device)] = True
+        retrieval, cand, head = two_stage_rank(model, u, reps, excl, max(n_candidates, k))
+        head = head.masked_fill(torch.gather(retrieval, 1, cand).isinf(), float("-inf"))
+        top_two = torch.gather(cand, 1, head.topk(k, dim=1).indices).cpu().numpy()  # (b, k)
+        top_ret = retrieval.topk(k, dim=1).indices.cpu().numpy()
+        for j, b in enumerate(ub):
+            r2, n2 = recall_ndcg(top_two[j], val.targets[b], k)
+            r1, n1 = recall_ndcg(top_ret[j], val.targets[b], k)
+            sums += torch.tensor([r2, n2, r1, n1, 1.0], dtype=torch.float64)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums)
+    model.train(was_training)
+    n = max(float(sums[4]), 1.0)
+    return {f"val_recall@{k}": float(sums[0]) / n, f"val_ndcg@{k}": float(sums[1]) / n,
+            f"val_retrieval_recall@{k}": float(sums[2]) / n, f"val_retrieval_ndcg@{k}": float(sums[3]) / n,
+            "val_users": int(sums[4])}
+
+
+def recall_ndcg(top: np.ndarray, targets: np.ndarray, k: int) -> tuple[float, float]:
+    """recall@k = hits / |targets|; ndcg@k with binary gains, ideal DCG over min(|targets|, k) hits."""
+    if len(targets) == 0:
+        return 0.0, 0.0
+    hits = np.isin(top[:k], targets)
+    dcg = float((hits / np.log2(np.arange(2, len(hits) + 2))).sum())
+    idcg = float((1.0 / np.log2(np.arange(2, min(len(targets), k) + 2))).sum())
+    return float(hits.sum()) / len(targets), dcg / idcg
+
+
+def update_early_stop(state: dict, metrics: dict, epoch: int, patience: int) -> bool:
+    """Update {best, best_epoch, bad_epochs} in place; True when training should stop."""
+    score = metrics.get(SCORE_METRIC)
+    if score is None:  # no validation: the latest epoch is the best
+        state.update(best=float(epoch), best_epoch=epoch, bad_epochs=0)
+        return False
+    if score > state["best"]:
+        state.update(best=float(score), best_epoch=epoch, bad_epochs=0)
+        return False
+    state["bad_epochs"] += 1
+    return state["bad_epochs"] >= patience
+
+
+def load_train_state(model: ScorerModel, optimizer: torch.optim.Optimizer, state: dict) -> tuple[int, dict]:
+    """Restore model/optimizer from a checkpoint dict; returns (next epoch, early-stop state)."""
+    saved = state["model_config"]
+    if saved != model.cfg.to_dict():
+        diff = {k: (saved.get(k), v) for k, v in model.cfg.to_dict().items() if saved.get(k) != v}
+        raise ValueError(f"checkpoint does not match this run's model config (checkpoint, now): {diff}; "
+                         "resume with the same data, embeddings and model options, or train from scratch")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"]) + 1, dict(state["early_stop"])
+
+
+def resolve_resume(path: str | os.PathLike) -> Path:
+    """A Ray checkpoint dir or a previous `llmrec train` output dir -> its checkpoint.pt."""
+    p = Path(path)
+    for cand in (p / CHECKPOINT_FILE, p / LAST_CHECKPOINT_DIR / CHECKPOINT_FILE, p):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(
+        f"no {CHECKPOINT_FILE} under {p} (looked at {p / CHECKPOINT_FILE} and {p / LAST_CHECKPOINT_DIR / CHECKPOINT_FILE}); "
+        "pass a Ray checkpoint folder or the --out folder of an earlier `llmrec train`"
+    )
+
+
+def samples_dataset(samples: dict[str, np.ndarray]):
+    """Training samples -> a ray.data.Dataset (tensor columns (L,) per row), a few blocks for streaming."""
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    cols = {}
+    for name in sdata.SAMPLE_COLUMNS:
+        a = samples[name]
+        cols[name] = ArrowTensorArray.from_numpy(a) if a.ndim > 1 else pa.array(a)
+    table = pa.table(cols)
+    n_blocks = max(1, min(8, len(table) // 2048))
+    step = math.ceil(len(table) / n_blocks)
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)])
+
+
+def iter_numpy_batches(
+    samples: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator, device: str | torch.device = "cpu"
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled in-process batches (fit_local / benchmark twin of the Ray Data shard iterator)."""
+    n = len(samples["target"])
+    perm = rng.permutation(n)
+    for s in range(0, n, batch_size):
+        idx = perm[s:s + batch_size]
+        yield {k: torch.from_numpy(samples[k][idx]).to(device) for k in sdata.SAMPLE_COLUMNS}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+def _hparams(model_kwargs: dict, **fixed: Any) -> dict:
+    unknown = sorted(set(model_kwargs) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown scorer options {unknown}; valid: {sorted(DEFAULTS)}")
+    return {**DEFAULTS, **model_kwargs, **fixed}
+
+
+def _report(metrics: dict, model: ScorerModel, optimizer, epoch: int, stop_state: dict, rank: int) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(), "epoch": epoch, "model_config": model.cfg.to_dict(),
+                    "early_stop": dict(stop_state), "metrics": metrics}, Path(tmp) / CHECKPOINT_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _pick_best(result, has_val: bool):
+    key = SCORE_METRIC if has_val else "epoch"
+    cands = [(c, m) for c, m in (result.best_checkpoints or []) if key in m]
+    if not cands:
+        return result.checkpoint
+    return max(cands, key=lambda cm: (cm[1][key], cm[1]["epoch"]))[0]
+
+
+def _write_artifact(out: Path, state: dict, last_state: dict, items: ItemSpace, hp: dict, embed_meta: dict | None,
+                    wall: float, extra: dict) -> dict:
+    torch.save({"model_config": state["model_config"], "model": state["model"]}, out / MODEL_FILE)
+    np.save(out / INDEX_IDS_FILE, np.asarray(items.item_ids).astype(str))
+    hist = last_state["metrics"]
+    meta = write_meta(
+        out, "train",
+        embed=embed_meta or {}, config={**hp, **extra}, model_config=state["model_config"],
+        metrics=state["metrics"], best_epoch=int(state["epoch"]), last_epoch=int(last_state["epoch"]),
+        early_stop=last_state["early_stop"], item_ids_file=INDEX_IDS_FILE, model_file=MODEL_FILE,
+        n_items=items.n_items, text_dim=int(np.asarray(items.text_vectors).shape[1]), dim=hp["dim"],
+        wall_s=wall, examples_per_s=hist.get("examples_per_s"),
+    )
+    logger.info("scorer written to %s: best epoch %d, %s=%s, %.1fs", out, meta["best_epoch"], SCORE_METRIC,
+                state["metrics"].get(SCORE_METRIC), wall)
+    return meta

@@ -77,7 +77,9 @@ def expand_config(argv: list[str]) -> list[str]:
                 raise FileNotFoundError(f"--config {path}: no such file (cwd {Path.cwd()})")
             data = yaml.safe_load(p.read_text()) or {}
             if not isinstance(data, dict):
-                raise ValueError(f"--config {path}: expected a YAML mapping of flag: value, got {type(data).__name__}")
+                raise ValueError(
+                    f"--config {path}: expected a YAML mapping of flag: value, got {type(data).__name__}"
+                )
             from_files += config_to_argv(data, source=path)
         else:
             rest.append(a)

@@ -1,10 +1,11 @@
 """Job: build the FAISS item index from the embeddings (RUN/embeddings -> RUN/index).
 
-Submit to a running cluster (flags are exactly those of `llmrec index`; add `--config cluster/jobs/build_index.yaml`
-to take them from a reviewed YAML file, command-line flags win)::
+Flags are exactly those of `llmrec index`; `--config cluster/jobs/build_index.yaml` takes them from a
+reviewed YAML file (command-line flags win). Submit to a running cluster::
 
     ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \
-        python -m jobs.build_index --embeddings /mnt/runs/ml/embeddings --out /mnt/runs/ml/index --kind auto --check
+        python -m jobs.build_index --embeddings /mnt/runs/ml/embeddings --out /mnt/runs/ml/index \
+            --kind auto --check
 
 Locally, without a cluster: `python -m jobs.build_index ...` (or `llmrec index ...`) starts an embedded Ray.
 """

@@ -1,7 +1,7 @@
 """Job: embed every item text with the BERT encoder on Ray Data (RUN/data -> RUN/embeddings).
 
-Submit to a running cluster (flags are exactly those of `llmrec embed`; add `--config cluster/jobs/embed_catalog.yaml`
-to take them from a reviewed YAML file, command-line flags win)::
+Flags are exactly those of `llmrec embed`; `--config cluster/jobs/embed_catalog.yaml` takes them from a
+reviewed YAML file (command-line flags win). Submit to a running cluster::
 
     ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \
         python -m jobs.embed_catalog --items /mnt/runs/ml/data --out /mnt/runs/ml/embeddings

@@ -1,7 +1,7 @@
 """Job: offline evaluation of the scorer and the baselines (RUN -> RUN/eval).
 
-Submit to a running cluster (flags are exactly those of `llmrec evaluate`; add `--config cluster/jobs/evaluate.yaml`
-to take them from a reviewed YAML file, command-line flags win)::
+Flags are exactly those of `llmrec evaluate`; `--config FILE.yaml` takes them from a reviewed
+YAML file like those in cluster/jobs/ (command-line flags win). Submit to a running cluster::
 
     ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \
         python -m jobs.evaluate --data /mnt/runs/ml/data --run /mnt/runs/ml --out /mnt/runs/ml/eval

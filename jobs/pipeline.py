@@ -1,10 +1,11 @@
 """Job: the whole batch pipeline prepare -> embed -> index -> train -> evaluate into one run folder.
 
-Submit to a running cluster (flags are exactly those of `llmrec pipeline`; add `--config cluster/jobs/pipeline.yaml`
-to take them from a reviewed YAML file, command-line flags win)::
+Flags are exactly those of `llmrec pipeline`; `--config cluster/jobs/pipeline.yaml` takes them from a
+reviewed YAML file (command-line flags win). Submit to a running cluster::
 
     ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \
-        python -m jobs.pipeline --dataset movielens-latest-small --source /data/movielens-latest-small --out /mnt/runs/ml
+        python -m jobs.pipeline --dataset movielens-latest-small --source /data/movielens-latest-small \
+            --out /mnt/runs/ml
 
 Locally, without a cluster: `python -m jobs.pipeline ...` (or `llmrec pipeline ...`) starts an embedded Ray.
 """

@@ -1,10 +1,11 @@
 """Job: read a raw dataset into the canonical items/interactions tables (RUN/data/).
 
-Submit to a running cluster (flags are exactly those of `llmrec prepare`; add `--config cluster/jobs/prepare.yaml`
-to take them from a reviewed YAML file, command-line flags win)::
+Flags are exactly those of `llmrec prepare`; `--config FILE.yaml` takes them from a reviewed
+YAML file like those in cluster/jobs/ (command-line flags win). Submit to a running cluster::
 
     ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \
-        python -m jobs.prepare --dataset movielens-latest-small --source /data/movielens-latest-small --out /mnt/runs/ml/data
+        python -m jobs.prepare --dataset movielens-latest-small --source /data/movielens-latest-small \
+            --out /mnt/runs/ml/data
 
 Locally, without a cluster: `python -m jobs.prepare ...` (or `llmrec prepare ...`) starts an embedded Ray.
 """

@@ -1,10 +1,11 @@
 """Job: train the scorer on Ray Train (RUN/data + RUN/embeddings -> RUN/scorer).
 
-Submit to a running cluster (flags are exactly those of `llmrec train`; add `--config cluster/jobs/train_scorer.yaml`
-to take them from a reviewed YAML file, command-line flags win)::
+Flags are exactly those of `llmrec train`; `--config FILE.yaml` takes them from a reviewed
+YAML file like those in cluster/jobs/ (command-line flags win). Submit to a running cluster::
 
     ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \
-        python -m jobs.train_scorer --data /mnt/runs/ml/data --embeddings /mnt/runs/ml/embeddings --out /mnt/runs/ml/scorer
+        python -m jobs.train_scorer --data /mnt/runs/ml/data --embeddings /mnt/runs/ml/embeddings \
+            --out /mnt/runs/ml/scorer
 
 Locally, without a cluster: `python -m jobs.train_scorer ...` (or `llmrec train ...`) starts an embedded Ray.
 """

@@ -108,6 +108,10 @@ class App:
         StateStore(n_shards=2, log_dir=self.run / schema.RUN_EVENTS, name=self.state_name).shutdown(kill_all=True)
 
 
+# starting the app costs ~40 s on the shared 2-core machine (replica processes, model loads)
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def app(ray_local, tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory):
     a = App("apptest", tmp_path_factory.mktemp("serve-run"), tiny_model_dir)

@@ -190,3 +190,18 @@ def test_zeroshot_recency_weighting_by_hand() -> None:
     s = m.score(make_histories(inter, ["u"]))[0]
     w = np.array([0.5, 1.0])  # a is one step older than b
     np.testing.assert_allclose(s, np.r_[w / np.linalg.norm(w), 0.0], atol=1e-6)
+
+
+def test_empty_and_unknown_histories_give_finite_scores(planted_results) -> None:
+    from llmrec.eval.protocol import History
+
+    space, _, models, _, _ = planted_results
+    cold = space.n_items - 1  # a history made only of a never-trained item is "empty" for ID models
+    hists = [
+        History("new", np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, object), np.zeros(0)),
+        History("coldonly", np.array([cold]), np.array([1]), np.array(["view"], object), np.array([np.nan])),
+    ]
+    for m in models:
+        s = m.score(hists)
+        assert not np.isnan(s).any(), m.name
+        assert np.isfinite(s[:, : space.n_items - N_COLD]).all(), m.name

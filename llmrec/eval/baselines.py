@@ -313,7 +313,13 @@ class SASRecRecommender(_IDModel):
                 opt.step()
                 total, n_tok = total + loss.item() * len(ts), n_tok + len(ts)
             loss_val = total / max(n_tok, 1)
-            logger.debug("sasrec epoch %d: loss %.4f", epoch, loss_val)
+            logger.info(
+                "sasrec epoch %d/%d: loss %.4f (%.0fs)",
+                epoch,
+                self.epochs,
+                loss_val,
+                time.perf_counter() - t0,
+            )
             if self.max_train_s is not None and time.perf_counter() - t0 > self.max_train_s:
                 logger.info(
                     "sasrec: stopping after epoch %d, time budget %.0fs reached", epoch, self.max_train_s

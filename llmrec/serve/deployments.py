@@ -141,7 +141,19 @@ class Recommender:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         arts = resolve_artifacts(self._run_dir, user_config)
-        if self._state is not None and arts == self._state["arts"]:
+        old = self._state
+        if old is not None and arts == old["arts"]:
+            return
+        files = ("embeddings_dir", "index_dir", "scorer_dir")
+        if old is not None and all(arts[f] == old["arts"][f] for f in files):
+            # same artifacts, new ranking knobs or version label: no reload
+            from llmrec.serve.recommend_core import RankConfig, RecommendCore
+
+            c = old["core"]
+            core = RecommendCore(c.catalog, c.index, scorer=c.scorer, config=RankConfig(**arts["rank"]))
+            self._swap({"core": core, "model_version": str(arts["model_version"] or old["model_version"]),
+                        "arts": arts})
+            logger.info("reconfigured ranking (%s), version %s", arts["rank"], self._state["model_version"])
             return
         async with self._load_lock:
             new = await asyncio.get_running_loop().run_in_executor(None, self._build, arts)

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--num-actors", type=int, default=None)
+    ap.add_argument("--bucketing", default="dataset", choices=["dataset", "group"])
     ap.add_argument("--skip-core", action="store_true", help="skip the in-process TextEncoder row")
     args = ap.parse_args(argv)
 
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             max_length=args.max_length,
             num_actors=args.num_actors,
+            bucketing=args.bucketing,
         )
         ours = load_embeddings(tmp_dir / "emb").vectors
         res["ray_embed"] = {
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 "num_actors",
                 "device",
                 "n_blocks",
+                "bucketing",
                 "padding_efficiency",
             )
         }

@@ -80,6 +80,7 @@ def _bench_size(n: int, args: argparse.Namespace, tmp: Path, port: int) -> dict[
     t0 = time.perf_counter()
     ids = _make_run(tmp / "run", n, args.dim)
     build_s = time.perf_counter() - t0
+    core_ms = _core_latency(tmp / "run", ids, args.requests)
     name = f"load{n}"
     state_name = f"load-state-{uuid.uuid4().hex[:6]}"
     t0 = time.perf_counter()
@@ -115,7 +116,8 @@ def _bench_size(n: int, args: argparse.Namespace, tmp: Path, port: int) -> dict[
         got = s.get(f"{url}/recommend", params={"user_id": u, "k": 10}, timeout=60).json()["state_version"]
         assert got >= v, f"read-your-writes violated: posted version {v}, recommend saw {got}"
 
-    res: dict[str, Any] = {"n_items": n, "build_s": round(build_s, 1), "app_start_s": round(start_s, 1)}
+    res: dict[str, Any] = {"n_items": n, "build_s": round(build_s, 1), "app_start_s": round(start_s, 1),
+                           "core_recommend_in_process": core_ms}
     for label, fn in (("feedback", fb), ("recommend", rec), ("feedback_to_visible", visible)):
         res[f"{label}_1client"] = _latency(fn, 1, args.requests)
         res[f"{label}_{args.clients}clients"] = _latency(fn, args.clients, args.requests // 2)
@@ -124,6 +126,35 @@ def _bench_size(n: int, args: argparse.Namespace, tmp: Path, port: int) -> dict[
     serve.delete(name)
     StateStore(n_shards=args.shards, log_dir=tmp / "run" / "events", name=state_name).shutdown(kill_all=True)
     return res
+
+
+def _core_latency(run: Path, ids: np.ndarray, n_calls: int) -> dict[str, float]:
+    """The ranking itself, in-process (no HTTP, no actors): RecommendCore.recommend for a 20-like user, k=10."""
+    from llmrec import schema
+    from llmrec.index.item_index import ItemIndex
+    from llmrec.serve.recommend_core import RecommendCore, UserView, load_catalog
+    from llmrec.state.user_state import Event, MeanVectorizer, UserState, apply_event
+
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # as in a Serve replica (Ray sets OMP_NUM_THREADS=1 there)
+    catalog, meta = load_catalog(run)
+    core = RecommendCore(catalog, ItemIndex.load(run / schema.RUN_INDEX, expect_embed_meta=meta, device="cpu"))
+    vec = MeanVectorizer(catalog.item_ids, catalog.vectors)
+    rng = np.random.default_rng(1)
+    lat = []
+    for c in range(n_calls):
+        st = UserState(user_id="u")
+        for j in rng.choice(len(ids), 20, replace=False):
+            st = apply_event(st, Event(user_id="u", item_id=str(ids[j]), event="like", ts=float(c)))
+        view = UserView.from_state(st)
+        t = time.perf_counter()
+        view.vector = vec(st)
+        core.recommend([view], k=10)
+        lat.append((time.perf_counter() - t) * 1e3)
+    a = np.array(lat)
+    return {"n": len(a), "p50_ms": round(float(np.percentile(a, 50)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2),
+            "mean_ms": round(float(a.mean()), 2), "req_per_s": round(1e3 / float(a.mean()), 1)}
 
 
 def _latency(fn: Any, clients: int, per_client: int) -> dict[str, float]:

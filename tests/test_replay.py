@@ -101,3 +101,15 @@ def test_max_events_limits_the_stream(tmp_path: Path) -> None:
     assert out["n_stream_events"] == 10 and out["n_stream_events_available"] == 120
     with pytest.raises(ValueError, match="max_events"):
         replay(run, run / schema.RUN_DATA, max_events=0, out_dir=tmp_path / "e3")
+
+
+def test_replay_command(tmp_path: Path) -> None:
+    from llmrec.cli import main
+
+    run, _ = planted(tmp_path)
+    rc = main(["replay", "--run", str(run), "--data", str(run / schema.RUN_DATA), "--test-frac", "0.56",
+               "--max-events", "0", "--out", str(tmp_path / "cli")])
+    assert rc == 0
+    out = json.loads((tmp_path / "cli" / "replay.json").read_text())
+    assert out["n_stream_events"] == 120 and out["online"]["recall@10"] > out["frozen"]["recall@10"]
+    assert main(["replay", "--run", str(run), "--data", str(run / schema.RUN_DATA), "--max-events", "-1"]) == 2

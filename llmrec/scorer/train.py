@@ -143,8 +143,10 @@ def fit_scorer(
         shutil.copyfile(Path(d) / CHECKPOINT_FILE, last / CHECKPOINT_FILE)
         last_state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     wall = time.perf_counter() - t0
-    return _write_artifact(out, state, last_state, items, hp, embed_meta, wall=wall,
-                           extra={"num_workers": num_workers, "use_gpu": use_gpu, "ray_run": run_name})
+    epochs_run = list(last_state.get("run_epochs", []))
+    return _write_artifact(out, state, last_state, items, hp, embed_meta, wall=wall, epochs_run=epochs_run,
+                           extra={"num_workers": num_workers, "use_gpu": use_gpu, "ray_run": run_name,
+                                  "resumed_from": str(resume_file) if resume_file else None})
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -164,6 +166,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(static, hp).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
     start_epoch, stop_state = 0, {"best": -math.inf, "best_epoch": -1, "bad_epochs": 0}
+    history: list[dict] = []  # per-epoch metrics, carried over by a resumed run
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -174,6 +177,7 @@ def train_loop_per_worker(config: dict) -> None:
         state = None
     if state is not None:
         start_epoch, stop_state = load_train_state(model, optimizer, state)
+        history = list(state.get("history", []))
         if rank == 0:
             logger.info("resuming at epoch %d (best %s=%.4f)", start_epoch, SCORE_METRIC, stop_state["best"])
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
@@ -181,7 +185,9 @@ def train_loop_per_worker(config: dict) -> None:
     neg_p = torch.as_tensor(static["neg_p"], dtype=torch.float32, device=device)
     gen = torch.Generator(device=device).manual_seed(hp["seed"] * 1000 + rank)
     per_worker_batch = max(1, hp["batch_size"] // world)
+    run_epochs: list[int] = []  # epochs trained by this run (a resumed run starts after the saved epoch)
     for epoch in range(start_epoch, hp["epochs"]):
+        run_epochs.append(epoch)
         t0 = time.perf_counter()
         batches = shard.iter_torch_batches(
             batch_size=per_worker_batch, local_shuffle_buffer_size=4 * per_worker_batch,
@@ -199,7 +205,8 @@ def train_loop_per_worker(config: dict) -> None:
                        examples=int(totals[1]), train_s=train_s, examples_per_s=float(totals[1]) / train_s)
         stop = update_early_stop(stop_state, metrics, epoch, hp["patience"])
         metrics["best_epoch"] = stop_state["best_epoch"]
-        _report(metrics, model, optimizer, epoch, stop_state, rank)
+        history.append(dict(metrics))
+        _report(metrics, model, optimizer, epoch, stop_state, rank, run_epochs, history)
         if rank == 0:
             logger.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         if stop:
@@ -465,7 +472,8 @@ def _hparams(model_kwargs: dict, **fixed: Any) -> dict:
     return {**DEFAULTS, **model_kwargs, **fixed}
 
 
-def _report(metrics: dict, model: ScorerModel, optimizer, epoch: int, stop_state: dict, rank: int) -> None:
+def _report(metrics: dict, model: ScorerModel, optimizer, epoch: int, stop_state: dict, rank: int,
+            run_epochs: list[int], history: list[dict]) -> None:
     import ray.train
 
     if rank != 0:
@@ -474,7 +482,8 @@ def _report(metrics: dict, model: ScorerModel, optimizer, epoch: int, stop_state
     with tempfile.TemporaryDirectory() as tmp:
         torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()},
                     "optimizer": optimizer.state_dict(), "epoch": epoch, "model_config": model.cfg.to_dict(),
-                    "early_stop": dict(stop_state), "metrics": metrics}, Path(tmp) / CHECKPOINT_FILE)
+                    "early_stop": dict(stop_state), "metrics": metrics, "run_epochs": list(run_epochs),
+                    "history": history}, Path(tmp) / CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -487,7 +496,7 @@ def _pick_best(result, has_val: bool):
 
 
 def _write_artifact(out: Path, state: dict, last_state: dict, items: ItemSpace, hp: dict, embed_meta: dict | None,
-                    wall: float, extra: dict) -> dict:
+                    wall: float, epochs_run: list[int], extra: dict) -> dict:
     torch.save({"model_config": state["model_config"], "model": state["model"]}, out / MODEL_FILE)
     np.save(out / INDEX_IDS_FILE, np.asarray(items.item_ids).astype(str))
     hist = last_state["metrics"]
@@ -495,7 +504,8 @@ def _write_artifact(out: Path, state: dict, last_state: dict, items: ItemSpace, 
         out, "train",
         embed=embed_meta or {}, config={**hp, **extra}, model_config=state["model_config"],
         metrics=state["metrics"], best_epoch=int(state["epoch"]), last_epoch=int(last_state["epoch"]),
-        early_stop=last_state["early_stop"], item_ids_file=INDEX_IDS_FILE, model_file=MODEL_FILE,
+        early_stop=last_state["early_stop"], epochs_run=epochs_run, history=last_state.get("history", []),
+        item_ids_file=INDEX_IDS_FILE, model_file=MODEL_FILE,
         n_items=items.n_items, text_dim=int(np.asarray(items.text_vectors).shape[1]), dim=hp["dim"],
         wall_s=wall, examples_per_s=hist.get("examples_per_s"),
     )

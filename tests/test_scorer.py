@@ -127,3 +127,28 @@ def test_model_overfits_planted_pairs():
     assert float(loss.detach()) < 0.1 * first
     assert (top_r == batch["target"]).float().mean() >= 0.9  # retrieval over the whole catalog
     assert (top_h == batch["target"]).float().mean() >= 0.9  # MLP re-rank of the top 10
+
+
+def test_full_scores_put_reranked_block_first_and_keep_retrieval_order_below():
+    from llmrec.scorer.inference import Scorer
+
+    torch.manual_seed(0)
+    cfg = ScorerConfig(text_dim=8, n_items=50, n_id_slots=51, dim=16, max_len=6)
+    s = Scorer(ScorerModel(cfg, torch.randn(50, 8), torch.arange(1, 51)), np.array([f"i{i}" for i in range(50)]))
+    rng = np.random.default_rng(0)
+    hists = [History(f"u{b}", rng.choice(50, 5, replace=False), np.arange(5), np.array(["click"] * 5),
+                     np.full(5, np.nan)) for b in range(3)]
+    S = s.full_scores(hists, n_candidates=10)
+    idx, sc = s.recommend(hists, k=10, n_candidates=10)
+    U, V = s.user_vectors(hists), s.item_vectors()
+    for b, h in enumerate(hists):
+        order = np.argsort(-S[b], kind="stable")
+        np.testing.assert_array_equal(order[:10], idx[b])  # block = two-stage top 10, in MLP order
+        np.testing.assert_allclose(S[b, idx[b]], sc[b], rtol=1e-5)
+        rest = order[10:]
+        ret = U[b] @ V.T
+        assert np.all(np.diff(ret[rest]) <= 1e-5)  # below the block: retrieval order
+        assert not np.isin(idx[b], h.item_idx).any()
+    bad = History("x", np.array([0, 99]), np.arange(2), np.array(["click"] * 2), np.full(2, np.nan))
+    with pytest.raises(ValueError, match="outside"):
+        s.recommend([bad], k=3)

@@ -197,7 +197,11 @@ class Scorer:
         mask = torch.zeros(len(histories), self.n_items, dtype=torch.bool, device=self.device)
         for b, h in enumerate(histories):
             if exclude_history and len(h.item_idx):
-                mask[b, torch.as_tensor(np.asarray(h.item_idx, dtype=np.int64), device=self.device)] = True
+                hi = np.asarray(h.item_idx, dtype=np.int64)
+                if hi.min() < 0 or hi.max() >= self.n_items:
+                    raise ValueError(f"history of user {h.user_id!r} has item_idx outside [0, {self.n_items}); "
+                                     "map item ids with Scorer.item_index first")
+                mask[b, torch.as_tensor(hi, device=self.device)] = True
             if exclude is not None and len(exclude[b]):
                 e = np.asarray(exclude[b], dtype=np.int64)
                 if e.min() < 0 or e.max() >= self.n_items:

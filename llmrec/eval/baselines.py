@@ -474,6 +474,12 @@ def _sasrec_net_cls():  # torch imported lazily
             super().__init__()
             self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
             self.pos_emb = nn.Embedding(max_len, dim)
+            # unit-norm item vectors: inputs (x sqrt(dim)) have unit per-dim scale and the output logits
+            # h . e (h layer-normed) start near N(0, 1): the sampled softmax starts at chance, not far above
+            nn.init.normal_(self.item_emb.weight, std=dim**-0.5)
+            nn.init.normal_(self.pos_emb.weight, std=1.0)
+            with torch.no_grad():
+                self.item_emb.weight[0].zero_()
             layer = nn.TransformerEncoderLayer(
                 dim, n_heads, dim_feedforward=dim, dropout=dropout, batch_first=True, norm_first=True
             )

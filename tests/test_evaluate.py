@@ -245,3 +245,31 @@ def test_llmrec_is_evaluated_when_importable(run_dir: Path, tmp_path: Path, ray_
     m = res["loo"]["models"]
     assert list(m) == ["llmrec", "popularity"]
     assert m["llmrec"]["recall@10"] > m["popularity"]["recall@10"]
+
+
+def test_time_targets_all_counts_every_post_cutoff_item(run_dir: Path, tmp_path: Path) -> None:
+    rc = cli_main(
+        [
+            "evaluate",
+            "--data",
+            str(run_dir / "data"),
+            "--run",
+            str(run_dir),
+            "--out",
+            str(tmp_path),
+            "--protocol",
+            "time",
+            "--models",
+            "popularity",
+            "--time-cutoff",
+            str(1000 * (SEQ - 1) - 1),
+            "--time-targets",
+            "all",
+        ]
+    )
+    assert rc == 0
+    res = json.loads((tmp_path / "metrics.json").read_text())["time"]
+    meta = json.loads((tmp_path / "meta.json").read_text())["per_protocol"]["time"]["split"]
+    # after the cutoff: every user's step SEQ-1 event, plus the cold last event of every 4th user
+    assert res["n_users"] == N_USERS and meta["n_test"] == N_USERS + N_USERS // 4
+    assert res["cold_items"]["n_events"] == N_USERS // 4

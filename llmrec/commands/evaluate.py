@@ -52,6 +52,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--num-workers", type=int, default=None, help="llmrec Ray Train workers (default: the run's)"
     )
+    p.add_argument(
+        "--time-targets",
+        choices=["first", "all"],
+        default="first",
+        help="time protocol targets: each test user's first post-cutoff event (default), or all of them",
+    )
+    p.add_argument(
+        "--sasrec-threads", type=int, default=None, help="torch threads for SASRec (default: torch's)"
+    )
     p.add_argument("--sasrec-epochs", type=int, default=None, help="SASRec baseline epochs (default 20)")
 
 
@@ -70,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     llmrec_kwargs = {
         k: v for k, v in (("epochs", args.epochs), ("num_workers", args.num_workers)) if v is not None
     }
-    baseline_kwargs = {"sasrec": {"epochs": args.sasrec_epochs}} if args.sasrec_epochs else None
+    sasrec = {k: v for k, v in (("epochs", args.sasrec_epochs), ("num_threads", args.sasrec_threads)) if v}
+    baseline_kwargs = {"sasrec": sasrec} if sasrec else None
     results = evaluate(
         args.data,
         emb,
@@ -84,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         baseline_kwargs=baseline_kwargs,
         time_test_frac=args.time_test_frac,
         time_cutoff_ts=args.time_cutoff,
+        time_targets=args.time_targets,
     )
     for proto, res in results.items():
         best = max(res["models"], key=lambda m: res["models"][m]["ndcg@10"])

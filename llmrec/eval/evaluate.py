@@ -85,6 +85,7 @@ def evaluate(
     baseline_kwargs: dict[str, dict[str, Any]] | None = None,
     time_test_frac: float = 0.1,
     time_cutoff_ts: int | None = None,
+    time_targets: str = "first",
     batch_users: int = 1024,
 ) -> dict[str, Any]:
     """Evaluate models under each protocol and write metrics.json, report.md, metrics.png, meta.json.
@@ -106,6 +107,7 @@ def evaluate(
         time_test_frac: share of events after the time protocol's cutoff.
         time_cutoff_ts: explicit time-protocol cutoff (events with ts <= it are train); overrides
             time_test_frac.
+        time_targets: "first" post-cutoff event per test user (default) or "all" distinct post-cutoff items.
         batch_users: users scored per `score` call.
 
     Returns:
@@ -136,7 +138,12 @@ def evaluate(
         if proto == "loo":
             split = leave_last_out(inter)
         else:
-            split = time_split(inter, test_frac=time_test_frac, cutoff_ts=time_cutoff_ts)
+            split = time_split(
+                inter,
+                test_frac=time_test_frac,
+                cutoff_ts=time_cutoff_ts,
+                targets=time_targets,  # type: ignore[arg-type]
+            )
         recs: list[Recommender] = []
         for name in names:
             model = _make_model(
@@ -172,6 +179,7 @@ def evaluate(
         seed=seed,
         time_test_frac=time_test_frac,
         time_cutoff_ts=time_cutoff_ts,
+        time_targets=time_targets,
         n_events=len(inter),
         n_events_without_embedding=n_dropped,
         embed={k: embed_meta.get(k) for k in ("model_name", "dim", "n_items", "dataset_fingerprint")},

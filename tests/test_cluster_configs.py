@@ -277,3 +277,14 @@ def test_job_config_files_parse_with_their_command(path: Path) -> None:
     assert argv, f"{path} is empty"
     args = parser.parse_args([mod.COMMAND, *argv])
     assert args.command == mod.COMMAND
+
+
+def test_serve_app_args_are_accepted_by_build_app(tmp_path: Path) -> None:
+    """Every config's app args are known to build_app: with a run folder that has no artifacts the only
+    complaint is the missing artifact (unknown or malformed args are refused before that check)."""
+    build_app = importlib.import_module("llmrec.serve.app").build_app
+    for where, app in _serve_apps():
+        args = {**app.get("args", {}), "run_dir": str(tmp_path / "empty-run")}
+        with pytest.raises(ValueError, match="meta.json") as e:
+            build_app(args)
+        assert "unknown" not in str(e.value), f"{where}: {e.value}"

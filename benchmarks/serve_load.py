@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     from ray.serve.schema import LoggingConfig
 
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=LoggingConfig(enable_access_log=False))
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        logging_config=LoggingConfig(enable_access_log=False),
+    )
     try:
         for n in args.sizes:
             with tempfile.TemporaryDirectory(prefix=f"llmrec-load-{n}-") as tmp:
@@ -84,62 +87,93 @@ def _bench_size(n: int, args: argparse.Namespace, tmp: Path, port: int) -> dict[
     name = f"load{n}"
     state_name = f"load-state-{uuid.uuid4().hex[:6]}"
     t0 = time.perf_counter()
-    serve.run(build_app({"run_dir": str(tmp / "run"), "n_shards": args.shards, "state_name": state_name}),
-              name=name, route_prefix=f"/{name}", logging_config={"enable_access_log": False})
+    serve.run(
+        build_app({"run_dir": str(tmp / "run"), "n_shards": args.shards, "state_name": state_name}),
+        name=name,
+        route_prefix=f"/{name}",
+        logging_config={"enable_access_log": False},
+    )
     start_s = time.perf_counter() - t0
     url = f"http://127.0.0.1:{port}/{name}"
     rng = np.random.default_rng(0)
     users = [f"user{u}" for u in range(args.users)]
     http = requests.Session()
     for i in range(0, len(users), 10):  # 20 liked items per user, posted in batches
-        evs = [{"user_id": u, "item_id": str(ids[j]), "event": "like"}
-               for u in users[i:i + 10] for j in rng.choice(n, 20, replace=False)]
+        evs = [
+            {"user_id": u, "item_id": str(ids[j]), "event": "like"}
+            for u in users[i : i + 10]
+            for j in rng.choice(n, 20, replace=False)
+        ]
         r = http.post(f"{url}/feedback", json={"events": evs}, timeout=60)
         r.raise_for_status()
     for _ in range(20):  # warm-up
         http.get(f"{url}/recommend", params={"user_id": users[0], "k": 10}, timeout=60)
-        http.post(f"{url}/feedback", json={"user_id": users[0], "item_id": str(ids[0]), "event": "view"}, timeout=60)
+        http.post(
+            f"{url}/feedback", json={"user_id": users[0], "item_id": str(ids[0]), "event": "view"}, timeout=60
+        )
 
     def fb(s: Any, r: np.random.Generator) -> None:
-        resp = s.post(f"{url}/feedback", json={"user_id": users[int(r.integers(len(users)))],
-                                              "item_id": str(ids[int(r.integers(n))]), "event": "click"}, timeout=60)
+        resp = s.post(
+            f"{url}/feedback",
+            json={
+                "user_id": users[int(r.integers(len(users)))],
+                "item_id": str(ids[int(r.integers(n))]),
+                "event": "click",
+            },
+            timeout=60,
+        )
         assert resp.status_code == 200, resp.text
 
     def rec(s: Any, r: np.random.Generator) -> None:
-        resp = s.get(f"{url}/recommend", params={"user_id": users[int(r.integers(len(users)))], "k": 10}, timeout=60)
+        resp = s.get(
+            f"{url}/recommend", params={"user_id": users[int(r.integers(len(users)))], "k": 10}, timeout=60
+        )
         assert resp.status_code == 200, resp.text
 
     def visible(s: Any, r: np.random.Generator) -> None:
         u = users[int(r.integers(len(users)))]
-        v = s.post(f"{url}/feedback", json={"user_id": u, "item_id": str(ids[int(r.integers(n))]), "event": "like"},
-                   timeout=60).json()["state_version"]
+        v = s.post(
+            f"{url}/feedback",
+            json={"user_id": u, "item_id": str(ids[int(r.integers(n))]), "event": "like"},
+            timeout=60,
+        ).json()["state_version"]
         got = s.get(f"{url}/recommend", params={"user_id": u, "k": 10}, timeout=60).json()["state_version"]
         assert got >= v, f"read-your-writes violated: posted version {v}, recommend saw {got}"
 
-    res: dict[str, Any] = {"n_items": n, "build_s": round(build_s, 1), "app_start_s": round(start_s, 1),
-                           "core_recommend_in_process": core_ms}
+    res: dict[str, Any] = {
+        "n_items": n,
+        "build_s": round(build_s, 1),
+        "app_start_s": round(start_s, 1),
+        "core_recommend_in_process": core_ms,
+    }
     for label, fn in (("feedback", fb), ("recommend", rec), ("feedback_to_visible", visible)):
         res[f"{label}_1client"] = _latency(fn, 1, args.requests)
         res[f"{label}_{args.clients}clients"] = _latency(fn, args.clients, args.requests // 2)
-    res[f"events_per_s_single_{args.clients}clients"] = _throughput(url, users, ids, args.clients, args.seconds, 1)
-    res[f"events_per_s_batch50_{args.clients}clients"] = _throughput(url, users, ids, args.clients, args.seconds, 50)
+    res[f"events_per_s_single_{args.clients}clients"] = _throughput(
+        url, users, ids, args.clients, args.seconds, 1
+    )
+    res[f"events_per_s_batch50_{args.clients}clients"] = _throughput(
+        url, users, ids, args.clients, args.seconds, 50
+    )
     serve.delete(name)
     StateStore(n_shards=args.shards, log_dir=tmp / "run" / "events", name=state_name).shutdown(kill_all=True)
     return res
 
 
 def _core_latency(run: Path, ids: np.ndarray, n_calls: int) -> dict[str, float]:
-    """The ranking itself, in-process (no HTTP, no actors): RecommendCore.recommend for a 20-like user, k=10."""
+    """The ranking alone, in-process (no HTTP, no actors): RecommendCore.recommend, 20-like user, k=10."""
+    import faiss
+
     from llmrec import schema
     from llmrec.index.item_index import ItemIndex
     from llmrec.serve.recommend_core import RecommendCore, UserView, load_catalog
     from llmrec.state.user_state import Event, MeanVectorizer, UserState, apply_event
 
-    import faiss
-
     faiss.omp_set_num_threads(1)  # as in a Serve replica (Ray sets OMP_NUM_THREADS=1 there)
     catalog, meta = load_catalog(run)
-    core = RecommendCore(catalog, ItemIndex.load(run / schema.RUN_INDEX, expect_embed_meta=meta, device="cpu"))
+    core = RecommendCore(
+        catalog, ItemIndex.load(run / schema.RUN_INDEX, expect_embed_meta=meta, device="cpu")
+    )
     vec = MeanVectorizer(catalog.item_ids, catalog.vectors)
     rng = np.random.default_rng(1)
     lat = []
@@ -153,8 +187,13 @@ def _core_latency(run: Path, ids: np.ndarray, n_calls: int) -> dict[str, float]:
         core.recommend([view], k=10)
         lat.append((time.perf_counter() - t) * 1e3)
     a = np.array(lat)
-    return {"n": len(a), "p50_ms": round(float(np.percentile(a, 50)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2),
-            "mean_ms": round(float(a.mean()), 2), "req_per_s": round(1e3 / float(a.mean()), 1)}
+    return {
+        "n": len(a),
+        "p50_ms": round(float(np.percentile(a, 50)), 2),
+        "p99_ms": round(float(np.percentile(a, 99)), 2),
+        "mean_ms": round(float(a.mean()), 2),
+        "req_per_s": round(1e3 / float(a.mean()), 1),
+    }
 
 
 def _latency(fn: Any, clients: int, per_client: int) -> dict[str, float]:
@@ -180,11 +219,18 @@ def _latency(fn: Any, clients: int, per_client: int) -> dict[str, float]:
         t.join()
     wall = time.perf_counter() - t0
     a = np.array(lat)
-    return {"n": len(a), "p50_ms": round(float(np.percentile(a, 50)), 1), "p99_ms": round(float(np.percentile(a, 99)), 1),
-            "mean_ms": round(float(a.mean()), 1), "req_per_s": round(len(a) / wall, 1)}
+    return {
+        "n": len(a),
+        "p50_ms": round(float(np.percentile(a, 50)), 1),
+        "p99_ms": round(float(np.percentile(a, 99)), 1),
+        "mean_ms": round(float(a.mean()), 1),
+        "req_per_s": round(len(a) / wall, 1),
+    }
 
 
-def _throughput(url: str, users: list[str], ids: np.ndarray, clients: int, seconds: float, batch: int) -> float:
+def _throughput(
+    url: str, users: list[str], ids: np.ndarray, clients: int, seconds: float, batch: int
+) -> float:
     import requests
 
     counts = [0] * clients
@@ -193,8 +239,14 @@ def _throughput(url: str, users: list[str], ids: np.ndarray, clients: int, secon
     def worker(i: int) -> None:
         s, r = requests.Session(), np.random.default_rng(100 + i)
         while time.perf_counter() < stop:
-            evs = [{"user_id": users[int(r.integers(len(users)))], "item_id": str(ids[int(r.integers(len(ids)))]),
-                    "event": "view"} for _ in range(batch)]
+            evs = [
+                {
+                    "user_id": users[int(r.integers(len(users)))],
+                    "item_id": str(ids[int(r.integers(len(ids)))]),
+                    "event": "view",
+                }
+                for _ in range(batch)
+            ]
             resp = s.post(f"{url}/feedback", json={"events": evs} if batch > 1 else evs[0], timeout=60)
             assert resp.status_code == 200, resp.text
             counts[i] += batch
@@ -225,10 +277,21 @@ def _make_run(run: Path, n: int, dim: int) -> np.ndarray:
     emb = run / schema.RUN_EMBEDDINGS
     emb.mkdir(parents=True)
     col = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), dim)
-    pq.write_table(pa.table({schema.ITEM_ID: pa.array(list(ids), pa.string()), schema.EMBEDDING: col}),
-                   emb / schema.EMBEDDINGS_FILE)
-    meta = write_meta(emb, "embed", model_name=DEFAULT_MODEL_NAME, model_path=default_model_path(), dim=dim,
-                      normalized=True, max_length=128, pooling="mean", n_items=n)
+    pq.write_table(
+        pa.table({schema.ITEM_ID: pa.array(list(ids), pa.string()), schema.EMBEDDING: col}),
+        emb / schema.EMBEDDINGS_FILE,
+    )
+    meta = write_meta(
+        emb,
+        "embed",
+        model_name=DEFAULT_MODEL_NAME,
+        model_path=default_model_path(),
+        dim=dim,
+        normalized=True,
+        max_length=128,
+        pooling="mean",
+        n_items=n,
+    )
     t0 = time.perf_counter()
     idx = ItemIndex.build(x, list(ids), kind="auto", device="cpu", embed_meta=meta)
     idx.save(run / schema.RUN_INDEX, meta)
@@ -253,7 +316,9 @@ def _print(res: dict[str, Any]) -> None:
     print(f"\n== {res['n_items']} items (index build {res['build_s']} s, app start {res['app_start_s']} s)")
     for k, v in res.items():
         if isinstance(v, dict):
-            print(f"  {k:34s} p50 {v['p50_ms']:7.1f} ms  p99 {v['p99_ms']:7.1f} ms  {v['req_per_s']:7.1f} req/s")
+            print(
+                f"  {k:34s} p50 {v['p50_ms']:7.1f} ms  p99 {v['p99_ms']:7.1f} ms  {v['req_per_s']:7.1f} req/s"
+            )
         elif k.startswith("events_per_s"):
             print(f"  {k:34s} {v:9.1f} events/s")
     sys.stdout.flush()

@@ -42,7 +42,9 @@ __all__ = ["replay", "cutoff_split"]
 _POSITIVE = {"like", "purchase", "click"}
 
 
-def cutoff_split(interactions: pd.DataFrame, test_frac: float = 0.1) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+def cutoff_split(
+    interactions: pd.DataFrame, test_frac: float = 0.1
+) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """(history ts <= cutoff, stream ts > cutoff in time order, cutoff). Raises ValueError when empty."""
     if not 0.0 < test_frac < 1.0:
         raise ValueError(f"test_frac must be within (0, 1), got {test_frac}")
@@ -96,8 +98,14 @@ def replay(
         stream = stream.iloc[:max_events]
     users = set(stream[schema.USER_ID])
     hist = hist[hist[schema.USER_ID].isin(users)]
-    logger.info("replay: cutoff ts %d, %d history events of %d users, streaming %d of %d later events",
-                cutoff, len(hist), len(users), len(stream), n_stream_total)
+    logger.info(
+        "replay: cutoff ts %d, %d history events of %d users, streaming %d of %d later events",
+        cutoff,
+        len(hist),
+        len(users),
+        len(stream),
+        n_stream_total,
+    )
     runner = _HttpRunner(url, auth_token, k, run_dir) if url else _LocalRunner(run_dir, k, rank_config)
     try:
         runner.init_users(hist)
@@ -128,9 +136,19 @@ def replay(
     out_path.mkdir(parents=True, exist_ok=True)
     (out_path / "replay.json").write_text(json.dumps(out, indent=2) + "\n")
     on, fr = out["online"], out["frozen"]
-    logger.info("replay: %d targets; Recall@%d online %.4f vs frozen %.4f, NDCG@%d online %.4f vs frozen %.4f "
-                "(%.1fs) -> %s", out["n_targets"], k, on[f"recall@{k}"], fr[f"recall@{k}"], k,
-                on[f"ndcg@{k}"], fr[f"ndcg@{k}"], out["wall_s"], out_path / "replay.json")
+    logger.info(
+        "replay: %d targets; Recall@%d online %.4f vs frozen %.4f, NDCG@%d online %.4f vs frozen %.4f "
+        "(%.1fs) -> %s",
+        out["n_targets"],
+        k,
+        on[f"recall@{k}"],
+        fr[f"recall@{k}"],
+        k,
+        on[f"ndcg@{k}"],
+        fr[f"ndcg@{k}"],
+        out["wall_s"],
+        out_path / "replay.json",
+    )
     return out
 
 
@@ -141,7 +159,9 @@ def _stream(runner: Any, stream: pd.DataFrame, k: int) -> dict[str, Any]:
     for row in stream.itertuples(index=False):
         uid, item = getattr(row, schema.USER_ID), getattr(row, schema.ITEM_ID)
         ev, rating = getattr(row, schema.EVENT), getattr(row, schema.RATING)
-        value = None if rating is None or (isinstance(rating, float) and math.isnan(rating)) else float(rating)
+        value = (
+            None if rating is None or (isinstance(rating, float) and math.isnan(rating)) else float(rating)
+        )
         user_seen = seen.setdefault(uid, set())
         if runner.knows(item) and item not in user_seen:
             positive = ev in _POSITIVE or (ev == "rating" and value is not None and value >= 4)
@@ -172,8 +192,10 @@ def _stream(runner: Any, stream: pd.DataFrame, k: int) -> dict[str, Any]:
     res["n_positive_targets"] = acc["online"]["pos"][2]
     res["gain"] = {m: res["online"][m] - res["frozen"][m] for m in res["online"]}
     if lat:
-        res["online_recommend_ms"] = {"p50": float(np.percentile(lat, 50) * 1e3),
-                                      "p99": float(np.percentile(lat, 99) * 1e3)}
+        res["online_recommend_ms"] = {
+            "p50": float(np.percentile(lat, 50) * 1e3),
+            "p99": float(np.percentile(lat, 99) * 1e3),
+        }
     return res
 
 
@@ -220,18 +242,28 @@ class _LocalRunner:
             uid = getattr(row, schema.USER_ID)
             r = getattr(row, schema.RATING)
             value = None if r is None or (isinstance(r, float) and math.isnan(r)) else float(r)
-            self.apply(uid, getattr(row, schema.ITEM_ID), getattr(row, schema.EVENT), value,
-                       float(getattr(row, schema.TS)))
+            self.apply(
+                uid,
+                getattr(row, schema.ITEM_ID),
+                getattr(row, schema.EVENT),
+                value,
+                float(getattr(row, schema.TS)),
+            )
             self.seen.setdefault(uid, set()).add(getattr(row, schema.ITEM_ID))
         self.frozen = dict(self.online)
-        logger.info("initialised %d users from %d history events in %.1fs", len(self.online), len(hist),
-                    time.perf_counter() - t0)
+        logger.info(
+            "initialised %d users from %d history events in %.1fs",
+            len(self.online),
+            len(hist),
+            time.perf_counter() - t0,
+        )
 
     def apply(self, uid: str, item: str, ev: str, value: float | None, ts: float) -> None:
         from llmrec.state.user_state import Event, apply_event
 
-        self.online[uid] = apply_event(self._state(uid), Event(user_id=uid, item_id=item, event=ev, value=value,
-                                                                ts=ts))
+        self.online[uid] = apply_event(
+            self._state(uid), Event(user_id=uid, item_id=item, event=ev, value=value, ts=ts)
+        )
 
     def recommend(self, uid: str, mode: str) -> list[str]:
         from llmrec.serve.recommend_core import UserView
@@ -270,10 +302,14 @@ class _HttpRunner:
         self.has_scorer = None
         r = self.http.get(f"{self.url}/healthz", timeout=30)
         if r.status_code != 200:
-            raise ValueError(f"{self.url}/healthz answered {r.status_code}: {r.text[:200]}; is `llmrec serve` up?")
+            raise ValueError(
+                f"{self.url}/healthz answered {r.status_code}: {r.text[:200]}; is `llmrec serve` up?"
+            )
         import pyarrow.parquet as pq
 
-        t = pq.read_table(Path(run_dir) / schema.RUN_EMBEDDINGS / schema.EMBEDDINGS_FILE, columns=[schema.ITEM_ID])
+        t = pq.read_table(
+            Path(run_dir) / schema.RUN_EMBEDDINGS / schema.EMBEDDINGS_FILE, columns=[schema.ITEM_ID]
+        )
         self._known = {str(x) for x in t.column(schema.ITEM_ID).to_pylist()}
 
     def _uid(self, uid: str, mode: str) -> str:
@@ -285,8 +321,13 @@ class _HttpRunner:
             raise ValueError(f"POST /feedback answered {r.status_code}: {r.text[:300]}")
 
     def _event(self, uid: str, item: str, ev: str, value: float | None, ts: float) -> dict[str, Any]:
-        d: dict[str, Any] = {"user_id": uid, "item_id": item, "event": ev, "ts": ts,
-                             "event_id": uuid.uuid4().hex}
+        d: dict[str, Any] = {
+            "user_id": uid,
+            "item_id": item,
+            "event": ev,
+            "ts": ts,
+            "event_id": uuid.uuid4().hex,
+        }
         if value is not None:
             d["value"] = value
         self.users.add(uid)
@@ -302,8 +343,15 @@ class _HttpRunner:
             r = getattr(row, schema.RATING)
             value = None if r is None or (isinstance(r, float) and math.isnan(r)) else float(r)
             for mode in ("online", "frozen"):
-                batch.append(self._event(self._uid(uid, mode), item, getattr(row, schema.EVENT), value,
-                                         float(getattr(row, schema.TS))))
+                batch.append(
+                    self._event(
+                        self._uid(uid, mode),
+                        item,
+                        getattr(row, schema.EVENT),
+                        value,
+                        float(getattr(row, schema.TS)),
+                    )
+                )
             if len(batch) >= 500:
                 self._post(batch)
                 batch = []
@@ -320,8 +368,9 @@ class _HttpRunner:
     def recommend(self, uid: str, mode: str) -> list[str]:
         if mode == "frozen" and uid in self.frozen_recs:
             return self.frozen_recs[uid]
-        r = self.http.get(f"{self.url}/recommend", params={"user_id": self._uid(uid, mode), "k": self.k},
-                          timeout=30)
+        r = self.http.get(
+            f"{self.url}/recommend", params={"user_id": self._uid(uid, mode), "k": self.k}, timeout=30
+        )
         if r.status_code != 200:
             raise ValueError(f"GET /recommend answered {r.status_code}: {r.text[:300]}")
         recs = [it["item_id"] for it in r.json()["items"]]

@@ -8,14 +8,30 @@ import string
 from pathlib import Path
 
 import pytest
-
 from test_serve_app import App
 
 pytestmark = pytest.mark.slow  # the app start alone is ~40 s here
 
 ITEMS = ["space-1", "cook-2", "horror-3"]
 EVENTS = ["view", "click", "like", "dislike", "skip", "purchase", "rating"]
-JUNK = [None, True, False, 0, -1, 1.5, 1e308, "", " ", "\x00", "ü🎉" * 3, [], {}, [1, 2], {"a": 1}, "x" * 5000]
+JUNK = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1.5,
+    1e308,
+    "",
+    " ",
+    "\x00",
+    "ü🎉" * 3,
+    [],
+    {},
+    [1, 2],
+    {"a": 1},
+    "x" * 5000,
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +48,16 @@ def _rand_text(rng: random.Random, n: int) -> str:
 
 def _bad_event(rng: random.Random) -> dict:
     """A valid-looking event with exactly one definite defect (so it must be refused)."""
-    ev = {"user_id": rng.choice(["good-user", "ü-user", "u" * 10]), "item_id": rng.choice(ITEMS),
-          "event": rng.choice(EVENTS[:6])}
+    ev = {
+        "user_id": rng.choice(["good-user", "ü-user", "u" * 10]),
+        "item_id": rng.choice(ITEMS),
+        "event": rng.choice(EVENTS[:6]),
+    }
     defect = rng.randrange(12)
     if defect == 0:
-        ev["user_id"] = rng.choice([j for j in JUNK if not (isinstance(j, str) and j.strip() and len(j) <= 256)])
+        ev["user_id"] = rng.choice(
+            [j for j in JUNK if not (isinstance(j, str) and j.strip() and len(j) <= 256)]
+        )
     elif defect == 1:
         ev["item_id"] = "unknown-" + _rand_text(rng, 8)
     elif defect == 2:
@@ -69,34 +90,65 @@ def _requests(rng: random.Random, n: int):
         if kind in (0, 1, 2):
             yield "POST", "/feedback", {"json": _bad_event(rng)}
         elif kind == 3:  # a batch with good events and one bad one: the whole batch is refused
-            good = [{"user_id": "batch-user", "item_id": rng.choice(ITEMS), "event": "like"} for _ in range(3)]
+            good = [
+                {"user_id": "batch-user", "item_id": rng.choice(ITEMS), "event": "like"} for _ in range(3)
+            ]
             good.insert(rng.randrange(4), _bad_event(rng))
             yield "POST", "/feedback", {"json": {"events": good}}
         elif kind == 4:
-            body = rng.choice([
-                b"", b"{", b"nul", b"[1,2", b'{"user_id": "a", "item_id": "space-1", "event": "like"',
-                bytes(rng.randrange(256) for _ in range(64)), b"\xff\xfe{}", json.dumps(rng.choice(JUNK)).encode(),
-                b'{"events": []}', b'{"events": {}}', b'{"events": "x"}', b"[" * 5000 + b"]" * 5000,
-                json.dumps({"events": [{"user_id": "a", "item_id": "space-1", "event": "like"}] * 1001}).encode(),
-                b'{"user_id": "a", "item_id": "space-1", "event": "rating", "value": NaN}',
-                b'{"user_id": "a", "item_id": "space-1", "event": "rating", "value": Infinity}',
-            ])
+            body = rng.choice(
+                [
+                    b"",
+                    b"{",
+                    b"nul",
+                    b"[1,2",
+                    b'{"user_id": "a", "item_id": "space-1", "event": "like"',
+                    bytes(rng.randrange(256) for _ in range(64)),
+                    b"\xff\xfe{}",
+                    json.dumps(rng.choice(JUNK)).encode(),
+                    b'{"events": []}',
+                    b'{"events": {}}',
+                    b'{"events": "x"}',
+                    b"[" * 5000 + b"]" * 5000,
+                    json.dumps(
+                        {"events": [{"user_id": "a", "item_id": "space-1", "event": "like"}] * 1001}
+                    ).encode(),
+                    b'{"user_id": "a", "item_id": "space-1", "event": "rating", "value": NaN}',
+                    b'{"user_id": "a", "item_id": "space-1", "event": "rating", "value": Infinity}',
+                ]
+            )
             yield "POST", "/feedback", {"data": body, "headers": {"Content-Type": "application/json"}}
         elif kind == 5:
             yield "POST", "/feedback", {"data": b'{"user_id": "' + b"a" * (70 * 1024) + b'"}'}  # > body limit
         elif kind in (6, 7):
-            params = rng.choice([
-                {}, {"user_id": ""}, {"user_id": "u", "k": rng.choice(["0", "-1", "abc", "1e9", "201", "", "1.5"])},
-                {"user_id": "u" * 300}, {"user_id": "u", "q": ""}, {"user_id": "u", "q": "x" * 1001},
-                {"user_id": "u", "exclude_seen": rng.choice(["maybe", "2", ""])}, {"k": "5"},
-                {"user_id": " "}, {"user_id": "u", "q": "   "},
-            ])
+            params = rng.choice(
+                [
+                    {},
+                    {"user_id": ""},
+                    {"user_id": "u", "k": rng.choice(["0", "-1", "abc", "1e9", "201", "", "1.5"])},
+                    {"user_id": "u" * 300},
+                    {"user_id": "u", "q": ""},
+                    {"user_id": "u", "q": "x" * 1001},
+                    {"user_id": "u", "exclude_seen": rng.choice(["maybe", "2", ""])},
+                    {"k": "5"},
+                    {"user_id": " "},
+                    {"user_id": "u", "q": "   "},
+                ]
+            )
             yield "GET", "/recommend", {"params": params}
         elif kind == 8:
-            yield rng.choice([("PUT", "/feedback", {}), ("GET", "/feedback", {}), ("POST", "/recommend", {}),
-                              ("GET", "/nope/" + _rand_text(rng, 5).replace("/", ""), {}),
-                              ("PATCH", "/users/x", {}), ("GET", "/users/" + "u" * 300, {}),
-                              ("GET", "/users/%20", {}), ("POST", "/healthz", {})])
+            yield rng.choice(
+                [
+                    ("PUT", "/feedback", {}),
+                    ("GET", "/feedback", {}),
+                    ("POST", "/recommend", {}),
+                    ("GET", "/nope/" + _rand_text(rng, 5).replace("/", ""), {}),
+                    ("PATCH", "/users/x", {}),
+                    ("GET", "/users/" + "u" * 300, {}),
+                    ("GET", "/users/%20", {}),
+                    ("POST", "/healthz", {}),
+                ]
+            )
         else:
             yield "GET", f"/users/never-seen-{rng.randrange(10**6)}", {}
 
@@ -115,13 +167,18 @@ def test_random_bad_requests_never_5xx_and_change_nothing(app: App) -> None:
         ok_error = 400 <= r.status_code < 500 and isinstance(r.json().get("error"), str) and r.json()["error"]
         if not ok_error:
             bad.append((method, path, str(kw)[:150], r.status_code, r.text[:200]))
-    assert not bad, f"{len(bad)} requests not answered with a 4xx JSON error, e.g. {bad[:5]}; statuses {statuses}"
+    assert not bad, (
+        f"{len(bad)} requests not answered with a 4xx JSON error, e.g. {bad[:5]}; statuses {statuses}"
+    )
     assert sum(statuses.values()) == 2000 and not any(s >= 500 for s in statuses)
     assert {400, 404, 405, 413, 422} <= set(statuses), statuses
     h = app.call("GET", "/healthz")
     assert h.status_code == 200 and h.json()["ok"]
     after_stats = app.call("GET", "/admin/stats").json()["state"]
-    assert (after_stats["n_users"], after_stats["n_events"]) == (before_stats["n_users"], before_stats["n_events"])
+    assert (after_stats["n_users"], after_stats["n_events"]) == (
+        before_stats["n_users"],
+        before_stats["n_events"],
+    )
     assert app.call("GET", "/users/good-user").json() == before_user
     assert app.call("GET", "/users/batch-user").status_code == 404  # no partial batch was applied
     events_dir = Path(app.run) / "events"
@@ -130,12 +187,16 @@ def test_random_bad_requests_never_5xx_and_change_nothing(app: App) -> None:
     assert len(read_events(events_dir)) == 1  # only the one good event reached the durable log
 
 
-def test_auth_token_guards_writes(ray_local, tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_auth_token_guards_writes(
+    ray_local, tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     a = App("authtest", tmp_path_factory.mktemp("auth-run"), tiny_model_dir, auth_token="s3cret")
     try:
         ev = {"user_id": "z", "item_id": "space-1", "event": "like"}
         assert a.call("POST", "/feedback", json=ev).status_code == 401
-        assert a.call("POST", "/feedback", json=ev, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert (
+            a.call("POST", "/feedback", json=ev, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        )
         assert a.call("DELETE", "/users/z").status_code == 401
         assert a.call("GET", "/admin/stats").status_code == 401
         assert a.call("GET", "/users/z").status_code == 404  # nothing was written

@@ -18,9 +18,16 @@ from llmrec.index.item_index import ItemIndex
 from llmrec.replay import cutoff_split, replay
 
 
-def make_run(run: Path, ids: list[str], vectors: np.ndarray, titles: list[str], model_name: str,
-             model_path: str | None = None, interactions: pd.DataFrame | None = None) -> Path:
-    """A run folder the serving code reads: data/items(+interactions), embeddings/ (artifact), index/ (flat)."""
+def make_run(
+    run: Path,
+    ids: list[str],
+    vectors: np.ndarray,
+    titles: list[str],
+    model_name: str,
+    model_path: str | None = None,
+    interactions: pd.DataFrame | None = None,
+) -> Path:
+    """A run folder for serving: data/items(+interactions), embeddings/ (artifact), index/ (flat)."""
     vectors = np.asarray(vectors, np.float32)
     items = pd.DataFrame({schema.ITEM_ID: ids, schema.TEXT: titles, "title": titles})
     write_items(items, _mk(run / schema.RUN_DATA))
@@ -29,11 +36,24 @@ def make_run(run: Path, ids: list[str], vectors: np.ndarray, titles: list[str], 
     emb_dir = _mk(run / schema.RUN_EMBEDDINGS)
     n, d = vectors.shape
     col = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), d)
-    pq.write_table(pa.table({schema.ITEM_ID: pa.array(ids, pa.string()), schema.EMBEDDING: col}),
-                   emb_dir / schema.EMBEDDINGS_FILE)
-    meta = write_meta(emb_dir, "embed", model_name=model_name, model_path=model_path, dim=d, normalized=True,
-                      max_length=128, pooling="mean", n_items=n)
-    ItemIndex.build(vectors, ids, kind="flat", device="cpu", embed_meta=meta).save(run / schema.RUN_INDEX, meta)
+    pq.write_table(
+        pa.table({schema.ITEM_ID: pa.array(ids, pa.string()), schema.EMBEDDING: col}),
+        emb_dir / schema.EMBEDDINGS_FILE,
+    )
+    meta = write_meta(
+        emb_dir,
+        "embed",
+        model_name=model_name,
+        model_path=model_path,
+        dim=d,
+        normalized=True,
+        max_length=128,
+        pooling="mean",
+        n_items=n,
+    )
+    ItemIndex.build(vectors, ids, kind="flat", device="cpu", embed_meta=meta).save(
+        run / schema.RUN_INDEX, meta
+    )
     return run
 
 
@@ -43,7 +63,7 @@ def _mk(p: Path) -> Path:
 
 
 def planted(tmp_path: Path, n_topics: int = 4, per_topic: int = 10, n_users: int = 24, seed: int = 0):
-    """Topic clusters on orthogonal axes; each user likes 4 items of topic a before the cutoff, 5 of b after."""
+    """Topic clusters on orthogonal axes; a user likes 4 items of topic a before the cutoff, 5 of b after."""
     rng = np.random.default_rng(seed)
     d = 16
     vecs, ids = [], []
@@ -64,8 +84,9 @@ def planted(tmp_path: Path, n_topics: int = 4, per_topic: int = 10, n_users: int
     inter = pd.DataFrame(rows, columns=[schema.USER_ID, schema.ITEM_ID, schema.TS, schema.RATING])
     inter[schema.TS] = inter[schema.TS].astype("int64")
     inter[schema.EVENT] = "rating"
-    run = make_run(tmp_path / "run", ids, np.stack(vecs), [f"Title {i}" for i in ids], "planted-16d",
-                   interactions=inter)
+    run = make_run(
+        tmp_path / "run", ids, np.stack(vecs), [f"Title {i}" for i in ids], "planted-16d", interactions=inter
+    )
     return run, inter
 
 
@@ -107,9 +128,24 @@ def test_replay_command(tmp_path: Path) -> None:
     from llmrec.cli import main
 
     run, _ = planted(tmp_path)
-    rc = main(["replay", "--run", str(run), "--data", str(run / schema.RUN_DATA), "--test-frac", "0.56",
-               "--max-events", "0", "--out", str(tmp_path / "cli")])
+    rc = main(
+        [
+            "replay",
+            "--run",
+            str(run),
+            "--data",
+            str(run / schema.RUN_DATA),
+            "--test-frac",
+            "0.56",
+            "--max-events",
+            "0",
+            "--out",
+            str(tmp_path / "cli"),
+        ]
+    )
     assert rc == 0
     out = json.loads((tmp_path / "cli" / "replay.json").read_text())
     assert out["n_stream_events"] == 120 and out["online"]["recall@10"] > out["frozen"]["recall@10"]
-    assert main(["replay", "--run", str(run), "--data", str(run / schema.RUN_DATA), "--max-events", "-1"]) == 2
+    assert (
+        main(["replay", "--run", str(run), "--data", str(run / schema.RUN_DATA), "--max-events", "-1"]) == 2
+    )

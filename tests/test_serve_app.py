@@ -41,22 +41,25 @@ def start_serve() -> int:
 
     if not _PORT:
         _PORT.append(free_port())
-        serve.start(http_options={"host": "127.0.0.1", "port": _PORT[0]},
-                    logging_config=LoggingConfig(enable_access_log=False))
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": _PORT[0]},
+            logging_config=LoggingConfig(enable_access_log=False),
+        )
     return _PORT[0]
 
 
 def build_tiny_run(run: Path, model_dir: str) -> dict[str, Any]:
     """6 items per topic (4-word windows) + a near-duplicate of space-0; returns ids/topics/threshold."""
-    from llmrec.embed.encoder import TextEncoder
     from test_replay import make_run
+
+    from llmrec.embed.encoder import TextEncoder
 
     ids, texts, topic_of = [], [], {}
     for t, words in TOPICS.items():
         w = words.split()
         for j in range(6):
             ids.append(f"{t}-{j}")
-            texts.append(" ".join((w + w)[j: j + 4]))  # a distinct 4-word window per item
+            texts.append(" ".join((w + w)[j : j + 4]))  # a distinct 4-word window per item
             topic_of[ids[-1]] = t
     ids.append("space-0-dup")
     texts.append(texts[0].upper())  # the same title listed twice (the tokenizer lowercases): cosine ~1
@@ -67,12 +70,24 @@ def build_tiny_run(run: Path, model_dir: str) -> dict[str, Any]:
     dup_sim = float(sims[0, -1])
     others = float(np.max(np.delete(sims[0], [0, len(ids) - 1])))
     assert dup_sim > others + 0.003, f"near-duplicate not separable: {dup_sim} vs {others}"
-    inter = pd.DataFrame({
-        schema.USER_ID: ["p1", "p2", "p3", "p1"], schema.ITEM_ID: ["cook-3", "cook-3", "cook-3", "horror-1"],
-        schema.TS: np.array([1, 2, 3, 4], np.int64), schema.RATING: [np.nan] * 4, schema.EVENT: ["like"] * 4,
-    })
-    make_run(run, ids, vecs, [f"{t.title()} {i}" for t, i in zip(texts, ids)], enc.model_name,
-             model_path=enc.model_path, interactions=inter)
+    inter = pd.DataFrame(
+        {
+            schema.USER_ID: ["p1", "p2", "p3", "p1"],
+            schema.ITEM_ID: ["cook-3", "cook-3", "cook-3", "horror-1"],
+            schema.TS: np.array([1, 2, 3, 4], np.int64),
+            schema.RATING: [np.nan] * 4,
+            schema.EVENT: ["like"] * 4,
+        }
+    )
+    make_run(
+        run,
+        ids,
+        vecs,
+        [f"{t.title()} {i}" for t, i in zip(texts, ids, strict=True)],
+        enc.model_name,
+        model_path=enc.model_path,
+        interactions=inter,
+    )
     return {"ids": ids, "topic": topic_of, "neg_threshold": (dup_sim + others) / 2}
 
 
@@ -89,8 +104,14 @@ class App:
         self.state_name = f"test-state-{uuid.uuid4().hex[:6]}"
         # the tiny random BERT puts every text within cosine ~0.1 of every other: a weak popularity prior
         self.user_config = {"rank": {"neg_threshold": self.info["neg_threshold"], "pop_weight": 0.01}}
-        self.args = {"run_dir": str(run), "n_shards": 2, "state_name": self.state_name, "num_cpus": 0.1,
-                     "user_config": self.user_config, **args}
+        self.args = {
+            "run_dir": str(run),
+            "n_shards": 2,
+            "state_name": self.state_name,
+            "num_cpus": 0.1,
+            "user_config": self.user_config,
+            **args,
+        }
         port = start_serve()
         serve.run(build_app(self.args), name=name, route_prefix=f"/{name}")
         self.url = f"http://127.0.0.1:{port}/{name}"
@@ -105,7 +126,9 @@ class App:
         from llmrec.state.store import StateStore
 
         serve.delete(self.name)
-        StateStore(n_shards=2, log_dir=self.run / schema.RUN_EVENTS, name=self.state_name).shutdown(kill_all=True)
+        StateStore(n_shards=2, log_dir=self.run / schema.RUN_EVENTS, name=self.state_name).shutdown(
+            kill_all=True
+        )
 
 
 # starting the app costs ~40 s on the shared 2-core machine (replica processes, model loads)
@@ -136,7 +159,9 @@ def test_new_user_gets_popular_items(app: App) -> None:
     r = app.call("GET", "/recommend", params={"user_id": "nobody", "k": 3})
     body = r.json()
     assert r.status_code == 200 and body["state_version"] == 0 and len(body["items"]) == 3
-    assert body["items"][0]["item_id"] == "cook-3" and body["items"][0]["reason"] == "popular with other users"
+    assert (
+        body["items"][0]["item_id"] == "cook-3" and body["items"][0]["reason"] == "popular with other users"
+    )
     assert app.call("GET", "/users/nobody").status_code == 404  # recommending does not create state
 
 
@@ -148,10 +173,22 @@ def test_like_then_recommend_reflects_it(app: App) -> None:
         return float(np.mean([i for i, x in enumerate(ids) if topic[x] == "space"]))
 
     before = _ids(app.call("GET", "/recommend", params={"user_id": uid, "k": n}))
-    fb = app.call("POST", "/feedback", json={"events": [
-        {"user_id": uid, "item_id": "space-1", "event": "like"},
-        {"user_id": uid, "item_id": "space-2", "event": "purchase"}]})
-    assert fb.status_code == 200 and fb.json() == {"ok": True, "state_version": 2, "n_events": 2, "duplicates": 0}
+    fb = app.call(
+        "POST",
+        "/feedback",
+        json={
+            "events": [
+                {"user_id": uid, "item_id": "space-1", "event": "like"},
+                {"user_id": uid, "item_id": "space-2", "event": "purchase"},
+            ]
+        },
+    )
+    assert fb.status_code == 200 and fb.json() == {
+        "ok": True,
+        "state_version": 2,
+        "n_events": 2,
+        "duplicates": 0,
+    }
     r = app.call("GET", "/recommend", params={"user_id": uid, "k": n})
     after = _ids(r)
     assert r.json()["state_version"] == 2
@@ -235,7 +272,10 @@ def test_redeploy_swaps_model_version_without_errors(app: App) -> None:
         stop.set()
         t.join()
     assert old != "v2-test"
-    assert app.call("GET", "/recommend", params={"user_id": "frank", "k": 2}).json()["model_version"] == "v2-test"
+    assert (
+        app.call("GET", "/recommend", params={"user_id": "frank", "k": 2}).json()["model_version"]
+        == "v2-test"
+    )
     assert errors == []
     # user state survived the swap (the shards are detached actors, independent of the replicas)
     assert app.call("GET", "/users/frank").json()["version"] == 1

@@ -28,16 +28,26 @@ def _e(i: int, noise: dict[int, float] | None = None) -> np.ndarray:
 def core() -> RecommendCore:
     # three clusters on axes 0 (space), 1 (cooking), 2 (horror); items inside a cluster differ on axes 3..7
     vecs = {
-        "space1": _e(0, {3: 0.5}), "space2": _e(0, {4: 0.5}), "space3": _e(0, {5: 0.5}),
-        "cook1": _e(1, {3: 0.5}), "cook2": _e(1, {4: 0.5}), "cook3": _e(1, {5: 0.5}),  # in-cluster cos 0.8
+        "space1": _e(0, {3: 0.5}),
+        "space2": _e(0, {4: 0.5}),
+        "space3": _e(0, {5: 0.5}),
+        "cook1": _e(1, {3: 0.5}),
+        "cook2": _e(1, {4: 0.5}),
+        "cook3": _e(1, {5: 0.5}),  # in-cluster cos 0.8
         "cook1_dup": _e(1, {3: 0.55}),  # near-duplicate of cook1 (cosine 0.999)
-        "horror1": _e(2, {3: 0.5}), "horror2": _e(2, {6: 0.5}),
-        "popular": _e(6), "misc": _e(7),
+        "horror1": _e(2, {3: 0.5}),
+        "horror2": _e(2, {6: 0.5}),
+        "popular": _e(6),
+        "misc": _e(7),
     }
     ids = list(vecs)
     pop = np.array([100.0 if i == "popular" else 1.0 for i in ids])
-    cat = Catalog(item_ids=np.array(ids, object), vectors=np.stack([vecs[i] for i in ids]),
-                  titles=np.array([f"T-{i}" for i in ids], object), popularity=pop)
+    cat = Catalog(
+        item_ids=np.array(ids, object),
+        vectors=np.stack([vecs[i] for i in ids]),
+        titles=np.array([f"T-{i}" for i in ids], object),
+        popularity=pop,
+    )
     index = ItemIndex.build(cat.vectors, ids, kind="flat", device="cpu")
     return RecommendCore(cat, index, config=RankConfig(min_candidates=20))
 
@@ -63,10 +73,13 @@ def test_like_raises_neighbours_and_reason_names_history(core: RecommendCore) ->
     assert after[0]["reason"].startswith("because you liked 'T-space")
     assert after[0]["title"] == "T-space3"
     # scores are the cosine to the user vector (no scorer, no query): check against brute force
-    u = _unit(np.mean([core.catalog.vectors[core.catalog.id_to_idx[i]] for i in ["horror1", "space1", "space2"]], 0))
+    u = _unit(
+        np.mean([core.catalog.vectors[core.catalog.id_to_idx[i]] for i in ["horror1", "space1", "space2"]], 0)
+    )
     for r in after:
-        assert r["score"] == pytest.approx(float(core.catalog.vectors[core.catalog.id_to_idx[r["item_id"]]] @ u),
-                                           abs=1e-5)
+        assert r["score"] == pytest.approx(
+            float(core.catalog.vectors[core.catalog.id_to_idx[r["item_id"]]] @ u), abs=1e-5
+        )
 
 
 def test_dislike_sinks_item_and_near_duplicate(core: RecommendCore) -> None:
@@ -111,13 +124,19 @@ def test_batch_equals_single(core: RecommendCore) -> None:
     users = [_mean_user(core, ["space1"], "a"), UserView(user_id="b"), _mean_user(core, ["cook1"], "c")]
     qs = [None, Query("horror", _e(2)), Query("space", _e(0))]
     batch = core.recommend(users, k=[3, 4, 5], queries=qs)
-    for u, q, k, got in zip(users, qs, [3, 4, 5], batch):
+    for u, q, k, got in zip(users, qs, [3, 4, 5], batch, strict=True):
         assert got == core.recommend([u], k=k, queries=[q])[0]
 
 
 def test_state_summary_forms_are_accepted(core: RecommendCore) -> None:
-    summary = {"user_id": "s", "version": 3, "history": [{"item_id": "space1", "event": "like", "value": None,
-               "ts": 1.0}], "negatives": {"cook1": 1.0}, "seen": ["space1"], "vector": _e(0).tolist()}
+    summary = {
+        "user_id": "s",
+        "version": 3,
+        "history": [{"item_id": "space1", "event": "like", "value": None, "ts": 1.0}],
+        "negatives": {"cook1": 1.0},
+        "seen": ["space1"],
+        "vector": _e(0).tolist(),
+    }
     v = UserView.from_state(summary)
     assert v.version == 3 and v.seen == {"space1"} and v.negatives == {"cook1": 1.0}
     v2 = UserView.from_state({**summary, "history": [["space1", "like", None, 1.0]]})

@@ -8,16 +8,24 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-HELP = "replay the last 10%% of events in time order: next-event Recall@10/NDCG@10 with online updates vs frozen state"
+HELP = "replay the last 10%% of events in time order: next-event Recall@10/NDCG@10, online vs frozen state"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder (embeddings/, index/, optional scorer/)")
-    p.add_argument("--data", required=True, help="folder with the canonical interactions.parquet (e.g. RUN/data)")
-    p.add_argument("--url", default=None, help="replay through a running `llmrec serve` (default: in-process)")
-    p.add_argument("--max-events", type=int, default=2000, help="stream at most N events (0 = all; default 2000)")
+    p.add_argument(
+        "--data", required=True, help="folder with the canonical interactions.parquet (e.g. RUN/data)"
+    )
+    p.add_argument(
+        "--url", default=None, help="replay through a running `llmrec serve` (default: in-process)"
+    )
+    p.add_argument(
+        "--max-events", type=int, default=2000, help="stream at most N events (0 = all; default 2000)"
+    )
     p.add_argument("--k", type=int, default=10, help="list length (default 10)")
-    p.add_argument("--test-frac", type=float, default=0.1, help="fraction of events after the cutoff (default 0.1)")
+    p.add_argument(
+        "--test-frac", type=float, default=0.1, help="fraction of events after the cutoff (default 0.1)"
+    )
     p.add_argument("--out", default=None, help="folder for replay.json (default RUN/eval)")
     p.add_argument("--auth-token", default=None, help="bearer token of the server (with --url)")
 
@@ -27,9 +35,23 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_events < 0:
         raise ValueError(f"--max-events must be >= 0 (0 = all), got {args.max_events}")
-    out = replay(args.run, args.data, url=args.url, max_events=args.max_events or None, k=args.k,
-                 test_frac=args.test_frac, out_dir=args.out, auth_token=args.auth_token)
+    out = replay(
+        args.run,
+        args.data,
+        url=args.url,
+        max_events=args.max_events or None,
+        k=args.k,
+        test_frac=args.test_frac,
+        out_dir=args.out,
+        auth_token=args.auth_token,
+    )
     k = args.k
-    print(json.dumps({m: out[m] for m in ("online", "frozen", "gain")} | {"n_targets": out["n_targets"]}, indent=2))
-    logger.info("online Recall@%d %.4f vs frozen %.4f", k, out["online"][f"recall@{k}"], out["frozen"][f"recall@{k}"])
+    print(
+        json.dumps(
+            {m: out[m] for m in ("online", "frozen", "gain")} | {"n_targets": out["n_targets"]}, indent=2
+        )
+    )
+    logger.info(
+        "online Recall@%d %.4f vs frozen %.4f", k, out["online"][f"recall@{k}"], out["frozen"][f"recall@{k}"]
+    )
     return 0

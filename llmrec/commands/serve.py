@@ -16,9 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--shards", type=int, default=4, help="user-state shard actors (default 4)")
-    p.add_argument("--auth-token", default=None, help="bearer token required for /feedback, DELETE and /admin")
+    p.add_argument(
+        "--auth-token", default=None, help="bearer token required for /feedback, DELETE and /admin"
+    )
     p.add_argument("--replicas", type=int, default=1, help="replicas per deployment (default 1)")
-    p.add_argument("--model", default=None, help="text encoder for q and text feedback (default: the embeddings' model)")
+    p.add_argument(
+        "--model", default=None, help="text encoder for q and text feedback (default: the embeddings' model)"
+    )
     p.add_argument("--log-user-ids", action="store_true", help="log user ids in clear (default: hashed)")
     p.add_argument("--address", default=None, help="join a running Ray cluster (default: start a local one)")
 
@@ -34,21 +38,40 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be within 1..65535, got {args.port}")
-    app = build_app({"run_dir": args.run, "n_shards": args.shards, "auth_token": args.auth_token,
-                     "num_replicas": args.replicas, "model": args.model, "log_user_ids": args.log_user_ids})
+    app = build_app(
+        {
+            "run_dir": args.run,
+            "n_shards": args.shards,
+            "auth_token": args.auth_token,
+            "num_replicas": args.replicas,
+            "model": args.model,
+            "log_user_ids": args.log_user_ids,
+        }
+    )
     init_ray(address=args.address)
     t0 = time.perf_counter()
     # access logs off: every request line would otherwise be streamed to this terminal (PLATFORM G6)
-    serve.start(http_options=HTTPOptions(host=args.host, port=args.port),
-                logging_config=LoggingConfig(enable_access_log=False))
+    serve.start(
+        http_options=HTTPOptions(host=args.host, port=args.port),
+        logging_config=LoggingConfig(enable_access_log=False),
+    )
     serve.run(app, name="llmrec", route_prefix="/", logging_config=LoggingConfig(enable_access_log=False))
     url = f"http://{args.host}:{args.port}"
     auth = f" -H 'Authorization: Bearer {args.auth_token}'" if args.auth_token else ""
-    logger.info("llmrec serving %s at %s (ready in %.1fs); API docs at %s/docs", args.run, url,
-                time.perf_counter() - t0, url)
+    logger.info(
+        "llmrec serving %s at %s (ready in %.1fs); API docs at %s/docs",
+        args.run,
+        url,
+        time.perf_counter() - t0,
+        url,
+    )
     logger.info("try: curl '%s/recommend?user_id=alice&k=5'", url)
-    logger.info("     curl -X POST %s/feedback%s -H 'Content-Type: application/json' "
-                "-d '{\"user_id\": \"alice\", \"item_id\": \"<an item id>\", \"event\": \"like\"}'", url, auth)
+    logger.info(
+        "     curl -X POST %s/feedback%s -H 'Content-Type: application/json' "
+        '-d \'{"user_id": "alice", "item_id": "<an item id>", "event": "like"}\'',
+        url,
+        auth,
+    )
     try:
         while True:
             time.sleep(3600)

@@ -27,8 +27,20 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _KNOWN_ARGS = {
-    "run_dir", "n_shards", "auth_token", "num_replicas", "autoscaling", "log_user_ids", "model", "user_config",
-    "state_name", "namespace", "max_body_bytes", "num_cpus", "device", "log_dir",
+    "run_dir",
+    "n_shards",
+    "auth_token",
+    "num_replicas",
+    "autoscaling",
+    "log_user_ids",
+    "model",
+    "user_config",
+    "state_name",
+    "namespace",
+    "max_body_bytes",
+    "num_cpus",
+    "device",
+    "log_dir",
 }
 
 
@@ -52,7 +64,9 @@ def build_app(args: Mapping[str, Any]) -> Any:
     from llmrec.serve.deployments import Ingress, Recommender
 
     scale: dict[str, Any] = (
-        {"autoscaling_config": cfg["autoscaling"]} if cfg["autoscaling"] else {"num_replicas": cfg["num_replicas"]}
+        {"autoscaling_config": cfg["autoscaling"]}
+        if cfg["autoscaling"]
+        else {"num_replicas": cfg["num_replicas"]}
     )
     actor_opts = {"num_cpus": cfg["num_cpus"]}
     # `serve.run` from Python always restarts replicas on redeploy (a new random code version); surge 100 %
@@ -62,9 +76,7 @@ def build_app(args: Mapping[str, Any]) -> Any:
     recommender = Recommender.options(
         user_config=cfg["user_config"], ray_actor_options=actor_opts, **scale
     ).bind(cfg["run_dir"], cfg["model"], cfg["device"])
-    ingress = Ingress.options(
-        user_config=cfg["user_config"], ray_actor_options=actor_opts, **scale
-    ).bind(
+    ingress = Ingress.options(user_config=cfg["user_config"], ray_actor_options=actor_opts, **scale).bind(
         recommender,
         cfg["run_dir"],
         n_shards=cfg["n_shards"],
@@ -75,8 +87,12 @@ def build_app(args: Mapping[str, Any]) -> Any:
         namespace=cfg["namespace"],
         log_dir=cfg["log_dir"],
     )
-    logger.info("built llmrec app for %s (%d shards, auth %s)", cfg["run_dir"], cfg["n_shards"],
-                "on" if cfg["auth_token"] else "off")
+    logger.info(
+        "built llmrec app for %s (%d shards, auth %s)",
+        cfg["run_dir"],
+        cfg["n_shards"],
+        "on" if cfg["auth_token"] else "off",
+    )
     return ingress
 
 
@@ -93,11 +109,15 @@ def _parse_args(args: Mapping[str, Any]) -> dict[str, Any]:
     for sub, key in (("embeddings", "embeddings_dir"), ("index", "index_dir")):
         d = Path(user_config.get(key) or run / sub)
         if not (d / "meta.json").is_file():
-            raise ValueError(f"{d} has no meta.json; run `llmrec {'embed' if sub == 'embeddings' else 'index'}` "
-                             f"for {run} first (or pass user_config.{key})")
+            raise ValueError(
+                f"{d} has no meta.json; run `llmrec {'embed' if sub == 'embeddings' else 'index'}` "
+                f"for {run} first (or pass user_config.{key})"
+            )
     autoscaling = args.get("autoscaling")
     if autoscaling is not None and not isinstance(autoscaling, Mapping):
-        raise ValueError(f"autoscaling must be a dict like {{'min_replicas': 1, 'max_replicas': 4}}, got {autoscaling!r}")
+        raise ValueError(
+            f"autoscaling must be a dict like {{'min_replicas': 1, 'max_replicas': 4}}, got {autoscaling!r}"
+        )
     return {
         "run_dir": str(run),
         "n_shards": _int(args.get("n_shards", 4), "n_shards", 1, 1024),

@@ -67,7 +67,9 @@ def resolve_artifacts(run_dir: str, user_config: dict[str, Any] | None) -> dict[
     cfg = dict(user_config or {})
     run = Path(run_dir)
     scorer_default = run / schema.RUN_SCORER
-    scorer = cfg.get("scorer_dir", str(scorer_default) if (scorer_default / schema.META_FILE).is_file() else None)
+    scorer = cfg.get(
+        "scorer_dir", str(scorer_default) if (scorer_default / schema.META_FILE).is_file() else None
+    )
     return {
         "embeddings_dir": str(cfg.get("embeddings_dir") or run / schema.RUN_EMBEDDINGS),
         "index_dir": str(cfg.get("index_dir") or run / schema.RUN_INDEX),
@@ -129,11 +131,26 @@ class Recommender:
         from llmrec.artifacts import read_meta
 
         index_meta = read_meta(arts["index_dir"])
-        version = arts["model_version"] or hashlib.sha256(json.dumps(
-            [embed_meta.get("created_at"), index_meta.get("created_at"), scorer_meta.get("created_at")]
-        ).encode()).hexdigest()[:10]
-        logger.info("recommender ready: %d items, index %s, scorer %s, version %s (%.1fs)", catalog.n_items,
-                    index.kind, "yes" if scorer is not None else "no", version, time.perf_counter() - t0)
+        version = (
+            arts["model_version"]
+            or hashlib.sha256(
+                json.dumps(
+                    [
+                        embed_meta.get("created_at"),
+                        index_meta.get("created_at"),
+                        scorer_meta.get("created_at"),
+                    ]
+                ).encode()
+            ).hexdigest()[:10]
+        )
+        logger.info(
+            "recommender ready: %d items, index %s, scorer %s, version %s (%.1fs)",
+            catalog.n_items,
+            index.kind,
+            "yes" if scorer is not None else "no",
+            version,
+            time.perf_counter() - t0,
+        )
         return {"core": core, "model_version": str(version), "arts": arts}
 
     def _swap(self, state: dict[str, Any]) -> None:
@@ -151,8 +168,13 @@ class Recommender:
 
             c = old["core"]
             core = RecommendCore(c.catalog, c.index, scorer=c.scorer, config=RankConfig(**arts["rank"]))
-            self._swap({"core": core, "model_version": str(arts["model_version"] or old["model_version"]),
-                        "arts": arts})
+            self._swap(
+                {
+                    "core": core,
+                    "model_version": str(arts["model_version"] or old["model_version"]),
+                    "arts": arts,
+                }
+            )
             logger.info("reconfigured ranking (%s), version %s", arts["rank"], self._state["model_version"])
             return
         async with self._load_lock:
@@ -163,9 +185,14 @@ class Recommender:
     def info(self) -> dict[str, Any]:
         st = self._state
         cat = st["core"].catalog
-        return {"model_version": st["model_version"], "n_items": cat.n_items, "dim": cat.dim,
-                "scorer": st["core"].scorer is not None, "index_kind": getattr(st["core"].index, "kind", "?"),
-                "embeddings_dir": st["arts"]["embeddings_dir"]}
+        return {
+            "model_version": st["model_version"],
+            "n_items": cat.n_items,
+            "dim": cat.dim,
+            "scorer": st["core"].scorer is not None,
+            "index_kind": getattr(st["core"].index, "kind", "?"),
+            "embeddings_dir": st["arts"]["embeddings_dir"],
+        }
 
     def item_ids(self) -> list[str]:
         return [str(i) for i in self._state["core"].catalog.item_ids]
@@ -187,8 +214,12 @@ class Recommender:
         q_vecs = iter(self._encoder.encode(q_texts, batch_size=32) if q_texts else [])
         queries = [Query(r["q"], next(q_vecs)) if r.get("q") else None for r in reqs]
         users = [UserView.from_state(r.get("state"), r["user_id"]) for r in reqs]
-        out = core.recommend(users, k=[int(r["k"]) for r in reqs], queries=queries,
-                             exclude_seen=[bool(r.get("exclude_seen", True)) for r in reqs])
+        out = core.recommend(
+            users,
+            k=[int(r["k"]) for r in reqs],
+            queries=queries,
+            exclude_seen=[bool(r.get("exclude_seen", True)) for r in reqs],
+        )
         return [{"items": items, "model_version": st["model_version"]} for items in out]
 
 
@@ -204,8 +235,9 @@ def load_catalog_from(embeddings_dir: str, run_dir: str, loader: Any) -> tuple[A
     emb = load_embeddings(embeddings_dir)
     titles = pop = None
     if base is not None:
-        titles = np.array([base.titles[base.id_to_idx[i]] if i in base.id_to_idx else i for i in emb.item_ids],
-                          dtype=object)
+        titles = np.array(
+            [base.titles[base.id_to_idx[i]] if i in base.id_to_idx else i for i in emb.item_ids], dtype=object
+        )
         raw_pop = np.expm1(base.pop_score.astype(np.float64))
         pop = np.array([raw_pop[base.id_to_idx[i]] if i in base.id_to_idx else 0.0 for i in emb.item_ids])
     return Catalog(item_ids=emb.item_ids, vectors=emb.vectors, titles=titles, popularity=pop), dict(emb.meta)
@@ -227,7 +259,7 @@ def _load_encoder(model: str | None, embed_meta: dict[str, Any], device: str) ->
 # --------------------------------------------------------------------------- Ingress (FastAPI)
 api = FastAPI(
     title="llmrec",
-    description="Text-first, feedback-adaptive recommendations. Errors are `{\"error\": \"...\"}` with a 4xx.",
+    description='Text-first, feedback-adaptive recommendations. Errors are `{"error": "..."}` with a 4xx.',
     version="0.1.0",
 )
 
@@ -254,7 +286,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     _count_error(request, 500)
     logger.exception("internal error on %s", request.url.path)
-    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+    return JSONResponse(
+        {"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500
+    )
 
 
 _METRICS: dict[str, Any] = {}
@@ -266,12 +300,15 @@ def _metrics() -> dict[str, Any]:
         from ray.util import metrics as m
 
         _METRICS.update(
-            feedback_events=m.Counter("llmrec_feedback_events_total", "feedback events accepted",
-                                      tag_keys=("event",)),
-            feedback_ms=m.Histogram("llmrec_feedback_latency_ms", "POST /feedback latency (ms)",
-                                    boundaries=_LATENCY_BOUNDS_MS),
-            recommend_ms=m.Histogram("llmrec_recommend_latency_ms", "GET /recommend latency (ms)",
-                                     boundaries=_LATENCY_BOUNDS_MS),
+            feedback_events=m.Counter(
+                "llmrec_feedback_events_total", "feedback events accepted", tag_keys=("event",)
+            ),
+            feedback_ms=m.Histogram(
+                "llmrec_feedback_latency_ms", "POST /feedback latency (ms)", boundaries=_LATENCY_BOUNDS_MS
+            ),
+            recommend_ms=m.Histogram(
+                "llmrec_recommend_latency_ms", "GET /recommend latency (ms)", boundaries=_LATENCY_BOUNDS_MS
+            ),
             users=m.Gauge("llmrec_state_users", "users held by the state shards"),
             errors=m.Counter("llmrec_errors_total", "error answers", tag_keys=("route", "status")),
         )
@@ -317,11 +354,20 @@ class Ingress:
         self._embeddings_dir = arts["embeddings_dir"]
         self._item_ids = self._read_item_ids(self._embeddings_dir)
         log_dir = log_dir or str(Path(self.run_dir) / schema.RUN_EVENTS)
-        self.store = StateStore(n_shards=n_shards, log_dir=log_dir, namespace=namespace,
-                                vectorizer_factory=EmbeddingsMeanVectorizer(self._embeddings_dir), name=state_name)
+        self.store = StateStore(
+            n_shards=n_shards,
+            log_dir=log_dir,
+            namespace=namespace,
+            vectorizer_factory=EmbeddingsMeanVectorizer(self._embeddings_dir),
+            name=state_name,
+        )
         self._m = _metrics()
-        logger.info("ingress ready: %d items, %d state shards, auth %s", len(self._item_ids), n_shards,
-                    "on" if self.auth_token else "off")
+        logger.info(
+            "ingress ready: %d items, %d state shards, auth %s",
+            len(self._item_ids),
+            n_shards,
+            "on" if self.auth_token else "off",
+        )
 
     @staticmethod
     def _read_item_ids(embeddings_dir: str) -> frozenset[str]:
@@ -345,7 +391,9 @@ class Ingress:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.auth_token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.auth_token.encode()
+        ):
             raise ClientError(401, "missing or wrong bearer token: send `Authorization: Bearer <token>`")
 
     async def _read_json(self, request: Request) -> Any:
@@ -354,19 +402,26 @@ class Ingress:
             if not declared.isdigit():
                 raise ClientError(400, f"bad Content-Length header {declared[:20]!r}")
             if int(declared) > self.max_body_bytes:
-                raise ClientError(413, f"body of {declared} bytes exceeds the {self.max_body_bytes}-byte limit; "
-                                       f"send at most {S.MAX_EVENTS} events per request")
+                raise ClientError(
+                    413,
+                    f"body of {declared} bytes exceeds the {self.max_body_bytes}-byte limit; "
+                    f"send at most {S.MAX_EVENTS} events per request",
+                )
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise ClientError(413, f"body exceeds the {self.max_body_bytes}-byte limit; send at most "
-                                       f"{S.MAX_EVENTS} events per request")
+                raise ClientError(
+                    413,
+                    f"body exceeds the {self.max_body_bytes}-byte limit; send at most "
+                    f"{S.MAX_EVENTS} events per request",
+                )
             chunks.append(chunk)
         body = b"".join(chunks)
         if not body.strip():
-            raise ClientError(400, "empty body: send a JSON object like "
-                                   '{"user_id": "u1", "item_id": "i1", "event": "like"}')
+            raise ClientError(
+                400, 'empty body: send a JSON object like {"user_id": "u1", "item_id": "i1", "event": "like"}'
+            )
         try:
             return json.loads(body)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -375,25 +430,40 @@ class Ingress:
     @staticmethod
     def _check_user_id(user_id: str) -> None:
         if not user_id or len(user_id) > S.MAX_ID_CHARS or not user_id.strip():
-            raise ClientError(422, f"user_id must be 1..{S.MAX_ID_CHARS} non-blank characters, got {user_id[:40]!r}")
+            raise ClientError(
+                422, f"user_id must be 1..{S.MAX_ID_CHARS} non-blank characters, got {user_id[:40]!r}"
+            )
 
     # -- routes
-    @api.post("/feedback", response_model=S.FeedbackResponse, responses={400: {"model": S.ErrorResponse},
-              401: {"model": S.ErrorResponse}, 413: {"model": S.ErrorResponse}, 422: {"model": S.ErrorResponse}})
+    @api.post(
+        "/feedback",
+        response_model=S.FeedbackResponse,
+        responses={
+            400: {"model": S.ErrorResponse},
+            401: {"model": S.ErrorResponse},
+            413: {"model": S.ErrorResponse},
+            422: {"model": S.ErrorResponse},
+        },
+    )
     @_eager_annotations
     async def feedback(self, request: Request) -> dict[str, Any]:
-        """Record one event `{"user_id", "item_id", "event", "value"?, "text"?, "ts"?}` or `{"events": [...]}`."""
+        """Record `{"user_id", "item_id", "event", "value"?, "text"?, "ts"?}` or `{"events": [...]}`."""
         t0 = time.perf_counter()
         self._check_auth(request)
         try:
             events = S.parse_feedback(await self._read_json(request))
         except ValueError as e:
             raise ClientError(422, str(e)) from None
-        unknown = sorted({e.item_id for e in events if e.item_id is not None and e.item_id not in self._item_ids})
+        unknown = sorted(
+            {e.item_id for e in events if e.item_id is not None and e.item_id not in self._item_ids}
+        )
         if unknown:
             shown = ", ".join(repr(u[:40]) for u in unknown[:5])
-            raise ClientError(422, f"unknown item_id(s) {shown}{' ...' if len(unknown) > 5 else ''}; "
-                                   f"ids must come from the catalog ({len(self._item_ids)} items)")
+            raise ClientError(
+                422,
+                f"unknown item_id(s) {shown}{' ...' if len(unknown) > 5 else ''}; "
+                f"ids must come from the catalog ({len(self._item_ids)} items)",
+            )
         texts = [e.text for e in events if e.text is not None]
         vecs = iter(await asyncio.gather(*[self.recommender.embed.remote(t) for t in texts]) if texts else [])
         from llmrec.state.user_state import Event
@@ -406,7 +476,9 @@ class Ingress:
             if e.text is not None:
                 d["text_vec"] = next(vecs)
             try:
-                Event.from_dict(d)  # the state's own rules (e.g. neutral text-only events) before anything is written
+                Event.from_dict(
+                    d
+                )  # the state's own rules (e.g. neutral text-only events) before anything is written
             except ValueError as err:
                 raise ClientError(422, f"invalid event: {err}") from None
             dicts.append(d)
@@ -419,8 +491,12 @@ class Ingress:
         dt = (time.perf_counter() - t0) * 1e3
         self._m["feedback_ms"].observe(dt)
         logger.debug("feedback: %d events for %s in %.1f ms", len(events), self._uid(events[-1].user_id), dt)
-        return {"ok": True, "state_version": int(results[-1]["state_version"]), "n_events": len(results),
-                "duplicates": sum(bool(r.get("duplicate")) for r in results)}
+        return {
+            "ok": True,
+            "state_version": int(results[-1]["state_version"]),
+            "n_events": len(results),
+            "duplicates": sum(bool(r.get("duplicate")) for r in results),
+        }
 
     @api.get("/recommend", response_model=S.RecommendResponse, responses={422: {"model": S.ErrorResponse}})
     @_eager_annotations
@@ -431,19 +507,24 @@ class Ingress:
         q: str | None = Query(None, min_length=1, max_length=S.MAX_QUERY_CHARS),
         exclude_seen: bool = True,
     ) -> dict[str, Any]:
-        """Top-k items for a user (new users get the popularity prior), optionally steered by free text `q`."""
+        """Top-k items for a user (new users: popularity prior), optionally steered by free text `q`."""
         t0 = time.perf_counter()
         self._check_user_id(user_id)
         if q is not None and not q.strip():
             raise ClientError(422, "q must contain non-blank text")
         state = await self.store.get(user_id)
         res = await self.recommender.recommend.remote(
-            {"user_id": user_id, "state": state, "k": k, "q": q, "exclude_seen": exclude_seen})
+            {"user_id": user_id, "state": state, "k": k, "q": q, "exclude_seen": exclude_seen}
+        )
         dt = (time.perf_counter() - t0) * 1e3
         self._m["recommend_ms"].observe(dt)
         logger.debug("recommend: %s k=%d in %.1f ms", self._uid(user_id), k, dt)
-        return {"user_id": user_id, "items": res["items"], "state_version": int((state or {}).get("version", 0)),
-                "model_version": res["model_version"]}
+        return {
+            "user_id": user_id,
+            "items": res["items"],
+            "state_version": int((state or {}).get("version", 0)),
+            "model_version": res["model_version"],
+        }
 
     @api.get("/users/{user_id}", responses={404: {"model": S.ErrorResponse}})
     @_eager_annotations
@@ -474,8 +555,13 @@ class Ingress:
         info = await self.recommender.info.remote()
         stats = await self.store.stats()
         self._m["users"].set(int(stats["n_users"]))
-        return {"ok": True, "model_version": info["model_version"], "n_items": info["n_items"],
-                "n_users": int(stats["n_users"]), "n_shards": int(stats["n_shards"])}
+        return {
+            "ok": True,
+            "model_version": info["model_version"],
+            "n_items": info["n_items"],
+            "n_users": int(stats["n_users"]),
+            "n_shards": int(stats["n_shards"]),
+        }
 
     @api.get("/admin/stats", responses={401: {"model": S.ErrorResponse}})
     @_eager_annotations

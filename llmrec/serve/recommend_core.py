@@ -106,10 +106,14 @@ class UserView:
     """What the ranker needs from a user's state (a `llmrec.state` summary, a `UserState`, or nothing)."""
 
     user_id: str
-    history: list[tuple[str, str, float | None, float]] = field(default_factory=list)  # (item, event, value, ts)
+    history: list[tuple[str, str, float | None, float]] = field(
+        default_factory=list
+    )  # (item, event, value, ts)
     seen: set[str] = field(default_factory=set)
     negatives: dict[str, float] = field(default_factory=dict)
-    text_feedback: list[tuple[str, float, np.ndarray | None]] = field(default_factory=list)  # (text, pol, vec)
+    text_feedback: list[tuple[str, float, np.ndarray | None]] = field(
+        default_factory=list
+    )  # (text, pol, vec)
     vector: np.ndarray | None = None  # (D,) text-space user vector
     version: int = 0
 
@@ -122,7 +126,9 @@ class UserView:
         hist = [_history_entry(h) for h in (get("history") or [])]
         seen = {str(s) for s in (get("seen") or [])} | {h[0] for h in hist if h[0]}
         neg_raw = get("negatives") or {}
-        negatives = {str(k): float(v) for k, v in (neg_raw.items() if isinstance(neg_raw, Mapping) else neg_raw)}
+        negatives = {
+            str(k): float(v) for k, v in (neg_raw.items() if isinstance(neg_raw, Mapping) else neg_raw)
+        }
         tf = [_text_entry(t) for t in (get("text_feedback") or [])]
         vec = get("vector")
         vec = None if vec is None or len(vec) == 0 else np.asarray(vec, dtype=np.float32)
@@ -140,8 +146,9 @@ class UserView:
         """(item_id, event) of the positive history, newest first."""
         out = []
         for item, ev, val, _ in reversed(self.history):
-            if item and (ev in POSITIVE_EVENTS or (ev == "rating" and val is not None and val >= 4)
-                         or ev == "view"):
+            if item and (
+                ev in POSITIVE_EVENTS or (ev == "rating" and val is not None and val >= 4) or ev == "view"
+            ):
                 out.append((item, ev))
         return out
 
@@ -151,7 +158,12 @@ def _history_entry(h: Any) -> tuple[str, str, float | None, float]:
         item, ev, val, ts = h.get("item_id"), h.get("event"), h.get("value"), h.get("ts", 0.0)
     else:
         item, ev, val, ts = (list(h) + [None, None, None, 0.0])[:4]
-    return (str(item) if item is not None else "", str(ev), None if val is None else float(val), float(ts or 0.0))
+    return (
+        str(item) if item is not None else "",
+        str(ev),
+        None if val is None else float(val),
+        float(ts or 0.0),
+    )
 
 
 def _text_entry(t: Any) -> tuple[str, float, np.ndarray | None]:
@@ -196,7 +208,8 @@ class RecommendCore:
         idx_dim = getattr(index, "dim", catalog.dim)
         if idx_dim != catalog.dim:
             raise ValueError(
-                f"index dim {idx_dim} != catalog vector dim {catalog.dim}; rebuild the index from these embeddings"
+                f"index dim {idx_dim} != catalog vector dim {catalog.dim}; "
+                "rebuild the index from these embeddings"
             )
         self._s_vecs = None
         if scorer is not None:
@@ -228,14 +241,16 @@ class RecommendCore:
             raise ValueError(f"k, queries and exclude_seen must have one entry per user ({b})")
         for q in qs:
             if q is not None and np.asarray(q.vector).shape != (self.catalog.dim,):
-                raise ValueError(f"query vector must be ({self.catalog.dim},), got {np.asarray(q.vector).shape}")
+                raise ValueError(
+                    f"query vector must be ({self.catalog.dim},), got {np.asarray(q.vector).shape}"
+                )
         uvecs = [self._text_user_vector(u) for u in users]
         use_scorer = [self.scorer is not None and self._has_history(u) for u in users]
 
         # text-space retrieval vectors (B, D); rows without any vector are retrieved by popularity
         w = self.config.query_weight
         rvecs, has_r = np.zeros((b, self.catalog.dim), np.float32), np.zeros(b, bool)
-        for i, (u, q) in enumerate(zip(uvecs, qs)):
+        for i, (u, q) in enumerate(zip(uvecs, qs, strict=True)):
             v = None
             if u is not None and q is not None:
                 v = (1.0 - w) * u + w * q.vector
@@ -247,7 +262,7 @@ class RecommendCore:
                 rvecs[i], has_r[i] = v / np.linalg.norm(v), True
         n_cand = [
             min(self.catalog.n_items, max(self.config.min_candidates, 4 * kk) + (len(u.seen) if e else 0))
-            for kk, u, e in zip(ks, users, ex)
+            for kk, u, e in zip(ks, users, ex, strict=True)
         ]
         cand: list[np.ndarray] = [np.zeros(0, np.int64)] * b
         if has_r.any():
@@ -267,8 +282,15 @@ class RecommendCore:
             if extra:
                 cand[i] = np.unique(np.concatenate([cand[i], *extra]))
         out = [
-            self._rank_one(users[i], cand[i], ks[i], qs[i], ex[i], uvecs[i],
-                           None if s_user is None or not use_scorer[i] else s_user[i])
+            self._rank_one(
+                users[i],
+                cand[i],
+                ks[i],
+                qs[i],
+                ex[i],
+                uvecs[i],
+                None if s_user is None or not use_scorer[i] else s_user[i],
+            )
             for i in range(b)
         ]
         logger.debug("ranked %d users in %.1f ms", b, (time.perf_counter() - t0) * 1e3)
@@ -287,7 +309,8 @@ class RecommendCore:
         v = np.asarray(v, dtype=np.float32)
         if v.shape != (self.catalog.dim,):
             raise ValueError(
-                f"user vector has shape {v.shape}, the catalog is {self.catalog.dim}-d; the state was built with "
+                f"user vector has shape {v.shape}, the catalog is {self.catalog.dim}-d; "
+                "the state was built with "
                 "another embedding model: DELETE the user or restart serving with the matching run"
             )
         n = float(np.linalg.norm(v))
@@ -304,17 +327,23 @@ class RecommendCore:
         from llmrec.eval.protocol import History
 
         hists, rows = [], []
-        for i, (u, m) in enumerate(zip(users, mask)):
+        for i, (u, m) in enumerate(zip(users, mask, strict=True)):
             if not m:
                 continue
-            ent = [(self._s_id_to_idx[it], ev, val, ts) for it, ev, val, ts in u.history if it in self._s_id_to_idx]
-            hists.append(History(
-                user_id=u.user_id,
-                item_idx=np.array([e[0] for e in ent], np.int64),
-                ts=np.array([int(e[3]) for e in ent], np.int64),
-                event=np.array([e[1] for e in ent], dtype=object),
-                rating=np.array([np.nan if e[2] is None else e[2] for e in ent], np.float64),
-            ))
+            ent = [
+                (self._s_id_to_idx[it], ev, val, ts)
+                for it, ev, val, ts in u.history
+                if it in self._s_id_to_idx
+            ]
+            hists.append(
+                History(
+                    user_id=u.user_id,
+                    item_idx=np.array([e[0] for e in ent], np.int64),
+                    ts=np.array([int(e[3]) for e in ent], np.int64),
+                    event=np.array([e[1] for e in ent], dtype=object),
+                    rating=np.array([np.nan if e[2] is None else e[2] for e in ent], np.float64),
+                )
+            )
             rows.append(i)
         uv = np.asarray(self.scorer.user_vectors(hists), dtype=np.float32)  # (B', Ds)
         out = np.zeros((len(users), uv.shape[1]), np.float32)
@@ -381,12 +410,14 @@ class RecommendCore:
         out = []
         for o in order:
             c = int(cand[o])
-            out.append({
-                "item_id": str(cat.item_ids[c]),
-                "score": float(score[o]),
-                "title": str(cat.titles[c]),
-                "reason": self._reason(u, c, q, w, q_cos, u_cos, o, pos, pos_v, bool(pen[o] > 0), s_user),
-            })
+            out.append(
+                {
+                    "item_id": str(cat.item_ids[c]),
+                    "score": float(score[o]),
+                    "title": str(cat.titles[c]),
+                    "reason": self._reason(u, c, q, w, q_cos, u_cos, o, pos, pos_v, bool(pen[o] > 0), s_user),
+                }
+            )
         return out
 
     def _reason(self, u, c, q, w, q_cos, u_cos, o, pos, pos_v, penalised, s_user) -> str:
@@ -395,7 +426,10 @@ class RecommendCore:
         if pos_v is not None:
             sims = pos_v @ cat.vectors[c]
             j = int(np.argmax(sims))
-            hist_part = (float(sims[j]), f"because you {_VERBS.get(pos[j][1], 'liked')} '{cat.titles[pos[j][0]]}'")
+            hist_part = (
+                float(sims[j]),
+                f"because you {_VERBS.get(pos[j][1], 'liked')} '{cat.titles[pos[j][0]]}'",
+            )
         tf_part = None
         for text, pol, vec in u.text_feedback:
             if pol > 0 and vec is not None and vec.shape == (cat.dim,):
@@ -430,7 +464,7 @@ def _clip(text: str, n: int = 60) -> str:
 
 # ---------------------------------------------------------------------------- loading a run folder
 def load_catalog(run_dir: str | Path) -> tuple[Catalog, dict[str, Any]]:
-    """RUN/embeddings (+ RUN/data items titles and interaction counts when present) -> (Catalog, embed meta)."""
+    """RUN/embeddings (+ RUN/data titles and interaction counts when present) -> (Catalog, embed meta)."""
     import pandas as pd
 
     from llmrec import schema
@@ -445,12 +479,14 @@ def load_catalog(run_dir: str | Path) -> tuple[Catalog, dict[str, Any]]:
     if items_path.is_file():
         items = pd.read_parquet(items_path)
         col = "title" if "title" in items.columns else schema.TEXT
-        m = dict(zip(items[schema.ITEM_ID].astype(str), items[col].astype(str)))
+        m = dict(zip(items[schema.ITEM_ID].astype(str), items[col].astype(str), strict=True))
         titles = np.array([m.get(str(i), str(i)) for i in ids], dtype=object)
     pop = None
     inter_path = run / schema.RUN_DATA / schema.INTERACTIONS_FILE
     if inter_path.is_file():
-        counts = pd.read_parquet(inter_path, columns=[schema.ITEM_ID])[schema.ITEM_ID].astype(str).value_counts()
+        counts = (
+            pd.read_parquet(inter_path, columns=[schema.ITEM_ID])[schema.ITEM_ID].astype(str).value_counts()
+        )
         pop = np.array([counts.get(str(i), 0) for i in ids], dtype=np.float64)
     cat = Catalog(item_ids=ids, vectors=emb.vectors, titles=titles, popularity=pop)
     logger.info("catalog: %d items, dim %d, loaded in %.2fs", cat.n_items, cat.dim, time.perf_counter() - t0)

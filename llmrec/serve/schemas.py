@@ -60,7 +60,9 @@ class FeedbackEvent(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> FeedbackEvent:
         if self.item_id is None and self.text is None:
-            raise ValueError("give item_id (the item the feedback is about) or text (free-text feedback), or both")
+            raise ValueError(
+                "give item_id (the item the feedback is about) or text (free-text feedback), or both"
+            )
         if self.event == "rating":
             if self.value is None:
                 raise ValueError("event 'rating' needs a numeric value (e.g. 4.5)")
@@ -106,7 +108,7 @@ def parse_feedback(payload: Any) -> list[FeedbackEvent]:
     """A decoded JSON body -> validated events; raises ValueError with a client-facing message."""
     if not isinstance(payload, dict):
         raise ValueError(
-            f"body must be a JSON object (one event or {{\"events\": [...]}}), got {type(payload).__name__}"
+            f'body must be a JSON object (one event or {{"events": [...]}}), got {type(payload).__name__}'
         )
     try:
         if "events" in payload:
@@ -127,7 +129,13 @@ def format_validation_error(e: ValidationError | Any, max_errors: int = 3) -> st
         if len(got_s) > 60:
             got_s = got_s[:57] + "..."
         msg = err.get("msg", "invalid")
-        parts.append(f"{loc}: {msg} (got {got_s})" if err.get("type") != "missing" else f"{loc}: field required")
+        parts.append(
+            f"{loc}: {msg} (got {got_s})" if err.get("type") != "missing" else f"{loc}: field required"
+        )
     more = f"; and {len(errors) - max_errors} more" if len(errors) > max_errors else ""
-    allowed = f" Allowed events: {', '.join(EVENT_KINDS)}." if any("event" in str(x.get("loc")) for x in errors) else ""
+    allowed = (
+        f" Allowed events: {', '.join(EVENT_KINDS)}."
+        if any("event" in str(x.get("loc")) for x in errors)
+        else ""
+    )
     return "invalid request: " + "; ".join(parts) + more + "." + allowed

@@ -139,14 +139,19 @@ def test_bad_input_errors(ray_local, planted_split, tmp_path):
 
 @pytest.mark.slow
 def test_one_and_two_workers_comparable(ray_local, planted_split, tmp_path):
+    """Same global batch through 1 and 2 DDP workers: both clearly beat popularity on the validation users and
+    land close to each other (the 90-user validation set is small, so the tolerance is loose)."""
     items, _, _, train, valid, _ = planted_split
-    m1 = fit_scorer(train, items, tmp_path / "w1", valid_df=valid, num_workers=1, epochs=4, batch_size=64,
-                    lr=1e-2, patience=10, **SMALL)
-    m2 = fit_scorer(train, items, tmp_path / "w2", valid_df=valid, num_workers=2, epochs=4, batch_size=64,
-                    lr=1e-2, patience=10, **SMALL)
+    kw = dict(valid_df=valid, epochs=8, batch_size=64, lr=1e-2, patience=10, **SMALL)
+    m1 = fit_scorer(train, items, tmp_path / "w1", num_workers=1, **kw)
+    m2 = fit_scorer(train, items, tmp_path / "w2", num_workers=2, **kw)
+    counts = np.bincount(attach_item_idx(train, items)["item_idx"], minlength=items.n_items).astype(np.float32)
+    users = sorted(valid["user_id"].unique())
+    ndcg_pop = _eval_ndcg(np.tile(counts, (len(users), 1)), train, valid, items)
     a, b = m1["metrics"]["val_ndcg@10"], m2["metrics"]["val_ndcg@10"]
     assert m2["config"]["num_workers"] == 2
-    assert abs(a - b) <= 0.25 * max(a, b), (a, b)
+    assert min(a, b) >= 1.5 * ndcg_pop, (a, b, ndcg_pop)
+    assert abs(a - b) <= 0.4 * max(a, b), (a, b)
 
 
 def _write_artifacts(tmp, items: ItemSpace, df: pd.DataFrame):

@@ -170,3 +170,12 @@ def test_minilm_matches_sentence_transformers(
     got = minilm.encode(texts[:40], batch_size=16)
     cos = (ref * got).sum(1)
     assert cos.min() >= 0.9999, cos.min()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs 1 CUDA GPU")
+def test_cuda_fp16_matches_cpu(minilm: TextEncoder, minilm_path: str, texts: list[str]) -> None:
+    gpu = TextEncoder(minilm_path, device="cuda")
+    assert gpu.fp16 and gpu.device.startswith("cuda")
+    cos = (gpu.encode(texts) * minilm.encode(texts)).sum(1)
+    assert cos.min() >= 0.999, cos.min()

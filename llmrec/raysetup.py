@@ -36,6 +36,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
 
     if ray.is_initialized():
         return
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # inside `ray job submit`: the job's runtime_env already applies, and Ray refuses a second one that
+        # sets the same env vars ("conflict ... RAY_OVERRIDE_JOB_RUNTIME_ENV")
+        logger.info("joining the Ray cluster of this job")
+        ray.init(address=address, log_to_driver=True)
+        return
     address = address or os.environ.get("RAY_ADDRESS")
     env_vars = {k: os.environ[k] for k in LOCAL_ENV if k in os.environ}
     if address:

@@ -36,8 +36,12 @@ test-slow: install
 test-all: install
 	$(BIN)/python -m pytest -m 'slow or not slow'
 
+# each benchmark prints a JSON report with ratios against a named baseline measured in the same run
 bench: install
-	$(BIN)/python benchmarks/embed.py --data $(DATA)
+	$(BIN)/python benchmarks/embed.py --data $(DATA) --out runs/bench/embed.json
+	$(BIN)/python benchmarks/index.py --sizes 10000 100000 --out runs/bench/index.json
+	$(BIN)/python benchmarks/train.py --epochs 2 --out runs/bench/train.json
+	$(BIN)/python benchmarks/serve_load.py --sizes 10000 100000 --out runs/bench/serve_load.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

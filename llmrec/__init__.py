@@ -1,5 +1,37 @@
-"""llmrec: text-first, feedback-adaptive recommendations on Ray."""
+"""llmrec: text-first, feedback-adaptive recommendations on Ray.
+
+The public API is re-exported here lazily (importing `llmrec` pulls in neither torch nor ray)::
+
+    from llmrec import prepare, embed_catalog, build_index, ItemIndex, evaluate
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "prepare": "llmrec.data.prepare",
+    "read_items": "llmrec.data.tables",
+    "read_interactions": "llmrec.data.tables",
+    "TextEncoder": "llmrec.embed.encoder",
+    "embed_catalog": "llmrec.embed.ray_embed",
+    "load_embeddings": "llmrec.embed.artifact",
+    "ItemIndex": "llmrec.index.item_index",
+    "build_index": "llmrec.index.build",
+    "fit_scorer": "llmrec.scorer.train",
+    "Scorer": "llmrec.scorer.inference",
+    "evaluate": "llmrec.eval.evaluate",
+    "StateStore": "llmrec.state.store",
+    "build_app": "llmrec.serve.app",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'llmrec' has no attribute {name!r}")

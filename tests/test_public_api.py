@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import llmrec
+from llmrec import cli
+
+
+def test_all_names_resolve():
+    assert set(llmrec.__all__) == {"__version__", *llmrec._EXPORTS}
+    for name in llmrec._EXPORTS:
+        obj = getattr(llmrec, name)
+        assert callable(obj), name
+
+
+def test_import_is_light():
+    # no torch / ray at `import llmrec` (no side effects, fast CLI start)
+    code = "import sys, llmrec, llmrec.cli; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_command_has_help_and_short_help_matches():
+    for name in cli.COMMANDS:
+        parser = cli.build_parser(name)
+        sub = next(a for a in parser._actions if a.dest == "command")
+        assert sub.choices[name].description, name
+        assert name in cli._SHORT_HELP
+
+
+def test_user_error_is_one_line_exit_2(tmp_path, capsys):
+    rc = cli.main(["index", "--embeddings", str(tmp_path / "nope"), "--out", str(tmp_path / "idx")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "llmrec index: error:" in err and "Traceback" not in err

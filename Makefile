@@ -38,8 +38,9 @@ test-all: install
 
 # each benchmark prints a JSON report with ratios against a named baseline measured in the same run
 bench: install
+	mkdir -p runs/bench
 	$(BIN)/python benchmarks/embed.py --data $(DATA) --out runs/bench/embed.json
-	$(BIN)/python benchmarks/index.py --sizes 10000 100000 --out runs/bench/index.json
+	$(BIN)/python benchmarks/index.py --sizes 10000 100000 --json runs/bench/index.json
 	$(BIN)/python benchmarks/train.py --epochs 2 --out runs/bench/train.json
 	$(BIN)/python benchmarks/serve_load.py --sizes 10000 100000 --out runs/bench/serve_load.json
 

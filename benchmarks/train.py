@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", default="1,2", help="Ray Train worker counts to run (comma list)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the plain loop (Ray workers get 1)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the plain loop (Ray workers get 1)"
+    )
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
 
@@ -98,11 +100,19 @@ def main(argv: list[str] | None = None) -> int:
             meta = fit_scorer(train, items, Path(tmp), valid_df=valid, num_workers=w, **common)
             wall = time.perf_counter() - t0
             ray_hist = _ray_history(Path(tmp))
-        results.append(_row(f"Ray Train TorchTrainer, {w} CPU worker(s)", ray_hist, wall,
-                            val_ndcg=meta["metrics"].get("val_ndcg@10")))
+        results.append(
+            _row(
+                f"Ray Train TorchTrainer, {w} CPU worker(s)",
+                ray_hist,
+                wall,
+                val_ndcg=meta["metrics"].get("val_ndcg@10"),
+            )
+        )
 
-    print(f"\nscorer training throughput, {source}, {len(train)} train events, {args.epochs} epochs, "
-          f"batch {args.batch_size}\n")
+    print(
+        f"\nscorer training throughput, {source}, {len(train)} train events, {args.epochs} epochs, "
+        f"batch {args.batch_size}\n"
+    )
     print("| configuration | train examples/s (best epoch after the 1st) | end-to-end s | val ndcg@10 |")
     print("| --- | --- | --- | --- |")
     for r in results:
@@ -116,11 +126,17 @@ def _row(name: str, hist: list[dict], wall: float, val_ndcg: float | None = None
     rates = [h["examples_per_s"] for h in hist]
     steady = max(rates[1:]) if len(rates) > 1 else rates[0]
     ndcg = val_ndcg if val_ndcg is not None else max(h.get("val_ndcg@10", 0.0) for h in hist)
-    return {"config": name, "examples_per_s": steady, "epoch_rates": rates, "wall_s": wall, "val_ndcg@10": ndcg}
+    return {
+        "config": name,
+        "examples_per_s": steady,
+        "epoch_rates": rates,
+        "wall_s": wall,
+        "val_ndcg@10": ndcg,
+    }
 
 
 def _ray_history(out: Path) -> list[dict]:
-    """Per-epoch metrics of the Ray run from the checkpoints it kept (the last one holds every epoch's rate)."""
+    """Per-epoch metrics of the Ray run (the last checkpoint holds every epoch's rate)."""
     import torch
 
     state = torch.load(out / "last_checkpoint" / "checkpoint.pt", map_location="cpu", weights_only=False)

@@ -16,8 +16,14 @@ from llmrec.scorer.train import batch_loss
 SMALL = {"dim": 16, "max_len": 10, "n_neg": 32, "head_neg": 7, "mlp_hidden": 32, "n_candidates": 20}
 
 
-def planted(n_items: int = 120, n_topics: int = 6, n_users: int = 90, events: int = 12, text_dim: int = 16,
-            seed: int = 0) -> tuple[ItemSpace, pd.DataFrame, np.ndarray]:
+def planted(
+    n_items: int = 120,
+    n_topics: int = 6,
+    n_users: int = 90,
+    events: int = 12,
+    text_dim: int = 16,
+    seed: int = 0,
+) -> tuple[ItemSpace, pd.DataFrame, np.ndarray]:
     """Items in topics (text vector = topic centroid + noise, L2-normalised); each user walks one topic.
 
     Item popularity is Zipf-skewed inside each topic, so a popularity ranking is a fair but weak reference.
@@ -43,8 +49,12 @@ def planted(n_items: int = 120, n_topics: int = 6, n_users: int = 90, events: in
 
 def _inputs(B: int, L: int, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, n, (B, L), generator=g), torch.full((B, L), EVENT_INDEX["click"]),
-            torch.full((B, L), float("nan")), torch.randint(0, L + 1, (B,), generator=g))
+    return (
+        torch.randint(0, n, (B, L), generator=g),
+        torch.full((B, L), EVENT_INDEX["click"]),
+        torch.full((B, L), float("nan")),
+        torch.randint(0, L + 1, (B,), generator=g),
+    )
 
 
 def test_forward_shapes_and_padding_invariance():
@@ -63,7 +73,7 @@ def test_forward_shapes_and_padding_invariance():
     # what sits in the padding must not change the user vector
     hi2 = hi.clone()
     for b in range(5):
-        hi2[b, ln[b]:] = (hi2[b, ln[b]:] + 7) % 40
+        hi2[b, ln[b] :] = (hi2[b, ln[b] :] + 7) % 40
     torch.testing.assert_close(m.user_vectors(hi2, ev, rt, ln), u)
     # the retrieval score equals u . v
     torch.testing.assert_close(r, u @ m.item_reps(cand).T)
@@ -77,16 +87,24 @@ def test_config_and_input_errors_are_clear():
     cfg = ScorerConfig(text_dim=4, n_items=3, n_id_slots=1, dim=8)
     with pytest.raises(ValueError, match="text_vectors shape"):
         ScorerModel(cfg, torch.randn(5, 4), torch.zeros(3, dtype=torch.long))
-    h = History("u", np.array([0, 1]), np.array([1, 2]), np.array(["click", "teleport"]), np.array([np.nan] * 2))
+    h = History(
+        "u", np.array([0, 1]), np.array([1, 2]), np.array(["click", "teleport"]), np.array([np.nan] * 2)
+    )
     with pytest.raises(ValueError, match="unknown event kinds"):
         pad_histories([h], 4)
 
 
 def test_build_samples_matches_hand_built_prefixes():
     items = ItemSpace(np.array(["a", "b", "c", "d"]), np.eye(4, dtype=np.float32))
-    df = pd.DataFrame({USER_ID: ["x", "x", "x", "x", "y", "y"], ITEM_ID: ["c", "a", "b", "d", "d", "a"],
-                       TS: [3, 1, 2, 4, 5, 6], RATING: [np.nan, 4.0, np.nan, np.nan, np.nan, np.nan],
-                       EVENT: ["click", "rating", "dislike", "like", "view", "view"]})
+    df = pd.DataFrame(
+        {
+            USER_ID: ["x", "x", "x", "x", "y", "y"],
+            ITEM_ID: ["c", "a", "b", "d", "d", "a"],
+            TS: [3, 1, 2, 4, 5, 6],
+            RATING: [np.nan, 4.0, np.nan, np.nan, np.nan, np.nan],
+            EVENT: ["click", "rating", "dislike", "like", "view", "view"],
+        }
+    )
     s = build_samples(df, items, max_len=2)
     # user x in time order: a(rating) b(dislike) c(click) d(like); the dislike is context, never a target
     assert s["target"].tolist() == [2, 3, 0]  # x: c, d ; y: a
@@ -100,15 +118,21 @@ def test_build_samples_matches_hand_built_prefixes():
 
 
 def test_model_overfits_planted_pairs():
-    """32 fixed (history -> next item) pairs: after 80 steps the positive is top-1 among the pool nearly always."""
+    """32 fixed (history -> next item) pairs: after 80 steps the positive is top-1 nearly always."""
     torch.manual_seed(0)
     n = 64
-    cfg = ScorerConfig(text_dim=8, n_items=n, n_id_slots=n + 1, dim=32, max_len=4, id_dropout=0.0, dropout=0.0)
+    cfg = ScorerConfig(
+        text_dim=8, n_items=n, n_id_slots=n + 1, dim=32, max_len=4, id_dropout=0.0, dropout=0.0
+    )
     m = ScorerModel(cfg, torch.randn(n, 8), torch.arange(1, n + 1))
     g = torch.Generator().manual_seed(1)
-    batch = {"hist_idx": torch.randint(0, n, (32, 4), generator=g), "hist_event": torch.ones(32, 4, dtype=torch.long),
-             "hist_rating": torch.zeros(32, 4), "hist_len": torch.full((32,), 4),
-             "target": torch.randperm(n, generator=g)[:32]}
+    batch = {
+        "hist_idx": torch.randint(0, n, (32, 4), generator=g),
+        "hist_event": torch.ones(32, 4, dtype=torch.long),
+        "hist_rating": torch.zeros(32, 4),
+        "hist_len": torch.full((32,), 4),
+        "target": torch.randperm(n, generator=g)[:32],
+    }
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     neg_p = torch.full((n,), 1.0 / n)
     first, gen = None, torch.Generator().manual_seed(2)
@@ -134,10 +158,20 @@ def test_full_scores_put_reranked_block_first_and_keep_retrieval_order_below():
 
     torch.manual_seed(0)
     cfg = ScorerConfig(text_dim=8, n_items=50, n_id_slots=51, dim=16, max_len=6)
-    s = Scorer(ScorerModel(cfg, torch.randn(50, 8), torch.arange(1, 51)), np.array([f"i{i}" for i in range(50)]))
+    s = Scorer(
+        ScorerModel(cfg, torch.randn(50, 8), torch.arange(1, 51)), np.array([f"i{i}" for i in range(50)])
+    )
     rng = np.random.default_rng(0)
-    hists = [History(f"u{b}", rng.choice(50, 5, replace=False), np.arange(5), np.array(["click"] * 5),
-                     np.full(5, np.nan)) for b in range(3)]
+    hists = [
+        History(
+            f"u{b}",
+            rng.choice(50, 5, replace=False),
+            np.arange(5),
+            np.array(["click"] * 5),
+            np.full(5, np.nan),
+        )
+        for b in range(3)
+    ]
     S = s.full_scores(hists, n_candidates=10)
     idx, sc = s.recommend(hists, k=10, n_candidates=10)
     U, V = s.user_vectors(hists), s.item_vectors()

@@ -1,4 +1,4 @@
-"""Ray Train path: fit_scorer on a planted dataset (beats popularity), resume, artifact, cold items, 1 vs 2 workers."""
+"""Ray Train path: fit_scorer on planted data (beats popularity), resume, artifact, cold items, workers."""
 
 from __future__ import annotations
 
@@ -37,14 +37,25 @@ def planted_split():
 
 @pytest.fixture(scope="module")
 def trained(ray_local, planted_split, tmp_path_factory):
-    """Train EPOCHS_FIRST epochs, then resume from that output to EPOCHS_TOTAL (patience high: no early stop)."""
+    """Train EPOCHS_FIRST epochs, then resume from that output to EPOCHS_TOTAL (no early stop)."""
     items, _, _, train, valid, _ = planted_split
     out1 = tmp_path_factory.mktemp("scorer1")
-    meta1 = fit_scorer(train, items, out1, valid_df=valid, epochs=EPOCHS_FIRST, batch_size=64, lr=1e-2,
-                       patience=10, **SMALL)
+    meta1 = fit_scorer(
+        train, items, out1, valid_df=valid, epochs=EPOCHS_FIRST, batch_size=64, lr=1e-2, patience=10, **SMALL
+    )
     out2 = tmp_path_factory.mktemp("scorer2")
-    meta2 = fit_scorer(train, items, out2, valid_df=valid, epochs=EPOCHS_TOTAL, batch_size=64, lr=1e-2,
-                       patience=10, resume_from=out1, **SMALL)
+    meta2 = fit_scorer(
+        train,
+        items,
+        out2,
+        valid_df=valid,
+        epochs=EPOCHS_TOTAL,
+        batch_size=64,
+        lr=1e-2,
+        patience=10,
+        resume_from=out1,
+        **SMALL,
+    )
     return out1, meta1, out2, meta2
 
 
@@ -75,7 +86,9 @@ def test_trained_scorer_beats_popularity(trained, planted_split):
     users = sorted(test["user_id"].unique())
     hists = {h.user_id: h for h in histories_from_frame(attach_item_idx(trainval, items))}
     ours = np.stack([scorer.full_scores([hists[u]], n_candidates=SMALL["n_candidates"])[0] for u in users])
-    counts = np.bincount(attach_item_idx(trainval, items)["item_idx"], minlength=items.n_items).astype(np.float32)
+    counts = np.bincount(attach_item_idx(trainval, items)["item_idx"], minlength=items.n_items).astype(
+        np.float32
+    )
     pop = np.tile(counts, (len(users), 1))
     ndcg_ours = _eval_ndcg(ours, trainval, test, items)
     ndcg_pop = _eval_ndcg(pop, trainval, test, items)
@@ -89,7 +102,11 @@ def test_artifact_and_inference_api(trained, planted_split):
     assert meta2["stage"] == "train" and (out2 / "model.pt").is_file()
     s = Scorer.load(out2)
     assert s.item_ids.tolist() == items.item_ids.astype(str).tolist()
-    assert s.text_dim == items.text_vectors.shape[1] and s.item_index("i0003") == 3 and s.item_index("nope") is None
+    assert (
+        s.text_dim == items.text_vectors.shape[1]
+        and s.item_index("i0003") == 3
+        and s.item_index("nope") is None
+    )
     V = s.item_vectors()
     assert V.shape == (items.n_items, SMALL["dim"]) and V.dtype == np.float32
     h = histories_from_frame(attach_item_idx(planted_split[2], items))[:4]
@@ -100,7 +117,7 @@ def test_artifact_and_inference_api(trained, planted_split):
         ret = U[b] @ V.T
         ret[np.unique(h[b].item_idx)] = -np.inf
         cand = np.argsort(-ret, kind="stable")[:20]
-        head = s.score(U[b:b + 1], cand[None])[0]
+        head = s.score(U[b : b + 1], cand[None])[0]
         np.testing.assert_array_equal(np.sort(idx[b]), np.sort(cand[np.argsort(-head)[:5]]))
         assert not np.isin(idx[b], h[b].item_idx).any()
         assert np.all(np.diff(sc[b]) <= 0)
@@ -126,7 +143,10 @@ def test_cold_item_with_liked_text_ranks_high(trained, planted_split):
         ranks_own.append(rank[n_real + t])
         ranks_other.append(np.mean([rank[n_real + o] for o in range(6) if o != t]))
     assert np.median(ranks_own) < 20, np.median(ranks_own)
-    assert np.median(ranks_own) < 0.25 * np.median(ranks_other), (np.median(ranks_own), np.median(ranks_other))
+    assert np.median(ranks_own) < 0.25 * np.median(ranks_other), (
+        np.median(ranks_own),
+        np.median(ranks_other),
+    )
 
 
 def test_bad_input_errors(ray_local, planted_split, tmp_path):
@@ -145,7 +165,9 @@ def test_one_and_two_workers_comparable(ray_local, planted_split, tmp_path):
     kw = dict(valid_df=valid, epochs=8, batch_size=64, lr=1e-2, patience=10, **SMALL)
     m1 = fit_scorer(train, items, tmp_path / "w1", num_workers=1, **kw)
     m2 = fit_scorer(train, items, tmp_path / "w2", num_workers=2, **kw)
-    counts = np.bincount(attach_item_idx(train, items)["item_idx"], minlength=items.n_items).astype(np.float32)
+    counts = np.bincount(attach_item_idx(train, items)["item_idx"], minlength=items.n_items).astype(
+        np.float32
+    )
     users = sorted(valid["user_id"].unique())
     ndcg_pop = _eval_ndcg(np.tile(counts, (len(users), 1)), train, valid, items)
     a, b = m1["metrics"]["val_ndcg@10"], m2["metrics"]["val_ndcg@10"]
@@ -164,13 +186,17 @@ def _write_artifacts(tmp, items: ItemSpace, df: pd.DataFrame):
     data, emb = tmp / "data", tmp / "embeddings"
     data.mkdir()
     emb.mkdir()
-    pq.write_table(pa.Table.from_pandas(df.astype({"ts": "int64", "rating": "float64"}), preserve_index=False),
-                   data / "interactions.parquet")
+    pq.write_table(
+        pa.Table.from_pandas(df.astype({"ts": "int64", "rating": "float64"}), preserve_index=False),
+        data / "interactions.parquet",
+    )
     write_meta(data, "prepare")
     d = items.text_vectors.shape[1]
     col = pa.FixedSizeListArray.from_arrays(pa.array(items.text_vectors.ravel(), pa.float32()), d)
-    pq.write_table(pa.table({"item_id": pa.array(items.item_ids.astype(str)), "embedding": col}),
-                   emb / "embeddings.parquet")
+    pq.write_table(
+        pa.table({"item_id": pa.array(items.item_ids.astype(str)), "embedding": col}),
+        emb / "embeddings.parquet",
+    )
     write_meta(emb, "embed", model_name="planted", dim=d, n_items=items.n_items, normalized=True)
     return data, emb
 
@@ -183,10 +209,32 @@ def test_cli_train_and_resume(ray_local, planted_split, tmp_path):
     data, emb = _write_artifacts(tmp_path, items, trainval)
     out = tmp_path / "scorer"
     small = ["--dim", "16", "--max-len", "10", "--batch-size", "64", "--lr", "1e-2", "--patience", "10"]
-    assert main(["train", "--data", str(data), "--embeddings", str(emb), "--out", str(out), "--epochs", "1"]
-                + small) == 0
-    assert main(["train", "--data", str(data), "--embeddings", str(emb), "--out", str(out), "--epochs", "2",
-                 "--resume", str(out)] + small) == 0
+    assert (
+        main(
+            ["train", "--data", str(data), "--embeddings", str(emb), "--out", str(out), "--epochs", "1"]
+            + small
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--embeddings",
+                str(emb),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--resume",
+                str(out),
+            ]
+            + small
+        )
+        == 0
+    )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["epochs_run"] == [1] and meta["embed"]["model_name"] == "planted"
     assert Scorer.load(out).n_items == items.n_items
@@ -199,8 +247,13 @@ def test_recommender_protocol_two_stage_block(ray_local, planted_split):
     from llmrec.scorer.recommender import LLMRecRecommender
 
     items, _, trainval, *_ = planted_split
-    rec = LLMRecRecommender(n_candidates=20, epochs=2, batch_size=64, lr=1e-2,
-                            **{k: v for k, v in SMALL.items() if k != "n_candidates"})
+    rec = LLMRecRecommender(
+        n_candidates=20,
+        epochs=2,
+        batch_size=64,
+        lr=1e-2,
+        **{k: v for k, v in SMALL.items() if k != "n_candidates"},
+    )
     rec.fit(attach_item_idx(trainval, items), items)
     hists = histories_from_frame(attach_item_idx(trainval, items))[:8]
     S = rec.score(hists)

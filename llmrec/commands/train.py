@@ -19,18 +19,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="folder written by `llmrec prepare` (interactions.parquet)")
     p.add_argument("--embeddings", required=True, help="folder written by `llmrec embed`")
     p.add_argument("--out", required=True, help="scorer folder (model.pt, item_ids.npy, meta.json, ray/)")
-    p.add_argument("--events", default=None, help="serving event log folder: its item events are added to the data")
-    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers, 1 CPU (or GPU) each (default 1)")
+    p.add_argument(
+        "--events", default=None, help="serving event log folder: its item events are added to the data"
+    )
+    p.add_argument(
+        "--num-workers", type=int, default=1, help="Ray Train workers, 1 CPU (or GPU) each (default 1)"
+    )
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    p.add_argument("--epochs", type=int, default=10, help="maximum epochs; early stopping may end sooner (default 10)")
+    p.add_argument(
+        "--epochs", type=int, default=10, help="maximum epochs; early stopping may end sooner (default 10)"
+    )
     p.add_argument("--batch-size", type=int, default=256, help="global batch size (default 256)")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
-    p.add_argument("--patience", type=int, default=2, help="epochs without a better val ndcg@10 before stopping")
+    p.add_argument(
+        "--patience", type=int, default=2, help="epochs without a better val ndcg@10 before stopping"
+    )
     p.add_argument("--dim", type=int, default=64, help="model / retrieval dim (default 64)")
-    p.add_argument("--max-len", type=int, default=50, help="history events the user encoder reads (default 50)")
+    p.add_argument(
+        "--max-len", type=int, default=50, help="history events the user encoder reads (default 50)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", default=None, metavar="CKPT_DIR",
-                   help="continue from a Ray checkpoint folder or an earlier --out folder (its last checkpoint)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="CKPT_DIR",
+        help="continue from a Ray checkpoint folder or an earlier --out folder (its last checkpoint)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
 
 
@@ -55,15 +69,34 @@ def run(args: argparse.Namespace) -> int:
     emb = load_embeddings(args.embeddings)
     items = ItemSpace(item_ids=emb.item_ids, text_vectors=emb.vectors)
     train, valid = split_last_event(inter)
-    logger.info("train: %d interactions (%d from --data), %d users held out for validation", len(inter), n_data,
-                len(valid))
+    logger.info(
+        "train: %d interactions (%d from --data), %d users held out for validation",
+        len(inter),
+        n_data,
+        len(valid),
+    )
     init_ray(address=args.address)
     meta = fit_scorer(
-        train, items, args.out, valid_df=valid if len(valid) else None, num_workers=args.num_workers,
-        use_gpu=args.use_gpu, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        resume_from=args.resume, patience=args.patience, embed_meta=emb.meta, dim=args.dim, max_len=args.max_len,
+        train,
+        items,
+        args.out,
+        valid_df=valid if len(valid) else None,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        resume_from=args.resume,
+        patience=args.patience,
+        embed_meta=emb.meta,
+        dim=args.dim,
+        max_len=args.max_len,
     )
     m = meta["metrics"]
-    print(f"scorer -> {args.out}: best epoch {meta['best_epoch']}, val ndcg@10 {m.get('val_ndcg@10', float('nan')):.4f}, "
-          f"recall@10 {m.get('val_recall@10', float('nan')):.4f}, {meta['wall_s']:.1f}s")
+    print(
+        f"scorer -> {args.out}: best epoch {meta['best_epoch']}, "
+        f"val ndcg@10 {m.get('val_ndcg@10', float('nan')):.4f}, "
+        f"recall@10 {m.get('val_recall@10', float('nan')):.4f}, {meta['wall_s']:.1f}s"
+    )
     return 0

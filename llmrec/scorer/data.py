@@ -1,10 +1,10 @@
 """Training samples for the scorer: (history prefix, next item) pairs from canonical interactions.
 
 Choices (the design doc is silent on them):
-- Each user's events are ordered by `ts`, ties kept in input order. Every event at position t >= 1 whose kind is
-  a *target kind* (all kinds except "dislike" and "skip"; and for "rating" events, only rating >= min_rating
-  when min_rating is set) becomes a target; its history is the up-to-L events before it (every kind, negative
-  ones included, so the encoder sees dislikes through their event embedding).
+- Each user's events are ordered by `ts`, ties kept in input order. Every event at position t >= 1 whose
+  kind is a *target kind* (all kinds except "dislike" and "skip"; for "rating" events, only
+  rating >= min_rating when min_rating is set) becomes a target; its history is the up-to-L events before
+  it (every kind, negative ones included, so the encoder sees dislikes through their event embedding).
 - Histories are right-padded (first `hist_len` columns real, oldest first); padding is item 0 / event 0.
 - Negatives are drawn in the training loop: in-batch (the other targets) plus `n_neg` items sampled from a
   mixture of uniform and popularity^alpha over the catalog (`sample_negatives`).
@@ -33,7 +33,8 @@ def attach_item_idx(df: pd.DataFrame, items: ItemSpace) -> pd.DataFrame:
     missing_cols = [c for c in (USER_ID, ITEM_ID, TS, EVENT) if c not in df.columns]
     if missing_cols:
         raise ValueError(
-            f"interactions lack columns {missing_cols}; expected {USER_ID}, {ITEM_ID}, {TS}, {RATING}, {EVENT} "
+            f"interactions lack columns {missing_cols}; "
+            f"expected {USER_ID}, {ITEM_ID}, {TS}, {RATING}, {EVENT} "
             f"(the canonical table written by `llmrec prepare`), got {list(df.columns)}"
         )
     bad_events = sorted(set(df[EVENT].astype(str).unique()) - set(EVENT_KINDS))
@@ -94,7 +95,9 @@ def build_samples(
     item = df["item_idx"].to_numpy(dtype=np.int64)
     event = df[EVENT].astype(str).map(EVENT_INDEX).to_numpy(dtype=np.int8)
     rating = (
-        df[RATING].to_numpy(dtype=np.float32, na_value=np.nan) if RATING in df.columns else np.full(n, np.nan, "f4")
+        df[RATING].to_numpy(dtype=np.float32, na_value=np.nan)
+        if RATING in df.columns
+        else np.full(n, np.nan, "f4")
     )
     user_codes, _ = pd.factorize(df[USER_ID].astype(str))
     pos = np.arange(n)
@@ -114,7 +117,9 @@ def build_samples(
         "hist_len": hist_len,
         "target": item[g],
     }
-    logger.info("built %d training samples from %d events of %d users (L=%d)", len(g), n, first.sum(), max_len)
+    logger.info(
+        "built %d training samples from %d events of %d users (L=%d)", len(g), n, first.sum(), max_len
+    )
     return out
 
 
@@ -135,7 +140,11 @@ class ValidationSet:
 
 
 def build_validation(
-    train: pd.DataFrame, valid: pd.DataFrame, items: ItemSpace, max_len: int = 50, min_rating: float | None = None
+    train: pd.DataFrame,
+    valid: pd.DataFrame,
+    items: ItemSpace,
+    max_len: int = 50,
+    min_rating: float | None = None,
 ) -> ValidationSet:
     """Validation users = users with a target event in `valid` and at least one train event.
 
@@ -170,18 +179,25 @@ def histories_from_frame(df: pd.DataFrame, max_len: int | None = None) -> list[H
     for uid, g in df.groupby(df[USER_ID].astype(str), sort=True):
         if max_len is not None:
             g = g.iloc[-max_len:]
-        rating = g[RATING].to_numpy(dtype=np.float64, na_value=np.nan) if RATING in g else np.full(len(g), np.nan)
-        out.append(History(
-            user_id=uid, item_idx=g["item_idx"].to_numpy(dtype=np.int64), ts=g[TS].to_numpy(dtype=np.int64),
-            event=g[EVENT].astype(str).to_numpy(), rating=rating,
-        ))
+        rating = (
+            g[RATING].to_numpy(dtype=np.float64, na_value=np.nan) if RATING in g else np.full(len(g), np.nan)
+        )
+        out.append(
+            History(
+                user_id=uid,
+                item_idx=g["item_idx"].to_numpy(dtype=np.int64),
+                ts=g[TS].to_numpy(dtype=np.int64),
+                event=g[EVENT].astype(str).to_numpy(),
+                rating=rating,
+            )
+        )
     return out
 
 
 def pad_histories(
     histories: list[History], max_len: int, n_items: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Histories -> right-padded arrays (hist_idx int32 (B, L), hist_event int8, hist_rating float32, hist_len).
+    """Histories -> right-padded hist_idx int32 (B, L), hist_event int8, hist_rating float32, hist_len.
 
     The last max_len events of each history are kept. Unknown event kinds or out-of-range indices raise.
     """
@@ -196,11 +212,15 @@ def pad_histories(
             continue
         ii = np.asarray(h.item_idx[-n:], dtype=np.int64)
         if n_items is not None and (ii.min() < 0 or ii.max() >= n_items):
-            raise ValueError(f"history of user {h.user_id!r} has item_idx outside [0, {n_items}): {ii.min()}..{ii.max()}")
+            raise ValueError(
+                f"history of user {h.user_id!r} has item_idx outside [0, {n_items}): {ii.min()}..{ii.max()}"
+            )
         kinds = [EVENT_INDEX.get(str(e)) for e in np.asarray(h.event)[-n:]]
         if any(k is None for k in kinds):
-            bad = sorted({str(e) for e, k in zip(np.asarray(h.event)[-n:], kinds) if k is None})
-            raise ValueError(f"history of user {h.user_id!r} has unknown event kinds {bad}; expected {list(EVENT_KINDS)}")
+            bad = sorted({str(e) for e, k in zip(np.asarray(h.event)[-n:], kinds, strict=True) if k is None})
+            raise ValueError(
+                f"history of user {h.user_id!r} has unknown event kinds {bad}; expected {list(EVENT_KINDS)}"
+            )
         idx[b, :n] = ii
         ev[b, :n] = kinds
         if h.rating is not None and len(h.rating):
@@ -216,7 +236,7 @@ def popularity(train: pd.DataFrame, items: ItemSpace) -> np.ndarray:
 
 
 def negative_distribution(pop: np.ndarray, uniform_frac: float = 0.5, alpha: float = 0.75) -> np.ndarray:
-    """float64 (N,) sampling probabilities: uniform_frac * uniform + (1 - uniform_frac) * pop^alpha (normalised)."""
+    """float64 (N,) sampling probabilities: uniform_frac * uniform + (1 - uniform_frac) * pop^alpha."""
     n = len(pop)
     p = np.full(n, 1.0 / n)
     w = np.power(np.asarray(pop, dtype=np.float64), alpha)

@@ -38,7 +38,9 @@ class Scorer:
                                            np.array(["like", "view"]), np.array([np.nan, np.nan]))], k=10)
     """
 
-    def __init__(self, model: ScorerModel, item_ids: np.ndarray, meta: dict | None = None, device: str = "cpu"):
+    def __init__(
+        self, model: ScorerModel, item_ids: np.ndarray, meta: dict | None = None, device: str = "cpu"
+    ):
         if len(item_ids) != model.cfg.n_items:
             raise ValueError(f"{len(item_ids)} item ids for a model over {model.cfg.n_items} items")
         self.device = resolve_device(device)
@@ -64,7 +66,9 @@ class Scorer:
         model.load_state_dict(sd)
         item_ids = np.load(d / INDEX_IDS_FILE, allow_pickle=False)
         s = cls(model, item_ids, meta, device=device)
-        logger.info("loaded scorer from %s: %d items, d=%d, %.2fs", d, cfg.n_items, cfg.dim, time.perf_counter() - t0)
+        logger.info(
+            "loaded scorer from %s: %d items, d=%d, %.2fs", d, cfg.n_items, cfg.dim, time.perf_counter() - t0
+        )
         return s
 
     # ---- catalog ----------------------------------------------------------------------------------------
@@ -94,7 +98,9 @@ class Scorer:
         """float32 (M, d) retrieval vectors for items outside the catalog from their text vectors (M, D)."""
         t = np.asarray(text_vectors, dtype=np.float32)
         if t.ndim != 2 or t.shape[1] != self.text_dim:
-            raise ValueError(f"text vectors must be (M, {self.text_dim}), got {t.shape}; embed with the same encoder")
+            raise ValueError(
+                f"text vectors must be (M, {self.text_dim}), got {t.shape}; embed with the same encoder"
+            )
         return self.model.text_reps(torch.from_numpy(t).to(self.device)).cpu().numpy()
 
     # ---- users ------------------------------------------------------------------------------------------
@@ -109,9 +115,14 @@ class Scorer:
         u = torch.as_tensor(np.asarray(user_vecs, dtype=np.float32), device=self.device)
         c = torch.as_tensor(np.asarray(cand_idx, dtype=np.int64), device=self.device)
         if u.ndim != 2 or u.shape[1] != self.dim or c.ndim != 2 or c.shape[0] != u.shape[0]:
-            raise ValueError(f"expected user_vecs (B, {self.dim}) and cand_idx (B, K), got {tuple(u.shape)}, {tuple(c.shape)}")
+            raise ValueError(
+                f"expected user_vecs (B, {self.dim}) and cand_idx (B, K), "
+                f"got {tuple(u.shape)}, {tuple(c.shape)}"
+            )
         if c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.n_items):
-            raise ValueError(f"cand_idx must lie in [0, {self.n_items}), got [{int(c.min())}, {int(c.max())}]")
+            raise ValueError(
+                f"cand_idx must lie in [0, {self.n_items}), got [{int(c.min())}, {int(c.max())}]"
+            )
         return self.model.head_pairs(u[:, None, :], self._reps()[c]).cpu().numpy()
 
     @torch.no_grad()
@@ -127,7 +138,7 @@ class Scorer:
 
         Args:
             histories: B users.
-            k: items to return (k <= n_candidates; fewer non-excluded items -> padded with index -1, score -inf).
+            k: items to return (fewer non-excluded items than k -> padded with index -1, score -inf).
             exclude: per user, item indices never to recommend (in addition to the history when
                 exclude_history).
             n_candidates: retrieval candidates per user.
@@ -191,7 +202,9 @@ class Scorer:
     def _users(self, histories: Sequence[History]) -> torch.Tensor:
         idx, ev, rt, ln = pad_histories(list(histories), self.model.cfg.max_len, n_items=self.n_items)
         t = lambda a, dt: torch.as_tensor(a, device=self.device).to(dt)  # noqa: E731
-        return self.model.user_vectors(t(idx, torch.long), t(ev, torch.long), t(rt, torch.float32), t(ln, torch.long))
+        return self.model.user_vectors(
+            t(idx, torch.long), t(ev, torch.long), t(rt, torch.float32), t(ln, torch.long)
+        )
 
     def _exclude_mask(self, histories, exclude, exclude_history: bool) -> torch.Tensor:
         mask = torch.zeros(len(histories), self.n_items, dtype=torch.bool, device=self.device)
@@ -199,8 +212,10 @@ class Scorer:
             if exclude_history and len(h.item_idx):
                 hi = np.asarray(h.item_idx, dtype=np.int64)
                 if hi.min() < 0 or hi.max() >= self.n_items:
-                    raise ValueError(f"history of user {h.user_id!r} has item_idx outside [0, {self.n_items}); "
-                                     "map item ids with Scorer.item_index first")
+                    raise ValueError(
+                        f"history of user {h.user_id!r} has item_idx outside [0, {self.n_items}); "
+                        "map item ids with Scorer.item_index first"
+                    )
                 mask[b, torch.as_tensor(hi, device=self.device)] = True
             if exclude is not None and len(exclude[b]):
                 e = np.asarray(exclude[b], dtype=np.int64)

@@ -10,8 +10,9 @@ N catalog items, D text-embedding dim, d model dim, K candidates per user.
   strong enough to score cold items.
 - User encoder: each history element is `v_item + E_event[kind] + E_pos[recency] + w_r * rating/5`
   (recency 0 = most recent, clipped at L-1; rating missing -> 0), run through a small causal transformer
-  (a GRU was 5x slower on CPU: it steps 50 times); `u = W_out h_newest + mean(history element reps)`. The mean skip keeps a text-similarity
-  path that works from the first epoch and for short histories.
+  (chosen over a GRU, which steps through the L positions one at a time and was slower on CPU here);
+  `u = W_out h_newest + mean(history element reps)`. The mean skip keeps a text-similarity path that works
+  from the first epoch and for short histories.
 - Retrieval score `u . v` (B, N). Re-ranker `MLP([u; v; u*v] / sqrt(d))` -> (B, K).
 
 The catalog (text vectors, ID slots) lives in the module as buffers so that a checkpoint is self-contained.
@@ -49,7 +50,16 @@ class ScorerConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("text_dim", "n_items", "n_id_slots", "dim", "max_len", "n_layers", "n_heads", "mlp_hidden"):
+        for name in (
+            "text_dim",
+            "n_items",
+            "n_id_slots",
+            "dim",
+            "max_len",
+            "n_layers",
+            "n_heads",
+            "mlp_hidden",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ScorerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.n_heads:
@@ -91,7 +101,9 @@ class ScorerModel(nn.Module):
         if tuple(id_slots.shape) != (cfg.n_items,):
             raise ValueError(f"id_slots shape {tuple(id_slots.shape)} != (n_items,) = ({cfg.n_items},)")
         if len(id_slots) and (int(id_slots.min()) < 0 or int(id_slots.max()) >= cfg.n_id_slots):
-            raise ValueError(f"id_slots must lie in [0, {cfg.n_id_slots}), got [{id_slots.min()}, {id_slots.max()}]")
+            raise ValueError(
+                f"id_slots must lie in [0, {cfg.n_id_slots}), got [{id_slots.min()}, {id_slots.max()}]"
+            )
         self.cfg = cfg
         d = cfg.dim
         self.register_buffer("text_vectors", text_vectors)  # (N, D)
@@ -107,17 +119,22 @@ class ScorerModel(nn.Module):
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.rating_w = nn.Parameter(torch.zeros(d))
         self.encoder = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(d, cfg.n_heads, dim_feedforward=2 * d, dropout=cfg.dropout,
-                                       batch_first=True, norm_first=True),
-            num_layers=cfg.n_layers, enable_nested_tensor=False,
+            nn.TransformerEncoderLayer(
+                d, cfg.n_heads, dim_feedforward=2 * d, dropout=cfg.dropout, batch_first=True, norm_first=True
+            ),
+            num_layers=cfg.n_layers,
+            enable_nested_tensor=False,
         )
-        self.register_buffer("causal", torch.triu(torch.full((cfg.max_len, cfg.max_len), float("-inf")), 1),
-                             persistent=False)
+        self.register_buffer(
+            "causal", torch.triu(torch.full((cfg.max_len, cfg.max_len), float("-inf")), 1), persistent=False
+        )
         self.out = nn.Linear(d, d)
         self.drop = nn.Dropout(cfg.dropout)
         self.mlp = nn.Sequential(
-            nn.Linear(3 * d, cfg.mlp_hidden), nn.ReLU(),
-            nn.Linear(cfg.mlp_hidden, cfg.mlp_hidden // 2), nn.ReLU(),
+            nn.Linear(3 * d, cfg.mlp_hidden),
+            nn.ReLU(),
+            nn.Linear(cfg.mlp_hidden, cfg.mlp_hidden // 2),
+            nn.ReLU(),
             nn.Linear(cfg.mlp_hidden // 2, 1),
         )
 
@@ -141,12 +158,16 @@ class ScorerModel(nn.Module):
 
     # ---- user encoder -----------------------------------------------------------------------------------
     def user_vectors(
-        self, hist_idx: torch.Tensor, hist_event: torch.Tensor, hist_rating: torch.Tensor, hist_len: torch.Tensor
+        self,
+        hist_idx: torch.Tensor,
+        hist_event: torch.Tensor,
+        hist_rating: torch.Tensor,
+        hist_len: torch.Tensor,
     ) -> torch.Tensor:
         """Encode right-padded histories.
 
         Args:
-            hist_idx: int64 (B, L) catalog indices, first hist_len[b] real (oldest first), rest any valid index.
+            hist_idx: int64 (B, L) catalog indices, first hist_len[b] real (oldest first), rest any index.
             hist_event: int64 (B, L) event slot (EVENT_INDEX), 0 on padding.
             hist_rating: float32 (B, L) rating, NaN or 0 where none.
             hist_len: int64 (B,) number of real elements, >= 0 (0 = no history: u from biases only).
@@ -211,7 +232,7 @@ class ScorerModel(nn.Module):
             invalid: bool (B, C), True = not a negative for that row (accidental hits); never True at (b, b).
 
         Returns:
-            (retrieval logits u.v (B, C) with invalid = -1e9, head logits (B, 1 + head_neg), column 0 = positive).
+            (retrieval logits u.v (B, C), invalid = -1e9; head logits (B, 1 + head_neg), column 0 = positive).
         """
         u = self.user_vectors(hist_idx, hist_event, hist_rating, hist_len)  # (B, d)
         v = self.item_reps(cand_idx)  # (C, d)

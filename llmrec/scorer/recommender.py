@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 def split_last_event(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, valid): each user's last event by ts (ties: the last in input order) goes to valid when the user
-    has >= 2 events; everything else stays in train."""
+    """(train, valid): each user's last event by ts (ties: the last in input order) goes to valid when the
+    user has >= 2 events; everything else stays in train."""
     d = df.sort_values([USER_ID, TS], kind="stable")
     n_per_user = d.groupby(USER_ID, sort=False)[TS].transform("size").to_numpy()
     is_last = ~d[USER_ID].duplicated(keep="last").to_numpy()
@@ -44,8 +44,13 @@ class LLMRecRecommender:
         train_kwargs: passed to `fit_scorer` (num_workers, epochs, batch_size, lr, seed, patience, dim, ...).
     """
 
-    def __init__(self, name: str = "llmrec", out_dir: str | os.PathLike | None = None, n_candidates: int = 200,
-                 **train_kwargs: Any):
+    def __init__(
+        self,
+        name: str = "llmrec",
+        out_dir: str | os.PathLike | None = None,
+        n_candidates: int = 200,
+        **train_kwargs: Any,
+    ):
         self.name = name
         self.out_dir = out_dir
         self.n_candidates = n_candidates
@@ -73,5 +78,5 @@ class LLMRecRecommender:
             raise RuntimeError(f"{self.name}: call fit(train, items) before score(histories)")
         out = np.empty((len(histories), self.scorer.n_items), np.float32)
         for s in range(0, len(histories), 256):
-            out[s:s + 256] = self.scorer.full_scores(histories[s:s + 256], n_candidates=self.n_candidates)
+            out[s : s + 256] = self.scorer.full_scores(histories[s : s + 256], n_candidates=self.n_candidates)
         return out

@@ -50,8 +50,20 @@ LAST_CHECKPOINT_DIR = "last_checkpoint"
 SCORE_METRIC = "val_ndcg@10"
 
 DEFAULTS: dict[str, Any] = {
-    "dim": 64, "max_len": 50, "n_layers": 1, "n_heads": 2, "mlp_hidden": 128, "id_dropout": 0.3, "dropout": 0.1, "use_ids": True,
-    "n_neg": 128, "head_neg": 31, "weight_decay": 0.0, "n_candidates": 200, "min_rating": None, "grad_clip": 5.0,
+    "dim": 64,
+    "max_len": 50,
+    "n_layers": 1,
+    "n_heads": 2,
+    "mlp_hidden": 128,
+    "id_dropout": 0.3,
+    "dropout": 0.1,
+    "use_ids": True,
+    "n_neg": 128,
+    "head_neg": 31,
+    "weight_decay": 0.0,
+    "n_candidates": 200,
+    "min_rating": None,
+    "grad_clip": 5.0,
 }
 
 
@@ -82,7 +94,8 @@ def fit_scorer(
         out_dir: artifact folder; Ray run storage goes to `out_dir/ray/`.
         valid_df: held-out interactions for per-epoch validation / early stopping / best checkpoint; without
             it the last epoch is kept and no early stopping happens.
-        num_workers, use_gpu: `ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": 1[, "GPU": 1]})`.
+        num_workers, use_gpu: `ScalingConfig(num_workers, use_gpu,
+            resources_per_worker={"CPU": 1[, "GPU": 1]})`.
         epochs: total epochs (a resumed run continues up to this count).
         batch_size: global batch; each worker takes batch_size // num_workers.
         resume_from: folder with `checkpoint.pt` (a Ray checkpoint or a previous out_dir).
@@ -105,15 +118,21 @@ def fit_scorer(
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if epochs < 1 or batch_size < num_workers:
-        raise ValueError(f"need epochs >= 1 and batch_size >= num_workers, got epochs={epochs} batch_size={batch_size}")
+        raise ValueError(
+            f"need epochs >= 1 and batch_size >= num_workers, got epochs={epochs} batch_size={batch_size}"
+        )
     hp = _hparams(model_kwargs, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
     static, samples = prepare_static(train_df, items, valid_df, hp)
     resume_file = resolve_resume(resume_from) if resume_from is not None else None
 
     init_ray()
     ds = samples_dataset(samples)
-    config = {"hp": hp, "static": ray.put(static), "num_workers": num_workers,
-              "resume_from": str(resume_file) if resume_file else None}
+    config = {
+        "hp": hp,
+        "static": ray.put(static),
+        "num_workers": num_workers,
+        "resume_from": str(resume_file) if resume_file else None,
+    }
     has_val = static["val"] is not None and static["val"].n_users > 0
     ckpt_cfg = CheckpointConfig(
         num_to_keep=2,
@@ -125,12 +144,21 @@ def fit_scorer(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=str((out / "ray").resolve()), checkpoint_config=ckpt_cfg),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name, storage_path=str((out / "ray").resolve()), checkpoint_config=ckpt_cfg
+        ),
         datasets={"train": ds},
     )
-    logger.info("TorchTrainer: %d workers, gpu=%s, %d samples, %d epochs", num_workers, use_gpu,
-                len(samples["target"]), epochs)
+    logger.info(
+        "TorchTrainer: %d workers, gpu=%s, %d samples, %d epochs",
+        num_workers,
+        use_gpu,
+        len(samples["target"]),
+        epochs,
+    )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -144,9 +172,22 @@ def fit_scorer(
         last_state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     wall = time.perf_counter() - t0
     epochs_run = list(last_state.get("run_epochs", []))
-    return _write_artifact(out, state, last_state, items, hp, embed_meta, wall=wall, epochs_run=epochs_run,
-                           extra={"num_workers": num_workers, "use_gpu": use_gpu, "ray_run": run_name,
-                                  "resumed_from": str(resume_file) if resume_file else None})
+    return _write_artifact(
+        out,
+        state,
+        last_state,
+        items,
+        hp,
+        embed_meta,
+        wall=wall,
+        epochs_run=epochs_run,
+        extra={
+            "num_workers": num_workers,
+            "use_gpu": use_gpu,
+            "ray_run": run_name,
+            "resumed_from": str(resume_file) if resume_file else None,
+        },
+    )
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -190,7 +231,8 @@ def train_loop_per_worker(config: dict) -> None:
         run_epochs.append(epoch)
         t0 = time.perf_counter()
         batches = shard.iter_torch_batches(
-            batch_size=per_worker_batch, local_shuffle_buffer_size=4 * per_worker_batch,
+            batch_size=per_worker_batch,
+            local_shuffle_buffer_size=4 * per_worker_batch,
             local_shuffle_seed=hp["seed"] * 100_003 + epoch * 101 + rank,
         )
         loss_sum, n_ex = train_epoch(ddp_model, optimizer, batches, neg_p, hp, gen, device)
@@ -201,14 +243,23 @@ def train_loop_per_worker(config: dict) -> None:
             import torch.distributed as dist
 
             dist.all_reduce(totals)
-        metrics.update(epoch=epoch, train_loss=float(totals[0] / max(totals[1], 1)),
-                       examples=int(totals[1]), train_s=train_s, examples_per_s=float(totals[1]) / train_s)
+        metrics.update(
+            epoch=epoch,
+            train_loss=float(totals[0] / max(totals[1], 1)),
+            examples=int(totals[1]),
+            train_s=train_s,
+            examples_per_s=float(totals[1]) / train_s,
+        )
         stop = update_early_stop(stop_state, metrics, epoch, hp["patience"])
         metrics["best_epoch"] = stop_state["best_epoch"]
         history.append(dict(metrics))
         _report(metrics, model, optimizer, epoch, stop_state, rank, run_epochs, history)
         if rank == 0:
-            logger.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+            logger.info(
+                "epoch %d: %s",
+                epoch,
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+            )
         if stop:
             break
 
@@ -242,17 +293,28 @@ def fit_local(
     history, best_sd = [], None
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        loss_sum, n_ex = train_epoch(model, optimizer, iter_numpy_batches(samples, batch_size, rng, device),
-                                     neg_p, hp, gen, device)
+        loss_sum, n_ex = train_epoch(
+            model, optimizer, iter_numpy_batches(samples, batch_size, rng, device), neg_p, hp, gen, device
+        )
         train_s = time.perf_counter() - t0
         metrics = evaluate(model, static["val"], hp["n_candidates"], device=device)
-        metrics.update(epoch=epoch, train_loss=loss_sum / max(n_ex, 1), examples=n_ex, train_s=train_s,
-                       examples_per_s=n_ex / train_s)
+        metrics.update(
+            epoch=epoch,
+            train_loss=loss_sum / max(n_ex, 1),
+            examples=n_ex,
+            train_s=train_s,
+            examples_per_s=n_ex / train_s,
+        )
         stop = update_early_stop(stop_state, metrics, epoch, patience)
         if stop_state["best_epoch"] == epoch:
             best_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append(metrics)
-        logger.info("fit_local epoch %d: loss %.4f, %.0f ex/s", epoch, metrics["train_loss"], metrics["examples_per_s"])
+        logger.info(
+            "fit_local epoch %d: loss %.4f, %.0f ex/s",
+            epoch,
+            metrics["train_loss"],
+            metrics["examples_per_s"],
+        )
         if stop:
             break
     if best_sd is not None:
@@ -274,14 +336,17 @@ def prepare_static(
     samples = sdata.build_samples(train_df, items, max_len=hp["max_len"], min_rating=hp["min_rating"])
     if len(samples["target"]) == 0:
         raise ValueError(
-            f"no training samples from {len(train_df)} interactions: every user needs >= 2 events with a target "
+            f"no training samples from {len(train_df)} interactions: "
+            "every user needs >= 2 events with a target "
             "kind (not dislike/skip); give more interactions"
         )
     pop = sdata.popularity(train_df, items)
     slots = sdata.id_slots_for(train_df, items) if hp["use_ids"] else np.zeros(items.n_items, np.int64)
     val = None
     if valid_df is not None and len(valid_df):
-        val = sdata.build_validation(train_df, valid_df, items, max_len=hp["max_len"], min_rating=hp["min_rating"])
+        val = sdata.build_validation(
+            train_df, valid_df, items, max_len=hp["max_len"], min_rating=hp["min_rating"]
+        )
     static = {"text_vectors": text, "id_slots": slots, "neg_p": sdata.negative_distribution(pop), "val": val}
     return static, samples
 
@@ -289,14 +354,26 @@ def prepare_static(
 def build_model(static: dict, hp: dict) -> ScorerModel:
     n, d_text = static["text_vectors"].shape
     cfg = ScorerConfig(
-        text_dim=d_text, n_items=n, n_id_slots=int(static["id_slots"].max()) + 1, dim=hp["dim"],
-        max_len=hp["max_len"], n_layers=hp["n_layers"], n_heads=hp["n_heads"], mlp_hidden=hp["mlp_hidden"], id_dropout=hp["id_dropout"], dropout=hp["dropout"],
+        text_dim=d_text,
+        n_items=n,
+        n_id_slots=int(static["id_slots"].max()) + 1,
+        dim=hp["dim"],
+        max_len=hp["max_len"],
+        n_layers=hp["n_layers"],
+        n_heads=hp["n_heads"],
+        mlp_hidden=hp["mlp_hidden"],
+        id_dropout=hp["id_dropout"],
+        dropout=hp["dropout"],
     )
     return ScorerModel(cfg, torch.from_numpy(static["text_vectors"]), torch.from_numpy(static["id_slots"]))
 
 
 def batch_loss(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], neg_p: torch.Tensor, n_neg: int, gen: torch.Generator,
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    neg_p: torch.Tensor,
+    n_neg: int,
+    gen: torch.Generator,
     head_neg: int = 31,
 ) -> torch.Tensor:
     """Sampled-softmax loss (retrieval u.v + MLP head) for one batch; see the module docstring."""
@@ -307,8 +384,15 @@ def batch_loss(
     rows = torch.arange(B, device=target.device)
     hit = cand[None, :] == target[:, None]  # (B, C)
     hit[rows, rows] = False
-    retrieval, head = model(batch["hist_idx"].long(), batch["hist_event"].long(), batch["hist_rating"].float(),
-                            batch["hist_len"].long(), cand, head_neg, hit)  # (B, C), (B, 1 + head_neg)
+    retrieval, head = model(
+        batch["hist_idx"].long(),
+        batch["hist_event"].long(),
+        batch["hist_rating"].float(),
+        batch["hist_len"].long(),
+        cand,
+        head_neg,
+        hit,
+    )  # (B, C), (B, 1 + head_neg)
     return F.cross_entropy(retrieval, rows) + F.cross_entropy(head, torch.zeros_like(rows))
 
 
@@ -362,10 +446,14 @@ def evaluate(
     sums = torch.zeros(5, dtype=torch.float64)  # recall, ndcg, retrieval recall, retrieval ndcg, users
     users = np.arange(rank, val.n_users, world)
     for s in range(0, len(users), chunk):
-        ub = users[s:s + chunk]
-        t = lambda a, dt: torch.as_tensor(a[ub], device=device).to(dt)  # noqa: E731
-        u = model.user_vectors(t(val.hist_idx, torch.long), t(val.hist_event, torch.long),
-                               t(val.hist_rating, torch.float32), t(val.hist_len, torch.long))
+        ub = users[s : s + chunk]
+        t = lambda a, dt, ub=ub: torch.as_tensor(a[ub], device=device).to(dt)  # noqa: E731
+        u = model.user_vectors(
+            t(val.hist_idx, torch.long),
+            t(val.hist_event, torch.long),
+            t(val.hist_rating, torch.float32),
+            t(val.hist_len, torch.long),
+        )
         excl = torch.zeros(len(ub), N, dtype=torch.bool, device=device)
         for j, b in enumerate(ub):
             excl[j, torch.as_tensor(val.exclude[b], device=device)] = True
@@ -383,9 +471,13 @@ def evaluate(
         dist.all_reduce(sums)
     model.train(was_training)
     n = max(float(sums[4]), 1.0)
-    return {f"val_recall@{k}": float(sums[0]) / n, f"val_ndcg@{k}": float(sums[1]) / n,
-            f"val_retrieval_recall@{k}": float(sums[2]) / n, f"val_retrieval_ndcg@{k}": float(sums[3]) / n,
-            "val_users": int(sums[4])}
+    return {
+        f"val_recall@{k}": float(sums[0]) / n,
+        f"val_ndcg@{k}": float(sums[1]) / n,
+        f"val_retrieval_recall@{k}": float(sums[2]) / n,
+        f"val_retrieval_ndcg@{k}": float(sums[3]) / n,
+        "val_users": int(sums[4]),
+    }
 
 
 def recall_ndcg(top: np.ndarray, targets: np.ndarray, k: int) -> tuple[float, float]:
@@ -416,8 +508,10 @@ def load_train_state(model: ScorerModel, optimizer: torch.optim.Optimizer, state
     saved = state["model_config"]
     if saved != model.cfg.to_dict():
         diff = {k: (saved.get(k), v) for k, v in model.cfg.to_dict().items() if saved.get(k) != v}
-        raise ValueError(f"checkpoint does not match this run's model config (checkpoint, now): {diff}; "
-                         "resume with the same data, embeddings and model options, or train from scratch")
+        raise ValueError(
+            f"checkpoint does not match this run's model config (checkpoint, now): {diff}; "
+            "resume with the same data, embeddings and model options, or train from scratch"
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return int(state["epoch"]) + 1, dict(state["early_stop"])
@@ -430,7 +524,8 @@ def resolve_resume(path: str | os.PathLike) -> Path:
         if cand.is_file():
             return cand
     raise FileNotFoundError(
-        f"no {CHECKPOINT_FILE} under {p} (looked at {p / CHECKPOINT_FILE} and {p / LAST_CHECKPOINT_DIR / CHECKPOINT_FILE}); "
+        f"no {CHECKPOINT_FILE} under {p} (looked at {p / CHECKPOINT_FILE} and "
+        f"{p / LAST_CHECKPOINT_DIR / CHECKPOINT_FILE}); "
         "pass a Ray checkpoint folder or the --out folder of an earlier `llmrec train`"
     )
 
@@ -452,13 +547,16 @@ def samples_dataset(samples: dict[str, np.ndarray]):
 
 
 def iter_numpy_batches(
-    samples: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator, device: str | torch.device = "cpu"
+    samples: dict[str, np.ndarray],
+    batch_size: int,
+    rng: np.random.Generator,
+    device: str | torch.device = "cpu",
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Shuffled in-process batches (fit_local / benchmark twin of the Ray Data shard iterator)."""
     n = len(samples["target"])
     perm = rng.permutation(n)
     for s in range(0, n, batch_size):
-        idx = perm[s:s + batch_size]
+        idx = perm[s : s + batch_size]
         yield {k: torch.from_numpy(samples[k][idx]).to(device) for k in sdata.SAMPLE_COLUMNS}
 
 
@@ -472,18 +570,35 @@ def _hparams(model_kwargs: dict, **fixed: Any) -> dict:
     return {**DEFAULTS, **model_kwargs, **fixed}
 
 
-def _report(metrics: dict, model: ScorerModel, optimizer, epoch: int, stop_state: dict, rank: int,
-            run_epochs: list[int], history: list[dict]) -> None:
+def _report(
+    metrics: dict,
+    model: ScorerModel,
+    optimizer,
+    epoch: int,
+    stop_state: dict,
+    rank: int,
+    run_epochs: list[int],
+    history: list[dict],
+) -> None:
     import ray.train
 
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(), "epoch": epoch, "model_config": model.cfg.to_dict(),
-                    "early_stop": dict(stop_state), "metrics": metrics, "run_epochs": list(run_epochs),
-                    "history": history}, Path(tmp) / CHECKPOINT_FILE)
+        torch.save(
+            {
+                "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "model_config": model.cfg.to_dict(),
+                "early_stop": dict(stop_state),
+                "metrics": metrics,
+                "run_epochs": list(run_epochs),
+                "history": history,
+            },
+            Path(tmp) / CHECKPOINT_FILE,
+        )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -495,20 +610,46 @@ def _pick_best(result, has_val: bool):
     return max(cands, key=lambda cm: (cm[1][key], cm[1]["epoch"]))[0]
 
 
-def _write_artifact(out: Path, state: dict, last_state: dict, items: ItemSpace, hp: dict, embed_meta: dict | None,
-                    wall: float, epochs_run: list[int], extra: dict) -> dict:
+def _write_artifact(
+    out: Path,
+    state: dict,
+    last_state: dict,
+    items: ItemSpace,
+    hp: dict,
+    embed_meta: dict | None,
+    wall: float,
+    epochs_run: list[int],
+    extra: dict,
+) -> dict:
     torch.save({"model_config": state["model_config"], "model": state["model"]}, out / MODEL_FILE)
     np.save(out / INDEX_IDS_FILE, np.asarray(items.item_ids).astype(str))
     hist = last_state["metrics"]
     meta = write_meta(
-        out, "train",
-        embed=embed_meta or {}, config={**hp, **extra}, model_config=state["model_config"],
-        metrics=state["metrics"], best_epoch=int(state["epoch"]), last_epoch=int(last_state["epoch"]),
-        early_stop=last_state["early_stop"], epochs_run=epochs_run, history=last_state.get("history", []),
-        item_ids_file=INDEX_IDS_FILE, model_file=MODEL_FILE,
-        n_items=items.n_items, text_dim=int(np.asarray(items.text_vectors).shape[1]), dim=hp["dim"],
-        wall_s=wall, examples_per_s=hist.get("examples_per_s"),
+        out,
+        "train",
+        embed=embed_meta or {},
+        config={**hp, **extra},
+        model_config=state["model_config"],
+        metrics=state["metrics"],
+        best_epoch=int(state["epoch"]),
+        last_epoch=int(last_state["epoch"]),
+        early_stop=last_state["early_stop"],
+        epochs_run=epochs_run,
+        history=last_state.get("history", []),
+        item_ids_file=INDEX_IDS_FILE,
+        model_file=MODEL_FILE,
+        n_items=items.n_items,
+        text_dim=int(np.asarray(items.text_vectors).shape[1]),
+        dim=hp["dim"],
+        wall_s=wall,
+        examples_per_s=hist.get("examples_per_s"),
     )
-    logger.info("scorer written to %s: best epoch %d, %s=%s, %.1fs", out, meta["best_epoch"], SCORE_METRIC,
-                state["metrics"].get(SCORE_METRIC), wall)
+    logger.info(
+        "scorer written to %s: best epoch %d, %s=%s, %.1fs",
+        out,
+        meta["best_epoch"],
+        SCORE_METRIC,
+        state["metrics"].get(SCORE_METRIC),
+        wall,
+    )
     return meta

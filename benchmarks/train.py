@@ -117,8 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | --- | --- |")
     for r in results:
         print(f"| {r['config']} | {r['examples_per_s']:.0f} | {r['wall_s']:.1f} | {r['val_ndcg@10']:.4f} |")
+    base = results[0]["examples_per_s"]
+    for r in results:
+        r["throughput_vs_plain"] = r["examples_per_s"] / base
+    print(
+        json.dumps(
+            {
+                "baseline": results[0]["config"],
+                "throughput_vs_plain": {r["config"]: round(r["throughput_vs_plain"], 3) for r in results},
+            }
+        )
+    )
     if args.out:
-        Path(args.out).write_text(json.dumps({"source": source, "results": results}, indent=2))
+        Path(args.out).write_text(
+            json.dumps({"source": source, "baseline": results[0]["config"], "results": results}, indent=2)
+        )
     return 0
 
 

@@ -111,7 +111,10 @@ class Scorer:
 
     @torch.no_grad()
     def score(self, user_vecs: np.ndarray, cand_idx: np.ndarray) -> np.ndarray:
-        """MLP re-ranker scores float32 (B, K) of candidates cand_idx int64 (B, K) for user_vecs (B, d)."""
+        """Re-ranker scores float32 (B, K) of candidates cand_idx int64 (B, K) for user_vecs (B, d).
+
+        The MLP head's scores, or u.v when the trained model has `rerank` off.
+        """
         u = torch.as_tensor(np.asarray(user_vecs, dtype=np.float32), device=self.device)
         c = torch.as_tensor(np.asarray(cand_idx, dtype=np.int64), device=self.device)
         if u.ndim != 2 or u.shape[1] != self.dim or c.ndim != 2 or c.shape[0] != u.shape[0]:
@@ -123,7 +126,10 @@ class Scorer:
             raise ValueError(
                 f"cand_idx must lie in [0, {self.n_items}), got [{int(c.min())}, {int(c.max())}]"
             )
-        return self.model.head_pairs(u[:, None, :], self._reps()[c]).cpu().numpy()
+        v = self._reps()[c]  # (B, K, d)
+        if not self.model.cfg.rerank:  # training found retrieval alone ranks better (see ScorerConfig.rerank)
+            return (u[:, None, :] * v).sum(-1).cpu().numpy()
+        return self.model.head_pairs(u[:, None, :], v).cpu().numpy()
 
     @torch.no_grad()
     def recommend(

@@ -48,6 +48,9 @@ class ScorerConfig:
     mlp_hidden: int = 128
     id_dropout: float = 0.3  # probability of dropping an item's ID embedding during training
     dropout: float = 0.1
+    # apply the MLP head at inference; training sets it False when, at the best epoch, re-ranking scored
+    # below retrieval alone on validation (then ranking is u.v only and the head is kept but unused)
+    rerank: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -198,10 +201,15 @@ class ScorerModel(nn.Module):
 
     # ---- heads ------------------------------------------------------------------------------------------
     def head_pairs(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """MLP re-ranker on broadcast pairs: u (..., d), v (..., d) -> scores (...)."""
+        """MLP re-ranker on broadcast pairs: u (..., d), v (..., d) -> scores (...).
+
+        The MLP over [u; v; u*v] / sqrt(d) is a residual on the retrieval score u.v: the re-ranker starts
+        from retrieval's order and learns corrections (a plain MLP score ranked worse than u.v alone on
+        MovieLens after 2 epochs: val recall@10 0.012 vs 0.028).
+        """
         u, v = torch.broadcast_tensors(u, v)
         x = torch.cat([u, v, u * v], dim=-1) / math.sqrt(self.cfg.dim)  # (..., 3d)
-        return self.mlp(x).squeeze(-1)
+        return self.mlp(x).squeeze(-1) + (u * v).sum(-1)
 
     def head_scores(self, u: torch.Tensor, cand_idx: torch.Tensor) -> torch.Tensor:
         """u (B, d), cand_idx int64 (B, K) -> MLP scores (B, K)."""
@@ -275,5 +283,8 @@ def two_stage_rank(
         retrieval = retrieval.masked_fill(exclude, float("-inf"))
     n = min(int(n_candidates), item_reps.shape[0])
     cand = retrieval.topk(n, dim=1).indices  # (B, n)
-    head = model.head_pairs(u[:, None, :], item_reps[cand])  # (B, n)
+    if model.cfg.rerank:
+        head = model.head_pairs(u[:, None, :], item_reps[cand])  # (B, n)
+    else:
+        head = torch.gather(retrieval, 1, cand)  # (B, n): retrieval order
     return retrieval, cand, head

@@ -58,23 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmrec.data.prepare import prepare
+    from llmrec.data.prepare import GENERIC_OPTS, prepare
 
-    opts = {
-        k: getattr(args, k)
-        for k in (
-            "items",
-            "id_col",
-            "text_cols",
-            "interactions",
-            "user_col",
-            "item_col",
-            "ts_col",
-            "rating_col",
-            "event_col",
-            "default_event",
-        )
-    }
+    opts = {k: getattr(args, k) for k in GENERIC_OPTS}
     meta = prepare(args.dataset, args.source, args.out, skip_bad_rows=args.skip_bad_rows, **opts)
     keys = (
         "dataset",

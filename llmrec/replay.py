@@ -205,14 +205,16 @@ class _LocalRunner:
     def __init__(self, run_dir: str | Path, k: int, rank_config: Mapping[str, Any] | None) -> None:
         from llmrec.artifacts import read_meta
         from llmrec.index.item_index import ItemIndex
-        from llmrec.serve.recommend_core import RankConfig, RecommendCore, load_catalog
+        from llmrec.serve.recommend_core import RankConfig, RecommendCore, default_scorer_is_better, load_catalog
         from llmrec.state.user_state import MeanVectorizer
 
         run = Path(run_dir)
         catalog, embed_meta = load_catalog(run)
         index = ItemIndex.load(run / schema.RUN_INDEX, expect_embed_meta=embed_meta, device="cpu")
         scorer = None
-        if (run / schema.RUN_SCORER / schema.META_FILE).is_file():
+        use, why = default_scorer_is_better(run)  # the same choice the served app makes
+        logger.info("RUN/scorer %s: %s", "used" if use else "not used", why)
+        if use:
             from llmrec.scorer.inference import Scorer
 
             read_meta(run / schema.RUN_SCORER)

@@ -150,3 +150,31 @@ def test_bad_inputs_raise_clear_errors(core: RecommendCore) -> None:
         core.recommend([UserView(user_id="x")], k=3, queries=[Query("q", np.ones(3, np.float32))])
     with pytest.raises(ValueError, match="query_weight"):
         RankConfig(query_weight=2.0)
+
+
+def test_default_scorer_only_when_evaluation_measured_it_better(tmp_path):
+    import json
+
+    from llmrec.artifacts import write_meta
+    from llmrec.serve.deployments import resolve_artifacts
+    from llmrec.serve.recommend_core import default_scorer_is_better
+
+    run = tmp_path / "run"
+    assert default_scorer_is_better(run) == (False, "no trained scorer in the run")
+    write_meta(run / "scorer", "train")
+    assert default_scorer_is_better(run)[0] is True  # nothing measured against: trust the trained model
+
+    def metrics(ours: float, text: float) -> None:
+        (run / "eval").mkdir(exist_ok=True)
+        models = {"llmrec": {"ndcg@10": ours}, "zeroshot_text": {"ndcg@10": text}}
+        (run / "eval" / "metrics.json").write_text(json.dumps({"loo": {"models": models}}))
+
+    metrics(0.05, 0.02)
+    assert default_scorer_is_better(run)[0] is True
+    assert resolve_artifacts(str(run), {})["scorer_dir"] == str(run / "scorer")
+    metrics(0.009, 0.0095)
+    use, why = default_scorer_is_better(run)
+    assert use is False and "0.0090 <= zero-shot text 0.0095" in why
+    assert resolve_artifacts(str(run), {})["scorer_dir"] is None
+    # an explicit user_config choice wins over the measurement
+    assert resolve_artifacts(str(run), {"scorer_dir": str(run / "scorer")})["scorer_dir"] == str(run / "scorer")

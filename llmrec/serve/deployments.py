@@ -66,10 +66,14 @@ def resolve_artifacts(run_dir: str, user_config: dict[str, Any] | None) -> dict[
     """Artifact folders for a run: RUN/{embeddings,index,scorer} unless user_config overrides them."""
     cfg = dict(user_config or {})
     run = Path(run_dir)
-    scorer_default = run / schema.RUN_SCORER
-    scorer = cfg.get(
-        "scorer_dir", str(scorer_default) if (scorer_default / schema.META_FILE).is_file() else None
-    )
+    if "scorer_dir" in cfg:  # an explicit choice (a path, or null for none) always wins
+        scorer = cfg["scorer_dir"]
+    else:
+        from llmrec.serve.recommend_core import default_scorer_is_better
+
+        use, why = default_scorer_is_better(run)
+        logger.info("RUN/scorer %s: %s", "used" if use else "not used", why)
+        scorer = str(run / schema.RUN_SCORER) if use else None
     return {
         "embeddings_dir": str(cfg.get("embeddings_dir") or run / schema.RUN_EMBEDDINGS),
         "index_dir": str(cfg.get("index_dir") or run / schema.RUN_INDEX),

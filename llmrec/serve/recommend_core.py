@@ -23,6 +23,7 @@ are pushed down, not removed; rating events count as positive history when value
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -491,3 +492,27 @@ def load_catalog(run_dir: str | Path) -> tuple[Catalog, dict[str, Any]]:
     cat = Catalog(item_ids=ids, vectors=emb.vectors, titles=titles, popularity=pop)
     logger.info("catalog: %d items, dim %d, loaded in %.2fs", cat.n_items, cat.dim, time.perf_counter() - t0)
     return cat, dict(emb.meta)
+
+
+def default_scorer_is_better(run_dir: str | Path) -> tuple[bool, str]:
+    """Serve RUN/scorer by default only where the run's own evaluation measured it above the zero-shot text model.
+
+    The text path (MeanVectorizer) also reacts to free-text feedback, which the trained user encoder does not
+    read; a scorer that ranks below it on the same split (RUN/eval/metrics.json, leave-last-out NDCG@10) would
+    make recommendations worse. Set `scorer_dir` in user_config to force either choice.
+    """
+    from llmrec import schema
+
+    run = Path(run_dir)
+    if not (run / schema.RUN_SCORER / schema.META_FILE).is_file():
+        return False, "no trained scorer in the run"
+    metrics_file = run / schema.RUN_EVAL / "metrics.json"
+    if not metrics_file.is_file():
+        return True, "no evaluation to compare against (run `llmrec evaluate`); using the trained scorer"
+    models = json.loads(metrics_file.read_text()).get("loo", {}).get("models", {})
+    ours, text = models.get("llmrec", {}).get("ndcg@10"), models.get("zeroshot_text", {}).get("ndcg@10")
+    if ours is None or text is None:
+        return True, "evaluation lacks llmrec or zeroshot_text under loo; using the trained scorer"
+    if ours > text:
+        return True, f"loo ndcg@10 {ours:.4f} > zero-shot text {text:.4f}"
+    return False, f"loo ndcg@10 {ours:.4f} <= zero-shot text {text:.4f}; serving the text user vector instead"

@@ -16,38 +16,20 @@ from llmrec.raysetup import local_env_defaults
 COMMANDS = ("prepare", "embed", "index", "train", "evaluate", "recommend", "serve", "replay", "pipeline")
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only `command`'s module is imported (none for `llmrec --help`), so startup stays cheap."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmrec", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        mod = importlib.import_module(f"llmrec.commands.{name}") if command == name else None
-        helptext = mod.HELP if mod else _SHORT_HELP[name]
-        p = sub.add_parser(name, help=helptext, description=helptext)
-        if mod is not None:
-            mod.add_arguments(p)
-            p.set_defaults(_run=mod.run)
+        mod = importlib.import_module(f"llmrec.commands.{name}")
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
     return parser
 
 
-_SHORT_HELP = {
-    "prepare": "convert a raw dataset into canonical items/interactions tables",
-    "embed": "embed the item catalog with a BERT encoder on Ray Data",
-    "index": "build a FAISS (or torch) index over item embeddings",
-    "train": "train the scorer with Ray Train",
-    "evaluate": "full-ranking evaluation against baselines",
-    "recommend": "write top-k recommendations for listed users",
-    "serve": "start the Ray Serve app",
-    "replay": "replay test events through the online state update",
-    "pipeline": "run every stage on one dataset into a run folder",
-}
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if a in COMMANDS), None)
-    args = build_parser(command).parse_args(argv)
+    args = build_parser().parse_args(argv)
     local_env_defaults()
     setup_logging(args.log_level)
     try:

@@ -202,7 +202,7 @@ def test_rayjob_runs_the_pipeline_with_valid_runtime_env() -> None:
     assert argv[:3] == ["python", "-m", "jobs.pipeline"], argv
     from llmrec.cli import build_parser
 
-    parser = build_parser("pipeline")
+    parser = build_parser()
     args = parser.parse_args(["pipeline", *argv[3:]])  # the entrypoint's flags are the CLI's
     assert args.command == "pipeline" and args.out.startswith("/mnt/runs/")
 
@@ -270,7 +270,7 @@ def test_job_config_files_parse_with_their_command(path: Path) -> None:
     from llmrec.cli import build_parser
 
     try:
-        parser = build_parser(mod.COMMAND)
+        parser = build_parser()
     except ModuleNotFoundError as e:
         pytest.skip(f"llmrec {mod.COMMAND} not written yet: {e}")
     argv = expand_config(["--config", str(path)])

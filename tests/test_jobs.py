@@ -99,7 +99,7 @@ def test_config_file_then_command_line_wins(tmp_path: Path) -> None:
                    "force: true\n")
     argv = expand_config(["--out", "/runs/b", "--config", str(cfg), "--epochs", "5"])
     assert argv[: 2] == ["--dataset", "movielens-latest-small"]  # file first ...
-    args = build_parser("pipeline").parse_args(["pipeline", *argv])
+    args = build_parser().parse_args(["pipeline", *argv])
     # ... and the command line wins
     assert (args.out, args.epochs, args.force, args.source) == ("/runs/b", 5, True, "/data/ml")
     assert expand_config([f"--config={cfg}"])[:2] == ["--dataset", "movielens-latest-small"]

@@ -186,3 +186,25 @@ def test_full_scores_put_reranked_block_first_and_keep_retrieval_order_below():
     bad = History("x", np.array([0, 99]), np.arange(2), np.array(["click"] * 2), np.full(2, np.nan))
     with pytest.raises(ValueError, match="outside"):
         s.recommend([bad], k=3)
+
+
+def test_rerank_off_ranks_by_retrieval_everywhere():
+    import dataclasses
+
+    from llmrec.scorer.inference import Scorer
+
+    torch.manual_seed(0)
+    cfg = ScorerConfig(text_dim=8, n_items=30, n_id_slots=31, dim=8, max_len=5, mlp_hidden=16)
+    on = ScorerModel(cfg, torch.randn(30, 8), torch.arange(1, 31)).eval()
+    off = ScorerModel(dataclasses.replace(cfg, rerank=False), on.text_vectors, on.id_slots).eval()
+    off.load_state_dict(on.state_dict())
+    u, reps = torch.randn(3, 8), off.all_item_reps()
+    with torch.no_grad():
+        retrieval, cand, head = two_stage_rank(off, u, reps, None, 10)
+        torch.testing.assert_close(head, torch.gather(retrieval, 1, cand))  # reference: plain u.v
+        _, cand_on, head_on = two_stage_rank(on, u, reps, None, 10)
+        torch.testing.assert_close(head_on, on.head_pairs(u[:, None, :], reps[cand_on]))
+    s = Scorer(off, np.array([f"i{i}" for i in range(30)]))
+    idx = np.arange(6).reshape(3, 2)
+    np.testing.assert_allclose(s.score(u.numpy(), idx), (u.numpy()[:, None, :] * reps.detach().numpy()[idx]).sum(-1),
+                               rtol=1e-5, atol=1e-6)

@@ -126,10 +126,7 @@ class Scorer:
             raise ValueError(
                 f"cand_idx must lie in [0, {self.n_items}), got [{int(c.min())}, {int(c.max())}]"
             )
-        v = self._reps()[c]  # (B, K, d)
-        if not self.model.cfg.rerank:  # training found retrieval alone ranks better (see ScorerConfig.rerank)
-            return (u[:, None, :] * v).sum(-1).cpu().numpy()
-        return self.model.head_pairs(u[:, None, :], v).cpu().numpy()
+        return self.model.rank_pairs(u[:, None, :], self._reps()[c]).cpu().numpy()
 
     @torch.no_grad()
     def recommend(

@@ -211,6 +211,13 @@ class ScorerModel(nn.Module):
         x = torch.cat([u, v, u * v], dim=-1) / math.sqrt(self.cfg.dim)  # (..., 3d)
         return self.mlp(x).squeeze(-1) + (u * v).sum(-1)
 
+    def rank_pairs(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Final ranking scores at inference: the MLP head when `cfg.rerank`, else u.v; (...)."""
+        if self.cfg.rerank:
+            return self.head_pairs(u, v)
+        u, v = torch.broadcast_tensors(u, v)
+        return (u * v).sum(-1)
+
     def head_scores(self, u: torch.Tensor, cand_idx: torch.Tensor) -> torch.Tensor:
         """u (B, d), cand_idx int64 (B, K) -> MLP scores (B, K)."""
         v = self.item_reps(cand_idx)  # (B, K, d)
@@ -266,7 +273,7 @@ def two_stage_rank(
     exclude: torch.Tensor | None,
     n_candidates: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Retrieval top-n by u.v (excluded items never candidates), then MLP scores on those candidates.
+    """Retrieval top-n by u.v (excluded items never candidates), then ranking scores (`rank_pairs`) on them.
 
     Args:
         model: the scorer (eval mode is the caller's job).
@@ -276,15 +283,12 @@ def two_stage_rank(
 
     Returns:
         retrieval scores (B, N) with excluded = -inf, candidate indices int64 (B, n) in retrieval order,
-        MLP scores (B, n) of those candidates.
+        ranking scores (B, n) of those candidates (the MLP head, or u.v with rerank off).
     """
     retrieval = u @ item_reps.T  # (B, N)
     if exclude is not None:
         retrieval = retrieval.masked_fill(exclude, float("-inf"))
     n = min(int(n_candidates), item_reps.shape[0])
     cand = retrieval.topk(n, dim=1).indices  # (B, n)
-    if model.cfg.rerank:
-        head = model.head_pairs(u[:, None, :], item_reps[cand])  # (B, n)
-    else:
-        head = torch.gather(retrieval, 1, cand)  # (B, n): retrieval order
+    head = model.rank_pairs(u[:, None, :], item_reps[cand])  # (B, n)
     return retrieval, cand, head

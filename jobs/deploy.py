@@ -106,11 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     from llmrec.log import setup_logging
     from llmrec.raysetup import local_env_defaults
+    from llmrec.storage import is_uri
 
     setup_logging(opts.log_level)
     try:
         cfg, entry = load_app_config(opts.serve_config, opts.app)
         args = app_args(entry, opts.run, opts.set)
+        if opts.run is not None and is_uri(opts.run):
+            raise ValueError(
+                f"--run {opts.run}: a URI; Serve replicas read the run folder from disk on their node, so "
+                "copy it to a shared mount (or use `llmrec serve --run URI --events DIR` on one machine)"
+            )
         if opts.run is not None and not Path(opts.run).is_dir():
             raise FileNotFoundError(
                 f"--run {opts.run}: no such run folder; run `python -m jobs.pipeline` first"

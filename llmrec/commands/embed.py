@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from llmrec.storage import Arg, In, Out
+
 logger = logging.getLogger(__name__)
 
 HELP = "embed every item's text with a BERT encoder on Ray Data (writes embeddings.parquet + meta.json)"
@@ -40,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)"
     )
+
+
+def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
+    """Flags that may be URIs (llmrec.cli stages them); --model only when it is a URI, not a hub name."""
+    return {"items": In("prepare"), "model": In(), "out": Out()}
 
 
 def run(args: argparse.Namespace) -> int:

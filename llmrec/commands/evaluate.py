@@ -10,6 +10,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from llmrec.schema import RUN_EMBEDDINGS, RUN_SCORER
+from llmrec.storage import Arg, In, Out, Run
+
 logger = logging.getLogger(__name__)
 
 HELP = "offline evaluation (leave-last-out and time split) of llmrec and baselines: metrics.json, report.md"
@@ -64,9 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sasrec-epochs", type=int, default=None, help="SASRec baseline epochs (default 20)")
 
 
+def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
+    """Flags that may be URIs (llmrec.cli stages them); of a run URI only embeddings/ and scorer/ are read."""
+    return {"data": In("prepare"), "run": Run((RUN_EMBEDDINGS, RUN_SCORER)), "out": Out()}
+
+
 def run(args: argparse.Namespace) -> int:
     from llmrec.eval.evaluate import evaluate
-    from llmrec.schema import RUN_EMBEDDINGS, RUN_SCORER
 
     run_dir = Path(args.run)
     emb = run_dir / RUN_EMBEDDINGS

@@ -6,6 +6,8 @@ import argparse
 import logging
 from typing import Any
 
+from llmrec.storage import Arg, In, Out
+
 logger = logging.getLogger(__name__)
 
 HELP = (
@@ -54,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --add-embeddings: leave out items already indexed instead of refusing",
     )
+
+
+def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
+    """Flags that may be URIs (llmrec.cli stages them); --add-embeddings updates the index in --out."""
+    out = Out("update") if args.add_embeddings else Out()
+    return {"embeddings": In("embed"), "add_embeddings": In("embed"), "out": out}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from llmrec.storage import Arg, In, Out
+
 HELP = (
     "convert a raw dataset (movielens, amazon, mind or any parquet/CSV/JSONL catalog) into canonical tables"
 )
@@ -55,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--default-event", default=None, help="event for rows without event and rating (default view)"
     )
+
+
+def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
+    """Flags that may be URIs (llmrec.cli stages them): the raw folder and files in, the data folder out."""
+    return {"source": In(), "items": In(), "interactions": In(), "out": Out()}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmrec.schema import RUN_DATA, RUN_EMBEDDINGS, RUN_SCORER
+from llmrec.storage import Arg, In, OutFile, Run
+
 logger = logging.getLogger(__name__)
 
 HELP = "write top-k recommendations (user_id, item_id, rank, score) for the users listed in a file"
@@ -40,12 +43,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for baselines that train (default 0)")
 
 
+def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
+    """Flags that may be URIs (llmrec.cli stages them); --out is one parquet file."""
+    return {
+        "run": Run((RUN_DATA, RUN_EMBEDDINGS, RUN_SCORER)),
+        "data": In("prepare"),
+        "users": In(),
+        "out": OutFile(),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
 
     from llmrec.eval.evaluate import attach_item_idx, load_item_space, make_histories, read_tables
-    from llmrec.schema import RUN_DATA, RUN_EMBEDDINGS, RUN_SCORER, USER_ID
+    from llmrec.schema import USER_ID
 
     t0 = time.perf_counter()
     if args.k < 1:

@@ -6,6 +6,9 @@ import argparse
 import json
 import logging
 
+from llmrec import schema
+from llmrec.storage import Arg, In, Out, Run, is_uri, join
+
 logger = logging.getLogger(__name__)
 
 HELP = "replay the last 10%% of events in time order: next-event Recall@10/NDCG@10, online vs frozen state"
@@ -28,6 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default=None, help="folder for replay.json (default RUN/eval)")
     p.add_argument("--auth-token", default=None, help="bearer token of the server (with --url)")
+
+
+def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
+    """Flags that may be URIs (llmrec.cli stages them); replay.json is added to --out, replacing nothing."""
+    if args.out is None and is_uri(args.run):
+        args.out = join(args.run, schema.RUN_EVAL)  # the default RUN/eval, on the run's own storage
+    parts = (schema.RUN_DATA, schema.RUN_EMBEDDINGS, schema.RUN_INDEX, schema.RUN_SCORER, schema.RUN_EVAL)
+    return {"run": Run(parts), "data": In("prepare"), "out": Out("add")}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
+
+from llmrec import schema
+from llmrec.storage import Arg, In, LocalOnly, Run, is_uri, redact
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +27,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=None, help="text encoder for q and text feedback (default: the embeddings' model)"
     )
+    p.add_argument(
+        "--events",
+        default=None,
+        help="local folder of the serving event log (default RUN/events; required when --run is a URI)",
+    )
     p.add_argument("--log-user-ids", action="store_true", help="log user ids in clear (default: hashed)")
     p.add_argument("--address", default=None, help="join a running Ray cluster (default: start a local one)")
+
+
+EVENTS_LOCAL = "the event log is appended and fsync'd before each /feedback reply, which needs a local disk"
+
+
+def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
+    """Flags that may be URIs (llmrec.cli stages them): a run URI is read-only here, so --events is needed."""
+    if is_uri(args.run) and not args.events:
+        raise ValueError(
+            f"--run {redact(args.run)} is a URI (staged to a local read-only cache); pass --events DIR, a "
+            f"local folder for the serving event log ({EVENTS_LOCAL})"
+        )
+    parts = (schema.RUN_DATA, schema.RUN_EMBEDDINGS, schema.RUN_INDEX, schema.RUN_SCORER, schema.RUN_EVAL)
+    return {"run": Run(parts), "model": In(), "events": LocalOnly(EVENTS_LOCAL)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             "num_replicas": args.replicas,
             "model": args.model,
             "log_user_ids": args.log_user_ids,
+            "log_dir": str(Path(args.events).resolve()) if args.events else None,
         }
     )
     init_ray(address=args.address)

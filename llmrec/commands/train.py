@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from llmrec.storage import Arg, In, Out
+
 logger = logging.getLogger(__name__)
 
 HELP = "train the scorer (user encoder + MLP re-ranker) on Ray Train from interactions and item embeddings"
@@ -46,6 +48,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="continue from a Ray checkpoint folder or an earlier --out folder (its last checkpoint)",
     )
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
+
+
+def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
+    """Flags that may be URIs (llmrec.cli stages them)."""
+    return {
+        "data": In("prepare"),
+        "embeddings": In("embed"),
+        "events": In("serve"),
+        "resume": In(),
+        "out": Out(),
+    }
 
 
 def run(args: argparse.Namespace) -> int:

@@ -104,6 +104,14 @@ def _parse_args(args: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown build_app arg(s) {unknown}; valid: {sorted(_KNOWN_ARGS)}")
     if not args.get("run_dir"):
         raise ValueError("build_app needs run_dir (the folder written by `llmrec pipeline --out RUN`)")
+    from llmrec.storage import is_uri
+
+    if is_uri(str(args["run_dir"])):
+        raise ValueError(
+            f"run_dir {args['run_dir']!r} is a URI, but replicas read the run folder from disk on their "
+            "node: use a local or shared-mount folder, or `llmrec serve --run URI --events DIR` (stages it "
+            "in on one machine)"
+        )
     run = Path(str(args["run_dir"])).expanduser().resolve()
     user_config = dict(args.get("user_config") or {})
     for sub, key in (("embeddings", "embeddings_dir"), ("index", "index_dir")):

@@ -1,0 +1,598 @@
+"""Artifact folders on local disk or on any pyarrow / fsspec filesystem URI (s3://, gs://, hdfs://, memory://).
+
+Every stage reads and writes plain local folders. This module moves artifact folders between a URI and local
+disk, so each command runs unchanged on local paths: `llmrec.cli` wraps every command in `localize`, driven
+by the command module's `storage_args(args)` declaration of which flags are inputs and which are outputs.
+
+- `stage_in(uri, cache_root)` downloads an artifact folder (or one file) into a local cache keyed by the
+  URI, and reuses the cached copy while the remote `meta.json` is unchanged (files: size and mtime).
+- `stage_out(uri, cache_root)` yields an empty local staging folder. When the block ends without an exception,
+  its files are uploaded with `meta.json` last, so a reader never takes a half-written artifact for a
+  complete one; after an exception nothing is uploaded and the previous remote version stays as it was.
+  The uploaded folder then becomes the cache entry of `uri`, so the next stage reads it without a download.
+
+Overwrite semantics (`stage_out`, the default `Out("replace")`): an artifact folder is replaced as a whole.
+The writer first puts a `.llmrec-incomplete` mark into the remote folder, deletes its `meta.json` and then
+every other file of the previous version, uploads the new files, `meta.json` last, and removes the mark.
+A folder that holds files but neither a `meta.json` nor that mark is not an llmrec artifact: it is never
+overwritten (so `--out s3://bucket` cannot wipe a bucket). Two writers of the same URI at once are not
+coordinated; the last `meta.json` wins and may describe a mix, as with two processes writing one local folder.
+
+Example::
+
+    with stage_out("s3://bucket/run/embeddings", cache) as local:
+        embed_catalog(stage_in("s3://bucket/run/data", cache), local)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qsl, urlencode
+
+from llmrec.artifacts import ArtifactError
+from llmrec.schema import META_FILE
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "LLMREC_CACHE_DIR"  # overrides DEFAULT_CACHE (read by entry points, never by the library)
+DEFAULT_CACHE = Path("~/.cache/llmrec/artifacts")
+INCOMPLETE_MARK = ".llmrec-incomplete"  # present while a writer replaces a remote artifact folder
+_CACHE_INFO = ".llmrec-cache.json"  # per cache entry: the (redacted) URI and the version it holds
+_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_SECRET_KEY_RE = re.compile(r"secret|key|token|password|credential", re.IGNORECASE)
+_OBJECT_STORES = {"s3", "gcs", "abfs"}  # no directories to create before writing an object
+_THREADS = 8  # parallel file transfers
+
+
+# ------------------------------------------------------------------------------------------------ locations
+
+
+def is_uri(location: object) -> bool:
+    """True for `scheme://...` strings (s3://b/k, file:///abs, memory://x); False for local paths."""
+    return isinstance(location, str) and bool(_URI_RE.match(location))
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """`base/part/...` for a local path or a URI; a URI keeps its `?query` (e.g. endpoint options) at the end.
+
+    Example: `join("s3://b/run?scheme=http", "data")` -> `"s3://b/run/data?scheme=http"`.
+    """
+    base = os.fspath(base)
+    if not is_uri(base):
+        return os.path.join(base, *parts)
+    head, sep, query = base.partition("?")
+    return "/".join([head.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
+
+
+def redact(location: str | os.PathLike) -> str:
+    """The location with the values of secret-looking query options (secret_key, session_token) hidden."""
+    s = os.fspath(location)
+    if not is_uri(s) or "?" not in s:
+        return s
+    head, _, query = s.partition("?")
+    pairs = [
+        (k, "***" if _SECRET_KEY_RE.search(k) and k != "endpoint_override" else v)
+        for k, v in parse_qsl(query)
+    ]
+    return head + "?" + urlencode(pairs, safe=":/")
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path inside it for a URI.
+
+    pyarrow's own filesystems first (`pyarrow.fs.FileSystem.from_uri`: s3://, gs://, hdfs://, file://; S3
+    options go in the query, e.g. `s3://bucket/run?endpoint_override=host:9000&scheme=http`), then fsspec for
+    the schemes pyarrow lacks (memory://, az://, ...), wrapped in `pyarrow.fs.PyFileSystem`.
+
+    Raises:
+        ValueError: not a URI, bad URI options, or a scheme neither pyarrow nor an installed fsspec package
+            knows (the message names the package to install).
+    """
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    if not is_uri(uri):
+        raise ValueError(f"expected a URI like s3://bucket/path, got {uri!r}")
+    scheme = uri.split("://", 1)[0].lower()
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid as e:
+        if "Unrecognized filesystem type" not in str(e):
+            raise ValueError(f"cannot open {_show(uri)}: {e}") from e
+    try:
+        import fsspec
+    except ImportError as e:
+        raise ValueError(
+            f"cannot open {_show(uri)}: pyarrow has no {scheme}:// filesystem (it has s3, gs, hdfs, file); "
+            f"install fsspec and its {scheme} package (`pip install fsspec`)"
+        ) from e
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except ImportError as e:  # fsspec knows the scheme; its message names the package ("Install adlfs ...")
+        raise ValueError(f"cannot open {_show(uri)}: {e}") from e
+    except ValueError as e:  # "Protocol not known: zzz"
+        raise ValueError(
+            f"cannot open {_show(uri)}: neither pyarrow (s3, gs, hdfs, file) nor fsspec knows the scheme "
+            f"{scheme!r}; install the fsspec implementation for it (e.g. adlfs for az://, gcsfs, s3fs)"
+        ) from e
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    """The bytes of one file, local or at a URI. Raises FileNotFoundError when it does not exist."""
+    if not is_uri(location):
+        return Path(location).read_bytes()
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(os.fspath(location))
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{_show(location)} does not exist")
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(location: str | os.PathLike, data: bytes) -> None:
+    """Write one file, local (atomically: temp file + rename) or at a URI (one PUT on object stores)."""
+    if not is_uri(location):
+        p = Path(location)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + f".tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+        return
+    fs, path = filesystem_for(os.fspath(location))
+    _make_parent(fs, path)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def exists(location: str | os.PathLike) -> bool:
+    """Whether a file or folder exists, local or at a URI."""
+    if not is_uri(location):
+        return Path(location).exists()
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(os.fspath(location))
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def default_cache_root(environ: Mapping[str, str]) -> Path:
+    """`$LLMREC_CACHE_DIR` if set in `environ`, else `~/.cache/llmrec/artifacts`."""
+    return Path(environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+# ------------------------------------------------------------------------------------------------ stage in
+
+
+def stage_in(
+    uri: str, cache_root: str | os.PathLike, *, stage: str | None = None, need_meta: bool = True
+) -> Path:
+    """Download the artifact folder (or file) at `uri` into `cache_root`; return its local path.
+
+    The copy is reused while the remote `meta.json` has the same bytes (a file: the same size and mtime; a
+    folder without meta.json, with `need_meta=False`: the same file names, sizes and mtimes), and downloaded
+    again otherwise. The local path keeps the remote base name (`.../embeddings`, `.../items.parquet`).
+
+    Args:
+        uri: the remote folder or file.
+        cache_root: local cache folder (see `default_cache_root`).
+        stage: the command that writes this artifact, named in the missing-meta.json error.
+        need_meta: refuse a folder without meta.json (an incomplete or foreign folder) with ArtifactError.
+
+    Raises:
+        FileNotFoundError: nothing at `uri`.
+        ArtifactError: a folder without meta.json (with `need_meta`).
+        OSError: the remote artifact kept changing while it was downloaded (a writer is replacing it).
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        hint = f"; run `llmrec {stage}` to create it" if stage else ""
+        raise FileNotFoundError(f"{_show(uri)} does not exist{hint}")
+    entry = _CacheEntry(Path(cache_root), uri, _basename(path))
+    with entry.locked():
+        for _attempt in range(3):
+            meta = None
+            if info.type == pafs.FileType.File:
+                version = f"file:{info.size}:{info.mtime_ns}" if info.mtime_ns is not None else None
+            else:
+                meta = _read_optional(fs, f"{path}/{META_FILE}")
+                if meta is not None:
+                    version = "meta:" + hashlib.sha256(meta).hexdigest()
+                elif need_meta:
+                    hint = f"; run `llmrec {stage}` to create it" if stage else ""
+                    raise ArtifactError(
+                        f"{_show(uri)} is not an llmrec artifact: {_show(uri)}/{META_FILE} does not "
+                        f"exist (missing, or an upload that did not finish){hint}"
+                    )
+                else:
+                    version = _listing_version(fs, path)
+            if version is not None and entry.version() == version and entry.path.exists():
+                logger.debug("cache hit for %s: %s", redact(uri), entry.path)
+                return entry.path
+            t0 = time.perf_counter()
+            tmp = entry.new_tmp()
+            try:
+                if info.type == pafs.FileType.File:
+                    _get_file(fs, path, tmp)
+                    n_files, n_bytes = 1, tmp.stat().st_size
+                else:
+                    n_files, n_bytes = _get_folder(fs, path, tmp, meta)
+                # a writer that replaced the artifact meanwhile deleted meta.json first: compare it again
+                if meta is None or _read_optional(fs, f"{path}/{META_FILE}") == meta:
+                    entry.install(tmp, version)
+                    logger.info(
+                        "staged in %s -> %s (%d files, %.1f MB, %.1fs)",
+                        redact(uri),
+                        entry.path,
+                        n_files,
+                        n_bytes / 1e6,
+                        time.perf_counter() - t0,
+                    )
+                    return entry.path
+            finally:
+                shutil.rmtree(tmp.parent, ignore_errors=True)
+            logger.warning("%s changed while it was downloaded; downloading it again", redact(uri))
+            info = fs.get_file_info(path)
+    raise OSError(
+        f"{_show(uri)} kept changing while it was downloaded (is a writer replacing it?); retry later"
+    )
+
+
+def stage_in_run(uri: str, cache_root: str | os.PathLike, parts: tuple[str, ...]) -> Path:
+    """A local run folder whose `parts` (e.g. "embeddings", "scorer") link to staged-in copies of `uri/part`.
+
+    Parts that do not exist remotely are left out (commands decide which parts they need and say so).
+    """
+    run = Path(cache_root) / "runs" / _key(uri)
+    run.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        link = run / part
+        try:
+            target = stage_in(join(uri, part), cache_root)
+        except FileNotFoundError:
+            logger.debug("run %s has no %s", redact(uri), part)
+            target = None
+        except ArtifactError as e:
+            logger.warning("leaving out %s: %s", part, e)
+            target = None
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        if target is not None:
+            link.symlink_to(target, target_is_directory=target.is_dir())
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ stage out
+
+
+@contextlib.contextmanager
+def stage_out(
+    uri: str,
+    cache_root: str | os.PathLike,
+    mode: Literal["replace", "update", "add"] = "replace",
+) -> Iterator[Path]:
+    """Yield a local folder; upload it to `uri` when the block ends without an exception (see module doc).
+
+    Modes: "replace" (start empty; replace the remote folder as a whole), "update" (start from a copy of
+    the remote artifact, e.g. to add items to an index; then replace), "add" (start empty; upload the new
+    files next to the remote ones, deleting nothing).
+
+    Raises:
+        ValueError: a bad URI, or (replace/update) a remote folder that holds files but is not an artifact.
+    """
+    fs, path = filesystem_for(uri)  # a bad scheme fails here, before the command does any work
+    if mode not in ("replace", "update", "add"):
+        raise ValueError(f"mode must be 'replace', 'update' or 'add', got {mode!r}")
+    if mode != "add":
+        _check_replaceable(fs, path, uri)
+    root = Path(cache_root)
+    (root / "staging").mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="out-", dir=root / "staging"))
+    local = staging / _basename(path)
+    try:
+        if mode == "update" and _read_optional(fs, f"{path}/{META_FILE}") is not None:
+            shutil.copytree(stage_in(uri, root), local, symlinks=True)
+        else:
+            local.mkdir()
+        yield local
+        t0 = time.perf_counter()
+        n_files, n_bytes = _upload(local, fs, path, uri, replace=mode != "add")
+        logger.info(
+            "uploaded %s -> %s (%d files, %.1f MB, meta.json last, %.1fs)",
+            local,
+            redact(uri),
+            n_files,
+            n_bytes / 1e6,
+            time.perf_counter() - t0,
+        )
+        entry = _CacheEntry(root, uri, local.name)
+        with entry.locked():
+            meta = local / META_FILE
+            if mode != "add" and meta.is_file():  # the uploaded folder is what the cache would download
+                entry.install(local, "meta:" + hashlib.sha256(meta.read_bytes()).hexdigest())
+            else:
+                entry.drop()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def stage_out_file(uri: str, cache_root: str | os.PathLike) -> Iterator[Path]:
+    """Yield a local file path; upload that file to `uri` when the block ends without an exception."""
+    fs, path = filesystem_for(uri)
+    (Path(cache_root) / "staging").mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="out-", dir=Path(cache_root) / "staging"))
+    try:
+        local = staging / _basename(path)
+        yield local
+        if not local.is_file():
+            raise FileNotFoundError(f"the command wrote no file to upload to {_show(uri)} (expected {local})")
+        _put_file(fs, local, path)
+        logger.info("uploaded %s -> %s (%.1f MB)", local, redact(uri), local.stat().st_size / 1e6)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class In:
+    """An input folder or file. `stage`: the command that writes it (its meta.json is then required)."""
+
+    stage: str | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """An input run folder; `parts` are the sub-artifacts the command reads (missing ones are left out)."""
+
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Out:
+    """An output artifact folder; `mode` as in `stage_out`."""
+
+    mode: Literal["replace", "update", "add"] = "replace"
+
+
+@dataclass(frozen=True)
+class OutFile:
+    """An output file (e.g. a parquet of recommendations)."""
+
+
+@dataclass(frozen=True)
+class LocalOnly:
+    """A folder that must be on local disk; `why` is the reason a URI is refused."""
+
+    why: str
+
+
+Arg = In | Run | Out | OutFile | LocalOnly
+
+
+@contextlib.contextmanager
+def localize(
+    values: Mapping[str, Any], spec: Mapping[str, Arg], cache_root: str | os.PathLike
+) -> Iterator[dict[str, Any]]:
+    """A copy of `values` (parsed flags) with every URI named in `spec` replaced by a local path.
+
+    Inputs are staged in before the block; outputs are uploaded when it ends without an exception (the
+    caller raises to skip the upload, e.g. for a failed command). Local paths and unset flags pass through.
+
+    Example::
+
+        with localize(vars(args), {"items": In("prepare"), "out": Out()}, cache) as local:
+            run(argparse.Namespace(**local))
+    """
+    out = dict(values)
+    with contextlib.ExitStack() as stack:
+        for name, arg in spec.items():
+            value = values.get(name)
+            if not is_uri(value):
+                continue
+            flag = "--" + name.replace("_", "-")
+            if isinstance(arg, LocalOnly):
+                raise ValueError(f"{flag} {_show(value)}: must be a local folder: {arg.why}")
+            if isinstance(arg, In):
+                out[name] = str(stage_in(value, cache_root, stage=arg.stage, need_meta=arg.stage is not None))
+            elif isinstance(arg, Run):
+                out[name] = str(stage_in_run(value, cache_root, arg.parts))
+            elif isinstance(arg, Out):
+                out[name] = str(stack.enter_context(stage_out(value, cache_root, arg.mode)))
+            elif isinstance(arg, OutFile):
+                out[name] = str(stack.enter_context(stage_out_file(value, cache_root)))
+            else:
+                raise TypeError(f"{name}: unknown storage declaration {arg!r}")
+        try:
+            yield out
+        except (ValueError, FileNotFoundError) as e:  # user errors: name the URI, not the local copy
+            msg = str(e)
+            for name in spec:
+                if is_uri(values.get(name)) and out[name] in msg:
+                    msg = msg.replace(out[name], _show(values[name]))
+            if msg == str(e) or len(e.args) != 1:
+                raise
+            raise type(e)(msg) from e
+
+
+# ------------------------------------------------------------------------------------------------ internals
+
+
+class _CacheEntry:
+    """`cache_root/<sha256(uri)[:16]>/<basename>` plus a small json saying which version it holds."""
+
+    def __init__(self, cache_root: Path, uri: str, name: str) -> None:
+        self.dir = cache_root / _key(uri)
+        self.path = self.dir / name
+        self.uri = uri
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir.with_suffix(".lock"), "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # one process at a time fills or replaces this entry
+            yield
+
+    def version(self) -> str | None:
+        try:
+            return json.loads((self.dir / _CACHE_INFO).read_text()).get("version")
+        except (OSError, ValueError):
+            return None
+
+    def new_tmp(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.dir)) / self.path.name
+
+    def install(self, src: Path, version: str | None) -> None:
+        """Move the folder or file `src` (a finished download or upload) into place as `version`."""
+        self.drop()
+        shutil.move(src, self.path)
+        info = {"uri": redact(self.uri), "version": version}
+        (self.dir / _CACHE_INFO).write_text(json.dumps(info) + "\n")
+
+    def drop(self) -> None:
+        (self.dir / _CACHE_INFO).unlink(missing_ok=True)
+        if self.path.is_dir() and not self.path.is_symlink():
+            shutil.rmtree(self.path)
+        elif self.path.exists() or self.path.is_symlink():
+            self.path.unlink()
+
+
+def _show(location: str | os.PathLike) -> str:
+    """A location for error messages: a URI without its ?options (endpoint, credentials)."""
+    return os.fspath(location).partition("?")[0]
+
+
+def _key(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1] or "root"
+
+
+def _read_optional(fs: pafs.FileSystem, path: str) -> bytes | None:
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _list_files(fs: pafs.FileSystem, path: str) -> list[tuple[str, Any]]:
+    """(path relative to `path`, FileInfo) of every file below `path`, sorted."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    base = path.rstrip("/") + "/"
+    return sorted(
+        (i.path[len(base) :], i) for i in infos if i.type == pafs.FileType.File and i.path.startswith(base)
+    )
+
+
+def _listing_version(fs: pafs.FileSystem, path: str) -> str | None:
+    """A version for a folder without meta.json: names, sizes, mtimes; None when an mtime is unknown."""
+    rows = []
+    for rel, info in _list_files(fs, path):
+        if info.mtime_ns is None:
+            return None
+        rows.append(f"{rel}\t{info.size}\t{info.mtime_ns}")
+    return "list:" + hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def _get_file(fs: pafs.FileSystem, remote: str, local: Path) -> None:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_input_stream(remote) as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _get_folder(fs: pafs.FileSystem, path: str, local: Path, meta: bytes | None) -> tuple[int, int]:
+    """Download every file below `path` except the mark; meta.json is written from the bytes read before."""
+    files = [(rel, i) for rel, i in _list_files(fs, path) if rel not in (META_FILE, INCOMPLETE_MARK)]
+    local.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(_THREADS) as pool:
+        list(pool.map(lambda f: _get_file(fs, f[1].path, local / f[0]), files))
+    if meta is not None:
+        (local / META_FILE).write_bytes(meta)
+    return len(files) + (meta is not None), sum(i.size or 0 for _, i in files) + len(meta or b"")
+
+
+def _make_parent(fs: pafs.FileSystem, path: str) -> None:
+    parent = path.rstrip("/").rsplit("/", 1)[0]
+    if fs.type_name not in _OBJECT_STORES and parent and parent != path:
+        fs.create_dir(parent, recursive=True)
+
+
+def _put_file(fs: pafs.FileSystem, local: Path, remote: str) -> None:
+    _make_parent(fs, remote)
+    with open(local, "rb") as src, fs.open_output_stream(remote) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _check_replaceable(fs: pafs.FileSystem, path: str, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return
+    if info.type == pafs.FileType.File:
+        raise ValueError(f"{_show(uri)} is a file; an artifact folder is needed there")
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
+    if names and META_FILE not in names and INCOMPLETE_MARK not in names:
+        raise ValueError(
+            f"refusing to overwrite {_show(uri)}: it holds {len(names)} entries (e.g. {sorted(names)[:3]}) "
+            f"but no {META_FILE}, so it is not an llmrec artifact; point the output at an empty or new folder"
+        )
+
+
+def _upload(local: Path, fs: pafs.FileSystem, path: str, uri: str, *, replace: bool) -> tuple[int, int]:
+    """Upload every file below `local` to `path`, meta.json last; `replace`: drop the old version first."""
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != INCOMPLETE_MARK)
+    meta = local / META_FILE
+    data = [p for p in files if p != meta]
+    mark = f"{path}/{INCOMPLETE_MARK}"
+    if replace:
+        import pyarrow.fs as pafs
+
+        _check_replaceable(fs, path, uri)
+        _put_bytes(fs, mark, b"")  # from here until meta.json arrives, the folder is visibly incomplete
+        if fs.get_file_info(f"{path}/{META_FILE}").type == pafs.FileType.File:
+            fs.delete_file(f"{path}/{META_FILE}")
+        fs.delete_dir_contents(path, missing_dir_ok=True)  # the mark too: put it back
+        _put_bytes(fs, mark, b"")
+    with ThreadPoolExecutor(_THREADS) as pool:
+        list(pool.map(lambda p: _put_file(fs, p, f"{path}/{p.relative_to(local).as_posix()}"), data))
+    if meta.is_file():
+        _put_file(fs, meta, f"{path}/{META_FILE}")
+    if replace:
+        fs.delete_file(mark)
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def _put_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    _make_parent(fs, path)
+    with fs.open_output_stream(path) as f:
+        f.write(data)

@@ -2,8 +2,8 @@
 
 Pipeline (all streaming, one Ray Data plan):
 
-    read_parquet(items: item_id, text)
-      -> repartition(n_blocks)                      # one parquet file is one block (PLATFORM.md G4)
+    from_arrow(items: item_id, text)                # read on the driver: the file need not be on other nodes
+      -> repartition(n_blocks)                      # one table is one block (PLATFORM.md G4)
       -> map_batches(_tokenize_block) CPU tasks     # tokenize, pad to max_length: fixed-width int32 arrays
       -> sort("length")                             # length bucketing (bucketing="dataset", the default)
       -> map_batches(_EncodeBatch) actor pool       # encodes batch_size length-sorted rows at a time, each
@@ -151,7 +151,9 @@ def embed_catalog(
         bucketing,
     )
 
-    ds = ray.data.read_parquet(str(items_file)).select_columns([ITEM_ID, TEXT])
+    # the driver sends the rows (object store) rather than Ray Data reading the file, so the items file only
+    # has to exist where this runs: a staged copy of an s3:// input, or a local disk on a multi-node cluster
+    ds = ray.data.from_arrow(pq.read_table(items_file, columns=[ITEM_ID, TEXT]))
     ds = ds.repartition(n_blocks)
     ds = ds.map_batches(
         _tokenize_block,

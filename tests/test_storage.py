@@ -1,0 +1,408 @@
+"""llmrec.storage: artifact folders on file://, fsspec memory:// and a real (local moto) S3 server.
+
+The S3 tests run the real `llmrec pipeline` (prepare, embed, index) with `--out s3://...` against
+`moto.server.ThreadedMotoServer` on 127.0.0.1 and pyarrow's own S3 client; they skip without moto
+(`pip install -e '.[dev]'` brings it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmrec import storage
+from llmrec.artifacts import ArtifactError, write_meta
+from llmrec.cli import main as cli_main
+
+
+def _write_artifact(folder: Path, stage: str = "embed", **files: str) -> None:
+    for rel, text in files.items():
+        p = folder / rel.replace("__", "/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    write_meta(folder, stage, dim=3)
+
+
+def _remote_files(uri: str) -> dict[str, bytes]:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem_for(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    out = {}
+    for i in infos:
+        if i.type == pafs.FileType.File:
+            with fs.open_input_stream(i.path) as f:
+                out[i.path[len(path.rstrip("/")) + 1 :]] = f.read()
+    return out
+
+
+def _local_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(params=["file", "memory", "s3"])
+def base_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh remote folder: file:// on local disk, fsspec's in-process memory://, or the local S3 server."""
+    if request.param == "file":
+        return f"file://{tmp_path}/remote"
+    if request.param == "memory":
+        return f"memory://llmrec-test-{uuid.uuid4().hex[:8]}/remote"
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return f"s3://{_bucket(endpoint)}/remote?endpoint_override={endpoint}&scheme=http"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def test_uri_helpers() -> None:
+    assert storage.is_uri("s3://b/k") and storage.is_uri("file:///tmp/x") and storage.is_uri("memory://x")
+    assert not storage.is_uri("runs/ml") and not storage.is_uri("/abs/path") and not storage.is_uri(None)
+    assert storage.join("s3://b/run?endpoint_override=h:9&scheme=http", "data", "meta.json") == (
+        "s3://b/run/data/meta.json?endpoint_override=h:9&scheme=http"
+    )
+    assert storage.join("runs/ml", "data") == "runs/ml/data"
+    red = storage.redact("s3://b/k?access_key=AK&secret_key=SECRET&endpoint_override=h:9")
+    assert "SECRET" not in red and "AK" not in red and "endpoint_override=h:9" in red
+    assert storage.default_cache_root({"LLMREC_CACHE_DIR": "/x/c"}) == Path("/x/c")
+    assert storage.default_cache_root({}) == Path("~/.cache/llmrec/artifacts").expanduser()
+
+
+def test_unknown_scheme_names_what_to_install() -> None:
+    with pytest.raises(ValueError, match="neither pyarrow .* nor fsspec knows the scheme 'zzz'"):
+        storage.filesystem_for("zzz://bucket/x")
+    try:
+        import adlfs  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="adlfs"):  # fsspec knows az:// but its package is missing
+            storage.filesystem_for("az://container/x")
+
+
+# ---------------------------------------------------------------------------------------------- round trip
+
+
+def test_stage_out_then_in_round_trip(base_uri: str, tmp_path: Path) -> None:
+    uri = storage.join(base_uri, "embeddings")
+    cache = tmp_path / "cache"
+    with storage.stage_out(uri, cache) as local:
+        assert local.is_dir() and not any(local.iterdir()) and local.name == "embeddings"
+        _write_artifact(local, **{"a.bin": "A" * 1000, "sub__b.txt": "B"})
+        written = _local_files(local)
+    remote = _remote_files(uri)
+    assert remote == written  # every file, nested ones too; no incomplete mark left behind
+    assert storage.INCOMPLETE_MARK not in remote
+
+    fresh = storage.stage_in(uri, tmp_path / "cache2", stage="embed")
+    assert fresh.name == "embeddings" and _local_files(fresh) == written
+    # unchanged meta.json: the cached copy is reused, not downloaded again (the sentinel survives)
+    (fresh / "sentinel").write_text("kept")
+    assert storage.stage_in(uri, tmp_path / "cache2") == fresh and (fresh / "sentinel").exists()
+    # stage_out made the uploaded folder the writer's own cache entry: no download there at all
+    assert _local_files(storage.stage_in(uri, cache)) == written
+
+
+def test_new_version_replaces_old_and_cache_follows(base_uri: str, tmp_path: Path) -> None:
+    uri = storage.join(base_uri, "index")
+    with storage.stage_out(uri, tmp_path / "w") as local:
+        _write_artifact(local, "index", **{"old.txt": "v1", "same.txt": "v1"})
+    reader = tmp_path / "r"
+    assert (storage.stage_in(uri, reader) / "old.txt").read_text() == "v1"
+    time.sleep(1.1)  # meta.json created_at has 1 s resolution: make the new version's bytes differ
+    with storage.stage_out(uri, tmp_path / "w") as local:
+        _write_artifact(local, "index", **{"same.txt": "v2"})
+    assert sorted(_remote_files(uri)) == ["meta.json", "same.txt"]  # the stale file of v1 is gone
+    got = storage.stage_in(uri, reader)
+    assert (got / "same.txt").read_text() == "v2" and not (got / "old.txt").exists()
+
+
+def test_meta_json_is_uploaded_last(tmp_path: Path) -> None:
+    uri = f"file://{tmp_path}/remote/emb"
+    with storage.stage_out(uri, tmp_path / "c") as local:
+        _write_artifact(local, **{f"part-{i}.bin": "x" * 10_000 for i in range(20)})
+    folder = tmp_path / "remote" / "emb"
+    meta_t = (folder / "meta.json").stat().st_mtime_ns
+    assert all(p.stat().st_mtime_ns <= meta_t for p in folder.iterdir())
+
+
+def test_failed_block_uploads_nothing_and_keeps_previous_version(base_uri: str, tmp_path: Path) -> None:
+    uri = storage.join(base_uri, "scorer")
+    with pytest.raises(RuntimeError, match="boom"):
+        with storage.stage_out(uri, tmp_path / "c") as local:
+            _write_artifact(local, "train", **{"model.pt": "half"})
+            raise RuntimeError("boom")
+    assert not storage.exists(uri)
+    with storage.stage_out(uri, tmp_path / "c") as local:
+        _write_artifact(local, "train", **{"model.pt": "good"})
+    before = _remote_files(uri)
+    with pytest.raises(RuntimeError):
+        with storage.stage_out(uri, tmp_path / "c") as local:
+            _write_artifact(local, "train", **{"model.pt": "bad", "extra.txt": "x"})
+            raise RuntimeError("boom")
+    assert _remote_files(uri) == before
+    assert not list((tmp_path / "c" / "staging").iterdir())  # staging folders are cleaned up either way
+
+
+def test_missing_meta_is_a_clear_artifact_error(base_uri: str, tmp_path: Path) -> None:
+    uri = storage.join(base_uri, "embeddings")
+    storage.write_bytes(storage.join(uri, "embeddings.parquet"), b"half an upload")
+    with pytest.raises(
+        ArtifactError, match=r"is not an llmrec artifact: .*meta\.json does not exist.*llmrec embed"
+    ):
+        storage.stage_in(uri, tmp_path / "c", stage="embed")
+    with pytest.raises(FileNotFoundError, match="does not exist; run `llmrec prepare`"):
+        storage.stage_in(storage.join(base_uri, "nothing"), tmp_path / "c", stage="prepare")
+    # a raw folder (e.g. a dataset source) needs no meta.json
+    raw = storage.stage_in(uri, tmp_path / "c", need_meta=False)
+    assert (raw / "embeddings.parquet").read_bytes() == b"half an upload"
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_an_artifact(base_uri: str, tmp_path: Path) -> None:
+    storage.write_bytes(storage.join(base_uri, "precious.csv"), b"not ours")
+    with pytest.raises(ValueError, match="refusing to overwrite .* not an llmrec artifact"):
+        with storage.stage_out(base_uri, tmp_path / "c"):
+            pytest.fail("the block must not run")
+    assert storage.read_bytes(storage.join(base_uri, "precious.csv")) == b"not ours"
+
+
+def test_update_and_add_modes(base_uri: str, tmp_path: Path) -> None:
+    uri = storage.join(base_uri, "eval")
+    with storage.stage_out(uri, tmp_path / "c") as local:
+        _write_artifact(local, "evaluate", **{"metrics.json": "{}"})
+    with storage.stage_out(uri, tmp_path / "c", mode="add") as local:
+        (local / "replay.json").write_text("[]")  # added next to the artifact's files, nothing deleted
+    assert sorted(_remote_files(uri)) == ["meta.json", "metrics.json", "replay.json"]
+    with storage.stage_out(uri, tmp_path / "c", mode="update") as local:
+        assert sorted(p.name for p in local.iterdir()) == ["meta.json", "metrics.json", "replay.json"]
+        (local / "metrics.json").write_text('{"v": 2}')
+    assert _remote_files(uri)["metrics.json"] == b'{"v": 2}'
+
+
+def test_single_files_in_and_out(base_uri: str, tmp_path: Path) -> None:
+    uri = storage.join(base_uri, "users.txt")
+    with storage.stage_out_file(uri, tmp_path / "c") as local:
+        local.write_text("u1\nu2\n")
+    got = storage.stage_in(uri, tmp_path / "c2")
+    assert got.name == "users.txt" and got.read_text() == "u1\nu2\n"
+
+
+def test_localize_passes_local_paths_through(tmp_path: Path) -> None:
+    values = {"items": "runs/x/data", "out": str(tmp_path / "o"), "k": 3}
+    spec = {"items": storage.In("prepare"), "out": storage.Out()}
+    with storage.localize(values, spec, tmp_path / "cache") as local:
+        assert local == values
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "o").exists()
+
+
+def test_localize_stages_a_run_folder_and_refuses_local_only(base_uri: str, tmp_path: Path) -> None:
+    run = storage.join(base_uri, "run")
+    for part in ("embeddings", "scorer"):
+        with storage.stage_out(storage.join(run, part), tmp_path / "c") as local:
+            _write_artifact(local, **{"x.txt": part})
+    spec = {"run": storage.Run(("data", "embeddings", "scorer")), "events": storage.LocalOnly("needs fsync")}
+    with storage.localize({"run": run, "events": None}, spec, tmp_path / "c") as local:
+        got = Path(local["run"])
+        assert (got / "embeddings" / "x.txt").read_text() == "embeddings"
+        assert (got / "scorer" / "meta.json").is_file() and not (
+            got / "data"
+        ).exists()  # absent part left out
+    with pytest.raises(ValueError, match="--events .*must be a local folder: needs fsync"):
+        with storage.localize({"run": run, "events": run}, spec, tmp_path / "c"):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_failed_command_uploads_nothing(base_uri: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    data = storage.join(base_uri, "data")
+    with storage.stage_out(data, tmp_path / "w") as local:
+        _write_artifact(local, "prepare", **{"items.parquet": "x"})
+    out = storage.join(base_uri, "index")
+    rc = cli_main(["index", "--embeddings", data, "--out", out])  # a prepare folder, not embeddings
+    assert rc == 2
+    err = capsys.readouterr().err  # the message names the URI, not the local cached copy
+    assert f"{data.partition('?')[0]} holds a 'prepare' artifact, expected a 'embed' artifact" in err, err
+    assert not storage.exists(out)
+
+
+def test_cli_serve_needs_a_local_event_log(tmp_path: Path, capsys) -> None:
+    rc = cli_main(["serve", "--run", "s3://bucket/run"])
+    assert rc == 2 and "pass --events DIR" in capsys.readouterr().err
+    rc = cli_main(["serve", "--run", str(tmp_path), "--events", "s3://bucket/events"])
+    assert rc == 2 and "--events s3://bucket/events: must be a local folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- S3 (moto)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A local S3 server (moto) on 127.0.0.1 with fake credentials: yields "host:port"."""
+    server_mod = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield f"{host}:{port}"
+    server.stop()
+
+
+def _bucket(endpoint: str) -> str:
+    import pyarrow.fs as pafs
+
+    name = f"llmrec-{uuid.uuid4().hex[:8]}"
+    pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir(name)
+    return name
+
+
+def _movielens_like_source(folder: Path, n_items: int = 60, n_users: int = 12) -> Path:
+    """A tiny synthetic dataset in MovieLens' file layout, so that `llmrec pipeline` can prepare it."""
+    from llmrec.data.synthetic import make_catalog, make_interactions
+
+    folder.mkdir(parents=True)
+    items = make_catalog(n_items, n_topics=4, seed=0)
+    pd.DataFrame({"movieId": items["item_id"], "title": items["text"], "genres": items["topic_name"]}).to_csv(
+        folder / "movies.csv", index=False
+    )
+    ev = make_interactions(items, n_users=n_users, events_per_user=6, seed=0)
+    pd.DataFrame(
+        {"userId": ev["user_id"], "movieId": ev["item_id"], "rating": 4.0, "timestamp": ev["ts"]}
+    ).to_csv(folder / "ratings.csv", index=False)
+    pd.DataFrame(columns=["userId", "movieId", "tag", "timestamp"]).to_csv(folder / "tags.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def s3_pipeline(
+    s3_endpoint: str, ray_local: Any, tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """`llmrec pipeline --stages prepare,embed,index` twice into s3://..., once into a local folder."""
+    tmp = tmp_path_factory.mktemp("s3-pipeline")
+    src = _movielens_like_source(tmp / "raw")
+    run = f"s3://{_bucket(s3_endpoint)}/runs/ml?endpoint_override={s3_endpoint}&scheme=http"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(storage.CACHE_ENV, str(tmp / "cache"))
+
+        def pipeline(out: str) -> tuple[int, float]:
+            t0 = time.perf_counter()
+            rc = cli_main(
+                [
+                    "--log-level",
+                    "WARNING",
+                    "pipeline",
+                    "--dataset",
+                    "movielens-latest-small",
+                    "--source",
+                    str(src),
+                    "--out",
+                    out,
+                    "--stages",
+                    "prepare,embed,index",
+                    "--model",
+                    tiny_model_dir,
+                ]
+            )
+            return rc, time.perf_counter() - t0
+
+        rc1, t1 = pipeline(run)
+        first = {k: v for k, v in _remote_files(run).items()}
+        rc2, t2 = pipeline(run)
+        rc_local, t_local = pipeline(str(tmp / "local-run"))
+        print(f"[s3 pipeline] first run {t1:.1f}s, re-run {t2:.2f}s, local run {t_local:.1f}s")
+        yield {
+            "run": run,
+            "tmp": tmp,
+            "src": src,
+            "first": first,
+            "rc": (rc1, rc2, rc_local),
+            "times": (t1, t2, t_local),
+            "local": tmp / "local-run",
+        }
+
+
+def test_s3_pipeline_writes_complete_artifacts(s3_pipeline: dict[str, Any]) -> None:
+    assert s3_pipeline["rc"] == (0, 0, 0)
+    files = s3_pipeline["first"]
+    for part, main_file in (
+        ("data", "items.parquet"),
+        ("embeddings", "embeddings.parquet"),
+        ("index", "item_ids.npy"),
+    ):
+        assert f"{part}/meta.json" in files and f"{part}/{main_file}" in files, sorted(files)
+        assert (
+            json.loads(files[f"{part}/meta.json"])["stage"]
+            == {"data": "prepare", "embeddings": "embed", "index": "index"}[part]
+        )
+    assert "pipeline.json" in files
+    assert not [f for f in files if f.endswith(storage.INCOMPLETE_MARK)]
+
+
+def test_s3_pipeline_rerun_reuses_every_stage(s3_pipeline: dict[str, Any]) -> None:
+    assert _remote_files(s3_pipeline["run"]) == s3_pipeline["first"]  # nothing rewritten: same meta bytes
+    t1, t2, _ = s3_pipeline["times"]
+    assert t2 < min(5.0, t1 / 3), s3_pipeline["times"]
+
+
+def test_s3_embeddings_equal_a_local_run(s3_pipeline: dict[str, Any], tmp_path: Path) -> None:
+    from llmrec.embed.artifact import load_embeddings
+
+    staged = storage.stage_in(storage.join(s3_pipeline["run"], "embeddings"), tmp_path / "fresh-cache")
+    remote, local = load_embeddings(staged), load_embeddings(s3_pipeline["local"] / "embeddings")
+    assert list(remote.item_ids) == list(local.item_ids)
+    np.testing.assert_array_equal(remote.vectors, local.vectors)
+    for part in ("data", "embeddings"):
+        r = json.loads(s3_pipeline["first"][f"{part}/meta.json"])
+        loc = json.loads((s3_pipeline["local"] / part / "meta.json").read_text())
+        assert r.get("fingerprint") == loc.get("fingerprint") and r.get("n_items") == loc.get("n_items")
+
+
+def test_s3_recommend_reads_run_and_writes_file(
+    s3_pipeline: dict[str, Any], tmp_path: Path, monkeypatch
+) -> None:
+    """`llmrec recommend` with the run, the users file and the output on S3 (a baseline: no training)."""
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    run = s3_pipeline["run"]
+    users = storage.join(run, "users.txt")
+    storage.write_bytes(users, b"u0000\nu0001\n")
+    out = storage.join(run, "recs", "popularity.parquet")
+    assert (
+        cli_main(
+            ["recommend", "--run", run, "--users", users, "--model", "popularity", "--k", "5", "--out", out]
+        )
+        == 0
+    )
+    recs = pd.read_parquet(storage.stage_in(out, tmp_path / "c2"))
+    assert sorted(recs["user_id"].unique()) == ["u0000", "u0001"] and len(recs) == 10
+
+
+def test_s3_failed_stage_uploads_nothing(s3_pipeline: dict[str, Any], tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    run = s3_pipeline["run"]
+    out = storage.join(run, "index-bad")
+    assert cli_main(["index", "--embeddings", storage.join(run, "data"), "--out", out]) == 2
+    assert not storage.exists(out)
+    # and a failed re-run of an existing stage leaves its previous artifact untouched
+    before = _remote_files(storage.join(run, "index"))
+    assert (
+        cli_main(["index", "--embeddings", storage.join(run, "data"), "--out", storage.join(run, "index")])
+        == 2
+    )
+    assert _remote_files(storage.join(run, "index")) == before

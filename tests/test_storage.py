@@ -241,6 +241,19 @@ def test_cli_serve_needs_a_local_event_log(tmp_path: Path, capsys) -> None:
     assert rc == 2 and "--events s3://bucket/events: must be a local folder" in capsys.readouterr().err
 
 
+def test_serve_app_and_deploy_refuse_a_uri_run(capsys) -> None:
+    """Replicas read the run folder from their own disk: a URI run_dir is a clear error, not a missing dir."""
+    from jobs import deploy
+    from llmrec.serve.app import build_app
+
+    with pytest.raises(
+        ValueError, match="run_dir 's3://bucket/run' is a URI, but replicas read the run folder"
+    ):
+        build_app({"run_dir": "s3://bucket/run"})
+    assert deploy.main(["--run", "s3://bucket/run", "--hint"]) == 2
+    assert "--run s3://bucket/run: a URI; Serve replicas read" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- S3 (moto)
 
 

@@ -75,8 +75,9 @@ def test_forward_shapes_and_padding_invariance():
     for b in range(5):
         hi2[b, ln[b] :] = (hi2[b, ln[b] :] + 7) % 40
     torch.testing.assert_close(m.user_vectors(hi2, ev, rt, ln), u)
-    # the retrieval score equals u . v
-    torch.testing.assert_close(r, u @ m.item_reps(cand).T)
+    # the retrieval logit equals scale * u . v (scale = the learned inverse temperature, 20 at init)
+    assert float(m.scale) == pytest.approx(20.0)
+    torch.testing.assert_close(r, m.scale * (u @ m.item_reps(cand).T))
     # cold items: representation = text projection only (slot 0 is a zero vector)
     torch.testing.assert_close(m.item_reps(torch.tensor([35])), m.text_reps(m.text_vectors[35:36]))
 
@@ -208,3 +209,41 @@ def test_rerank_off_ranks_by_retrieval_everywhere():
     idx = np.arange(6).reshape(3, 2)
     np.testing.assert_allclose(s.score(u.numpy(), idx), (u.numpy()[:, None, :] * reps.detach().numpy()[idx]).sum(-1),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_warm_start_reproduces_the_zero_shot_text_model():
+    """After warm_start (and with the small random event/position embeddings zeroed) u.v equals the dot product
+    of the mean history text vector with the item text vector, brute-force computed in numpy."""
+    torch.manual_seed(0)
+    n, D = 30, 12
+    text = torch.nn.functional.normalize(torch.randn(n, D), dim=1)
+    cfg = ScorerConfig(text_dim=D, n_items=n, n_id_slots=1, dim=D, max_len=8, dropout=0.0, id_dropout=0.0)
+    m = ScorerModel(cfg, text, torch.zeros(n, dtype=torch.long))
+    m.warm_start()
+    with torch.no_grad():
+        m.event_emb.weight.zero_()
+        m.pos_emb.weight.zero_()
+    m.eval()
+    hi, ev, rt, ln = _inputs(6, 8, n, seed=3)
+    ln = ln.clamp(min=1)
+    u = m.user_vectors(hi, ev, rt, ln)
+    scores = (u @ m.all_item_reps().T).detach().numpy()
+    t = text.numpy()
+    ref = np.stack([t[hi[b, : ln[b]].numpy()].mean(0) @ t.T for b in range(6)])
+    np.testing.assert_allclose(scores, ref, atol=1e-5)
+
+
+def test_head_loss_does_not_reach_the_retrieval_towers():
+    """The re-ranker trains on detached u, v: its loss alone leaves text_proj / encoder / scale gradients None,
+    while the retrieval loss does reach them."""
+    torch.manual_seed(0)
+    cfg = ScorerConfig(text_dim=12, n_items=40, n_id_slots=41, dim=16, max_len=8)
+    m = ScorerModel(cfg, torch.randn(40, 12), torch.arange(1, 41))
+    hi, ev, rt, ln = _inputs(5, 8, 40)
+    cand = torch.cat([torch.arange(5), torch.randint(5, 40, (9,))])
+    retrieval, head = m(hi, ev, rt, ln, cand, head_neg=4)
+    torch.nn.functional.cross_entropy(head, torch.zeros(5, dtype=torch.long)).backward(retain_graph=True)
+    assert m.text_proj.weight.grad is None and m.out.weight.grad is None and m.log_scale.grad is None
+    assert m.mlp[0].weight.grad is not None and float(m.mlp[0].weight.grad.abs().sum()) > 0
+    torch.nn.functional.cross_entropy(retrieval, torch.arange(5)).backward()
+    assert float(m.text_proj.weight.grad.abs().sum()) > 0 and m.log_scale.grad is not None

@@ -3,9 +3,11 @@
 Loss per batch of B (history, next item) samples: the candidates are the B targets (in-batch negatives) plus
 `n_neg` items sampled from 0.5 * uniform + 0.5 * popularity^0.75 (shared by the batch); accidental hits (a
 candidate equal to the row's own target at another column) are masked. Loss = softmax cross-entropy of the
-retrieval score u.v over the candidates + softmax cross-entropy of the MLP head over the positive and the
-`head_neg` (31) candidates of the same pool that retrieval scores highest for that row (hard negatives, the
-kind of items the head re-ranks at inference; see ScorerModel.forward).
+retrieval logits scale * u.v - log q(candidate) over the candidates (logQ correction) + softmax cross-entropy
+of the MLP head over the positive and the `head_neg` (31) candidates of the same pool that retrieval scores
+highest for that row (hard negatives, the kind of items the head re-ranks at inference; the head sees
+detached u, v so its loss never reaches retrieval; see ScorerModel.forward). The model starts at the
+zero-shot text solution (`warm_start`).
 
 Validation (per epoch): for each validation user, full ranking over the catalog with the user's train items
 excluded: retrieval top-`n_candidates` by u.v, re-ranked by the MLP head, then the rest by u.v (the
@@ -64,6 +66,8 @@ DEFAULTS: dict[str, Any] = {
     "n_candidates": 200,
     "min_rating": None,
     "grad_clip": 5.0,
+    "logit_scale": 20.0,  # initial inverse temperature of the softmax over scale * u.v (learned)
+    "warm_start": True,  # start at the zero-shot text model (ScorerModel.warm_start)
     "logq_correction": True,  # subtract log q(candidate) from sampled-softmax logits (see candidate_log_q)
 }
 
@@ -389,8 +393,12 @@ def build_model(static: dict, hp: dict) -> ScorerModel:
         mlp_hidden=hp["mlp_hidden"],
         id_dropout=hp["id_dropout"],
         dropout=hp["dropout"],
+        logit_scale=hp["logit_scale"],
     )
-    return ScorerModel(cfg, torch.from_numpy(static["text_vectors"]), torch.from_numpy(static["id_slots"]))
+    model = ScorerModel(cfg, torch.from_numpy(static["text_vectors"]), torch.from_numpy(static["id_slots"]))
+    if hp["warm_start"]:
+        model.warm_start()
+    return model
 
 
 def batch_loss(

@@ -247,3 +247,23 @@ def test_head_loss_does_not_reach_the_retrieval_towers():
     assert m.mlp[0].weight.grad is not None and float(m.mlp[0].weight.grad.abs().sum()) > 0
     torch.nn.functional.cross_entropy(retrieval, torch.arange(5)).backward()
     assert float(m.text_proj.weight.grad.abs().sum()) > 0 and m.log_scale.grad is not None
+
+
+def test_full_softmax_loss_equals_brute_force_cross_entropy():
+    """n_neg = -1 trains on the whole catalog: the retrieval part of the loss is the softmax cross-entropy of
+    scale * u.v over every item (no sampling, no logQ), computed here by hand; the head part is >= 0."""
+    torch.manual_seed(0)
+    n = 25
+    cfg = ScorerConfig(text_dim=8, n_items=n, n_id_slots=n + 1, dim=8, max_len=6, dropout=0.0, id_dropout=0.0)
+    m = ScorerModel(cfg, torch.randn(n, 8), torch.arange(1, n + 1))
+    hi, ev, rt, ln = _inputs(4, 6, n, seed=1)
+    batch = {"hist_idx": hi, "hist_event": ev, "hist_rating": rt, "hist_len": ln,
+             "target": torch.tensor([3, 3, 17, 0])}
+    neg_p = torch.full((n,), 1.0 / n)
+    gen = torch.Generator().manual_seed(0)
+    loss = batch_loss(m, batch, neg_p, -1, gen, head_neg=0)  # head_neg 0: head term is exactly 0
+    with torch.no_grad():
+        u = m.user_vectors(hi, ev, rt, ln)
+        logits = m.scale * u @ m.all_item_reps().T  # (4, n)
+        ref = -(logits.log_softmax(1)[torch.arange(4), batch["target"]]).mean()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)

@@ -273,19 +273,23 @@ class ScorerModel(nn.Module):
         cand_idx: torch.Tensor,
         head_neg: int = 31,
         invalid: torch.Tensor | None = None,
+        pos_col: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward over a shared candidate pool (one call, so DDP sees every parameter).
 
-        Row b's positive is column b of the pool. The MLP head scores the positive plus the `head_neg`
+        Row b's positive is column `pos_col[b]` of the pool (default b: sampled pools put the B targets
+        first; with the full catalog as the pool, pos_col = the targets' catalog indices). The MLP head scores the positive plus the `head_neg`
         pool items with the highest retrieval score for that row (hard negatives: the head re-ranks retrieval
         candidates at inference, so it trains on the same kind of items; scoring all B x C pairs was the
         bulk of the step time on CPU).
 
         Args:
             hist_*: as in `user_vectors`, batch B.
-            cand_idx: int64 (C,) candidate pool, C >= B, the first B are the rows' positives.
+            cand_idx: int64 (C,) candidate pool holding every row's positive.
             head_neg: hard negatives per row for the head (clipped to C - 1).
-            invalid: bool (B, C), True = not a negative for that row (accidental hits); never True at (b, b).
+            invalid: bool (B, C), True = not a negative for that row (accidental hits); never True at a
+                row's positive column.
+            pos_col: int64 (B,) the positive's column per row (None = arange(B)).
 
         Returns:
             (retrieval logits scale * u.v (B, C), invalid = -1e9; head logits (B, 1 + head_neg), column 0 = positive).
@@ -297,10 +301,11 @@ class ScorerModel(nn.Module):
             retrieval = retrieval.masked_fill(invalid, -1e9)
         B = u.shape[0]
         rows = torch.arange(B, device=u.device)
+        pos = rows if pos_col is None else pos_col
         h = min(int(head_neg), v.shape[0] - 1)
-        hard = retrieval.detach().index_put((rows, rows), torch.tensor(-2e9, device=u.device))
+        hard = retrieval.detach().index_put((rows, pos), torch.tensor(-2e9, device=u.device))
         neg = hard.topk(h, dim=1).indices  # (B, h)
-        cols = torch.cat([rows[:, None], neg], dim=1)  # (B, 1 + h)
+        cols = torch.cat([pos[:, None], neg], dim=1)  # (B, 1 + h)
         # detached: the head's hard-negative loss must not reach the retrieval towers. With gradients flowing,
         # it pushed retrieval's own top items (many of them unlabelled positives) down, and retrieval
         # collapsed after one epoch (Scientific val NDCG@10 0.067 -> 0.017; without the head loss 0.078).

@@ -60,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "id_dropout": 0.3,
     "dropout": 0.1,
     "use_ids": True,
-    "n_neg": 128,
+    "n_neg": 128,  # sampled negatives per batch; -1 = full softmax over the whole catalog (small catalogs)
     "head_neg": 31,
     "weight_decay": 0.0,
     "n_candidates": 200,
@@ -376,6 +376,7 @@ def candidate_log_q(target: np.ndarray, neg_p: np.ndarray, batch_size: int, n_ne
     """
     tgt = np.bincount(np.asarray(target, dtype=np.int64), minlength=len(neg_p)).astype(np.float64)
     tgt /= max(tgt.sum(), 1.0)
+    n_neg = max(int(n_neg), 0)  # -1 = full softmax (no sampling; log q unused)
     q = (batch_size * tgt + n_neg * np.asarray(neg_p, dtype=np.float64)) / (batch_size + n_neg)
     return np.log(np.maximum(q, 1e-12)).astype(np.float32)
 
@@ -416,9 +417,22 @@ def batch_loss(
     """
     target = batch["target"].long()  # (B,)
     B = target.shape[0]
+    rows = torch.arange(B, device=target.device)
+    if n_neg < 0:  # full softmax over the whole catalog: no sampling, so no logQ and no accidental hits
+        n_items = neg_p.shape[0]
+        retrieval, head = model(
+            batch["hist_idx"].long(),
+            batch["hist_event"].long(),
+            batch["hist_rating"].float(),
+            batch["hist_len"].long(),
+            torch.arange(n_items, device=target.device),
+            head_neg,
+            None,
+            target,
+        )  # (B, N), (B, 1 + head_neg)
+        return F.cross_entropy(retrieval, target) + F.cross_entropy(head, torch.zeros_like(rows))
     negs = torch.multinomial(neg_p, n_neg, replacement=True, generator=gen) if n_neg > 0 else target[:0]
     cand = torch.cat([target, negs])  # (C,)
-    rows = torch.arange(B, device=target.device)
     hit = cand[None, :] == target[:, None]  # (B, C)
     hit[rows, rows] = False
     retrieval, head = model(

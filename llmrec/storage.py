@@ -15,8 +15,11 @@ Overwrite semantics (`stage_out`, the default `Out("replace")`): an artifact fol
 The writer first puts a `.llmrec-incomplete` mark into the remote folder, deletes its `meta.json` and then
 every other file of the previous version, uploads the new files, `meta.json` last, and removes the mark.
 A folder that holds files but neither a `meta.json` nor that mark is not an llmrec artifact: it is never
-overwritten (so `--out s3://bucket` cannot wipe a bucket). Two writers of the same URI at once are not
-coordinated; the last `meta.json` wins and may describe a mix, as with two processes writing one local folder.
+overwritten (so `--out s3://bucket` cannot wipe a bucket). `Out("add")` into a folder that did not exist yet
+(e.g. `llmrec replay` writing RUN/eval/replay.json before `llmrec evaluate` ran) leaves a `.llmrec-added` mark
+there, so the stage that owns the folder may still replace it later. Two writers of the same URI at once are
+not coordinated; the last `meta.json` wins and may describe a mix, as with two processes writing one local
+folder.
 
 Example::
 
@@ -55,6 +58,8 @@ logger = logging.getLogger(__name__)
 CACHE_ENV = "LLMREC_CACHE_DIR"  # overrides DEFAULT_CACHE (read by entry points, never by the library)
 DEFAULT_CACHE = Path("~/.cache/llmrec/artifacts")
 INCOMPLETE_MARK = ".llmrec-incomplete"  # present while a writer replaces a remote artifact folder
+ADDED_MARK = ".llmrec-added"  # an "add" created this folder: llmrec's own, replaceable without a meta.json
+_MARKS = (INCOMPLETE_MARK, ADDED_MARK)
 _CACHE_INFO = ".llmrec-cache.json"  # per cache entry: the (redacted) URI and the version it holds
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _SECRET_KEY_RE = re.compile(r"secret|key|token|password|credential", re.IGNORECASE)
@@ -183,19 +188,27 @@ def default_cache_root(environ: Mapping[str, str]) -> Path:
 
 
 def stage_in(
-    uri: str, cache_root: str | os.PathLike, *, stage: str | None = None, need_meta: bool = True
+    uri: str,
+    cache_root: str | os.PathLike,
+    *,
+    stage: str | None = None,
+    need_meta: bool = True,
+    by_listing: bool = False,
 ) -> Path:
     """Download the artifact folder (or file) at `uri` into `cache_root`; return its local path.
 
     The copy is reused while the remote `meta.json` has the same bytes (a file: the same size and mtime; a
-    folder without meta.json, with `need_meta=False`: the same file names, sizes and mtimes), and downloaded
-    again otherwise. The local path keeps the remote base name (`.../embeddings`, `.../items.parquet`).
+    folder without meta.json (`need_meta=False`) or any folder with `by_listing`: the same file names, sizes
+    and mtimes), and downloaded again otherwise. The local path keeps the remote base name (`.../embeddings`,
+    `.../items.parquet`).
 
     Args:
         uri: the remote folder or file.
         cache_root: local cache folder (see `default_cache_root`).
         stage: the command that writes this artifact, named in the missing-meta.json error.
         need_meta: refuse a folder without meta.json (an incomplete or foreign folder) with ArtifactError.
+        by_listing: version the folder by its file listing even when it has a meta.json: for folders that grow
+            while their meta.json stays the same (the serving event log, RUN/events).
 
     Raises:
         FileNotFoundError: nothing at `uri`.
@@ -217,9 +230,9 @@ def stage_in(
                 version = f"file:{info.size}:{info.mtime_ns}" if info.mtime_ns is not None else None
             else:
                 meta = _read_optional(fs, f"{path}/{META_FILE}")
-                if meta is not None:
+                if meta is not None and not by_listing:
                     version = "meta:" + hashlib.sha256(meta).hexdigest()
-                elif need_meta:
+                elif meta is None and need_meta:
                     hint = f"; run `llmrec {stage}` to create it" if stage else ""
                     raise ArtifactError(
                         f"{_show(uri)} is not an llmrec artifact: {_show(uri)}/{META_FILE} does not "
@@ -239,7 +252,11 @@ def stage_in(
                 else:
                     n_files, n_bytes = _get_folder(fs, path, tmp, meta)
                 # a writer that replaced the artifact meanwhile deleted meta.json first: compare it again
-                if meta is None or _read_optional(fs, f"{path}/{META_FILE}") == meta:
+                if version is not None and version.startswith("list:"):
+                    unchanged = _listing_version(fs, path) == version
+                else:
+                    unchanged = meta is None or _read_optional(fs, f"{path}/{META_FILE}") == meta
+                if unchanged:
                     entry.install(tmp, version)
                     logger.info(
                         "staged in %s -> %s (%d files, %.1f MB, %.1fs)",
@@ -306,6 +323,9 @@ def stage_out(
         raise ValueError(f"mode must be 'replace', 'update' or 'add', got {mode!r}")
     if mode != "add":
         _check_replaceable(fs, path, uri)
+    import pyarrow.fs as pafs
+
+    new_folder = mode == "add" and fs.get_file_info(path).type == pafs.FileType.NotFound
     root = Path(cache_root)
     (root / "staging").mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="out-", dir=root / "staging"))
@@ -318,6 +338,8 @@ def stage_out(
         yield local
         t0 = time.perf_counter()
         n_files, n_bytes = _upload(local, fs, path, uri, replace=mode != "add")
+        if new_folder and not (local / META_FILE).is_file():
+            _put_bytes(fs, f"{path}/{ADDED_MARK}", b"")  # ours, though not (yet) an artifact: see module doc
         logger.info(
             "uploaded %s -> %s (%d files, %.1f MB, meta.json last, %.1fs)",
             local,
@@ -359,9 +381,14 @@ def stage_out_file(uri: str, cache_root: str | os.PathLike) -> Iterator[Path]:
 
 @dataclass(frozen=True)
 class In:
-    """An input folder or file. `stage`: the command that writes it (its meta.json is then required)."""
+    """An input folder or file. `stage`: the command that writes it (its meta.json is then required).
+
+    `by_listing`: a folder that grows while its meta.json stays the same (the serving event log): the cached
+    copy is reused only while the remote file names, sizes and mtimes are unchanged (see `stage_in`).
+    """
 
     stage: str | None = None
+    by_listing: bool = False
 
 
 @dataclass(frozen=True)
@@ -417,7 +444,15 @@ def localize(
             if isinstance(arg, LocalOnly):
                 raise ValueError(f"{flag} {_show(value)}: must be a local folder: {arg.why}")
             if isinstance(arg, In):
-                out[name] = str(stage_in(value, cache_root, stage=arg.stage, need_meta=arg.stage is not None))
+                out[name] = str(
+                    stage_in(
+                        value,
+                        cache_root,
+                        stage=arg.stage,
+                        need_meta=arg.stage is not None,
+                        by_listing=arg.by_listing,
+                    )
+                )
             elif isinstance(arg, Run):
                 out[name] = str(stage_in_run(value, cache_root, arg.parts))
             elif isinstance(arg, Out):
@@ -530,8 +565,8 @@ def _get_file(fs: pafs.FileSystem, remote: str, local: Path) -> None:
 
 
 def _get_folder(fs: pafs.FileSystem, path: str, local: Path, meta: bytes | None) -> tuple[int, int]:
-    """Download every file below `path` except the mark; meta.json is written from the bytes read before."""
-    files = [(rel, i) for rel, i in _list_files(fs, path) if rel not in (META_FILE, INCOMPLETE_MARK)]
+    """Download every file below `path` except the marks; meta.json is written from the bytes read before."""
+    files = [(rel, i) for rel, i in _list_files(fs, path) if rel not in (META_FILE, *_MARKS)]
     local.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(_THREADS) as pool:
         list(pool.map(lambda f: _get_file(fs, f[1].path, local / f[0]), files))
@@ -561,7 +596,7 @@ def _check_replaceable(fs: pafs.FileSystem, path: str, uri: str) -> None:
     if info.type == pafs.FileType.File:
         raise ValueError(f"{_show(uri)} is a file; an artifact folder is needed there")
     names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
-    if names and META_FILE not in names and INCOMPLETE_MARK not in names:
+    if names and META_FILE not in names and not set(_MARKS) & set(names):
         raise ValueError(
             f"refusing to overwrite {_show(uri)}: it holds {len(names)} entries (e.g. {sorted(names)[:3]}) "
             f"but no {META_FILE}, so it is not an llmrec artifact; point the output at an empty or new folder"
@@ -570,7 +605,7 @@ def _check_replaceable(fs: pafs.FileSystem, path: str, uri: str) -> None:
 
 def _upload(local: Path, fs: pafs.FileSystem, path: str, uri: str, *, replace: bool) -> tuple[int, int]:
     """Upload every file below `local` to `path`, meta.json last; `replace`: drop the old version first."""
-    files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != INCOMPLETE_MARK)
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.name not in _MARKS)
     meta = local / META_FILE
     data = [p for p in files if p != meta]
     mark = f"{path}/{INCOMPLETE_MARK}"

@@ -55,7 +55,8 @@ def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
     return {
         "data": In("prepare"),
         "embeddings": In("embed"),
-        "events": In("serve"),
+        # the serving event log: its meta.json (if any) does not change as events are appended
+        "events": In(by_listing=True),
         "resume": In(),
         "out": Out(),
     }

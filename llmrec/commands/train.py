@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dim", type=int, default=64, help="model / retrieval dim (default 64)")
     p.add_argument(
+        "--n-neg", type=int, default=128,
+        help="sampled negatives per batch (default 128); -1 = full softmax over the whole catalog",
+    )
+    p.add_argument(
         "--max-len", type=int, default=50, help="history events the user encoder reads (default 50)"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -106,11 +110,14 @@ def run(args: argparse.Namespace) -> int:
         embed_meta=emb.meta,
         dim=args.dim,
         max_len=args.max_len,
+        n_neg=args.n_neg,
     )
     m = meta["metrics"]
+    rerank = meta.get("model_config", {}).get("rerank", True)
+    key = "val" if rerank else "val_retrieval"  # the ranking the saved model serves with
     print(
-        f"scorer -> {args.out}: best epoch {meta['best_epoch']}, "
-        f"val ndcg@10 {m.get('val_ndcg@10', float('nan')):.4f}, "
-        f"recall@10 {m.get('val_recall@10', float('nan')):.4f}, {meta['wall_s']:.1f}s"
+        f"scorer -> {args.out}: best epoch {meta['best_epoch']}, re-ranker {'on' if rerank else 'off'}, "
+        f"val ndcg@10 {m.get(f'{key}_ndcg@10', float('nan')):.4f}, "
+        f"recall@10 {m.get(f'{key}_recall@10', float('nan')):.4f}, {meta['wall_s']:.1f}s"
     )
     return 0

@@ -622,7 +622,10 @@ def _hparams(model_kwargs: dict, **fixed: Any) -> dict:
     unknown = sorted(set(model_kwargs) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown scorer options {unknown}; valid: {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **model_kwargs, **fixed}
+    hp = {**DEFAULTS, **model_kwargs, **fixed}
+    if int(hp["n_neg"]) < -1:
+        raise ValueError(f"n_neg must be >= 0 (sampled negatives) or -1 (full softmax), got {hp['n_neg']}")
+    return hp
 
 
 def _report(

@@ -76,7 +76,7 @@ def test_forward_shapes_and_padding_invariance():
         hi2[b, ln[b] :] = (hi2[b, ln[b] :] + 7) % 40
     torch.testing.assert_close(m.user_vectors(hi2, ev, rt, ln), u)
     # the retrieval logit equals scale * u . v (scale = the learned inverse temperature, 20 at init)
-    assert float(m.scale) == pytest.approx(20.0)
+    assert float(m.scale.detach()) == pytest.approx(20.0)
     torch.testing.assert_close(r, m.scale * (u @ m.item_reps(cand).T))
     # cold items: representation = text projection only (slot 0 is a zero vector)
     torch.testing.assert_close(m.item_reps(torch.tensor([35])), m.text_reps(m.text_vectors[35:36]))

@@ -85,7 +85,8 @@ def test_metrics_json_has_the_documented_layout(results: dict, run_dir: Path) ->
     assert on_disk == results
     assert list(on_disk) == ["loo", "time"]
     for proto, res in on_disk.items():
-        assert list(res) == ["dataset", "protocol", "n_users", "n_items", "models", "cold_items"]
+        assert list(res) == ["dataset", "protocol", "n_users", "n_items", "models", "cold_items",
+                             "repeat_targets_removed"]
         assert res["dataset"] == "planted" and res["protocol"] == proto and res["n_items"] == 66
         assert list(res["models"]) == BASELINES
         for m in res["models"].values():
@@ -273,3 +274,40 @@ def test_time_targets_all_counts_every_post_cutoff_item(run_dir: Path, tmp_path:
     # after the cutoff: every user's step SEQ-1 event, plus the cold last event of every 4th user
     assert res["n_users"] == N_USERS and meta["n_test"] == N_USERS + N_USERS // 4
     assert res["cold_items"]["n_events"] == N_USERS // 4
+
+
+class _HistoryFirst:
+    """Scores each user's history items 1.0 and every other item by a fixed preference (item 5 best)."""
+
+    name = "history_first"
+
+    def fit(self, train: pd.DataFrame, items) -> None:  # noqa: ANN001
+        self.n = items.n_items
+
+    def score(self, histories: list) -> np.ndarray:
+        s = np.tile(np.linspace(0.0, 0.5, self.n, dtype=np.float32), (len(histories), 1))  # item 5 highest
+        for b, h in enumerate(histories):
+            s[b, h.item_idx] = 1.0
+        return s
+
+
+def test_repeat_targets_are_removed_and_counted() -> None:
+    """A test target the user already has in their history is excluded from ranking for every model, so it is
+    removed (and counted) rather than credited to models that score history items high."""
+    from llmrec.eval.evaluate import attach_item_idx, evaluate_models
+    from llmrec.eval.protocol import ItemSpace
+    from llmrec.eval.split import leave_last_out
+
+    rows = [("a", 0), ("a", 1), ("a", 2), ("a", 1),  # a's test target (item 1) is a repeat
+            ("b", 3), ("b", 4), ("b", 5)]  # b's test target (item 5) is new
+    inter = pd.DataFrame({"user_id": [u for u, _ in rows], "item_id": [str(i) for _, i in rows],
+                          "ts": np.arange(len(rows)), "rating": np.nan, "event": "click"})
+    space = ItemSpace(item_ids=np.array([str(i) for i in range(6)], dtype=object),
+                      text_vectors=np.eye(6, dtype=np.float32))
+    inter, _ = attach_item_idx(inter, space)
+    res, _, n_users = evaluate_models(leave_last_out(inter), space, [_HistoryFirst()])
+    assert res["repeat_targets_removed"] == 1
+    assert n_users == 1  # only b is left
+    # b: history {3, 4} excluded, item 5 is ranked first among the rest -> every metric is 1
+    m = res["models"]["history_first"]
+    assert m["ndcg@10"] == pytest.approx(1.0) and m["recall@10"] == pytest.approx(1.0)

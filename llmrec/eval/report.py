@@ -48,7 +48,13 @@ def markdown_report(
             f"## Protocol `{proto}` on `{res['dataset']}`",
             "",
             f"{res['n_users']} test users, full ranking over {res['n_items']} items "
-            "(each user's history items excluded).",
+            "(each user's history items excluded"
+            + (
+                f"; {res['repeat_targets_removed']} test targets that repeat a history item removed"
+                if res.get("repeat_targets_removed")
+                else ""
+            )
+            + ").",
             "",
         ]
         lines += _table(res["models"])

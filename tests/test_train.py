@@ -238,6 +238,16 @@ def test_cli_train_and_resume(ray_local, planted_split, tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["epochs_run"] == [1] and meta["embed"]["model_name"] == "planted"
     assert Scorer.load(out).n_items == items.n_items
+    # a model file of another network version (a parameter missing) is a clear ArtifactError, not a torch dump
+    import torch
+
+    from llmrec.artifacts import ArtifactError
+
+    state = torch.load(out / "model.pt", weights_only=False)
+    del state["model"]["log_scale"]
+    torch.save(state, out / "model.pt")
+    with pytest.raises(ArtifactError, match="different version of the scorer network.*re-run `llmrec train"):
+        Scorer.load(out)
     # a wrong embeddings folder is one clear error line, exit code 2
     assert main(["train", "--data", str(data), "--embeddings", str(data), "--out", str(out)]) == 2
 

@@ -63,7 +63,14 @@ class Scorer:
         cfg = ScorerConfig(**state["model_config"])
         sd = state["model"]
         model = ScorerModel(cfg, sd["text_vectors"], sd["id_slots"])
-        model.load_state_dict(sd)
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:  # missing / unexpected parameters: another version of the network
+            raise ArtifactError(
+                f"{d / MODEL_FILE} was written by a different version of the scorer network "
+                f"(code_version {meta.get('code_version')!r}): {str(e).splitlines()[0]}; "
+                f"re-run `llmrec train --out {d}`"
+            ) from e
         item_ids = np.load(d / INDEX_IDS_FILE, allow_pickle=False)
         s = cls(model, item_ids, meta, device=device)
         logger.info(

@@ -419,22 +419,12 @@ def batch_loss(
     B = target.shape[0]
     rows = torch.arange(B, device=target.device)
     if n_neg < 0:  # full softmax over the whole catalog: no sampling, so no logQ and no accidental hits
-        n_items = neg_p.shape[0]
-        retrieval, head = model(
-            batch["hist_idx"].long(),
-            batch["hist_event"].long(),
-            batch["hist_rating"].float(),
-            batch["hist_len"].long(),
-            torch.arange(n_items, device=target.device),
-            head_neg,
-            None,
-            target,
-        )  # (B, N), (B, 1 + head_neg)
-        return F.cross_entropy(retrieval, target) + F.cross_entropy(head, torch.zeros_like(rows))
-    negs = torch.multinomial(neg_p, n_neg, replacement=True, generator=gen) if n_neg > 0 else target[:0]
-    cand = torch.cat([target, negs])  # (C,)
-    hit = cand[None, :] == target[:, None]  # (B, C)
-    hit[rows, rows] = False
+        cand, pos, hit = torch.arange(neg_p.shape[0], device=target.device), target, None  # positive = own index
+    else:  # the B targets first (row b's positive is column b), then n_neg sampled negatives
+        negs = torch.multinomial(neg_p, n_neg, replacement=True, generator=gen) if n_neg > 0 else target[:0]
+        cand, pos = torch.cat([target, negs]), rows  # (C,)
+        hit = cand[None, :] == target[:, None]  # (B, C)
+        hit[rows, rows] = False
     retrieval, head = model(
         batch["hist_idx"].long(),
         batch["hist_event"].long(),
@@ -443,10 +433,11 @@ def batch_loss(
         cand,
         head_neg,
         hit,
+        pos,
     )  # (B, C), (B, 1 + head_neg)
-    if log_q is not None:
+    if log_q is not None and n_neg >= 0:
         retrieval = retrieval - log_q[cand][None, :]  # (B, C)
-    return F.cross_entropy(retrieval, rows) + F.cross_entropy(head, torch.zeros_like(rows))
+    return F.cross_entropy(retrieval, pos) + F.cross_entropy(head, torch.zeros_like(rows))
 
 
 def train_epoch(

@@ -267,3 +267,41 @@ def test_full_softmax_loss_equals_brute_force_cross_entropy():
         logits = m.scale * u @ m.all_item_reps().T  # (4, n)
         ref = -(logits.log_softmax(1)[torch.arange(4), batch["target"]]).mean()
     assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_head_trains_on_the_retrieval_top_list_it_reranks():
+    """Head negatives are drawn from the row's retrieval top-`head_pool` over the whole catalog (history
+    excluded), exactly the candidates two_stage_rank hands the head at inference; a row whose positive is not
+    in that list gets constant zero head logits (no gradient)."""
+    torch.manual_seed(0)
+    n, pool = 60, 8
+    cfg = ScorerConfig(text_dim=12, n_items=n, n_id_slots=n + 1, dim=16, max_len=6, dropout=0.0, id_dropout=0.0)
+    m = ScorerModel(cfg, torch.randn(n, 12), torch.arange(1, n + 1))
+    hi, ev, rt, ln = _inputs(24, 6, n, seed=5)
+    ln = ln.clamp(min=1)
+    with torch.no_grad():
+        u = m.user_vectors(hi, ev, rt, ln)
+        reps = m.all_item_reps()
+        excl = torch.zeros(24, n, dtype=torch.bool)
+        for b in range(24):
+            excl[b, hi[b, : ln[b]]] = True
+        _, top, _ = two_stage_rank(m, u, reps, excl, pool)  # (24, pool) what the head re-ranks at inference
+    # positives: half the rows take an item of their top list, half an item outside it (and not in history)
+    target = torch.empty(24, dtype=torch.long)
+    for b in range(24):
+        outside = [i for i in range(n) if i not in set(top[b].tolist()) and not excl[b, i]]
+        target[b] = top[b, 3] if b % 2 == 0 else outside[0]
+    cand = torch.cat([target, torch.arange(n)])
+    _, head = m(hi, ev, rt, ln, cand, head_neg=5, head_pool=pool)  # (24, 6)
+    with torch.no_grad():
+        every = m.head_pairs(u[:, None, :], reps[None, :, :])  # (24, n) head score of every item
+    for b in range(24):
+        if b % 2:
+            assert torch.equal(head[b], torch.zeros(6))
+            continue
+        assert float(head[b, 0]) == pytest.approx(float(every[b, target[b]]), abs=1e-5)
+        allowed = every[b, [i for i in top[b].tolist() if i != int(target[b])]]
+        for x in head[b, 1:]:  # every negative is a top-list item other than the positive
+            assert torch.isclose(allowed, x, atol=1e-5).any()
+    head.sum().backward()
+    assert m.mlp[0].weight.grad is not None and float(m.mlp[0].weight.grad.abs().sum()) > 0

@@ -4,9 +4,10 @@ Loss per batch of B (history, next item) samples: the candidates are the B targe
 `n_neg` items sampled from 0.5 * uniform + 0.5 * popularity^0.75 (shared by the batch); accidental hits (a
 candidate equal to the row's own target at another column) are masked. Loss = softmax cross-entropy of the
 retrieval logits scale * u.v - log q(candidate) over the candidates (logQ correction) + softmax cross-entropy
-of the MLP head over the positive and the `head_neg` (31) candidates of the same pool that retrieval scores
-highest for that row (hard negatives, the kind of items the head re-ranks at inference; the head sees
-detached u, v so its loss never reaches retrieval; see ScorerModel.forward). The model starts at the
+of the MLP head over the positive and `head_neg` (31) items drawn from the row's retrieval top-`n_candidates`
+over the whole catalog (what the head re-ranks at inference; rows whose positive is not in that top list
+add nothing; the head sees detached u, v so its loss never reaches retrieval; see ScorerModel.forward).
+The model starts at the
 zero-shot text solution (`warm_start`).
 
 Validation (per epoch): for each validation user, full ranking over the catalog with the user's train items
@@ -69,6 +70,10 @@ DEFAULTS: dict[str, Any] = {
     "logit_scale": 20.0,  # initial inverse temperature of the softmax over scale * u.v (learned)
     "warm_start": True,  # start at the zero-shot text model (ScorerModel.warm_start)
     "logq_correction": True,  # subtract log q(candidate) from sampled-softmax logits (see candidate_log_q)
+    # validation users: callers (`llmrec train`, LLMRecRecommender) hold out the last event of at most this
+    # many users (recommender.split_last_event); fit_scorer itself trains on the split it is given and only
+    # records the value
+    "val_users": 1000,
 }
 
 
@@ -410,6 +415,7 @@ def batch_loss(
     gen: torch.Generator,
     head_neg: int = 31,
     log_q: torch.Tensor | None = None,
+    head_pool: int = 200,
 ) -> torch.Tensor:
     """Sampled-softmax loss (retrieval u.v + MLP head) for one batch; see the module docstring.
 
@@ -434,6 +440,7 @@ def batch_loss(
         head_neg,
         hit,
         pos,
+        head_pool,
     )  # (B, C), (B, 1 + head_neg)
     if log_q is not None and n_neg >= 0:
         retrieval = retrieval - log_q[cand][None, :]  # (B, C)
@@ -455,7 +462,7 @@ def train_epoch(
     loss_sum, n_ex = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss = batch_loss(model, batch, neg_p, hp["n_neg"], gen, hp["head_neg"], log_q)
+        loss = batch_loss(model, batch, neg_p, hp["n_neg"], gen, hp["head_neg"], log_q, hp["n_candidates"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if hp["grad_clip"]:
@@ -614,6 +621,8 @@ def _hparams(model_kwargs: dict, **fixed: Any) -> dict:
     if unknown:
         raise ValueError(f"unknown scorer options {unknown}; valid: {sorted(DEFAULTS)}")
     hp = {**DEFAULTS, **model_kwargs, **fixed}
+    if hp["val_users"] is not None and int(hp["val_users"]) < 0:
+        raise ValueError(f"val_users must be >= 0 (or None = every eligible user), got {hp['val_users']}")
     if int(hp["n_neg"]) < -1:
         raise ValueError(f"n_neg must be >= 0 (sampled negatives) or -1 (full softmax), got {hp['n_neg']}")
     return hp

@@ -273,3 +273,20 @@ def test_recommender_protocol_two_stage_block(ray_local, planted_split):
         top = np.argsort(-S[b], kind="stable")[:20]
         # the re-ranked block (retrieval top-20 of unseen items) sits above everything, in MLP order
         np.testing.assert_array_equal(top, idx[b])
+
+
+def test_split_last_event_caps_validation_users_and_drops_nothing(planted_split):
+    _, _, trainval, *_ = planted_split
+    n_users = trainval["user_id"].nunique()
+    tr_all, va_all = split_last_event(trainval)
+    assert len(va_all) == n_users and len(tr_all) + len(va_all) == len(trainval)
+    tr, va = split_last_event(trainval, max_users=10, seed=3)
+    assert len(va) == 10 and va["user_id"].is_unique and len(tr) + len(va) == len(trainval)
+    last = trainval.sort_values("ts", kind="stable").groupby("user_id").tail(1).set_index("user_id")
+    for row in va.itertuples():  # each held-out event is that user's last one
+        assert (row.item_id, row.ts) == (last.loc[row.user_id, "item_id"], last.loc[row.user_id, "ts"])
+    pd.testing.assert_frame_equal(split_last_event(trainval, 10, 3)[1], va)  # seeded: same users again
+    assert set(split_last_event(trainval, 10, 4)[1]["user_id"]) != set(va["user_id"])
+    assert len(split_last_event(trainval, 10_000)[1]) == n_users  # a cap above the users holds out all
+    with pytest.raises(ValueError, match="max_users must be >= 0"):
+        split_last_event(trainval, -1)

@@ -1,8 +1,8 @@
 """`llmrec train`: prepared interactions + embeddings artifact -> scorer artifact (Ray Train TorchTrainer).
 
 Trains the production model on all given interactions (the prepared table, plus the serving event log with
---events), holding out each user's last event (users with >= 2 events) as the validation target for early
-stopping and the best-checkpoint choice.
+--events), holding out the last event of up to --val-users random users (with >= 2 events) as the
+validation target for early stopping and the best-checkpoint choice.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-len", type=int, default=50, help="history events the user encoder reads (default 50)"
+    )
+    p.add_argument(
+        "--val-users", type=int, default=1000,
+        help="hold out the last event of this many random users (>= 2 events) for validation / early "
+        "stopping (default 1000; -1 = every such user); every other event is trained on",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -86,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
         logger.info("added %d events from the serving log %s", len(extra), args.events)
     emb = load_embeddings(args.embeddings)
     items = ItemSpace(item_ids=emb.item_ids, text_vectors=emb.vectors)
-    train, valid = split_last_event(inter)
+    if args.val_users < -1:
+        raise ValueError(f"--val-users must be >= 0, or -1 for every user with >= 2 events; got {args.val_users}")
+    val_users = None if args.val_users == -1 else args.val_users
+    train, valid = split_last_event(inter, val_users, args.seed)
     logger.info(
         "train: %d interactions (%d from --data), %d users held out for validation",
         len(inter),
@@ -111,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         dim=args.dim,
         max_len=args.max_len,
         n_neg=args.n_neg,
+        val_users=val_users,
     )
     m = meta["metrics"]
     rerank = meta.get("model_config", {}).get("rerank", True)

@@ -34,6 +34,7 @@ import scipy.sparse as sp
 
 from llmrec.eval.protocol import History, ItemSpace
 from llmrec.schema import EVENT, USER_ID
+from llmrec.scorer.cooc import cooccurrence_similarity, history_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -113,50 +114,17 @@ class ItemKNNRecommender(_IDModel):
         self.n_neighbors, self.block_items = n_neighbors, block_items
 
     def fit(self, train: pd.DataFrame, items: ItemSpace) -> None:
-        t0 = time.perf_counter()
         pos = self._prepare(train, items)
-        ui = pos[[USER_ID, ITEM_IDX]].drop_duplicates()
-        users = pd.factorize(ui[USER_ID])[0]
-        x = sp.csr_matrix(
-            (np.ones(len(ui), dtype=np.float32), (users, ui[ITEM_IDX].to_numpy())),
-            shape=(users.max() + 1, items.n_items),
-        )  # (U, N) binary
-        xt = x.T.tocsr()  # (N, U)
-        norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel()).astype(np.float32)  # (N,)
-        inv = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
-        rows, cols, vals = [], [], []
-        k = min(self.n_neighbors, items.n_items - 1)
-        for start in range(0, items.n_items, self.block_items):  # dense (block, N) temporaries only
-            stop = min(start + self.block_items, items.n_items)
-            co = (xt[start:stop] @ x).toarray()  # (b, N) co-occurrence counts
-            sim = co * inv[start:stop, None] * inv[None, :]
-            sim[np.arange(stop - start), np.arange(start, stop)] = 0.0
-            if k <= 0:
-                continue
-            top = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # (b, k)
-            tv = np.take_along_axis(sim, top, axis=1)
-            keep = tv > 0
-            rows.append(np.repeat(np.arange(start, stop), k)[keep.ravel()])
-            cols.append(top.ravel()[keep.ravel()])
-            vals.append(tv.ravel()[keep.ravel()])
-
-        def cat(parts: list[np.ndarray], dt: type) -> np.ndarray:
-            return np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
-
-        self.sim = sp.csr_matrix(
-            (cat(vals, np.float32), (cat(rows, np.int64), cat(cols, np.int64))),
-            shape=(items.n_items, items.n_items),
+        self.sim = cooccurrence_similarity(
+            pos[USER_ID].astype(str).to_numpy(),
+            pos[ITEM_IDX].to_numpy(np.int64),
+            items.n_items,
+            self.n_neighbors,
+            self.block_items,
         )  # (N, N) sparse
-        logger.info(
-            "itemknn: %d users x %d items, %d similarities kept (%.1fs)",
-            x.shape[0],
-            int(self.known.sum()),
-            self.sim.nnz,
-            time.perf_counter() - t0,
-        )
 
     def score(self, histories: list[History]) -> np.ndarray:
-        h = _history_matrix([self._history_items(h) for h in histories], self.n_items)  # (B, N) sparse
+        h = history_matrix([self._history_items(h) for h in histories], self.n_items)  # (B, N) sparse
         scores = np.asarray((h @ self.sim).todense(), dtype=np.float32)  # (B, N)
         return self._mask_cold(scores)
 
@@ -427,20 +395,6 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _history_matrix(hist_items: list[np.ndarray], n_items: int) -> sp.csr_matrix:
-    rows = (
-        np.concatenate([np.full(len(h), b) for b, h in enumerate(hist_items)]) if hist_items else np.zeros(0)
-    )
-    cols = np.concatenate(hist_items) if hist_items else np.zeros(0)
-    m = sp.csr_matrix(
-        (np.ones(len(cols), dtype=np.float32), (rows.astype(np.int64), cols.astype(np.int64))),
-        shape=(len(hist_items), n_items),
-    )
-    m.sum_duplicates()
-    m.data[:] = 1.0  # repeats count once
-    return m
 
 
 def _sequence_windows(pos: pd.DataFrame, width: int) -> np.ndarray:

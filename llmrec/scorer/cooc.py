@@ -1,0 +1,108 @@
+"""Item co-occurrence similarity (the item-kNN signal), shared by the scorer's re-ranking and the item-kNN baseline.
+
+sim(i, j) = |U_i & U_j| / sqrt(|U_i| |U_j|) over the binary user x item matrix of positive events (U_i = the
+users who interacted with item i), diagonal zeroed, the `n_neighbors` largest entries per row kept. A user's
+co-occurrence score for item j is sum over the distinct items i of its history of sim(i, j).
+
+Pure numpy / scipy; the matrix is an (N, N) CSR with at most N * n_neighbors entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+logger = logging.getLogger(__name__)
+
+
+def cooccurrence_similarity(
+    users: np.ndarray, items: np.ndarray, n_items: int, n_neighbors: int = 100, block_items: int = 1024
+) -> sp.csr_matrix:
+    """Cosine co-occurrence similarity, top `n_neighbors` per item.
+
+    Args:
+        users: int (E,) user code per positive event (any integers; repeats of a (user, item) pair count once).
+        items: int (E,) catalog index per event, in [0, n_items).
+        n_items: N.
+        n_neighbors: entries kept per row (the most similar items).
+        block_items: rows computed at once (dense (block, N) temporaries only).
+
+    Returns:
+        float32 (N, N) CSR, row i = item i's neighbours.
+    """
+    t0 = time.perf_counter()
+    users = np.asarray(users)
+    items = np.asarray(items, dtype=np.int64)
+    if users.shape != items.shape or users.ndim != 1:
+        raise ValueError(f"users and items must be 1-d of equal length, got {users.shape} and {items.shape}")
+    if len(items) and (items.min() < 0 or items.max() >= n_items):
+        raise ValueError(f"items must lie in [0, {n_items}), got [{items.min()}, {items.max()}]")
+    codes = np.unique(users, return_inverse=True)[1].ravel() if len(users) else np.zeros(0, np.int64)
+    x = sp.csr_matrix(
+        (np.ones(len(items), dtype=np.float32), (codes, items)),
+        shape=(int(codes.max()) + 1 if len(codes) else 0, n_items),
+    )
+    x.sum_duplicates()
+    x.data[:] = 1.0  # binary
+    xt = x.T.tocsr()  # (N, U)
+    norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel()).astype(np.float32)  # (N,)
+    inv = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+    rows, cols, vals = [], [], []
+    k = min(n_neighbors, n_items - 1)
+    for start in range(0, n_items, block_items):
+        stop = min(start + block_items, n_items)
+        if k <= 0:
+            break
+        co = (xt[start:stop] @ x).toarray()  # (b, N) co-occurrence counts
+        sim = co * inv[start:stop, None] * inv[None, :]
+        sim[np.arange(stop - start), np.arange(start, stop)] = 0.0
+        top = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # (b, k)
+        tv = np.take_along_axis(sim, top, axis=1)
+        keep = tv > 0
+        rows.append(np.repeat(np.arange(start, stop), k)[keep.ravel()])
+        cols.append(top.ravel()[keep.ravel()])
+        vals.append(tv.ravel()[keep.ravel()])
+
+    def cat(parts: list[np.ndarray], dt: type) -> np.ndarray:
+        return np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
+
+    sim_m = sp.csr_matrix(
+        (cat(vals, np.float32), (cat(rows, np.int64), cat(cols, np.int64))), shape=(n_items, n_items)
+    )
+    logger.info(
+        "co-occurrence: %d users x %d items, %d similarities kept (%.1fs)",
+        x.shape[0],
+        int((norms > 0).sum()),
+        sim_m.nnz,
+        time.perf_counter() - t0,
+    )
+    return sim_m
+
+
+def history_matrix(hist_items: Sequence[np.ndarray], n_items: int) -> sp.csr_matrix:
+    """float32 (B, N) binary CSR: row b has a 1 at each distinct item of hist_items[b]."""
+    rows = (
+        np.concatenate([np.full(len(h), b) for b, h in enumerate(hist_items)]) if len(hist_items) else np.zeros(0)
+    )
+    cols = np.concatenate([np.asarray(h) for h in hist_items]) if len(hist_items) else np.zeros(0)
+    m = sp.csr_matrix(
+        (np.ones(len(cols), dtype=np.float32), (rows.astype(np.int64), cols.astype(np.int64))),
+        shape=(len(hist_items), n_items),
+    )
+    m.sum_duplicates()
+    m.data[:] = 1.0  # repeats count once
+    return m
+
+
+def history_scores(sim: sp.csr_matrix, hist_items: Sequence[np.ndarray], cand: np.ndarray) -> np.ndarray:
+    """float32 (B, K) co-occurrence scores of candidates cand int64 (B, K) for B histories of item indices."""
+    cand = np.asarray(cand, dtype=np.int64)
+    if cand.ndim != 2 or cand.shape[0] != len(hist_items):
+        raise ValueError(f"cand must be (B={len(hist_items)}, K), got {cand.shape}")
+    full = (history_matrix(hist_items, sim.shape[0]) @ sim).tocsr()  # (B, N) sparse
+    rows = np.repeat(np.arange(cand.shape[0]), cand.shape[1])
+    return np.asarray(full[rows, cand.ravel()], dtype=np.float32).reshape(cand.shape)

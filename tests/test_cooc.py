@@ -1,0 +1,133 @@
+"""Item co-occurrence similarity and the scorer's co-occurrence term, against dense brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from llmrec.eval.protocol import ItemSpace
+from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
+from llmrec.scorer.cooc import cooccurrence_similarity, history_scores
+from llmrec.scorer.data import build_validation
+from llmrec.scorer.model import ScorerConfig, ScorerModel
+from llmrec.scorer.train import COOC_GRID, cooc_matrix, tune_cooc_weight
+
+
+def _dense_cosine(users: np.ndarray, items: np.ndarray, n: int) -> np.ndarray:
+    x = np.zeros((users.max() + 1, n))
+    x[users, items] = 1.0
+    co = x.T @ x
+    cnt = x.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sim = np.where(np.outer(cnt, cnt) > 0, co / np.sqrt(np.outer(cnt, cnt)), 0.0)
+    np.fill_diagonal(sim, 0.0)
+    return sim
+
+
+def test_similarity_equals_dense_cosine_and_keeps_the_top_neighbours():
+    rng = np.random.default_rng(0)
+    n = 30
+    users = rng.integers(0, 40, 400)
+    items = rng.integers(0, n, 400)
+    ref = _dense_cosine(users, items, n)
+    full = cooccurrence_similarity(users, items, n, n_neighbors=n, block_items=7).toarray()
+    np.testing.assert_allclose(full, ref, rtol=1e-5, atol=1e-7)
+    top3 = cooccurrence_similarity(users * 7 + 1, items, n, n_neighbors=3, block_items=4).toarray()  # any ids
+    for i in range(n):
+        kept = top3[i][top3[i] > 0]
+        assert len(kept) <= 3
+        np.testing.assert_allclose(np.sort(kept), np.sort(ref[i])[::-1][: len(kept)][::-1], rtol=1e-5)
+        np.testing.assert_allclose(top3[i][top3[i] > 0], ref[i][top3[i] > 0], rtol=1e-5)
+
+
+def test_history_scores_sum_the_rows_of_distinct_history_items():
+    rng = np.random.default_rng(1)
+    n = 12
+    sim = sp.random(n, n, density=0.4, random_state=1, dtype=np.float32).tocsr()
+    hists = [np.array([3, 3, 5]), np.array([], dtype=np.int64), np.array([0, 11])]
+    cand = rng.integers(0, n, (3, 4))
+    got = history_scores(sim, hists, cand)
+    dense = sim.toarray()
+    for b, h in enumerate(hists):
+        ref = dense[np.unique(h)][:, cand[b]].sum(0) if len(h) else np.zeros(4)
+        np.testing.assert_allclose(got[b], ref, rtol=1e-6)
+
+
+def _pairs_data(n_pairs: int = 20, n_users: int = 200, seed: int = 0):
+    """Items come in pairs (2p, 2p+1); a user buys one item of a pair, then its partner. Text vectors are
+    random, so the text model knows nothing of the pairs while co-occurrence knows them exactly."""
+    rng = np.random.default_rng(seed)
+    n = 2 * n_pairs
+    text = rng.normal(size=(n, 8))
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    rows = []
+    for u in range(n_users):
+        p = rng.integers(n_pairs)
+        a, b = (2 * p, 2 * p + 1) if rng.random() < 0.5 else (2 * p + 1, 2 * p)
+        rows += [(f"u{u}", f"i{a}", 1, np.nan, "click"), (f"u{u}", f"i{b}", 2, np.nan, "click")]
+    df = pd.DataFrame(rows, columns=[USER_ID, ITEM_ID, TS, RATING, EVENT])
+    items = ItemSpace(np.array([f"i{i}" for i in range(n)]), text.astype(np.float32))
+    return items, df
+
+
+def test_tune_cooc_weight_picks_the_co_occurrence_term_when_it_carries_the_signal():
+    items, df = _pairs_data()
+    train_users = [f"u{u}" for u in range(150)]
+    train = df[df[USER_ID].isin(train_users)]
+    rest = df[~df[USER_ID].isin(train_users)]
+    first, last = rest[rest[TS] == 1], rest[rest[TS] == 2]  # validation: history = first item, target = partner
+    val = build_validation(pd.concat([train, first]), last, items, max_len=4)
+    sim = cooc_matrix(train, items, n_neighbors=10)
+    torch.manual_seed(0)
+    cfg = ScorerConfig(text_dim=8, n_items=items.n_items, n_id_slots=1, dim=8, max_len=4, rerank=False)
+    model = ScorerModel(cfg, torch.from_numpy(items.text_vectors), torch.zeros(items.n_items, dtype=torch.long))
+    model.warm_start()  # u.v = text cosine-like scores, in [-1, 1] for unit vectors
+    w, table = tune_cooc_weight(model, val, sim, n_candidates=items.n_items - 1)
+    assert w > 0 and len(table) == len(COOC_GRID)
+    assert table[f"{w:.6g}"] == 1.0  # the partner is always first
+    assert table["0"] < 0.5  # random text vectors alone
+    # no co-occurrence signal at all: every weight ranks alike and the tie goes to weight 0
+    w0, table0 = tune_cooc_weight(model, val, sp.csr_matrix((items.n_items, items.n_items)), items.n_items - 1)
+    assert w0 == 0.0 and len(set(table0.values())) == 1
+
+
+def test_scorer_adds_the_weighted_co_occurrence_term_and_can_leave_it_out():
+    import dataclasses
+
+    import pytest
+
+    from llmrec.eval.protocol import History
+    from llmrec.scorer.inference import Scorer
+
+    torch.manual_seed(0)
+    n, w = 40, 0.7
+    cfg = ScorerConfig(text_dim=8, n_items=n, n_id_slots=n + 1, dim=8, max_len=5, rerank=False, cooc_weight=w)
+    model = ScorerModel(cfg, torch.randn(n, 8), torch.arange(1, n + 1)).eval()
+    plain = ScorerModel(dataclasses.replace(cfg, cooc_weight=0.0), model.text_vectors, model.id_slots).eval()
+    plain.load_state_dict(model.state_dict())
+    sim = sp.random(n, n, density=0.3, random_state=2, dtype=np.float32).tocsr()
+    ids = np.array([f"i{i}" for i in range(n)])
+    s, s0 = Scorer(model, ids, cooc=sim), Scorer(plain, ids)
+    rng = np.random.default_rng(0)
+    hists = [
+        History(f"u{b}", rng.choice(n, 4, replace=False), np.arange(4),
+                np.array(["click", "dislike", "click", "view"]), np.full(4, np.nan))
+        for b in range(3)
+    ]
+    idx, sc = s.recommend(hists, k=5, n_candidates=15)
+    U, V, dense = s.user_vectors(hists), s.item_vectors(), sim.toarray()
+    for b, h in enumerate(hists):
+        ret = U[b] @ V.T
+        ret[h.item_idx] = -np.inf
+        cand = np.argsort(-ret, kind="stable")[:15]
+        pos = h.item_idx[h.event != "dislike"]  # a disliked item adds no co-occurrence
+        ref = ret[cand] + w * dense[pos][:, cand].sum(0)
+        order = np.argsort(-ref, kind="stable")[:5]
+        np.testing.assert_array_equal(idx[b], cand[order])
+        np.testing.assert_allclose(sc[b], ref[order], rtol=1e-5)
+    np.testing.assert_allclose(s.full_scores(hists, 15, use_cooc=False), s0.full_scores(hists, 15), rtol=1e-6)
+    assert not np.allclose(s.full_scores(hists, 15), s0.full_scores(hists, 15))
+    with pytest.raises(ValueError, match="no co-occurrence matrix"):
+        Scorer(model, ids)

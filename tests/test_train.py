@@ -112,12 +112,20 @@ def test_artifact_and_inference_api(trained, planted_split):
     h = histories_from_frame(attach_item_idx(planted_split[2], items))[:4]
     U = s.user_vectors(h)
     idx, sc = s.recommend(h, k=5, n_candidates=20)
-    # reference: brute force two-stage with the public pieces
+    # the artifact ships the co-occurrence matrix; training chose its weight on validation
+    w = s.model.cfg.cooc_weight
+    assert (out2 / "cooc.npz").is_file() and s.cooc.shape == (items.n_items, items.n_items)
+    assert meta2["cooc"]["cooc_weight"] == w and str(0) in meta2["cooc"]["val_ndcg_by_weight"]
+    dense = s.cooc.toarray()
+    # reference: brute force two-stage with the public pieces (+ w * co-occurrence summed by hand)
     for b in range(4):
         ret = U[b] @ V.T
         ret[np.unique(h[b].item_idx)] = -np.inf
         cand = np.argsort(-ret, kind="stable")[:20]
-        head = s.score(U[b : b + 1], cand[None])[0]
+        head = s.score(U[b : b + 1], cand[None])[0] + w * dense[np.unique(h[b].item_idx)][:, cand].sum(0)
+        np.testing.assert_allclose(
+            s.score(U[b : b + 1], cand[None], history_items=[np.unique(h[b].item_idx)])[0], head, rtol=1e-5
+        )
         np.testing.assert_array_equal(np.sort(idx[b]), np.sort(cand[np.argsort(-head)[:5]]))
         assert not np.isin(idx[b], h[b].item_idx).any()
         assert np.all(np.diff(sc[b]) <= 0)

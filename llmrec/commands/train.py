@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="hold out the last event of this many random users (>= 2 events) for validation / early "
         "stopping (default 1000; -1 = every such user); every other event is trained on",
     )
+    p.add_argument(
+        "--cooc-neighbors", type=int, default=100,
+        help="item co-occurrence neighbours kept per item for the ranking's co-occurrence term, whose weight is "
+        "chosen on validation (default 100; 0 = neural ranking only)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--resume",
@@ -120,13 +125,19 @@ def run(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         n_neg=args.n_neg,
         val_users=val_users,
+        cooc_neighbors=args.cooc_neighbors,
     )
     m = meta["metrics"]
     rerank = meta.get("model_config", {}).get("rerank", True)
     key = "val" if rerank else "val_retrieval"  # the ranking the saved model serves with
+    cooc = meta.get("cooc", {})
+    w = meta.get("model_config", {}).get("cooc_weight", 0.0)
+    with_cooc = cooc.get("val_ndcg_by_weight", {}).get(f"{w:.6g}")
     print(
         f"scorer -> {args.out}: best epoch {meta['best_epoch']}, re-ranker {'on' if rerank else 'off'}, "
         f"val ndcg@10 {m.get(f'{key}_ndcg@10', float('nan')):.4f}, "
-        f"recall@10 {m.get(f'{key}_recall@10', float('nan')):.4f}, {meta['wall_s']:.1f}s"
+        f"recall@10 {m.get(f'{key}_recall@10', float('nan')):.4f}, "
+        + (f"co-occurrence weight {w:.4g} (val ndcg@10 {with_cooc:.4f}), " if with_cooc is not None else "")
+        + f"{meta['wall_s']:.1f}s"
     )
     return 0

@@ -1,7 +1,8 @@
 """Offline evaluation: split the canonical interactions, fit every model on train, rank the whole catalog.
 
 `evaluate(data_dir, embeddings_dir, out_dir, ...)` runs each protocol ("loo" = leave-last-out, "time" = global
-time cutoff; see `llmrec.eval.split`) over every model (llmrec's scorer when importable, the baselines of
+time cutoff; see `llmrec.eval.split`) over every model (llmrec's scorer when importable, reported as served
+("llmrec") and without its co-occurrence term ("llmrec_neural", the same fit); the baselines of
 `llmrec.eval.baselines`, plus `extra_models`), and writes to `out_dir`:
 
 - `metrics.json`: `{"loo": {...}, "time": {...}}`, one object per protocol that was run, each EXACTLY
@@ -151,6 +152,8 @@ def evaluate(
             )
             if model is not None:
                 recs.append(model)
+                if hasattr(model, "neural_only"):  # llmrec without its co-occurrence term, same fit
+                    recs.append(model.neural_only())
         recs.extend(extra_models)
         res, timings, n_users = evaluate_models(split, space, recs, max_test_users, seed, batch_users)
         results[proto] = {

@@ -133,6 +133,7 @@ class ValidationSet:
     hist_len: np.ndarray  # int64 (U,)
     targets: list[np.ndarray]  # U arrays of held-out item indices
     exclude: list[np.ndarray]  # U arrays of the user's train item indices
+    positives: list[np.ndarray]  # U arrays of the user's distinct train items of positive kinds (co-occurrence)
 
     @property
     def n_users(self) -> int:
@@ -156,7 +157,7 @@ def build_validation(
     va = va[target_mask(va, min_rating)]
     hist = histories_from_frame(tr, max_len=None)
     by_user = {h.user_id: h for h in hist}
-    targets, exclude, hs = [], [], []
+    targets, exclude, positives, hs = [], [], [], []
     n_cold = 0
     for uid, grp in va.groupby(va[USER_ID].astype(str), sort=True):
         h = by_user.get(uid)
@@ -166,10 +167,19 @@ def build_validation(
         hs.append(h)
         targets.append(np.unique(grp["item_idx"].to_numpy(dtype=np.int64)))
         exclude.append(np.unique(h.item_idx))
+        positives.append(positive_items(h))
     if n_cold:
         logger.info("validation: %d users without train history left out of validation", n_cold)
     arrs = pad_histories(hs, max_len)
-    return ValidationSet(*arrs, targets=targets, exclude=exclude)
+    return ValidationSet(*arrs, targets=targets, exclude=exclude, positives=positives)
+
+
+def positive_items(h: History) -> np.ndarray:
+    """int64: the distinct items of a history's positive events (not dislike / skip), sorted."""
+    idx = np.asarray(h.item_idx, dtype=np.int64)
+    if h.event is None or len(h.event) != len(idx):
+        return np.unique(idx)
+    return np.unique(idx[~np.isin(np.asarray(h.event).astype(str), NEGATIVE_KINDS)])
 
 
 def histories_from_frame(df: pd.DataFrame, max_len: int | None = None) -> list[History]:

@@ -1,8 +1,10 @@
 """Inference API over a trained scorer artifact (`llmrec train` output), used by evaluation and serving.
 
 `recommend` is the production two-stage pipeline: retrieval top-`n_candidates` by u.v over the catalog
-(excluded items are never candidates), then the MLP head re-ranks those candidates and the top k by head
-score are returned. Retrieval over an external ANN index uses the same space: `item_vectors()` rows and
+(excluded items are never candidates), then the candidates are ranked by the MLP head (or u.v when training
+turned the head off) plus `cooc_weight` times their item co-occurrence score with the user's positive history
+items (`scorer.cooc`; the matrix is the artifact's `cooc.npz`, the weight was chosen on validation), and the
+top k are returned. Retrieval over an external ANN index uses the same space: `item_vectors()` rows and
 `user_vectors()` rows, score = inner product.
 """
 
@@ -15,15 +17,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from llmrec.artifacts import ArtifactError, read_meta
 from llmrec.device import resolve_device
 from llmrec.eval.protocol import History
 from llmrec.schema import INDEX_IDS_FILE
-from llmrec.scorer.data import pad_histories
+from llmrec.scorer.cooc import history_scores
+from llmrec.scorer.data import pad_histories, positive_items
 from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
-from llmrec.scorer.train import MODEL_FILE
+from llmrec.scorer.train import COOC_FILE, MODEL_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +43,22 @@ class Scorer:
     """
 
     def __init__(
-        self, model: ScorerModel, item_ids: np.ndarray, meta: dict | None = None, device: str = "cpu"
+        self,
+        model: ScorerModel,
+        item_ids: np.ndarray,
+        meta: dict | None = None,
+        device: str = "cpu",
+        cooc: sp.csr_matrix | None = None,
     ):
         if len(item_ids) != model.cfg.n_items:
             raise ValueError(f"{len(item_ids)} item ids for a model over {model.cfg.n_items} items")
+        if cooc is not None and cooc.shape != (model.cfg.n_items, model.cfg.n_items):
+            raise ValueError(f"co-occurrence matrix {cooc.shape} does not match {model.cfg.n_items} items")
+        if cooc is None and model.cfg.cooc_weight > 0:
+            raise ValueError(
+                f"the model ranks with cooc_weight {model.cfg.cooc_weight} but no co-occurrence matrix was given"
+            )
+        self.cooc = cooc.tocsr() if cooc is not None else None
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.item_ids = np.asarray(item_ids).astype(str)
@@ -72,7 +88,12 @@ class Scorer:
                 f"re-run `llmrec train --out {d}`"
             ) from e
         item_ids = np.load(d / INDEX_IDS_FILE, allow_pickle=False)
-        s = cls(model, item_ids, meta, device=device)
+        cooc = None
+        if (d / COOC_FILE).is_file():
+            cooc = sp.load_npz(d / COOC_FILE)
+        elif cfg.cooc_weight > 0:
+            raise ArtifactError(f"{d / COOC_FILE} is missing; re-run `llmrec train --out {d}`")
+        s = cls(model, item_ids, meta, device=device, cooc=cooc)
         logger.info(
             "loaded scorer from %s: %d items, d=%d, %.2fs", d, cfg.n_items, cfg.dim, time.perf_counter() - t0
         )
@@ -117,10 +138,17 @@ class Scorer:
         return self._users(histories).cpu().numpy()
 
     @torch.no_grad()
-    def score(self, user_vecs: np.ndarray, cand_idx: np.ndarray) -> np.ndarray:
-        """Re-ranker scores float32 (B, K) of candidates cand_idx int64 (B, K) for user_vecs (B, d).
+    def score(
+        self,
+        user_vecs: np.ndarray,
+        cand_idx: np.ndarray,
+        history_items: Sequence[np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Ranking scores float32 (B, K) of candidates cand_idx int64 (B, K) for user_vecs (B, d).
 
-        The MLP head's scores, or u.v when the trained model has `rerank` off.
+        The MLP head's scores (u.v when the trained model has `rerank` off), plus `cooc_weight` times the
+        co-occurrence score when `history_items` (per user, the catalog indices of its positive history
+        items) are given.
         """
         u = torch.as_tensor(np.asarray(user_vecs, dtype=np.float32), device=self.device)
         c = torch.as_tensor(np.asarray(cand_idx, dtype=np.int64), device=self.device)
@@ -133,7 +161,10 @@ class Scorer:
             raise ValueError(
                 f"cand_idx must lie in [0, {self.n_items}), got [{int(c.min())}, {int(c.max())}]"
             )
-        return self.model.rank_pairs(u[:, None, :], self._reps()[c]).cpu().numpy()
+        if history_items is not None and len(history_items) != u.shape[0]:
+            raise ValueError(f"history_items has {len(history_items)} entries for {u.shape[0]} users")
+        out = self.model.rank_pairs(u[:, None, :], self._reps()[c])
+        return self._with_cooc(out, c, history_items).cpu().numpy()
 
     @torch.no_grad()
     def recommend(
@@ -144,7 +175,7 @@ class Scorer:
         n_candidates: int = 200,
         exclude_history: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Two-stage top-k: retrieval top-n_candidates by u.v, MLP re-rank, top k.
+        """Two-stage top-k: retrieval top-n_candidates by u.v, ranking scores (module docstring), top k.
 
         Args:
             histories: B users.
@@ -154,7 +185,7 @@ class Scorer:
             n_candidates: retrieval candidates per user.
 
         Returns:
-            (item indices int64 (B, k), MLP scores float32 (B, k)), best first.
+            (item indices int64 (B, k), ranking scores float32 (B, k)), best first.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -163,6 +194,7 @@ class Scorer:
         u = self._users(histories)
         excl = self._exclude_mask(histories, exclude, exclude_history)
         retrieval, cand, head = two_stage_rank(self.model, u, self._reps(), excl, max(n_candidates, k))
+        head = self._with_cooc(head, cand, [positive_items(h) for h in histories])
         head = head.masked_fill(torch.gather(retrieval, 1, cand).isinf(), float("-inf"))
         k_eff = min(k, cand.shape[1])
         top = head.topk(k_eff, dim=1)
@@ -176,9 +208,14 @@ class Scorer:
 
     @torch.no_grad()
     def full_scores(
-        self, histories: Sequence[History], n_candidates: int = 200, exclude_history: bool = True
+        self,
+        histories: Sequence[History],
+        n_candidates: int = 200,
+        exclude_history: bool = True,
+        use_cooc: bool = True,
     ) -> np.ndarray:
-        """float32 (B, N) catalog scores consistent with the two-stage ranking.
+        """float32 (B, N) catalog scores consistent with the two-stage ranking (use_cooc=False: without the
+        co-occurrence term, i.e. the neural towers alone).
 
         The top n_candidates by retrieval (history items excluded when exclude_history) get their MLP score,
         shifted so that the whole re-ranked block lies above every other item; the other items keep the order
@@ -188,6 +225,8 @@ class Scorer:
         reps = self._reps()
         excl = self._exclude_mask(histories, None, exclude_history)
         retrieval, cand, head = two_stage_rank(self.model, u, reps, excl, n_candidates)
+        if use_cooc:
+            head = self._with_cooc(head, cand, [positive_items(h) for h in histories])
         valid = ~torch.gather(retrieval, 1, cand).isinf()  # (B, n)
         raw = u @ reps.T  # (B, N), history included
         big = torch.finfo(torch.float32).max / 4
@@ -204,6 +243,16 @@ class Scorer:
         return out.cpu().numpy()
 
     # ---- helpers ----------------------------------------------------------------------------------------
+    def _with_cooc(
+        self, scores: torch.Tensor, cand: torch.Tensor, history_items: Sequence[np.ndarray] | None
+    ) -> torch.Tensor:
+        """scores (B, K) + cooc_weight * co-occurrence scores of cand (B, K); unchanged without the term."""
+        w = float(self.model.cfg.cooc_weight)
+        if w <= 0 or self.cooc is None or history_items is None or cand.numel() == 0:
+            return scores
+        co = history_scores(self.cooc, [np.asarray(h, dtype=np.int64) for h in history_items], cand.cpu().numpy())
+        return scores + w * torch.from_numpy(co).to(scores.device)
+
     def _reps(self) -> torch.Tensor:
         if self._item_vecs is None:
             self._item_vecs = self.model.all_item_reps()

@@ -60,6 +60,10 @@ class ScorerConfig:
     # unit-norm, so at the warm start u.v is a cosine in [-1, 1]; with scale 1 the softmax over thousands of
     # candidates is nearly flat and learning stalls (val NDCG@10 0.017 after 3 epochs on Scientific).
     logit_scale: float = 20.0
+    # weight of the item co-occurrence score (scorer.cooc) added to the ranking score of the retrieval
+    # candidates; chosen on validation after training (0 = neural ranking only). The co-occurrence matrix
+    # itself is not part of the network: it lives next to the model in the artifact (cooc.npz).
+    cooc_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -78,6 +82,8 @@ class ScorerConfig:
             raise ValueError(f"ScorerConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if not 0.0 < float(self.logit_scale) <= 100.0:
             raise ValueError(f"ScorerConfig.logit_scale must be in (0, 100], got {self.logit_scale}")
+        if float(self.cooc_weight) < 0:
+            raise ValueError(f"ScorerConfig.cooc_weight must be >= 0, got {self.cooc_weight}")
         for name in ("id_dropout", "dropout"):
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 raise ValueError(f"ScorerConfig.{name} must be in [0, 1), got {getattr(self, name)}")

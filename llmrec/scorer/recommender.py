@@ -91,10 +91,33 @@ class LLMRecRecommender:
         self.meta = fit_scorer(tr, items, out, valid_df=va if len(va) else None, **self.train_kwargs)
         self.scorer = Scorer.load(out)
 
-    def score(self, histories: list[History]) -> np.ndarray:
+    def score(self, histories: list[History], use_cooc: bool = True) -> np.ndarray:
         if self.scorer is None:
             raise RuntimeError(f"{self.name}: call fit(train, items) before score(histories)")
         out = np.empty((len(histories), self.scorer.n_items), np.float32)
         for s in range(0, len(histories), 256):
-            out[s : s + 256] = self.scorer.full_scores(histories[s : s + 256], n_candidates=self.n_candidates)
+            out[s : s + 256] = self.scorer.full_scores(
+                histories[s : s + 256], n_candidates=self.n_candidates, use_cooc=use_cooc
+            )
         return out
+
+    def neural_only(self) -> NeuralOnlyView:
+        """The same fitted scorer ranked without its co-occurrence term, as a model of its own."""
+        return NeuralOnlyView(self)
+
+
+class NeuralOnlyView:
+    """`<name>_neural`: an LLMRecRecommender's scorer without the co-occurrence term (text + ID towers, and the
+    MLP head when on). It shares the parent's fit, so list it after the parent; its own `fit` only checks
+    that the parent was fitted on the same call sequence."""
+
+    def __init__(self, parent: LLMRecRecommender):
+        self.parent = parent
+        self.name = f"{parent.name}_neural"
+
+    def fit(self, train: pd.DataFrame, items: ItemSpace) -> None:
+        if self.parent.scorer is None:
+            raise RuntimeError(f"{self.name}: fit {self.parent.name} first (this view shares its scorer)")
+
+    def score(self, histories: list[History]) -> np.ndarray:
+        return self.parent.score(histories, use_cooc=False)

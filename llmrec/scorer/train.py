@@ -36,13 +36,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
 from llmrec.artifacts import write_meta
 from llmrec.eval.protocol import ItemSpace
-from llmrec.schema import INDEX_IDS_FILE
+from llmrec.schema import INDEX_IDS_FILE, USER_ID
 from llmrec.scorer import data as sdata
+from llmrec.scorer.cooc import cooccurrence_similarity, history_scores
 from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
 
 logger = logging.getLogger(__name__)
@@ -74,7 +76,14 @@ DEFAULTS: dict[str, Any] = {
     # many users (recommender.split_last_event); fit_scorer itself trains on the split it is given and only
     # records the value
     "val_users": 1000,
+    # hybrid ranking: co-occurrence neighbours kept per item (scorer.cooc); the weight of the co-occurrence
+    # score is chosen on validation after training (`tune_cooc_weight`, 0 allowed). 0 = no co-occurrence.
+    "cooc_neighbors": 100,
 }
+
+# co-occurrence weights tried on validation, in logit units (the head's scale; u.v is divided by `scale`)
+COOC_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+COOC_FILE = "cooc.npz"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,6 +189,7 @@ def fit_scorer(
         last.mkdir(exist_ok=True)
         shutil.copyfile(Path(d) / CHECKPOINT_FILE, last / CHECKPOINT_FILE)
         last_state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    state, cooc, cooc_info = finalize_ranking(state, static, train_df, valid_df, items, hp)
     wall = time.perf_counter() - t0
     epochs_run = list(last_state.get("run_epochs", []))
     return _write_artifact(
@@ -191,6 +201,8 @@ def fit_scorer(
         embed_meta,
         wall=wall,
         epochs_run=epochs_run,
+        cooc=cooc,
+        cooc_info=cooc_info,
         extra={
             "num_workers": num_workers,
             "use_gpu": use_gpu,
@@ -623,6 +635,8 @@ def _hparams(model_kwargs: dict, **fixed: Any) -> dict:
     hp = {**DEFAULTS, **model_kwargs, **fixed}
     if hp["val_users"] is not None and int(hp["val_users"]) < 0:
         raise ValueError(f"val_users must be >= 0 (or None = every eligible user), got {hp['val_users']}")
+    if int(hp["cooc_neighbors"]) < 0:
+        raise ValueError(f"cooc_neighbors must be >= 0 (0 = no co-occurrence term), got {hp['cooc_neighbors']}")
     if int(hp["n_neg"]) < -1:
         raise ValueError(f"n_neg must be >= 0 (sampled negatives) or -1 (full softmax), got {hp['n_neg']}")
     return hp
@@ -668,6 +682,101 @@ def _pick_best(result, has_val: bool):
     return max(cands, key=lambda cm: (cm[1][key], cm[1]["epoch"]))[0]
 
 
+def finalize_ranking(
+    state: dict,
+    static: dict,
+    train_df: pd.DataFrame,
+    valid_df: pd.DataFrame | None,
+    items: ItemSpace,
+    hp: dict,
+) -> tuple[dict, sp.csr_matrix | None, dict]:
+    """Post-training choices, each measured on validation: the MLP re-ranker on/off, then the co-occurrence
+    weight (`tune_cooc_weight`). Returns (state with model_config updated, the co-occurrence matrix to ship
+    (built from train + validation events) or None, a summary for meta.json)."""
+    m = state["metrics"]
+    cfg = dict(state["model_config"])
+    if "val_ndcg@10" in m and "val_retrieval_ndcg@10" in m:
+        # measured, not assumed: keep the MLP re-ranker only if it beat retrieval alone on validation
+        cfg["rerank"] = bool(m["val_ndcg@10"] >= m["val_retrieval_ndcg@10"])
+        logger.info("re-ranker %s: val ndcg@10 two-stage %.4f vs retrieval-only %.4f",
+                    "on" if cfg["rerank"] else "off", m["val_ndcg@10"], m["val_retrieval_ndcg@10"])
+    info: dict[str, Any] = {"cooc_neighbors": int(hp["cooc_neighbors"])}
+    cfg["cooc_weight"] = 0.0
+    if int(hp["cooc_neighbors"]) <= 0:
+        state = {**state, "model_config": cfg}
+        return state, None, info
+    t0 = time.perf_counter()
+    val = static["val"]
+    if val is not None and val.n_users > 0:
+        model = ScorerModel(
+            ScorerConfig(**cfg), torch.from_numpy(static["text_vectors"]), torch.from_numpy(static["id_slots"])
+        )
+        model.load_state_dict(state["model"])
+        sim_train = cooc_matrix(train_df, items, hp["cooc_neighbors"])
+        weight, table = tune_cooc_weight(model, val, sim_train, hp["n_candidates"])
+        cfg["cooc_weight"] = weight
+        info.update(val_ndcg_by_weight=table, cooc_weight=weight)
+        logger.info("co-occurrence weight %.4g chosen on validation (ndcg@10 by weight: %s)", weight, table)
+    else:
+        logger.info("no validation set: co-occurrence weight stays 0 (neural ranking only)")
+    full = train_df if valid_df is None or not len(valid_df) else pd.concat([train_df, valid_df])
+    sim = cooc_matrix(full, items, hp["cooc_neighbors"])
+    info.update(nnz=int(sim.nnz), seconds=time.perf_counter() - t0)
+    return {**state, "model_config": cfg}, sim, info
+
+
+def cooc_matrix(df: pd.DataFrame, items: ItemSpace, n_neighbors: int) -> sp.csr_matrix:
+    """Co-occurrence similarity (scorer.cooc) of the positive events of a canonical interactions frame."""
+    df = sdata.attach_item_idx(df, items)
+    df = df[sdata.target_mask(df)] if len(df) else df
+    return cooccurrence_similarity(
+        df[USER_ID].astype(str).to_numpy(), df["item_idx"].to_numpy(np.int64), items.n_items, n_neighbors
+    )
+
+
+@torch.no_grad()
+def tune_cooc_weight(
+    model: ScorerModel,
+    val: sdata.ValidationSet,
+    sim: sp.csr_matrix,
+    n_candidates: int = 200,
+    k: int = 10,
+    grid: Iterable[float] = COOC_GRID,
+    chunk: int = 256,
+) -> tuple[float, dict[str, float]]:
+    """The co-occurrence weight with the best validation ndcg@k of the final ranking.
+
+    Final ranking (as in `Scorer.recommend`): retrieval top-n_candidates by u.v (train items excluded), scored
+    by `model.rank_pairs` + w * co-occurrence score of the user's positive train items. `grid` is in logit
+    units; with the re-ranker off rank_pairs is u.v, so the weights tried are grid / scale. Ties go to the
+    smaller weight. Returns (weight, {weight: ndcg@k}).
+    """
+    model.eval()
+    unit = 1.0 if model.cfg.rerank else 1.0 / float(model.scale)
+    weights = [float(g) * unit for g in grid]
+    reps = model.all_item_reps()
+    sums = np.zeros(len(weights))
+    for s in range(0, val.n_users, chunk):
+        ub = np.arange(s, min(s + chunk, val.n_users))
+        u = model.user_vectors(*(torch.as_tensor(a[ub]).to(dt) for a, dt in (
+            (val.hist_idx, torch.long), (val.hist_event, torch.long), (val.hist_rating, torch.float32),
+            (val.hist_len, torch.long))))
+        excl = torch.zeros(len(ub), reps.shape[0], dtype=torch.bool)
+        for j, b in enumerate(ub):
+            excl[j, torch.as_tensor(val.exclude[b])] = True
+        retrieval, cand, head = two_stage_rank(model, u, reps, excl, max(n_candidates, k))
+        valid = ~torch.gather(retrieval, 1, cand).isinf()
+        co = history_scores(sim, [val.positives[b] for b in ub], cand.numpy())  # (b, n)
+        base, cand_np, ok = head.numpy(), cand.numpy(), valid.numpy()
+        for wi, w in enumerate(weights):
+            f = np.where(ok, base + w * co, -np.inf)
+            top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
+            sums[wi] += sum(recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub))
+    ndcg = sums / max(val.n_users, 1)
+    best = int(np.argmax(ndcg))  # first maximum = smallest weight among ties
+    return weights[best], {f"{w:.6g}": float(x) for w, x in zip(weights, ndcg, strict=True)}
+
+
 def _write_artifact(
     out: Path,
     state: dict,
@@ -678,17 +787,15 @@ def _write_artifact(
     wall: float,
     epochs_run: list[int],
     extra: dict,
+    cooc: sp.csr_matrix | None = None,
+    cooc_info: dict | None = None,
 ) -> dict:
-    m = state["metrics"]
-    if "val_ndcg@10" in m and "val_retrieval_ndcg@10" in m:
-        # measured, not assumed: keep the MLP re-ranker only if it beat retrieval alone on validation
-        state["model_config"] = {**state["model_config"],
-                                 "rerank": bool(m["val_ndcg@10"] >= m["val_retrieval_ndcg@10"])}
-        logger.info("re-ranker %s: val ndcg@10 two-stage %.4f vs retrieval-only %.4f",
-                    "on" if state["model_config"]["rerank"] else "off", m["val_ndcg@10"],
-                    m["val_retrieval_ndcg@10"])
     torch.save({"model_config": state["model_config"], "model": state["model"]}, out / MODEL_FILE)
     np.save(out / INDEX_IDS_FILE, np.asarray(items.item_ids).astype(str))
+    if cooc is not None:
+        sp.save_npz(out / COOC_FILE, cooc)
+    elif (out / COOC_FILE).exists():
+        (out / COOC_FILE).unlink()  # an older run's matrix must not be paired with this model
     hist = last_state["metrics"]
     meta = write_meta(
         out,
@@ -696,6 +803,7 @@ def _write_artifact(
         embed=embed_meta or {},
         config={**hp, **extra},
         model_config=state["model_config"],
+        cooc=cooc_info or {},
         metrics=state["metrics"],
         best_epoch=int(state["epoch"]),
         last_epoch=int(last_state["epoch"]),

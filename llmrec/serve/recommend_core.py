@@ -10,8 +10,8 @@ Pipeline for one user (batched over B users at once, see `RecommendCore.recommen
    `pop_weight * popularity`.
 3. candidates: the item index (text space) with that vector, plus, with a Scorer, the top items by
    `u_s @ scorer.item_vectors().T`; seen items are dropped when `exclude_seen`.
-4. re-rank: the Scorer MLP (z-scored per user, plus `w` times the z-scored query cosine) when present, else
-   the cosine itself.
+4. re-rank: the Scorer's ranking score (MLP or u.v, plus its co-occurrence term over the user's positive
+   history; z-scored per user, plus `w` times the z-scored query cosine) when present, else the cosine itself.
 5. push down: every candidate whose cosine (text space) to a negative item (dislike/skip) exceeds
    `neg_threshold` - the item itself included - loses `neg_penalty * weight`, so it sinks below the others.
 6. reason: the query when it contributed more than the history, else the history item (by title) or the
@@ -376,7 +376,12 @@ class RecommendCore:
             mlp = np.full(len(cand), -np.inf, np.float32)
             known = s_idx >= 0
             if known.any():
-                mlp[known] = np.asarray(self.scorer.score(s_user[None, :], s_idx[known][None, :]))[0]
+                pos_hist = np.unique(np.array(
+                    [self._s_id_to_idx[it] for it, ev, _, _ in u.history
+                     if it in self._s_id_to_idx and ev not in NEGATIVE_EVENTS], np.int64))
+                mlp[known] = np.asarray(
+                    self.scorer.score(s_user[None, :], s_idx[known][None, :], history_items=[pos_hist])
+                )[0]
             score = _zscore(mlp)
             if q_cos is not None:
                 score = (1.0 - w) * score + w * _zscore(q_cos)

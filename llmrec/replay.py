@@ -13,8 +13,9 @@
    item is excluded from recommendations, so it could never be hit); hit@k and NDCG@k (one relevant item:
    1 / log2(rank + 2)) are averaged over targets, for all targets and for positive ones (like / purchase /
    click / rating >= 4). Afterwards the event is applied to the online state only.
-4. In-process (default): `RecommendCore` over the run's catalog + index (+ scorer when RUN/scorer exists),
-   no Ray. With `url`: the same through the HTTP API of a running `llmrec serve` (users are namespaced
+4. In-process (default): `RecommendCore` over the run's catalog + index (+ RUN/scorer when the served app
+   would use it and it was trained only on events up to the cutoff: a scorer whose `data_ts_max` lies after
+   the cutoff has learned from the replayed events, so the text user vector is replayed instead), no Ray. With `url`: the same through the HTTP API of a running `llmrec serve` (users are namespaced
    `replay-<tag>-on-<uid>` / `-fr-`, initial history posted in batches, deleted at the end).
 Writes `replay.json` (metrics, counts, timings) to `out_dir` (default RUN/eval).
 """
@@ -106,7 +107,7 @@ def replay(
         len(stream),
         n_stream_total,
     )
-    runner = _HttpRunner(url, auth_token, k, run_dir) if url else _LocalRunner(run_dir, k, rank_config)
+    runner = _HttpRunner(url, auth_token, k, run_dir) if url else _LocalRunner(run_dir, k, rank_config, cutoff)
     try:
         runner.init_users(hist)
         t_stream = time.perf_counter()
@@ -131,6 +132,7 @@ def replay(
         "events_per_s": round(len(stream) / stream_s, 1) if stream_s > 0 else None,
         "wall_s": round(time.perf_counter() - t0, 3),
         "scorer": getattr(runner, "has_scorer", None),
+        "scorer_choice": getattr(runner, "scorer_why", None),
     }
     out_path = Path(out_dir) if out_dir else Path(run_dir) / schema.RUN_EVAL
     out_path.mkdir(parents=True, exist_ok=True)
@@ -202,7 +204,9 @@ def _stream(runner: Any, stream: pd.DataFrame, k: int) -> dict[str, Any]:
 class _LocalRunner:
     """In-process: RecommendCore + apply_event + MeanVectorizer (the code the state shards run)."""
 
-    def __init__(self, run_dir: str | Path, k: int, rank_config: Mapping[str, Any] | None) -> None:
+    def __init__(
+        self, run_dir: str | Path, k: int, rank_config: Mapping[str, Any] | None, cutoff: int | None = None
+    ) -> None:
         from llmrec.artifacts import read_meta
         from llmrec.index.item_index import ItemIndex
         from llmrec.serve.recommend_core import RankConfig, RecommendCore, default_scorer_is_better, load_catalog
@@ -213,13 +217,22 @@ class _LocalRunner:
         index = ItemIndex.load(run / schema.RUN_INDEX, expect_embed_meta=embed_meta, device="cpu")
         scorer = None
         use, why = default_scorer_is_better(run)  # the same choice the served app makes
+        if use and cutoff is not None:
+            seen_until = read_meta(run / schema.RUN_SCORER).get("data_ts_max")
+            if seen_until is not None and int(seen_until) > cutoff:
+                # it learned from the very events replay streams (co-occurrences included): not held out
+                use, why = False, (
+                    f"RUN/scorer was trained on events up to ts {int(seen_until)}, after the replay cutoff "
+                    f"{cutoff}, so it has seen the replayed events; replaying with the text user vector instead "
+                    "(to replay a scorer, train it on the pre-cutoff events only)"
+                )
         logger.info("RUN/scorer %s: %s", "used" if use else "not used", why)
         if use:
             from llmrec.scorer.inference import Scorer
 
-            read_meta(run / schema.RUN_SCORER)
             scorer = Scorer.load(run / schema.RUN_SCORER, device="cpu")
         self.has_scorer = scorer is not None
+        self.scorer_why = why
         self.vectorizer = MeanVectorizer(catalog.item_ids, catalog.vectors)
         self.core = RecommendCore(catalog, index, scorer=scorer, config=RankConfig(**(rank_config or {})))
         self.k = k

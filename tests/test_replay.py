@@ -149,3 +149,33 @@ def test_replay_command(tmp_path: Path) -> None:
     assert (
         main(["replay", "--run", str(run), "--data", str(run / schema.RUN_DATA), "--max-events", "-1"]) == 2
     )
+
+
+def _hand_scorer(run: Path, ids: list[str], vectors: np.ndarray, data_ts_max: int) -> None:
+    """A scorer artifact written by hand (warm-started net over the run's catalog): what `llmrec train` writes."""
+    import torch
+
+    from llmrec.scorer.model import ScorerConfig, ScorerModel
+
+    n, d = vectors.shape
+    cfg = ScorerConfig(text_dim=d, n_items=n, n_id_slots=1, dim=8, max_len=10, rerank=False)
+    m = ScorerModel(cfg, torch.from_numpy(vectors.astype(np.float32)), torch.zeros(n, dtype=torch.long))
+    m.warm_start()
+    out = _mk(run / schema.RUN_SCORER)
+    torch.save({"model_config": cfg.to_dict(), "model": m.state_dict()}, out / "model.pt")
+    np.save(out / "item_ids.npy", np.asarray(ids).astype(str))
+    write_meta(out, "train", model_config=cfg.to_dict(), data_ts_max=data_ts_max)
+
+
+def test_replay_refuses_a_scorer_trained_on_the_replayed_events(tmp_path: Path) -> None:
+    run, inter = planted(tmp_path)
+    emb = pq.read_table(run / schema.RUN_EMBEDDINGS / schema.EMBEDDINGS_FILE)
+    ids = emb.column(schema.ITEM_ID).to_pylist()
+    vecs = np.array(emb.column(schema.EMBEDDING).to_pylist(), np.float32)
+    _, _, cutoff = cutoff_split(inter, 0.56)
+    _hand_scorer(run, ids, vecs, data_ts_max=int(inter[schema.TS].max()))  # saw every event
+    out = replay(run, run / schema.RUN_DATA, test_frac=0.56, max_events=20, out_dir=tmp_path / "e1")
+    assert out["scorer"] is False and "after the replay cutoff" in out["scorer_choice"]
+    _hand_scorer(run, ids, vecs, data_ts_max=cutoff)  # trained on pre-cutoff events only: used
+    out = replay(run, run / schema.RUN_DATA, test_frac=0.56, max_events=20, out_dir=tmp_path / "e2")
+    assert out["scorer"] is True and out["n_targets"] == 20

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from llmrec.artifacts import write_meta
 from llmrec.eval.protocol import ItemSpace
-from llmrec.schema import INDEX_IDS_FILE, USER_ID
+from llmrec.schema import INDEX_IDS_FILE, TS, USER_ID
 from llmrec.scorer import data as sdata
 from llmrec.scorer.cooc import cooccurrence_similarity, history_scores
 from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
@@ -190,6 +190,7 @@ def fit_scorer(
         shutil.copyfile(Path(d) / CHECKPOINT_FILE, last / CHECKPOINT_FILE)
         last_state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     state, cooc, cooc_info = finalize_ranking(state, static, train_df, valid_df, items, hp)
+    ts_max = [int(d[TS].max()) for d in (train_df, valid_df) if d is not None and len(d) and TS in d.columns]
     wall = time.perf_counter() - t0
     epochs_run = list(last_state.get("run_epochs", []))
     return _write_artifact(
@@ -203,6 +204,7 @@ def fit_scorer(
         epochs_run=epochs_run,
         cooc=cooc,
         cooc_info=cooc_info,
+        data_ts_max=max(ts_max) if ts_max else None,
         extra={
             "num_workers": num_workers,
             "use_gpu": use_gpu,
@@ -789,6 +791,7 @@ def _write_artifact(
     extra: dict,
     cooc: sp.csr_matrix | None = None,
     cooc_info: dict | None = None,
+    data_ts_max: int | None = None,
 ) -> dict:
     torch.save({"model_config": state["model_config"], "model": state["model"]}, out / MODEL_FILE)
     np.save(out / INDEX_IDS_FILE, np.asarray(items.item_ids).astype(str))
@@ -804,6 +807,7 @@ def _write_artifact(
         config={**hp, **extra},
         model_config=state["model_config"],
         cooc=cooc_info or {},
+        data_ts_max=data_ts_max,  # the latest event it learned from (replay refuses it for earlier cutoffs)
         metrics=state["metrics"],
         best_epoch=int(state["epoch"]),
         last_epoch=int(last_state["epoch"]),

@@ -304,7 +304,8 @@ def fit_local(
     """The same training in one plain process (no Ray): for tests, benchmarks and debugging.
 
     Returns the best model (by val_ndcg@10 when valid_df is given, else the last) in eval mode, and the
-    per-epoch metrics.
+    per-epoch metrics. The post-training choices of `fit_scorer` (re-ranker on/off, co-occurrence weight:
+    `finalize_ranking`) are not made here: the model ranks with its network alone.
     """
     hp = _hparams(model_kwargs, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
     static, samples = prepare_static(train_df, items, valid_df, hp)

@@ -178,3 +178,38 @@ def test_default_scorer_only_when_evaluation_measured_it_better(tmp_path):
     assert resolve_artifacts(str(run), {})["scorer_dir"] is None
     # an explicit user_config choice wins over the measurement
     assert resolve_artifacts(str(run), {"scorer_dir": str(run / "scorer")})["scorer_dir"] == str(run / "scorer")
+
+
+def test_scorer_mode_ranks_by_the_scorer_with_its_co_occurrence_term(core: RecommendCore) -> None:
+    """With a deployed Scorer (u.v + w * co-occurrence), the served order of the candidates is the Scorer's own
+    ranking-score order for the user's positive history (a disliked item adds no co-occurrence); the
+    co-occurrence pair (space1 -> misc) lifts 'misc' above where u.v alone puts it."""
+    import scipy.sparse as sp
+    import torch
+
+    from llmrec.eval.protocol import History
+    from llmrec.scorer.inference import Scorer
+    from llmrec.scorer.model import ScorerConfig, ScorerModel
+
+    cat = core.catalog
+    n = len(cat.item_ids)
+    cfg = ScorerConfig(text_dim=D, n_items=n, n_id_slots=1, dim=D, max_len=8, rerank=False, cooc_weight=2.0)
+    model = ScorerModel(cfg, torch.from_numpy(cat.vectors), torch.zeros(n, dtype=torch.long))
+    model.warm_start()
+    i = cat.id_to_idx
+    sim = sp.csr_matrix(([1.0, 1.0], ([i["space1"], i["cook1"]], [i["misc"], i["popular"]])), shape=(n, n))
+    scorer = Scorer(model, np.asarray(cat.item_ids).astype(str), cooc=sim)
+    served = RecommendCore(cat, core.index, scorer=scorer, config=RankConfig(min_candidates=20))
+    hist = [("space1", "like", None, 0.0), ("space2", "click", None, 1.0), ("cook1", "dislike", None, 2.0)]
+    user = UserView(user_id="u", history=hist, seen={"space1", "space2", "cook1"}, negatives={"cook1": 1.0})
+    recs = served.recommend([user], k=n)[0]
+    got = [r["item_id"] for r in recs if r["item_id"] not in ("cook1_dup",)]  # cook1_dup: pushed down (negative)
+    h = History("u", np.array([i["space1"], i["space2"], i["cook1"]]), np.arange(3),
+                np.array(["like", "click", "dislike"]), np.full(3, np.nan))
+    cand = np.array([i[x] for x in got])
+    u = scorer.user_vectors([h])
+    ref = scorer.score(u, cand[None], history_items=[np.array([i["space1"], i["space2"]])])[0]
+    assert np.all(np.diff(ref) <= 1e-6)  # served order == the scorer's order (ties in either order)
+    assert ref[0] > ref[1] + 1.0  # misc, lifted by its co-occurrence with space1, is first
+    plain = scorer.score(u, cand[None])[0]  # without co-occurrence
+    assert got.index("misc") < list(cand[np.argsort(-plain, kind="stable")]).index(i["misc"])

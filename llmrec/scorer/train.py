@@ -507,25 +507,9 @@ def evaluate(
     if val is None or val.n_users == 0:
         return {}
     was_training = model.training
-    model.eval()
-    reps = model.all_item_reps()  # (N, d)
-    N = reps.shape[0]
     sums = torch.zeros(5, dtype=torch.float64)  # recall, ndcg, retrieval recall, retrieval ndcg, users
     users = np.arange(rank, val.n_users, world)
-    for s in range(0, len(users), chunk):
-        ub = users[s : s + chunk]
-        t = lambda a, dt, ub=ub: torch.as_tensor(a[ub], device=device).to(dt)  # noqa: E731
-        u = model.user_vectors(
-            t(val.hist_idx, torch.long),
-            t(val.hist_event, torch.long),
-            t(val.hist_rating, torch.float32),
-            t(val.hist_len, torch.long),
-        )
-        excl = torch.zeros(len(ub), N, dtype=torch.bool, device=device)
-        for j, b in enumerate(ub):
-            excl[j, torch.as_tensor(val.exclude[b], device=device)] = True
-        retrieval, cand, head = two_stage_rank(model, u, reps, excl, max(n_candidates, k))
-        head = head.masked_fill(torch.gather(retrieval, 1, cand).isinf(), float("-inf"))
+    for ub, retrieval, cand, head in _two_stage_chunks(model, val, users, max(n_candidates, k), device, chunk):
         top_two = torch.gather(cand, 1, head.topk(k, dim=1).indices).cpu().numpy()  # (b, k)
         top_ret = retrieval.topk(k, dim=1).indices.cpu().numpy()
         for j, b in enumerate(ub):
@@ -546,6 +530,37 @@ def evaluate(
         f"val_best_ndcg@{k}": max(float(sums[1]), float(sums[3])) / n,
         "val_users": int(sums[4]),
     }
+
+
+def _two_stage_chunks(
+    model: ScorerModel,
+    val: sdata.ValidationSet,
+    users: np.ndarray,
+    n_candidates: int,
+    device: torch.device | str = "cpu",
+    chunk: int = 256,
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Validation users in chunks through `two_stage_rank` (eval mode; each user's train items excluded).
+
+    Yields (user rows ub, retrieval (b, N), candidates (b, n), ranking scores (b, n) with -inf where the
+    candidate is excluded).
+    """
+    model.eval()
+    reps = model.all_item_reps()  # (N, d)
+    for s in range(0, len(users), chunk):
+        ub = users[s : s + chunk]
+        t = lambda a, dt, ub=ub: torch.as_tensor(a[ub], device=device).to(dt)  # noqa: E731
+        u = model.user_vectors(
+            t(val.hist_idx, torch.long),
+            t(val.hist_event, torch.long),
+            t(val.hist_rating, torch.float32),
+            t(val.hist_len, torch.long),
+        )
+        excl = torch.zeros(len(ub), reps.shape[0], dtype=torch.bool, device=device)
+        for j, b in enumerate(ub):
+            excl[j, torch.as_tensor(val.exclude[b], device=device)] = True
+        retrieval, cand, head = two_stage_rank(model, u, reps, excl, n_candidates)
+        yield ub, retrieval, cand, head.masked_fill(torch.gather(retrieval, 1, cand).isinf(), float("-inf"))
 
 
 def recall_ndcg(top: np.ndarray, targets: np.ndarray, k: int) -> tuple[float, float]:
@@ -754,25 +769,15 @@ def tune_cooc_weight(
     units; with the re-ranker off rank_pairs is u.v, so the weights tried are grid / scale. Ties go to the
     smaller weight. Returns (weight, {weight: ndcg@k}).
     """
-    model.eval()
     unit = 1.0 if model.cfg.rerank else 1.0 / float(model.scale)
     weights = [float(g) * unit for g in grid]
-    reps = model.all_item_reps()
     sums = np.zeros(len(weights))
-    for s in range(0, val.n_users, chunk):
-        ub = np.arange(s, min(s + chunk, val.n_users))
-        u = model.user_vectors(*(torch.as_tensor(a[ub]).to(dt) for a, dt in (
-            (val.hist_idx, torch.long), (val.hist_event, torch.long), (val.hist_rating, torch.float32),
-            (val.hist_len, torch.long))))
-        excl = torch.zeros(len(ub), reps.shape[0], dtype=torch.bool)
-        for j, b in enumerate(ub):
-            excl[j, torch.as_tensor(val.exclude[b])] = True
-        retrieval, cand, head = two_stage_rank(model, u, reps, excl, max(n_candidates, k))
-        valid = ~torch.gather(retrieval, 1, cand).isinf()
+    users = np.arange(val.n_users)
+    for ub, _, cand, head in _two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
         co = history_scores(sim, [val.positives[b] for b in ub], cand.numpy())  # (b, n)
-        base, cand_np, ok = head.numpy(), cand.numpy(), valid.numpy()
+        base, cand_np = head.numpy(), cand.numpy()  # base is -inf at excluded candidates
         for wi, w in enumerate(weights):
-            f = np.where(ok, base + w * co, -np.inf)
+            f = base + w * co
             top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
             sums[wi] += sum(recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub))
     ndcg = sums / max(val.n_users, 1)

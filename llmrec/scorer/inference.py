@@ -250,7 +250,7 @@ class Scorer:
         w = float(self.model.cfg.cooc_weight)
         if w <= 0 or self.cooc is None or history_items is None or cand.numel() == 0:
             return scores
-        co = history_scores(self.cooc, [np.asarray(h, dtype=np.int64) for h in history_items], cand.cpu().numpy())
+        co = history_scores(self.cooc, history_items, cand.cpu().numpy())  # (B, K)
         return scores + w * torch.from_numpy(co).to(scores.device)
 
     def _reps(self) -> torch.Tensor:

@@ -271,7 +271,7 @@ class RecommendCore:
             _, ids = self.index.search(rvecs[rows], max(n_cand[i] for i in rows))
             for r, i in enumerate(rows):
                 cand[i] = self._ids_to_idx(ids[r][: n_cand[i]])
-        s_user = self._scorer_user_vectors(users, use_scorer)
+        s_user, s_pos = self._scorer_user_vectors(users, use_scorer)
         for i in range(b):
             extra = []
             if s_user is not None and use_scorer[i]:
@@ -291,6 +291,7 @@ class RecommendCore:
                 ex[i],
                 uvecs[i],
                 None if s_user is None or not use_scorer[i] else s_user[i],
+                s_pos[i],
             )
             for i in range(b)
         ]
@@ -322,10 +323,16 @@ class RecommendCore:
         idx = [get(str(i), -1) for i in ids if i is not None]
         return np.array([j for j in idx if j >= 0], dtype=np.int64)
 
-    def _scorer_user_vectors(self, users: Sequence[UserView], mask: Sequence[bool]) -> np.ndarray | None:
+    def _scorer_user_vectors(
+        self, users: Sequence[UserView], mask: Sequence[bool]
+    ) -> tuple[np.ndarray | None, list[np.ndarray | None]]:
+        """(B, Ds) scorer user vectors (None without a scorer) and, per user, its positive history items in
+        scorer indices (`scorer.data.positive_items`, for the co-occurrence term; None where not scored)."""
+        pos: list[np.ndarray | None] = [None] * len(users)
         if self.scorer is None or not any(mask):
-            return None
+            return None, pos
         from llmrec.eval.protocol import History
+        from llmrec.scorer.data import positive_items
 
         hists, rows = [], []
         for i, (u, m) in enumerate(zip(users, mask, strict=True)):
@@ -349,7 +356,9 @@ class RecommendCore:
         uv = np.asarray(self.scorer.user_vectors(hists), dtype=np.float32)  # (B', Ds)
         out = np.zeros((len(users), uv.shape[1]), np.float32)
         out[rows] = uv
-        return out
+        for i, h in zip(rows, hists, strict=True):
+            pos[i] = positive_items(h)
+        return out, pos
 
     def _rank_one(
         self,
@@ -360,6 +369,7 @@ class RecommendCore:
         exclude_seen: bool,
         uvec: np.ndarray | None,
         s_user: np.ndarray | None,
+        s_pos: np.ndarray | None = None,
     ) -> list[dict[str, Any]]:
         cat, cfg = self.catalog, self.config
         if exclude_seen and len(cand) and u.seen:
@@ -376,11 +386,9 @@ class RecommendCore:
             mlp = np.full(len(cand), -np.inf, np.float32)
             known = s_idx >= 0
             if known.any():
-                pos_hist = np.unique(np.array(
-                    [self._s_id_to_idx[it] for it, ev, _, _ in u.history
-                     if it in self._s_id_to_idx and ev not in NEGATIVE_EVENTS], np.int64))
+                hist_items = None if s_pos is None else [s_pos]
                 mlp[known] = np.asarray(
-                    self.scorer.score(s_user[None, :], s_idx[known][None, :], history_items=[pos_hist])
+                    self.scorer.score(s_user[None, :], s_idx[known][None, :], history_items=hist_items)
                 )[0]
             score = _zscore(mlp)
             if q_cos is not None:

@@ -16,6 +16,11 @@ EVENT = "event"  # string, one of EVENT_KINDS
 
 # feedback / interaction event kinds, in the order the HTTP API documents them
 EVENT_KINDS = ("view", "click", "like", "dislike", "skip", "purchase", "rating")
+# negative feedback: never a training target or a positive history item; text models subtract their items
+NEGATIVE_KINDS = ("dislike", "skip")
+# explicitly positive feedback (a text with one of these kinds pulls towards the text); "view" and mid ratings
+# are interactions without a direction (see llmrec.state.user_state.polarity for ratings)
+POSITIVE_KINDS = ("like", "purchase", "click")
 
 # artifacts
 META_FILE = "meta.json"
@@ -24,6 +29,8 @@ EMBEDDING = "embedding"  # fixed_size_list<float32>[dim]
 INDEX_FILE = "index.faiss"
 INDEX_TORCH_FILE = "index.npy"
 INDEX_IDS_FILE = "item_ids.npy"
+SCORER_MODEL_FILE = "model.pt"  # {"model_config", "model"} of the scorer checkpoint training chose
+SCORER_COOC_FILE = "cooc.npz"  # the co-occurrence matrix of the scorer's hybrid ranking
 
 # run directory layout (`llmrec pipeline --out RUN`)
 RUN_DATA = "data"

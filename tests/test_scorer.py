@@ -64,8 +64,8 @@ def test_forward_shapes_and_padding_invariance():
     m = ScorerModel(cfg, torch.randn(40, 12), slots).eval()
     hi, ev, rt, ln = _inputs(5, 8, 40)
     u = m.user_vectors(hi, ev, rt, ln)
-    assert u.shape == (5, 16)
-    assert m.all_item_reps().shape == (40, 16)
+    assert u.shape == (5, 16 + 12) and cfg.retrieval_dim == 28  # [behaviour (d); text (D)]
+    assert m.all_item_reps().shape == (40, 28)
     assert m.head_scores(u, torch.randint(0, 40, (5, 7))).shape == (5, 7)
     cand = torch.cat([torch.randint(0, 40, (5,)), torch.randint(0, 40, (9,))])
     r, h = m(hi, ev, rt, ln, cand, head_neg=4)
@@ -199,7 +199,7 @@ def test_rerank_off_ranks_by_retrieval_everywhere():
     on = ScorerModel(cfg, torch.randn(30, 8), torch.arange(1, 31)).eval()
     off = ScorerModel(dataclasses.replace(cfg, rerank=False), on.text_vectors, on.id_slots).eval()
     off.load_state_dict(on.state_dict())
-    u, reps = torch.randn(3, 8), off.all_item_reps()
+    u, reps = torch.randn(3, cfg.retrieval_dim), off.all_item_reps()
     with torch.no_grad():
         retrieval, cand, head = two_stage_rank(off, u, reps, None, 10)
         torch.testing.assert_close(head, torch.gather(retrieval, 1, cand))  # reference: plain u.v
@@ -217,7 +217,8 @@ def test_warm_start_reproduces_the_zero_shot_text_model():
     torch.manual_seed(0)
     n, D = 30, 12
     text = torch.nn.functional.normalize(torch.randn(n, D), dim=1)
-    cfg = ScorerConfig(text_dim=D, n_items=n, n_id_slots=1, dim=D, max_len=8, dropout=0.0, id_dropout=0.0)
+    cfg = ScorerConfig(text_dim=D, n_items=n, n_id_slots=1, dim=D, max_len=8, dropout=0.0, id_dropout=0.0,
+                       text_arm=False)
     m = ScorerModel(cfg, text, torch.zeros(n, dtype=torch.long))
     m.warm_start()
     with torch.no_grad():
@@ -305,3 +306,149 @@ def test_head_trains_on_the_retrieval_top_list_it_reranks():
             assert torch.isclose(allowed, x, atol=1e-5).any()
     head.sum().backward()
     assert m.mlp[0].weight.grad is not None and float(m.mlp[0].weight.grad.abs().sum()) > 0
+
+
+def _np_text_arm(m, hi, ev, ln, fb_vec=None, fb_pol=None):
+    """Brute-force numpy twin of the text arm: beta(n) * unit recency-weighted history text mean (negative
+    events subtract) + g+ * mean(positive texts) - g- * mean(negative texts) (recency by text position)."""
+    from llmrec.scorer.model import FEEDBACK_HALF_LIFE, LEN_BUCKETS
+
+    g = {k: v.detach().numpy() for k, v in m.text_gains().items()}
+    t = m.text_vectors.numpy()
+    out = []
+    for b in range(hi.shape[0]):
+        n = int(ln[b])
+        acc = np.zeros(t.shape[1])
+        for j in range(n):
+            sign = -1.0 if int(ev[b, j]) in (EVENT_INDEX["dislike"], EVENT_INDEX["skip"]) else 1.0
+            acc += 0.5 ** ((n - 1 - j) / m.cfg.text_half_life) * sign * t[int(hi[b, j])]
+        norm = np.linalg.norm(acc)
+        bucket = max(0, int(np.searchsorted(LEN_BUCKETS, n, side="right")) - 1)
+        a = g["beta"][bucket] * (acc / norm if norm > 1e-12 else acc)
+        if fb_vec is not None:
+            for sign, key in ((1, "fb_pos"), (-1, "fb_neg")):
+                rows = [j for j in range(fb_vec.shape[1]) if np.sign(fb_pol[b, j]) == sign]
+                if rows:
+                    w = np.array([0.5 ** ((len(rows) - 1 - r) / FEEDBACK_HALF_LIFE) for r in range(len(rows))])
+                    e = (w[:, None] * fb_vec[b, rows].numpy()).sum(0) / w.sum()
+                    a = a + sign * g[key] * e
+        out.append(a)
+    return np.stack(out)
+
+
+def test_text_arm_matches_brute_force_and_feedback_moves_scores_by_its_gain():
+    """The D-dim part of the user vector is the bounded-gain text arm (numpy reference); one negative text lowers
+    every item's retrieval score by exactly g- times the item's cosine to the text, a positive one raises it."""
+    torch.manual_seed(0)
+    n, D = 30, 12
+    text = torch.nn.functional.normalize(torch.randn(n, D), dim=1)
+    cfg = ScorerConfig(text_dim=D, n_items=n, n_id_slots=n + 1, dim=8, max_len=8, dropout=0.0, id_dropout=0.0)
+    m = ScorerModel(cfg, text, torch.arange(1, n + 1)).eval()
+    hi, _, rt, ln = _inputs(6, 8, n, seed=2)
+    ev = torch.full((6, 8), EVENT_INDEX["like"])
+    ev[1, 0] = EVENT_INDEX["dislike"]  # a negative event subtracts its text
+    with torch.no_grad():
+        u = m.user_vectors(hi, ev, rt, ln)
+        np.testing.assert_allclose(u[:, 8:].numpy(), _np_text_arm(m, hi, ev, ln), atol=1e-5)
+        fb = torch.nn.functional.normalize(torch.randn(6, 3, D), dim=-1)
+        pol = torch.tensor([[1, 0, 0], [-1, 0, 0], [1, -1, 1], [0, 0, 0], [-1, -1, 0], [1, 1, 1]]).float()
+        u_fb = m.user_vectors(hi, ev, rt, ln, fb, pol)
+        np.testing.assert_allclose(u_fb[:, 8:].numpy(), _np_text_arm(m, hi, ev, ln, fb, pol), atol=1e-5)
+        reps = m.all_item_reps()
+        delta = (u_fb - u) @ reps.T  # (6, n) change of every item's score
+        g = m.text_gains()
+        # the behaviour part's feedback maps start at zero, so the change is the text arm's alone
+        torch.testing.assert_close(delta[0], g["fb_pos"] * (text @ fb[0, 0]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(delta[1], -g["fb_neg"] * (text @ fb[1, 0]), atol=1e-5, rtol=1e-4)
+        assert float(delta[3].abs().max()) == 0.0  # no text, no change
+    for v in g.values():  # bounded gains
+        assert 0 < float(v.min()) and float(v.max()) < cfg.text_gain_max
+
+
+def test_id_gate_and_rare_item_dropout_follow_training_counts():
+    """v = W t + n / (n + k0) * E_id: a cold item (n = 0) is its text projection exactly, a frequent item
+    keeps almost all of its ID vector; in training rare items lose their ID more often than frequent ones."""
+    torch.manual_seed(0)
+    n, D = 6, 8
+    cfg = ScorerConfig(text_dim=D, n_items=n, n_id_slots=n + 1, dim=8, max_len=4, id_dropout=0.3,
+                       rare_dropout_c=2.0)
+    counts = torch.tensor([0.0, 1.0, 3.0, 1000.0, 1.0, 1000.0])
+    m = ScorerModel(cfg, torch.randn(n, D), torch.arange(1, n + 1), counts)
+    with torch.no_grad():
+        torch.nn.init.normal_(m.id_emb.weight)
+        m.id_emb.weight[0].zero_()  # slot 0 = "no ID" stays a zero vector
+    m.eval()
+    with torch.no_grad():
+        v = m.all_item_reps()[:, :8]
+        base = m.text_proj(m.text_vectors)
+        k0 = float(torch.nn.functional.softplus(m.id_gate_k))
+        assert k0 == pytest.approx(1.0, rel=1e-5)
+        for i in range(n):
+            gate = float(counts[i]) / (float(counts[i]) + k0)
+            torch.testing.assert_close(v[i], base[i] + gate * m.id_emb.weight[i + 1])
+    m.train()
+    kept = np.zeros(n)
+    with torch.no_grad():
+        for _ in range(400):
+            r = m.item_reps(torch.arange(n))[:, :8] - m.text_proj(m.text_vectors)
+            kept += (r.abs().sum(1) > 1e-6).numpy()
+    keep = kept / 400  # expected 1 - (0.3 + 0.7 * 2 / (2 + n_i)): n=1 -> 0.233, n=3 -> 0.42, n=1000 -> 0.699
+    assert kept[0] == 0  # a cold item has no ID vector to keep
+    assert keep[1] == pytest.approx(0.233, abs=0.07) and keep[2] == pytest.approx(0.42, abs=0.08)
+    assert keep[3] == pytest.approx(0.699, abs=0.08)
+
+
+def test_cold_quota_reserves_candidates_for_cold_items():
+    """With cold_quota q the candidate list is the top n - q by u.v plus the best q cold items outside it;
+    without a quota the cold items would not be candidates at all."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    n, D = 40, 8
+    slots = torch.cat([torch.arange(1, 31), torch.zeros(10, dtype=torch.long)])  # items 30..39 cold
+    cfg = ScorerConfig(text_dim=D, n_items=n, n_id_slots=31, dim=8, max_len=4, rerank=False)
+    m = ScorerModel(cfg, torch.randn(n, D), slots).eval()
+    u = torch.randn(2, cfg.retrieval_dim)
+    with torch.no_grad():
+        reps = m.all_item_reps().clone()
+        reps[30:] -= 100.0  # cold items score far below every warm one
+        _, cand, _ = two_stage_rank(m, u, reps, None, 8)
+        assert int((cand >= 30).sum()) == 0
+        q = ScorerModel(dataclasses.replace(cfg, cold_quota=3), m.text_vectors, m.id_slots).eval()
+        q.load_state_dict(m.state_dict())
+        retrieval, cand_q, head = two_stage_rank(q, u, reps, None, 8)
+    for b in range(2):
+        ref_main = set(retrieval[b].topk(5).indices.tolist())
+        ref_cold = set((retrieval[b, 30:].topk(3).indices + 30).tolist())
+        assert set(cand_q[b, :5].tolist()) == ref_main and set(cand_q[b, 5:].tolist()) == ref_cold
+        assert bool(head[b].isfinite().all())
+
+
+def test_feedback_synthesis_points_at_or_away_from_the_target():
+    """Positive texts name a facet of the next item; negative texts a facet it lacks (a history facet when
+    there is one); vectors are the bank's phrase vectors of that facet."""
+    from llmrec.scorer.feedback import build_bank, sample_feedback
+
+    facets = [["a", "b"], ["a"], ["c"], ["c", "d"], ["b", "d"], []]
+    names_seen = []
+
+    def encode(texts):
+        names_seen.extend(texts)
+        return np.stack([np.full(4, float(len(t))) for t in texts]).astype(np.float32)
+
+    bank = build_bank(facets, encode)
+    assert bank.names == ["a", "b", "c", "d"] and bank.pos.shape == (4, 4, 4) and "no more a" in names_seen
+    rng = np.random.default_rng(0)
+    target = np.array([0, 1, 2, 3, 4, 5] * 50)
+    hist = np.tile(np.array([[2, 3, 0]]), (300, 1))  # history items carry c, d, a, b
+    vec, pol, facet = sample_feedback(bank, target, hist, np.full(300, 3), rng, p=1.0)
+    assert (pol[:, 0] != 0).mean() > 0.8  # item 5 has no facet: only negative texts possible there
+    for b in range(300):
+        own = set(bank.facets_of(int(target[b])))
+        if pol[b, 0] > 0:
+            assert facet[b] in own
+            assert any(np.allclose(vec[b, 0], v) for v in bank.pos[facet[b]])
+        elif pol[b, 0] < 0:
+            assert facet[b] not in own
+            assert any(np.allclose(vec[b, 0], v) for v in bank.neg[facet[b]])
+    assert abs((pol > 0).mean() - (pol < 0).mean()) < 0.2

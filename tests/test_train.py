@@ -108,7 +108,8 @@ def test_artifact_and_inference_api(trained, planted_split):
         and s.item_index("nope") is None
     )
     V = s.item_vectors()
-    assert V.shape == (items.n_items, SMALL["dim"]) and V.dtype == np.float32
+    D = items.text_vectors.shape[1]
+    assert V.shape == (items.n_items, SMALL["dim"] + D) and V.dtype == np.float32  # [behaviour; text]
     h = histories_from_frame(attach_item_idx(planted_split[2], items))[:4]
     U = s.user_vectors(h)
     idx, sc = s.recommend(h, k=5, n_candidates=20)

@@ -33,7 +33,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from llmrec.eval.protocol import History, ItemSpace
-from llmrec.schema import EVENT, USER_ID
+from llmrec.schema import EVENT, NEGATIVE_KINDS, USER_ID
 from llmrec.scorer.cooc import cooccurrence_similarity, history_matrix
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ __all__ = [
     "make_baseline",
 ]
 
-NEGATIVE_EVENTS = ("dislike", "skip")
+NEGATIVE_EVENTS = NEGATIVE_KINDS  # the one definition lives in llmrec.schema
 ITEM_IDX = "item_idx"
 
 

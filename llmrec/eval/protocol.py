@@ -18,6 +18,12 @@ class ItemSpace:
     item_ids: np.ndarray  # (N,) object/str, catalog order
     text_vectors: np.ndarray  # (N, D) float32, L2-normalised BERT text embeddings, row i = item_ids[i]
     titles: np.ndarray | None = None  # (N,) str, for reports; may be None
+    # (N,) per item its facet names (schema.FACETS: genres, categories, ...), or None when the catalog has none;
+    # the scorer synthesises text feedback about them in training
+    facets: list[list[str]] | None = None
+    # the text encoder (local folder or hub name) that made text_vectors: texts are encoded with it to land in
+    # the same space (None = unknown, no text can be encoded)
+    text_model: str | None = None
 
     @property
     def n_items(self) -> int:
@@ -26,13 +32,15 @@ class ItemSpace:
 
 @dataclass(frozen=True)
 class History:
-    """One user's time-ordered history as of the moment of recommendation."""
+    """One user's time-ordered history as of the moment of recommendation, plus what the user said."""
 
     user_id: str
     item_idx: np.ndarray  # (L,) int64 indices into ItemSpace, oldest first
     ts: np.ndarray  # (L,) int64
     event: np.ndarray  # (L,) str, schema.EVENT_KINDS
     rating: np.ndarray  # (L,) float64, NaN where none
+    fb_vec: np.ndarray | None = None  # (T, D) float32 text-feedback vectors (the item encoder's), oldest first
+    fb_pol: np.ndarray | None = None  # (T,) float32 polarity of each text, +1 or -1
 
 
 class Recommender(Protocol):

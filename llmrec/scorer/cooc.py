@@ -98,11 +98,24 @@ def history_matrix(hist_items: Sequence[np.ndarray], n_items: int) -> sp.csr_mat
     return m
 
 
-def history_scores(sim: sp.csr_matrix, hist_items: Sequence[np.ndarray], cand: np.ndarray) -> np.ndarray:
-    """float32 (B, K) co-occurrence scores of candidates cand int64 (B, K) for B histories of item indices."""
+def history_scores(
+    sim: sp.csr_matrix, hist_items: Sequence[np.ndarray], cand: np.ndarray, fill_cold: bool = False
+) -> np.ndarray:
+    """float32 (B, K) co-occurrence scores of candidates cand int64 (B, K) for B histories of item indices.
+
+    fill_cold: a candidate without any co-occurrence data (an empty column of `sim`: never seen together with
+    another item) gets the mean score of the row's candidates that have data instead of 0, so a hybrid
+    ranking does not push cold items down for being cold.
+    """
     cand = np.asarray(cand, dtype=np.int64)
     if cand.ndim != 2 or cand.shape[0] != len(hist_items):
         raise ValueError(f"cand must be (B={len(hist_items)}, K), got {cand.shape}")
     full = (history_matrix(hist_items, sim.shape[0]) @ sim).tocsr()  # (B, N) sparse
     rows = np.repeat(np.arange(cand.shape[0]), cand.shape[1])
-    return np.asarray(full[rows, cand.ravel()], dtype=np.float32).reshape(cand.shape)
+    out = np.asarray(full[rows, cand.ravel()], dtype=np.float32).reshape(cand.shape)
+    if fill_cold and out.size:
+        has = np.diff(sim.tocsr().indptr) > 0  # (N,) the item co-occurred with some item in training
+        known = has[cand]  # (B, K)
+        mean = np.where(known, out, 0.0).sum(1) / np.maximum(known.sum(1), 1)  # (B,)
+        out = np.where(known, out, mean[:, None]).astype(np.float32)
+    return out

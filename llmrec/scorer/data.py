@@ -19,12 +19,11 @@ import numpy as np
 import pandas as pd
 
 from llmrec.eval.protocol import History, ItemSpace
-from llmrec.schema import EVENT, EVENT_KINDS, ITEM_ID, RATING, TS, USER_ID
+from llmrec.schema import EVENT, EVENT_KINDS, ITEM_ID, NEGATIVE_KINDS, RATING, TS, USER_ID
 from llmrec.scorer.model import EVENT_INDEX
 
 logger = logging.getLogger(__name__)
 
-NEGATIVE_KINDS = ("dislike", "skip")
 SAMPLE_COLUMNS = ("hist_idx", "hist_event", "hist_rating", "hist_len", "target")
 
 
@@ -125,7 +124,8 @@ def build_samples(
 
 @dataclass(frozen=True)
 class ValidationSet:
-    """Validation users: their train history (encoder input), held-out targets, and train items to exclude."""
+    """Validation users: their train history (encoder input), held-out targets, and train items to exclude;
+    optionally one synthesised text feedback per user (held-out phrasings, `scorer.feedback`)."""
 
     hist_idx: np.ndarray  # int32 (U, L)
     hist_event: np.ndarray  # int8 (U, L)
@@ -134,6 +134,9 @@ class ValidationSet:
     targets: list[np.ndarray]  # U arrays of held-out item indices
     exclude: list[np.ndarray]  # U arrays of the user's train item indices
     positives: list[np.ndarray]  # U arrays of the user's distinct train items of positive kinds (co-occurrence)
+    fb_vec: np.ndarray | None = None  # float32 (U, 1, D) text feedback vector (zeros where none)
+    fb_pol: np.ndarray | None = None  # float32 (U, 1) its polarity, +1 / -1 / 0 = none
+    fb_facet: np.ndarray | None = None  # int64 (U,) the facet the text names (-1 = none)
 
     @property
     def n_users(self) -> int:
@@ -237,6 +240,34 @@ def pad_histories(
             rt[b, :n] = np.asarray(h.rating, dtype=np.float32)[-n:]
         ln[b] = n
     return idx, ev, rt, ln
+
+
+MAX_TEXTS = 8  # text feedbacks per user the encoder reads (the most recent)
+
+
+def pad_feedback(
+    histories: list[History], dim: int, max_texts: int = MAX_TEXTS
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Histories' text feedback -> fb_vec float32 (B, T, D), fb_pol float32 (B, T) (0 = empty slot), the last
+    max_texts texts of each user (oldest first); (None, None) when no history carries any."""
+    if not any(h.fb_vec is not None and len(h.fb_vec) for h in histories):
+        return None, None
+    T = min(max_texts, max(len(h.fb_vec) if h.fb_vec is not None else 0 for h in histories))
+    vec = np.zeros((len(histories), T, dim), np.float32)
+    pol = np.zeros((len(histories), T), np.float32)
+    for b, h in enumerate(histories):
+        if h.fb_vec is None or not len(h.fb_vec):
+            continue
+        v = np.asarray(h.fb_vec, dtype=np.float32)[-T:]
+        pp = np.asarray(h.fb_pol, dtype=np.float32)[-T:] if h.fb_pol is not None else None
+        if v.ndim != 2 or v.shape[1] != dim or pp is None or pp.shape != (len(v),):
+            raise ValueError(
+                f"text feedback of user {h.user_id!r} must be fb_vec (T, {dim}) with fb_pol (T,), got "
+                f"{v.shape} and {None if pp is None else pp.shape}; encode texts with the items' encoder"
+            )
+        vec[b, : len(v)] = v
+        pol[b, : len(v)] = np.sign(pp)
+    return vec, pol
 
 
 def popularity(train: pd.DataFrame, items: ItemSpace) -> np.ndarray:

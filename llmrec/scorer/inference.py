@@ -1,11 +1,15 @@
-"""Inference API over a trained scorer artifact (`llmrec train` output), used by evaluation and serving.
+"""Inference API over a trained scorer artifact (`llmrec train` output): the one ranking path.
 
-`recommend` is the production two-stage pipeline: retrieval top-`n_candidates` by u.v over the catalog
-(excluded items are never candidates), then the candidates are ranked by the MLP head (or u.v when training
-turned the head off) plus `cooc_weight` times their item co-occurrence score with the user's positive history
-items (`scorer.cooc`; the matrix is the artifact's `cooc.npz`, the weight was chosen on validation), and the
-top k are returned. Retrieval over an external ANN index uses the same space: `item_vectors()` rows and
-`user_vectors()` rows, score = inner product.
+`Scorer.rank` is the production two-stage ranking that evaluation (`full_scores`), batch recommendations
+(`recommend`) and serving (`llmrec.serve.recommend_core.RecommendCore`) all call: retrieval top-`n_candidates`
+by u.v over the catalog (excluded items are never candidates; `cold_quota` of them reserved for cold items),
+then the candidates are ranked by the MLP head (or u.v when training turned the head off) plus `cooc_weight`
+times their item co-occurrence score with the user's positive history items (`scorer.cooc`; the matrix is
+the artifact's `cooc.npz`, the weight was chosen on validation). A user's text feedback (`History.fb_vec`,
+`fb_pol`) is read by the user encoder, so it moves retrieval and ranking at once. `rank` also splits each
+candidate's score into the signals that made it (`Ranked.parts`), which serving turns into a reason.
+Retrieval over an external ANN index uses the same space: `item_vectors()` rows and `user_vectors()` rows,
+score = inner product.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +29,29 @@ from llmrec.artifacts import ArtifactError, read_meta
 from llmrec.device import resolve_device
 from llmrec.eval.protocol import History
 from llmrec.schema import INDEX_IDS_FILE
+from llmrec.schema import SCORER_COOC_FILE as COOC_FILE
+from llmrec.schema import SCORER_MODEL_FILE as MODEL_FILE
 from llmrec.scorer.cooc import history_scores
-from llmrec.scorer.data import pad_histories, positive_items
+from llmrec.scorer.data import pad_feedback, pad_histories, positive_items
 from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
-from llmrec.scorer.train import COOC_FILE, MODEL_FILE
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Ranked:
+    """What `Scorer.rank` returns for B users and n candidate slots each.
+
+    cand: int64 (B, n) catalog indices; score: float32 (B, n) final ranking score, -inf where the slot is not a
+    candidate (excluded, duplicate, or padding); parts: float32 (B, n) each, the additive split of `score`:
+    "behaviour" (ID/sequence part of the user vector and the MLP head's correction), "content" (the history
+    text arm), "feedback" (the user's text feedback), "cooc" (the co-occurrence term); user_vecs (B, r).
+    """
+
+    cand: np.ndarray
+    score: np.ndarray
+    parts: dict[str, np.ndarray]
+    user_vecs: np.ndarray
 
 
 class Scorer:
@@ -76,23 +98,27 @@ class Scorer:
             if not (d / f).is_file():
                 raise ArtifactError(f"{d / f} is missing; re-run `llmrec train --out {d}`")
         state = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=False)
-        cfg = ScorerConfig(**state["model_config"])
+        retrain = f"re-run `llmrec train --out {d}`"
+        try:
+            cfg = ScorerConfig(**state["model_config"])
+        except TypeError as e:  # a config field this version does not know: a newer network
+            raise ArtifactError(f"{d / MODEL_FILE} was written by another version of the scorer ({e}); "
+                                f"{retrain}") from e
         sd = state["model"]
-        model = ScorerModel(cfg, sd["text_vectors"], sd["id_slots"])
+        model = ScorerModel(cfg, sd["text_vectors"], sd["id_slots"], sd.get("item_counts"))
         try:
             model.load_state_dict(sd)
         except RuntimeError as e:  # missing / unexpected parameters: another version of the network
             raise ArtifactError(
                 f"{d / MODEL_FILE} was written by a different version of the scorer network "
-                f"(code_version {meta.get('code_version')!r}): {str(e).splitlines()[0]}; "
-                f"re-run `llmrec train --out {d}`"
+                f"(code_version {meta.get('code_version')!r}): {str(e).splitlines()[0]}; {retrain}"
             ) from e
         item_ids = np.load(d / INDEX_IDS_FILE, allow_pickle=False)
         cooc = None
         if (d / COOC_FILE).is_file():
             cooc = sp.load_npz(d / COOC_FILE)
         elif cfg.cooc_weight > 0:
-            raise ArtifactError(f"{d / COOC_FILE} is missing; re-run `llmrec train --out {d}`")
+            raise ArtifactError(f"{d / COOC_FILE} is missing; {retrain}")
         s = cls(model, item_ids, meta, device=device, cooc=cooc)
         logger.info(
             "loaded scorer from %s: %d items, d=%d, %.2fs", d, cfg.n_items, cfg.dim, time.perf_counter() - t0
@@ -106,7 +132,8 @@ class Scorer:
 
     @property
     def dim(self) -> int:
-        return self.model.cfg.dim
+        """Width of the retrieval space (user and item vectors)."""
+        return self.model.cfg.retrieval_dim
 
     @property
     def n_items(self) -> int:
@@ -118,12 +145,12 @@ class Scorer:
 
     @torch.no_grad()
     def item_vectors(self) -> np.ndarray:
-        """float32 (N, d): retrieval-space vectors of the catalog (text projection + ID embedding)."""
+        """float32 (N, r): retrieval-space vectors of the catalog (text projection + gated ID [+ text])."""
         return self._reps().cpu().numpy()
 
     @torch.no_grad()
     def text_item_vectors(self, text_vectors: np.ndarray) -> np.ndarray:
-        """float32 (M, d) retrieval vectors for items outside the catalog from their text vectors (M, D)."""
+        """float32 (M, r) retrieval vectors for items outside the catalog from their text vectors (M, D)."""
         t = np.asarray(text_vectors, dtype=np.float32)
         if t.ndim != 2 or t.shape[1] != self.text_dim:
             raise ValueError(
@@ -134,7 +161,7 @@ class Scorer:
     # ---- users ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def user_vectors(self, histories: Sequence[History]) -> np.ndarray:
-        """float32 (B, d) user vectors from time-ordered histories (last max_len events used)."""
+        """float32 (B, r) user vectors from time-ordered histories (last max_len events, their text feedback)."""
         return self._users(histories).cpu().numpy()
 
     @torch.no_grad()
@@ -144,7 +171,7 @@ class Scorer:
         cand_idx: np.ndarray,
         history_items: Sequence[np.ndarray] | None = None,
     ) -> np.ndarray:
-        """Ranking scores float32 (B, K) of candidates cand_idx int64 (B, K) for user_vecs (B, d).
+        """Ranking scores float32 (B, K) of candidates cand_idx int64 (B, K) for user_vecs (B, r).
 
         The MLP head's scores (u.v when the trained model has `rerank` off), plus `cooc_weight` times the
         co-occurrence score when `history_items` (per user, the catalog indices of its positive history
@@ -157,14 +184,79 @@ class Scorer:
                 f"expected user_vecs (B, {self.dim}) and cand_idx (B, K), "
                 f"got {tuple(u.shape)}, {tuple(c.shape)}"
             )
-        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.n_items):
-            raise ValueError(
-                f"cand_idx must lie in [0, {self.n_items}), got [{int(c.min())}, {int(c.max())}]"
-            )
+        self._check_idx(c, "cand_idx")
         if history_items is not None and len(history_items) != u.shape[0]:
             raise ValueError(f"history_items has {len(history_items)} entries for {u.shape[0]} users")
         out = self.model.rank_pairs(u[:, None, :], self._reps()[c])
         return self._with_cooc(out, c, history_items).cpu().numpy()
+
+    @torch.no_grad()
+    def rank(
+        self,
+        histories: Sequence[History],
+        n_candidates: int = 200,
+        exclude: Sequence[np.ndarray] | None = None,
+        exclude_history: bool = True,
+        extra: Sequence[np.ndarray] | None = None,
+        use_cooc: bool = True,
+    ) -> Ranked:
+        """The two-stage ranking (module docstring) of B users' candidates; see `Ranked`.
+
+        Args:
+            histories: B users (their text feedback included).
+            n_candidates: retrieval candidates per user.
+            exclude: per user, item indices never to rank (besides the history when exclude_history).
+            extra: per user, further candidate indices to rank beside retrieval's (e.g. a query's text
+                neighbours); duplicates and excluded ones get score -inf.
+            use_cooc: False ranks without the co-occurrence term (the neural towers alone).
+        """
+        B = len(histories)
+        if exclude is not None and len(exclude) != B:
+            raise ValueError(f"exclude has {len(exclude)} entries for {B} histories")
+        if extra is not None and len(extra) != B:
+            raise ValueError(f"extra has {len(extra)} entries for {B} histories")
+        m = self.model
+        hist = self._tensors(histories)
+        u_d, text_hist, text_fb = m.user_parts(*hist)
+        u = torch.cat([u_d, text_hist + text_fb], dim=-1) if m.cfg.text_arm else u_d
+        reps = self._reps()
+        excl = self._exclude_mask(histories, exclude, exclude_history)
+        retrieval, cand, score = two_stage_rank(m, u, reps, excl, n_candidates)
+        if extra is not None and any(len(e) for e in extra):
+            width = max(len(e) for e in extra)
+            more = torch.zeros(B, width, dtype=torch.long, device=self.device)
+            ok = torch.zeros(B, width, dtype=torch.bool, device=self.device)
+            for b, e in enumerate(extra):
+                e = np.asarray(e, dtype=np.int64)
+                self._check_idx(torch.as_tensor(e), f"extra[{b}]")
+                more[b, : len(e)] = torch.as_tensor(e, device=self.device)
+                ok[b, : len(e)] = True
+            in_list = (more[:, :, None] == cand[:, None, :]).any(-1)  # (B, w) already a candidate
+            first = torch.ones_like(ok)  # first occurrence inside `extra`
+            for j in range(1, width):
+                first[:, j] = ~(more[:, :j] == more[:, j : j + 1]).any(1)
+            ok &= ~in_list & first & ~torch.gather(excl, 1, more)
+            s_more = m.rank_pairs(u[:, None, :], reps[more]).masked_fill(~ok, float("-inf"))
+            cand, score = torch.cat([cand, more], 1), torch.cat([score, s_more], 1)
+        valid = score.isfinite()
+        # the additive split of the score (for reasons): u.v = u_d.v_d + text_hist.t + text_fb.t, in the
+        # head's units (scale * u.v) when the head ranks; the head's MLP correction counts as behaviour
+        unit = m.scale if m.cfg.rerank else torch.tensor(1.0, device=self.device)
+        v = reps[cand]  # (B, n, r)
+        d = m.cfg.dim
+        parts = {"behaviour": unit * (u_d[:, None, :] * v[..., :d]).sum(-1)}
+        if m.cfg.text_arm:
+            t = v[..., d:]
+            parts["content"] = unit * (text_hist[:, None, :] * t).sum(-1)
+            parts["feedback"] = unit * (text_fb[:, None, :] * t).sum(-1)
+        parts["behaviour"] = parts["behaviour"] + (score - sum(parts.values()))  # + the MLP correction
+        co = torch.zeros_like(score)
+        if use_cooc:
+            co = self._with_cooc(torch.zeros_like(score), cand, [positive_items(h) for h in histories])
+        parts["cooc"] = co
+        score = (score + co).masked_fill(~valid, float("-inf"))
+        np_parts = {k: x.masked_fill(~valid, 0.0).cpu().numpy().astype(np.float32) for k, x in parts.items()}
+        return Ranked(cand.cpu().numpy(), score.cpu().numpy().astype(np.float32), np_parts, u.cpu().numpy())
 
     @torch.no_grad()
     def recommend(
@@ -175,7 +267,7 @@ class Scorer:
         n_candidates: int = 200,
         exclude_history: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Two-stage top-k: retrieval top-n_candidates by u.v, ranking scores (module docstring), top k.
+        """Top-k of `rank`.
 
         Args:
             histories: B users.
@@ -189,21 +281,14 @@ class Scorer:
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        if exclude is not None and len(exclude) != len(histories):
-            raise ValueError(f"exclude has {len(exclude)} entries for {len(histories)} histories")
-        u = self._users(histories)
-        excl = self._exclude_mask(histories, exclude, exclude_history)
-        retrieval, cand, head = two_stage_rank(self.model, u, self._reps(), excl, max(n_candidates, k))
-        head = self._with_cooc(head, cand, [positive_items(h) for h in histories])
-        head = head.masked_fill(torch.gather(retrieval, 1, cand).isinf(), float("-inf"))
-        k_eff = min(k, cand.shape[1])
-        top = head.topk(k_eff, dim=1)
-        idx = torch.gather(cand, 1, top.indices)
-        idx = idx.masked_fill(top.values.isinf(), -1)
+        r = self.rank(histories, max(n_candidates, k), exclude, exclude_history)
+        k_eff = min(k, r.cand.shape[1])
+        order = np.argsort(-r.score, axis=1, kind="stable")[:, :k_eff]
+        sc = np.take_along_axis(r.score, order, 1)
+        idx = np.where(np.isinf(sc), -1, np.take_along_axis(r.cand, order, 1))
         idx_np = np.full((len(histories), k), -1, np.int64)
         sc_np = np.full((len(histories), k), -np.inf, np.float32)
-        idx_np[:, :k_eff] = idx.cpu().numpy()
-        sc_np[:, :k_eff] = top.values.cpu().numpy()
+        idx_np[:, :k_eff], sc_np[:, :k_eff] = idx, sc
         return idx_np, sc_np
 
     @torch.no_grad()
@@ -214,33 +299,28 @@ class Scorer:
         exclude_history: bool = True,
         use_cooc: bool = True,
     ) -> np.ndarray:
-        """float32 (B, N) catalog scores consistent with the two-stage ranking (use_cooc=False: without the
-        co-occurrence term, i.e. the neural towers alone).
+        """float32 (B, N) catalog scores consistent with `rank` (use_cooc=False: without the co-occurrence
+        term, i.e. the neural towers alone).
 
-        The top n_candidates by retrieval (history items excluded when exclude_history) get their MLP score,
-        shifted so that the whole re-ranked block lies above every other item; the other items keep the order
-        of their retrieval score below it. Excluded history items are in the lower block (not -inf).
+        The ranked candidates get their ranking score, shifted so that the whole block lies above every other
+        item; the other items keep the order of their retrieval score below it. Excluded history items are in
+        the lower block (not -inf).
         """
-        u = self._users(histories)
-        reps = self._reps()
-        excl = self._exclude_mask(histories, None, exclude_history)
-        retrieval, cand, head = two_stage_rank(self.model, u, reps, excl, n_candidates)
-        if use_cooc:
-            head = self._with_cooc(head, cand, [positive_items(h) for h in histories])
-        valid = ~torch.gather(retrieval, 1, cand).isinf()  # (B, n)
-        raw = u @ reps.T  # (B, N), history included
-        big = torch.finfo(torch.float32).max / 4
-        out = torch.empty_like(raw)
+        r = self.rank(histories, n_candidates, None, exclude_history, use_cooc=use_cooc)
+        raw = r.user_vecs @ self.item_vectors().T  # (B, N), history included
+        out = np.empty_like(raw, dtype=np.float32)
+        big = np.finfo(np.float32).max / 4
         for b in range(raw.shape[0]):
-            c, h = cand[b][valid[b]], head[b][valid[b]]
-            in_block = torch.zeros(raw.shape[1], dtype=torch.bool, device=raw.device)
+            ok = np.isfinite(r.score[b])
+            c, h = r.cand[b][ok], r.score[b][ok]
+            in_block = np.zeros(raw.shape[1], dtype=bool)
             in_block[c] = True
             rest = raw[b][~in_block]
-            floor = (h.min() if len(h) else torch.tensor(0.0, device=raw.device)) - 1.0
+            floor = (h.min() if len(h) else 0.0) - 1.0
             if len(rest):
-                out[b][~in_block] = (rest - rest.max()).clamp(min=-big) + floor
+                out[b][~in_block] = np.maximum(rest - rest.max(), -big) + floor
             out[b][c] = h
-        return out.cpu().numpy()
+        return out
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def _with_cooc(
@@ -250,7 +330,7 @@ class Scorer:
         w = float(self.model.cfg.cooc_weight)
         if w <= 0 or self.cooc is None or history_items is None or cand.numel() == 0:
             return scores
-        co = history_scores(self.cooc, history_items, cand.cpu().numpy())  # (B, K)
+        co = history_scores(self.cooc, history_items, cand.cpu().numpy(), fill_cold=self.model.cfg.cooc_fill_cold)
         return scores + w * torch.from_numpy(co).to(scores.device)
 
     def _reps(self) -> torch.Tensor:
@@ -258,12 +338,19 @@ class Scorer:
             self._item_vecs = self.model.all_item_reps()
         return self._item_vecs
 
-    def _users(self, histories: Sequence[History]) -> torch.Tensor:
+    def _tensors(self, histories: Sequence[History]) -> tuple[torch.Tensor | None, ...]:
         idx, ev, rt, ln = pad_histories(list(histories), self.model.cfg.max_len, n_items=self.n_items)
-        t = lambda a, dt: torch.as_tensor(a, device=self.device).to(dt)  # noqa: E731
-        return self.model.user_vectors(
-            t(idx, torch.long), t(ev, torch.long), t(rt, torch.float32), t(ln, torch.long)
-        )
+        fv, fp = pad_feedback(list(histories), self.text_dim)
+        t = lambda a, dt: None if a is None else torch.as_tensor(a, device=self.device).to(dt)  # noqa: E731
+        return (t(idx, torch.long), t(ev, torch.long), t(rt, torch.float32), t(ln, torch.long),
+                t(fv, torch.float32), t(fp, torch.float32))
+
+    def _users(self, histories: Sequence[History]) -> torch.Tensor:
+        return self.model.user_vectors(*self._tensors(histories))
+
+    def _check_idx(self, c: torch.Tensor, name: str) -> None:
+        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.n_items):
+            raise ValueError(f"{name} must lie in [0, {self.n_items}), got [{int(c.min())}, {int(c.max())}]")
 
     def _exclude_mask(self, histories, exclude, exclude_history: bool) -> torch.Tensor:
         mask = torch.zeros(len(histories), self.n_items, dtype=torch.bool, device=self.device)

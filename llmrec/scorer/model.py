@@ -1,26 +1,38 @@
 """The scorer network: item tower (text + optional ID), sequential user encoder, MLP re-ranker. Pure torch.
 
 Shapes: B users, L history length (right-padded: the first `hist_len[b]` positions are real, oldest first),
-N catalog items, D text-embedding dim, d model dim, K candidates per user.
+T text-feedback slots per user (`fb_pol` 0 = empty), N catalog items, D text-embedding dim, d model dim,
+K candidates per user. With the text arm (default) retrieval vectors are d + D wide: `[behaviour (d); text (D)]`.
 
-- Item representation `v_i = W_text t_i + dropout_id(E_id[id_slot(i)])`: a linear projection of the frozen
-  BERT text vector plus a learned ID embedding for items seen in training. Slot 0 is "no ID / cold"; it is a
-  zero vector (padding_idx), so a cold item is represented by its text alone. During training the ID part
-  is dropped per item with probability `id_dropout` (the item then uses slot 0), which keeps the text path
-  strong enough to score cold items.
-- User encoder: each history element is `v_item + E_event[kind] + E_pos[recency] + w_r * rating/5`
-  (recency 0 = most recent, clipped at L-1; rating missing -> 0), run through a small causal transformer
-  (chosen over a GRU, which steps through the L positions one at a time and was slower on CPU here);
-  `u = W_out h_newest + mean(history element reps)`. The mean skip keeps a text-similarity path that works
-  from the first epoch and for short histories.
-- Retrieval score `u . v` (B, N); training logits are `scale * u . v` with a learned inverse temperature
-  (init 20). Re-ranker `MLP([u; v; u*v] / sqrt(d)) + scale * u . v` -> (B, K), trained on detached u, v
-  against negatives drawn from the retrieval top-K it re-ranks at inference (see `forward`).
+- Item representation `v_i = [W_text t_i + gate(n_i) * dropout_id(E_id[id_slot(i)]) ; t_i]`: a linear
+  projection of the frozen BERT text vector plus a learned ID embedding for items seen in training, and (text
+  arm) the unit text vector itself at full dimension. `gate(n) = n / (n + k0)` (k0 learned) weighs the ID part
+  by how often the item was seen in training, so a rare item leans on its text and a cold one (slot 0, a zero
+  vector) is its text alone. In training the ID part is dropped per item with probability
+  `id_dropout + (1 - id_dropout) * c / (c + n_i)` (c = `rare_dropout_c`), higher for rare items, which keeps
+  the text path strong enough to score cold and rare items.
+- User encoder, behaviour part (d): each history element is `v_item + E_event[kind] + E_pos[recency] +
+  w_r * rating/5` (recency 0 = most recent, clipped at L-1; rating missing -> 0), run through a small causal
+  transformer (chosen over a GRU, which steps through the L positions one at a time and was slower on CPU);
+  `u = W_out h_newest + mean(history element reps) + F_+ P e_+ - F_- P e_-`, where e_+ / e_- are the
+  recency-weighted means of the user's positive / negative text-feedback vectors and F_+-, zero at the start,
+  learn what a text says about behaviour.
+- User encoder, text arm (D): `a = beta(n) * m + g_+ e_+ - g_- e_-`, m = unit recency-weighted mean of the
+  history's text vectors (negative events subtract; the zero-shot text model's vector), beta(n) a learned
+  gain per history-length bucket (`LEN_BUCKETS`: short histories can lean on text, long ones on behaviour),
+  g_+- learned gains of positive / negative text feedback. Every gain lies in [0, text_gain_max], so text
+  feedback acts at once with a bounded strength: a negative text lowers the retrieval score of every item by
+  g_- times its cosine to the text, a positive one raises it.
+- Retrieval score `u . v` over the full width (B, N); training logits are `scale * u . v` with a learned
+  inverse temperature (init 20). Re-ranker `MLP([u_d; v_d; u_d*v_d] / sqrt(d)) + scale * u . v` -> (B, K),
+  trained on detached u, v against negatives drawn from the retrieval top-K it re-ranks at inference (see
+  `forward`), so text arm and feedback reach the final ranking through its residual.
 - `warm_start()` (used by training) starts the model at the zero-shot text model: `text_proj` = the top-d
   singular directions of the catalog text matrix, encoder output layer zeroed, so u.v ~= cos(mean history
   text, item text) before the first step.
 
-The catalog (text vectors, ID slots) lives in the module as buffers so that a checkpoint is self-contained.
+The catalog (text vectors, ID slots, training counts) lives in the module as buffers so that a checkpoint is
+self-contained.
 """
 
 from __future__ import annotations
@@ -30,15 +42,19 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from llmrec.schema import EVENT_KINDS
+from llmrec.schema import EVENT_KINDS, NEGATIVE_KINDS
 
 logger = logging.getLogger(__name__)
 
 # event kind index: 0 = padding, 1.. = schema.EVENT_KINDS order
 EVENT_INDEX = {kind: i + 1 for i, kind in enumerate(EVENT_KINDS)}
 N_EVENT_SLOTS = len(EVENT_KINDS) + 1
+# history-length buckets of the text-arm gain beta(n): bucket j holds n in [LEN_BUCKETS[j], LEN_BUCKETS[j+1])
+LEN_BUCKETS = (1, 2, 3, 5, 9, 17, 33)
+FEEDBACK_HALF_LIFE = 4.0  # text feedback: the newest text of a polarity weighs 1, four texts older 0.5
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,20 @@ class ScorerConfig:
     # candidates; chosen on validation after training (0 = neural ranking only). The co-occurrence matrix
     # itself is not part of the network: it lives next to the model in the artifact (cooc.npz).
     cooc_weight: float = 0.0
+    # full-dimension text arm: retrieval vectors [behaviour (d); text (D)], see the module docstring. With it a
+    # cold item keeps the full BERT similarity (a d-dim projection loses part of it) and text feedback acts
+    # in the text space directly.
+    text_arm: bool = True
+    text_gain_max: float = 4.0  # bound of the learned gains beta(n), g_+ and g_- (u.v units)
+    text_half_life: float = 10.0  # recency half-life (events) of the history text mean m
+    rare_dropout_c: float = 2.0  # extra ID dropout for rare items: c / (c + n_i) of the remaining keep mass
+    # retrieval candidates reserved for items without an ID embedding (cold items): their text must reach the
+    # re-ranker even when ID-carrying items fill the top of the list; 0 = no quota. Chosen on validation.
+    cold_quota: int = 0
+    # ranking-time co-occurrence score for items that have no co-occurrence data (never seen together with
+    # anything in training): the mean over the user's other candidates instead of 0, so the term does not
+    # penalise cold items for being cold. Chosen on validation with cooc_weight.
+    cooc_fill_cold: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -87,9 +117,22 @@ class ScorerConfig:
         for name in ("id_dropout", "dropout"):
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 raise ValueError(f"ScorerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("text_gain_max", "text_half_life"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"ScorerConfig.{name} must be > 0, got {getattr(self, name)}")
+        if float(self.rare_dropout_c) < 0 or int(self.cold_quota) < 0:
+            raise ValueError(
+                f"ScorerConfig.rare_dropout_c and cold_quota must be >= 0, got {self.rare_dropout_c}, "
+                f"{self.cold_quota}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def retrieval_dim(self) -> int:
+        """Width of user and item vectors in the retrieval space: d, plus D with the text arm."""
+        return self.dim + (self.text_dim if self.text_arm else 0)
 
 
 class ScorerModel(nn.Module):
@@ -99,17 +142,25 @@ class ScorerModel(nn.Module):
         cfg: sizes and regularisation.
         text_vectors: float32 (N, D) frozen text embeddings, row i = catalog item i.
         id_slots: int64 (N,) ID-embedding slot per item, 0 = no ID (cold), else in [1, n_id_slots).
+        item_counts: float (N,) training events per item (the ID gate and rare-item dropout read it); None =
+            every item with an ID slot counts as frequent (gate 1, plain `id_dropout`).
 
     Example::
 
         cfg = ScorerConfig(text_dim=32, n_items=100, n_id_slots=101, dim=16)
         m = ScorerModel(cfg, torch.randn(100, 32), torch.arange(1, 101))
         u = m.user_vectors(torch.randint(0, 100, (4, 50)), torch.ones(4, 50, dtype=torch.long),
-                           torch.zeros(4, 50), torch.full((4,), 50))   # (4, 16)
+                           torch.zeros(4, 50), torch.full((4,), 50))   # (4, 16 + 32)
         scores = m.head_scores(u, torch.randint(0, 100, (4, 7)))            # (4, 7)
     """
 
-    def __init__(self, cfg: ScorerConfig, text_vectors: torch.Tensor, id_slots: torch.Tensor):
+    def __init__(
+        self,
+        cfg: ScorerConfig,
+        text_vectors: torch.Tensor,
+        id_slots: torch.Tensor,
+        item_counts: torch.Tensor | None = None,
+    ):
         super().__init__()
         text_vectors = torch.as_tensor(text_vectors, dtype=torch.float32)
         id_slots = torch.as_tensor(id_slots, dtype=torch.long)
@@ -124,15 +175,29 @@ class ScorerModel(nn.Module):
             raise ValueError(
                 f"id_slots must lie in [0, {cfg.n_id_slots}), got [{id_slots.min()}, {id_slots.max()}]"
             )
+        if item_counts is None:  # unknown counts: items with an ID slot count as frequent
+            item_counts = torch.where(id_slots > 0, 1e6, 0.0)
+        item_counts = torch.as_tensor(item_counts, dtype=torch.float32)
+        if tuple(item_counts.shape) != (cfg.n_items,) or bool((item_counts < 0).any()):
+            raise ValueError(f"item_counts must be (n_items,) = ({cfg.n_items},) and >= 0, got "
+                             f"{tuple(item_counts.shape)}")
         self.cfg = cfg
         d = cfg.dim
         self.register_buffer("text_vectors", text_vectors)  # (N, D)
         self.register_buffer("id_slots", id_slots)  # (N,)
+        self.register_buffer("item_counts", item_counts)  # (N,)
+        sign = torch.ones(N_EVENT_SLOTS)
+        sign[0] = 0.0
+        for kind in NEGATIVE_KINDS:
+            sign[EVENT_INDEX[kind]] = -1.0
+        self.register_buffer("event_sign", sign, persistent=False)  # (slots,) history text-mean sign
         self.text_proj = nn.Linear(cfg.text_dim, d)
         self.id_emb = nn.Embedding(cfg.n_id_slots, d, padding_idx=0)
         nn.init.normal_(self.id_emb.weight, std=0.02)
         with torch.no_grad():
             self.id_emb.weight[0].zero_()
+        # ID gate n / (n + k0), k0 = softplus(id_gate_k) (init 1: an item seen once keeps half of its ID vector)
+        self.id_gate_k = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))
         self.event_emb = nn.Embedding(N_EVENT_SLOTS, d, padding_idx=0)
         nn.init.normal_(self.event_emb.weight, std=0.02)
         self.pos_emb = nn.Embedding(cfg.max_len, d)
@@ -158,6 +223,15 @@ class ScorerModel(nn.Module):
             nn.ReLU(),
             nn.Linear(cfg.mlp_hidden // 2, 1),
         )
+        # text feedback into the behaviour part: zero at the start, learned from synthesised feedback
+        self.fb_pos = nn.Linear(d, d, bias=False)
+        self.fb_neg = nn.Linear(d, d, bias=False)
+        nn.init.zeros_(self.fb_pos.weight)
+        nn.init.zeros_(self.fb_neg.weight)
+        # bounded gains (text_gain_max * sigmoid(logit)): beta per history-length bucket, g_+ and g_-
+        self.beta_logit = nn.Parameter(torch.full((len(LEN_BUCKETS),), _gain_logit(0.5, cfg.text_gain_max)))
+        self.fb_gain_logit = nn.Parameter(torch.full((2,), _gain_logit(1.0, cfg.text_gain_max)))
+        self.register_buffer("len_edges", torch.tensor(LEN_BUCKETS, dtype=torch.long), persistent=False)
 
     @torch.no_grad()
     def warm_start(self) -> None:
@@ -191,23 +265,47 @@ class ScorerModel(nn.Module):
         """The learned inverse temperature exp(log_scale), clamped to <= 100 (CLIP's bound)."""
         return self.log_scale.clamp(max=math.log(100.0)).exp()
 
+    def text_gains(self) -> dict[str, torch.Tensor]:
+        """The bounded gains: beta (len(LEN_BUCKETS),) per history-length bucket, fb_pos, fb_neg (scalars)."""
+        g = self.cfg.text_gain_max * torch.sigmoid(self.fb_gain_logit)
+        return {"beta": self.cfg.text_gain_max * torch.sigmoid(self.beta_logit), "fb_pos": g[0], "fb_neg": g[1]}
+
     # ---- item tower -------------------------------------------------------------------------------------
+    def id_gate(self, item_idx: torch.Tensor) -> torch.Tensor:
+        """(...) catalog indices -> (...) weight n / (n + k0) of the ID embedding (0 for never-seen items)."""
+        n = self.item_counts[item_idx]
+        return n / (n + F.softplus(self.id_gate_k))
+
     def item_reps(self, item_idx: torch.Tensor) -> torch.Tensor:
-        """Catalog indices (...) int64 -> item representations (..., d)."""
-        v = self.text_proj(self.text_vectors[item_idx])  # (..., d)
+        """Catalog indices (...) int64 -> item representations (..., retrieval_dim); ID dropout in training."""
+        t = self.text_vectors[item_idx]  # (..., D)
         slots = self.id_slots[item_idx]  # (...)
         if self.training and self.cfg.id_dropout > 0:
-            keep = torch.rand(slots.shape, device=slots.device) >= self.cfg.id_dropout
+            n = self.item_counts[item_idx]
+            c = self.cfg.rare_dropout_c
+            p = self.cfg.id_dropout + (1.0 - self.cfg.id_dropout) * (c / (c + n) if c > 0 else 0.0)
+            keep = torch.rand(slots.shape, device=slots.device) >= p
             slots = slots * keep
-        return v + self.id_emb(slots)
+        v = self.text_proj(t) + self.id_gate(item_idx)[..., None] * self.id_emb(slots)
+        return torch.cat([v, t], dim=-1) if self.cfg.text_arm else v
 
     def text_reps(self, text_vectors: torch.Tensor) -> torch.Tensor:
-        """Text vectors of items outside the catalog (M, D) -> cold item representations (M, d)."""
-        return self.text_proj(text_vectors)
+        """Text vectors of items outside the catalog (M, D) -> cold item representations (M, retrieval_dim)."""
+        v = self.text_proj(text_vectors)
+        return torch.cat([v, text_vectors], dim=-1) if self.cfg.text_arm else v
 
     def all_item_reps(self) -> torch.Tensor:
-        """(N, d) representations of the whole catalog (IDs included, no dropout in eval mode)."""
+        """(N, retrieval_dim) representations of the whole catalog (IDs included; ID dropout only in training)."""
         return self.item_reps(torch.arange(self.cfg.n_items, device=self.text_vectors.device))
+
+    def inference_reps(self) -> torch.Tensor:
+        """(N, retrieval_dim) catalog representations as at inference (no ID dropout), whatever the mode."""
+        was = self.training
+        self.training = False  # only item_reps reads it here; no submodule changes mode
+        try:
+            return self.all_item_reps()
+        finally:
+            self.training = was
 
     # ---- user encoder -----------------------------------------------------------------------------------
     def user_vectors(
@@ -216,29 +314,48 @@ class ScorerModel(nn.Module):
         hist_event: torch.Tensor,
         hist_rating: torch.Tensor,
         hist_len: torch.Tensor,
+        fb_vec: torch.Tensor | None = None,
+        fb_pol: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Encode right-padded histories.
+        """float32 (B, retrieval_dim) user vectors; arguments as in `user_parts`."""
+        u, text_hist, text_fb = self.user_parts(hist_idx, hist_event, hist_rating, hist_len, fb_vec, fb_pol)
+        return torch.cat([u, text_hist + text_fb], dim=-1) if self.cfg.text_arm else u
+
+    def user_parts(
+        self,
+        hist_idx: torch.Tensor,
+        hist_event: torch.Tensor,
+        hist_rating: torch.Tensor,
+        hist_len: torch.Tensor,
+        fb_vec: torch.Tensor | None = None,
+        fb_pol: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode right-padded histories and (optionally) text feedback, by part.
 
         Args:
             hist_idx: int64 (B, L) catalog indices, first hist_len[b] real (oldest first), rest any index.
             hist_event: int64 (B, L) event slot (EVENT_INDEX), 0 on padding.
             hist_rating: float32 (B, L) rating, NaN or 0 where none.
             hist_len: int64 (B,) number of real elements, >= 0 (0 = no history: u from biases only).
+            fb_vec: float32 (B, T, D) text-feedback vectors (unit BERT vectors of the texts), oldest first.
+            fb_pol: float32 (B, T) polarity of each text: +1, -1, or 0 = empty slot.
 
         Returns:
-            float32 (B, d) user vectors in the retrieval space.
+            (u (B, d) behaviour part, beta(n) * m (B, D) history-text part, g_+ e_+ - g_- e_- (B, D) feedback
+            part); the D parts are zeros without the text arm. The user vector is [u; text + feedback].
         """
         B, L = hist_idx.shape
         dev = hist_idx.device
         lens = hist_len.clamp(min=0, max=L)
         ar = torch.arange(L, device=dev)
         mask = ar[None, :] < lens[:, None]  # (B, L)
-        recency = (lens[:, None] - 1 - ar[None, :]).clamp(min=0, max=self.cfg.max_len - 1)  # (B, L)
+        recency = (lens[:, None] - 1 - ar[None, :]).clamp(min=0)  # (B, L), 0 = newest
         rating = torch.nan_to_num(hist_rating.float(), nan=0.0) / 5.0
+        reps = self.item_reps(hist_idx)  # (B, L, retrieval_dim)
         x = (
-            self.item_reps(hist_idx)
+            reps[..., : self.cfg.dim]
             + self.event_emb(hist_event * mask)
-            + self.pos_emb(recency)
+            + self.pos_emb(recency.clamp(max=self.cfg.max_len - 1))
             + rating[..., None] * self.rating_w
         ) * mask[..., None]  # (B, L, d)
         x = self.drop(x)
@@ -247,19 +364,58 @@ class ScorerModel(nn.Module):
         y = self.encoder(x, mask=self.causal[:L, :L], is_causal=True)  # (B, L, d)
         last = (lens - 1).clamp(min=0)
         h = y[torch.arange(B, device=dev), last] * (lens > 0)[:, None]  # (B, d), output at the newest event
-        return self.out(h) + mean
+        u = self.out(h) + mean
+        e_pos, e_neg = self._feedback_means(fb_vec, fb_pol, B, dev)  # (B, D) each
+        if e_pos is not None:
+            w = self.text_proj.weight  # (d, D): the item text projection, no bias
+            u = u + self.fb_pos(e_pos @ w.T) - self.fb_neg(e_neg @ w.T)
+        zeros = torch.zeros(B, self.cfg.text_dim, device=dev)
+        if not self.cfg.text_arm:
+            return u, zeros, zeros
+        t = self.text_vectors[hist_idx]  # (B, L, D)
+        r = (0.5 ** (recency.float() / self.cfg.text_half_life)) * self.event_sign[hist_event] * mask
+        m = F.normalize((r[..., None] * t).sum(1), dim=-1)  # (B, D), zero rows stay zero
+        gains = self.text_gains()
+        bucket = (torch.bucketize(lens, self.len_edges, right=True) - 1).clamp(min=0)  # (B,)
+        fb = zeros if e_pos is None else gains["fb_pos"] * e_pos - gains["fb_neg"] * e_neg
+        return u, gains["beta"][bucket][:, None] * m, fb
+
+    def _feedback_means(
+        self, fb_vec: torch.Tensor | None, fb_pol: torch.Tensor | None, B: int, dev: torch.device
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Recency-weighted means (B, D) of the positive and of the negative texts (zeros where none)."""
+        if fb_vec is None or fb_pol is None or fb_vec.numel() == 0:
+            return None, None
+        D = self.cfg.text_dim
+        if fb_vec.ndim != 3 or tuple(fb_vec.shape[::2]) != (B, D) or tuple(fb_pol.shape) != tuple(fb_vec.shape[:2]):
+            raise ValueError(
+                f"text feedback must be fb_vec (B={B}, T, D={D}) and fb_pol (B, T), got "
+                f"{tuple(fb_vec.shape)} and {tuple(fb_pol.shape)}"
+            )
+        pol = fb_pol.to(dev).float()
+        out = []
+        for sel in (pol > 0, pol < 0):
+            # age of a text among its polarity's texts: number of later ones (newest = 0)
+            later = sel.flip(1).long().cumsum(1).flip(1) - sel.long()  # (B, T)
+            r = (0.5 ** (later.float() / FEEDBACK_HALF_LIFE)) * sel
+            mass = r.sum(1, keepdim=True).clamp(min=1e-12)
+            out.append((r[..., None] * fb_vec.to(dev).float()).sum(1) / mass)  # (B, D)
+        return out[0], out[1]
 
     # ---- heads ------------------------------------------------------------------------------------------
     def head_pairs(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """MLP re-ranker on broadcast pairs: u (..., d), v (..., d) -> scores (...).
+        """MLP re-ranker on broadcast pairs: u (..., retrieval_dim), v (..., retrieval_dim) -> scores (...).
 
-        The MLP over [u; v; u*v] / sqrt(d) is a residual on the retrieval score scale * u.v: the re-ranker
-        starts from retrieval's order and learns corrections (a plain MLP score ranked worse than u.v alone
-        on MovieLens after 2 epochs: val recall@10 0.012 vs 0.028). Training feeds it detached u, v (see
-        `forward`), so the head is a stacked model on top of retrieval.
+        The MLP over the behaviour parts [u_d; v_d; u_d*v_d] / sqrt(d) is a residual on the retrieval score
+        scale * u.v (full width, text arm included): the re-ranker starts from retrieval's order and learns
+        corrections (a plain MLP score ranked worse than u.v alone on MovieLens after 2 epochs: val recall@10
+        0.012 vs 0.028). Training feeds it detached u, v (see `forward`), so the head is a stacked model on top
+        of retrieval.
         """
         u, v = torch.broadcast_tensors(u, v)
-        x = torch.cat([u, v, u * v], dim=-1) / math.sqrt(self.cfg.dim)  # (..., 3d)
+        d = self.cfg.dim
+        ud, vd = u[..., :d], v[..., :d]
+        x = torch.cat([ud, vd, ud * vd], dim=-1) / math.sqrt(d)  # (..., 3d)
         return self.mlp(x).squeeze(-1) + self.scale.detach() * (u * v).sum(-1)
 
     def rank_pairs(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -270,8 +426,8 @@ class ScorerModel(nn.Module):
         return (u * v).sum(-1)
 
     def head_scores(self, u: torch.Tensor, cand_idx: torch.Tensor) -> torch.Tensor:
-        """u (B, d), cand_idx int64 (B, K) -> MLP scores (B, K)."""
-        v = self.item_reps(cand_idx)  # (B, K, d)
+        """u (B, retrieval_dim), cand_idx int64 (B, K) -> MLP scores (B, K)."""
+        v = self.item_reps(cand_idx)  # (B, K, retrieval_dim)
         return self.head_pairs(u[:, None, :], v)
 
     def forward(
@@ -285,6 +441,8 @@ class ScorerModel(nn.Module):
         invalid: torch.Tensor | None = None,
         pos_col: torch.Tensor | None = None,
         head_pool: int = 200,
+        fb_vec: torch.Tensor | None = None,
+        fb_pol: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward over a shared candidate pool (one call, so DDP sees every parameter).
 
@@ -301,7 +459,7 @@ class ScorerModel(nn.Module):
         0.346-0.356).
 
         Args:
-            hist_*: as in `user_vectors`, batch B.
+            hist_*: as in `user_vectors`, batch B; fb_vec, fb_pol: text feedback as in `user_vectors`.
             cand_idx: int64 (C,) candidate pool holding every row's positive.
             head_neg: negatives per row for the head (clipped to head_pool - 1; 0 = no head loss).
             invalid: bool (B, C), True = not a negative for that row (accidental hits); never True at a
@@ -313,8 +471,8 @@ class ScorerModel(nn.Module):
             (retrieval logits scale * u.v (B, C), invalid = -1e9; head logits (B, 1 + head_neg), column 0 =
             positive).
         """
-        u = self.user_vectors(hist_idx, hist_event, hist_rating, hist_len)  # (B, d)
-        v = self.item_reps(cand_idx)  # (C, d)
+        u = self.user_vectors(hist_idx, hist_event, hist_rating, hist_len, fb_vec, fb_pol)  # (B, r)
+        v = self.item_reps(cand_idx)  # (C, r)
         retrieval = self.scale * (u @ v.T)  # (B, C)
         if invalid is not None:
             retrieval = retrieval.masked_fill(invalid, -1e9)
@@ -324,7 +482,7 @@ class ScorerModel(nn.Module):
         pos_item = cand_idx[pos]  # (B,)
         # detached: the head's loss must not reach the retrieval towers (it is a stacked model on retrieval)
         with torch.no_grad():
-            v_all = self.text_proj(self.text_vectors) + self.id_emb(self.id_slots)  # (N, d), inference reps
+            v_all = self.inference_reps()  # (N, r)
             n_items = v_all.shape[0]
             p = max(1, min(int(head_pool), n_items))
             h = max(0, min(int(head_neg), p - 1))
@@ -343,6 +501,12 @@ class ScorerModel(nn.Module):
         return retrieval, head
 
 
+def _gain_logit(value: float, bound: float) -> float:
+    """The logit x with bound * sigmoid(x) == value (0 < value < bound)."""
+    p = min(max(value / bound, 1e-4), 1 - 1e-4)
+    return math.log(p / (1.0 - p))
+
+
 def two_stage_rank(
     model: ScorerModel,
     u: torch.Tensor,
@@ -352,20 +516,35 @@ def two_stage_rank(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Retrieval top-n by u.v (excluded items never candidates), then ranking scores (`rank_pairs`) on them.
 
+    With `cfg.cold_quota` q > 0 the list is the top n - q by u.v plus the top q items without an ID
+    embedding (cold items) not already in it, so the best cold items always reach the ranking stage.
+
     Args:
         model: the scorer (eval mode is the caller's job).
-        u: (B, d) user vectors; item_reps: (N, d) catalog representations.
+        u: (B, r) user vectors; item_reps: (N, r) catalog representations.
         exclude: bool (B, N), True = not a candidate (e.g. the user's history), or None.
         n_candidates: candidates per user (clipped to N).
 
     Returns:
-        retrieval scores (B, N) with excluded = -inf, candidate indices int64 (B, n) in retrieval order,
-        ranking scores (B, n) of those candidates (the MLP head, or u.v with rerank off).
+        retrieval scores (B, N) with excluded = -inf, candidate indices int64 (B, n) (retrieval order inside
+        each part), ranking scores (B, n) of those candidates (the MLP head, or u.v with rerank off), -inf at
+        every candidate that is not one (an excluded item, or a quota slot with no cold item left, whose index
+        may repeat another candidate's).
     """
     retrieval = u @ item_reps.T  # (B, N)
     if exclude is not None:
         retrieval = retrieval.masked_fill(exclude, float("-inf"))
     n = min(int(n_candidates), item_reps.shape[0])
-    cand = retrieval.topk(n, dim=1).indices  # (B, n)
+    q = min(int(model.cfg.cold_quota), n)
+    cold = model.id_slots == 0  # (N,)
+    if q > 0 and bool(cold.any()):
+        main = retrieval.topk(n - q, dim=1)  # (B, n - q)
+        rest = retrieval.masked_fill(~cold[None, :], float("-inf")).scatter(1, main.indices, float("-inf"))
+        extra = rest.topk(q, dim=1)  # (B, q); -inf = no cold item left (the index is then meaningless)
+        cand = torch.cat([main.indices, extra.indices], dim=1)  # (B, n)
+        valid = torch.cat([main.values, extra.values], dim=1).isfinite()
+    else:
+        top = retrieval.topk(n, dim=1)
+        cand, valid = top.indices, top.values.isfinite()  # (B, n)
     head = model.rank_pairs(u[:, None, :], item_reps[cand])  # (B, n)
-    return retrieval, cand, head
+    return retrieval, cand, head.masked_fill(~valid, float("-inf"))

@@ -24,6 +24,7 @@ early-stop state and continues at the saved epoch + 1.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -43,14 +44,16 @@ import torch.nn.functional as F
 from llmrec.artifacts import write_meta
 from llmrec.eval.protocol import ItemSpace
 from llmrec.schema import INDEX_IDS_FILE, TS, USER_ID
+from llmrec.schema import SCORER_COOC_FILE as COOC_FILE
+from llmrec.schema import SCORER_MODEL_FILE as MODEL_FILE
 from llmrec.scorer import data as sdata
 from llmrec.scorer.cooc import cooccurrence_similarity, history_scores
+from llmrec.scorer.feedback import FeedbackBank, FeedbackBanks, banks_for, sample_feedback
 from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
-MODEL_FILE = "model.pt"
 LAST_CHECKPOINT_DIR = "last_checkpoint"
 SCORE_METRIC = "val_best_ndcg@10"  # max of two-stage and retrieval-only ndcg@10 (see ScorerConfig.rerank)
 
@@ -79,11 +82,17 @@ DEFAULTS: dict[str, Any] = {
     # hybrid ranking: co-occurrence neighbours kept per item (scorer.cooc); the weight of the co-occurrence
     # score is chosen on validation after training (`tune_cooc_weight`, 0 allowed). 0 = no co-occurrence.
     "cooc_neighbors": 100,
+    # share of training pairs that get one synthesised text feedback (scorer.feedback; needs item facets and
+    # the text encoder); 0 = the text-feedback gains stay at their start values
+    "feedback_p": 0.3,
+    "text_arm": True,  # full-dimension text arm (ScorerConfig.text_arm)
+    "rare_dropout_c": 2.0,  # extra ID dropout c / (c + n) for items seen n times (ScorerConfig.rare_dropout_c)
+    "cold_quota": 0,  # retrieval candidates reserved for cold items (ScorerConfig.cold_quota)
+    "cooc_fill_cold": False,  # co-occurrence term of cold candidates = mean of the others (ScorerConfig)
 }
 
 # co-occurrence weights tried on validation, in logit units (the head's scale; u.v is divided by `scale`)
 COOC_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
-COOC_FILE = "cooc.npz"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -103,6 +112,7 @@ def fit_scorer(
     resume_from: str | os.PathLike | None = None,
     patience: int = 2,
     embed_meta: dict | None = None,
+    feedback: FeedbackBanks | None = None,
     **model_kwargs: Any,
 ) -> dict:
     """Train the scorer on Ray Train (`TorchTrainer`, DDP) and write `out_dir/model.pt` + `meta.json`.
@@ -120,6 +130,8 @@ def fit_scorer(
         resume_from: folder with `checkpoint.pt` (a Ray checkpoint or a previous out_dir).
         patience: stop after this many epochs without a better `val_ndcg@10`.
         embed_meta: the embeddings artifact's meta, recorded under meta["embed"].
+        feedback: phrase banks for synthesised text feedback (default: built from items.facets with the
+            items.text_model encoder when both are known, see `scorer.feedback.banks_for`).
         model_kwargs: overrides of DEFAULTS (dim, max_len, n_neg, id_dropout, n_candidates, ...).
 
     Returns:
@@ -141,7 +153,7 @@ def fit_scorer(
             f"need epochs >= 1 and batch_size >= num_workers, got epochs={epochs} batch_size={batch_size}"
         )
     hp = _hparams(model_kwargs, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
-    static, samples = prepare_static(train_df, items, valid_df, hp)
+    static, samples = prepare_static(train_df, items, valid_df, hp, feedback)
     resume_file = resolve_resume(resume_from) if resume_from is not None else None
 
     init_ray()
@@ -250,6 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
     neg_p = torch.as_tensor(static["neg_p"], dtype=torch.float32, device=device)
     log_q = _log_q_tensor(static, hp, device)
     gen = torch.Generator(device=device).manual_seed(hp["seed"] * 1000 + rank)
+    rng = np.random.default_rng([hp["seed"], rank, start_epoch])  # text-feedback synthesis
     per_worker_batch = max(1, hp["batch_size"] // world)
     run_epochs: list[int] = []  # epochs trained by this run (a resumed run starts after the saved epoch)
     for epoch in range(start_epoch, hp["epochs"]):
@@ -260,10 +273,14 @@ def train_loop_per_worker(config: dict) -> None:
             local_shuffle_buffer_size=4 * per_worker_batch,
             local_shuffle_seed=hp["seed"] * 100_003 + epoch * 101 + rank,
         )
-        loss_sum, n_ex = train_epoch(ddp_model, optimizer, batches, neg_p, hp, gen, device, log_q)
+        loss_sum, n_ex = train_epoch(
+            ddp_model, optimizer, batches, neg_p, hp, gen, device, log_q, static["bank"], rng
+        )
         train_s = time.perf_counter() - t0
         totals = torch.tensor([loss_sum, n_ex], dtype=torch.float64)
-        metrics = evaluate(model, static["val"], hp["n_candidates"], rank=rank, world=world, device=device)
+        metrics = evaluate(
+            model, static["val"], hp["n_candidates"], rank=rank, world=world, device=device, bank=static["bank"]
+        )
         if world > 1:
             import torch.distributed as dist
 
@@ -299,6 +316,7 @@ def fit_local(
     seed: int = 0,
     patience: int = 2,
     device: str = "cpu",
+    feedback: FeedbackBanks | None = None,
     **model_kwargs: Any,
 ) -> tuple[ScorerModel, list[dict]]:
     """The same training in one plain process (no Ray): for tests, benchmarks and debugging.
@@ -308,7 +326,7 @@ def fit_local(
     `finalize_ranking`) are not made here: the model ranks with its network alone.
     """
     hp = _hparams(model_kwargs, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
-    static, samples = prepare_static(train_df, items, valid_df, hp)
+    static, samples = prepare_static(train_df, items, valid_df, hp, feedback)
     torch.manual_seed(seed)
     model = build_model(static, hp).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=hp["weight_decay"])
@@ -316,16 +334,17 @@ def fit_local(
     log_q = _log_q_tensor(static, hp, device)
     gen = torch.Generator(device=device).manual_seed(seed * 1000)
     rng = np.random.default_rng(seed)
+    fb_rng = np.random.default_rng([seed, 0, 0])
     stop_state = {"best": -math.inf, "best_epoch": -1, "bad_epochs": 0}
     history, best_sd = [], None
     for epoch in range(epochs):
         t0 = time.perf_counter()
         loss_sum, n_ex = train_epoch(
             model, optimizer, iter_numpy_batches(samples, batch_size, rng, device), neg_p, hp, gen, device,
-            log_q,
+            log_q, static["bank"], fb_rng,
         )
         train_s = time.perf_counter() - t0
-        metrics = evaluate(model, static["val"], hp["n_candidates"], device=device)
+        metrics = evaluate(model, static["val"], hp["n_candidates"], device=device, bank=static["bank"])
         metrics.update(
             epoch=epoch,
             train_loss=loss_sum / max(n_ex, 1),
@@ -354,9 +373,14 @@ def fit_local(
 # the training core shared by the Ray worker and fit_local
 # ---------------------------------------------------------------------------------------------------------
 def prepare_static(
-    train_df: pd.DataFrame, items: ItemSpace, valid_df: pd.DataFrame | None, hp: dict
+    train_df: pd.DataFrame,
+    items: ItemSpace,
+    valid_df: pd.DataFrame | None,
+    hp: dict,
+    feedback: FeedbackBanks | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """Driver-side preparation: samples, ID slots, negative distribution, validation set."""
+    """Driver-side preparation: samples, ID slots, item counts, negative distribution, validation set (with one
+    synthesised held-out-phrasing text feedback per validation user when there are phrase banks)."""
     text = np.asarray(items.text_vectors, dtype=np.float32)
     if text.ndim != 2 or text.shape[0] != items.n_items:
         raise ValueError(f"items.text_vectors must be (N={items.n_items}, D), got {text.shape}")
@@ -376,7 +400,16 @@ def prepare_static(
             train_df, valid_df, items, max_len=hp["max_len"], min_rating=hp["min_rating"]
         )
     neg_p = sdata.negative_distribution(pop)
-    static = {"text_vectors": text, "id_slots": slots, "neg_p": neg_p, "val": val,
+    if float(hp["feedback_p"]) > 0 and feedback is None:
+        feedback = banks_for(items)
+    if val is not None and feedback is not None:
+        first = np.array([int(t[0]) if len(t) else 0 for t in val.targets], np.int64)
+        fv, fp, ff = sample_feedback(
+            feedback.heldout, first, val.hist_idx, val.hist_len, np.random.default_rng([hp["seed"], 7]), 1.0
+        )
+        val = dataclasses.replace(val, fb_vec=fv, fb_pol=fp, fb_facet=ff)
+    static = {"text_vectors": text, "id_slots": slots, "item_counts": pop.astype(np.float32), "neg_p": neg_p,
+              "val": val, "bank": feedback.train if feedback is not None and hp["feedback_p"] > 0 else None,
               "log_q": candidate_log_q(samples["target"], neg_p, hp["batch_size"], hp["n_neg"])}
     return static, samples
 
@@ -415,8 +448,17 @@ def build_model(static: dict, hp: dict) -> ScorerModel:
         id_dropout=hp["id_dropout"],
         dropout=hp["dropout"],
         logit_scale=hp["logit_scale"],
+        text_arm=bool(hp["text_arm"]),
+        rare_dropout_c=float(hp["rare_dropout_c"]),
+        cold_quota=int(hp["cold_quota"]),
+        cooc_fill_cold=bool(hp["cooc_fill_cold"]),
     )
-    model = ScorerModel(cfg, torch.from_numpy(static["text_vectors"]), torch.from_numpy(static["id_slots"]))
+    model = ScorerModel(
+        cfg,
+        torch.from_numpy(static["text_vectors"]),
+        torch.from_numpy(static["id_slots"]),
+        torch.from_numpy(static["item_counts"]),
+    )
     if hp["warm_start"]:
         model.warm_start()
     return model
@@ -435,6 +477,7 @@ def batch_loss(
     """Sampled-softmax loss (retrieval u.v + MLP head) for one batch; see the module docstring.
 
     log_q: float32 (N,) candidate log-probabilities subtracted from the retrieval logits (logQ correction).
+    batch may carry text feedback ("fb_vec" (B, T, D), "fb_pol" (B, T)) for the user encoder.
     """
     target = batch["target"].long()  # (B,)
     B = target.shape[0]
@@ -456,6 +499,8 @@ def batch_loss(
         hit,
         pos,
         head_pool,
+        batch.get("fb_vec"),
+        batch.get("fb_pol"),
     )  # (B, C), (B, 1 + head_neg)
     if log_q is not None and n_neg >= 0:
         retrieval = retrieval - log_q[cand][None, :]  # (B, C)
@@ -471,12 +516,27 @@ def train_epoch(
     gen: torch.Generator,
     device: torch.device | str,
     log_q: torch.Tensor | None = None,
+    bank: FeedbackBank | None = None,
+    rng: np.random.Generator | None = None,
 ) -> tuple[float, int]:
-    """One pass over `batches`; returns (sum of per-example loss, examples)."""
+    """One pass over `batches`; returns (sum of per-example loss, examples).
+
+    With a phrase bank, a share hp["feedback_p"] of the rows gets one synthesised text feedback
+    (`scorer.feedback.sample_feedback`) drawn from `rng`."""
     model.train()
     loss_sum, n_ex = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
+        if bank is not None and float(hp["feedback_p"]) > 0:
+            fv, fp, _ = sample_feedback(
+                bank,
+                batch["target"].cpu().numpy(),
+                batch["hist_idx"].cpu().numpy(),
+                batch["hist_len"].cpu().numpy(),
+                rng if rng is not None else np.random.default_rng(),
+                float(hp["feedback_p"]),
+            )
+            batch["fb_vec"], batch["fb_pol"] = torch.from_numpy(fv).to(device), torch.from_numpy(fp).to(device)
         loss = batch_loss(model, batch, neg_p, hp["n_neg"], gen, hp["head_neg"], log_q, hp["n_candidates"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -499,30 +559,54 @@ def evaluate(
     world: int = 1,
     device: torch.device | str = "cpu",
     chunk: int = 256,
+    bank: FeedbackBank | None = None,
 ) -> dict[str, float]:
     """Full-ranking recall@k / ndcg@k of this rank's user slice, all-reduced over ranks when world > 1.
 
-    Returns {} when there is no validation set.
+    `val_*` rank without text feedback (what early stopping reads); when the validation set carries
+    synthesised feedback, `val_fb_*` rank the same users with it, and for the users whose text is negative
+    `val_fb_neg_share_before/after` are the shares of their top k that carry the facet the text rejects
+    (item facets from `bank`), the responsiveness the serving benchmark measures. Returns {} without a
+    validation set.
     """
     if val is None or val.n_users == 0:
         return {}
     was_training = model.training
-    sums = torch.zeros(5, dtype=torch.float64)  # recall, ndcg, retrieval recall, retrieval ndcg, users
+    # recall, ndcg, retrieval recall, retrieval ndcg, users | fb recall, fb ndcg, fb users | neg users, share
+    # of the rejected facet before, after
+    sums = torch.zeros(11, dtype=torch.float64)
     users = np.arange(rank, val.n_users, world)
+    with_fb = val.fb_vec is not None and bool((val.fb_pol != 0).any())
+    tops: dict[int, np.ndarray] = {}
     for ub, retrieval, cand, head in _two_stage_chunks(model, val, users, max(n_candidates, k), device, chunk):
         top_two = torch.gather(cand, 1, head.topk(k, dim=1).indices).cpu().numpy()  # (b, k)
         top_ret = retrieval.topk(k, dim=1).indices.cpu().numpy()
         for j, b in enumerate(ub):
             r2, n2 = recall_ndcg(top_two[j], val.targets[b], k)
             r1, n1 = recall_ndcg(top_ret[j], val.targets[b], k)
-            sums += torch.tensor([r2, n2, r1, n1, 1.0], dtype=torch.float64)
+            sums[:5] += torch.tensor([r2, n2, r1, n1, 1.0], dtype=torch.float64)
+            tops[int(b)] = top_two[j]
+    if with_fb:
+        for ub, _, cand, head in _two_stage_chunks(
+            model, val, users, max(n_candidates, k), device, chunk, feedback=True
+        ):
+            top_fb = torch.gather(cand, 1, head.topk(k, dim=1).indices).cpu().numpy()
+            for j, b in enumerate(ub):
+                if val.fb_pol[b, 0] == 0:
+                    continue
+                r, n = recall_ndcg(top_fb[j], val.targets[b], k)
+                sums[5:8] += torch.tensor([r, n, 1.0], dtype=torch.float64)
+                if val.fb_pol[b, 0] < 0 and bank is not None:
+                    f = int(val.fb_facet[b])
+                    share = [np.mean([f in bank.facets_of(int(i)) for i in t]) for t in (tops[int(b)], top_fb[j])]
+                    sums[8:] += torch.tensor([1.0, *share], dtype=torch.float64)
     if world > 1:
         import torch.distributed as dist
 
         dist.all_reduce(sums)
     model.train(was_training)
     n = max(float(sums[4]), 1.0)
-    return {
+    out = {
         f"val_recall@{k}": float(sums[0]) / n,
         f"val_ndcg@{k}": float(sums[1]) / n,
         f"val_retrieval_recall@{k}": float(sums[2]) / n,
@@ -530,6 +614,13 @@ def evaluate(
         f"val_best_ndcg@{k}": max(float(sums[1]), float(sums[3])) / n,
         "val_users": int(sums[4]),
     }
+    if with_fb:
+        n_fb = max(float(sums[7]), 1.0)
+        out.update({f"val_fb_recall@{k}": float(sums[5]) / n_fb, f"val_fb_ndcg@{k}": float(sums[6]) / n_fb})
+        if float(sums[8]) > 0:
+            out.update(val_fb_neg_share_before=float(sums[9]) / float(sums[8]),
+                       val_fb_neg_share_after=float(sums[10]) / float(sums[8]))
+    return out
 
 
 def _two_stage_chunks(
@@ -539,28 +630,32 @@ def _two_stage_chunks(
     n_candidates: int,
     device: torch.device | str = "cpu",
     chunk: int = 256,
+    feedback: bool = False,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Validation users in chunks through `two_stage_rank` (eval mode; each user's train items excluded).
+    """Validation users in chunks through `two_stage_rank` (eval mode; each user's train items excluded;
+    with `feedback`, the user encoder also reads the validation set's synthesised text).
 
     Yields (user rows ub, retrieval (b, N), candidates (b, n), ranking scores (b, n) with -inf where the
     candidate is excluded).
     """
     model.eval()
-    reps = model.all_item_reps()  # (N, d)
+    reps = model.all_item_reps()  # (N, r)
     for s in range(0, len(users), chunk):
         ub = users[s : s + chunk]
         t = lambda a, dt, ub=ub: torch.as_tensor(a[ub], device=device).to(dt)  # noqa: E731
+        fb = (t(val.fb_vec, torch.float32), t(val.fb_pol, torch.float32)) if feedback else (None, None)
         u = model.user_vectors(
             t(val.hist_idx, torch.long),
             t(val.hist_event, torch.long),
             t(val.hist_rating, torch.float32),
             t(val.hist_len, torch.long),
+            *fb,
         )
         excl = torch.zeros(len(ub), reps.shape[0], dtype=torch.bool, device=device)
         for j, b in enumerate(ub):
             excl[j, torch.as_tensor(val.exclude[b], device=device)] = True
         retrieval, cand, head = two_stage_rank(model, u, reps, excl, n_candidates)
-        yield ub, retrieval, cand, head.masked_fill(torch.gather(retrieval, 1, cand).isinf(), float("-inf"))
+        yield ub, retrieval, cand, head
 
 
 def recall_ndcg(top: np.ndarray, targets: np.ndarray, k: int) -> tuple[float, float]:
@@ -727,7 +822,10 @@ def finalize_ranking(
     val = static["val"]
     if val is not None and val.n_users > 0:
         model = ScorerModel(
-            ScorerConfig(**cfg), torch.from_numpy(static["text_vectors"]), torch.from_numpy(static["id_slots"])
+            ScorerConfig(**cfg),
+            torch.from_numpy(static["text_vectors"]),
+            torch.from_numpy(static["id_slots"]),
+            torch.from_numpy(static["item_counts"]),
         )
         model.load_state_dict(state["model"])
         sim_train = cooc_matrix(train_df, items, hp["cooc_neighbors"])
@@ -774,7 +872,9 @@ def tune_cooc_weight(
     sums = np.zeros(len(weights))
     users = np.arange(val.n_users)
     for ub, _, cand, head in _two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
-        co = history_scores(sim, [val.positives[b] for b in ub], cand.numpy())  # (b, n)
+        co = history_scores(
+            sim, [val.positives[b] for b in ub], cand.numpy(), fill_cold=model.cfg.cooc_fill_cold
+        )  # (b, n)
         base, cand_np = head.numpy(), cand.numpy()  # base is -inf at excluded candidates
         for wi, w in enumerate(weights):
             f = base + w * co

@@ -2,20 +2,25 @@
 
 Pipeline for one user (batched over B users at once, see `RecommendCore.recommend`):
 
-1. user vector: with a `Scorer` deployed and a non-empty history, the trained user encoder over the history
-   (retrieval in the scorer's space); otherwise the state's zero-shot vector (`MeanVectorizer`, computed by
-   the state shard, or here by `vectorizer` when missing). New users (no vector): popularity prior.
+1. user vector: with a `Scorer` deployed and a history or text feedback, the trained user encoder over the
+   history and the user's text feedback (`Scorer.rank`, the ranking path shared with `llmrec recommend` and
+   evaluation); otherwise the state's zero-shot vector (`MeanVectorizer`, computed by the state shard, or
+   here by `vectorizer` when missing). New users (no vector): popularity prior.
 2. query: a natural-language query's BERT vector `q` is blended with the text-space user vector,
    `normalize((1 - w) * u + w * q)` with `w = RankConfig.query_weight`; for new users `q` alone plus
    `pop_weight * popularity`.
-3. candidates: the item index (text space) with that vector, plus, with a Scorer, the top items by
-   `u_s @ scorer.item_vectors().T`; seen items are dropped when `exclude_seen`.
-4. re-rank: the Scorer's ranking score (MLP or u.v, plus its co-occurrence term over the user's positive
-   history; z-scored per user, plus `w` times the z-scored query cosine) when present, else the cosine itself.
+3. candidates: the item index (text space) with that vector (scorer users: only with a query), plus, with a
+   Scorer, its own retrieval candidates (`Scorer.rank`); seen items are dropped when `exclude_seen`.
+4. re-rank: the Scorer's ranking score (`Scorer.rank`: MLP or u.v, text arm and text feedback included, plus
+   its co-occurrence term; z-scored per user, plus `w` times the z-scored query cosine) when present, else
+   the cosine itself.
 5. push down: every candidate whose cosine (text space) to a negative item (dislike/skip) exceeds
    `neg_threshold` - the item itself included - loses `neg_penalty * weight`, so it sinks below the others.
-6. reason: the query when it contributed more than the history, else the history item (by title) or the
-   text feedback most similar to the pick, else "popular".
+6. reason: with the scorer, the signal that lifted the item most above the user's other candidates (its
+   share of the z-scored score: the query, a positive text the user said, content similar to a liked item,
+   co-occurrence with a liked item, or the behaviour part); without it, the query when it contributed more
+   than the history, else the history item (by title) or the text feedback most similar to the pick, else
+   "popular".
 
 Choices the design leaves open (documented here): exclude_seen defaults to True at the API; penalised items
 are pushed down, not removed; rating events count as positive history when value >= 4 (as in llmrec.state).
@@ -37,7 +42,6 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 POSITIVE_EVENTS = {"like", "purchase", "click"}
-NEGATIVE_EVENTS = {"dislike", "skip"}
 _VERBS = {"like": "liked", "purchase": "bought", "click": "clicked", "view": "viewed", "rating": "rated"}
 
 
@@ -48,7 +52,9 @@ class RankConfig:
     neg_threshold: float = 0.9  # cosine above which a candidate counts as a near-duplicate of a negative
     neg_penalty: float = 10.0  # subtracted (times the negative's weight) from a penalised candidate's score
     min_candidates: int = 100  # candidates retrieved per user: max(min_candidates, 4 k) + |seen|
-    text_feedback_weight: float = 0.3  # scorer mode: weight of the text-feedback cosines
+    # unused since the scorer's user encoder reads text feedback itself (its gains are trained); accepted so
+    # that existing user_config `rank` blocks keep loading
+    text_feedback_weight: float = 0.3
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.query_weight <= 1.0:
@@ -212,11 +218,9 @@ class RecommendCore:
                 f"index dim {idx_dim} != catalog vector dim {catalog.dim}; "
                 "rebuild the index from these embeddings"
             )
-        self._s_vecs = None
         if scorer is not None:
             s_ids = [str(i) for i in scorer.item_ids]
             self._s_id_to_idx = {i: j for j, i in enumerate(s_ids)}
-            self._s_vecs = np.asarray(scorer.item_vectors(), dtype=np.float32)  # (Ns, Ds)
             # scorer row j -> catalog row (or -1 when the scorer knows an item the catalog lacks)
             self._s_to_cat = np.array([catalog.id_to_idx.get(i, -1) for i in s_ids], dtype=np.int64)
             self._cat_to_s = np.full(catalog.n_items, -1, dtype=np.int64)
@@ -246,7 +250,7 @@ class RecommendCore:
                     f"query vector must be ({self.catalog.dim},), got {np.asarray(q.vector).shape}"
                 )
         uvecs = [self._text_user_vector(u) for u in users]
-        use_scorer = [self.scorer is not None and self._has_history(u) for u in users]
+        use_scorer = [self.scorer is not None and (self._has_history(u) or self._has_text(u)) for u in users]
 
         # text-space retrieval vectors (B, D); rows without any vector are retrieved by popularity
         w = self.config.query_weight
@@ -271,29 +275,12 @@ class RecommendCore:
             _, ids = self.index.search(rvecs[rows], max(n_cand[i] for i in rows))
             for r, i in enumerate(rows):
                 cand[i] = self._ids_to_idx(ids[r][: n_cand[i]])
-        s_user, s_pos = self._scorer_user_vectors(users, use_scorer)
         for i in range(b):
-            extra = []
-            if s_user is not None and use_scorer[i]:
-                s = self._s_vecs @ s_user[i]  # (Ns,)
-                top = np.argpartition(-s, min(n_cand[i], len(s) - 1))[: n_cand[i]]
-                extra.append(self._s_to_cat[top][self._s_to_cat[top] >= 0])
             if not has_r[i] and not use_scorer[i]:
-                extra.append(self.catalog._pop_order[: n_cand[i]])
-            if extra:
-                cand[i] = np.unique(np.concatenate([cand[i], *extra]))
+                cand[i] = self.catalog._pop_order[: n_cand[i]]
+        ranked = self._scorer_rank(users, use_scorer, cand, n_cand, ex)
         out = [
-            self._rank_one(
-                users[i],
-                cand[i],
-                ks[i],
-                qs[i],
-                ex[i],
-                uvecs[i],
-                None if s_user is None or not use_scorer[i] else s_user[i],
-                s_pos[i],
-            )
-            for i in range(b)
+            self._rank_one(users[i], cand[i], ks[i], qs[i], ex[i], uvecs[i], ranked[i]) for i in range(b)
         ]
         logger.debug("ranked %d users in %.1f ms", b, (time.perf_counter() - t0) * 1e3)
         return out
@@ -323,42 +310,74 @@ class RecommendCore:
         idx = [get(str(i), -1) for i in ids if i is not None]
         return np.array([j for j in idx if j >= 0], dtype=np.int64)
 
-    def _scorer_user_vectors(
-        self, users: Sequence[UserView], mask: Sequence[bool]
-    ) -> tuple[np.ndarray | None, list[np.ndarray | None]]:
-        """(B, Ds) scorer user vectors (None without a scorer) and, per user, its positive history items in
-        scorer indices (`scorer.data.positive_items`, for the co-occurrence term; None where not scored)."""
-        pos: list[np.ndarray | None] = [None] * len(users)
-        if self.scorer is None or not any(mask):
-            return None, pos
+    def _has_text(self, u: UserView) -> bool:
+        return any(vec is not None and pol != 0 for _, pol, vec in u.text_feedback)
+
+    def scorer_history(self, u: UserView) -> Any:
+        """The user as the scorer reads it: a `History` over scorer indices (items the scorer does not know are
+        left out) with the user's text feedback (vector, polarity), oldest first."""
         from llmrec.eval.protocol import History
+
+        ent = [(self._s_id_to_idx[it], ev, val, ts) for it, ev, val, ts in u.history if it in self._s_id_to_idx]
+        texts = [(vec, pol) for _, pol, vec in u.text_feedback
+                 if vec is not None and pol != 0 and np.shape(vec) == (self.catalog.dim,)]
+        return History(
+            user_id=u.user_id,
+            item_idx=np.array([e[0] for e in ent], np.int64),
+            ts=np.array([int(e[3]) for e in ent], np.int64),
+            event=np.array([e[1] for e in ent], dtype=object),
+            rating=np.array([np.nan if e[2] is None else e[2] for e in ent], np.float64),
+            fb_vec=np.stack([t[0] for t in texts]).astype(np.float32) if texts else None,
+            fb_pol=np.array([t[1] for t in texts], np.float32) if texts else None,
+        )
+
+    def _scorer_rank(
+        self,
+        users: Sequence[UserView],
+        mask: Sequence[bool],
+        text_cand: Sequence[np.ndarray],
+        n_cand: Sequence[int],
+        exclude_seen: Sequence[bool],
+    ) -> list[_ScorerRanking | None]:
+        """`Scorer.rank` for the users in `mask` (one batch), mapped back to catalog rows; None elsewhere.
+
+        The scorer ranks its retrieval candidates plus the text-index candidates (a query's neighbours) it
+        knows; with exclude_seen, every seen item it knows is excluded. Catalog items the scorer does not
+        know (added to the index after training) stay candidates below every scored one.
+        """
+        out: list[_ScorerRanking | None] = [None] * len(users)
+        rows = [i for i, m in enumerate(mask) if m]
+        if not rows:
+            return out
+        hists = [self.scorer_history(users[i]) for i in rows]
+        to_s = self._cat_to_s
+        extra = [to_s[text_cand[i]][to_s[text_cand[i]] >= 0] for i in rows]
+        excl = [
+            np.array(sorted({self._s_id_to_idx[s] for s in users[i].seen if s in self._s_id_to_idx}), np.int64)
+            if exclude_seen[i] else np.zeros(0, np.int64)
+            for i in rows
+        ]
+        r = self.scorer.rank(
+            hists, n_candidates=max(n_cand[i] for i in rows), exclude=excl, exclude_history=False, extra=extra
+        )
         from llmrec.scorer.data import positive_items
 
-        hists, rows = [], []
-        for i, (u, m) in enumerate(zip(users, mask, strict=True)):
-            if not m:
-                continue
-            ent = [
-                (self._s_id_to_idx[it], ev, val, ts)
-                for it, ev, val, ts in u.history
-                if it in self._s_id_to_idx
-            ]
-            hists.append(
-                History(
-                    user_id=u.user_id,
-                    item_idx=np.array([e[0] for e in ent], np.int64),
-                    ts=np.array([int(e[3]) for e in ent], np.int64),
-                    event=np.array([e[1] for e in ent], dtype=object),
-                    rating=np.array([np.nan if e[2] is None else e[2] for e in ent], np.float64),
-                )
+        for j, i in enumerate(rows):
+            ok = np.isfinite(r.score[j]) & (self._s_to_cat[r.cand[j]] >= 0)
+            cat_idx = self._s_to_cat[r.cand[j][ok]]
+            unknown = text_cand[i][to_s[text_cand[i]] < 0]  # catalog items the scorer cannot score
+            if exclude_seen[i] and len(unknown):
+                seen_idx = {self.catalog.id_to_idx[s] for s in users[i].seen if s in self.catalog.id_to_idx}
+                unknown = np.array([c for c in unknown if c not in seen_idx], np.int64)
+            parts = {k: v[j][ok] for k, v in r.parts.items()}
+            pad = {k: np.zeros(len(unknown), np.float32) for k in parts}
+            out[i] = _ScorerRanking(
+                cand=np.concatenate([cat_idx, unknown]).astype(np.int64),
+                score=np.concatenate([r.score[j][ok], np.full(len(unknown), -np.inf, np.float32)]),
+                parts={k: np.concatenate([parts[k], pad[k]]) for k in parts},
+                positives=self._s_to_cat[positive_items(hists[j])],
             )
-            rows.append(i)
-        uv = np.asarray(self.scorer.user_vectors(hists), dtype=np.float32)  # (B', Ds)
-        out = np.zeros((len(users), uv.shape[1]), np.float32)
-        out[rows] = uv
-        for i, h in zip(rows, hists, strict=True):
-            pos[i] = positive_items(h)
-        return out, pos
+        return out
 
     def _rank_one(
         self,
@@ -368,11 +387,12 @@ class RecommendCore:
         q: Query | None,
         exclude_seen: bool,
         uvec: np.ndarray | None,
-        s_user: np.ndarray | None,
-        s_pos: np.ndarray | None = None,
+        ranked: _ScorerRanking | None,
     ) -> list[dict[str, Any]]:
         cat, cfg = self.catalog, self.config
-        if exclude_seen and len(cand) and u.seen:
+        if ranked is not None:  # the scorer ranked (and excluded) its own candidate list
+            cand = ranked.cand
+        elif exclude_seen and len(cand) and u.seen:
             seen_idx = {cat.id_to_idx[s] for s in u.seen if s in cat.id_to_idx}
             cand = np.array([c for c in cand if c not in seen_idx], dtype=np.int64)
         if len(cand) == 0:
@@ -381,21 +401,15 @@ class RecommendCore:
         q_cos = cv @ q.vector if q is not None else None  # (K,)
         u_cos = cv @ uvec if uvec is not None else None  # (K,)
         w = cfg.query_weight
-        if s_user is not None:  # trained scorer: MLP scores over candidates known to the scorer
-            s_idx = self._cat_to_s[cand]
-            mlp = np.full(len(cand), -np.inf, np.float32)
-            known = s_idx >= 0
-            if known.any():
-                hist_items = None if s_pos is None else [s_pos]
-                mlp[known] = np.asarray(
-                    self.scorer.score(s_user[None, :], s_idx[known][None, :], history_items=hist_items)
-                )[0]
-            score = _zscore(mlp)
+        contrib: dict[str, np.ndarray] = {}  # signal -> its share of the final score (scorer mode), for reasons
+        if ranked is not None:
+            score, m, sd = _zscore_parts(ranked.score)
+            contrib = {name: (1.0 - (w if q_cos is not None else 0.0)) * (x - _finite_mean(x, ranked.score)) / sd
+                       for name, x in ranked.parts.items()}
             if q_cos is not None:
-                score = (1.0 - w) * score + w * _zscore(q_cos)
-            for _, pol, vec in u.text_feedback:
-                if vec is not None and vec.shape == (cat.dim,):
-                    score = score + cfg.text_feedback_weight * pol * _zscore(cv @ vec)
+                zq = _zscore(q_cos)
+                score = (1.0 - w) * score + w * zq
+                contrib["query"] = w * zq
         elif u_cos is not None and q_cos is not None:
             score = (1.0 - w) * u_cos + w * q_cos
         elif q_cos is not None:
@@ -424,17 +438,59 @@ class RecommendCore:
         out = []
         for o in order:
             c = int(cand[o])
+            if ranked is not None:
+                reason = self._scorer_reason(u, c, q, {n: float(x[o]) for n, x in contrib.items()}, pos, pos_v,
+                                             ranked.positives)
+                reason += " (similar to something you disliked)" if pen[o] > 0 else ""
+            else:
+                reason = self._reason(u, c, q, w, q_cos, u_cos, o, pos, pos_v, bool(pen[o] > 0))
             out.append(
-                {
-                    "item_id": str(cat.item_ids[c]),
-                    "score": float(score[o]),
-                    "title": str(cat.titles[c]),
-                    "reason": self._reason(u, c, q, w, q_cos, u_cos, o, pos, pos_v, bool(pen[o] > 0), s_user),
-                }
+                {"item_id": str(cat.item_ids[c]), "score": float(score[o]), "title": str(cat.titles[c]),
+                 "reason": reason}
             )
         return out
 
-    def _reason(self, u, c, q, w, q_cos, u_cos, o, pos, pos_v, penalised, s_user) -> str:
+    def _scorer_reason(
+        self,
+        u: UserView,
+        c: int,
+        q: Query | None,
+        contrib: dict[str, float],
+        pos: list[tuple[int, str]],
+        pos_v: np.ndarray | None,
+        hist_cat: np.ndarray,
+    ) -> str:
+        """Name the signal that lifted catalog item c most above the user's other candidates."""
+        cat = self.catalog
+        for name in sorted(contrib, key=lambda n: -contrib[n]):
+            if name == "query" and q is not None:
+                return f"matches your query '{_clip(q.text)}'"
+            if name == "feedback":
+                best = None
+                for text, pol, vec in u.text_feedback:
+                    if pol > 0 and vec is not None and np.shape(vec) == (cat.dim,):
+                        sim = float(np.asarray(vec) @ cat.vectors[c])
+                        best = max(best or (sim, text), (sim, text))
+                if best is not None:
+                    return f"because you said '{_clip(best[1])}'"
+                continue  # pushed up only because a negative text pushed others down: not a reason to name
+            if name == "content" and pos_v is not None:
+                j = int(np.argmax(pos_v @ cat.vectors[c]))
+                return f"similar to '{cat.titles[pos[j][0]]}', which you {_VERBS.get(pos[j][1], 'liked')}"
+            if name == "cooc" and self.scorer is not None and self.scorer.cooc is not None:
+                s_c = self._cat_to_s[c]
+                known = hist_cat[hist_cat >= 0]
+                if s_c >= 0 and len(known):
+                    s_hist = self._cat_to_s[known]
+                    sims = np.asarray(self.scorer.cooc[s_hist][:, s_c].todense()).ravel()
+                    if sims.max() > 0:
+                        return f"people who liked '{cat.titles[known[int(np.argmax(sims))]]}' also liked this"
+                continue
+            if name == "behaviour" and pos:
+                return f"fits your recent activity (you {_VERBS.get(pos[0][1], 'liked')} '{cat.titles[pos[0][0]]}')"
+        return "picked by your taste profile"
+
+    def _reason(self, u, c, q, w, q_cos, u_cos, o, pos, pos_v, penalised) -> str:
         cat = self.catalog
         hist_part = None
         if pos_v is not None:
@@ -457,9 +513,34 @@ class RecommendCore:
                 return r + " (similar to something you disliked)" if penalised else r
         best = max([p for p in (hist_part, tf_part) if p is not None], default=None, key=lambda p: p[0])
         r = best[1] if best is not None else "popular with other users"
-        if s_user is not None and best is not None:
-            r += " (ranked by your trained taste profile)"
         return r + " (similar to something you disliked)" if penalised else r
+
+
+@dataclass
+class _ScorerRanking:
+    """One user's `Scorer.rank` output in catalog rows: cand (K,), score (K,) (-inf = unscored), parts
+    {signal: (K,)}, positives (P,) catalog rows of the positive history (-1 = not in the catalog)."""
+
+    cand: np.ndarray
+    score: np.ndarray
+    parts: dict[str, np.ndarray]
+    positives: np.ndarray
+
+
+def _finite_mean(x: np.ndarray, score: np.ndarray) -> float:
+    fin = np.isfinite(score)
+    return float(x[fin].mean()) if fin.any() else 0.0
+
+
+def _zscore_parts(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(z-scored x as `_zscore`, mean, std used) so additive parts of x can be put on the same scale."""
+    x = np.asarray(x, np.float32)
+    fin = np.isfinite(x)
+    if fin.sum() < 2:
+        return np.where(fin, 0.0, -1e6).astype(np.float32), 0.0, 1.0
+    m, s = float(x[fin].mean()), float(x[fin].std())
+    s = s if s > 1e-9 else 1.0
+    return np.where(fin, (x - m) / s, -1e6).astype(np.float32), m, s
 
 
 def _zscore(x: np.ndarray) -> np.ndarray:

@@ -120,9 +120,9 @@ def prepare(
         id_col, text_cols = loaded.notes["id_col"], loaded.notes["text_cols"]
     else:
         id_col, text_cols = ITEM_ID, [TEXT]
-    if FACETS not in loaded.items.columns:  # an adapter without labels: the column still exists, all []
-        loaded.items = loaded.items.assign(**{FACETS: [[] for _ in range(len(loaded.items))]})
     items, item_rejects = validate_catalog(loaded.items, id_col, text_cols, skip_bad_rows=skip_bad_rows)
+    if FACETS not in items.columns:  # a catalog without labels: the column still exists, all []
+        items[FACETS] = pd.Series([[] for _ in range(len(items))], index=items.index, dtype="object")
     interactions, inter_rejects = validate_interactions(
         loaded.interactions, items[ITEM_ID], skip_bad_rows=skip_bad_rows
     )

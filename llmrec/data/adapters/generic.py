@@ -158,8 +158,8 @@ def _with_facets(df: pd.DataFrame, fcols: list[str], path: Path) -> tuple[pd.Dat
             f"would overwrite it: add {FACETS!r} to --facet-cols or rename that column"
         )
     if not fcols:
-        logger.info("generic: no --facet-cols: every item gets facets []")
-        return df.assign(**{FACETS: [[] for _ in range(len(df))]}), None
+        logger.info("generic: no --facet-cols and no %r column: every item gets facets []", FACETS)
+        return df, None  # prepare adds the all-[] column after validation
     per_col = [labels_from_column(df[c].tolist(), c) for c in fcols]
     facets = [clean_labels(lab for labs in row for lab in labs) for row in zip(*per_col, strict=True)]
     n_with = sum(1 for f in facets if f)

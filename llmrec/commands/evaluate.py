@@ -42,7 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma list of llmrec,popularity,itemknn,als,sasrec,zeroshot_text (default all)",
     )
     p.add_argument("--max-test-users", type=int, default=None, help="evaluate a seeded sample of test users")
-    p.add_argument("--seed", type=int, default=0, help="seed for training and the user sample (default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for training, the user sample and the cold protocol's held-out items (default 0)",
+    )
     p.add_argument(
         "--time-test-frac",
         type=float,

@@ -13,6 +13,10 @@ USER_ID = "user_id"  # string
 TS = "ts"  # int64 unix seconds, or a monotone order when the source has no time
 RATING = "rating"  # float64 or null
 EVENT = "event"  # string, one of EVENT_KINDS
+# optional items column (written by every `llmrec prepare` adapter; older data folders may lack it): a list of
+# strings per item, possibly empty, never null: the labels a user could name in feedback ("no more Animation",
+# "more Economics"): genres, categories, sections. Read it with llmrec.data.facets.item_facets.
+FACETS = "facets"
 
 # feedback / interaction event kinds, in the order the HTTP API documents them
 EVENT_KINDS = ("view", "click", "like", "dislike", "skip", "purchase", "rating")

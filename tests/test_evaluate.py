@@ -311,3 +311,48 @@ def test_repeat_targets_are_removed_and_counted() -> None:
     # b: history {3, 4} excluded, item 5 is ranked first among the rest -> every metric is 1
     m = res["models"]["history_first"]
     assert m["ndcg@10"] == pytest.approx(1.0) and m["recall@10"] == pytest.approx(1.0)
+
+
+def test_cold_protocol_only_text_models_reach_held_out_items(run_dir: Path, tmp_path: Path) -> None:
+    """`--protocol cold`: 10% of the items are held out with all their events, so every target is an item the
+    models never saw in training; ID models cannot rank them (they score exactly 0), text can."""
+    import argparse
+
+    from llmrec.commands import evaluate as cmd
+
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    assert p.parse_args(["--data", "d", "--run", "r", "--out", "o"]).protocol == "loo,time"  # default kept
+    rc = cli_main(
+        ["evaluate", "--data", str(run_dir / "data"), "--run", str(run_dir), "--out", str(tmp_path),
+         "--protocol", "cold", "--models", "popularity,itemknn,zeroshot_text"]
+    )
+    assert rc == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics) == ["cold"]
+    res = metrics["cold"]
+    assert list(res) == ["dataset", "protocol", "n_users", "n_items", "models", "cold_items",
+                         "repeat_targets_removed"]
+    assert res["protocol"] == "cold" and res["n_items"] == 66 and res["repeat_targets_removed"] == 0
+    for name in ("popularity", "itemknn"):
+        assert res["models"][name]["ndcg@10"] == 0.0 and res["models"][name]["recall@20"] == 0.0, name
+    assert res["models"]["zeroshot_text"]["ndcg@10"] > 0.1
+    # every target is cold: the cold-item block is the main block
+    assert res["cold_items"]["models"] == res["models"]
+    # reference: the targets the split documents, rebuilt from the interactions and the held-out items
+    split = json.loads((tmp_path / "meta.json").read_text())["per_protocol"]["cold"]["split"]
+    inter = pd.read_parquet(run_dir / "data" / "interactions.parquet")
+    n_items = inter.item_id.nunique()
+    assert split["n_heldout_items"] == round(0.1 * n_items) == 7
+    from llmrec.eval.split import cold_item_split
+
+    held = set(cold_item_split(inter, frac=0.1, seed=0).cold_items)
+    on_held = inter.item_id.isin(held)
+    train_users = set(inter.loc[~on_held, "user_id"])
+    pairs = inter.loc[on_held & inter.user_id.isin(train_users), ["user_id", "item_id"]].drop_duplicates()
+    assert res["cold_items"]["n_events"] == split["n_test"] == len(pairs)
+    assert res["n_users"] == split["n_test_users"] == pairs.user_id.nunique()
+    report = (tmp_path / "report.md").read_text()
+    assert "## Protocol `cold`" in report and "Held-out items: a random share" in report and "| zeroshot_text |" in report
+    with pytest.raises(ValueError, match="protocols must be a non-empty subset of"):
+        evaluate(run_dir / "data", run_dir / "embeddings", tmp_path, protocols=("cold", "warm"))

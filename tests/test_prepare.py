@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import html
 import json
 from pathlib import Path
 
@@ -176,6 +177,148 @@ def test_mind_reconciles_with_rejects(prepared, data_dir: Path) -> None:
     assert len(hist_rows) == sum(n in news for h in beh.drop_duplicates("user")["hist"] for n in h.split())
     # and they keep their order: per user, ts strictly increasing along the history
     assert (hist_rows.groupby("user_id")["ts"].diff().dropna() > 0).all()
+
+
+# ------------------------------------------------------------------------------------------------- facets
+
+
+def _facets_by_id(out: Path) -> dict[str, list[str]]:
+    items = read_items(out)
+    assert all(type(f) is list for f in items["facets"])  # the documented in-memory form
+    return dict(zip(items["item_id"], items["facets"], strict=True))
+
+
+def test_movielens_facets_are_the_genres(prepared, data_dir: Path) -> None:
+    out = prepared("movielens-latest-small")
+    got = _facets_by_id(out)
+    assert got["1"] == ["Adventure", "Animation", "Children", "Comedy", "Fantasy"]
+    movies = pd.read_csv(data_dir / "movielens-latest-small" / "movies.csv", dtype=str)
+    want = {
+        m: [] if g == "(no genres listed)" else g.split("|")
+        for m, g in zip(movies.movieId, movies.genres, strict=True)
+    }
+    assert got == want
+    assert sum(not f for f in got.values()) == (movies.genres == "(no genres listed)").sum() == 34
+    # never the user tags (they would leak test users' own words): Toy Story's tags are not among its facets
+    tags = pd.read_csv(data_dir / "movielens-latest-small" / "tags.csv", dtype={"movieId": str})
+    assert set(tags[tags.movieId == "1"].tag) and not set(tags[tags.movieId == "1"].tag) & set(got["1"])
+    distinct = {g for gs in movies.genres for g in gs.split("|")} - {"(no genres listed)"}
+    assert read_meta(out, "prepare")["facets"] == {
+        "n_items_with_facets": 9742 - 34,
+        "n_distinct": len(distinct),
+        "source": "movies.csv genres (| separated; '(no genres listed)' dropped)",
+    }
+
+
+def test_magazine_facets_are_the_category_list(prepared, data_dir: Path) -> None:
+    out = prepared("amazon-magazine-subscriptions-2018")
+    got = _facets_by_id(out)
+    first: dict[str, dict] = {}
+    with gzip.open(
+        data_dir / "amazon-magazine-subscriptions-2018" / "meta_Magazine_Subscriptions.json.gz", "rt"
+    ) as f:
+        for line in f:
+            r = json.loads(line)
+            first.setdefault(r["asin"], r)
+    # reference: the raw list, entities unescaped ("&amp;" and "&" are one category), top level dropped
+    want = {}
+    for a in got:
+        cats = [html.unescape(c).strip() for c in first[a].get("category") or []]
+        want[a] = list(dict.fromkeys(c for c in cats if c and c != "Magazine Subscriptions"))
+    assert got == want
+    # a category name with a comma inside stays one facet
+    comma = [a for a, cats in got.items() if "Arts, Music & Photography" in cats]
+    assert comma and all("Music & Photography" not in cats for cats in got.values())  # no re-split half
+    assert "Arts, Music &amp; Photography" in {c for a in comma for c in first[a]["category"]}
+    meta = read_meta(out, "prepare")["facets"]
+    assert meta["n_items_with_facets"] == sum(bool(v) for v in want.values())
+    assert meta["n_distinct"] == len({c for v in want.values() for c in v})
+
+
+def test_scientific_facets_are_the_category_path(prepared, data_dir: Path) -> None:
+    out = prepared("amazon-scientific-unisrec")
+    got = _facets_by_id(out)
+    assert got["B0000223SI"] == ["Abrasive & Finishing Products Manual Sanding Products Sanding Rolls"]
+    assert got["B0000223UV"] == ["Tapes, Adhesives & Sealants Urethane Adhesives"]
+    # reference: split the raw text on ". " and take the last segment under the top category
+    top = "Industrial & Scientific "
+    want: dict[str, list[str]] = {}
+    lines = (data_dir / "amazon-scientific-unisrec" / "Scientific.text").read_text(encoding="utf-8")
+    for line in lines.splitlines()[1:]:
+        item, text = line.split("\t", 1)
+        segs = [s.strip() for s in text.strip().rstrip(".").split(". ")]
+        paths = [s[len(top):].strip() for s in segs if s.startswith(top)]
+        want[item.strip()] = [paths[-1]] if paths and paths[-1] else []
+    assert got == want
+    # items with a scraping-artefact title "Industrial & Scientific />" get their real path
+    artefact = [i for i, ln in zip(want, lines.splitlines()[1:]) if "Industrial & Scientific />" in ln]
+    assert artefact and all(got[i] and "/>" not in got[i][0] for i in artefact)
+    meta = read_meta(out, "prepare")
+    n_empty = sum(not v for v in want.values())
+    assert meta["n_items_without_category_path"] == n_empty == 134
+    assert meta["facets"]["n_items_with_facets"] == 4385 - n_empty
+    assert meta["facets"]["n_distinct"] == len({v[0] for v in want.values() if v})
+
+
+def test_mind_facets_are_category_and_subcategory(prepared, data_dir: Path) -> None:
+    out = prepared("mind-small-sample")
+    got = _facets_by_id(out)
+    news = pd.read_csv(
+        data_dir / "mind-small-sample" / "news.tsv.gz", sep="\t", header=None, dtype=str, quoting=3,
+        usecols=[0, 1, 2], keep_default_na=False,
+    )
+    want = {n: list(dict.fromkeys(x for x in (c, s) if x)) for n, c, s in news.itertuples(index=False)}
+    assert got == want and all(len(v) == 2 for v in got.values())
+    assert read_meta(out, "prepare")["facets"]["n_distinct"] == len(set(news[1]) | set(news[2]))
+
+
+def test_generic_facet_cols(tmp_path: Path) -> None:
+    rows = [
+        {"sku": "1", "name": "Red shoe", "genre": "Shoes|Red", "section": ["Sale", "Arts, Crafts"]},
+        {"sku": "2", "name": "Blue hat", "genre": "Hats; Blue ;", "section": []},
+        {"sku": "3", "name": "Scarf", "genre": None, "section": ["Sale", "Sale"]},
+    ]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    kw = dict(items="c.jsonl", id_col="sku", text_cols="name")
+    meta = prepare("generic", tmp_path, tmp_path / "o", facet_cols="genre,section", **kw)
+    items = read_items(tmp_path / "o")
+    assert items["facets"].tolist() == [["Shoes", "Red", "Sale", "Arts, Crafts"], ["Hats", "Blue"], ["Sale"]]
+    assert items["genre"].tolist()[0] == "Shoes|Red"  # the source columns stay
+    assert meta["facets"]["n_items_with_facets"] == 3 and meta["facets"]["n_distinct"] == 6
+    assert "genre" in meta["facets"]["source"]
+    # CSV: strings split on | and ;, never on commas; numeric-looking labels stay strings
+    (tmp_path / "c.csv").write_text('id,t,tags\na,x,"Arts, Music|1984"\nb,y,\n')
+    csv_kw = dict(items="c.csv", id_col="id", text_cols="t", facet_cols="tags")
+    prepare("generic", tmp_path, tmp_path / "o2", **csv_kw)
+    assert read_items(tmp_path / "o2")["facets"].tolist() == [["Arts, Music", "1984"], []]
+    # no --facet-cols: every item has [] and the meta says there is no source
+    meta = prepare("generic", tmp_path, tmp_path / "o3", **kw)
+    assert read_items(tmp_path / "o3")["facets"].tolist() == [[], [], []]
+    assert meta["facets"] == {"n_items_with_facets": 0, "n_distinct": 0, "source": None}
+    # a source column named facets is the default
+    pd.DataFrame({"id": ["a"], "t": ["x"], "facets": [["u", "v"]]}).to_parquet(tmp_path / "f.parquet")
+    prepare("generic", tmp_path, tmp_path / "o4", items="f.parquet", id_col="id", text_cols="t")
+    assert read_items(tmp_path / "o4")["facets"].tolist() == [["u", "v"]]
+    with pytest.raises(ValueError, match=r"the table has a 'facets' column but --facet-cols is \['t'\]"):
+        prepare("generic", tmp_path, tmp_path / "o5", items="f.parquet", id_col="id", text_cols="t",
+                facet_cols="t")
+    with pytest.raises(
+        ValueError,
+        match=r"facet column\(s\) \['genres'\] not found; the table has columns \['sku', 'name', 'genre', "
+        r"'section'\]",
+    ):
+        prepare("generic", tmp_path, tmp_path / "o6", facet_cols="genre,genres", **kw)
+    with pytest.raises(ValueError, match=r"takes no option\(s\) \['facet_cols'\]"):
+        prepare("movielens-latest-small", tmp_path, tmp_path / "o7", facet_cols="x")
+    # the command's --facet-cols flag reaches the adapter
+    from llmrec.commands import prepare as cmd
+
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    argv = ["--dataset", "generic", "--source", str(tmp_path), "--out", str(tmp_path / "o8"), "--items",
+            "c.jsonl", "--id-col", "sku", "--text-cols", "name", "--facet-cols", "section"]
+    assert cmd.run(p.parse_args(argv)) == 0
+    assert read_items(tmp_path / "o8")["facets"].tolist() == [["Sale", "Arts, Crafts"], [], ["Sale"]]
 
 
 # ------------------------------------------------------------------------------------------------ generic

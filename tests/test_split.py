@@ -1,4 +1,5 @@
-"""Split invariants: last-by-time chosen, no test event in train, deterministic ties, cold items/users."""
+"""Split invariants: last-by-time chosen, no test event in train, deterministic ties, cold items/users, and
+the held-out-items ("cold") split against a brute-force construction."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmrec.eval.split import leave_last_out, time_split
+from llmrec.eval.split import cold_item_split, leave_last_out, time_split
 
 
 def _events(rows: list[tuple[str, str, int]]) -> pd.DataFrame:
@@ -111,3 +112,90 @@ def test_bad_input() -> None:
         time_split(_events([("a", "x", 1), ("a", "y", 2)]), cutoff_ts=10)
     with pytest.raises(ValueError, match="test_frac"):
         time_split(_events([("a", "x", 1), ("a", "y", 2)]), test_frac=1.5)
+
+
+# ------------------------------------------------------------------------------------------- cold items
+
+
+def _brute_force_cold(df: pd.DataFrame, held: set[str]) -> tuple[list, list, list, dict]:
+    """Reference for cold_item_split given the held-out items, with plain loops over the events."""
+    rows = sorted(df[["user_id", "ts", "item_id", "event"]].itertuples(index=False, name=None))
+    train = [r for r in rows if r[2] not in held]
+    train_users = {r[0] for r in train}
+    test, seen = [], set()
+    repeats = cold_user_events = 0
+    for u, ts, i, _ in rows:  # in (user, ts, item) order: the first event of a (user, item) pair is its row
+        if i not in held:
+            continue
+        if u not in train_users:
+            cold_user_events += 1
+        elif (u, i) in seen:
+            repeats += 1
+        else:
+            seen.add((u, i))
+            test.append((u, i, ts))
+    cold_users = sorted({r[0] for r in rows if r[2] in held} - train_users)
+    counts = {"repeats": repeats, "cold_user_events": cold_user_events}
+    return train, sorted(test), cold_users, counts
+
+
+def test_cold_split_hand_made() -> None:
+    # 10 items; frac 0.2 holds out 2. a repeats i8; c only ever saw i8 and i9 (a cold user when both are held)
+    rows = [("a", f"i{k}", k) for k in range(8)] + [("a", "i8", 20), ("a", "i8", 21), ("a", "i9", 3)]
+    rows += [("b", "i0", 1), ("b", "i9", 2), ("b", "i8", 0), ("c", "i9", 5), ("c", "i8", 6)]
+    df = _events(rows)
+    seen_cold_user = seen_repeat = False
+    for seed in range(40):  # every draw is checked; some hold out i8 and i9 together
+        s = cold_item_split(df, frac=0.2, seed=seed)
+        held = set(s.cold_items)
+        assert len(held) == 2 and held <= {f"i{k}" for k in range(10)}
+        assert s.protocol == "cold" and s.valid.empty and s.history is s.train
+        train, test, cold_users, counts = _brute_force_cold(df, held)
+        got_train = sorted(s.train[["user_id", "ts", "item_id", "event"]].itertuples(index=False, name=None))
+        assert got_train == train and not set(s.train.item_id) & held  # held-out items never reach train
+        assert sorted(s.test[["user_id", "item_id", "ts"]].itertuples(index=False, name=None)) == test
+        assert s.test.is_cold.all() and s.cold_users.tolist() == cold_users
+        st = s.stats
+        assert (st["n_items"], st["n_heldout_items"], st["n_test"]) == (10, 2, len(test))
+        assert st["n_heldout_repeat_events"] == counts["repeats"]
+        assert st["n_cold_user_events"] == counts["cold_user_events"]
+        assert st["n_cold_users"] == len(cold_users) and st["n_test_users"] == len({t[0] for t in test})
+        # every held-out event is a test row, a repeat of one, or a cold user's
+        assert st["n_heldout_events"] == df.item_id.isin(held).sum() == len(test) + sum(counts.values())
+        assert st["n_train"] + st["n_heldout_events"] == len(df)
+        seen_cold_user |= cold_users == ["c"]
+        seen_repeat |= counts["repeats"] > 0
+    assert seen_cold_user and seen_repeat
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cold_split_random_events(seed: int) -> None:
+    df = _random_events(seed, n=600)
+    s = cold_item_split(df, frac=0.15, seed=seed)
+    n_items = df.item_id.nunique()
+    held = set(s.cold_items)
+    assert len(held) == round(0.15 * n_items) == s.stats["n_heldout_items"]
+    train, test, cold_users, counts = _brute_force_cold(df, held)
+    assert len(s.train) == len(train) and not set(s.train.item_id) & held
+    assert sorted(s.test[["user_id", "item_id", "ts"]].itertuples(index=False, name=None)) == test
+    assert s.cold_users.tolist() == cold_users and set(s.test.user_id) <= set(s.train.user_id)
+    assert s.test[["user_id", "item_id"]].drop_duplicates().shape[0] == len(s.test)
+    assert s.stats["n_heldout_events"] == len(s.test) + sum(counts.values())
+    # deterministic for a seed, independent of the input row order, different for another seed
+    again = cold_item_split(df.sample(frac=1.0, random_state=7).reset_index(drop=True), frac=0.15, seed=seed)
+    pd.testing.assert_frame_equal(s.test, again.test)
+    pd.testing.assert_frame_equal(s.train, again.train)
+    assert s.cold_items.tolist() == again.cold_items.tolist() and s.stats == again.stats
+    other = cold_item_split(df, frac=0.15, seed=seed + 10)
+    assert set(other.cold_items) != held
+
+
+def test_cold_split_bad_input() -> None:
+    df = _events([("a", f"i{k}", k) for k in range(10)])
+    for frac in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match=r"frac must be in \(0, 1\)"):
+            cold_item_split(df, frac=frac)
+    with pytest.raises(ValueError, match="holds out 0"):
+        cold_item_split(df, frac=0.01)
+    with pytest.raises(ValueError, match="nothing to evaluate"):  # the only user saw only held-out items
+        cold_item_split(_events([("a", "x", 1), ("b", "y", 2)]), frac=0.5)

@@ -1,7 +1,8 @@
 """`llmrec evaluate`: split the interactions, fit llmrec + baselines per protocol, full-ranking metrics.
 
 Writes OUT/metrics.json (`{"loo": {...}, "time": {...}}`), OUT/metrics_<protocol>.json, report.md,
-metrics.png and meta.json; see `llmrec.eval.evaluate` for the layout and choices.
+metrics.png and meta.json; see `llmrec.eval.evaluate` for the layout and choices. `--protocol loo,time,cold`
+adds the held-out-items protocol (10% of the items and all their events held out; `--cold-frac`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from llmrec.storage import Arg, In, Out, Run
 
 logger = logging.getLogger(__name__)
 
-HELP = "offline evaluation (leave-last-out and time split) of llmrec and baselines: metrics.json, report.md"
+HELP = "offline evaluation (leave-last-out, time split, held-out items) of llmrec and baselines: metrics.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,14 +30,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "llmrec is retrained with on each split)",
     )
     p.add_argument("--out", required=True, help="output folder (e.g. RUN/eval)")
-    p.add_argument("--protocol", default="loo,time", help="comma list of loo,time (default both)")
+    p.add_argument(
+        "--protocol",
+        default="loo,time",
+        help="comma list of loo,time,cold (default loo,time; cold = held-out items, every target unseen in "
+        "training)",
+    )
     p.add_argument(
         "--models",
         default=None,
         help="comma list of llmrec,popularity,itemknn,als,sasrec,zeroshot_text (default all)",
     )
     p.add_argument("--max-test-users", type=int, default=None, help="evaluate a seeded sample of test users")
-    p.add_argument("--seed", type=int, default=0, help="seed for training and the user sample (default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for training, the user sample and the cold protocol's held-out items (default 0)",
+    )
     p.add_argument(
         "--time-test-frac",
         type=float,
@@ -48,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="explicit time-protocol cutoff ts (events with ts <= it are train); overrides --time-test-frac",
+    )
+    p.add_argument(
+        "--cold-frac",
+        type=float,
+        default=0.1,
+        help="share of the items the cold protocol holds out with all their events (default 0.1)",
     )
     p.add_argument(
         "--epochs", type=int, default=None, help="llmrec training epochs (default: the run scorer's)"
@@ -102,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         time_test_frac=args.time_test_frac,
         time_cutoff_ts=args.time_cutoff,
         time_targets=args.time_targets,
+        cold_frac=args.cold_frac,
     )
     for proto, res in results.items():
         best = max(res["models"], key=lambda m: res["models"][m]["ndcg@10"])

@@ -5,7 +5,7 @@ Examples::
     llmrec prepare --dataset movielens-latest-small \\
         --source ../shared/data/movielens-latest-small --out runs/ml/data
     llmrec prepare --dataset generic --source my_data --out runs/mine/data \\
-        --items catalog.csv --id-col sku --text-cols title,description \\
+        --items catalog.csv --id-col sku --text-cols title,description --facet-cols genre,section \\
         --interactions events.jsonl --ts-col time
 """
 
@@ -44,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--text-cols", default=None, help="comma list of text columns joined into text (default text)"
     )
+    g.add_argument(
+        "--facet-cols",
+        default=None,
+        help="comma list of label columns for the facets column: list values as is, strings split on | "
+        "and ; (default: a column named facets, else none)",
+    )
     g.add_argument("--interactions", default=None, help="interactions file (optional)")
     g.add_argument("--user-col", default=None, help="user id column (default user_id)")
     g.add_argument("--item-col", default=None, help="item id column in interactions (default item_id)")
@@ -76,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         "n_interactions",
         "n_rejected",
         "rejected_reasons",
+        "facets",
         "fingerprint",
     )
     print(json.dumps({k: meta.get(k) for k in keys}, sort_keys=False))

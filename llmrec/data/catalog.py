@@ -25,7 +25,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from llmrec.schema import EVENT, EVENT_KINDS, ITEM_ID, RATING, TEXT, TS, USER_ID
+from llmrec.data.facets import to_facet_lists
+from llmrec.schema import EVENT, EVENT_KINDS, FACETS, ITEM_ID, RATING, TEXT, TS, USER_ID
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +119,15 @@ def validate_catalog(
 
     Returns:
         (clean, rejects): `clean` has `item_id` (str, unique, non-empty) and `text` (str, non-empty) first,
-        then every other column of `df` (the id column renamed to `item_id`), index reset; `rejects` has
-        REJECT_COLUMNS with table="items" and `row` = 0-based position in `df`.
+        then every other column of `df` (the id column renamed to `item_id`), index reset; a `facets` column
+        (schema.FACETS) comes back in its canonical form, one cleaned `list[str]` per row (null -> []; see
+        llmrec.data.facets); `rejects` has REJECT_COLUMNS with table="items" and `row` = 0-based position
+        in `df`.
 
     Raises:
-        ValueError: a named column is missing or of the wrong type (always), or bad rows exist and
-            `skip_bad_rows` is False. The message names the count, the first rows/ids and the fix.
+        ValueError: a named column is missing or of the wrong type (always), a `facets` value that is not a
+            list of strings (always), or bad rows exist and `skip_bad_rows` is False. The message names the
+            count, the first rows/ids and the fix.
     """
     t0 = pd.Timestamp.now()
     if isinstance(text_cols, str):
@@ -160,6 +164,10 @@ def validate_catalog(
                 f"drop it from --text-cols or cast it to string first"
             )
 
+    facets = None
+    if FACETS in df.columns:
+        facets = to_facet_lists(df[FACETS].tolist(), f"items: column {FACETS!r}")
+
     n = len(df)
     ids, id_bad = _normalise_ids(df[id_col], "missing_id", "bad_id_type")
     reason: list[str | None] = list(id_bad)
@@ -190,6 +198,8 @@ def validate_catalog(
 
     rest = [c for c in df.columns if c != id_col and c not in (text_cols if text_cols == [TEXT] else [])]
     clean = df[rest].copy()
+    if facets is not None and FACETS in clean.columns:
+        clean[FACETS] = pd.Series(facets, index=clean.index, dtype="object")
     clean.insert(0, TEXT, texts)
     clean.insert(0, ITEM_ID, ids)
     rejects = make_rejects("items", bad, [df[id_col].iloc[i] for i in bad], None, [reason[i] for i in bad])

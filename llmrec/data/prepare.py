@@ -7,7 +7,10 @@ rejected) -> `meta.json` (stage "prepare").
 meta.json fields: `dataset, source, n_items, n_users, n_interactions, n_rejected` (all rejected rows),
 `n_rejected_items, n_rejected_interactions, rejected_reasons` ({reason: count}), `fingerprint`
 (sha256 of the source files read), `files` (their names), `ts_is_order` (True when `ts` is a sequence
-position, not unix time), `wall_s`, plus adapter notes.
+position, not unix time), `facets` (`{"n_items_with_facets", "n_distinct", "source"}` over the kept items;
+`source` says where the labels came from, None when the dataset has none), `wall_s`, plus adapter notes.
+
+Every prepared items.parquet has the `facets` column (schema.FACETS, list<string>; see llmrec.data.facets).
 
 Example::
 
@@ -30,8 +33,9 @@ import pandas as pd
 
 from llmrec.artifacts import file_fingerprint, write_meta
 from llmrec.data.catalog import validate_catalog, validate_interactions
+from llmrec.data.facets import facet_stats
 from llmrec.data.tables import write_interactions, write_items, write_rejects
-from llmrec.schema import ITEM_ID, TEXT, USER_ID
+from llmrec.schema import FACETS, ITEM_ID, TEXT, USER_ID
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ GENERIC_OPTS = (
     "rating_col",
     "event_col",
     "default_event",
+    "facet_cols",
 )
 
 
@@ -81,7 +86,7 @@ def prepare(
             rejected, rejects.parquet.
         skip_bad_rows: write rows that fail validation to rejects.parquet instead of raising.
         **opts: only for "generic": items, id_col, text_cols, interactions, user_col, item_col, ts_col,
-            rating_col, event_col, default_event (see llmrec.data.adapters.generic).
+            rating_col, event_col, default_event, facet_cols (see llmrec.data.adapters.generic).
 
     Returns:
         The meta dict written to `out/meta.json`.
@@ -116,6 +121,8 @@ def prepare(
     else:
         id_col, text_cols = ITEM_ID, [TEXT]
     items, item_rejects = validate_catalog(loaded.items, id_col, text_cols, skip_bad_rows=skip_bad_rows)
+    if FACETS not in items.columns:  # a catalog without labels: the column still exists, all []
+        items[FACETS] = pd.Series([[] for _ in range(len(items))], index=items.index, dtype="object")
     interactions, inter_rejects = validate_interactions(
         loaded.interactions, items[ITEM_ID], skip_bad_rows=skip_bad_rows
     )
@@ -142,14 +149,18 @@ def prepare(
         "fingerprint": file_fingerprint(loaded.files),
         "files": [p.name for p in loaded.files],
         "ts_is_order": bool(loaded.notes.pop("ts_is_order", False)),
+        "facets": facet_stats(items[FACETS].tolist(), loaded.facet_source),
         **{k: v for k, v in loaded.notes.items() if k not in ("id_col", "text_cols")},
     }
     meta_fields["wall_s"] = round(time.perf_counter() - t0, 3)
     meta = write_meta(out_dir, "prepare", **meta_fields)
     logger.info(
-        "prepared %s: %d items, %d users, %d interactions, %d rejected -> %s in %.1fs",
+        "prepared %s: %d items (%d with facets, %d distinct), %d users, %d interactions, %d rejected -> %s "
+        "in %.1fs",
         dataset,
         meta["n_items"],
+        meta["facets"]["n_items_with_facets"],
+        meta["facets"]["n_distinct"],
         meta["n_users"],
         meta["n_interactions"],
         meta["n_rejected"],

@@ -1,6 +1,8 @@
 """Read and write the canonical tables that `llmrec prepare` produces (see docs/design.md).
 
-- `items.parquet`: `item_id` string (unique, non-empty), `text` string (non-empty), then original fields.
+- `items.parquet`: `item_id` string (unique, non-empty), `text` string (non-empty), then original fields,
+  and `facets` (`list<string>`, never null; optional: folders prepared before it existed lack it), read
+  back as one Python `list[str]` per row (see `llmrec.data.facets`).
 - `interactions.parquet`: `user_id` string, `item_id` string, `ts` int64, `rating` float64 (null allowed),
   `event` string in `schema.EVENT_KINDS`.
 - `rejects.parquet` (only when rows were rejected): `table, row, item_id, user_id, reason`
@@ -19,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from llmrec.schema import (
     EVENT,
     EVENT_KINDS,
+    FACETS,
     INTERACTIONS_FILE,
     ITEM_ID,
     ITEMS_FILE,
@@ -62,16 +66,34 @@ def read_items(path_or_dir: str | os.PathLike) -> pd.DataFrame:
     """Read `items.parquet` (a file, or a folder holding one) and check the canonical schema.
 
     Returns:
-        DataFrame (N rows) with `item_id` and `text` (str) first, then the original fields, file order.
+        DataFrame (N rows) with `item_id` and `text` (str) first, then the original fields, file order; when
+        the file has `facets`, that column holds one Python `list[str]` per row (`[]` = no labels).
 
     Raises:
         FileNotFoundError: no such file. ValueError: missing/mistyped columns, null/empty/duplicate ids,
-            null or empty text.
+            null or empty text, a facets column that is not list<string> or holds nulls.
     """
     path = _resolve(path_or_dir, ITEMS_FILE)
     table = pq.read_table(path)
     _check_types(path, table, {ITEM_ID: "string", TEXT: "string"})
+    if FACETS in table.column_names:
+        t = table.schema.field(FACETS).type
+        if not (
+            (pa.types.is_list(t) or pa.types.is_large_list(t))
+            and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type))
+        ):
+            raise ValueError(f"{path}: column {FACETS!r} is {t}, expected list<string>; {_FIX}")
+        col = table.column(FACETS)
+        n_null = col.null_count + pc.list_flatten(col).null_count
+        if n_null:
+            raise ValueError(
+                f"{path}: {n_null} null {FACETS!r} value(s) or label(s), expected lists of strings ([] for "
+                f"none); {_FIX}"
+            )
     df = table.to_pandas()
+    if FACETS in df.columns:
+        # pyarrow gives numpy object arrays; the documented in-memory form is a Python list of str per row
+        df[FACETS] = [v.tolist() for v in df[FACETS]]
     ids = df[ITEM_ID]
     bad_id = ids.isna() | (ids.astype(str).str.strip() == "")
     if bad_id.any():
@@ -134,7 +156,11 @@ def write_items(items: pd.DataFrame, out_dir: str | os.PathLike) -> Path:
             f"one type or drop them from the source"
         ) from None
     fields = [pa.field(ITEM_ID, pa.string(), nullable=False), pa.field(TEXT, pa.string(), nullable=False)]
-    table = table.cast(pa.schema(fields + list(table.schema)[2:]))
+    # an all-empty facets column is inferred as list<null>: pin the documented list<string>
+    rest = [
+        pa.field(FACETS, pa.list_(pa.string())) if f.name == FACETS else f for f in list(table.schema)[2:]
+    ]
+    table = table.cast(pa.schema(fields + rest))
     return _write(table, Path(out_dir) / ITEMS_FILE)
 
 

@@ -1,25 +1,30 @@
 """Offline evaluation: split the canonical interactions, fit every model on train, rank the whole catalog.
 
 `evaluate(data_dir, embeddings_dir, out_dir, ...)` runs each protocol ("loo" = leave-last-out, "time" = global
-time cutoff; see `llmrec.eval.split`) over every model (llmrec's scorer when importable, reported as served
-("llmrec") and without its co-occurrence term ("llmrec_neural", the same fit); the baselines of
-`llmrec.eval.baselines`, plus `extra_models`), and writes to `out_dir`:
+time cutoff, "cold" = held-out items; see `llmrec.eval.split`; default loo and time) over every model
+(llmrec's scorer when importable, reported as served ("llmrec") and without its co-occurrence term
+("llmrec_neural", the same fit); the baselines of `llmrec.eval.baselines`, plus `extra_models`), and writes
+to `out_dir`:
 
-- `metrics.json`: `{"loo": {...}, "time": {...}}`, one object per protocol that was run, each EXACTLY
-  `{"dataset", "protocol", "n_users", "n_items", "models": {name: {recall@10, recall@20, ndcg@10, ndcg@20,
-  mrr, coverage@10}}, "cold_items": {"n_events": int, "models": {name: {...same keys...}}}}`.
+- `metrics.json`: `{"loo": {...}, "time": {...}, "cold": {...}}`, one object per protocol that was run, each
+  EXACTLY `{"dataset", "protocol", "n_users", "n_items", "models": {name: {recall@10, recall@20, ndcg@10,
+  ndcg@20, mrr, coverage@10}}, "cold_items": {"n_events": int, "models": {name: {...same keys...}}},
+  "repeat_targets_removed": int}`.
   `n_users` = test users evaluated, `n_items` = catalog size N (every item is rankable, cold ones included).
   `cold_items` holds the metrics restricted to test targets whose item never occurs in train (only the users
-  with such a target, and only those targets); its `models` is `{}` when `n_events` is 0.
+  with such a target, and only those targets); its `models` is `{}` when `n_events` is 0. Under "cold" every
+  target is a held-out item, so its `cold_items` block equals its main block (`n_events` = all targets), and
+  `repeat_targets_removed` is 0 (held-out items are in no history).
 - `metrics_<protocol>.json`: the same single-protocol object, one file per protocol (for scripts).
 - `report.md`, `metrics.png` (see `llmrec.eval.report`), and `meta.json` (stage "evaluate": split stats,
   per-model fit/score seconds, skipped models, dropped events, embedding model).
 
 Choices: the ItemSpace is the embeddings artifact (rows in its order). Interactions on items without an
 embedding are dropped with a WARNING and counted in meta (`n_events_without_embedding`). At test time a user's
-history is `split.history` (loo: all events before the test event; time: all events up to the cutoff) and
-the items in it are excluded from the ranking (the target never is). `max_test_users` samples test users
-with `seed` (sorted ids, numpy default_rng) so runs are reproducible.
+history is `split.history` (loo: all events before the test event; time: all events up to the cutoff; cold:
+all events on items that are not held out) and the items in it are excluded from the ranking (the target
+never is). `max_test_users` samples test users with `seed` (sorted ids, numpy default_rng) so runs are
+reproducible.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from llmrec.artifacts import write_meta
 from llmrec.eval.baselines import BASELINES, make_baseline
 from llmrec.eval.metrics import RankingMetrics
 from llmrec.eval.protocol import History, ItemSpace, Recommender
-from llmrec.eval.split import Split, leave_last_out, sort_events, time_split
+from llmrec.eval.split import Split, cold_item_split, leave_last_out, sort_events, time_split
 from llmrec.schema import (
     EMBEDDING,
     EMBEDDINGS_FILE,
@@ -58,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MODELS",
+    "DEFAULT_PROTOCOLS",
     "PROTOCOLS",
     "attach_item_idx",
     "evaluate",
@@ -67,7 +73,8 @@ __all__ = [
     "read_tables",
 ]
 
-PROTOCOLS = ("loo", "time")
+PROTOCOLS = ("loo", "time", "cold")
+DEFAULT_PROTOCOLS = ("loo", "time")  # what `llmrec evaluate` and the pipeline run unless told otherwise
 DEFAULT_MODELS = ("llmrec",) + BASELINES
 ITEM_IDX = "item_idx"
 
@@ -76,7 +83,7 @@ def evaluate(
     data_dir: str | os.PathLike,
     embeddings_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    protocols: Sequence[str] = PROTOCOLS,
+    protocols: Sequence[str] = DEFAULT_PROTOCOLS,
     models: Sequence[str] | None = None,
     extra_models: Sequence[Recommender] = (),
     max_test_users: int | None = None,
@@ -87,6 +94,7 @@ def evaluate(
     time_test_frac: float = 0.1,
     time_cutoff_ts: int | None = None,
     time_targets: str = "first",
+    cold_frac: float = 0.1,
     batch_users: int = 1024,
 ) -> dict[str, Any]:
     """Evaluate models under each protocol and write metrics.json, report.md, metrics.png, meta.json.
@@ -95,12 +103,12 @@ def evaluate(
         data_dir: the `llmrec prepare` folder (items.parquet, interactions.parquet).
         embeddings_dir: the `llmrec embed` folder; defines the item space.
         out_dir: where the evaluation artifacts go (created).
-        protocols: subset of ("loo", "time").
+        protocols: subset of PROTOCOLS ("loo", "time", "cold"); default ("loo", "time").
         models: names from DEFAULT_MODELS (None = all; "llmrec" is skipped with a log line when its module
             is not importable).
         extra_models: further Recommender instances (their `name` becomes the metrics key).
         max_test_users: evaluate at most this many test users per protocol (seeded sample).
-        seed: seeds model training and the user sample.
+        seed: seeds model training, the user sample and the cold protocol's held-out items.
         scorer_dir: the run's `llmrec train` folder (default: embeddings_dir/../scorer); llmrec is
             retrained on each split's train with the settings in its meta.json (see `llmrec_train_config`).
         llmrec_kwargs: overrides for `LLMRecRecommender(**kwargs)` (epochs, num_workers, n_candidates, ...).
@@ -109,6 +117,7 @@ def evaluate(
         time_cutoff_ts: explicit time-protocol cutoff (events with ts <= it are train); overrides
             time_test_frac.
         time_targets: "first" post-cutoff event per test user (default) or "all" distinct post-cutoff items.
+        cold_frac: share of the items (with events) the cold protocol holds out.
         batch_users: users scored per `score` call.
 
     Returns:
@@ -138,6 +147,8 @@ def evaluate(
     for proto in protocols:
         if proto == "loo":
             split = leave_last_out(inter)
+        elif proto == "cold":
+            split = cold_item_split(inter, frac=cold_frac, seed=seed)
         else:
             split = time_split(
                 inter,
@@ -184,6 +195,7 @@ def evaluate(
         time_test_frac=time_test_frac,
         time_cutoff_ts=time_cutoff_ts,
         time_targets=time_targets,
+        cold_frac=cold_frac,
         n_events=len(inter),
         n_events_without_embedding=n_dropped,
         embed={k: embed_meta.get(k) for k in ("model_name", "dim", "n_items", "dataset_fingerprint")},

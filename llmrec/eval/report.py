@@ -2,7 +2,8 @@
 
 `write_report(results, timings, out_dir)` takes the metrics.json object (`{protocol: {...}}`, see
 `llmrec.eval.evaluate`) and `{protocol: {model: {fit_s, score_s, users_per_s}}}`. report.md holds, per
-protocol, a models x metrics table, the same table for cold-item targets, and fit/score times; metrics.png
+protocol, a line saying what the protocol is, a models x metrics table, the same table for cold-item targets
+(for "cold", where every target is cold, a line saying so instead), and fit/score times; metrics.png
 has one row of bar charts per protocol (Recall@10, NDCG@10, MRR per model), drawn with the Agg backend.
 """
 
@@ -18,6 +19,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["markdown_report", "plot_metrics", "write_report"]
 
 PLOT_METRICS = ("recall@10", "ndcg@10", "mrr")
+PROTOCOL_TEXT = {
+    "loo": "Leave-last-out: each user's last event is the target",
+    "time": "Global time cutoff: each test user's first event after it is the target (all of them with "
+    "--time-targets all)",
+    "cold": "Held-out items: a random share of the items left out of training with all their events; every "
+    "target is one of them",
+}
 
 
 def write_report(
@@ -47,7 +55,8 @@ def markdown_report(
         lines += [
             f"## Protocol `{proto}` on `{res['dataset']}`",
             "",
-            f"{res['n_users']} test users, full ranking over {res['n_items']} items "
+            (f"{PROTOCOL_TEXT[proto]}. " if proto in PROTOCOL_TEXT else "")
+            + f"{res['n_users']} test users, full ranking over {res['n_items']} items "
             "(each user's history items excluded"
             + (
                 f"; {res['repeat_targets_removed']} test targets that repeat a history item removed"
@@ -60,7 +69,10 @@ def markdown_report(
         lines += _table(res["models"])
         cold = res["cold_items"]
         lines += ["", f"### Cold items ({cold['n_events']} test targets never seen in training)", ""]
-        lines += _table(cold["models"]) if cold["models"] else ["(no cold-item targets in this split)"]
+        if proto == "cold":  # every target is cold: the table would repeat the one above
+            lines.append("(every test target is a held-out item: the table above is the cold-item table)")
+        else:
+            lines += _table(cold["models"]) if cold["models"] else ["(no cold-item targets in this split)"]
         t = timings.get(proto, {})
         if t:
             lines += ["", "### Time", "", "| model | fit (s) | score (s) | users/s |", "|---|---:|---:|---:|"]

@@ -1,6 +1,7 @@
-"""Evaluation splits of a canonical interactions table: leave-last-out per user, and a global time cutoff.
+"""Evaluation splits of a canonical interactions table: leave-last-out per user, a global time cutoff, and
+held-out (cold) items.
 
-Both return a `Split`:
+Each returns a `Split`:
 - `train`: the events models are fit on.
 - `history`: the events a model may read when it recommends for a test user (its input `History`).
 - `test`: one row per (user, target item), with a boolean `is_cold` (the target item is absent from `train`).
@@ -22,6 +23,17 @@ train history and at least one later event; their target is the **first** post-c
 distinct post-cutoff item (`targets="all"`). Cold items = items first seen after the cutoff (never in
 train); cold users = users whose events all fall after the cutoff (they have no history, so they are
 counted, not evaluated).
+
+Held-out items (`cold_item_split`, protocol "cold"): `round(frac * n)` of the n items with at least one event
+are drawn at random (`numpy.random.default_rng(seed)` over the sorted item ids, so the draw depends only on
+the set of items and the seed) and held out entirely: every event on them leaves train. Train = every other
+event; history = train (a test user's history is all their train events). Test = one row per distinct
+(user, held-out item) for users with at least one train event (the user's first event on that item), all
+`is_cold`. Users whose events are all on held-out items are cold users: counted, not evaluated. Every
+held-out event is a test row, a repeat of a test row's (user, item) (`n_heldout_repeat_events`), or a cold
+user's (`n_cold_user_events`). Unlike loo/time, where 11-37 targets are cold, here every target is, so item
+cold start is measured on thousands of targets; time plays no part (a test target may precede some of the
+user's train events, as with any held-out-item protocol).
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ from llmrec.schema import EVENT, ITEM_ID, TS, USER_ID
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Split", "leave_last_out", "sort_events", "time_split"]
+__all__ = ["Split", "cold_item_split", "leave_last_out", "sort_events", "time_split"]
 
 REQUIRED = (USER_ID, ITEM_ID, TS)
 
@@ -47,13 +59,13 @@ REQUIRED = (USER_ID, ITEM_ID, TS)
 class Split:
     """One evaluation split; see the module docstring for what each table holds."""
 
-    protocol: str  # "loo" | "time"
+    protocol: str  # "loo" | "time" | "cold"
     train: pd.DataFrame  # fit set
     history: pd.DataFrame  # what models see at recommendation time (sorted per user)
-    valid: pd.DataFrame  # loo: 2nd-to-last event per user; time: empty
+    valid: pd.DataFrame  # loo: 2nd-to-last event per user; time, cold: empty
     test: pd.DataFrame  # one row per (user, target item); column `is_cold`
-    cold_items: np.ndarray  # (C,) item ids of test targets never seen in train
-    cold_users: np.ndarray  # (U,) user ids with post-cutoff events but no train events (time only)
+    cold_items: np.ndarray  # (C,) item ids never seen in train (time: post-cutoff; cold: the held-out ones)
+    cold_users: np.ndarray  # (U,) user ids with test-side events but no train events (time, cold)
     stats: dict[str, Any] = field(default_factory=dict)
 
     def targets_by_user(self) -> dict[str, np.ndarray]:
@@ -181,6 +193,85 @@ def time_split(
     )
     empty = df.iloc[:0].reset_index(drop=True)
     return Split("time", train, train, empty, test, cold_items_all, cold_users, stats)
+
+
+def cold_item_split(interactions: pd.DataFrame, frac: float = 0.1, seed: int = 0) -> Split:
+    """Hold out a random `frac` of the items with all their events; see the module docstring.
+
+    Args:
+        interactions: canonical interactions (user_id, item_id, ts, ...).
+        frac: share of the items with at least one event to hold out, in (0, 1); `round(frac * n)` items,
+            at least 1 and fewer than n.
+        seed: seeds the draw of held-out items (the same seed and item set give the same items).
+
+    Returns:
+        Split with protocol "cold": `train` = `history` = events on other items (sorted per user), `valid`
+        empty, `test` one row per (user, held-out item) with `is_cold` True, `cold_items` (C,) the held-out
+        item ids (sorted), `cold_users` (U,) users with only held-out-item events (sorted).
+
+    Raises:
+        ValueError: frac outside (0, 1), or it holds out no item or every item.
+    """
+    t0 = time.perf_counter()
+    if not 0.0 < frac < 1.0:
+        raise ValueError(f"frac must be in (0, 1), got {frac}; e.g. 0.1 to hold out 10% of the items")
+    df = sort_events(interactions)
+    items = np.sort(df[ITEM_ID].unique()).astype(object)  # sorted: the draw ignores the input row order
+    n_hold = int(round(frac * len(items)))
+    if not 0 < n_hold < len(items):
+        raise ValueError(
+            f"frac {frac} of {len(items)} items holds out {n_hold}; pick a frac that holds out at least one "
+            f"item and keeps at least one for training"
+        )
+    held = np.sort(np.random.default_rng(seed).choice(items, size=n_hold, replace=False)).astype(object)
+    on_held = df[ITEM_ID].isin(set(held)).to_numpy()
+    train = df[~on_held].reset_index(drop=True)
+    post = df[on_held]
+    train_users = set(train[USER_ID].unique())
+    has_hist = post[USER_ID].isin(train_users).to_numpy()
+    cold_users = np.sort(post.loc[~has_hist, USER_ID].unique()).astype(object)
+    cand = post[has_hist]
+    test = cand.drop_duplicates([USER_ID, ITEM_ID], keep="first").reset_index(drop=True)
+    test = test.assign(is_cold=np.ones(len(test), dtype=bool))
+    if len(test) == 0:
+        raise ValueError(
+            f"the {n_hold} held-out items have no event from a user with other events, so there is nothing "
+            f"to evaluate; use a larger frac or another seed"
+        )
+    stats = {
+        "n_events": len(df),
+        "frac": float(frac),
+        "seed": int(seed),
+        "n_items": len(items),
+        "n_heldout_items": n_hold,
+        "n_heldout_items_tested": int(test[ITEM_ID].nunique()),
+        "n_heldout_events": int(on_held.sum()),
+        "n_train": len(train),
+        "n_test_users": int(test[USER_ID].nunique()),
+        "n_test": len(test),
+        "n_heldout_repeat_events": len(cand) - len(test),
+        "n_cold_users": len(cold_users),
+        "n_cold_user_events": int((~has_hist).sum()),
+        "n_cold_test_events": len(test),
+    }
+    logger.info(
+        "cold split (frac %.3g, seed %d): %d of %d items held out with %d events -> %d train events; %d test "
+        "targets for %d users (%d repeat events); %d cold users (%d events) not evaluated (%.2fs)",
+        frac,
+        seed,
+        n_hold,
+        len(items),
+        stats["n_heldout_events"],
+        len(train),
+        len(test),
+        stats["n_test_users"],
+        stats["n_heldout_repeat_events"],
+        len(cold_users),
+        stats["n_cold_user_events"],
+        time.perf_counter() - t0,
+    )
+    empty = df.iloc[:0].reset_index(drop=True)
+    return Split("cold", train, train, empty, test, held, cold_users, stats)
 
 
 def _check_columns(df: pd.DataFrame) -> None:

@@ -1,9 +1,10 @@
 """Dataset adapters: each turns one raw dataset folder into canonical-column frames.
 
-Every adapter module defines `NAME: str` and `load(source: Path, **opts) -> Loaded`. Adapters only parse
-and build text; `llmrec.data.prepare` validates (llmrec.data.catalog) and writes the tables. Rows that an
-adapter knowingly cannot use (an item without text, a click on news without a text row) go to
-`Loaded.rejects` with a reason, never silently away.
+Every adapter module defines `NAME: str` and `load(source: Path, **opts) -> Loaded`. Adapters only
+parse, build text and build the `facets` column (schema.FACETS: a list of labels per item, from what the
+dataset really has; see llmrec.data.facets); `llmrec.data.prepare` validates (llmrec.data.catalog) and
+writes the tables. Rows that an adapter knowingly cannot use (an item without text, a click on news
+without a text row) go to `Loaded.rejects` with a reason, never silently away.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from llmrec.data.catalog import empty_rejects
 class Loaded:
     """What an adapter read: canonical-column frames plus the source files it used (for the fingerprint)."""
 
-    items: pd.DataFrame  # item_id, text, original fields
+    items: pd.DataFrame  # item_id, text, original fields, facets (list[str] per item)
     interactions: pd.DataFrame  # user_id, item_id, ts, rating, event
     files: list[Path]  # source files read, in a fixed order
     rejects: pd.DataFrame = field(default_factory=empty_rejects)  # catalog.REJECT_COLUMNS
     notes: dict[str, object] = field(default_factory=dict)  # extra meta.json fields
+    facet_source: str | None = None  # where `facets` came from (meta.json facets.source); None: no facets
 
 
 def require_files(source: Path, names: list[str], dataset: str) -> list[Path]:

@@ -11,7 +11,10 @@
   so such items are rejected (reason "no_text") along with their ratings (reason "item_no_text"). Rated
   items without any metadata row are rejected with their ratings (reason "item_no_metadata"). All of them
   are counted, written to rejects.parquet and recorded in meta.json.
-Original fields kept: `title` (real title or ""), `description`, `category`, `brand`, `publisher`.
+Original fields kept: `title` (real title or ""), `description`, `category` (", " joined), `brand`,
+`publisher`. Facets: the metadata `category` list itself, cleaned (HTML entities: "&amp;" -> "&"), without
+"Magazine Subscriptions", duplicates dropped. It is taken from the list, never from the joined `category`
+string: names like "Arts, Music & Photography" hold commas.
 Tests: tests/test_prepare.py.
 """
 
@@ -29,7 +32,8 @@ import pandas as pd
 
 from llmrec.data.adapters import Loaded, require_files
 from llmrec.data.catalog import join_text, make_rejects
-from llmrec.schema import EVENT, ITEM_ID, RATING, TEXT, TS, USER_ID
+from llmrec.data.facets import clean_labels
+from llmrec.schema import EVENT, FACETS, ITEM_ID, RATING, TEXT, TS, USER_ID
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +91,7 @@ def load(source: Path) -> Loaded:
         description = " ".join(p for p in (clean_html(d) for d in desc_parts) if p)
         cats = [clean_html(c) for c in (r.get("category") or []) if clean_html(c)]
         category = ", ".join(c for c in cats if c != _TOP_CATEGORY)
+        facets = clean_labels(c for c in cats if c != _TOP_CATEGORY)
         brand = clean_html(r.get("brand"))
         details = r.get("details") or {}
         publisher = clean_html(details.get("Publisher:", "")) if isinstance(details, dict) else ""
@@ -105,6 +110,7 @@ def load(source: Path) -> Loaded:
                 "category": category,
                 "brand": brand,
                 "publisher": publisher,
+                FACETS: facets,
                 "_row": row_no[asin],
             }
         )
@@ -157,5 +163,10 @@ def load(source: Path) -> Loaded:
     )
     notes = {"n_metadata_lines": n_lines, "n_rated_items_without_metadata": n_no_meta_items}
     return Loaded(
-        items=items, interactions=interactions, files=[ratings_p, meta_p], rejects=rejects, notes=notes
+        items=items,
+        interactions=interactions,
+        files=[ratings_p, meta_p],
+        rejects=rejects,
+        notes=notes,
+        facet_source=f"metadata category list, HTML-unescaped, without {_TOP_CATEGORY!r}",
     )

@@ -4,6 +4,12 @@
   each optionally `.gz`. A relative path is taken relative to `--source`.
 - Items: the id column becomes `item_id`, the text columns are joined with ". " into `text`; every other
   column is kept. CSV/TSV ids are read as strings (leading zeros survive).
+- Facets (optional `--facet-cols A,B`): per item, the labels of those columns, in column order, duplicates
+  dropped (llmrec.data.facets.labels_from_column): a list-valued column (JSON lines, parquet) is taken as
+  is; a string column is split on "|" and on ";" (never on ","; labels hold commas); null -> no label.
+  CSV/TSV facet columns are read as strings. Without `--facet-cols`, a source column named `facets` is
+  used the same way; with neither, every item gets []. The source columns stay as they are (a source
+  `facets` column must then be one of `--facet-cols`).
 - Interactions (optional `--interactions FILE`): columns `--user-col/--item-col/--ts-col/--rating-col/
   --event-col` (defaults user_id, item_id, ts, rating, event) are renamed to the canonical names; other
   columns are refused by validation, so extra columns are left out here and counted in the log.
@@ -23,7 +29,8 @@ import numpy as np
 import pandas as pd
 
 from llmrec.data.adapters import Loaded
-from llmrec.schema import EVENT, EVENT_KINDS, ITEM_ID, RATING, TEXT, TS, USER_ID
+from llmrec.data.facets import clean_labels, labels_from_column
+from llmrec.schema import EVENT, EVENT_KINDS, FACETS, ITEM_ID, RATING, TEXT, TS, USER_ID
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +78,20 @@ def load(
     rating_col: str | None = None,
     event_col: str | None = None,
     default_event: str = "view",
+    facet_cols: str | list[str] | None = None,
 ) -> Loaded:
     if items is None:
         raise ValueError("dataset 'generic' needs --items FILE (a parquet, CSV or JSONL catalog)")
     if default_event not in EVENT_KINDS:
         raise ValueError(f"default_event {default_event!r} is not one of {list(EVENT_KINDS)}")
     cols = [c.strip() for c in text_cols.split(",")] if isinstance(text_cols, str) else list(text_cols)
+    fcols = _split_cols(facet_cols)
     items_p = _path(source, items)
-    item_df = read_table(items_p, [id_col, *cols])  # CSV: "1984" stays a title, "007" an id
+    item_df = read_table(items_p, [id_col, *cols, *fcols])  # CSV: "1984" stays a title, "007" an id
     # the text becomes `text`; validate_catalog does the joining and all the checks
+    item_df, facet_source = _with_facets(item_df, fcols, items_p)
     loaded = Loaded(items=item_df, interactions=_empty_interactions(), files=[items_p])
+    loaded.facet_source = facet_source
     loaded.notes = {"id_col": id_col, "text_cols": cols, "items_file": str(items_p)}
     if interactions is None:
         logger.info("generic: %d item rows from %s, no interactions", len(item_df), items_p)
@@ -121,6 +132,39 @@ def load(
     loaded.notes["interactions_file"] = str(inter_p)
     logger.info("generic: %d item rows, %d interaction rows", len(item_df), n)
     return loaded
+
+
+def _split_cols(cols: str | list[str] | None) -> list[str]:
+    if cols is None:
+        return []
+    parts = cols.split(",") if isinstance(cols, str) else list(cols)
+    return [c.strip() for c in parts if c.strip()]
+
+
+def _with_facets(df: pd.DataFrame, fcols: list[str], path: Path) -> tuple[pd.DataFrame, str | None]:
+    """`df` with the canonical `facets` column built from `fcols` (module docstring), and its source."""
+    if not fcols and FACETS in df.columns:
+        fcols = [FACETS]
+        logger.info("generic: using the catalog's own %r column as facets", FACETS)
+    missing = [c for c in fcols if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: facet column(s) {missing} not found; the table has columns "
+            f"{list(map(str, df.columns))}; pass --facet-cols with names from that list"
+        )
+    if FACETS in df.columns and FACETS not in fcols:
+        raise ValueError(
+            f"{path}: the table has a {FACETS!r} column but --facet-cols is {fcols}; the canonical facets "
+            f"would overwrite it: add {FACETS!r} to --facet-cols or rename that column"
+        )
+    if not fcols:
+        logger.info("generic: no --facet-cols and no %r column: every item gets facets []", FACETS)
+        return df, None  # prepare adds the all-[] column after validation
+    per_col = [labels_from_column(df[c].tolist(), c) for c in fcols]
+    facets = [clean_labels(lab for labs in row for lab in labs) for row in zip(*per_col, strict=True)]
+    n_with = sum(1 for f in facets if f)
+    logger.info("generic: facets from %s: %d of %d items have at least one", fcols, n_with, len(df))
+    return df.assign(**{FACETS: facets}), f"columns {fcols} ('|' or ';' separated strings, or lists)"
 
 
 def _path(source: Path | None, p: str | Path) -> Path:

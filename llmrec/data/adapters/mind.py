@@ -1,7 +1,8 @@
 """MIND small, random sample: news.tsv -> items, behaviors.tsv clicks -> interactions.
 
 - Items: every news row; text = "title. abstract"; kept fields `title`, `abstract`, `category`,
-  `subcategory`, `url`.
+  `subcategory`, `url`. Facets: [category, subcategory], the non-empty ones (a subcategory equal to its
+  category once).
 - Interactions (event "click", rating null):
   * impression clicks (`NID-1` in the impressions column) at the impression time (parsed as UTC
     "MM/DD/YYYY hh:mm:ss AM/PM" -> unix s);
@@ -23,7 +24,8 @@ import pandas as pd
 
 from llmrec.data.adapters import Loaded, require_files
 from llmrec.data.catalog import join_text, make_rejects
-from llmrec.schema import EVENT, ITEM_ID, RATING, TEXT, TS, USER_ID
+from llmrec.data.facets import clean_labels
+from llmrec.schema import EVENT, FACETS, ITEM_ID, RATING, TEXT, TS, USER_ID
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ def load(source: Path) -> Loaded:
             "category": news["category"],
             "subcategory": news["subcategory"],
             "url": news["url"],
+            FACETS: [clean_labels(cs) for cs in zip(news["category"], news["subcategory"], strict=True)],
         }
     )
     beh = pd.read_csv(
@@ -113,4 +116,11 @@ def load(source: Path) -> Loaded:
         100.0 * len(bad) / max(1, len(all_clicks)),
     )
     notes = {"n_impressions": len(beh), "n_history_clicks": n_hist, "n_impression_clicks": n_imp}
-    return Loaded(items=items, interactions=interactions, files=[news_p, beh_p], rejects=rejects, notes=notes)
+    return Loaded(
+        items=items,
+        interactions=interactions,
+        files=[news_p, beh_p],
+        rejects=rejects,
+        notes=notes,
+        facet_source="news.tsv category, subcategory",
+    )

@@ -3,6 +3,8 @@
 Item text: "<title>. Genres: A, B. Tags: t1, t2." The tags are the movie's distinct user tags
 (case-insensitive, first spelling kept, in order of first appearance in tags.csv); "(no genres listed)"
 gives no genre part. Original fields kept: `title`, `genres` ("A, B"; "" when none), `tags` ("t1, t2").
+Facets: the genres as a list (["Adventure", "Animation", ...]; [] for "(no genres listed)"). Not the tags:
+they are user-generated, and written by the same users the evaluation tests, so they would leak.
 Interactions: every rating, event "rating", `ts` the unix timestamp. Tests: tests/test_prepare.py.
 """
 
@@ -16,12 +18,14 @@ import pandas as pd
 
 from llmrec.data.adapters import Loaded, require_files
 from llmrec.data.catalog import join_text
-from llmrec.schema import EVENT, ITEM_ID, RATING, TEXT, TS, USER_ID
+from llmrec.data.facets import clean_labels
+from llmrec.schema import EVENT, FACETS, ITEM_ID, RATING, TEXT, TS, USER_ID
 
 logger = logging.getLogger(__name__)
 
 NAME = "movielens-latest-small"
 FILES = ["movies.csv", "ratings.csv", "tags.csv"]
+NO_GENRES = "(no genres listed)"
 
 
 def load(source: Path) -> Loaded:
@@ -41,8 +45,9 @@ def load(source: Path) -> Loaded:
             seen[mid].add(key)
             movie_tags.setdefault(mid, []).append(t)
 
+    genre_lists = [clean_labels(x for x in g.split("|") if x.strip() != NO_GENRES) for g in movies["genres"]]
     genres = [
-        "" if g.strip() in ("", "(no genres listed)") else ", ".join(x.strip() for x in g.split("|"))
+        "" if g.strip() in ("", NO_GENRES) else ", ".join(x.strip() for x in g.split("|"))
         for g in movies["genres"].tolist()
     ]
     tag_str = [", ".join(movie_tags.get(m, [])) for m in movies["movieId"].tolist()]
@@ -51,7 +56,14 @@ def load(source: Path) -> Loaded:
         for title, g, t in zip(movies["title"].tolist(), genres, tag_str, strict=True)
     ]
     items = pd.DataFrame(
-        {ITEM_ID: movies["movieId"], TEXT: texts, "title": movies["title"], "genres": genres, "tags": tag_str}
+        {
+            ITEM_ID: movies["movieId"],
+            TEXT: texts,
+            "title": movies["title"],
+            "genres": genres,
+            "tags": tag_str,
+            FACETS: genre_lists,
+        }
     )
     interactions = pd.DataFrame(
         {
@@ -65,4 +77,9 @@ def load(source: Path) -> Loaded:
     logger.info(
         "movielens: %d movies (%d with tags), %d ratings", len(items), len(movie_tags), len(interactions)
     )
-    return Loaded(items=items, interactions=interactions, files=[movies_p, ratings_p, tags_p])
+    return Loaded(
+        items=items,
+        interactions=interactions,
+        files=[movies_p, ratings_p, tags_p],
+        facet_source="movies.csv genres (| separated; '(no genres listed)' dropped)",
+    )

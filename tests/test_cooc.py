@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pandas as pd
 import scipy.sparse as sp
 import torch
@@ -131,3 +132,36 @@ def test_scorer_adds_the_weighted_co_occurrence_term_and_can_leave_it_out():
     assert not np.allclose(s.full_scores(hists, 15), s0.full_scores(hists, 15))
     with pytest.raises(ValueError, match="no co-occurrence matrix"):
         Scorer(model, ids)
+
+
+def test_cold_candidates_score_their_text_neighbours_co_occurrence():
+    """impute: a candidate without co-occurrence data scores the softmax(cos / 0.05)-weighted sum of its k
+    nearest (by text) items' co-occurrence scores with the history; other candidates keep their own."""
+    from llmrec.scorer.cooc import cooc_neighbours, cooccurrence_similarity, history_scores
+    from llmrec.scorer.model import COLD_TEMPERATURE
+
+    rng = np.random.default_rng(0)
+    n, D, k = 12, 6, 3
+    text = rng.normal(size=(n, D))
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    users = np.repeat(np.arange(30), 3)
+    items = rng.integers(0, 9, size=90)  # items 9..11 never occur: no co-occurrence data
+    sim = cooccurrence_similarity(users, items, n, n_neighbors=5)
+    imp = cooc_neighbours(sim, text.astype(np.float32), k)
+    hist = [np.array([0, 1]), np.array([4])]
+    cand = np.array([[2, 9, 10], [11, 3, 5]])
+    plain = history_scores(sim, hist, cand)
+    got = history_scores(sim, hist, cand, impute=imp)
+    dense = sim.toarray()
+    warm = np.flatnonzero((dense.sum(0) > 0) | (dense.sum(1) > 0))
+    for b in range(2):
+        full = dense[hist[b]].sum(0)
+        for j, c in enumerate(cand[b]):
+            if c < 9:
+                assert got[b, j] == pytest.approx(plain[b, j]) == pytest.approx(full[c])
+                continue
+            sims = text[warm] @ text[c]
+            top = np.argsort(-sims)[:k]
+            w = np.exp((sims[top] - sims[top].max()) / COLD_TEMPERATURE)
+            assert got[b, j] == pytest.approx(float((w * full[warm[top]]).sum() / w.sum()), rel=1e-4, abs=1e-6)
+            assert plain[b, j] == 0.0

@@ -78,8 +78,49 @@ def test_forward_shapes_and_padding_invariance():
     # the retrieval logit equals scale * u . v (scale = the learned inverse temperature, 20 at init)
     assert float(m.scale.detach()) == pytest.approx(20.0)
     torch.testing.assert_close(r, m.scale * (u @ m.item_reps(cand).T))
-    # cold items: representation = text projection only (slot 0 is a zero vector)
-    torch.testing.assert_close(m.item_reps(torch.tensor([35])), m.text_reps(m.text_vectors[35:36]))
+    # cold items without neighbour borrowing: representation = text only (slot 0 is a zero vector)
+    import dataclasses
+
+    m0 = ScorerModel(dataclasses.replace(cfg, cold_impute_k=0), m.text_vectors, m.id_slots).eval()
+    m0.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m0.item_reps(torch.tensor([35])), m0.text_reps(m0.text_vectors[35:36]))
+
+
+def test_cold_items_borrow_the_id_vectors_of_their_text_neighbours():
+    """At inference a cold item's ID part is the softmax(cos / 0.05)-weighted mean of the gated ID vectors of
+    its k nearest ID-carrying items by text (numpy brute force); in training it has none; a cold exact
+    duplicate of a warm item scores like that item."""
+    from llmrec.scorer.model import COLD_TEMPERATURE
+
+    torch.manual_seed(0)
+    n, D, k = 30, 12, 4
+    text = torch.nn.functional.normalize(torch.randn(n, D), dim=1)
+    text[29] = text[3]  # item 29 (cold) reads exactly like item 3 (warm)
+    slots = torch.cat([torch.arange(1, 26), torch.zeros(5, dtype=torch.long)])  # items 25..29 cold
+    counts = torch.cat([torch.full((25,), 50.0), torch.zeros(5)])
+    cfg = ScorerConfig(text_dim=D, n_items=n, n_id_slots=26, dim=8, max_len=4, cold_impute_k=k, dropout=0.0)
+    m = ScorerModel(cfg, text, slots, counts)
+    with torch.no_grad():
+        torch.nn.init.normal_(m.id_emb.weight)
+        m.id_emb.weight[0].zero_()
+    m.eval()
+    with torch.no_grad():
+        v = m.all_item_reps()[:, :8]
+        gate = counts / (counts + 1.0)
+        ids = (gate[:, None] * m.id_emb.weight[slots]).numpy()
+        t = text.numpy()
+        for c in range(25, 30):
+            sims = t[:25] @ t[c]
+            top = np.argsort(-sims)[:k]
+            w = np.exp((sims[top] - sims[top].max()) / COLD_TEMPERATURE)
+            ref = (w[:, None] * ids[top]).sum(0) / w.sum()
+            np.testing.assert_allclose(v[c].numpy() - m.text_proj(text[c]).numpy(), ref, atol=1e-5)
+        u = torch.randn(3, cfg.retrieval_dim)
+        reps = m.all_item_reps()
+        s = u @ reps.T
+        torch.testing.assert_close(s[:, 29], s[:, 3], atol=1e-3, rtol=1e-3)  # weight ~1 on the duplicate
+        m.train()  # training: the dropout path, no borrowing
+        torch.testing.assert_close(m.item_reps(torch.tensor([27]))[:, :8], m.text_proj(text[27:28]))
 
 
 def test_config_and_input_errors_are_clear():

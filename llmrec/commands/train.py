@@ -79,9 +79,8 @@ def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from llmrec.data.tables import read_interactions
-    from llmrec.embed.artifact import load_embeddings
-    from llmrec.eval.protocol import ItemSpace
+    from llmrec.data.tables import read_interactions, read_items
+    from llmrec.eval.evaluate import load_item_space
     from llmrec.raysetup import init_ray
     from llmrec.scorer.recommender import split_last_event
     from llmrec.scorer.train import fit_scorer
@@ -94,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         extra = read_events(args.events)
         inter = pd.concat([inter, extra[inter.columns]], ignore_index=True)
         logger.info("added %d events from the serving log %s", len(extra), args.events)
-    emb = load_embeddings(args.embeddings)
-    items = ItemSpace(item_ids=emb.item_ids, text_vectors=emb.vectors)
+    # titles, facets (synthesised text feedback) and the encoder of the item vectors come with the item space
+    items, embed_meta = load_item_space(args.embeddings, read_items(args.data))
     if args.val_users < -1:
         raise ValueError(f"--val-users must be >= 0, or -1 for every user with >= 2 events; got {args.val_users}")
     val_users = None if args.val_users == -1 else args.val_users
@@ -120,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         resume_from=args.resume,
         patience=args.patience,
-        embed_meta=emb.meta,
+        embed_meta=embed_meta,
         dim=args.dim,
         max_len=args.max_len,
         n_neg=args.n_neg,

@@ -87,6 +87,18 @@ def resolve_model(model: str | os.PathLike | None) -> tuple[str, str]:
     return model, model
 
 
+def model_for_meta(embed_meta: dict) -> str | None:
+    """The encoder that made an embeddings artifact (its meta.json): the recorded local folder when it still
+    exists, else its hub name; None (= the bundled default) for the default model. Texts encoded with it land
+    in the items' space (queries, text feedback, synthesised training feedback)."""
+    path, name = embed_meta.get("model_path"), embed_meta.get("model_name")
+    if path and Path(path).is_dir():
+        return str(path)
+    if name and name != DEFAULT_MODEL_NAME:
+        return str(name)
+    return None
+
+
 def _check_texts(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, str):
         raise ValueError("texts must be a sequence of strings, got a single str; wrap it in a list")

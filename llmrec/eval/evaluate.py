@@ -49,6 +49,7 @@ from llmrec.schema import (
     EMBEDDING,
     EMBEDDINGS_FILE,
     EVENT,
+    FACETS,
     INTERACTIONS_FILE,
     ITEM_ID,
     ITEMS_FILE,
@@ -353,13 +354,28 @@ def load_item_space(
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if len(set(ids)) != len(ids):
         raise ValueError(f"{embeddings_dir}: duplicate item ids in the embeddings; re-run `llmrec embed`")
-    titles = None
+    titles = facets = None
     if items is not None and "title" in items.columns:
         t = items.set_index(ITEM_ID)["title"]
         titles = t.reindex(ids).fillna("").astype(str).to_numpy(dtype=object)
+    if items is not None and FACETS in items.columns:
+        by_id = dict(zip(items[ITEM_ID].astype(str), items[FACETS], strict=True))
+        facets = [list(by_id.get(str(i), [])) for i in ids]
     return ItemSpace(
-        item_ids=np.asarray(ids, dtype=object), text_vectors=np.asarray(vecs, np.float32), titles=titles
+        item_ids=np.asarray(ids, dtype=object), text_vectors=np.asarray(vecs, np.float32), titles=titles,
+        facets=facets, text_model=text_model_of(meta),
     ), dict(meta)
+
+
+def text_model_of(embed_meta: dict) -> str | None:
+    """The encoder of an embeddings artifact as a concrete folder or hub name (the bundled MiniLM's folder for
+    the default model), or None when the meta does not say (texts then cannot be encoded into its space)."""
+    from llmrec.embed.encoder import DEFAULT_MODEL_NAME, default_model_path, model_for_meta
+
+    model = model_for_meta(embed_meta)
+    if model is None and embed_meta.get("model_name") == DEFAULT_MODEL_NAME:
+        model = default_model_path()
+    return model
 
 
 def attach_item_idx(interactions: pd.DataFrame, items: ItemSpace) -> tuple[pd.DataFrame, int]:

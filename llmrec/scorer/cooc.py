@@ -99,13 +99,16 @@ def history_matrix(hist_items: Sequence[np.ndarray], n_items: int) -> sp.csr_mat
 
 
 def history_scores(
-    sim: sp.csr_matrix, hist_items: Sequence[np.ndarray], cand: np.ndarray, fill_cold: bool = False
+    sim: sp.csr_matrix,
+    hist_items: Sequence[np.ndarray],
+    cand: np.ndarray,
+    impute: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """float32 (B, K) co-occurrence scores of candidates cand int64 (B, K) for B histories of item indices.
 
-    fill_cold: a candidate without any co-occurrence data (an empty column of `sim`: never seen together with
-    another item) gets the mean score of the row's candidates that have data instead of 0, so a hybrid
-    ranking does not push cold items down for being cold.
+    impute: (idx (N, k), weights (N, k)) from `cooc_neighbours`: a candidate without co-occurrence data (an
+    empty row of `sim`: never seen with another item in training) scores the weighted sum of its text
+    neighbours' scores, so a hybrid ranking does not push cold items down for being cold.
     """
     cand = np.asarray(cand, dtype=np.int64)
     if cand.ndim != 2 or cand.shape[0] != len(hist_items):
@@ -113,9 +116,35 @@ def history_scores(
     full = (history_matrix(hist_items, sim.shape[0]) @ sim).tocsr()  # (B, N) sparse
     rows = np.repeat(np.arange(cand.shape[0]), cand.shape[1])
     out = np.asarray(full[rows, cand.ravel()], dtype=np.float32).reshape(cand.shape)
-    if fill_cold and out.size:
-        has = np.diff(sim.tocsr().indptr) > 0  # (N,) the item co-occurred with some item in training
-        known = has[cand]  # (B, K)
-        mean = np.where(known, out, 0.0).sum(1) / np.maximum(known.sum(1), 1)  # (B,)
-        out = np.where(known, out, mean[:, None]).astype(np.float32)
+    if impute is not None and out.size:
+        nb, w = impute
+        cold = ~has_cooc(sim)[cand]  # (B, K) candidates with no co-occurrence data
+        if cold.any():
+            r, c = np.nonzero(cold)
+            nbi = nb[cand[r, c]]  # (m, k)
+            vals = np.asarray(full[np.repeat(r, nbi.shape[1]), nbi.ravel()], dtype=np.float32).reshape(nbi.shape)
+            out[r, c] = (w[cand[r, c]] * vals).sum(1)
     return out
+
+
+def has_cooc(sim: sp.spmatrix) -> np.ndarray:
+    """bool (N,): the item has co-occurrence data (a neighbour, or is some item's neighbour)."""
+    return (np.diff(sim.tocsr().indptr) > 0) | (np.diff(sim.tocsc().indptr) > 0)
+
+
+def cooc_neighbours(
+    sim: sp.csr_matrix, text_vectors: np.ndarray, k: int = 10
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """For every item without co-occurrence data, its k nearest items by text that have some, with softmax
+    weights (`scorer.model.text_neighbours`); the `impute` argument of `history_scores`. None when k <= 0 or
+    nothing is missing."""
+    import torch
+
+    from llmrec.scorer.model import text_neighbours
+
+    has = has_cooc(sim)
+    if k <= 0 or has.all() or not has.any():
+        return None
+    idx, w = text_neighbours(torch.from_numpy(np.asarray(text_vectors, np.float32)), torch.from_numpy(~has),
+                             torch.from_numpy(has), k)
+    return (idx.numpy(), w.numpy()) if idx is not None else None

@@ -75,19 +75,16 @@ def facet_index(
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(names, indptr (N+1,), indices) of the facets carried by >= min_items items (at most max_facets, the
     most frequent; ties by name). Facets below the bar cannot express a preference over a group of items."""
-    counts: dict[str, int] = {}
-    for fs in item_facets:
-        for f in set(fs):
-            counts[f] = counts.get(f, 0) + 1
-    keep = sorted((f for f, c in counts.items() if c >= min_items), key=lambda f: (-counts[f], f))[:max_facets]
-    names = sorted(keep)
-    pos = {f: j for j, f in enumerate(names)}
-    indptr, indices = [0], []
-    for fs in item_facets:
-        row = sorted({pos[f] for f in fs if f in pos})
-        indices.extend(row)
-        indptr.append(len(indices))
-    return names, np.asarray(indptr, np.int64), np.asarray(indices, np.int32)
+    from llmrec.data.facets import facet_matrix
+
+    names, m = facet_matrix(item_facets, min_items=min_items)
+    if len(names) > max_facets:
+        counts = np.asarray(m.sum(axis=0)).ravel()
+        keep = np.sort(np.lexsort((np.arange(len(names)), -counts))[:max_facets])  # most frequent, by name
+        names, m = [names[j] for j in keep], m[:, keep]
+    m = m.tocsr()
+    m.sort_indices()
+    return names, m.indptr.astype(np.int64), m.indices.astype(np.int32)
 
 
 def build_bank(
@@ -195,6 +192,11 @@ def banks_for(
         from llmrec.embed.encoder import TextEncoder
 
         enc = TextEncoder(model, device="cpu")
+        dim = np.asarray(items.text_vectors).shape[1]
+        if enc.dim != dim:
+            logger.warning("the text encoder %s is %d-d but the item vectors are %d-d: training without "
+                           "synthesised text feedback", model, enc.dim, dim)
+            return None
 
         def encode(texts: list[str]) -> np.ndarray:
             return enc.encode(texts, batch_size=256)

@@ -31,7 +31,7 @@ from llmrec.eval.protocol import History
 from llmrec.schema import INDEX_IDS_FILE
 from llmrec.schema import SCORER_COOC_FILE as COOC_FILE
 from llmrec.schema import SCORER_MODEL_FILE as MODEL_FILE
-from llmrec.scorer.cooc import history_scores
+from llmrec.scorer.cooc import cooc_neighbours, history_scores
 from llmrec.scorer.data import pad_feedback, pad_histories, positive_items
 from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
 
@@ -330,8 +330,18 @@ class Scorer:
         w = float(self.model.cfg.cooc_weight)
         if w <= 0 or self.cooc is None or history_items is None or cand.numel() == 0:
             return scores
-        co = history_scores(self.cooc, history_items, cand.cpu().numpy(), fill_cold=self.model.cfg.cooc_fill_cold)
+        co = history_scores(self.cooc, history_items, cand.cpu().numpy(), impute=self._cooc_impute())
         return scores + w * torch.from_numpy(co).to(scores.device)
+
+    def _cooc_impute(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Text neighbours with co-occurrence data for the items without (cold_impute_k; computed once)."""
+        if not hasattr(self, "_cooc_nb"):
+            k = int(self.model.cfg.cold_impute_k)
+            self._cooc_nb = (
+                cooc_neighbours(self.cooc, self.model.text_vectors.cpu().numpy(), k) if self.cooc is not None
+                else None
+            )
+        return self._cooc_nb
 
     def _reps(self) -> torch.Tensor:
         if self._item_vecs is None:

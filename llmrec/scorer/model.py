@@ -55,6 +55,7 @@ N_EVENT_SLOTS = len(EVENT_KINDS) + 1
 # history-length buckets of the text-arm gain beta(n): bucket j holds n in [LEN_BUCKETS[j], LEN_BUCKETS[j+1])
 LEN_BUCKETS = (1, 2, 3, 5, 9, 17, 33)
 FEEDBACK_HALF_LIFE = 4.0  # text feedback: the newest text of a polarity weighs 1, four texts older 0.5
+COLD_TEMPERATURE = 0.05  # softmax temperature over cosines of a cold item's text neighbours (cold_impute_k)
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,16 @@ class ScorerConfig:
     # retrieval candidates reserved for items without an ID embedding (cold items): their text must reach the
     # re-ranker even when ID-carrying items fill the top of the list; 0 = no quota. Chosen on validation.
     cold_quota: int = 0
-    # ranking-time co-occurrence score for items that have no co-occurrence data (never seen together with
-    # anything in training): the mean over the user's other candidates instead of 0, so the term does not
-    # penalise cold items for being cold. Chosen on validation with cooc_weight.
-    cooc_fill_cold: bool = False
+    # at inference a cold item (no ID embedding) borrows the gated ID vectors, and in the hybrid ranking the
+    # co-occurrences, of its `cold_impute_k` nearest items by text that have them (weights softmax(cos /
+    # COLD_TEMPERATURE)): it behaves like the items it reads like instead of like an item nobody wants
+    # (a cold item with a warm near-duplicate becomes that item). 0 = off (cold items are text only).
+    cold_impute_k: int = 10
+    # ranking-time multiplier of beta(n) per history-length bucket (LEN_BUCKETS order; () = all 1): how much
+    # more the history's text counts than training made it, chosen on validation after training
+    # (`tune_text_boost`: the largest boost within one standard error of the bucket's best NDCG, so text
+    # carries short histories until behaviour measurably outweighs it)
+    text_boost: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in (
@@ -120,10 +127,16 @@ class ScorerConfig:
         for name in ("text_gain_max", "text_half_life"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"ScorerConfig.{name} must be > 0, got {getattr(self, name)}")
-        if float(self.rare_dropout_c) < 0 or int(self.cold_quota) < 0:
+        object.__setattr__(self, "text_boost", tuple(float(x) for x in self.text_boost))
+        if self.text_boost and (len(self.text_boost) != len(LEN_BUCKETS) or min(self.text_boost) < 0):
             raise ValueError(
-                f"ScorerConfig.rare_dropout_c and cold_quota must be >= 0, got {self.rare_dropout_c}, "
-                f"{self.cold_quota}"
+                f"ScorerConfig.text_boost must be empty or {len(LEN_BUCKETS)} values >= 0 (one per history-length "
+                f"bucket {LEN_BUCKETS}), got {self.text_boost}"
+            )
+        if float(self.rare_dropout_c) < 0 or int(self.cold_quota) < 0 or int(self.cold_impute_k) < 0:
+            raise ValueError(
+                f"ScorerConfig.rare_dropout_c, cold_quota and cold_impute_k must be >= 0, got "
+                f"{self.rare_dropout_c}, {self.cold_quota}, {self.cold_impute_k}"
             )
 
     def to_dict(self) -> dict:
@@ -232,6 +245,8 @@ class ScorerModel(nn.Module):
         self.beta_logit = nn.Parameter(torch.full((len(LEN_BUCKETS),), _gain_logit(0.5, cfg.text_gain_max)))
         self.fb_gain_logit = nn.Parameter(torch.full((2,), _gain_logit(1.0, cfg.text_gain_max)))
         self.register_buffer("len_edges", torch.tensor(LEN_BUCKETS, dtype=torch.long), persistent=False)
+        boost = torch.tensor(cfg.text_boost or (1.0,) * len(LEN_BUCKETS), dtype=torch.float32)
+        self.register_buffer("text_boost", boost, persistent=False)  # from cfg: the config is its one home
 
     @torch.no_grad()
     def warm_start(self) -> None:
@@ -277,17 +292,50 @@ class ScorerModel(nn.Module):
         return n / (n + F.softplus(self.id_gate_k))
 
     def item_reps(self, item_idx: torch.Tensor) -> torch.Tensor:
-        """Catalog indices (...) int64 -> item representations (..., retrieval_dim); ID dropout in training."""
+        """Catalog indices (...) int64 -> item representations (..., retrieval_dim); ID dropout in training,
+        cold items' borrowed ID vectors (`cold_impute_k`) at inference."""
         t = self.text_vectors[item_idx]  # (..., D)
-        slots = self.id_slots[item_idx]  # (...)
-        if self.training and self.cfg.id_dropout > 0:
-            n = self.item_counts[item_idx]
-            c = self.cfg.rare_dropout_c
-            p = self.cfg.id_dropout + (1.0 - self.cfg.id_dropout) * (c / (c + n) if c > 0 else 0.0)
-            keep = torch.rand(slots.shape, device=slots.device) >= p
-            slots = slots * keep
-        v = self.text_proj(t) + self.id_gate(item_idx)[..., None] * self.id_emb(slots)
+        if not self.training and self.cfg.cold_impute_k > 0:
+            ids = self.id_part(item_idx)  # (..., d)
+        else:
+            slots = self.id_slots[item_idx]  # (...)
+            if self.training and self.cfg.id_dropout > 0:
+                n = self.item_counts[item_idx]
+                c = self.cfg.rare_dropout_c
+                p = self.cfg.id_dropout + (1.0 - self.cfg.id_dropout) * (c / (c + n) if c > 0 else 0.0)
+                keep = torch.rand(slots.shape, device=slots.device) >= p
+                slots = slots * keep
+            ids = self.id_gate(item_idx)[..., None] * self.id_emb(slots)
+        v = self.text_proj(t) + ids
         return torch.cat([v, t], dim=-1) if self.cfg.text_arm else v
+
+    def id_part(self, item_idx: torch.Tensor) -> torch.Tensor:
+        """(..., d) gated ID vectors of the given items as at inference: a cold item (no ID slot) gets the
+        text-neighbour-weighted mean of its `cold_impute_k` nearest ID-carrying items' gated ID vectors."""
+        ids = self.id_gate(item_idx)[..., None] * self.id_emb(self.id_slots[item_idx])  # (..., d)
+        cold = self.id_slots[item_idx] == 0
+        if self.cfg.cold_impute_k <= 0 or not bool(cold.any()):
+            return ids
+        nb, w = self.cold_neighbours()
+        if nb is None:
+            return ids
+        c_idx = item_idx[cold]  # (c,)
+        nbi = nb[c_idx]  # (c, k)
+        donors = self.id_gate(nbi)[..., None] * self.id_emb(self.id_slots[nbi])  # (c, k, d)
+        out = ids.clone()
+        out[cold] = (w[c_idx][..., None] * donors).sum(1)
+        return out
+
+    def cold_neighbours(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(idx (N, k), weights (N, k)): for each cold item (no ID slot) its `cold_impute_k` nearest ID-carrying
+        items by text cosine and their softmax(cos / COLD_TEMPERATURE) weights (rows of other items are
+        unused). Cached: the catalog buffers never change."""
+        cache = getattr(self, "_cold_nb", None)
+        if cache is not None and (cache[0] is None or cache[0].device == self.text_vectors.device):
+            return cache
+        donor = self.id_slots > 0
+        self._cold_nb = text_neighbours(self.text_vectors, ~donor, donor, self.cfg.cold_impute_k)
+        return self._cold_nb
 
     def text_reps(self, text_vectors: torch.Tensor) -> torch.Tensor:
         """Text vectors of items outside the catalog (M, D) -> cold item representations (M, retrieval_dim)."""
@@ -378,7 +426,7 @@ class ScorerModel(nn.Module):
         gains = self.text_gains()
         bucket = (torch.bucketize(lens, self.len_edges, right=True) - 1).clamp(min=0)  # (B,)
         fb = zeros if e_pos is None else gains["fb_pos"] * e_pos - gains["fb_neg"] * e_neg
-        return u, gains["beta"][bucket][:, None] * m, fb
+        return u, (gains["beta"] * self.text_boost)[bucket][:, None] * m, fb
 
     def _feedback_means(
         self, fb_vec: torch.Tensor | None, fb_pol: torch.Tensor | None, B: int, dev: torch.device
@@ -499,6 +547,46 @@ class ScorerModel(nn.Module):
         head = self.head_pairs(u.detach()[:, None, :], v_all[cols])  # (B, 1 + h)
         head = torch.where(seen[:, None], head, torch.zeros_like(head))
         return retrieval, head
+
+
+@torch.no_grad()
+def text_neighbours(
+    text_vectors: torch.Tensor,
+    query: torch.Tensor,
+    donor: torch.Tensor,
+    k: int,
+    temperature: float = COLD_TEMPERATURE,
+    chunk: int = 4096,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The k nearest donor items by text cosine of every query item (never itself).
+
+    Args:
+        text_vectors: (N, D) unit text vectors; query, donor: bool (N,).
+        k: neighbours per item (clipped to the number of donors).
+
+    Returns:
+        (idx int64 (N, k), weights float32 (N, k) = softmax(cos / temperature) over the k) with zeros in the
+        rows of non-query items, or (None, None) when there is no donor or no query item. Exact (chunked
+        matmul): O(|query| x |donor| x D).
+    """
+    n_donor = int(donor.sum())
+    k = min(int(k), n_donor)
+    q_idx = torch.nonzero(query).squeeze(1)  # (Q,)
+    if k <= 0 or len(q_idx) == 0:
+        return None, None
+    d_idx = torch.nonzero(donor).squeeze(1)  # (M,)
+    dv = text_vectors[d_idx]  # (M, D)
+    n = text_vectors.shape[0]
+    idx = torch.zeros(n, k, dtype=torch.long, device=text_vectors.device)
+    w = torch.zeros(n, k, dtype=torch.float32, device=text_vectors.device)
+    for s in range(0, len(q_idx), chunk):
+        rows = q_idx[s : s + chunk]
+        sim = text_vectors[rows] @ dv.T  # (b, M)
+        sim = sim.masked_fill(d_idx[None, :] == rows[:, None], float("-inf"))
+        top = sim.topk(k, dim=1)
+        idx[rows] = d_idx[top.indices]
+        w[rows] = torch.softmax(top.values / temperature, dim=1)
+    return idx, w
 
 
 def _gain_logit(value: float, bound: float) -> float:

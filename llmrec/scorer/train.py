@@ -47,7 +47,7 @@ from llmrec.schema import INDEX_IDS_FILE, TS, USER_ID
 from llmrec.schema import SCORER_COOC_FILE as COOC_FILE
 from llmrec.schema import SCORER_MODEL_FILE as MODEL_FILE
 from llmrec.scorer import data as sdata
-from llmrec.scorer.cooc import cooccurrence_similarity, history_scores
+from llmrec.scorer.cooc import cooc_neighbours, cooccurrence_similarity, history_scores
 from llmrec.scorer.feedback import FeedbackBank, FeedbackBanks, banks_for, sample_feedback
 from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
 
@@ -88,11 +88,13 @@ DEFAULTS: dict[str, Any] = {
     "text_arm": True,  # full-dimension text arm (ScorerConfig.text_arm)
     "rare_dropout_c": 2.0,  # extra ID dropout c / (c + n) for items seen n times (ScorerConfig.rare_dropout_c)
     "cold_quota": 0,  # retrieval candidates reserved for cold items (ScorerConfig.cold_quota)
-    "cooc_fill_cold": False,  # co-occurrence term of cold candidates = mean of the others (ScorerConfig)
+    "cold_impute_k": 10,  # cold items borrow ID vectors / co-occurrences of k text neighbours (ScorerConfig)
 }
 
 # co-occurrence weights tried on validation, in logit units (the head's scale; u.v is divided by `scale`)
 COOC_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+# multipliers of the text-arm gain tried per history-length bucket after training (tune_text_boost)
+TEXT_BOOST_GRID = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,7 +203,7 @@ def fit_scorer(
         last.mkdir(exist_ok=True)
         shutil.copyfile(Path(d) / CHECKPOINT_FILE, last / CHECKPOINT_FILE)
         last_state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    state, cooc, cooc_info = finalize_ranking(state, static, train_df, valid_df, items, hp)
+    state, cooc, cooc_info, boost_info = finalize_ranking(state, static, train_df, valid_df, items, hp)
     ts_max = [int(d[TS].max()) for d in (train_df, valid_df) if d is not None and len(d) and TS in d.columns]
     wall = time.perf_counter() - t0
     epochs_run = list(last_state.get("run_epochs", []))
@@ -216,6 +218,8 @@ def fit_scorer(
         epochs_run=epochs_run,
         cooc=cooc,
         cooc_info=cooc_info,
+        boost_info=boost_info,
+        feedback_info=feedback_summary(static, hp),
         data_ts_max=max(ts_max) if ts_max else None,
         extra={
             "num_workers": num_workers,
@@ -414,6 +418,18 @@ def prepare_static(
     return static, samples
 
 
+def feedback_summary(static: dict, hp: dict) -> dict:
+    """meta.json "feedback": what synthesised text feedback training used (facets, share, phrasings)."""
+    bank = static.get("bank")
+    if bank is None:
+        return {"used": False, "p": float(hp["feedback_p"])}
+    from llmrec.scorer.feedback import HELDOUT_TEMPLATES
+
+    return {"used": True, "p": float(hp["feedback_p"]), "n_facets": bank.n_facets,
+            "train_templates": {str(k): list(v) for k, v in bank.templates.items()},
+            "heldout_templates": {str(k): list(v) for k, v in HELDOUT_TEMPLATES.items()}}
+
+
 def _log_q_tensor(static: dict, hp: dict, device: torch.device | str) -> torch.Tensor | None:
     if not hp.get("logq_correction", True):
         return None
@@ -451,7 +467,7 @@ def build_model(static: dict, hp: dict) -> ScorerModel:
         text_arm=bool(hp["text_arm"]),
         rare_dropout_c=float(hp["rare_dropout_c"]),
         cold_quota=int(hp["cold_quota"]),
-        cooc_fill_cold=bool(hp["cooc_fill_cold"]),
+        cold_impute_k=int(hp["cold_impute_k"]),
     )
     model = ScorerModel(
         cfg,
@@ -802,10 +818,12 @@ def finalize_ranking(
     valid_df: pd.DataFrame | None,
     items: ItemSpace,
     hp: dict,
-) -> tuple[dict, sp.csr_matrix | None, dict]:
+) -> tuple[dict, sp.csr_matrix | None, dict, dict]:
     """Post-training choices, each measured on validation: the MLP re-ranker on/off, then the co-occurrence
-    weight (`tune_cooc_weight`). Returns (state with model_config updated, the co-occurrence matrix to ship
-    (built from train + validation events) or None, a summary for meta.json)."""
+    weight (`tune_cooc_weight`), then the text boost per history-length bucket (`tune_text_boost`).
+
+    Returns (state with model_config updated, the co-occurrence matrix to ship (built from train + validation
+    events) or None, the co-occurrence summary and the text-boost summary for meta.json)."""
     m = state["metrics"]
     cfg = dict(state["model_config"])
     if "val_ndcg@10" in m and "val_retrieval_ndcg@10" in m:
@@ -814,31 +832,107 @@ def finalize_ranking(
         logger.info("re-ranker %s: val ndcg@10 two-stage %.4f vs retrieval-only %.4f",
                     "on" if cfg["rerank"] else "off", m["val_ndcg@10"], m["val_retrieval_ndcg@10"])
     info: dict[str, Any] = {"cooc_neighbors": int(hp["cooc_neighbors"])}
+    boost_info: dict[str, Any] = {}
     cfg["cooc_weight"] = 0.0
-    if int(hp["cooc_neighbors"]) <= 0:
-        state = {**state, "model_config": cfg}
-        return state, None, info
     t0 = time.perf_counter()
     val = static["val"]
-    if val is not None and val.n_users > 0:
-        model = ScorerModel(
-            ScorerConfig(**cfg),
+    has_val = val is not None and val.n_users > 0
+
+    def model_for(c: dict) -> ScorerModel:
+        mod = ScorerModel(
+            ScorerConfig(**c),
             torch.from_numpy(static["text_vectors"]),
             torch.from_numpy(static["id_slots"]),
             torch.from_numpy(static["item_counts"]),
         )
-        model.load_state_dict(state["model"])
+        mod.load_state_dict(state["model"])
+        return mod
+
+    sim_train = None
+    if int(hp["cooc_neighbors"]) > 0 and has_val:
         sim_train = cooc_matrix(train_df, items, hp["cooc_neighbors"])
-        weight, table = tune_cooc_weight(model, val, sim_train, hp["n_candidates"])
+        weight, table = tune_cooc_weight(model_for(cfg), val, sim_train, hp["n_candidates"])
         cfg["cooc_weight"] = weight
         info.update(val_ndcg_by_weight=table, cooc_weight=weight)
         logger.info("co-occurrence weight %.4g chosen on validation (ndcg@10 by weight: %s)", weight, table)
-    else:
+    elif int(hp["cooc_neighbors"]) > 0:
         logger.info("no validation set: co-occurrence weight stays 0 (neural ranking only)")
+    if has_val and cfg.get("text_arm", True):
+        boost, boost_info = tune_text_boost(model_for(cfg), val, sim_train, hp["n_candidates"])
+        cfg["text_boost"] = list(boost)
+        logger.info("text boost per history-length bucket %s chosen on validation: %s",
+                    list(boost_info["buckets"]), boost)
+    if int(hp["cooc_neighbors"]) <= 0:
+        return {**state, "model_config": cfg}, None, info, boost_info
     full = train_df if valid_df is None or not len(valid_df) else pd.concat([train_df, valid_df])
     sim = cooc_matrix(full, items, hp["cooc_neighbors"])
     info.update(nnz=int(sim.nnz), seconds=time.perf_counter() - t0)
-    return {**state, "model_config": cfg}, sim, info
+    return {**state, "model_config": cfg}, sim, info, boost_info
+
+
+@torch.no_grad()
+def tune_text_boost(
+    model: ScorerModel,
+    val: sdata.ValidationSet,
+    sim: sp.csr_matrix | None,
+    n_candidates: int = 200,
+    k: int = 10,
+    grid: Iterable[float] = TEXT_BOOST_GRID,
+    min_users: int = 30,
+    chunk: int = 256,
+) -> tuple[tuple[float, ...], dict[str, Any]]:
+    """The multiplier of the text-arm gain beta(n) per history-length bucket (`ScorerConfig.text_boost`).
+
+    Every grid value is applied to all validation users (final ranking as served, co-occurrence term
+    included); per bucket the choice is the LARGEST boost whose paired NDCG@k difference to the bucket's best
+    boost is within one standard error (the one-standard-error rule, here preferring text): content carries
+    a history until behaviour measurably outranks it. A bucket with fewer than `min_users` validation users
+    takes the previous (shorter) bucket's choice, and boosts never grow with history length. Returns (boost
+    per bucket, {buckets, grid, n_users, val_ndcg (per bucket per grid value), chosen}).
+    """
+    from llmrec.scorer.model import LEN_BUCKETS
+
+    grid = [float(g) for g in grid]
+    users = np.arange(val.n_users)
+    lens = np.minimum(np.asarray(val.hist_len), model.cfg.max_len)
+    bucket = np.clip(np.searchsorted(LEN_BUCKETS, lens, side="right") - 1, 0, None)
+    w = float(model.cfg.cooc_weight)
+    impute = (
+        cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k) if sim is not None else None
+    )
+    per = np.zeros((len(grid), val.n_users))
+    saved = model.text_boost.clone()
+    try:
+        for gi, g in enumerate(grid):
+            model.text_boost.fill_(g)
+            for ub, _, cand, head in _two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
+                f, cand_np = head.numpy(), cand.numpy()
+                if sim is not None and w > 0:
+                    co = history_scores(sim, [val.positives[b] for b in ub], cand_np, impute=impute)
+                    f = f + w * co
+                top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
+                per[gi, ub] = [recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub)]
+    finally:
+        model.text_boost.copy_(saved)
+    chosen: list[float] = []
+    table: dict[str, list[float]] = {}
+    for b in range(len(LEN_BUCKETS)):
+        sel = bucket == b
+        table[str(LEN_BUCKETS[b])] = [float(x) for x in per[:, sel].mean(1)] if sel.any() else []
+        if sel.sum() < min_users:
+            chosen.append(chosen[-1] if chosen else 1.0)
+            continue
+        best = int(np.argmax(per[:, sel].mean(1)))
+        pick = grid[best]
+        for gi in sorted(range(len(grid)), key=lambda i: -grid[i]):
+            diff = per[gi, sel] - per[best, sel]
+            if diff.mean() >= -diff.std(ddof=1) / np.sqrt(sel.sum()):
+                pick = grid[gi]
+                break
+        chosen.append(min(pick, chosen[-1]) if chosen else pick)  # never more text for longer histories
+    return tuple(chosen), {"buckets": list(LEN_BUCKETS), "grid": grid, "chosen": chosen,
+                           "n_users": [int((bucket == b).sum()) for b in range(len(LEN_BUCKETS))],
+                           "val_ndcg": table}
 
 
 def cooc_matrix(df: pd.DataFrame, items: ItemSpace, n_neighbors: int) -> sp.csr_matrix:
@@ -869,12 +963,11 @@ def tune_cooc_weight(
     """
     unit = 1.0 if model.cfg.rerank else 1.0 / float(model.scale)
     weights = [float(g) * unit for g in grid]
+    impute = cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k)
     sums = np.zeros(len(weights))
     users = np.arange(val.n_users)
     for ub, _, cand, head in _two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
-        co = history_scores(
-            sim, [val.positives[b] for b in ub], cand.numpy(), fill_cold=model.cfg.cooc_fill_cold
-        )  # (b, n)
+        co = history_scores(sim, [val.positives[b] for b in ub], cand.numpy(), impute=impute)  # (b, n)
         base, cand_np = head.numpy(), cand.numpy()  # base is -inf at excluded candidates
         for wi, w in enumerate(weights):
             f = base + w * co
@@ -897,6 +990,8 @@ def _write_artifact(
     extra: dict,
     cooc: sp.csr_matrix | None = None,
     cooc_info: dict | None = None,
+    boost_info: dict | None = None,
+    feedback_info: dict | None = None,
     data_ts_max: int | None = None,
 ) -> dict:
     torch.save({"model_config": state["model_config"], "model": state["model"]}, out / MODEL_FILE)
@@ -913,6 +1008,8 @@ def _write_artifact(
         config={**hp, **extra},
         model_config=state["model_config"],
         cooc=cooc_info or {},
+        text_boost=boost_info or {},
+        feedback=feedback_info or {},
         data_ts_max=data_ts_max,  # the latest event it learned from (replay refuses it for earlier cutoffs)
         metrics=state["metrics"],
         best_epoch=int(state["epoch"]),

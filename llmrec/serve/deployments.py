@@ -248,15 +248,10 @@ def load_catalog_from(embeddings_dir: str, run_dir: str, loader: Any) -> tuple[A
 
 
 def _load_encoder(model: str | None, embed_meta: dict[str, Any], device: str) -> Any:
-    from llmrec.embed.encoder import DEFAULT_MODEL_NAME, TextEncoder
+    from llmrec.embed.encoder import TextEncoder, model_for_meta
 
     if model is None:
-        path = embed_meta.get("model_path")
-        name = embed_meta.get("model_name")
-        if path and Path(path).is_dir():
-            model = path
-        elif name and name != DEFAULT_MODEL_NAME:
-            model = name
+        model = model_for_meta(embed_meta)
     return TextEncoder(model, device=device, max_length=int(embed_meta.get("max_length") or 128))
 
 

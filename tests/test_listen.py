@@ -1,0 +1,153 @@
+"""The served model listens (issue 11): over HTTP, with a trained scorer serving, a text dislike moves the ranking
+away from the disliked topic, a text wish towards a topic, and a like of a cold item brings its text neighbours up.
+
+The run is built here: 3 topics x 10 items whose texts are encoded by the real MiniLM (text feedback has to mean
+something), two cold items (no interaction anywhere), 60 users who each mostly like one topic, a scorer trained by
+`fit_scorer` (Ray Train, synthesised facet feedback on), then the Serve app on the shared session Ray.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_replay import make_run
+from test_serve_app import start_serve
+
+from llmrec import schema
+
+TOPICS = {
+    "Animation": [
+        "an animated cartoon for kids about talking toys", "an animated family film about a lost puppy",
+        "a cartoon musical for children with singing animals", "an animated adventure of a little fish",
+        "a kids cartoon about a brave young dragon", "an animated comedy about monsters in a closet",
+        "a children's animated film about friendly robots", "a cartoon fairy tale with a princess and a frog",
+        "an animated movie about toys that come alive", "a family cartoon about a bear cub in the forest",
+    ],
+    "Science Fiction": [
+        "a space adventure with astronauts on an alien planet", "a science fiction epic about a galactic war",
+        "astronauts stranded on mars fight to survive", "a starship crew explores a distant galaxy",
+        "aliens invade earth and a pilot fights back", "a time travel thriller in a dystopian future",
+        "a robot uprising on a futuristic space station", "a voyage through a wormhole to another universe",
+        "a lone astronaut drifts between the stars", "colonists on a frozen alien moon",
+    ],
+    "Romance": [
+        "a romantic comedy about two strangers in paris", "a love story between a baker and a painter",
+        "two old friends fall in love at a wedding", "a summer romance on a greek island",
+        "a heartfelt love letter changes two lives", "a bride runs away and finds true love",
+        "a romantic drama about lovers separated by war", "a chance meeting on a train turns into love",
+        "a dating app mix-up leads to romance", "an unlikely couple falls in love in new york",
+    ],
+}
+COLD = {"cold-space": ("a brand new science fiction story of astronauts on a distant alien planet",
+                       "Science Fiction"),
+        "cold-anim": ("a new animated cartoon for children about a clumsy little robot", "Animation")}
+
+
+@pytest.fixture(scope="module")
+def listening_app(ray_local, tmp_path_factory, minilm_path):
+    from ray import serve
+
+    from llmrec.data.tables import read_items
+    from llmrec.embed.encoder import TextEncoder
+    from llmrec.eval.evaluate import load_item_space
+    from llmrec.scorer.recommender import split_last_event
+    from llmrec.scorer.train import fit_scorer
+    from llmrec.serve.app import build_app
+
+    run = Path(tmp_path_factory.mktemp("listen-run"))
+    ids, texts, topic = [], [], {}
+    for t, tx in TOPICS.items():
+        for j, x in enumerate(tx):
+            ids.append(f"{t[:4].lower()}-{j}")
+            texts.append(x)
+            topic[ids[-1]] = t
+    for cid, (x, t) in COLD.items():
+        ids.append(cid)
+        texts.append(x)
+        topic[cid] = t
+    rng = np.random.default_rng(0)
+    rows = []
+    names = list(TOPICS)
+    for u in range(60):
+        main = names[u % 3]
+        pool = [i for i in ids if topic[i] == main and not i.startswith("cold")]
+        other = [i for i in ids if topic[i] != main and not i.startswith("cold")]
+        seq = list(rng.choice(pool, 7, replace=False)) + [str(rng.choice(other))]
+        rng.shuffle(seq)
+        rows += [(f"u{u}", it, 1_700_000_000 + 60 * j, np.nan, "like") for j, it in enumerate(seq)]
+    inter = pd.DataFrame(rows, columns=[schema.USER_ID, schema.ITEM_ID, schema.TS, schema.RATING, schema.EVENT])
+    enc = TextEncoder(minilm_path, device="cpu")
+    make_run(run, ids, enc.encode(texts), texts, enc.model_name, model_path=enc.model_path, interactions=inter)
+    items_df = read_items(run / schema.RUN_DATA)
+    items_df[schema.FACETS] = [[topic[i]] for i in items_df[schema.ITEM_ID]]
+    from llmrec.data.tables import write_items
+
+    write_items(items_df, run / schema.RUN_DATA)
+    items, embed_meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
+    assert items.facets is not None and items.text_model
+    train, valid = split_last_event(inter, 30, 0)
+    fit_scorer(train, items, run / schema.RUN_SCORER, valid_df=valid, epochs=4, batch_size=64, lr=1e-2,
+               dim=16, max_len=10, n_neg=16, head_neg=7, mlp_hidden=16, n_candidates=20, feedback_p=0.5,
+               embed_meta=embed_meta)
+    port = start_serve()
+    name = f"listen{uuid.uuid4().hex[:6]}"
+    serve.run(build_app({"run_dir": str(run), "n_shards": 2, "state_name": f"test-state-{name}", "num_cpus": 0.1,
+                         "log_dir": str(run / "events-test")}),
+              name=name, route_prefix=f"/{name}")
+    import requests
+
+    http = requests.Session()
+    url = f"http://127.0.0.1:{port}/{name}"
+    assert http.get(f"{url}/admin/stats", timeout=60).json()["model"]["scorer"] is True  # the scorer serves
+    yield http, url, topic
+    serve.delete(name)
+
+
+def _top(http, url, user: str, k: int) -> list[dict]:
+    r = http.get(f"{url}/recommend", params={"user_id": user, "k": k}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["items"]
+
+
+def _post(http, url, events: list[dict]) -> None:
+    r = http.post(f"{url}/feedback", json={"events": events}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def _share(items: list[dict], topic: dict[str, str], t: str) -> float:
+    return float(np.mean([topic[it["item_id"]] == t for it in items]))
+
+
+def test_text_dislike_moves_the_ranking_away_from_the_topic(listening_app):
+    http, url, topic = listening_app
+    user = f"fan-{uuid.uuid4().hex[:6]}"
+    _post(http, url, [{"user_id": user, "item_id": f"anim-{j}", "event": "like", "ts": 100.0 + j} for j in range(3)])
+    before = _top(http, url, user, 7)
+    assert _share(before, topic, "Animation") >= 4 / 7  # the scorer follows the likes
+    _post(http, url, [{"user_id": user, "event": "dislike", "text": "no more animated cartoons for kids please"}])
+    after = _top(http, url, user, 7)
+    assert _share(after, topic, "Animation") <= _share(before, topic, "Animation") / 2, (before, after)
+
+
+def test_text_wish_moves_the_ranking_towards_the_topic(listening_app):
+    http, url, topic = listening_app
+    user = f"fan-{uuid.uuid4().hex[:6]}"
+    _post(http, url, [{"user_id": user, "item_id": f"roma-{j}", "event": "like", "ts": 100.0 + j} for j in range(3)])
+    before = _top(http, url, user, 7)
+    _post(http, url, [{"user_id": user, "event": "like", "text": "I want space adventures with astronauts"}])
+    after = _top(http, url, user, 7)
+    assert _share(after, topic, "Science Fiction") > _share(before, topic, "Science Fiction")
+    assert any(it["reason"].startswith("because you said") for it in after)  # the reason names the text
+
+
+def test_like_of_a_cold_item_brings_its_text_neighbours_up(listening_app):
+    http, url, topic = listening_app
+    user = f"new-{uuid.uuid4().hex[:6]}"
+    before = _top(http, url, user, 5)  # a brand-new user: popularity
+    _post(http, url, [{"user_id": user, "item_id": "cold-space", "event": "like"}])
+    after = _top(http, url, user, 5)
+    assert _share(after, topic, "Science Fiction") >= 0.8 > _share(before, topic, "Science Fiction")

@@ -16,6 +16,7 @@ EVENT = "event"  # string, one of EVENT_KINDS
 
 # feedback / interaction event kinds, in the order the HTTP API documents them
 EVENT_KINDS = ("view", "click", "like", "dislike", "skip", "purchase", "rating")
+MAX_ID_CHARS = 256  # longest user_id / item_id the HTTP API accepts (serving state skips longer base ids)
 
 # artifacts
 META_FILE = "meta.json"

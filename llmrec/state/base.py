@@ -76,7 +76,7 @@ _FIX = "re-run `llmrec prepare` to write a canonical RUN/data/interactions.parqu
 
 
 def interactions_path(data_dir: str | os.PathLike) -> Path:
-    """`data_dir/interactions.parquet` (or `data_dir` itself when it is that file); FileNotFoundError if not."""
+    """`data_dir/interactions.parquet` (or `data_dir` itself when it is that file); else FileNotFoundError."""
     p = Path(data_dir)
     path = p / INTERACTIONS_FILE if p.is_dir() else p
     if not path.is_file():

@@ -18,9 +18,10 @@ descriptor, the log's last seq) and `tombstones-sNNN.jsonl` (one fsync'd line pe
 of the user id, not the id, and the log seq at the delete). On (re)start a shard loads its base; when the
 snapshot was taken over the same base (equal `base.base_descriptor`: path, size, mtime, prepare fingerprint,
 history_len) it loads the snapshot and replays the log records after its seq, else it replays the whole log
-over the new base (`set_base` does the same for a hot swap). Logged events of a deleted user up to its tombstone are never replayed, and its base
-history is never loaded again; a later event starts a fresh state. Vectors are not trusted from the snapshot
-(the vectorizer may have changed): they are recomputed lazily on `get`.
+over the new base (`set_base` does the same for a hot swap). Logged events of a deleted user up to its
+tombstone are never replayed, and its base history is never loaded again; a later event starts a fresh
+state. Vectors are not trusted from the snapshot (the vectorizer may have changed): they are recomputed
+lazily on `get`.
 
 `StateStore` creates (or joins) named detached actors `{name}-{i}` in `namespace` with `max_restarts=-1`
 and `num_cpus=0`, routes calls by `shard_of`, and when an actor dies mid-call (`RayActorError`, which covers
@@ -113,13 +114,15 @@ class UserStateShard:
         self.snapshot_every = int(snapshot_every)
         self.history_len = int(history_len)
         # deleted users: sha256(user_id) -> (log seq at the (latest) delete, crc32(user_id)); not the ids
-        self.tombstones: dict[str, tuple[int, int]] = _read_tombstones(self._tomb_path())
+        self.tombstones, pending = _read_tombstones(self._tomb_path())
         snap = self._read_snapshot()
         for h, (seq, crc) in ((snap or {}).get("tombstones") or {}).items():
             self.tombstones[h] = (max(int(seq), self.tombstones.get(h, (0, 0))[0]), int(crc))
         snap_seq = int(snap["last_seq"]) if snap else 0
         self.log = EventLog(self.log_dir, shard=self.shard_id,
                             min_next_seq=max([snap_seq] + [t[0] for t in self.tombstones.values()]) + 1)
+        if pending:
+            self._finish_deletes(pending)
         self.base: BaseHistories | None = None
         self.base_info: dict[str, Any] = {}
         self._set_loaded_base(self._load_base(self._base_dir_at_start(base_dir, snap)))
@@ -218,6 +221,7 @@ class UserStateShard:
         self._dirty.discard(user_id)
         self.snapshot()
         removed = self.log.forget_user(user_id)
+        self._mark_purged(deleted_user_key(user_id)[1])
         existed = gone is not None or r is not None
         logger.info("shard %d: deleted user %r (in memory: %s, in the base: %s, %d logged events)",
                     self.shard_id, user_id, gone is not None, r is not None, removed)
@@ -334,11 +338,9 @@ class UserStateShard:
     def _replay(self, users: dict[str, UserState], base: BaseHistories | None, after_seq: int
                 ) -> dict[str, int]:
         """Fold this shard's log records with seq > after_seq into `users` (over `base`), skipping invalid
-        records, duplicates and the events of deleted users up to their tombstone; finishes interrupted
-        deletes (purges those events from the log)."""
+        records, duplicates and the events of deleted users up to their tombstone."""
         c = {"replayed": 0, "duplicate_id": 0, "duplicate_base": 0, "deleted": 0, "invalid": 0}
         counters: dict[str, int] = {}
-        purge: set[str] = set()
         for rec in iter_events(self.log_dir, shard=self.shard_id, after_seq=after_seq, counters=counters):
             fields = {k: v for k, v in rec.items() if k not in ("seq", "shard")}
             try:
@@ -350,7 +352,6 @@ class UserStateShard:
                 continue
             if rec["seq"] <= self._tomb_seq(ev.user_id):
                 c["deleted"] += 1
-                purge.add(ev.user_id)
                 continue
             dup = self._duplicate(users, base, ev)
             if dup is not None:
@@ -359,11 +360,24 @@ class UserStateShard:
             self._fold(users, base, ev)
             c["replayed"] += 1
         c["torn"] = counters.get("torn", 0)
-        for uid in purge:  # a crash fell between the tombstone and the log purge of a delete
-            n = self.log.forget_user(uid, max_seq=self._tomb_seq(uid))
-            logger.warning("shard %d: finished the interrupted delete of %r: purged %d logged events",
-                           self.shard_id, uid, n)
         return c
+
+    def _finish_deletes(self, pending: set[str]) -> None:
+        """Purge from the log the events (up to the tombstone) of users whose delete a crash interrupted
+        after its tombstone: the tombstone names a hash, so the log is scanned for matching ids."""
+        crcs = {self.tombstones[h][1] for h in pending}
+        found: set[str] = set()
+        for rec in iter_events(self.log_dir, shard=self.shard_id):
+            uid = rec.get("user_id")
+            if isinstance(uid, str) and zlib.crc32(uid.encode("utf-8", "surrogatepass")) in crcs \
+                    and deleted_user_key(uid)[1] in pending:
+                found.add(uid)
+        for uid in found:
+            n = self.log.forget_user(uid, max_seq=self._tomb_seq(uid))
+            logger.warning("shard %d: finished an interrupted delete: purged %d logged events", self.shard_id,
+                           n)
+        for h in pending:
+            self._mark_purged(h)
 
     def _recount(self) -> None:
         """Recompute the O(1) counters after a (re)build: users/events from the base only + materialised."""
@@ -462,12 +476,20 @@ class UserStateShard:
         path = self._tomb_path()
         new_file = not path.exists()
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"user_sha256": h, "crc32": crc, "seq": int(seq), "ts": time.time()}) + "\n")
+            f.write(json.dumps({"user_sha256": h, "crc32": crc, "seq": int(seq), "ts": time.time(),
+                                "purged": False}) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if new_file:
             _fsync_dir(self.log_dir)
         self.tombstones[h] = (max(int(seq), self.tombstones.get(h, (0, 0))[0]), crc)
+
+    def _mark_purged(self, h: str) -> None:
+        """Record that the delete's log purge finished (no fsync: if lost, the next start only re-scans)."""
+        seq, crc = self.tombstones[h]
+        with open(self._tomb_path(), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"user_sha256": h, "crc32": crc, "seq": seq, "ts": time.time(),
+                                "purged": True}) + "\n")
 
     def _read_snapshot(self) -> dict[str, Any] | None:
         path = Path(self.log_dir) / _SNAPSHOT.format(self.shard_id)
@@ -482,11 +504,13 @@ class UserStateShard:
         return body
 
 
-def _read_tombstones(path: Path) -> dict[str, tuple[int, int]]:
-    """sha256(user_id) -> (log seq at its latest delete, crc32); skips a torn line (never acknowledged)."""
+def _read_tombstones(path: Path) -> tuple[dict[str, tuple[int, int]], set[str]]:
+    """(sha256(user_id) -> (log seq at its latest delete, crc32), hashes whose log purge is not recorded as
+    done); skips a torn line (never acknowledged)."""
     out: dict[str, tuple[int, int]] = {}
+    pending: set[str] = set()
     if not path.is_file():
-        return out
+        return out, pending
     torn = 0
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -496,11 +520,15 @@ def _read_tombstones(path: Path) -> dict[str, tuple[int, int]]:
             except (ValueError, TypeError, KeyError):
                 torn += 1
                 continue
+            if rec.get("purged") and out.get(h, (0, 0))[0] <= seq:
+                pending.discard(h)
+            elif not rec.get("purged"):
+                pending.add(h)
             out[h] = (max(seq, out.get(h, (0, 0))[0]), crc)
     if torn:
         logger.warning("%s: skipped %d unreadable line(s) (a crash mid-write: never acknowledged)", path,
                        torn)
-    return out
+    return out, pending
 
 
 def _actor_was_restarted() -> bool:

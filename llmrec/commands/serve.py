@@ -33,6 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="local folder of the serving event log (default RUN/events; required when --run is a URI)",
     )
     p.add_argument("--log-user-ids", action="store_true", help="log user ids in clear (default: hashed)")
+    p.add_argument(
+        "--no-run-users",
+        action="store_true",
+        help="start the state shards empty instead of from the users of RUN/data/interactions.parquet",
+    )
     p.add_argument("--address", default=None, help="join a running Ray cluster (default: start a local one)")
 
 
@@ -69,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             "num_replicas": args.replicas,
             "model": args.model,
             "log_user_ids": args.log_user_ids,
+            "load_run_users": not args.no_run_users,
             "log_dir": str(Path(args.events).resolve()) if args.events else None,
         }
     )

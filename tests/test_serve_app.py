@@ -181,7 +181,8 @@ def test_run_users_are_known_at_start(app: App) -> None:
     # feedback equal to a base event is a duplicate; new feedback extends the base history
     dup = app.call("POST", "/feedback", json={"user_id": "p2", "item_id": "cook-3", "event": "like", "ts": 2})
     assert dup.json() == {"ok": True, "state_version": 1, "n_events": 1, "duplicates": 1}
-    new = app.call("POST", "/feedback", json={"user_id": "p2", "item_id": "space-4", "event": "like", "ts": 9})
+    ev = {"user_id": "p2", "item_id": "space-4", "event": "like", "ts": 9}
+    new = app.call("POST", "/feedback", json=ev)
     assert new.json()["state_version"] == 2
     hist = app.call("GET", "/users/p2").json()["history"]
     assert [h["item_id"] for h in hist] == ["cook-3", "space-4"]
@@ -307,7 +308,8 @@ def test_redeploy_swaps_model_version_without_errors(app: App) -> None:
 def test_redeploy_with_another_data_dir_swaps_the_run_users(
     app: App, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """user_config.data_dir names a newer run's data: every shard reloads its users from it; live users stay."""
+    """user_config.data_dir names a newer run's data: every shard reloads its users from it; live users
+    stay."""
     from ray import serve
 
     from llmrec.data.tables import write_interactions

@@ -1,4 +1,4 @@
-"""build_app args that pick the state shards' base (the run's users): defaults, the opt-out, the hot-swap knob."""
+"""build_app args that pick the state shards' base (the run's users): default, opt-out, hot-swap knob."""
 
 from __future__ import annotations
 

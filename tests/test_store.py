@@ -584,7 +584,8 @@ def test_store_loads_base_in_every_shard_and_a_restarted_shard_keeps_the_swapped
 
 def test_get_carries_text_feedback_vectors_for_the_ranker(tmp_path: Path) -> None:
     shard = UserStateShard(0, str(tmp_path), vec_factory())
-    shard.apply([{"user_id": "t", "event": "dislike", "text": "no gore", "text_vec": V[5].tolist(), "ts": 1.0},
+    shard.apply([{"user_id": "t", "event": "dislike", "text": "no gore", "text_vec": V[5].tolist(),
+                  "ts": 1.0},
                  {"user_id": "t", "event": "like", "text": "more space", "ts": 2.0}])
     tf = shard.get("t")["text_feedback"]
     assert [(t["text"], t["polarity"], t["has_vec"]) for t in tf] == [("no gore", -1.0, True),

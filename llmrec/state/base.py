@@ -221,6 +221,7 @@ class _Compactor:
         self.compact_rows = compact_rows
         self.rows = _Rows()
         self.since = 0
+        self.kept = 0  # rows kept by the last compaction
         self.dropped_users: list[np.ndarray] = []  # 'S' keys, one per (user, compaction) with dropped rows
         self.dropped_counts: list[np.ndarray] = []
         self.older_users: list[np.ndarray] = []  # 'S' keys of distinct dropped (user, item) pairs
@@ -230,14 +231,18 @@ class _Compactor:
             ) -> None:
         self.rows.add(users, items, ts, rating, event)
         self.since += len(ts)
-        if self.since >= self.compact_rows:
+        if self.since >= max(self.compact_rows, self.kept):  # geometric: O(rows) compaction work in total
             self.compact()
 
-    def compact(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Sort the buffer by (user, ts, buffer order), keep the last h rows per user.
+    def compact(self, final: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+        """Keep the last h rows per user (by ts, then buffer order = file order).
+
+        A non-final compaction with nothing to drop leaves the buffer as it is; the final one also sorts it
+        by (user, ts, file order).
 
         Returns:
-            (sorted unique user keys 'S' (U,), group starts int64 (U+1,)) of the kept rows, or None if empty.
+            final: (sorted unique user keys 'S' (U,), offsets int64 (U+1,)) of the kept rows (None if empty);
+            else None.
         """
         r = self.rows
         self.since = 0
@@ -246,40 +251,52 @@ class _Compactor:
         users = pa.concat_arrays(r.users) if len(r.users) > 1 else r.users[0]
         items = pa.concat_arrays(r.items) if len(r.items) > 1 else r.items[0]
         ts, rating, event = (np.concatenate(x) if len(x) > 1 else x[0] for x in (r.ts, r.rating, r.event))
+        for chunks in (r.users, r.items, r.ts, r.rating, r.event):
+            chunks.clear()  # free the per-batch pieces now: peak memory is about one copy of the buffer
+        n = len(ts)
         enc = pc.dictionary_encode(users)
-        codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         keys = _to_fixed_bytes(enc.dictionary)
         perm = np.argsort(keys, kind="stable")
-        rank = np.empty_like(perm)
-        rank[perm] = np.arange(len(perm))
-        ucode = rank[codes]  # (n,) user rank in byte order
-        order = np.lexsort((ts, ucode))  # stable: equal (user, ts) keep buffer order = file order
-        us = ucode[order]
-        n = len(order)
-        starts = np.flatnonzero(np.r_[True, us[1:] != us[:-1]])
-        ends = np.r_[starts[1:], n]
-        sizes = ends - starts
-        from_end = np.repeat(ends, sizes) - np.arange(n) - 1
-        keep = from_end < self.h
-        sorted_keys = keys[perm]
-        if not keep.all():
-            over = sizes > self.h
-            self.dropped_users.append(sorted_keys[us[starts[over]]])
-            self.dropped_counts.append((sizes[over] - self.h).astype(np.int64))
-            drop = order[~keep]
-            d_items = pc.dictionary_encode(items.take(pa.array(drop)))
-            icode = d_items.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-            pair = np.unique(ucode[drop] * len(d_items.dictionary) + icode)
-            ikeys = _to_fixed_bytes(d_items.dictionary)
-            self.older_users.append(sorted_keys[pair // len(d_items.dictionary)])
-            self.older_items.append(ikeys[pair % len(d_items.dictionary)])
-        kept = order[keep]
-        take = pa.array(kept)
+        rank = np.empty(len(perm), dtype=np.int32)
+        rank[perm] = np.arange(len(perm), dtype=np.int32)
+        ucode = rank[enc.indices.to_numpy(zero_copy_only=False)]  # (n,) user rank in byte order
+        del enc, rank
+        counts = np.bincount(ucode, minlength=len(keys))  # every rank occurs: the dictionary is of these rows
+        over = np.flatnonzero(counts > self.h)
         self.rows = _Rows()
-        self.rows.add(users.take(take), items.take(take), ts[kept], rating[kept], event[kept])
-        k_us = us[keep]
-        k_starts = np.flatnonzero(np.r_[True, k_us[1:] != k_us[:-1]])
-        return sorted_keys[k_us[k_starts]], np.r_[k_starts, len(k_us)].astype(np.int64)
+        if not len(over) and not final:
+            self.rows.add(users, items, ts, rating, event)
+            self.kept = n
+            return None
+        order = np.lexsort((ts, ucode))  # stable: equal (user, ts) keep buffer order = file order
+        del ucode
+        starts = np.r_[0, np.cumsum(counts)[:-1]]  # group g = sorted rows starts[g] : starts[g] + counts[g]
+        sorted_keys = keys[perm]
+        keep = np.ones(n, dtype=bool)
+        if len(over):
+            n_drop = counts[over] - self.h  # the oldest rows of each long group go
+            first = np.repeat(starts[over], n_drop)
+            run_start = np.repeat(np.cumsum(n_drop) - n_drop, n_drop)
+            drop_pos = first + (np.arange(len(first)) - run_start)  # (D,) positions in sorted order
+            keep[drop_pos] = False
+            self.dropped_users.append(sorted_keys[over])
+            self.dropped_counts.append(n_drop.astype(np.int64))
+            d_items = pc.dictionary_encode(items.take(pa.array(order[drop_pos])))
+            n_dict = len(d_items.dictionary)
+            icode = d_items.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            pair = np.unique(np.repeat(over.astype(np.int64), n_drop) * n_dict + icode)
+            ikeys = _to_fixed_bytes(d_items.dictionary)
+            self.older_users.append(sorted_keys[pair // n_dict])
+            self.older_items.append(ikeys[pair % n_dict])
+        kept = order[keep]
+        del order, keep
+        take = pa.array(kept)
+        kept_users = users.take(take) if not final else pa.array([], pa.string())  # final: keys say it all
+        del users
+        self.rows.add(kept_users, items.take(take), ts[kept], rating[kept], event[kept])
+        self.kept = len(kept)
+        kept_counts = np.minimum(counts, self.h)
+        return (sorted_keys, np.r_[0, np.cumsum(kept_counts)].astype(np.int64)) if final else None
 
 
 def deleted_user_key(user_id: str) -> tuple[int, str]:
@@ -290,7 +307,7 @@ def deleted_user_key(user_id: str) -> tuple[int, str]:
 
 def load_base(data_dir: str | os.PathLike, *, shard_id: int = 0, n_shards: int | None = None,
               history_len: int = 200, deleted: Iterable[tuple[int, str]] = (), batch_rows: int = 1 << 18,
-              compact_rows: int = 1 << 22) -> BaseHistories:
+              compact_rows: int = 1 << 21) -> BaseHistories:
     """Stream `data_dir/interactions.parquet` and keep the last `history_len` events of this shard's users.
 
     Args:
@@ -298,7 +315,8 @@ def load_base(data_dir: str | os.PathLike, *, shard_id: int = 0, n_shards: int |
         shard_id, n_shards: keep users with `shard_of(user_id, n_shards) == shard_id`; n_shards None = all.
         deleted: `deleted_user_key`s of users never to load (the shard's tombstones).
         batch_rows: rows per record batch read.
-        compact_rows: buffered rows that trigger a compaction (bounds memory on long histories).
+        compact_rows: new rows that trigger a compaction (also at least the rows kept by the previous one), so
+            memory stays near the kept rows when histories are longer than `history_len`.
 
     Returns:
         the `BaseHistories` of this shard (possibly with no users).
@@ -311,7 +329,7 @@ def load_base(data_dir: str | os.PathLike, *, shard_id: int = 0, n_shards: int |
         raise ValueError(f"history_len must be an int >= 1, got {history_len!r}")
     desc = base_descriptor(data_dir, history_len)
     path = Path(desc["path"])
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # pre-buffering a row group ~5x the memory
     names = pf.schema_arrow.names
     missing = [c for c in _COLUMNS if c not in names]
     if missing:
@@ -393,7 +411,7 @@ def load_base(data_dir: str | os.PathLike, *, shard_id: int = 0, n_shards: int |
 
 
 def _finish(comp: _Compactor, desc: dict[str, Any], shard_id: int, n_shards: int | None) -> BaseHistories:
-    res = comp.compact()
+    res = comp.compact(final=True)
     if res is None:
         return BaseHistories.empty(desc, shard_id, n_shards)
     user_keys, starts = res

@@ -445,6 +445,11 @@ class UserStateShard:
         base = load_base(data_dir, shard_id=self.shard_id, n_shards=self.n_shards,
                          history_len=self.history_len,
                          deleted=[(crc, h) for h, (_seq, crc) in self.tombstones.items()])
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()  # hand the load's transient buffers back to the OS
+        gc.collect()
+        _trim_heap()
         rss1 = _rss_bytes()
         info = {**base.info(), "rss_before_bytes": rss0,
                 "rss_delta_bytes": None if rss0 is None or rss1 is None else rss1 - rss0,
@@ -540,6 +545,16 @@ def _actor_was_restarted() -> bool:
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # noqa: BLE001 - no actor context (plain object, tools): not a restart
         return False
+
+
+def _trim_heap() -> None:
+    """glibc keeps freed numpy temporaries of a few MB in its heap; give them back (Linux/glibc only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss_bytes() -> int | None:

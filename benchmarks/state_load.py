@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "synthetic":
                 data = Path(tmp) / "data"
                 t0 = time.perf_counter()
-                n_rows = write_synthetic(data, args.synthetic_users, args.synthetic_events, args.synthetic_items,
-                                         args.seed)
+                n_rows = write_synthetic(data, args.synthetic_users, args.synthetic_events,
+                                         args.synthetic_items, args.seed)
                 logger.info("synthetic: wrote %d rows in %.1fs", n_rows, time.perf_counter() - t0)
                 emb = None
             else:
@@ -112,13 +112,14 @@ def write_synthetic(out: Path, n_users: int, per_user: int, n_items: int, seed: 
     p_item = 1.0 / np.arange(1, n_items + 1)
     cdf = np.cumsum(p_item / p_item.sum())
     kinds = pa.array(list(EVENT_KINDS))
-    p_kind = np.array([0.40, 0.25, 0.12, 0.03, 0.03, 0.05, 0.12])  # view click like dislike skip purchase rating
+    # view, click, like, dislike, skip, purchase, rating (schema.EVENT_KINDS order)
+    p_kind = np.array([0.40, 0.25, 0.12, 0.03, 0.03, 0.05, 0.12])
     order = np.repeat(np.arange(n_users, dtype=np.int32), per_user)
     rng.shuffle(order)
     n = len(order)
     chunk = 2_000_000
-    schema = pa.schema([(USER_ID, pa.string()), (ITEM_ID, pa.string()), (TS, pa.int64()), (RATING, pa.float64()),
-                        (EVENT, pa.string())])
+    schema = pa.schema([(USER_ID, pa.string()), (ITEM_ID, pa.string()), (TS, pa.int64()),
+                        (RATING, pa.float64()), (EVENT, pa.string())])
     with pq.ParquetWriter(out / INTERACTIONS_FILE, schema) as w:
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
@@ -147,7 +148,8 @@ def bench_dataset(name: str, data: Path, emb: Path | None, tmp: Path, args: argp
     factory = EmbeddingsMeanVectorizer(str(emb)) if emb is not None else None
     res: dict[str, Any] = {"dataset": name, "data_dir": str(data), "n_rows": meta.num_rows,
                            "file_bytes": (data / "interactions.parquet").stat().st_size,
-                           "vectors": emb is not None, "shards": args.shards, "loadavg_before": os.getloadavg()}
+                           "vectors": emb is not None, "shards": args.shards,
+                           "loadavg_before": os.getloadavg()}
 
     # ---- ours: the Ray store, every shard loading its users in parallel
     t0 = time.perf_counter()
@@ -171,7 +173,8 @@ def bench_dataset(name: str, data: Path, emb: Path | None, tmp: Path, args: argp
         res["ours"]["rss_bytes_per_user"] = round(res["ours"]["rss_delta_bytes"] / res["n_users"], 1)
         users = _all_users(data)
         rng = np.random.default_rng(args.seed)
-        probe = [users[i] for i in rng.choice(len(users), size=min(args.get_users, len(users)), replace=False)]
+        pick = rng.choice(len(users), size=min(args.get_users, len(users)), replace=False)
+        probe = [users[i] for i in pick]
         res["get_store_ms"] = _timed(lambda u: store.get_sync(u), probe)
     finally:
         store.shutdown(kill_all=True)
@@ -180,10 +183,9 @@ def bench_dataset(name: str, data: Path, emb: Path | None, tmp: Path, args: argp
     t0 = time.perf_counter()
     shard = UserStateShard(0, str(tmp / "events-local"), factory, history_len=args.history_len,
                            n_shards=args.shards, base_dir=str(data))
+    # shard 0 alone (no other process competing for the cores): its load seconds and array bytes
     res["one_shard_in_process"] = {"start_s": round(time.perf_counter() - t0, 3),
-                                   "load_s": shard.base_info["load_s"], "nbytes": shard.base_info["nbytes"],
-                                   # this process has used pyarrow before: no one-time arrow set-up in it
-                                   "rss_delta_bytes": shard.base_info["rss_delta_bytes"]}
+                                   "load_s": shard.base_info["load_s"], "nbytes": shard.base_info["nbytes"]}
     mine = [u for u in probe if shard.base.row(u) is not None] or probe[:0]
     res["get_base_only_ms"] = _timed(shard.get, mine)
     base_gets = {u: shard.get(u) for u in mine}
@@ -272,7 +274,8 @@ def _timed(fn: Any, users: list[str]) -> dict[str, Any]:
         ms.append((time.perf_counter() - t0) * 1e3)
     ms.sort()
     return {"n": len(ms), "p50_ms": round(statistics.median(ms), 3),
-            "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 3), "mean_ms": round(statistics.fmean(ms), 3)}
+            "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 3),
+            "mean_ms": round(statistics.fmean(ms), 3)}
 
 
 def _machine() -> dict[str, Any]:
@@ -290,7 +293,8 @@ def _print(r: dict[str, Any]) -> None:
           f"RSS +{o['rss_delta_bytes'] / 1e6:.1f} MB; baseline est. {b['bytes_all_users_est'] / 1e6:.1f} MB "
           f"({b['bytes_per_user']} B/user): x{r['ratio_memory_baseline_over_ours']}")
     print(f"  get base-only: store p50 {r['get_store_ms'].get('p50_ms')} ms, in-process p50 "
-          f"{r['get_base_only_ms'].get('p50_ms')} ms vs materialised {r['get_materialised_ms'].get('p50_ms')} ms")
+          f"{r['get_base_only_ms'].get('p50_ms')} ms vs materialised "
+          f"{r['get_materialised_ms'].get('p50_ms')} ms")
 
 
 if __name__ == "__main__":

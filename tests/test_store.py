@@ -593,3 +593,26 @@ def test_get_carries_text_feedback_vectors_for_the_ranker(tmp_path: Path) -> Non
     np.testing.assert_array_equal(tf[0]["vec"], V[5].tolist())  # the stored vector, as sent
     assert tf[1]["vec"] is None
     shard.close()
+
+
+def test_hot_swap_serves_the_old_base_while_the_new_one_loads(tmp_path: Path) -> None:
+    df_a, df_b = make_interactions(seed=1), make_interactions(seed=2, user_prefix="q")
+    df_b.loc[df_b.index[:30], USER_ID] = "p0"  # p0 is in both runs
+    a, b = write_run_data(tmp_path / "a", df_a), write_run_data(tmp_path / "b", df_b)
+    shard = UserStateShard(0, str(tmp_path / "events"), vec_factory(), history_len=H, base_dir=str(a))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        shard.prepare_base(str(tmp_path / "nowhere"))
+    status = shard.prepare_base(str(b))
+    assert status["current"] is False and shard._pending is not None
+    # until the commit, requests are served from run a: reads, feedback, deletes
+    assert as_expected(shard.get("p1")) == brute_force(df_a, "p1") and shard.get("q1") is None
+    assert shard.delete("p0") is True  # also in run b: must stay deleted there
+    shard.apply([{"event_id": "l", "user_id": "q2", "item_id": "i3", "event": "like", "ts": 7000.0}])
+    out = shard.commit_base(str(b))
+    assert out["changed"] is True and shard.base_status(str(b))["current"] is True
+    assert shard.get("p0") is None and shard.get("p1") is None
+    got = shard.get("q2")  # the feedback given during the load, replayed over the new base
+    want = (brute_force(df_b, "q2")["history"] + [["i3", "like", None, 7000.0]])[-H:]
+    assert as_expected(got)["history"] == want
+    assert shard.stats()["n_users"] == df_b[USER_ID].nunique() - 1
+    shard.close()

@@ -329,7 +329,7 @@ def load_base(data_dir: str | os.PathLike, *, shard_id: int = 0, n_shards: int |
         raise ValueError(f"history_len must be an int >= 1, got {history_len!r}")
     desc = base_descriptor(data_dir, history_len)
     path = Path(desc["path"])
-    pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # pre-buffering a row group ~5x the memory
+    pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # pre-buffering: ~5x the read memory
     names = pf.schema_arrow.names
     missing = [c for c in _COLUMNS if c not in names]
     if missing:
@@ -450,7 +450,8 @@ def _finish(comp: _Compactor, desc: dict[str, Any], shard_id: int, n_shards: int
 
 @dataclass
 class BaseHistories:
-    """The base histories of one shard (array layout in the module docstring). Read-only after loading."""
+    """The base histories of one shard (array layout in the module docstring); the arrays are read-only
+    after loading, only `hidden` grows (users deleted since)."""
 
     user_keys: np.ndarray
     offsets: np.ndarray
@@ -469,6 +470,7 @@ class BaseHistories:
     rows_mine: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     load_s: float = 0.0
+    hidden: set[int] = field(default_factory=set)  # rows of users deleted after loading (the next load skips)
 
     @classmethod
     def empty(cls, desc: dict[str, Any], shard_id: int = 0, n_shards: int | None = None) -> BaseHistories:
@@ -494,14 +496,14 @@ class BaseHistories:
         return int(sum(a.nbytes for a in arrays if a is not None))
 
     def row(self, user_id: str) -> int | None:
-        """The user's row, or None when this base does not hold the user."""
+        """The user's row, or None when this base does not hold the user (or it was deleted: `hidden`)."""
         if not self.n_users:
             return None
         key = user_id.encode("utf-8", "surrogatepass")
         if len(key) > self.user_keys.dtype.itemsize or not key or key.endswith(b"\0"):
             return None
         r = int(np.searchsorted(self.user_keys, key))
-        return r if r < self.n_users and self.user_keys[r] == key else None
+        return r if r < self.n_users and self.user_keys[r] == key and r not in self.hidden else None
 
     def user_id(self, r: int) -> str:
         return bytes(self.user_keys[r]).decode("utf-8", "surrogatepass")

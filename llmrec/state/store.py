@@ -18,10 +18,11 @@ descriptor, the log's last seq) and `tombstones-sNNN.jsonl` (one fsync'd line pe
 of the user id, not the id, and the log seq at the delete). On (re)start a shard loads its base; when the
 snapshot was taken over the same base (equal `base.base_descriptor`: path, size, mtime, prepare fingerprint,
 history_len) it loads the snapshot and replays the log records after its seq, else it replays the whole log
-over the new base (`set_base` does the same for a hot swap). Logged events of a deleted user up to its
-tombstone are never replayed, and its base history is never loaded again; a later event starts a fresh
-state. Vectors are not trusted from the snapshot (the vectorizer may have changed): they are recomputed
-lazily on `get`.
+over the new base. A hot swap (`StateStore.set_base`) does the same: each shard loads the new base in a
+background thread while it keeps serving from the old one, then commits (whole-log replay, swap,
+snapshot). Logged events of a deleted user up to its tombstone are never replayed, and its base history is
+never loaded again; a later event starts a fresh state. Vectors are not trusted from the snapshot (the
+vectorizer may have changed): they are recomputed lazily on `get`.
 
 `StateStore` creates (or joins) named detached actors `{name}-{i}` in `namespace` with `max_restarts=-1`
 and `num_cpus=0`, routes calls by `shard_of`, and when an actor dies mid-call (`RayActorError`, which covers
@@ -49,6 +50,7 @@ import gc
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 import zlib
@@ -125,6 +127,7 @@ class UserStateShard:
             self._finish_deletes(pending)
         self.base: BaseHistories | None = None
         self.base_info: dict[str, Any] = {}
+        self._pending: dict[str, Any] | None = None  # a base loading in the background (prepare_base)
         self._set_loaded_base(self._load_base(self._base_dir_at_start(base_dir, snap)))
         self.users: dict[str, UserState] = {}
         after = 0
@@ -217,7 +220,9 @@ class UserStateShard:
             self._n_base_live -= 1
             self._n_events -= int(self.base.n_total[r])  # type: ignore[union-attr]
         if r is not None:
-            self._deleted_rows.add(r)  # the arrays keep the row until the next load, which skips the user
+            self.base.hidden.add(r)  # type: ignore[union-attr]  # the arrays keep it until the next load
+        if self._pending is not None:  # a base loading in the background may hold the user too
+            self._pending["deleted"].append(user_id)
         self._dirty.discard(user_id)
         self.snapshot()
         removed = self.log.forget_user(user_id)
@@ -228,20 +233,70 @@ class UserStateShard:
         return existed or removed > 0
 
     def set_base(self, data_dir: str | os.PathLike | None) -> dict[str, Any]:
-        """Swap the base to another run's data folder (None = no base): load it, then rebuild every
-        materialised user from the new base + the whole log (duplicates of base events skipped, deleted users
-        stay deleted), swap, snapshot. A no-op when the base is unchanged (same `base_descriptor`).
+        """Swap the base to another run's data folder (None = no base): `prepare_base` then `commit_base`.
 
-        Requests to this shard wait while it runs (`load_s` + `replay_s` in the answer).
+        A no-op when the base is unchanged (same `base_descriptor`). As one blocking call, requests to this
+        shard wait for the load; `StateStore.set_base` runs the two steps apart, so they wait only for the
+        commit (the log replay).
         """
+        self.prepare_base(data_dir)
+        return self.commit_base(data_dir)
+
+    def prepare_base(self, data_dir: str | os.PathLike | None) -> dict[str, Any]:
+        """Start loading `data_dir` in a background thread; requests keep being served from the current base.
+
+        Returns:
+            `base_status(data_dir)`.
+        Raises:
+            FileNotFoundError: no interactions file there (checked before anything starts).
+        """
+        want = None if data_dir is None else base_descriptor(data_dir, self.history_len)
+        p = self._pending
+        if want != self._base_desc() and (p is None or p["want"] != want):
+            if p is not None:
+                logger.warning("shard %d: base load of %s abandoned for %s", self.shard_id, p["data_dir"],
+                               data_dir)
+            p = self._pending = {"want": want, "data_dir": data_dir, "done": threading.Event(),
+                                 "result": None, "error": None, "deleted": []}
+            deleted = [(crc, h) for h, (_seq, crc) in self.tombstones.items()]
+            threading.Thread(target=self._load_pending, args=(p, deleted), daemon=True,
+                             name=f"base-load-s{self.shard_id}").start()
+        return self.base_status(data_dir)
+
+    def base_status(self, data_dir: str | os.PathLike | None) -> dict[str, Any]:
+        """{current: this base is in use, ready: `commit_base(data_dir)` will not wait for a load}."""
+        want = None if data_dir is None else base_descriptor(data_dir, self.history_len)
+        p = self._pending
+        current = want == self._base_desc()
+        loading = p is not None and p["want"] == want
+        return {"shard": self.shard_id, "current": current, "loading": loading and not p["done"].is_set(),
+                "ready": current or (loading and p["done"].is_set())}
+
+    def commit_base(self, data_dir: str | os.PathLike | None) -> dict[str, Any]:
+        """Swap to `data_dir`'s base: wait for its load (or load it now when `prepare_base` did not, e.g.
+        after a restart), rebuild every materialised user from the new base + the whole log (duplicates of
+        base events skipped, deleted users stay deleted), swap, snapshot. A no-op when it is current."""
         t0 = time.perf_counter()
         want = None if data_dir is None else base_descriptor(data_dir, self.history_len)
         if want == self._base_desc():
             return {"shard": self.shard_id, "changed": False, "base": self.base_info}
-        loaded = self._load_base(data_dir)
+        p = self._pending
+        if p is None or p["want"] != want:
+            self.prepare_base(data_dir)
+            p = self._pending
+        p["done"].wait()
+        self._pending = None
+        if p["error"] is not None:
+            raise RuntimeError(f"shard {self.shard_id}: loading the base {data_dir} failed: {p['error']}")
+        loaded = p["result"]
+        new_base = loaded[0] if loaded else None
+        for uid in p["deleted"]:  # deleted while it loaded: hide them in the new base too
+            r = new_base.row(uid) if new_base is not None else None
+            if r is not None:
+                new_base.hidden.add(r)  # type: ignore[union-attr]
         t1 = time.perf_counter()
         users: dict[str, UserState] = {}
-        counts = self._replay(users, loaded[0] if loaded else None, 0)
+        counts = self._replay(users, new_base, 0)
         self._set_loaded_base(loaded)
         self.users = users
         self._recount()
@@ -250,7 +305,7 @@ class UserStateShard:
         logger.info("shard %d: base swapped to %s: %d users; log replay %s in %.2fs", self.shard_id,
                     data_dir, self._n_users(), counts, time.perf_counter() - t1)
         return {"shard": self.shard_id, "changed": True, "base": self.base_info, "replay": counts,
-                "replay_s": time.perf_counter() - t1, "wall_s": time.perf_counter() - t0}
+                "commit_s": time.perf_counter() - t1, "wall_s": time.perf_counter() - t0}
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -301,10 +356,7 @@ class UserStateShard:
 
     def _base_row(self, base: BaseHistories | None, user_id: str) -> int | None:
         """The user's row in `base`, unless there is no base or the user was deleted."""
-        if base is None:
-            return None
-        r = base.row(user_id)
-        return None if r is None or (base is self.base and r in self._deleted_rows) else r
+        return None if base is None else base.row(user_id)
 
     def _duplicate(self, users: dict[str, UserState], base: BaseHistories | None, ev: Event) -> str | None:
         """"id" (event id already applied), "base" (equals a base event of the user), or None (new)."""
@@ -385,7 +437,7 @@ class UserStateShard:
         self._n_events = sum(s.n_events for s in self.users.values())
         self._n_base_live = 0
         if base is not None:
-            hidden = {r for r in (base.row(u) for u in self.users) if r is not None} | self._deleted_rows
+            hidden = {r for r in (base.row(u) for u in self.users) if r is not None} | base.hidden
             self._n_base_live = base.n_users - len(hidden)
             self._n_events += int(base.n_total.sum(dtype=np.int64)) - int(
                 base.n_total[np.fromiter(hidden, np.int64, len(hidden))].sum(dtype=np.int64))
@@ -437,14 +489,25 @@ class UserStateShard:
             return base_dir
         return None if b is None else b["path"]
 
-    def _load_base(self, data_dir: str | os.PathLike | None) -> tuple[BaseHistories, dict[str, Any]] | None:
+    def _load_pending(self, p: dict[str, Any], deleted: list[tuple[int, str]]) -> None:
+        try:
+            p["result"] = self._load_base(p["data_dir"], deleted)
+        except Exception as e:  # noqa: BLE001 - reported by commit_base, in the caller's process
+            logger.exception("shard %d: loading the base %s failed", self.shard_id, p["data_dir"])
+            p["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            p["done"].set()
+
+    def _load_base(self, data_dir: str | os.PathLike | None, deleted: list[tuple[int, str]] | None = None
+                   ) -> tuple[BaseHistories, dict[str, Any]] | None:
         if data_dir is None:
             return None
+        if deleted is None:
+            deleted = [(crc, h) for h, (_seq, crc) in self.tombstones.items()]
         gc.collect()
         rss0 = _rss_bytes()
         base = load_base(data_dir, shard_id=self.shard_id, n_shards=self.n_shards,
-                         history_len=self.history_len,
-                         deleted=[(crc, h) for h, (_seq, crc) in self.tombstones.items()])
+                         history_len=self.history_len, deleted=deleted)
         import pyarrow as pa
 
         pa.default_memory_pool().release_unused()  # hand the load's transient buffers back to the OS
@@ -457,7 +520,6 @@ class UserStateShard:
         return base, info
 
     def _set_loaded_base(self, loaded: tuple[BaseHistories, dict[str, Any]] | None) -> None:
-        self._deleted_rows: set[int] = set()  # rows of users deleted since this base was loaded
         if loaded is None:
             self.base, self.base_info = None, {}
             logger.info("shard %d: no base data folder: users start empty", self.shard_id)
@@ -716,11 +778,17 @@ class StateStore:
         shards = await asyncio.gather(*(self._acall(i, "stats") for i in range(self.n_shards)))
         return _total(shards)
 
-    async def set_base(self, data_dir: str | os.PathLike | None) -> list[dict[str, Any]]:
-        """Every shard reloads its base from `data_dir` (None = no base) in parallel; see
-        `UserStateShard.set_base`. Returns one dict per shard."""
+    async def set_base(self, data_dir: str | os.PathLike | None, poll_s: float = 0.2) -> list[dict[str, Any]]:
+        """Hot swap: every shard loads its users from `data_dir` (None = no base) in the background while it
+        keeps serving, then all commit (whole-log replay over the new base, a short pause per shard).
+        Returns one `UserStateShard.commit_base` dict per shard."""
         d = None if data_dir is None else os.path.abspath(os.fspath(data_dir))
-        return list(await asyncio.gather(*(self._acall(i, "set_base", d) for i in range(self.n_shards))))
+        shards = range(self.n_shards)
+        status = await asyncio.gather(*(self._acall(i, "prepare_base", d) for i in shards))
+        while not all(st["ready"] or not st["loading"] for st in status):
+            await asyncio.sleep(poll_s)
+            status = await asyncio.gather(*(self._acall(i, "base_status", d) for i in shards))
+        return list(await asyncio.gather(*(self._acall(i, "commit_base", d) for i in shards)))
 
     # ---- sync twins (scripts, tests) ---------------------------------------------------------------
     def apply_sync(self, events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -737,9 +805,14 @@ class StateStore:
     def stats_sync(self) -> dict[str, Any]:
         return _total(self._gather_sync("stats", [(i, ()) for i in range(self.n_shards)]))
 
-    def set_base_sync(self, data_dir: str | os.PathLike | None) -> list[dict[str, Any]]:
+    def set_base_sync(self, data_dir: str | os.PathLike | None, poll_s: float = 0.2) -> list[dict[str, Any]]:
         d = None if data_dir is None else os.path.abspath(os.fspath(data_dir))
-        return self._gather_sync("set_base", [(i, (d,)) for i in range(self.n_shards)])
+        calls = [(i, (d,)) for i in range(self.n_shards)]
+        status = self._gather_sync("prepare_base", calls)
+        while not all(st["ready"] or not st["loading"] for st in status):
+            time.sleep(poll_s)
+            status = self._gather_sync("base_status", calls)
+        return self._gather_sync("commit_base", calls)
 
     def snapshot_sync(self) -> list[dict[str, Any]]:
         return self._gather_sync("snapshot", [(i, ()) for i in range(self.n_shards)])

@@ -9,6 +9,8 @@ of its own users as numpy arrays (`llmrec.state.base`). Measured per dataset:
     `UserState`, as a feedback replay would): `apply_event` folded over the events of a random subsample of
     `--baseline-users` users, bytes by tracemalloc and build seconds, scaled by bytes (seconds) per event to
     all users; the ratio is baseline / ours;
+  - hot swap: `set_base` to another path of the same file while a thread keeps calling `get` (wall, each
+    shard's commit pause, get latency meanwhile);
   - `get` latency of a base-only user: through the store (Ray call, includes the transient state + summary +
     user vector when the run has embeddings) and in-process on one shard, next to `get` of the same users
     materialised (the baseline's path).
@@ -176,6 +178,7 @@ def bench_dataset(name: str, data: Path, emb: Path | None, tmp: Path, args: argp
         pick = rng.choice(len(users), size=min(args.get_users, len(users)), replace=False)
         probe = [users[i] for i in pick]
         res["get_store_ms"] = _timed(lambda u: store.get_sync(u), probe)
+        res["hot_swap"] = _hot_swap(store, data, tmp, probe)
     finally:
         store.shutdown(kill_all=True)
 
@@ -211,6 +214,37 @@ def bench_dataset(name: str, data: Path, emb: Path | None, tmp: Path, args: argp
     }
     res["loadavg_after"] = os.getloadavg()
     return res
+
+
+def _hot_swap(store: Any, data: Path, tmp: Path, probe: list[str]) -> dict[str, Any]:
+    """`set_base` to a link of the same file (another path: a new base) while a thread keeps calling `get`."""
+    import threading
+
+    other = tmp / "data-swap"
+    other.mkdir()
+    os.link(data / "interactions.parquet", other / "interactions.parquet")
+    ms: list[float] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        k = 0
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            store.get_sync(probe[k % len(probe)])
+            ms.append((time.perf_counter() - t0) * 1e3)
+            k += 1
+
+    th = threading.Thread(target=reader)
+    th.start()
+    t0 = time.perf_counter()
+    out = store.set_base_sync(other)
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    ms.sort()
+    return {"wall_s": round(wall, 3), "commit_s_per_shard": [round(o["commit_s"], 3) for o in out],
+            "gets_during_swap": len(ms), "get_p50_ms": round(statistics.median(ms), 3) if ms else None,
+            "get_max_ms": round(ms[-1], 1) if ms else None}
 
 
 def _baseline(data: Path, users: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -292,6 +326,9 @@ def _print(r: dict[str, Any]) -> None:
     print(f"  memory: base arrays {o['base_nbytes'] / 1e6:.1f} MB ({o['base_bytes_per_user']} B/user), "
           f"RSS +{o['rss_delta_bytes'] / 1e6:.1f} MB; baseline est. {b['bytes_all_users_est'] / 1e6:.1f} MB "
           f"({b['bytes_per_user']} B/user): x{r['ratio_memory_baseline_over_ours']}")
+    hs = r["hot_swap"]
+    print(f"  hot swap {hs['wall_s']} s (commit pause per shard {hs['commit_s_per_shard']} s); "
+          f"{hs['gets_during_swap']} gets meanwhile: p50 {hs['get_p50_ms']} ms, max {hs['get_max_ms']} ms")
     print(f"  get base-only: store p50 {r['get_store_ms'].get('p50_ms')} ms, in-process p50 "
           f"{r['get_base_only_ms'].get('p50_ms')} ms vs materialised "
           f"{r['get_materialised_ms'].get('p50_ms')} ms")

@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
                 run = Path(args.runs) / REAL[name]
                 data = run / "data"
                 emb = run / "embeddings" if (run / "embeddings" / "meta.json").is_file() else None
+                if not (data / "interactions.parquet").is_file():
+                    why = (f"{data}/interactions.parquet not found: run `make run DATASET={REAL[name]}` or "
+                           "pass --runs")
+                    logger.warning("%s skipped: %s", name, why)
+                    report["results"].append({"dataset": name, "skipped": why})
+                    continue
             res = bench_dataset(name, data, emb, Path(tmp), args)
         report["results"].append(res)
         _print(res)

@@ -85,24 +85,24 @@ def run(args: argparse.Namespace) -> int:
         http_options=HTTPOptions(host=args.host, port=args.port),
         logging_config=LoggingConfig(enable_access_log=False),
     )
-    serve.run(app, name="llmrec", route_prefix="/", logging_config=LoggingConfig(enable_access_log=False))
-    url = f"http://{args.host}:{args.port}"
-    auth = f" -H 'Authorization: Bearer {args.auth_token}'" if args.auth_token else ""
-    logger.info(
-        "llmrec serving %s at %s (ready in %.1fs); API docs at %s/docs",
-        args.run,
-        url,
-        time.perf_counter() - t0,
-        url,
-    )
-    logger.info("try: curl '%s/recommend?user_id=alice&k=5'", url)
-    logger.info(
-        "     curl -X POST %s/feedback%s -H 'Content-Type: application/json' "
-        '-d \'{"user_id": "alice", "item_id": "<an item id>", "event": "like"}\'',
-        url,
-        auth,
-    )
-    try:
+    try:  # Ctrl-C while serve.run still waits for the app (requests may already be served) stops cleanly too
+        serve.run(app, name="llmrec", route_prefix="/", logging_config=LoggingConfig(enable_access_log=False))
+        url = f"http://{args.host}:{args.port}"
+        auth = f" -H 'Authorization: Bearer {args.auth_token}'" if args.auth_token else ""
+        logger.info(
+            "llmrec serving %s at %s (ready in %.1fs); API docs at %s/docs",
+            args.run,
+            url,
+            time.perf_counter() - t0,
+            url,
+        )
+        logger.info("try: curl '%s/recommend?user_id=alice&k=5'", url)
+        logger.info(
+            "     curl -X POST %s/feedback%s -H 'Content-Type: application/json' "
+            '-d \'{"user_id": "alice", "item_id": "<an item id>", "event": "like"}\'',
+            url,
+            auth,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -294,7 +294,8 @@ def test_deploy_job_serves_feedback_then_recommend(
     # /healthz also refreshes the users gauge: the run's users (loaded by the state shards) + this one
     import pandas as pd
 
-    n_run_users = pd.read_parquet(run / "data" / "interactions.parquet", columns=["user_id"]).user_id.nunique()
+    inter = pd.read_parquet(run / "data" / "interactions.parquet", columns=["user_id"])
+    n_run_users = inter.user_id.nunique()
     assert requests.get(f"{base}/healthz", timeout=30).json()["n_users"] == n_run_users + 1
     # the Grafana dashboard's metric names, as Ray exports them
     dash = json.loads((REPO / "cluster" / "grafana" / "llmrec-dashboard.json").read_text())

@@ -839,11 +839,11 @@ def finalize_ranking(
     has_val = val is not None and val.n_users > 0
 
     def model_for(c: dict) -> ScorerModel:
-        mod = ScorerModel(
+        mod = ScorerModel(  # torch.tensor copies: the arrays may be read-only views of Ray's object store
             ScorerConfig(**c),
-            torch.from_numpy(static["text_vectors"]),
-            torch.from_numpy(static["id_slots"]),
-            torch.from_numpy(static["item_counts"]),
+            torch.tensor(static["text_vectors"]),
+            torch.tensor(static["id_slots"]),
+            torch.tensor(static["item_counts"]),
         )
         mod.load_state_dict(state["model"])
         return mod

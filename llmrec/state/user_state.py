@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from llmrec.schema import EVENT_KINDS
+from llmrec.schema import EVENT_KINDS, NEGATIVE_KINDS, POSITIVE_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,6 @@ __all__ = [
     "state_from_dict",
 ]
 
-POSITIVE_KINDS = ("like", "purchase", "click")
-NEGATIVE_KINDS = ("dislike", "skip")
 _KIND_WEIGHT = {"purchase": 1.0, "like": 1.0, "click": 0.5, "view": 0.25, "skip": -0.5, "dislike": -1.0}
 _EVENT_FIELDS = ("event_id", "user_id", "item_id", "event", "value", "text", "text_vec", "ts")
 RATING_MIN, RATING_MAX = 0.0, 5.0

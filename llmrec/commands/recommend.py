@@ -1,8 +1,11 @@
 """`llmrec recommend`: batch top-k recommendations for a list of users as of the end of the training data.
 
-History = every interaction of the user in RUN/data (or --data). Items in the history are never recommended.
-`--model llmrec` (default) uses the trained scorer in RUN/scorer (two-stage: retrieval + MLP re-rank); a
-baseline name fits that baseline on all interactions first. The users file is a text file (one id per line;
+`--model llmrec` (default) ranks exactly as `GET /recommend` of `llmrec serve` on the same run does for a user
+the run knows: the user's state is built from RUN/data (or --data) the way a state shard loads it (the last
+200 events, every item seen, negatives; `llmrec.state.base`), and `RecommendCore` ranks it with RUN/scorer
+(`Scorer.rank`: retrieval + re-rank + co-occurrence) over RUN/embeddings and RUN/index; items the user has seen
+are never recommended. A baseline name fits that baseline on all interactions first (history = every
+interaction of the user). The users file is a text file (one id per line;
 blank lines and lines starting with '#' ignored), or a .parquet / .csv with a `user_id` column. Output:
 parquet `user_id, item_id, rank (1 = best), score`, users in file order. A user may get fewer than k rows when
 fewer than k items are rankable for them (logged with a count).
@@ -16,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmrec.schema import RUN_DATA, RUN_EMBEDDINGS, RUN_SCORER
+from llmrec.schema import RUN_DATA, RUN_EMBEDDINGS, RUN_INDEX, RUN_SCORER
 from llmrec.storage import Arg, In, OutFile, Run
 
 logger = logging.getLogger(__name__)
@@ -39,14 +42,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip users without interactions (counted) instead of failing",
     )
-    p.add_argument("--n-candidates", type=int, default=200, help="llmrec retrieval candidates (default 200)")
+    p.add_argument(
+        "--n-candidates", type=int, default=None,
+        help="llmrec: retrieval candidates per user beyond those for k (RankConfig.min_candidates; default: "
+        "the serving default)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for baselines that train (default 0)")
 
 
 def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
     """Flags that may be URIs (llmrec.cli stages them); --out is one parquet file."""
     return {
-        "run": Run((RUN_DATA, RUN_EMBEDDINGS, RUN_SCORER)),
+        "run": Run((RUN_DATA, RUN_EMBEDDINGS, RUN_INDEX, RUN_SCORER)),
         "data": In("prepare"),
         "users": In(),
         "out": OutFile(),
@@ -84,17 +91,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no user of {args.users} has interactions in {data_dir}; nothing to recommend")
 
     if args.model == "llmrec":
-        from llmrec.eval.protocol import ItemSpace
-        from llmrec.scorer.inference import Scorer
-
-        scorer = Scorer.load(run_dir / RUN_SCORER)
-        item_ids = np.asarray(scorer.item_ids, dtype=object)
-        space = ItemSpace(item_ids=item_ids, text_vectors=np.zeros((len(item_ids), 1), np.float32))
-        inter, _ = attach_item_idx(inter, space)
-        histories = make_histories(inter, users)
-        idx, scores = _batched(
-            lambda h: scorer.recommend(h, args.k, n_candidates=max(args.n_candidates, args.k)), histories
-        )
+        item_ids, idx, scores = served_rankings(run_dir, data_dir, users, args.k, args.n_candidates)
     else:
         from llmrec.eval.baselines import make_baseline
         from llmrec.eval.metrics import topk_indices
@@ -132,6 +129,40 @@ def run(args: argparse.Namespace) -> int:
     logger.info("recommended for %d users with %s in %.1fs", len(users), args.model, dt)
     print(f"wrote {len(out)} recommendations for {len(users)} users ({args.model}, k={args.k}) to {out_path}")
     return 0
+
+
+def served_rankings(
+    run_dir: Path, data_dir: Path, users: list[str], k: int, n_candidates: int | None = None, batch: int = 256
+) -> tuple[Any, Any, Any]:
+    """The serving ranking (`RecommendCore` with the run's scorer) for users the run knows.
+
+    Returns (catalog item ids (N,), item rows int64 (U, k) with -1 = none, scores float32 (U, k)).
+    """
+    import numpy as np
+
+    from llmrec.index.item_index import ItemIndex
+    from llmrec.scorer.inference import Scorer
+    from llmrec.serve.recommend_core import RankConfig, RecommendCore, UserView, load_catalog
+    from llmrec.state.base import load_base
+    from llmrec.state.user_state import summary
+
+    catalog, embed_meta = load_catalog(run_dir)
+    index = ItemIndex.load(run_dir / RUN_INDEX, expect_embed_meta=embed_meta)
+    rank = RankConfig() if n_candidates is None else RankConfig(min_candidates=n_candidates)
+    core = RecommendCore(catalog, index, scorer=Scorer.load(run_dir / RUN_SCORER), config=rank)
+    base = load_base(data_dir)  # every user; the state shards load the same histories, split by shard
+    idx = np.full((len(users), k), -1, np.int64)
+    scores = np.full((len(users), k), -np.inf, np.float32)
+    for s in range(0, len(users), batch):
+        views = []
+        for u in users[s : s + batch]:
+            r = base.row(u)
+            views.append(UserView.from_state(None if r is None else summary(base.state(r, history_len=200)), u))
+        for j, recs in enumerate(core.recommend(views, k=k)):
+            for i, rec in enumerate(recs):
+                idx[s + j, i] = catalog.id_to_idx[rec["item_id"]]
+                scores[s + j, i] = rec["score"]
+    return np.asarray(catalog.item_ids, dtype=object), idx, scores
 
 
 def read_user_ids(path: str | Path) -> list[str]:

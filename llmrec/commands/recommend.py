@@ -1,10 +1,10 @@
 """`llmrec recommend`: batch top-k recommendations for a list of users as of the end of the training data.
 
 `--model llmrec` (default) ranks exactly as `GET /recommend` of `llmrec serve` on the same run does for a user
-the run knows: the user's state is built from RUN/data (or --data) the way a state shard loads it (the last
-200 events, every item seen, negatives; `llmrec.state.base`), and `RecommendCore` ranks it with RUN/scorer
-(`Scorer.rank`: retrieval + re-rank + co-occurrence) over RUN/embeddings and RUN/index; items the user has seen
-are never recommended. A baseline name fits that baseline on all interactions first (history = every
+the run knows, on Ray Data (`llmrec.batch`): actors hold RUN/scorer, RUN/embeddings and RUN/index once each, the
+users' states are built from RUN/data (or --data) the way a state shard loads them (the last 200 events, every
+item seen, negatives; `llmrec.state.base`), and `RecommendCore` ranks them (`Scorer.rank`: retrieval + re-rank
++ co-occurrence); items the user has seen are never recommended. A baseline name fits that baseline on all interactions first (history = every
 interaction of the user). The users file is a text file (one id per line;
 blank lines and lines starting with '#' ignored), or a .parquet / .csv with a `user_id` column. Output:
 parquet `user_id, item_id, rank (1 = best), score`, users in file order. A user may get fewer than k rows when
@@ -34,7 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--users", required=True, help="user ids: text file (one per line), .parquet or .csv with user_id"
     )
     p.add_argument("--k", type=int, default=10, help="recommendations per user (default 10)")
-    p.add_argument("--out", required=True, help="output parquet file")
+    p.add_argument(
+        "--out", required=True,
+        help="output: a .parquet file (users in file order), or a folder of parquet parts written by the workers",
+    )
     p.add_argument("--model", default="llmrec", choices=MODELS, help="model (default llmrec)")
     p.add_argument("--data", default=None, help="prepare folder (default RUN/data)")
     p.add_argument(
@@ -48,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the serving default)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for baselines that train (default 0)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
 
 
 def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
@@ -72,8 +76,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     run_dir = Path(args.run)
     data_dir = Path(args.data) if args.data else run_dir / RUN_DATA
-    items_df, inter = read_tables(data_dir)
     users = read_user_ids(args.users)
+    if args.model == "llmrec":  # on Ray Data, the serving ranking (llmrec.batch)
+        from llmrec.batch import recommend_users
+        from llmrec.raysetup import init_ray
+
+        init_ray(address=getattr(args, "address", None))
+        res = recommend_users(run_dir, data_dir, users, args.k, args.out, args.n_candidates,
+                              skip_unknown=args.skip_unknown)
+        print(f"wrote {res['n_rows']} recommendations for {res['n_users']} users (llmrec, k={args.k}) to "
+              f"{args.out} in {res['wall_s']:.1f}s")
+        return 0
+    items_df, inter = read_tables(data_dir)
     known = set(inter[USER_ID].unique())
     unknown = [u for u in users if u not in known]
     if unknown:
@@ -90,21 +104,19 @@ def run(args: argparse.Namespace) -> int:
     if not users:
         raise ValueError(f"no user of {args.users} has interactions in {data_dir}; nothing to recommend")
 
-    if args.model == "llmrec":
-        item_ids, idx, scores = served_rankings(run_dir, data_dir, users, args.k, args.n_candidates)
-    else:
-        from llmrec.eval.baselines import make_baseline
-        from llmrec.eval.metrics import topk_indices
+    # baselines: fitted here on all interactions, in this process
+    from llmrec.eval.baselines import make_baseline
+    from llmrec.eval.metrics import topk_indices
 
-        space, _ = load_item_space(run_dir / RUN_EMBEDDINGS, items_df)
-        item_ids = space.item_ids
-        inter, _ = attach_item_idx(inter, space)
-        model: Any = make_baseline(args.model, seed=args.seed)
-        model.fit(inter, space)
-        histories = make_histories(inter, users)
-        idx, scores = _batched(
-            lambda h: topk_indices(model.score(h), args.k, [np.unique(x.item_idx) for x in h]), histories
-        )
+    space, _ = load_item_space(run_dir / RUN_EMBEDDINGS, items_df)
+    item_ids = space.item_ids
+    inter, _ = attach_item_idx(inter, space)
+    model: Any = make_baseline(args.model, seed=args.seed)
+    model.fit(inter, space)
+    histories = make_histories(inter, users)
+    idx, scores = _batched(
+        lambda h: topk_indices(model.score(h), args.k, [np.unique(x.item_idx) for x in h]), histories
+    )
     ok = np.isfinite(scores) & (idx >= 0)  # (U, k)
     short = int((ok.sum(axis=1) < args.k).sum())
     if short:
@@ -129,40 +141,6 @@ def run(args: argparse.Namespace) -> int:
     logger.info("recommended for %d users with %s in %.1fs", len(users), args.model, dt)
     print(f"wrote {len(out)} recommendations for {len(users)} users ({args.model}, k={args.k}) to {out_path}")
     return 0
-
-
-def served_rankings(
-    run_dir: Path, data_dir: Path, users: list[str], k: int, n_candidates: int | None = None, batch: int = 256
-) -> tuple[Any, Any, Any]:
-    """The serving ranking (`RecommendCore` with the run's scorer) for users the run knows.
-
-    Returns (catalog item ids (N,), item rows int64 (U, k) with -1 = none, scores float32 (U, k)).
-    """
-    import numpy as np
-
-    from llmrec.index.item_index import ItemIndex
-    from llmrec.scorer.inference import Scorer
-    from llmrec.serve.recommend_core import RankConfig, RecommendCore, UserView, load_catalog
-    from llmrec.state.base import load_base
-    from llmrec.state.user_state import summary
-
-    catalog, embed_meta = load_catalog(run_dir)
-    index = ItemIndex.load(run_dir / RUN_INDEX, expect_embed_meta=embed_meta)
-    rank = RankConfig() if n_candidates is None else RankConfig(min_candidates=n_candidates)
-    core = RecommendCore(catalog, index, scorer=Scorer.load(run_dir / RUN_SCORER), config=rank)
-    base = load_base(data_dir)  # every user; the state shards load the same histories, split by shard
-    idx = np.full((len(users), k), -1, np.int64)
-    scores = np.full((len(users), k), -np.inf, np.float32)
-    for s in range(0, len(users), batch):
-        views = []
-        for u in users[s : s + batch]:
-            r = base.row(u)
-            views.append(UserView.from_state(None if r is None else summary(base.state(r, history_len=200)), u))
-        for j, recs in enumerate(core.recommend(views, k=k)):
-            for i, rec in enumerate(recs):
-                idx[s + j, i] = catalog.id_to_idx[rec["item_id"]]
-                scores[s + j, i] = rec["score"]
-    return np.asarray(catalog.item_ids, dtype=object), idx, scores
 
 
 def read_user_ids(path: str | Path) -> list[str]:

@@ -24,7 +24,7 @@ from llmrec.scorer.model import EVENT_INDEX
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_COLUMNS = ("hist_idx", "hist_event", "hist_rating", "hist_len", "target")
+SAMPLE_COLUMNS = ("hist_idx", "hist_event", "hist_rating", "hist_len", "target", "target_ts")
 
 
 def attach_item_idx(df: pd.DataFrame, items: ItemSpace) -> pd.DataFrame:
@@ -87,7 +87,7 @@ def build_samples(
 
     Returns:
         dict of numpy arrays, S samples: hist_idx int32 (S, L), hist_event int8 (S, L), hist_rating float32
-        (S, L) (NaN = none), hist_len int64 (S,), target int64 (S,).
+        (S, L) (NaN = none), hist_len int64 (S,), target int64 (S,), target_ts int64 (S,) (the target's ts).
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
@@ -117,6 +117,7 @@ def build_samples(
         "hist_rating": np.where(valid, rating[cols] if n else np.nan, np.nan).astype(np.float32),
         "hist_len": hist_len,
         "target": item[g],
+        "target_ts": df[TS].to_numpy(dtype=np.int64)[g] if n else np.zeros(0, np.int64),
     }
     logger.info(
         "built %d training samples from %d events of %d users (L=%d)", len(g), n, first.sum(), max_len

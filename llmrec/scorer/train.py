@@ -89,7 +89,12 @@ DEFAULTS: dict[str, Any] = {
     "rare_dropout_c": 2.0,  # extra ID dropout c / (c + n) for items seen n times (ScorerConfig.rare_dropout_c)
     "cold_quota": 0,  # retrieval candidates reserved for cold items (ScorerConfig.cold_quota)
     "cold_impute_k": 10,  # cold items borrow ID vectors / co-occurrences of k text neighbours (ScorerConfig)
+    "max_steps": None,  # batches per epoch at most (None = the whole epoch): bounds the time of a fine-tune
 }
+
+class TrainingDiverged(RuntimeError):
+    """Training ended with weights that cannot rank (non-finite or zero scale): a learning rate too high."""
+
 
 # co-occurrence weights tried on validation, in logit units (the head's scale; u.v is divided by `scale`)
 COOC_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -117,6 +122,8 @@ def fit_scorer(
     feedback: FeedbackBanks | None = None,
     checkpoint_dir: str | None = None,
     max_failures: int = 0,
+    init_from: str | os.PathLike | None = None,
+    focus_after_ts: int | None = None,
     **model_kwargs: Any,
 ) -> dict:
     """Train the scorer on Ray Train (`TorchTrainer`, DDP) and write `out_dir/model.pt` + `meta.json`.
@@ -146,6 +153,11 @@ def fit_scorer(
             (s3://..., gs://...); default OUT/ray on this machine (single node).
         max_failures: worker-group failures Ray Train recovers from by restarting the workers from the last
             checkpoint (`FailureConfig`); 0 = fail at the first.
+        init_from: a previous scorer folder to start from (fine-tuning): its weights are copied where shapes
+            match and its ID embeddings carried over by item id (`transfer_weights`); training then runs
+            `epochs` epochs on the given data.
+        focus_after_ts: train on every sample whose target is later than this ts plus as many older samples
+            drawn at random (a fine-tune on new feedback that does not forget the rest).
         model_kwargs: overrides of DEFAULTS (dim, max_len, n_neg, id_dropout, n_candidates, ...).
 
     Returns:
@@ -191,11 +203,17 @@ def fit_scorer(
         )
     static = static_from_counts(items, data.item_counts, data.target_counts, val, hp, feedback)
     ds = data.samples
+    if focus_after_ts is not None:
+        ds = focus_samples(ds, int(focus_after_ts), seed)
+    init_state = None
+    if init_from is not None:
+        init_state = transfer_weights(build_model(static, hp), init_from, items.item_ids)
     config = {
         "hp": hp,
         "static": ray.put(static),
         "num_workers": num_workers,
         "resume_from": str(resume_file) if resume_file else None,
+        "init_state": ray.put(init_state) if init_state is not None else None,
     }
     has_val = static["val"] is not None and static["val"].n_users > 0
     ckpt_cfg = CheckpointConfig(
@@ -300,6 +318,9 @@ def train_loop_per_worker(config: dict) -> None:
         state = torch.load(config["resume_from"], map_location=device, weights_only=False)
     else:
         state = None
+        if config.get("init_state") is not None:  # fine-tune: start from another scorer's weights
+            init = config["init_state"]
+            model.load_state_dict(ray.get(init) if isinstance(init, ray.ObjectRef) else init)
     if state is not None:
         start_epoch, stop_state = load_train_state(model, optimizer, state)
         history = list(state.get("history", []))
@@ -444,6 +465,54 @@ def prepare_static(
     pop = sdata.popularity(train_df, items)
     targets = np.bincount(samples["target"], minlength=items.n_items).astype(np.float64)
     return static_from_counts(items, pop, targets, val, hp, feedback), samples
+
+
+def focus_samples(samples: Any, after_ts: int, seed: int = 0) -> Any:
+    """Every sample with target_ts > after_ts plus as many older ones drawn at random (a Ray Dataset op)."""
+    new = samples.filter(lambda r: r["target_ts"] > after_ts)
+    n_new = new.count()
+    old = samples.filter(lambda r: r["target_ts"] <= after_ts)
+    n_old = old.count()
+    if n_new == 0:
+        raise ValueError(f"no training sample has a target after ts {after_ts}; nothing new to learn from")
+    if n_old > n_new:
+        old = old.random_sample(n_new / n_old, seed=seed)
+    logger.info("fine-tune focus: %d samples after ts %d + ~%d of %d older ones", n_new, after_ts,
+                min(n_old, n_new), n_old)
+    return new.union(old).materialize()
+
+
+def transfer_weights(model: ScorerModel, scorer_dir: str | os.PathLike, item_ids: np.ndarray) -> dict:
+    """The state dict of `model` with the weights of the scorer in `scorer_dir` copied in: every parameter of
+    the same shape, and the ID embedding row of every item both catalogs know (slots differ when the training
+    data grew). The catalog buffers (text vectors, ID slots, counts) stay the new data's."""
+    from llmrec.schema import INDEX_IDS_FILE
+
+    d = Path(scorer_dir)
+    old = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=False)["model"]
+    old_ids = np.load(d / INDEX_IDS_FILE, allow_pickle=False).astype(str)
+    new = model.state_dict()
+    skip = {"text_vectors", "id_slots", "item_counts", "id_emb.weight"}
+    copied = 0
+    for k, v in old.items():
+        if k not in skip and k in new and tuple(new[k].shape) == tuple(v.shape):
+            new[k] = v.clone()
+            copied += 1
+    pos = {iid: i for i, iid in enumerate(np.asarray(item_ids).astype(str))}
+    o_slots, n_slots = old["id_slots"].numpy(), new["id_slots"].numpy()
+    rows_new, rows_old = [], []
+    for i, iid in enumerate(old_ids):
+        j = pos.get(iid)
+        if j is not None and o_slots[i] > 0 and n_slots[j] > 0:
+            rows_new.append(int(n_slots[j]))
+            rows_old.append(int(o_slots[i]))
+    emb = new["id_emb.weight"].clone()
+    if rows_new and old["id_emb.weight"].shape[1] == emb.shape[1]:
+        emb[torch.as_tensor(rows_new)] = old["id_emb.weight"][torch.as_tensor(rows_old)]
+    new["id_emb.weight"] = emb
+    logger.info("fine-tune from %s: %d tensors copied, %d item ID embeddings carried over", d, copied,
+                len(rows_new))
+    return new
 
 
 def static_from_counts(
@@ -603,7 +672,10 @@ def train_epoch(
     (`scorer.feedback.sample_feedback`) drawn from `rng`."""
     model.train()
     loss_sum, n_ex = 0.0, 0
-    for batch in batches:
+    max_steps = hp.get("max_steps")
+    for step, batch in enumerate(batches):
+        if max_steps is not None and step >= int(max_steps):
+            break
         batch = {k: v.to(device) for k, v in batch.items()}
         if bank is not None and float(hp["feedback_p"]) > 0:
             fv, fp, _ = sample_feedback(
@@ -1006,7 +1078,10 @@ def tune_cooc_weight(
     units; with the re-ranker off rank_pairs is u.v, so the weights tried are grid / scale. Ties go to the
     smaller weight. Returns (weight, {weight: ndcg@k}).
     """
-    unit = 1.0 if model.cfg.rerank else 1.0 / float(model.scale)
+    scale = float(model.scale)
+    if not math.isfinite(scale) or scale <= 0.0:
+        raise TrainingDiverged(f"the trained scale (inverse temperature) is {scale}; lower the learning rate")
+    unit = 1.0 if model.cfg.rerank else 1.0 / scale
     weights = [float(g) * unit for g in grid]
     impute = cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k)
     sums = np.zeros(len(weights))

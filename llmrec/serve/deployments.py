@@ -68,18 +68,27 @@ def resolve_artifacts(run_dir: str, user_config: dict[str, Any] | None) -> dict[
     """Artifact folders for a run: RUN/{embeddings,index,scorer} unless user_config overrides them."""
     cfg = dict(user_config or {})
     run = Path(run_dir)
+    why = "user_config.scorer_dir"
     if "scorer_dir" in cfg:  # an explicit choice (a path, or null for none) always wins
         scorer = cfg["scorer_dir"]
+    elif (run / "models.json").is_file():  # the learning loop's registry (llmrec.learn)
+        from llmrec.learn import current_scorer
+
+        scorer, why = current_scorer(run)
+        why = f"model registry: {why}"
+        logger.info("serving the registry's current scorer %s (%s)", scorer, why)
     else:
         from llmrec.serve.recommend_core import default_scorer_is_better
 
         use, why = default_scorer_is_better(run)
         logger.info("RUN/scorer %s: %s", "used" if use else "not used", why)
         scorer = str(run / schema.RUN_SCORER) if use else None
+        why = f"RUN/scorer {'used' if use else 'not used'}: {why}"
     return {
         "embeddings_dir": str(cfg.get("embeddings_dir") or run / schema.RUN_EMBEDDINGS),
         "index_dir": str(cfg.get("index_dir") or run / schema.RUN_INDEX),
         "scorer_dir": str(scorer) if scorer else None,
+        "scorer_why": why,
         "model_version": cfg.get("model_version"),
         "rank": dict(cfg.get("rank") or {}),
     }
@@ -113,7 +122,31 @@ class Recommender:
         self._encoder: Any = None
         self._state: dict[str, Any] | None = None
         self._load_lock = asyncio.Lock()
+        self._user_config: dict[str, Any] = {}
+        self._registry = Path(self._run_dir) / "models.json"  # llmrec.learn's model registry
+        self._registry_mtime = self._mtime()
+        self._checked = time.monotonic()
         self._swap(self._build(resolve_artifacts(self._run_dir, None)))
+
+    def _mtime(self) -> float | None:
+        try:
+            return self._registry.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def _watch_registry(self) -> None:
+        """At most once a second: when the learning loop changed the model registry (and user_config does not
+        pin a scorer), rebuild through the reconfigure path in the background; requests keep the old model
+        until the new one is ready."""
+        now = time.monotonic()
+        if now - self._checked < 1.0 or "scorer_dir" in self._user_config:
+            return
+        self._checked = now
+        m = self._mtime()
+        if m != self._registry_mtime:
+            self._registry_mtime = m
+            logger.info("model registry changed: reloading")
+            asyncio.get_running_loop().create_task(self.reconfigure(self._user_config, force=True))
 
     # -- model loading / swapping
     def _build(self, arts: dict[str, Any]) -> dict[str, Any]:
@@ -166,10 +199,11 @@ class Recommender:
     def _swap(self, state: dict[str, Any]) -> None:
         self._state = state  # one assignment: requests see the old or the new model, never a mix
 
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+    async def reconfigure(self, user_config: dict[str, Any], force: bool = False) -> None:
+        self._user_config = dict(user_config or {})
         arts = resolve_artifacts(self._run_dir, user_config)
         old = self._state
-        if old is not None and arts == old["arts"]:
+        if old is not None and arts == old["arts"] and not force:
             return
         files = ("embeddings_dir", "index_dir", "scorer_dir")
         if old is not None and all(arts[f] == old["arts"][f] for f in files):
@@ -193,9 +227,12 @@ class Recommender:
 
     # -- requests
     def info(self) -> dict[str, Any]:
+        self._watch_registry()
         st = self._state
         cat = st["core"].catalog
         return {
+            "scorer_dir": st["arts"]["scorer_dir"],
+            "scorer_why": st["arts"].get("scorer_why"),
             "model_version": st["model_version"],
             "n_items": cat.n_items,
             "dim": cat.dim,
@@ -218,6 +255,7 @@ class Recommender:
         """Batched ranking. A request: {user_id, state (dict|None), k, q (str|None), exclude_seen}."""
         from llmrec.serve.recommend_core import Query, UserView
 
+        self._watch_registry()
         st = self._state
         core = st["core"]
         q_texts = [r["q"] for r in reqs if r.get("q")]
@@ -323,7 +361,7 @@ def _metrics() -> dict[str, Any]:
 def _count_error(request: Request, status: int) -> None:
     route = request.url.path
     route = "/users" if route.startswith("/users/") else route
-    if route not in ("/feedback", "/recommend", "/users", "/healthz", "/admin/stats"):
+    if route not in ("/feedback", "/recommend", "/users", "/healthz", "/admin/stats", "/admin/model"):
         route = "other"
     try:
         _metrics()["errors"].inc(tags={"route": route, "status": str(status)})
@@ -590,6 +628,45 @@ class Ingress:
             "n_users": int(stats["n_users"]),
             "n_shards": int(stats["n_shards"]),
         }
+
+    @api.get("/admin/model", responses={401: {"model": S.ErrorResponse}})
+    @_eager_annotations
+    async def admin_model(self, request: Request) -> dict[str, Any]:
+        """Which scorer serves and why, and the learning loop's model registry (bearer token when auth is on)."""
+        self._check_auth(request)
+        from llmrec.learn import read_registry
+
+        info = await self.recommender.info.remote()
+        try:
+            registry = read_registry(self.run_dir)
+        except ValueError as e:
+            raise ClientError(409, str(e)) from None
+        return {"serving": info, "registry": registry}
+
+    @api.post("/admin/model", responses={400: {"model": S.ErrorResponse}, 401: {"model": S.ErrorResponse}})
+    @_eager_annotations
+    async def set_model(self, request: Request) -> dict[str, Any]:
+        """`{"rollback": true}` serves the previous model again; `{"scorer_dir": DIR, "why": TEXT}` serves DIR
+        (a `llmrec train` folder). The replicas swap it in within about a second (bearer token when auth is on)."""
+        self._check_auth(request)
+        from llmrec.artifacts import ArtifactError
+        from llmrec.learn import rollback, set_current
+
+        body = await self._read_json(request)
+        if not isinstance(body, dict) or not (body.get("rollback") is True or isinstance(body.get("scorer_dir"), str)):
+            raise ClientError(422, 'send {"rollback": true} or {"scorer_dir": "PATH", "why": "..."}')
+        try:
+            if body.get("rollback") is True:
+                reg = rollback(self.run_dir, str(body.get("why") or "rollback over HTTP"))
+            else:
+                target = (Path(self.run_dir) / body["scorer_dir"]).resolve()
+                if not target.is_relative_to(Path(self.run_dir).resolve()):  # only the run's own models
+                    raise ClientError(422, f"scorer_dir must lie inside the run folder {self.run_dir}, got "
+                                           f"{body['scorer_dir'][:200]!r}")
+                reg = set_current(self.run_dir, target, str(body.get("why") or "set over HTTP"))
+        except (ValueError, ArtifactError, FileNotFoundError) as e:
+            raise ClientError(422, str(e)) from None
+        return {"ok": True, "registry": reg}
 
     @api.get("/admin/stats", responses={401: {"model": S.ErrorResponse}})
     @_eager_annotations

@@ -1,0 +1,89 @@
+"""The learning loop (llmrec.learn): new events in -> a fine-tuned model judged on held-back events and made
+current only when not worse; a worse model refused; rollback. On a planted run where new items become popular
+after the model was trained (the current model knows them only by their text)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_replay import make_run
+
+from llmrec import schema
+from llmrec.learn import current_scorer, learn, read_registry, rollback
+
+
+def _planted_run(tmp_path, seed: int = 0):
+    """4 topics x 15 items (+ 4 new items per topic that appear only later); 80 users walk their topic.
+
+    Returns (run folder, period-2 events, period-3 events); RUN/data holds period 1 only."""
+    rng = np.random.default_rng(seed)
+    n_topics, per, new_per, d = 4, 15, 4, 16
+    ids, vecs, topic = [], [], []
+    cent = rng.normal(size=(n_topics, d))
+    for t in range(n_topics):
+        for j in range(per + new_per):
+            ids.append(f"t{t}-{j}" if j < per else f"t{t}-new{j - per}")
+            v = cent[t] + 0.5 * rng.normal(size=d)
+            vecs.append(v / np.linalg.norm(v))
+            topic.append(t)
+    vecs = np.asarray(vecs, np.float32)
+    rows = {1: [], 2: [], 3: []}
+    for u in range(80):
+        t = u % n_topics
+        old = [f"t{t}-{j}" for j in rng.permutation(per)[:8]]
+        new = [f"t{t}-new{j}" for j in rng.permutation(new_per)]
+        seq = [(1, i) for i in old[:6]] + [(2, old[6]), (2, new[0]), (2, new[1])] + [(3, old[7]), (3, new[2]),
+                                                                                      (3, new[3])]
+        for j, (period, item) in enumerate(seq):
+            rows[period].append((f"u{u}", item, 1_700_000_000 + 1000 * period * 1000 + 60 * j + u, np.nan, "click"))
+    frames = {p: pd.DataFrame(r, columns=[schema.USER_ID, schema.ITEM_ID, schema.TS, schema.RATING, schema.EVENT])
+              for p, r in rows.items()}
+    run = tmp_path / "run"
+    make_run(run, ids, vecs, ids, "planted-text", interactions=frames[1])
+    return run, frames[2], frames[3]
+
+
+@pytest.fixture(scope="module")
+def planted_learning_run(ray_local, tmp_path_factory):
+    from llmrec.data.tables import read_interactions, read_items
+    from llmrec.eval.evaluate import load_item_space
+    from llmrec.scorer.train import fit_scorer
+
+    tmp = tmp_path_factory.mktemp("learn")
+    run, p2, p3 = _planted_run(tmp)
+    items, meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
+    fit_scorer(read_interactions(run / schema.RUN_DATA), items, run / schema.RUN_SCORER, epochs=6, batch_size=32,
+               lr=1e-2, dim=16, max_len=10, n_neg=16, head_neg=7, mlp_hidden=16, n_candidates=20, val_users=20,
+               embed_meta=meta)
+    return run, p2, p3
+
+
+def test_learning_loop_swaps_in_a_better_model_refuses_a_worse_one_and_rolls_back(planted_learning_run):
+    run, p2, p3 = planted_learning_run
+    first = learn(run, p2, epochs=3, max_steps=None, holdback_frac=0.35, min_new_events=10)
+    assert first.accepted, first.why
+    m = first.metrics
+    assert m["n_targets"] > 20 and m["candidate"]["ndcg@10"] > m["current"]["ndcg@10"]  # the new items learned
+    assert current_scorer(run)[0] == str(Path(first.candidate_dir).resolve())
+    reg = read_registry(run)
+    assert [h["scorer_dir"] for h in reg["history"]] == [str((run / schema.RUN_SCORER).resolve())]
+    assert reg["current"]["metrics"] == json.loads(json.dumps(m))
+
+    # a sabotaged fine-tune (learning rate 50) must not replace the model that serves
+    worse = learn(run, pd.concat([p2, p3]), epochs=2, max_steps=None, holdback_frac=0.5, min_new_events=10,
+                  lr=50.0)
+    assert not worse.accepted, worse.why
+    assert worse.why.startswith("fine-tune diverged") or (
+        worse.metrics["candidate"]["ndcg@10"] < worse.metrics["current"]["ndcg@10"])
+    assert current_scorer(run)[0] == str(Path(first.candidate_dir).resolve())
+
+    too_few = learn(run, p2.head(3), min_new_events=10)  # nothing after the current model's data
+    assert not too_few.accepted and too_few.candidate_dir is None
+
+    back = rollback(run)
+    assert back["current"]["scorer_dir"] == str((run / schema.RUN_SCORER).resolve())
+    assert current_scorer(run)[0] == str((run / schema.RUN_SCORER).resolve())

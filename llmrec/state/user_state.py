@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from llmrec.schema import EVENT_KINDS, NEGATIVE_KINDS, POSITIVE_KINDS
+from llmrec.state.errors import InvalidEvent
 
 logger = logging.getLogger(__name__)
 
@@ -93,45 +94,45 @@ class Event:
         `ts` defaults to `default_ts`, else the current time. Unknown keys are refused.
         """
         if not isinstance(d, Mapping):
-            raise ValueError(f"event must be a dict with keys {list(_EVENT_FIELDS)}, got {type(d).__name__}")
+            raise InvalidEvent(f"event must be a dict with keys {list(_EVENT_FIELDS)}, got {type(d).__name__}")
         unknown = sorted(set(d) - set(_EVENT_FIELDS))
         if unknown:
-            raise ValueError(f"event has unknown field(s) {unknown}; allowed fields: {list(_EVENT_FIELDS)}")
+            raise InvalidEvent(f"event has unknown field(s) {unknown}; allowed fields: {list(_EVENT_FIELDS)}")
         user_id = _req_str(d, "user_id")
         kind = d.get("event")
         if kind not in EVENT_KINDS:
-            raise ValueError(f"event.event must be one of {list(EVENT_KINDS)}, got {kind!r}")
+            raise InvalidEvent(f"event.event must be one of {list(EVENT_KINDS)}, got {kind!r}")
         item_id = _opt_str(d, "item_id")
         event_id = _opt_str(d, "event_id")
         text = _opt_str(d, "text")
         value = d.get("value")
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-                raise ValueError(
+                raise InvalidEvent(
                     f"event.value must be a number or null, got {type(value).__name__} {value!r}"
                 )
             value = float(value)
             if not math.isfinite(value):
-                raise ValueError(f"event.value must be finite, got {value!r}")
+                raise InvalidEvent(f"event.value must be finite, got {value!r}")
         if kind == "rating":
             if value is None:
-                raise ValueError("event.value is required for event 'rating' (a number in [0, 5]), got null")
+                raise InvalidEvent("event.value is required for event 'rating' (a number in [0, 5]), got null")
             if not RATING_MIN <= value <= RATING_MAX:
-                raise ValueError(
+                raise InvalidEvent(
                     f"event.value for a rating must be in [{RATING_MIN}, {RATING_MAX}], got {value}"
                 )
         text_vec = d.get("text_vec")
         if text_vec is not None:
             if text is None:
-                raise ValueError("event.text_vec was given without event.text; send the text it encodes")
+                raise InvalidEvent("event.text_vec was given without event.text; send the text it encodes")
             text_vec = _float_list(text_vec, "text_vec")
         if item_id is None and text is None:
-            raise ValueError(
+            raise InvalidEvent(
                 f"event {kind!r} for user {user_id!r} has neither item_id nor text; "
                 "send item_id (feedback on an item) and/or text (free-text feedback)"
             )
         if item_id is None and polarity(kind, value) == 0:
-            raise ValueError(
+            raise InvalidEvent(
                 f"text-only event {kind!r} (value={value}) is neutral and cannot steer recommendations; "
                 f"use one of {list(POSITIVE_KINDS + NEGATIVE_KINDS)} or a rating <= 2 or >= 4"
             )
@@ -139,10 +140,10 @@ class Event:
         if ts is None:
             ts = time.time() if default_ts is None else default_ts
         if isinstance(ts, bool) or not isinstance(ts, (int, float, np.floating, np.integer)):
-            raise ValueError(f"event.ts must be unix seconds (a number), got {type(ts).__name__} {ts!r}")
+            raise InvalidEvent(f"event.ts must be unix seconds (a number), got {type(ts).__name__} {ts!r}")
         ts = float(ts)
         if not math.isfinite(ts) or ts < 0:
-            raise ValueError(f"event.ts must be finite unix seconds >= 0, got {ts!r}")
+            raise InvalidEvent(f"event.ts must be finite unix seconds >= 0, got {ts!r}")
         return cls(event_id=event_id, user_id=user_id, item_id=item_id, event=kind, value=value, text=text,
                    text_vec=text_vec, ts=ts)
 
@@ -426,7 +427,7 @@ class MeanVectorizer:
 def _req_str(d: Mapping[str, Any], key: str) -> str:
     v = d.get(key)
     if not isinstance(v, str) or not v.strip():
-        raise ValueError(f"event.{key} must be a non-empty string, got {type(v).__name__} {v!r}")
+        raise InvalidEvent(f"event.{key} must be a non-empty string, got {type(v).__name__} {v!r}")
     return v
 
 
@@ -441,9 +442,12 @@ def _float_list(v: Any, key: str) -> list[float]:
     try:
         arr = np.asarray(v, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"event.{key} must be a list of numbers, got {type(v).__name__}") from None
+        raise InvalidEvent(f"event.{key} must be a list of numbers, got {type(v).__name__}") from None
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"event.{key} must be a non-empty 1-D list of numbers, got shape {arr.shape}")
+        raise InvalidEvent(f"event.{key} must be a non-empty 1-D list of numbers, got shape {arr.shape}")
     if not np.isfinite(arr).all():
-        raise ValueError(f"event.{key} contains NaN or inf")
-    return arr.tolist()
+        raise InvalidEvent(f"event.{key} contains NaN or inf")
+    arr32 = arr.astype(np.float32)  # the log stores float32: round now so that a replay equals live state
+    if not np.isfinite(arr32).all():
+        raise InvalidEvent(f"event.{key} has values beyond the float32 range")
+    return arr32.tolist()

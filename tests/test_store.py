@@ -616,3 +616,112 @@ def test_hot_swap_serves_the_old_base_while_the_new_one_loads(tmp_path: Path) ->
     assert as_expected(got)["history"] == want
     assert shard.stats()["n_users"] == df_b[USER_ID].nunique() - 1
     shard.close()
+
+
+# ---- faults (issue 15, data integrity) ------------------------------------------------------------------
+
+
+class FailingFsync:
+    """os.fsync that raises ENOSPC (a full disk) on files whose path contains `part`, while `on` is True."""
+
+    def __init__(self, part: str) -> None:
+        import os
+
+        self.real, self.part, self.on, self.failed = os.fsync, part, True, 0
+
+    def __call__(self, fd: int) -> None:
+        import errno
+        import os
+
+        if self.on and self.part in os.readlink(f"/proc/self/fd/{fd}"):
+            self.failed += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.real(fd)
+
+
+def test_failed_snapshot_does_not_fail_an_applied_write(tmp_path: Path, monkeypatch) -> None:
+    """The events are in the log: the caller gets its normal answer, the shard keeps serving, the temporary
+    file goes, and the snapshot is retried later (it used to raise for this and every later write)."""
+    import os
+
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=2)
+    events = make_events(6, ["a", "b"])
+    shard.apply(events[:2])  # a good snapshot first
+    spy = FailingFsync("snapshot-")
+    monkeypatch.setattr(os, "fsync", spy)
+    res = shard.apply(events[2:4])  # reaches snapshot_every: the snapshot fails
+    assert [r["duplicate"] for r in res] == [False, False] and spy.failed == 1
+    assert shard.apply(events[4:5])[0]["duplicate"] is False  # not failing again (backoff), not stuck
+    assert not list(tmp_path.glob("*.tmp"))
+    st = shard.stats()
+    assert st["snapshot_failures"] == 1 and "No space left" in st["snapshot_error"]
+    spy.on = False
+    shard._snapshot_retry_at = 0.0  # the backoff has passed
+    shard.apply(events[5:6])
+    assert shard.stats()["snapshot_error"] is None and shard.stats()["since_snapshot"] == 0
+    want = {u: comparable(s) for u, s in reference_states(events).items()}
+    shard.close()
+    again = UserStateShard(0, str(tmp_path), vec_factory())
+    assert {u: comparable(s) for u, s in again.users.items()} == want
+    again.close()
+
+
+def test_failed_log_write_applies_nothing_and_is_not_a_client_error(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from llmrec.state.errors import StateUnavailable
+
+    shard = UserStateShard(0, str(tmp_path), vec_factory())
+    events = make_events(3, ["a"])
+    shard.apply(events[:1])
+    spy = FailingFsync(".jsonl")
+    monkeypatch.setattr(os, "fsync", spy)
+    with pytest.raises(StateUnavailable) as exc:
+        shard.apply(events[1:3])
+    assert not isinstance(exc.value, ValueError)
+    assert shard.get("a")["n_events"] == 1 and shard.log.last_seq == 1
+    spy.on = False
+    assert [r["duplicate"] for r in shard.apply(events[1:3])] == [False, False]  # the client's retry
+    shard.close()
+    again = UserStateShard(0, str(tmp_path), vec_factory())
+    assert comparable(again.users["a"]) == comparable(reference_states(events)["a"])
+    again.close()
+
+
+def test_events_without_id_get_one_that_makes_retries_idempotent(tmp_path: Path) -> None:
+    shard = UserStateShard(0, str(tmp_path), vec_factory())
+    body = {"user_id": "r", "item_id": "i1", "event": "like", "ts": 1234.5}
+    first, again = shard.apply([body])[0], shard.apply([dict(body)])[0]
+    assert first["duplicate"] is False and again == {**first, "duplicate": True}
+    assert first["event_id"].startswith("c")  # derived from the content, returned to the client
+    no_ts = {"user_id": "r", "item_id": "i2", "event": "like"}
+    a, b = shard.apply([no_ts])[0], shard.apply([dict(no_ts)])[0]  # server clock: two real clicks
+    assert not a["duplicate"] and not b["duplicate"] and a["event_id"] != b["event_id"]
+    assert shard.apply([{**no_ts, "event_id": a["event_id"]}])[0]["duplicate"] is True  # a retry with its id
+    assert shard.get("r")["n_events"] == 3
+    shard.close()
+
+
+def test_log_retention_keeps_recovery_exact(tmp_path: Path) -> None:
+    """Segments a snapshot covers go once they are older than the retention; a restart still rebuilds the
+    same state (snapshot + what the log still holds)."""
+    import os
+
+    from llmrec.state.event_log import segment_paths
+
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10**9, log_retention_s=3600)
+    shard.log.segment_max_events = 5
+    events = make_events(23, ["a", "b", "c"])
+    for k in range(0, 23, 5):
+        shard.apply(events[k: k + 5])
+    assert len(segment_paths(tmp_path)) == 5
+    for _s, _f, p in segment_paths(tmp_path):
+        os.utime(p, (1, 1))
+    shard.snapshot()
+    assert [f for _s, f, _p in segment_paths(tmp_path)] == [21]  # only the open segment stays
+    shard.apply(make_events(2, ["a"], seed=3))
+    want = {u: comparable(s) for u, s in shard.users.items()}
+    shard.close()
+    again = UserStateShard(0, str(tmp_path), vec_factory())
+    assert {u: comparable(s) for u, s in again.users.items()} == want and again.replayed == 2
+    again.close()

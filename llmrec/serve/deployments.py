@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmrec import schema
 from llmrec.serve import schemas as S
+from llmrec.state.errors import StateUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -287,12 +288,33 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
 
+@api.exception_handler(StateUnavailable)
+async def _unavailable_error(request: Request, exc: StateUnavailable) -> JSONResponse:
+    return unavailable(request, exc)
+
+
 @api.exception_handler(Exception)
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, StateUnavailable):  # also when Ray re-raises it as RayTaskError(StateUnavailable)
+        return unavailable(request, exc)
     _count_error(request, 500)
-    logger.exception("internal error on %s", request.url.path)
+    # the path only: it may hold a user id, and the exception text is not logged either (it may too)
+    logger.error("internal error on %s: %s", _route_of(request), type(exc).__name__)
     return JSONResponse(
         {"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500
+    )
+
+
+def unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """503 + Retry-After for a server-side fault (`StateUnavailable`): nothing was acknowledged, retry."""
+    _count_error(request, 503)
+    retry = max(1, int(round(float(getattr(exc, "retry_after_s", 1.0)))))
+    logger.warning("unavailable on %s: %s", _route_of(request), type(exc).__name__)
+    return JSONResponse(
+        {"error": "the user-state service is temporarily unavailable (nothing was recorded); retry the same "
+                  f"request (same event ids) in {retry} s"},
+        status_code=503,
+        headers={"Retry-After": str(retry)},
     )
 
 
@@ -320,11 +342,17 @@ def _metrics() -> dict[str, Any]:
     return _METRICS
 
 
+def _route_of(request: Request) -> str:
+    """The route of a request without its parameters (user ids stay out of logs and metric tags)."""
+    path = request.url.path
+    for route in ("/feedback", "/recommend", "/users", "/healthz", "/admin/stats"):
+        if path == route or path.endswith(route) or f"{route}/" in path:
+            return route
+    return "other"
+
+
 def _count_error(request: Request, status: int) -> None:
-    route = request.url.path
-    route = "/users" if route.startswith("/users/") else route
-    if route not in ("/feedback", "/recommend", "/users", "/healthz", "/admin/stats"):
-        route = "other"
+    route = _route_of(request)
     try:
         _metrics()["errors"].inc(tags={"route": route, "status": str(status)})
     except Exception:  # metrics must never turn a 4xx into a 500
@@ -489,25 +517,23 @@ class Ingress:
             )
         texts = [e.text for e in events if e.text is not None]
         vecs = iter(await asyncio.gather(*[self.recommender.embed.remote(t) for t in texts]) if texts else [])
+        from llmrec.state.errors import InvalidEvent
         from llmrec.state.user_state import Event
 
         now = time.time()
         dicts = []
         for e in events:
-            d = e.model_dump()
-            d["ts"] = now if d["ts"] is None else d["ts"]
-            if e.text is not None:
+            d = e.model_dump()  # ts stays None when the client sent none: the store stamps it (and then
+            if e.text is not None:  # assigns a random id; with a client ts the id derives from the content)
                 d["text_vec"] = next(vecs)
             try:
-                Event.from_dict(
-                    d
-                )  # the state's own rules (e.g. neutral text-only events) before anything is written
-            except ValueError as err:
+                Event.from_dict(d, default_ts=now)  # the state's own rules before anything is written
+            except InvalidEvent as err:
                 raise ClientError(422, f"invalid event: {err}") from None
             dicts.append(d)
         try:
             results = await self.store.apply(dicts)
-        except ValueError as err:  # the shard re-validates; its refusals are still client errors
+        except InvalidEvent as err:  # the shard re-validates; its refusals are still client errors
             raise ClientError(422, f"invalid event: {str(err).splitlines()[-1][:300]}") from None
         for e in events:
             self._m["feedback_events"].inc(tags={"event": e.event})
@@ -519,6 +545,7 @@ class Ingress:
             "state_version": int(results[-1]["state_version"]),
             "n_events": len(results),
             "duplicates": sum(bool(r.get("duplicate")) for r in results),
+            "event_ids": [str(r["event_id"]) for r in results],
         }
 
     @api.get("/recommend", response_model=S.RecommendResponse, responses={422: {"model": S.ErrorResponse}})

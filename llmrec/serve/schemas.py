@@ -83,6 +83,10 @@ class FeedbackResponse(BaseModel):
     state_version: int  # the version of the (last) user's state after this request
     n_events: int = 1
     duplicates: int = 0
+    # the id of each event, in request order: the client's own, or the one the server gave it (derived from
+    # the content when the event has a ts, so resending the same body is a duplicate; random otherwise).
+    # Resend an event with its id after a lost reply or a 503, and it counts once.
+    event_ids: list[str] = []
 
 
 class RecommendedItem(BaseModel):

@@ -52,7 +52,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,12 +62,14 @@ import numpy as np
 
 from llmrec.schema import META_FILE
 from llmrec.state.base import BaseHistories, base_descriptor, deleted_user_key, load_base
+from llmrec.state.errors import StateUnavailable
 from llmrec.state.event_log import EventLog, iter_events
 from llmrec.state.user_state import (
     Event,
     MeanVectorizer,
     UserState,
     apply_event,
+    new_event_id,
     state_from_dict,
     state_to_dict,
     summary,
@@ -101,12 +102,17 @@ class UserStateShard:
             shard's users are loaded from the base.
         base_dir: the run's prepared data folder (RUN/data, or its interactions.parquet): this shard's users
             start from their histories there (`llmrec.state.base`). None = start empty.
+        log_retention_s: after each snapshot, delete log segments the snapshot covers that were last written
+            more than this many seconds ago. None = keep the whole log (training reads it: `llmrec train
+            --events`). A hot swap (`set_base`) replays only what the log still holds over the new base, so
+            set it only when each new run's data includes the log up to that horizon.
     """
 
     def __init__(self, shard_id: int, log_dir: str, vectorizer_factory: Callable[[], Any] | None = None,
                  snapshot_every: int = 1000, history_len: int = 200, *, n_shards: int | None = None,
-                 base_dir: str | None = None) -> None:
+                 base_dir: str | None = None, log_retention_s: float | None = None) -> None:
         t0 = time.perf_counter()
+        self.log_retention_s = None if log_retention_s is None else float(log_retention_s)
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
         self.shard_id = int(shard_id)
@@ -143,6 +149,10 @@ class UserStateShard:
         self.replay_counts = self._replay(self.users, self.base, after)
         self.replayed = self.replay_counts["replayed"]
         self._since_snapshot = self.replayed
+        self._snapshot_failures = 0
+        self._snapshot_error: str | None = None
+        self._snapshot_retry_at = 0.0
+        self._snapshot_backoff_s = 0.0
         self._recount()
         self.vectorizer = vectorizer_factory() if vectorizer_factory is not None else None
         self._dirty: set[str] = set(self.users)
@@ -180,8 +190,7 @@ class UserStateShard:
         for uid in {ev.user_id for ev in new}:
             self._refresh_vector(uid)
         self._since_snapshot += len(new)
-        if self._since_snapshot >= self.snapshot_every:
-            self.snapshot()
+        self._maybe_snapshot()
         return [
             {"user_id": ev.user_id, "event_id": ev.event_id, "duplicate": dup,
              "state_version": self._version(ev.user_id) if dup else versions[ev.event_id]}
@@ -224,7 +233,7 @@ class UserStateShard:
         if self._pending is not None:  # a base loading in the background may hold the user too
             self._pending["deleted"].append(user_id)
         self._dirty.discard(user_id)
-        self.snapshot()
+        self._maybe_snapshot(force=True)
         removed = self.log.forget_user(user_id)
         self._mark_purged(deleted_user_key(user_id)[1])
         existed = gone is not None or r is not None
@@ -301,7 +310,7 @@ class UserStateShard:
         self.users = users
         self._recount()
         self._dirty = set(users)
-        self.snapshot()
+        self._maybe_snapshot(force=True)
         logger.info("shard %d: base swapped to %s: %d users; log replay %s in %.2fs", self.shard_id,
                     data_dir, self._n_users(), counts, time.perf_counter() - t1)
         return {"shard": self.shard_id, "changed": True, "base": self.base_info, "replay": counts,
@@ -314,28 +323,61 @@ class UserStateShard:
             "n_tombstones": len(self.tombstones), "base": self.base_info, "last_seq": self.log.last_seq,
             "log_dir": self.log_dir, "replayed_at_start": self.replayed,
             "since_snapshot": self._since_snapshot, "pid": os.getpid(),
+            "snapshot_failures": self._snapshot_failures, "snapshot_error": self._snapshot_error,
         }
 
     def snapshot(self) -> dict[str, Any]:
         """Write the materialised users, the tombstones and the base descriptor atomically to
-        `snapshot-sNNN.json` (with the log's last seq). Base-only users are not in it: the base file is."""
+        `snapshot-sNNN.json` (with the log's last seq). Base-only users are not in it: the base file is.
+
+        Raises:
+            OSError: the write failed (the previous snapshot stays whole, the temporary file is removed).
+        """
         t0 = time.perf_counter()
         path = Path(self.log_dir) / _SNAPSHOT.format(self.shard_id)
         body = {"shard": self.shard_id, "last_seq": self.log.last_seq, "created_at": time.time(),
                 "base": self._base_desc(), "tombstones": self.tombstones,
                 "users": {uid: state_to_dict(st) for uid, st in self.users.items()}}
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(body, f, separators=(",", ":"), allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.log_dir)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(body, f, separators=(",", ":"), allow_nan=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.log_dir)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not keep a half snapshot around
+            raise
         self._since_snapshot = 0
+        self._snapshot_error = None
+        self._snapshot_retry_at = 0.0
+        if self.log_retention_s is not None:
+            self.log.retire(body["last_seq"], self.log_retention_s)
         dt = time.perf_counter() - t0
         logger.info("shard %d: snapshot of %d users at seq %d in %.3fs", self.shard_id, len(self.users),
                     self.log.last_seq, dt)
         return {"path": str(path), "last_seq": self.log.last_seq, "n_users": len(self.users), "wall_s": dt}
+
+    def _maybe_snapshot(self, force: bool = False) -> None:
+        """Snapshot when `snapshot_every` events arrived (or `force`), never failing the caller: the events
+        are in the log already, a failed snapshot only makes the next recovery replay more of it. After a
+        failure the next attempt waits (1 s, doubling up to 60 s) so a full disk is not hammered."""
+        if not force and self._since_snapshot < self.snapshot_every:
+            return
+        if time.monotonic() < self._snapshot_retry_at:
+            return
+        try:
+            self.snapshot()
+        except Exception as e:  # noqa: BLE001 - any failure: keep serving from the log
+            self._snapshot_failures += 1
+            self._snapshot_error = f"{type(e).__name__}: {e}"
+            self._snapshot_backoff_s = min(60.0, max(1.0, 2 * self._snapshot_backoff_s))
+            self._snapshot_retry_at = time.monotonic() + self._snapshot_backoff_s
+            logger.error("shard %d: snapshot failed (%s); serving goes on from the log, next try in %.0fs",
+                         self.shard_id, self._snapshot_error, self._snapshot_backoff_s)
+        else:
+            self._snapshot_backoff_s = 0.0
 
     def set_vectorizer(self, vectorizer_factory: Callable[[], Any] | None) -> int:
         """Swap the vectorizer (e.g. a new scorer); every vector is recomputed on its next `get`."""
@@ -465,7 +507,7 @@ class UserStateShard:
         if dim is not None and ev.text_vec is not None and len(ev.text_vec) != dim:
             raise ValueError(f"events[{i}]: text_vec has {len(ev.text_vec)} values, the item space has "
                              f"dim {dim}; encode feedback text with the same model as the items")
-        return ev if ev.event_id else ev.with_id(uuid.uuid4().hex)
+        return ev if ev.event_id else ev.with_id(new_event_id(ev, client_ts=_has_ts(e)))
 
     def _refresh_vector(self, user_id: str) -> None:
         st = self.users[user_id]
@@ -692,7 +734,7 @@ class StateStore:
     def __init__(self, n_shards: int = 4, log_dir: str | os.PathLike | None = None, namespace: str = "llmrec",
                  vectorizer_factory: Callable[[], Any] | None = None, name: str = "llmrec-state", *,
                  snapshot_every: int = 1000, history_len: int = 200, retry_timeout_s: float = 60.0,
-                 base_dir: str | os.PathLike | None = None) -> None:
+                 base_dir: str | os.PathLike | None = None, log_retention_s: float | None = None) -> None:
         import ray
 
         if not isinstance(n_shards, int) or n_shards < 1:
@@ -733,7 +775,7 @@ class StateStore:
                 name=aname, namespace=namespace, lifetime="detached", get_if_exists=True, max_restarts=-1,
                 max_task_retries=0, num_cpus=0,
             ).remote(i, self.log_dir, vectorizer_factory, snapshot_every, history_len, n_shards=n_shards,
-                     base_dir=base_dir)
+                     base_dir=base_dir, log_retention_s=log_retention_s)
             self.actors.append(handle)
             if not existed:
                 self._created.append(i)
@@ -848,7 +890,7 @@ class StateStore:
             except ValueError as err:
                 raise ValueError(f"events[{i}]: {err}") from None
             if not ev.event_id:  # assigned before the first send, so a retry carries the same id
-                ev = ev.with_id(uuid.uuid4().hex)
+                ev = ev.with_id(new_event_id(ev, client_ts=_has_ts(e)))
             groups.setdefault(shard_of(ev.user_id, self.n_shards), []).append((i, ev.to_dict()))
         return groups
 
@@ -912,10 +954,14 @@ class StateStore:
                     raise self._unavailable(shard) from cause
                 time.sleep(0.1)
 
-    def _unavailable(self, shard: int) -> RuntimeError:
-        return RuntimeError(f"state shard {self.name}-{shard} did not come back within "
-                            f"{self.retry_timeout_s}s after a crash; check `ray list actors` and the "
-                            "shard's log")
+    def _unavailable(self, shard: int) -> StateUnavailable:
+        return StateUnavailable(f"state shard {self.name}-{shard} did not come back within "
+                                f"{self.retry_timeout_s}s after a crash; check `ray list actors` and the "
+                                "shard's log", retry_after_s=max(1.0, self.retry_timeout_s))
+
+
+def _has_ts(e: Mapping[str, Any] | Event) -> bool:
+    return isinstance(e, Event) or (isinstance(e, Mapping) and e.get("ts") is not None)
 
 
 def _total(shards: list[dict[str, Any]]) -> dict[str, Any]:

@@ -38,9 +38,12 @@ Choices the design leaves open (documented here):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +61,7 @@ __all__ = [
     "apply_event",
     "event_weight",
     "polarity",
+    "new_event_id",
     "summary",
     "state_from_history",
     "MeanVectorizer",
@@ -78,7 +82,7 @@ Vectorizer = Callable[["UserState"], "np.ndarray | None"]
 class Event:
     """One feedback event. Build it with `Event.from_dict` (validates) or directly in trusted code."""
 
-    event_id: str | None = None  # unique; the store assigns a uuid4 hex when missing
+    event_id: str | None = None  # unique per user; the store assigns one when missing (`new_event_id`)
     user_id: str
     item_id: str | None = None  # None for text-only feedback
     event: str  # one of schema.EVENT_KINDS
@@ -188,6 +192,21 @@ class UserState:
     def has_applied(self, event_id: str | None) -> bool:
         """True when an event with this id was already applied (within the last `applied_len` ids)."""
         return event_id is not None and event_id in self._applied_set
+
+
+def new_event_id(event: Event, *, client_ts: bool) -> str:
+    """The id the server gives an event that came without one.
+
+    With a client timestamp the id is derived from the content (user, item, kind, value, text, ts): the same
+    request sent twice (an HTTP retry after a lost reply) is recognised as a duplicate. Without one, the
+    server clock is the timestamp and two equal requests may be two real events: a random id, returned in
+    the reply so that a client can retry with it.
+    """
+    if not client_ts:
+        return uuid.uuid4().hex
+    key = json.dumps([event.user_id, event.item_id, event.event, event.value, event.text, event.ts],
+                     ensure_ascii=False)
+    return "c" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:31]
 
 
 def event_weight(kind: str, value: float | None = None) -> float:

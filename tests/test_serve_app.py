@@ -180,7 +180,7 @@ def test_run_users_are_known_at_start(app: App) -> None:
     assert not {"cook-3", "horror-1"} & {it["item_id"] for it in r["items"]}  # its history is seen
     # feedback equal to a base event is a duplicate; new feedback extends the base history
     dup = app.call("POST", "/feedback", json={"user_id": "p2", "item_id": "cook-3", "event": "like", "ts": 2})
-    assert dup.json() == {"ok": True, "state_version": 1, "n_events": 1, "duplicates": 1,
+    assert dup.json() == {"ok": True, "state_version": 1, "n_events": 1, "duplicates": 1, "deleted": 0,
                           "event_ids": [dup.json()["event_ids"][0]]}
     ev = {"user_id": "p2", "item_id": "space-4", "event": "like", "ts": 9}
     new = app.call("POST", "/feedback", json=ev)
@@ -212,6 +212,7 @@ def test_like_then_recommend_reflects_it(app: App) -> None:
         "state_version": 2,
         "n_events": 2,
         "duplicates": 0,
+        "deleted": 0,
     }
     assert len(set(fb.json()["event_ids"])) == 2
     r = app.call("GET", "/recommend", params={"user_id": uid, "k": n})

@@ -502,7 +502,7 @@ def test_tombstone_survives_restart_and_base_swap(tmp_path: Path) -> None:
     assert again.base.row(victim) is None and again.base_info["skipped"] == {"deleted_user": int(
         df[USER_ID].isin([victim, other]).sum())}
     # a later event starts a fresh state without the base history
-    again.apply([{"event_id": "v2", "user_id": victim, "item_id": "i2", "event": "click", "ts": 9100.0}])
+    again.apply([{"event_id": "v2", "user_id": victim, "item_id": "i2", "event": "click"}])  # stamped now
     fresh = again.get(victim)
     assert [h["item_id"] for h in fresh["history"]] == ["i2"] and fresh["n_events"] == 1
     assert again.set_base(str(data2))["changed"] is True  # a new run that also holds both users
@@ -522,11 +522,11 @@ def test_interrupted_delete_is_finished_at_restart(tmp_path: Path) -> None:
     shard = UserStateShard(0, str(log), vec_factory(), history_len=H, snapshot_every=1)
     shard.apply([{"event_id": f"e{k}", "user_id": "w", "item_id": IDS[k], "event": "like", "ts": float(k)}
                  for k in range(3)])
-    shard._write_tombstone("w", shard.log.last_seq)  # the first step of delete(); then the process dies
+    shard.tombstones.add("w", shard.log.last_seq)  # the first step of delete(); then the process dies
     shard.close()
     again = UserStateShard(0, str(log), vec_factory(), history_len=H)
     assert again.get("w") is None and "w" not in set(read_events(log)[USER_ID])
-    again.apply([{"event_id": "e9", "user_id": "w", "item_id": "i9", "event": "like", "ts": 9.0}])
+    again.apply([{"event_id": "e9", "user_id": "w", "item_id": "i9", "event": "like"}])  # after the delete
     again.close()
     third = UserStateShard(0, str(log), vec_factory(), history_len=H)
     assert third.get("w")["n_events"] == 1  # events after the delete are kept
@@ -724,4 +724,93 @@ def test_log_retention_keeps_recovery_exact(tmp_path: Path) -> None:
     shard.close()
     again = UserStateShard(0, str(tmp_path), vec_factory())
     assert {u: comparable(s) for u, s in again.users.items()} == want and again.replayed == 2
+    again.close()
+
+
+# ---- privacy (issue 15) ---------------------------------------------------------------------------------
+
+
+def test_tombstones_and_logs_keep_no_dictionary_reversible_hash_or_raw_id(tmp_path: Path, caplog) -> None:
+    import hashlib
+
+    victim = "alice@example.com"
+    shard = UserStateShard(0, str(tmp_path), vec_factory())
+    shard.apply([{"event_id": "a1", "user_id": victim, "item_id": "i1", "event": "like", "ts": 10.0}])
+    with caplog.at_level(logging.DEBUG):
+        assert shard.delete(victim) is True
+    unsalted = hashlib.sha256(victim.encode()).hexdigest()
+    files = "".join(p.read_text(errors="replace") for p in tmp_path.iterdir() if p.is_file()
+                    and p.name != "hash-key")
+    assert unsalted not in files and victim not in files
+    assert str(zlib.crc32(victim.encode())) not in (tmp_path / "tombstones-s000.jsonl").read_text()
+    assert victim not in caplog.text and unsalted[:12] not in caplog.text
+    assert shard.keyer.log_id(victim) in caplog.text  # a keyed id instead: correlatable, not reversible
+    assert (tmp_path / "hash-key").stat().st_mode & 0o077 == 0
+    shard.close()
+    again = UserStateShard(0, str(tmp_path), vec_factory())  # the key persists: the tombstone still matches
+    assert again.tombstones.seq(victim) >= 0 and again.get(victim) is None
+    again.close()
+
+
+def test_retried_or_in_flight_event_does_not_recreate_a_deleted_user(tmp_path: Path) -> None:
+    shard = UserStateShard(0, str(tmp_path), vec_factory())
+    e = {"event_id": "x1", "user_id": "bob", "item_id": "i1", "event": "like", "ts": time.time() - 5}
+    shard.apply([e])
+    assert shard.delete("bob") is True
+    res = shard.apply([e, {**e, "event_id": "x2"}])  # the retry, and another event sent before the delete
+    assert [(r["duplicate"], r["deleted"]) for r in res] == [(False, True), (False, True)]
+    assert shard.get("bob") is None and shard.log.last_seq == 1
+    fresh = shard.apply([{"user_id": "bob", "item_id": "i2", "event": "click"}])  # stamped after the delete
+    assert fresh[0]["deleted"] is False and shard.get("bob")["n_events"] == 1
+    shard.close()
+    again = UserStateShard(0, str(tmp_path), vec_factory())
+    assert [h["item_id"] for h in again.get("bob")["history"]] == ["i2"]
+    again.close()
+
+
+def test_delete_of_an_unknown_user_writes_nothing(tmp_path: Path) -> None:
+    shard = UserStateShard(0, str(tmp_path), vec_factory())
+    shard.apply([{"event_id": "k", "user_id": "known", "item_id": "i1", "event": "like", "ts": 1.0}])
+    shard.snapshot()
+    snap = tmp_path / "snapshot-s000.json"
+    before = snap.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    for k in range(200):
+        assert shard.delete(f"nobody-{k}") is False
+    assert time.perf_counter() - t0 < 1.0
+    assert not (tmp_path / "tombstones-s000.jsonl").exists() and snap.stat().st_mtime_ns == before
+    shard.close()
+
+
+def test_forget_command_reaches_stopped_logs_and_cached_copies(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`llmrec forget` purges a stopped log folder (with a tombstone, so its base never reloads the user) and
+    the artifact cache's copies of event logs; it refuses a folder a live shard writes."""
+    import json
+    import shutil
+
+    from llmrec import cli
+    from llmrec.state.store import _check_log_meta
+
+    df = make_interactions(n_users=6, n_rows=40)
+    data = write_run_data(tmp_path / "data", df)
+    log = tmp_path / "events"
+    _check_log_meta(str(log), 1)
+    shard = UserStateShard(0, str(log), vec_factory(), n_shards=1, base_dir=str(data))
+    shard.apply([{"event_id": f"e{k}", "user_id": u, "item_id": "i1", "event": "like", "ts": 5000.0 + k}
+                 for k, u in enumerate(["p1", "p2", "p1"])])
+    shard.snapshot()
+    assert cli.main(["forget", "--user", "p1", "--events", str(log)]) == 2  # live: use DELETE
+    assert "DELETE /users" in capsys.readouterr().err
+    shard.close()
+    cache = tmp_path / "cache"
+    shutil.copytree(log, cache / "abcd" / "events")  # what `train --events URI` stages
+    monkeypatch.setenv("LLMREC_CACHE_DIR", str(cache))
+    assert cli.main(["forget", "--user", "p1", "--events", str(log)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["folders"] == {str(log): 3} and out["cache_copies"] == {str(cache / "abcd" / "events"): 2}
+    assert '"p1"' not in (log / "snapshot-s000.json").read_text()
+    for folder in (log, cache / "abcd" / "events"):
+        assert set(read_events(folder)[USER_ID]) == {"p2"}
+    again = UserStateShard(0, str(log), vec_factory(), n_shards=1, base_dir=str(data))
+    assert again.get("p1") is None and again.get("p2")["n_events"] > 1
     again.close()

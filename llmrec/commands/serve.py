@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 
 from llmrec import schema
+from llmrec.serve.auth import ARGV_REFUSED, TOKEN_ENV, read_token
 from llmrec.storage import Arg, In, LocalOnly, Run, is_uri, redact
 
 logger = logging.getLogger(__name__)
@@ -21,8 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--shards", type=int, default=4, help="user-state shard actors (default 4)")
     p.add_argument(
-        "--auth-token", default=None, help="bearer token required for /feedback, DELETE and /admin"
+        "--auth-token-file",
+        default=None,
+        help=f"file holding the bearer token every route except /healthz requires (default: ${TOKEN_ENV} if "
+        "set, else no auth)",
     )
+    p.add_argument("--auth-token", default=None, help=argparse.SUPPRESS)  # refused: see llmrec.serve.auth
     p.add_argument("--replicas", type=int, default=1, help="replicas per deployment (default 1)")
     p.add_argument(
         "--model", default=None, help="text encoder for q and text feedback (default: the embeddings' model)"
@@ -66,11 +72,14 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be within 1..65535, got {args.port}")
+    if args.auth_token:
+        raise ValueError(ARGV_REFUSED)
+    token = read_token(args.auth_token_file, os.environ)
     app = build_app(
         {
             "run_dir": args.run,
             "n_shards": args.shards,
-            "auth_token": args.auth_token,
+            "auth_token": token,
             "num_replicas": args.replicas,
             "model": args.model,
             "log_user_ids": args.log_user_ids,
@@ -88,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # Ctrl-C while serve.run still waits for the app (requests may already be served) stops cleanly too
         serve.run(app, name="llmrec", route_prefix="/", logging_config=LoggingConfig(enable_access_log=False))
         url = f"http://{args.host}:{args.port}"
-        auth = f" -H 'Authorization: Bearer {args.auth_token}'" if args.auth_token else ""
+        auth = f" -H \"Authorization: Bearer ${TOKEN_ENV}\"" if token else ""  # never the token itself
         logger.info(
             "llmrec serving %s at %s (ready in %.1fs); API docs at %s/docs",
             args.run,
@@ -96,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             time.perf_counter() - t0,
             url,
         )
-        logger.info("try: curl '%s/recommend?user_id=alice&k=5'", url)
+        logger.info("try: curl%s '%s/recommend?user_id=alice&k=5'", auth, url)
         logger.info(
             "     curl -X POST %s/feedback%s -H 'Content-Type: application/json' "
             '-d \'{"user_id": "alice", "item_id": "<an item id>", "event": "like"}\'',

@@ -7,7 +7,11 @@ args (a dict; `serve run llmrec.serve.app:build_app run_dir=RUN n_shards=4` pass
 is coerced and checked here):
     run_dir (required): the run folder (RUN/embeddings, RUN/index, optional RUN/scorer; RUN/events is the
         serving event log unless `log_dir` is given).
-    n_shards (4): state shard actors. auth_token (None): bearer token for /feedback, DELETE, /admin.
+    n_shards (4): state shard actors.
+    auth_token_file (None) / auth_token_env (None): the bearer token every route except /healthz requires,
+        read by each replica from this file (a mounted Kubernetes Secret) or environment variable; none =
+        no auth. auth_token (None): the token itself, for callers that already read it (`llmrec serve`);
+        never put it in a config file.
     num_replicas (1) or autoscaling ({"min_replicas", "max_replicas", ...}): for both deployments.
     log_user_ids (False): log user ids in clear instead of hashed.
     model (None): text encoder path/name for queries and text feedback (default: the embeddings' model).
@@ -34,6 +38,8 @@ _KNOWN_ARGS = {
     "run_dir",
     "n_shards",
     "auth_token",
+    "auth_token_file",
+    "auth_token_env",
     "num_replicas",
     "autoscaling",
     "log_user_ids",
@@ -87,6 +93,8 @@ def build_app(args: Mapping[str, Any]) -> Any:
         cfg["run_dir"],
         n_shards=cfg["n_shards"],
         auth_token=cfg["auth_token"],
+        auth_token_file=cfg["auth_token_file"],
+        auth_token_env=cfg["auth_token_env"],
         log_user_ids=cfg["log_user_ids"],
         max_body_bytes=cfg["max_body_bytes"],
         state_name=cfg["state_name"],
@@ -99,7 +107,7 @@ def build_app(args: Mapping[str, Any]) -> Any:
         cfg["run_dir"],
         cfg["n_shards"],
         cfg["data_dir"] or "nowhere: the state shards start empty",
-        "on" if cfg["auth_token"] else "off",
+        "on" if cfg["auth_token"] or cfg["auth_token_file"] or cfg["auth_token_env"] else "off",
     )
     return ingress
 
@@ -138,6 +146,8 @@ def _parse_args(args: Mapping[str, Any]) -> dict[str, Any]:
         "run_dir": str(run),
         "n_shards": _int(args.get("n_shards", 4), "n_shards", 1, 1024),
         "auth_token": str(args["auth_token"]) if args.get("auth_token") else None,
+        "auth_token_file": str(args["auth_token_file"]) if args.get("auth_token_file") else None,
+        "auth_token_env": str(args["auth_token_env"]) if args.get("auth_token_env") else None,
         "num_replicas": _int(args.get("num_replicas", 1), "num_replicas", 1, 1000),
         "autoscaling": dict(autoscaling) if autoscaling else None,
         "log_user_ids": _bool(args.get("log_user_ids", False), "log_user_ids"),

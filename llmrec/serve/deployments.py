@@ -97,11 +97,6 @@ def _eager_annotations(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def hash_user_id(user_id: str) -> str:
-    """What logs show instead of a user id (unless log_user_ids): sha256 prefix."""
-    return "u:" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-
-
 # --------------------------------------------------------------------------- Recommender
 @serve.deployment(name="Recommender", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Recommender:
@@ -209,17 +204,22 @@ class Recommender:
         return [str(i) for i in self._state["core"].catalog.item_ids]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        """Batched BERT encoding: one text in, its (D,) unit vector out."""
-        vecs = self._encoder.encode(list(texts), batch_size=32)
-        return [v.tolist() for v in vecs]
+    async def embed(self, texts: list[str]) -> list[list[float] | dict[str, str]]:
+        """Batched BERT encoding: one text in, its (D,) unit vector out (or {"error": ...} for that text
+        alone when it cannot be encoded: one bad request never fails the others of its batch)."""
+        return _isolated(lambda batch: [v.tolist() for v in self._encoder.encode(list(batch), batch_size=32)],
+                         texts, "embed")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def recommend(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Batched ranking. A request: {user_id, state (dict|None), k, q (str|None), exclude_seen}."""
+        """Batched ranking. A request: {user_id, state (dict|None), k, q (str|None), exclude_seen}.
+        Returns {items, model_version} per request, or {"error": ...} for a request that failed alone."""
+        st = self._state  # one model for the whole batch, also when it is re-ranked request by request
+        return _isolated(lambda batch: self._rank(st, batch), reqs, "recommend")
+
+    def _rank(self, st: dict[str, Any], reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from llmrec.serve.recommend_core import Query, UserView
 
-        st = self._state
         core = st["core"]
         q_texts = [r["q"] for r in reqs if r.get("q")]
         q_vecs = iter(self._encoder.encode(q_texts, batch_size=32) if q_texts else [])
@@ -232,6 +232,35 @@ class Recommender:
             exclude_seen=[bool(r.get("exclude_seen", True)) for r in reqs],
         )
         return [{"items": items, "model_version": st["model_version"]} for items in out]
+
+
+def _isolated(fn: Callable[[list[Any]], list[Any]], batch: list[Any], what: str) -> list[Any]:
+    """`fn(batch)`; if it raises, `fn` on each item alone, so only the failing items get an error result
+    ({"error": exception type}) and the rest of the batch is answered normally."""
+    try:
+        return fn(batch)
+    except Exception as e:  # noqa: BLE001 - decided per item below
+        if len(batch) == 1:
+            logger.error("%s failed: %s", what, type(e).__name__)
+            return [{"error": type(e).__name__}]
+    out: list[Any] = []
+    for item in batch:
+        try:
+            out.extend(fn([item]))
+        except Exception as e:  # noqa: BLE001 - reported to this item's caller only
+            logger.error("%s failed for one request of a batch of %d: %s", what, len(batch), type(e).__name__)
+            out.append({"error": type(e).__name__})
+    return out
+
+
+class RequestFailed(RuntimeError):
+    """A request the model deployment could not answer (its batch mates were answered)."""
+
+
+def _result(res: Any, what: str) -> Any:
+    if isinstance(res, dict) and "error" in res and len(res) == 1:
+        raise RequestFailed(f"{what} failed ({res['error']}); see the server log")
+    return res
 
 
 def load_catalog_from(embeddings_dir: str, run_dir: str, loader: Any) -> tuple[Any, dict[str, Any]]:
@@ -318,6 +347,28 @@ def unavailable(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+# The bearer token of this replica's Ingress (one Ingress per replica process); None = auth off. A module
+# global because the FastAPI app (and so its middleware) is defined at import, before any Ingress exists.
+_AUTH: dict[str, str | None] = {"token": None}
+
+
+@api.middleware("http")
+async def _require_token(request: Request, call_next: Callable[..., Any]) -> Any:
+    """Every route except /healthz needs `Authorization: Bearer <token>` when a token is configured (reads
+    too: /users holds a user's whole history and text feedback)."""
+    token = _AUTH["token"]
+    if token is not None and not request.url.path.endswith("/healthz"):
+        scheme, _, got = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), token.encode()):
+            _count_error(request, 401)
+            return JSONResponse(
+                {"error": "missing or wrong bearer token: send `Authorization: Bearer <token>`"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    return await call_next(request)
+
+
 _METRICS: dict[str, Any] = {}
 
 
@@ -370,6 +421,8 @@ class Ingress:
         run_dir: str,
         n_shards: int = 4,
         auth_token: str | None = None,
+        auth_token_file: str | None = None,
+        auth_token_env: str | None = None,
         log_user_ids: bool = False,
         max_body_bytes: int = S.MAX_BODY_BYTES,
         state_name: str = "llmrec-state",
@@ -381,7 +434,14 @@ class Ingress:
 
         self.recommender = recommender
         self.run_dir = str(run_dir)
-        self.auth_token = auth_token or None
+        from llmrec.serve.auth import read_token
+
+        # the replica reads a file / variable itself (a Kubernetes Secret mounted in its pod); an explicit
+        # token (from `llmrec serve`, which read it from a file or the environment) wins
+        self.auth_token = auth_token or (
+            read_token(auth_token_file, os.environ, auth_token_env) if (auth_token_file or auth_token_env)
+            else None)
+        _AUTH["token"] = self.auth_token
         self.log_user_ids = bool(log_user_ids)
         self.max_body_bytes = int(max_body_bytes)
         arts = resolve_artifacts(self.run_dir, None)
@@ -397,6 +457,9 @@ class Ingress:
             base_dir=data_dir,
         )
         self._default_data_dir = self._data_dir = _abs_or_none(data_dir)
+        from llmrec.state.privacy import UserKeyer
+
+        self._keyer = UserKeyer.for_logs(self.store.log_key_sync())  # the shards' keyed ids, in our logs too
         if self.store.joined:  # running shards (a redeploy, another replica) may hold another run's users
             self.store.set_base_sync(self._data_dir)  # a no-op for a shard that already holds this base
         self._m = _metrics()
@@ -435,17 +498,7 @@ class Ingress:
 
     # -- helpers
     def _uid(self, user_id: str) -> str:
-        return user_id if self.log_user_ids else hash_user_id(user_id)
-
-    def _check_auth(self, request: Request) -> None:
-        if self.auth_token is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.auth_token.encode()
-        ):
-            raise ClientError(401, "missing or wrong bearer token: send `Authorization: Bearer <token>`")
+        return user_id if self.log_user_ids else self._keyer.log_id(user_id)
 
     async def _read_json(self, request: Request) -> Any:
         declared = request.headers.get("content-length")
@@ -480,9 +533,12 @@ class Ingress:
 
     @staticmethod
     def _check_user_id(user_id: str) -> None:
-        if not user_id or len(user_id) > S.MAX_ID_CHARS or not user_id.strip():
+        """The same rule as a /feedback body's user_id: an id /feedback refuses is refused everywhere."""
+        if not user_id or len(user_id) > S.MAX_ID_CHARS or not S.printable(user_id):
             raise ClientError(
-                422, f"user_id must be 1..{S.MAX_ID_CHARS} non-blank characters, got {user_id[:40]!r}"
+                422,
+                f"user_id must be 1..{S.MAX_ID_CHARS} non-blank characters without control characters, got "
+                f"{user_id[:40]!r}",
             )
 
     # -- routes
@@ -500,7 +556,6 @@ class Ingress:
     async def feedback(self, request: Request) -> dict[str, Any]:
         """Record `{"user_id", "item_id", "event", "value"?, "text"?, "ts"?}` or `{"events": [...]}`."""
         t0 = time.perf_counter()
-        self._check_auth(request)
         try:
             events = S.parse_feedback(await self._read_json(request))
         except ValueError as e:
@@ -516,7 +571,10 @@ class Ingress:
                 f"ids must come from the catalog ({len(self._item_ids)} items)",
             )
         texts = [e.text for e in events if e.text is not None]
-        vecs = iter(await asyncio.gather(*[self.recommender.embed.remote(t) for t in texts]) if texts else [])
+        vecs = iter(
+            [_result(v, "text encoding") for v in await asyncio.gather(*[self.recommender.embed.remote(t)
+                                                                         for t in texts])] if texts else []
+        )
         from llmrec.state.errors import InvalidEvent
         from llmrec.state.user_state import Event
 
@@ -545,6 +603,7 @@ class Ingress:
             "state_version": int(results[-1]["state_version"]),
             "n_events": len(results),
             "duplicates": sum(bool(r.get("duplicate")) for r in results),
+            "deleted": sum(bool(r.get("deleted")) for r in results),
             "event_ids": [str(r["event_id"]) for r in results],
         }
 
@@ -560,12 +619,12 @@ class Ingress:
         """Top-k items for a user (new users: popularity prior), optionally steered by free text `q`."""
         t0 = time.perf_counter()
         self._check_user_id(user_id)
-        if q is not None and not q.strip():
-            raise ClientError(422, "q must contain non-blank text")
+        if q is not None and not S.printable(q):
+            raise ClientError(422, "q must contain non-blank text without control characters")
         state = await self.store.get(user_id)
-        res = await self.recommender.recommend.remote(
+        res = _result(await self.recommender.recommend.remote(
             {"user_id": user_id, "state": state, "k": k, "q": q, "exclude_seen": exclude_seen}
-        )
+        ), "ranking")
         dt = (time.perf_counter() - t0) * 1e3
         self._m["recommend_ms"].observe(dt)
         logger.debug("recommend: %s k=%d in %.1f ms", self._uid(user_id), k, dt)
@@ -576,11 +635,36 @@ class Ingress:
             "model_version": res["model_version"],
         }
 
-    @api.get("/users/{user_id}", responses={404: {"model": S.ErrorResponse}})
+    @api.get("/users/{user_id:path}", responses={404: {"model": S.ErrorResponse}})
     @_eager_annotations
     async def get_user(self, user_id: str) -> dict[str, Any]:
         """The user's state summary (history, seen, negatives, text feedback, version); users of the run's
-        interactions are known from the start (their last events, counted in n_events/version)."""
+        interactions are known from the start (their last events, counted in n_events/version). Ids with
+        `/` work here (`/users/a%2Fb`); ids that URL normalisation changes (`.`, `..`) need `GET /users?user_id=`.
+        """
+        return await self._get_user(user_id)
+
+    @api.get("/users", responses={404: {"model": S.ErrorResponse}})
+    @_eager_annotations
+    async def get_user_q(self, user_id: str = Query(min_length=1, max_length=S.MAX_ID_CHARS)) -> dict[str, Any]:
+        """`GET /users/{user_id}` with the id as a query parameter (any id, also `.` or `..`)."""
+        return await self._get_user(user_id)
+
+    @api.delete("/users/{user_id:path}", responses={401: {"model": S.ErrorResponse}})
+    @_eager_annotations
+    async def delete_user(self, user_id: str) -> dict[str, Any]:
+        """Forget a user: state, logged events, and for good its history in the run's interactions; events of
+        the user stamped before the delete (retries, requests in flight) are refused afterwards."""
+        return await self._delete_user(user_id)
+
+    @api.delete("/users", responses={401: {"model": S.ErrorResponse}})
+    @_eager_annotations
+    async def delete_user_q(self, user_id: str = Query(min_length=1, max_length=S.MAX_ID_CHARS)
+                            ) -> dict[str, Any]:
+        """`DELETE /users/{user_id}` with the id as a query parameter (any id, also `.` or `..`)."""
+        return await self._delete_user(user_id)
+
+    async def _get_user(self, user_id: str) -> dict[str, Any]:
         self._check_user_id(user_id)
         state = await self.store.get(user_id)
         if state is None:
@@ -593,11 +677,7 @@ class Ingress:
         out["text_feedback"] = [{k: v for k, v in t.items() if k != "vec"} for t in out["text_feedback"]]
         return out
 
-    @api.delete("/users/{user_id}", responses={401: {"model": S.ErrorResponse}})
-    @_eager_annotations
-    async def delete_user(self, user_id: str, request: Request) -> dict[str, Any]:
-        """Forget a user: state, logged events, and for good its history in the run's interactions."""
-        self._check_auth(request)
+    async def _delete_user(self, user_id: str) -> dict[str, Any]:
         self._check_user_id(user_id)
         deleted = await self.store.delete(user_id)
         logger.info("deleted user %s (existed: %s)", self._uid(user_id), deleted)
@@ -622,7 +702,6 @@ class Ingress:
     @_eager_annotations
     async def admin_stats(self, request: Request) -> dict[str, Any]:
         """Model info and per-shard state counts (bearer token when auth is on)."""
-        self._check_auth(request)
         info = await self.recommender.info.remote()
         stats = await self.store.stats()
         self._m["users"].set(int(stats["n_users"]))

@@ -14,8 +14,9 @@ base-only user builds a transient state from the arrays. An item event equal to 
 events on (item_id, event, ts) is a duplicate (not logged, not applied), live and on log replay.
 
 Files per shard in `log_dir`: log segments, `snapshot-sNNN.json` (materialised users, tombstones, the base
-descriptor, the log's last seq) and `tombstones-sNNN.jsonl` (one fsync'd line per delete: sha256 and crc32
-of the user id, not the id, and the log seq at the delete). On (re)start a shard loads its base; when the
+descriptor, the log's last seq), `tombstones-sNNN.jsonl` (`llmrec.state.tombstones`: one fsync'd line per
+delete with a keyed hash of the user id, never the id, the log seq and the time of the delete) and `hash-key`
+(the secret of those hashes, `llmrec.state.privacy`; shared by the shards). On (re)start a shard loads its base; when the
 snapshot was taken over the same base (equal `base.base_descriptor`: path, size, mtime, prepare fingerprint,
 history_len) it loads the snapshot and replays the log records after its seq, else it replays the whole log
 over the new base. A hot swap (`StateStore.set_base`) does the same: each shard loads the new base in a
@@ -61,9 +62,11 @@ from typing import Any
 import numpy as np
 
 from llmrec.schema import META_FILE
-from llmrec.state.base import BaseHistories, base_descriptor, deleted_user_key, load_base
-from llmrec.state.errors import StateUnavailable
+from llmrec.state.base import BaseHistories, base_descriptor, load_base
+from llmrec.state.errors import InvalidEvent, StateUnavailable
 from llmrec.state.event_log import EventLog, iter_events
+from llmrec.state.privacy import UserKeyer, load_or_create_key
+from llmrec.state.tombstones import Tombstones
 from llmrec.state.user_state import (
     Event,
     MeanVectorizer,
@@ -81,6 +84,7 @@ __all__ = ["StateStore", "UserStateShard", "shard_of", "EmbeddingsMeanVectorizer
 
 _SNAPSHOT = "snapshot-s{:03d}.json"
 _TOMBSTONES = "tombstones-s{:03d}.jsonl"
+HASH_KEY_FILE = "hash-key"
 
 
 def shard_of(user_id: str, n_shards: int) -> int:
@@ -106,11 +110,14 @@ class UserStateShard:
             more than this many seconds ago. None = keep the whole log (training reads it: `llmrec train
             --events`). A hot swap (`set_base`) replays only what the log still holds over the new base, so
             set it only when each new run's data includes the log up to that horizon.
+        hash_key_file: the secret of the keyed user-id hashes (tombstones, log lines); default
+            `log_dir/hash-key`, created on first use.
     """
 
     def __init__(self, shard_id: int, log_dir: str, vectorizer_factory: Callable[[], Any] | None = None,
                  snapshot_every: int = 1000, history_len: int = 200, *, n_shards: int | None = None,
-                 base_dir: str | None = None, log_retention_s: float | None = None) -> None:
+                 base_dir: str | None = None, log_retention_s: float | None = None,
+                 hash_key_file: str | None = None) -> None:
         t0 = time.perf_counter()
         self.log_retention_s = None if log_retention_s is None else float(log_retention_s)
         if snapshot_every < 1:
@@ -121,16 +128,15 @@ class UserStateShard:
         self.n_shards = n_shards
         self.snapshot_every = int(snapshot_every)
         self.history_len = int(history_len)
-        # deleted users: sha256(user_id) -> (log seq at the (latest) delete, crc32(user_id)); not the ids
-        self.tombstones, pending = _read_tombstones(self._tomb_path())
+        self.keyer = UserKeyer(load_or_create_key(hash_key_file or Path(self.log_dir) / HASH_KEY_FILE))
         snap = self._read_snapshot()
-        for h, (seq, crc) in ((snap or {}).get("tombstones") or {}).items():
-            self.tombstones[h] = (max(int(seq), self.tombstones.get(h, (0, 0))[0]), int(crc))
+        # deleted users, by keyed hash (never the ids): log seq and time of the latest delete
+        self.tombstones = Tombstones(self._tomb_path(), self.keyer, (snap or {}).get("tombstones"))
         snap_seq = int(snap["last_seq"]) if snap else 0
         self.log = EventLog(self.log_dir, shard=self.shard_id,
-                            min_next_seq=max([snap_seq] + [t[0] for t in self.tombstones.values()]) + 1)
-        if pending:
-            self._finish_deletes(pending)
+                            min_next_seq=max(snap_seq, self.tombstones.max_seq()) + 1)
+        if self.tombstones.pending:
+            self._finish_deletes(set(self.tombstones.pending))
         self.base: BaseHistories | None = None
         self.base_info: dict[str, Any] = {}
         self._pending: dict[str, Any] | None = None  # a base loading in the background (prepare_base)
@@ -140,7 +146,7 @@ class UserStateShard:
         if snap is not None and snap.get("base") == self._base_desc():
             # a user deleted at or after the snapshot's seq (a crash before the delete's own snapshot) is gone
             self.users = {uid: state_from_dict(d) for uid, d in snap["users"].items()
-                          if self._tomb_seq(uid) < snap_seq}
+                          if self.tombstones.seq(uid) < snap_seq}
             after = snap_seq
         elif snap is not None:
             logger.info("shard %d: the base changed since the snapshot (%s -> %s): replaying the whole log "
@@ -165,36 +171,41 @@ class UserStateShard:
         """Validate all, de-duplicate, log with fsync, then update memory and vectors.
 
         Duplicates (answered `duplicate: true`, neither logged nor applied): an event id already applied to
-        that user or repeated in the batch, and an item event equal to one of the user's base events on
-        (item_id, event, ts) (`BaseHistories.has_event`).
+        that user or repeated for that user in the batch, and an item event equal to one of the user's base
+        events on (item_id, event, ts) (`BaseHistories.has_event`). Events of a deleted user stamped before
+        the delete (a retry or an event in flight) are refused too (`deleted: true`; `llmrec.state.tombstones`).
 
         Returns:
-            one dict per input event, in order: {user_id, event_id, state_version, duplicate}.
+            one dict per input event, in order: {user_id, event_id, state_version, duplicate, deleted}.
         Raises:
-            ValueError: an event is invalid or belongs to another shard (nothing is applied then).
+            InvalidEvent: an event is invalid or belongs to another shard (nothing is applied then).
+            StateUnavailable: the log write failed (nothing is applied then).
         """
         evs = [self._validate(i, e) for i, e in enumerate(events)]
-        batch_ids: set[str] = set()
+        batch_ids: set[tuple[str, str]] = set()
         new: list[Event] = []
-        dup_flags: list[bool] = []
+        flags: list[tuple[bool, bool]] = []  # (duplicate, deleted)
         for ev in evs:
-            dup = ev.event_id in batch_ids or self._duplicate(self.users, self.base, ev) is not None
-            batch_ids.add(ev.event_id)
-            dup_flags.append(dup)
-            if not dup:
+            key = (ev.user_id, ev.event_id)
+            dup = key in batch_ids or self._duplicate(self.users, self.base, ev) is not None
+            gone = not dup and self.tombstones.blocks(ev.user_id, ev.ts)
+            batch_ids.add(key)
+            flags.append((dup, gone))
+            if not (dup or gone):
                 new.append(ev)
         self.log.append(new)  # durable before memory changes and before we reply
-        versions: dict[str, int] = {}
+        versions: dict[tuple[str, str], int] = {}
         for ev in new:
-            versions[ev.event_id] = self._fold(self.users, self.base, ev, count=True).version
+            versions[(ev.user_id, ev.event_id)] = self._fold(self.users, self.base, ev, count=True).version
         for uid in {ev.user_id for ev in new}:
             self._refresh_vector(uid)
         self._since_snapshot += len(new)
         self._maybe_snapshot()
         return [
-            {"user_id": ev.user_id, "event_id": ev.event_id, "duplicate": dup,
-             "state_version": self._version(ev.user_id) if dup else versions[ev.event_id]}
-            for ev, dup in zip(evs, dup_flags)
+            {"user_id": ev.user_id, "event_id": ev.event_id, "duplicate": dup, "deleted": gone,
+             "state_version": self._version(ev.user_id) if (dup or gone) else versions[(ev.user_id,
+                                                                                          ev.event_id)]}
+            for ev, (dup, gone) in zip(evs, flags)
         ]
 
     def get(self, user_id: str) -> dict[str, Any] | None:
@@ -216,12 +227,18 @@ class UserStateShard:
 
     def delete(self, user_id: str) -> bool:
         """Forget a user: a durable tombstone first (its base history is never loaded again, its logged
-        events up to now are never replayed), then memory, a fresh snapshot, then the logged events.
-        True if anything was removed."""
+        events up to now are never replayed, its events stamped before now are refused), then memory, a
+        fresh snapshot, then the logged events. True if anything was removed.
+
+        A user this shard does not know (not materialised, not in the base, no base loading) costs nothing:
+        no tombstone, no snapshot, no log scan (every logged event materialises its user, so such a user
+        has no logged events)."""
         if not isinstance(user_id, str) or not user_id:
-            raise ValueError(f"user_id must be a non-empty string, got {user_id!r}")
+            raise InvalidEvent(f"user_id must be a non-empty string, got {user_id!r}")
         r = self._base_row(self.base, user_id)
-        self._write_tombstone(user_id, self.log.last_seq)
+        if user_id not in self.users and r is None and self._pending is None:
+            return False
+        key = self.tombstones.add(user_id, self.log.last_seq)
         gone = self.users.pop(user_id, None)
         if gone is not None:
             self._n_events -= gone.n_events
@@ -234,12 +251,16 @@ class UserStateShard:
             self._pending["deleted"].append(user_id)
         self._dirty.discard(user_id)
         self._maybe_snapshot(force=True)
-        removed = self.log.forget_user(user_id)
-        self._mark_purged(deleted_user_key(user_id)[1])
+        removed = self.log.forget_user(user_id) if gone is not None else 0
+        self.tombstones.mark_purged(key)
         existed = gone is not None or r is not None
-        logger.info("shard %d: deleted user %r (in memory: %s, in the base: %s, %d logged events)",
-                    self.shard_id, user_id, gone is not None, r is not None, removed)
+        logger.info("shard %d: deleted user %s (in memory: %s, in the base: %s, %d logged events)",
+                    self.shard_id, self.keyer.log_id(user_id), gone is not None, r is not None, removed)
         return existed or removed > 0
+
+    def log_key(self) -> bytes:
+        """The derived key of the keyed user ids in log lines (`UserKeyer.for_logs`), for the ingress."""
+        return self.keyer.log_key()
 
     def set_base(self, data_dir: str | os.PathLike | None) -> dict[str, Any]:
         """Swap the base to another run's data folder (None = no base): `prepare_base` then `commit_base`.
@@ -267,7 +288,7 @@ class UserStateShard:
                                data_dir)
             p = self._pending = {"want": want, "data_dir": data_dir, "done": threading.Event(),
                                  "result": None, "error": None, "deleted": []}
-            deleted = [(crc, h) for h, (_seq, crc) in self.tombstones.items()]
+            deleted = self.tombstones.matcher()
             threading.Thread(target=self._load_pending, args=(p, deleted), daemon=True,
                              name=f"base-load-s{self.shard_id}").start()
         return self.base_status(data_dir)
@@ -336,7 +357,7 @@ class UserStateShard:
         t0 = time.perf_counter()
         path = Path(self.log_dir) / _SNAPSHOT.format(self.shard_id)
         body = {"shard": self.shard_id, "last_seq": self.log.last_seq, "created_at": time.time(),
-                "base": self._base_desc(), "tombstones": self.tombstones,
+                "base": self._base_desc(), "tombstones": self.tombstones.to_json(),
                 "users": {uid: state_to_dict(st) for uid, st in self.users.items()}}
         tmp = path.with_name(path.name + ".tmp")
         try:
@@ -442,9 +463,9 @@ class UserStateShard:
             except ValueError as e:
                 c["invalid"] += 1
                 logger.error("shard %d: log record seq %s is invalid, skipped: %s", self.shard_id,
-                             rec["seq"], e)
+                             rec["seq"], str(e).split(":")[0][:80])  # the field, not the values (user ids)
                 continue
-            if rec["seq"] <= self._tomb_seq(ev.user_id):
+            if rec["seq"] <= self.tombstones.seq(ev.user_id) or self.tombstones.blocks(ev.user_id, ev.ts):
                 c["deleted"] += 1
                 continue
             dup = self._duplicate(users, base, ev)
@@ -458,20 +479,20 @@ class UserStateShard:
 
     def _finish_deletes(self, pending: set[str]) -> None:
         """Purge from the log the events (up to the tombstone) of users whose delete a crash interrupted
-        after its tombstone: the tombstone names a hash, so the log is scanned for matching ids."""
-        crcs = {self.tombstones[h][1] for h in pending}
-        found: set[str] = set()
+        after its tombstone: the tombstone names a keyed hash, so the log's user ids are hashed to find them."""
+        found: dict[str, int] = {}
+        checked: set[str] = set()
         for rec in iter_events(self.log_dir, shard=self.shard_id):
             uid = rec.get("user_id")
-            if isinstance(uid, str) and zlib.crc32(uid.encode("utf-8", "surrogatepass")) in crcs \
-                    and deleted_user_key(uid)[1] in pending:
-                found.add(uid)
-        for uid in found:
-            n = self.log.forget_user(uid, max_seq=self._tomb_seq(uid))
-            logger.warning("shard %d: finished an interrupted delete: purged %d logged events", self.shard_id,
-                           n)
+            if isinstance(uid, str) and uid not in checked:
+                checked.add(uid)
+                if self.keyer.tombstone_key(uid) in pending:
+                    found[uid] = self.tombstones.seq(uid)
+        n = self.log.forget_users(found) if found else 0
         for h in pending:
-            self._mark_purged(h)
+            self.tombstones.mark_purged(h)
+        logger.warning("shard %d: finished %d interrupted delete(s): purged %d logged events", self.shard_id,
+                       len(pending), n)
 
     def _recount(self) -> None:
         """Recompute the O(1) counters after a (re)build: users/events from the base only + materialised."""
@@ -531,7 +552,7 @@ class UserStateShard:
             return base_dir
         return None if b is None else b["path"]
 
-    def _load_pending(self, p: dict[str, Any], deleted: list[tuple[int, str]]) -> None:
+    def _load_pending(self, p: dict[str, Any], deleted: Callable[[str], bool] | None) -> None:
         try:
             p["result"] = self._load_base(p["data_dir"], deleted)
         except Exception as e:  # noqa: BLE001 - reported by commit_base, in the caller's process
@@ -540,12 +561,12 @@ class UserStateShard:
         finally:
             p["done"].set()
 
-    def _load_base(self, data_dir: str | os.PathLike | None, deleted: list[tuple[int, str]] | None = None
+    def _load_base(self, data_dir: str | os.PathLike | None, deleted: Callable[[str], bool] | None = None
                    ) -> tuple[BaseHistories, dict[str, Any]] | None:
         if data_dir is None:
             return None
         if deleted is None:
-            deleted = [(crc, h) for h, (_seq, crc) in self.tombstones.items()]
+            deleted = self.tombstones.matcher()
         gc.collect()
         rss0 = _rss_bytes()
         base = load_base(data_dir, shard_id=self.shard_id, n_shards=self.n_shards,
@@ -572,34 +593,6 @@ class UserStateShard:
     def _tomb_path(self) -> Path:
         return Path(self.log_dir) / _TOMBSTONES.format(self.shard_id)
 
-    def _tomb_seq(self, user_id: str) -> int:
-        """The log seq at the user's latest delete; -1 when never deleted."""
-        if not self.tombstones:
-            return -1
-        t = self.tombstones.get(deleted_user_key(user_id)[1])
-        return -1 if t is None else t[0]
-
-    def _write_tombstone(self, user_id: str, seq: int) -> None:
-        """Append {sha256, crc32, seq} to `tombstones-sNNN.jsonl` and fsync before anything else changes."""
-        crc, h = deleted_user_key(user_id)
-        path = self._tomb_path()
-        new_file = not path.exists()
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"user_sha256": h, "crc32": crc, "seq": int(seq), "ts": time.time(),
-                                "purged": False}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if new_file:
-            _fsync_dir(self.log_dir)
-        self.tombstones[h] = (max(int(seq), self.tombstones.get(h, (0, 0))[0]), crc)
-
-    def _mark_purged(self, h: str) -> None:
-        """Record that the delete's log purge finished (no fsync: if lost, the next start only re-scans)."""
-        seq, crc = self.tombstones[h]
-        with open(self._tomb_path(), "a", encoding="utf-8") as f:
-            f.write(json.dumps({"user_sha256": h, "crc32": crc, "seq": seq, "ts": time.time(),
-                                "purged": True}) + "\n")
-
     def _read_snapshot(self) -> dict[str, Any] | None:
         path = Path(self.log_dir) / _SNAPSHOT.format(self.shard_id)
         if not path.is_file():
@@ -611,33 +604,6 @@ class UserStateShard:
         logger.info("shard %d: read snapshot %s (%d users, seq %d) in %.2fs", self.shard_id, path,
                     len(body["users"]), body["last_seq"], time.perf_counter() - t0)
         return body
-
-
-def _read_tombstones(path: Path) -> tuple[dict[str, tuple[int, int]], set[str]]:
-    """(sha256(user_id) -> (log seq at its latest delete, crc32), hashes whose log purge is not recorded as
-    done); skips a torn line (never acknowledged)."""
-    out: dict[str, tuple[int, int]] = {}
-    pending: set[str] = set()
-    if not path.is_file():
-        return out, pending
-    torn = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line) if line.endswith("\n") else None
-                h, seq, crc = rec["user_sha256"], int(rec["seq"]), int(rec["crc32"])
-            except (ValueError, TypeError, KeyError):
-                torn += 1
-                continue
-            if rec.get("purged") and out.get(h, (0, 0))[0] <= seq:
-                pending.discard(h)
-            elif not rec.get("purged"):
-                pending.add(h)
-            out[h] = (max(seq, out.get(h, (0, 0))[0]), crc)
-    if torn:
-        logger.warning("%s: skipped %d unreadable line(s) (a crash mid-write: never acknowledged)", path,
-                       torn)
-    return out, pending
 
 
 def _actor_was_restarted() -> bool:
@@ -843,6 +809,10 @@ class StateStore:
 
     def delete_sync(self, user_id: str) -> bool:
         return self._gather_sync("delete", [(self._user_shard(user_id), (user_id,))])[0]
+
+    def log_key_sync(self) -> bytes:
+        """The key of the keyed user ids the shards log (`UserKeyer.for_logs`); the same for every shard."""
+        return self._gather_sync("log_key", [(0, ())])[0]
 
     def stats_sync(self) -> dict[str, Any]:
         return _total(self._gather_sync("stats", [(i, ()) for i in range(self.n_shards)]))

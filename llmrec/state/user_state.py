@@ -115,7 +115,7 @@ class Event:
                 raise InvalidEvent(
                     f"event.value must be a number or null, got {type(value).__name__} {value!r}"
                 )
-            value = float(value)
+            value = _to_float(value, "value")
             if not math.isfinite(value):
                 raise InvalidEvent(f"event.value must be finite, got {value!r}")
         if kind == "rating":
@@ -145,7 +145,7 @@ class Event:
             ts = time.time() if default_ts is None else default_ts
         if isinstance(ts, bool) or not isinstance(ts, (int, float, np.floating, np.integer)):
             raise InvalidEvent(f"event.ts must be unix seconds (a number), got {type(ts).__name__} {ts!r}")
-        ts = float(ts)
+        ts = _to_float(ts, "ts")
         if not math.isfinite(ts) or ts < 0:
             raise InvalidEvent(f"event.ts must be finite unix seconds >= 0, got {ts!r}")
         return cls(event_id=event_id, user_id=user_id, item_id=item_id, event=kind, value=value, text=text,
@@ -441,6 +441,14 @@ class MeanVectorizer:
         if norm < 1e-12:
             return None
         return (u / norm).astype(np.float32)
+
+
+def _to_float(v: Any, key: str) -> float:
+    try:
+        return float(v)
+    except OverflowError:  # an int beyond the float range
+        raise InvalidEvent(f"event.{key} must be a number within the float range, got an integer of "
+                           f"{len(str(v))} digits") from None
 
 
 def _req_str(d: Mapping[str, Any], key: str) -> str:

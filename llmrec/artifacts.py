@@ -41,7 +41,8 @@ def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ArtifactError(
-            f"{path} holds Python objects other than tensors and plain containers (an older llmrec's file, or "
+            f"{path} holds Python objects other than tensors and plain containers (an older llmrec's file, "
+            "or "
             "a tampered one); it is not loaded, since unpickling them could run code. Re-train it: "
             f"`llmrec train --out {Path(path).parent}` (details: {str(e).splitlines()[0][:160]})"
         ) from None

@@ -582,7 +582,8 @@ def _inside(local: Path, rel: str, remote: str) -> Path:
     whoever can write the bucket must not be able to write anywhere on this machine."""
     parts = rel.split("/")
     if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
-        raise ValueError(f"remote key {rel!r} under {_show(remote)} is not a plain relative path (it has '..', "
+        raise ValueError(f"remote key {rel!r} under {_show(remote)} is not a plain relative path (it has "
+                         "'..', "
                          "'.', an empty part or a leading '/'); refusing to download it outside the cache "
                          "folder: remove or rename it in the bucket")
     dest = (local / rel).resolve()

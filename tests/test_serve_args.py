@@ -72,3 +72,14 @@ def test_auth_token_comes_from_a_file_or_the_environment_never_argv(tmp_path: Pa
         serve_cmd.run(args)
     assert "s3cret" not in str(exc.value)
     assert _parse_args({"run_dir": str(tmp_path / "run"), "auth_token_file": str(f)})["auth_token_file"] == str(f)
+
+
+def test_state_bounds_and_reservations_are_configurable(tmp_path: Path) -> None:
+    run = str(make_run(tmp_path / "run"))
+    cfg = _parse_args({"run_dir": run, "history_len": "50", "log_retention_days": 7, "shard_memory_mb": 1024})
+    assert (cfg["history_len"], cfg["log_retention_s"], cfg["shard_memory_mb"]) == (50, 7 * 86400.0, 1024)
+    assert _parse_args({"run_dir": run})["log_retention_s"] is None  # the log is kept by default
+    with pytest.raises(ValueError, match="log_retention_days must be > 0"):
+        _parse_args({"run_dir": run, "log_retention_days": 0})
+    with pytest.raises(ValueError, match=r"history_len must be an integer in \[1, 100000\]"):
+        _parse_args({"run_dir": run, "history_len": 0})

@@ -71,7 +71,7 @@ def test_shard_of_is_crc32_and_stable() -> None:
 def test_shard_rebuilds_from_snapshot_plus_log_and_deletes(tmp_path: Path) -> None:
     users = ["a", "b", "c"]
     events = make_events(25, users)
-    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10)
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10, background=False)
     for k in range(0, 25, 4):
         res = shard.apply(events[k: k + 4])
         assert not any(r["duplicate"] for r in res)
@@ -84,7 +84,7 @@ def test_shard_rebuilds_from_snapshot_plus_log_and_deletes(tmp_path: Path) -> No
     shard.close()
     assert (tmp_path / "snapshot-s000.json").is_file()
 
-    rebuilt = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10)
+    rebuilt = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10, background=False)
     assert rebuilt.replayed == 1  # batches of 4: snapshots after 12 and 24 events, 1 event after the last
     for u in users:
         assert comparable(rebuilt.users[u]) == comparable(ref[u])
@@ -129,8 +129,13 @@ def test_embeddings_mean_vectorizer_loads_an_embed_artifact(tmp_path: Path) -> N
     col = pa.FixedSizeListArray.from_arrays(pa.array(V.reshape(-1), pa.float32()), DIM)
     pq.write_table(pa.table({ITEM_ID: IDS, EMBEDDING: col}), emb / EMBEDDINGS_FILE)
     write_meta(emb, "embed", model_name="hand", dim=DIM, n_items=N_ITEMS, normalized=True)
-    factory = EmbeddingsMeanVectorizer(str(emb), half_life=5.0)
+    factory = EmbeddingsMeanVectorizer(str(emb), half_life=5.0, shared_dir=str(tmp_path / "shared"))
     vec = pickle.loads(pickle.dumps(factory))()  # what the actor receives
+    other = factory()  # a second shard on the node maps the same file instead of loading its own copy
+    for v in (vec, other):  # no private copy: a view of the mapped file
+        assert not v.vectors.flags.owndata and isinstance(v.vectors.base, np.memmap)
+    assert vec.vectors.base.filename == other.vectors.base.filename
+    assert len(list((tmp_path / "shared").iterdir())) == 2
     s = UserState(user_id="u")
     for k, kind in enumerate(["like", "click", "dislike"]):
         s = apply_event(s, Event(user_id="u", item_id=IDS[k], event=kind, ts=float(k)))
@@ -206,7 +211,7 @@ def test_store_read_your_writes_across_shards(store_factory, tmp_path: Path) -> 
 def test_retry_after_restart_is_recognised_as_duplicate(store_factory) -> None:
     import ray
 
-    store = store_factory(n_shards=2)
+    store = store_factory(n_shards=2, retry_timeout_s=60)  # the loaded test machine may restart slowly
     e = {"event_id": "once", "user_id": "alice", "item_id": "i1", "event": "purchase", "ts": 5.0}
     assert store.apply_sync([e])[0]["duplicate"] is False
     s = store.shard_of("alice")
@@ -286,6 +291,33 @@ def test_fault_kill_shard_mid_stream_every_acked_event_counted_once(store_factor
     again = store.apply_sync(events[:50])
     assert all(a["duplicate"] for a in again)
     assert store.stats_sync()["n_events"] == 300
+
+
+def test_a_shard_that_stays_down_is_a_fast_503(store_factory) -> None:
+    """It used to make callers wait 60 s and then raised a RuntimeError (an HTTP 500)."""
+    import ray
+
+    from llmrec.state.errors import StateUnavailable
+
+    store = store_factory(n_shards=2, shard_memory_mb=300)
+    assert [sh["resources"].get("memory") for sh in store.stats_sync()["shards"]] == [300 << 20] * 2
+    store.apply_sync([{"user_id": "dora", "item_id": "i1", "event": "like", "ts": 5.0}])
+    s = store.shard_of("dora")
+    ray.kill(store.actors[s], no_restart=True)  # a node lost for good, a shard that cannot restart
+    from ray.exceptions import RayActorError
+
+    with pytest.raises(RayActorError):  # ray.kill is asynchronous: wait until the shard is really gone
+        for _ in range(100):
+            ray.get(store.actors[s].ping.remote(), timeout=10)
+            time.sleep(0.1)
+    t0 = time.monotonic()
+    with pytest.raises(StateUnavailable) as exc:
+        asyncio.run(store.get("dora"))
+    assert time.monotonic() - t0 < 15 and exc.value.retry_after_s >= 1
+    with pytest.raises(StateUnavailable):
+        store.apply_sync([{"user_id": "dora", "item_id": "i2", "event": "like"}])
+    other = next(u for u in (f"u{k}" for k in range(50)) if store.shard_of(u) != s)
+    assert store.apply_sync([{"user_id": other, "item_id": "i1", "event": "like"}])[0]["duplicate"] is False
 
 
 # ---- base histories: the users a run already knows -------------------------------------------------------
@@ -486,7 +518,8 @@ def test_tombstone_survives_restart_and_base_swap(tmp_path: Path) -> None:
     log = tmp_path / "events"
     users = base_users(df, 0, n_shards=1)
     victim, other = users[0], users[1]
-    shard = UserStateShard(0, str(log), vec_factory(), history_len=H, n_shards=1, base_dir=str(data))
+    shard = UserStateShard(0, str(log), vec_factory(), history_len=H, n_shards=1, base_dir=str(data),
+                           background=False)
     shard.apply([{"event_id": "v1", "user_id": victim, "item_id": "i1", "event": "like", "ts": 9000.0}])
     n_before = shard.stats()["n_users"]
     assert shard.delete(victim) is True and shard.get(victim) is None
@@ -538,7 +571,7 @@ def test_set_base_swaps_runs_and_rebuilds_materialised_users(tmp_path: Path) -> 
     df_b.loc[df_b.index[:30], USER_ID] = "p0"  # p0 is in both runs, with other histories
     a, b = write_run_data(tmp_path / "a", df_a), write_run_data(tmp_path / "b", df_b)
     log = tmp_path / "events"
-    shard = UserStateShard(0, str(log), vec_factory(), history_len=H, base_dir=str(a))
+    shard = UserStateShard(0, str(log), vec_factory(), history_len=H, base_dir=str(a), background=False)
     live = {"event_id": "l1", "user_id": "p0", "item_id": "i7", "event": "purchase", "ts": 7000.0}
     shard.apply([live])
     assert shard.set_base(str(a))["changed"] is False  # same descriptor: nothing reloads
@@ -566,7 +599,8 @@ def test_store_loads_base_in_every_shard_and_a_restarted_shard_keeps_the_swapped
 
     df_a, df_b = make_interactions(seed=1), make_interactions(seed=2, user_prefix="q")
     a, b = write_run_data(tmp_path / "a", df_a), write_run_data(tmp_path / "b", df_b)
-    store = store_factory(n_shards=2, vectorizer_factory=vec_factory(), history_len=H, base_dir=str(a))
+    store = store_factory(n_shards=2, vectorizer_factory=vec_factory(), history_len=H, base_dir=str(a),
+                          retry_timeout_s=60)  # waits for the restart below
     assert store.stats_sync()["n_users"] == df_a[USER_ID].nunique()
     assert as_expected(store.get_sync("p3")) == brute_force(df_a, "p3")
     store.apply_sync([{"event_id": "x", "user_id": "q2", "item_id": "i1", "event": "like", "ts": 8000.0}])
@@ -644,7 +678,7 @@ def test_failed_snapshot_does_not_fail_an_applied_write(tmp_path: Path, monkeypa
     file goes, and the snapshot is retried later (it used to raise for this and every later write)."""
     import os
 
-    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=2)
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=2, background=False)
     events = make_events(6, ["a", "b"])
     shard.apply(events[:2])  # a good snapshot first
     spy = FailingFsync("snapshot-")
@@ -734,7 +768,7 @@ def test_tombstones_and_logs_keep_no_dictionary_reversible_hash_or_raw_id(tmp_pa
     import hashlib
 
     victim = "alice@example.com"
-    shard = UserStateShard(0, str(tmp_path), vec_factory())
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), background=False)
     shard.apply([{"event_id": "a1", "user_id": victim, "item_id": "i1", "event": "like", "ts": 10.0}])
     with caplog.at_level(logging.DEBUG):
         assert shard.delete(victim) is True
@@ -813,4 +847,46 @@ def test_forget_command_reaches_stopped_logs_and_cached_copies(tmp_path: Path, m
         assert set(read_events(folder)[USER_ID]) == {"p2"}
     again = UserStateShard(0, str(log), vec_factory(), n_shards=1, base_dir=str(data))
     assert again.get("p1") is None and again.get("p2")["n_events"] > 1
+    again.close()
+
+
+def test_deletes_and_snapshots_run_off_the_request_path(tmp_path: Path) -> None:
+    """A delete used to write a full snapshot and rewrite the log inside the request; now the request only
+    writes the tombstone, and one background pass purges many deletes (log + snapshot files) shortly after.
+    Snapshots are incremental: a delta holds only the users changed since the previous one."""
+    from llmrec.state.snapshots import delta_paths, read_snapshots
+
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=20, purge_interval_s=30,
+                           full_every=3)  # the thread runs when woken (every 20 events) or every 30 s
+    users = [f"w{k}" for k in range(30)]
+    shard.apply(make_events(60, users))
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "snapshot-s000.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shard.apply(make_events(20, users[:2], seed=4))  # 20 more events for 2 users: a delta of 2 users
+    while not delta_paths(tmp_path, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (seq, path), = delta_paths(tmp_path, 0)
+    assert seq == 80 and len(path.read_text().splitlines()) == 1 + 2  # header + the 2 changed users
+    fulls = shard.stats()["snapshots_written"]["full"]
+    t0 = time.perf_counter()
+    for u in users[:10]:
+        assert shard.delete(u) is True
+    per_delete_s = (time.perf_counter() - t0) / 10
+    assert {r["user_id"] for r in iter_events(tmp_path)} >= set(users[:10])  # not purged in the request
+    assert shard.stats()["pending_purges"] == 10
+    shard._wake.set()  # the thread's next round (at most purge_interval_s later without this)
+    while shard.stats()["pending_purges"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    st = shard.stats()
+    assert st["last_snapshot"]["kind"] == "full" and st["purged_users"] == 10
+    assert st["snapshots_written"]["full"] - fulls == 1  # the ten deletes share one pass
+    assert not {r["user_id"] for r in iter_events(tmp_path)} & set(users[:10])
+    _header, parts = read_snapshots(tmp_path, 0)
+    assert sorted(parts[0][1]) == sorted(users[10:]) and not delta_paths(tmp_path, 0)
+    assert per_delete_s < 0.05, per_delete_s
+    want = {u: comparable(s) for u, s in shard.users.items()}
+    shard.close()
+    again = UserStateShard(0, str(tmp_path), vec_factory(), background=False)
+    assert {u: comparable(s) for u, s in again.users.items()} == want and again.replayed == 0
     again.close()

@@ -34,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
     from llmrec import storage
     from llmrec.schema import META_FILE
     from llmrec.state.event_log import forget_user, segment_paths
-    from llmrec.state.privacy import UserKeyer, load_or_create_key
-    from llmrec.state.store import HASH_KEY_FILE, shard_of
+    from llmrec.state.privacy import UserKeyer
+    from llmrec.state.snapshots import remove_user
+    from llmrec.state.backends import FileBackend
+    from llmrec.state.store import shard_of
     from llmrec.state.tombstones import Tombstones
 
     if not args.user:
@@ -52,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
         n_shards = int(meta["n_shards"])
         sh = shard_of(args.user, n_shards)
         last = max([0] + [first for s, first, _p in segment_paths(folder, sh) if s == sh])
-        keyer = UserKeyer(load_or_create_key(folder / HASH_KEY_FILE))
-        tomb = Tombstones(folder / f"tombstones-s{sh:03d}.jsonl", keyer)
+        files = FileBackend(folder, sh)
+        tomb = Tombstones(files, UserKeyer(files.hash_key()))
         tomb.mark_purged(tomb.add(args.user, _last_seq(folder, sh, last)))
-        report["folders"][str(folder)] += _strip_snapshot(folder / f"snapshot-s{sh:03d}.json", args.user)
+        report["folders"][str(folder)] += remove_user(folder, sh, args.user)  # its state in snapshot files
     if not args.no_cache:
         root = storage.default_cache_root(os.environ)
         for meta_path in sorted(root.glob(f"*/*/{META_FILE}")) if root.is_dir() else []:
@@ -76,24 +78,9 @@ def _refuse_if_live(folder: Path) -> None:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 fcntl.flock(f, fcntl.LOCK_UN)
             except BlockingIOError:
-                raise ValueError(f"a live state shard writes {folder} ({lock.name} is locked); forget the user "
+                raise ValueError(f"a live state shard writes {folder} ({lock.name} is locked); forget the "
+                                 "user "
                                  "through that server: DELETE /users?user_id=...") from None
-
-
-def _strip_snapshot(path: Path, user_id: str) -> int:
-    """Remove the user's state from a stopped shard's snapshot (atomic rewrite); 1 if it was there."""
-    if not path.is_file():
-        return 0
-    body = json.loads(path.read_text(encoding="utf-8"))
-    if body.get("users", {}).pop(user_id, None) is None:
-        return 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(body, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return 1
 
 
 def _last_seq(folder: Path, shard: int, first_of_last: int) -> int:

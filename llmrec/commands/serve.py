@@ -44,7 +44,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start the state shards empty instead of from the users of RUN/data/interactions.parquet",
     )
-    p.add_argument("--address", default=None, help="join a running Ray cluster (default: start a local one)")
+    p.add_argument("--history-len", type=int, default=200,
+                   help="events kept per user in memory (default 200)")
+    p.add_argument("--log-retention-days", type=float, default=None,
+                   help="delete event-log segments older than this that a snapshot covers (default: keep "
+                        "all; "
+                        "`llmrec train --events` reads the log)")
+    p.add_argument("--shard-memory-mb", type=int, default=256,
+                   help="Ray memory reserved per state shard (default 256; about 6 KB per active user)")
+    p.add_argument("--state-backend", choices=("file", "redis"), default="file",
+                   help="where the state shards keep log, snapshots and tombstones: file (RUN/events, "
+                        "default) "
+                        "or redis (the URL, password included, from $LLMREC_STATE_URL; survives node loss)")
+    p.add_argument("--address", default=None,
+                   help="join a running Ray cluster (default: start a new local one, even if `ray start` "
+                        "ran)")
 
 
 EVENTS_LOCAL = "the event log is appended and fsync'd before each /feedback reply, which needs a local disk"
@@ -59,6 +73,17 @@ def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
         )
     parts = (schema.RUN_DATA, schema.RUN_EMBEDDINGS, schema.RUN_INDEX, schema.RUN_SCORER, schema.RUN_EVAL)
     return {"run": Run(parts), "model": In(), "events": LocalOnly(EVENTS_LOCAL)}
+
+
+STATE_URL_ENV = "LLMREC_STATE_URL"
+
+
+def _state_env(backend: str) -> str | None:
+    if backend != "redis":
+        return None
+    if not os.environ.get(STATE_URL_ENV):
+        raise ValueError(f"--state-backend redis needs ${STATE_URL_ENV} (redis://[:password@]host:port/db)")
+    return STATE_URL_ENV
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
             "log_user_ids": args.log_user_ids,
             "load_run_users": not args.no_run_users,
             "log_dir": str(Path(args.events).resolve()) if args.events else None,
+            "history_len": args.history_len,
+            "log_retention_days": args.log_retention_days,
+            "shard_memory_mb": args.shard_memory_mb,
+            "state_url_env": _state_env(args.state_backend),
         }
     )
     init_ray(address=args.address)

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["TOKEN_ENV", "read_token", "ARGV_REFUSED"]
+__all__ = ["TOKEN_ENV", "read_token", "ARGV_REFUSED", "set_replica_token", "replica_token"]
 
 TOKEN_ENV = "LLMREC_AUTH_TOKEN"
 ARGV_REFUSED = (
@@ -32,7 +32,8 @@ def read_token(file: str | os.PathLike | None, environ: Mapping[str, str], env_n
     if file:
         p = Path(file).expanduser()
         if not p.is_file():
-            raise ValueError(f"auth token file {p} does not exist; create it (one line, mode 0600) or unset it")
+            raise ValueError(f"auth token file {p} does not exist; create it (one line, mode 0600) or unset "
+                             "it")
         token = p.read_text(encoding="utf-8").strip()
         if not token:
             raise ValueError(f"auth token file {p} is empty; write the token into it")
@@ -43,3 +44,18 @@ def read_token(file: str | os.PathLike | None, environ: Mapping[str, str], env_n
             raise ValueError(f"${env_name} is set but blank; set it to the token or unset it")
         return token
     return None
+
+
+# The bearer token of this process's Ingress replica (one Ingress per replica process); None = auth off.
+# It lives here, in a module that Serve imports by reference, because the Ingress class is shipped to the
+# replica by value (its own copy of its module's globals): a global next to it would not be the one the
+# FastAPI middleware reads.
+_REPLICA: dict[str, str | None] = {"token": None}
+
+
+def set_replica_token(token: str | None) -> None:
+    _REPLICA["token"] = token
+
+
+def replica_token() -> str | None:
+    return _REPLICA["token"]

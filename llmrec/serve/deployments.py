@@ -40,6 +40,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmrec import schema
+from llmrec.serve import auth
 from llmrec.serve import schemas as S
 from llmrec.state.errors import StateUnavailable
 
@@ -347,16 +348,11 @@ def unavailable(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-# The bearer token of this replica's Ingress (one Ingress per replica process); None = auth off. A module
-# global because the FastAPI app (and so its middleware) is defined at import, before any Ingress exists.
-_AUTH: dict[str, str | None] = {"token": None}
-
-
 @api.middleware("http")
 async def _require_token(request: Request, call_next: Callable[..., Any]) -> Any:
     """Every route except /healthz needs `Authorization: Bearer <token>` when a token is configured (reads
     too: /users holds a user's whole history and text feedback)."""
-    token = _AUTH["token"]
+    token = auth.replica_token()  # set by this replica's Ingress (llmrec.serve.auth says why it lives there)
     if token is not None and not request.url.path.endswith("/healthz"):
         scheme, _, got = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), token.encode()):
@@ -429,6 +425,11 @@ class Ingress:
         namespace: str = "llmrec",
         log_dir: str | None = None,
         data_dir: str | None = None,
+        history_len: int = 200,
+        log_retention_s: float | None = None,
+        shard_memory_mb: int | None = 256,
+        state_url: str | None = None,
+        state_url_env: str | None = None,
     ) -> None:
         from llmrec.state.store import EmbeddingsMeanVectorizer, StateStore
 
@@ -441,7 +442,7 @@ class Ingress:
         self.auth_token = auth_token or (
             read_token(auth_token_file, os.environ, auth_token_env) if (auth_token_file or auth_token_env)
             else None)
-        _AUTH["token"] = self.auth_token
+        auth.set_replica_token(self.auth_token)
         self.log_user_ids = bool(log_user_ids)
         self.max_body_bytes = int(max_body_bytes)
         arts = resolve_artifacts(self.run_dir, None)
@@ -455,6 +456,12 @@ class Ingress:
             vectorizer_factory=EmbeddingsMeanVectorizer(self._embeddings_dir),
             name=state_name,
             base_dir=data_dir,
+            history_len=history_len,
+            log_retention_s=log_retention_s,
+            shard_memory_mb=shard_memory_mb,
+            # Redis (node loss survives): the URL may hold a password, so the replica reads it from an
+            # environment variable filled from a Secret (state_url_env) rather than from the config
+            state_url=state_url or (os.environ.get(state_url_env) if state_url_env else None),
         )
         self._default_data_dir = self._data_dir = _abs_or_none(data_dir)
         from llmrec.state.privacy import UserKeyer
@@ -640,13 +647,15 @@ class Ingress:
     async def get_user(self, user_id: str) -> dict[str, Any]:
         """The user's state summary (history, seen, negatives, text feedback, version); users of the run's
         interactions are known from the start (their last events, counted in n_events/version). Ids with
-        `/` work here (`/users/a%2Fb`); ids that URL normalisation changes (`.`, `..`) need `GET /users?user_id=`.
+        `/` work here (`/users/a%2Fb`); ids that URL normalisation changes (`.`, `..`) need
+        `GET /users?user_id=`.
         """
         return await self._get_user(user_id)
 
     @api.get("/users", responses={404: {"model": S.ErrorResponse}})
     @_eager_annotations
-    async def get_user_q(self, user_id: str = Query(min_length=1, max_length=S.MAX_ID_CHARS)) -> dict[str, Any]:
+    async def get_user_q(self, user_id: str = Query(min_length=1, max_length=S.MAX_ID_CHARS)
+                         ) -> dict[str, Any]:
         """`GET /users/{user_id}` with the id as a query parameter (any id, also `.` or `..`)."""
         return await self._get_user(user_id)
 

@@ -207,11 +207,15 @@ class EventLog:
             self._close_segment()
             return forget_user(self.dir, user_id, shard=self.shard, max_seq=max_seq)
 
-    def forget_users(self, user_ids: Mapping[str, int]) -> int:
-        """`forget_user` for many users in one pass over the segments: {user_id: max_seq}."""
+    def forget_users(self, user_ids: Mapping[str, int | None]) -> int:
+        """`forget_user` for many users in one pass over the segments: {user_id: max_seq or None}.
+
+        Only the segment switch holds the writer's lock: the rewrite covers the segments closed at that
+        moment (every record up to `last_seq`), so appends go on meanwhile in a new segment."""
         with self._mutex:
             self._close_segment()
-            return _rewrite_without(self.dir, self.shard, user_ids)
+            upto = self.last_seq
+        return _rewrite_without(self.dir, self.shard, user_ids, max_first_seq=upto)
 
     def retire(self, upto_seq: int, older_than_s: float) -> list[Path]:
         """Delete closed segments whose records all have seq <= upto_seq (a snapshot holds their effect) and
@@ -422,11 +426,15 @@ def forget_user(log_dir: str | os.PathLike, user_id: str, shard: int | None = No
 # ----------------------------------------------------------------------------------------------- internals
 
 
-def _rewrite_without(log_dir: Path, shard: int, users: Mapping[str, int | None]) -> int:
-    """Rewrite this shard's segments without the records of `users` ({user_id: max_seq or None})."""
+def _rewrite_without(log_dir: Path, shard: int, users: Mapping[str, int | None],
+                     max_first_seq: int | None = None) -> int:
+    """Rewrite this shard's segments without the records of `users` ({user_id: max_seq or None}); with
+    `max_first_seq`, only segments that start at or before it (closed ones: a writer may append to newer)."""
     removed = 0
     segs = segment_paths(log_dir, shard)
-    for k, (_sh, _first, path) in enumerate(segs):
+    for k, (_sh, first, path) in enumerate(segs):
+        if max_first_seq is not None and first > max_first_seq:
+            continue
         out: list[bytes] = []
         hit = 0
         batch: list[dict[str, Any]] = []

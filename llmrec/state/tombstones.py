@@ -26,10 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from llmrec.state.privacy import UserKeyer
@@ -43,14 +41,15 @@ class Tombstones:
     """The deleted users of one shard: {user_key: (seq, ts)}, plus the keys whose log purge is pending.
 
     Args:
-        path: the shard's `tombstones-sNNN.jsonl` (created on the first delete).
+        io: where the lines live: `tomb_lines() -> list[str]` and `tomb_append(line, fsync)` (a shard backend:
+            the file `tombstones-sNNN.jsonl`, or a Redis list).
         keyer: the store's `UserKeyer`.
         extra: entries from a snapshot ({key: [seq, ts]}; legacy {sha256: [seq, crc32]} is recognised).
     """
 
-    def __init__(self, path: str | os.PathLike, keyer: UserKeyer, extra: Mapping[str, Any] | None = None
-                 ) -> None:
-        self.path = Path(path)
+    def __init__(self, io: Any, keyer: UserKeyer, extra: Mapping[str, Any] | None = None) -> None:
+        self.io = io
+        self.path = getattr(io, "describe", lambda: "tombstones")()
         self.keyer = keyer
         self.entries: dict[str, tuple[int, float]] = {}
         self.legacy: dict[str, int] = {}  # sha256(user_id) -> seq, from versions before keyed hashes
@@ -64,7 +63,8 @@ class Tombstones:
             else:  # a snapshot of the previous version: {sha256: [seq, crc32]}
                 self._merge_legacy(k, int(v[0]))
         if self.legacy:
-            logger.warning("%s: %d tombstone(s) from an older version keep an unsalted sha256 of the user id; "
+            logger.warning("%s: %d tombstone(s) from an older version keep an unsalted sha256 of the user "
+                           "id; "
                            "they are still honoured", self.path, len(self.legacy))
 
     def __len__(self) -> int:
@@ -129,46 +129,28 @@ class Tombstones:
         self.legacy[h] = max(seq, self.legacy.get(h, 0))
 
     def _append(self, rec: dict[str, Any], fsync: bool) -> None:
-        new_file = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            data = (json.dumps(rec) + "\n").encode()
-            while data:
-                data = data[os.write(fd, data):]
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        if new_file and fsync:
-            dfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        self.io.tomb_append(json.dumps(rec) + "\n", fsync)
 
     def _read(self) -> None:
-        if not self.path.is_file():
-            return
         torn = 0
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line) if line.endswith("\n") else None
-                    seq = int(rec["seq"])
-                    key = rec.get("user_key")
-                    if key is None:  # an older version's line
-                        self._merge_legacy(rec["user_sha256"], seq)
-                        continue
-                    ts = float(rec["ts"])
-                except (ValueError, TypeError, KeyError):
-                    torn += 1
+        for line in self.io.tomb_lines():  # one line per delete or purge mark
+            try:
+                rec = json.loads(line) if line.endswith("\n") else None
+                seq = int(rec["seq"])
+                key = rec.get("user_key")
+                if key is None:  # an older version's line
+                    self._merge_legacy(rec["user_sha256"], seq)
                     continue
-                if rec.get("purged"):
-                    if self.entries.get(key, (0, 0.0))[0] <= seq:
-                        self.pending.discard(key)
-                else:
-                    self.pending.add(key)
-                self._merge(key, seq, ts)
+                ts = float(rec["ts"])
+            except (ValueError, TypeError, KeyError):
+                torn += 1
+                continue
+            if rec.get("purged"):
+                if self.entries.get(key, (0, 0.0))[0] <= seq:
+                    self.pending.discard(key)
+            else:
+                self.pending.add(key)
+            self._merge(key, seq, ts)
         if torn:
             logger.warning("%s: skipped %d unreadable line(s) (a crash mid-write: never acknowledged)",
                            self.path, torn)

@@ -64,8 +64,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -
 
 class RedisServer:
     """A redis-server (Debian's package; .ci/run installs it) on a free loopback port, AOF with
-    `appendfsync always`, data in `dir`; `stop(hard)` kills it (SIGKILL when hard), `start()` brings it back on
-    the same port and data (AOF replay)."""
+    `appendfsync always`, data in `dir`; `stop(hard)` kills it (SIGKILL when hard), `start()` brings it back
+    on the same port and data (AOF replay)."""
 
     def __init__(self, dir: Path) -> None:
         import socket
@@ -85,7 +85,8 @@ class RedisServer:
 
         exe = shutil.which("redis-server")
         if exe is None:
-            raise RuntimeError("redis-server is not installed: apt-get install -y redis-server (.ci/run does it)")
+            raise RuntimeError("redis-server is not installed: apt-get install -y redis-server (.ci/run does "
+                               "it)")
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
              "--appendfsync", "always", "--dir", str(self.dir), "--protected-mode", "yes"],

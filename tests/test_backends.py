@@ -28,8 +28,8 @@ class Storage:
 
     def shard(self, **kw) -> UserStateShard:
         kw.setdefault("background", False)
-        return UserStateShard(0, str(self.dir), vec_factory(), state_url=self.redis.url if self.redis else None,
-                              **kw)
+        url = self.redis.url if self.redis else None
+        return UserStateShard(0, str(self.dir), vec_factory(), state_url=url, **kw)
 
     def records(self, shard: UserStateShard) -> list[dict]:
         return list(shard.log.records())

@@ -202,7 +202,8 @@ def test_auth_token_guards_every_route_but_healthz(
     try:
         ev = {"user_id": "z", "item_id": "space-1", "event": "like"}
         assert a.call("POST", "/feedback", json=ev).status_code == 401
-        assert a.call("POST", "/feedback", json=ev, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        wrong = {"Authorization": "Bearer wrong"}
+        assert a.call("POST", "/feedback", json=ev, headers=wrong).status_code == 401
         for method, path in [("DELETE", "/users/z"), ("GET", "/admin/stats"), ("GET", "/users/z"),
                              ("GET", "/recommend?user_id=z"), ("GET", "/users?user_id=z"), ("GET", "/docs"),
                              ("GET", "/openapi.json"), ("DELETE", "/users?user_id=z")]:

@@ -304,14 +304,17 @@ def test_rayservice_takes_the_api_token_from_a_secret_and_limits_who_connects() 
     assert "auth_token" not in args and args["auth_token_env"] in ("LLMREC_AUTH_TOKEN",)
     assert set(args) <= _KNOWN_ARGS
     cfg = svc["spec"]["rayClusterConfig"]
-    pods = [cfg["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cfg["workerGroupSpecs"]]
+    pods = [cfg["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in cfg["workerGroupSpecs"]]
     for pod in pods:  # replicas may run on any node: every pod has the variable, from the Secret
         env = {e["name"]: e for e in pod["containers"][0].get("env", [])}
-        assert env[args["auth_token_env"]]["valueFrom"]["secretKeyRef"] == {"name": "llmrec-api", "key": "token"}
+        token = env[args["auth_token_env"]]["valueFrom"]["secretKeyRef"]
+        assert token == {"name": "llmrec-api", "key": "token"}
         state = env[args["state_url_env"]]["valueFrom"]["secretKeyRef"]  # Redis URL + password: a Secret
         assert state == {"name": "llmrec-redis", "key": "url"}
     redis_docs = list(yaml.safe_load_all((KUBERAY / "redis.yaml").read_text()))
-    dep = next(d for d in redis_docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    dep = next(d for d in redis_docs if d["kind"] == "Deployment")
+    dep = dep["spec"]["template"]["spec"]["containers"][0]
     assert dep["args"][dep["args"].index("--appendfsync") + 1] == "always" and "--requirepass" in dep["args"]
     assert dep["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "llmrec-redis", "key": "password"}
     rules = policy["spec"]["ingress"]

@@ -71,7 +71,8 @@ def test_full_disk_on_a_real_tmpfs(tmp_path: Path) -> None:
         shard.close()
         again = UserStateShard(0, str(mnt), vec_factory(), background=False)
         check_exactly_once(again.users, [r["event_id"] for r in again.log.records()], events, acked)
-        assert {u: comparable(s) for u, s in users.items()} == {u: comparable(s) for u, s in again.users.items()}
+        assert {u: comparable(s) for u, s in users.items()} == {
+            u: comparable(s) for u, s in again.users.items()}
         again.close()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)

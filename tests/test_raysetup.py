@@ -23,7 +23,8 @@ def _closed_port() -> int:
 def test_a_given_address_that_does_not_answer_fails_fast_with_a_message() -> None:
     port = _closed_port()
     t0 = time.monotonic()
-    with pytest.raises(ValueError, match=rf"127.0.0.1:{port} \(127.0.0.1:{port}\) does not answer .*ray start"):
+    want = rf"127.0.0.1:{port} \(127.0.0.1:{port}\) does not answer .*ray start"
+    with pytest.raises(ValueError, match=want):
         check_reachable(f"127.0.0.1:{port}", timeout_s=2)
     with pytest.raises(ValueError, match="does not answer"):
         check_reachable(f"ray://127.0.0.1:{port}", timeout_s=2)
@@ -33,7 +34,8 @@ def test_a_given_address_that_does_not_answer_fails_fast_with_a_message() -> Non
 
 
 def test_no_address_starts_a_local_ray_even_with_a_stale_recorded_cluster() -> None:
-    """`ray.init()` would join the cluster `ray start` recorded; when it is gone it retried its GCS for minutes.
+    """`ray.init()` would join the cluster `ray start` recorded; when it is gone it retried its GCS for
+    minutes.
     A private RAY_TMPDIR holds a stale record (a dead GCS port), so nothing on the machine is touched."""
     import shutil
     import tempfile
@@ -53,7 +55,8 @@ def test_no_address_starts_a_local_ray_even_with_a_stale_recorded_cluster() -> N
            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env=env)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-2000:]

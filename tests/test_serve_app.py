@@ -236,7 +236,8 @@ def test_retried_body_counts_once_and_the_reply_names_the_ids(app: App) -> None:
     assert first["duplicates"] == 0 and again["duplicates"] == 1
     assert again["event_ids"] == first["event_ids"] and len(first["event_ids"][0]) == 32
     assert app.call("GET", "/users/retry-user").json()["n_events"] == 1
-    no_ts = app.call("POST", "/feedback", json={"user_id": "retry-user", "item_id": "cook-2", "event": "view"})
+    view = {"user_id": "retry-user", "item_id": "cook-2", "event": "view"}
+    no_ts = app.call("POST", "/feedback", json=view)
     eid = no_ts.json()["event_ids"][0]
     retry = app.call("POST", "/feedback", json={"user_id": "retry-user", "item_id": "cook-2", "event": "view",
                                                 "event_id": eid})
@@ -280,6 +281,10 @@ def test_delete_forgets_state_and_log(app: App) -> None:
     d = app.call("DELETE", f"/users/{uid}")
     assert d.status_code == 200 and d.json() == {"ok": True, "deleted": True}
     assert app.call("GET", f"/users/{uid}").status_code == 404
+    deadline = time.monotonic() + 30  # the shard purges its log in the background, about a second later
+    events = app.run / schema.RUN_EVENTS
+    while (read_events(events)[schema.USER_ID] == uid).sum() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert (read_events(app.run / schema.RUN_EVENTS)[schema.USER_ID] == uid).sum() == 0
     fresh = app.call("GET", "/recommend", params={"user_id": uid, "k": 5}).json()
     assert fresh["state_version"] == 0 and fresh["items"][0]["item_id"] == "cook-3"

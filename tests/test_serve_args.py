@@ -71,7 +71,8 @@ def test_auth_token_comes_from_a_file_or_the_environment_never_argv(tmp_path: Pa
     with pytest.raises(ValueError, match="visible to every user of the machine") as exc:
         serve_cmd.run(args)
     assert "s3cret" not in str(exc.value)
-    assert _parse_args({"run_dir": str(tmp_path / "run"), "auth_token_file": str(f)})["auth_token_file"] == str(f)
+    cfg = _parse_args({"run_dir": str(tmp_path / "run"), "auth_token_file": str(f)})
+    assert cfg["auth_token_file"] == str(f)
 
 
 def test_state_bounds_and_reservations_are_configurable(tmp_path: Path) -> None:

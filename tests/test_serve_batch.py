@@ -1,6 +1,7 @@
 """The model deployment's batches: one failing request is answered with its own error, its batch mates
 normally (it used to fail every request of its @serve.batch). Runs the Recommender class without Serve: the
-batch handlers are called with a whole batch through `__wrapped__` (`serve.batch` needs a replica to queue)."""
+batch handlers are called with a whole batch through `__wrapped__` (`serve.batch` needs a replica to
+queue)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def test_one_bad_request_does_not_fail_its_batch(tiny_model_dir: str, tmp_path: 
     rec = Recommender.func_or_class(str(tmp_path / "run"))
     dim = rec.info()["dim"]
     good = {"user_id": "u", "state": None, "k": 3, "q": None, "exclude_seen": True}
-    bad = {**good, "user_id": "v", "state": {"user_id": "v", "vector": [1.0, 2.0], "history": []}}  # wrong dim
+    wrong_dim = {"user_id": "v", "vector": [1.0, 2.0], "history": []}
+    bad = {**good, "user_id": "v", "state": wrong_dim}
 
     batch = type(rec).recommend.__wrapped__
     alone = asyncio.run(batch(rec, [good]))[0]

@@ -48,6 +48,7 @@ bench: install
 	$(BIN)/python benchmarks/train.py --epochs 2 --out runs/bench/train.json
 	$(BIN)/python benchmarks/serve_load.py --sizes 10000 100000 --out runs/bench/serve_load.json
 	$(BIN)/python benchmarks/state_load.py --out runs/bench/state_load.json
+	$(BIN)/python benchmarks/state_faults.py --users 20000 --out runs/bench/state_faults.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export LLMREC_DATA_DIR ?= $(abspath $(DATA))
 
-.PHONY: install run test test-slow test-all bench clean
+.PHONY: install run test test-slow test-faults test-all bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +31,14 @@ test: install
 	$(BIN)/python -m pytest
 
 test-slow: install
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m 'slow or faults'
+
+# full disk, kill -9 of a shard mid-batch, replica kill, corrupt record, Redis restart; the 10,000-request fuzzer
+test-faults: install
+	$(BIN)/python -m pytest -m faults
 
 test-all: install
-	$(BIN)/python -m pytest -m 'slow or not slow'
+	$(BIN)/python -m pytest -m 'slow or faults or not slow'
 
 # each benchmark prints a JSON report with ratios against a named baseline measured in the same run
 bench: install
@@ -44,6 +48,7 @@ bench: install
 	$(BIN)/python benchmarks/train.py --epochs 2 --out runs/bench/train.json
 	$(BIN)/python benchmarks/serve_load.py --sizes 10000 100000 --out runs/bench/serve_load.json
 	$(BIN)/python benchmarks/state_load.py --out runs/bench/state_load.json
+	$(BIN)/python benchmarks/state_faults.py --users 20000 --out runs/bench/state_faults.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -152,7 +152,7 @@ def _ray_history(out: Path) -> list[dict]:
     """Per-epoch metrics of the Ray run (the last checkpoint holds every epoch's rate)."""
     import torch
 
-    state = torch.load(out / "last_checkpoint" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = torch.load(out / "last_checkpoint" / "checkpoint.pt", map_location="cpu", weights_only=True)
     return state.get("history", [state["metrics"]])
 
 

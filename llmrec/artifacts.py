@@ -23,6 +23,31 @@ class ArtifactError(ValueError):
     """An artifact folder is missing, of the wrong stage, or incompatible with what the caller needs."""
 
 
+def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)`: tensors and plain containers only.
+
+    Model files may come from a bucket or a hot-swap path; a full unpickle would run any code someone who can
+    write there put in. A file that holds other objects (an older llmrec's checkpoint, or a tampered one) is
+    refused, not executed.
+
+    Raises:
+        ArtifactError: the file holds objects other than tensors/dicts/lists/numbers/strings; says to retrain.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ArtifactError(
+            f"{path} holds Python objects other than tensors and plain containers (an older llmrec's file, "
+            "or "
+            "a tampered one); it is not loaded, since unpickling them could run code. Re-train it: "
+            f"`llmrec train --out {Path(path).parent}` (details: {str(e).splitlines()[0][:160]})"
+        ) from None
+
+
 def write_meta(out_dir: str | os.PathLike, stage: str, **fields: Any) -> dict[str, Any]:
     """Write `out_dir/meta.json` atomically and return what was written."""
     out = Path(out_dir)

@@ -18,7 +18,8 @@ from llmrec import storage
 from llmrec.log import setup_logging
 from llmrec.raysetup import local_env_defaults
 
-COMMANDS = ("prepare", "embed", "index", "train", "evaluate", "recommend", "serve", "replay", "learn", "pipeline")
+COMMANDS = ("prepare", "embed", "index", "train", "evaluate", "recommend", "serve", "replay", "learn", "pipeline",
+            "forget")
 
 
 def build_parser() -> argparse.ArgumentParser:

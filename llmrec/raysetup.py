@@ -27,12 +27,19 @@ def local_env_defaults() -> None:
         os.environ.setdefault(k, v)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded local Ray.
+def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True,
+             connect_timeout_s: float = 5.0) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a NEW embedded local Ray.
 
-    The embedded Ray runs its dashboard on 127.0.0.1 (job, Ray Data and Ray Train progress; without it
-    Train V2 also logs "Failed to query Ray Train Controller actor state" every second).
-    A no-op when Ray is already initialised (e.g. inside `ray job submit` or a test session).
+    Without an address this never joins a cluster that `ray start` recorded on the machine (plain
+    `ray.init()` would, and would retry a dead one's GCS for minutes: PLATFORM.md G10); it passes
+    `address="local"`. With an address, the GCS must accept a TCP connection within `connect_timeout_s`,
+    else a ValueError says so at once. The embedded Ray runs its dashboard on 127.0.0.1 (job, Ray Data and
+    Ray Train progress; without it Train V2 also logs "Failed to query Ray Train Controller actor state"
+    every second). A no-op when Ray is already initialised (e.g. inside `ray job submit` or a test session).
+
+    Raises:
+        ValueError: a given address does not answer, or "auto" finds no recorded cluster.
     """
     import ray
 
@@ -44,13 +51,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
         logger.info("joining the Ray cluster of this job")
         ray.init(address=address, log_to_driver=True)
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or None
     env_vars = {k: os.environ[k] for k in LOCAL_ENV if k in os.environ}
-    if address:
-        logger.info("joining Ray cluster at %s", address)
+    if address and address != "local":
+        host_port = check_reachable(address, connect_timeout_s)
+        logger.info("joining Ray cluster at %s (%s)", address, host_port)
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
         ctx = ray.init(
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
@@ -61,6 +70,39 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
         url = getattr(ctx, "dashboard_url", None) if dashboard else None
         logger.info("started embedded local Ray (%d CPU, %d GPU)%s", res.get("CPU", 0), res.get("GPU", 0),
                     f", dashboard http://{url}" if url else "")
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> str:
+    """host:port of a Ray address (`host:port`, `ray://host:port`, or "auto" = the cluster `ray start`
+    recorded), after checking that something accepts TCP connections there.
+
+    Raises:
+        ValueError: nothing answers (a stopped cluster, a wrong address), or "auto" finds nothing recorded.
+    """
+    import socket
+
+    target = address
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        target = canonicalize_bootstrap_address("auto")
+        if target is None:
+            raise ValueError("--address auto: no running Ray cluster is recorded on this machine; start one "
+                             "(`ray start --head`) or leave --address out to start a local Ray")
+    hp = target.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = hp.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"Ray address {address!r} is not host:port (or ray://host:port, auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"the Ray cluster at {address} ({host}:{port}) does not answer ({e.strerror or e}) within "
+            f"{timeout_s:.0f}s; start it (`ray start --head`), fix --address / $RAY_ADDRESS, or leave both "
+            "unset to start a local Ray"
+        ) from None
+    return f"{host}:{port}"
 
 
 def cluster_cpus() -> float:

@@ -567,12 +567,29 @@ def _get_file(fs: pafs.FileSystem, remote: str, local: Path) -> None:
 def _get_folder(fs: pafs.FileSystem, path: str, local: Path, meta: bytes | None) -> tuple[int, int]:
     """Download every file below `path` except the marks; meta.json is written from the bytes read before."""
     files = [(rel, i) for rel, i in _list_files(fs, path) if rel not in (META_FILE, *_MARKS)]
+    for rel, _i in files:
+        _inside(local, rel, path)
     local.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(_THREADS) as pool:
         list(pool.map(lambda f: _get_file(fs, f[1].path, local / f[0]), files))
     if meta is not None:
         (local / META_FILE).write_bytes(meta)
     return len(files) + (meta is not None), sum(i.size or 0 for _, i in files) + len(meta or b"")
+
+
+def _inside(local: Path, rel: str, remote: str) -> Path:
+    """`local / rel`, refusing a remote key that would land outside `local` (`../`, absolute, empty parts):
+    whoever can write the bucket must not be able to write anywhere on this machine."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
+        raise ValueError(f"remote key {rel!r} under {_show(remote)} is not a plain relative path (it has "
+                         "'..', "
+                         "'.', an empty part or a leading '/'); refusing to download it outside the cache "
+                         "folder: remove or rename it in the bucket")
+    dest = (local / rel).resolve()
+    if not dest.is_relative_to(local.resolve()):
+        raise ValueError(f"remote key {rel!r} under {_show(remote)} resolves outside the cache folder")
+    return dest
 
 
 def _make_parent(fs: pafs.FileSystem, path: str) -> None:

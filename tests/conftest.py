@@ -60,3 +60,59 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+class RedisServer:
+    """A redis-server (Debian's package; .ci/run installs it) on a free loopback port, AOF with
+    `appendfsync always`, data in `dir`; `stop(hard)` kills it (SIGKILL when hard), `start()` brings it back
+    on the same port and data (AOF replay)."""
+
+    def __init__(self, dir: Path) -> None:
+        import socket
+
+        self.dir = dir
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.url = f"redis://127.0.0.1:{self.port}/0?prefix=t"
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        import shutil
+        import subprocess
+        import time
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed: apt-get install -y redis-server (.ci/run does "
+                               "it)")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.dir), "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if redis.Redis(port=self.port, socket_connect_timeout=0.5).ping():
+                    return
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self, hard: bool = False) -> None:
+        if self.proc is not None:
+            (self.proc.kill if hard else self.proc.terminate)()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):
+    (tmp_path / "redis").mkdir(exist_ok=True)
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()

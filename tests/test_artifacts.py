@@ -53,3 +53,40 @@ def test_fingerprint_changes_with_content(tmp_path):
     assert f1 == file_fingerprint([a]) and len(f1) == 16
     a.write_bytes(b"hello!")
     assert file_fingerprint([a]) != f1
+
+
+class _RunsCodeOnLoad:
+    """A pickled object whose unpickling touches a file: what a tampered model file could do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_model_files_load_without_running_code(tmp_path) -> None:
+    """Scorer.load used torch.load(weights_only=False): a model file from a bucket could run code."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from llmrec.artifacts import ArtifactError, load_torch_file, write_meta
+    from llmrec.schema import INDEX_IDS_FILE
+    from llmrec.schema import SCORER_MODEL_FILE as MODEL_FILE
+    from llmrec.scorer.inference import Scorer
+
+    marker = tmp_path / "pwned"
+    d = tmp_path / "scorer"
+    d.mkdir()
+    torch.save({"model_config": {}, "model": {}, "x": _RunsCodeOnLoad(str(marker))}, d / MODEL_FILE)
+    np.save(d / INDEX_IDS_FILE, np.array(["a"]))
+    write_meta(d, "train")
+    with pytest.raises(ArtifactError, match=r"not loaded, since unpickling them could run code. Re-train"):
+        Scorer.load(d)
+    assert not marker.exists()
+    good = tmp_path / "good.pt"
+    torch.save({"model_config": {"dim": 4, "names": ["a"]}, "model": {"w": torch.ones(2)}}, good)
+    assert torch.equal(load_torch_file(good)["model"]["w"], torch.ones(2))

@@ -65,9 +65,9 @@ def _bad_event(rng: random.Random) -> dict:
     elif defect == 3:
         ev["event"] = rng.choice(["LIKE", "love", "", None, 3, "like ", "rating2"])
     elif defect == 4:
-        ev["event"], ev["value"] = "rating", rng.choice([None, "5", -1, 5.5, 99, True, [4]])
+        ev["event"], ev["value"] = "rating", rng.choice([None, "5", -1, 5.5, 99, True, [4], 10**400])
     elif defect == 5:
-        ev["ts"] = rng.choice(["yesterday", -5, 1e300, [], True])
+        ev["ts"] = rng.choice(["yesterday", -5, 1e300, [], True, 10**400, -(10**400)])
     elif defect == 6:
         ev["text"] = rng.choice(["", " ", "x" * 2001, 42, ["a"]])
     elif defect == 7:
@@ -133,6 +133,9 @@ def _requests(rng: random.Random, n: int):
                     {"k": "5"},
                     {"user_id": " "},
                     {"user_id": "u", "q": "   "},
+                    {"user_id": "\x00"},  # refused by /feedback, so refused here too (was a 200)
+                    {"user_id": "a\x00b", "k": "3"},
+                    {"user_id": "u", "q": "space\x00"},
                 ]
             )
             yield "GET", "/recommend", {"params": params}
@@ -187,21 +190,40 @@ def test_random_bad_requests_never_5xx_and_change_nothing(app: App) -> None:
     assert len(read_events(events_dir)) == 1  # only the one good event reached the durable log
 
 
-def test_auth_token_guards_writes(
+def test_auth_token_guards_every_route_but_healthz(
     ray_local, tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    a = App("authtest", tmp_path_factory.mktemp("auth-run"), tiny_model_dir, auth_token="s3cret")
+    """Reads used to stay open with a token set (GET /users: a user's whole history and text feedback)."""
+    tmp = tmp_path_factory.mktemp("auth-run")
+    token_file = tmp / "token"
+    token_file.write_text("s3cret\n")
+    a = App("authtest", tmp / "run", tiny_model_dir, auth_token_file=str(token_file))
+    ok = {"Authorization": "Bearer s3cret"}
     try:
         ev = {"user_id": "z", "item_id": "space-1", "event": "like"}
         assert a.call("POST", "/feedback", json=ev).status_code == 401
-        assert (
-            a.call("POST", "/feedback", json=ev, headers={"Authorization": "Bearer wrong"}).status_code == 401
-        )
-        assert a.call("DELETE", "/users/z").status_code == 401
-        assert a.call("GET", "/admin/stats").status_code == 401
-        assert a.call("GET", "/users/z").status_code == 404  # nothing was written
-        ok = a.call("POST", "/feedback", json=ev, headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200 and ok.json()["state_version"] == 1
-        assert a.call("GET", "/recommend", params={"user_id": "z"}).status_code == 200  # reads stay open
+        wrong = {"Authorization": "Bearer wrong"}
+        assert a.call("POST", "/feedback", json=ev, headers=wrong).status_code == 401
+        for method, path in [("DELETE", "/users/z"), ("GET", "/admin/stats"), ("GET", "/users/z"),
+                             ("GET", "/recommend?user_id=z"), ("GET", "/users?user_id=z"), ("GET", "/docs"),
+                             ("GET", "/openapi.json"), ("DELETE", "/users?user_id=z")]:
+            r = a.call(method, path)
+            assert r.status_code == 401 and r.json()["error"].startswith("missing or wrong"), (path, r.text)
+        assert a.call("GET", "/healthz").status_code == 200  # liveness probes carry no token
+        assert a.call("GET", "/users/z", headers=ok).status_code == 404  # nothing was written
+        r = a.call("POST", "/feedback", json=ev, headers=ok)
+        assert r.status_code == 200 and r.json()["state_version"] == 1
+        assert a.call("GET", "/recommend", params={"user_id": "z"}, headers=ok).status_code == 200
+        # ids with a slash, "." and "..": accepted by POST, so they must be readable and deletable too
+        for uid in ("a/b", ".", ".."):
+            assert a.call("POST", "/feedback", json={**ev, "user_id": uid}, headers=ok).status_code == 200
+            got = a.call("GET", "/users", params={"user_id": uid}, headers=ok)
+            assert got.status_code == 200 and got.json()["user_id"] == uid
+            d = a.call("DELETE", "/users", params={"user_id": uid}, headers=ok)
+            assert d.json() == {"ok": True, "deleted": True}
+            assert a.call("GET", "/users", params={"user_id": uid}, headers=ok).status_code == 404
+        assert a.call("POST", "/feedback", json={**ev, "user_id": "c/d"}, headers=ok).status_code == 200
+        assert a.call("GET", "/users/c%2Fd", headers=ok).json()["user_id"] == "c/d"
+        assert a.call("DELETE", "/users/c/d", headers=ok).json()["deleted"] is True
     finally:
         a.close()

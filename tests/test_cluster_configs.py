@@ -171,6 +171,10 @@ def test_kuberay_versions_images_and_gpus() -> None:
     v = _ray_version()
     kinds = set()
     for path, doc in _kuberay_docs():
+        if doc["apiVersion"] != "ray.io/v1" and not path.name.startswith("ray"):
+            continue  # redis.yaml: plain Kubernetes objects
+        if doc["kind"] == "NetworkPolicy":  # rayservice.yaml's companion: who may connect
+            continue
         assert doc["apiVersion"] == "ray.io/v1", path
         kinds.add(doc["kind"])
         for cspec in _cluster_specs(doc):
@@ -219,7 +223,7 @@ def test_every_referenced_job_module_has_main() -> None:
 
 def _serve_apps() -> list[tuple[str, dict[str, Any]]]:
     apps = []
-    svc = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())
+    svc = next(yaml.safe_load_all((KUBERAY / "rayservice.yaml").read_text()))
     for a in yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]:
         apps.append(("kuberay/rayservice.yaml", a))
     if (CLUSTER / "serve.yaml").is_file():
@@ -231,7 +235,7 @@ def _serve_apps() -> list[tuple[str, dict[str, Any]]]:
 def test_serve_configs_validate_and_import() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    svc = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())
+    svc = next(yaml.safe_load_all((KUBERAY / "rayservice.yaml").read_text()))
     ServeDeploySchema(**yaml.safe_load(svc["spec"]["serveConfigV2"]))  # Serve's own config schema
     if (CLUSTER / "serve.yaml").is_file():
         ServeDeploySchema(**yaml.safe_load((CLUSTER / "serve.yaml").read_text()))
@@ -282,3 +286,33 @@ def test_serve_app_args_are_accepted_by_build_app(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="meta.json") as e:
             build_app(args)
         assert "unknown" not in str(e.value), f"{where}: {e.value}"
+
+
+def test_rayservice_takes_the_api_token_from_a_secret_and_limits_who_connects() -> None:
+    """The manifest used to set no API token at all and to listen on 0.0.0.0 with no NetworkPolicy."""
+    from llmrec.serve.app import _KNOWN_ARGS
+
+    docs = list(yaml.safe_load_all((KUBERAY / "rayservice.yaml").read_text()))
+    svc, policy = docs[0], next(d for d in docs if d["kind"] == "NetworkPolicy")
+    args = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert "auth_token" not in args and args["auth_token_env"] in ("LLMREC_AUTH_TOKEN",)
+    assert set(args) <= _KNOWN_ARGS
+    cfg = svc["spec"]["rayClusterConfig"]
+    pods = [cfg["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in cfg["workerGroupSpecs"]]
+    for pod in pods:  # replicas may run on any node: every pod has the variable, from the Secret
+        env = {e["name"]: e for e in pod["containers"][0].get("env", [])}
+        token = env[args["auth_token_env"]]["valueFrom"]["secretKeyRef"]
+        assert token == {"name": "llmrec-api", "key": "token"}
+        state = env[args["state_url_env"]]["valueFrom"]["secretKeyRef"]  # Redis URL + password: a Secret
+        assert state == {"name": "llmrec-redis", "key": "url"}
+    redis_docs = list(yaml.safe_load_all((KUBERAY / "redis.yaml").read_text()))
+    dep = next(d for d in redis_docs if d["kind"] == "Deployment")
+    dep = dep["spec"]["template"]["spec"]["containers"][0]
+    assert dep["args"][dep["args"].index("--appendfsync") + 1] == "always" and "--requirepass" in dep["args"]
+    assert dep["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "llmrec-redis", "key": "password"}
+    rules = policy["spec"]["ingress"]
+    api_rule = next(r for r in rules if any(p["port"] == 8000 for p in r.get("ports", [])))
+    assert all("podSelector" in f for f in api_rule["from"])  # never open to everyone
+    local = yaml.safe_load((CLUSTER / "serve.yaml").read_text())["applications"][0]["args"]
+    assert "auth_token" not in local  # a token never sits in a config file

@@ -26,10 +26,12 @@ def test_append_read_round_trip_and_segments(tmp_path: Path) -> None:
     evs = [mk(k, user=f"u{k % 3}") for k in range(25)]
     with EventLog(tmp_path, segment_max_events=10, shard=2) as log:
         log.append(evs[:7])
-        log.append(evs[7:25])  # crosses two segment boundaries
+        log.append(evs[7:12])  # a batch is never split: the first segment ends with 12 records
+        log.append(evs[12:23])
+        log.append(evs[23:25])
         assert log.last_seq == 25
     segs = segment_paths(tmp_path)
-    assert [(s, first) for s, first, _ in segs] == [(2, 1), (2, 11), (2, 21)]
+    assert [(s, first) for s, first, _ in segs] == [(2, 1), (2, 13), (2, 24)]
     recs = list(iter_events(tmp_path))
     assert [r["seq"] for r in recs] == list(range(1, 26)) and {r["shard"] for r in recs} == {2}
     assert [Event.from_dict({k: v for k, v in r.items() if k not in ("seq", "shard")}) for r in recs] == evs
@@ -53,20 +55,35 @@ def test_new_writer_continues_seq_in_a_new_segment_and_lock_refuses_second_write
 
 
 def test_fsynced_data_survives_a_new_reader_process(tmp_path: Path) -> None:
-    # a separate process writes and is killed without close(); this process reads what it acknowledged
+    # a separate process writes and is killed without close(); this process reads what it acknowledged.
+    # os._exit keeps the page cache, so the data alone would survive without any fsync: the child also
+    # records every os.fsync (path and size at that moment), and every acknowledged byte must have been
+    # fsync'd before the acknowledgement, plus the folder (the new segment's directory entry).
     code = (
-        "import os, sys\n"
+        "import os, sys, json\n"
+        "calls = []\n"
+        "real = os.fsync\n"
+        "def spy(fd):\n"
+        "    real(fd)\n"
+        "    p = os.readlink(f'/proc/self/fd/{fd}')\n"
+        "    calls.append([p, os.fstat(fd).st_size])\n"
+        "os.fsync = spy\n"
         "from llmrec.state.event_log import EventLog\n"
         "from llmrec.state.user_state import Event\n"
         f"log = EventLog({str(tmp_path)!r}, shard=1)\n"
         "log.append([Event(event_id=f'e{k}', user_id='u', item_id='i', event='like', ts=1.0)\n"
         "            for k in range(50)])\n"
-        "print('acked', log.last_seq, flush=True)\n"
+        "print('acked', log.last_seq, json.dumps(calls), flush=True)\n"
         "os._exit(0)\n"  # no close, no flush of Python objects
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "acked 50" in out.stdout
+    acked, last, calls = out.stdout.split(" ", 2)
+    assert (acked, last) == ("acked", "50")
+    seg = segment_paths(tmp_path, 1)[0][2]
+    synced = {p: size for p, size in json.loads(calls)}
+    assert synced.get(str(seg)) == seg.stat().st_size  # every acknowledged byte was fsync'd
+    assert str(tmp_path) in synced  # and the directory entry of the new segment
     assert [r["event_id"] for r in iter_events(tmp_path, shard=1)] == [f"e{k}" for k in range(50)]
     with EventLog(tmp_path, shard=1) as log:  # the dead writer's lock is free again
         assert log.last_seq == 50
@@ -86,13 +103,15 @@ def test_torn_last_line_is_skipped_counted_and_warned(tmp_path: Path, caplog: py
     assert [r["seq"] for r in recs] == [1, 2, 3]
     assert counters == {"torn": 1, "records": 3}
     assert "skipped 1 torn" in caplog.text
-    # a restarted writer does not glue its records onto the torn line
+    # a restarted writer cuts the torn tail off (never acknowledged) and continues in a new segment
+    size = seg.stat().st_size
     with EventLog(tmp_path, shard=0) as log:
         assert log.last_seq == 3
         log.append([mk(3)])
+    assert seg.stat().st_size == size - len(full) // 2
     counters = {}
     assert [r["seq"] for r in iter_events(tmp_path, counters=counters)] == [1, 2, 3, 4]
-    assert counters["torn"] == 1
+    assert counters["torn"] == 0
     assert len(read_events(tmp_path)) == 4
 
 
@@ -142,3 +161,176 @@ def test_append_refuses_events_without_id(tmp_path: Path) -> None:
         assert log.last_seq == 0
     with pytest.raises(ValueError, match="segment_max_events"):
         EventLog(tmp_path, segment_max_events=0)
+
+
+# ---- faults: failed writes, closed descriptors, damaged records (issue 15, data integrity) ----------------
+
+
+class _FailingFsync:
+    """os.fsync that fails (ENOSPC, like a full disk) for the next `n` calls on files named *.jsonl."""
+
+    def __init__(self, n: int = 1) -> None:
+        import os
+
+        self.real, self.n = os.fsync, n
+
+    def __call__(self, fd: int) -> None:
+        import errno
+        import os
+
+        if self.n > 0 and os.readlink(f"/proc/self/fd/{fd}").endswith(".jsonl"):
+            self.n -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.real(fd)
+
+
+def test_failed_fsync_rolls_the_batch_back_and_is_a_server_fault(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed append leaves no half batch and no seq gap or duplicate; the error is not a client error."""
+    import os
+
+    from llmrec.state.errors import StateUnavailable
+
+    with EventLog(tmp_path, shard=0) as log:
+        log.append([mk(0), mk(1)])
+        monkeypatch.setattr(os, "fsync", _FailingFsync(1))
+        with pytest.raises(StateUnavailable, match="rolled back") as exc:
+            log.append([mk(2), mk(3), mk(4)])
+        assert not isinstance(exc.value, ValueError)  # the API would answer a ValueError with 422
+        assert log.last_seq == 2
+        log.append([mk(5)])
+    recs = list(iter_events(tmp_path))
+    assert [(r["seq"], r["event_id"]) for r in recs] == [(1, "e0"), (2, "e1"), (3, "e5")]
+    with EventLog(tmp_path, shard=0) as log:  # a restart does not bring the refused batch back either
+        assert log.last_seq == 3
+
+
+def test_failed_rollback_is_repaired_before_the_next_append(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from llmrec.state.errors import LogWriteError
+
+    real_trunc = os.ftruncate
+    with EventLog(tmp_path, shard=0) as log:
+        log.append([mk(0)])
+        monkeypatch.setattr(os, "fsync", _FailingFsync(2))  # the append's fsync and the roll-back's fsync
+        with pytest.raises(LogWriteError):
+            log.append([mk(1), mk(2)])
+        monkeypatch.setattr(os, "ftruncate", real_trunc)
+        log.append([mk(3)])
+    assert [r["event_id"] for r in iter_events(tmp_path)] == ["e0", "e3"]
+    assert [r["seq"] for r in iter_events(tmp_path)] == [1, 2]
+
+
+def test_a_failed_close_does_not_poison_later_appends(tmp_path: Path) -> None:
+    """The segment's descriptor is closed behind the log's back, so its close fails (EBADF): the next append
+    must still work (it used to fail forever with "I/O operation on closed file", a ValueError = 422)."""
+    import os
+
+    with EventLog(tmp_path, shard=0, segment_max_events=2) as log:
+        log.append([mk(0)])
+        seg = str(segment_paths(tmp_path)[0][2])
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")
+               if os.path.realpath(f"/proc/self/fd/{fd}") == seg]
+        assert fds, "the open segment has no descriptor"
+        for fd in fds:
+            os.close(fd)
+        log.forget_user("nobody")  # closes the open segment: that close fails
+        log.append([mk(1), mk(2)])
+        log.append([mk(3)])
+    assert [r["event_id"] for r in iter_events(tmp_path)] == ["e0", "e1", "e2", "e3"]
+
+
+def test_damaged_record_mid_segment_stops_recovery(tmp_path: Path) -> None:
+    from llmrec.state.errors import LogCorruption
+
+    with EventLog(tmp_path, shard=0) as log:
+        log.append([mk(0), mk(1, item="abc")])
+        log.append([mk(2)])
+    seg = segment_paths(tmp_path)[0][2]
+    data = seg.read_bytes()
+    pos = data.index(b"abc1")
+    seg.write_bytes(data[:pos] + b"abd1" + data[pos + 4:])  # bit rot: still valid JSON, wrong content
+    with pytest.raises(LogCorruption, match=r"line 2 .*followed by valid records"):
+        list(iter_events(tmp_path))
+    with pytest.raises(LogCorruption):
+        EventLog(tmp_path, shard=0)  # the writer refuses to continue it too
+    seg.write_bytes(data)
+    assert len(list(iter_events(tmp_path))) == 3
+
+
+def test_only_the_last_segment_may_end_torn(tmp_path: Path) -> None:
+    """A crash mid-batch: the incomplete batch is dropped whole from the last segment (torn tail); the same
+    damage at the end of an earlier segment is corruption."""
+    from llmrec.state.errors import LogCorruption
+
+    with EventLog(tmp_path, shard=0, segment_max_events=2) as log:
+        log.append([mk(0), mk(1)])
+        log.append([mk(2), mk(3), mk(4)])
+    first, last = (p for _s, _f, p in segment_paths(tmp_path))
+    lines = last.read_bytes().splitlines(keepends=True)
+    last.write_bytes(b"".join(lines[:2]))  # 2 of the 3 records of the batch reached the disk
+    counters: dict[str, int] = {}
+    assert [r["event_id"] for r in iter_events(tmp_path, counters=counters)] == ["e0", "e1"]
+    assert counters["torn"] == 2
+    with EventLog(tmp_path, shard=0) as log:  # cut at open: the incomplete batch never comes back
+        assert log.last_seq == 2
+        log.append([mk(5)])
+    assert [r["event_id"] for r in iter_events(tmp_path)] == ["e0", "e1", "e5"]
+    f_lines = first.read_bytes().splitlines(keepends=True)
+    first.write_bytes(f_lines[0])  # now the first segment ends inside its batch
+    with pytest.raises(LogCorruption, match="not the shard's last"):
+        list(iter_events(tmp_path))
+
+
+def test_records_are_compact_and_text_vectors_round_trip_as_float32(tmp_path: Path) -> None:
+    vec = np.random.default_rng(0).normal(size=384).tolist()
+    ev = Event.from_dict({"event_id": "t1", "user_id": "u", "event": "like", "text": "more space",
+                          "text_vec": vec, "ts": 5.0})
+    assert ev.text_vec == np.asarray(vec, np.float32).tolist()  # rounded once, before it is applied
+    with EventLog(tmp_path, shard=0) as log:
+        log.append([ev, mk(1)])
+    lines = segment_paths(tmp_path)[0][2].read_bytes().splitlines()
+    assert b"null" not in lines[1] and len(lines[1]) < 160
+    assert len(lines[0]) < 2300  # base64 float32, not ~7,500 characters of JSON numbers
+    got = next(iter_events(tmp_path))
+    assert got["text_vec"] == ev.text_vec
+    assert Event.from_dict({k: v for k, v in got.items() if k not in ("seq", "shard")}) == ev
+
+
+def test_logs_written_before_checksums_are_still_read(tmp_path: Path) -> None:
+    old = [json.dumps({"seq": k + 1, **mk(k).to_dict()}) + "\n" for k in range(3)]
+    (tmp_path / "s000-000000000001.jsonl").write_text("".join(old) + old[0][:10])  # old torn tail
+    (tmp_path / "s000-000000000004.jsonl").write_text(json.dumps({"seq": 4, **mk(3).to_dict()}) + "\n")
+    assert [r["seq"] for r in iter_events(tmp_path)] == [1, 2, 3, 4]
+    with EventLog(tmp_path, shard=0) as log:
+        assert log.last_seq == 4
+        log.append([mk(4)])
+    assert [r["event_id"] for r in iter_events(tmp_path)] == ["e0", "e1", "e2", "e3", "e4"]
+
+
+def test_read_events_keys_duplicates_on_user_and_event_id(tmp_path: Path) -> None:
+    """Two users' events that share an id are both training data; a true repeat is kept once."""
+    with EventLog(tmp_path, shard=0) as log:
+        log.append([mk(0, user="a"), mk(0, user="b")])  # both have event_id "e0"
+        log.append([mk(0, user="a")])
+    df = read_events(tmp_path)
+    assert sorted(df[USER_ID]) == ["a", "b"]
+
+
+def test_retire_deletes_only_old_segments_a_snapshot_covers(tmp_path: Path) -> None:
+    import os
+
+    with EventLog(tmp_path, shard=0, segment_max_events=2) as log:
+        for k in range(0, 6, 2):
+            log.append([mk(k), mk(k + 1)])
+        segs = [p for _s, _f, p in segment_paths(tmp_path)]
+        for p in segs:
+            os.utime(p, (1, 1))  # long ago
+        assert log.retire(upto_seq=3, older_than_s=3600) == [segs[0]]  # seg 2 holds seq 4 > 3
+        assert log.retire(upto_seq=6, older_than_s=3600) == [segs[1]]  # never the last segment
+        os.utime(segs[2], None)
+        log.append([mk(6)])
+        assert log.retire(upto_seq=7, older_than_s=3600) == []  # seg 3 is recent
+    assert [r["seq"] for r in iter_events(tmp_path)] == [5, 6, 7]

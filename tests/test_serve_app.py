@@ -180,7 +180,8 @@ def test_run_users_are_known_at_start(app: App) -> None:
     assert not {"cook-3", "horror-1"} & {it["item_id"] for it in r["items"]}  # its history is seen
     # feedback equal to a base event is a duplicate; new feedback extends the base history
     dup = app.call("POST", "/feedback", json={"user_id": "p2", "item_id": "cook-3", "event": "like", "ts": 2})
-    assert dup.json() == {"ok": True, "state_version": 1, "n_events": 1, "duplicates": 1}
+    assert dup.json() == {"ok": True, "state_version": 1, "n_events": 1, "duplicates": 1, "deleted": 0,
+                          "event_ids": [dup.json()["event_ids"][0]]}
     ev = {"user_id": "p2", "item_id": "space-4", "event": "like", "ts": 9}
     new = app.call("POST", "/feedback", json=ev)
     assert new.json()["state_version"] == 2
@@ -206,12 +207,14 @@ def test_like_then_recommend_reflects_it(app: App) -> None:
             ]
         },
     )
-    assert fb.status_code == 200 and fb.json() == {
+    assert fb.status_code == 200 and {k: v for k, v in fb.json().items() if k != "event_ids"} == {
         "ok": True,
         "state_version": 2,
         "n_events": 2,
         "duplicates": 0,
+        "deleted": 0,
     }
+    assert len(set(fb.json()["event_ids"])) == 2
     r = app.call("GET", "/recommend", params={"user_id": uid, "k": n})
     after = _ids(r)
     assert r.json()["state_version"] == 2
@@ -223,6 +226,22 @@ def test_like_then_recommend_reflects_it(app: App) -> None:
     assert {"space-1", "space-2"} <= set(incl)
     summary = app.call("GET", "/users/alice").json()
     assert summary["version"] == 2 and [h["item_id"] for h in summary["history"]] == ["space-1", "space-2"]
+
+
+def test_retried_body_counts_once_and_the_reply_names_the_ids(app: App) -> None:
+    """The same body POSTed twice (a retry after a lost reply) used to count twice (n_events 2)."""
+    body = {"user_id": "retry-user", "item_id": "cook-1", "event": "click", "ts": 1_700_000_000}
+    first = app.call("POST", "/feedback", json=body).json()
+    again = app.call("POST", "/feedback", json=body).json()
+    assert first["duplicates"] == 0 and again["duplicates"] == 1
+    assert again["event_ids"] == first["event_ids"] and len(first["event_ids"][0]) == 32
+    assert app.call("GET", "/users/retry-user").json()["n_events"] == 1
+    view = {"user_id": "retry-user", "item_id": "cook-2", "event": "view"}
+    no_ts = app.call("POST", "/feedback", json=view)
+    eid = no_ts.json()["event_ids"][0]
+    retry = app.call("POST", "/feedback", json={"user_id": "retry-user", "item_id": "cook-2", "event": "view",
+                                                "event_id": eid})
+    assert retry.json()["duplicates"] == 1 and app.call("GET", "/users/retry-user").json()["n_events"] == 2
 
 
 def test_dislike_sinks_item_and_near_duplicate(app: App) -> None:
@@ -262,6 +281,10 @@ def test_delete_forgets_state_and_log(app: App) -> None:
     d = app.call("DELETE", f"/users/{uid}")
     assert d.status_code == 200 and d.json() == {"ok": True, "deleted": True}
     assert app.call("GET", f"/users/{uid}").status_code == 404
+    deadline = time.monotonic() + 30  # the shard purges its log in the background, about a second later
+    events = app.run / schema.RUN_EVENTS
+    while (read_events(events)[schema.USER_ID] == uid).sum() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert (read_events(app.run / schema.RUN_EVENTS)[schema.USER_ID] == uid).sum() == 0
     fresh = app.call("GET", "/recommend", params={"user_id": uid, "k": 5}).json()
     assert fresh["state_version"] == 0 and fresh["items"][0]["item_id"] == "cook-3"
@@ -277,12 +300,20 @@ def test_redeploy_swaps_model_version_without_errors(app: App) -> None:
     errors: list[str] = []
     stop = threading.Event()
 
+    n_ok: list[int] = []
+
     def hammer() -> None:
         s = requests.Session()
         while not stop.is_set():
-            r = s.get(app.url + "/recommend", params={"user_id": "frank", "k": 5}, timeout=60)
+            try:  # a connection error must be counted, not kill the thread and leave `errors` empty
+                r = s.get(app.url + "/recommend", params={"user_id": "frank", "k": 5}, timeout=60)
+            except requests.RequestException as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                continue
             if r.status_code != 200:
                 errors.append(f"{r.status_code} {r.text[:100]}")
+            else:
+                n_ok.append(1)
 
     t = threading.Thread(target=hammer)
     t.start()
@@ -301,6 +332,7 @@ def test_redeploy_swaps_model_version_without_errors(app: App) -> None:
         == "v2-test"
     )
     assert errors == []
+    assert t.is_alive() is False and len(n_ok) >= 5  # the load really ran through the swap
     # user state survived the swap (the shards are detached actors, independent of the replicas)
     assert app.call("GET", "/users/frank").json()["version"] == 1
 

@@ -48,3 +48,39 @@ def test_bad_data_dir_args_say_what_to_do(tmp_path: Path) -> None:
         _parse_args({"run_dir": str(run), "data_dir": str(run / "data"), "load_run_users": False})
     with pytest.raises(ValueError, match="load_run_users must be true or false, got 'maybe'"):
         _parse_args({"run_dir": str(run), "load_run_users": "maybe"})
+
+
+def test_auth_token_comes_from_a_file_or_the_environment_never_argv(tmp_path: Path) -> None:
+    import argparse
+
+    from llmrec.commands import serve as serve_cmd
+    from llmrec.serve.auth import read_token
+
+    f = tmp_path / "token"
+    f.write_text("  tok-1\n")
+    assert read_token(str(f), {"LLMREC_AUTH_TOKEN": "tok-2"}) == "tok-1"  # the file wins
+    assert read_token(None, {"LLMREC_AUTH_TOKEN": "tok-2"}) == "tok-2"
+    assert read_token(None, {}) is None
+    with pytest.raises(ValueError, match="does not exist"):
+        read_token(str(tmp_path / "missing"), {})
+    with pytest.raises(ValueError, match="set but blank"):
+        read_token(None, {"LLMREC_AUTH_TOKEN": " "})
+    p = argparse.ArgumentParser()
+    serve_cmd.add_arguments(p)
+    args = p.parse_args(["--run", str(make_run(tmp_path / "run")), "--auth-token", "s3cret"])
+    with pytest.raises(ValueError, match="visible to every user of the machine") as exc:
+        serve_cmd.run(args)
+    assert "s3cret" not in str(exc.value)
+    cfg = _parse_args({"run_dir": str(tmp_path / "run"), "auth_token_file": str(f)})
+    assert cfg["auth_token_file"] == str(f)
+
+
+def test_state_bounds_and_reservations_are_configurable(tmp_path: Path) -> None:
+    run = str(make_run(tmp_path / "run"))
+    cfg = _parse_args({"run_dir": run, "history_len": "50", "log_retention_days": 7, "shard_memory_mb": 1024})
+    assert (cfg["history_len"], cfg["log_retention_s"], cfg["shard_memory_mb"]) == (50, 7 * 86400.0, 1024)
+    assert _parse_args({"run_dir": run})["log_retention_s"] is None  # the log is kept by default
+    with pytest.raises(ValueError, match="log_retention_days must be > 0"):
+        _parse_args({"run_dir": run, "log_retention_days": 0})
+    with pytest.raises(ValueError, match=r"history_len must be an integer in \[1, 100000\]"):
+        _parse_args({"run_dir": run, "history_len": 0})

@@ -690,8 +690,8 @@ def test_s3_train_evaluate_pipeline_matches_local(s3_trained: dict[str, Any]) ->
     # seeded single-worker training: the same weights as the local run, and the same evaluation
     import io
 
-    remote_sd = torch.load(io.BytesIO(files["scorer/model.pt"]), map_location="cpu", weights_only=False)
-    local_sd = torch.load(local / "scorer" / "model.pt", map_location="cpu", weights_only=False)
+    remote_sd = torch.load(io.BytesIO(files["scorer/model.pt"]), map_location="cpu", weights_only=True)
+    local_sd = torch.load(local / "scorer" / "model.pt", map_location="cpu", weights_only=True)
     assert remote_sd["model_config"] == local_sd["model_config"]
     for name, tensor in local_sd["model"].items():
         torch.testing.assert_close(remote_sd["model"][name], tensor, rtol=0, atol=0, msg=name)
@@ -816,3 +816,17 @@ def test_s3_serve_feedback_then_recommend(s3_trained: dict[str, Any], tmp_path: 
     assert rc == 0, log.read_text()[-4000:]
     logged = "".join(p.read_text() for p in events.glob("s*.jsonl"))
     assert f'"item_id": "{liked}"' in logged or f'"item_id":"{liked}"' in logged, logged
+
+
+def test_remote_keys_with_dot_dot_cannot_write_outside_the_cache(tmp_path: Path) -> None:
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    root = f"/llmrec-test-{uuid.uuid4().hex[:8]}"
+    mem.pipe(f"{root}/art/meta.json", b'{"stage": "embed"}')
+    mem.pipe(f"{root}/art/ok.txt", b"fine")
+    mem.pipe(f"{root}/art/sub/../../../../escaped.txt", b"pwned")
+    cache = tmp_path / "deep" / "cache"
+    with pytest.raises(ValueError, match=r"not a plain relative path .*refusing to download it outside"):
+        storage.stage_in(f"memory://{root.lstrip('/')}/art", cache, stage="embed")
+    assert not list(tmp_path.rglob("escaped.txt"))

@@ -71,7 +71,7 @@ def test_shard_of_is_crc32_and_stable() -> None:
 def test_shard_rebuilds_from_snapshot_plus_log_and_deletes(tmp_path: Path) -> None:
     users = ["a", "b", "c"]
     events = make_events(25, users)
-    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10)
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10, background=False)
     for k in range(0, 25, 4):
         res = shard.apply(events[k: k + 4])
         assert not any(r["duplicate"] for r in res)
@@ -84,7 +84,7 @@ def test_shard_rebuilds_from_snapshot_plus_log_and_deletes(tmp_path: Path) -> No
     shard.close()
     assert (tmp_path / "snapshot-s000.json").is_file()
 
-    rebuilt = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10)
+    rebuilt = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10, background=False)
     assert rebuilt.replayed == 1  # batches of 4: snapshots after 12 and 24 events, 1 event after the last
     for u in users:
         assert comparable(rebuilt.users[u]) == comparable(ref[u])
@@ -129,8 +129,13 @@ def test_embeddings_mean_vectorizer_loads_an_embed_artifact(tmp_path: Path) -> N
     col = pa.FixedSizeListArray.from_arrays(pa.array(V.reshape(-1), pa.float32()), DIM)
     pq.write_table(pa.table({ITEM_ID: IDS, EMBEDDING: col}), emb / EMBEDDINGS_FILE)
     write_meta(emb, "embed", model_name="hand", dim=DIM, n_items=N_ITEMS, normalized=True)
-    factory = EmbeddingsMeanVectorizer(str(emb), half_life=5.0)
+    factory = EmbeddingsMeanVectorizer(str(emb), half_life=5.0, shared_dir=str(tmp_path / "shared"))
     vec = pickle.loads(pickle.dumps(factory))()  # what the actor receives
+    other = factory()  # a second shard on the node maps the same file instead of loading its own copy
+    for v in (vec, other):  # no private copy: a view of the mapped file
+        assert not v.vectors.flags.owndata and isinstance(v.vectors.base, np.memmap)
+    assert vec.vectors.base.filename == other.vectors.base.filename
+    assert len(list((tmp_path / "shared").iterdir())) == 2
     s = UserState(user_id="u")
     for k, kind in enumerate(["like", "click", "dislike"]):
         s = apply_event(s, Event(user_id="u", item_id=IDS[k], event=kind, ts=float(k)))
@@ -206,7 +211,7 @@ def test_store_read_your_writes_across_shards(store_factory, tmp_path: Path) -> 
 def test_retry_after_restart_is_recognised_as_duplicate(store_factory) -> None:
     import ray
 
-    store = store_factory(n_shards=2)
+    store = store_factory(n_shards=2, retry_timeout_s=60)  # the loaded test machine may restart slowly
     e = {"event_id": "once", "user_id": "alice", "item_id": "i1", "event": "purchase", "ts": 5.0}
     assert store.apply_sync([e])[0]["duplicate"] is False
     s = store.shard_of("alice")
@@ -286,6 +291,33 @@ def test_fault_kill_shard_mid_stream_every_acked_event_counted_once(store_factor
     again = store.apply_sync(events[:50])
     assert all(a["duplicate"] for a in again)
     assert store.stats_sync()["n_events"] == 300
+
+
+def test_a_shard_that_stays_down_is_a_fast_503(store_factory) -> None:
+    """It used to make callers wait 60 s and then raised a RuntimeError (an HTTP 500)."""
+    import ray
+
+    from llmrec.state.errors import StateUnavailable
+
+    store = store_factory(n_shards=2, shard_memory_mb=300)
+    assert [sh["resources"].get("memory") for sh in store.stats_sync()["shards"]] == [300 << 20] * 2
+    store.apply_sync([{"user_id": "dora", "item_id": "i1", "event": "like", "ts": 5.0}])
+    s = store.shard_of("dora")
+    ray.kill(store.actors[s], no_restart=True)  # a node lost for good, a shard that cannot restart
+    from ray.exceptions import RayActorError
+
+    with pytest.raises(RayActorError):  # ray.kill is asynchronous: wait until the shard is really gone
+        for _ in range(100):
+            ray.get(store.actors[s].ping.remote(), timeout=10)
+            time.sleep(0.1)
+    t0 = time.monotonic()
+    with pytest.raises(StateUnavailable) as exc:
+        asyncio.run(store.get("dora"))
+    assert time.monotonic() - t0 < 15 and exc.value.retry_after_s >= 1
+    with pytest.raises(StateUnavailable):
+        store.apply_sync([{"user_id": "dora", "item_id": "i2", "event": "like"}])
+    other = next(u for u in (f"u{k}" for k in range(50)) if store.shard_of(u) != s)
+    assert store.apply_sync([{"user_id": other, "item_id": "i1", "event": "like"}])[0]["duplicate"] is False
 
 
 # ---- base histories: the users a run already knows -------------------------------------------------------
@@ -486,7 +518,8 @@ def test_tombstone_survives_restart_and_base_swap(tmp_path: Path) -> None:
     log = tmp_path / "events"
     users = base_users(df, 0, n_shards=1)
     victim, other = users[0], users[1]
-    shard = UserStateShard(0, str(log), vec_factory(), history_len=H, n_shards=1, base_dir=str(data))
+    shard = UserStateShard(0, str(log), vec_factory(), history_len=H, n_shards=1, base_dir=str(data),
+                           background=False)
     shard.apply([{"event_id": "v1", "user_id": victim, "item_id": "i1", "event": "like", "ts": 9000.0}])
     n_before = shard.stats()["n_users"]
     assert shard.delete(victim) is True and shard.get(victim) is None
@@ -502,7 +535,7 @@ def test_tombstone_survives_restart_and_base_swap(tmp_path: Path) -> None:
     assert again.base.row(victim) is None and again.base_info["skipped"] == {"deleted_user": int(
         df[USER_ID].isin([victim, other]).sum())}
     # a later event starts a fresh state without the base history
-    again.apply([{"event_id": "v2", "user_id": victim, "item_id": "i2", "event": "click", "ts": 9100.0}])
+    again.apply([{"event_id": "v2", "user_id": victim, "item_id": "i2", "event": "click"}])  # stamped now
     fresh = again.get(victim)
     assert [h["item_id"] for h in fresh["history"]] == ["i2"] and fresh["n_events"] == 1
     assert again.set_base(str(data2))["changed"] is True  # a new run that also holds both users
@@ -522,11 +555,11 @@ def test_interrupted_delete_is_finished_at_restart(tmp_path: Path) -> None:
     shard = UserStateShard(0, str(log), vec_factory(), history_len=H, snapshot_every=1)
     shard.apply([{"event_id": f"e{k}", "user_id": "w", "item_id": IDS[k], "event": "like", "ts": float(k)}
                  for k in range(3)])
-    shard._write_tombstone("w", shard.log.last_seq)  # the first step of delete(); then the process dies
+    shard.tombstones.add("w", shard.log.last_seq)  # the first step of delete(); then the process dies
     shard.close()
     again = UserStateShard(0, str(log), vec_factory(), history_len=H)
     assert again.get("w") is None and "w" not in set(read_events(log)[USER_ID])
-    again.apply([{"event_id": "e9", "user_id": "w", "item_id": "i9", "event": "like", "ts": 9.0}])
+    again.apply([{"event_id": "e9", "user_id": "w", "item_id": "i9", "event": "like"}])  # after the delete
     again.close()
     third = UserStateShard(0, str(log), vec_factory(), history_len=H)
     assert third.get("w")["n_events"] == 1  # events after the delete are kept
@@ -538,7 +571,7 @@ def test_set_base_swaps_runs_and_rebuilds_materialised_users(tmp_path: Path) -> 
     df_b.loc[df_b.index[:30], USER_ID] = "p0"  # p0 is in both runs, with other histories
     a, b = write_run_data(tmp_path / "a", df_a), write_run_data(tmp_path / "b", df_b)
     log = tmp_path / "events"
-    shard = UserStateShard(0, str(log), vec_factory(), history_len=H, base_dir=str(a))
+    shard = UserStateShard(0, str(log), vec_factory(), history_len=H, base_dir=str(a), background=False)
     live = {"event_id": "l1", "user_id": "p0", "item_id": "i7", "event": "purchase", "ts": 7000.0}
     shard.apply([live])
     assert shard.set_base(str(a))["changed"] is False  # same descriptor: nothing reloads
@@ -566,7 +599,8 @@ def test_store_loads_base_in_every_shard_and_a_restarted_shard_keeps_the_swapped
 
     df_a, df_b = make_interactions(seed=1), make_interactions(seed=2, user_prefix="q")
     a, b = write_run_data(tmp_path / "a", df_a), write_run_data(tmp_path / "b", df_b)
-    store = store_factory(n_shards=2, vectorizer_factory=vec_factory(), history_len=H, base_dir=str(a))
+    store = store_factory(n_shards=2, vectorizer_factory=vec_factory(), history_len=H, base_dir=str(a),
+                          retry_timeout_s=60)  # waits for the restart below
     assert store.stats_sync()["n_users"] == df_a[USER_ID].nunique()
     assert as_expected(store.get_sync("p3")) == brute_force(df_a, "p3")
     store.apply_sync([{"event_id": "x", "user_id": "q2", "item_id": "i1", "event": "like", "ts": 8000.0}])
@@ -616,3 +650,243 @@ def test_hot_swap_serves_the_old_base_while_the_new_one_loads(tmp_path: Path) ->
     assert as_expected(got)["history"] == want
     assert shard.stats()["n_users"] == df_b[USER_ID].nunique() - 1
     shard.close()
+
+
+# ---- faults (issue 15, data integrity) ------------------------------------------------------------------
+
+
+class FailingFsync:
+    """os.fsync that raises ENOSPC (a full disk) on files whose path contains `part`, while `on` is True."""
+
+    def __init__(self, part: str) -> None:
+        import os
+
+        self.real, self.part, self.on, self.failed = os.fsync, part, True, 0
+
+    def __call__(self, fd: int) -> None:
+        import errno
+        import os
+
+        if self.on and self.part in os.readlink(f"/proc/self/fd/{fd}"):
+            self.failed += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.real(fd)
+
+
+def test_failed_snapshot_does_not_fail_an_applied_write(tmp_path: Path, monkeypatch) -> None:
+    """The events are in the log: the caller gets its normal answer, the shard keeps serving, the temporary
+    file goes, and the snapshot is retried later (it used to raise for this and every later write)."""
+    import os
+
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=2, background=False)
+    events = make_events(6, ["a", "b"])
+    shard.apply(events[:2])  # a good snapshot first
+    spy = FailingFsync("snapshot-")
+    monkeypatch.setattr(os, "fsync", spy)
+    res = shard.apply(events[2:4])  # reaches snapshot_every: the snapshot fails
+    assert [r["duplicate"] for r in res] == [False, False] and spy.failed == 1
+    assert shard.apply(events[4:5])[0]["duplicate"] is False  # not failing again (backoff), not stuck
+    assert not list(tmp_path.glob("*.tmp"))
+    st = shard.stats()
+    assert st["snapshot_failures"] == 1 and "No space left" in st["snapshot_error"]
+    spy.on = False
+    shard._snapshot_retry_at = 0.0  # the backoff has passed
+    shard.apply(events[5:6])
+    assert shard.stats()["snapshot_error"] is None and shard.stats()["since_snapshot"] == 0
+    want = {u: comparable(s) for u, s in reference_states(events).items()}
+    shard.close()
+    again = UserStateShard(0, str(tmp_path), vec_factory())
+    assert {u: comparable(s) for u, s in again.users.items()} == want
+    again.close()
+
+
+def test_failed_log_write_applies_nothing_and_is_not_a_client_error(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from llmrec.state.errors import StateUnavailable
+
+    shard = UserStateShard(0, str(tmp_path), vec_factory())
+    events = make_events(3, ["a"])
+    shard.apply(events[:1])
+    spy = FailingFsync(".jsonl")
+    monkeypatch.setattr(os, "fsync", spy)
+    with pytest.raises(StateUnavailable) as exc:
+        shard.apply(events[1:3])
+    assert not isinstance(exc.value, ValueError)
+    assert shard.get("a")["n_events"] == 1 and shard.log.last_seq == 1
+    spy.on = False
+    assert [r["duplicate"] for r in shard.apply(events[1:3])] == [False, False]  # the client's retry
+    shard.close()
+    again = UserStateShard(0, str(tmp_path), vec_factory())
+    assert comparable(again.users["a"]) == comparable(reference_states(events)["a"])
+    again.close()
+
+
+def test_events_without_id_get_one_that_makes_retries_idempotent(tmp_path: Path) -> None:
+    shard = UserStateShard(0, str(tmp_path), vec_factory())
+    body = {"user_id": "r", "item_id": "i1", "event": "like", "ts": 1234.5}
+    first, again = shard.apply([body])[0], shard.apply([dict(body)])[0]
+    assert first["duplicate"] is False and again == {**first, "duplicate": True}
+    assert first["event_id"].startswith("c")  # derived from the content, returned to the client
+    no_ts = {"user_id": "r", "item_id": "i2", "event": "like"}
+    a, b = shard.apply([no_ts])[0], shard.apply([dict(no_ts)])[0]  # server clock: two real clicks
+    assert not a["duplicate"] and not b["duplicate"] and a["event_id"] != b["event_id"]
+    assert shard.apply([{**no_ts, "event_id": a["event_id"]}])[0]["duplicate"] is True  # a retry with its id
+    assert shard.get("r")["n_events"] == 3
+    shard.close()
+
+
+def test_log_retention_keeps_recovery_exact(tmp_path: Path) -> None:
+    """Segments a snapshot covers go once they are older than the retention; a restart still rebuilds the
+    same state (snapshot + what the log still holds)."""
+    import os
+
+    from llmrec.state.event_log import segment_paths
+
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10**9, log_retention_s=3600)
+    shard.log.segment_max_events = 5
+    events = make_events(23, ["a", "b", "c"])
+    for k in range(0, 23, 5):
+        shard.apply(events[k: k + 5])
+    assert len(segment_paths(tmp_path)) == 5
+    for _s, _f, p in segment_paths(tmp_path):
+        os.utime(p, (1, 1))
+    shard.snapshot()
+    assert [f for _s, f, _p in segment_paths(tmp_path)] == [21]  # only the open segment stays
+    shard.apply(make_events(2, ["a"], seed=3))
+    want = {u: comparable(s) for u, s in shard.users.items()}
+    shard.close()
+    again = UserStateShard(0, str(tmp_path), vec_factory())
+    assert {u: comparable(s) for u, s in again.users.items()} == want and again.replayed == 2
+    again.close()
+
+
+# ---- privacy (issue 15) ---------------------------------------------------------------------------------
+
+
+def test_tombstones_and_logs_keep_no_dictionary_reversible_hash_or_raw_id(tmp_path: Path, caplog) -> None:
+    import hashlib
+
+    victim = "alice@example.com"
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), background=False)
+    shard.apply([{"event_id": "a1", "user_id": victim, "item_id": "i1", "event": "like", "ts": 10.0}])
+    with caplog.at_level(logging.DEBUG):
+        assert shard.delete(victim) is True
+    unsalted = hashlib.sha256(victim.encode()).hexdigest()
+    files = "".join(p.read_text(errors="replace") for p in tmp_path.iterdir() if p.is_file()
+                    and p.name != "hash-key")
+    assert unsalted not in files and victim not in files
+    assert str(zlib.crc32(victim.encode())) not in (tmp_path / "tombstones-s000.jsonl").read_text()
+    assert victim not in caplog.text and unsalted[:12] not in caplog.text
+    assert shard.keyer.log_id(victim) in caplog.text  # a keyed id instead: correlatable, not reversible
+    assert (tmp_path / "hash-key").stat().st_mode & 0o077 == 0
+    shard.close()
+    again = UserStateShard(0, str(tmp_path), vec_factory())  # the key persists: the tombstone still matches
+    assert again.tombstones.seq(victim) >= 0 and again.get(victim) is None
+    again.close()
+
+
+def test_retried_or_in_flight_event_does_not_recreate_a_deleted_user(tmp_path: Path) -> None:
+    shard = UserStateShard(0, str(tmp_path), vec_factory())
+    e = {"event_id": "x1", "user_id": "bob", "item_id": "i1", "event": "like", "ts": time.time() - 5}
+    shard.apply([e])
+    assert shard.delete("bob") is True
+    res = shard.apply([e, {**e, "event_id": "x2"}])  # the retry, and another event sent before the delete
+    assert [(r["duplicate"], r["deleted"]) for r in res] == [(False, True), (False, True)]
+    assert shard.get("bob") is None and shard.log.last_seq == 1
+    fresh = shard.apply([{"user_id": "bob", "item_id": "i2", "event": "click"}])  # stamped after the delete
+    assert fresh[0]["deleted"] is False and shard.get("bob")["n_events"] == 1
+    shard.close()
+    again = UserStateShard(0, str(tmp_path), vec_factory())
+    assert [h["item_id"] for h in again.get("bob")["history"]] == ["i2"]
+    again.close()
+
+
+def test_delete_of_an_unknown_user_writes_nothing(tmp_path: Path) -> None:
+    shard = UserStateShard(0, str(tmp_path), vec_factory())
+    shard.apply([{"event_id": "k", "user_id": "known", "item_id": "i1", "event": "like", "ts": 1.0}])
+    shard.snapshot()
+    snap = tmp_path / "snapshot-s000.json"
+    before = snap.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    for k in range(200):
+        assert shard.delete(f"nobody-{k}") is False
+    assert time.perf_counter() - t0 < 1.0
+    assert not (tmp_path / "tombstones-s000.jsonl").exists() and snap.stat().st_mtime_ns == before
+    shard.close()
+
+
+def test_forget_command_reaches_stopped_logs_and_cached_copies(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`llmrec forget` purges a stopped log folder (with a tombstone, so its base never reloads the user) and
+    the artifact cache's copies of event logs; it refuses a folder a live shard writes."""
+    import json
+    import shutil
+
+    from llmrec import cli
+    from llmrec.state.store import _check_log_meta
+
+    df = make_interactions(n_users=6, n_rows=40)
+    data = write_run_data(tmp_path / "data", df)
+    log = tmp_path / "events"
+    _check_log_meta(str(log), 1)
+    shard = UserStateShard(0, str(log), vec_factory(), n_shards=1, base_dir=str(data))
+    shard.apply([{"event_id": f"e{k}", "user_id": u, "item_id": "i1", "event": "like", "ts": 5000.0 + k}
+                 for k, u in enumerate(["p1", "p2", "p1"])])
+    shard.snapshot()
+    assert cli.main(["forget", "--user", "p1", "--events", str(log)]) == 2  # live: use DELETE
+    assert "DELETE /users" in capsys.readouterr().err
+    shard.close()
+    cache = tmp_path / "cache"
+    shutil.copytree(log, cache / "abcd" / "events")  # what `train --events URI` stages
+    monkeypatch.setenv("LLMREC_CACHE_DIR", str(cache))
+    assert cli.main(["forget", "--user", "p1", "--events", str(log)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["folders"] == {str(log): 3} and out["cache_copies"] == {str(cache / "abcd" / "events"): 2}
+    assert '"p1"' not in (log / "snapshot-s000.json").read_text()
+    for folder in (log, cache / "abcd" / "events"):
+        assert set(read_events(folder)[USER_ID]) == {"p2"}
+    again = UserStateShard(0, str(log), vec_factory(), n_shards=1, base_dir=str(data))
+    assert again.get("p1") is None and again.get("p2")["n_events"] > 1
+    again.close()
+
+
+def test_deletes_and_snapshots_run_off_the_request_path(tmp_path: Path) -> None:
+    """A delete used to write a full snapshot and rewrite the log inside the request; now the request only
+    writes the tombstone, and one background pass purges many deletes (log + snapshot files) shortly after.
+    Snapshots are incremental: a delta holds only the users changed since the previous one."""
+    from llmrec.state.snapshots import delta_paths, read_snapshots
+
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=20, purge_interval_s=30,
+                           full_every=3)  # the thread runs when woken (every 20 events) or every 30 s
+    users = [f"w{k}" for k in range(30)]
+    shard.apply(make_events(60, users))
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "snapshot-s000.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shard.apply(make_events(20, users[:2], seed=4))  # 20 more events for 2 users: a delta of 2 users
+    while not delta_paths(tmp_path, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (seq, path), = delta_paths(tmp_path, 0)
+    assert seq == 80 and len(path.read_text().splitlines()) == 1 + 2  # header + the 2 changed users
+    fulls = shard.stats()["snapshots_written"]["full"]
+    t0 = time.perf_counter()
+    for u in users[:10]:
+        assert shard.delete(u) is True
+    per_delete_s = (time.perf_counter() - t0) / 10
+    assert {r["user_id"] for r in iter_events(tmp_path)} >= set(users[:10])  # not purged in the request
+    assert shard.stats()["pending_purges"] == 10
+    shard._wake.set()  # the thread's next round (at most purge_interval_s later without this)
+    while shard.stats()["pending_purges"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    st = shard.stats()
+    assert st["last_snapshot"]["kind"] == "full" and st["purged_users"] == 10
+    assert st["snapshots_written"]["full"] - fulls == 1  # the ten deletes share one pass
+    assert not {r["user_id"] for r in iter_events(tmp_path)} & set(users[:10])
+    _header, parts = read_snapshots(tmp_path, 0)
+    assert sorted(parts[0][1]) == sorted(users[10:]) and not delta_paths(tmp_path, 0)
+    assert per_delete_s < 0.05, per_delete_s
+    want = {u: comparable(s) for u, s in shard.users.items()}
+    shard.close()
+    again = UserStateShard(0, str(tmp_path), vec_factory(), background=False)
+    assert {u: comparable(s) for u, s in again.users.items()} == want and again.replayed == 0
+    again.close()

@@ -252,7 +252,7 @@ def test_cli_train_and_resume(ray_local, planted_split, tmp_path):
 
     from llmrec.artifacts import ArtifactError
 
-    state = torch.load(out / "model.pt", weights_only=False)
+    state = torch.load(out / "model.pt", weights_only=True)
     del state["model"]["log_scale"]
     torch.save(state, out / "model.pt")
     with pytest.raises(ArtifactError, match="different version of the scorer network.*re-run `llmrec train"):

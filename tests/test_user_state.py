@@ -204,3 +204,19 @@ def test_mean_vectorizer_cold_and_unknown_items_and_bad_input() -> None:
         MeanVectorizer(["a", "a", "b", "c"], V)
     with pytest.raises(ValueError, match="dim 4"):
         vec(run([ev("like", "a"), ev("like", text="t", text_vec=[1.0, 0.0])]))
+
+
+def test_numbers_beyond_the_float_range_are_invalid_events_not_crashes() -> None:
+    """ts or value as an integer too large for a float used to raise OverflowError (an HTTP 500)."""
+    import pytest
+
+    from llmrec.serve.schemas import parse_feedback
+    from llmrec.state.errors import InvalidEvent
+
+    huge = 10**400
+    for field in ("ts", "value"):
+        body = {"user_id": "u", "item_id": "i", "event": "rating", "value": 3, field: huge}
+        with pytest.raises(ValueError, match=rf"{field}.*float range"):
+            parse_feedback(body)
+        with pytest.raises(InvalidEvent, match=rf"event.{field} must be a number within the float range"):
+            Event.from_dict(body)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 from llmrec import schema
+from llmrec.serve.auth import ARGV_REFUSED, read_token
 from llmrec.storage import Arg, In, Out, Run, is_uri, join
 
 logger = logging.getLogger(__name__)
@@ -30,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--test-frac", type=float, default=0.1, help="fraction of events after the cutoff (default 0.1)"
     )
     p.add_argument("--out", default=None, help="folder for replay.json (default RUN/eval)")
-    p.add_argument("--auth-token", default=None, help="bearer token of the server (with --url)")
+    p.add_argument("--auth-token-file", default=None,
+                   help="file holding the server's bearer token (with --url; default: $LLMREC_AUTH_TOKEN)")
+    p.add_argument("--auth-token", default=None, help=argparse.SUPPRESS)  # refused: see llmrec.serve.auth
 
 
 def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
@@ -46,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_events < 0:
         raise ValueError(f"--max-events must be >= 0 (0 = all), got {args.max_events}")
+    if args.auth_token:
+        raise ValueError(ARGV_REFUSED)
     out = replay(
         args.run,
         args.data,
@@ -54,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         k=args.k,
         test_frac=args.test_frac,
         out_dir=args.out,
-        auth_token=args.auth_token,
+        auth_token=read_token(args.auth_token_file, os.environ) if args.url else None,
     )
     k = args.k
     print(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 
 from llmrec import schema
+from llmrec.serve.auth import ARGV_REFUSED, TOKEN_ENV, read_token
 from llmrec.storage import Arg, In, LocalOnly, Run, is_uri, redact
 
 logger = logging.getLogger(__name__)
@@ -21,8 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--shards", type=int, default=4, help="user-state shard actors (default 4)")
     p.add_argument(
-        "--auth-token", default=None, help="bearer token required for /feedback, DELETE and /admin"
+        "--auth-token-file",
+        default=None,
+        help=f"file holding the bearer token every route except /healthz requires (default: ${TOKEN_ENV} if "
+        "set, else no auth)",
     )
+    p.add_argument("--auth-token", default=None, help=argparse.SUPPRESS)  # refused: see llmrec.serve.auth
     p.add_argument("--replicas", type=int, default=1, help="replicas per deployment (default 1)")
     p.add_argument(
         "--model", default=None, help="text encoder for q and text feedback (default: the embeddings' model)"
@@ -38,7 +44,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start the state shards empty instead of from the users of RUN/data/interactions.parquet",
     )
-    p.add_argument("--address", default=None, help="join a running Ray cluster (default: start a local one)")
+    p.add_argument("--history-len", type=int, default=200,
+                   help="events kept per user in memory (default 200)")
+    p.add_argument("--log-retention-days", type=float, default=None,
+                   help="delete event-log segments older than this that a snapshot covers (default: keep "
+                        "all; "
+                        "`llmrec train --events` reads the log)")
+    p.add_argument("--shard-memory-mb", type=int, default=256,
+                   help="Ray memory reserved per state shard (default 256; about 6 KB per active user)")
+    p.add_argument("--state-backend", choices=("file", "redis"), default="file",
+                   help="where the state shards keep log, snapshots and tombstones: file (RUN/events, "
+                        "default) "
+                        "or redis (the URL, password included, from $LLMREC_STATE_URL; survives node loss)")
+    p.add_argument("--address", default=None,
+                   help="join a running Ray cluster (default: start a new local one, even if `ray start` "
+                        "ran)")
 
 
 EVENTS_LOCAL = "the event log is appended and fsync'd before each /feedback reply, which needs a local disk"
@@ -55,6 +75,17 @@ def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
     return {"run": Run(parts), "model": In(), "events": LocalOnly(EVENTS_LOCAL)}
 
 
+STATE_URL_ENV = "LLMREC_STATE_URL"
+
+
+def _state_env(backend: str) -> str | None:
+    if backend != "redis":
+        return None
+    if not os.environ.get(STATE_URL_ENV):
+        raise ValueError(f"--state-backend redis needs ${STATE_URL_ENV} (redis://[:password@]host:port/db)")
+    return STATE_URL_ENV
+
+
 def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -66,16 +97,23 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be within 1..65535, got {args.port}")
+    if args.auth_token:
+        raise ValueError(ARGV_REFUSED)
+    token = read_token(args.auth_token_file, os.environ)
     app = build_app(
         {
             "run_dir": args.run,
             "n_shards": args.shards,
-            "auth_token": args.auth_token,
+            "auth_token": token,
             "num_replicas": args.replicas,
             "model": args.model,
             "log_user_ids": args.log_user_ids,
             "load_run_users": not args.no_run_users,
             "log_dir": str(Path(args.events).resolve()) if args.events else None,
+            "history_len": args.history_len,
+            "log_retention_days": args.log_retention_days,
+            "shard_memory_mb": args.shard_memory_mb,
+            "state_url_env": _state_env(args.state_backend),
         }
     )
     init_ray(address=args.address)
@@ -88,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # Ctrl-C while serve.run still waits for the app (requests may already be served) stops cleanly too
         serve.run(app, name="llmrec", route_prefix="/", logging_config=LoggingConfig(enable_access_log=False))
         url = f"http://{args.host}:{args.port}"
-        auth = f" -H 'Authorization: Bearer {args.auth_token}'" if args.auth_token else ""
+        auth = f" -H \"Authorization: Bearer ${TOKEN_ENV}\"" if token else ""  # never the token itself
         logger.info(
             "llmrec serving %s at %s (ready in %.1fs); API docs at %s/docs",
             args.run,
@@ -96,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             time.perf_counter() - t0,
             url,
         )
-        logger.info("try: curl '%s/recommend?user_id=alice&k=5'", url)
+        logger.info("try: curl%s '%s/recommend?user_id=alice&k=5'", auth, url)
         logger.info(
             "     curl -X POST %s/feedback%s -H 'Content-Type: application/json' "
             '-d \'{"user_id": "alice", "item_id": "<an item id>", "event": "like"}\'',

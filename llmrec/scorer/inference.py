@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from llmrec.artifacts import ArtifactError, read_meta
+from llmrec.artifacts import ArtifactError, load_torch_file, read_meta
 from llmrec.device import resolve_device
 from llmrec.eval.protocol import History
 from llmrec.schema import INDEX_IDS_FILE
@@ -97,7 +97,7 @@ class Scorer:
         for f in (MODEL_FILE, INDEX_IDS_FILE):
             if not (d / f).is_file():
                 raise ArtifactError(f"{d / f} is missing; re-run `llmrec train --out {d}`")
-        state = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=False)
+        state = load_torch_file(d / MODEL_FILE, map_location="cpu")  # weights_only: never runs code
         retrain = f"re-run `llmrec train --out {d}`"
         try:
             cfg = ScorerConfig(**state["model_config"])

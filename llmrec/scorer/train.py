@@ -41,7 +41,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from llmrec.artifacts import write_meta
+from llmrec.artifacts import load_torch_file, write_meta
 from llmrec.eval.protocol import ItemSpace
 from llmrec.schema import INDEX_IDS_FILE, TS, USER_ID
 from llmrec.schema import SCORER_COOC_FILE as COOC_FILE
@@ -250,12 +250,12 @@ def fit_scorer(
         raise result.error
     best = _pick_best(result, has_val)
     with best.as_directory() as d:
-        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        state = load_torch_file(Path(d) / CHECKPOINT_FILE, map_location="cpu")
     with result.checkpoint.as_directory() as d:
         last = out / LAST_CHECKPOINT_DIR
         last.mkdir(exist_ok=True)
         shutil.copyfile(Path(d) / CHECKPOINT_FILE, last / CHECKPOINT_FILE)
-        last_state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        last_state = load_torch_file(Path(d) / CHECKPOINT_FILE, map_location="cpu")
     sims = None
     if int(hp["cooc_neighbors"]) > 0:
         if explicit_val:  # both frames are in memory already
@@ -292,6 +292,23 @@ def fit_scorer(
     )
 
 
+def _plain(x: Any) -> Any:
+    """Numbers, strings, lists and dicts only (numpy scalars -> float/int), so `weights_only` loads it."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (bool, str)) or x is None:
+        return x
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x)
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    return str(x)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: DDP model, Ray Data shard batches, per-epoch validation + checkpoint + early stop."""
     import ray
@@ -313,9 +330,9 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+            state = load_torch_file(Path(d) / CHECKPOINT_FILE, map_location=device)
     elif config.get("resume_from"):
-        state = torch.load(config["resume_from"], map_location=device, weights_only=False)
+        state = load_torch_file(config["resume_from"], map_location=device)
     else:
         state = None
         if config.get("init_state") is not None:  # fine-tune: start from another scorer's weights
@@ -489,7 +506,7 @@ def transfer_weights(model: ScorerModel, scorer_dir: str | os.PathLike, item_ids
     from llmrec.schema import INDEX_IDS_FILE
 
     d = Path(scorer_dir)
-    old = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=False)["model"]
+    old = load_torch_file(d / MODEL_FILE, map_location="cpu")["model"]
     old_ids = np.load(d / INDEX_IDS_FILE, allow_pickle=False).astype(str)
     new = model.state_dict()
     skip = {"text_vectors", "id_slots", "item_counts", "id_emb.weight"}
@@ -911,10 +928,11 @@ def _report(
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
                 "model_config": model.cfg.to_dict(),
-                "early_stop": dict(stop_state),
-                "metrics": metrics,
-                "run_epochs": list(run_epochs),
-                "history": history,
+                # plain Python only (no numpy scalars): loaded with torch.load(weights_only=True)
+                "early_stop": _plain(dict(stop_state)),
+                "metrics": _plain(metrics),
+                "run_epochs": [int(e) for e in run_epochs],
+                "history": _plain(history),
                 "worker_pid": os.getpid(),  # which process wrote it (fault-tolerance tests, debugging)
             },
             Path(tmp) / CHECKPOINT_FILE,

@@ -7,7 +7,11 @@ args (a dict; `serve run llmrec.serve.app:build_app run_dir=RUN n_shards=4` pass
 is coerced and checked here):
     run_dir (required): the run folder (RUN/embeddings, RUN/index, optional RUN/scorer; RUN/events is the
         serving event log unless `log_dir` is given).
-    n_shards (4): state shard actors. auth_token (None): bearer token for /feedback, DELETE, /admin.
+    n_shards (4): state shard actors.
+    auth_token_file (None) / auth_token_env (None): the bearer token every route except /healthz requires,
+        read by each replica from this file (a mounted Kubernetes Secret) or environment variable; none =
+        no auth. auth_token (None): the token itself, for callers that already read it (`llmrec serve`);
+        never put it in a config file.
     num_replicas (1) or autoscaling ({"min_replicas", "max_replicas", ...}): for both deployments.
     log_user_ids (False): log user ids in clear instead of hashed.
     model (None): text encoder path/name for queries and text feedback (default: the embeddings' model).
@@ -19,6 +23,13 @@ is coerced and checked here):
     data_dir (RUN/data when it holds interactions.parquet, else none): the prepared data folder to load.
     state_name ("llmrec-state"), namespace ("llmrec"): names of the detached state actors.
     max_body_bytes (1 MiB), num_cpus (0.25 per replica), device ("cpu").
+    history_len (200): events kept per user (the base window and live history alike).
+    log_retention_days (None = keep the log): delete event-log segments a snapshot covers once they are this
+        old (see `UserStateShard`'s log_retention_s for the hot-swap caveat).
+    shard_memory_mb (256): Ray memory reserved per state shard actor (size it to users x bytes per user).
+    state_url_env (None) / state_url (None): keep the state shards' log, snapshots and tombstones in Redis
+        (`llmrec.state.backends.RedisBackend`) instead of files under log_dir: the replica reads the URL
+        (with its password) from this environment variable, or takes a password-less `state_url`.
 """
 
 from __future__ import annotations
@@ -34,6 +45,8 @@ _KNOWN_ARGS = {
     "run_dir",
     "n_shards",
     "auth_token",
+    "auth_token_file",
+    "auth_token_env",
     "num_replicas",
     "autoscaling",
     "log_user_ids",
@@ -47,6 +60,11 @@ _KNOWN_ARGS = {
     "log_dir",
     "load_run_users",
     "data_dir",
+    "history_len",
+    "log_retention_days",
+    "shard_memory_mb",
+    "state_url",
+    "state_url_env",
 }
 
 
@@ -87,19 +105,26 @@ def build_app(args: Mapping[str, Any]) -> Any:
         cfg["run_dir"],
         n_shards=cfg["n_shards"],
         auth_token=cfg["auth_token"],
+        auth_token_file=cfg["auth_token_file"],
+        auth_token_env=cfg["auth_token_env"],
         log_user_ids=cfg["log_user_ids"],
         max_body_bytes=cfg["max_body_bytes"],
         state_name=cfg["state_name"],
         namespace=cfg["namespace"],
         log_dir=cfg["log_dir"],
         data_dir=cfg["data_dir"],
+        history_len=cfg["history_len"],
+        log_retention_s=cfg["log_retention_s"],
+        shard_memory_mb=cfg["shard_memory_mb"],
+        state_url=cfg["state_url"],
+        state_url_env=cfg["state_url_env"],
     )
     logger.info(
         "built llmrec app for %s (%d shards, users from %s, auth %s)",
         cfg["run_dir"],
         cfg["n_shards"],
         cfg["data_dir"] or "nowhere: the state shards start empty",
-        "on" if cfg["auth_token"] else "off",
+        "on" if cfg["auth_token"] or cfg["auth_token_file"] or cfg["auth_token_env"] else "off",
     )
     return ingress
 
@@ -138,6 +163,8 @@ def _parse_args(args: Mapping[str, Any]) -> dict[str, Any]:
         "run_dir": str(run),
         "n_shards": _int(args.get("n_shards", 4), "n_shards", 1, 1024),
         "auth_token": str(args["auth_token"]) if args.get("auth_token") else None,
+        "auth_token_file": str(args["auth_token_file"]) if args.get("auth_token_file") else None,
+        "auth_token_env": str(args["auth_token_env"]) if args.get("auth_token_env") else None,
         "num_replicas": _int(args.get("num_replicas", 1), "num_replicas", 1, 1000),
         "autoscaling": dict(autoscaling) if autoscaling else None,
         "log_user_ids": _bool(args.get("log_user_ids", False), "log_user_ids"),
@@ -150,7 +177,36 @@ def _parse_args(args: Mapping[str, Any]) -> dict[str, Any]:
         "device": str(args.get("device") or "cpu"),
         "log_dir": str(args["log_dir"]) if args.get("log_dir") else None,
         "data_dir": _data_dir(args, run, user_config),
+        "history_len": _int(args.get("history_len", 200), "history_len", 1, 100_000),
+        "log_retention_s": _retention(args.get("log_retention_days")),
+        "shard_memory_mb": _int(args.get("shard_memory_mb", 256), "shard_memory_mb", 0, 1 << 20) or None,
+        "state_url": _state_url(args.get("state_url")),
+        "state_url_env": str(args["state_url_env"]) if args.get("state_url_env") else None,
     }
+
+
+def _state_url(url: Any) -> str | None:
+    if not url:
+        return None
+    u = str(url)
+    if not u.startswith(("redis://", "rediss://")):
+        raise ValueError(f"state_url must be redis://host:port/db or rediss://..., got {u.split('@')[-1]!r}")
+    if "@" in u.split("//", 1)[1].split("/", 1)[0]:
+        raise ValueError("state_url holds a password: put the URL in an environment variable filled from a "
+                         "Secret and pass its name as state_url_env")
+    return u
+
+
+def _retention(days: Any) -> float | None:
+    if days is None or days == "":
+        return None
+    try:
+        d = float(days)
+    except (TypeError, ValueError):
+        raise ValueError(f"log_retention_days must be a number of days > 0 or null, got {days!r}") from None
+    if not d > 0:
+        raise ValueError(f"log_retention_days must be > 0 (or null to keep the whole log), got {days!r}")
+    return d * 86400.0
 
 
 def _data_dir(args: Mapping[str, Any], run: Path, user_config: Mapping[str, Any]) -> str | None:

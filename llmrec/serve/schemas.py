@@ -25,6 +25,12 @@ EventKind = Literal["view", "click", "like", "dislike", "skip", "purchase", "rat
 assert tuple(EventKind.__args__) == EVENT_KINDS, "EventKind must list schema.EVENT_KINDS in order"  # type: ignore[attr-defined]
 
 
+def printable(v: str) -> bool:
+    """Non-blank and free of control characters (tabs and newlines allowed): the rule for every id and text
+    field, in bodies and in query/path parameters alike."""
+    return bool(v.strip()) and not any(ord(c) < 32 and c not in "\t\n" for c in v)
+
+
 class FeedbackEvent(BaseModel):
     """One feedback event. `item_id` may be omitted only for pure text feedback (`text` given)."""
 
@@ -45,14 +51,19 @@ class FeedbackEvent(BaseModel):
             return v
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"must be a number, got {type(v).__name__}")
-        if not math.isfinite(float(v)):
+        try:
+            f = float(v)
+        except OverflowError:  # an int beyond the float range (1e309 written as digits)
+            raise ValueError(f"must be a number within the float range, got an integer of {len(str(v))} "
+                             "digits") from None
+        if not math.isfinite(f):
             raise ValueError(f"must be finite, got {v!r}")
-        return float(v)
+        return f
 
     @field_validator("user_id", "item_id", "event_id", "text")
     @classmethod
     def _printable(cls, v: str | None) -> str | None:
-        if v is not None and (not v.strip() or any(ord(c) < 32 and c not in "\t\n" for c in v)):
+        if v is not None and not printable(v):
             raise ValueError("must be non-blank and free of control characters")
         return v
 
@@ -83,6 +94,12 @@ class FeedbackResponse(BaseModel):
     state_version: int  # the version of the (last) user's state after this request
     n_events: int = 1
     duplicates: int = 0
+    # the id of each event, in request order: the client's own, or the one the server gave it (derived from
+    # the content when the event has a ts, so resending the same body is a duplicate; random otherwise).
+    # Resend an event with its id after a lost reply or a 503, and it counts once.
+    event_ids: list[str] = []
+    # events refused because they predate a DELETE of their user (retries or requests in flight)
+    deleted: int = 0
 
 
 class RecommendedItem(BaseModel):

@@ -33,14 +33,12 @@ null or outside [0, 5] (the live API refuses those too).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
 import os
 import time
-import zlib
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,8 +63,7 @@ from llmrec.state.user_state import RATING_MAX, RATING_MIN, UserState, state_fro
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BaseHistories", "load_base", "base_descriptor", "interactions_path", "crc32_strings",
-           "deleted_user_key"]
+__all__ = ["BaseHistories", "load_base", "base_descriptor", "interactions_path", "crc32_strings"]
 
 _COLUMNS = [USER_ID, ITEM_ID, TS, RATING, EVENT]
 _FIX = "re-run `llmrec prepare` to write a canonical RUN/data/interactions.parquet"
@@ -299,21 +296,16 @@ class _Compactor:
         return (sorted_keys, np.r_[0, np.cumsum(kept_counts)].astype(np.int64)) if final else None
 
 
-def deleted_user_key(user_id: str) -> tuple[int, str]:
-    """What a tombstone keeps of a deleted user: (zlib.crc32, sha256 hex) of its utf-8 id, not the id."""
-    b = user_id.encode("utf-8", "surrogatepass")
-    return zlib.crc32(b), hashlib.sha256(b).hexdigest()
-
-
 def load_base(data_dir: str | os.PathLike, *, shard_id: int = 0, n_shards: int | None = None,
-              history_len: int = 200, deleted: Iterable[tuple[int, str]] = (), batch_rows: int = 1 << 18,
+              history_len: int = 200, deleted: Callable[[str], bool] | None = None, batch_rows: int = 1 << 18,
               compact_rows: int = 1 << 21) -> BaseHistories:
     """Stream `data_dir/interactions.parquet` and keep the last `history_len` events of this shard's users.
 
     Args:
         data_dir: a prepared data folder (RUN/data) or the interactions file itself.
         shard_id, n_shards: keep users with `shard_of(user_id, n_shards) == shard_id`; n_shards None = all.
-        deleted: `deleted_user_key`s of users never to load (the shard's tombstones).
+        deleted: `is_deleted(user_id)` of users never to load (the shard's tombstones,
+            `Tombstones.matcher()`); asked once per distinct id of this shard per batch.
         batch_rows: rows per record batch read.
         compact_rows: new rows that trigger a compaction (also at least the rows kept by the previous one), so
             memory stays near the kept rows when histories are longer than `history_len`.
@@ -335,8 +327,6 @@ def load_base(data_dir: str | os.PathLike, *, shard_id: int = 0, n_shards: int |
     if missing:
         raise ValueError(f"{path}: column(s) {missing} missing (columns: {names}), expected {_COLUMNS}; "
                          f"{_FIX}")
-    deleted_sha = {h for _c, h in deleted}
-    deleted_crc = np.array(sorted({c for c, _h in deleted}), dtype=np.uint32)
     comp = _Compactor(history_len, compact_rows)
     skipped: dict[str, int] = {}
     rows_read = rows_mine = 0
@@ -352,14 +342,14 @@ def load_base(data_dir: str | os.PathLike, *, shard_id: int = 0, n_shards: int |
         enc = pc.dictionary_encode(users)  # hash and route each distinct id once per batch
         dic = enc.dictionary
         mine = np.ones(len(dic), dtype=bool)
-        crc = crc32_strings(dic) if n_shards is not None or len(deleted_crc) else None
         if n_shards is not None:
-            mine = (crc % np.uint32(n_shards)) == shard_id
+            mine = (crc32_strings(dic) % np.uint32(n_shards)) == shard_id
         bad_user = _bad_ids(dic)
         gone = np.zeros(len(dic), dtype=bool)
-        if len(deleted_crc):  # crc32 pre-filter, then the sha256 of the few candidates
-            for i in np.flatnonzero(np.isin(crc, deleted_crc) & mine):
-                gone[i] = deleted_user_key(dic[int(i)].as_py())[1] in deleted_sha
+        if deleted is not None:  # a keyed hash per distinct id of this shard (no unkeyed pre-filter: it would
+            cand = np.flatnonzero(mine)  # leak the ids a tombstone stands for)
+            ids = dic.take(pa.array(cand)).to_pylist()
+            gone[cand] = [uid is not None and deleted(uid) for uid in ids]
             mine &= ~gone
         idx = pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
         if shard_id == 0 or n_shards is None:  # ids that route nowhere: counted once, by shard 0

@@ -14,8 +14,10 @@ base-only user builds a transient state from the arrays. An item event equal to 
 events on (item_id, event, ts) is a duplicate (not logged, not applied), live and on log replay.
 
 Files per shard in `log_dir`: log segments, `snapshot-sNNN.json` (materialised users, tombstones, the base
-descriptor, the log's last seq) and `tombstones-sNNN.jsonl` (one fsync'd line per delete: sha256 and crc32
-of the user id, not the id, and the log seq at the delete). On (re)start a shard loads its base; when the
+descriptor, the log's last seq), `tombstones-sNNN.jsonl` (`llmrec.state.tombstones`: one fsync'd line per
+delete with a keyed hash of the user id, never the id, the log seq and the time of the delete) and `hash-key`
+(the secret of those hashes, `llmrec.state.privacy`; shared by the shards). With `state_url` all of this
+lives in Redis instead (`llmrec.state.backends`). On (re)start a shard loads its base; when the
 snapshot was taken over the same base (equal `base.base_descriptor`: path, size, mtime, prepare fingerprint,
 history_len) it loads the snapshot and replays the log records after its seq, else it replays the whole log
 over the new base. A hot swap (`StateStore.set_base`) does the same: each shard loads the new base in a
@@ -26,8 +28,10 @@ vectorizer may have changed): they are recomputed lazily on `get`.
 
 `StateStore` creates (or joins) named detached actors `{name}-{i}` in `namespace` with `max_restarts=-1`
 and `num_cpus=0`, routes calls by `shard_of`, and when an actor dies mid-call (`RayActorError`, which covers
-`ActorDiedError` and `ActorUnavailableError`) waits up to `retry_timeout_s` for Ray to restart it and sends
-the same call once more (the client assigns event ids BEFORE the first send, so the retry is idempotent).
+`ActorDiedError` and `ActorUnavailableError`) waits up to `retry_timeout_s` (5 s) for Ray to restart it and
+sends the same call once more (the client assigns event ids BEFORE the first send, so the retry is
+idempotent); a shard that stays down, or does not answer a call within `call_timeout_s` (10 s; not for base
+loads), is `StateUnavailable` (HTTP 503 + Retry-After) at once instead of a long wait and a 500.
 
 Choices the design leaves open:
 - `log_dir/meta.json` (stage "events") records `n_shards`; a store with another `n_shards` on the same
@@ -47,12 +51,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import json
 import logging
 import os
 import threading
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,13 +66,17 @@ from typing import Any
 import numpy as np
 
 from llmrec.schema import META_FILE
-from llmrec.state.base import BaseHistories, base_descriptor, deleted_user_key, load_base
-from llmrec.state.event_log import EventLog, iter_events
+from llmrec.state.base import BaseHistories, base_descriptor, load_base
+from llmrec.state.errors import InvalidEvent, StateUnavailable
+from llmrec.state.backends import open_backend
+from llmrec.state.privacy import UserKeyer
+from llmrec.state.tombstones import Tombstones
 from llmrec.state.user_state import (
     Event,
     MeanVectorizer,
     UserState,
     apply_event,
+    new_event_id,
     state_from_dict,
     state_to_dict,
     summary,
@@ -78,8 +86,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["StateStore", "UserStateShard", "shard_of", "EmbeddingsMeanVectorizer"]
 
-_SNAPSHOT = "snapshot-s{:03d}.json"
-_TOMBSTONES = "tombstones-s{:03d}.jsonl"
 
 
 def shard_of(user_id: str, n_shards: int) -> int:
@@ -101,12 +107,31 @@ class UserStateShard:
             shard's users are loaded from the base.
         base_dir: the run's prepared data folder (RUN/data, or its interactions.parquet): this shard's users
             start from their histories there (`llmrec.state.base`). None = start empty.
+        log_retention_s: after each snapshot, delete log segments the snapshot covers that were last written
+            more than this many seconds ago. None = keep the whole log (training reads it: `llmrec train
+            --events`). A hot swap (`set_base`) replays only what the log still holds over the new base, so
+            set it only when each new run's data includes the log up to that horizon.
+        hash_key_file: the secret of the keyed user-id hashes (tombstones, log lines); default
+            `log_dir/hash-key`, created on first use.
+        background: snapshots and the log purges of deletes run in a background thread (checked every
+            `purge_interval_s`), off the request path; False = inline, when due (deterministic, for tests and
+            tools).
+        purge_interval_s: how often the background thread looks for due work; a delete reaches the log and
+            snapshot files within about this long (many deletes share one pass).
+        full_every: a full snapshot after this many deltas (deltas hold only the users changed since).
+        applied_len: event ids kept per user for de-duplication (`UserState.applied_len`).
+        state_url: keep the log, snapshots and tombstones in Redis (`llmrec.state.backends.RedisBackend`,
+            redis://...) instead of files in log_dir, so a shard restarted on another node finds them.
     """
 
     def __init__(self, shard_id: int, log_dir: str, vectorizer_factory: Callable[[], Any] | None = None,
                  snapshot_every: int = 1000, history_len: int = 200, *, n_shards: int | None = None,
-                 base_dir: str | None = None) -> None:
+                 base_dir: str | None = None, log_retention_s: float | None = None,
+                 hash_key_file: str | None = None, background: bool = True, purge_interval_s: float = 1.0,
+                 full_every: int = 16, applied_len: int = 1000, state_url: str | None = None) -> None:
         t0 = time.perf_counter()
+        self.applied_len = int(applied_len)
+        self.log_retention_s = None if log_retention_s is None else float(log_retention_s)
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
         self.shard_id = int(shard_id)
@@ -115,16 +140,17 @@ class UserStateShard:
         self.n_shards = n_shards
         self.snapshot_every = int(snapshot_every)
         self.history_len = int(history_len)
-        # deleted users: sha256(user_id) -> (log seq at the (latest) delete, crc32(user_id)); not the ids
-        self.tombstones, pending = _read_tombstones(self._tomb_path())
-        snap = self._read_snapshot()
-        for h, (seq, crc) in ((snap or {}).get("tombstones") or {}).items():
-            self.tombstones[h] = (max(int(seq), self.tombstones.get(h, (0, 0))[0]), int(crc))
+        # the durable side: files in log_dir (default) or Redis (state_url); `self.log` is that backend
+        self.log = open_backend(self.log_dir, self.shard_id, state_url, hash_key_file=hash_key_file,
+                                owner=_actor_name())
+        self.keyer = UserKeyer(self.log.hash_key())
+        snap, parts = self.log.read_snapshots()
+        # deleted users, by keyed hash (never the ids): log seq and time of the latest delete
+        self.tombstones = Tombstones(self.log, self.keyer, (snap or {}).get("tombstones"))
         snap_seq = int(snap["last_seq"]) if snap else 0
-        self.log = EventLog(self.log_dir, shard=self.shard_id,
-                            min_next_seq=max([snap_seq] + [t[0] for t in self.tombstones.values()]) + 1)
-        if pending:
-            self._finish_deletes(pending)
+        self.log.open_log(max(snap_seq, self.tombstones.max_seq()) + 1)
+        if self.tombstones.pending:
+            self._finish_deletes(set(self.tombstones.pending))
         self.base: BaseHistories | None = None
         self.base_info: dict[str, Any] = {}
         self._pending: dict[str, Any] | None = None  # a base loading in the background (prepare_base)
@@ -132,9 +158,11 @@ class UserStateShard:
         self.users: dict[str, UserState] = {}
         after = 0
         if snap is not None and snap.get("base") == self._base_desc():
-            # a user deleted at or after the snapshot's seq (a crash before the delete's own snapshot) is gone
-            self.users = {uid: state_from_dict(d) for uid, d in snap["users"].items()
-                          if self._tomb_seq(uid) < snap_seq}
+            for part_seq, users in parts:  # the full snapshot, then each newer delta
+                for uid, d in users.items():
+                    # a user deleted at or after the part's seq (a crash before the delete's own snapshot)
+                    if self.tombstones.seq(uid) < part_seq:
+                        self.users[uid] = state_from_dict(d)
             after = snap_seq
         elif snap is not None:
             logger.info("shard %d: the base changed since the snapshot (%s -> %s): replaying the whole log "
@@ -143,9 +171,33 @@ class UserStateShard:
         self.replay_counts = self._replay(self.users, self.base, after)
         self.replayed = self.replay_counts["replayed"]
         self._since_snapshot = self.replayed
+        self._snapshot_failures = 0
+        self._snapshot_error: str | None = None
+        self._snapshot_retry_at = 0.0
+        self._snapshot_backoff_s = 0.0
+        self._last_snapshot: dict[str, Any] = {}
         self._recount()
         self.vectorizer = vectorizer_factory() if vectorizer_factory is not None else None
-        self._dirty: set[str] = set(self.users)
+        self._dirty: set[str] = set(self.users)  # users whose vector must be recomputed
+        # snapshot / purge work (the background thread takes it under _mu, writes it without)
+        self._mu = threading.RLock()
+        self._job_lock = threading.Lock()  # one snapshot job at a time
+        self._snap_dirty: set[str] = set(self.users) if self.replayed else set()  # changed since a snapshot
+        self._purge: dict[str, tuple[int, str]] = {}  # deleted user -> (tombstone seq, key): log purge due
+        self._need_full = False  # a delete removed a user that snapshot files may hold
+        self._purges_in_flight = 0
+        self._written = {"full": 0, "delta": 0}  # snapshot files written by this process
+        self._purged_users_total = 0
+        self._has_full, self._n_deltas = self.log.snapshot_info()
+        self.full_every = int(full_every)
+        self.purge_interval_s = float(purge_interval_s)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._worker: threading.Thread | None = None
+        if background:
+            self._worker = threading.Thread(target=self._snapshot_loop, daemon=True,
+                                            name=f"llmrec-shard-{self.shard_id}-snapshots")
+            self._worker.start()
         logger.info("shard %d ready: %d users (%d from the base only, %d materialised), snapshot seq %d + "
                     "replay %s in %.2fs", self.shard_id, self._n_users(), self._n_base_live, len(self.users),
                     snap_seq, self.replay_counts, time.perf_counter() - t0)
@@ -155,37 +207,48 @@ class UserStateShard:
         """Validate all, de-duplicate, log with fsync, then update memory and vectors.
 
         Duplicates (answered `duplicate: true`, neither logged nor applied): an event id already applied to
-        that user or repeated in the batch, and an item event equal to one of the user's base events on
-        (item_id, event, ts) (`BaseHistories.has_event`).
+        that user or repeated for that user in the batch, and an item event equal to one of the user's base
+        events on (item_id, event, ts) (`BaseHistories.has_event`). Events of a deleted user stamped before
+        the delete (a retry or an event in flight) are refused too (`deleted: true`;
+        `llmrec.state.tombstones`).
 
         Returns:
-            one dict per input event, in order: {user_id, event_id, state_version, duplicate}.
+            one dict per input event, in order: {user_id, event_id, state_version, duplicate, deleted}.
         Raises:
-            ValueError: an event is invalid or belongs to another shard (nothing is applied then).
+            InvalidEvent: an event is invalid or belongs to another shard (nothing is applied then).
+            StateUnavailable: the log write failed (nothing is applied then).
         """
         evs = [self._validate(i, e) for i, e in enumerate(events)]
-        batch_ids: set[str] = set()
+        with self._mu:
+            return self._apply_valid(evs)
+
+    def _apply_valid(self, evs: list[Event]) -> list[dict[str, Any]]:
+        batch_ids: set[tuple[str, str]] = set()
         new: list[Event] = []
-        dup_flags: list[bool] = []
+        flags: list[tuple[bool, bool]] = []  # (duplicate, deleted)
         for ev in evs:
-            dup = ev.event_id in batch_ids or self._duplicate(self.users, self.base, ev) is not None
-            batch_ids.add(ev.event_id)
-            dup_flags.append(dup)
-            if not dup:
+            key = (ev.user_id, ev.event_id)
+            dup = key in batch_ids or self._duplicate(self.users, self.base, ev) is not None
+            gone = not dup and self.tombstones.blocks(ev.user_id, ev.ts)
+            batch_ids.add(key)
+            flags.append((dup, gone))
+            if not (dup or gone):
                 new.append(ev)
         self.log.append(new)  # durable before memory changes and before we reply
-        versions: dict[str, int] = {}
+        versions: dict[tuple[str, str], int] = {}
         for ev in new:
-            versions[ev.event_id] = self._fold(self.users, self.base, ev, count=True).version
-        for uid in {ev.user_id for ev in new}:
+            versions[(ev.user_id, ev.event_id)] = self._fold(self.users, self.base, ev, count=True).version
+        touched = {ev.user_id for ev in new}
+        for uid in touched:
             self._refresh_vector(uid)
+        self._snap_dirty |= touched
         self._since_snapshot += len(new)
-        if self._since_snapshot >= self.snapshot_every:
-            self.snapshot()
+        self._maybe_snapshot()
         return [
-            {"user_id": ev.user_id, "event_id": ev.event_id, "duplicate": dup,
-             "state_version": self._version(ev.user_id) if dup else versions[ev.event_id]}
-            for ev, dup in zip(evs, dup_flags)
+            {"user_id": ev.user_id, "event_id": ev.event_id, "duplicate": dup, "deleted": gone,
+             "state_version": self._version(ev.user_id) if (dup or gone) else versions[(ev.user_id,
+                                                                                          ev.event_id)]}
+            for ev, (dup, gone) in zip(evs, flags)
         ]
 
     def get(self, user_id: str) -> dict[str, Any] | None:
@@ -196,7 +259,8 @@ class UserStateShard:
             if user_id in self._dirty:
                 self._refresh_vector(user_id)
                 st = self.users[user_id]
-            return {**summary(st), "vector": st.vector, "shard": self.shard_id}
+            return {**summary(st), "vector": None if st.vector is None else st.vector.tolist(),
+                    "shard": self.shard_id}
         r = self._base_row(self.base, user_id)
         if r is None:
             return None
@@ -207,30 +271,45 @@ class UserStateShard:
 
     def delete(self, user_id: str) -> bool:
         """Forget a user: a durable tombstone first (its base history is never loaded again, its logged
-        events up to now are never replayed), then memory, a fresh snapshot, then the logged events.
-        True if anything was removed."""
+        events up to now are never replayed, its events stamped before now are refused), then memory; its
+        logged events and its state in snapshot files are removed by the next snapshot pass (within about
+        `purge_interval_s` in the background; many deletes share one pass). True if anything was removed.
+
+        A user this shard does not know (not materialised, not in the base, no base loading) costs nothing:
+        no tombstone, no snapshot, no log scan (every logged event materialises its user, so such a user
+        has no logged events)."""
         if not isinstance(user_id, str) or not user_id:
-            raise ValueError(f"user_id must be a non-empty string, got {user_id!r}")
-        r = self._base_row(self.base, user_id)
-        self._write_tombstone(user_id, self.log.last_seq)
-        gone = self.users.pop(user_id, None)
-        if gone is not None:
-            self._n_events -= gone.n_events
-        elif r is not None:  # a base-only user
-            self._n_base_live -= 1
-            self._n_events -= int(self.base.n_total[r])  # type: ignore[union-attr]
-        if r is not None:
-            self.base.hidden.add(r)  # type: ignore[union-attr]  # the arrays keep it until the next load
-        if self._pending is not None:  # a base loading in the background may hold the user too
-            self._pending["deleted"].append(user_id)
-        self._dirty.discard(user_id)
-        self.snapshot()
-        removed = self.log.forget_user(user_id)
-        self._mark_purged(deleted_user_key(user_id)[1])
-        existed = gone is not None or r is not None
-        logger.info("shard %d: deleted user %r (in memory: %s, in the base: %s, %d logged events)",
-                    self.shard_id, user_id, gone is not None, r is not None, removed)
-        return existed or removed > 0
+            raise InvalidEvent(f"user_id must be a non-empty string, got {user_id!r}")
+        with self._mu:
+            r = self._base_row(self.base, user_id)
+            if user_id not in self.users and r is None and self._pending is None:
+                return False
+            key = self.tombstones.add(user_id, self.log.last_seq)
+            gone = self.users.pop(user_id, None)
+            if gone is not None:
+                self._n_events -= gone.n_events
+                # its logged events and its state in snapshot files go in the next background pass
+                self._purge[user_id] = (self.tombstones.seq(user_id), key)
+                self._need_full = True
+                self._snap_dirty.discard(user_id)
+            else:
+                self.tombstones.mark_purged(key)  # nothing logged (every logged event materialises its user)
+                if r is not None:  # a base-only user
+                    self._n_base_live -= 1
+                    self._n_events -= int(self.base.n_total[r])  # type: ignore[union-attr]
+            if r is not None:
+                self.base.hidden.add(r)  # type: ignore[union-attr]  # the arrays keep it until the next load
+            if self._pending is not None:  # a base loading in the background may hold the user too
+                self._pending["deleted"].append(user_id)
+            self._dirty.discard(user_id)
+        logger.info("shard %d: deleted user %s (in memory: %s, in the base: %s)", self.shard_id,
+                    self.keyer.log_id(user_id), gone is not None, r is not None)
+        self._maybe_snapshot()
+        return gone is not None or r is not None
+
+    def log_key(self) -> bytes:
+        """The derived key of the keyed user ids in log lines (`UserKeyer.for_logs`), for the ingress."""
+        return self.keyer.log_key()
 
     def set_base(self, data_dir: str | os.PathLike | None) -> dict[str, Any]:
         """Swap the base to another run's data folder (None = no base): `prepare_base` then `commit_base`.
@@ -258,7 +337,7 @@ class UserStateShard:
                                data_dir)
             p = self._pending = {"want": want, "data_dir": data_dir, "done": threading.Event(),
                                  "result": None, "error": None, "deleted": []}
-            deleted = [(crc, h) for h, (_seq, crc) in self.tombstones.items()]
+            deleted = self.tombstones.matcher()
             threading.Thread(target=self._load_pending, args=(p, deleted), daemon=True,
                              name=f"base-load-s{self.shard_id}").start()
         return self.base_status(data_dir)
@@ -297,11 +376,16 @@ class UserStateShard:
         t1 = time.perf_counter()
         users: dict[str, UserState] = {}
         counts = self._replay(users, new_base, 0)
-        self._set_loaded_base(loaded)
-        self.users = users
-        self._recount()
-        self._dirty = set(users)
-        self.snapshot()
+        with self._mu:
+            self._set_loaded_base(loaded)
+            self.users = users
+            self._recount()
+            self._dirty = set(users)
+            self._need_full = True  # the snapshot must name the new base
+        # now, not in the background: a shard Ray restarts takes its base from the snapshot
+        with self._job_lock:
+            job = self._capture(full=True)
+            self._run_job(job)
         logger.info("shard %d: base swapped to %s: %d users; log replay %s in %.2fs", self.shard_id,
                     data_dir, self._n_users(), counts, time.perf_counter() - t1)
         return {"shard": self.shard_id, "changed": True, "base": self.base_info, "replay": counts,
@@ -314,28 +398,120 @@ class UserStateShard:
             "n_tombstones": len(self.tombstones), "base": self.base_info, "last_seq": self.log.last_seq,
             "log_dir": self.log_dir, "replayed_at_start": self.replayed,
             "since_snapshot": self._since_snapshot, "pid": os.getpid(),
+            "snapshot_failures": self._snapshot_failures, "snapshot_error": self._snapshot_error,
+            "last_snapshot": dict(self._last_snapshot),
+            "pending_purges": len(self._purge) + self._purges_in_flight,  # deletes not yet off disk
+            "snapshots_written": dict(self._written), "purged_users": self._purged_users_total,
+            "resources": _assigned_resources(),
         }
 
     def snapshot(self) -> dict[str, Any]:
-        """Write the materialised users, the tombstones and the base descriptor atomically to
-        `snapshot-sNNN.json` (with the log's last seq). Base-only users are not in it: the base file is."""
+        """Write a full snapshot now (materialised users, tombstones, base descriptor, the log's last seq) and
+        finish pending log purges; waits for a background pass in progress. Base-only users are not in it:
+        the base file is.
+
+        Raises:
+            OSError: the write failed (the previous snapshot stays whole, the temporary file is removed).
+        """
+        with self._job_lock:
+            job = self._capture(full=True)
+            return self._run_job(job, raise_errors=True)
+
+    def _maybe_snapshot(self) -> None:
+        """Snapshot work is due after `snapshot_every` events, after a delete or a base swap. In background
+        mode the thread is woken (events) or finds it on its next round (deletes: batched); inline, it runs
+        now. It never fails the caller: the events are in the log already, a failed snapshot only makes the
+        next recovery replay more of it."""
+        if self._worker is not None:
+            if self._since_snapshot >= self.snapshot_every:
+                self._wake.set()
+            return
+        with self._job_lock:
+            job = self._capture()
+            if job is not None:
+                self._run_job(job)
+
+    def _snapshot_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.purge_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            with self._job_lock:
+                try:
+                    job = self._capture()
+                    if job is not None:
+                        self._run_job(job)
+                except Exception:  # noqa: BLE001 - the thread must survive anything; _run_job records errors
+                    logger.exception("shard %d: snapshot thread error", self.shard_id)
+
+    def _capture(self, full: bool = False) -> dict[str, Any] | None:
+        """Take the due work under the state lock (O(changed users); a full snapshot copies the dict of
+        users, whose states are immutable values); None when nothing is due or a failure's backoff runs."""
+        with self._mu:
+            due = full or self._purge or self._need_full or self._since_snapshot >= self.snapshot_every
+            if not due or (not full and time.monotonic() < self._snapshot_retry_at):
+                return None
+            full = full or self._need_full or bool(self._purge) or not self._has_full \
+                or self._n_deltas >= self.full_every
+            users = dict(self.users) if full else {u: self.users[u] for u in self._snap_dirty
+                                                   if u in self.users}
+            job = {"full": full, "users": users, "last_seq": self.log.last_seq, "base": self._base_desc(),
+                   "tombstones": self.tombstones.to_json(), "purge": self._purge,
+                   "since": self._since_snapshot}
+            self._snap_dirty, self._purge, self._need_full, self._since_snapshot = set(), {}, False, 0
+            return job
+
+    def _run_job(self, job: dict[str, Any], raise_errors: bool = False) -> dict[str, Any]:
+        """Purge deleted users from the log, then write the snapshot (full: and drop the deltas it covers),
+        then retire old segments. On failure the work goes back to the queue and the next try waits (1 s,
+        doubling up to 60 s), so a full disk is not hammered."""
         t0 = time.perf_counter()
-        path = Path(self.log_dir) / _SNAPSHOT.format(self.shard_id)
-        body = {"shard": self.shard_id, "last_seq": self.log.last_seq, "created_at": time.time(),
-                "base": self._base_desc(), "tombstones": self.tombstones,
-                "users": {uid: state_to_dict(st) for uid, st in self.users.items()}}
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(body, f, separators=(",", ":"), allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.log_dir)
-        self._since_snapshot = 0
+        seq = job["last_seq"]
+        self._purges_in_flight = len(job["purge"])
+        try:
+            purge = {u: s for u, (s, _k) in job["purge"].items()}
+            purged = self.log.forget_users(purge) if purge else 0
+            header = {"kind": "full" if job["full"] else "delta", "shard": self.shard_id, "last_seq": seq,
+                      "created_at": time.time(), "base": job["base"], "tombstones": job["tombstones"]}
+            items = ((u, _snapshot_dict(st)) for u, st in job["users"].items())
+            nbytes = self.log.write_snapshot(job["full"], header, items)
+            if job["full"]:
+                self._has_full, self._n_deltas = True, 0
+            else:
+                self._n_deltas += 1
+            for _u, (_s, key) in job["purge"].items():
+                self.tombstones.mark_purged(key)
+            if self.log_retention_s is not None:
+                self.log.retire(seq, self.log_retention_s)
+        except Exception as e:
+            with self._mu:  # the work goes back; newer changes stay queued too
+                self._snap_dirty |= set(job["users"]) if not job["full"] else set(self.users)
+                for u, v in job["purge"].items():
+                    self._purge.setdefault(u, v)
+                self._need_full = self._need_full or job["full"]
+                self._since_snapshot += job["since"]
+                self._snapshot_failures += 1
+                self._snapshot_error = f"{type(e).__name__}: {e}"
+                self._snapshot_backoff_s = min(60.0, max(1.0, 2 * self._snapshot_backoff_s))
+                self._snapshot_retry_at = time.monotonic() + self._snapshot_backoff_s
+            logger.error("shard %d: snapshot failed (%s); serving goes on from the log, next try in %.0fs",
+                         self.shard_id, self._snapshot_error, self._snapshot_backoff_s)
+            self._purges_in_flight = 0
+            if raise_errors:
+                raise
+            return {"error": self._snapshot_error}
+        self._snapshot_error, self._snapshot_retry_at, self._snapshot_backoff_s = None, 0.0, 0.0
         dt = time.perf_counter() - t0
-        logger.info("shard %d: snapshot of %d users at seq %d in %.3fs", self.shard_id, len(self.users),
-                    self.log.last_seq, dt)
-        return {"path": str(path), "last_seq": self.log.last_seq, "n_users": len(self.users), "wall_s": dt}
+        self._last_snapshot = {"kind": header["kind"], "last_seq": seq, "n_users": len(job["users"]),
+                               "bytes": nbytes, "wall_s": round(dt, 4), "purged_events": purged,
+                               "purged_users": len(job["purge"])}
+        self._written[header["kind"]] += 1
+        self._purged_users_total += len(job["purge"])
+        self._purges_in_flight = 0  # after _last_snapshot: a reader that sees 0 sees this pass's result
+        logger.info("shard %d: %s snapshot of %d users at seq %d (%d bytes, %d users purged) in %.3fs",
+                    self.shard_id, header["kind"], len(job["users"]), seq, nbytes, len(job["purge"]), dt)
+        return {"where": self.log.describe(), **self._last_snapshot}
 
     def set_vectorizer(self, vectorizer_factory: Callable[[], Any] | None) -> int:
         """Swap the vectorizer (e.g. a new scorer); every vector is recomputed on its next `get`."""
@@ -347,12 +523,21 @@ class UserStateShard:
         return self.shard_id
 
     def close(self) -> None:
-        """Release the log (its file lock); only needed when used as a plain object (tests, tools)."""
+        """Stop the snapshot thread, finish pending deletes (log purge + snapshot), release the log (its file
+        lock); only needed when used as a plain object (tests, tools)."""
+        self._stop.set()
+        self._wake.set()
+        if self._worker is not None:
+            self._worker.join(timeout=60)
+        if self._purge:
+            with self._job_lock:
+                job = self._capture(full=True)
+                self._run_job(job)
         self.log.close()
 
     # ---- internals -----------------------------------------------------------------------------------
     def _new_state(self, user_id: str) -> UserState:
-        return UserState(user_id=user_id, history_len=self.history_len)
+        return UserState(user_id=user_id, history_len=self.history_len, applied_len=self.applied_len)
 
     def _base_row(self, base: BaseHistories | None, user_id: str) -> int | None:
         """The user's row in `base`, unless there is no base or the user was deleted."""
@@ -393,16 +578,16 @@ class UserStateShard:
         records, duplicates and the events of deleted users up to their tombstone."""
         c = {"replayed": 0, "duplicate_id": 0, "duplicate_base": 0, "deleted": 0, "invalid": 0}
         counters: dict[str, int] = {}
-        for rec in iter_events(self.log_dir, shard=self.shard_id, after_seq=after_seq, counters=counters):
+        for rec in self.log.records(after_seq=after_seq, counters=counters):
             fields = {k: v for k, v in rec.items() if k not in ("seq", "shard")}
             try:
                 ev = Event.from_dict(fields)
             except ValueError as e:
                 c["invalid"] += 1
                 logger.error("shard %d: log record seq %s is invalid, skipped: %s", self.shard_id,
-                             rec["seq"], e)
+                             rec["seq"], str(e).split(":")[0][:80])  # the field, not the values (user ids)
                 continue
-            if rec["seq"] <= self._tomb_seq(ev.user_id):
+            if rec["seq"] <= self.tombstones.seq(ev.user_id) or self.tombstones.blocks(ev.user_id, ev.ts):
                 c["deleted"] += 1
                 continue
             dup = self._duplicate(users, base, ev)
@@ -416,20 +601,21 @@ class UserStateShard:
 
     def _finish_deletes(self, pending: set[str]) -> None:
         """Purge from the log the events (up to the tombstone) of users whose delete a crash interrupted
-        after its tombstone: the tombstone names a hash, so the log is scanned for matching ids."""
-        crcs = {self.tombstones[h][1] for h in pending}
-        found: set[str] = set()
-        for rec in iter_events(self.log_dir, shard=self.shard_id):
+        after its tombstone: the tombstone names a keyed hash, so the log's user ids are hashed to find
+        them."""
+        found: dict[str, int] = {}
+        checked: set[str] = set()
+        for rec in self.log.records():
             uid = rec.get("user_id")
-            if isinstance(uid, str) and zlib.crc32(uid.encode("utf-8", "surrogatepass")) in crcs \
-                    and deleted_user_key(uid)[1] in pending:
-                found.add(uid)
-        for uid in found:
-            n = self.log.forget_user(uid, max_seq=self._tomb_seq(uid))
-            logger.warning("shard %d: finished an interrupted delete: purged %d logged events", self.shard_id,
-                           n)
+            if isinstance(uid, str) and uid not in checked:
+                checked.add(uid)
+                if self.keyer.tombstone_key(uid) in pending:
+                    found[uid] = self.tombstones.seq(uid)
+        n = self.log.forget_users(found) if found else 0
         for h in pending:
-            self._mark_purged(h)
+            self.tombstones.mark_purged(h)
+        logger.warning("shard %d: finished %d interrupted delete(s): purged %d logged events", self.shard_id,
+                       len(pending), n)
 
     def _recount(self) -> None:
         """Recompute the O(1) counters after a (re)build: users/events from the base only + materialised."""
@@ -465,12 +651,12 @@ class UserStateShard:
         if dim is not None and ev.text_vec is not None and len(ev.text_vec) != dim:
             raise ValueError(f"events[{i}]: text_vec has {len(ev.text_vec)} values, the item space has "
                              f"dim {dim}; encode feedback text with the same model as the items")
-        return ev if ev.event_id else ev.with_id(uuid.uuid4().hex)
+        return ev if ev.event_id else ev.with_id(new_event_id(ev, client_ts=_has_ts(e)))
 
     def _refresh_vector(self, user_id: str) -> None:
         st = self.users[user_id]
         vec = self.vectorizer(st) if self.vectorizer is not None else None
-        st.vector = None if vec is None else np.asarray(vec, dtype=np.float32).tolist()
+        st.vector = None if vec is None else np.asarray(vec, dtype=np.float32)  # 1.5 KB, not a 12 KB list
         self._dirty.discard(user_id)
 
     # -- base
@@ -489,7 +675,7 @@ class UserStateShard:
             return base_dir
         return None if b is None else b["path"]
 
-    def _load_pending(self, p: dict[str, Any], deleted: list[tuple[int, str]]) -> None:
+    def _load_pending(self, p: dict[str, Any], deleted: Callable[[str], bool] | None) -> None:
         try:
             p["result"] = self._load_base(p["data_dir"], deleted)
         except Exception as e:  # noqa: BLE001 - reported by commit_base, in the caller's process
@@ -498,12 +684,12 @@ class UserStateShard:
         finally:
             p["done"].set()
 
-    def _load_base(self, data_dir: str | os.PathLike | None, deleted: list[tuple[int, str]] | None = None
+    def _load_base(self, data_dir: str | os.PathLike | None, deleted: Callable[[str], bool] | None = None
                    ) -> tuple[BaseHistories, dict[str, Any]] | None:
         if data_dir is None:
             return None
         if deleted is None:
-            deleted = [(crc, h) for h, (_seq, crc) in self.tombstones.items()]
+            deleted = self.tombstones.matcher()
         gc.collect()
         rss0 = _rss_bytes()
         base = load_base(data_dir, shard_id=self.shard_id, n_shards=self.n_shards,
@@ -527,75 +713,29 @@ class UserStateShard:
             self.base, self.base_info = loaded
 
     # -- tombstones
-    def _tomb_path(self) -> Path:
-        return Path(self.log_dir) / _TOMBSTONES.format(self.shard_id)
 
-    def _tomb_seq(self, user_id: str) -> int:
-        """The log seq at the user's latest delete; -1 when never deleted."""
-        if not self.tombstones:
-            return -1
-        t = self.tombstones.get(deleted_user_key(user_id)[1])
-        return -1 if t is None else t[0]
+def _actor_name() -> str | None:
+    """This actor's name (a restarted actor has the same one), None outside an actor."""
+    try:
+        import ray
 
-    def _write_tombstone(self, user_id: str, seq: int) -> None:
-        """Append {sha256, crc32, seq} to `tombstones-sNNN.jsonl` and fsync before anything else changes."""
-        crc, h = deleted_user_key(user_id)
-        path = self._tomb_path()
-        new_file = not path.exists()
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"user_sha256": h, "crc32": crc, "seq": int(seq), "ts": time.time(),
-                                "purged": False}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if new_file:
-            _fsync_dir(self.log_dir)
-        self.tombstones[h] = (max(int(seq), self.tombstones.get(h, (0, 0))[0]), crc)
-
-    def _mark_purged(self, h: str) -> None:
-        """Record that the delete's log purge finished (no fsync: if lost, the next start only re-scans)."""
-        seq, crc = self.tombstones[h]
-        with open(self._tomb_path(), "a", encoding="utf-8") as f:
-            f.write(json.dumps({"user_sha256": h, "crc32": crc, "seq": seq, "ts": time.time(),
-                                "purged": True}) + "\n")
-
-    def _read_snapshot(self) -> dict[str, Any] | None:
-        path = Path(self.log_dir) / _SNAPSHOT.format(self.shard_id)
-        if not path.is_file():
-            return None
-        t0 = time.perf_counter()
-        body = json.loads(path.read_text(encoding="utf-8"))
-        if body.get("shard") != self.shard_id:
-            raise ValueError(f"{path} is the snapshot of shard {body.get('shard')}, expected {self.shard_id}")
-        logger.info("shard %d: read snapshot %s (%d users, seq %d) in %.2fs", self.shard_id, path,
-                    len(body["users"]), body["last_seq"], time.perf_counter() - t0)
-        return body
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            return ray.get_runtime_context().get_actor_name() or None
+    except Exception:  # noqa: BLE001
+        pass
+    return None
 
 
-def _read_tombstones(path: Path) -> tuple[dict[str, tuple[int, int]], set[str]]:
-    """(sha256(user_id) -> (log seq at its latest delete, crc32), hashes whose log purge is not recorded as
-    done); skips a torn line (never acknowledged)."""
-    out: dict[str, tuple[int, int]] = {}
-    pending: set[str] = set()
-    if not path.is_file():
-        return out, pending
-    torn = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line) if line.endswith("\n") else None
-                h, seq, crc = rec["user_sha256"], int(rec["seq"]), int(rec["crc32"])
-            except (ValueError, TypeError, KeyError):
-                torn += 1
-                continue
-            if rec.get("purged") and out.get(h, (0, 0))[0] <= seq:
-                pending.discard(h)
-            elif not rec.get("purged"):
-                pending.add(h)
-            out[h] = (max(seq, out.get(h, (0, 0))[0]), crc)
-    if torn:
-        logger.warning("%s: skipped %d unreadable line(s) (a crash mid-write: never acknowledged)", path,
-                       torn)
-    return out, pending
+def _assigned_resources() -> dict[str, float]:
+    """What Ray reserved for this actor (e.g. {"memory": bytes}); {} outside an actor."""
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            return dict(ray.get_runtime_context().get_assigned_resources())
+    except Exception:  # noqa: BLE001 - stats only
+        pass
+    return {}
 
 
 def _actor_was_restarted() -> bool:
@@ -656,6 +796,12 @@ def _short(desc: dict[str, Any] | None) -> str:
 class EmbeddingsMeanVectorizer:
     """Picklable zero-arg vectorizer factory: loads `embeddings_dir/embeddings.parquet` inside the actor.
 
+    The item matrix (N, D) float32 is shared by every shard on a node, not copied per shard: the first shard
+    writes it once as a `.npy` file in `shared_dir` (default: the node's temp dir, `llmrec-item-vectors/`,
+    named by the embeddings' path and meta.json) and every shard memory-maps it, so the OS keeps one copy
+    in its page cache. (A memory map rather than Ray's object store: a detached shard that Ray restarts
+    after its creator is gone cannot get objects back from the store, but it can map a file.)
+
     Example::
 
         store = StateStore(4, "RUN/events", vectorizer_factory=EmbeddingsMeanVectorizer("RUN/embeddings"))
@@ -665,12 +811,32 @@ class EmbeddingsMeanVectorizer:
     half_life: float = 20.0
     negative_weight: float = 0.5
     text_weight: float = 0.5
+    shared_dir: str | None = None
 
     def __call__(self) -> MeanVectorizer:
+        import tempfile
+
         from llmrec.embed.artifact import load_embeddings  # checks the file against its meta.json
 
-        emb = load_embeddings(self.embeddings_dir)
-        return MeanVectorizer(emb.item_ids, emb.vectors, half_life=self.half_life,
+        meta_path = Path(self.embeddings_dir) / META_FILE
+        if not meta_path.is_file():
+            load_embeddings(self.embeddings_dir)  # raises the artifact error that says what to run
+        meta = meta_path.read_bytes()
+        key = hashlib.sha256(os.path.abspath(self.embeddings_dir).encode() + meta).hexdigest()[:20]
+        cache = Path(self.shared_dir or Path(tempfile.gettempdir()) / "llmrec-item-vectors")
+        vec_path, ids_path = cache / f"{key}.npy", cache / f"{key}.ids.npy"
+        if not (vec_path.is_file() and ids_path.is_file()):
+            emb = load_embeddings(self.embeddings_dir)
+            cache.mkdir(parents=True, exist_ok=True)
+            for path, arr in ((ids_path, np.asarray(emb.item_ids).astype(str)),
+                              (vec_path, np.ascontiguousarray(emb.vectors, np.float32))):
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    np.save(f, arr)
+                os.replace(tmp, path)  # atomic: another shard maps either nothing or the whole file
+        vectors = np.load(vec_path, mmap_mode="r")  # (N, D) float32, shared through the page cache
+        item_ids = np.load(ids_path)
+        return MeanVectorizer(item_ids, vectors, half_life=self.half_life,
                               negative_weight=self.negative_weight, text_weight=self.text_weight)
 
 
@@ -691,8 +857,11 @@ class StateStore:
 
     def __init__(self, n_shards: int = 4, log_dir: str | os.PathLike | None = None, namespace: str = "llmrec",
                  vectorizer_factory: Callable[[], Any] | None = None, name: str = "llmrec-state", *,
-                 snapshot_every: int = 1000, history_len: int = 200, retry_timeout_s: float = 60.0,
-                 base_dir: str | os.PathLike | None = None) -> None:
+                 snapshot_every: int = 1000, history_len: int = 200, retry_timeout_s: float = 5.0,
+                 call_timeout_s: float = 10.0,
+                 base_dir: str | os.PathLike | None = None, log_retention_s: float | None = None,
+                 shard_memory_mb: int | None = 256, applied_len: int = 1000, state_url: str | None = None
+                 ) -> None:
         import ray
 
         if not isinstance(n_shards, int) or n_shards < 1:
@@ -707,8 +876,11 @@ class StateStore:
         self.namespace = namespace
         self.name = name
         self.retry_timeout_s = float(retry_timeout_s)
+        self.call_timeout_s = float(call_timeout_s)
         base_dir = None if base_dir is None else os.path.abspath(os.fspath(base_dir))
         _check_log_meta(self.log_dir, n_shards)
+        if state_url:
+            _check_redis_meta(state_url, n_shards)
         if vectorizer_factory is not None:
             from ray import cloudpickle
 
@@ -719,6 +891,9 @@ class StateStore:
                                "factory that loads the data itself (e.g. EmbeddingsMeanVectorizer(dir))",
                                nbytes)
         t0 = time.perf_counter()
+        # a memory reservation per shard: Ray then places shards only where that much memory is free (and
+        # counts it against the node), instead of packing them onto one node until it runs out
+        mem = {"memory": int(shard_memory_mb) << 20} if shard_memory_mb else {}
         remote_cls = ray.remote(UserStateShard)
         self.actors: list[Any] = []
         self._created: list[int] = []
@@ -731,9 +906,10 @@ class StateStore:
                 existed = False
             handle = remote_cls.options(
                 name=aname, namespace=namespace, lifetime="detached", get_if_exists=True, max_restarts=-1,
-                max_task_retries=0, num_cpus=0,
+                max_task_retries=0, num_cpus=0, **mem,
             ).remote(i, self.log_dir, vectorizer_factory, snapshot_every, history_len, n_shards=n_shards,
-                     base_dir=base_dir)
+                     base_dir=base_dir, log_retention_s=log_retention_s, applied_len=applied_len,
+                     state_url=state_url)
             self.actors.append(handle)
             if not existed:
                 self._created.append(i)
@@ -802,6 +978,10 @@ class StateStore:
     def delete_sync(self, user_id: str) -> bool:
         return self._gather_sync("delete", [(self._user_shard(user_id), (user_id,))])[0]
 
+    def log_key_sync(self) -> bytes:
+        """The key of the keyed user ids the shards log (`UserKeyer.for_logs`); the same for every shard."""
+        return self._gather_sync("log_key", [(0, ())])[0]
+
     def stats_sync(self) -> dict[str, Any]:
         return _total(self._gather_sync("stats", [(i, ()) for i in range(self.n_shards)]))
 
@@ -848,7 +1028,7 @@ class StateStore:
             except ValueError as err:
                 raise ValueError(f"events[{i}]: {err}") from None
             if not ev.event_id:  # assigned before the first send, so a retry carries the same id
-                ev = ev.with_id(uuid.uuid4().hex)
+                ev = ev.with_id(new_event_id(ev, client_ts=_has_ts(e)))
             groups.setdefault(shard_of(ev.user_id, self.n_shards), []).append((i, ev.to_dict()))
         return groups
 
@@ -862,60 +1042,90 @@ class StateStore:
         return res
 
     async def _acall(self, shard: int, method: str, *args: Any) -> Any:
-        from ray.exceptions import RayActorError
+        """Call a shard; a dead or stuck shard becomes `StateUnavailable` (HTTP 503) within seconds, not a
+        minute-long wait and a 500. A shard that died is waited for (`retry_timeout_s`) and called once
+        more."""
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         actor = self.actors[shard]
+        timeout = None if method in _LONG_CALLS else self.call_timeout_s
         try:
-            return await getattr(actor, method).remote(*args)
+            return await asyncio.wait_for(getattr(actor, method).remote(*args), timeout)
+        except (asyncio.TimeoutError, GetTimeoutError):
+            raise self._unavailable(shard, f"did not answer {method} within {timeout}s") from None
         except RayActorError as e:
-            logger.warning("shard %d %s failed (%s); waiting for the actor to restart, then retrying once",
-                           shard, method, type(e).__name__)
+            logger.warning("shard %d %s failed (%s); waiting up to %.0fs for the actor to restart, then "
+                           "retrying once", shard, method, type(e).__name__, self.retry_timeout_s)
             deadline = time.monotonic() + self.retry_timeout_s
             while True:
+                left = deadline - time.monotonic()
                 try:
-                    await actor.ping.remote()
+                    await asyncio.wait_for(actor.ping.remote(), max(0.1, left))
                     break
-                except RayActorError:
+                except (RayActorError, asyncio.TimeoutError, GetTimeoutError):
                     if time.monotonic() > deadline:
                         raise self._unavailable(shard) from e
                     await asyncio.sleep(0.1)
-            return await getattr(actor, method).remote(*args)
+            try:
+                return await asyncio.wait_for(getattr(actor, method).remote(*args), timeout)
+            except (RayActorError, asyncio.TimeoutError, GetTimeoutError):
+                raise self._unavailable(shard) from e
 
     def _gather_sync(self, method: str, calls: Sequence[tuple[int, tuple]]) -> list[Any]:
         """Send all calls first (shards work in parallel), then collect each, retrying once after a crash."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
+        timeout = None if method in _LONG_CALLS else self.call_timeout_s
         refs = [getattr(self.actors[s], method).remote(*args) for s, args in calls]
         out = []
         for (s, args), ref in zip(calls, refs):
             try:
-                out.append(ray.get(ref))
+                out.append(ray.get(ref, timeout=timeout))
+            except GetTimeoutError:
+                raise self._unavailable(s, f"did not answer {method} within {timeout}s") from None
             except RayActorError as e:
                 logger.warning("shard %d %s failed (%s); waiting for the actor to restart, then retrying "
                                "once", s, method, type(e).__name__)
                 self._wait_alive_sync(s, e)
-                out.append(ray.get(getattr(self.actors[s], method).remote(*args)))
+                try:
+                    out.append(ray.get(getattr(self.actors[s], method).remote(*args), timeout=timeout))
+                except (RayActorError, GetTimeoutError):
+                    raise self._unavailable(s) from e
         return out
 
     def _wait_alive_sync(self, shard: int, cause: BaseException) -> None:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         deadline = time.monotonic() + self.retry_timeout_s
         while True:
             try:
-                ray.get(self.actors[shard].ping.remote())
+                ray.get(self.actors[shard].ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
                 return
-            except RayActorError:
+            except (RayActorError, GetTimeoutError):
                 if time.monotonic() > deadline:
                     raise self._unavailable(shard) from cause
                 time.sleep(0.1)
 
-    def _unavailable(self, shard: int) -> RuntimeError:
-        return RuntimeError(f"state shard {self.name}-{shard} did not come back within "
-                            f"{self.retry_timeout_s}s after a crash; check `ray list actors` and the "
-                            "shard's log")
+    def _unavailable(self, shard: int, why: str | None = None) -> StateUnavailable:
+        why = why or f"did not come back within {self.retry_timeout_s}s after a crash"
+        return StateUnavailable(f"state shard {self.name}-{shard} {why}; check `ray list actors` and the "
+                                "shard's log", retry_after_s=max(1.0, self.retry_timeout_s))
+
+
+# calls that may legitimately take long (a base load / whole-log replay): no per-call timeout
+_LONG_CALLS = frozenset({"prepare_base", "commit_base", "set_base", "snapshot"})
+
+
+def _snapshot_dict(st: UserState) -> dict[str, Any]:
+    d = state_to_dict(st)
+    d.pop("vector", None)  # recomputed on the next get (the vectorizer may have changed meanwhile)
+    return d
+
+
+def _has_ts(e: Mapping[str, Any] | Event) -> bool:
+    return isinstance(e, Event) or (isinstance(e, Mapping) and e.get("ts") is not None)
 
 
 def _total(shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -923,6 +1133,21 @@ def _total(shards: list[dict[str, Any]]) -> dict[str, Any]:
             "n_events": sum(s["n_events"] for s in shards),
             "n_base_users": sum(s["n_base_users"] for s in shards),
             "n_materialised": sum(s["n_materialised"] for s in shards), "shards": shards}
+
+
+def _check_redis_meta(url: str, n_shards: int) -> None:
+    """The Redis twin of `_check_log_meta`: PREFIX:meta records n_shards; another n_shards is refused."""
+    from llmrec.state.backends import RedisBackend
+
+    b = RedisBackend(url, 0)
+    key = f"{b.prefix}:meta"
+    b._call("meta", b.r.set, key, json.dumps({"stage": "events", "n_shards": n_shards}), nx=True)
+    meta = json.loads(b._call("meta", b.r.get, key))
+    b.close()
+    if meta.get("n_shards") != n_shards:
+        raise ValueError(f"redis {b.describe()} was written by a state store with "
+                         f"n_shards={meta.get('n_shards')}, "
+                         f"got n_shards={n_shards}; use the same n_shards or another prefix")
 
 
 def _check_log_meta(log_dir: str, n_shards: int) -> None:

@@ -38,9 +38,12 @@ Choices the design leaves open (documented here):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from llmrec.schema import EVENT_KINDS, NEGATIVE_KINDS, POSITIVE_KINDS
+from llmrec.state.errors import InvalidEvent
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ __all__ = [
     "apply_event",
     "event_weight",
     "polarity",
+    "new_event_id",
     "summary",
     "state_from_history",
     "MeanVectorizer",
@@ -77,7 +82,7 @@ Vectorizer = Callable[["UserState"], "np.ndarray | None"]
 class Event:
     """One feedback event. Build it with `Event.from_dict` (validates) or directly in trusted code."""
 
-    event_id: str | None = None  # unique; the store assigns a uuid4 hex when missing
+    event_id: str | None = None  # unique per user; the store assigns one when missing (`new_event_id`)
     user_id: str
     item_id: str | None = None  # None for text-only feedback
     event: str  # one of schema.EVENT_KINDS
@@ -93,45 +98,47 @@ class Event:
         `ts` defaults to `default_ts`, else the current time. Unknown keys are refused.
         """
         if not isinstance(d, Mapping):
-            raise ValueError(f"event must be a dict with keys {list(_EVENT_FIELDS)}, got {type(d).__name__}")
+            raise InvalidEvent(f"event must be a dict with keys {list(_EVENT_FIELDS)}, got "
+                               f"{type(d).__name__}")
         unknown = sorted(set(d) - set(_EVENT_FIELDS))
         if unknown:
-            raise ValueError(f"event has unknown field(s) {unknown}; allowed fields: {list(_EVENT_FIELDS)}")
+            raise InvalidEvent(f"event has unknown field(s) {unknown}; allowed fields: {list(_EVENT_FIELDS)}")
         user_id = _req_str(d, "user_id")
         kind = d.get("event")
         if kind not in EVENT_KINDS:
-            raise ValueError(f"event.event must be one of {list(EVENT_KINDS)}, got {kind!r}")
+            raise InvalidEvent(f"event.event must be one of {list(EVENT_KINDS)}, got {kind!r}")
         item_id = _opt_str(d, "item_id")
         event_id = _opt_str(d, "event_id")
         text = _opt_str(d, "text")
         value = d.get("value")
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-                raise ValueError(
+                raise InvalidEvent(
                     f"event.value must be a number or null, got {type(value).__name__} {value!r}"
                 )
-            value = float(value)
+            value = _to_float(value, "value")
             if not math.isfinite(value):
-                raise ValueError(f"event.value must be finite, got {value!r}")
+                raise InvalidEvent(f"event.value must be finite, got {value!r}")
         if kind == "rating":
             if value is None:
-                raise ValueError("event.value is required for event 'rating' (a number in [0, 5]), got null")
+                raise InvalidEvent("event.value is required for event 'rating' (a number in [0, 5]), got "
+                                   "null")
             if not RATING_MIN <= value <= RATING_MAX:
-                raise ValueError(
+                raise InvalidEvent(
                     f"event.value for a rating must be in [{RATING_MIN}, {RATING_MAX}], got {value}"
                 )
         text_vec = d.get("text_vec")
         if text_vec is not None:
             if text is None:
-                raise ValueError("event.text_vec was given without event.text; send the text it encodes")
+                raise InvalidEvent("event.text_vec was given without event.text; send the text it encodes")
             text_vec = _float_list(text_vec, "text_vec")
         if item_id is None and text is None:
-            raise ValueError(
+            raise InvalidEvent(
                 f"event {kind!r} for user {user_id!r} has neither item_id nor text; "
                 "send item_id (feedback on an item) and/or text (free-text feedback)"
             )
         if item_id is None and polarity(kind, value) == 0:
-            raise ValueError(
+            raise InvalidEvent(
                 f"text-only event {kind!r} (value={value}) is neutral and cannot steer recommendations; "
                 f"use one of {list(POSITIVE_KINDS + NEGATIVE_KINDS)} or a rating <= 2 or >= 4"
             )
@@ -139,10 +146,10 @@ class Event:
         if ts is None:
             ts = time.time() if default_ts is None else default_ts
         if isinstance(ts, bool) or not isinstance(ts, (int, float, np.floating, np.integer)):
-            raise ValueError(f"event.ts must be unix seconds (a number), got {type(ts).__name__} {ts!r}")
-        ts = float(ts)
+            raise InvalidEvent(f"event.ts must be unix seconds (a number), got {type(ts).__name__} {ts!r}")
+        ts = _to_float(ts, "ts")
         if not math.isfinite(ts) or ts < 0:
-            raise ValueError(f"event.ts must be finite unix seconds >= 0, got {ts!r}")
+            raise InvalidEvent(f"event.ts must be finite unix seconds >= 0, got {ts!r}")
         return cls(event_id=event_id, user_id=user_id, item_id=item_id, event=kind, value=value, text=text,
                    text_vec=text_vec, ts=ts)
 
@@ -159,18 +166,20 @@ class UserState:
     """Everything the server knows about one user. Treat as immutable: `apply_event` returns a new one.
 
     history: (item_id, event, value, ts) tuples, oldest first, at most `history_len` (item events only).
-    text_feedback: (text, polarity +1/-1, vec (D,) list or None) tuples, oldest first, at most `text_len`.
+    text_feedback: (text, polarity +1/-1, vec float32 (D,) or None) tuples, oldest first, at most `text_len`.
+    vector: the user vector, float32 (D,) or None (set by the store; not part of snapshots).
+    Every part is bounded: history_len, text_len, applied_len, max_negatives; `seen` by the catalog size.
     """
 
     user_id: str
     history: list[tuple[str, str, float | None, float]] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     negatives: dict[str, float] = field(default_factory=dict)
-    text_feedback: list[tuple[str, float, list[float] | None]] = field(default_factory=list)
+    text_feedback: list[tuple[str, float, np.ndarray | None]] = field(default_factory=list)
     version: int = 0
     n_events: int = 0
     last_ts: float | None = None
-    vector: list[float] | None = None
+    vector: np.ndarray | None = None
     applied_ids: list[str] = field(default_factory=list)
     history_len: int = 200
     text_len: int = 50
@@ -187,6 +196,21 @@ class UserState:
     def has_applied(self, event_id: str | None) -> bool:
         """True when an event with this id was already applied (within the last `applied_len` ids)."""
         return event_id is not None and event_id in self._applied_set
+
+
+def new_event_id(event: Event, *, client_ts: bool) -> str:
+    """The id the server gives an event that came without one.
+
+    With a client timestamp the id is derived from the content (user, item, kind, value, text, ts): the same
+    request sent twice (an HTTP retry after a lost reply) is recognised as a duplicate. Without one, the
+    server clock is the timestamp and two equal requests may be two real events: a random id, returned in
+    the reply so that a client can retry with it.
+    """
+    if not client_ts:
+        return uuid.uuid4().hex
+    key = json.dumps([event.user_id, event.item_id, event.event, event.value, event.text, event.ts],
+                     ensure_ascii=False)
+    return "c" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:31]
 
 
 def event_weight(kind: str, value: float | None = None) -> float:
@@ -233,7 +257,9 @@ def apply_event(state: UserState, event: Event) -> UserState:
             del history[: len(history) - state.history_len]
         _apply_item(seen, negatives, event.item_id, event.event, event.value, state.max_negatives)
     if event.text is not None:
-        text_feedback.append((event.text, float(pol), list(event.text_vec) if event.text_vec else None))
+        # float32 array: 1.5 KB per 384-d vector instead of ~12 KB as a list of Python floats
+        vec = np.asarray(event.text_vec, dtype=np.float32) if event.text_vec else None
+        text_feedback.append((event.text, float(pol), vec))
         if len(text_feedback) > state.text_len:
             del text_feedback[: len(text_feedback) - state.text_len]
     if event.event_id is not None:
@@ -308,7 +334,8 @@ def summary(state: UserState) -> dict[str, Any]:
         "seen": sorted(state.seen),
         "negatives": dict(state.negatives),
         "text_feedback": [
-            {"text": t, "polarity": p, "has_vec": vec is not None, "vec": None if vec is None else list(vec)}
+            {"text": t, "polarity": p, "has_vec": vec is not None,
+             "vec": None if vec is None else np.asarray(vec, dtype=np.float32).tolist()}
             for t, p, vec in state.text_feedback
         ],
     }
@@ -319,7 +346,9 @@ def state_to_dict(state: UserState) -> dict[str, Any]:
     d = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     d["seen"] = sorted(state.seen)
     d["history"] = [list(h) for h in state.history]
-    d["text_feedback"] = [list(t) for t in state.text_feedback]
+    d["text_feedback"] = [[t, p, None if v is None else np.asarray(v, np.float32).tolist()]
+                          for t, p, v in state.text_feedback]
+    d["vector"] = None if state.vector is None else np.asarray(state.vector, np.float32).tolist()
     return d
 
 
@@ -327,7 +356,10 @@ def state_from_dict(d: Mapping[str, Any]) -> UserState:
     d = dict(d)
     d["seen"] = set(d.get("seen", ()))
     d["history"] = [tuple(h) for h in d.get("history", ())]
-    d["text_feedback"] = [tuple(t) for t in d.get("text_feedback", ())]
+    d["text_feedback"] = [(t, p, None if v is None else np.asarray(v, np.float32))
+                          for t, p, v in d.get("text_feedback", ())]
+    if d.get("vector") is not None:
+        d["vector"] = np.asarray(d["vector"], np.float32)
     return UserState(**d)
 
 
@@ -423,10 +455,18 @@ class MeanVectorizer:
         return (u / norm).astype(np.float32)
 
 
+def _to_float(v: Any, key: str) -> float:
+    try:
+        return float(v)
+    except OverflowError:  # an int beyond the float range
+        raise InvalidEvent(f"event.{key} must be a number within the float range, got an integer of "
+                           f"{len(str(v))} digits") from None
+
+
 def _req_str(d: Mapping[str, Any], key: str) -> str:
     v = d.get(key)
     if not isinstance(v, str) or not v.strip():
-        raise ValueError(f"event.{key} must be a non-empty string, got {type(v).__name__} {v!r}")
+        raise InvalidEvent(f"event.{key} must be a non-empty string, got {type(v).__name__} {v!r}")
     return v
 
 
@@ -441,9 +481,12 @@ def _float_list(v: Any, key: str) -> list[float]:
     try:
         arr = np.asarray(v, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"event.{key} must be a list of numbers, got {type(v).__name__}") from None
+        raise InvalidEvent(f"event.{key} must be a list of numbers, got {type(v).__name__}") from None
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"event.{key} must be a non-empty 1-D list of numbers, got shape {arr.shape}")
+        raise InvalidEvent(f"event.{key} must be a non-empty 1-D list of numbers, got shape {arr.shape}")
     if not np.isfinite(arr).all():
-        raise ValueError(f"event.{key} contains NaN or inf")
-    return arr.tolist()
+        raise InvalidEvent(f"event.{key} contains NaN or inf")
+    arr32 = arr.astype(np.float32)  # the log stores float32: round now so that a replay equals live state
+    if not np.isfinite(arr32).all():
+        raise InvalidEvent(f"event.{key} has values beyond the float32 range")
+    return arr32.tolist()

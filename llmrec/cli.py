@@ -18,7 +18,7 @@ from llmrec import __version__, storage
 from llmrec.device import FaissConflictError
 from llmrec.log import setup_logging
 from llmrec.optional import MissingExtraError
-from llmrec.raysetup import local_env_defaults
+from llmrec.raysetup import local_env_defaults, ray_detail_to_log_files
 
 COMMANDS = ("prepare", "embed", "index", "train", "evaluate", "recommend", "serve", "replay", "pipeline")
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     local_env_defaults()
+    ray_detail_to_log_files()  # a person reads this terminal: Ray's progress dumps go to its log files
     setup_logging(args.log_level)
     try:
         return _run_localized(args)

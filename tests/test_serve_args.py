@@ -48,3 +48,20 @@ def test_bad_data_dir_args_say_what_to_do(tmp_path: Path) -> None:
         _parse_args({"run_dir": str(run), "data_dir": str(run / "data"), "load_run_users": False})
     with pytest.raises(ValueError, match="load_run_users must be true or false, got 'maybe'"):
         _parse_args({"run_dir": str(run), "load_run_users": "maybe"})
+
+
+def test_auth_token_from_a_file(tmp_path: Path) -> None:
+    """auth_token_file (a mounted secret, as cluster/serve.yaml and rayservice.yaml use) gives the token."""
+    run = make_run(tmp_path / "run")
+    secret = tmp_path / "auth_token"
+    secret.write_text("s3cr3t-token\n")
+    assert _parse_args({"run_dir": str(run), "auth_token_file": str(secret)})["auth_token"] == "s3cr3t-token"
+    assert _parse_args({"run_dir": str(run), "auth_token": "t"})["auth_token"] == "t"
+    assert _parse_args({"run_dir": str(run), "auth_token_file": None})["auth_token"] is None  # --set ...=null
+    with pytest.raises(ValueError, match="does not exist; mount the token there"):
+        _parse_args({"run_dir": str(run), "auth_token_file": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="not both"):
+        _parse_args({"run_dir": str(run), "auth_token": "t", "auth_token_file": str(secret)})
+    secret.write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        _parse_args({"run_dir": str(run), "auth_token_file": str(secret)})

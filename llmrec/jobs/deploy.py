@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     from llmrec.log import setup_logging
-    from llmrec.raysetup import local_env_defaults
+    from llmrec.raysetup import local_env_defaults, ray_detail_to_log_files
     from llmrec.storage import is_uri
 
     setup_logging(opts.log_level)
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(hint)
         return 0
     local_env_defaults()
+    ray_detail_to_log_files()
     return _deploy(cfg, entry, args, opts, hint)
 
 

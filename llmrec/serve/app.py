@@ -8,6 +8,8 @@ is coerced and checked here):
     run_dir (required): the run folder (RUN/embeddings, RUN/index, optional RUN/scorer; RUN/events is the
         serving event log unless `log_dir` is given).
     n_shards (4): state shard actors. auth_token (None): bearer token for /feedback, DELETE, /admin.
+    auth_token_file (None): a file holding that token (e.g. a mounted Kubernetes Secret; surrounding
+        whitespace is stripped), read where build_app runs; give auth_token or auth_token_file, not both.
     num_replicas (1) or autoscaling ({"min_replicas", "max_replicas", ...}): for both deployments.
     log_user_ids (False): log user ids in clear instead of hashed.
     model (None): text encoder path/name for queries and text feedback (default: the embeddings' model).
@@ -34,6 +36,7 @@ _KNOWN_ARGS = {
     "run_dir",
     "n_shards",
     "auth_token",
+    "auth_token_file",
     "num_replicas",
     "autoscaling",
     "log_user_ids",
@@ -137,7 +140,7 @@ def _parse_args(args: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "run_dir": str(run),
         "n_shards": _int(args.get("n_shards", 4), "n_shards", 1, 1024),
-        "auth_token": str(args["auth_token"]) if args.get("auth_token") else None,
+        "auth_token": _auth_token(args),
         "num_replicas": _int(args.get("num_replicas", 1), "num_replicas", 1, 1000),
         "autoscaling": dict(autoscaling) if autoscaling else None,
         "log_user_ids": _bool(args.get("log_user_ids", False), "log_user_ids"),
@@ -179,6 +182,25 @@ def _data_dir(args: Mapping[str, Any], run: Path, user_config: Mapping[str, Any]
             "written by `llmrec prepare`) or load_run_users=false to start with no users"
         )
     return str(p)
+
+
+def _auth_token(args: Mapping[str, Any]) -> str | None:
+    """The bearer token from `auth_token`, or read from `auth_token_file`; None when neither is set."""
+    token, path = args.get("auth_token"), args.get("auth_token_file")
+    if token and path:
+        raise ValueError("give auth_token or auth_token_file, not both")
+    if not path:
+        return str(token) if token else None
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise ValueError(
+            f"auth_token_file {str(path)!r} does not exist; mount the token there (cluster: a Secret), or on "
+            "one machine drop it (`python -m jobs.deploy ... --set auth_token_file=null`, or `llmrec serve`)"
+        )
+    token = p.read_text().strip()
+    if not token:
+        raise ValueError(f"auth_token_file {str(path)!r} is empty; write the bearer token into it")
+    return token
 
 
 def _int(v: Any, name: str, lo: int, hi: int) -> int:

@@ -48,20 +48,25 @@ class _DropProgressHint(logging.Filter):
         return not str(record.getMessage()).startswith("Progress bars")
 
 
-def _quiet_ray_data_console() -> None:
+def _quiet_ray_data_console(local_workers: bool) -> None:
     """This process: Ray Data's console at WARNING (its file, ray-data.log, keeps everything).
 
     Without a terminal Ray Data logs a progress dump of every operator every few seconds: it now lands in
     ray-data.log only. On a terminal it draws tqdm bars (not logging): one bar per dataset then, not one per
-    operator.
+    operator. With `local_workers` (an embedded Ray, whose workers read RAY_DATA_LOGGING_CONFIG), datasets
+    consumed inside workers (Ray Train's splits) log their progress to those files instead of drawing Ray's
+    distributed tqdm bars in this terminal.
     """
     import sys
 
     import ray
     from ray.data import DataContext  # importing ray.data configures its loggers (console + ray-data.log)
 
+    ctx = DataContext.get_current()  # travels with each Dataset, also into Ray Train's workers
+    if local_workers:
+        ctx.use_ray_tqdm = False
     if sys.stdout.isatty():
-        DataContext.get_current().enable_operator_progress_bars = False  # travels with each Dataset
+        ctx.enable_operator_progress_bars = False
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ != "SessionFileHandler":
             handler.setLevel(max(handler.level, logging.WARNING))
@@ -89,7 +94,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
         logger.info("joining the Ray cluster of this job")
         ray.init(address=address, log_to_driver=True)
         if _CONSOLE["detail_to_files"]:
-            _quiet_ray_data_console()
+            _quiet_ray_data_console(local_workers=False)
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env_vars = {k: os.environ[k] for k in LOCAL_ENV if k in os.environ}
@@ -111,7 +116,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
         logger.info("started embedded local Ray (%d CPU, %d GPU)%s", res.get("CPU", 0), res.get("GPU", 0),
                     f", dashboard http://{url}" if url else "")
     if _CONSOLE["detail_to_files"]:
-        _quiet_ray_data_console()
+        _quiet_ray_data_console(local_workers=not address)
 
 
 def cluster_cpus() -> float:

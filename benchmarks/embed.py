@@ -13,7 +13,9 @@ and sentence-transformers' per item (must be >= 0.999 for every item; exit code 
 
 Usage::
 
-    .venv/bin/python benchmarks/embed.py --data /work/shared/data --n 2000 --out results.json
+    .venv/bin/python benchmarks/embed.py --data ../shared/data --n 2000 --out results.json
+
+run from the repository root; `--data` is the datasets folder (../shared/data when it sits beside the checkout).
 """
 
 from __future__ import annotations

@@ -1,25 +1,11 @@
-"""Job: one round of the learning loop (RUN/events since the serving scorer -> a fine-tuned candidate, judged on
-held-back events, made current in RUN/models.json only when not worse; the running app swaps it in).
-
-Flags are exactly those of `llmrec learn`; `--config FILE.yaml` takes them from a YAML file. On a schedule::
-
-    ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \
-        python -m jobs.learn --run /mnt/runs/ml
-"""
+"""Shim: `python -m jobs.learn` (from the repository root) runs `llmrec.jobs.learn`."""
 
 from __future__ import annotations
 
 import sys
 
-from jobs._entry import run_command
-
-COMMAND = "learn"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `llmrec learn *argv`; returns the exit code (0 ok, 2 bad input)."""
-    return run_command(COMMAND, argv)
-
+from llmrec.jobs import learn as _job
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_job.main())
+sys.modules[__name__] = _job  # importing jobs.learn gives the packaged module itself (one module)

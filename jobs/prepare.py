@@ -1,28 +1,11 @@
-"""Job: read a raw dataset into the canonical items/interactions tables (RUN/data/).
-
-Flags are exactly those of `llmrec prepare`; `--config FILE.yaml` takes them from a reviewed
-YAML file like those in cluster/jobs/ (command-line flags win). Submit to a running cluster::
-
-    ray job submit --address http://127.0.0.1:8265 --runtime-env cluster/runtime_env.yaml -- \
-        python -m jobs.prepare --dataset movielens-latest-small --source /data/movielens-latest-small \
-            --out /mnt/runs/ml/data
-
-Locally, without a cluster: `python -m jobs.prepare ...` (or `llmrec prepare ...`) starts an embedded Ray.
-"""
+"""Shim: `python -m jobs.prepare` (from the repository root) runs `llmrec.jobs.prepare`."""
 
 from __future__ import annotations
 
 import sys
 
-from jobs._entry import run_command
-
-COMMAND = "prepare"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `llmrec prepare *argv`; returns the exit code (0 ok, 2 bad input)."""
-    return run_command(COMMAND, argv)
-
+from llmrec.jobs import prepare as _job
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_job.main())
+sys.modules[__name__] = _job  # importing jobs.prepare gives the packaged module itself (one module)

@@ -14,9 +14,11 @@ import importlib
 import os
 import sys
 
-from llmrec import storage
+from llmrec import __version__, storage
+from llmrec.device import FaissConflictError
 from llmrec.log import setup_logging
-from llmrec.raysetup import local_env_defaults
+from llmrec.optional import MissingExtraError
+from llmrec.raysetup import local_env_defaults, ray_detail_to_log_files
 
 COMMANDS = ("prepare", "embed", "index", "train", "evaluate", "recommend", "serve", "replay", "learn", "pipeline",
             "forget")
@@ -24,6 +26,7 @@ COMMANDS = ("prepare", "embed", "index", "train", "evaluate", "recommend", "serv
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmrec", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"llmrec {__version__}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
@@ -37,10 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     local_env_defaults()
+    ray_detail_to_log_files()  # a person reads this terminal: Ray's progress dumps go to its log files
     setup_logging(args.log_level)
     try:
         return _run_localized(args)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    # user errors and a missing/conflicting optional package: one clear line, no traceback
+    except (ValueError, FileNotFoundError, MissingExtraError, FaissConflictError) as e:
         if args.log_level.upper() == "DEBUG":
             raise
         print(f"llmrec {args.command}: error: {e}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from types import ModuleType
 from typing import Literal
 
 DeviceArg = Literal["auto", "cpu", "cuda"] | str
@@ -35,11 +37,58 @@ def num_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def faiss_num_gpus() -> int:
-    """GPUs faiss can use (0 for faiss-cpu or no faiss)."""
+# pip distributions that install the `faiss` module; two in one environment overwrite each other's files
+FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss")
+
+
+class FaissConflictError(ImportError):
+    """More than one faiss distribution is installed: the `faiss` module is whichever was written last."""
+
+
+@functools.lru_cache(maxsize=1)
+def installed_faiss_distributions() -> tuple[str, ...]:
+    """The FAISS_DISTRIBUTIONS installed in this environment (by their metadata, without importing faiss).
+
+    Cached: the environment does not change under a running process (`.cache_clear()` re-reads it).
+    """
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    found = []
+    for name in FAISS_DISTRIBUTIONS:
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            continue
+        found.append(name)
+    return tuple(found)
+
+
+def import_faiss() -> ModuleType | None:
+    """The `faiss` module, or None when no faiss is installed (callers fall back to the torch index).
+
+    Raises:
+        FaissConflictError: two faiss distributions are installed (e.g. `llmrec[cpu,gpu]`, or faiss-cpu next
+            to faiss-gpu): their files overwrite each other, so which build runs is an accident; uninstall
+            all and install one extra.
+    """
+    dists = installed_faiss_distributions()
+    if len(dists) > 1:
+        raise FaissConflictError(
+            f"several faiss builds are installed ({', '.join(dists)}); they share the `faiss` module and "
+            f"overwrite each other: pip uninstall -y {' '.join(dists)}, then install one: "
+            "pip install 'llmrec[cpu]' (faiss-cpu) or 'llmrec[gpu]' (faiss-gpu, CUDA 12 on Linux x86_64)"
+        )
     try:
         import faiss
     except ImportError:
+        return None
+    return faiss
+
+
+def faiss_num_gpus() -> int:
+    """GPUs faiss can use (0 for faiss-cpu or no faiss)."""
+    faiss = import_faiss()
+    if faiss is None:
         return 0
     get = getattr(faiss, "get_num_gpus", None)
     return int(get()) if get else 0

@@ -1,12 +1,17 @@
 """Start or join Ray the way this project needs on every machine (see docs/platform.md).
 
 Entry points (CLI, jobs, tests) call `local_env_defaults()` once, before Ray starts, then `init_ray()`.
+Entry points that talk to a person (the CLI, the jobs) also call `ray_detail_to_log_files()`: then
+`init_ray` keeps Ray Data's progress bars and periodic progress dumps and its INFO lines off the terminal
+(they stay in the Ray session's log files, whose folder it logs once), so a stage prints llmrec's own
+progress lines only.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -18,13 +23,58 @@ LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar in every model-loading actor
 }
+# Ray Data's logging config for the workers of an embedded local Ray: console at WARNING (see the file)
+RAY_DATA_LOGGING_CONFIG = Path(__file__).with_name("ray_data_logging.yaml")
+_CONSOLE = {"detail_to_files": False}
 
 
 def local_env_defaults() -> None:
     """Set LOCAL_ENV keys the user has not set. Only entry points call this (never at import)."""
     for k, v in LOCAL_ENV.items():
         os.environ.setdefault(k, v)
+
+
+def ray_detail_to_log_files() -> None:
+    """Entry points only: from now on `init_ray` keeps Ray Data's progress and INFO lines off the terminal."""
+    _CONSOLE["detail_to_files"] = True
+
+
+class _DropProgressHint(logging.Filter):
+    """Ray Data's one-time 'Progress bars for operators disabled. To enable, ...' hint: that is on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Progress bars")
+
+
+def _quiet_ray_data_console(local_workers: bool) -> None:
+    """This process: Ray Data's console at WARNING (its file, ray-data.log, keeps everything).
+
+    Without a terminal Ray Data logs a progress dump of every operator every few seconds: it now lands in
+    ray-data.log only. On a terminal it draws tqdm bars (not logging): one bar per dataset then, not one per
+    operator. With `local_workers` (an embedded Ray, whose workers read RAY_DATA_LOGGING_CONFIG), datasets
+    consumed inside workers (Ray Train's splits) log their progress to those files instead of drawing Ray's
+    distributed tqdm bars in this terminal.
+    """
+    import sys
+
+    import ray
+    from ray.data import DataContext  # importing ray.data configures its loggers (console + ray-data.log)
+
+    ctx = DataContext.get_current()  # travels with each Dataset, also into Ray Train's workers
+    if local_workers:
+        ctx.use_ray_tqdm = False
+    if sys.stdout.isatty():
+        ctx.enable_operator_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(max(handler.level, logging.WARNING))
+            handler.addFilter(_DropProgressHint())
+    node = getattr(ray._private.worker, "_global_node", None)  # the driver's node: where the logs are
+    if node is not None:
+        logger.info("Ray's detailed logs (Ray Data progress, workers): %s",
+                    os.path.join(node.get_session_dir_path(), "logs"))
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True,
@@ -50,6 +100,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
         # sets the same env vars ("conflict ... RAY_OVERRIDE_JOB_RUNTIME_ENV")
         logger.info("joining the Ray cluster of this job")
         ray.init(address=address, log_to_driver=True)
+        if _CONSOLE["detail_to_files"]:
+            _quiet_ray_data_console(local_workers=False)
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     env_vars = {k: os.environ[k] for k in LOCAL_ENV if k in os.environ}
@@ -58,6 +110,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
         logger.info("joining Ray cluster at %s (%s)", address, host_port)
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
     else:
+        if _CONSOLE["detail_to_files"]:  # this machine's workers can read the packaged config file
+            env_vars["RAY_DATA_LOGGING_CONFIG"] = str(RAY_DATA_LOGGING_CONFIG)
         ctx = ray.init(
             address="local",
             num_cpus=num_cpus,
@@ -70,6 +124,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
         url = getattr(ctx, "dashboard_url", None) if dashboard else None
         logger.info("started embedded local Ray (%d CPU, %d GPU)%s", res.get("CPU", 0), res.get("GPU", 0),
                     f", dashboard http://{url}" if url else "")
+    if _CONSOLE["detail_to_files"]:
+        _quiet_ray_data_console(local_workers=not address or address == "local")
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> str:

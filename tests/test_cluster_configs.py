@@ -1,8 +1,10 @@
-"""Static checks of everything a cluster user runs from cluster/: it parses, it pins the same Ray as
-pyproject.toml, it asks for GPUs where GPU work runs, and every entrypoint / import path it names exists.
+"""Static checks of everything a cluster user runs from cluster/ and the Dockerfile: it parses, it runs the
+Ray of constraints.txt (inside pyproject's range), the KubeRay manifests run the image the Dockerfile builds,
+it asks for GPUs where GPU work runs, and every entrypoint / import path it names exists.
 
-No cluster is started here (tests/test_local_cluster.py does that); each check compares a config against
-the repository itself (pyproject's pins, the jobs/ modules, the CLI parsers, Ray's own launcher schema).
+No cluster is started and no image is built here (tests/test_local_cluster.py starts a local cluster); each
+check compares a config against the repository itself (pyproject's ranges, constraints.txt, the Dockerfile
+and Makefile, the jobs modules, the CLI parsers, Ray's own launcher and Serve schemas).
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ METRICS = (
     "ray_llmrec_state_users",
     "ray_llmrec_errors_total",
 )
-JOB_RE = re.compile(r"python3? -m (jobs\.[A-Za-z_][A-Za-z0-9_]*)")
+JOB_RE = re.compile(r"python3? -m ((?:llmrec\.)?jobs\.[A-Za-z_][A-Za-z0-9_]*)")
+# RayService fields KubeRay stopped reading in v1.1 (ray-project/kuberay#1656, #1664, #1665: the operator no
+# longer judges Serve health itself); RayJob's base64 `runtimeEnv` gave way to runtimeEnvYAML in v1.0
+DEPRECATED_KUBERAY_FIELDS = (
+    "serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold", "runtimeEnv"
+)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -41,11 +48,30 @@ def _reqs(specs: list[str]) -> dict[str, Requirement]:
     return {Requirement(s).name.lower(): Requirement(s) for s in specs}
 
 
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            pins[req.name.lower()] = next(iter(req.specifier)).version
+    return pins
+
+
 def _ray_version() -> str:
+    """The Ray the images run: constraints.txt's pin, which must lie in pyproject's ray range."""
     ray_req = _reqs(_pyproject()["project"]["dependencies"])["ray"]
-    pins = [s.version for s in ray_req.specifier if s.operator == "=="]
-    assert len(pins) == 1, f"pyproject must pin ray with ==, got {ray_req}"
-    return pins[0]
+    pin = _constraints()["ray"]
+    assert ray_req.specifier.contains(pin), f"constraints.txt ray=={pin} is outside pyproject's {ray_req}"
+    return pin
+
+
+def _image() -> tuple[str, str]:
+    """(CPU image, GPU image) the Makefile's `image` target tags: $(IMAGE):<llmrec version>[-gpu]."""
+    import llmrec
+
+    m = re.search(r"^IMAGE \?= (\S+)$", (REPO / "Makefile").read_text(), re.M)
+    assert m, "Makefile must define IMAGE ?= <registry>/llmrec"
+    return f"{m.group(1)}:{llmrec.__version__}", f"{m.group(1)}:{llmrec.__version__}-gpu"
 
 
 def _load(path: Path) -> list[Any]:
@@ -59,7 +85,10 @@ def _config_files() -> list[Path]:
 
 
 def _kuberay_docs() -> list[tuple[Path, dict[str, Any]]]:
-    return [(p, d) for p in sorted(KUBERAY.glob("*.yaml")) for d in _load(p)]
+    """The KubeRay objects of cluster/kuberay (not the plain Kubernetes ones beside them: NetworkPolicy,
+    redis.yaml's Deployment and Service)."""
+    return [(p, d) for p in sorted(KUBERAY.glob("*.yaml")) for d in _load(p)
+            if str(d.get("apiVersion", "")).startswith("ray.io/")]
 
 
 def _cluster_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -85,12 +114,13 @@ def _gpu_count(container: dict[str, Any], which: str) -> int:
 
 
 def _check_runtime_env(env: dict[str, Any], where: str) -> None:
-    """A runtime env is valid for Ray and pins pip packages exactly as pyproject (base deps + cpu extra)."""
+    """A runtime env is valid for Ray and pins pip packages exactly as pyproject (base deps + cpu, eval)."""
     from ray.runtime_env import RuntimeEnv
 
     RuntimeEnv(**env)  # raises on unknown fields / bad types
     proj = _pyproject()["project"]
-    pinned = _reqs(proj["dependencies"] + proj["optional-dependencies"]["cpu"])
+    opt = proj["optional-dependencies"]
+    pinned = _reqs(proj["dependencies"] + opt["cpu"] + opt["eval"])
     pip = env.get("pip", {})
     pkgs = pip["packages"] if isinstance(pip, dict) else pip
     got = _reqs([p.split("#")[0].strip() for p in pkgs])
@@ -99,16 +129,18 @@ def _check_runtime_env(env: dict[str, Any], where: str) -> None:
         assert str(req.specifier) == str(pinned[name].specifier), (
             f"{where}: {name}{req.specifier} but pyproject pins {name}{pinned[name].specifier}; align them"
         )
-    missing = set(_reqs(proj["dependencies"])) - set(got)
+    missing = set(_reqs(proj["dependencies"] + opt["eval"])) - set(got)
     assert not missing, f"{where}: pip lacks pyproject dependencies {sorted(missing)}"
     assert got["ray"].extras == pinned["ray"].extras, f"{where}: ray extras differ from pyproject"
     assert env.get("env_vars", {}).get("HF_HUB_OFFLINE") == "1", f"{where}: set env_vars.HF_HUB_OFFLINE='1'"
 
 
 def _referenced_jobs() -> dict[str, list[str]]:
-    """`python -m jobs.X` references in cluster/ files and the jobs' own docstrings -> where they appear."""
+    """`python -m [llmrec.]jobs.X` references in cluster/ files, the README and the jobs' own docstrings."""
     found: dict[str, list[str]] = {}
-    for p in sorted(CLUSTER.rglob("*")) + sorted((REPO / "jobs").glob("*.py")):
+    files = sorted(CLUSTER.rglob("*")) + sorted((REPO / "llmrec" / "jobs").glob("*.py"))
+    files.append(REPO / "README.md")
+    for p in files:
         if p.is_file() and p.suffix in (".yaml", ".yml", ".json", ".md", ".py"):
             for m in JOB_RE.finditer(p.read_text()):
                 found.setdefault(m.group(1), []).append(str(p.relative_to(REPO)))
@@ -147,7 +179,7 @@ def test_launcher_config_valid_for_ray_and_pinned() -> None:
             assert t["docker"]["worker_image"] == gpu_image, f"{name}: use {gpu_image}"
             assert "--gpus all" in t["docker"]["worker_run_options"]
             cmds = " ".join(t["worker_setup_commands"])
-            assert "[gpu]" in cmds and "[cpu]" not in cmds, f"{name}: install the gpu extra: {cmds}"
+            assert "[gpu,eval]" in cmds and "[cpu" not in cmds, f"{name}: install the gpu extra: {cmds}"
         else:
             assert n_gpu == 0, f"CPU node type {name} declares GPUs"
         if name != raw["head_node_type"]:
@@ -155,7 +187,8 @@ def test_launcher_config_valid_for_ray_and_pinned() -> None:
     torch_pin = next(iter(_reqs(_pyproject()["project"]["optional-dependencies"]["cpu"])["torch"].specifier))
     for key in ("head_setup_commands", "worker_setup_commands"):
         cmds = " ".join(raw[key])
-        assert "[cpu]" in cmds and f"torch=={torch_pin.version}" in cmds, f"{key}: {cmds}"
+        assert "[cpu,eval]" in cmds and f"torch=={torch_pin.version}" in cmds, f"{key}: {cmds}"
+        assert "-c /home/ray/llmrec/constraints.txt" in cmds, f"{key}: install with the constraints"
     start = " ".join(raw["head_start_ray_commands"] + raw["worker_start_ray_commands"])
     assert start.count("RAY_AUTH_MODE=token") == 2, "token auth on head and workers"
 
@@ -169,6 +202,7 @@ def test_runtime_env_matches_pyproject() -> None:
 
 def test_kuberay_versions_images_and_gpus() -> None:
     v = _ray_version()
+    cpu_image, gpu_image = _image()
     kinds = set()
     for path, doc in _kuberay_docs():
         if doc["apiVersion"] != "ray.io/v1" and not path.name.startswith("ray"):
@@ -184,26 +218,70 @@ def test_kuberay_versions_images_and_gpus() -> None:
             for gname, group in _groups(cspec):
                 for c in group["template"]["spec"]["containers"]:
                     image, req, lim = c["image"], _gpu_count(c, "requests"), _gpu_count(c, "limits")
-                    assert image in (f"rayproject/ray:{v}-py311", f"rayproject/ray:{v}-py311-gpu"), (
-                        f"{path} {gname}: image {image} does not match ray {v}")
+                    assert image in (cpu_image, gpu_image), (
+                        f"{path} {gname}: image {image}; run the llmrec image {cpu_image} / {gpu_image}")
                     if "gpu" in gname:
                         saw_gpu_group = True
                         assert req >= 1 and lim == req, f"{path} {gname}: nvidia.com/gpu requests/limits"
-                        assert image.endswith("-gpu"), f"{path} {gname}: GPU group needs the -gpu image"
+                        assert image == gpu_image, f"{path} {gname}: GPU group needs {gpu_image}"
                         n_gpus = group["rayStartParams"].get("num-gpus")
                         assert n_gpus == str(req), f"{path} {gname}: num-gpus {n_gpus} != {req}"
                     else:
-                        assert req == lim == 0 and not image.endswith("-gpu"), f"{path} {gname}: CPU group"
+                        assert req == lim == 0 and image == cpu_image, f"{path} {gname}: CPU group"
             assert saw_gpu_group, f"{path}: no GPU worker group"
     assert kinds == {"RayCluster", "RayJob", "RayService"}, kinds
 
 
-def test_rayjob_runs_the_pipeline_with_valid_runtime_env() -> None:
+def test_kuberay_manifests_use_no_deprecated_fields() -> None:
+    def keys(node: Any) -> set[str]:
+        if isinstance(node, dict):
+            return set(node) | set().union(*(keys(v) for v in node.values()))
+        if isinstance(node, list):
+            return set().union(*(keys(v) for v in node)) if node else set()
+        return set()
+
+    for path, doc in _kuberay_docs():
+        found = keys(doc) & set(DEPRECATED_KUBERAY_FIELDS)
+        assert not found, f"{path}: fields deprecated since KubeRay 1.1: {sorted(found)}"
+
+
+def test_dockerfile_builds_the_manifests_image() -> None:
+    """The Dockerfile starts from the Ray image of the pinned version, installs torch and llmrec with one
+    faiss extra at constraints.txt's versions, and holds what the manifests run; the Makefile tags it."""
+    text = (REPO / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S*)$", text, re.M))
+    assert (args["RAY_VERSION"], args["PYTHON_TAG"], args["VARIANT"]) == (_ray_version(), "py311", "cpu")
+    stages = re.findall(r"^FROM (\S+)(?: AS (\S+))?$", text, re.M)
+    assert ("rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}", "base-cpu") in stages
+    assert ("rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-gpu", "base-gpu") in stages
+    assert stages[-1] == ("base-${VARIANT}", "")
+    assert 'pip install --no-cache-dir -c constraints.txt ".[${VARIANT},eval]"' in text
+    assert "torch==${torch_pin}" in text and "download.pytorch.org/whl/cpu" in text
+    for src in re.findall(r"^COPY --chown=ray:users (.+) \S+$", text, re.M):
+        for name in src.split():
+            assert (REPO / name).exists(), f"Dockerfile copies {name}, which is not in the repository"
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", "runs", ".git"} <= set(ignored)
+    assert "HF_HUB_OFFLINE=1" in text
+    make = (REPO / "Makefile").read_text()
+    cpu_image, gpu_image = _image()
+    assert "docker build" in make and "--build-arg VARIANT=$(VARIANT)" in make and "$(IMAGE_TAG)" in make
+    # every image a manifest names is one of the two the Makefile builds
+    images = {c["image"] for _, d in _kuberay_docs() for cs in _cluster_specs(d) for _, g in _groups(cs)
+              for c in g["template"]["spec"]["containers"]}
+    assert images == {cpu_image, gpu_image}, images
+
+
+def test_rayjob_runs_the_pipeline_from_the_image() -> None:
     doc = yaml.safe_load((KUBERAY / "rayjob.yaml").read_text())
     env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
-    _check_runtime_env(env, "rayjob.yaml runtimeEnvYAML")
+    from ray.runtime_env import RuntimeEnv
+
+    RuntimeEnv(**env)
+    assert "pip" not in env and "working_dir" not in env, "the image holds the code and its dependencies"
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
     argv = shlex.split(doc["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "jobs.pipeline"], argv
+    assert argv[:3] == ["python", "-m", "llmrec.jobs.pipeline"], argv
     from llmrec.cli import build_parser
 
     parser = build_parser()
@@ -215,7 +293,7 @@ def test_every_referenced_job_module_has_main() -> None:
     refs = _referenced_jobs()
     for name in ("jobs.pipeline", "jobs.prepare", "jobs.embed_catalog", "jobs.build_index",
                  "jobs.train_scorer", "jobs.evaluate", "jobs.deploy"):
-        assert name in refs, f"{name} is not documented anywhere in cluster/ or jobs/"
+        assert name in refs or f"llmrec.{name}" in refs, f"{name} is documented nowhere (cluster/, jobs)"
     for name, where in refs.items():
         mod = importlib.import_module(name)
         assert callable(getattr(mod, "main", None)), f"{name} (referenced in {where}) has no main()"
@@ -230,6 +308,31 @@ def _serve_apps() -> list[tuple[str, dict[str, Any]]]:
         for a in yaml.safe_load((CLUSTER / "serve.yaml").read_text())["applications"]:
             apps.append(("serve.yaml", a))
     return apps
+
+
+def test_cluster_serve_configs_listen_on_every_node_behind_the_token(tmp_path: Path) -> None:
+    """Cluster configs: a proxy per node on 0.0.0.0 and every route behind the app token, read from a file
+    (serve.yaml) or an environment variable that the RayService fills from a Secret on every pod (serve.yaml's
+    header documents the loopback override)."""
+    svc = next(yaml.safe_load_all((KUBERAY / "rayservice.yaml").read_text()))
+    for where, cfg in (("serve.yaml", yaml.safe_load((CLUSTER / "serve.yaml").read_text())),
+                       ("rayservice.yaml", yaml.safe_load(svc["spec"]["serveConfigV2"]))):
+        assert cfg["proxy_location"] == "EveryNode" and cfg["http_options"]["host"] == "0.0.0.0", where
+        for app in cfg["applications"]:
+            args = app["args"]
+            assert (args.get("auth_token_file") or args.get("auth_token_env")) and not args.get("auth_token"), where
+    env_name = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]["auth_token_env"]
+    for gname, group in _groups(svc["spec"]["rayClusterConfig"]):
+        pod = group["template"]["spec"]
+        env = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
+        assert "secretKeyRef" in env.get(env_name, {}).get("valueFrom", {}), (
+            f"rayservice {gname}: fill {env_name} from a Secret (secretKeyRef) in every pod")
+    # the documented local override is accepted by the deploy job's argument handling
+    from llmrec.jobs.deploy import app_args, load_app_config
+
+    _, entry = load_app_config(CLUSTER / "serve.yaml")
+    assert app_args(entry, None, ["auth_token_file=null"])["auth_token_file"] is None
+    assert "--http-host 127.0.0.1 --set auth_token_file=null" in (CLUSTER / "serve.yaml").read_text()
 
 
 def test_serve_configs_validate_and_import() -> None:
@@ -258,6 +361,10 @@ def test_grafana_panels_cover_the_serve_metrics() -> None:
     for e in exprs:
         if "_total" in e or "_bucket" in e:
             assert "rate(" in e, f"counter queried without rate(): {e}"
+    # the users gauge is per shard and every Ingress replica exports it: max per shard, then the sum
+    users = [e for e in exprs if "ray_llmrec_state_users" in e]
+    assert users and all(re.match(r"sum\(max by \(shard\) \(ray_llmrec_state_users", e) for e in users), users
+    assert any("by (le, replica)" in e for e in exprs), "no per-replica latency panel (ray.serve.metrics)"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)), "duplicate panel ids"
 
@@ -265,11 +372,10 @@ def test_grafana_panels_cover_the_serve_metrics() -> None:
 @pytest.mark.parametrize("path", sorted((CLUSTER / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_job_config_files_parse_with_their_command(path: Path) -> None:
     """cluster/jobs/<name>.yaml belongs to jobs.<name>, and its flags are accepted by that CLI subcommand."""
-    from jobs._entry import expand_config
-
-    mod = importlib.import_module(f"jobs.{path.stem}")
     from llmrec.cli import build_parser
+    from llmrec.jobs._entry import expand_config
 
+    mod = importlib.import_module(f"llmrec.jobs.{path.stem}")
     parser = build_parser()
     argv = expand_config(["--config", str(path)])
     assert argv, f"{path} is empty"

@@ -179,3 +179,141 @@ def test_cuda_fp16_matches_cpu(minilm: TextEncoder, minilm_path: str, texts: lis
     assert gpu.fp16 and gpu.device.startswith("cuda")
     cos = (gpu.encode(texts) * minilm.encode(texts)).sum(1)
     assert cos.min() >= 0.999, cos.min()
+
+
+# ------------------------------------------------------- sentence-transformers folders: their config rules
+# Each folder is the tiny random-init BERT saved by sentence-transformers itself with one config (pooling
+# mode, prompts, Normalize or not); the reference is SentenceTransformer(folder).encode on the same texts.
+ST_TEXTS = ["Toy Story (1995) Animation, Children, Comedy", "Heat", "a much longer text " * 6,
+            "Alien (1979) Horror, Sci-Fi", "The Godfather: Part II (1974) Crime, Drama"]
+PROMPTS = {"query": "query: ", "document": "passage: "}
+
+
+def _st_folder(out: Path, base_dir: str, pooling: str | tuple[str, ...] = "mean", normalize: bool = True,
+               prompts: dict[str, str] | None = None, default_prompt_name: str | None = None,
+               include_prompt: bool = True, similarity: str | None = None) -> str:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
+
+    word = models.Transformer(base_dir)
+    mods = [word, models.Pooling(32, pooling_mode=pooling, include_prompt=include_prompt)]
+    mods += [models.Normalize()] if normalize else []
+    st = SentenceTransformer(modules=mods, prompts=prompts, default_prompt_name=default_prompt_name,
+                             similarity_fn_name=similarity, device="cpu")
+    st.save(str(out))
+    return str(out)
+
+
+def _st_reference(folder: str, texts: list[str], max_length: int, **kw: object) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(folder, device="cpu")
+    st.max_seq_length = max_length
+    ref = st.encode(texts, convert_to_numpy=True, **kw)
+    return ref / np.linalg.norm(ref, axis=1, keepdims=True)  # llmrec's rows are unit rows (cosine)
+
+
+@pytest.mark.parametrize(
+    "pooling", ["cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken", ("cls", "mean")],
+    ids=lambda p: "+".join(p) if isinstance(p, tuple) else p,
+)
+def test_st_pooling_modes_match_sentence_transformers(tiny_model_dir: str, tmp_path: Path,
+                                                      pooling: str | tuple[str, ...]) -> None:
+    folder = _st_folder(tmp_path / "st", tiny_model_dir, pooling=pooling)
+    enc = TextEncoder(folder, device="cpu", max_length=32)
+    modes = (pooling,) if isinstance(pooling, str) else pooling
+    assert enc.config.pooling == modes and enc.dim == 32 * len(modes)
+    got = enc.encode(ST_TEXTS, batch_size=2)  # batches of unequal lengths: padding must not leak in
+    np.testing.assert_allclose(got, _st_reference(folder, ST_TEXTS, 32), atol=2e-5)
+
+
+def test_cls_pooling_is_not_mean_pooling(tiny_model_dir: str, tmp_path: Path) -> None:
+    # the bug this guards: a CLS-pooled model (BGE) encoded with hard-coded mean pooling
+    cls_dir = _st_folder(tmp_path / "cls", tiny_model_dir, pooling="cls")
+    cls = TextEncoder(cls_dir, device="cpu", max_length=32)
+    mean = TextEncoder(tiny_model_dir, device="cpu", max_length=32)  # plain HF folder: mean pooling
+    cos = (cls.encode(ST_TEXTS) * mean.encode(ST_TEXTS)).sum(1)
+    assert cos.max() < 0.99, cos
+
+
+def test_legacy_pooling_config_is_read(tiny_model_dir: str, tmp_path: Path) -> None:
+    """1_Pooling/config.json as sentence-transformers < 5 wrote it (pooling_mode_*_tokens booleans)."""
+    import json
+
+    folder = Path(_st_folder(tmp_path / "st", tiny_model_dir, pooling="cls"))
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
+    enc = TextEncoder(str(folder), device="cpu", max_length=32)
+    assert enc.config.pooling == ("cls",)
+    np.testing.assert_allclose(enc.encode(ST_TEXTS), _st_reference(str(folder), ST_TEXTS, 32), atol=2e-5)
+
+
+def test_default_prompt_is_prepended_like_sentence_transformers(tiny_model_dir: str, tmp_path: Path) -> None:
+    folder = _st_folder(tmp_path / "e5", tiny_model_dir, prompts=PROMPTS, default_prompt_name="query")
+    enc = TextEncoder(folder, device="cpu", max_length=32)
+    assert enc.tokenizer.prompt == "query: "
+    got = enc.encode(ST_TEXTS)
+    np.testing.assert_allclose(got, _st_reference(folder, ST_TEXTS, 32), atol=2e-5)
+    # the prompt matters: without it (the old behaviour) the vectors are others
+    bare = TextEncoder(folder, device="cpu", max_length=32, prompt_name="")
+    assert bare.tokenizer.prompt == "" and (got * bare.encode(ST_TEXTS)).sum(1).max() < 0.999
+    # a named prompt, as sentence-transformers' encode(prompt_name=...)
+    doc = TextEncoder(folder, device="cpu", max_length=32, prompt_name="document")
+    np.testing.assert_allclose(doc.encode(ST_TEXTS),
+                               _st_reference(folder, ST_TEXTS, 32, prompt_name="document"), atol=2e-5)
+    with pytest.raises(ValueError, match=r"prompt_name 'passage' is not defined .* \['document', 'query'\]"):
+        TextEncoder(folder, device="cpu", prompt_name="passage")
+
+
+def test_prompts_without_default_encode_bare_with_a_warning(tiny_model_dir: str, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    folder = _st_folder(tmp_path / "st", tiny_model_dir, prompts=PROMPTS)
+    with caplog.at_level("WARNING", logger="llmrec.embed.encoder"):
+        enc = TextEncoder(folder, device="cpu", max_length=32)
+    assert enc.tokenizer.prompt == "" and "no default_prompt_name" in caplog.text
+    np.testing.assert_allclose(enc.encode(ST_TEXTS), _st_reference(folder, ST_TEXTS, 32), atol=2e-5)
+
+
+def test_include_prompt_false_pools_without_the_prompt_tokens(tiny_model_dir: str, tmp_path: Path) -> None:
+    folder = _st_folder(tmp_path / "instr", tiny_model_dir, pooling="mean", prompts=PROMPTS,
+                        default_prompt_name="query", include_prompt=False)
+    enc = TextEncoder(folder, device="cpu", max_length=32)
+    assert enc.tokenizer.prompt_length == 3  # [CLS] "query" ":" (MiniLM's vocab); the last [SEP] is not
+    got = enc.encode(ST_TEXTS, batch_size=2)
+    np.testing.assert_allclose(got, _st_reference(folder, ST_TEXTS, 32), atol=2e-5)
+    # the split the Ray pipeline uses: a standalone tokenizer, then forward, gives the same vectors
+    tok = TextTokenizer(folder, 32)(ST_TEXTS, pad_to_max_length=True)
+    fwd = enc.forward(tok["input_ids"], attention_mask_from_length(tok["length"], 32))
+    np.testing.assert_allclose(fwd, got, atol=1e-5)
+
+
+def test_normalisation_from_config(tiny_model_dir: str, tmp_path: Path) -> None:
+    # a cosine model without a Normalize module: unit rows, the same directions as sentence-transformers
+    folder = _st_folder(tmp_path / "cos", tiny_model_dir, pooling="max", normalize=False)
+    got = TextEncoder(folder, device="cpu", max_length=32).encode(ST_TEXTS)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(got, _st_reference(folder, ST_TEXTS, 32), atol=2e-5)
+    # a dot-product model without Normalize: unit rows would change its rankings, so it is refused
+    dot = _st_folder(tmp_path / "dot", tiny_model_dir, normalize=False, similarity="dot")
+    with pytest.raises(ValueError, match="'dot'-similarity model without a Normalize module"):
+        TextEncoder(dot, device="cpu")
+
+
+def test_unsupported_modules_are_refused_by_name(tiny_model_dir: str, tmp_path: Path) -> None:
+    import json
+
+    folder = Path(_st_folder(tmp_path / "dense", tiny_model_dir))
+    mods = json.loads((folder / "modules.json").read_text())
+    mods.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (folder / "modules.json").write_text(json.dumps(mods))
+    want = r"does not implement \['2_Dense \(sentence_transformers.models.Dense\)'\]"
+    with pytest.raises(ValueError, match=want):
+        TextEncoder(str(folder), device="cpu")
+
+
+def test_minilm_config_is_mean_pooling_normalised(minilm_path: str) -> None:
+    from llmrec.embed.encoder import read_sentence_config
+
+    cfg = read_sentence_config(minilm_path)  # modules.json: Transformer, Pooling (legacy keys), Normalize
+    assert (cfg.pooling, cfg.normalize, cfg.include_prompt, cfg.prompt()) == (("mean",), True, True, "")

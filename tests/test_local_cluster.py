@@ -269,6 +269,7 @@ def test_deploy_job_serves_feedback_then_recommend(
              "args": {}}]}))
     status, logs = cluster.submit(["python", "-m", "jobs.deploy", "--serve-config", str(serve_cfg),
                                    "--run", str(run), "--set", "n_shards=2", "--set", "num_cpus=0.1",
+                                   "--set", "auth_token_file=null",  # serve.yaml's local override
                                    "--http-host", "127.0.0.1", "--http-port", str(cluster.http)],
                                   timeout_s=300)
     assert status == "SUCCEEDED", logs[-4000:]
@@ -312,3 +313,10 @@ def test_deploy_job_serves_feedback_then_recommend(
         text = _http_get(f"http://127.0.0.1:{cluster.metrics}/metrics", timeout_s=10)[1]
     exported = sorted(set(re.findall(r"^(ray_llmrec_[a-z_]+)", text, re.M)))
     assert not missing(text), f"dashboard series not exported: {missing(text)}; exported: {exported}"
+    # the users gauge: one series per state shard (with Serve's replica tag), summing to /healthz's n_users
+    per_shard = {}
+    for labels, value in re.findall(r"^ray_llmrec_state_users\{([^}]*)\} ([0-9.e+]+)$", text, re.M):
+        shard = re.search(r'shard="(\d+)"', labels)
+        assert shard and 'replica="' in labels, labels
+        per_shard[shard.group(1)] = max(per_shard.get(shard.group(1), 0.0), float(value))
+    assert sorted(per_shard) == ["0", "1"] and sum(per_shard.values()) == n_run_users + 1, per_shard

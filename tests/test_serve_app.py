@@ -368,3 +368,19 @@ def test_redeploy_with_another_data_dir_swaps_the_run_users(
     assert [h["item_id"] for h in app.call("GET", "/users/p1").json()["history"]] == ["space-4"]
     assert app.call("GET", "/users/p3").status_code == 404  # only in the older run
     assert app.call("GET", "/users/gina").json()["n_events"] == 1  # live feedback survives the swap
+
+
+def test_deployments_are_healthy_and_a_recommender_without_model_fails_its_probe(app: App) -> None:
+    """Serve calls check_health on both deployments; the Recommender's probe searches its index."""
+    from ray import serve
+
+    from llmrec.serve.deployments import Recommender
+
+    status = serve.status().applications[app.name]
+    assert {name: d.status == "HEALTHY" for name, d in status.deployments.items()} == {
+        "Ingress": True, "Recommender": True}
+    rec = Recommender.func_or_class(str(app.run), None, "cpu")  # the deployment's class, in this process
+    assert rec.check_health() is None  # one top-1 search on the loaded index
+    rec._state = None  # as before its model loads (or after a failed swap)
+    with pytest.raises(RuntimeError, match="no model loaded"):
+        rec.check_health()

@@ -3,7 +3,10 @@
 Each stage is the same code path as its own subcommand (the pipeline calls them with the flags it prints), so
 what the pipeline does can always be repeated stage by stage. A stage whose artifact already exists and was made
 from the same flags and the same upstream artifacts is reused, not recomputed (`--force` recomputes): re-running the
-pipeline is idempotent and resumes after a failed stage. `--out` may be a URI (s3://bucket/run, gs://...):
+pipeline is idempotent and resumes after a failed stage. "The same" compares inputs, not their spelling
+(`same_inputs`): the run folder relative or absolute is one folder, and a local `--source` is compared by the
+content of the files prepare read (sha256 against the `fingerprint` in RUN/data/meta.json), so the same data
+under another path is reused and edited data is prepared again. `--out` may be a URI (s3://bucket/run, gs://...):
 each stage then stages its inputs in and uploads its artifact (llmrec.storage), and pipeline.json and the
 meta.json digests of the reuse check are read and written there too.
 """
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         key = {"argv": argvs[stage], "upstream": {u: _meta_digest(run_dir, u) for u in UPSTREAM[stage]}}
         out_dir = storage.join(run_dir, STAGE_DIR[stage])
-        if not args.force and state.get(stage) == key and _meta_digest(run_dir, stage) is not None:
+        if not args.force and same_inputs(stage, state.get(stage), key, run_dir):
             logger.info("[%s] reusing %s (same flags and inputs; --force recomputes)", stage,
                         storage.redact(out_dir))
             summary.append((stage, "reused", 0.0, out_dir))
@@ -123,6 +126,88 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"  evaluation report: {storage.redact(metrics)}")
     print("\n".join(lines))
     return 0
+
+
+def same_inputs(stage: str, done: dict | None, key: dict, run_dir: str | Path) -> bool:
+    """Whether `stage`'s artifact in `run_dir`, made per pipeline.json entry `done`, is current for `key`.
+
+    Current means: the artifact exists (its meta.json has this schema version), the upstream meta.json digests
+    are equal, and the argv are equal after `normalised_argv` (the run folder however spelled; local paths by
+    what they point to); for prepare a local `--source` is compared by content instead (`source_unchanged`).
+    """
+    if not done or _meta_digest(run_dir, stage) is None or done.get("upstream") != key["upstream"]:
+        return False
+    old, new = done.get("argv") or [], key["argv"]
+    if normalised_argv(old) != normalised_argv(new):
+        return False
+    return stage != "prepare" or source_unchanged(_flag(new, "--source"), run_dir)
+
+
+def _flag(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv and argv.index(flag) + 1 < len(argv) else None
+
+
+PATH_FLAGS = ("--source", "--out", "--items", "--embeddings", "--data", "--run", "--model")  # in stage_argv
+
+
+def normalised_argv(argv: list[str]) -> list[str]:
+    """A stage argv as the reuse check compares it.
+
+    The run folder (the parent of the stage's `--out`) becomes `RUN` in every value, whether it was relative,
+    absolute or a URI; other local paths become absolute; prepare's local `--source` becomes `<source>` (its
+    content is compared by `source_unchanged`). Example: `["index", "--embeddings", "runs/ml/embeddings",
+    "--out", "/abs/runs/ml/index"]` (with cwd /abs) -> `["index", "--embeddings", "RUN/embeddings", "--out",
+    "RUN/index"]`.
+    """
+    out = _flag(argv, "--out")
+    if out is None:
+        return list(argv)
+    run = out.rstrip("/").rsplit("/", 1)[0] if "/" in out.rstrip("/") else "."
+    run_abs = None if storage.is_uri(run) else Path(run).expanduser().resolve()
+    norm: list[str] = []
+    for i, v in enumerate(argv):
+        flag = argv[i - 1] if i else ""
+        if v.startswith("--") or flag not in PATH_FLAGS:
+            norm.append(v)
+        elif flag == "--source" and argv[0] == "prepare" and not storage.is_uri(v):
+            norm.append("<source>")
+        elif storage.is_uri(v) or run_abs is None:
+            norm.append("RUN" + v[len(run):] if v == run or v.startswith(run + "/") else v)
+        elif Path(v).expanduser().exists() or (flag != "--model" and "/" in v):  # a hub name stays as is
+            p = Path(v).expanduser().resolve()
+            norm.append("RUN" + ("/" + p.relative_to(run_abs).as_posix() if p != run_abs else "")
+                        if p == run_abs or run_abs in p.parents else str(p))
+        else:
+            norm.append(v)
+    return norm
+
+
+def source_unchanged(source: str | None, run_dir: str | Path) -> bool:
+    """A local raw-data folder still holds the bytes RUN/data was prepared from: the sha256 of the files
+    prepare read (`files` in RUN/data/meta.json, inside `source`) equals the recorded `fingerprint`.
+
+    A URI source is not read here: its `--source` text is compared instead (normalised_argv keeps it).
+    """
+    if source is None or storage.is_uri(source):
+        return source is not None
+    from llmrec.artifacts import file_fingerprint
+
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(run_dir, STAGE_DIR["prepare"], schema.META_FILE)))
+    except (ValueError, OSError):
+        return False
+    files, recorded = meta.get("files"), meta.get("fingerprint")
+    if not files or not recorded:
+        return False
+    paths = [Path(source) / name for name in files]
+    if not all(p.is_file() for p in paths):
+        logger.info("[prepare] %s lacks %s (read by the previous prepare): preparing again", source,
+                    [p.name for p in paths if not p.is_file()])
+        return False
+    same = file_fingerprint(paths) == recorded
+    if not same:
+        logger.info("[prepare] the files in %s changed since RUN/data was prepared: preparing again", source)
+    return same
 
 
 def _meta_digest(run_dir: str | Path, stage: str) -> str | None:

@@ -1,10 +1,20 @@
-"""`llmrec serve`: start Ray, Serve's HTTP proxy on --host/--port and the llmrec app for a run folder."""
+"""`llmrec serve`: start Ray, Serve's HTTP proxy on --host/--port and the llmrec app for a run folder.
+
+`--train-in-background` (what `make serve` uses): serve at once, with the text user vector when the run has
+no scorer yet, while a separate process trains one (`llmrec pipeline --stages train` on the run, with its own
+local Ray; log in RUN/logs/train-background.log). When that succeeds and RUN/scorer changed, the app is
+redeployed with the same args (new replicas start before the old ones stop, so answers never pause) and picks
+the scorer by the usual rule (`RUN/eval`, when present, must rate it above the zero-shot text model).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,6 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="join a running Ray cluster (default: start a new local one, even if `ray start` "
                         "ran)")
+    p.add_argument(
+        "--train-in-background",
+        action="store_true",
+        help="serve at once and train the scorer meanwhile in a separate process (llmrec pipeline --stages "
+        "train; log in RUN/logs/train-background.log), then redeploy so that it serves when ready",
+    )
 
 
 EVENTS_LOCAL = "the event log is appended and fsync'd before each /feedback reply, which needs a local disk"
@@ -66,6 +82,10 @@ EVENTS_LOCAL = "the event log is appended and fsync'd before each /feedback repl
 
 def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
     """Flags that may be URIs (llmrec.cli stages them): a run URI is read-only here, so --events is needed."""
+    if is_uri(args.run) and getattr(args, "train_in_background", False):
+        raise ValueError(
+            f"--train-in-background needs a local --run folder (it writes RUN/scorer), got {redact(args.run)}"
+        )
     if is_uri(args.run) and not args.events:
         raise ValueError(
             f"--run {redact(args.run)} is a URI (staged to a local read-only cache); pass --events DIR, a "
@@ -100,23 +120,24 @@ def run(args: argparse.Namespace) -> int:
     if args.auth_token:
         raise ValueError(ARGV_REFUSED)
     token = read_token(args.auth_token_file, os.environ)
-    app = build_app(
-        {
-            "run_dir": args.run,
-            "n_shards": args.shards,
-            "auth_token": token,
-            "num_replicas": args.replicas,
-            "model": args.model,
-            "log_user_ids": args.log_user_ids,
-            "load_run_users": not args.no_run_users,
-            "log_dir": str(Path(args.events).resolve()) if args.events else None,
-            "history_len": args.history_len,
-            "log_retention_days": args.log_retention_days,
-            "shard_memory_mb": args.shard_memory_mb,
-            "state_url_env": _state_env(args.state_backend),
-        }
-    )
+    train_argv = background_training_argv(args.run) if args.train_in_background else None
+    app_args = {
+        "run_dir": args.run,
+        "n_shards": args.shards,
+        "auth_token": token,
+        "num_replicas": args.replicas,
+        "model": args.model,
+        "log_user_ids": args.log_user_ids,
+        "load_run_users": not args.no_run_users,
+        "log_dir": str(Path(args.events).resolve()) if args.events else None,
+        "history_len": args.history_len,
+        "log_retention_days": args.log_retention_days,
+        "shard_memory_mb": args.shard_memory_mb,
+        "state_url_env": _state_env(args.state_backend),
+    }
+    app = build_app(app_args)
     init_ray(address=args.address)
+    trainer: _BackgroundTraining | None = None
     t0 = time.perf_counter()
     # access logs off: every request line would otherwise be streamed to this terminal (PLATFORM G6)
     serve.start(
@@ -141,11 +162,109 @@ def run(args: argparse.Namespace) -> int:
             url,
             auth,
         )
+        if train_argv is not None:
+            trainer = _BackgroundTraining(train_argv, Path(args.run))
         while True:
-            time.sleep(3600)
+            time.sleep(5.0 if trainer is not None else 3600.0)
+            if trainer is not None and trainer.finished():
+                if trainer.scorer_changed():
+                    t1 = time.perf_counter()
+                    logger.info("redeploying the app so that it picks up the new scorer")
+                    serve.run(
+                        build_app(app_args),
+                        name="llmrec",
+                        route_prefix="/",
+                        logging_config=LoggingConfig(enable_access_log=False),
+                    )
+                    logger.info("app redeployed in %.1fs; /admin/stats shows which user model serves",
+                                time.perf_counter() - t1)
+                trainer = None
     except KeyboardInterrupt:
+        if trainer is not None:
+            trainer.stop()
         logger.info("stopping: Serve app deleted; state shards stay (their log is in RUN/events)")
         serve.delete("llmrec")
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+TRAIN_LOG = "logs/train-background.log"  # under the run folder
+
+
+def background_training_argv(run: str) -> list[str]:
+    """The command that trains RUN/scorer beside the serving app: `llmrec pipeline --stages train` with the
+    dataset and source that RUN/data/meta.json records (so pipeline.json knows the scorer and a later
+    `llmrec pipeline` reuses it).
+
+    Raises:
+        ValueError: the run is a URI (training writes RUN/scorer on this disk) or has no prepared data.
+    """
+    if is_uri(run):
+        raise ValueError(
+            f"--train-in-background needs a local --run folder (it writes RUN/scorer), got {redact(run)}"
+        )
+    meta_path = Path(run) / schema.RUN_DATA / schema.META_FILE
+    if not meta_path.is_file():
+        raise ValueError(
+            f"--train-in-background trains from {meta_path.parent}, which has no meta.json; run "
+            "`llmrec pipeline --stages prepare,embed,index` first (as `make serve` does)"
+        )
+    meta = json.loads(meta_path.read_text())
+    return [sys.executable, "-m", "llmrec", "pipeline", "--dataset", str(meta["dataset"]), "--source",
+            str(meta["source"]), "--out", str(run), "--stages", "train"]
+
+
+class _BackgroundTraining:
+    """`argv` in its own process (its own local Ray: RAY_ADDRESS is not passed on), output to RUN/logs."""
+
+    def __init__(self, argv: list[str], run: Path) -> None:
+        self.run = run
+        self.scorer_meta = run / schema.RUN_SCORER / schema.META_FILE
+        self.before = self._scorer_bytes()
+        log = run / TRAIN_LOG
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.t0 = time.perf_counter()
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        logger.info(
+            "training the scorer in the background (pid %d, log %s); until it is ready the app serves %s",
+            self.proc.pid,
+            log,
+            "the current RUN/scorer" if self.before else "the text user vector",
+        )
+
+    def _scorer_bytes(self) -> bytes | None:
+        return self.scorer_meta.read_bytes() if self.scorer_meta.is_file() else None
+
+    def finished(self) -> bool:
+        rc = self.proc.poll()
+        if rc is None:
+            return False
+        dt = time.perf_counter() - self.t0
+        if rc == 0:
+            logger.info("background training finished in %.0fs", dt)
+        else:
+            logger.error(
+                "background training failed (exit %d) after %.0fs; still serving as before; see %s",
+                rc, dt, self.run / TRAIN_LOG,
+            )
+        return True
+
+    def scorer_changed(self) -> bool:
+        return self.proc.returncode == 0 and self._scorer_bytes() not in (None, self.before)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Ctrl-C for the trainer too (its driver shuts its own Ray down), then terminate if it hangs."""
+        if self.proc.poll() is not None:
+            return
+        import signal
+
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            self.proc.wait(timeout=timeout_s)
+        logger.info("background training stopped")

@@ -151,7 +151,9 @@ class ALSRecommender(_IDModel):
         self.iterations, self.seed, self.num_threads = iterations, seed, num_threads
 
     def fit(self, train: pd.DataFrame, items: ItemSpace) -> None:
-        from implicit.als import AlternatingLeastSquares
+        from llmrec.optional import require
+
+        AlternatingLeastSquares = require("implicit.als", "the ALS baseline").AlternatingLeastSquares
 
         t0 = time.perf_counter()
         pos = self._prepare(train, items)

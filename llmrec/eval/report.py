@@ -98,8 +98,9 @@ def markdown_report(
 
 def plot_metrics(results: dict[str, Any], path: str | os.PathLike) -> Path:
     """Bar charts (one row per protocol, one panel per metric in PLOT_METRICS) saved as PNG."""
-    import matplotlib
+    from llmrec.optional import require
 
+    matplotlib = require("matplotlib", "the evaluation plot (metrics.png)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -152,8 +152,8 @@ class ItemIndex:
                 kind = "flat" if xb.shape[0] < AUTO_FLAT_MAX_ITEMS else "hnsw"
         if kind in ("hnsw", "ivf") and not has_faiss:
             raise ValueError(
-                f"kind {kind!r} needs faiss, which is not importable; `pip install faiss-cpu` "
-                f"(or faiss-gpu-cu12), or use kind 'flat'/'torch' (exact search in torch)"
+                f"kind {kind!r} needs faiss, which is not importable; `pip install 'llmrec[cpu]'` "
+                f"(faiss-cpu; or 'llmrec[gpu]': faiss-gpu), or use kind 'flat'/'torch' (exact search in torch)"
             )
         if kind == "flat" and not has_faiss:
             logger.warning("faiss is not importable: using the exact torch index instead of faiss flat")
@@ -258,7 +258,7 @@ class ItemIndex:
             if faiss is None:
                 raise ArtifactError(
                     f"{d} holds a faiss {kind!r} index but faiss is not importable; "
-                    f"`pip install faiss-cpu`, or rebuild with `llmrec index --kind torch`"
+                    f"`pip install 'llmrec[cpu]'` (or 'llmrec[gpu]'); or rebuild: `llmrec index --kind torch`"
                 )
             index = faiss.read_index(str(data_path))
             if index.ntotal != n or index.d != dim:
@@ -688,11 +688,9 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int, self_pos: np.ndar
 
 
 def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError:
-        return None
-    return faiss
+    from llmrec.device import import_faiss
+
+    return import_faiss()  # None without faiss; FaissConflictError with two faiss builds installed
 
 
 def _reconstruct_all(index: Any, kind: str) -> np.ndarray:

@@ -8,7 +8,12 @@
   swaps it in one assignment, so requests keep being served by the old model until the new one is ready.
 - `Ingress` validates everything (4xx `{"error": ...}` for any client mistake, never a 500), embeds feedback
   text through the Recommender, writes events through the `StateStore` (fsync'd log before the answer, so
-  the next /recommend sees them: read-your-writes) and exports the metrics named in `METRICS`.
+  the next /recommend sees them: read-your-writes) and exports the metrics named in `METRICS` (through
+  `ray.serve.metrics`, so each series also carries its deployment, replica and application; the users gauge
+  is per state shard, so every Ingress replica exports the same per-shard values: dashboards take the max
+  per shard, then the sum).
+- Both define `check_health`, Serve's periodic probe (every 10 s): a Recommender whose index cannot answer a
+  search (e.g. a device error after start) is replaced instead of being sent requests.
 
 user_config keys (both deployments get the same dict; all optional): `embeddings_dir`, `index_dir`,
 `scorer_dir` (null = no scorer; default RUN/scorer when it holds a meta.json), `model_version` (default: a
@@ -39,7 +44,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmrec import schema
+from llmrec import __version__, schema
 from llmrec.serve import auth
 from llmrec.serve import schemas as S
 from llmrec.state.errors import StateUnavailable
@@ -50,7 +55,7 @@ METRICS = (
     "llmrec_feedback_events_total",
     "llmrec_feedback_latency_ms",
     "llmrec_recommend_latency_ms",
-    "llmrec_state_users",
+    "llmrec_state_users",  # tag shard
     "llmrec_errors_total",
 )
 _LATENCY_BOUNDS_MS = [1, 2, 5, 10, 20, 30, 50, 75, 100, 200, 500, 1000, 5000]
@@ -222,6 +227,19 @@ class Recommender:
             new = await asyncio.get_running_loop().run_in_executor(None, self._build, arts)
             self._swap(new)
 
+    def check_health(self) -> None:
+        """Serve's health probe: one top-1 search for the first catalog vector on the serving index.
+
+        Raises:
+            RuntimeError: no model is loaded (Serve then restarts this replica); an index or device error from
+                the search propagates the same way.
+        """
+        st = self._state
+        if st is None or self._encoder is None:
+            raise RuntimeError("Recommender has no model loaded")
+        core = st["core"]
+        core.index.search(core.catalog.vectors[:1], k=1)
+
     # -- requests
     def info(self) -> dict[str, Any]:
         self._watch_registry()
@@ -334,7 +352,7 @@ def _load_encoder(model: str | None, embed_meta: dict[str, Any], device: str) ->
 api = FastAPI(
     title="llmrec",
     description='Text-first, feedback-adaptive recommendations. Errors are `{"error": "..."}` with a 4xx.',
-    version="0.1.0",
+    version=__version__,
 )
 
 
@@ -407,9 +425,10 @@ _METRICS: dict[str, Any] = {}
 
 
 def _metrics() -> dict[str, Any]:
-    """ray.util.metrics objects, created lazily inside the replica (never at import)."""
+    """ray.serve.metrics objects (deployment/replica/application tags added), created lazily inside the
+    replica (never at import)."""
     if not _METRICS:
-        from ray.util import metrics as m
+        from ray.serve import metrics as m
 
         _METRICS.update(
             feedback_events=m.Counter(
@@ -421,7 +440,7 @@ def _metrics() -> dict[str, Any]:
             recommend_ms=m.Histogram(
                 "llmrec_recommend_latency_ms", "GET /recommend latency (ms)", boundaries=_LATENCY_BOUNDS_MS
             ),
-            users=m.Gauge("llmrec_state_users", "users held by the state shards"),
+            users=m.Gauge("llmrec_state_users", "users held by each state shard", tag_keys=("shard",)),
             errors=m.Counter("llmrec_errors_total", "error answers", tag_keys=("route", "status")),
         )
     return _METRICS
@@ -434,6 +453,12 @@ def _route_of(request: Request) -> str:
         if path == route or path.endswith(route) or f"{route}/" in path:
             return route
     return "other"
+
+
+def _set_users_gauge(stats: dict[str, Any]) -> None:
+    """One `llmrec_state_users{shard=i}` value per state shard (from StateStore.stats)."""
+    for shard in stats["shards"]:
+        _metrics()["users"].set(int(shard["n_users"]), tags={"shard": str(shard["shard_id"])})
 
 
 def _count_error(request: Request, status: int) -> None:
@@ -540,6 +565,15 @@ class Ingress:
                 sum(int(o["base"].get("n_users", 0)) for o in out),
                 time.perf_counter() - t0,
             )
+
+    async def check_health(self) -> None:
+        """Serve's health probe: the ingress is usable when it holds the catalog ids it validates against.
+
+        State shards are actors that Ray restarts by themselves, and the Recommender has its own probe;
+        replacing this replica would mend neither, so their outages fail requests (5xx), not this probe.
+        """
+        if not self._item_ids:
+            raise RuntimeError("Ingress holds no catalog item ids")
 
     # -- helpers
     def _uid(self, user_id: str) -> str:
@@ -736,7 +770,7 @@ class Ingress:
         """Liveness of the model deployment and every state shard; also refreshes `llmrec_state_users`."""
         info = await self.recommender.info.remote()
         stats = await self.store.stats()
-        self._m["users"].set(int(stats["n_users"]))
+        _set_users_gauge(stats)
         return {
             "ok": True,
             "model_version": info["model_version"],
@@ -788,5 +822,5 @@ class Ingress:
         """Model info and per-shard state counts (bearer token when auth is on)."""
         info = await self.recommender.info.remote()
         stats = await self.store.stats()
-        self._m["users"].set(int(stats["n_users"]))
+        _set_users_gauge(stats)
         return {"model": info, "state": stats, "pid": os.getpid()}

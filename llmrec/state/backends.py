@@ -185,7 +185,9 @@ class RedisBackend:
     """
 
     def __init__(self, url: str, shard: int, *, owner: str | None = None, timeout_s: float = 5.0) -> None:
-        import redis
+        from llmrec.optional import require
+
+        redis = require("redis", "the Redis state backend (--state-backend redis)")
 
         parts = urlsplit(url)
         q = parse_qs(parts.query)

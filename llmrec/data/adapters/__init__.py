@@ -29,15 +29,21 @@ class Loaded:
     facet_source: str | None = None  # where `facets` came from (meta.json facets.source); None: no facets
 
 
-def require_files(source: Path, names: list[str], dataset: str) -> list[Path]:
-    """The paths `source/name`, or a FileNotFoundError naming the missing ones and what folder to pass."""
+def require_files(source: Path, names: list[str], dataset: str, homepage: str | None = None) -> list[Path]:
+    """The paths `source/name`, or a FileNotFoundError naming the missing ones, where they were looked for
+    (absolute), what folder to pass and where the dataset comes from (`homepage`, its official page)."""
     source = Path(source)
+    origin = f"; the {dataset} dataset comes from {homepage}" if homepage else ""
     if not source.is_dir():
-        raise FileNotFoundError(f"--source {source} is not a folder; pass the {dataset} dataset folder")
+        raise FileNotFoundError(
+            f"--source {source} is not a folder (looked for {source.expanduser().absolute()}); pass the "
+            f"{dataset} dataset folder, the one holding {names}{origin}"
+        )
     paths = [source / n for n in names]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"{source} is missing {missing} for dataset {dataset!r}; pass the folder that holds {names}"
+            f"{source} is missing {missing} for dataset {dataset!r} (looked in "
+            f"{source.expanduser().absolute()}); pass the folder that holds {names}{origin}"
         )
     return paths

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 NAME = "amazon-magazine-subscriptions-2018"
 FILES = ["Magazine_Subscriptions.csv.gz", "meta_Magazine_Subscriptions.json.gz"]
+# Amazon Review Data (2018), category "Magazine Subscriptions": "ratings only" csv (gzipped here) + metadata
+HOMEPAGE = "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon_v2/"
 _TAG = re.compile(r"<[^>]*>")
 _WS = re.compile(r"\s+")
 _TOP_CATEGORY = "Magazine Subscriptions"
@@ -59,7 +61,7 @@ def real_title(t: object) -> str:
 
 
 def load(source: Path) -> Loaded:
-    ratings_p, meta_p = require_files(source, FILES, NAME)
+    ratings_p, meta_p = require_files(source, FILES, NAME, HOMEPAGE)
     ratings = pd.read_csv(
         ratings_p,
         header=None,

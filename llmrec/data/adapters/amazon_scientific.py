@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 NAME = "amazon-scientific-unisrec"
 FILES = ["Scientific.text", "Scientific.test.inter", "Scientific.item2index", "Scientific.user2index"]
+HOMEPAGE = "https://github.com/RUCAIBox/UniSRec"  # its processed Amazon "Scientific" dataset
 TOP_CATEGORY = "Industrial & Scientific"
 # "<TOP> <path>" at the text start or after ". ", ending at the next "." followed by a space or the end. 24
 # items have a scraping-artefact title "Industrial & Scientific />" before the real path: the last match wins.
@@ -73,7 +74,7 @@ def _index_map(path: Path) -> dict[str, str]:
 
 
 def load(source: Path) -> Loaded:
-    text_p, test_p, item_p, user_p = require_files(source, FILES, NAME)
+    text_p, test_p, item_p, user_p = require_files(source, FILES, NAME, HOMEPAGE)
     text_rows = _read_tsv(text_p, 2, header=True)
     texts = [t.strip() for _, t in text_rows]
     paths = [category_path(t) for t in texts]

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 NAME = "mind-small-sample"
 FILES = ["news.tsv.gz", "behaviors.tsv.gz"]
+HOMEPAGE = "https://msnews.github.io/"  # MIND small (MINDsmall_train news.tsv, behaviors.tsv), gzipped
 NEWS_COLS = [
     "news_id",
     "category",
@@ -45,7 +46,7 @@ BEHAVIOR_COLS = ["impression_id", "user_id", "time", "history", "impressions"]
 
 
 def load(source: Path) -> Loaded:
-    news_p, beh_p = require_files(source, FILES, NAME)
+    news_p, beh_p = require_files(source, FILES, NAME, HOMEPAGE)
     news = pd.read_csv(
         news_p, sep="\t", header=None, names=NEWS_COLS, dtype=str, keep_default_na=False, quoting=3
     )

@@ -25,11 +25,12 @@ logger = logging.getLogger(__name__)
 
 NAME = "movielens-latest-small"
 FILES = ["movies.csv", "ratings.csv", "tags.csv"]
+HOMEPAGE = "https://grouplens.org/datasets/movielens/latest/"  # ml-latest-small.zip, unzipped
 NO_GENRES = "(no genres listed)"
 
 
 def load(source: Path) -> Loaded:
-    movies_p, ratings_p, tags_p = require_files(source, FILES, NAME)
+    movies_p, ratings_p, tags_p = require_files(source, FILES, NAME, HOMEPAGE)
     movies = pd.read_csv(movies_p, dtype={"movieId": str, "title": str, "genres": str}, keep_default_na=False)
     tags = pd.read_csv(tags_p, dtype={"userId": str, "movieId": str, "tag": str}, keep_default_na=False)
     ratings = pd.read_csv(ratings_p, dtype={"userId": str, "movieId": str})

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from llmrec.data.tables import read_interactions, read_items
     from llmrec.eval.evaluate import load_item_space
     from llmrec.raysetup import init_ray
-    from llmrec.scorer.recommender import split_last_event
+    from llmrec.data.order import split_last_event
     from llmrec.scorer.train import fit_scorer
 
     inter = read_interactions(args.data)

@@ -254,22 +254,6 @@ def test_cli_evaluate_and_recommend(run_dir: Path, tmp_path: Path, capsys: pytes
     assert set(pd.read_parquet(recs).user_id) == {"user000"}
 
 
-@pytest.mark.slow
-def test_llmrec_is_evaluated_when_importable(run_dir: Path, tmp_path: Path, ray_local) -> None:
-    pytest.importorskip("llmrec.scorer.recommender")
-    res = evaluate(
-        run_dir / "data",
-        run_dir / "embeddings",
-        tmp_path,
-        protocols=("loo",),
-        models=["llmrec", "popularity"],
-        llmrec_kwargs={"epochs": 2, "num_workers": 1},
-    )
-    m = res["loo"]["models"]
-    assert list(m) == ["llmrec", "popularity"]
-    assert m["llmrec"]["recall@10"] > m["popularity"]["recall@10"]
-
-
 def test_time_targets_all_counts_every_post_cutoff_item(run_dir: Path, tmp_path: Path) -> None:
     rc = cli_main(
         [

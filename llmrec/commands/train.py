@@ -3,12 +3,22 @@
 Trains the production model on all given interactions (the prepared table, plus the serving event log with
 --events), holding out the last event of up to --val-users random users (with >= 2 events) as the
 validation target for early stopping and the best-checkpoint choice.
+
+`--holdout loo` (what `llmrec pipeline` does) trains instead on the leave-last-out training split of
+`llmrec evaluate` (llmrec.eval.split.leave_last_out with --seed): every user with >= 3 events keeps their last
+event out (the evaluation's test target) and their second-to-last as validation (up to --val-users of them,
+the events the baselines are tuned on), and user-written item text (tags, reviews) is rebuilt from what was
+written before those events. meta.json records `holdout` (fingerprints of the train and validation events),
+so `llmrec evaluate --fast` scores this very artifact instead of training another: what is evaluated is what
+is served. The price: the served model has not learnt from each user's last two events (it still sees them
+in a user's history when it recommends).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 from llmrec.storage import Arg, In, Out
 
@@ -56,6 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--holdout", choices=["none", "loo"], default="none",
+        help="none: train on every event (default); loo: train on the leave-last-out split that `llmrec evaluate "
+        "--fast` evaluates (each user's last event held out, the one before it the validation), so the evaluation "
+        "scores this very model",
+    )
+    p.add_argument(
         "--resume",
         default=None,
         metavar="CKPT_DIR",
@@ -98,12 +114,17 @@ def run(args: argparse.Namespace) -> int:
     if args.val_users < -1:
         raise ValueError(f"--val-users must be >= 0, or -1 for every user with >= 2 events; got {args.val_users}")
     val_users = None if args.val_users == -1 else args.val_users
-    train, valid = split_last_event(inter, val_users, args.seed)
+    holdout = None
+    if args.holdout == "loo":
+        train, valid, items, holdout = loo_holdout(inter, items, args.data, embed_meta, val_users, args.seed)
+    else:
+        train, valid = split_last_event(inter, val_users, args.seed)
     logger.info(
-        "train: %d interactions (%d from --data), %d users held out for validation",
+        "train: %d interactions (%d from --data), %d users held out for validation%s",
         len(inter),
         n_data,
         len(valid),
+        f", {holdout['n_test_held_out']} test events held out (--holdout loo)" if holdout else "",
     )
     init_ray(address=args.address)
     meta = fit_scorer(
@@ -126,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
         val_users=val_users,
         cooc_neighbors=args.cooc_neighbors,
     )
+    if holdout is not None:
+        from llmrec.artifacts import write_meta
+
+        own = ("schema_version", "stage", "created_at", "code_version")
+        meta = write_meta(args.out, "train", **{k: v for k, v in meta.items() if k not in own}, holdout=holdout)
     m = meta["metrics"]
     rerank = meta.get("model_config", {}).get("rerank", True)
     key = "val" if rerank else "val_retrieval"  # the ranking the saved model serves with
@@ -140,3 +166,32 @@ def run(args: argparse.Namespace) -> int:
         + f"{meta['wall_s']:.1f}s"
     )
     return 0
+
+
+def loo_holdout(
+    inter: Any, items: Any, data_dir: str, embed_meta: dict, val_users: int | None, seed: int
+) -> tuple[Any, Any, Any, dict]:
+    """(train, valid, item space, meta "holdout") of the leave-last-out split `llmrec evaluate` builds with
+    this seed: its train, a `val_users` sample of its validation events, its item space (user-written text
+    rebuilt before each writer's held-out events)."""
+    from llmrec.data.item_text import read_text_events
+    from llmrec.data.order import frame_fingerprint, sample_rows
+    from llmrec.data.tables import read_items
+    from llmrec.eval.split import leave_last_out
+    from llmrec.eval.text_cutoff import split_item_space
+
+    split = leave_last_out(inter, seed=seed)
+    valid = sample_rows(split.valid, val_users, seed)
+    items, text_info = split_item_space(items, read_items(data_dir), read_text_events(data_dir), split, embed_meta)
+    holdout = {
+        "protocol": "loo",
+        "seed": seed,
+        "val_users": val_users,
+        "train_fingerprint": frame_fingerprint(split.train),
+        "valid_fingerprint": frame_fingerprint(valid),
+        "n_train": len(split.train),
+        "n_valid": len(valid),
+        "n_test_held_out": len(split.test),
+        "item_text": text_info,
+    }
+    return split.train, valid, items, holdout

@@ -36,7 +36,7 @@ import scipy.sparse as sp
 
 from llmrec.eval.protocol import History, ItemSpace
 from llmrec.schema import EVENT, ITEM_IDX, NEGATIVE_KINDS, USER_ID
-from llmrec.scorer.cooc import cooccurrence_similarity, history_matrix
+from llmrec.scorer.cooc import history_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ __all__ = [
     "PopularityRecommender",
     "SASRecRecommender",
     "ZeroShotTextRecommender",
+    "cocounts",
+    "knn_from_cocounts",
     "make_baseline",
     "shrunk_cosine_similarity",
 ]
@@ -110,11 +112,12 @@ class ItemKNNRecommender(_IDModel):
     """Cosine item-item kNN over binary train histories, with optional shrinkage.
 
     sim(i, j) = |U_i & U_j| / (sqrt(|U_i| |U_j|) + shrink), diagonal zeroed, top `n_neighbors` per item kept;
-    score(u, j) = sum_{i in history(u)} sim(i, j). With shrink 0 the matrix is the scorer's co-occurrence
-    similarity (`llmrec.scorer.cooc.cooccurrence_similarity`, the same function).
+    score(u, j) = sum_{i in history(u)} sim(i, j). With shrink 0 the matrix equals the scorer's co-occurrence
+    similarity (`llmrec.scorer.cooc.cooccurrence_similarity`; tests/test_tuning.py checks it).
     """
 
     name = "itemknn"
+    shares_fit_cache = True  # `Tuned` lends it one dict across a grid (the co-counts are computed once)
 
     def __init__(self, n_neighbors: int = 100, shrink: float = 0.0, block_items: int = 1024) -> None:
         if shrink < 0:
@@ -123,12 +126,15 @@ class ItemKNNRecommender(_IDModel):
 
     def fit(self, train: pd.DataFrame, items: ItemSpace) -> None:
         pos = self._prepare(train, items)
-        users, idx = pos[USER_ID].astype(str).to_numpy(), pos[ITEM_IDX].to_numpy(np.int64)
-        if self.shrink == 0.0:
-            self.sim = cooccurrence_similarity(users, idx, items.n_items, self.n_neighbors, self.block_items)
+        key = (id(train), len(train))  # the co-counts of one train frame serve every grid point (Tuned)
+        cache = getattr(self, "fit_cache", None)
+        if cache is not None and cache.get("key") == key:
+            co, norms = cache["cocounts"]
         else:
-            self.sim = shrunk_cosine_similarity(users, idx, items.n_items, self.n_neighbors, self.shrink,
-                                                self.block_items)  # (N, N) sparse
+            co, norms = cocounts(pos[USER_ID].astype(str).to_numpy(), pos[ITEM_IDX].to_numpy(np.int64), items.n_items)
+            if cache is not None:
+                cache.update(key=key, cocounts=(co, norms))
+        self.sim = knn_from_cocounts(co, norms, self.n_neighbors, self.shrink, self.block_items)  # (N, N) sparse
 
     def score(self, histories: list[History]) -> np.ndarray:
         h = history_matrix([self._history_items(h) for h in histories], self.n_items)  # (B, N) sparse
@@ -394,21 +400,35 @@ def shrunk_cosine_similarity(
 
     users: (E,) user key per positive event; items: (E,) int catalog index; repeats of a pair count once.
     """
+    co, norms = cocounts(users, items, n_items)
+    return knn_from_cocounts(co, norms, n_neighbors, shrink, block_items)
+
+
+def cocounts(users: np.ndarray, items: np.ndarray, n_items: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """(C float32 (N, N) CSR with C_ij = |U_i & U_j|, norms float32 (N,) = sqrt(|U_i|)) of binary events."""
     codes = pd.factorize(pd.Series(users).astype(str))[0] if len(users) else np.zeros(0, np.int64)
     x = sp.csr_matrix((np.ones(len(items), np.float32), (codes, np.asarray(items, np.int64))),
                       shape=(int(codes.max()) + 1 if len(codes) else 0, n_items))
     x.sum_duplicates()
     x.data[:] = 1.0
-    xt = x.T.tocsr()  # (N, U)
-    norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel()).astype(np.float32)  # (N,)
+    co = (x.T.tocsr() @ x).tocsr()  # (N, N)
+    return co, np.sqrt(np.asarray(x.sum(axis=0)).ravel()).astype(np.float32)
+
+
+def knn_from_cocounts(
+    co: sp.csr_matrix, norms: np.ndarray, n_neighbors: int, shrink: float, block_items: int = 1024
+) -> sp.csr_matrix:
+    """float32 (N, N) CSR: C_ij / (norms_i norms_j + shrink), diagonal 0, the n_neighbors largest per row."""
+    n_items = co.shape[0]
     k = min(n_neighbors, n_items - 1)
     rows, cols, vals = [], [], []
     for start in range(0, n_items, block_items):
         stop = min(start + block_items, n_items)
         if k <= 0:
             break
-        co = (xt[start:stop] @ x).toarray()  # (b, N) co-occurrence counts
-        sim = co / (norms[start:stop, None] * norms[None, :] + shrink)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sim = co[start:stop].toarray() / (norms[start:stop, None] * norms[None, :] + shrink)  # (b, N)
+        sim = np.nan_to_num(sim, nan=0.0, posinf=0.0)
         sim[np.arange(stop - start), np.arange(start, stop)] = 0.0
         top = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # (b, k)
         tv = np.take_along_axis(sim, top, axis=1)

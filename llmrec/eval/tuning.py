@@ -17,7 +17,7 @@ baseline here chooses its hyper-parameters on the very same targets. Only `split
   from `HYBRID_WEIGHTS` (0 included, so the hybrid is never worse on validation than its candidate) on the
   same validation; the fair counterpart of llmrec's co-occurrence term.
 
-Budget: `GRIDS` (configs per fit): itemknn 15, als 12, bpr 8, ease 6, zeroshot_text 5, sasrec 1 (reference
+Budget: `GRIDS` (configs per fit): itemknn 12, als 12, bpr 8, ease 6, zeroshot_text 5, sasrec 1 (reference
 settings, early stopping on validation, at most `epochs`), hybrids 8 weights each on top of their tuned
 parts; llmrec: its own early stopping plus its co-occurrence grid and re-ranker switch.
 """
@@ -44,7 +44,7 @@ __all__ = ["GRIDS", "HYBRID_WEIGHTS", "Hybrid", "InnerValidation", "Tuned", "com
 
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "popularity": [{}],
-    "itemknn": [{"n_neighbors": k, "shrink": s} for k in (20, 50, 100, 200, 500) for s in (0.0, 10.0, 100.0)],
+    "itemknn": [{"n_neighbors": k, "shrink": s} for k in (20, 50, 100, 200) for s in (0.0, 10.0, 100.0)],
     "als": [
         {"factors": f, "regularization": r, "alpha": a}
         for f in (64, 128)
@@ -172,9 +172,12 @@ class Tuned:
                 f"build InnerValidation from the frame you fit on (tuning must only see training events)"
             )
         trials, best = [], None
+        cache: dict[str, Any] = {}  # lent to models that share work across a grid (item-kNN's co-counts)
         for params in self.grid:
             t0 = time.perf_counter()
             model = self.factory(**params)
+            if getattr(model, "shares_fit_cache", False):
+                model.fit_cache = cache  # type: ignore[attr-defined]
             if getattr(model, "early_stopping", False):
                 model.fit(val.train, items, validation=val)  # type: ignore[call-arg]
             else:
@@ -192,6 +195,8 @@ class Tuned:
             del model, s
         assert best is not None
         self.val_ndcg, params, model, self.val_scores = best
+        if hasattr(model, "fit_cache"):
+            del model.fit_cache  # the grid's shared work is not needed past tuning
         refit = self.refit and val.train is not val.source  # a split's own validation: fit once on train
         if refit:
             del model

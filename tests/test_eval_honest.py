@@ -1,8 +1,8 @@
 """Evaluation a skeptical reviewer can check, end to end on a tiny planted dataset (default suite):
 
 - the llmrec row (and llmrec_neural) goes through `evaluate` with every tuned baseline and both hybrids;
-- where co-occurrence carries the whole signal (text vectors are random), llmrec's co-occurrence weight chosen on
-  validation is nonzero and it beats its neural part;
+- where co-occurrence carries the whole signal (text vectors are random), llmrec's co-occurrence weight chosen
+  on validation is nonzero and it beats its neural part;
 - no model's fit sees a test event: sentinel items that occur only in test rows are never scored above chance,
   i.e. above decoys (items that occur nowhere, with the same kind of text); a control model that does read the
   test rows scores them above every decoy, so the check has teeth;
@@ -29,15 +29,34 @@ from llmrec.eval.evaluate import ALL_MODELS, evaluate
 from llmrec.schema import EMBEDDINGS_FILE
 
 N_GROUPS, PER_GROUP, SEQ, N_USERS, DIM, N_SENTINELS = 8, 8, 7, 150, 16, 24
-# small grids and tiny models keep this module near a minute of CPU; the grids themselves: tests/test_tuning.py
-GRIDS = {"itemknn": [{"n_neighbors": 10}, {"n_neighbors": 30, "shrink": 10.0}], "als": [{"factors": 8}],
-         "bpr": [{"factors": 8, "iterations": 30}], "ease": [{"l2": 1.0}, {"l2": 50.0}], "sasrec": [{}],
-         "zeroshot_text": [{}]}
-BASELINE_KWARGS = {"sasrec": {"epochs": 4, "dim": 16, "n_blocks": 1, "max_len": 8, "num_threads": 1, "patience": 2}}
+# small grids and tiny models keep this module near a minute of CPU (the full grids: tests/test_tuning.py)
+GRIDS = {
+    "itemknn": [{"n_neighbors": 10}, {"n_neighbors": 30, "shrink": 10.0}],
+    "als": [{"factors": 8}],
+    "bpr": [{"factors": 8, "iterations": 30}],
+    "ease": [{"l2": 1.0}, {"l2": 50.0}],
+    "sasrec": [{}],
+    "zeroshot_text": [{}],
+}
+BASELINE_KWARGS = {
+    "sasrec": {"epochs": 4, "dim": 16, "n_blocks": 1, "max_len": 8, "num_threads": 1, "patience": 2}
+}
 # only settings `llmrec train` has flags for, so the CLI run below trains the same model
 LLMREC = {"epochs": 2, "num_workers": 1, "dim": 16, "max_len": 8, "n_neg": -1, "batch_size": 64}
-TRAIN_FLAGS = ["--epochs", "2", "--num-workers", "1", "--dim", "16", "--max-len", "8", "--n-neg", "-1",
-               "--batch-size", "64"]
+TRAIN_FLAGS = [
+    "--epochs",
+    "2",
+    "--num-workers",
+    "1",
+    "--dim",
+    "16",
+    "--max-len",
+    "8",
+    "--n-neg",
+    "-1",
+    "--batch-size",
+    "64",
+]
 
 
 def make_group_run(root: Path) -> tuple[Path, pd.DataFrame]:
@@ -91,7 +110,7 @@ class LeakyPopularity:
 
 @pytest.fixture(scope="module")
 def honest(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
-    """One `evaluate` run, and the same evaluation by hand (build_models + evaluate_models) keeping the fits."""
+    """One `evaluate` run, and the same evaluation by hand (build_models + evaluate_models), fits kept."""
     from llmrec.eval.evaluate import attach_item_idx, evaluate_models, load_item_space, read_tables
     from llmrec.eval.models import ModelSetup, build_models
     from llmrec.eval.split import leave_last_out
@@ -99,19 +118,42 @@ def honest(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
 
     root = tmp_path_factory.mktemp("honest")
     run, inter = make_group_run(root)
-    first = evaluate(run / "data", run / "embeddings", root / "eval", protocols=("loo",), models=list(ALL_MODELS),
-                     grids=GRIDS, baseline_kwargs=BASELINE_KWARGS, llmrec_kwargs=LLMREC,
-                     extra_models=[LeakyPopularity(inter)], seed=0)["loo"]
+    first = evaluate(
+        run / "data",
+        run / "embeddings",
+        root / "eval",
+        protocols=("loo",),
+        models=list(ALL_MODELS),
+        grids=GRIDS,
+        baseline_kwargs=BASELINE_KWARGS,
+        llmrec_kwargs=LLMREC,
+        extra_models=[LeakyPopularity(inter)],
+        seed=0,
+    )["loo"]
     items, table = read_tables(run / "data")
     space, _ = load_item_space(run / "embeddings", items)
     split = leave_last_out(attach_item_idx(table, space)[0], seed=0)
     val = InnerValidation.build(split.train, space.n_items, 1000, 0, valid=split.valid)
-    setup = ModelSetup(seed=0, validation=val, space=space, scorer_dir=run / "no-scorer", grids=GRIDS,
-                       baseline_kwargs=BASELINE_KWARGS, llmrec_kwargs=LLMREC)
+    setup = ModelSetup(
+        seed=0,
+        validation=val,
+        space=space,
+        scorer_dir=run / "no-scorer",
+        grids=GRIDS,
+        baseline_kwargs=BASELINE_KWARGS,
+        llmrec_kwargs=LLMREC,
+    )
     models = [*build_models(list(ALL_MODELS), setup, {}), LeakyPopularity(inter)]
     by_hand, _, _ = evaluate_models(split, space, models, seed=0)
-    return {"run": run, "inter": inter, "first": first, "by_hand": by_hand, "models": models, "split": split,
-            "space": space}
+    return {
+        "run": run,
+        "inter": inter,
+        "first": first,
+        "by_hand": by_hand,
+        "models": models,
+        "split": split,
+        "space": space,
+    }
 
 
 def test_llmrec_row_goes_through_evaluation_with_every_tuned_baseline(honest: dict) -> None:
@@ -156,7 +198,9 @@ def test_no_model_sees_a_test_event(honest: dict) -> None:
         d = sc[:, d_idx]  # (U, 24)
         auc[model.name] = float(((d < s) + 0.5 * (d == s)).mean())
     assert len(auc) == len(ALL_MODELS) + 2
-    assert auc.pop("leaky_popularity") > 0.95, "the control must find the sentinels, else the check is toothless"
+    assert auc.pop("leaky_popularity") > 0.95, (
+        "the control must find the sentinels, else the check is toothless"
+    )
     assert all(v < 0.7 for v in auc.values()), auc
 
 
@@ -169,12 +213,34 @@ def test_holdout_trained_scorer_is_what_evaluation_scores(honest: dict, tmp_path
     """`llmrec train --holdout loo` then `evaluate(reuse_scorer=True)`: llmrec is not trained again, and its
     metrics equal those of the model trained inside the evaluation on the same split (same seed)."""
     run = honest["run"]
-    assert cli_main(["train", "--data", str(run / "data"), "--embeddings", str(run / "embeddings"),
-                     "--out", str(run / "scorer"), "--holdout", "loo", *TRAIN_FLAGS]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                "--data",
+                str(run / "data"),
+                "--embeddings",
+                str(run / "embeddings"),
+                "--out",
+                str(run / "scorer"),
+                "--holdout",
+                "loo",
+                *TRAIN_FLAGS,
+            ]
+        )
+        == 0
+    )
     hold = json.loads((run / "scorer" / "meta.json").read_text())["holdout"]
     assert hold["protocol"] == "loo" and hold["n_test_held_out"] == N_USERS
-    res = evaluate(run / "data", run / "embeddings", tmp_path, protocols=("loo",), models=["llmrec"],
-                   seed=0, reuse_scorer=True)["loo"]
+    res = evaluate(
+        run / "data",
+        run / "embeddings",
+        tmp_path,
+        protocols=("loo",),
+        models=["llmrec"],
+        seed=0,
+        reuse_scorer=True,
+    )["loo"]
     assert res["tuning"]["llmrec"]["reused_run_scorer"] is True
     assert res["models"]["llmrec"] == honest["first"]["models"]["llmrec"]  # the same model, not retrained
     assert res["models"]["llmrec_neural"] == honest["first"]["models"]["llmrec_neural"]

@@ -1,6 +1,7 @@
 """Tuning like llmrec and the protocol pieces around it, each against a hand-built reference: EASE and shrunk
-item-kNN against dense formulas, the validation split against llmrec's own, grid choice and refit, hybrids,
-the item text visible before a split's cutoff (and its re-embedding), the time protocol where ts is an order."""
+item-kNN against dense formulas, the validation split against llmrec's own, grid choice and refit,
+hybrids, the item text visible before a split's cutoff (and its re-embedding), the time protocol where ts is
+an order."""
 
 from __future__ import annotations
 
@@ -27,8 +28,15 @@ def _binary(n_users: int, n_items: int, seed: int) -> tuple[pd.DataFrame, ItemSp
     x[0, :] = 1.0  # every item is known
     u, i = np.nonzero(x)
     ids = np.array([f"i{j}" for j in range(n_items)], dtype=object)
-    df = pd.DataFrame({"user_id": [f"u{k:03d}" for k in u], "item_id": ids[i], "ts": np.arange(len(u)),
-                       "rating": np.nan, "event": "view"})
+    df = pd.DataFrame(
+        {
+            "user_id": [f"u{k:03d}" for k in u],
+            "item_id": ids[i],
+            "ts": np.arange(len(u)),
+            "rating": np.nan,
+            "event": "view",
+        }
+    )
     space = ItemSpace(item_ids=ids, text_vectors=np.eye(n_items, dtype=np.float32))
     return attach_item_idx(df, space)[0], space, x
 
@@ -60,7 +68,10 @@ def test_shrunk_cosine_equals_dense_and_reduces_to_the_scorers_cosine() -> None:
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(
         shrunk_cosine_similarity(users, items, n, n_neighbors=6, shrink=0.0).toarray(),
-        cooccurrence_similarity(users, items, n, n_neighbors=6).toarray(), rtol=1e-5, atol=1e-7)
+        cooccurrence_similarity(users, items, n, n_neighbors=6).toarray(),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def _walks(n_users: int = 60, seed: int = 0) -> tuple[pd.DataFrame, ItemSpace]:
@@ -87,7 +98,8 @@ def test_validation_is_llmrecs_split_or_the_splits_own() -> None:
     own = InnerValidation.build(split.train, space.n_items, 20, seed=3, valid=split.valid)
     assert own.train is split.train and own.valid.equals(sample_rows(split.valid, 20, 3))
     assert [int(t[0]) for t in own.targets] == own.valid.set_index("user_id").loc[
-        [h.user_id for h in own.histories], "item_idx"].tolist()
+        [h.user_id for h in own.histories], "item_idx"
+    ].tolist()
 
 
 def test_tuned_chooses_on_validation_refits_on_train_and_refuses_other_frames() -> None:
@@ -118,8 +130,9 @@ def test_combine_scores_by_hand() -> None:
     za = (np.array([1, 2, 3]) - 2) / np.sqrt(2 / 3)  # population sd
     zb = (np.array([3, 1]) - 2) / 1.0
     out = combine_scores(a, b, 0.5)
-    np.testing.assert_allclose(out[0, :3], [za[0] + 0.5 * zb[0], za[1] + 0.5 * zb[1], za[2] + 0.5 * zb[1]],
-                               rtol=1e-6)  # b's -inf counts as its lowest finite score
+    np.testing.assert_allclose(
+        out[0, :3], [za[0] + 0.5 * zb[0], za[1] + 0.5 * zb[1], za[2] + 0.5 * zb[1]], rtol=1e-6
+    )  # b's -inf counts as its lowest finite score
     assert np.isneginf(out[0, 3])  # -inf in both stays -inf
     np.testing.assert_array_equal(np.argsort(combine_scores(a, b, 0.0)[0, :3]), [0, 1, 2])
 
@@ -130,24 +143,42 @@ def test_hybrid_picks_the_better_candidate_and_never_loses_to_it_on_validation()
     val = InnerValidation.build(split.train, space.n_items, None, seed=0, valid=split.valid)
     from llmrec.eval.baselines import make_baseline
 
-    parts = {n: Tuned(n, lambda n=n, **p: make_baseline(n, **p), GRIDS[n][:2], val)
-             for n in ("zeroshot_text", "ease", "itemknn")}
+    parts = {
+        n: Tuned(n, lambda n=n, **p: make_baseline(n, **p), GRIDS[n][:2], val)
+        for n in ("zeroshot_text", "ease", "itemknn")
+    }
     for p in parts.values():
         p.fit(split.train, space)
     h = Hybrid("hybrid_id_itemknn", [parts["zeroshot_text"], parts["ease"]], parts["itemknn"])
     h.fit(split.train, space)
     assert h.base is parts["ease"]  # random text knows nothing; EASE learns the cycles
-    assert h.tuning["val_ndcg@10"] >= parts["ease"].val_ndcg - 1e-6  # weight 0 is in the grid (6 decimals kept)
+    assert (
+        h.tuning["val_ndcg@10"] >= parts["ease"].val_ndcg - 1e-6
+    )  # weight 0 is in the grid (6 decimals kept)
     hist = make_histories(split.history, ["u000"], split.seed)
-    np.testing.assert_allclose(h.score(hist), combine_scores(parts["ease"].score(hist),
-                                                             parts["itemknn"].score(hist), h.weight))
+    np.testing.assert_allclose(
+        h.score(hist), combine_scores(parts["ease"].score(hist), parts["itemknn"].score(hist), h.weight)
+    )
 
 
 def test_visible_text_events_per_protocol() -> None:
-    inter = pd.DataFrame({"user_id": ["a"] * 4 + ["b"] * 4, "item_id": ["x", "y", "z", "w"] * 2,
-                          "ts": [1, 2, 3, 4, 1, 2, 6, 7], "rating": np.nan, "event": "view"})
-    texts = pd.DataFrame({"user_id": ["a", "a", "b", "b", "c"], "item_id": ["x", "w", "y", "z", "z"],
-                          "ts": [2, 3, 5, 6, 9], "text": ["t1", "t2", "t3", "t4", "t5"]})
+    inter = pd.DataFrame(
+        {
+            "user_id": ["a"] * 4 + ["b"] * 4,
+            "item_id": ["x", "y", "z", "w"] * 2,
+            "ts": [1, 2, 3, 4, 1, 2, 6, 7],
+            "rating": np.nan,
+            "event": "view",
+        }
+    )
+    texts = pd.DataFrame(
+        {
+            "user_id": ["a", "a", "b", "b", "c"],
+            "item_id": ["x", "w", "y", "z", "z"],
+            "ts": [2, 3, 5, 6, 9],
+            "text": ["t1", "t2", "t3", "t4", "t5"],
+        }
+    )
     loo = leave_last_out(inter)  # a: valid at 3, test at 4; b: valid at 6, test at 7; c has no events
     assert visible_text_events(loo, texts).tolist() == [True, False, True, False, True]
     tim = time_split(inter, cutoff_ts=5)
@@ -166,14 +197,35 @@ def test_split_item_space_reembeds_only_changed_texts(tmp_path: Path, tiny_model
 
     enc = TextEncoder(tiny_model_dir, device="cpu", max_length=32)
     spec = TextSpec(label="Tags", distinct=True)
-    items = pd.DataFrame({"item_id": ["x", "y", "z"], "text_base": ["X film.", "Y film.", "Z film."],
-                          "text": ["X film. Tags: funny", "Y film. Tags: dark, slow", "Z film."]})
-    events = pd.DataFrame({"user_id": ["a", "b", "b"], "item_id": ["x", "y", "y"], "ts": [1, 2, 9],
-                           "text": ["funny", "dark", "slow"]})
-    space = ItemSpace(item_ids=np.array(["x", "y", "z"], dtype=object),
-                      text_vectors=enc.encode(items["text"].tolist()), text_model=tiny_model_dir)
-    inter = pd.DataFrame({"user_id": ["a", "a", "b", "b"], "item_id": ["x", "z", "y", "z"], "ts": [1, 3, 2, 4],
-                          "rating": np.nan, "event": "view"})
+    items = pd.DataFrame(
+        {
+            "item_id": ["x", "y", "z"],
+            "text_base": ["X film.", "Y film.", "Z film."],
+            "text": ["X film. Tags: funny", "Y film. Tags: dark, slow", "Z film."],
+        }
+    )
+    events = pd.DataFrame(
+        {
+            "user_id": ["a", "b", "b"],
+            "item_id": ["x", "y", "y"],
+            "ts": [1, 2, 9],
+            "text": ["funny", "dark", "slow"],
+        }
+    )
+    space = ItemSpace(
+        item_ids=np.array(["x", "y", "z"], dtype=object),
+        text_vectors=enc.encode(items["text"].tolist()),
+        text_model=tiny_model_dir,
+    )
+    inter = pd.DataFrame(
+        {
+            "user_id": ["a", "a", "b", "b"],
+            "item_id": ["x", "z", "y", "z"],
+            "ts": [1, 3, 2, 4],
+            "rating": np.nan,
+            "event": "view",
+        }
+    )
     split = time_split(inter, cutoff_ts=3)
     new, info = split_item_space(space, items, (events, spec), split, {"max_length": 32})
     assert info["n_items_changed"] == 1 and info["n_visible"] == 2
@@ -189,11 +241,14 @@ def test_time_protocol_is_skipped_where_ts_is_an_order(tmp_path: Path) -> None:
     meta_path = run / "data" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "ts_is_order": True}))
-    res = evaluate(run / "data", run / "embeddings", tmp_path / "eval", protocols=("loo", "time"),
-                   models=["popularity"])
+    res = evaluate(
+        run / "data", run / "embeddings", tmp_path / "eval", protocols=("loo", "time"), models=["popularity"]
+    )
     assert list(res) == ["loo"]
     ev = json.loads((tmp_path / "eval" / "meta.json").read_text())
     assert "ts_is_order" in ev["skipped_protocols"]["time"]
     assert "## Skipped protocols" in (tmp_path / "eval" / "report.md").read_text()
     with pytest.raises(ValueError, match="no protocol left"):
-        evaluate(run / "data", run / "embeddings", tmp_path / "e2", protocols=("time",), models=["popularity"])
+        evaluate(
+            run / "data", run / "embeddings", tmp_path / "e2", protocols=("time",), models=["popularity"]
+        )

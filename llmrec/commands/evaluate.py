@@ -40,15 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (e.g. RUN/eval)")
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--fast", action="store_true",
-                        help="the pipeline's quick set: loo, llmrec + the strongest baselines + hybrids, 1 seed, the "
-                        "run's scorer reused when it was trained on the loo split")
+                        help="the pipeline's quick set: loo, llmrec + the strongest baselines + hybrids, 1 "
+                        "seed, the run's scorer reused when it was trained on the loo split")
     preset.add_argument("--full", action="store_true",
                         help="reviewer grade: loo,time,cold, every model tuned, 3 seeds (mean +- sd)")
     p.add_argument(
         "--protocol",
         default=None,
-        help="comma list of loo,time,cold (default loo,time; --fast loo; --full loo,time,cold; cold = held-out "
-        "items, every target unseen in training)",
+        help="comma list of loo,time,cold (default loo,time; --fast loo; --full loo,time,cold; cold = "
+        "held-out items, every target unseen in training)",
     )
     p.add_argument(
         "--models",
@@ -59,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None,
                    help="training seeds per protocol, reported as mean +- sd (default 1; --full 3)")
     p.add_argument("--item-text", choices=["before-cutoff", "as-prepared"], default="before-cutoff",
-                   help="user-written item text (MovieLens tags, Amazon reviews): rebuilt per split from what was "
-                   "written before its cutoff (default), or the prepared text with everything")
+                   help="user-written item text (MovieLens tags, Amazon reviews): rebuilt per split from "
+                   "what was written before its cutoff (default), or the prepared text with everything")
     p.add_argument("--max-test-users", type=int, default=None, help="evaluate a seeded sample of test users")
     p.add_argument(
         "--seed",
@@ -102,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sasrec-threads", type=int, default=None, help="torch threads for SASRec (default: torch's)"
     )
     p.add_argument("--sasrec-epochs", type=int, default=None,
-                   help="SASRec baseline's maximum epochs (default 200; early stopping on validation ends sooner)")
+                   help="SASRec baseline's maximum epochs (default 200; early stopping on validation ends "
+                   "sooner)")
 
 
 def storage_args(args: argparse.Namespace) -> dict[str, Arg]:

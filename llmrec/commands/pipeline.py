@@ -1,9 +1,9 @@
 """`llmrec pipeline`: every stage in order (prepare -> embed -> index -> train -> evaluate) into one run folder.
 
 By default the scorer is trained on the leave-last-out training split (`llmrec train --holdout loo`) and the
-evaluation is `llmrec evaluate --fast`: leave-last-out only, llmrec against the strongest tuned baselines and the
-hybrids, and llmrec's row is that very scorer (no second training), so what `make run` evaluates is what it
-serves; the run ends by printing the results table. `--train-holdout none` trains on every event (the
+evaluation is `llmrec evaluate --fast`: leave-last-out only, llmrec against the strongest tuned baselines
+and the hybrids, and llmrec's row is that very scorer (no second training), so what `make run` evaluates is
+what it serves; the run ends by printing the results table. `--train-holdout none` trains on every event (the
 evaluation then trains llmrec once more on the split), `--eval full` runs the reviewer-grade evaluation
 (every protocol, model and 3 seeds; `make eval`).
 
@@ -47,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=5, help="training epochs, also for the models evaluate retrains (default 5: ~6 min per fit on 2 CPU cores for MovieLens)")
     p.add_argument("--max-test-users", type=int, default=None, help="cap evaluated users per protocol")
     p.add_argument("--train-holdout", choices=["loo", "none"], default="loo",
-                   help="loo (default): train the scorer on the leave-last-out split the evaluation scores it on; "
-                   "none: on every event")
+                   help="loo (default): train the scorer on the leave-last-out split the evaluation scores "
+                   "it on; none: on every event")
     p.add_argument("--eval", choices=["fast", "default", "full"], default="fast",
                    help="evaluation preset (llmrec evaluate --fast / no preset / --full; default fast)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")

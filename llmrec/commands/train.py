@@ -67,9 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--holdout", choices=["none", "loo"], default="none",
-        help="none: train on every event (default); loo: train on the leave-last-out split that `llmrec evaluate "
-        "--fast` evaluates (each user's last event held out, the one before it the validation), so the evaluation "
-        "scores this very model",
+        help="none: train on every event (default); loo: train on the leave-last-out split that `llmrec "
+        "evaluate --fast` evaluates (each user's last event held out, the one before it the validation), so "
+        "the evaluation scores this very model",
     )
     p.add_argument(
         "--resume",
@@ -95,10 +95,10 @@ def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from llmrec.data.order import split_last_event
     from llmrec.data.tables import read_interactions, read_items
     from llmrec.eval.evaluate import load_item_space
     from llmrec.raysetup import init_ray
-    from llmrec.data.order import split_last_event
     from llmrec.scorer.train import fit_scorer
 
     inter = read_interactions(args.data)
@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
         from llmrec.artifacts import write_meta
 
         own = ("schema_version", "stage", "created_at", "code_version")
-        meta = write_meta(args.out, "train", **{k: v for k, v in meta.items() if k not in own}, holdout=holdout)
+        kept = {k: v for k, v in meta.items() if k not in own}
+        meta = write_meta(args.out, "train", **kept, holdout=holdout)
     m = meta["metrics"]
     rerank = meta.get("model_config", {}).get("rerank", True)
     key = "val" if rerank else "val_retrieval"  # the ranking the saved model serves with
@@ -182,7 +183,8 @@ def loo_holdout(
 
     split = leave_last_out(inter, seed=seed)
     valid = sample_rows(split.valid, val_users, seed)
-    items, text_info = split_item_space(items, read_items(data_dir), read_text_events(data_dir), split, embed_meta)
+    text = read_text_events(data_dir)
+    items, text_info = split_item_space(items, read_items(data_dir), text, split, embed_meta)
     holdout = {
         "protocol": "loo",
         "seed": seed,

@@ -1,11 +1,11 @@
-"""Item text that includes what users wrote (MovieLens tags, Amazon reviews), rebuildable from any subset of it.
+"""Item text that includes what users wrote (MovieLens tags, Amazon reviews), rebuildable from any subset.
 
 Some catalogs' text is partly user-generated: a MovieLens movie's text lists its users' tags, an Amazon
 5-core item (no metadata) is described only by its reviews. Such text holds later behaviour: a test user's own
 tags or review of the very item it is tested on. So prepare keeps the user-written part apart:
 
-- `items.parquet` column `text_base` (schema.TEXT_BASE): the text without it (MovieLens "<title>. Genres: ...",
-  Amazon a fixed "<category> product" line); `text` is the served text, built from every text event.
+- `items.parquet` column `text_base` (schema.TEXT_BASE): the text without it (MovieLens "<title>. Genres:
+  ...", Amazon a fixed "<category> product" line); `text` is the served text, built from every text event.
 - `text_events.parquet` (schema.TEXT_EVENTS_FILE): one row per written text, `user_id, item_id, ts, text`, in
   the order the item text lists them.
 - prepare's meta.json `text_events`: the `TextSpec` fields (how the texts are joined) plus counts.
@@ -69,7 +69,9 @@ def build_item_texts(base: pd.Series, events: pd.DataFrame, spec: TextSpec) -> p
     """
     parts: dict[str, list[str]] = {}
     seen: dict[str, set[str]] = {}
-    for item, text in zip(events[ITEM_ID].astype(str).tolist(), events[TEXT].astype(str).tolist(), strict=True):
+    for item, text in zip(
+        events[ITEM_ID].astype(str).tolist(), events[TEXT].astype(str).tolist(), strict=True
+    ):
         t = text.strip()
         if spec.event_chars is not None and len(t) > spec.event_chars:
             t = t[: spec.event_chars].rstrip()
@@ -127,7 +129,9 @@ def read_text_events(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, TextSpe
     events = pd.read_parquet(path)
     missing = [c for c in EVENT_COLUMNS if c not in events.columns]
     if missing:
-        raise ValueError(f"{path} lacks columns {missing}; expected {list(EVENT_COLUMNS)}; re-run `llmrec prepare`")
+        raise ValueError(
+            f"{path} lacks columns {missing}; expected {list(EVENT_COLUMNS)}; re-run `llmrec prepare`"
+        )
     return events, TextSpec.from_meta(spec_meta)
 
 

@@ -45,7 +45,9 @@ def tie_key(df: pd.DataFrame, seed: int = 0) -> np.ndarray:
     frame = df[cols].copy()
     for c in (USER_ID, ITEM_ID, EVENT):
         if c in frame.columns:
-            frame[c] = frame[c].astype(str)  # the same text hashes alike whatever its dtype (category, object)
+            frame[c] = frame[c].astype(
+                str
+            )  # the same text hashes alike whatever its dtype (category, object)
     h = pd.util.hash_pandas_object(frame, index=False).to_numpy(dtype=np.uint64)
     with np.errstate(over="ignore"):
         return _splitmix64(h + np.uint64(seed % 2**64) * _GOLDEN)
@@ -64,8 +66,8 @@ def sort_events(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     missing = [c for c in (USER_ID, ITEM_ID, TS) if c not in df.columns]
     if missing:
         raise ValueError(
-            f"events lack columns {missing}; expected at least {[USER_ID, ITEM_ID, TS]}, got {list(df.columns)}; "
-            f"pass the table written by `llmrec prepare`"
+            f"events lack columns {missing}; expected at least {[USER_ID, ITEM_ID, TS]}, got "
+            f"{list(df.columns)}; pass the table written by `llmrec prepare`"
         )
     key = "__tie_key"
     out = df.assign(**{key: tie_key(df, seed)})
@@ -90,9 +92,9 @@ def split_last_event(
     seed gives the same split).
 
     max_users: hold out the last event of at most this many users (a seeded random sample of the eligible
-    ones; None = all). Every held-out event is a training pair lost: on Magazine's leave-last-out train split
-    (76,240 events, most users with 1-3), holding out all 8,535 eligible users left 1,910 training pairs, 1,000
-    users left 9,445.
+    ones; None = all). Every held-out event is a training pair lost: on Magazine's leave-last-out train
+    split (76,240 events, most users with 1-3), holding out all 8,535 eligible users left 1,910 training
+    pairs, 1,000 users left 9,445.
     """
     if max_users is not None and max_users < 0:
         raise ValueError(f"max_users must be >= 0 or None, got {max_users}")
@@ -127,10 +129,19 @@ def frame_fingerprint(df: pd.DataFrame) -> str:
     import hashlib
 
     cols = [USER_ID, ITEM_ID, TS]
-    lines = np.sort(
-        (df[USER_ID].astype(str) + "\t" + df[ITEM_ID].astype(str) + "\t" + df[TS].astype("int64").astype(str))
-        .to_numpy(dtype=str)
-    ) if len(df) else np.zeros(0, dtype=str)
+    lines = (
+        np.sort(
+            (
+                df[USER_ID].astype(str)
+                + "\t"
+                + df[ITEM_ID].astype(str)
+                + "\t"
+                + df[TS].astype("int64").astype(str)
+            ).to_numpy(dtype=str)
+        )
+        if len(df)
+        else np.zeros(0, dtype=str)
+    )
     h = hashlib.sha256(f"{cols}:{len(lines)}\n".encode())
     h.update("\n".join(lines.tolist()).encode())
     return h.hexdigest()[:16]

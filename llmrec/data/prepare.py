@@ -198,8 +198,9 @@ def _write_text_events(loaded: Any, items: pd.DataFrame, out_dir: Path) -> dict[
     served = pd.Series(items[TEXT].astype(str).to_numpy(), index=items[ITEM_ID].astype(str))
     bad = served.index[(rebuilt != served).to_numpy()]
     if len(bad):
-        raise AssertionError(f"item text differs from build_item_texts(text_base, text events) for {len(bad)} "
-                             f"items, e.g. {list(bad[:3])}: the adapter must build text with that function")
+        raise AssertionError(f"item text differs from build_item_texts(text_base, text events) for "
+                             f"{len(bad)} items, e.g. {list(bad[:3])}: the adapter must build text with "
+                             f"that function")
     write_text_events(ev, out_dir)
     return {**loaded.text_spec.to_meta(), "n_events": int(len(ev)), "n_dropped": n_dropped,
             "n_items": int(ev[ITEM_ID].nunique())}

@@ -20,8 +20,8 @@ Conventions (all models):
 - Events of kind "dislike" and "skip" are not positive: ID models neither fit on them nor read them in a
   history; zero-shot text gives them a negative weight. Every other kind (view, click, like, purchase,
   rating, any rating value) counts as a positive implicit interaction.
-- The ID-based models (popularity, itemknn, als, bpr, ease, sasrec) give `-inf` to items never seen in train (cold
-  items): they cannot recommend them. Only text-based models can.
+- The ID-based models (popularity, itemknn, als, bpr, ease, sasrec) give `-inf` to items never seen in train
+  (cold items): they cannot recommend them. Only text-based models can.
 - Scores are float32 (B, N) in `ItemSpace` order; ties are allowed (metrics break them against targets).
 """
 
@@ -49,7 +49,7 @@ __all__ = [
     "ItemKNNRecommender",
     "NEGATIVE_EVENTS",
     "PopularityRecommender",
-    "SASRecRecommender",
+    "SASRecRecommender",  # noqa: F822 (module __getattr__ below: it lives in llmrec.eval.sasrec)
     "ZeroShotTextRecommender",
     "cocounts",
     "knn_from_cocounts",
@@ -131,10 +131,11 @@ class ItemKNNRecommender(_IDModel):
         if cache is not None and cache.get("key") == key:
             co, norms = cache["cocounts"]
         else:
-            co, norms = cocounts(pos[USER_ID].astype(str).to_numpy(), pos[ITEM_IDX].to_numpy(np.int64), items.n_items)
+            users, idx = pos[USER_ID].astype(str).to_numpy(), pos[ITEM_IDX].to_numpy(np.int64)
+            co, norms = cocounts(users, idx, items.n_items)
             if cache is not None:
                 cache.update(key=key, cocounts=(co, norms))
-        self.sim = knn_from_cocounts(co, norms, self.n_neighbors, self.shrink, self.block_items)  # (N, N) sparse
+        self.sim = knn_from_cocounts(co, norms, self.n_neighbors, self.shrink, self.block_items)  # (N, N)
 
     def score(self, histories: list[History]) -> np.ndarray:
         h = history_matrix([self._history_items(h) for h in histories], self.n_items)  # (B, N) sparse
@@ -314,7 +315,8 @@ class BPRRecommender(_IDModel):
         with threadpool_limits(1, "blas"):
             model = BayesianPersonalizedRanking(
                 factors=self.factors, learning_rate=self.learning_rate, regularization=self.regularization,
-                iterations=self.iterations, random_state=self.seed, num_threads=self.num_threads, use_gpu=False,
+                iterations=self.iterations, random_state=self.seed, num_threads=self.num_threads,
+                use_gpu=False,
             )
             model.fit(user_items, show_progress=False)
         self.user_factors = np.asarray(model.user_factors, dtype=np.float32)  # (U, F+1)
@@ -394,7 +396,12 @@ def make_baseline(name: str, seed: int = 0, **kwargs: object) -> object:
 
 
 def shrunk_cosine_similarity(
-    users: np.ndarray, items: np.ndarray, n_items: int, n_neighbors: int, shrink: float, block_items: int = 1024
+    users: np.ndarray,
+    items: np.ndarray,
+    n_items: int,
+    n_neighbors: int,
+    shrink: float,
+    block_items: int = 1024,
 ) -> sp.csr_matrix:
     """float32 (N, N) CSR: |U_i & U_j| / (sqrt(|U_i| |U_j|) + shrink), diagonal 0, top n_neighbors per row.
 
@@ -436,7 +443,9 @@ def knn_from_cocounts(
         rows.append(np.repeat(np.arange(start, stop), k)[keep])
         cols.append(top.ravel()[keep])
         vals.append(tv.ravel()[keep])
-    cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt))
+    def cat(parts: list[np.ndarray], dt: type) -> np.ndarray:
+        return np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
+
     return sp.csr_matrix((cat(vals, np.float32), (cat(rows, np.int64), cat(cols, np.int64))),
                          shape=(n_items, n_items))
 

@@ -31,18 +31,18 @@ items and the sampled test users stay those of `seed`), and writes to `out_dir`:
   per-model fit/score seconds and tuning trials per seed, skipped models and protocols, item-text rebuilds,
   dropped events, embedding model).
 
-Choices: the ItemSpace is the embeddings artifact (rows in its order); where the item text includes user-written
-text (prepare's text events: MovieLens tags, Amazon reviews), each split gets the space rebuilt from the texts
-written before its cutoff (`llmrec.eval.text_cutoff`; `item_text="as-prepared"` keeps the prepared one).
-Interactions on items without an embedding are dropped with a WARNING and counted in meta
+Choices: the ItemSpace is the embeddings artifact (rows in its order); where the item text includes
+user-written text (prepare's text events: MovieLens tags, Amazon reviews), each split gets the space rebuilt
+from the texts written before its cutoff (`llmrec.eval.text_cutoff`; `item_text="as-prepared"` keeps the
+prepared one). Interactions on items without an embedding are dropped with a WARNING and counted in meta
 (`n_events_without_embedding`). At test time a user's history is `split.history` (loo: all events before the
 test event; time: all events up to the cutoff; cold: all events on items that are not held out) and the items
-in it are excluded from the ranking (the target never is). Validation (tuning, llmrec's early stopping):
-loo's own validation events (each user's second-to-last), else the last train event, of up to `val_users`
-seeded users (`llmrec.eval.tuning.InnerValidation`); fits only ever see `split.train`. The time protocol is
-skipped, with the reason in meta.json and report.md, when prepare's meta says `ts_is_order` (the "time" would
-be a sequence position). `max_test_users` samples test users with `seed` (sorted ids, numpy default_rng) so
-runs are reproducible.
+in it are excluded from the ranking (the target never is). Validation (tuning, llmrec's early stopping): loo's
+own validation events (each user's second-to-last), else the last train event, of up to `val_users` seeded
+users (`llmrec.eval.tuning.InnerValidation`); fits only ever see `split.train`. The time protocol is skipped,
+with the reason in meta.json and report.md, when prepare's meta says `ts_is_order` (the "time" would be a
+sequence position). `max_test_users` samples test users with `seed` (sorted ids, numpy default_rng) so runs
+are reproducible.
 """
 
 from __future__ import annotations
@@ -155,9 +155,7 @@ def evaluate(
     names = list(ALL_MODELS if models is None else models)
     unknown = [m for m in [*names, *(baseline_kwargs or {}), *(grids or {})] if m not in ALL_MODELS]
     if unknown:
-        raise ValueError(
-            f"unknown model(s) {unknown}; choose from {list(ALL_MODELS)} (or pass extra_models)"
-        )
+        raise ValueError(f"unknown model(s) {unknown}; choose from {list(ALL_MODELS)} (or pass extra_models)")
     if item_text not in ITEM_TEXT_MODES:
         raise ValueError(f"item_text must be one of {list(ITEM_TEXT_MODES)}, got {item_text!r}")
     if n_seeds < 1:
@@ -194,18 +192,35 @@ def evaluate(
         pspace, text_info = split_item_space(space, items_df, text, split, embed_meta, encoders)
         runs = []
         for i, s in enumerate(seeds):
-            val = InnerValidation.build(split.train, pspace.n_items, val_users, s,
-                                        valid=split.valid if proto == "loo" else None)
-            setup = ModelSetup(seed=s, validation=val, space=pspace, scorer_dir=scorer_dir, grids=dict(grids or {}),
-                               baseline_kwargs=dict(baseline_kwargs or {}), llmrec_kwargs=dict(llmrec_kwargs or {}),
-                               reuse_scorer=reuse_scorer and proto == "loo" and i == 0)
+            val = InnerValidation.build(
+                split.train, pspace.n_items, val_users, s, valid=split.valid if proto == "loo" else None
+            )
+            setup = ModelSetup(
+                seed=s,
+                validation=val,
+                space=pspace,
+                scorer_dir=scorer_dir,
+                grids=dict(grids or {}),
+                baseline_kwargs=dict(baseline_kwargs or {}),
+                llmrec_kwargs=dict(llmrec_kwargs or {}),
+                reuse_scorer=reuse_scorer and proto == "loo" and i == 0,
+            )
             recs = [*build_models(names, setup, skipped), *extra_models]
             label = f"{proto} seed {s}" + (f" ({i + 1}/{len(seeds)})" if len(seeds) > 1 else "")
-            res, timings, n_users = evaluate_models(split, pspace, recs, max_test_users, seed, batch_users,
-                                                    label=label, t_start=t_all)
+            res, timings, n_users = evaluate_models(
+                split, pspace, recs, max_test_users, seed, batch_users, label=label, t_start=t_all
+            )
             tuning = {m.name: getattr(m, "tuning", None) for m in recs if getattr(m, "tuning", None)}
-            runs.append({"seed": s, "res": res, "timings": timings, "n_users": n_users, "tuning": tuning,
-                         "validation": val.stats})
+            runs.append(
+                {
+                    "seed": s,
+                    "res": res,
+                    "timings": timings,
+                    "n_users": n_users,
+                    "tuning": tuning,
+                    "validation": val.stats,
+                }
+            )
             per_user_frames.append(_per_user_frame(proto, res["per_user"], s))
             model_names = [m.name for m in recs]
         first = runs[0]
@@ -238,8 +253,14 @@ def evaluate(
     pd.concat(per_user_frames, ignore_index=True).to_parquet(out / PER_USER_FILE, index=False)
     from llmrec.eval.report import write_report
 
-    write_report(results, {p: m["timings"] for p, m in meta_protocols.items()}, out, skipped=skipped,
-                 skipped_protocols=skipped_protocols, item_text={p: m["item_text"] for p, m in meta_protocols.items()})
+    write_report(
+        results,
+        {p: m["timings"] for p, m in meta_protocols.items()},
+        out,
+        skipped=skipped,
+        skipped_protocols=skipped_protocols,
+        item_text={p: m["item_text"] for p, m in meta_protocols.items()},
+    )
     write_meta(
         out,
         "evaluate",
@@ -319,14 +340,19 @@ def evaluate_models(
     # (the baselines' raw scores do; llmrec's two-stage scores never rank them): 9.8% of Magazine's loo
     # targets are repeats, worth ~+0.09 NDCG@10 to the zero-shot text model. They are removed and counted.
     n_targets_before = int(sum(len(t) for t in targets))
-    targets = [np.setdiff1d(t, e, assume_unique=True) for t, e in zip(targets, exclude)]
-    cold_t = [np.setdiff1d(c, e, assume_unique=True) for c, e in zip(cold_t, exclude)]
+    targets = [np.setdiff1d(t, e, assume_unique=True) for t, e in zip(targets, exclude, strict=True)]
+    cold_t = [np.setdiff1d(c, e, assume_unique=True) for c, e in zip(cold_t, exclude, strict=True)]
     n_repeat = n_targets_before - int(sum(len(t) for t in targets))
     keep = [i for i, t in enumerate(targets) if len(t)]
     if n_repeat:
         logger.info(
             "%s: %d of %d test targets are already in the user's history (excluded from ranking); removed, "
-            "leaving %d of %d test users", split.protocol, n_repeat, n_targets_before, len(keep), len(users)
+            "leaving %d of %d test users",
+            split.protocol,
+            n_repeat,
+            n_targets_before,
+            len(keep),
+            len(users),
         )
     users, tied = users[keep], tied[keep]
     targets, cold_t = [targets[i] for i in keep], [cold_t[i] for i in keep]
@@ -361,7 +387,9 @@ def evaluate_models(
                 acc_cold.update(scores[rows], [cold_t[sl][i] for i in rows], [exclude[sl][i] for i in rows])
             rows = np.flatnonzero(~tied[sl])
             if len(rows):
-                acc_untied.update(scores[rows], [targets[sl][i] for i in rows], [exclude[sl][i] for i in rows])
+                acc_untied.update(
+                    scores[rows], [targets[sl][i] for i in rows], [exclude[sl][i] for i in rows]
+                )
         score_s = time.perf_counter() - t1
         out_models[model.name] = acc.result()
         per_user[model.name] = {"rank": acc.per_user("rank"), "ndcg@10": acc.per_user("ndcg@10")}
@@ -378,8 +406,17 @@ def evaluate_models(
         logger.info(
             "[%s] %d/%d %s: fit %.1fs, scored %d users in %.1fs; ndcg@10=%.4f recall@10=%.4f mrr=%.4f "
             "(elapsed %.0fs)",
-            label, pos, len(models), model.name, fit_s, len(users), score_s, m["ndcg@10"], m["recall@10"],
-            m["mrr"], time.perf_counter() - t_start,
+            label,
+            pos,
+            len(models),
+            model.name,
+            fit_s,
+            len(users),
+            score_s,
+            m["ndcg@10"],
+            m["recall@10"],
+            m["mrr"],
+            time.perf_counter() - t_start,
         )
     return (
         {
@@ -403,7 +440,9 @@ def intervals(
     diff = {}
     if "llmrec" in per_user:
         ref = per_user["llmrec"][metric]
-        diff = {m: list(bootstrap_ci(v[metric], ref, seed=seed)) for m, v in per_user.items() if m != "llmrec"}
+        diff = {
+            m: list(bootstrap_ci(v[metric], ref, seed=seed)) for m, v in per_user.items() if m != "llmrec"
+        }
     return ci, diff
 
 
@@ -432,8 +471,16 @@ def _compact_tuning(t: dict[str, Any]) -> dict[str, Any]:
 def _per_user_frame(protocol: str, per_user: dict[str, Any], seed: int) -> pd.DataFrame:
     users = np.asarray(per_user["users"], dtype=object)
     frames = [
-        pd.DataFrame({USER_ID: users, "protocol": protocol, "model": name, "rank": v["rank"],
-                      "ndcg@10": v["ndcg@10"], "seed": seed})
+        pd.DataFrame(
+            {
+                USER_ID: users,
+                "protocol": protocol,
+                "model": name,
+                "rank": v["rank"],
+                "ndcg@10": v["ndcg@10"],
+                "seed": seed,
+            }
+        )
         for name, v in per_user["models"].items()
     ]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -445,9 +492,11 @@ def _runnable_protocols(
     """(protocols to run, {skipped protocol: reason})."""
     skipped: dict[str, str] = {}
     if "time" in protocols and data_meta.get("ts_is_order"):
-        skipped["time"] = ("the dataset has no timestamps (prepare's meta.json ts_is_order: ts is each user's "
-                           "sequence position), so a global time cutoff would compare positions of different "
-                           "users, not times")
+        skipped["time"] = (
+            "the dataset has no timestamps (prepare's meta.json ts_is_order: ts is each user's "
+            "sequence position), so a global time cutoff would compare positions of different "
+            "users, not times"
+        )
         logger.warning("skipping protocol 'time': %s", skipped["time"])
     run = [p for p in protocols if p not in skipped]
     if not run:
@@ -468,8 +517,9 @@ def _make_split(
         return leave_last_out(inter, seed=seed)
     if proto == "cold":
         return cold_item_split(inter, frac=cold_frac, seed=seed)
-    return time_split(inter, test_frac=time_test_frac, cutoff_ts=time_cutoff_ts,
-                      targets=time_targets, seed=seed)  # type: ignore[arg-type]
+    return time_split(
+        inter, test_frac=time_test_frac, cutoff_ts=time_cutoff_ts, targets=time_targets, seed=seed
+    )  # type: ignore[arg-type]
 
 
 def _data_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
@@ -502,8 +552,11 @@ def load_item_space(
         by_id = dict(zip(items[ITEM_ID].astype(str), items[FACETS], strict=True))
         facets = [list(by_id.get(str(i), [])) for i in ids]
     return ItemSpace(
-        item_ids=np.asarray(ids, dtype=object), text_vectors=np.asarray(vecs, np.float32), titles=titles,
-        facets=facets, text_model=text_model_of(meta),
+        item_ids=np.asarray(ids, dtype=object),
+        text_vectors=np.asarray(vecs, np.float32),
+        titles=titles,
+        facets=facets,
+        text_model=text_model_of(meta),
     ), dict(meta)
 
 

@@ -2,10 +2,10 @@
 
 Names (the keys of metrics.json "models"): "llmrec" (with "llmrec_neural", the same fit without its
 co-occurrence term, added right after it), the baselines of `llmrec.eval.baselines` (`BASELINES`), and the
-hybrids (`HYBRIDS`): "hybrid_text_itemknn" = zero-shot text + item-kNN, "hybrid_id_itemknn" = the best ID model
-by validation NDCG@10 among the evaluated ones of `ID_MODELS` (else ease and als, tuned for the hybrid alone)
-+ item-kNN. Every baseline is wrapped in `llmrec.eval.tuning.Tuned` with its grid (`GRIDS`, or `grids`);
-llmrec trains on the same validation (`LLMRecRecommender(validation=...)`).
+hybrids (`HYBRIDS`): "hybrid_text_itemknn" = zero-shot text + item-kNN, "hybrid_id_itemknn" = the best ID
+model by validation NDCG@10 among the evaluated ones of `ID_MODELS` (else ease and als, tuned for the hybrid
+alone) + item-kNN. Every baseline is wrapped in `llmrec.eval.tuning.Tuned` with its grid (`GRIDS`, or
+`grids`); llmrec trains on the same validation (`LLMRecRecommender(validation=...)`).
 
 Presets: `FAST_MODELS` (the pipeline's evaluation: llmrec and the strongest, cheap-to-tune baselines and both
 hybrids; no BPR, no SASRec) and `ALL_MODELS`.
@@ -44,7 +44,9 @@ class ModelSetup:
     space: ItemSpace
     scorer_dir: Path
     grids: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # overrides of tuning.GRIDS
-    baseline_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # constructor kwargs, every config
+    baseline_kwargs: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # constructor kwargs, every config
     llmrec_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of the run scorer's settings
     reuse_scorer: bool = False  # llmrec: load RUN/scorer when it was trained on this very split
 
@@ -70,7 +72,7 @@ def build_models(names: list[str], setup: ModelSetup, skipped: dict[str, str]) -
     for name in [n for n in names if n in HYBRIDS]:
         owned: list[Tuned] = []
 
-        def part(n: str) -> Tuned:
+        def part(n: str, owned: list[Tuned] = owned) -> Tuned:
             if n not in tuned:
                 tuned[n] = _tuned(n, setup)
                 owned.append(tuned[n])
@@ -108,7 +110,9 @@ def _llmrec(setup: ModelSetup, skipped: dict[str, str]) -> Recommender | None:
     if setup.reuse_scorer:
         ok, why = reusable_scorer(setup.scorer_dir, val.train, val.valid, setup.space)
         if ok:
-            logger.info("llmrec: the run's scorer was trained on this very split: evaluating it, no retraining")
+            logger.info(
+                "llmrec: the run's scorer was trained on this very split: evaluating it, no retraining"
+            )
             return LLMRecRecommender(out_dir=setup.scorer_dir, pretrained=True, validation=val)
         logger.info("llmrec: the run's scorer cannot be reused (%s): retraining it on this split", why)
     logger.info("llmrec is trained on this split's train with %s", kwargs)

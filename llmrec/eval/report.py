@@ -56,8 +56,8 @@ def markdown_report(
     skipped_protocols: dict[str, str] | None = None,
     item_text: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """The report.md text: per protocol, all-targets table, intervals, seeds, cold-item table, unique-timestamp
-    subset, tuning, timing table."""
+    """The report.md text: per protocol, all-targets table, intervals, seeds, cold-item table,
+    unique-timestamp subset, tuning, timing table."""
     lines = ["# Evaluation report", ""]
     for proto, res in results.items():
         lines += [
@@ -104,7 +104,8 @@ def markdown_report(
             ]
         lines.append("")
     if skipped_protocols:
-        lines += ["## Skipped protocols", ""] + [f"- `{p}`: {why}" for p, why in skipped_protocols.items()] + [""]
+        lines += ["## Skipped protocols", ""]
+        lines += [f"- `{p}`: {why}" for p, why in skipped_protocols.items()] + [""]
     if skipped:
         lines += ["## Skipped models", ""] + [f"- `{m}`: {why}" for m, why in skipped.items()] + [""]
     return "\n".join(lines)
@@ -135,8 +136,8 @@ def results_table(results: dict[str, Any]) -> str:
 def _item_text_line(info: dict[str, Any] | None) -> str:
     if not info:
         return ""
-    return (f" Item text from user-written texts before the cutoff: {info['n_visible']} of {info['n_text_events']}"
-            f" texts, {info['n_items_changed']} items re-embedded.")
+    return (f" Item text from user-written texts before the cutoff: {info['n_visible']} of "
+            f"{info['n_text_events']} texts, {info['n_items_changed']} items re-embedded.")
 
 
 def _seeds_table(seeds: dict[str, Any] | None) -> list[str]:

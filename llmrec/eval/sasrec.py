@@ -130,15 +130,26 @@ class SASRecRecommender(_IDModel):
                 logger.info("sasrec: early stop after epoch %d (best epoch %d)", epoch, best_epoch)
                 break
             if self.max_train_s is not None and time.perf_counter() - t0 > self.max_train_s:
-                logger.info("sasrec: stopping after epoch %d, time budget %.0fs reached", epoch, self.max_train_s)
+                logger.info(
+                    "sasrec: stopping after epoch %d, time budget %.0fs reached", epoch, self.max_train_s
+                )
                 break
         if best_state is not None:
             self.net.load_state_dict(best_state)
         self.final_loss = loss_val
-        self.tuning = {"best_epoch": best_epoch if validation is not None else epoch, "epochs_run": epoch,
-                       "val_ndcg_by_epoch": history}
-        logger.info("sasrec: %d windows, %d epochs (kept %d), final loss %.3f (%.1fs)", len(windows), epoch,
-                    self.tuning["best_epoch"], loss_val, time.perf_counter() - t0)
+        self.tuning = {
+            "best_epoch": best_epoch if validation is not None else epoch,
+            "epochs_run": epoch,
+            "val_ndcg_by_epoch": history,
+        }
+        logger.info(
+            "sasrec: %d windows, %d epochs (kept %d), final loss %.3f (%.1fs)",
+            len(windows),
+            epoch,
+            self.tuning["best_epoch"],
+            loss_val,
+            time.perf_counter() - t0,
+        )
 
     def _loss(
         self, w: torch.Tensor, unknown: torch.Tensor, known_tok: np.ndarray, rng: np.random.Generator
@@ -230,7 +241,14 @@ def _sasrec_net_cls() -> type:  # torch imported lazily
 
     class SASRecNet(nn.Module):
         def __init__(
-            self, n_items: int, dim: int, n_blocks: int, n_heads: int, max_len: int, dropout: float, ffn_mult: int
+            self,
+            n_items: int,
+            dim: int,
+            n_blocks: int,
+            n_heads: int,
+            max_len: int,
+            dropout: float,
+            ffn_mult: int,
         ):
             super().__init__()
             self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
@@ -242,7 +260,12 @@ def _sasrec_net_cls() -> type:  # torch imported lazily
             with torch.no_grad():
                 self.item_emb.weight[0].zero_()
             layer = nn.TransformerEncoderLayer(
-                dim, n_heads, dim_feedforward=ffn_mult * dim, dropout=dropout, batch_first=True, norm_first=True
+                dim,
+                n_heads,
+                dim_feedforward=ffn_mult * dim,
+                dropout=dropout,
+                batch_first=True,
+                norm_first=True,
             )
             self.blocks = nn.TransformerEncoder(layer, n_blocks, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(dim)

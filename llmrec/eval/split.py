@@ -81,7 +81,7 @@ class Split:
 
 
 def sort_events(interactions: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """Events sorted by user, ts, then seeded random ties (`llmrec.data.order.sort_events`), fresh RangeIndex."""
+    """Events sorted by user, ts, then seeded random ties (`llmrec.data.order.sort_events`)."""
     _check_columns(interactions)
     return _sort_events(interactions, seed)
 

@@ -62,8 +62,12 @@ def split_item_space(
     new = rebuilt.reindex(ids)
     old = served.reindex(ids)
     changed = np.flatnonzero((new.notna() & (new != old)).to_numpy())
-    info = {"n_text_events": int(len(events)), "n_visible": int(vis.sum()), "n_items_changed": int(len(changed)),
-            "encode_s": 0.0}
+    info = {
+        "n_text_events": int(len(events)),
+        "n_visible": int(vis.sum()),
+        "n_items_changed": int(len(changed)),
+        "encode_s": 0.0,
+    }
     if len(changed) == 0:
         return space, info
     enc = _encoder(space.text_model, embed_meta, encoders if encoders is not None else {})
@@ -71,8 +75,13 @@ def split_item_space(
     vecs[changed] = enc.encode(new.iloc[changed].tolist(), batch_size=64)
     info["encode_s"] = round(time.perf_counter() - t0, 2)
     logger.info(
-        "%s: %d of %d user-written texts existed before the cutoff; %d items' text changed and were re-embedded "
-        "(%.1fs)", split.protocol, info["n_visible"], len(events), len(changed), info["encode_s"],
+        "%s: %d of %d user-written texts existed before the cutoff; %d items' text changed and were "
+        "re-embedded (%.1fs)",
+        split.protocol,
+        info["n_visible"],
+        len(events),
+        len(changed),
+        info["encode_s"],
     )
     return replace(space, text_vectors=vecs), info
 
@@ -82,9 +91,10 @@ def _encoder(model: str | None, embed_meta: dict[str, Any], cache: dict[str, Any
 
     if model is None:
         raise ValueError(
-            f"the item text must be rebuilt for this split but the embeddings' encoder is unknown (meta model_name "
-            f"{embed_meta.get('model_name')!r}, model_path {embed_meta.get('model_path')!r}); re-run `llmrec embed`, "
-            f"or evaluate with item_text='as-prepared' (--item-text as-prepared) to keep the prepared text"
+            f"the item text must be rebuilt for this split but the embeddings' encoder is unknown (meta "
+            f"model_name {embed_meta.get('model_name')!r}, model_path {embed_meta.get('model_path')!r}); "
+            f"re-run `llmrec embed`, or evaluate with item_text='as-prepared' (--item-text as-prepared) to "
+            f"keep the prepared text"
         )
     key = f"{model}|{embed_meta.get('max_length', 128)}"
     if key not in cache:

@@ -3,8 +3,9 @@ model, the best setting by validation NDCG@10.
 
 The inner split is llmrec's own: `llmrec.data.order.split_last_event(train, val_users, seed)` holds out the
 last train event of up to `val_users` (1000) seeded random users with >= 2 train events. llmrec chooses its
-epoch (early stopping), re-ranker on/off, co-occurrence weight and text boost on it inside its own fit; every
-baseline here chooses its hyper-parameters on the very same targets. Only `split.train` is ever handed to a fit
+epoch (early stopping), re-ranker on/off, co-occurrence weight and text boost on it inside its own fit;
+every baseline here chooses its hyper-parameters on the very same targets. Only `split.train` is ever handed
+to a fit
 (`Tuned.fit` refuses any other frame), so tuning never sees a loo validation or a test event.
 
 - `Tuned(name, factory, grid, validation)`: fits each grid point on the inner train, scores the inner
@@ -106,19 +107,30 @@ class InnerValidation:
         targets, exclude, keep = [], [], []
         for i, (h, t) in enumerate(zip(hist, va[ITEM_IDX].to_numpy(np.int64), strict=True)):
             ex = np.unique(h.item_idx)
-            if len(h.item_idx) == 0 or t in ex:  # no history, or a repeat: nobody may rank it (as in evaluation)
+            if (
+                len(h.item_idx) == 0 or t in ex
+            ):  # no history, or a repeat: nobody may rank it (as in evaluation)
                 continue
             keep.append(i)
             targets.append(np.array([t], dtype=np.int64))
             exclude.append(ex)
-        stats = {"source": "split valid" if valid is not None else "inner split of train", "n_inner_train": len(tr),
-                 "n_valid_events": len(va), "n_valid_users": len(keep), "val_users": val_users, "seed": seed}
+        stats = {
+            "source": "split valid" if valid is not None else "inner split of train",
+            "n_inner_train": len(tr),
+            "n_valid_events": len(va),
+            "n_valid_users": len(keep),
+            "val_users": val_users,
+            "seed": seed,
+        }
         if not keep:
             raise ValueError(
-                f"inner validation has no usable user ({len(va)} held-out events, all repeats or without history); "
+                f"inner validation has no usable user ({len(va)} held-out events, all repeats or without "
+                f"history); "
                 f"the training split is too small to tune on"
             )
-        logger.info("inner validation: %d users (of %d held out), %d inner-train events", len(keep), len(va), len(tr))
+        logger.info(
+            "inner validation: %d users (of %d held out), %d inner-train events", len(keep), len(va), len(tr)
+        )
         return cls(train, tr, va, [hist[i] for i in keep], targets, exclude, n_items, stats)
 
     def scores(self, model: Recommender, batch: int = 512) -> np.ndarray:
@@ -184,11 +196,22 @@ class Tuned:
                 model.fit(val.train, items)
             s = val.scores(model)
             ndcg = val.ndcg(s)
-            trial = {"params": params, "val_ndcg@10": round(ndcg, 6), "fit_s": round(time.perf_counter() - t0, 2)}
+            trial = {
+                "params": params,
+                "val_ndcg@10": round(ndcg, 6),
+                "fit_s": round(time.perf_counter() - t0, 2),
+            }
             trial.update(getattr(model, "tuning", {}) or {})  # e.g. SASRec's best epoch
             trials.append(trial)
-            logger.info("%s: tuning %d/%d %s -> val ndcg@10 %.4f (%.1fs)", self.name, len(trials), len(self.grid),
-                        params or "defaults", ndcg, trial["fit_s"])
+            logger.info(
+                "%s: tuning %d/%d %s -> val ndcg@10 %.4f (%.1fs)",
+                self.name,
+                len(trials),
+                len(self.grid),
+                params or "defaults",
+                ndcg,
+                trial["fit_s"],
+            )
             if best is None or ndcg > best[0]:
                 best = (ndcg, params, model, s)
                 best_trial = trial
@@ -204,8 +227,14 @@ class Tuned:
             model.fit(train, items)
         self.model = model
         extra = {k: v for k, v in best_trial.items() if k not in ("params", "val_ndcg@10", "fit_s")}
-        self.tuning = {"n_configs": len(self.grid), "best": params, "val_ndcg@10": round(self.val_ndcg, 6),
-                       "refit_on_train": refit, **extra, "trials": trials}
+        self.tuning = {
+            "n_configs": len(self.grid),
+            "best": params,
+            "val_ndcg@10": round(self.val_ndcg, 6),
+            "refit_on_train": refit,
+            **extra,
+            "trials": trials,
+        }
 
     def score(self, histories: list[History]) -> np.ndarray:
         if self.model is None:
@@ -248,14 +277,27 @@ class Hybrid:
             raise ValueError(f"{self.name}: its parts were tuned on different validation splits")
         self.base = max(self.candidates, key=lambda m: m.val_ndcg)
         val = self.knn.validation
-        by_w = {w: val.ndcg(combine_scores(self.base.val_scores, self.knn.val_scores, w)) for w in self.weights}
+        by_w = {
+            w: val.ndcg(combine_scores(self.base.val_scores, self.knn.val_scores, w)) for w in self.weights
+        }
         self.weight = max(self.weights, key=lambda w: (by_w[w], -w))  # ties: the smaller weight
-        self.tuning = {"base": self.base.name, "weight": self.weight, "val_ndcg@10": round(by_w[self.weight], 6),
-                       "n_configs": len(self.weights),
-                       "val_ndcg_by_weight": {f"{w:g}": round(v, 6) for w, v in by_w.items()},
-                       "candidates_val_ndcg@10": {m.name: round(m.val_ndcg, 6) for m in self.candidates}}
-        logger.info("%s: %s + %g x itemknn (val ndcg@10 %.4f; %s alone %.4f)", self.name, self.base.name,
-                    self.weight, by_w[self.weight], self.base.name, by_w[0.0] if 0.0 in by_w else float("nan"))
+        self.tuning = {
+            "base": self.base.name,
+            "weight": self.weight,
+            "val_ndcg@10": round(by_w[self.weight], 6),
+            "n_configs": len(self.weights),
+            "val_ndcg_by_weight": {f"{w:g}": round(v, 6) for w, v in by_w.items()},
+            "candidates_val_ndcg@10": {m.name: round(m.val_ndcg, 6) for m in self.candidates},
+        }
+        logger.info(
+            "%s: %s + %g x itemknn (val ndcg@10 %.4f; %s alone %.4f)",
+            self.name,
+            self.base.name,
+            self.weight,
+            by_w[self.weight],
+            self.base.name,
+            by_w[0.0] if 0.0 in by_w else float("nan"),
+        )
 
     def score(self, histories: list[History]) -> np.ndarray:
         if self.base is None:

@@ -33,10 +33,10 @@ class LLMRecRecommender:
         name: key in metrics.json["models"].
         out_dir: where the scorer artifact goes (default: a temporary folder kept for this object's life).
         n_candidates: retrieval candidates re-ranked by the MLP in `score`.
-        validation: the evaluation's shared validation split (`llmrec.eval.tuning.InnerValidation`) of the train
-            frame `fit` gets: training then uses its inner train and validation events, the very targets the
-            baselines are tuned on (None: `split_last_event(train, val_users, seed)`, the same split for an
-            inner-split validation).
+        validation: the evaluation's shared validation split (`llmrec.eval.tuning.InnerValidation`) of the
+            train frame `fit` gets: training then uses its inner train and validation events, the very targets
+            the baselines are tuned on (None: `split_last_event(train, val_users, seed)`, the same split for
+            an inner-split validation).
         pretrained: `fit` loads the scorer already in `out_dir` instead of training, after checking that it
             was trained on this very train frame, validation and item vectors (`reusable_scorer`).
         train_kwargs: passed to `fit_scorer` (num_workers, epochs, batch_size, lr, seed, patience, dim, ...).
@@ -80,9 +80,8 @@ class LLMRecRecommender:
                 raise ValueError(f"{self.name}: fit got a train frame other than its validation's source")
             tr, va = self.validation.train, self.validation.valid
         else:
-            tr, va = split_last_event(
-                train, self.train_kwargs.get("val_users", DEFAULTS["val_users"]), self.train_kwargs.get("seed", 0)
-            )
+            val_users = self.train_kwargs.get("val_users", DEFAULTS["val_users"])
+            tr, va = split_last_event(train, val_users, self.train_kwargs.get("seed", 0))
         if self.pretrained:
             ok, why = reusable_scorer(out, tr, va, items)
             if not ok:
@@ -96,7 +95,8 @@ class LLMRecRecommender:
         m = self.meta or {}
         cfg = m.get("model_config", {}) or {}
         self.tuning = {"best_epoch": m.get("best_epoch"), "rerank": cfg.get("rerank"),
-                       "cooc_weight": cfg.get("cooc_weight"), "n_valid": len(va), "reused_run_scorer": self.pretrained,
+                       "cooc_weight": cfg.get("cooc_weight"), "n_valid": len(va),
+                       "reused_run_scorer": self.pretrained,
                        "val_ndcg@10": (m.get("metrics") or {}).get("val_ndcg@10")}
 
     def score(self, histories: list[History], use_cooc: bool = True) -> np.ndarray:

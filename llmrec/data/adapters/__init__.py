@@ -28,8 +28,8 @@ class Loaded:
     rejects: pd.DataFrame = field(default_factory=empty_rejects)  # catalog.REJECT_COLUMNS
     notes: dict[str, object] = field(default_factory=dict)  # extra meta.json fields
     facet_source: str | None = None  # where `facets` came from (meta.json facets.source); None: no facets
-    # user-written item text (llmrec.data.item_text): user_id, item_id, ts, text rows, and how they are joined;
-    # items then carry `text_base` and their `text` is build_item_texts(text_base, text_events, text_spec)
+    # user-written item text (llmrec.data.item_text): user_id, item_id, ts, text rows, and how they are
+    # joined; items then carry `text_base`, and `text` = build_item_texts(text_base, text_events, text_spec)
     text_events: pd.DataFrame | None = None
     text_spec: TextSpec | None = None
 

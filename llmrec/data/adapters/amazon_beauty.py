@@ -1,4 +1,5 @@
-"""Amazon All Beauty 5-core (2018): reviews only; see llmrec.data.adapters.amazon_reviews. Tests: test_prepare.py."""
+"""Amazon All Beauty 5-core (2018): reviews only; see llmrec.data.adapters.amazon_reviews.
+Tests: test_prepare.py."""
 
 from __future__ import annotations
 

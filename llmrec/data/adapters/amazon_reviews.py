@@ -1,4 +1,4 @@
-"""Amazon 5-core review files (one JSON object per review, no item metadata): items described by their reviews.
+"""Amazon 5-core review files (one JSON object per review, no item metadata): items described by reviews.
 
 Used by the `amazon-all-beauty-5core-2018` and `amazon-musical-instruments-5core-2014` adapters. The files
 hold only reviews (`reviewerID, asin, overall, unixReviewTime, summary, reviewText, ...`), so:
@@ -31,8 +31,14 @@ from llmrec.schema import EVENT, FACETS, ITEM_ID, RATING, TEXT, TEXT_BASE, TS, U
 
 logger = logging.getLogger(__name__)
 
-REVIEW_SPEC = TextSpec(label="Reviews", sep=" | ", distinct=False, event_chars=300, max_chars=1500,
-                       source="review summary + text, oldest first")
+REVIEW_SPEC = TextSpec(
+    label="Reviews",
+    sep=" | ",
+    distinct=False,
+    event_chars=300,
+    max_chars=1500,
+    source="review summary + text, oldest first",
+)
 _KEY = ["reviewerID", "asin", "unixReviewTime", "overall", "summary", "reviewText"]
 
 
@@ -46,10 +52,17 @@ def load_reviews(source: Path, file_name: str, category: str, dataset: str) -> L
     for c in ("summary", "reviewText"):
         raw[c] = raw[c].fillna("").astype(str) if c in raw.columns else ""
     dup = raw.duplicated(_KEY, keep="first").to_numpy()
-    rejects = make_rejects("interactions", np.flatnonzero(dup).tolist(), raw.loc[dup, "asin"].tolist(),
-                           raw.loc[dup, "reviewerID"].tolist(), "duplicate_review")
+    rejects = make_rejects(
+        "interactions",
+        np.flatnonzero(dup).tolist(),
+        raw.loc[dup, "asin"].tolist(),
+        raw.loc[dup, "reviewerID"].tolist(),
+        "duplicate_review",
+    )
     if dup.any():
-        logger.info("%s: %d exact duplicate reviews rejected (reason duplicate_review)", dataset, int(dup.sum()))
+        logger.info(
+            "%s: %d exact duplicate reviews rejected (reason duplicate_review)", dataset, int(dup.sum())
+        )
     rev = raw[~dup].reset_index(drop=True)
     interactions = pd.DataFrame(
         {
@@ -60,16 +73,24 @@ def load_reviews(source: Path, file_name: str, category: str, dataset: str) -> L
             EVENT: "rating",
         }
     )
-    order = np.lexsort((np.arange(len(rev)), rev["unixReviewTime"].to_numpy()))  # oldest first, then file order
-    texts = [join_text([s, t]) for s, t in zip(rev["summary"].tolist(), rev["reviewText"].tolist(), strict=True)]
-    events = pd.DataFrame(
-        {
-            USER_ID: rev["reviewerID"].astype(str),
-            ITEM_ID: rev["asin"].astype(str),
-            TS: rev["unixReviewTime"].astype("int64"),
-            TEXT: texts,
-        }
-    ).iloc[order].reset_index(drop=True)
+    order = np.lexsort(
+        (np.arange(len(rev)), rev["unixReviewTime"].to_numpy())
+    )  # oldest first, then file order
+    texts = [
+        join_text([s, t]) for s, t in zip(rev["summary"].tolist(), rev["reviewText"].tolist(), strict=True)
+    ]
+    events = (
+        pd.DataFrame(
+            {
+                USER_ID: rev["reviewerID"].astype(str),
+                ITEM_ID: rev["asin"].astype(str),
+                TS: rev["unixReviewTime"].astype("int64"),
+                TEXT: texts,
+            }
+        )
+        .iloc[order]
+        .reset_index(drop=True)
+    )
     events = events[events[TEXT].str.strip() != ""].reset_index(drop=True)
     ids = np.sort(rev["asin"].astype(str).unique())
     base = pd.Series(f"{category} product.", index=ids, dtype=object)
@@ -81,8 +102,21 @@ def load_reviews(source: Path, file_name: str, category: str, dataset: str) -> L
             FACETS: [[] for _ in ids],
         }
     )
-    logger.info("%s: %d items, %d users, %d reviews (%d with text)", dataset, len(items),
-                interactions[USER_ID].nunique(), len(interactions), len(events))
-    return Loaded(items=items, interactions=interactions, files=[path], rejects=rejects, facet_source=None,
-                  text_events=events, text_spec=REVIEW_SPEC,
-                  notes={"item_text": "reviews only (no item metadata), rebuilt per split in evaluation"})
+    logger.info(
+        "%s: %d items, %d users, %d reviews (%d with text)",
+        dataset,
+        len(items),
+        interactions[USER_ID].nunique(),
+        len(interactions),
+        len(events),
+    )
+    return Loaded(
+        items=items,
+        interactions=interactions,
+        files=[path],
+        rejects=rejects,
+        facet_source=None,
+        text_events=events,
+        text_spec=REVIEW_SPEC,
+        notes={"item_text": "reviews only (no item metadata), rebuilt per split in evaluation"},
+    )

@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 NAME = "movielens-latest-small"
 FILES = ["movies.csv", "ratings.csv", "tags.csv"]
 NO_GENRES = "(no genres listed)"
-TAG_SPEC = TextSpec(label="Tags", sep=", ", distinct=True, source="tags.csv (userId, movieId, tag, timestamp)")
+TAG_SPEC = TextSpec(
+    label="Tags", sep=", ", distinct=True, source="tags.csv (userId, movieId, tag, timestamp)"
+)
 
 
 def load(source: Path) -> Loaded:
@@ -84,7 +86,10 @@ def load(source: Path) -> Loaded:
         }
     )
     logger.info(
-        "movielens: %d movies (%d with tags), %d ratings", len(items), events[ITEM_ID].nunique(), len(interactions)
+        "movielens: %d movies (%d with tags), %d ratings",
+        len(items),
+        events[ITEM_ID].nunique(),
+        len(interactions),
     )
     return Loaded(
         items=items,

@@ -209,3 +209,22 @@ def test_cold_split_bad_input() -> None:
         cold_item_split(df, frac=0.01)
     with pytest.raises(ValueError, match="nothing to evaluate"):  # the only user saw only held-out items
         cold_item_split(_events([("a", "x", 1), ("b", "y", 2)]), frac=0.5)
+
+
+def test_order_helpers_fingerprint_and_seeded_sample() -> None:
+    """frame_fingerprint names a set of events (row order and extra columns do not matter, one changed event
+    does); sample_rows draws the same rows for a seed, keeps their order, and caps nothing below the limit."""
+    from llmrec.data.order import frame_fingerprint, sample_rows
+
+    df = _random_events(4)
+    fp = frame_fingerprint(df)
+    assert fp == frame_fingerprint(df.sample(frac=1.0, random_state=1).assign(extra=1))
+    changed = df.copy()
+    changed.loc[0, "ts"] += 1
+    assert frame_fingerprint(changed) != fp and len(fp) == 16
+    a, b = sample_rows(df, 50, seed=2), sample_rows(df, 50, seed=2)
+    pd.testing.assert_frame_equal(a, b)
+    assert len(a) == 50 and not a.equals(sample_rows(df, 50, seed=3))
+    pos = df.reset_index(drop=True).merge(a.reset_index(), on=list(df.columns))["index"]
+    assert pos.is_monotonic_increasing  # drawn rows keep the input order
+    pd.testing.assert_frame_equal(sample_rows(df, len(df) + 5, seed=0), df.reset_index(drop=True))

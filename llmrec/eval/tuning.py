@@ -1,19 +1,21 @@
-"""Every model tuned like llmrec: one inner validation split of the training events, a small stated grid per
-model, the best setting by validation NDCG@10.
+"""Every model tuned like llmrec: one validation split of the training events, a small stated grid per model,
+the best setting by validation NDCG@10.
 
-The inner split is llmrec's own: `llmrec.data.order.split_last_event(train, val_users, seed)` holds out the
-last train event of up to `val_users` (1000) seeded random users with >= 2 train events. llmrec chooses its
-epoch (early stopping), re-ranker on/off, co-occurrence weight and text boost on it inside its own fit;
-every baseline here chooses its hyper-parameters on the very same targets. Only `split.train` is ever handed
-to a fit
-(`Tuned.fit` refuses any other frame), so tuning never sees a loo validation or a test event.
+The validation (`InnerValidation`): under loo the split's own validation events (each user's second-to-last
+event, up to `val_users` (1000) seeded users; the classic train / valid / test protocol); under time and cold
+llmrec's own inner split, `llmrec.data.order.split_last_event(train, val_users, seed)` (the last train event
+of up to `val_users` seeded users with >= 2 train events). llmrec chooses its epoch (early stopping),
+re-ranker on/off, co-occurrence weight and text boost on it inside its own fit (`LLMRecRecommender(
+validation=...)`); every baseline chooses its hyper-parameters on the very same targets. Only `split.train`
+is ever handed to a fit (`Tuned.fit` refuses any other frame), so tuning never sees a test event (nor, under
+loo, a validation event as training data).
 
 - `Tuned(name, factory, grid, validation)`: fits each grid point on the inner train, scores the inner
   validation users (history = their inner-train events, history items excluded, repeat targets dropped, as
   in evaluation), keeps the best; grid models are then refit on the whole train split with that setting
-  (`refit=True`); early-stopping models (SASRec, `early_stopping = True`) keep their best-epoch fit on the
-  inner train, as llmrec does.
-- `Hybrid(name, candidates, knn, validation)`: `z(candidate) + w * z(item-kNN)` (scores standardised per
+  (`refit=True`; not under loo, whose inner train is the whole train split); early-stopping models (SASRec,
+  `early_stopping = True`) keep their best-epoch fit on the inner train, as llmrec does.
+- `Hybrid(name, candidates, knn)`: `z(candidate) + w * z(item-kNN)` (scores standardised per
   user over the finite entries), the candidate with the best validation NDCG@10 among `candidates` and `w`
   from `HYBRID_WEIGHTS` (0 included, so the hybrid is never worse on validation than its candidate) on the
   same validation; the fair counterpart of llmrec's co-occurrence term.
@@ -107,9 +109,7 @@ class InnerValidation:
         targets, exclude, keep = [], [], []
         for i, (h, t) in enumerate(zip(hist, va[ITEM_IDX].to_numpy(np.int64), strict=True)):
             ex = np.unique(h.item_idx)
-            if (
-                len(h.item_idx) == 0 or t in ex
-            ):  # no history, or a repeat: nobody may rank it (as in evaluation)
+            if len(h.item_idx) == 0 or t in ex:  # no history, or a repeat nobody may rank (as in evaluation)
                 continue
             keep.append(i)
             targets.append(np.array([t], dtype=np.int64))
@@ -125,8 +125,7 @@ class InnerValidation:
         if not keep:
             raise ValueError(
                 f"inner validation has no usable user ({len(va)} held-out events, all repeats or without "
-                f"history); "
-                f"the training split is too small to tune on"
+                f"history); the training split is too small to tune on"
             )
         logger.info(
             "inner validation: %d users (of %d held out), %d inner-train events", len(keep), len(va), len(tr)

@@ -102,7 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sasrec-threads", type=int, default=None, help="torch threads for SASRec (default: torch's)"
     )
     p.add_argument("--sasrec-epochs", type=int, default=None,
-                   help="SASRec baseline's maximum epochs (default 200; early stopping on validation ends "
+                   help="SASRec baseline's maximum epochs (default 50; early stopping on validation ends "
                    "sooner)")
 
 

@@ -6,9 +6,9 @@ sequences of the last 50 items; the loss is the full softmax (cross-entropy over
 SASRec+ / "gSASRec" studies, which lifts SASRec well above its sampled-BCE original) or, with
 `loss="sampled"`, a sampled softmax over `n_negatives` uniform negatives shared by a batch. With a
 validation set (`fit(train, items, validation=InnerValidation)`), validation NDCG@10 is measured after every
-epoch, training stops after `patience` (3) epochs without a better one or after `epochs` (50; CE-trained SASRec
-converges within tens of epochs), and the best epoch's weights are kept (`tuning["best_epoch"]`); without one,
-all `epochs` run.
+epoch, training stops after `patience` (3) epochs without a better one or after `epochs` (50; CE-trained
+SASRec converges within tens of epochs), and the best epoch's weights are kept (`tuning["best_epoch"]`);
+without one, all `epochs` run.
 
 Logits are computed on at most `max_logits` (tokens x items) entries at a time: batches are cut into
 micro-batches whose gradients are accumulated, so one optimiser step still sees `batch_size` sequences.

@@ -7,7 +7,7 @@ events held out; `--cold-frac`).
 
 Presets (explicit --protocol / --models / --seeds override them):
 - default: loo,time; every model (llmrec, llmrec_neural, the tuned baselines, both hybrids); 1 seed.
-- `--fast` (what `llmrec pipeline` runs): loo; llmrec, popularity, item-kNN, ALS, EASE, zero-shot text and the
+- `--fast` (what `llmrec pipeline` runs): loo; llmrec, popularity, item-kNN, EASE, zero-shot text and the
   hybrids; 1 seed; the run's scorer is evaluated itself when `llmrec train --holdout loo` trained it on this
   very split (else llmrec is trained once).
 - `--full` (reviewer grade, `make eval`): loo,time,cold; every model; 3 seeds.
@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--models",
         default=None,
         help="comma list of llmrec,popularity,itemknn,als,bpr,ease,sasrec,zeroshot_text,hybrid_text_itemknn,"
-        "hybrid_id_itemknn (default all; --fast: llmrec,popularity,itemknn,als,ease,zeroshot_text + hybrids)",
+        "hybrid_id_itemknn (default all; --fast: llmrec,popularity,itemknn,ease,zeroshot_text + hybrids)",
     )
     p.add_argument("--seeds", type=int, default=None,
                    help="training seeds per protocol, reported as mean +- sd (default 1; --full 3)")

@@ -1,5 +1,6 @@
 # A newcomer's commands: `make serve` (a first answer from /recommend in minutes), `make run` (the whole
 # pipeline on MovieLens) and `make test`.
+# `make eval`: the reviewer-grade evaluation (every protocol, every tuned baseline and hybrid, 3 seeds) per dataset.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,13 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export LLMREC_DATA_DIR ?= $(abspath $(DATA))
 
-.PHONY: install run serve test test-slow test-faults test-all bench image constraints clean
+# datasets `make eval` evaluates (override: make eval EVAL_DATASETS=amazon-all-beauty-5core-2018), and extra
+# `llmrec evaluate` flags (e.g. EVAL_FLAGS="--max-test-users 100" for a quick check of the command)
+EVAL_DATASETS ?= movielens-latest-small amazon-scientific-unisrec amazon-magazine-subscriptions-2018 \
+	amazon-all-beauty-5core-2018 amazon-musical-instruments-5core-2014 mind-small-sample
+EVAL_FLAGS ?=
+
+.PHONY: install run serve eval test test-slow test-faults test-all bench image constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +49,15 @@ serve: install
 	$(BIN)/llmrec pipeline --dataset $(DATASET) --source $(DATA)/$(DATASET) --out $(RUN) \
 	    --stages prepare,embed,index
 	$(BIN)/llmrec serve --run $(RUN) --port $(PORT) --train-in-background
+
+# per dataset: the run's stages up to train (reused when current; the scorer's settings are what evaluation
+# trains llmrec with), then `llmrec evaluate --full` into runs/<dataset>/eval-full (RUN/eval stays the
+# pipeline's evaluation of the served scorer)
+eval: install
+	set -e; for d in $(EVAL_DATASETS); do \
+	  $(BIN)/llmrec pipeline --dataset $$d --source $(DATA)/$$d --out runs/$$d --stages prepare,embed,index,train; \
+	  $(BIN)/llmrec evaluate --full --data runs/$$d/data --run runs/$$d --out runs/$$d/eval-full $(EVAL_FLAGS); \
+	done
 
 test: install
 	$(BIN)/python -m pytest

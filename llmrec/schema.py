@@ -13,10 +13,15 @@ USER_ID = "user_id"  # string
 TS = "ts"  # int64 unix seconds, or a monotone order when the source has no time
 RATING = "rating"  # float64 or null
 EVENT = "event"  # string, one of EVENT_KINDS
+ITEM_IDX = "item_idx"  # int64 row of an item in the evaluation's ItemSpace (added in memory, never stored)
 # optional items column (written by every `llmrec prepare` adapter; older data folders may lack it): a list of
 # strings per item, possibly empty, never null: the labels a user could name in feedback ("no more Animation",
 # "more Economics"): genres, categories, sections. Read it with llmrec.data.facets.item_facets.
 FACETS = "facets"
+# optional items column: the text without its user-written part (tags, reviews), when the dataset's item text
+# has one; the user-written texts are then in TEXT_EVENTS_FILE (see llmrec.data.item_text)
+TEXT_BASE = "text_base"
+TEXT_EVENTS_FILE = "text_events.parquet"  # user_id, item_id, ts, text: the user-written item texts
 
 # feedback / interaction event kinds, in the order the HTTP API documents them
 EVENT_KINDS = ("view", "click", "like", "dislike", "skip", "purchase", "rating")

@@ -9,6 +9,8 @@ import scipy.sparse as sp
 
 from llmrec.eval.baselines import (
     ALSRecommender,
+    BPRRecommender,
+    EASERecommender,
     ItemKNNRecommender,
     PopularityRecommender,
     SASRecRecommender,
@@ -64,6 +66,8 @@ def planted_results():
         PopularityRecommender(),
         ItemKNNRecommender(n_neighbors=20),
         ALSRecommender(factors=8, iterations=10, seed=0),
+        BPRRecommender(factors=16, learning_rate=0.05, iterations=100, seed=0),
+        EASERecommender(l2=10.0),
         SASRecRecommender(
             dim=32,
             n_blocks=1,
@@ -86,7 +90,7 @@ def test_every_model_beats_random(planted_results) -> None:
     assert n_users == 150
     rnd = res["models"]["random"]["recall@10"]
     assert rnd < 0.35  # ~10/55 expected
-    for name in ("itemknn", "als", "sasrec", "zeroshot_text"):
+    for name in ("itemknn", "als", "ease", "bpr", "sasrec", "zeroshot_text"):
         assert res["models"][name]["recall@10"] > max(2 * rnd, 0.5), (name, res["models"][name], rnd)
         assert res["models"][name]["ndcg@10"] > res["models"]["random"]["ndcg@10"]
     # the next item in the walk is fully predictable from order: the sequential model should nail it
@@ -100,7 +104,7 @@ def test_id_models_cannot_score_cold_items(planted_results) -> None:
     for m in models:
         s = m.score(hist)
         assert s.shape == (5, space.n_items) and s.dtype == np.float32
-        if m.name in ("popularity", "itemknn", "als", "sasrec"):
+        if m.name in ("popularity", "itemknn", "als", "bpr", "ease", "sasrec"):
             assert np.isneginf(s[:, cold]).all(), m.name
             assert np.isfinite(s[:, : space.n_items - N_COLD]).all(), m.name
         elif m.name == "zeroshot_text":
@@ -164,6 +168,7 @@ def test_training_is_seeded() -> None:
     hist = make_histories(inter, ["u000", "u001"])
     for make in (
         lambda: ALSRecommender(factors=4, iterations=3, seed=7),
+        lambda: BPRRecommender(factors=4, iterations=5, seed=7),
         lambda: SASRecRecommender(dim=16, n_blocks=1, max_len=12, epochs=2, seed=7, num_threads=1),
     ):
         a, b = make(), make()

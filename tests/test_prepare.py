@@ -56,6 +56,8 @@ def test_datasets_tuple() -> None:
         "amazon-magazine-subscriptions-2018",
         "amazon-scientific-unisrec",
         "mind-small-sample",
+        "amazon-all-beauty-5core-2018",
+        "amazon-musical-instruments-5core-2014",
         "generic",
     )
 
@@ -84,6 +86,22 @@ def test_movielens(prepared, data_dir: Path) -> None:
         [src / "movies.csv", src / "ratings.csv", src / "tags.csv"]
     )
     assert meta["dataset"] == "movielens-latest-small" and meta["ts_is_order"] is False
+    # the tags are user-written: kept with writer and time, and the text is rebuildable from any subset
+    from llmrec.data.item_text import base_texts, build_item_texts, read_text_events
+
+    events, spec = read_text_events(out)
+    assert len(events) == len(tags) == meta["text_events"]["n_events"] == 3683
+    assert (events["ts"].to_numpy() == tags["timestamp"].to_numpy()).all()
+    base = base_texts(items)
+    assert base.loc["1"] == "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy"
+    full = build_item_texts(base, events, spec)
+    assert (full.to_numpy() == items["text"].to_numpy()).all()  # every tag -> exactly the served text
+    early = build_item_texts(base, events[events.ts < 1_200_000_000], spec)  # tags written before 2008
+    late_only = set(tags.loc[(tags.movieId == "1") & (tags.timestamp >= 1_200_000_000), "tag"]) - set(
+        tags.loc[(tags.movieId == "1") & (tags.timestamp < 1_200_000_000), "tag"]
+    )
+    assert late_only and not any(t in early.loc["1"] for t in late_only)
+    assert (early == base).sum() > (full == base).sum()  # more movies without any tag text
 
 
 def test_magazine_rejects_reconcile(prepared, data_dir: Path) -> None:
@@ -521,3 +539,32 @@ def test_generic_csv_numeric_looking_text_stays_text(tmp_path: Path) -> None:
     prepare("generic", tmp_path, tmp_path / "o", items="c.csv", id_col="id", text_cols="title")
     items = read_items(tmp_path / "o")
     assert items["item_id"].tolist() == ["01", "02"] and items["text"].tolist() == ["1984", "2001"]
+
+
+@pytest.mark.parametrize(
+    ("name", "n_raw", "n_dup", "n_items", "n_users", "category"),
+    [
+        ("amazon-all-beauty-5core-2018", 5269, 1050, 85, 991, "All Beauty"),
+        ("amazon-musical-instruments-5core-2014", 10261, 0, 900, 1429, "Musical Instruments"),
+    ],
+)
+def test_amazon_5core_reviews(prepared, data_dir: Path, name, n_raw, n_dup, n_items, n_users, category) -> None:
+    """Reviews only: one interaction per review (exact duplicates rejected and counted), item text = a fixed
+    base line + the item's reviews oldest first, the reviews kept as text events (README counts)."""
+    from llmrec.data.item_text import base_texts, build_item_texts, read_text_events
+
+    out = prepared(name)
+    items, inter, meta = _check_canonical(out)
+    raw = pd.read_json(next((data_dir / name).glob("*.json.gz")), lines=True, dtype={"asin": str})
+    rej = read_rejects(out) if n_dup else pd.DataFrame({"reason": []})
+    assert len(inter) + len(rej) == n_raw and (rej["reason"] == "duplicate_review").sum() == n_dup
+    assert (len(items), inter["user_id"].nunique()) == (n_items, n_users)
+    assert (inter["event"] == "rating").all() and set(inter["rating"].unique()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+    assert (base_texts(items) == f"{category} product.").all()
+    events, spec = read_text_events(out)
+    assert (build_item_texts(base_texts(items), events, spec).to_numpy() == items["text"].to_numpy()).all()
+    # reference: an item's text starts with its oldest review's summary
+    a = items["item_id"].iloc[0]
+    oldest = raw[raw.asin == a].sort_values("unixReviewTime", kind="stable").iloc[0]
+    assert items["text"].iloc[0].startswith(f"{category} product. Reviews: {str(oldest['summary']).strip()}")
+    assert meta["text_events"]["n_events"] == len(events) and meta["facets"]["n_items_with_facets"] == 0

@@ -48,17 +48,27 @@ def test_loo_invariants_on_random_events() -> None:
     assert s.test.user_id.is_unique
 
 
-def test_ties_are_deterministic_and_order_independent() -> None:
+def test_ties_are_seeded_random_and_order_independent() -> None:
+    """Same-timestamp events: the order is a seeded draw, the same whatever the input row order, and over
+    seeds each of a user's tied last events is the target about equally often (never by item id)."""
     df = _events([("a", "q", 7), ("a", "b", 7), ("a", "m", 7), ("a", "c", 1)])
-    s1 = leave_last_out(df)
-    s2 = leave_last_out(df.iloc[::-1].reset_index(drop=True))
-    assert s1.test.item_id.tolist() == s2.test.item_id.tolist() == ["q"]  # ts tie -> last item_id wins
-    assert s1.valid.item_id.tolist() == ["m"]
+    s1 = leave_last_out(df, seed=0)
+    s2 = leave_last_out(df.iloc[::-1].reset_index(drop=True), seed=0)
+    pd.testing.assert_frame_equal(s1.test, s2.test)
+    pd.testing.assert_frame_equal(s1.valid, s2.valid)
+    assert s1.test["ts_tied"].tolist() == [True] and s1.stats["n_test_ts_tied"] == 1
+    assert s1.train.item_id.tolist()[0] == "c"  # the untied earlier event stays first
+    counts = pd.Series([leave_last_out(df, seed=k).test.item_id.iloc[0] for k in range(300)]).value_counts()
+    assert set(counts.index) == {"q", "b", "m"} and counts.min() > 60  # ~100 each; item-id order gave 300 x "q"
     rnd = _random_events(2)
     a = time_split(rnd, test_frac=0.2)
     b = time_split(rnd.sample(frac=1.0, random_state=3), test_frac=0.2)
     pd.testing.assert_frame_equal(a.test, b.test)
     pd.testing.assert_frame_equal(a.train, b.train)
+    # the flag: another event of the user at the target's second
+    flags = {(r.user_id, r.ts): r.ts_tied for r in a.test.itertuples()}
+    for (u, ts), tied in flags.items():
+        assert tied == (((rnd.user_id == u) & (rnd.ts == ts)).sum() > 1)
 
 
 def test_time_split_cold_items_and_users() -> None:
@@ -199,3 +209,22 @@ def test_cold_split_bad_input() -> None:
         cold_item_split(df, frac=0.01)
     with pytest.raises(ValueError, match="nothing to evaluate"):  # the only user saw only held-out items
         cold_item_split(_events([("a", "x", 1), ("b", "y", 2)]), frac=0.5)
+
+
+def test_order_helpers_fingerprint_and_seeded_sample() -> None:
+    """frame_fingerprint names a set of events (row order and extra columns do not matter, one changed event
+    does); sample_rows draws the same rows for a seed, keeps their order, and caps nothing below the limit."""
+    from llmrec.data.order import frame_fingerprint, sample_rows
+
+    df = _random_events(4)
+    fp = frame_fingerprint(df)
+    assert fp == frame_fingerprint(df.sample(frac=1.0, random_state=1).assign(extra=1))
+    changed = df.copy()
+    changed.loc[0, "ts"] += 1
+    assert frame_fingerprint(changed) != fp and len(fp) == 16
+    a, b = sample_rows(df, 50, seed=2), sample_rows(df, 50, seed=2)
+    pd.testing.assert_frame_equal(a, b)
+    assert len(a) == 50 and not a.equals(sample_rows(df, 50, seed=3))
+    pos = df.reset_index(drop=True).merge(a.reset_index(), on=list(df.columns))["index"]
+    assert pos.is_monotonic_increasing  # drawn rows keep the input order
+    pd.testing.assert_frame_equal(sample_rows(df, len(df) + 5, seed=0), df.reset_index(drop=True))

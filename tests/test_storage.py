@@ -697,9 +697,10 @@ def test_s3_train_evaluate_pipeline_matches_local(s3_trained: dict[str, Any]) ->
         torch.testing.assert_close(remote_sd["model"][name], tensor, rtol=0, atol=0, msg=name)
     remote_m = json.loads(files["eval/metrics.json"])
     local_m = json.loads((local / "eval" / "metrics.json").read_text())
-    assert set(remote_m) == set(local_m) == {"loo", "time"}
+    assert set(remote_m) == set(local_m) == {"loo"}  # the pipeline's evaluation is `evaluate --fast`
     for proto in remote_m:
         assert "llmrec" in remote_m[proto]["models"]
+        assert remote_m[proto]["tuning"]["llmrec"]["reused_run_scorer"] is True  # the --holdout loo scorer
         assert remote_m[proto]["models"] == local_m[proto]["models"], proto
 
 

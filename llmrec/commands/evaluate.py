@@ -1,8 +1,16 @@
-"""`llmrec evaluate`: split the interactions, fit llmrec + baselines per protocol, full-ranking metrics.
+"""`llmrec evaluate`: split the interactions, fit llmrec + tuned baselines per protocol, full-ranking metrics.
 
-Writes OUT/metrics.json (`{"loo": {...}, "time": {...}}`), OUT/metrics_<protocol>.json, report.md,
-metrics.png and meta.json; see `llmrec.eval.evaluate` for the layout and choices. `--protocol loo,time,cold`
-adds the held-out-items protocol (10% of the items and all their events held out; `--cold-frac`).
+Writes OUT/metrics.json (`{"loo": {...}, "time": {...}}`), OUT/metrics_<protocol>.json, per_user.parquet,
+report.md, metrics.png and meta.json; see `llmrec.eval.evaluate` for the layout and choices, and prints the
+results table. `--protocol loo,time,cold` adds the held-out-items protocol (10% of the items and all their
+events held out; `--cold-frac`).
+
+Presets (explicit --protocol / --models / --seeds override them):
+- default: loo,time; every model (llmrec, llmrec_neural, the tuned baselines, both hybrids); 1 seed.
+- `--fast` (what `llmrec pipeline` runs): loo; llmrec, popularity, item-kNN, EASE, zero-shot text and the
+  hybrids; 1 seed; the run's scorer is evaluated itself when `llmrec train --holdout loo` trained it on this
+  very split (else llmrec is trained once).
+- `--full` (reviewer grade, `make eval`): loo,time,cold; every model; 3 seeds.
 """
 
 from __future__ import annotations
@@ -30,17 +38,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "llmrec is retrained with on each split)",
     )
     p.add_argument("--out", required=True, help="output folder (e.g. RUN/eval)")
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--fast", action="store_true",
+                        help="the pipeline's quick set: loo, llmrec + the strongest baselines + hybrids, 1 "
+                        "seed, the run's scorer reused when it was trained on the loo split")
+    preset.add_argument("--full", action="store_true",
+                        help="reviewer grade: loo,time,cold, every model tuned, 3 seeds (mean +- sd)")
     p.add_argument(
         "--protocol",
-        default="loo,time",
-        help="comma list of loo,time,cold (default loo,time; cold = held-out items, every target unseen in "
-        "training)",
+        default=None,
+        help="comma list of loo,time,cold (default loo,time; --fast loo; --full loo,time,cold; cold = "
+        "held-out items, every target unseen in training)",
     )
     p.add_argument(
         "--models",
         default=None,
-        help="comma list of llmrec,popularity,itemknn,als,sasrec,zeroshot_text (default all)",
+        help="comma list of llmrec,popularity,itemknn,als,bpr,ease,sasrec,zeroshot_text,hybrid_text_itemknn,"
+        "hybrid_id_itemknn (default all; --fast: llmrec,popularity,itemknn,ease,zeroshot_text + hybrids)",
     )
+    p.add_argument("--seeds", type=int, default=None,
+                   help="training seeds per protocol, reported as mean +- sd (default 1; --full 3)")
+    p.add_argument("--item-text", choices=["before-cutoff", "as-prepared"], default="before-cutoff",
+                   help="user-written item text (MovieLens tags, Amazon reviews): rebuilt per split from "
+                   "what was written before its cutoff (default), or the prepared text with everything")
     p.add_argument("--max-test-users", type=int, default=None, help="evaluate a seeded sample of test users")
     p.add_argument(
         "--seed",
@@ -81,7 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sasrec-threads", type=int, default=None, help="torch threads for SASRec (default: torch's)"
     )
-    p.add_argument("--sasrec-epochs", type=int, default=None, help="SASRec baseline epochs (default 20)")
+    p.add_argument("--sasrec-epochs", type=int, default=None,
+                   help="SASRec baseline's maximum epochs (default 50; early stopping on validation ends "
+                   "sooner)")
 
 
 def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
@@ -96,8 +118,7 @@ def run(args: argparse.Namespace) -> int:
     emb = run_dir / RUN_EMBEDDINGS
     if not emb.is_dir():
         raise FileNotFoundError(f"{emb} not found; run `llmrec embed --items {args.data} --out {emb}` first")
-    protocols = [s.strip() for s in args.protocol.split(",") if s.strip()]
-    models = [s.strip() for s in args.models.split(",") if s.strip()] if args.models else None
+    protocols, models, n_seeds = resolve_preset(args)
     if args.max_test_users is not None and args.max_test_users < 1:
         raise ValueError(f"--max-test-users must be >= 1, got {args.max_test_users}")
     llmrec_kwargs = {
@@ -120,7 +141,13 @@ def run(args: argparse.Namespace) -> int:
         time_cutoff_ts=args.time_cutoff,
         time_targets=args.time_targets,
         cold_frac=args.cold_frac,
+        n_seeds=n_seeds,
+        item_text=args.item_text,
+        reuse_scorer=args.fast,
     )
+    from llmrec.eval.report import results_table
+
+    print(results_table(results))
     for proto, res in results.items():
         best = max(res["models"], key=lambda m: res["models"][m]["ndcg@10"])
         print(
@@ -129,3 +156,24 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def resolve_preset(args: argparse.Namespace) -> tuple[list[str], list[str] | None, int]:
+    """(protocols, models (None = all), seeds) from --fast / --full and the explicit flags, which win."""
+    from llmrec.eval.evaluate import DEFAULT_PROTOCOLS, FAST_MODELS
+
+    if args.full:
+        protocols, models, seeds = ["loo", "time", "cold"], None, 3
+    elif args.fast:
+        protocols, models, seeds = ["loo"], list(FAST_MODELS), 1
+    else:
+        protocols, models, seeds = list(DEFAULT_PROTOCOLS), None, 1
+    if args.protocol:
+        protocols = [s.strip() for s in args.protocol.split(",") if s.strip()]
+    if args.models:
+        models = [s.strip() for s in args.models.split(",") if s.strip()]
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        seeds = args.seeds
+    return protocols, models, seeds

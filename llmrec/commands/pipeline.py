@@ -1,5 +1,12 @@
 """`llmrec pipeline`: every stage in order (prepare -> embed -> index -> train -> evaluate) into one run folder.
 
+By default the scorer is trained on the leave-last-out training split (`llmrec train --holdout loo`) and the
+evaluation is `llmrec evaluate --fast`: leave-last-out only, llmrec against the strongest tuned baselines
+and the hybrids, and llmrec's row is that very scorer (no second training), so what `make run` evaluates is
+what it serves; the run ends by printing the results table. `--train-holdout none` trains on every event (the
+evaluation then trains llmrec once more on the split), `--eval full` runs the reviewer-grade evaluation
+(every protocol, model and 3 seeds; `make eval`).
+
 Each stage is the same code path as its own subcommand (the pipeline calls them with the flags it prints), so
 what the pipeline does can always be repeated stage by stage. A stage whose artifact already exists and was made
 from the same flags and the same upstream artifacts is reused, not recomputed (`--force` recomputes): re-running the
@@ -42,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: train's)")
     p.add_argument("--epochs", type=int, default=5, help="training epochs, also for the models evaluate retrains (default 5: ~6 min per fit on 2 CPU cores for MovieLens)")
     p.add_argument("--max-test-users", type=int, default=None, help="cap evaluated users per protocol")
+    p.add_argument("--train-holdout", choices=["loo", "none"], default="loo",
+                   help="loo (default): train the scorer on the leave-last-out split the evaluation scores "
+                   "it on; none: on every event")
+    p.add_argument("--eval", choices=["fast", "default", "full"], default="fast",
+                   help="evaluation preset (llmrec evaluate --fast / no preset / --full; default fast)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
     p.add_argument("--force", action="store_true", help="recompute stages even when their artifact is current")
 
@@ -63,9 +75,11 @@ def stage_argv(args: argparse.Namespace, run: str | Path) -> dict[str, list[str]
         "index": ["index", "--embeddings", emb, "--out", sub(schema.RUN_INDEX),
                   "--kind", args.index_kind, "--check"],
         "train": ["train", "--data", data, "--embeddings", emb, "--out", sub(schema.RUN_SCORER)]
-        + opt("--num-workers", args.num_workers) + opt("--epochs", args.epochs),
+        + opt("--num-workers", args.num_workers) + opt("--epochs", args.epochs)
+        + (["--holdout", "loo"] if getattr(args, "train_holdout", "loo") == "loo" else []),
         "evaluate": ["evaluate", "--data", data, "--run", str(run), "--out", sub(schema.RUN_EVAL)]
-        + opt("--max-test-users", args.max_test_users),
+        + opt("--max-test-users", args.max_test_users)
+        + {"fast": ["--fast"], "full": ["--full"], "default": []}[getattr(args, "eval", "fast")],
     }
 
 
@@ -124,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
     metrics = storage.join(run_dir, schema.RUN_EVAL, "report.md")
     if storage.exists(metrics):
         lines.append(f"  evaluation report: {storage.redact(metrics)}")
+    results = storage.join(run_dir, schema.RUN_EVAL, "metrics.json")
+    if "evaluate" in wanted and storage.exists(results):
+        from llmrec.eval.report import results_table
+
+        lines += ["", "Results (NDCG@10, full ranking; " + storage.redact(results) + "):",
+                  results_table(json.loads(storage.read_bytes(results)))]
     print("\n".join(lines))
     return 0
 

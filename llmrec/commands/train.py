@@ -4,6 +4,15 @@ Trains the production model on all given interactions (the prepared table, plus 
 --events), holding out the last event of up to --val-users seeded-hash-chosen users (with >= 2 events) as the
 validation target for early stopping and the post-training choices. The interactions are read and turned into
 training samples on Ray Data in tasks (`llmrec.scorer.dataset`): the driver never loads them.
+
+`--holdout loo` (what `llmrec pipeline` does) trains instead on the leave-last-out training split of
+`llmrec evaluate` (llmrec.eval.split.leave_last_out with --seed): every user with >= 3 events keeps their last
+event out (the evaluation's test target) and their second-to-last as validation (up to --val-users of them,
+the events the baselines are tuned on), and user-written item text (tags, reviews) is rebuilt from what was
+written before those events. meta.json records `holdout` (fingerprints of the train and validation events),
+so `llmrec evaluate --fast` scores this very artifact instead of training another: what is evaluated is what
+is served. The price: the served model has not learnt from each user's last two events (it still sees them
+in a user's history when it recommends).
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from llmrec.storage import Arg, In, Out
 
@@ -58,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--holdout", choices=["none", "loo"], default="none",
+        help="none: train on every event (default); loo: train on the leave-last-out split that `llmrec "
+        "evaluate --fast` evaluates (each user's last event held out, the one before it the validation), so "
+        "the evaluation scores this very model",
+    )
+    p.add_argument(
         "--resume",
         default=None,
         metavar="CKPT_DIR",
@@ -88,7 +104,7 @@ def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmrec.data.tables import read_items
+    from llmrec.data.tables import read_interactions, read_items
     from llmrec.eval.evaluate import load_item_space
     from llmrec.raysetup import init_ray
     from llmrec.schema import INTERACTIONS_FILE
@@ -99,22 +115,42 @@ def run(args: argparse.Namespace) -> int:
     val_users = None if args.val_users == -1 else args.val_users
     # titles, facets (synthesised text feedback) and the encoder of the item vectors come with the item space
     items, embed_meta = load_item_space(args.embeddings, read_items(args.data))
+    holdout, valid_df = None, None
+    if args.holdout == "loo":
+        # the evaluated split, built as `llmrec evaluate` builds it (whose baselines hold the same frames);
+        # the samples are still built on Ray Data inside fit_scorer
+        import pandas as pd
+
+        inter = read_interactions(args.data)
+        n_data = len(inter)
+        if args.events:
+            from llmrec.state.event_log import read_events
+
+            extra = read_events(args.events)
+            inter = pd.concat([inter, extra[inter.columns]], ignore_index=True)
+            logger.info("added %d events from the serving log %s", len(extra), args.events)
+        source, valid, items, holdout = loo_holdout(inter, items, args.data, embed_meta, val_users, args.seed)
+        valid_df = valid if len(valid) else None
+        logger.info("train: %d interactions (%d from --data), %d validation targets, %d test events held out "
+                    "(--holdout loo)", len(inter), n_data, len(valid), holdout["n_test_held_out"])
     init_ray(address=args.address)
-    import ray.data
+    if holdout is None:  # every event: the interactions are read by Ray Data tasks, never by this process
+        import ray.data
 
-    from llmrec.scorer.dataset import source_dataset
+        from llmrec.scorer.dataset import source_dataset
 
-    source = source_dataset(str(Path(args.data) / INTERACTIONS_FILE))
-    if args.events:
-        from llmrec.state.event_log import read_events
+        source = source_dataset(str(Path(args.data) / INTERACTIONS_FILE))
+        if args.events:
+            from llmrec.state.event_log import read_events
 
-        extra = read_events(args.events)  # the serving log is read here, then handed to Ray Data
-        source = source.union(ray.data.from_pandas(extra)) if len(extra) else source
-        logger.info("added %d events from the serving log %s", len(extra), args.events)
+            extra = read_events(args.events)  # the serving log is read here, then handed to Ray Data
+            source = source.union(ray.data.from_pandas(extra)) if len(extra) else source
+            logger.info("added %d events from the serving log %s", len(extra), args.events)
     meta = fit_scorer(
         source,
         items,
         args.out,
+        valid_df=valid_df,
         num_workers=args.num_workers,
         use_gpu=args.use_gpu,
         epochs=args.epochs,
@@ -132,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
         val_users=val_users,
         cooc_neighbors=args.cooc_neighbors,
     )
+    if holdout is not None:
+        from llmrec.artifacts import write_meta
+
+        own = ("schema_version", "stage", "created_at", "code_version")
+        kept = {k: v for k, v in meta.items() if k not in own}
+        meta = write_meta(args.out, "train", **kept, holdout=holdout)
     m = meta["metrics"]
     rerank = meta.get("model_config", {}).get("rerank", True)
     key = "val" if rerank else "val_retrieval"  # the ranking the saved model serves with
@@ -146,3 +188,33 @@ def run(args: argparse.Namespace) -> int:
         + f"{meta['wall_s']:.1f}s"
     )
     return 0
+
+
+def loo_holdout(
+    inter: Any, items: Any, data_dir: str, embed_meta: dict, val_users: int | None, seed: int
+) -> tuple[Any, Any, Any, dict]:
+    """(train, valid, item space, meta "holdout") of the leave-last-out split `llmrec evaluate` builds with
+    this seed: its train, a `val_users` sample of its validation events, its item space (user-written text
+    rebuilt before each writer's held-out events)."""
+    from llmrec.data.item_text import read_text_events
+    from llmrec.data.order import frame_fingerprint, sample_rows
+    from llmrec.data.tables import read_items
+    from llmrec.eval.split import leave_last_out
+    from llmrec.eval.text_cutoff import split_item_space
+
+    split = leave_last_out(inter, seed=seed)
+    valid = sample_rows(split.valid, val_users, seed)
+    text = read_text_events(data_dir)
+    items, text_info = split_item_space(items, read_items(data_dir), text, split, embed_meta)
+    holdout = {
+        "protocol": "loo",
+        "seed": seed,
+        "val_users": val_users,
+        "train_fingerprint": frame_fingerprint(split.train),
+        "valid_fingerprint": frame_fingerprint(valid),
+        "n_train": len(split.train),
+        "n_valid": len(valid),
+        "n_test_held_out": len(split.test),
+        "item_text": text_info,
+    }
+    return split.train, valid, items, holdout

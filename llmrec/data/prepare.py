@@ -9,6 +9,9 @@ meta.json fields: `dataset, source, n_items, n_users, n_interactions, n_rejected
 (sha256 of the source files read), `files` (their names), `ts_is_order` (True when `ts` is a sequence
 position, not unix time), `facets` (`{"n_items_with_facets", "n_distinct", "source"}` over the kept items;
 `source` says where the labels came from, None when the dataset has none), `wall_s`, plus adapter notes.
+When the item text includes user-written text (MovieLens tags, Amazon reviews), `text_events.parquet` holds it
+(one row per text: user_id, item_id, ts, text; see llmrec.data.item_text), items get `text_base`, and meta
+has `text_events` (how texts are joined, `n_events`, `n_dropped` on rejected items).
 
 Every prepared items.parquet has the `facets` column (schema.FACETS, list<string>; see llmrec.data.facets).
 
@@ -44,6 +47,8 @@ DATASETS = (
     "amazon-magazine-subscriptions-2018",
     "amazon-scientific-unisrec",
     "mind-small-sample",
+    "amazon-all-beauty-5core-2018",
+    "amazon-musical-instruments-5core-2014",
     "generic",
 )
 _MODULES = {
@@ -51,6 +56,8 @@ _MODULES = {
     "amazon-magazine-subscriptions-2018": "amazon_magazine",
     "amazon-scientific-unisrec": "amazon_scientific",
     "mind-small-sample": "mind",
+    "amazon-all-beauty-5core-2018": "amazon_beauty",
+    "amazon-musical-instruments-5core-2014": "amazon_instruments",
     "generic": "generic",
 }
 GENERIC_OPTS = (
@@ -134,6 +141,7 @@ def prepare(
     write_items(items, out_dir)
     write_interactions(interactions, out_dir)
     write_rejects(rejects, out_dir)
+    text_meta = _write_text_events(loaded, items, out_dir)
 
     reasons = rejects["reason"].value_counts().sort_index()
     meta_fields: dict[str, Any] = {
@@ -150,6 +158,7 @@ def prepare(
         "files": [p.name for p in loaded.files],
         "ts_is_order": bool(loaded.notes.pop("ts_is_order", False)),
         "facets": facet_stats(items[FACETS].tolist(), loaded.facet_source),
+        "text_events": text_meta,
         **{k: v for k, v in loaded.notes.items() if k not in ("id_col", "text_cols")},
     }
     meta_fields["wall_s"] = round(time.perf_counter() - t0, 3)
@@ -168,3 +177,30 @@ def prepare(
         meta["wall_s"],
     )
     return meta
+
+
+def _write_text_events(loaded: Any, items: pd.DataFrame, out_dir: Path) -> dict[str, Any] | None:
+    """Write text_events.parquet for the kept items (or remove a stale one); its meta.json entry or None."""
+    from llmrec.data.item_text import base_texts, build_item_texts, write_text_events
+    from llmrec.schema import TEXT_EVENTS_FILE
+
+    if loaded.text_events is None:
+        (out_dir / TEXT_EVENTS_FILE).unlink(missing_ok=True)
+        return None
+    ev = loaded.text_events
+    kept = ev[ITEM_ID].astype(str).isin(set(items[ITEM_ID].astype(str))).to_numpy()
+    n_dropped = int((~kept).sum())
+    if n_dropped:
+        logger.info("text events: %d of %d are on rejected items and are not kept", n_dropped, len(ev))
+    ev = ev[kept]
+    # the served text must be what evaluation rebuilds from all events: check it once here
+    rebuilt = build_item_texts(base_texts(items), ev, loaded.text_spec)
+    served = pd.Series(items[TEXT].astype(str).to_numpy(), index=items[ITEM_ID].astype(str))
+    bad = served.index[(rebuilt != served).to_numpy()]
+    if len(bad):
+        raise AssertionError(f"item text differs from build_item_texts(text_base, text events) for "
+                             f"{len(bad)} items, e.g. {list(bad[:3])}: the adapter must build text with "
+                             f"that function")
+    write_text_events(ev, out_dir)
+    return {**loaded.text_spec.to_meta(), "n_events": int(len(ev)), "n_dropped": n_dropped,
+            "n_items": int(ev[ITEM_ID].nunique())}

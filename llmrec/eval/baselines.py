@@ -1,56 +1,63 @@
 """Strong baselines, each a `llmrec.eval.protocol.Recommender` scoring the whole catalog.
 
 - `PopularityRecommender` ("popularity"): train interaction count per item, the same list for everyone.
-- `ItemKNNRecommender` ("itemknn"): cosine item-item similarity of the binary user x item train matrix,
-  pruned to the `n_neighbors` most similar items per item; a user's score = sum of the rows of its history.
+- `ItemKNNRecommender` ("itemknn"): cosine item-item similarity of the binary user x item train matrix
+  (optionally shrunk), pruned to the `n_neighbors` most similar items per item; a user's score = sum of the
+  rows of its history.
 - `ALSRecommender` ("als"): implicit-feedback ALS from the `implicit` package (CPU, seeded). Item factors come
   from `implicit`; a user's factor is re-solved from its history with the exact ALS normal equations
   (the same equations implicit uses), so users and histories unseen in fit are handled without refitting.
-- `SASRecRecommender` ("sasrec"): ID-only causal self-attention (SASRec-style) in torch, trained in-process
-  with sampled softmax (uniform negatives shared by a batch), seeded; CPU by default.
+- `BPRRecommender` ("bpr"): implicit's BPR matrix factorisation (single-threaded, seeded).
+- `EASERecommender` ("ease"): Steck's closed-form item-item model (l2 regularisation).
+- `SASRecRecommender` ("sasrec", in `llmrec.eval.sasrec`): ID-only SASRec at reference settings, full-softmax
+  loss, early stopping on a validation set.
 - `ZeroShotTextRecommender` ("zeroshot_text"): recency-weighted mean of the history's text vectors,
   cosine against `ItemSpace.text_vectors`; no training.
+
+Hyper-parameters are tuned by `llmrec.eval.tuning` (grids there); the defaults here are single settings.
 
 Conventions (all models):
 - Events of kind "dislike" and "skip" are not positive: ID models neither fit on them nor read them in a
   history; zero-shot text gives them a negative weight. Every other kind (view, click, like, purchase,
   rating, any rating value) counts as a positive implicit interaction.
-- The ID-based models (popularity, itemknn, als, sasrec) give `-inf` to items never seen in train (cold
-  items): they cannot recommend them. Only text-based models can.
+- The ID-based models (popularity, itemknn, als, bpr, ease, sasrec) give `-inf` to items never seen in train
+  (cold items): they cannot recommend them. Only text-based models can.
 - Scores are float32 (B, N) in `ItemSpace` order; ties are allowed (metrics break them against targets).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from llmrec.eval.protocol import History, ItemSpace
-from llmrec.schema import EVENT, NEGATIVE_KINDS, USER_ID
-from llmrec.scorer.cooc import cooccurrence_similarity, history_matrix
+from llmrec.schema import EVENT, ITEM_IDX, NEGATIVE_KINDS, USER_ID
+from llmrec.scorer.cooc import history_matrix
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ALSRecommender",
     "BASELINES",
+    "BPRRecommender",
+    "EASERecommender",
+    "ID_MODELS",
     "ItemKNNRecommender",
     "NEGATIVE_EVENTS",
     "PopularityRecommender",
-    "SASRecRecommender",
+    "SASRecRecommender",  # noqa: F822 (module __getattr__ below: it lives in llmrec.eval.sasrec)
     "ZeroShotTextRecommender",
+    "cocounts",
+    "knn_from_cocounts",
     "make_baseline",
+    "shrunk_cosine_similarity",
 ]
 
 NEGATIVE_EVENTS = NEGATIVE_KINDS  # the one definition lives in llmrec.schema
-ITEM_IDX = "item_idx"
 
 
 class _IDModel:
@@ -102,31 +109,94 @@ class PopularityRecommender(_IDModel):
 
 
 class ItemKNNRecommender(_IDModel):
-    """Cosine item-item kNN over binary train histories.
+    """Cosine item-item kNN over binary train histories, with optional shrinkage.
 
-    sim(i, j) = |U_i & U_j| / sqrt(|U_i| |U_j|), diagonal zeroed, top `n_neighbors` per item kept;
-    score(u, j) = sum_{i in history(u)} sim(i, j).
+    sim(i, j) = |U_i & U_j| / (sqrt(|U_i| |U_j|) + shrink), diagonal zeroed, top `n_neighbors` per item kept;
+    score(u, j) = sum_{i in history(u)} sim(i, j). With shrink 0 the matrix equals the scorer's co-occurrence
+    similarity (`llmrec.scorer.cooc.cooccurrence_similarity`; tests/test_tuning.py checks it).
     """
 
     name = "itemknn"
+    shares_fit_cache = True  # `Tuned` lends it one dict across a grid (the co-counts are computed once)
 
-    def __init__(self, n_neighbors: int = 100, block_items: int = 1024) -> None:
-        self.n_neighbors, self.block_items = n_neighbors, block_items
+    def __init__(self, n_neighbors: int = 100, shrink: float = 0.0, block_items: int = 1024) -> None:
+        if shrink < 0:
+            raise ValueError(f"itemknn: shrink must be >= 0, got {shrink}")
+        self.n_neighbors, self.shrink, self.block_items = n_neighbors, float(shrink), block_items
 
     def fit(self, train: pd.DataFrame, items: ItemSpace) -> None:
         pos = self._prepare(train, items)
-        self.sim = cooccurrence_similarity(
-            pos[USER_ID].astype(str).to_numpy(),
-            pos[ITEM_IDX].to_numpy(np.int64),
-            items.n_items,
-            self.n_neighbors,
-            self.block_items,
-        )  # (N, N) sparse
+        key = (id(train), len(train))  # the co-counts of one train frame serve every grid point (Tuned)
+        cache = getattr(self, "fit_cache", None)
+        if cache is not None and cache.get("key") == key:
+            co, norms = cache["cocounts"]
+        else:
+            users, idx = pos[USER_ID].astype(str).to_numpy(), pos[ITEM_IDX].to_numpy(np.int64)
+            co, norms = cocounts(users, idx, items.n_items)
+            if cache is not None:
+                cache.update(key=key, cocounts=(co, norms))
+        self.sim = knn_from_cocounts(co, norms, self.n_neighbors, self.shrink, self.block_items)  # (N, N)
 
     def score(self, histories: list[History]) -> np.ndarray:
         h = history_matrix([self._history_items(h) for h in histories], self.n_items)  # (B, N) sparse
         scores = np.asarray((h @ self.sim).todense(), dtype=np.float32)  # (B, N)
         return self._mask_cold(scores)
+
+
+class EASERecommender(_IDModel):
+    """EASE (Steck, WWW 2019): a closed-form item-item linear model with a zero diagonal.
+
+    With X the binary (users x known items) train matrix and P = (X^T X + l2 I)^-1, the weights are
+    B = I - P diag(1 / diag(P)) (so B_jj = 0); score(u) = x_u B. When there are fewer users U than items K the
+    inverse is taken through the Woodbury identity, P = (I - X^T (l2 I_U + X X^T)^-1 X) / l2, which costs a
+    (U, U) solve instead of a (K, K) one (MovieLens: 610 users x 9.7k items). Cold items score -inf.
+    """
+
+    name = "ease"
+
+    def __init__(self, l2: float = 500.0) -> None:
+        if l2 <= 0:
+            raise ValueError(f"ease: l2 must be > 0, got {l2}")
+        self.l2 = float(l2)
+
+    def fit(self, train: pd.DataFrame, items: ItemSpace) -> None:
+        t0 = time.perf_counter()
+        pos = self._prepare(train, items)
+        self.cols = np.flatnonzero(self.known)  # (K,) catalog index of each column of B
+        col_of = np.full(items.n_items, -1, np.int64)
+        col_of[self.cols] = np.arange(len(self.cols))
+        self.col_of = col_of
+        codes, _ = pd.factorize(pos[USER_ID].astype(str))
+        x = sp.csr_matrix(
+            (np.ones(len(pos), np.float64), (codes, col_of[pos[ITEM_IDX].to_numpy(np.int64)])),
+            shape=(int(codes.max()) + 1, len(self.cols)),
+        )
+        x.sum_duplicates()
+        x.data[:] = 1.0
+        u, k = x.shape
+        if u < k:
+            xd = x.toarray()  # (U, K)
+            m = np.linalg.solve(self.l2 * np.eye(u) + xd @ xd.T, xd)  # (U, K)
+            p = (xd.T.astype(np.float32) @ m.astype(np.float32))  # (K, K) = X^T (l2 I + X X^T)^-1 X
+            p *= -1.0
+            p[np.diag_indices(k)] += 1.0
+            p /= self.l2
+        else:
+            g = (x.T @ x).toarray()  # (K, K) Gram matrix
+            g[np.diag_indices(k)] += self.l2
+            p = np.linalg.inv(g).astype(np.float32)
+        b = p / (-np.diag(p))[None, :]  # B_ij = -P_ij / P_jj
+        b[np.diag_indices(k)] = 0.0
+        self.b = b.astype(np.float32)  # (K, K)
+        logger.info("ease: %d users x %d items, l2 %g (%s, %.1fs)", u, k, self.l2,
+                    "Woodbury" if u < k else "direct inverse", time.perf_counter() - t0)
+
+    def score(self, histories: list[History]) -> np.ndarray:
+        cols = [self.col_of[self._history_items(h)] for h in histories]
+        h = history_matrix(cols, len(self.cols))  # (B, K) binary
+        out = np.full((len(histories), self.n_items), -np.inf, dtype=np.float32)
+        out[:, self.cols] = np.asarray(h @ self.b, dtype=np.float32)  # (B, K)
+        return out
 
 
 class ALSRecommender(_IDModel):
@@ -207,123 +277,62 @@ class ALSRecommender(_IDModel):
         return self._mask_cold(scores)
 
 
-class SASRecRecommender(_IDModel):
-    """ID-only causal self-attention sequence model (SASRec-style), trained in-process.
+class BPRRecommender(_IDModel):
+    """Bayesian personalised ranking (`implicit.bpr.BayesianPersonalizedRanking`, CPU, seeded).
 
-    Training windows: every user's positive train sequence is cut into windows of `max_len + 1` items;
-    position t predicts item t+1 with a sampled softmax over the true item and `n_negatives` uniform
-    negatives shared by the batch. Scoring: the last position's state dotted with every item embedding.
+    Users are the train users (BPR has no closed-form fold-in): a history's user is looked up by user_id;
+    a user unseen in fit gets no opinion (all known items tie at 0). The item bias implicit learns is part of
+    the score (implicit appends it as a factor with a constant 1 on the user side). `num_threads=1` keeps the
+    stochastic updates in one order, so a seed gives one result (implicit's multi-threaded BPR does not).
     """
 
-    name = "sasrec"
+    name = "bpr"
 
     def __init__(
         self,
-        dim: int = 64,
-        n_blocks: int = 2,
-        n_heads: int = 2,
-        max_len: int = 50,
-        epochs: int = 20,
-        batch_size: int = 128,
-        n_negatives: int = 256,
-        lr: float = 1e-3,
-        dropout: float = 0.2,
+        factors: int = 64,
+        learning_rate: float = 0.01,
+        regularization: float = 0.01,
+        iterations: int = 100,
         seed: int = 0,
-        device: str = "cpu",
-        max_train_s: float | None = None,
-        num_threads: int | None = None,
+        num_threads: int = 1,
     ) -> None:
-        self.dim, self.n_blocks, self.n_heads, self.max_len = dim, n_blocks, n_heads, max_len
-        self.epochs, self.batch_size, self.n_negatives, self.lr = epochs, batch_size, n_negatives, lr
-        self.dropout, self.seed, self.device, self.max_train_s = dropout, seed, device, max_train_s
-        self.num_threads = num_threads  # torch intra-op threads while fitting/scoring (None = leave as is)
+        self.factors, self.learning_rate, self.regularization = factors, learning_rate, regularization
+        self.iterations, self.seed, self.num_threads = iterations, seed, num_threads
 
     def fit(self, train: pd.DataFrame, items: ItemSpace) -> None:
-        with _torch_threads(self.num_threads):
-            self._fit(train, items)
-
-    def _fit(self, train: pd.DataFrame, items: ItemSpace) -> None:
-        import torch
+        from implicit.bpr import BayesianPersonalizedRanking
 
         t0 = time.perf_counter()
         pos = self._prepare(train, items)
-        torch.manual_seed(self.seed)
-        rng = np.random.default_rng(self.seed)
-        windows = _sequence_windows(pos, self.max_len + 1)  # (W, max_len+1) int64, 0 = pad, item i -> i+1
-        if len(windows) == 0:
-            raise ValueError("sasrec: no user has 2 or more positive train events; nothing to learn from")
-        self.net = _SASRecNet(
-            items.n_items, self.dim, self.n_blocks, self.n_heads, self.max_len, self.dropout
-        )
-        self.net.to(self.device)
-        opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
-        known_tok = np.flatnonzero(self.known) + 1
-        loss_val, epoch = float("nan"), 0
-        for epoch in range(1, self.epochs + 1):
-            self.net.train()
-            order = rng.permutation(len(windows))
-            total, n_tok = 0.0, 0
-            for s in range(0, len(order), self.batch_size):
-                w = torch.from_numpy(windows[order[s : s + self.batch_size]]).to(self.device)
-                inp, tgt = w[:, :-1], w[:, 1:]  # (b, L)
-                h = self.net(inp)  # (b, L, D)
-                m = tgt > 0
-                hs, ts = h[m], tgt[m]  # (T, D), (T,)
-                negs = torch.from_numpy(rng.choice(known_tok, size=self.n_negatives)).to(self.device)
-                emb = self.net.item_emb
-                pos_logit = (hs * emb(ts)).sum(-1, keepdim=True)  # (T, 1)
-                neg_logit = hs @ emb(negs).T  # (T, K)
-                neg_logit = neg_logit.masked_fill(negs[None, :] == ts[:, None], float("-inf"))
-                logits = torch.cat([pos_logit, neg_logit], dim=1)
-                loss = torch.nn.functional.cross_entropy(
-                    logits, torch.zeros(len(ts), dtype=torch.long, device=self.device)
-                )
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total, n_tok = total + loss.item() * len(ts), n_tok + len(ts)
-            loss_val = total / max(n_tok, 1)
-            logger.info(
-                "sasrec epoch %d/%d: loss %.4f (%.0fs)",
-                epoch,
-                self.epochs,
-                loss_val,
-                time.perf_counter() - t0,
+        ui = pos[[USER_ID, ITEM_IDX]].drop_duplicates()
+        codes, uniques = pd.factorize(ui[USER_ID].astype(str))
+        self.user_index = {u: i for i, u in enumerate(uniques)}
+        user_items = sp.csr_matrix(
+            (np.ones(len(ui), dtype=np.float32), (codes, ui[ITEM_IDX].to_numpy())),
+            shape=(len(uniques), items.n_items),
+        )  # (U, N)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1, "blas"):
+            model = BayesianPersonalizedRanking(
+                factors=self.factors, learning_rate=self.learning_rate, regularization=self.regularization,
+                iterations=self.iterations, random_state=self.seed, num_threads=self.num_threads,
+                use_gpu=False,
             )
-            if self.max_train_s is not None and time.perf_counter() - t0 > self.max_train_s:
-                logger.info(
-                    "sasrec: stopping after epoch %d, time budget %.0fs reached", epoch, self.max_train_s
-                )
-                break
-        self.final_loss = loss_val
-        logger.info(
-            "sasrec: %d windows, %d epochs, final sampled-softmax loss %.3f (%.1fs)",
-            len(windows),
-            epoch,
-            loss_val,
-            time.perf_counter() - t0,
-        )
+            model.fit(user_items, show_progress=False)
+        self.user_factors = np.asarray(model.user_factors, dtype=np.float32)  # (U, F+1)
+        self.item_factors = np.asarray(model.item_factors, dtype=np.float32)  # (N, F+1)
+        logger.info("bpr: %d users x %d items, %d factors, %d iterations (%.1fs)", len(uniques),
+                    int(self.known.sum()), self.factors, self.iterations, time.perf_counter() - t0)
 
     def score(self, histories: list[History]) -> np.ndarray:
-        with _torch_threads(self.num_threads):
-            return self._score(histories)
-
-    def _score(self, histories: list[History]) -> np.ndarray:
-        import torch
-
-        seqs = np.zeros((len(histories), self.max_len), dtype=np.int64)  # left-padded, (B, L)
+        u = np.zeros((len(histories), self.user_factors.shape[1]), np.float32)
         for b, h in enumerate(histories):
-            idx = self._history_items(h)[-self.max_len :] + 1
-            if len(idx):
-                seqs[b, -len(idx) :] = idx
-        self.net.eval()
-        with torch.no_grad():
-            x = torch.from_numpy(seqs).to(self.device)
-            h = self.net(x)[:, -1]  # (B, D)
-            scores = (h @ self.net.item_emb.weight[1:].T).float().cpu().numpy()  # (B, N)
-        empty = seqs[:, -1] == 0
-        scores[empty] = 0.0  # no known history: no opinion (ties)
-        return self._mask_cold(np.ascontiguousarray(scores, dtype=np.float32))
+            row = self.user_index.get(str(h.user_id))
+            if row is not None:
+                u[b] = self.user_factors[row]
+        return self._mask_cold(u @ self.item_factors.T)  # (B, N)
 
 
 class ZeroShotTextRecommender:
@@ -364,15 +373,20 @@ class ZeroShotTextRecommender:
         return (self.user_vectors(histories) @ self.vectors.T).astype(np.float32)  # (B, N)
 
 
-BASELINES = ("popularity", "itemknn", "als", "sasrec", "zeroshot_text")
+BASELINES = ("popularity", "itemknn", "als", "bpr", "ease", "sasrec", "zeroshot_text")
+ID_MODELS = ("als", "bpr", "ease", "sasrec")  # candidates of the "best ID model + item-kNN" hybrid
 
 
 def make_baseline(name: str, seed: int = 0, **kwargs: object) -> object:
-    """A fresh baseline by its metrics.json name (one of `BASELINES`)."""
+    """A fresh baseline by its metrics.json name (one of `BASELINES`); kwargs go to its constructor."""
+    from llmrec.eval.sasrec import SASRecRecommender
+
     table = {
         "popularity": lambda: PopularityRecommender(),
         "itemknn": lambda: ItemKNNRecommender(**kwargs),
         "als": lambda: ALSRecommender(seed=seed, **kwargs),
+        "bpr": lambda: BPRRecommender(seed=seed, **kwargs),
+        "ease": lambda: EASERecommender(**kwargs),
         "sasrec": lambda: SASRecRecommender(seed=seed, **kwargs),
         "zeroshot_text": lambda: ZeroShotTextRecommender(**kwargs),
     }
@@ -381,88 +395,66 @@ def make_baseline(name: str, seed: int = 0, **kwargs: object) -> object:
     return table[name]()
 
 
-# ----------------------------------------------------------------------------------------------- helpers
 
 
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
-    import torch
+def shrunk_cosine_similarity(
+    users: np.ndarray,
+    items: np.ndarray,
+    n_items: int,
+    n_neighbors: int,
+    shrink: float,
+    block_items: int = 1024,
+) -> sp.csr_matrix:
+    """float32 (N, N) CSR: |U_i & U_j| / (sqrt(|U_i| |U_j|) + shrink), diagonal 0, top n_neighbors per row.
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _sequence_windows(pos: pd.DataFrame, width: int) -> np.ndarray:
-    """Cut each user's time-ordered item sequence into windows of `width` tokens (item i -> token i+1).
-
-    The last window of a user ends at its last event; shorter windows are left-padded with 0.
-    Users with a single event give no window. Returns int64 (W, width).
+    users: (E,) user key per positive event; items: (E,) int catalog index; repeats of a pair count once.
     """
-    from llmrec.eval.split import sort_events
-
-    df = sort_events(pos)
-    out = []
-    for _, g in df.groupby(USER_ID, sort=False):
-        toks = g[ITEM_IDX].to_numpy() + 1
-        if len(toks) < 2:
-            continue
-        for end in range(len(toks), 1, -(width - 1)):  # windows overlap by one item so every pair is trained
-            w = toks[max(0, end - width) : end]
-            row = np.zeros(width, dtype=np.int64)
-            row[-len(w) :] = w
-            out.append(row)
-    return np.stack(out) if out else np.zeros((0, width), dtype=np.int64)
+    co, norms = cocounts(users, items, n_items)
+    return knn_from_cocounts(co, norms, n_neighbors, shrink, block_items)
 
 
-def _sasrec_net_cls():  # torch imported lazily
-    import torch
-    from torch import nn
-
-    class SASRecNet(nn.Module):
-        def __init__(self, n_items: int, dim: int, n_blocks: int, n_heads: int, max_len: int, dropout: float):
-            super().__init__()
-            self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
-            self.pos_emb = nn.Embedding(max_len, dim)
-            # unit-norm item vectors: inputs (x sqrt(dim)) have unit per-dim scale and the output logits
-            # h . e (h layer-normed) start near N(0, 1): the sampled softmax starts at chance, not far above
-            nn.init.normal_(self.item_emb.weight, std=dim**-0.5)
-            nn.init.normal_(self.pos_emb.weight, std=1.0)
-            with torch.no_grad():
-                self.item_emb.weight[0].zero_()
-            layer = nn.TransformerEncoderLayer(
-                dim, n_heads, dim_feedforward=dim, dropout=dropout, batch_first=True, norm_first=True
-            )
-            self.blocks = nn.TransformerEncoder(layer, n_blocks, enable_nested_tensor=False)
-            self.norm = nn.LayerNorm(dim)
-            self.drop = nn.Dropout(dropout)
-            self.scale = math.sqrt(dim)
-            self.n_heads = n_heads
-
-        def forward(self, seq: torch.Tensor) -> torch.Tensor:  # (B, L) tokens -> (B, L, D)
-            b, length = seq.shape
-            pos = torch.arange(length, device=seq.device)[None, :].expand(b, length)
-            x = self.drop(self.item_emb(seq) * self.scale + self.pos_emb(pos))
-            x = self.blocks(x, mask=self._attn_mask(seq))
-            return self.norm(x)
-
-        def _attn_mask(self, seq: torch.Tensor) -> torch.Tensor:
-            # True = may not attend. Query i sees keys j <= i that are not padding; every query also sees
-            # itself, so no row is fully masked (a fully masked row gives NaN that leaks through 0-weights).
-            length = seq.shape[1]
-            ar = torch.arange(length, device=seq.device)
-            allowed = (ar[None, :] <= ar[:, None])[None] & (seq != 0)[:, None, :]  # (B, L, L)
-            allowed = allowed | torch.eye(length, dtype=torch.bool, device=seq.device)[None]
-            return (~allowed).repeat_interleave(self.n_heads, dim=0)  # (B * heads, L, L)
-
-    return SASRecNet
+def cocounts(users: np.ndarray, items: np.ndarray, n_items: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """(C float32 (N, N) CSR with C_ij = |U_i & U_j|, norms float32 (N,) = sqrt(|U_i|)) of binary events."""
+    codes = pd.factorize(pd.Series(users).astype(str))[0] if len(users) else np.zeros(0, np.int64)
+    x = sp.csr_matrix((np.ones(len(items), np.float32), (codes, np.asarray(items, np.int64))),
+                      shape=(int(codes.max()) + 1 if len(codes) else 0, n_items))
+    x.sum_duplicates()
+    x.data[:] = 1.0
+    co = (x.T.tocsr() @ x).tocsr()  # (N, N)
+    return co, np.sqrt(np.asarray(x.sum(axis=0)).ravel()).astype(np.float32)
 
 
-def _SASRecNet(*args: object):  # noqa: N802
-    return _sasrec_net_cls()(*args)
+def knn_from_cocounts(
+    co: sp.csr_matrix, norms: np.ndarray, n_neighbors: int, shrink: float, block_items: int = 1024
+) -> sp.csr_matrix:
+    """float32 (N, N) CSR: C_ij / (norms_i norms_j + shrink), diagonal 0, the n_neighbors largest per row."""
+    n_items = co.shape[0]
+    k = min(n_neighbors, n_items - 1)
+    rows, cols, vals = [], [], []
+    for start in range(0, n_items, block_items):
+        stop = min(start + block_items, n_items)
+        if k <= 0:
+            break
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sim = co[start:stop].toarray() / (norms[start:stop, None] * norms[None, :] + shrink)  # (b, N)
+        sim = np.nan_to_num(sim, nan=0.0, posinf=0.0)
+        sim[np.arange(stop - start), np.arange(start, stop)] = 0.0
+        top = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # (b, k)
+        tv = np.take_along_axis(sim, top, axis=1)
+        keep = (tv > 0).ravel()
+        rows.append(np.repeat(np.arange(start, stop), k)[keep])
+        cols.append(top.ravel()[keep])
+        vals.append(tv.ravel()[keep])
+    def cat(parts: list[np.ndarray], dt: type) -> np.ndarray:
+        return np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
+
+    return sp.csr_matrix((cat(vals, np.float32), (cat(rows, np.int64), cat(cols, np.int64))),
+                         shape=(n_items, n_items))
+
+
+def __getattr__(name: str) -> object:  # SASRec lives in llmrec.eval.sasrec; still importable from here
+    if name == "SASRecRecommender":
+        from llmrec.eval.sasrec import SASRecRecommender
+
+        return SASRecRecommender
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

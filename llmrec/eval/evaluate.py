@@ -1,33 +1,48 @@
 """Offline evaluation: split the canonical interactions, fit every model on train, rank the whole catalog.
 
 `evaluate(data_dir, embeddings_dir, out_dir, ...)` runs each protocol ("loo" = leave-last-out, "time" = global
-time cutoff, "cold" = held-out items; see `llmrec.eval.split`; default loo and time) over every model
-(llmrec's scorer when importable, reported as served ("llmrec") and without its co-occurrence term
-("llmrec_neural", the same fit); the baselines of `llmrec.eval.baselines`, plus `extra_models`), and writes
-to `out_dir`:
+time cutoff, "cold" = held-out items; see `llmrec.eval.split`; default loo and time) over every model of
+`llmrec.eval.models` (llmrec as served and as "llmrec_neural", the tuned baselines, the hybrids, plus
+`extra_models`) for `n_seeds` training seeds (seed, seed + 1, ...; the split, its tie order, its held-out
+items and the sampled test users stay those of `seed`), and writes to `out_dir`:
 
 - `metrics.json`: `{"loo": {...}, "time": {...}, "cold": {...}}`, one object per protocol that was run, each
-  EXACTLY `{"dataset", "protocol", "n_users", "n_items", "models": {name: {recall@10, recall@20, ndcg@10,
-  ndcg@20, mrr, coverage@10}}, "cold_items": {"n_events": int, "models": {name: {...same keys...}}},
-  "repeat_targets_removed": int, "ci95": {name: [lo, hi]}, "diff_vs_llmrec_ci95": {name: [lo, hi]}}`.
-  `ci95`: 95% bootstrap interval (2,000 resamples of the test users, seeded) of each model's NDCG@10;
-  `diff_vs_llmrec_ci95`: the paired interval of (model - llmrec) NDCG@10 (empty without llmrec).
-  `n_users` = test users evaluated, `n_items` = catalog size N (every item is rankable, cold ones included).
-  `cold_items` holds the metrics restricted to test targets whose item never occurs in train (only the users
-  with such a target, and only those targets); its `models` is `{}` when `n_events` is 0. Under "cold" every
-  target is a held-out item, so its `cold_items` block equals its main block (`n_events` = all targets), and
-  `repeat_targets_removed` is 0 (held-out items are in no history).
+  `{"dataset", "protocol", "n_users", "n_items", "models": {name: {recall@10, recall@20, ndcg@10, ndcg@20,
+  mrr, coverage@10}}, "cold_items": {"n_events": int, "models": {name: {...same keys...}}},
+  "repeat_targets_removed": int, "ci95": {name: [lo, hi]}, "diff_vs_llmrec_ci95": {name: [lo, hi]},
+  "unique_ts": {"n_users", "models"}, "seeds": {"seeds": [...], "models": {name: {metric: {"mean", "sd",
+  "values"}}}}, "tuning": {name: {...}}}`. `models`, `cold_items`, `unique_ts`, the intervals and per_user
+  are those of the first seed. `ci95`: 95% bootstrap interval (2,000 resamples of the test users, seeded) of
+  each model's NDCG@10; `diff_vs_llmrec_ci95`: the paired interval of (model - llmrec) NDCG@10 (empty
+  without llmrec). `n_users` = test users evaluated, `n_items` = catalog size N (every item is rankable, cold
+  ones included). `cold_items` holds the metrics restricted to test targets whose item never occurs in train
+  (only the users with such a target, and only those targets); its `models` is `{}` when `n_events` is 0.
+  Under "cold" every target is a held-out item, so its `cold_items` block equals its main block (`n_events` =
+  all targets), and `repeat_targets_removed` is 0 (held-out items are in no history). `unique_ts`: the
+  metrics over the test users none of whose targets shares its timestamp with another event of theirs (where
+  the seeded tie order could not choose the target; under loo the users with a unique last timestamp).
+  `seeds`: recall@10, ndcg@10 and mrr of every model per seed, mean and sample sd (null with one seed).
+  `tuning`: per model the setting chosen on validation (`llmrec.eval.tuning`; llmrec: epoch, re-ranker,
+  co-occurrence weight), first seed.
 - `metrics_<protocol>.json`: the same single-protocol object, one file per protocol (for scripts).
-- `per_user.parquet`: user_id, protocol, model, rank (1-based rank of the user's best-ranked target), ndcg@10.
+- `per_user.parquet`: user_id, protocol, model, rank (1-based rank of the user's best-ranked target), ndcg@10,
+  seed (every seed's rows).
 - `report.md`, `metrics.png` (see `llmrec.eval.report`), and `meta.json` (stage "evaluate": split stats,
-  per-model fit/score seconds, skipped models, dropped events, embedding model).
+  per-model fit/score seconds and tuning trials per seed, skipped models and protocols, item-text rebuilds,
+  dropped events, embedding model).
 
-Choices: the ItemSpace is the embeddings artifact (rows in its order). Interactions on items without an
-embedding are dropped with a WARNING and counted in meta (`n_events_without_embedding`). At test time a user's
-history is `split.history` (loo: all events before the test event; time: all events up to the cutoff; cold:
-all events on items that are not held out) and the items in it are excluded from the ranking (the target
-never is). `max_test_users` samples test users with `seed` (sorted ids, numpy default_rng) so runs are
-reproducible.
+Choices: the ItemSpace is the embeddings artifact (rows in its order); where the item text includes
+user-written text (prepare's text events: MovieLens tags, Amazon reviews), each split gets the space rebuilt
+from the texts written before its cutoff (`llmrec.eval.text_cutoff`; `item_text="as-prepared"` keeps the
+prepared one). Interactions on items without an embedding are dropped with a WARNING and counted in meta
+(`n_events_without_embedding`). At test time a user's history is `split.history` (loo: all events before the
+test event; time: all events up to the cutoff; cold: all events on items that are not held out) and the items
+in it are excluded from the ranking (the target never is). Validation (tuning, llmrec's early stopping): loo's
+own validation events (each user's second-to-last), else the last train event, of up to `val_users` seeded
+users (`llmrec.eval.tuning.InnerValidation`); fits only ever see `split.train`. The time protocol is skipped,
+with the reason in meta.json and report.md, when prepare's meta says `ts_is_order` (the "time" would be a
+sequence position). `max_test_users` samples test users with `seed` (sorted ids, numpy default_rng) so runs
+are reproducible.
 """
 
 from __future__ import annotations
@@ -44,44 +59,37 @@ import numpy as np
 import pandas as pd
 
 from llmrec.artifacts import write_meta
-from llmrec.eval.baselines import BASELINES, make_baseline
 from llmrec.eval.metrics import RankingMetrics, bootstrap_ci
-from llmrec.eval.protocol import History, ItemSpace, Recommender
-from llmrec.eval.split import Split, cold_item_split, leave_last_out, sort_events, time_split
-from llmrec.schema import (
-    EMBEDDING,
-    EMBEDDINGS_FILE,
-    EVENT,
-    FACETS,
-    INTERACTIONS_FILE,
-    ITEM_ID,
-    ITEMS_FILE,
-    META_FILE,
-    RATING,
-    RUN_SCORER,
-    TS,
-    USER_ID,
-)
+from llmrec.eval.models import ALL_MODELS, FAST_MODELS, HYBRIDS, ModelSetup, build_models, llmrec_train_config
+from llmrec.eval.protocol import ItemSpace, Recommender, make_histories
+from llmrec.eval.split import Split, cold_item_split, leave_last_out, time_split
+from llmrec.eval.tuning import InnerValidation
+from llmrec.schema import EVENT, FACETS, ITEM_ID, ITEM_IDX, META_FILE, RATING, RUN_SCORER, USER_ID
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ALL_MODELS",
     "DEFAULT_MODELS",
     "DEFAULT_PROTOCOLS",
+    "FAST_MODELS",
+    "HYBRIDS",
     "PROTOCOLS",
     "attach_item_idx",
     "evaluate",
     "evaluate_models",
+    "llmrec_train_config",
     "load_item_space",
     "make_histories",
     "read_tables",
 ]
 
-PER_USER_FILE = "per_user.parquet"  # user_id, protocol, model, rank (best target), ndcg@10
+PER_USER_FILE = "per_user.parquet"  # user_id, protocol, model, rank (best target), ndcg@10, seed
 PROTOCOLS = ("loo", "time", "cold")
-DEFAULT_PROTOCOLS = ("loo", "time")  # what `llmrec evaluate` and the pipeline run unless told otherwise
-DEFAULT_MODELS = ("llmrec",) + BASELINES
-ITEM_IDX = "item_idx"
+DEFAULT_PROTOCOLS = ("loo", "time")  # what `llmrec evaluate` runs unless told otherwise
+DEFAULT_MODELS = ALL_MODELS
+ITEM_TEXT_MODES = ("before-cutoff", "as-prepared")
+SEED_METRICS = ("recall@10", "ndcg@10", "mrr")
 
 
 def evaluate(
@@ -101,6 +109,11 @@ def evaluate(
     time_targets: str = "first",
     cold_frac: float = 0.1,
     batch_users: int = 1024,
+    n_seeds: int = 1,
+    grids: dict[str, list[dict[str, Any]]] | None = None,
+    item_text: str = "before-cutoff",
+    reuse_scorer: bool = False,
+    val_users: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate models under each protocol and write metrics.json, report.md, metrics.png, meta.json.
 
@@ -109,21 +122,28 @@ def evaluate(
         embeddings_dir: the `llmrec embed` folder; defines the item space.
         out_dir: where the evaluation artifacts go (created).
         protocols: subset of PROTOCOLS ("loo", "time", "cold"); default ("loo", "time").
-        models: names from DEFAULT_MODELS (None = all; "llmrec" is skipped with a log line when its module
-            is not importable).
-        extra_models: further Recommender instances (their `name` becomes the metrics key).
+        models: names from ALL_MODELS (None = all; "llmrec" is skipped with a log line when its module
+            is not importable). `FAST_MODELS` is the pipeline's set.
+        extra_models: further Recommender instances (their `name` becomes the metrics key), fit per seed.
         max_test_users: evaluate at most this many test users per protocol (seeded sample).
-        seed: seeds model training, the user sample and the cold protocol's held-out items.
-        scorer_dir: the run's `llmrec train` folder (default: embeddings_dir/../scorer); llmrec is
-            retrained on each split's train with the settings in its meta.json (see `llmrec_train_config`).
+        seed: the first training seed; also seeds the splits (tie order, held-out items) and the user sample.
+        scorer_dir: the run's `llmrec train` folder (default: embeddings_dir/../scorer); llmrec is trained on
+            each split's train with the settings in its meta.json (see `llmrec_train_config`).
         llmrec_kwargs: overrides for `LLMRecRecommender(**kwargs)` (epochs, num_workers, n_candidates, ...).
-        baseline_kwargs: per-baseline constructor overrides, e.g. {"sasrec": {"epochs": 5}}.
+        baseline_kwargs: per-baseline constructor kwargs applied to every tuning config, e.g.
+            {"sasrec": {"epochs": 5}}.
         time_test_frac: share of events after the time protocol's cutoff.
         time_cutoff_ts: explicit time-protocol cutoff (events with ts <= it are train); overrides
             time_test_frac.
         time_targets: "first" post-cutoff event per test user (default) or "all" distinct post-cutoff items.
         cold_frac: share of the items (with events) the cold protocol holds out.
         batch_users: users scored per `score` call.
+        n_seeds: training seeds per protocol (3 for the reviewer-grade run).
+        grids: per-model tuning grids replacing `llmrec.eval.tuning.GRIDS` entries.
+        item_text: "before-cutoff" (rebuild user-written item text per split) or "as-prepared".
+        reuse_scorer: under loo with the first seed, evaluate the run's scorer itself when it was trained on
+            exactly this split (`llmrec train --holdout loo`), instead of training another.
+        val_users: validation users (default: llmrec's `val_users`, 1000).
 
     Returns:
         `{protocol: metrics object}`, exactly what metrics.json holds.
@@ -132,77 +152,129 @@ def evaluate(
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad or not protocols:
         raise ValueError(f"protocols must be a non-empty subset of {list(PROTOCOLS)}, got {list(protocols)}")
-    names = list(DEFAULT_MODELS if models is None else models)
-    unknown = [m for m in [*names, *(baseline_kwargs or {})] if m not in DEFAULT_MODELS]
+    names = list(ALL_MODELS if models is None else models)
+    unknown = [m for m in [*names, *(baseline_kwargs or {}), *(grids or {})] if m not in ALL_MODELS]
     if unknown:
-        raise ValueError(
-            f"unknown model(s) {unknown}; choose from {list(DEFAULT_MODELS)} (or pass extra_models)"
-        )
+        raise ValueError(f"unknown model(s) {unknown}; choose from {list(ALL_MODELS)} (or pass extra_models)")
+    if item_text not in ITEM_TEXT_MODES:
+        raise ValueError(f"item_text must be one of {list(ITEM_TEXT_MODES)}, got {item_text!r}")
+    if n_seeds < 1:
+        raise ValueError(f"n_seeds must be >= 1, got {n_seeds}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items_df, inter = read_tables(data_dir)
+    data_meta = _data_meta(data_dir)
     space, embed_meta = load_item_space(embeddings_dir, items_df)
     inter, n_dropped = attach_item_idx(inter, space)
     dataset = _dataset_name(data_dir)
     scorer_dir = Path(scorer_dir) if scorer_dir is not None else Path(embeddings_dir).parent / RUN_SCORER
+    from llmrec.data.item_text import read_text_events
+    from llmrec.eval.text_cutoff import split_item_space
+
+    text = read_text_events(data_dir) if item_text == "before-cutoff" else None
+    run_protocols, skipped_protocols = _runnable_protocols(protocols, data_meta)
+    llm_cfg = {**llmrec_train_config(scorer_dir), **(llmrec_kwargs or {})}
+    if val_users is None:
+        from llmrec.scorer.train import DEFAULTS
+
+        v = llm_cfg.get("val_users", DEFAULTS["val_users"])
+        val_users = None if v is None or v < 0 else int(v)
+    seeds = [seed + i for i in range(n_seeds)]
 
     results: dict[str, Any] = {}
     per_user_frames: list[pd.DataFrame] = []
     meta_protocols: dict[str, Any] = {}
     skipped: dict[str, str] = {}
-    for proto in protocols:
-        if proto == "loo":
-            split = leave_last_out(inter)
-        elif proto == "cold":
-            split = cold_item_split(inter, frac=cold_frac, seed=seed)
-        else:
-            split = time_split(
-                inter,
-                test_frac=time_test_frac,
-                cutoff_ts=time_cutoff_ts,
-                targets=time_targets,  # type: ignore[arg-type]
+    encoders: dict[str, Any] = {}
+    model_names: list[str] = []
+    for proto in run_protocols:
+        split = _make_split(proto, inter, seed, time_test_frac, time_cutoff_ts, time_targets, cold_frac)
+        pspace, text_info = split_item_space(space, items_df, text, split, embed_meta, encoders)
+        runs = []
+        for i, s in enumerate(seeds):
+            val = InnerValidation.build(
+                split.train, pspace.n_items, val_users, s, valid=split.valid if proto == "loo" else None
             )
-        recs: list[Recommender] = []
-        for name in names:
-            model = _make_model(
-                name, seed, scorer_dir, llmrec_kwargs, (baseline_kwargs or {}).get(name, {}), skipped
+            setup = ModelSetup(
+                seed=s,
+                validation=val,
+                space=pspace,
+                scorer_dir=scorer_dir,
+                grids=dict(grids or {}),
+                baseline_kwargs=dict(baseline_kwargs or {}),
+                llmrec_kwargs=dict(llmrec_kwargs or {}),
+                reuse_scorer=reuse_scorer and proto == "loo" and i == 0,
             )
-            if model is not None:
-                recs.append(model)
-                if hasattr(model, "neural_only"):  # llmrec without its co-occurrence term, same fit
-                    recs.append(model.neural_only())
-        recs.extend(extra_models)
-        res, timings, n_users = evaluate_models(split, space, recs, max_test_users, seed, batch_users)
+            recs = [*build_models(names, setup, skipped), *extra_models]
+            label = f"{proto} seed {s}" + (f" ({i + 1}/{len(seeds)})" if len(seeds) > 1 else "")
+            res, timings, n_users = evaluate_models(
+                split, pspace, recs, max_test_users, seed, batch_users, label=label, t_start=t_all
+            )
+            tuning = {m.name: getattr(m, "tuning", None) for m in recs if getattr(m, "tuning", None)}
+            runs.append(
+                {
+                    "seed": s,
+                    "res": res,
+                    "timings": timings,
+                    "n_users": n_users,
+                    "tuning": tuning,
+                    "validation": val.stats,
+                }
+            )
+            per_user_frames.append(_per_user_frame(proto, res["per_user"], s))
+            model_names = [m.name for m in recs]
+        first = runs[0]
+        res = first["res"]
         ci, diff_ci = intervals(res["per_user"]["models"], seed=seed)
         results[proto] = {
             "dataset": dataset,
             "protocol": proto,
-            "n_users": n_users,
-            "n_items": space.n_items,
+            "n_users": first["n_users"],
+            "n_items": pspace.n_items,
             "models": res["models"],
             "cold_items": res["cold_items"],
             "repeat_targets_removed": res["repeat_targets_removed"],
             "ci95": ci,
             "diff_vs_llmrec_ci95": diff_ci,
+            "unique_ts": res["unique_ts"],
+            "seeds": seed_summary(runs),
+            "tuning": {m: _compact_tuning(t) for m, t in first["tuning"].items()},
         }
-        per_user_frames.append(_per_user_frame(proto, res["per_user"]))
-        meta_protocols[proto] = {"split": split.stats, "timings": timings, "n_test_users_evaluated": n_users}
+        meta_protocols[proto] = {
+            "split": split.stats,
+            "timings": first["timings"],
+            "n_test_users_evaluated": first["n_users"],
+            "item_text": text_info,
+            "per_seed": [{k: r[k] for k in ("seed", "timings", "tuning", "validation")} for r in runs],
+        }
         (out / f"metrics_{proto}.json").write_text(json.dumps(results[proto], indent=2) + "\n")
 
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     pd.concat(per_user_frames, ignore_index=True).to_parquet(out / PER_USER_FILE, index=False)
     from llmrec.eval.report import write_report
 
-    write_report(results, {p: m["timings"] for p, m in meta_protocols.items()}, out, skipped=skipped)
+    write_report(
+        results,
+        {p: m["timings"] for p, m in meta_protocols.items()},
+        out,
+        skipped=skipped,
+        skipped_protocols=skipped_protocols,
+        item_text={p: m["item_text"] for p, m in meta_protocols.items()},
+    )
     write_meta(
         out,
         "evaluate",
         dataset=dataset,
-        protocols=list(protocols),
-        models=[m.name for m in recs],
+        protocols=list(run_protocols),
+        skipped_protocols=skipped_protocols,
+        models=model_names,
         skipped_models=skipped,
         max_test_users=max_test_users,
         seed=seed,
+        seeds=seeds,
+        val_users=val_users,
+        item_text=item_text,
+        reuse_scorer=reuse_scorer,
         time_test_frac=time_test_frac,
         time_cutoff_ts=time_cutoff_ts,
         time_targets=time_targets,
@@ -214,9 +286,10 @@ def evaluate(
         wall_s=round(time.perf_counter() - t_all, 2),
     )
     logger.info(
-        "evaluation of %d model(s) x %d protocol(s) written to %s in %.1fs",
-        len(recs),
-        len(protocols),
+        "evaluation of %d model(s) x %d protocol(s) x %d seed(s) written to %s in %.1fs",
+        len(model_names),
+        len(run_protocols),
+        len(seeds),
         out,
         time.perf_counter() - t_all,
     )
@@ -230,17 +303,23 @@ def evaluate_models(
     max_test_users: int | None = None,
     seed: int = 0,
     batch_users: int = 1024,
+    label: str | None = None,
+    t_start: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]], int]:
-    """Fit each model on `split.train`, score the test users in batches, compute all and cold-item metrics.
+    """Fit each model on `split.train`, score the test users in batches, compute all, cold-item and
+    unique-timestamp metrics. Logs one progress line per model (`label`, its position, elapsed time).
 
     Returns:
-        ({"models": {name: metrics}, "cold_items": {"n_events", "models"}, "repeat_targets_removed": int,
+        ({"models": {name: metrics}, "cold_items": {"n_events", "models"}, "unique_ts": {"n_users", "models"},
+          "repeat_targets_removed": int,
           "per_user": {"users": (U,), "models": {name: {"rank": (U,), "ndcg@10": (U,)}}}},
          {name: timings}, n_test_users). Test targets already in the user's history are removed (counted).
     """
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique (they key metrics.json), got {names}")
+    label = label or split.protocol
+    t_start = time.perf_counter() if t_start is None else t_start
     test = split.test
     users = np.array(sorted(test[USER_ID].unique()), dtype=object)
     if max_test_users is not None and len(users) > max_test_users:
@@ -253,23 +332,29 @@ def evaluate_models(
     by_user = {u: g for u, g in test.groupby(USER_ID, sort=False)}
     targets = [np.unique(by_user[u][ITEM_IDX].to_numpy()) for u in users]
     cold_t = [np.unique(by_user[u].loc[by_user[u]["is_cold"], ITEM_IDX].to_numpy()) for u in users]
-    histories = make_histories(split.history, users)
+    tied = np.array([bool(by_user[u]["ts_tied"].any()) if "ts_tied" in by_user[u] else False for u in users])
+    histories = make_histories(split.history, users, split.seed)
     exclude = [np.unique(h.item_idx) for h in histories]
     # A test target the user already has in their history (a repeat purchase / re-rating) is one of the
     # excluded items, so no model may recommend it. Keeping it would reward models that score history items
     # (the baselines' raw scores do; llmrec's two-stage scores never rank them): 9.8% of Magazine's loo
     # targets are repeats, worth ~+0.09 NDCG@10 to the zero-shot text model. They are removed and counted.
     n_targets_before = int(sum(len(t) for t in targets))
-    targets = [np.setdiff1d(t, e, assume_unique=True) for t, e in zip(targets, exclude)]
-    cold_t = [np.setdiff1d(c, e, assume_unique=True) for c, e in zip(cold_t, exclude)]
+    targets = [np.setdiff1d(t, e, assume_unique=True) for t, e in zip(targets, exclude, strict=True)]
+    cold_t = [np.setdiff1d(c, e, assume_unique=True) for c, e in zip(cold_t, exclude, strict=True)]
     n_repeat = n_targets_before - int(sum(len(t) for t in targets))
     keep = [i for i, t in enumerate(targets) if len(t)]
     if n_repeat:
         logger.info(
             "%s: %d of %d test targets are already in the user's history (excluded from ranking); removed, "
-            "leaving %d of %d test users", split.protocol, n_repeat, n_targets_before, len(keep), len(users)
+            "leaving %d of %d test users",
+            split.protocol,
+            n_repeat,
+            n_targets_before,
+            len(keep),
+            len(users),
         )
-    users = users[keep]
+    users, tied = users[keep], tied[keep]
     targets, cold_t = [targets[i] for i in keep], [cold_t[i] for i in keep]
     histories, exclude = [histories[i] for i in keep], [exclude[i] for i in keep]
     if len(users) == 0:
@@ -278,13 +363,15 @@ def evaluate_models(
 
     out_models: dict[str, Any] = {}
     out_cold: dict[str, Any] = {}
+    out_untied: dict[str, Any] = {}
     per_user: dict[str, dict[str, np.ndarray]] = {}
     timings: dict[str, dict[str, float]] = {}
-    for model in models:
+    for pos, model in enumerate(models, start=1):
         t0 = time.perf_counter()
         model.fit(split.train, space)
         fit_s = time.perf_counter() - t0
         acc, acc_cold = RankingMetrics(space.n_items), RankingMetrics(space.n_items)
+        acc_untied = RankingMetrics(space.n_items)
         t1 = time.perf_counter()
         for s in range(0, len(users), batch_users):
             sl = slice(s, s + batch_users)
@@ -298,31 +385,44 @@ def evaluate_models(
             rows = [i for i, c in enumerate(cold_t[sl]) if len(c)]
             if rows:
                 acc_cold.update(scores[rows], [cold_t[sl][i] for i in rows], [exclude[sl][i] for i in rows])
+            rows = np.flatnonzero(~tied[sl])
+            if len(rows):
+                acc_untied.update(
+                    scores[rows], [targets[sl][i] for i in rows], [exclude[sl][i] for i in rows]
+                )
         score_s = time.perf_counter() - t1
         out_models[model.name] = acc.result()
         per_user[model.name] = {"rank": acc.per_user("rank"), "ndcg@10": acc.per_user("ndcg@10")}
         if n_cold:
             out_cold[model.name] = acc_cold.result()
+        if (~tied).any():
+            out_untied[model.name] = acc_untied.result()
         timings[model.name] = {
             "fit_s": round(fit_s, 3),
             "score_s": round(score_s, 3),
             "users_per_s": round(len(users) / max(score_s, 1e-9), 1),
         }
+        m = out_models[model.name]
         logger.info(
-            "%s [%s]: fit %.1fs, scored %d users in %.1fs; recall@10=%.4f ndcg@10=%.4f mrr=%.4f",
+            "[%s] %d/%d %s: fit %.1fs, scored %d users in %.1fs; ndcg@10=%.4f recall@10=%.4f mrr=%.4f "
+            "(elapsed %.0fs)",
+            label,
+            pos,
+            len(models),
             model.name,
-            split.protocol,
             fit_s,
             len(users),
             score_s,
-            out_models[model.name]["recall@10"],
-            out_models[model.name]["ndcg@10"],
-            out_models[model.name]["mrr"],
+            m["ndcg@10"],
+            m["recall@10"],
+            m["mrr"],
+            time.perf_counter() - t_start,
         )
     return (
         {
             "models": out_models,
             "cold_items": {"n_events": n_cold, "models": out_cold},
+            "unique_ts": {"n_users": int((~tied).sum()), "models": out_untied},
             "repeat_targets_removed": n_repeat,
             "per_user": {"users": users, "models": per_user},
         },
@@ -340,55 +440,108 @@ def intervals(
     diff = {}
     if "llmrec" in per_user:
         ref = per_user["llmrec"][metric]
-        diff = {m: list(bootstrap_ci(v[metric], ref, seed=seed)) for m, v in per_user.items() if m != "llmrec"}
+        diff = {
+            m: list(bootstrap_ci(v[metric], ref, seed=seed)) for m, v in per_user.items() if m != "llmrec"
+        }
     return ci, diff
 
 
-def _per_user_frame(protocol: str, per_user: dict[str, Any]) -> pd.DataFrame:
+def seed_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"seeds": [...], "models": {name: {metric: {"mean", "sd", "values"}}}} over the runs' main metrics;
+    sd is the sample standard deviation (ddof 1), None with a single seed."""
+    names = list(runs[0]["res"]["models"])
+    out: dict[str, Any] = {}
+    for name in names:
+        out[name] = {}
+        for metric in SEED_METRICS:
+            vals = [float(r["res"]["models"][name][metric]) for r in runs if name in r["res"]["models"]]
+            out[name][metric] = {
+                "mean": float(np.mean(vals)),
+                "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                "values": vals,
+            }
+    return {"seeds": [r["seed"] for r in runs], "models": out}
+
+
+def _compact_tuning(t: dict[str, Any]) -> dict[str, Any]:
+    """The tuning record without its per-config trials (those stay in meta.json)."""
+    return {k: v for k, v in t.items() if k not in ("trials", "val_ndcg_by_weight", "val_ndcg_by_epoch")}
+
+
+def _per_user_frame(protocol: str, per_user: dict[str, Any], seed: int) -> pd.DataFrame:
     users = np.asarray(per_user["users"], dtype=object)
     frames = [
-        pd.DataFrame({USER_ID: users, "protocol": protocol, "model": name, "rank": v["rank"],
-                      "ndcg@10": v["ndcg@10"]})
+        pd.DataFrame(
+            {
+                USER_ID: users,
+                "protocol": protocol,
+                "model": name,
+                "rank": v["rank"],
+                "ndcg@10": v["ndcg@10"],
+                "seed": seed,
+            }
+        )
         for name, v in per_user["models"].items()
     ]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _runnable_protocols(
+    protocols: Sequence[str], data_meta: dict[str, Any]
+) -> tuple[list[str], dict[str, str]]:
+    """(protocols to run, {skipped protocol: reason})."""
+    skipped: dict[str, str] = {}
+    if "time" in protocols and data_meta.get("ts_is_order"):
+        skipped["time"] = (
+            "the dataset has no timestamps (prepare's meta.json ts_is_order: ts is each user's "
+            "sequence position), so a global time cutoff would compare positions of different "
+            "users, not times"
+        )
+        logger.warning("skipping protocol 'time': %s", skipped["time"])
+    run = [p for p in protocols if p not in skipped]
+    if not run:
+        raise ValueError(f"no protocol left to run: {skipped}; ask for loo or cold")
+    return run, skipped
+
+
+def _make_split(
+    proto: str,
+    inter: pd.DataFrame,
+    seed: int,
+    time_test_frac: float,
+    time_cutoff_ts: int | None,
+    time_targets: str,
+    cold_frac: float,
+) -> Split:
+    if proto == "loo":
+        return leave_last_out(inter, seed=seed)
+    if proto == "cold":
+        return cold_item_split(inter, frac=cold_frac, seed=seed)
+    return time_split(
+        inter, test_frac=time_test_frac, cutoff_ts=time_cutoff_ts, targets=time_targets, seed=seed
+    )  # type: ignore[arg-type]
+
+
+def _data_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(data_dir) / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def read_tables(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(items, interactions) of a prepare folder, via llmrec.data.tables when available."""
-    try:
-        from llmrec.data.tables import read_interactions, read_items
-    except ImportError:  # the tables module is optional for this stage
-        read_items = read_interactions = None
-    if read_items is not None and read_interactions is not None:
-        return read_items(data_dir), read_interactions(data_dir)
-    d = Path(data_dir)
-    for f in (ITEMS_FILE, INTERACTIONS_FILE):
-        if not (d / f).is_file():
-            raise FileNotFoundError(f"{d / f} not found; pass the folder written by `llmrec prepare`")
-    return pd.read_parquet(d / ITEMS_FILE), pd.read_parquet(d / INTERACTIONS_FILE)
+    """(items, interactions) of a prepare folder (llmrec.data.tables readers: checked schemas)."""
+    from llmrec.data.tables import read_interactions, read_items
+
+    return read_items(data_dir), read_interactions(data_dir)
 
 
 def load_item_space(
     embeddings_dir: str | os.PathLike, items: pd.DataFrame | None = None
 ) -> tuple[ItemSpace, dict]:
     """ItemSpace from an embed folder (rows in embeddings order) with titles from `items` when given."""
-    try:
-        from llmrec.embed.artifact import load_embeddings
-    except ImportError:
-        load_embeddings = None
-    if load_embeddings is not None:
-        emb = load_embeddings(embeddings_dir)
-        ids, vecs, meta = emb.item_ids, emb.vectors, emb.meta
-    else:
-        path = Path(embeddings_dir) / EMBEDDINGS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; run `llmrec embed` first")
-        df = pd.read_parquet(path)
-        ids = df[ITEM_ID].to_numpy(dtype=object)
-        vecs = np.stack(df[EMBEDDING].to_numpy()).astype(np.float32)
-        meta_path = Path(embeddings_dir) / META_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    from llmrec.embed.artifact import load_embeddings
+
+    emb = load_embeddings(embeddings_dir)
+    ids, vecs, meta = emb.item_ids, emb.vectors, emb.meta
     if len(set(ids)) != len(ids):
         raise ValueError(f"{embeddings_dir}: duplicate item ids in the embeddings; re-run `llmrec embed`")
     titles = facets = None
@@ -399,8 +552,11 @@ def load_item_space(
         by_id = dict(zip(items[ITEM_ID].astype(str), items[FACETS], strict=True))
         facets = [list(by_id.get(str(i), [])) for i in ids]
     return ItemSpace(
-        item_ids=np.asarray(ids, dtype=object), text_vectors=np.asarray(vecs, np.float32), titles=titles,
-        facets=facets, text_model=text_model_of(meta),
+        item_ids=np.asarray(ids, dtype=object),
+        text_vectors=np.asarray(vecs, np.float32),
+        titles=titles,
+        facets=facets,
+        text_model=text_model_of(meta),
     ), dict(meta)
 
 
@@ -447,24 +603,6 @@ def attach_item_idx(interactions: pd.DataFrame, items: ItemSpace) -> tuple[pd.Da
     return out.reset_index(drop=True), n_missing
 
 
-def make_histories(events: pd.DataFrame, user_ids: Sequence[str]) -> list[History]:
-    """One time-ordered `History` per requested user (empty when the user has no events), same order."""
-    df = sort_events(events)
-    u = df[USER_ID].to_numpy()
-    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, dtype=np.int64)
-    ends = np.r_[starts[1:], len(u)]
-    span = {u[s]: (s, e) for s, e in zip(starts, ends, strict=True)}
-    idx = df[ITEM_IDX].to_numpy(np.int64)
-    ts = df[TS].to_numpy(np.int64)
-    ev = df[EVENT].to_numpy(dtype=object) if EVENT in df.columns else np.full(len(df), "view", dtype=object)
-    rt = df[RATING].to_numpy(np.float64) if RATING in df.columns else np.full(len(df), np.nan)
-    out = []
-    for user in user_ids:
-        s, e = span.get(user, (0, 0))
-        out.append(History(user_id=str(user), item_idx=idx[s:e], ts=ts[s:e], event=ev[s:e], rating=rt[s:e]))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- helpers
 
 
@@ -478,43 +616,3 @@ def _dataset_name(data_dir: str | os.PathLike) -> str:
         except json.JSONDecodeError:
             pass
     return Path(data_dir).resolve().parent.name if Path(data_dir).name == "data" else Path(data_dir).name
-
-
-def _make_model(
-    name: str,
-    seed: int,
-    scorer_dir: Path,
-    llmrec_kwargs: dict[str, Any] | None,
-    kwargs: dict[str, Any],
-    skipped: dict[str, str],
-) -> Recommender | None:
-    if name != "llmrec":
-        return make_baseline(name, seed=seed, **kwargs)  # type: ignore[return-value]
-    try:
-        from llmrec.scorer.recommender import LLMRecRecommender
-    except ImportError as e:
-        skipped["llmrec"] = f"llmrec.scorer.recommender not importable: {e}"
-        logger.warning("skipping model 'llmrec': %s", skipped["llmrec"])
-        return None
-    kwargs = {**llmrec_train_config(scorer_dir), **(llmrec_kwargs or {}), "seed": seed}
-    logger.info("llmrec is retrained on each protocol's train split with %s", kwargs)
-    return LLMRecRecommender(**kwargs)
-
-
-def llmrec_train_config(scorer_dir: str | os.PathLike) -> dict[str, Any]:
-    """Training settings of the run's scorer (scorer/meta.json "config"), to retrain it alike on a split.
-
-    The run's own scorer was trained on every interaction, test events included, so evaluation never scores
-    with it; it only borrows its settings. Returns {} when there is no scorer artifact.
-    """
-    path = Path(scorer_dir) / META_FILE
-    if not path.is_file():
-        logger.info("no %s: llmrec is retrained with fit_scorer defaults", path)
-        return {}
-    try:
-        from llmrec.scorer.train import DEFAULTS
-    except ImportError:
-        DEFAULTS = {}  # noqa: N806
-    cfg = json.loads(path.read_text()).get("config", {}) or {}
-    keep = {"epochs", "batch_size", "lr", "patience", "num_workers", "use_gpu", *DEFAULTS}
-    return {k: v for k, v in cfg.items() if k in keep}

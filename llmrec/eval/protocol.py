@@ -6,11 +6,15 @@ the embeddings artifact (every catalog item, including items never seen in train
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
+
+from llmrec.data.order import sort_events
+from llmrec.schema import EVENT, ITEM_IDX, RATING, TS, USER_ID
 
 
 @dataclass(frozen=True)
@@ -51,3 +55,25 @@ class Recommender(Protocol):
 
     def score(self, histories: list[History]) -> np.ndarray:
         """Scores over the whole catalog: float32 (B, N); higher is better. -inf = cannot recommend."""
+
+
+def make_histories(events: pd.DataFrame, user_ids: Sequence[str], seed: int = 0) -> list[History]:
+    """One time-ordered `History` per requested user (empty when the user has no events), same order.
+
+    events: interactions with `item_idx` (schema.ITEM_IDX); ordered by `llmrec.data.order.sort_events(events,
+    seed)` (ts, then seeded random ties), the order of the splits.
+    """
+    df = sort_events(events, seed)
+    u = df[USER_ID].to_numpy()
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], len(u)]
+    span = {u[s]: (s, e) for s, e in zip(starts, ends, strict=True)}
+    idx = df[ITEM_IDX].to_numpy(np.int64)
+    ts = df[TS].to_numpy(np.int64)
+    ev = df[EVENT].to_numpy(dtype=object) if EVENT in df.columns else np.full(len(df), "view", dtype=object)
+    rt = df[RATING].to_numpy(np.float64) if RATING in df.columns else np.full(len(df), np.nan)
+    out = []
+    for user in user_ids:
+        s, e = span.get(user, (0, 0))
+        out.append(History(user_id=str(user), item_idx=idx[s:e], ts=ts[s:e], event=ev[s:e], rating=rt[s:e]))
+    return out

@@ -4,10 +4,14 @@ held-out (cold) items.
 Each returns a `Split`:
 - `train`: the events models are fit on.
 - `history`: the events a model may read when it recommends for a test user (its input `History`).
-- `test`: one row per (user, target item), with a boolean `is_cold` (the target item is absent from `train`).
+- `test`: one row per (user, target item), with booleans `is_cold` (the target item is absent from `train`)
+  and `ts_tied` (another event of the same user has the target's timestamp, so the order chose it).
 
 Ordering and ties (deterministic, independent of the input row order): every user's events are sorted by
-`ts`, then `item_id` (string order), then `event`. "Last" means last in that order.
+`ts`, same-timestamp events in a seeded random order (`llmrec.data.order.sort_events(df, seed)`, the order
+every stage uses). "Last" means last in that order: among a user's events at the last timestamp, the test
+target is a uniformly drawn one (per seed). `stats["n_test_ts_tied"]` counts tied targets; evaluation also
+reports the users whose target is not tied.
 
 Leave-last-out (`leave_last_out`, protocol "loo", the SASRec protocol): per user, last event = test, the one
 before = validation, the rest = train. Users with fewer than 3 events are train-only (counted in
@@ -46,11 +50,13 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from llmrec.schema import EVENT, ITEM_ID, TS, USER_ID
+from llmrec.data.order import sort_events as _sort_events
+from llmrec.data.order import tied_ts
+from llmrec.schema import ITEM_ID, TS, USER_ID
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Split", "cold_item_split", "leave_last_out", "sort_events", "time_split"]
+__all__ = ["Split", "cold_item_split", "leave_last_out", "sort_events", "time_split", "visible_text_events"]
 
 REQUIRED = (USER_ID, ITEM_ID, TS)
 
@@ -67,30 +73,35 @@ class Split:
     cold_items: np.ndarray  # (C,) item ids never seen in train (time: post-cutoff; cold: the held-out ones)
     cold_users: np.ndarray  # (U,) user ids with test-side events but no train events (time, cold)
     stats: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0  # the tie order of the split (histories must be ordered with the same seed)
 
     def targets_by_user(self) -> dict[str, np.ndarray]:
         """user_id -> item ids (object array) of that user's test targets, in event order."""
         return {u: g[ITEM_ID].to_numpy() for u, g in self.test.groupby(USER_ID, sort=False)}
 
 
-def sort_events(interactions: pd.DataFrame) -> pd.DataFrame:
-    """Events sorted by user, ts, item_id, event (stable), with a fresh RangeIndex."""
+def sort_events(interactions: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Events sorted by user, ts, then seeded random ties (`llmrec.data.order.sort_events`)."""
     _check_columns(interactions)
-    keys = [USER_ID, TS, ITEM_ID] + ([EVENT] if EVENT in interactions.columns else [])
-    return interactions.sort_values(keys, kind="mergesort").reset_index(drop=True)
+    return _sort_events(interactions, seed)
 
 
-def leave_last_out(interactions: pd.DataFrame) -> Split:
-    """Leave-last-out per user by time (train / valid / test); see the module docstring."""
+def leave_last_out(interactions: pd.DataFrame, seed: int = 0) -> Split:
+    """Leave-last-out per user by time (train / valid / test); see the module docstring.
+
+    seed: orders same-timestamp events (which of a user's last-second events is the target).
+    """
     t0 = time.perf_counter()
-    df = sort_events(interactions)
+    df = sort_events(interactions, seed)
+    df = df.assign(ts_tied=tied_ts(df))
     n_per_user = df.groupby(USER_ID, sort=False)[USER_ID].transform("size").to_numpy()
     pos_from_end = n_per_user - 1 - df.groupby(USER_ID, sort=False).cumcount().to_numpy()
     eligible = n_per_user >= 3
     test_m, valid_m = eligible & (pos_from_end == 0), eligible & (pos_from_end == 1)
+    test = df[test_m].reset_index(drop=True)
+    df = df.drop(columns="ts_tied")
     train = df[~(test_m | valid_m)].reset_index(drop=True)
     valid = df[valid_m].reset_index(drop=True)
-    test = df[test_m].reset_index(drop=True)
     history = df[~test_m].reset_index(drop=True)
     train_items = set(train[ITEM_ID].unique())
     test = test.assign(is_cold=~test[ITEM_ID].isin(train_items))
@@ -104,19 +115,22 @@ def leave_last_out(interactions: pd.DataFrame) -> Split:
         "n_valid": len(valid),
         "n_test": len(test),
         "n_cold_test_events": int(test["is_cold"].sum()),
+        "n_test_ts_tied": int(test["ts_tied"].sum()),
+        "seed": int(seed),
     }
     logger.info(
         "loo split: %d events, %d users -> %d test users, %d users with < 3 events kept train-only, "
-        "%d cold test targets (%.2fs)",
+        "%d cold test targets, %d targets share their timestamp with another event (%.2fs)",
         len(df),
         stats["n_users"],
         len(test),
         n_train_only,
         stats["n_cold_test_events"],
+        stats["n_test_ts_tied"],
         time.perf_counter() - t0,
     )
     cold_items = np.sort(test.loc[test["is_cold"], ITEM_ID].unique()).astype(object)
-    return Split("loo", train, history, valid, test, cold_items, np.array([], dtype=object), stats)
+    return Split("loo", train, history, valid, test, cold_items, np.array([], dtype=object), stats, seed)
 
 
 def time_split(
@@ -124,6 +138,7 @@ def time_split(
     test_frac: float = 0.1,
     cutoff_ts: int | None = None,
     targets: Literal["first", "all"] = "first",
+    seed: int = 0,
 ) -> Split:
     """Global time cutoff split; see the module docstring.
 
@@ -132,11 +147,13 @@ def time_split(
         test_frac: share of events after the default cutoff, in (0, 1); ignored when cutoff_ts is given.
         cutoff_ts: events with ts <= cutoff_ts are train.
         targets: "first" post-cutoff event per user, or "all" distinct post-cutoff items.
+        seed: orders same-timestamp events (which of a user's first post-cutoff events is the target).
     """
     t0 = time.perf_counter()
     if targets not in ("first", "all"):
         raise ValueError(f"targets must be 'first' or 'all', got {targets!r}")
-    df = sort_events(interactions)
+    df = sort_events(interactions, seed)
+    tied = tied_ts(df)
     if cutoff_ts is None:
         if not 0.0 < test_frac < 1.0:
             raise ValueError(
@@ -155,7 +172,7 @@ def time_split(
     train_items = set(train[ITEM_ID].unique())
     has_hist = post[USER_ID].isin(train_users).to_numpy()
     cold_users = np.sort(post.loc[~has_hist, USER_ID].unique()).astype(object)
-    cand = post[has_hist]
+    cand = post[has_hist].assign(ts_tied=tied[after][has_hist])
     if targets == "first":
         test = cand.groupby(USER_ID, sort=False).head(1)
     else:
@@ -176,6 +193,8 @@ def time_split(
         "n_cold_users": len(cold_users),
         "n_cold_items": len(cold_items_all),
         "n_cold_test_events": int(test["is_cold"].sum()),
+        "n_test_ts_tied": int(test["ts_tied"].sum()),
+        "seed": int(seed),
     }
     logger.info(
         "time split at ts=%d: %d train / %d post-cutoff events (%.1f%%); %d test users, %d test targets "
@@ -192,7 +211,7 @@ def time_split(
         time.perf_counter() - t0,
     )
     empty = df.iloc[:0].reset_index(drop=True)
-    return Split("time", train, train, empty, test, cold_items_all, cold_users, stats)
+    return Split("time", train, train, empty, test, cold_items_all, cold_users, stats, seed)
 
 
 def cold_item_split(interactions: pd.DataFrame, frac: float = 0.1, seed: int = 0) -> Split:
@@ -202,7 +221,8 @@ def cold_item_split(interactions: pd.DataFrame, frac: float = 0.1, seed: int = 0
         interactions: canonical interactions (user_id, item_id, ts, ...).
         frac: share of the items with at least one event to hold out, in (0, 1); `round(frac * n)` items,
             at least 1 and fewer than n.
-        seed: seeds the draw of held-out items (the same seed and item set give the same items).
+        seed: seeds the draw of held-out items (the same seed and item set give the same items) and the
+            order of same-timestamp events.
 
     Returns:
         Split with protocol "cold": `train` = `history` = events on other items (sorted per user), `valid`
@@ -215,7 +235,8 @@ def cold_item_split(interactions: pd.DataFrame, frac: float = 0.1, seed: int = 0
     t0 = time.perf_counter()
     if not 0.0 < frac < 1.0:
         raise ValueError(f"frac must be in (0, 1), got {frac}; e.g. 0.1 to hold out 10% of the items")
-    df = sort_events(interactions)
+    df = sort_events(interactions, seed)
+    tied = tied_ts(df)
     items = np.sort(df[ITEM_ID].unique()).astype(object)  # sorted: the draw ignores the input row order
     n_hold = int(round(frac * len(items)))
     if not 0 < n_hold < len(items):
@@ -230,7 +251,7 @@ def cold_item_split(interactions: pd.DataFrame, frac: float = 0.1, seed: int = 0
     train_users = set(train[USER_ID].unique())
     has_hist = post[USER_ID].isin(train_users).to_numpy()
     cold_users = np.sort(post.loc[~has_hist, USER_ID].unique()).astype(object)
-    cand = post[has_hist]
+    cand = post[has_hist].assign(ts_tied=tied[on_held][has_hist])
     test = cand.drop_duplicates([USER_ID, ITEM_ID], keep="first").reset_index(drop=True)
     test = test.assign(is_cold=np.ones(len(test), dtype=bool))
     if len(test) == 0:
@@ -253,6 +274,7 @@ def cold_item_split(interactions: pd.DataFrame, frac: float = 0.1, seed: int = 0
         "n_cold_users": len(cold_users),
         "n_cold_user_events": int((~has_hist).sum()),
         "n_cold_test_events": len(test),
+        "n_test_ts_tied": int(test["ts_tied"].sum()),
     }
     logger.info(
         "cold split (frac %.3g, seed %d): %d of %d items held out with %d events -> %d train events; %d test "
@@ -271,7 +293,27 @@ def cold_item_split(interactions: pd.DataFrame, frac: float = 0.1, seed: int = 0
         time.perf_counter() - t0,
     )
     empty = df.iloc[:0].reset_index(drop=True)
-    return Split("cold", train, train, empty, test, held, cold_users, stats)
+    return Split("cold", train, train, empty, test, held, cold_users, stats, seed)
+
+
+def visible_text_events(split: Split, events: pd.DataFrame) -> np.ndarray:
+    """bool (n,): which user-written texts (tags, reviews: user_id, item_id, ts rows) existed before the
+    split's cutoff, i.e. may be part of the item text models see.
+
+    loo: written before their writer's first held-out event (its validation event, else its test event;
+    a text at that very second is not visible); users without held-out events: all. time: ts <= cutoff.
+    cold: not on a held-out item (time plays no part in that protocol).
+    """
+    if split.protocol == "time":
+        return events[TS].to_numpy() <= int(split.stats["cutoff_ts"])
+    if split.protocol == "cold":
+        return ~events[ITEM_ID].astype(str).isin(set(map(str, split.cold_items))).to_numpy()
+    if split.protocol != "loo":
+        raise ValueError(f"unknown protocol {split.protocol!r}; expected loo, time or cold")
+    held = pd.concat([split.valid[[USER_ID, TS]], split.test[[USER_ID, TS]]], ignore_index=True)
+    first_held = held.groupby(held[USER_ID].astype(str))[TS].min()
+    cut = events[USER_ID].astype(str).map(first_held).to_numpy(dtype=np.float64)  # NaN: no held-out event
+    return np.isnan(cut) | (events[TS].to_numpy(dtype=np.float64) < cut)
 
 
 def _check_columns(df: pd.DataFrame) -> None:

@@ -1,7 +1,8 @@
 """Training samples for the scorer: (history prefix, next item) pairs from canonical interactions.
 
 Choices (the design doc is silent on them):
-- Each user's events are ordered by `ts`, ties by item id then event kind (never by input order). Every event at position t >= 1 whose
+- Each user's events are ordered by `ts`, same-timestamp events in the seeded random order of
+  `llmrec.data.order.sort_events` (the one event order of every stage). Every event at position t >= 1 whose
   kind is a *target kind* (all kinds except "dislike" and "skip"; for "rating" events, only
   rating >= min_rating when min_rating is set) becomes a target; its history is the up-to-L events before
   it (every kind, negative ones included, so the encoder sees dislikes through their event embedding).
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from llmrec.data import order
 from llmrec.eval.protocol import History, ItemSpace
 from llmrec.schema import EVENT, EVENT_KINDS, ITEM_ID, NEGATIVE_KINDS, RATING, TS, USER_ID
 from llmrec.scorer.model import EVENT_INDEX
@@ -58,10 +60,8 @@ def attach_item_idx(df: pd.DataFrame, items: ItemSpace) -> pd.DataFrame:
 
 
 def sort_events(df: pd.DataFrame) -> pd.DataFrame:
-    """Sort by (user_id, ts, item_id, event): the order does not depend on the input's (training samples are
-    built the same in one process and in Ray tasks that receive a user's events in any order)."""
-    keys = [USER_ID, TS] + [c for c in (ITEM_ID, EVENT) if c in df.columns]
-    return df.sort_values(keys, kind="mergesort").reset_index(drop=True)
+    """Sorted by (user_id, ts), ties in the seeded random order shared by every stage (llmrec.data.order)."""
+    return order.sort_events(df)
 
 
 def target_mask(df: pd.DataFrame, min_rating: float | None = None) -> np.ndarray:

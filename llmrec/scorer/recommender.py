@@ -1,14 +1,15 @@
 """llmrec's scorer behind the evaluation protocol (`llmrec.eval.protocol.Recommender`).
 
-`fit` trains with Ray Train (`fit_scorer`), which holds out the last train event of up to `val_users` (default
-1000) seeded-hash-chosen train users with >= 2 events as the validation target for early stopping and the
-post-training choices (the same path as `llmrec train`); every other event is trained on. `score` returns full-catalog scores in which the retrieval top-`n_candidates` (history items
+`fit` trains with Ray Train (`fit_scorer`) holding out the last train event (`llmrec.data.order`: by ts,
+seeded random ties) of up to `val_users` (default 1000) random train users with >= 2 events as the validation target for early stopping and
+best-checkpoint choice; every other event is trained on. `score` returns full-catalog scores in which the retrieval top-`n_candidates` (history items
 excluded) carry their MLP re-rank score and sit above every other item, so full-ranking metrics measure the
 production two-stage pipeline.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -18,35 +19,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from llmrec.data.order import split_last_event
 from llmrec.eval.protocol import History, ItemSpace
-from llmrec.schema import TS, USER_ID
+from llmrec.schema import INDEX_IDS_FILE, META_FILE, SCORER_MODEL_FILE
 
 logger = logging.getLogger(__name__)
-
-
-def split_last_event(
-    df: pd.DataFrame, max_users: int | None = None, seed: int = 0
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, valid): each user's last event by ts (ties: the last in input order) goes to valid when the
-    user has >= 2 events; everything else stays in train.
-
-    max_users: hold out the last event of at most this many users (a seeded random sample of the eligible
-    ones; None = all). Every held-out event is a training pair lost: on Magazine's leave-last-out train split
-    (76,240 events, most users with 1-3), holding out all 8,535 eligible users left 1,910 training pairs, 1,000
-    users left 9,445.
-    """
-    if max_users is not None and max_users < 0:
-        raise ValueError(f"max_users must be >= 0 or None, got {max_users}")
-    d = df.sort_values([USER_ID, TS], kind="stable")
-    n_per_user = d.groupby(USER_ID, sort=False)[TS].transform("size").to_numpy()
-    is_last = ~d[USER_ID].duplicated(keep="last").to_numpy()
-    to_valid = is_last & (n_per_user >= 2)
-    if max_users is not None and to_valid.sum() > max_users:
-        rows = np.flatnonzero(to_valid)
-        keep = np.random.default_rng(seed).choice(len(rows), size=max_users, replace=False)
-        to_valid = np.zeros(len(d), bool)
-        to_valid[rows[keep]] = True
-    return d[~to_valid].reset_index(drop=True), d[to_valid].reset_index(drop=True)
 
 
 class LLMRecRecommender:
@@ -56,6 +33,12 @@ class LLMRecRecommender:
         name: key in metrics.json["models"].
         out_dir: where the scorer artifact goes (default: a temporary folder kept for this object's life).
         n_candidates: retrieval candidates re-ranked by the MLP in `score`.
+        validation: the evaluation's shared validation split (`llmrec.eval.tuning.InnerValidation`) of the
+            train frame `fit` gets: training then uses its inner train and validation events, the very targets
+            the baselines are tuned on (None: `split_last_event(train, val_users, seed)`, the same split for
+            an inner-split validation).
+        pretrained: `fit` loads the scorer already in `out_dir` instead of training, after checking that it
+            was trained on this very train frame, validation and item vectors (`reusable_scorer`).
         train_kwargs: passed to `fit_scorer` (num_workers, epochs, batch_size, lr, seed, patience, dim, ...).
     """
 
@@ -64,14 +47,21 @@ class LLMRecRecommender:
         name: str = "llmrec",
         out_dir: str | os.PathLike | None = None,
         n_candidates: int = 200,
+        validation: Any = None,
+        pretrained: bool = False,
         **train_kwargs: Any,
     ):
+        if pretrained and out_dir is None:
+            raise ValueError("pretrained=True needs out_dir, the trained scorer folder")
         self.name = name
         self.out_dir = out_dir
         self.n_candidates = n_candidates
+        self.validation = validation
+        self.pretrained = pretrained
         self.train_kwargs = train_kwargs
         self.scorer = None
         self.meta: dict | None = None
+        self.tuning: dict[str, Any] = {}
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     def fit(self, train: pd.DataFrame, items: ItemSpace) -> None:
@@ -83,9 +73,31 @@ class LLMRecRecommender:
             out = Path(self._tmp.name)
         else:
             out = Path(self.out_dir)
-        logger.info("%s: fit on %d events (validation users held out inside fit_scorer)", self.name, len(train))
-        self.meta = fit_scorer(train, items, out, **self.train_kwargs)
+        from llmrec.scorer.train import DEFAULTS
+
+        if self.validation is not None:
+            if train is not self.validation.source:
+                raise ValueError(f"{self.name}: fit got a train frame other than its validation's source")
+            tr, va = self.validation.train, self.validation.valid
+        else:
+            val_users = self.train_kwargs.get("val_users", DEFAULTS["val_users"])
+            tr, va = split_last_event(train, val_users, self.train_kwargs.get("seed", 0))
+        if self.pretrained:
+            ok, why = reusable_scorer(out, tr, va, items)
+            if not ok:
+                raise ValueError(f"{self.name}: the scorer in {out} cannot stand for this fit: {why}")
+            self.meta = json.loads((out / META_FILE).read_text())
+            logger.info("%s: reusing the scorer in %s (trained on this very split)", self.name, out)
+        else:
+            logger.info("%s: fit on %d events, %d validation targets", self.name, len(tr), len(va))
+            self.meta = fit_scorer(tr, items, out, valid_df=va if len(va) else None, **self.train_kwargs)
         self.scorer = Scorer.load(out)
+        m = self.meta or {}
+        cfg = m.get("model_config", {}) or {}
+        self.tuning = {"best_epoch": m.get("best_epoch"), "rerank": cfg.get("rerank"),
+                       "cooc_weight": cfg.get("cooc_weight"), "n_valid": len(va),
+                       "reused_run_scorer": self.pretrained,
+                       "val_ndcg@10": (m.get("metrics") or {}).get("val_ndcg@10")}
 
     def score(self, histories: list[History], use_cooc: bool = True) -> np.ndarray:
         if self.scorer is None:
@@ -100,6 +112,35 @@ class LLMRecRecommender:
     def neural_only(self) -> NeuralOnlyView:
         """The same fitted scorer ranked without its co-occurrence term, as a model of its own."""
         return NeuralOnlyView(self)
+
+
+def reusable_scorer(
+    scorer_dir: str | os.PathLike, train: pd.DataFrame, valid: pd.DataFrame, items: ItemSpace
+) -> tuple[bool, str]:
+    """(True, "") when `scorer_dir` holds a scorer trained on exactly these train and validation events
+    (meta.json "holdout" fingerprints, written by `llmrec train --holdout loo`) over these item ids and text
+    vectors; else (False, why)."""
+    import torch
+
+    from llmrec.data.order import frame_fingerprint
+
+    path = Path(scorer_dir) / META_FILE
+    if not path.is_file():
+        return False, f"no {path}"
+    hold = json.loads(path.read_text()).get("holdout") or {}
+    if not hold:
+        return False, "it was trained on every event (no holdout in its meta.json)"
+    if hold.get("train_fingerprint") != frame_fingerprint(train):
+        return False, "its training events differ from this split's"
+    if hold.get("valid_fingerprint") != frame_fingerprint(valid):
+        return False, "its validation events differ from this split's"
+    sd = torch.load(Path(scorer_dir) / SCORER_MODEL_FILE, map_location="cpu", weights_only=False)["model"]
+    ids = np.load(Path(scorer_dir) / INDEX_IDS_FILE, allow_pickle=True)
+    if len(ids) != items.n_items or not np.array_equal(ids.astype(str), items.item_ids.astype(str)):
+        return False, "its item ids differ from the evaluation's"
+    if not np.array_equal(sd["text_vectors"].numpy(), np.asarray(items.text_vectors, np.float32)):
+        return False, "its item text vectors differ from this split's"
+    return True, ""
 
 
 class NeuralOnlyView:

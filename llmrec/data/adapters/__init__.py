@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from llmrec.data.catalog import empty_rejects
+from llmrec.data.item_text import TextSpec
 
 
 @dataclass
@@ -27,6 +28,10 @@ class Loaded:
     rejects: pd.DataFrame = field(default_factory=empty_rejects)  # catalog.REJECT_COLUMNS
     notes: dict[str, object] = field(default_factory=dict)  # extra meta.json fields
     facet_source: str | None = None  # where `facets` came from (meta.json facets.source); None: no facets
+    # user-written item text (llmrec.data.item_text): user_id, item_id, ts, text rows, and how they are
+    # joined; items then carry `text_base`, and `text` = build_item_texts(text_base, text_events, text_spec)
+    text_events: pd.DataFrame | None = None
+    text_spec: TextSpec | None = None
 
 
 def require_files(source: Path, names: list[str], dataset: str, homepage: str | None = None) -> list[Path]:

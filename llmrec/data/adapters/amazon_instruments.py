@@ -1,0 +1,16 @@
+"""Amazon Musical Instruments 5-core (2014): reviews only; see llmrec.data.adapters.amazon_reviews.
+Tests: test_prepare.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmrec.data.adapters import Loaded
+from llmrec.data.adapters.amazon_reviews import load_reviews
+
+NAME = "amazon-musical-instruments-5core-2014"
+FILE = "Musical_Instruments_5.json.gz"
+
+
+def load(source: Path) -> Loaded:
+    return load_reviews(source, FILE, "Musical Instruments", NAME)

@@ -378,23 +378,14 @@ def test_load_refuses_files_that_disagree_with_meta(small, tmp_path):
 
 
 # ---------------------------------------------------------------- build_index / CLI
-def _write_embeddings(
-    d: Path, x: np.ndarray, ids: list[str], model_name: str = "tiny-bert", shards: int = 0
-) -> Path:
-    """An embed artifact: one embeddings.parquet, or with `shards` a folder of that many parquet files."""
+def _write_embeddings(d: Path, x: np.ndarray, ids: list[str], model_name: str = "tiny-bert") -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     d.mkdir(parents=True, exist_ok=True)
     emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1])
     table = pa.table({ITEM_ID: pa.array(ids, pa.string()), EMBEDDING: emb})
-    if shards:
-        (d / EMBEDDINGS_FILE).mkdir()
-        cuts = np.linspace(0, len(ids), shards + 1).astype(int)
-        for s, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
-            pq.write_table(table.slice(lo, hi - lo), d / EMBEDDINGS_FILE / f"part-{s:05d}.parquet")
-    else:
-        pq.write_table(table, d / EMBEDDINGS_FILE, row_group_size=700)
+    pq.write_table(table, d / EMBEDDINGS_FILE, row_group_size=700)  # several row groups
     write_meta(
         d,
         "embed",
@@ -407,26 +398,22 @@ def _write_embeddings(
     return d
 
 
-@pytest.mark.parametrize("shards", [0, 3])
-def test_iter_embeddings_streams_what_load_embeddings_reads(small, tmp_path, shards):
+def test_iter_embeddings_streams_what_load_embeddings_reads(small, tmp_path):
     from llmrec.embed.artifact import iter_embeddings, load_embeddings
 
     x, _ = small
-    d = _write_embeddings(tmp_path / "emb", x, _ids(2000), shards=shards)
-    batches = iter_embeddings(d, batch_rows=512)
-    assert (batches.n_items, batches.dim, len(batches)) == (2000, 32, 2000)
-    for _ in range(2):  # re-iterable: every pass yields the same chunks
-        chunks = list(batches)
+    d = _write_embeddings(tmp_path / "emb", x, _ids(2000))
+    for _ in range(2):  # every call is a fresh pass with the same chunks
+        chunks = list(iter_embeddings(d, batch_rows=512))
         assert max(len(i) for i, _ in chunks) <= 512 and len(chunks) >= 4
         assert [i for c, _ in chunks for i in c] == _ids(2000)
         np.testing.assert_array_equal(np.concatenate([v for _, v in chunks]), x)
-    if not shards:
-        whole = load_embeddings(d)
-        np.testing.assert_array_equal(whole.vectors, x)
-        assert list(whole.item_ids) == _ids(2000)
+    whole = load_embeddings(d)
+    np.testing.assert_array_equal(whole.vectors, x)
+    assert list(whole.item_ids) == _ids(2000)
     meta = json.loads((d / META_FILE).read_text())
     (d / META_FILE).write_text(json.dumps({**meta, "n_items": 2001}))
-    with pytest.raises(ArtifactError, match="2000 rows in .* meta.json says n_items=2001"):
+    with pytest.raises(ArtifactError, match="holds 2000 rows, its meta.json says n_items=2001"):
         list(iter_embeddings(d))
     (d / META_FILE).write_text(json.dumps({**meta, "dim": 16}))
     with pytest.raises(ArtifactError, match=r"fixed_size_list<float32>\[16\].*got fixed_size_list"):
@@ -471,7 +458,7 @@ def test_build_index_records_recall_in_meta(small, tmp_path):
     from llmrec.index.build import build_index
 
     x, q = small
-    emb = _write_embeddings(tmp_path / "emb", x, _ids(len(x)), model_name="m", shards=2)
+    emb = _write_embeddings(tmp_path / "emb", x, _ids(len(x)), model_name="m")
     meta = build_index(emb, tmp_path / "index", kind="IVF32,SQ8", sample=300, batch_rows=256)
     assert (meta["kind"], meta["factory"], meta["n_items"], meta["embed"]["model_name"]) == (
         "IVF32,SQ8",
@@ -534,7 +521,7 @@ def test_cli_factory_kind_adds_without_retraining(small, tmp_path, capsys):
 
     x, q = small
     emb = _write_embeddings(tmp_path / "emb", x[:1500], _ids(1500))
-    more = _write_embeddings(tmp_path / "more", x[1500:], _ids(2000)[1500:], shards=2)
+    more = _write_embeddings(tmp_path / "more", x[1500:], _ids(2000)[1500:])
     out = tmp_path / "index"
     assert (
         _cli(["--embeddings", str(emb), "--out", str(out), "--index-kind", "IVF32,PQ16", "--sample", "200"])

@@ -25,7 +25,7 @@ from llmrec.schema import EMBEDDING, EMBEDDINGS_FILE, ITEM_ID
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EmbeddingBatches", "Embeddings", "iter_embeddings", "load_embeddings"]
+__all__ = ["Embeddings", "iter_embeddings", "load_embeddings"]
 
 
 @dataclass(frozen=True)
@@ -95,90 +95,59 @@ def load_embeddings(art_dir: str | os.PathLike) -> Embeddings:
     return Embeddings(item_ids=item_ids, vectors=vectors, meta=meta)
 
 
-class EmbeddingBatches:
-    """Re-iterable stream of an embeddings artifact in chunks: `for item_ids, vectors in batches: ...`.
+def iter_embeddings(
+    art_dir: str | os.PathLike, batch_rows: int = 65_536
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (item_ids object (M,), vectors float32 (M, D)) batches in row order, at most `batch_rows` each.
 
-    Each iteration re-opens the files and yields (item_ids object (M,), vectors float32 (M, D)) with
-    M <= `batch_rows`, holding one chunk (plus the reader's buffers) at a time. The chunk order is the same
-    on every pass; item identity is carried by the ids, never by the row position. Build one with
-    `iter_embeddings`.
-
-    Attributes:
-        meta: the artifact's meta.json; n_items: N; dim: D; paths: the parquet files read, in order.
-    """
-
-    def __init__(self, art_dir: str | os.PathLike, batch_rows: int = 65_536) -> None:
-        if batch_rows < 1:
-            raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
-        self.art_dir = Path(art_dir)
-        self.meta = read_meta(art_dir, "embed")
-        self.batch_rows = int(batch_rows)
-        path = self.art_dir / EMBEDDINGS_FILE
-        if path.is_dir():  # a folder of shards, read in name order
-            self.paths = sorted(p for p in path.rglob("*.parquet") if p.is_file())
-        elif path.is_file():
-            self.paths = [path]
-        else:
-            self.paths = []
-        if not self.paths:
-            raise ArtifactError(
-                f"{art_dir} has an embed meta.json but no {EMBEDDINGS_FILE} (file or folder of parquet "
-                f"shards); re-run `llmrec embed`"
-            )
-        self.n_items = int(self.meta.get("n_items", -1))
-        self.dim = int(self.meta.get("dim", -1))
-
-    def __len__(self) -> int:
-        return self.n_items
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        seen = 0
-        for path in self.paths:
-            # pre_buffer (pyarrow's default) keeps every column chunk it has read: the whole file by the
-            # end of a pass (1.5 GB at 1M x 384); a plain buffered stream holds one batch
-            pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 22)
-            missing = [c for c in (ITEM_ID, EMBEDDING) if c not in pf.schema_arrow.names]
-            if missing:
-                raise ArtifactError(
-                    f"{path} lacks column(s) {missing} (has {pf.schema_arrow.names}); re-run `llmrec embed`"
-                )
-            for batch in pf.iter_batches(batch_size=self.batch_rows, columns=[ITEM_ID, EMBEDDING]):
-                emb = batch.column(EMBEDDING)
-                if (
-                    not pa.types.is_fixed_size_list(emb.type)
-                    or emb.type.list_size != self.dim
-                    or emb.null_count
-                ):
-                    raise ArtifactError(
-                        f"{path}: {EMBEDDING!r} must be non-null fixed_size_list<float32>[{self.dim}] (the "
-                        f"meta.json dim), got {emb.type} with {emb.null_count} nulls; re-run `llmrec embed`"
-                    )
-                m = batch.num_rows
-                vectors = np.asarray(emb.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(m, -1)
-                ids = np.asarray(batch.column(ITEM_ID).to_numpy(zero_copy_only=False), dtype=object)
-                seen += m
-                yield ids, vectors
-        if seen != self.n_items:
-            raise ArtifactError(
-                f"{self.art_dir}: {seen} rows in {len(self.paths)} parquet file(s), its meta.json says "
-                f"n_items={self.n_items}; the folder is stale or truncated, re-run `llmrec embed`"
-            )
-
-
-def iter_embeddings(art_dir: str | os.PathLike, batch_rows: int = 65_536) -> EmbeddingBatches:
-    """Stream an embeddings artifact in chunks of at most `batch_rows` rows (see `EmbeddingBatches`).
+    Holds one batch (plus the reader's buffer) at a time; call it again for another pass. Item identity is
+    carried by the ids, never by the row position. Checks columns, dim and nulls as it goes, and the total
+    row count against meta.json at the end of the pass.
 
     Example::
 
-        batches = iter_embeddings("runs/ml/embeddings")
-        for item_ids, vectors in batches:  # (M,) object, (M, D) float32
+        for item_ids, vectors in iter_embeddings("runs/ml/embeddings"):  # (M,) object, (M, D) float32
             ...
 
     Raises:
-        ArtifactError (a ValueError): no meta / wrong stage / no parquet; while iterating, a column missing,
-            a dim that differs from meta.json, or a row count that does (checked at the end of a pass).
+        ArtifactError (a ValueError): no meta / wrong stage / missing file / a column, dim or row count
+            that differs from meta.json.
     """
-    return EmbeddingBatches(art_dir, batch_rows)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    meta = read_meta(art_dir, "embed")
+    dim, n_meta = meta.get("dim"), meta.get("n_items")
+    path = Path(art_dir) / EMBEDDINGS_FILE
+    if not path.is_file():
+        raise ArtifactError(
+            f"{art_dir} has an embed meta.json but no {EMBEDDINGS_FILE}; re-run `llmrec embed`"
+        )
+    # pre_buffer (pyarrow's default) keeps every column chunk it has read: the whole file by the end of a
+    # pass (1.5 GB at 1M x 384); a plain buffered stream holds one batch
+    pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 22)
+    missing = [c for c in (ITEM_ID, EMBEDDING) if c not in pf.schema_arrow.names]
+    if missing:
+        raise ArtifactError(
+            f"{path} lacks column(s) {missing} (has {pf.schema_arrow.names}); re-run `llmrec embed`"
+        )
+    n = 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=[ITEM_ID, EMBEDDING]):
+        emb = batch.column(EMBEDDING)
+        if not pa.types.is_fixed_size_list(emb.type) or emb.type.list_size != dim or emb.null_count:
+            raise ArtifactError(
+                f"{path}: {EMBEDDING!r} must be non-null fixed_size_list<float32>[{dim}] (meta.json dim), "
+                f"got {emb.type} with {emb.null_count} nulls; re-run `llmrec embed`"
+            )
+        m = batch.num_rows
+        vectors = np.asarray(emb.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(m, -1)
+        ids = np.asarray(batch.column(ITEM_ID).to_numpy(zero_copy_only=False), dtype=object)
+        n += m
+        yield ids, vectors
+    if n != n_meta:
+        raise ArtifactError(
+            f"{path} holds {n} rows, its meta.json says n_items={n_meta}; the folder is stale or truncated, "
+            f"re-run `llmrec embed`"
+        )

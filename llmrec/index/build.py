@@ -43,7 +43,7 @@ def build_index(
     """Build and save an index over an embeddings artifact, streaming it in chunks.
 
     Args:
-        embeddings_dir: folder written by `llmrec embed` (embeddings.parquet + meta.json).
+        embeddings_dir: folder written by `llmrec embed` (read through `iter_embeddings`).
         out_dir: index folder to write (index.faiss | index.npy, item_ids.npy, meta.json).
         kind: "auto" | "flat" | "hnsw" | "ivf" | "torch" | a FAISS index_factory string (`ItemIndex.build`).
         check: also measure recall@10 for the exact kinds (approximate kinds always do).
@@ -58,21 +58,21 @@ def build_index(
     """
     if sample < 1:
         raise ValueError(f"sample must be >= 1 catalog items, got {sample}")
-    batches = iter_embeddings(embeddings_dir, batch_rows=batch_rows)
+    embed_meta = read_meta(embeddings_dir, "embed")
     idx = ItemIndex.build_from_batches(
-        lambda: iter(batches),
-        n_items=batches.n_items,
-        dim=batches.dim,
+        lambda: iter_embeddings(embeddings_dir, batch_rows=batch_rows),  # a fresh pass per call
+        n_items=int(embed_meta["n_items"]),
+        dim=int(embed_meta["dim"]),
         kind=kind,
         device=device,
         normalize=False,
-        embed_meta=batches.meta,
+        embed_meta=embed_meta,
         recall_sample=sample,
         check=check,
         **params,
     )
     stats = idx.build_stats
-    meta = idx.save(out_dir, batches.meta, embeddings_dir=os.fspath(embeddings_dir))
+    meta = idx.save(out_dir, embed_meta, embeddings_dir=os.fspath(embeddings_dir))
     logger.info(
         "indexed %d items (%s, dim %d) into %s in %.1fs%s",
         idx.n_items,
@@ -107,12 +107,11 @@ def add_to_index(
     Raises:
         ArtifactError / ValueError: another encoder, or ids already indexed without `skip_existing`.
     """
-    batches = iter_embeddings(embeddings_dir, batch_rows=batch_rows)
-    embed_meta = batches.meta
+    embed_meta = read_meta(embeddings_dir, "embed")
     idx = ItemIndex.load(index_dir, expect_embed_meta=embed_meta, device=device)
     old_meta = read_meta(index_dir, "index")
     n_present, examples, n_total = 0, [], 0
-    for ids, _ in batches:  # first pass: refuse before changing anything
+    for ids, _ in iter_embeddings(embeddings_dir, batch_rows=batch_rows):  # refuse before changing anything
         present = [i for i in ids if i in idx]
         n_present += len(present)
         examples += present[: 5 - len(examples)]
@@ -126,7 +125,7 @@ def add_to_index(
         logger.info("skipping %d of %d items already in the index", n_present, n_total)
     n_before = idx.n_items
     t0 = time.perf_counter()
-    for ids, vectors in batches:
+    for ids, vectors in iter_embeddings(embeddings_dir, batch_rows=batch_rows):
         new = np.array([i not in idx for i in ids], dtype=bool)
         idx.add(list(ids[new]), vectors[new])
     add_s = time.perf_counter() - t0

@@ -17,7 +17,9 @@ once for exact kinds and twice for the others: a first pass keeps only a seeded 
 training rows, at most max(100k, 64 x nlist), and the recall queries), the second adds chunk by chunk and
 folds each chunk into the exact top-10 of the sampled queries. So no full float32 copy of the matrix exists
 next to a compressed index at any time (the torch kind holds one: it is that index; so does faiss flat).
-IVF k-means runs 10 iterations (quality saturates early; nprobe tuning covers the rest).
+IVF k-means runs 10 iterations (quality saturates early; nprobe tuning covers the rest); 8-bit PQ skips
+faiss's polysemous training (minutes of annealing for a search mode never used here). Flat code storage is
+reserved for N rows before the adds, so it is not doubled-and-copied on the way.
 
 Approximate kinds tune their search knob (IVF nprobe: powers of two up to min(nlist, 2048); HNSW efSearch:
 64..512) on 500 sampled catalog items to the smallest value that reaches `target_recall` (default 0.97) @10,
@@ -34,7 +36,8 @@ Choices where docs/design.md is silent:
 - `exclude` names item ids to drop per query; ids that are not in the index are ignored. They never come
   back: faiss filters them during the search (an IDSelector in the search parameters; one faiss call per
   query that excludes something), torch sets their scores to -inf. Exact kinds therefore return exactly
-  the brute-force top-k over the remaining items.
+  the brute-force top-k over the remaining items. Where faiss refuses search parameters (faiss GPU,
+  `Refine`, flat `PQ`) the backend over-fetches k + |exclusions| and filters (logged once).
 - Missing results (fewer than k items, or filtered out) are padded with item id "" and score -inf.
 - `search` and `add` hold one lock, so a serving actor may call them from several threads.
 - After a fallback (no faiss, or no faiss GPU) `.kind` is the kind that actually runs ("torch").

@@ -1,4 +1,5 @@
-"""`llmrec index`: embeddings artifact -> item index artifact (FAISS flat / HNSW / IVF, or exact torch)."""
+"""`llmrec index`: embeddings artifact -> item index artifact (FAISS flat / HNSW / IVF / any index_factory
+string, or exact torch)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from llmrec.storage import Arg, In, Out
 logger = logging.getLogger(__name__)
 
 HELP = (
-    "build a top-k item index (faiss flat/hnsw/ivf or torch) over an embeddings artifact, or add items to one"
+    "build a top-k item index (faiss flat/hnsw/ivf/factory string, or torch) over an embeddings artifact, "
+    "or add items to one"
 )
 
 
@@ -24,17 +26,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kind",
+        "--index-kind",
+        dest="kind",
         default="auto",
-        choices=["auto", "flat", "hnsw", "ivf", "torch"],
-        help="auto: exact flat below 50k items, HNSW above; on a GPU faiss GPU flat or torch (default auto)",
+        metavar="KIND",
+        help="auto | flat | hnsw | ivf | torch, or a FAISS index_factory string such as IVF4096,SQ8, "
+        "IVF4096,PQ48, HNSW32,SQ8 (inner product). auto: exact flat below 50k items, HNSW below 1M, "
+        "IVF{~4 sqrt N},SQ8 from 1M; on a GPU below 1M faiss GPU flat or torch (default auto)",
     )
     p.add_argument(
         "--check",
         action="store_true",
-        help="measure recall@10 against exact search on --sample catalog items (stored in meta.json)",
+        help="also measure recall@10 for the exact kinds (flat, torch); approximate kinds always measure "
+        "it against exact search on --sample catalog items (stored in meta.json)",
     )
     p.add_argument(
-        "--sample", type=int, default=1000, help="catalog items used as queries by --check (default 1000)"
+        "--sample", type=int, default=1000, help="catalog items used as recall queries (default 1000)"
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:i (default auto)")
     p.add_argument(
@@ -43,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="index parameter, repeatable: hnsw M, ef_construction, ef_search, target_recall; "
-        "ivf nlist, nprobe, target_recall; torch chunk_elems",
+        "ivf nlist, nprobe, target_recall, train_size; factory strings nprobe or ef_search, "
+        "target_recall, train_size; torch chunk_elems",
     )
     p.add_argument(
         "--add-embeddings",
@@ -99,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     rec = f", recall@10 {meta['recall_at_10']:.4f} vs exact" if "recall_at_10" in meta else ""
     print(
         f"indexed {meta['n_items']} x {meta['dim']} items ({meta['embed'].get('model_name')}) as a "
-        f"{meta['kind']} index in {args.out} in {meta['build_s']:.1f}s{rec}"
+        f"{meta['kind']} index ({meta['index_bytes'] / 2**20:.1f} MiB) in {args.out} in "
+        f"{meta['build_s']:.1f}s{rec}"
     )
     return 0
 

@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma list, subset of {','.join(STAGES)}")
     p.add_argument("--model", default=None, help="encoder: local HF dir or hub name (default: bundled MiniLM-L6)")
     p.add_argument("--batch-size", type=int, default=None, help="embed batch size (default: embed's)")
-    p.add_argument("--index-kind", default="auto", help="auto|flat|hnsw|ivf|torch")
+    p.add_argument("--index-kind", default="auto",
+                   help="auto|flat|hnsw|ivf|torch or a FAISS index_factory string, e.g. IVF4096,SQ8")
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: train's)")
     p.add_argument("--epochs", type=int, default=5, help="training epochs, also for the models evaluate retrains (default 5: ~6 min per fit on 2 CPU cores for MovieLens)")
     p.add_argument("--max-test-users", type=int, default=None, help="cap evaluated users per protocol")

@@ -1,12 +1,15 @@
 """Embeddings artifact -> index artifact (`llmrec index`), and in-place additions to an index artifact.
 
-`build_index` reads the embeddings folder (via `llmrec.embed.artifact.load_embeddings`, or a small pyarrow
-reader when that module is missing), builds an `ItemIndex`, saves it, and with `check=True` measures
-recall@10 against exact search: `sample` catalog items are the queries, and each query item itself is
-dropped from both result lists (it would find itself trivially and inflate the figure).
+`build_index` streams the embeddings folder in chunks (`llmrec.embed.artifact.iter_embeddings`) into
+`ItemIndex.build_from_batches`: kinds that train read it twice (a seeded sample, then the adds), so the
+whole matrix is never in memory beside a compressed index. Approximate kinds always measure recall@10
+against exact search on `sample` catalog items (each query item dropped from both lists, it would find
+itself trivially); `check=True` measures the exact kinds too. The figure lands in meta.json as
+`recall_at_10` (with `recall_queries`, `recall_at_10_n_items`).
 
 `add_to_index` loads an index folder, checks that another embeddings artifact comes from the same encoder
-(model_name, dim), adds its items and rewrites the folder; the meta records every addition under `added`.
+(model_name, dim), adds its items chunk by chunk (IVF/PQ kinds encode them with the trained quantizer, no
+retraining) and rewrites the folder; the meta records every addition under `added`.
 """
 
 from __future__ import annotations
@@ -14,18 +17,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmrec.artifacts import ArtifactError, read_meta
-from llmrec.index.item_index import ItemIndex, exact_topk, recall_at_k
-from llmrec.schema import EMBEDDING, EMBEDDINGS_FILE, ITEM_ID
+from llmrec.artifacts import read_meta
+from llmrec.embed.artifact import iter_embeddings
+from llmrec.index.item_index import ItemIndex
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_to_index", "build_index", "check_recall"]
+__all__ = ["add_to_index", "build_index"]
 
 
 def build_index(
@@ -35,44 +37,50 @@ def build_index(
     check: bool = False,
     sample: int = 1000,
     device: str = "auto",
+    batch_rows: int = 65_536,
     **params: Any,
 ) -> dict[str, Any]:
-    """Build and save an index over an embeddings artifact.
+    """Build and save an index over an embeddings artifact, streaming it in chunks.
 
     Args:
-        embeddings_dir: folder written by `llmrec embed` (embeddings.parquet + meta.json).
+        embeddings_dir: folder written by `llmrec embed` (read through `iter_embeddings`).
         out_dir: index folder to write (index.faiss | index.npy, item_ids.npy, meta.json).
-        kind: "auto" | "flat" | "hnsw" | "ivf" | "torch" (see `ItemIndex.build`).
-        check: measure recall@10 vs exact search on `sample` catalog items; stored as `recall_at_10`.
-        sample: number of catalog items used as queries by `check`.
+        kind: "auto" | "flat" | "hnsw" | "ivf" | "torch" | a FAISS index_factory string (`ItemIndex.build`).
+        check: also measure recall@10 for the exact kinds (approximate kinds always do).
+        sample: catalog items used as recall queries.
         device: "auto" | "cpu" | "cuda[:i]".
+        batch_rows: rows per chunk read from the embeddings.
         **params: kind parameters passed to `ItemIndex.build`.
 
     Returns:
-        the index meta.json written (kind, dim, metric, n_items, embed, params, build_s[, recall_at_10]).
+        the index meta.json written (kind, dim, metric, n_items, embed, params, build_s, index_bytes,
+        [factory, recall_at_10, recall_queries, recall_at_10_n_items, train_size, tuning]).
     """
     if sample < 1:
         raise ValueError(f"sample must be >= 1 catalog items, got {sample}")
-    ids, vectors, embed_meta = _read_embeddings(embeddings_dir)
-    t0 = time.perf_counter()
-    idx = ItemIndex.build(
-        vectors,
-        ids,
+    embed_meta = read_meta(embeddings_dir, "embed")
+    idx = ItemIndex.build_from_batches(
+        lambda: iter_embeddings(embeddings_dir, batch_rows=batch_rows),  # a fresh pass per call
+        n_items=int(embed_meta["n_items"]),
+        dim=int(embed_meta["dim"]),
         kind=kind,
         device=device,
-        normalize=False,  # type: ignore[arg-type]
+        normalize=False,
         embed_meta=embed_meta,
+        recall_sample=sample,
+        check=check,
         **params,
     )
-    build_s = time.perf_counter() - t0
-    extra: dict[str, Any] = {"build_s": round(build_s, 3), "embeddings_dir": os.fspath(embeddings_dir)}
-    if check:
-        rec, n_q = check_recall(idx, sample=sample)
-        extra.update(recall_at_10=round(rec, 4), recall_queries=n_q, recall_at_10_n_items=idx.n_items)
-        logger.info("recall@10 of the %s index vs exact search on %d catalog items: %.4f", idx.kind, n_q, rec)
-    meta = idx.save(out_dir, embed_meta, **extra)
+    stats = idx.build_stats
+    meta = idx.save(out_dir, embed_meta, embeddings_dir=os.fspath(embeddings_dir))
     logger.info(
-        "indexed %d items (%s, dim %d) into %s in %.1fs", idx.n_items, idx.kind, idx.dim, out_dir, build_s
+        "indexed %d items (%s, dim %d) into %s in %.1fs%s",
+        idx.n_items,
+        idx.kind,
+        idx.dim,
+        out_dir,
+        stats["build_s"],
+        f", recall@10 {stats['recall_at_10']:.4f} vs exact" if "recall_at_10" in stats else "",
     )
     return meta
 
@@ -82,6 +90,7 @@ def add_to_index(
     embeddings_dir: str | os.PathLike,
     skip_existing: bool = False,
     device: str = "auto",
+    batch_rows: int = 65_536,
 ) -> dict[str, Any]:
     """Add the items of another embeddings artifact to an existing index folder, in place.
 
@@ -90,6 +99,7 @@ def add_to_index(
         embeddings_dir: embeddings artifact from the same encoder (model_name and dim must match).
         skip_existing: leave out items already in the index (counted and logged) instead of refusing.
         device: "auto" | "cpu" | "cuda[:i]".
+        batch_rows: rows per chunk read from the embeddings.
 
     Returns:
         the rewritten index meta.json (n_items updated; `added` lists each addition).
@@ -97,53 +107,42 @@ def add_to_index(
     Raises:
         ArtifactError / ValueError: another encoder, or ids already indexed without `skip_existing`.
     """
-    ids, vectors, embed_meta = _read_embeddings(embeddings_dir)
+    embed_meta = read_meta(embeddings_dir, "embed")
     idx = ItemIndex.load(index_dir, expect_embed_meta=embed_meta, device=device)
     old_meta = read_meta(index_dir, "index")
-    present = np.array([i in idx for i in ids], dtype=bool)
-    if present.any() and not skip_existing:
+    n_present, examples, n_total = 0, [], 0
+    for ids, _ in iter_embeddings(embeddings_dir, batch_rows=batch_rows):  # refuse before changing anything
+        present = [i for i in ids if i in idx]
+        n_present += len(present)
+        examples += present[: 5 - len(examples)]
+        n_total += len(ids)
+    if n_present and not skip_existing:
         raise ValueError(
-            f"{int(present.sum())} of {len(ids)} items in {embeddings_dir} are already in the index "
-            f"{index_dir}, e.g. {list(ids[present][:5])}; pass --skip-existing to add only new ones"
+            f"{n_present} of {n_total} items in {embeddings_dir} are already in the index "
+            f"{index_dir}, e.g. {examples}; pass --skip-existing to add only new ones"
         )
-    if present.any():
-        logger.info("skipping %d of %d items already in the index", int(present.sum()), len(ids))
-    new_ids, new_vecs = ids[~present], vectors[~present]
+    if n_present:
+        logger.info("skipping %d of %d items already in the index", n_present, n_total)
     n_before = idx.n_items
     t0 = time.perf_counter()
-    idx.add(list(new_ids), new_vecs)
+    for ids, vectors in iter_embeddings(embeddings_dir, batch_rows=batch_rows):
+        new = np.array([i not in idx for i in ids], dtype=bool)
+        idx.add(list(ids[new]), vectors[new])
     add_s = time.perf_counter() - t0
+    n_added = idx.n_items - n_before
     added = list(old_meta.get("added", [])) + [
         {
             "embeddings_dir": os.fspath(embeddings_dir),
-            "n_added": int(len(new_ids)),
-            "n_skipped": int(present.sum()),
+            "n_added": int(n_added),
+            "n_skipped": int(n_present),
             "dataset_fingerprint": embed_meta.get("dataset_fingerprint"),
             "add_s": round(add_s, 3),
         }
     ]
     keep = {k: v for k, v in old_meta.items() if k not in _OWN_META_KEYS}  # build_s, recall_at_10[_n_items]
     meta = idx.save(index_dir, idx.embed_meta, **{**keep, "added": added})
-    logger.info(
-        "added %d items to %s (%d -> %d) in %.2fs", len(new_ids), index_dir, n_before, idx.n_items, add_s
-    )
+    logger.info("added %d items to %s (%d -> %d) in %.2fs", n_added, index_dir, n_before, idx.n_items, add_s)
     return meta
-
-
-def check_recall(index: ItemIndex, sample: int = 1000, k: int = 10, seed: int = 0) -> tuple[float, int]:
-    """recall@k of `index.search` vs exact search, with `sample` catalog items as queries (self excluded).
-
-    Returns:
-        (recall in [0, 1], number of queries used).
-    """
-    n = index.n_items
-    rows = np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False)
-    xq = index.vectors[rows]  # (S, D)
-    _, exact = exact_topk(index.vectors, xq, k + 1)  # (S, k+1) rows
-    self_ids = index.item_ids[rows]
-    _, got_ids = index.search(xq, k, exclude=[[i] for i in self_ids])  # (S, k) ids, self left out
-    got = np.array([[index.position(i) if i else -1 for i in row] for row in got_ids], dtype=np.int64)
-    return recall_at_k(got, exact, k, self_pos=rows), len(rows)
 
 
 _OWN_META_KEYS = (
@@ -158,48 +157,6 @@ _OWN_META_KEYS = (
     "embed",
     "params",
     "added",
+    "index_bytes",
+    "factory",
 )
-
-
-def _read_embeddings(art_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(item_ids object (N,), vectors float32 (N, D), embed meta) from an embeddings artifact folder."""
-    try:
-        from llmrec.embed.artifact import load_embeddings
-    except ImportError:
-        load_embeddings = None
-    if load_embeddings is not None:
-        emb = load_embeddings(art_dir)
-        return (
-            np.asarray(emb.item_ids, dtype=object),
-            np.asarray(emb.vectors, dtype=np.float32),
-            dict(emb.meta),
-        )
-    return _read_embeddings_parquet(art_dir)
-
-
-def _read_embeddings_parquet(art_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    meta = read_meta(art_dir, "embed")
-    path = Path(art_dir) / EMBEDDINGS_FILE
-    if not path.is_file():
-        raise ArtifactError(
-            f"{art_dir} has an embed meta.json but no {EMBEDDINGS_FILE}; re-run `llmrec embed`"
-        )
-    table = pq.read_table(path, columns=[ITEM_ID, EMBEDDING])
-    emb = table.column(EMBEDDING).combine_chunks()
-    if not pa.types.is_fixed_size_list(emb.type) or emb.null_count:
-        raise ArtifactError(
-            f"{path}: {EMBEDDING!r} must be non-null fixed_size_list<float32>[D], got {emb.type} "
-            f"with {emb.null_count} nulls; re-run `llmrec embed`"
-        )
-    dim = emb.type.list_size
-    if dim != meta.get("dim") or table.num_rows != meta.get("n_items"):
-        raise ArtifactError(
-            f"{path} holds {table.num_rows} rows of dim {dim}, meta.json says "
-            f"n_items={meta.get('n_items')} dim={meta.get('dim')}; re-run `llmrec embed`"
-        )
-    vectors = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    ids = np.asarray(table.column(ITEM_ID).to_pylist(), dtype=object)
-    return ids, vectors, meta

@@ -295,15 +295,35 @@ def _write_embeddings(d: Path, x: np.ndarray, ids: list[str], model_name: str = 
     return d
 
 
-def test_parquet_reader_matches_embed_loader(small, tmp_path):
-    from llmrec.index.build import _read_embeddings, _read_embeddings_parquet
+def test_index_reads_both_embeddings_layouts(small, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmrec.index.build import _read_embeddings
 
     x, _ = small
-    d = _write_embeddings(tmp_path / "emb", x[:100], _ids(100))
-    ids1, v1, m1 = _read_embeddings_parquet(d)
-    ids2, v2, m2 = _read_embeddings(d)
-    assert list(ids1) == list(ids2) == _ids(100) and m1 == m2
+    d = _write_embeddings(tmp_path / "emb", x[:100], _ids(100))  # the single-file layout of older runs
+    ids1, v1, m1 = _read_embeddings(d)
+    assert list(ids1) == _ids(100) and m1["n_items"] == 100
     np.testing.assert_array_equal(v1, x[:100])
+    s = tmp_path / "sharded"  # what `llmrec embed` writes now: part files named by meta's parts_prefix
+    s.mkdir()
+    for k, rows in enumerate((slice(0, 60), slice(60, 100))):
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(x[rows].reshape(-1), pa.float32()), x.shape[1])
+        table = pa.table({ITEM_ID: pa.array(_ids(100)[rows], pa.string()), EMBEDDING: emb})
+        pq.write_table(table, s / f"part-w1-{k:06d}-u-0.parquet")
+    write_meta(
+        s,
+        "embed",
+        model_name="tiny-bert",
+        dim=int(x.shape[1]),
+        normalized=True,
+        n_items=100,
+        parts_prefix="part-w1-",
+        n_parts=2,
+    )
+    ids2, v2, _ = _read_embeddings(s)
+    assert list(ids2) == _ids(100)
     np.testing.assert_array_equal(v2, x[:100])
 
 

@@ -237,7 +237,9 @@ def test_shards_in_uri_out_and_the_next_version_replaces_the_old(
     out.mkdir()
     old = np.ones((2, 32), np.float32)
     pq.write_table(
-        pa.table({ITEM_ID: ["x", "y"], EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(old.ravel()), 32)}),
+        pa.table(
+            {ITEM_ID: ["x", "y"], EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(old.ravel()), 32)}
+        ),
         out / EMBEDDINGS_FILE,
     )
     write_meta(out, "embed", model_name="old", dim=32, n_items=2)
@@ -245,20 +247,31 @@ def test_shards_in_uri_out_and_the_next_version_replaces_the_old(
     (out / "notes.txt").write_text("not ours")  # a foreign file is never deleted
 
     meta = embed_catalog(
-        f"file://{shards}", f"file://{out}", model=tiny_model_dir, batch_size=16, max_length=32, device="cpu",
+        f"file://{shards}",
+        f"file://{out}",
+        model=tiny_model_dir,
+        batch_size=16,
+        max_length=32,
+        device="cpu",
         rows_per_block=50,
     )
     ref = TextEncoder(tiny_model_dir, device="cpu", max_length=32).encode(list(items[TEXT]), batch_size=64)
     emb = load_embeddings(out)
     assert list(emb.item_ids) == list(items[ITEM_ID])  # shards in name order, rows in file order
     np.testing.assert_allclose(emb.vectors, ref, atol=1e-5)
-    assert (meta["n_input_files"], meta["n_blocks"], meta["n_parts"], meta["rows_per_actor_call"]) == (4, 6, 6, 50)
+    assert (meta["n_input_files"], meta["n_blocks"], meta["n_parts"], meta["rows_per_actor_call"]) == (
+        4,
+        6,
+        6,
+        50,
+    )
     assert meta["items_file"] == f"file://{shards}" and len(meta["items_sha256"]) == 16
     assert meta["dataset_fingerprint"] == meta["items_sha256"]  # not a prepare folder
     assert not (out / EMBEDDINGS_FILE).exists() and (out / "notes.txt").exists()
 
-    meta2 = embed_catalog(shards, out, model=tiny_model_dir, batch_size=16, max_length=32, device="cpu",
-                          rows_per_block=100)
+    meta2 = embed_catalog(
+        shards, out, model=tiny_model_dir, batch_size=16, max_length=32, device="cpu", rows_per_block=100
+    )
     parts = sorted(out.glob("part-*.parquet"))
     assert meta2["parts_prefix"] != meta["parts_prefix"] and meta2["items_sha256"] == meta["items_sha256"]
     assert len(parts) == 3 and all(p.name.startswith(meta2["parts_prefix"]) for p in parts)
@@ -296,10 +309,14 @@ def test_bad_rows_in_shards_are_named(ray_local, tmp_path: Path, tiny_model_dir:
             pd.DataFrame(t).to_parquet(d / f"s{k}.parquet", index=False)
         return d
 
-    dup = shards("dup", {ITEM_ID: ["a", "b", "c"], TEXT: ["x"] * 3}, {ITEM_ID: ["d", "a", "b"], TEXT: ["y"] * 3})
+    dup = shards(
+        "dup", {ITEM_ID: ["a", "b", "c"], TEXT: ["x"] * 3}, {ITEM_ID: ["d", "a", "b"], TEXT: ["y"] * 3}
+    )
     with pytest.raises(ValueError, match=r"2 duplicated 'item_id' value\(s\) \(e.g. \['a', 'b'\]\)"):
         embed_catalog(dup, tmp_path / "o", model=tiny_model_dir)
-    null = shards("null", {ITEM_ID: ["a", "b"], TEXT: ["x", "y"]}, {ITEM_ID: ["c", "d", "e"], TEXT: ["z", None, None]})
+    null = shards(
+        "null", {ITEM_ID: ["a", "b"], TEXT: ["x", "y"]}, {ITEM_ID: ["c", "d", "e"], TEXT: ["z", None, None]}
+    )
     with pytest.raises(ValueError, match=r"null/s1.parquet: 2 null value\(s\) in 'text' \(first at row 1\)"):
         embed_catalog(null, tmp_path / "o", model=tiny_model_dir)
     empty = shards("empty", {ITEM_ID: ["a", ""], TEXT: ["x", "y"]})
@@ -327,7 +344,10 @@ def test_sharded_layout_reader_checks_parts(tmp_path: Path) -> None:
     e = load_embeddings(tmp_path)
     assert list(e.item_ids) == ids
     np.testing.assert_array_equal(e.vectors, vecs)
-    assert [p.name for p in embedding_files(tmp_path)] == ["part-new-000000-u-0.parquet", "part-new-000001-u-0.parquet"]
+    assert [p.name for p in embedding_files(tmp_path)] == [
+        "part-new-000000-u-0.parquet",
+        "part-new-000001-u-0.parquet",
+    ]
     write_meta(tmp_path, "embed", model_name="m", dim=4, n_items=7, parts_prefix="part-new-", n_parts=3)
     with pytest.raises(ArtifactError, match=r"names 3 part file\(s\) part-new-\*.parquet, found 2"):
         load_embeddings(tmp_path)
@@ -428,9 +448,27 @@ def test_embed_on_gpu_equals_cpu(items_dir: Path, tiny_model_dir: str, tmp_path:
     import sys
 
     out = tmp_path / "emb"
-    cmd = [sys.executable, "-m", "llmrec", "embed", "--items", str(items_dir), "--out", str(out),
-           "--model", tiny_model_dir, "--device", "cuda", "--num-gpus", "1", "--max-length", "32"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env={**os.environ, "RAY_ADDRESS": ""})
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmrec",
+        "embed",
+        "--items",
+        str(items_dir),
+        "--out",
+        str(out),
+        "--model",
+        tiny_model_dir,
+        "--device",
+        "cuda",
+        "--num-gpus",
+        "1",
+        "--max-length",
+        "32",
+    ]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=500, env={**os.environ, "RAY_ADDRESS": ""}
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     emb = load_embeddings(out)
     assert (emb.meta["device"], emb.meta["num_actors"], emb.meta["fp16"]) == ("cuda", 1, True)

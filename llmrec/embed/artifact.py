@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from llmrec.artifacts import ArtifactError, read_meta
-from llmrec.schema import EMBEDDING, EMBEDDINGS_FILE, EMBEDDINGS_PART_PREFIX, ITEM_ID
+from llmrec.schema import EMBEDDING, EMBEDDINGS_FILE, ITEM_ID
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,9 @@ def load_embeddings(art_dir: str | os.PathLike) -> Embeddings:
         ids.append(batch_ids)
         row += len(batch_ids)
     item_ids = np.concatenate(ids) if ids else np.zeros((0,), object)
-    logger.info("loaded %d x %d embeddings (%s) in %.2fs", n, dim, meta.get("model_name"), time.perf_counter() - t0)
+    logger.info(
+        "loaded %d x %d embeddings (%s) in %.2fs", n, dim, meta.get("model_name"), time.perf_counter() - t0
+    )
     return Embeddings(item_ids=item_ids, vectors=vectors, meta=meta)
 
 

@@ -46,8 +46,6 @@ from llmrec.eval.metrics import RankingMetrics
 from llmrec.eval.protocol import History, ItemSpace, Recommender
 from llmrec.eval.split import Split, cold_item_split, leave_last_out, sort_events, time_split
 from llmrec.schema import (
-    EMBEDDING,
-    EMBEDDINGS_FILE,
     EVENT,
     FACETS,
     INTERACTIONS_FILE,
@@ -336,22 +334,10 @@ def load_item_space(
     embeddings_dir: str | os.PathLike, items: pd.DataFrame | None = None
 ) -> tuple[ItemSpace, dict]:
     """ItemSpace from an embed folder (rows in embeddings order) with titles from `items` when given."""
-    try:
-        from llmrec.embed.artifact import load_embeddings
-    except ImportError:
-        load_embeddings = None
-    if load_embeddings is not None:
-        emb = load_embeddings(embeddings_dir)
-        ids, vecs, meta = emb.item_ids, emb.vectors, emb.meta
-    else:
-        path = Path(embeddings_dir) / EMBEDDINGS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; run `llmrec embed` first")
-        df = pd.read_parquet(path)
-        ids = df[ITEM_ID].to_numpy(dtype=object)
-        vecs = np.stack(df[EMBEDDING].to_numpy()).astype(np.float32)
-        meta_path = Path(embeddings_dir) / META_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    from llmrec.embed.artifact import load_embeddings
+
+    emb = load_embeddings(embeddings_dir)
+    ids, vecs, meta = emb.item_ids, emb.vectors, emb.meta
     if len(set(ids)) != len(ids):
         raise ValueError(f"{embeddings_dir}: duplicate item ids in the embeddings; re-run `llmrec embed`")
     titles = facets = None

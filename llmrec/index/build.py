@@ -1,7 +1,7 @@
 """Embeddings artifact -> index artifact (`llmrec index`), and in-place additions to an index artifact.
 
-`build_index` reads the embeddings folder (via `llmrec.embed.artifact.load_embeddings`, or a small pyarrow
-reader when that module is missing), builds an `ItemIndex`, saves it, and with `check=True` measures
+`build_index` reads the embeddings folder (`llmrec.embed.artifact.load_embeddings`: the sharded part files or
+the single file of older runs), builds an `ItemIndex`, saves it, and with `check=True` measures
 recall@10 against exact search: `sample` catalog items are the queries, and each query item itself is
 dropped from both result lists (it would find itself trivially and inflate the figure).
 
@@ -14,14 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmrec.artifacts import ArtifactError, read_meta
+from llmrec.artifacts import read_meta
 from llmrec.index.item_index import ItemIndex, exact_topk, recall_at_k
-from llmrec.schema import EMBEDDING, EMBEDDINGS_FILE, ITEM_ID
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ def build_index(
     """Build and save an index over an embeddings artifact.
 
     Args:
-        embeddings_dir: folder written by `llmrec embed` (embeddings.parquet + meta.json).
+        embeddings_dir: folder written by `llmrec embed` (part files or embeddings.parquet, + meta.json).
         out_dir: index folder to write (index.faiss | index.npy, item_ids.npy, meta.json).
         kind: "auto" | "flat" | "hnsw" | "ivf" | "torch" (see `ItemIndex.build`).
         check: measure recall@10 vs exact search on `sample` catalog items; stored as `recall_at_10`.
@@ -162,44 +160,8 @@ _OWN_META_KEYS = (
 
 
 def _read_embeddings(art_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(item_ids object (N,), vectors float32 (N, D), embed meta) from an embeddings artifact folder."""
-    try:
-        from llmrec.embed.artifact import load_embeddings
-    except ImportError:
-        load_embeddings = None
-    if load_embeddings is not None:
-        emb = load_embeddings(art_dir)
-        return (
-            np.asarray(emb.item_ids, dtype=object),
-            np.asarray(emb.vectors, dtype=np.float32),
-            dict(emb.meta),
-        )
-    return _read_embeddings_parquet(art_dir)
+    """(item_ids object (N,), vectors float32 (N, D), embed meta) from an embeddings folder (either layout)."""
+    from llmrec.embed.artifact import load_embeddings
 
-
-def _read_embeddings_parquet(art_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    meta = read_meta(art_dir, "embed")
-    path = Path(art_dir) / EMBEDDINGS_FILE
-    if not path.is_file():
-        raise ArtifactError(
-            f"{art_dir} has an embed meta.json but no {EMBEDDINGS_FILE}; re-run `llmrec embed`"
-        )
-    table = pq.read_table(path, columns=[ITEM_ID, EMBEDDING])
-    emb = table.column(EMBEDDING).combine_chunks()
-    if not pa.types.is_fixed_size_list(emb.type) or emb.null_count:
-        raise ArtifactError(
-            f"{path}: {EMBEDDING!r} must be non-null fixed_size_list<float32>[D], got {emb.type} "
-            f"with {emb.null_count} nulls; re-run `llmrec embed`"
-        )
-    dim = emb.type.list_size
-    if dim != meta.get("dim") or table.num_rows != meta.get("n_items"):
-        raise ArtifactError(
-            f"{path} holds {table.num_rows} rows of dim {dim}, meta.json says "
-            f"n_items={meta.get('n_items')} dim={meta.get('dim')}; re-run `llmrec embed`"
-        )
-    vectors = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    ids = np.asarray(table.column(ITEM_ID).to_pylist(), dtype=object)
-    return ids, vectors, meta
+    emb = load_embeddings(art_dir)
+    return np.asarray(emb.item_ids, dtype=object), np.asarray(emb.vectors, dtype=np.float32), dict(emb.meta)

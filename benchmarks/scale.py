@@ -56,6 +56,14 @@ def _status_kib(pid: int | str, key: str) -> int:
     return 0
 
 
+def _title(pid: int) -> str:
+    """A Ray worker's process title (ray::MapWorker(...), ray::ReadFiles..., ray::IDLE), or ''."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")[:80]
+    except OSError:
+        return ""
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
@@ -79,7 +87,7 @@ class WorkerMemory:
         self.raylet = node.all_processes["raylet"][0].process.pid
         self.every_s = every_s
         self.max_one_kib = self.max_sum_kib = 0
-        self.n_workers = 0
+        self.max_one_name = ""
         self._seen: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -96,7 +104,10 @@ class WorkerMemory:
     def _sample(self) -> None:
         pids = _children(self.raylet)
         self._seen.update(pids)
-        self.max_one_kib = max([self.max_one_kib, *(_status_kib(p, "VmHWM") for p in pids)])
+        for p in pids:
+            hwm = _status_kib(p, "VmHWM")
+            if hwm > self.max_one_kib:
+                self.max_one_kib, self.max_one_name = hwm, _title(p)
         self.max_sum_kib = max(self.max_sum_kib, sum(_status_kib(p, "VmRSS") for p in pids))
 
     def _run(self) -> None:
@@ -106,6 +117,7 @@ class WorkerMemory:
     def report(self) -> dict[str, Any]:
         return {
             "worker_peak_rss_mib": round(self.max_one_kib / 1024, 1),
+            "worker_peak_rss_process": self.max_one_name,
             "workers_sum_rss_mib": round(self.max_sum_kib / 1024, 1),
             "n_worker_processes": len(self._seen),
         }
@@ -136,8 +148,10 @@ def _child(stage: str, params: dict[str, Any], work: Path) -> dict[str, Any]:
 
 def measure(stage: str, params: dict[str, Any], work: Path, timeout_s: float, extra_path: str | None) -> dict:
     """Run `_child(stage, params)` in a new process; its JSON result, or {"error": ...}."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), extra_path,
-                                                                    os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), extra_path, os.environ.get("PYTHONPATH")) if p),
+    }
     cmd = [sys.executable, __file__, "_child", stage, json.dumps(params), str(work)]
     t0 = time.perf_counter()
     try:
@@ -167,8 +181,12 @@ def _tiny_model(work: Path) -> str:
     tok = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=512,
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
     )
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -177,7 +195,9 @@ def _tiny_model(work: Path) -> str:
 
 def _legacy_module(work: Path, rel: str) -> Path:
     """`main`'s version of a module, written to work/legacy/<name>_main.py (importable by Ray workers too)."""
-    src = subprocess.run(["git", "show", f"main:{rel}"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    src = subprocess.run(
+        ["git", "show", f"main:{rel}"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     d = work / "legacy"
     d.mkdir(parents=True, exist_ok=True)
     f = d / (Path(rel).stem + "_main.py")
@@ -206,13 +226,29 @@ def stage_embed(params: dict[str, Any], work: Path) -> dict[str, Any]:
         assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-3)
         if len(first_ids) < 5:
             first_ids += list(ids[: 5 - len(first_ids)])
-    want = pq.read_table(params["items"], columns=["item_id"]).slice(0, 5).column(0).to_pylist()
+    first = (
+        params["items"]
+        if params["items"].endswith(".parquet")
+        else sorted(Path(params["items"]).glob("*.parquet"))[0]
+    )
+    want = pq.read_table(first, columns=["item_id"]).slice(0, 5).column(0).to_pylist()
     assert n == meta["n_items"] and first_ids == want, (n, first_ids, want)
     files = sorted(p for p in out.iterdir() if p.suffix == ".parquet")
     res = {
         k: meta.get(k)
-        for k in ("n_items", "wall_s", "items_per_s", "first_batch_s", "num_actors", "device", "n_blocks",
-                  "rows_per_actor_call", "bucketing", "padding_efficiency", "n_parts")
+        for k in (
+            "n_items",
+            "wall_s",
+            "items_per_s",
+            "first_batch_s",
+            "num_actors",
+            "device",
+            "n_blocks",
+            "rows_per_actor_call",
+            "bucketing",
+            "padding_efficiency",
+            "n_parts",
+        )
     }
     res["output_files"] = len(files)
     res["items_per_s_per_core"] = round(meta["items_per_s"] / CORES, 1)
@@ -225,17 +261,15 @@ STAGES: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {"embed": 
 LEGACY = {"embed": "llmrec/embed/ray_embed.py"}  # main's file of each stage's code path
 
 
-def _embed_inputs(work: Path, sizes: list[int]) -> dict[int, str]:
-    """One items parquet file per size (synthetic, seeded; reused across runs)."""
+def _embed_inputs(work: Path, n: int, shards: int) -> str:
+    """The items of a seeded synthetic catalog of n items in `shards` parquet files (reused across runs): the
+    one file itself when shards == 1, else the folder."""
     from llmrec.data.synthetic import write_sharded
 
-    files = {}
-    for n in sizes:
-        d = work / f"syn-{n}"
-        if not (d / "synthetic.json").is_file():
-            write_sharded(d, n_items=n, n_users=1000, n_events=1000, n_shards=1, n_topics=16, seed=0)
-        files[n] = str(d / "items" / "part-00000.parquet")
-    return files
+    d = work / f"syn-{n}-{shards}"
+    if not (d / "synthetic.json").is_file():
+        write_sharded(d, n_items=n, n_users=1000, n_events=1000, n_shards=shards, n_topics=16, seed=0)
+    return str(d / "items" / "part-00000.parquet") if shards == 1 else str(d / "items")
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -254,15 +288,21 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[path] = {
             "sizes": [lo["size"], hi["size"]],
             "driver_rss_growth": round(hi["driver_peak_rss_mib"] / lo["driver_peak_rss_mib"], 3),
-            "per_core_throughput_vs_smallest": round(hi["items_per_s_per_core"] / lo["items_per_s_per_core"], 3),
-            "worker_peak_rss_growth": round(hi["worker_peak_rss_mib"] / max(lo["worker_peak_rss_mib"], 1e-9), 3),
+            "per_core_throughput_vs_smallest": round(
+                hi["items_per_s_per_core"] / lo["items_per_s_per_core"], 3
+            ),
+            "worker_peak_rss_growth": round(
+                hi["worker_peak_rss_mib"] / max(lo["worker_peak_rss_mib"], 1e-9), 3
+            ),
         }
     sizes = sorted({r["size"] for r in rows})
     for n in sizes:
         pair = {r["path"]: r for r in rows if r["size"] == n and "error" not in r}
         if "old" in pair and "new" in pair:
             out[f"new_vs_old@{n}"] = {
-                "driver_peak_rss": round(pair["new"]["driver_peak_rss_mib"] / pair["old"]["driver_peak_rss_mib"], 3),
+                "driver_peak_rss": round(
+                    pair["new"]["driver_peak_rss_mib"] / pair["old"]["driver_peak_rss_mib"], 3
+                ),
                 "wall": round(pair["new"]["wall_s"] / pair["old"]["wall_s"], 3),
                 "items_per_s": round(pair["new"]["items_per_s"] / pair["old"]["items_per_s"], 3),
             }
@@ -278,8 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", default="embed", help=f"comma list of {sorted(STAGES)}")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    p.add_argument("--paths", default="old,new", help="old (main's code), new, or both")
-    p.add_argument("--model", default="tiny", help="tiny (random-init 2x32 BERT) or minilm (the bundled model)")
+    p.add_argument(
+        "--paths",
+        default="old,new,new-shards",
+        help="old (main's code, one input file), new (one file), new-shards (64 files)",
+    )
+    p.add_argument(
+        "--model", default="tiny", help="tiny (random-init 2x32 BERT) or minilm (the bundled model)"
+    )
     p.add_argument("--work", default=None, help="folder for inputs and outputs (default: a temp folder)")
     p.add_argument("--timeout-s", type=float, default=1500, help="per measurement")
     p.add_argument("--out", default=None, help="write the JSON report here too")
@@ -303,14 +349,17 @@ def main(argv: list[str] | None = None) -> int:
         from llmrec.embed.encoder import default_model_path
 
         model = _tiny_model(work) if args.model == "tiny" else default_model_path()
-        inputs = _embed_inputs(work, args.sizes)
         legacy = _legacy_module(work, LEGACY[stage])
         rows = []
         for n in args.sizes:
             for path in args.paths.split(","):
-                params = {"path": path, "items": inputs[n], "model": model, "size": n}
+                # "new-shards": the new code on the same size of catalog written as 64 files (old needs one file)
+                items = _embed_inputs(work, n, 64 if path == "new-shards" else 1)
+                params = {"path": path, "items": items, "model": model, "size": n}
                 logger.info("%s %s path, %d items ...", stage, path, n)
-                r = measure(stage, params, work, args.timeout_s, str(legacy.parent) if path == "old" else None)
+                r = measure(
+                    stage, params, work, args.timeout_s, str(legacy.parent) if path == "old" else None
+                )
                 r.update(path=path, size=n)
                 logger.info("%s", json.dumps(r))
                 rows.append(r)

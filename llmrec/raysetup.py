@@ -80,7 +80,7 @@ def cluster_max_gpus() -> tuple[float | None, tuple[str, ...]]:
     """GPUs the cluster's autoscaler can scale to, and its GPU node types ("name: 1 GPU x up to 4 nodes").
 
     Read from the cluster config an autoscaler reports to the GCS (`ray._private.state.state
-    .get_cluster_config()`, ray-project/ray#49568; what Ray Data's and Ray Train's own autoscaling checks read):
+    .get_cluster_config()`, ray-project/ray#49568, which Ray Data's and Ray Train's autoscaling checks read):
     every node group, including those at 0 nodes. (None, ()) when no autoscaler reports a config (a plain
     `ray start` / local cluster) or the config cannot be read; then only the GPUs up now count.
     """

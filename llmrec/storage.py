@@ -190,8 +190,8 @@ def shared_across_processes(location: str | os.PathLike | None) -> bool:
 
 
 def check_replaceable(uri: str) -> None:
-    """Refuse (ValueError) to write an artifact at `uri` when it is a file, or a folder that holds files but is
-    neither an llmrec artifact (meta.json) nor marked as one being written (the rule `stage_out` applies)."""
+    """Refuse (ValueError) to write an artifact at `uri` when it is a file, or a folder that holds files but
+    is neither an llmrec artifact (meta.json) nor marked as one being written (the rule of `stage_out`)."""
     fs, path = filesystem_for(uri)
     _check_replaceable(fs, path, uri)
 

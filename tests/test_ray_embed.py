@@ -60,10 +60,10 @@ def test_ray_pipeline_equals_in_process_encode(
     np.testing.assert_allclose(emb.vectors, ref, atol=1e-5)
 
     # parquet schema per design: item_id string, embedding fixed_size_list<float32>[D], in part files written
-    # by the workers (300 rows in blocks of 8 x batch 16 = 128 rows: 3 parts); no single-file output
+    # by the workers (300 rows in a block per actor: 2 parts of 150); no single-file output
     parts = embedding_files(out)
     assert [p.name for p in parts] == sorted(p.name for p in out.glob("part-*.parquet"))
-    assert len(parts) == meta["n_parts"] == meta["n_blocks"] == 3 and not (out / EMBEDDINGS_FILE).exists()
+    assert len(parts) == meta["n_parts"] == meta["n_blocks"] == 2 and not (out / EMBEDDINGS_FILE).exists()
     assert all(p.name.startswith(meta["parts_prefix"]) for p in parts)
     for part in parts:
         schema = pq.read_schema(part)
@@ -83,7 +83,7 @@ def test_ray_pipeline_equals_in_process_encode(
         "stage": "embed",
         "bucketing": "group",
         "layout": "parts",
-        "rows_per_actor_call": 128,
+        "rows_per_actor_call": 150,
     }.items():
         assert meta[k] == v, (k, meta[k], v)
     assert meta["wall_s"] > 0 and meta["items_per_s"] == pytest.approx(300 / meta["wall_s"], rel=0.01)
@@ -142,8 +142,8 @@ def _write(tmp_path: Path, df: pd.DataFrame) -> Path:
 
 @pytest.mark.timeout(300)
 def test_catalog_errors_are_clear(ray_local, tmp_path: Path, tiny_model_dir: str) -> None:
-    # schema and row counts: the driver, from the parquet footers; null / empty / duplicate ids and null texts:
-    # the check tasks, before any encoder actor starts
+    # schema and row counts: the driver, from the parquet footers; null / empty / duplicate ids and null
+    # texts: the check tasks, before any encoder actor starts
     no_text = _write(tmp_path, pd.DataFrame({ITEM_ID: ["1", "2"], "title": ["a", "b"]}))
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['text'\].*got columns \['item_id', 'title'\]"):
         embed_catalog(no_text, tmp_path / "o", model=tiny_model_dir)

@@ -80,7 +80,7 @@ def test_bad_arguments() -> None:
         make_interactions(pd.DataFrame({"item_id": ["a"]}), 3)
 
 
-# ------------------------------------------------------------------ write_sharded: any size, one shard at a time
+# ------------------------------------------------------------ write_sharded: any size, one shard at a time
 
 
 @pytest.fixture(scope="module")

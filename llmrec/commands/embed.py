@@ -46,14 +46,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--num-gpus",
         type=int,
         default=None,
-        help="request N encoder actors of 1 GPU each, even when no GPU node is up yet (an autoscaler starts them)",
+        help="request N encoder actors of 1 GPU each, even when no GPU node is up yet (an autoscaler "
+        "starts them)",
     )
     p.add_argument(
         "--bucketing",
         default="group",
         choices=["group", "dataset"],
-        help="length bucketing within each block of rows (group, default; dataset: its old name, which sorted "
-        "the whole catalog)",
+        help="length bucketing within each block of rows (group, default; dataset: its old name, which "
+        "sorted the whole catalog)",
     )
     p.add_argument(
         "--rows-per-block",

@@ -77,8 +77,9 @@ def _children(pid: int) -> list[int]:
 
 
 class WorkerMemory:
-    """Samples the Ray worker processes (children of this session's raylet): peak VmHWM of the largest one,
-    and the largest sum of VmRSS over all of them at one time."""
+    """Samples the Ray worker processes (children of this session's raylet): peak VmHWM of the largest one
+    (it counts the object-store pages a worker touched, which live in shared memory), the largest private
+    (RssAnon) size seen, and the largest sum of VmRSS over all of them at one time."""
 
     def __init__(self, every_s: float = 0.25) -> None:
         import ray
@@ -86,7 +87,7 @@ class WorkerMemory:
         node = ray._private.worker._global_node
         self.raylet = node.all_processes["raylet"][0].process.pid
         self.every_s = every_s
-        self.max_one_kib = self.max_sum_kib = 0
+        self.max_one_kib = self.max_sum_kib = self.max_anon_kib = 0
         self.max_one_name = ""
         self._seen: set[int] = set()
         self._stop = threading.Event()
@@ -108,6 +109,7 @@ class WorkerMemory:
             hwm = _status_kib(p, "VmHWM")
             if hwm > self.max_one_kib:
                 self.max_one_kib, self.max_one_name = hwm, _title(p)
+            self.max_anon_kib = max(self.max_anon_kib, _status_kib(p, "RssAnon"))
         self.max_sum_kib = max(self.max_sum_kib, sum(_status_kib(p, "VmRSS") for p in pids))
 
     def _run(self) -> None:
@@ -118,6 +120,7 @@ class WorkerMemory:
         return {
             "worker_peak_rss_mib": round(self.max_one_kib / 1024, 1),
             "worker_peak_rss_process": self.max_one_name,
+            "worker_peak_anon_mib": round(self.max_anon_kib / 1024, 1),
             "workers_sum_rss_mib": round(self.max_sum_kib / 1024, 1),
             "n_worker_processes": len(self._seen),
         }
@@ -293,6 +296,9 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
             ),
             "worker_peak_rss_growth": round(
                 hi["worker_peak_rss_mib"] / max(lo["worker_peak_rss_mib"], 1e-9), 3
+            ),
+            "worker_peak_anon_growth": round(
+                hi["worker_peak_anon_mib"] / max(lo["worker_peak_anon_mib"], 1e-9), 3
             ),
         }
     sizes = sorted({r["size"] for r in rows})

@@ -169,7 +169,7 @@ def embed_catalog(
     rows = rows_per_block or _rows_per_block(n, plan["max_actors"], batch_size)
     n_blocks = math.ceil(n / rows)
     if plan["max_actors"] > n_blocks and plan["min_actors"] < plan["max_actors"]:
-        plan["max_actors"] = max(plan["min_actors"], n_blocks)  # an autoscaling pool never needs more
+        plan["max_actors"] = plan["num_actors"] = max(plan["min_actors"], n_blocks)  # a pool needs no more
     logger.info(
         "embedding %d items from %s (%d file(s)) with %s: %s encoder actor(s) (num_cpus=%.2f, num_gpus=%d), "
         "%d blocks of <= %d rows, batch %d. Device %s: %s",
@@ -189,6 +189,7 @@ def embed_catalog(
     driver_node = ray.get_runtime_context().get_node_id()
     checked = check_items(src, driver_node)  # raises ValueError on bad rows, before any actor starts
 
+    out.create()
     stats = ray.remote(num_cpus=0)(_EmbedStats).remote()
     prefix = f"{EMBEDDINGS_PART_PREFIX}{uuid.uuid4().hex[:8]}-"
     t_pipe = time.time()
@@ -458,9 +459,13 @@ class _Output:
             p = Path(out_dir).expanduser()
             if p.is_file():
                 raise ValueError(f"{p} is a file; an artifact folder is needed there")
-            p.mkdir(parents=True, exist_ok=True)
             self.uri, self.fs, self.path, self.location = None, None, str(p.resolve()), str(p)
         self._local = pafs.LocalFileSystem()
+
+    def create(self) -> None:
+        """Create a local output folder (once the input checked out; URIs need none)."""
+        if self.fs is None:
+            Path(self.path).mkdir(parents=True, exist_ok=True)
 
     def _files(self) -> list[Any]:
         import pyarrow.fs as pafs

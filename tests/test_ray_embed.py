@@ -226,8 +226,8 @@ def _shards(items: pd.DataFrame, folder: Path, n: int) -> Path:
     return folder
 
 
-@pytest.mark.timeout(400)  # two pipelines, ~20 s each alone
-def test_shards_in_uri_out_and_the_next_version_replaces_the_old(
+@pytest.mark.timeout(300)
+def test_shards_in_uri_out_replacing_the_single_file_layout(
     ray_local, items_dir: Path, tiny_model_dir: str, tmp_path: Path
 ) -> None:
     items = pd.read_parquet(items_dir / ITEMS_FILE)
@@ -269,20 +269,38 @@ def test_shards_in_uri_out_and_the_next_version_replaces_the_old(
     assert meta["dataset_fingerprint"] == meta["items_sha256"]  # not a prepare folder
     assert not (out / EMBEDDINGS_FILE).exists() and (out / "notes.txt").exists()
 
-    meta2 = embed_catalog(
-        shards, out, model=tiny_model_dir, batch_size=16, max_length=32, device="cpu", rows_per_block=100
-    )
-    parts = sorted(out.glob("part-*.parquet"))
-    assert meta2["parts_prefix"] != meta["parts_prefix"] and meta2["items_sha256"] == meta["items_sha256"]
-    assert len(parts) == 3 and all(p.name.startswith(meta2["parts_prefix"]) for p in parts)
     assert list(read_item_ids(out)) == list(items[ITEM_ID])
     streamed = list(iter_embeddings(out, batch_rows=40))
     assert max(len(i) for i, _ in streamed) <= 40
-    np.testing.assert_array_equal(np.concatenate([v for _, v in streamed]), load_embeddings(out).vectors)
-    np.testing.assert_allclose(load_embeddings(out).vectors, ref, atol=1e-5)
+    np.testing.assert_array_equal(np.concatenate([v for _, v in streamed]), emb.vectors)
 
 
 @pytest.mark.timeout(300)
+def test_a_new_version_replaces_the_old(
+    ray_local, items_dir: Path, tiny_model_dir: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "emb"
+    out.mkdir()
+    # an earlier sharded version (another write id): replaced as a whole once the new meta.json is written
+    vecs = np.zeros((3, 32), np.float32)
+    pq.write_table(
+        pa.table(
+            {
+                ITEM_ID: ["x", "y", "z"],
+                EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), 32),
+            }
+        ),
+        out / "part-0ld0ld00-000000-u-0.parquet",
+    )
+    write_meta(out, "embed", model_name="old", dim=32, n_items=3, parts_prefix="part-0ld0ld00-", n_parts=1)
+    meta = embed_catalog(items_dir, out, model=tiny_model_dir, batch_size=16, max_length=32, device="cpu")
+    parts = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert len(parts) == meta["n_parts"] == 2 and all(p.startswith(meta["parts_prefix"]) for p in parts)
+    assert list(read_item_ids(out)) == list(pd.read_parquet(items_dir / ITEMS_FILE)[ITEM_ID])
+
+
+@pytest.mark.slow  # the failing encoder actors are restarted by Ray before the pipeline gives up: ~1-3 min
+@pytest.mark.timeout(600)
 def test_a_failed_run_leaves_the_previous_version(
     ray_local, items_dir: Path, tiny_model_dir: str, tmp_path: Path
 ) -> None:
@@ -291,7 +309,7 @@ def test_a_failed_run_leaves_the_previous_version(
     out = tmp_path / "emb"
     embed_catalog(items_dir, out, model=tiny_model_dir, batch_size=16, max_length=32, device="cpu")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    broken = tmp_path / "no-weights"  # config and tokenizer load on the driver; the encoder actors fail
+    broken = tmp_path / "no-weights"  # config and tokenizer load; the encoder actors fail to start
     shutil.copytree(tiny_model_dir, broken)
     for w in list(broken.glob("*.safetensors")) + list(broken.glob("*.bin")):
         w.unlink()

@@ -3,7 +3,8 @@
 Every measurement runs in a fresh child process (`_child`) that starts its own local Ray, runs one stage
 function once and reports: the driver's peak RSS (VmHWM of the child itself), the stage's wall time, and the
 Ray worker processes' memory (peak RSS of the largest worker and of all workers together, sampled every
-0.25 s from the raylet's children). The parent prepares the inputs, runs the children one at a time, and prints
+0.25 s from the raylet's children). The parent prepares the inputs, runs the children one at a time, and
+prints
 one JSON report with ratios: each size against the smallest (driver RSS growth, throughput per core) and the
 new code path against today's (`main`'s) in the same run.
 
@@ -17,7 +18,7 @@ Embed (the only stage here so far): `llmrec embed` of synthetic catalogs (`llmre
 32-d, MiniLM's tokenizer: the encoder is not the bottleneck), batch 128, max 128 tokens, default actors.
 
     .venv/bin/python benchmarks/scale.py --stages embed --sizes 10000 100000 1000000 --out scale.json
-    .venv/bin/python benchmarks/scale.py --stages embed --sizes 100000 --model minilm --paths new   # real model
+    .venv/bin/python benchmarks/scale.py --stages embed --sizes 100000 --model minilm --paths new
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ def _embed_inputs(work: Path, n: int, shards: int) -> str:
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per path: driver RSS and per-core throughput of the largest size vs the smallest; new vs old per size."""
+    """Per path: driver RSS and per-core throughput, largest size vs smallest; new vs old at each size."""
     out: dict[str, Any] = {}
     by_path: dict[str, list[dict]] = {}
     for r in rows:
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for n in args.sizes:
             for path in args.paths.split(","):
-                # "new-shards": the new code on the same size of catalog written as 64 files (old needs one file)
+                # "new-shards": the new code on the same size of catalog in 64 files (old needs one file)
                 items = _embed_inputs(work, n, 64 if path == "new-shards" else 1)
                 params = {"path": path, "items": items, "model": model, "size": n}
                 logger.info("%s %s path, %d items ...", stage, path, n)

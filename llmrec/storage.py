@@ -189,6 +189,11 @@ def shared_across_processes(location: str | os.PathLike | None) -> bool:
     return is_uri(location) and os.fspath(location).split("://", 1)[0].lower() != "memory"
 
 
+def shown(location: str | os.PathLike) -> str:
+    """A location as messages and meta.json name it: a URI without its ?options (endpoint, credentials)."""
+    return _show(location)
+
+
 def check_replaceable(uri: str) -> None:
     """Refuse (ValueError) to write an artifact at `uri` when it is a file, or a folder that holds files but
     is neither an llmrec artifact (meta.json) nor marked as one being written (the rule of `stage_out`)."""

@@ -410,8 +410,8 @@ def write_sharded(
         "topics": names,
         "zipf_s": ZIPF_S,
         "wall_s": round(time.perf_counter() - t0, 2),
-        "prepare": f"llmrec prepare --dataset generic --source {root} --items items --interactions interactions "
-        "--out RUN/data",
+        "prepare": f"llmrec prepare --dataset generic --source {root} --items items "
+        "--interactions interactions --out RUN/data",
         "embed": f"llmrec embed --items {root / 'items'} --out RUN/embeddings",
     }
     (root / "synthetic.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Read an `llmrec embed` artifact folder: `load_embeddings(dir) -> Embeddings`, `iter_embeddings`, `read_item_ids`.
+"""Read an `llmrec embed` artifact folder: `load_embeddings(dir)`, `iter_embeddings`, `read_item_ids`.
 
 Two layouts, both read by every function here:
 - sharded (what `llmrec embed` writes): `part-<write id>-<NNNNNN>.parquet` files, each with `item_id` string
@@ -12,8 +12,8 @@ order, rows in file order. `llmrec embed` makes that the order of the items tabl
 name order, rows in file order), as the single-file layout always was. Consumers still match items by
 `item_id` (the scorer and the index store their own id arrays), never by row position across artifacts.
 
-Every reader checks the files against meta.json (rows, dim, dtype, nulls), so a stale or truncated folder fails
-here with one clear line, not later inside an index. `iter_embeddings` streams the vectors part by part
+Every reader checks the files against meta.json (rows, dim, dtype, nulls), so a stale or truncated folder
+fails here with one clear line, not later inside an index. `iter_embeddings` streams the vectors part by part
 (memory: one part), for consumers that must not hold the whole matrix.
 Tests: tests/test_ray_embed.py.
 """
@@ -73,8 +73,8 @@ def embedding_files(art_dir: str | os.PathLike, meta: dict[str, Any] | None = No
         files = sorted(p for p in d.glob(f"{prefix}*.parquet") if p.is_file())
         if len(files) != meta.get("n_parts", len(files)) or not files:
             raise ArtifactError(
-                f"{d}: meta.json names {meta.get('n_parts')} part file(s) {prefix}*.parquet, found {len(files)}; "
-                "the folder is incomplete or was changed, re-run `llmrec embed`"
+                f"{d}: meta.json names {meta.get('n_parts')} part file(s) {prefix}*.parquet, found "
+                f"{len(files)}; the folder is incomplete or was changed, re-run `llmrec embed`"
             )
         return files
     path = d / EMBEDDINGS_FILE
@@ -88,7 +88,7 @@ def iter_embeddings(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (item_ids object (B,), vectors float32 (B, D)) batches in row order, at most `batch_rows` each.
 
-    Checks every file's columns, dim and nulls as it goes and the total row count against meta.json at the end.
+    Checks every file's columns, dim and nulls as it goes, and the total row count against meta.json.
 
     Raises:
         ArtifactError: as `load_embeddings`.

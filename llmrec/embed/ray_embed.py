@@ -2,12 +2,12 @@
 
 Pipeline (one streaming Ray Data plan; the driver holds counts, never per-item data):
 
-    check tasks (one per input file)               # nulls, empty ids, duplicate ids (hash-partitioned), sha256
-    read_parquet(files, columns=[item_id, text])   # a local path, a URI (s3://, gs://, ...), one file or shards
+    check tasks (one per input file)               # nulls, empty / duplicate ids (hash-partitioned), sha256
+    read_parquet(files, columns=[item_id, text])   # a local path or a URI (s3://, ...), one file or shards
       -> repartition(target_num_rows_per_block=R)  # streaming: one file is one block (PLATFORM.md G4)
-      -> map_batches(_tokenize_block) CPU tasks     # tokenize a block: int32 (R, w), w = the block's longest row
-      -> map_batches(_EncodeBatch) actor pool       # sort the block by length, encode batch_size rows at a time,
-                                                    #   each batch trimmed to its longest row; rows back in order
+      -> map_batches(_tokenize_block) CPU tasks     # int32 ids (R, w), w = the block's longest row
+      -> map_batches(_EncodeBatch) actor pool       # sort the block by length, encode batch_size rows at a
+                                                    #   time, each batch trimmed; rows back in order
       -> write_parquet(out, part-<write id>-NNNNNN.parquet)   # from the workers, one file per block
     meta.json last, by the driver (counts from the parquet footers and a small stats actor)
 
@@ -138,8 +138,8 @@ def embed_catalog(
         raise ValueError(f"bucketing must be 'group' (or its old name 'dataset'), got {bucketing!r}")
     if bucketing == "dataset":
         logger.warning(
-            "bucketing 'dataset' (a global sort by length) is gone: it needed the whole catalog in one place; "
-            "sorting within blocks of up to %d rows instead (bucketing 'group')",
+            "bucketing 'dataset' (a global sort by length) is gone: it needed the whole catalog in one "
+            "place; sorting within blocks of up to %d rows instead (bucketing 'group')",
             MAX_ROWS_PER_BLOCK,
         )
         bucketing = "group"
@@ -235,8 +235,8 @@ def embed_catalog(
         parts, written = out.parts(prefix)
         if written != n or totals["rows"] != n:
             raise RuntimeError(
-                f"embed pipeline wrote {written} rows in {len(parts)} part files (encoded {totals['rows']}) for "
-                f"{n} items; this is a bug, please report it"
+                f"embed pipeline wrote {written} rows in {len(parts)} part files (encoded {totals['rows']}) "
+                f"for {n} items; this is a bug, please report it"
             )
     except BaseException:
         out.delete_parts(prefix)  # the previous version (if any) stays as it was
@@ -363,8 +363,8 @@ def plan_actors(
         else:  # nothing up yet: start with one GPU actor and let Ray Data scale the pool up to what can come
             lo, hi = 1, int(min(can_have, 1024))
             reason = (
-                f"no GPU is up ({have}) but the autoscaler can start GPU nodes{scalable}: requesting 1 to {hi} "
-                "GPU actors so it brings them up"
+                f"no GPU is up ({have}) but the autoscaler can start GPU nodes{scalable}: requesting 1 to "
+                f"{hi} GPU actors so it brings them up"
             )
         return {
             "num_actors": hi,
@@ -431,7 +431,7 @@ def _model_dim(model_path: str) -> int:
 
 def _rows_per_block(n: int, max_actors: int, batch_size: int) -> int:
     """Rows per block: a block per actor for small catalogs (bucketing pads less in bigger blocks), at least
-    MIN_BLOCK_BATCHES batches, at most MAX_ROWS_PER_BLOCK (more blocks than actors from 8,192 x actors rows)."""
+    MIN_BLOCK_BATCHES batches, at most MAX_ROWS_PER_BLOCK (more blocks than actors above 8,192 x actors)."""
     per_actor = math.ceil(n / max(max_actors, 1))
     return max(1, min(n, max(min(per_actor, MAX_ROWS_PER_BLOCK), MIN_BLOCK_BATCHES * batch_size)))
 
@@ -454,7 +454,7 @@ class _Output:
             self.uri: str | None = os.fspath(out_dir)
             storage.check_replaceable(self.uri)
             self.fs, self.path = storage.filesystem_for(self.uri)
-            self.location = storage._show(self.uri)
+            self.location = storage.shown(self.uri)
         else:
             p = Path(out_dir).expanduser()
             if p.is_file():
@@ -497,7 +497,8 @@ class _Output:
             i.path
             for i in self._files()
             if (i.base_name.startswith(EMBEDDINGS_PART_PREFIX) and not i.base_name.startswith(prefix))
-            or i.base_name in (EMBEDDINGS_FILE, EMBEDDINGS_FILE + ".tmp", *storage._MARKS)
+            or i.base_name
+            in (EMBEDDINGS_FILE, EMBEDDINGS_FILE + ".tmp", storage.INCOMPLETE_MARK, storage.ADDED_MARK)
         ]
         for p in stale:
             fs.delete_file(p)
@@ -517,7 +518,7 @@ class _Output:
 
 
 class _PartNames:
-    """Ray Data filename provider (its `get_filename_for_task` protocol): `<prefix><task index:06>-<write uuid>`.
+    """Ray Data filename provider (`get_filename_for_task` protocol): `<prefix><task index:06>-<write uuid>`.
 
     Ray Data appends `-<i>.parquet` and, when appending to a folder, insists on its write uuid in the name.
     With `preserve_order` the write tasks are numbered in block order, so name order is row order.
@@ -584,7 +585,7 @@ _TOKENIZERS: dict[tuple[str, int], TextTokenizer] = {}
 
 
 def _tokenize_block(batch: dict[str, np.ndarray], model_path: str, max_length: int) -> dict[str, np.ndarray]:
-    """Ray task: tokenize one block; int32 ids (R, w) right-padded to the block's longest row, lengths (R,)."""
+    """Ray task: tokenize a block: int32 ids (R, w) right-padded to its longest row, lengths (R,)."""
     key = (model_path, max_length)
     if key not in _TOKENIZERS:  # once per Ray worker process
         _TOKENIZERS[key] = TextTokenizer(model_path, max_length=max_length)

@@ -64,7 +64,7 @@ def resolve_items(items: str | os.PathLike) -> ItemsSource:
 
     if storage.is_uri(items):
         fs, root = storage.filesystem_for(os.fspath(items))
-        location = storage._show(items)
+        location = storage.shown(items)
     else:
         fs, root = pafs.LocalFileSystem(), str(Path(items).expanduser().resolve())
         location = str(Path(items).expanduser())
@@ -86,8 +86,8 @@ def resolve_items(items: str | os.PathLike) -> ItemsSource:
         files = [items_file] if items_file in names else names
         if not files:
             raise FileNotFoundError(
-                f"{location} is a folder without {ITEMS_FILE} or *.parquet shards; pass the items parquet file, "
-                "a folder of shards or the folder written by `llmrec prepare`"
+                f"{location} is a folder without {ITEMS_FILE} or *.parquet shards; pass the items parquet "
+                "file, a folder of shards or the folder written by `llmrec prepare`"
             )
     else:
         files = [root]
@@ -99,12 +99,13 @@ def resolve_items(items: str | os.PathLike) -> ItemsSource:
             pf = pq.ParquetFile(fh)
             schema, nrows = pf.schema_arrow, pf.metadata.num_rows
         _check_schema(where, schema)
-        if first_schema is not None and [schema.field(c).type for c in (ITEM_ID, TEXT)] != first_schema:
+        types = [schema.field(c).type for c in (ITEM_ID, TEXT)]
+        if first_schema is not None and types != first_schema:
             raise ValueError(
-                f"{where}: {ITEM_ID!r} / {TEXT!r} types {[schema.field(c).type for c in (ITEM_ID, TEXT)]} differ "
-                f"from the first shard's {first_schema}; write every shard with the same schema"
+                f"{where}: {ITEM_ID!r} / {TEXT!r} types {types} differ from the first shard's "
+                f"{first_schema}; write every shard with the same schema"
             )
-        first_schema = [schema.field(c).type for c in (ITEM_ID, TEXT)]
+        first_schema = types
         rows.append(int(nrows))
     if sum(rows) == 0:
         raise ValueError(f"{location} has no rows; nothing to embed")
@@ -130,7 +131,8 @@ def _check_schema(where: str, schema: Any) -> None:
         t = schema.field(col).type
         if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
             raise ValueError(
-                f"{where}: column {col!r} must be string, got {t}; cast it to string (as `llmrec prepare` does)"
+                f"{where}: column {col!r} must be string, got {t}; cast it to string (as `llmrec prepare` "
+                "does)"
             )
 
 
@@ -157,8 +159,8 @@ def check_items(src: ItemsSource, driver_node: str) -> dict[str, Any]:
             n_files = sum(1 for s in stats if s[key])
             more = f" in {n_files} files" if n_files > 1 else ""
             raise ValueError(
-                f"{shown[i]}: {total} null value(s) in {col!r}{more} (first at row {stats[i]['first_' + key]}); "
-                "fill or drop those rows"
+                f"{shown[i]}: {total} null value(s) in {col!r}{more} (first at row "
+                f"{stats[i]['first_' + key]}); fill or drop those rows"
             )
     empty = sum(s["empty_ids"] for s in stats)
     if empty:
@@ -176,8 +178,8 @@ def check_items(src: ItemsSource, driver_node: str) -> dict[str, Any]:
         dups = vals[counts > 1]
         if len(dups):
             raise ValueError(
-                f"{src.location}: {n_dup} duplicated {ITEM_ID!r} value(s) (e.g. {[str(d) for d in dups[:5]]}); "
-                "ids must be unique"
+                f"{src.location}: {n_dup} duplicated {ITEM_ID!r} value(s) "
+                f"(e.g. {[str(d) for d in dups[:5]]}); ids must be unique"
             )
         logger.info("%d 64-bit id hash collision(s) among distinct ids; no duplicates", n_dup)
     digests = [s["sha256"] for s in stats]
@@ -197,7 +199,7 @@ def open_input(fs: Any | None, path: str) -> Any:
 
 
 def _scan_file(fs: Any | None, path: str, n_parts: int) -> list[Any]:
-    """Ray task: [counts dict, ids' 64-bit hashes of partition 0, ..., of partition n_parts - 1] of one file."""
+    """Ray task: [counts dict, the ids' 64-bit hashes of partition 0, ..., n_parts - 1] of one file."""
     import pandas as pd
     import pyarrow.compute as pc
     import pyarrow.parquet as pq

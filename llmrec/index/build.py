@@ -160,7 +160,7 @@ _OWN_META_KEYS = (
 
 
 def _read_embeddings(art_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(item_ids object (N,), vectors float32 (N, D), embed meta) from an embeddings folder (either layout)."""
+    """(item_ids object (N,), vectors float32 (N, D), embed meta) of an embeddings folder (either layout)."""
     from llmrec.embed.artifact import load_embeddings
 
     emb = load_embeddings(art_dir)

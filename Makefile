@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python benchmarks/index.py --sizes 10000 100000 --json runs/bench/index.json
 	$(BIN)/python benchmarks/train.py --epochs 2 --out runs/bench/train.json
 	$(BIN)/python benchmarks/serve_load.py --sizes 10000 100000 --out runs/bench/serve_load.json
+	$(BIN)/python benchmarks/state_load.py --out runs/bench/state_load.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -25,6 +25,7 @@ NEGATIVE_KINDS = ("dislike", "skip")
 # explicitly positive feedback (a text with one of these kinds pulls towards the text); "view" and mid ratings
 # are interactions without a direction (see llmrec.state.user_state.polarity for ratings)
 POSITIVE_KINDS = ("like", "purchase", "click")
+MAX_ID_CHARS = 256  # longest user_id / item_id the HTTP API accepts (serving state skips longer base ids)
 
 # artifacts
 META_FILE = "meta.json"

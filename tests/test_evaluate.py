@@ -86,8 +86,9 @@ def test_metrics_json_has_the_documented_layout(results: dict, run_dir: Path) ->
     assert list(on_disk) == ["loo", "time"]
     for proto, res in on_disk.items():
         assert list(res) == ["dataset", "protocol", "n_users", "n_items", "models", "cold_items",
-                             "repeat_targets_removed"]
+                             "repeat_targets_removed", "ci95", "diff_vs_llmrec_ci95"]
         assert res["dataset"] == "planted" and res["protocol"] == proto and res["n_items"] == 66
+        assert set(res["ci95"]) == set(BASELINES) and res["diff_vs_llmrec_ci95"] == {}  # no llmrec here
         assert list(res["models"]) == BASELINES
         for m in res["models"].values():
             assert list(m) == METRIC_KEYS and all(0.0 <= v <= 1.0 for v in m.values())
@@ -99,6 +100,23 @@ def test_metrics_json_has_the_documented_layout(results: dict, run_dir: Path) ->
     report = (run_dir / "eval" / "report.md").read_text()
     assert "## Protocol `loo`" in report and "| zeroshot_text |" in report and "Cold items" in report
     assert (run_dir / "eval" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_per_user_ranks_and_intervals_match_the_metrics(results: dict, run_dir: Path) -> None:
+    """per_user.parquet holds one row per (protocol, model, test user); its NDCG@10 averages to metrics.json's
+    figure, 1 / rank to the MRR, and the 95% interval of each model brackets that mean."""
+    import pandas as pd
+
+    pu = pd.read_parquet(run_dir / "eval" / "per_user.parquet")
+    assert list(pu.columns) == ["user_id", "protocol", "model", "rank", "ndcg@10"]
+    for proto, res in results.items():
+        for name, m in res["models"].items():
+            rows = pu[(pu["protocol"] == proto) & (pu["model"] == name)]
+            assert len(rows) == res["n_users"] and rows["user_id"].is_unique
+            assert rows["ndcg@10"].mean() == pytest.approx(m["ndcg@10"], abs=1e-9)
+            assert (1.0 / rows["rank"]).mean() == pytest.approx(m["mrr"], abs=1e-9)
+            lo, hi = res["ci95"][name]
+            assert lo <= m["ndcg@10"] <= hi
 
 
 def test_cold_items_only_text_can_hit(results: dict) -> None:
@@ -332,7 +350,7 @@ def test_cold_protocol_only_text_models_reach_held_out_items(run_dir: Path, tmp_
     assert list(metrics) == ["cold"]
     res = metrics["cold"]
     assert list(res) == ["dataset", "protocol", "n_users", "n_items", "models", "cold_items",
-                         "repeat_targets_removed"]
+                         "repeat_targets_removed", "ci95", "diff_vs_llmrec_ci95"]
     assert res["protocol"] == "cold" and res["n_items"] == 66 and res["repeat_targets_removed"] == 0
     for name in ("popularity", "itemknn"):
         assert res["models"][name]["ndcg@10"] == 0.0 and res["models"][name]["recall@20"] == 0.0, name

@@ -103,7 +103,7 @@ def listening_app(ray_local, tmp_path_factory, minilm_path):
     http = requests.Session()
     url = f"http://127.0.0.1:{port}/{name}"
     assert http.get(f"{url}/admin/stats", timeout=60).json()["model"]["scorer"] is True  # the scorer serves
-    yield http, url, topic
+    yield http, url, topic, run
     serve.delete(name)
 
 
@@ -123,7 +123,7 @@ def _share(items: list[dict], topic: dict[str, str], t: str) -> float:
 
 
 def test_text_dislike_moves_the_ranking_away_from_the_topic(listening_app):
-    http, url, topic = listening_app
+    http, url, topic, _ = listening_app
     user = f"fan-{uuid.uuid4().hex[:6]}"
     _post(http, url, [{"user_id": user, "item_id": f"anim-{j}", "event": "like", "ts": 100.0 + j} for j in range(3)])
     before = _top(http, url, user, 7)
@@ -134,7 +134,7 @@ def test_text_dislike_moves_the_ranking_away_from_the_topic(listening_app):
 
 
 def test_text_wish_moves_the_ranking_towards_the_topic(listening_app):
-    http, url, topic = listening_app
+    http, url, topic, _ = listening_app
     user = f"fan-{uuid.uuid4().hex[:6]}"
     _post(http, url, [{"user_id": user, "item_id": f"roma-{j}", "event": "like", "ts": 100.0 + j} for j in range(3)])
     before = _top(http, url, user, 7)
@@ -145,9 +145,34 @@ def test_text_wish_moves_the_ranking_towards_the_topic(listening_app):
 
 
 def test_like_of_a_cold_item_brings_its_text_neighbours_up(listening_app):
-    http, url, topic = listening_app
+    http, url, topic, _ = listening_app
     user = f"new-{uuid.uuid4().hex[:6]}"
     before = _top(http, url, user, 5)  # a brand-new user: popularity
     _post(http, url, [{"user_id": user, "item_id": "cold-space", "event": "like"}])
     after = _top(http, url, user, 5)
     assert _share(after, topic, "Science Fiction") >= 0.8 > _share(before, topic, "Science Fiction")
+
+
+def test_served_ranking_of_a_known_user_equals_the_batch_command(listening_app, tmp_path):
+    """A user the run knows is personalised from the first request, and `/recommend` gives exactly what
+    `llmrec recommend` writes for that user (one ranking path: the state shard's base history + RecommendCore)."""
+    import pandas as pd
+
+    from llmrec.commands import recommend
+
+    http, url, _, run = listening_app
+    users = ["u0", "u1", "u2"]
+    (tmp_path / "users.txt").write_text("\n".join(users) + "\n")
+    out = tmp_path / "recs.parquet"
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    recommend.add_arguments(parser)
+    args = parser.parse_args(["--run", str(run), "--users", str(tmp_path / "users.txt"), "--k", "5", "--out", str(out)])
+    assert recommend.run(args) == 0
+    batch = pd.read_parquet(out)
+    for u in users:
+        served = _top(http, url, u, 5)
+        assert not any(it["reason"].startswith("popular") for it in served)  # personalised at once
+        expect = batch[batch["user_id"] == u].sort_values("rank")["item_id"].tolist()
+        assert [it["item_id"] for it in served] == expect

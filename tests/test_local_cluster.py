@@ -291,8 +291,12 @@ def test_deploy_job_serves_feedback_then_recommend(
     bad = requests.post(f"{base}/feedback",
                         json={"user_id": user, "item_id": "no-such-item", "event": "like"}, timeout=60)
     assert bad.status_code == 422 and "no-such-item" in bad.json()["error"]
-    # /healthz also refreshes the users gauge
-    assert requests.get(f"{base}/healthz", timeout=30).json()["n_users"] == 1
+    # /healthz also refreshes the users gauge: the run's users (loaded by the state shards) + this one
+    import pandas as pd
+
+    inter = pd.read_parquet(run / "data" / "interactions.parquet", columns=["user_id"])
+    n_run_users = inter.user_id.nunique()
+    assert requests.get(f"{base}/healthz", timeout=30).json()["n_users"] == n_run_users + 1
     # the Grafana dashboard's metric names, as Ray exports them
     dash = json.loads((REPO / "cluster" / "grafana" / "llmrec-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))

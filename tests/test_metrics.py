@@ -117,3 +117,19 @@ def test_bad_input_is_refused_clearly() -> None:
         compute_metrics(np.zeros((2, 3)), np.array([0]))
     with pytest.raises(ValueError, match="no target"):
         compute_metrics(np.zeros((1, 3)), [np.array([], dtype=np.int64)])
+
+
+def test_bootstrap_interval_covers_the_mean_and_paired_differences():
+    """The percentile bootstrap interval of a mean brackets it and shrinks with more users; a paired interval of
+    identical per-user values is exactly [0, 0], of a constant shift exactly that shift."""
+    from llmrec.eval.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    small, large = rng.random(50), rng.random(5000)
+    lo_s, hi_s = bootstrap_ci(small)
+    lo_l, hi_l = bootstrap_ci(large)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert (hi_l - lo_l) < (hi_s - lo_s) / 5  # ~ 1/sqrt(100) of the width
+    assert bootstrap_ci(small, small) == (0.0, 0.0)
+    lo, hi = bootstrap_ci(small + 0.25, small)
+    assert lo == pytest.approx(0.25) and hi == pytest.approx(0.25)

@@ -165,6 +165,29 @@ def test_new_user_gets_popular_items(app: App) -> None:
     assert app.call("GET", "/users/nobody").status_code == 404  # recommending does not create state
 
 
+def test_run_users_are_known_at_start(app: App) -> None:
+    """p1..p3 are in the run's interactions: their histories serve from the first request."""
+    s = app.call("GET", "/users/p1")
+    assert s.status_code == 200, s.text
+    body = s.json()
+    assert [(h["item_id"], h["event"], h["ts"]) for h in body["history"]] == [
+        ("cook-3", "like", 1.0),
+        ("horror-1", "like", 4.0),
+    ]
+    assert body["n_events"] == body["version"] == 2 and body["seen"] == ["cook-3", "horror-1"]
+    r = app.call("GET", "/recommend", params={"user_id": "p1", "k": 5}).json()
+    assert r["state_version"] == 2 and r["items"][0]["reason"] != "popular with other users"
+    assert not {"cook-3", "horror-1"} & {it["item_id"] for it in r["items"]}  # its history is seen
+    # feedback equal to a base event is a duplicate; new feedback extends the base history
+    dup = app.call("POST", "/feedback", json={"user_id": "p2", "item_id": "cook-3", "event": "like", "ts": 2})
+    assert dup.json() == {"ok": True, "state_version": 1, "n_events": 1, "duplicates": 1}
+    ev = {"user_id": "p2", "item_id": "space-4", "event": "like", "ts": 9}
+    new = app.call("POST", "/feedback", json=ev)
+    assert new.json()["state_version"] == 2
+    hist = app.call("GET", "/users/p2").json()["history"]
+    assert [h["item_id"] for h in hist] == ["cook-3", "space-4"]
+
+
 def test_like_then_recommend_reflects_it(app: App) -> None:
     uid, topic = "alice", app.info["topic"]
     n = len(app.info["ids"])
@@ -225,6 +248,7 @@ def test_query_and_text_feedback(app: App) -> None:
     assert fb.status_code == 200, fb.text
     s = app.call("GET", "/users/dave").json()
     assert s["text_feedback"][0]["has_vec"] and s["has_vector"]
+    assert "vec" not in s["text_feedback"][0]  # the text vector stays server-side (the ranker gets it)
     ids = _ids(app.call("GET", "/recommend", params={"user_id": "dave", "k": 3}))
     assert all(app.info["topic"][i] == "cook" for i in ids)
 
@@ -279,3 +303,36 @@ def test_redeploy_swaps_model_version_without_errors(app: App) -> None:
     assert errors == []
     # user state survived the swap (the shards are detached actors, independent of the replicas)
     assert app.call("GET", "/users/frank").json()["version"] == 1
+
+
+def test_redeploy_with_another_data_dir_swaps_the_run_users(
+    app: App, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """user_config.data_dir names a newer run's data: every shard reloads its users from it; live users
+    stay."""
+    from ray import serve
+
+    from llmrec.data.tables import write_interactions
+    from llmrec.serve.app import build_app
+
+    newer = tmp_path_factory.mktemp("newer-run-data")
+    write_interactions(
+        pd.DataFrame(
+            {
+                schema.USER_ID: ["p1", "n1"],
+                schema.ITEM_ID: ["space-4", "cook-1"],
+                schema.TS: np.array([10, 11], np.int64),
+                schema.RATING: [np.nan, np.nan],
+                schema.EVENT: ["like", "click"],
+            }
+        ),
+        newer,
+    )
+    assert app.call("POST", "/feedback", json={"user_id": "gina", "item_id": "cook-2", "event": "like"}).ok
+    assert app.call("GET", "/users/p3").status_code == 200
+    cfg = {**app.user_config, "data_dir": str(newer)}
+    serve.run(build_app({**app.args, "user_config": cfg}), name=app.name, route_prefix=f"/{app.name}")
+    assert app.call("GET", "/users/n1").json()["history"][0]["item_id"] == "cook-1"
+    assert [h["item_id"] for h in app.call("GET", "/users/p1").json()["history"]] == ["space-4"]
+    assert app.call("GET", "/users/p3").status_code == 404  # only in the older run
+    assert app.call("GET", "/users/gina").json()["n_events"] == 1  # live feedback survives the swap

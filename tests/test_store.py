@@ -13,11 +13,13 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
 from llmrec.state.event_log import iter_events, read_events
 from llmrec.state.store import EmbeddingsMeanVectorizer, StateStore, UserStateShard, shard_of
-from llmrec.state.user_state import Event, MeanVectorizer, UserState, apply_event, state_to_dict
+from llmrec.state.user_state import Event, MeanVectorizer, UserState, apply_event, state_to_dict, summary
 
 RNG = np.random.default_rng(0)
 N_ITEMS, DIM = 40, 8
@@ -284,3 +286,333 @@ def test_fault_kill_shard_mid_stream_every_acked_event_counted_once(store_factor
     again = store.apply_sync(events[:50])
     assert all(a["duplicate"] for a in again)
     assert store.stats_sync()["n_events"] == 300
+
+
+# ---- base histories: the users a run already knows -------------------------------------------------------
+
+H = 8  # a short history window, so that many test users overflow it
+
+
+def make_interactions(n_users: int = 30, n_rows: int = 400, seed: int = 5, user_prefix: str = "p"
+                      ) -> pd.DataFrame:
+    """Canonical interactions, NOT in time order, with ts ties; a few heavy users overflow the H window."""
+    rng = np.random.default_rng(seed)
+    users = [f"{user_prefix}{k}" for k in range(n_users)]
+    p = np.r_[np.full(4, 8.0), np.ones(n_users - 4)]  # users 0-3 are heavy
+    kinds = rng.choice(KINDS, size=n_rows)
+    rating = np.where(kinds == "rating", rng.integers(1, 6, size=n_rows).astype(float), np.nan)
+    return pd.DataFrame({
+        USER_ID: np.array(users)[rng.choice(n_users, size=n_rows, p=p / p.sum())],
+        ITEM_ID: np.array(IDS)[rng.integers(N_ITEMS, size=n_rows)],
+        TS: rng.integers(1_000, 1_060, size=n_rows).astype(np.int64),  # 60 distinct seconds: many ties
+        RATING: rating,
+        EVENT: kinds,
+    })
+
+
+def write_run_data(data_dir: Path, df: pd.DataFrame) -> Path:
+    from llmrec.artifacts import write_meta
+    from llmrec.data.tables import write_interactions
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_interactions(df, data_dir)
+    write_meta(data_dir, "prepare", fingerprint=f"fp-{len(df)}-{df[TS].sum()}")
+    return data_dir
+
+
+def brute_force(df: pd.DataFrame, user: str, history_len: int = H) -> dict:
+    """The expected base state of one user, computed directly with pandas + apply_event."""
+    rows = df.reset_index(drop=True)
+    rows = rows[rows[USER_ID] == user].assign(_pos=lambda d: d.index).sort_values([TS, "_pos"])
+    window = rows.tail(history_len)
+    st = UserState(user_id=user, history_len=history_len)
+    for r in window.itertuples():
+        value = None if np.isnan(r.rating) else float(r.rating)
+        st = apply_event(st, Event(user_id=user, item_id=r.item_id, event=r.event, value=value,
+                                   ts=float(r.ts)))
+    return {"history": [list(h) for h in st.history], "negatives": st.negatives, "n_events": len(rows),
+            "seen": sorted(set(rows[ITEM_ID])), "last_ts": float(rows[TS].max())}
+
+
+def as_expected(got: dict) -> dict:
+    return {"history": [[h["item_id"], h["event"], h["value"], h["ts"]] for h in got["history"]],
+            "negatives": got["negatives"], "n_events": got["n_events"], "seen": got["seen"],
+            "last_ts": got["last_ts"]}
+
+
+def test_crc32_strings_equals_zlib_for_every_shape() -> None:
+    import pyarrow as pa
+
+    from llmrec.state.base import crc32_strings
+
+    vals = ["", "a", "user-42", "ü", "日本語のID", "x" * 300, None, "A3JPFWKS83R49V"]
+    want = [zlib.crc32((v or "").encode()) for v in vals]
+    assert crc32_strings(pa.array(vals)).tolist() == want
+    assert crc32_strings(pa.array(vals).slice(2, 4)).tolist() == want[2:6]  # an offset into the buffers
+    assert crc32_strings(pa.array(vals, pa.large_string())).tolist() == want
+
+
+@pytest.mark.parametrize("batch_rows, compact_rows", [(1 << 16, 1 << 22), (37, 50)])
+def test_base_load_keeps_exactly_each_shards_users_last_events(tmp_path: Path, batch_rows: int,
+                                                                compact_rows: int) -> None:
+    """Every shard's arrays == a pandas brute force; small batches + compactions give the same result."""
+    from llmrec.state.base import load_base
+
+    df = make_interactions()
+    data = write_run_data(tmp_path / "data", df)
+    n_shards, loaded = 3, {}
+    for s in range(n_shards):
+        base = load_base(data, shard_id=s, n_shards=n_shards, history_len=H, batch_rows=batch_rows,
+                         compact_rows=compact_rows)
+        users = [base.user_id(r) for r in range(base.n_users)]
+        assert users == sorted(users, key=lambda u: u.encode()) and all(shard_of(u, 3) == s for u in users)
+        for r, u in enumerate(users):
+            st = base.state(r, history_len=H)
+            got = as_expected(summary(st))
+            assert got == brute_force(df, u), u
+            assert base.n_total[r] == (df[USER_ID] == u).sum()
+        loaded.update({u: s for u in users})
+        assert base.rows_read == len(df) and base.skipped == {}
+    assert loaded.keys() == set(df[USER_ID])  # every user in exactly one shard
+    heavy = brute_force(df, "p0")
+    assert heavy["n_events"] > H and len(heavy["seen"]) > len({h[0] for h in heavy["history"]})
+
+
+def test_base_load_counts_and_skips_rows_it_cannot_serve(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmrec.state.base import load_base
+
+    t = pa.table({
+        USER_ID: pa.array(["a", "a", None, "a", "a", "a", "x" * 300, "b", "b\0"]),
+        ITEM_ID: pa.array(["i1", None, "i2", "i3", "i4", "i5", "i6", "i7", "i8"]),
+        TS: pa.array([1, 2, 3, None, 5, 6, 7, 8, 9], pa.int64()),
+        RATING: pa.array([None, None, None, None, 9.0, None, None, None, None], pa.float64()),
+        EVENT: pa.array(["like", "like", "like", "like", "rating", "poke", "like", "rating", "like"]),
+    })
+    pq.write_table(t, tmp_path / "interactions.parquet")
+    base = load_base(tmp_path, history_len=H)
+    assert base.skipped == {"null_or_bad_user_id": 3, "null_or_bad_item_id": 1, "null_ts": 1,
+                            "unknown_event": 1, "rating_missing_or_out_of_range": 2}
+    assert [base.user_id(r) for r in range(base.n_users)] == ["a"]
+    assert [h[0] for h in base.history(base.row("a"))] == ["i1"]
+    with pytest.raises(ValueError, match=r"column\(s\) \['event'\] missing"):
+        pq.write_table(t.drop_columns([EVENT]), tmp_path / "bad.parquet")
+        load_base(tmp_path / "bad.parquet")
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist: the state shards load"):
+        load_base(tmp_path / "nowhere")
+
+
+def base_users(df: pd.DataFrame, shard: int, n_shards: int = 2) -> list[str]:
+    return sorted(u for u in set(df[USER_ID]) if shard_of(u, n_shards) == shard)
+
+
+def test_base_user_get_feedback_dedup_and_restart(tmp_path: Path) -> None:
+    df = make_interactions()
+    data = write_run_data(tmp_path / "data", df)
+    log = tmp_path / "events"
+    shard = UserStateShard(0, str(log), vec_factory(), history_len=H, n_shards=2, base_dir=str(data))
+    users = base_users(df, 0)
+    for u in users:  # base-only users: transient states from the arrays, nothing materialised
+        got = shard.get(u)
+        assert as_expected(got) == brute_force(df, u) and got["version"] == got["n_events"]
+    assert shard.users == {} and shard.stats()["n_users"] == len(users)
+    assert shard.stats()["n_events"] == int(df[USER_ID].isin(users).sum())
+    u = next(x for x in users if brute_force(df, x)["n_events"] > H)
+    want = brute_force(df, u)
+    st_ref = UserState(user_id=u, history_len=H)
+    for item, kind, value, ts in want["history"]:
+        st_ref = apply_event(st_ref, Event(user_id=u, item_id=item, event=kind, value=value, ts=ts))
+    vec = MeanVectorizer(IDS, V)(st_ref)
+    np.testing.assert_allclose(shard.get(u)["vector"], vec, rtol=1e-6)
+
+    # a live event equal to a base event (same item, event, ts; ts compared in whole seconds) is a duplicate
+    item, kind, value, ts = want["history"][-1]
+    dup = {"event_id": "d1", "user_id": u, "item_id": item, "event": kind, "value": value, "ts": ts + 0.4}
+    res = shard.apply([dup])
+    assert res[0]["duplicate"] is True and res[0]["state_version"] == want["n_events"]
+    assert shard.log.last_seq == 0 and shard.users == {}
+    # feedback on a base user extends its base history
+    res = shard.apply([{"event_id": "n1", "user_id": u, "item_id": "i39", "event": "like", "ts": 5000.0}])
+    assert res[0]["duplicate"] is False and res[0]["state_version"] == want["n_events"] + 1
+    got = shard.get(u)
+    assert as_expected(got)["history"] == want["history"][1:] + [["i39", "like", None, 5000.0]]
+    assert got["n_events"] == want["n_events"] + 1 and set(got["seen"]) == set(want["seen"]) | {"i39"}
+    assert list(shard.users) == [u] and shard.stats()["n_users"] == len(users)
+    before = {x: shard.get(x) for x in users}
+    stats = {k: shard.stats()[k] for k in ("n_users", "n_events", "n_base_users", "n_materialised")}
+    shard.close()
+
+    again = UserStateShard(0, str(log), vec_factory(), history_len=H, n_shards=2, base_dir=str(data))
+    assert again.replay_counts["replayed"] == 1 and again.replay_counts["duplicate_base"] == 0
+    assert {x: again.get(x) for x in users} == before  # restart = base + log, equal state
+    assert {k: again.stats()[k] for k in stats} == stats
+    again.close()
+
+
+def test_logged_event_equal_to_a_base_event_is_not_counted_twice(tmp_path: Path) -> None:
+    """The log of one run becomes the next run's interactions: restarting over that base counts each once."""
+    from llmrec.state.event_log import read_events
+
+    log = tmp_path / "events"
+    live = [{"event_id": f"e{k}", "user_id": "z", "item_id": IDS[k], "event": "like", "ts": 2000.0 + k + 0.7}
+            for k in range(3)]
+    shard = UserStateShard(0, str(log), vec_factory(), history_len=H)
+    shard.apply(live)
+    shard.snapshot()
+    shard.close()
+    # the next run's data = its old interactions + the logged events (ts floored, as read_events gives them)
+    df = make_interactions(n_users=6, n_rows=40)
+    new_run = pd.concat([df, read_events(log)], ignore_index=True)
+    data = write_run_data(tmp_path / "data2", new_run)
+    again = UserStateShard(0, str(log), vec_factory(), history_len=H, base_dir=str(data))
+    assert again.replay_counts == {"replayed": 0, "duplicate_id": 0, "duplicate_base": 3, "deleted": 0,
+                                   "invalid": 0, "torn": 0}
+    got = again.get("z")
+    assert got["n_events"] == 3 and [h["item_id"] for h in got["history"]] == IDS[:3]
+    assert again.users == {}  # replayed events that the base holds do not materialise the user
+    assert again.apply(live[:1])[0]["duplicate"] is True  # a retry: the base holds it
+    assert again.stats()["n_events"] == len(new_run)
+    again.close()
+
+
+def test_tombstone_survives_restart_and_base_swap(tmp_path: Path) -> None:
+    from llmrec.state.event_log import read_events
+
+    df = make_interactions()
+    data = write_run_data(tmp_path / "data", df)
+    data2 = write_run_data(tmp_path / "data2", make_interactions(seed=9))  # the user is in this run too
+    log = tmp_path / "events"
+    users = base_users(df, 0, n_shards=1)
+    victim, other = users[0], users[1]
+    shard = UserStateShard(0, str(log), vec_factory(), history_len=H, n_shards=1, base_dir=str(data))
+    shard.apply([{"event_id": "v1", "user_id": victim, "item_id": "i1", "event": "like", "ts": 9000.0}])
+    n_before = shard.stats()["n_users"]
+    assert shard.delete(victim) is True and shard.get(victim) is None
+    assert shard.stats()["n_users"] == n_before - 1
+    assert victim not in set(read_events(log)[USER_ID])
+    tomb = (log / "tombstones-s000.jsonl").read_text()
+    assert victim not in tomb and victim not in (log / "snapshot-s000.json").read_text()  # hashes, not ids
+    assert shard.delete(other) is True  # a base-only user: a tombstone too
+    shard.close()
+
+    again = UserStateShard(0, str(log), vec_factory(), history_len=H, n_shards=1, base_dir=str(data))
+    assert again.get(victim) is None and again.get(other) is None
+    assert again.base.row(victim) is None and again.base_info["skipped"] == {"deleted_user": int(
+        df[USER_ID].isin([victim, other]).sum())}
+    # a later event starts a fresh state without the base history
+    again.apply([{"event_id": "v2", "user_id": victim, "item_id": "i2", "event": "click", "ts": 9100.0}])
+    fresh = again.get(victim)
+    assert [h["item_id"] for h in fresh["history"]] == ["i2"] and fresh["n_events"] == 1
+    assert again.set_base(str(data2))["changed"] is True  # a new run that also holds both users
+    assert again.get(other) is None
+    assert [h["item_id"] for h in again.get(victim)["history"]] == ["i2"]
+    again.close()
+    third = UserStateShard(0, str(log), vec_factory(), history_len=H, n_shards=1, base_dir=str(data2))
+    assert third.get(other) is None and third.get(victim)["n_events"] == 1
+    third.close()
+
+
+def test_interrupted_delete_is_finished_at_restart(tmp_path: Path) -> None:
+    """A crash after the tombstone but before the log purge: the events never come back, the purge ends."""
+    from llmrec.state.event_log import read_events
+
+    log = tmp_path / "events"
+    shard = UserStateShard(0, str(log), vec_factory(), history_len=H, snapshot_every=1)
+    shard.apply([{"event_id": f"e{k}", "user_id": "w", "item_id": IDS[k], "event": "like", "ts": float(k)}
+                 for k in range(3)])
+    shard._write_tombstone("w", shard.log.last_seq)  # the first step of delete(); then the process dies
+    shard.close()
+    again = UserStateShard(0, str(log), vec_factory(), history_len=H)
+    assert again.get("w") is None and "w" not in set(read_events(log)[USER_ID])
+    again.apply([{"event_id": "e9", "user_id": "w", "item_id": "i9", "event": "like", "ts": 9.0}])
+    again.close()
+    third = UserStateShard(0, str(log), vec_factory(), history_len=H)
+    assert third.get("w")["n_events"] == 1  # events after the delete are kept
+    third.close()
+
+
+def test_set_base_swaps_runs_and_rebuilds_materialised_users(tmp_path: Path) -> None:
+    df_a, df_b = make_interactions(seed=1), make_interactions(seed=2, user_prefix="q")
+    df_b.loc[df_b.index[:30], USER_ID] = "p0"  # p0 is in both runs, with other histories
+    a, b = write_run_data(tmp_path / "a", df_a), write_run_data(tmp_path / "b", df_b)
+    log = tmp_path / "events"
+    shard = UserStateShard(0, str(log), vec_factory(), history_len=H, base_dir=str(a))
+    live = {"event_id": "l1", "user_id": "p0", "item_id": "i7", "event": "purchase", "ts": 7000.0}
+    shard.apply([live])
+    assert shard.set_base(str(a))["changed"] is False  # same descriptor: nothing reloads
+    out = shard.set_base(str(b))
+    assert out["changed"] is True and out["replay"]["replayed"] == 1
+    want = brute_force(df_b, "p0")
+    got = shard.get("p0")
+    assert as_expected(got)["history"] == want["history"][1:] + [["i7", "purchase", None, 7000.0]]
+    assert got["n_events"] == want["n_events"] + 1
+    assert shard.get("p1") is None and as_expected(shard.get("q1")) == brute_force(df_b, "q1")
+    assert shard.stats()["n_users"] == df_b[USER_ID].nunique()
+    shard.close()
+    # a restart with the new run's folder is the same state (snapshot over the same descriptor)
+    again = UserStateShard(0, str(log), vec_factory(), history_len=H, base_dir=str(b))
+    assert again.replay_counts["replayed"] == 0 and again.get("p0") == got
+    assert again.set_base(None)["changed"] is True  # no base: only what the log holds
+    assert again.stats()["n_users"] == 1 and again.get("p0")["history"] == [
+        {"item_id": "i7", "event": "purchase", "value": None, "ts": 7000.0}]
+    again.close()
+
+
+def test_store_loads_base_in_every_shard_and_a_restarted_shard_keeps_the_swapped_base(
+        store_factory, tmp_path: Path) -> None:
+    import ray
+
+    df_a, df_b = make_interactions(seed=1), make_interactions(seed=2, user_prefix="q")
+    a, b = write_run_data(tmp_path / "a", df_a), write_run_data(tmp_path / "b", df_b)
+    store = store_factory(n_shards=2, vectorizer_factory=vec_factory(), history_len=H, base_dir=str(a))
+    assert store.stats_sync()["n_users"] == df_a[USER_ID].nunique()
+    assert as_expected(store.get_sync("p3")) == brute_force(df_a, "p3")
+    store.apply_sync([{"event_id": "x", "user_id": "q2", "item_id": "i1", "event": "like", "ts": 8000.0}])
+    out = store.set_base_sync(str(b))
+    assert [o["changed"] for o in out] == [True, True]
+    assert store.get_sync("p3") is None and store.stats_sync()["n_users"] == df_b[USER_ID].nunique()
+    before = {u: store.get_sync(u) for u in sorted(set(df_b[USER_ID]))}
+    s = store.shard_of("q2")
+    pid = store.stats_sync()["shards"][s]["pid"]
+    ray.kill(store.actors[s], no_restart=False)  # Ray restarts it with the constructor's base_dir=a ...
+    after = {u: store.get_sync(u) for u in before}  # ... but it keeps the swapped-in base b
+    assert store.stats_sync()["shards"][s]["pid"] != pid
+    assert after == before and after["q2"]["history"][-1]["item_id"] == "i1"
+
+
+def test_get_carries_text_feedback_vectors_for_the_ranker(tmp_path: Path) -> None:
+    shard = UserStateShard(0, str(tmp_path), vec_factory())
+    shard.apply([{"user_id": "t", "event": "dislike", "text": "no gore", "text_vec": V[5].tolist(),
+                  "ts": 1.0},
+                 {"user_id": "t", "event": "like", "text": "more space", "ts": 2.0}])
+    tf = shard.get("t")["text_feedback"]
+    assert [(t["text"], t["polarity"], t["has_vec"]) for t in tf] == [("no gore", -1.0, True),
+                                                                      ("more space", 1.0, False)]
+    np.testing.assert_array_equal(tf[0]["vec"], V[5].tolist())  # the stored vector, as sent
+    assert tf[1]["vec"] is None
+    shard.close()
+
+
+def test_hot_swap_serves_the_old_base_while_the_new_one_loads(tmp_path: Path) -> None:
+    df_a, df_b = make_interactions(seed=1), make_interactions(seed=2, user_prefix="q")
+    df_b.loc[df_b.index[:30], USER_ID] = "p0"  # p0 is in both runs
+    a, b = write_run_data(tmp_path / "a", df_a), write_run_data(tmp_path / "b", df_b)
+    shard = UserStateShard(0, str(tmp_path / "events"), vec_factory(), history_len=H, base_dir=str(a))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        shard.prepare_base(str(tmp_path / "nowhere"))
+    status = shard.prepare_base(str(b))
+    assert status["current"] is False and shard._pending is not None
+    # until the commit, requests are served from run a: reads, feedback, deletes
+    assert as_expected(shard.get("p1")) == brute_force(df_a, "p1") and shard.get("q1") is None
+    assert shard.delete("p0") is True  # also in run b: must stay deleted there
+    shard.apply([{"event_id": "l", "user_id": "q2", "item_id": "i3", "event": "like", "ts": 7000.0}])
+    out = shard.commit_base(str(b))
+    assert out["changed"] is True and shard.base_status(str(b))["current"] is True
+    assert shard.get("p0") is None and shard.get("p1") is None
+    got = shard.get("q2")  # the feedback given during the load, replayed over the new base
+    want = (brute_force(df_b, "q2")["history"] + [["i3", "like", None, 7000.0]])[-H:]
+    assert as_expected(got)["history"] == want
+    assert shard.stats()["n_users"] == df_b[USER_ID].nunique() - 1
+    shard.close()

@@ -299,3 +299,47 @@ def test_split_last_event_caps_validation_users_and_drops_nothing(planted_split)
     assert len(split_last_event(trainval, 10_000)[1]) == n_users  # a cap above the users holds out all
     with pytest.raises(ValueError, match="max_users must be >= 0"):
         split_last_event(trainval, -1)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_training_resumes_from_the_last_checkpoint(ray_local, tmp_path):
+    """FailureConfig: kill -9 the training worker once its first checkpoint is registered; Ray Train restarts the
+    worker group from the latest checkpoint (checkpoint_dir, a shared folder here) and training ends with every epoch once."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import torch
+
+    from llmrec.scorer.recommender import split_last_event
+
+    items, df, _ = planted(n_users=900, events=12)
+    train, valid = split_last_event(df)
+    ckpt = tmp_path / "shared-checkpoints"
+    out = {}
+
+    def run() -> None:
+        try:
+            out["meta"] = fit_scorer(train, items, tmp_path / "scorer", valid_df=valid, epochs=6, batch_size=32,
+                                     patience=10, checkpoint_dir=str(ckpt), max_failures=2, **SMALL)
+        except Exception as e:  # surfaced below
+            out["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    killed = None
+    deadline = time.time() + 600
+    while t.is_alive() and killed is None and time.time() < deadline:
+        files = sorted(ckpt.glob("*/checkpoint_*/checkpoint.pt"))
+        if len(files) >= 2:  # the first is registered with the controller once the second is being written
+            state = torch.load(files[0], map_location="cpu", weights_only=False)
+            killed = (int(state["epoch"]), int(state["worker_pid"]))
+            os.kill(killed[1], signal.SIGKILL)
+        time.sleep(0.05)
+    t.join(timeout=900)
+    assert "error" not in out, out.get("error")
+    assert killed is not None and killed[0] < 5, "the worker was not killed before the last epoch"
+    meta = out["meta"]
+    assert [h["epoch"] for h in meta["history"]] == list(range(6))  # every epoch exactly once
+    assert meta["epochs_run"] and meta["epochs_run"][0] > 0  # the last attempt resumed after a checkpoint

@@ -13,6 +13,7 @@ from llmrec.state.user_state import (
     event_weight,
     polarity,
     state_from_dict,
+    state_from_history,
     state_to_dict,
     summary,
 )
@@ -117,6 +118,25 @@ def test_bounded_history_text_ids_and_negatives() -> None:
     assert s.n_events == 43 and len(s.seen) == 36  # seen is not bounded
 
 
+def test_state_from_history_equals_folding_apply_event() -> None:
+    rng = np.random.default_rng(3)
+    kinds = ["view", "click", "like", "dislike", "skip", "purchase", "rating"]
+    hist = []
+    for k in range(60):
+        kind = kinds[rng.integers(len(kinds))]
+        value = float(rng.integers(1, 6)) if kind == "rating" else None
+        hist.append((f"i{rng.integers(12)}", kind, value, float(k)))
+    ref = run([Event(user_id="u1", item_id=i, event=e, value=v, ts=t) for i, e, v, t in hist],
+              history_len=25, max_negatives=3)
+    got = state_from_history("u1", hist, history_len=25, max_negatives=3)
+    assert state_to_dict(got) == state_to_dict(ref)  # history window, seen, negatives (capped), counts
+    more = state_from_history("u1", hist[-25:], n_events=60, older_seen=["old-1", "i3"], history_len=25)
+    assert more.n_events == more.version == 60 and more.last_ts == 59.0
+    assert more.seen == {h[0] for h in hist[-25:]} | {"old-1", "i3"}
+    with pytest.raises(ValueError, match="n_events=3 is below the 25 events"):
+        state_from_history("u1", hist[-25:], n_events=3)
+
+
 def test_summary_is_json_safe_and_snapshot_dict_round_trips() -> None:
     import json
 
@@ -125,7 +145,8 @@ def test_summary_is_json_safe_and_snapshot_dict_round_trips() -> None:
     d = summary(s)
     assert json.loads(json.dumps(d)) == d
     assert d["n_events"] == 3 and d["seen"] == ["a", "b"] and d["negatives"] == {"b": 0.5}
-    assert d["text_feedback"] == [{"text": "no gore", "polarity": -1.0, "has_vec": True}]
+    # the stored text vector travels with the summary (the ranker scores against it)
+    assert d["text_feedback"] == [{"text": "no gore", "polarity": -1.0, "has_vec": True, "vec": [0.0, 1.0]}]
     back = state_from_dict(json.loads(json.dumps(state_to_dict(s))))
     assert state_to_dict(back) == state_to_dict(s) and back.seen == s.seen
 

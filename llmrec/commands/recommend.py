@@ -1,8 +1,11 @@
 """`llmrec recommend`: batch top-k recommendations for a list of users as of the end of the training data.
 
-History = every interaction of the user in RUN/data (or --data). Items in the history are never recommended.
-`--model llmrec` (default) uses the trained scorer in RUN/scorer (two-stage: retrieval + MLP re-rank); a
-baseline name fits that baseline on all interactions first. The users file is a text file (one id per line;
+`--model llmrec` (default) ranks exactly as `GET /recommend` of `llmrec serve` on the same run does for a user
+the run knows, on Ray Data (`llmrec.batch`): actors hold RUN/scorer, RUN/embeddings and RUN/index once each, the
+users' states are built from RUN/data (or --data) the way a state shard loads them (the last 200 events, every
+item seen, negatives; `llmrec.state.base`), and `RecommendCore` ranks them (`Scorer.rank`: retrieval + re-rank
++ co-occurrence); items the user has seen are never recommended. A baseline name fits that baseline on all interactions first (history = every
+interaction of the user). The users file is a text file (one id per line;
 blank lines and lines starting with '#' ignored), or a .parquet / .csv with a `user_id` column. Output:
 parquet `user_id, item_id, rank (1 = best), score`, users in file order. A user may get fewer than k rows when
 fewer than k items are rankable for them (logged with a count).
@@ -16,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmrec.schema import RUN_DATA, RUN_EMBEDDINGS, RUN_SCORER
+from llmrec.schema import RUN_DATA, RUN_EMBEDDINGS, RUN_INDEX, RUN_SCORER
 from llmrec.storage import Arg, In, OutFile, Run
 
 logger = logging.getLogger(__name__)
@@ -31,7 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--users", required=True, help="user ids: text file (one per line), .parquet or .csv with user_id"
     )
     p.add_argument("--k", type=int, default=10, help="recommendations per user (default 10)")
-    p.add_argument("--out", required=True, help="output parquet file")
+    p.add_argument(
+        "--out", required=True,
+        help="output: a .parquet file (users in file order), or a folder of parquet parts written by the workers",
+    )
     p.add_argument("--model", default="llmrec", choices=MODELS, help="model (default llmrec)")
     p.add_argument("--data", default=None, help="prepare folder (default RUN/data)")
     p.add_argument(
@@ -39,14 +45,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip users without interactions (counted) instead of failing",
     )
-    p.add_argument("--n-candidates", type=int, default=200, help="llmrec retrieval candidates (default 200)")
+    p.add_argument(
+        "--n-candidates", type=int, default=None,
+        help="llmrec: retrieval candidates per user beyond those for k (RankConfig.min_candidates; default: "
+        "the serving default)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for baselines that train (default 0)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
 
 
 def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
     """Flags that may be URIs (llmrec.cli stages them); --out is one parquet file."""
     return {
-        "run": Run((RUN_DATA, RUN_EMBEDDINGS, RUN_SCORER)),
+        "run": Run((RUN_DATA, RUN_EMBEDDINGS, RUN_INDEX, RUN_SCORER)),
         "data": In("prepare"),
         "users": In(),
         "out": OutFile(),
@@ -65,8 +76,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     run_dir = Path(args.run)
     data_dir = Path(args.data) if args.data else run_dir / RUN_DATA
-    items_df, inter = read_tables(data_dir)
     users = read_user_ids(args.users)
+    if args.model == "llmrec":  # on Ray Data, the serving ranking (llmrec.batch)
+        from llmrec.batch import recommend_users
+        from llmrec.raysetup import init_ray
+
+        init_ray(address=getattr(args, "address", None))
+        res = recommend_users(run_dir, data_dir, users, args.k, args.out, args.n_candidates,
+                              skip_unknown=args.skip_unknown)
+        print(f"wrote {res['n_rows']} recommendations for {res['n_users']} users (llmrec, k={args.k}) to "
+              f"{args.out} in {res['wall_s']:.1f}s")
+        return 0
+    items_df, inter = read_tables(data_dir)
     known = set(inter[USER_ID].unique())
     unknown = [u for u in users if u not in known]
     if unknown:
@@ -83,31 +104,19 @@ def run(args: argparse.Namespace) -> int:
     if not users:
         raise ValueError(f"no user of {args.users} has interactions in {data_dir}; nothing to recommend")
 
-    if args.model == "llmrec":
-        from llmrec.eval.protocol import ItemSpace
-        from llmrec.scorer.inference import Scorer
+    # baselines: fitted here on all interactions, in this process
+    from llmrec.eval.baselines import make_baseline
+    from llmrec.eval.metrics import topk_indices
 
-        scorer = Scorer.load(run_dir / RUN_SCORER)
-        item_ids = np.asarray(scorer.item_ids, dtype=object)
-        space = ItemSpace(item_ids=item_ids, text_vectors=np.zeros((len(item_ids), 1), np.float32))
-        inter, _ = attach_item_idx(inter, space)
-        histories = make_histories(inter, users)
-        idx, scores = _batched(
-            lambda h: scorer.recommend(h, args.k, n_candidates=max(args.n_candidates, args.k)), histories
-        )
-    else:
-        from llmrec.eval.baselines import make_baseline
-        from llmrec.eval.metrics import topk_indices
-
-        space, _ = load_item_space(run_dir / RUN_EMBEDDINGS, items_df)
-        item_ids = space.item_ids
-        inter, _ = attach_item_idx(inter, space)
-        model: Any = make_baseline(args.model, seed=args.seed)
-        model.fit(inter, space)
-        histories = make_histories(inter, users)
-        idx, scores = _batched(
-            lambda h: topk_indices(model.score(h), args.k, [np.unique(x.item_idx) for x in h]), histories
-        )
+    space, _ = load_item_space(run_dir / RUN_EMBEDDINGS, items_df)
+    item_ids = space.item_ids
+    inter, _ = attach_item_idx(inter, space)
+    model: Any = make_baseline(args.model, seed=args.seed)
+    model.fit(inter, space)
+    histories = make_histories(inter, users)
+    idx, scores = _batched(
+        lambda h: topk_indices(model.score(h), args.k, [np.unique(x.item_idx) for x in h]), histories
+    )
     ok = np.isfinite(scores) & (idx >= 0)  # (U, k)
     short = int((ok.sum(axis=1) < args.k).sum())
     if short:

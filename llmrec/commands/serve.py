@@ -33,6 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="local folder of the serving event log (default RUN/events; required when --run is a URI)",
     )
     p.add_argument("--log-user-ids", action="store_true", help="log user ids in clear (default: hashed)")
+    p.add_argument(
+        "--no-run-users",
+        action="store_true",
+        help="start the state shards empty instead of from the users of RUN/data/interactions.parquet",
+    )
     p.add_argument("--address", default=None, help="join a running Ray cluster (default: start a local one)")
 
 
@@ -69,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             "num_replicas": args.replicas,
             "model": args.model,
             "log_user_ids": args.log_user_ids,
+            "load_run_users": not args.no_run_users,
             "log_dir": str(Path(args.events).resolve()) if args.events else None,
         }
     )
@@ -79,24 +85,24 @@ def run(args: argparse.Namespace) -> int:
         http_options=HTTPOptions(host=args.host, port=args.port),
         logging_config=LoggingConfig(enable_access_log=False),
     )
-    serve.run(app, name="llmrec", route_prefix="/", logging_config=LoggingConfig(enable_access_log=False))
-    url = f"http://{args.host}:{args.port}"
-    auth = f" -H 'Authorization: Bearer {args.auth_token}'" if args.auth_token else ""
-    logger.info(
-        "llmrec serving %s at %s (ready in %.1fs); API docs at %s/docs",
-        args.run,
-        url,
-        time.perf_counter() - t0,
-        url,
-    )
-    logger.info("try: curl '%s/recommend?user_id=alice&k=5'", url)
-    logger.info(
-        "     curl -X POST %s/feedback%s -H 'Content-Type: application/json' "
-        '-d \'{"user_id": "alice", "item_id": "<an item id>", "event": "like"}\'',
-        url,
-        auth,
-    )
-    try:
+    try:  # Ctrl-C while serve.run still waits for the app (requests may already be served) stops cleanly too
+        serve.run(app, name="llmrec", route_prefix="/", logging_config=LoggingConfig(enable_access_log=False))
+        url = f"http://{args.host}:{args.port}"
+        auth = f" -H 'Authorization: Bearer {args.auth_token}'" if args.auth_token else ""
+        logger.info(
+            "llmrec serving %s at %s (ready in %.1fs); API docs at %s/docs",
+            args.run,
+            url,
+            time.perf_counter() - t0,
+            url,
+        )
+        logger.info("try: curl '%s/recommend?user_id=alice&k=5'", url)
+        logger.info(
+            "     curl -X POST %s/feedback%s -H 'Content-Type: application/json' "
+            '-d \'{"user_id": "alice", "item_id": "<an item id>", "event": "like"}\'',
+            url,
+            auth,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -1,14 +1,16 @@
 """`llmrec train`: prepared interactions + embeddings artifact -> scorer artifact (Ray Train TorchTrainer).
 
 Trains the production model on all given interactions (the prepared table, plus the serving event log with
---events), holding out the last event of up to --val-users random users (with >= 2 events) as the
-validation target for early stopping and the best-checkpoint choice.
+--events), holding out the last event of up to --val-users seeded-hash-chosen users (with >= 2 events) as the
+validation target for early stopping and the post-training choices. The interactions are read and turned into
+training samples on Ray Data in tasks (`llmrec.scorer.dataset`): the driver never loads them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from llmrec.storage import Arg, In, Out
 
@@ -61,6 +63,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="CKPT_DIR",
         help="continue from a Ray checkpoint folder or an earlier --out folder (its last checkpoint)",
     )
+    p.add_argument(
+        "--checkpoint-dir", default=None,
+        help="Ray Train checkpoint storage every node reaches: a shared folder or a URI (s3://bucket/ckpt); "
+        "default OUT/ray on this machine (single-node clusters only)",
+    )
+    p.add_argument(
+        "--max-failures", type=int, default=0,
+        help="worker failures to recover from by restarting the workers from the last checkpoint (default 0)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
 
 
@@ -77,40 +88,33 @@ def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from llmrec.data.tables import read_interactions, read_items
+    from llmrec.data.tables import read_items
     from llmrec.eval.evaluate import load_item_space
     from llmrec.raysetup import init_ray
-    from llmrec.scorer.recommender import split_last_event
+    from llmrec.schema import INTERACTIONS_FILE
     from llmrec.scorer.train import fit_scorer
 
-    inter = read_interactions(args.data)
-    n_data = len(inter)
-    if args.events:
-        from llmrec.state.event_log import read_events
-
-        extra = read_events(args.events)
-        inter = pd.concat([inter, extra[inter.columns]], ignore_index=True)
-        logger.info("added %d events from the serving log %s", len(extra), args.events)
-    # titles, facets (synthesised text feedback) and the encoder of the item vectors come with the item space
-    items, embed_meta = load_item_space(args.embeddings, read_items(args.data))
     if args.val_users < -1:
         raise ValueError(f"--val-users must be >= 0, or -1 for every user with >= 2 events; got {args.val_users}")
     val_users = None if args.val_users == -1 else args.val_users
-    train, valid = split_last_event(inter, val_users, args.seed)
-    logger.info(
-        "train: %d interactions (%d from --data), %d users held out for validation",
-        len(inter),
-        n_data,
-        len(valid),
-    )
+    # titles, facets (synthesised text feedback) and the encoder of the item vectors come with the item space
+    items, embed_meta = load_item_space(args.embeddings, read_items(args.data))
     init_ray(address=args.address)
+    import ray.data
+
+    from llmrec.scorer.dataset import source_dataset
+
+    source = source_dataset(str(Path(args.data) / INTERACTIONS_FILE))
+    if args.events:
+        from llmrec.state.event_log import read_events
+
+        extra = read_events(args.events)  # the serving log is read here, then handed to Ray Data
+        source = source.union(ray.data.from_pandas(extra)) if len(extra) else source
+        logger.info("added %d events from the serving log %s", len(extra), args.events)
     meta = fit_scorer(
-        train,
+        source,
         items,
         args.out,
-        valid_df=valid if len(valid) else None,
         num_workers=args.num_workers,
         use_gpu=args.use_gpu,
         epochs=args.epochs,
@@ -120,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         resume_from=args.resume,
         patience=args.patience,
         embed_meta=embed_meta,
+        checkpoint_dir=args.checkpoint_dir,
+        max_failures=args.max_failures,
         dim=args.dim,
         max_len=args.max_len,
         n_neg=args.n_neg,

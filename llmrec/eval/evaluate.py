@@ -9,13 +9,16 @@ to `out_dir`:
 - `metrics.json`: `{"loo": {...}, "time": {...}, "cold": {...}}`, one object per protocol that was run, each
   EXACTLY `{"dataset", "protocol", "n_users", "n_items", "models": {name: {recall@10, recall@20, ndcg@10,
   ndcg@20, mrr, coverage@10}}, "cold_items": {"n_events": int, "models": {name: {...same keys...}}},
-  "repeat_targets_removed": int}`.
+  "repeat_targets_removed": int, "ci95": {name: [lo, hi]}, "diff_vs_llmrec_ci95": {name: [lo, hi]}}`.
+  `ci95`: 95% bootstrap interval (2,000 resamples of the test users, seeded) of each model's NDCG@10;
+  `diff_vs_llmrec_ci95`: the paired interval of (model - llmrec) NDCG@10 (empty without llmrec).
   `n_users` = test users evaluated, `n_items` = catalog size N (every item is rankable, cold ones included).
   `cold_items` holds the metrics restricted to test targets whose item never occurs in train (only the users
   with such a target, and only those targets); its `models` is `{}` when `n_events` is 0. Under "cold" every
   target is a held-out item, so its `cold_items` block equals its main block (`n_events` = all targets), and
   `repeat_targets_removed` is 0 (held-out items are in no history).
 - `metrics_<protocol>.json`: the same single-protocol object, one file per protocol (for scripts).
+- `per_user.parquet`: user_id, protocol, model, rank (1-based rank of the user's best-ranked target), ndcg@10.
 - `report.md`, `metrics.png` (see `llmrec.eval.report`), and `meta.json` (stage "evaluate": split stats,
   per-model fit/score seconds, skipped models, dropped events, embedding model).
 
@@ -42,7 +45,7 @@ import pandas as pd
 
 from llmrec.artifacts import write_meta
 from llmrec.eval.baselines import BASELINES, make_baseline
-from llmrec.eval.metrics import RankingMetrics
+from llmrec.eval.metrics import RankingMetrics, bootstrap_ci
 from llmrec.eval.protocol import History, ItemSpace, Recommender
 from llmrec.eval.split import Split, cold_item_split, leave_last_out, sort_events, time_split
 from llmrec.schema import (
@@ -72,6 +75,7 @@ __all__ = [
     "read_tables",
 ]
 
+PER_USER_FILE = "per_user.parquet"  # user_id, protocol, model, rank (best target), ndcg@10
 PROTOCOLS = ("loo", "time", "cold")
 DEFAULT_PROTOCOLS = ("loo", "time")  # what `llmrec evaluate` and the pipeline run unless told otherwise
 DEFAULT_MODELS = ("llmrec",) + BASELINES
@@ -141,6 +145,7 @@ def evaluate(
     scorer_dir = Path(scorer_dir) if scorer_dir is not None else Path(embeddings_dir).parent / RUN_SCORER
 
     results: dict[str, Any] = {}
+    per_user_frames: list[pd.DataFrame] = []
     meta_protocols: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for proto in protocols:
@@ -166,6 +171,7 @@ def evaluate(
                     recs.append(model.neural_only())
         recs.extend(extra_models)
         res, timings, n_users = evaluate_models(split, space, recs, max_test_users, seed, batch_users)
+        ci, diff_ci = intervals(res["per_user"]["models"], seed=seed)
         results[proto] = {
             "dataset": dataset,
             "protocol": proto,
@@ -174,11 +180,15 @@ def evaluate(
             "models": res["models"],
             "cold_items": res["cold_items"],
             "repeat_targets_removed": res["repeat_targets_removed"],
+            "ci95": ci,
+            "diff_vs_llmrec_ci95": diff_ci,
         }
+        per_user_frames.append(_per_user_frame(proto, res["per_user"]))
         meta_protocols[proto] = {"split": split.stats, "timings": timings, "n_test_users_evaluated": n_users}
         (out / f"metrics_{proto}.json").write_text(json.dumps(results[proto], indent=2) + "\n")
 
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    pd.concat(per_user_frames, ignore_index=True).to_parquet(out / PER_USER_FILE, index=False)
     from llmrec.eval.report import write_report
 
     write_report(results, {p: m["timings"] for p, m in meta_protocols.items()}, out, skipped=skipped)
@@ -222,7 +232,8 @@ def evaluate_models(
     """Fit each model on `split.train`, score the test users in batches, compute all and cold-item metrics.
 
     Returns:
-        ({"models": {name: metrics}, "cold_items": {"n_events", "models"}, "repeat_targets_removed": int},
+        ({"models": {name: metrics}, "cold_items": {"n_events", "models"}, "repeat_targets_removed": int,
+          "per_user": {"users": (U,), "models": {name: {"rank": (U,), "ndcg@10": (U,)}}}},
          {name: timings}, n_test_users). Test targets already in the user's history are removed (counted).
     """
     names = [m.name for m in models]
@@ -265,6 +276,7 @@ def evaluate_models(
 
     out_models: dict[str, Any] = {}
     out_cold: dict[str, Any] = {}
+    per_user: dict[str, dict[str, np.ndarray]] = {}
     timings: dict[str, dict[str, float]] = {}
     for model in models:
         t0 = time.perf_counter()
@@ -286,6 +298,7 @@ def evaluate_models(
                 acc_cold.update(scores[rows], [cold_t[sl][i] for i in rows], [exclude[sl][i] for i in rows])
         score_s = time.perf_counter() - t1
         out_models[model.name] = acc.result()
+        per_user[model.name] = {"rank": acc.per_user("rank"), "ndcg@10": acc.per_user("ndcg@10")}
         if n_cold:
             out_cold[model.name] = acc_cold.result()
         timings[model.name] = {
@@ -309,10 +322,34 @@ def evaluate_models(
             "models": out_models,
             "cold_items": {"n_events": n_cold, "models": out_cold},
             "repeat_targets_removed": n_repeat,
+            "per_user": {"users": users, "models": per_user},
         },
         timings,
         len(users),
     )
+
+
+def intervals(
+    per_user: dict[str, dict[str, np.ndarray]], seed: int = 0, metric: str = "ndcg@10"
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """95% bootstrap intervals over test users of each model's mean `metric`, and of each model's paired
+    difference to llmrec (model - llmrec; users resampled together) when llmrec was evaluated."""
+    ci = {m: list(bootstrap_ci(v[metric], seed=seed)) for m, v in per_user.items()}
+    diff = {}
+    if "llmrec" in per_user:
+        ref = per_user["llmrec"][metric]
+        diff = {m: list(bootstrap_ci(v[metric], ref, seed=seed)) for m, v in per_user.items() if m != "llmrec"}
+    return ci, diff
+
+
+def _per_user_frame(protocol: str, per_user: dict[str, Any]) -> pd.DataFrame:
+    users = np.asarray(per_user["users"], dtype=object)
+    frames = [
+        pd.DataFrame({USER_ID: users, "protocol": protocol, "model": name, "rank": v["rank"],
+                      "ndcg@10": v["ndcg@10"]})
+        for name, v in per_user["models"].items()
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def read_tables(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:

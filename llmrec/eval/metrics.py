@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "RankingMetrics",
+    "bootstrap_ci",
     "compute_metrics",
     "coverage_at_k",
     "metric_names",
@@ -124,6 +125,7 @@ class RankingMetrics:
         }
         self._covered = np.zeros(self.n_items, dtype=bool)
         self.n_users = 0
+        self._per_user: dict[str, list[np.ndarray]] = {"rank": [], **{f"ndcg@{k}": [] for k in self.ks}}
 
     def update(self, scores: np.ndarray, targets: Targets, exclude: Exclude = None) -> None:
         """Add one batch: scores (B, N), B users' targets and exclusions (see `target_ranks`)."""
@@ -137,12 +139,24 @@ class RankingMetrics:
             self._sums[f"recall@{k}"] += float((np.bincount(rows, hit, minlength=n_b) / lengths).sum())
             dcg = np.bincount(rows, np.where(hit, 1.0 / np.log2(r + 1.0), 0.0), minlength=n_b)
             ideal = np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))  # (k,) IDCG by number of targets
-            self._sums[f"ndcg@{k}"] += float((dcg / ideal[np.minimum(lengths, k) - 1]).sum())
+            per = dcg / ideal[np.minimum(lengths, k) - 1]  # (B,)
+            self._sums[f"ndcg@{k}"] += float(per.sum())
+            self._per_user[f"ndcg@{k}"].append(per)
         starts = np.r_[0, np.cumsum(lengths)[:-1]]
-        self._sums["mrr"] += float((1.0 / np.minimum.reduceat(r, starts)).sum())
+        best = np.minimum.reduceat(r, starts)  # (B,) rank of each user's best-ranked target
+        self._sums["mrr"] += float((1.0 / best).sum())
+        self._per_user["rank"].append(best.astype(np.int64))
         idx, top = topk_indices(scores, self.coverage_k, exclude)
         self._covered[idx[np.isfinite(top)]] = True
         self.n_users += n_b
+
+    def per_user(self, name: str) -> np.ndarray:
+        """Per-user values in update order: "rank" (1-based rank of the user's best target, int64) or
+        "ndcg@k" for a k of this accumulator (float64); their mean is `result()[name]` for ndcg."""
+        if name not in self._per_user:
+            raise ValueError(f"unknown per-user metric {name!r}; choose from {list(self._per_user)}")
+        parts = self._per_user[name]
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def result(self) -> dict[str, float]:
         """Means over users (keys from `metric_names`); NaN for every metric when no user was added."""
@@ -150,6 +164,28 @@ class RankingMetrics:
         res = {name: (v / n if n else float("nan")) for name, v in self._sums.items()}
         res[f"coverage@{self.coverage_k}"] = float(self._covered.sum()) / self.n_items if n else float("nan")
         return {name: float(res[name]) for name in metric_names(self.ks, self.coverage_k)}
+
+
+def bootstrap_ci(
+    values: np.ndarray, reference: np.ndarray | None = None, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-user `values` (paired with `reference`: of the mean of
+    values - reference, users resampled together), e.g. NDCG@10 of each test user."""
+    v = np.asarray(values, dtype=np.float64)
+    if reference is not None:
+        ref = np.asarray(reference, dtype=np.float64)
+        if ref.shape != v.shape:
+            raise ValueError(f"paired bootstrap needs equal shapes, got {v.shape} and {ref.shape}")
+        v = v - ref
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for b in range(0, n_boot, 100):  # 100 resamples at a time: bounded memory for large test sets
+        m = min(100, n_boot - b)
+        means[b : b + m] = v[rng.integers(0, len(v), size=(m, len(v)))].mean(1)
+    a = (1.0 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
 def compute_metrics(

@@ -67,6 +67,16 @@ def markdown_report(
             "",
         ]
         lines += _table(res["models"])
+        if res.get("ci95"):
+            diff = res.get("diff_vs_llmrec_ci95") or {}
+            lines += ["", "NDCG@10 with its 95% bootstrap interval over test users"
+                      + (" and the paired interval of (model - llmrec)" if diff else "") + ":", "",
+                      "| model | NDCG@10 | 95% interval |" + (" model - llmrec, 95% |" if diff else ""),
+                      "|---|---:|---:|" + ("---:|" if diff else "")]
+            for m, (lo, hi) in res["ci95"].items():
+                d = diff.get(m)
+                lines.append(f"| {m} | {res['models'][m]['ndcg@10']:.4f} | [{lo:.4f}, {hi:.4f}] |"
+                             + ((f" [{d[0]:+.4f}, {d[1]:+.4f}] |" if d else " |") if diff else ""))
         cold = res["cold_items"]
         lines += ["", f"### Cold items ({cold['n_events']} test targets never seen in training)", ""]
         if proto == "cold":  # every target is cold: the table would repeat the one above

@@ -106,14 +106,17 @@ def history_scores(
 ) -> np.ndarray:
     """float32 (B, K) co-occurrence scores of candidates cand int64 (B, K) for B histories of item indices.
 
-    impute: (idx (N, k), weights (N, k)) from `cooc_neighbours`: a candidate without co-occurrence data (an
-    empty row of `sim`: never seen with another item in training) scores the weighted sum of its text
-    neighbours' scores, so a hybrid ranking does not push cold items down for being cold.
+    impute: (idx (N, k), weights (N, k)) from `cooc_neighbours`: a candidate without co-occurrence data
+    (never seen with another item in training) scores the weighted sum of its text neighbours' scores, so a
+    hybrid ranking does not push cold items down for being cold. A neighbour that is itself in the history
+    counts with similarity 1 (an item co-occurs fully with itself; the matrix's diagonal is zero), so a cold
+    near-duplicate of a history item scores like the items most similar to it.
     """
     cand = np.asarray(cand, dtype=np.int64)
     if cand.ndim != 2 or cand.shape[0] != len(hist_items):
         raise ValueError(f"cand must be (B={len(hist_items)}, K), got {cand.shape}")
-    full = (history_matrix(hist_items, sim.shape[0]) @ sim).tocsr()  # (B, N) sparse
+    hist_m = history_matrix(hist_items, sim.shape[0])  # (B, N) binary
+    full = (hist_m @ sim).tocsr()  # (B, N) sparse
     rows = np.repeat(np.arange(cand.shape[0]), cand.shape[1])
     out = np.asarray(full[rows, cand.ravel()], dtype=np.float32).reshape(cand.shape)
     if impute is not None and out.size:
@@ -122,8 +125,9 @@ def history_scores(
         if cold.any():
             r, c = np.nonzero(cold)
             nbi = nb[cand[r, c]]  # (m, k)
-            vals = np.asarray(full[np.repeat(r, nbi.shape[1]), nbi.ravel()], dtype=np.float32).reshape(nbi.shape)
-            out[r, c] = (w[cand[r, c]] * vals).sum(1)
+            rr = np.repeat(r, nbi.shape[1])
+            vals = np.asarray(full[rr, nbi.ravel()] + hist_m[rr, nbi.ravel()], dtype=np.float32)
+            out[r, c] = (w[cand[r, c]] * vals.reshape(nbi.shape)).sum(1)
     return out
 
 

@@ -1,7 +1,7 @@
 """Training samples for the scorer: (history prefix, next item) pairs from canonical interactions.
 
 Choices (the design doc is silent on them):
-- Each user's events are ordered by `ts`, ties kept in input order. Every event at position t >= 1 whose
+- Each user's events are ordered by `ts`, ties by item id then event kind (never by input order). Every event at position t >= 1 whose
   kind is a *target kind* (all kinds except "dislike" and "skip"; for "rating" events, only
   rating >= min_rating when min_rating is set) becomes a target; its history is the up-to-L events before
   it (every kind, negative ones included, so the encoder sees dislikes through their event embedding).
@@ -58,8 +58,10 @@ def attach_item_idx(df: pd.DataFrame, items: ItemSpace) -> pd.DataFrame:
 
 
 def sort_events(df: pd.DataFrame) -> pd.DataFrame:
-    """Stable sort by (user_id, ts): ties keep input order."""
-    return df.sort_values([USER_ID, TS], kind="stable").reset_index(drop=True)
+    """Sort by (user_id, ts, item_id, event): the order does not depend on the input's (training samples are
+    built the same in one process and in Ray tasks that receive a user's events in any order)."""
+    keys = [USER_ID, TS] + [c for c in (ITEM_ID, EVENT) if c in df.columns]
+    return df.sort_values(keys, kind="mergesort").reset_index(drop=True)
 
 
 def target_mask(df: pd.DataFrame, min_rating: float | None = None) -> np.ndarray:
@@ -284,11 +286,3 @@ def negative_distribution(pop: np.ndarray, uniform_frac: float = 0.5, alpha: flo
     if w.sum() > 0 and uniform_frac < 1.0:
         p = uniform_frac * p + (1.0 - uniform_frac) * w / w.sum()
     return p / p.sum()
-
-
-def id_slots_for(train: pd.DataFrame, items: ItemSpace) -> np.ndarray:
-    """int64 (N,): 1-based ID-embedding slot for items seen in train, 0 for cold items."""
-    seen = popularity(train, items) > 0
-    slots = np.zeros(items.n_items, np.int64)
-    slots[seen] = np.arange(1, int(seen.sum()) + 1)
-    return slots

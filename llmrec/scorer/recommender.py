@@ -1,8 +1,8 @@
 """llmrec's scorer behind the evaluation protocol (`llmrec.eval.protocol.Recommender`).
 
-`fit` trains with Ray Train (`fit_scorer`) holding out the last train event (by ts) of up to `val_users`
-(default 1000) random train users with >= 2 events as the validation target for early stopping and
-best-checkpoint choice; every other event is trained on. `score` returns full-catalog scores in which the retrieval top-`n_candidates` (history items
+`fit` trains with Ray Train (`fit_scorer`), which holds out the last train event of up to `val_users` (default
+1000) seeded-hash-chosen train users with >= 2 events as the validation target for early stopping and the
+post-training choices (the same path as `llmrec train`); every other event is trained on. `score` returns full-catalog scores in which the retrieval top-`n_candidates` (history items
 excluded) carry their MLP re-rank score and sit above every other item, so full-ranking metrics measure the
 production two-stage pipeline.
 """
@@ -83,13 +83,8 @@ class LLMRecRecommender:
             out = Path(self._tmp.name)
         else:
             out = Path(self.out_dir)
-        from llmrec.scorer.train import DEFAULTS
-
-        tr, va = split_last_event(
-            train, self.train_kwargs.get("val_users", DEFAULTS["val_users"]), self.train_kwargs.get("seed", 0)
-        )
-        logger.info("%s: fit on %d events, %d validation targets", self.name, len(tr), len(va))
-        self.meta = fit_scorer(tr, items, out, valid_df=va if len(va) else None, **self.train_kwargs)
+        logger.info("%s: fit on %d events (validation users held out inside fit_scorer)", self.name, len(train))
+        self.meta = fit_scorer(train, items, out, **self.train_kwargs)
         self.scorer = Scorer.load(out)
 
     def score(self, histories: list[History], use_cooc: bool = True) -> np.ndarray:

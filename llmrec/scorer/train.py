@@ -101,7 +101,7 @@ TEXT_BOOST_GRID = (1.0, 2.0, 4.0, 8.0, 16.0)
 # public API
 # ---------------------------------------------------------------------------------------------------------
 def fit_scorer(
-    train_df: pd.DataFrame,
+    train_df: Any,
     items: ItemSpace,
     out_dir: str | os.PathLike,
     valid_df: pd.DataFrame | None = None,
@@ -115,16 +115,24 @@ def fit_scorer(
     patience: int = 2,
     embed_meta: dict | None = None,
     feedback: FeedbackBanks | None = None,
+    checkpoint_dir: str | None = None,
+    max_failures: int = 0,
     **model_kwargs: Any,
 ) -> dict:
     """Train the scorer on Ray Train (`TorchTrainer`, DDP) and write `out_dir/model.pt` + `meta.json`.
 
+    The training samples are built on Ray Data in tasks and streamed to the workers (`scorer.dataset`); the
+    driver holds only catalog-sized arrays and the validation users' rows.
+
     Args:
-        train_df: canonical interactions (user_id, item_id, ts, rating, event) [+ item_idx].
+        train_df: canonical interactions (user_id, item_id, ts, rating, event): a parquet file / folder / URI,
+            a `RUN/data` folder, a `ray.data.Dataset`, or a pandas DataFrame.
         items: catalog index space (text vectors (N, D)).
-        out_dir: artifact folder; Ray run storage goes to `out_dir/ray/`.
-        valid_df: held-out interactions for per-epoch validation / early stopping / best checkpoint; without
-            it the last epoch is kept and no early stopping happens.
+        out_dir: artifact folder.
+        valid_df: an explicit validation frame (then `train_df` must be a DataFrame too); without it the last
+            event of `val_users` (model_kwargs, default 1000) seeded-hash-chosen users with >= 2 events is held
+            out for per-epoch validation / early stopping / the post-training choices (0 = no validation: the
+            last epoch is kept).
         num_workers, use_gpu: `ScalingConfig(num_workers, use_gpu,
             resources_per_worker={"CPU": 1[, "GPU": 1]})`.
         epochs: total epochs (a resumed run continues up to this count).
@@ -134,16 +142,21 @@ def fit_scorer(
         embed_meta: the embeddings artifact's meta, recorded under meta["embed"].
         feedback: phrase banks for synthesised text feedback (default: built from items.facets with the
             items.text_model encoder when both are known, see `scorer.feedback.banks_for`).
+        checkpoint_dir: Ray Train run storage for checkpoints: a folder every node reaches or a URI
+            (s3://..., gs://...); default OUT/ray on this machine (single node).
+        max_failures: worker-group failures Ray Train recovers from by restarting the workers from the last
+            checkpoint (`FailureConfig`); 0 = fail at the first.
         model_kwargs: overrides of DEFAULTS (dim, max_len, n_neg, id_dropout, n_candidates, ...).
 
     Returns:
         The written meta (config, best_epoch, metrics, per-epoch history, wall_s, examples_per_s).
     """
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from llmrec.raysetup import init_ray
+    from llmrec.scorer.dataset import cooc_matrices, storage_path, training_data
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -154,12 +167,30 @@ def fit_scorer(
         raise ValueError(
             f"need epochs >= 1 and batch_size >= num_workers, got epochs={epochs} batch_size={batch_size}"
         )
+    if max_failures < 0:
+        raise ValueError(f"max_failures must be >= 0, got {max_failures}")
     hp = _hparams(model_kwargs, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
-    static, samples = prepare_static(train_df, items, valid_df, hp, feedback)
+    if valid_df is not None and not isinstance(train_df, pd.DataFrame):
+        raise ValueError("an explicit valid_df needs train_df as a DataFrame too; or pass val_users instead")
     resume_file = resolve_resume(resume_from) if resume_from is not None else None
 
     init_ray()
-    ds = samples_dataset(samples)
+    explicit_val = valid_df is not None and len(valid_df) > 0
+    val_users = 0 if valid_df is not None else hp["val_users"]
+    data = training_data(train_df, items, hp["max_len"], hp["min_rating"], val_users, seed)
+    if data.n_samples == 0:
+        raise ValueError(
+            f"no training samples from {data.n_events} interactions: every user needs >= 2 events with a "
+            "target kind (not dislike/skip); give more interactions"
+        )
+    val = data.val
+    if explicit_val:
+        val = sdata.build_validation(
+            sdata.attach_item_idx(train_df, items), valid_df, items, max_len=hp["max_len"],
+            min_rating=hp["min_rating"],
+        )
+    static = static_from_counts(items, data.item_counts, data.target_counts, val, hp, feedback)
+    ds = data.samples
     config = {
         "hp": hp,
         "static": ray.put(static),
@@ -181,16 +212,20 @@ def fit_scorer(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=run_name, storage_path=str((out / "ray").resolve()), checkpoint_config=ckpt_cfg
+            name=run_name,
+            storage_path=storage_path(out, checkpoint_dir),
+            checkpoint_config=ckpt_cfg,
+            failure_config=FailureConfig(max_failures=max_failures),
         ),
         datasets={"train": ds},
     )
     logger.info(
-        "TorchTrainer: %d workers, gpu=%s, %d samples, %d epochs",
+        "TorchTrainer: %d workers, gpu=%s, %d samples, %d epochs, checkpoints in %s",
         num_workers,
         use_gpu,
-        len(samples["target"]),
+        data.n_samples,
         epochs,
+        storage_path(out, checkpoint_dir),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -203,8 +238,17 @@ def fit_scorer(
         last.mkdir(exist_ok=True)
         shutil.copyfile(Path(d) / CHECKPOINT_FILE, last / CHECKPOINT_FILE)
         last_state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    state, cooc, cooc_info, boost_info = finalize_ranking(state, static, train_df, valid_df, items, hp)
-    ts_max = [int(d[TS].max()) for d in (train_df, valid_df) if d is not None and len(d) and TS in d.columns]
+    sims = None
+    if int(hp["cooc_neighbors"]) > 0:
+        if explicit_val:  # both frames are in memory already
+            sims = (cooc_matrix(train_df, items, hp["cooc_neighbors"]),
+                    cooc_matrix(pd.concat([train_df, valid_df]), items, hp["cooc_neighbors"]))
+        else:
+            sims = cooc_matrices(data.user_items, items.n_items, int(hp["cooc_neighbors"]))
+    state, cooc, cooc_info, boost_info = finalize_ranking(state, static, sims, hp)
+    ts_max = [data.ts_max] if data.ts_max is not None else []
+    if explicit_val and TS in valid_df.columns:
+        ts_max.append(int(valid_df[TS].max()))
     wall = time.perf_counter() - t0
     epochs_run = list(last_state.get("run_epochs", []))
     return _write_artifact(
@@ -383,11 +427,7 @@ def prepare_static(
     hp: dict,
     feedback: FeedbackBanks | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """Driver-side preparation: samples, ID slots, item counts, negative distribution, validation set (with one
-    synthesised held-out-phrasing text feedback per validation user when there are phrase banks)."""
-    text = np.asarray(items.text_vectors, dtype=np.float32)
-    if text.ndim != 2 or text.shape[0] != items.n_items:
-        raise ValueError(f"items.text_vectors must be (N={items.n_items}, D), got {text.shape}")
+    """In-process preparation (`fit_local`): samples built here, then `static_from_counts`."""
     train_df = sdata.attach_item_idx(train_df, items)
     samples = sdata.build_samples(train_df, items, max_len=hp["max_len"], min_rating=hp["min_rating"])
     if len(samples["target"]) == 0:
@@ -396,13 +436,35 @@ def prepare_static(
             "every user needs >= 2 events with a target "
             "kind (not dislike/skip); give more interactions"
         )
-    pop = sdata.popularity(train_df, items)
-    slots = sdata.id_slots_for(train_df, items) if hp["use_ids"] else np.zeros(items.n_items, np.int64)
     val = None
     if valid_df is not None and len(valid_df):
         val = sdata.build_validation(
             train_df, valid_df, items, max_len=hp["max_len"], min_rating=hp["min_rating"]
         )
+    pop = sdata.popularity(train_df, items)
+    targets = np.bincount(samples["target"], minlength=items.n_items).astype(np.float64)
+    return static_from_counts(items, pop, targets, val, hp, feedback), samples
+
+
+def static_from_counts(
+    items: ItemSpace,
+    item_counts: np.ndarray,
+    target_counts: np.ndarray,
+    val: sdata.ValidationSet | None,
+    hp: dict,
+    feedback: FeedbackBanks | None = None,
+) -> dict:
+    """What every worker needs (catalog-sized): text vectors, ID slots and counts, negative distribution, logQ,
+    the validation set (with one synthesised held-out-phrasing text feedback per user when there are phrase
+    banks) and the training phrase bank."""
+    text = np.asarray(items.text_vectors, dtype=np.float32)
+    if text.ndim != 2 or text.shape[0] != items.n_items:
+        raise ValueError(f"items.text_vectors must be (N={items.n_items}, D), got {text.shape}")
+    pop = np.asarray(item_counts, dtype=np.float64)
+    seen = pop > 0
+    slots = np.zeros(items.n_items, np.int64)
+    if hp["use_ids"]:
+        slots[seen] = np.arange(1, int(seen.sum()) + 1)
     neg_p = sdata.negative_distribution(pop)
     if float(hp["feedback_p"]) > 0 and feedback is None:
         feedback = banks_for(items)
@@ -412,10 +474,9 @@ def prepare_static(
             feedback.heldout, first, val.hist_idx, val.hist_len, np.random.default_rng([hp["seed"], 7]), 1.0
         )
         val = dataclasses.replace(val, fb_vec=fv, fb_pol=fp, fb_facet=ff)
-    static = {"text_vectors": text, "id_slots": slots, "item_counts": pop.astype(np.float32), "neg_p": neg_p,
-              "val": val, "bank": feedback.train if feedback is not None and hp["feedback_p"] > 0 else None,
-              "log_q": candidate_log_q(samples["target"], neg_p, hp["batch_size"], hp["n_neg"])}
-    return static, samples
+    return {"text_vectors": text, "id_slots": slots, "item_counts": pop.astype(np.float32), "neg_p": neg_p,
+            "val": val, "bank": feedback.train if feedback is not None and hp["feedback_p"] > 0 else None,
+            "log_q": candidate_log_q(target_counts, neg_p, hp["batch_size"], hp["n_neg"])}
 
 
 def feedback_summary(static: dict, hp: dict) -> dict:
@@ -436,14 +497,15 @@ def _log_q_tensor(static: dict, hp: dict, device: torch.device | str) -> torch.T
     return torch.as_tensor(static["log_q"], dtype=torch.float32, device=device)
 
 
-def candidate_log_q(target: np.ndarray, neg_p: np.ndarray, batch_size: int, n_neg: int) -> np.ndarray:
+def candidate_log_q(target_counts: np.ndarray, neg_p: np.ndarray, batch_size: int, n_neg: int) -> np.ndarray:
     """float32 (N,) log-probability that an item enters a batch's candidate pool (logQ correction).
 
-    The pool is B in-batch targets (drawn like training targets, i.e. by popularity) plus n_neg draws from
-    neg_p. Without subtracting log q from the sampled-softmax logits, popular items are over-represented as
-    negatives and the model learns to rank them down, which costs full-ranking accuracy (Yi et al., 2019).
+    The pool is B in-batch targets (drawn like training targets, i.e. by popularity: `target_counts` (N,)
+    training targets per item) plus n_neg draws from neg_p. Without subtracting log q from the sampled-softmax
+    logits, popular items are over-represented as negatives and the model learns to rank them down, which costs
+    full-ranking accuracy (Yi et al., 2019).
     """
-    tgt = np.bincount(np.asarray(target, dtype=np.int64), minlength=len(neg_p)).astype(np.float64)
+    tgt = np.asarray(target_counts, dtype=np.float64).copy()
     tgt /= max(tgt.sum(), 1.0)
     n_neg = max(int(n_neg), 0)  # -1 = full softmax (no sampling; log q unused)
     q = (batch_size * tgt + n_neg * np.asarray(neg_p, dtype=np.float64)) / (batch_size + n_neg)
@@ -724,22 +786,6 @@ def resolve_resume(path: str | os.PathLike) -> Path:
     )
 
 
-def samples_dataset(samples: dict[str, np.ndarray]):
-    """Training samples -> a ray.data.Dataset (tensor columns (L,) per row), a few blocks for streaming."""
-    import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
-    cols = {}
-    for name in sdata.SAMPLE_COLUMNS:
-        a = samples[name]
-        cols[name] = ArrowTensorArray.from_numpy(a) if a.ndim > 1 else pa.array(a)
-    table = pa.table(cols)
-    n_blocks = max(1, min(8, len(table) // 2048))
-    step = math.ceil(len(table) / n_blocks)
-    return ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)])
-
-
 def iter_numpy_batches(
     samples: dict[str, np.ndarray],
     batch_size: int,
@@ -797,6 +843,7 @@ def _report(
                 "metrics": metrics,
                 "run_epochs": list(run_epochs),
                 "history": history,
+                "worker_pid": os.getpid(),  # which process wrote it (fault-tolerance tests, debugging)
             },
             Path(tmp) / CHECKPOINT_FILE,
         )
@@ -814,16 +861,15 @@ def _pick_best(result, has_val: bool):
 def finalize_ranking(
     state: dict,
     static: dict,
-    train_df: pd.DataFrame,
-    valid_df: pd.DataFrame | None,
-    items: ItemSpace,
+    sims: tuple[sp.csr_matrix, sp.csr_matrix] | None,
     hp: dict,
 ) -> tuple[dict, sp.csr_matrix | None, dict, dict]:
     """Post-training choices, each measured on validation: the MLP re-ranker on/off, then the co-occurrence
     weight (`tune_cooc_weight`), then the text boost per history-length bucket (`tune_text_boost`).
 
-    Returns (state with model_config updated, the co-occurrence matrix to ship (built from train + validation
-    events) or None, the co-occurrence summary and the text-boost summary for meta.json)."""
+    sims: (co-occurrence similarity of the training events, of training + validation events) or None (no
+    co-occurrence term). Returns (state with model_config updated, the co-occurrence matrix to ship (train +
+    validation) or None, the co-occurrence summary and the text-boost summary for meta.json)."""
     m = state["metrics"]
     cfg = dict(state["model_config"])
     if "val_ndcg@10" in m and "val_retrieval_ndcg@10" in m:
@@ -839,33 +885,32 @@ def finalize_ranking(
     has_val = val is not None and val.n_users > 0
 
     def model_for(c: dict) -> ScorerModel:
-        mod = ScorerModel(
+        mod = ScorerModel(  # torch.tensor copies: the arrays may be read-only views of Ray's object store
             ScorerConfig(**c),
-            torch.from_numpy(static["text_vectors"]),
-            torch.from_numpy(static["id_slots"]),
-            torch.from_numpy(static["item_counts"]),
+            torch.tensor(static["text_vectors"]),
+            torch.tensor(static["id_slots"]),
+            torch.tensor(static["item_counts"]),
         )
         mod.load_state_dict(state["model"])
         return mod
 
     sim_train = None
-    if int(hp["cooc_neighbors"]) > 0 and has_val:
-        sim_train = cooc_matrix(train_df, items, hp["cooc_neighbors"])
+    if sims is not None and has_val:
+        sim_train = sims[0]
         weight, table = tune_cooc_weight(model_for(cfg), val, sim_train, hp["n_candidates"])
         cfg["cooc_weight"] = weight
         info.update(val_ndcg_by_weight=table, cooc_weight=weight)
         logger.info("co-occurrence weight %.4g chosen on validation (ndcg@10 by weight: %s)", weight, table)
-    elif int(hp["cooc_neighbors"]) > 0:
+    elif sims is not None:
         logger.info("no validation set: co-occurrence weight stays 0 (neural ranking only)")
     if has_val and cfg.get("text_arm", True):
         boost, boost_info = tune_text_boost(model_for(cfg), val, sim_train, hp["n_candidates"])
         cfg["text_boost"] = list(boost)
         logger.info("text boost per history-length bucket %s chosen on validation: %s",
                     list(boost_info["buckets"]), boost)
-    if int(hp["cooc_neighbors"]) <= 0:
+    if sims is None:
         return {**state, "model_config": cfg}, None, info, boost_info
-    full = train_df if valid_df is None or not len(valid_df) else pd.concat([train_df, valid_df])
-    sim = cooc_matrix(full, items, hp["cooc_neighbors"])
+    sim = sims[1]
     info.update(nnz=int(sim.nnz), seconds=time.perf_counter() - t0)
     return {**state, "model_config": cfg}, sim, info, boost_info
 

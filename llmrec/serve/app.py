@@ -12,7 +12,11 @@ is coerced and checked here):
     log_user_ids (False): log user ids in clear instead of hashed.
     model (None): text encoder path/name for queries and text feedback (default: the embeddings' model).
     user_config ({}): initial Recommender/Ingress user_config (embeddings_dir, index_dir, scorer_dir,
-        model_version, rank).
+        model_version, rank, data_dir).
+    load_run_users (True): the state shards start from the users of the run's interactions (each shard loads
+        its own users' last events from `data_dir`); False = start empty (user_config.data_dir, when set,
+        still wins: it is the hot-swap knob).
+    data_dir (RUN/data when it holds interactions.parquet, else none): the prepared data folder to load.
     state_name ("llmrec-state"), namespace ("llmrec"): names of the detached state actors.
     max_body_bytes (1 MiB), num_cpus (0.25 per replica), device ("cpu").
 """
@@ -41,6 +45,8 @@ _KNOWN_ARGS = {
     "num_cpus",
     "device",
     "log_dir",
+    "load_run_users",
+    "data_dir",
 }
 
 
@@ -86,11 +92,13 @@ def build_app(args: Mapping[str, Any]) -> Any:
         state_name=cfg["state_name"],
         namespace=cfg["namespace"],
         log_dir=cfg["log_dir"],
+        data_dir=cfg["data_dir"],
     )
     logger.info(
-        "built llmrec app for %s (%d shards, auth %s)",
+        "built llmrec app for %s (%d shards, users from %s, auth %s)",
         cfg["run_dir"],
         cfg["n_shards"],
+        cfg["data_dir"] or "nowhere: the state shards start empty",
         "on" if cfg["auth_token"] else "off",
     )
     return ingress
@@ -141,7 +149,36 @@ def _parse_args(args: Mapping[str, Any]) -> dict[str, Any]:
         "num_cpus": float(args.get("num_cpus", 0.25)),
         "device": str(args.get("device") or "cpu"),
         "log_dir": str(args["log_dir"]) if args.get("log_dir") else None,
+        "data_dir": _data_dir(args, run, user_config),
     }
+
+
+def _data_dir(args: Mapping[str, Any], run: Path, user_config: Mapping[str, Any]) -> str | None:
+    """The data folder whose users the state shards start from (None = start empty); see the module doc."""
+    from llmrec import schema
+
+    load = _bool(args.get("load_run_users", True), "load_run_users")
+    if "data_dir" in user_config:  # the hot-swap knob: start where reconfigure() would put the shards
+        d = user_config["data_dir"]
+    elif args.get("data_dir"):
+        if not load:
+            raise ValueError("data_dir and load_run_users=false contradict each other; pass one of them")
+        d = args["data_dir"]
+    else:
+        default = run / schema.RUN_DATA
+        found = (default / schema.INTERACTIONS_FILE).is_file()
+        if load and not found:
+            logger.info("%s has no %s: the state shards start empty", default, schema.INTERACTIONS_FILE)
+        d = default if load and found else None
+    if not d:
+        return None
+    p = Path(str(d)).expanduser().resolve()
+    if not ((p / schema.INTERACTIONS_FILE).is_file() or (p.is_file() and p.suffix == ".parquet")):
+        raise ValueError(
+            f"data_dir {str(d)!r} has no {schema.INTERACTIONS_FILE}; pass a prepared data folder (RUN/data, "
+            "written by `llmrec prepare`) or load_run_users=false to start with no users"
+        )
+    return str(p)
 
 
 def _int(v: Any, name: str, lo: int, hi: int) -> int:

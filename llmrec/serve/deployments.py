@@ -12,8 +12,10 @@
 
 user_config keys (both deployments get the same dict; all optional): `embeddings_dir`, `index_dir`,
 `scorer_dir` (null = no scorer; default RUN/scorer when it holds a meta.json), `model_version` (default: a
-hash of the artifacts' created_at), `rank` (RankConfig fields). Changing the embedding model needs a
-redeploy (the state shards' user vectors live in that space); a new index or scorer does not.
+hash of the artifacts' created_at), `rank` (RankConfig fields), `data_dir` (Ingress: the prepared data folder
+whose users the state shards start from; a new value hot-swaps every shard to that run's users, null = none;
+absent = the build_app default). Changing the embedding model needs a redeploy (the state shards' user
+vectors live in that space); a new index, scorer or data folder does not.
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ def resolve_artifacts(run_dir: str, user_config: dict[str, Any] | None) -> dict[
         "model_version": cfg.get("model_version"),
         "rank": dict(cfg.get("rank") or {}),
     }
+
+
+def _abs_or_none(path: str | os.PathLike | None) -> str | None:
+    return None if not path else str(Path(path).expanduser().resolve())
 
 
 def _eager_annotations(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -341,6 +347,7 @@ class Ingress:
         state_name: str = "llmrec-state",
         namespace: str = "llmrec",
         log_dir: str | None = None,
+        data_dir: str | None = None,
     ) -> None:
         from llmrec.state.store import EmbeddingsMeanVectorizer, StateStore
 
@@ -359,12 +366,17 @@ class Ingress:
             namespace=namespace,
             vectorizer_factory=EmbeddingsMeanVectorizer(self._embeddings_dir),
             name=state_name,
+            base_dir=data_dir,
         )
+        self._default_data_dir = self._data_dir = _abs_or_none(data_dir)
+        if self.store.joined:  # running shards (a redeploy, another replica) may hold another run's users
+            self.store.set_base_sync(self._data_dir)  # a no-op for a shard that already holds this base
         self._m = _metrics()
         logger.info(
-            "ingress ready: %d items, %d state shards, auth %s",
+            "ingress ready: %d items, %d state shards (users from %s), auth %s",
             len(self._item_ids),
             n_shards,
+            self._data_dir or "nowhere: no data folder",
             "on" if self.auth_token else "off",
         )
 
@@ -379,6 +391,18 @@ class Ingress:
         if emb != self._embeddings_dir:
             self._item_ids = await asyncio.get_running_loop().run_in_executor(None, self._read_item_ids, emb)
             self._embeddings_dir = emb
+        cfg = user_config or {}
+        data_dir = _abs_or_none(cfg["data_dir"]) if "data_dir" in cfg else self._default_data_dir
+        if data_dir != self._data_dir:
+            t0 = time.perf_counter()
+            out = await self.store.set_base(data_dir)
+            self._data_dir = data_dir
+            logger.info(
+                "state shards swapped to the users of %s: %d users (%.1fs)",
+                data_dir,
+                sum(int(o["base"].get("n_users", 0)) for o in out),
+                time.perf_counter() - t0,
+            )
 
     # -- helpers
     def _uid(self, user_id: str) -> str:
@@ -527,19 +551,24 @@ class Ingress:
     @api.get("/users/{user_id}", responses={404: {"model": S.ErrorResponse}})
     @_eager_annotations
     async def get_user(self, user_id: str) -> dict[str, Any]:
-        """The user's state summary (history, seen, negatives, text feedback, version)."""
+        """The user's state summary (history, seen, negatives, text feedback, version); users of the run's
+        interactions are known from the start (their last events, counted in n_events/version)."""
         self._check_user_id(user_id)
         state = await self.store.get(user_id)
         if state is None:
-            raise ClientError(404, "unknown user: no feedback recorded for this user_id")
+            raise ClientError(
+                404, "unknown user: not in the run's interactions and no feedback recorded for this user_id"
+            )
         out = {k: v for k, v in state.items() if k != "vector"}
         out["has_vector"] = state.get("vector") is not None
+        # text vectors stay server-side (the ranker uses them); the response keeps `has_vec`
+        out["text_feedback"] = [{k: v for k, v in t.items() if k != "vec"} for t in out["text_feedback"]]
         return out
 
     @api.delete("/users/{user_id}", responses={401: {"model": S.ErrorResponse}})
     @_eager_annotations
     async def delete_user(self, user_id: str, request: Request) -> dict[str, Any]:
-        """Forget a user: state and logged events."""
+        """Forget a user: state, logged events, and for good its history in the run's interactions."""
         self._check_auth(request)
         self._check_user_id(user_id)
         deleted = await self.store.delete(user_id)

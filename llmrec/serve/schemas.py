@@ -13,9 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from llmrec.schema import EVENT_KINDS
+from llmrec.schema import EVENT_KINDS, MAX_ID_CHARS
 
-MAX_ID_CHARS = 256
 MAX_TEXT_CHARS = 2000
 MAX_EVENTS = 1000
 MAX_BODY_BYTES = 1 << 20  # 1 MiB

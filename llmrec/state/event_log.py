@@ -137,10 +137,11 @@ class EventLog:
             pos += len(chunk)
         self.last_seq = seq
 
-    def forget_user(self, user_id: str) -> int:
-        """Remove every record of `user_id` from this shard's segments; returns how many were removed."""
+    def forget_user(self, user_id: str, max_seq: int | None = None) -> int:
+        """Remove the records of `user_id` (with seq <= max_seq, if given) from this shard's segments;
+        returns how many were removed."""
         self._close_segment()
-        return forget_user(self.dir, user_id, shard=self.shard)
+        return forget_user(self.dir, user_id, shard=self.shard, max_seq=max_seq)
 
     def close(self) -> None:
         self._close_segment()
@@ -269,8 +270,12 @@ def read_events(log_dir: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
-def forget_user(log_dir: str | os.PathLike, user_id: str, shard: int | None = None) -> int:
+def forget_user(log_dir: str | os.PathLike, user_id: str, shard: int | None = None,
+                max_seq: int | None = None) -> int:
     """Delete every logged event of `user_id` (atomic rewrite per segment); returns how many were removed.
+
+    With `max_seq`, only records with seq <= max_seq go (the store finishes a delete that a crash
+    interrupted without touching the user's later events).
 
     Do not call this on a shard with a live writer from outside it; use `EventLog.forget_user` there.
     Torn lines in rewritten segments are dropped (they were never acknowledged).
@@ -287,7 +292,7 @@ def forget_user(log_dir: str | os.PathLike, user_id: str, shard: int | None = No
                 rec = _parse(line)
                 if rec is None:
                     continue
-                if rec.get("user_id") == user_id:
+                if rec.get("user_id") == user_id and (max_seq is None or rec["seq"] <= max_seq):
                     hit += 1
                 else:
                     keep.append(line if line.endswith("\n") else line + "\n")

@@ -41,13 +41,13 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from llmrec.schema import EVENT_KINDS
+from llmrec.schema import EVENT_KINDS, NEGATIVE_KINDS, POSITIVE_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +58,13 @@ __all__ = [
     "event_weight",
     "polarity",
     "summary",
+    "state_from_history",
     "MeanVectorizer",
     "Vectorizer",
     "state_to_dict",
     "state_from_dict",
 ]
 
-POSITIVE_KINDS = ("like", "purchase", "click")
-NEGATIVE_KINDS = ("dislike", "skip")
 _KIND_WEIGHT = {"purchase": 1.0, "like": 1.0, "click": 0.5, "view": 0.25, "skip": -0.5, "dislike": -1.0}
 _EVENT_FIELDS = ("event_id", "user_id", "item_id", "event", "value", "text", "text_vec", "ts")
 RATING_MIN, RATING_MAX = 0.0, 5.0
@@ -232,14 +231,7 @@ def apply_event(state: UserState, event: Event) -> UserState:
         history.append((event.item_id, event.event, event.value, event.ts))
         if len(history) > state.history_len:
             del history[: len(history) - state.history_len]
-        seen.add(event.item_id)
-        w = event_weight(event.event, event.value)
-        if w < 0:
-            negatives[event.item_id] = negatives.pop(event.item_id, 0.0) + (-w)  # re-insert = most recent
-            while len(negatives) > state.max_negatives:
-                negatives.pop(next(iter(negatives)))
-        elif pol > 0:
-            negatives.pop(event.item_id, None)
+        _apply_item(seen, negatives, event.item_id, event.event, event.value, state.max_negatives)
     if event.text is not None:
         text_feedback.append((event.text, float(pol), list(event.text_vec) if event.text_vec else None))
         if len(text_feedback) > state.text_len:
@@ -255,10 +247,57 @@ def apply_event(state: UserState, event: Event) -> UserState:
     )
 
 
+def _apply_item(seen: set[str], negatives: dict[str, float], item_id: str, kind: str, value: float | None,
+                max_negatives: int) -> None:
+    """The `seen` / `negatives` rules of one item event (in place); shared by `apply_event` and
+    `state_from_history`, so live events and base histories follow one rule."""
+    seen.add(item_id)
+    w = event_weight(kind, value)
+    if w < 0:
+        negatives[item_id] = negatives.pop(item_id, 0.0) + (-w)  # re-insert = most recent
+        while len(negatives) > max_negatives:
+            negatives.pop(next(iter(negatives)))
+    elif polarity(kind, value) > 0:
+        negatives.pop(item_id, None)
+
+
+def state_from_history(user_id: str, history: Sequence[tuple[str, str, float | None, float]], *,
+                       n_events: int | None = None, older_seen: Iterable[str] = (), history_len: int = 200,
+                       **limits: int) -> UserState:
+    """The state that folding `apply_event` over `history` gives, built in one pass (no per-event copies).
+
+    Used for users the serving run already knows (`llmrec.state.base`): their base history becomes a
+    `UserState` only when it is read or extended.
+
+    Args:
+        history: item events (item_id, event, value, ts), oldest first, without event ids; only the last
+            `history_len` are kept (as `apply_event` would), negatives and `seen` see all of them.
+        n_events: events the user had in total (>= len(history)): `n_events` and `version`; default
+            len(history).
+        older_seen: items of the user's earlier events that `history` no longer holds (added to `seen`).
+        limits: other `UserState` bounds (text_len, applied_len, max_negatives).
+    """
+    st = UserState(user_id=user_id, history_len=history_len, **limits)
+    n = len(history) if n_events is None else int(n_events)
+    if n < len(history):
+        raise ValueError(f"n_events={n} is below the {len(history)} events of the history of {user_id!r}")
+    seen: set[str] = set(older_seen)
+    negatives: dict[str, float] = {}
+    for item_id, kind, value, _ts in history:
+        _apply_item(seen, negatives, item_id, kind, value, st.max_negatives)
+    st.history = [tuple(h) for h in history[max(0, len(history) - history_len):]]  # type: ignore[misc]
+    st.seen, st.negatives = seen, negatives
+    st.version = st.n_events = n
+    st.last_ts = max((h[3] for h in history), default=None)
+    return st
+
+
 def summary(state: UserState) -> dict[str, Any]:
     """JSON-safe view for GET /users/{id}: counts, history (oldest first), seen, negatives, text feedback.
 
-    The vector is not included (the store adds it as `vector`).
+    Each text_feedback entry carries its stored text vector as `vec` (list[float] (D,) or None; the ranker
+    scores candidates against it) and `has_vec`. The user vector is not included (the store adds it as
+    `vector`).
     """
     return {
         "user_id": state.user_id,
@@ -269,7 +308,8 @@ def summary(state: UserState) -> dict[str, Any]:
         "seen": sorted(state.seen),
         "negatives": dict(state.negatives),
         "text_feedback": [
-            {"text": t, "polarity": p, "has_vec": vec is not None} for t, p, vec in state.text_feedback
+            {"text": t, "polarity": p, "has_vec": vec is not None, "vec": None if vec is None else list(vec)}
+            for t, p, vec in state.text_feedback
         ],
     }
 

@@ -1,0 +1,317 @@
+"""Training data on Ray Data: interactions -> per-user training samples built in Ray tasks, never in the driver.
+
+`training_data(source, items, ...)` reads the interactions (a parquet file or folder, a URI, a `RUN/data`
+folder, a `ray.data.Dataset` or a pandas DataFrame) as a Ray Dataset, maps item ids to catalog rows in tasks,
+hash-partitions the events by user (`repartition(keys=[user_id])`, so each block holds whole users), and builds
+from each block, in tasks:
+
+- the (history prefix, next item) samples (`scorer.data.build_samples`, the same function `fit_local` uses), a
+  materialised Dataset in the object store that Ray Train workers stream through `get_dataset_shard`;
+- the validation users: the last event of the `val_users` eligible users (>= 2 events) with the smallest
+  seeded hash of their id (exactly `val_users` when there are that many), as `ValidationSet` rows;
+- per item, training events and training targets (for the ID gate / ID slots / negative sampling / logQ);
+- per user, the distinct positive items (training only, and with the validation event) for the co-occurrence
+  matrix, built in one Ray task (`cooc_matrices`).
+
+The driver receives only catalog-sized arrays (counts per item), the validation rows (<= val_users) and a few
+counters: it never holds per-event data. Events are ordered per user by (ts, item_id, event), so the samples do
+not depend on input order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llmrec.eval.protocol import ItemSpace
+from llmrec.schema import EVENT, INTERACTIONS_FILE, ITEM_ID, RATING, TS, USER_ID
+from llmrec.scorer import data as sdata
+
+logger = logging.getLogger(__name__)
+
+_COLUMNS = (USER_ID, ITEM_ID, TS, RATING, EVENT)
+
+
+@dataclass
+class TrainingData:
+    """What training needs, computed on Ray Data (see the module docstring)."""
+
+    samples: Any  # ray.data.Dataset, materialised; columns scorer.data.SAMPLE_COLUMNS
+    n_samples: int
+    n_events: int  # training events (validation events excluded)
+    n_users: int
+    item_counts: np.ndarray  # float64 (N,) training events per item
+    target_counts: np.ndarray  # float64 (N,) training targets per item
+    val: sdata.ValidationSet | None
+    val_targets: np.ndarray  # int64 (V,) catalog rows of the validation events (for the shipped co-occurrence)
+    ts_max: int | None  # latest ts of any event (training or validation)
+    user_items: Any  # ray.data.Dataset: per user `items` (training positives), `val_item` (-1 = none)
+
+
+def source_dataset(source: Any, n_blocks: int | None = None) -> Any:
+    """Interactions as a Ray Dataset with the canonical columns (see the module docstring for sources)."""
+    import ray.data
+
+    if isinstance(source, ray.data.Dataset):
+        ds = source
+    elif isinstance(source, pd.DataFrame):
+        missing = [c for c in (USER_ID, ITEM_ID, TS, EVENT) if c not in source.columns]
+        if missing:
+            raise ValueError(f"interactions lack columns {missing}; got {list(source.columns)}")
+        df = source[[c for c in _COLUMNS if c in source.columns]].copy()
+        if RATING not in df.columns:
+            df[RATING] = np.nan
+        df[USER_ID] = df[USER_ID].astype(str)
+        df[ITEM_ID] = df[ITEM_ID].astype(str)
+        k = max(1, min(n_blocks or 8, len(df) // 4096 or 1))
+        step = -(-len(df) // k) if len(df) else 1
+        ds = ray.data.from_pandas([df.iloc[i : i + step] for i in range(0, max(len(df), 1), step)])
+    else:
+        path = str(source)
+        if "://" not in path and Path(path).is_dir() and (Path(path) / INTERACTIONS_FILE).is_file():
+            path = str(Path(path) / INTERACTIONS_FILE)
+        ds = ray.data.read_parquet(path, columns=list(_COLUMNS))
+    return ds
+
+
+def training_data(
+    source: Any,
+    items: ItemSpace,
+    max_len: int = 50,
+    min_rating: float | None = None,
+    val_users: int | None = 1000,
+    seed: int = 0,
+    n_blocks: int | None = None,
+) -> TrainingData:
+    """Build the training data on Ray Data (module docstring).
+
+    Args:
+        source: interactions (parquet file/folder/URI, RUN/data, ray Dataset or DataFrame).
+        items: the catalog (its `item_ids` order defines item rows).
+        max_len: L, history events per sample.
+        min_rating: rating events below it are no targets.
+        val_users: validation users (0 = none; None = every eligible user).
+        seed: the validation users' hash seed.
+        n_blocks: user partitions (default: 4 x the cluster's CPUs, at least 2).
+    """
+    import ray
+
+    from llmrec.raysetup import cluster_cpus
+
+    t0 = time.perf_counter()
+    n_blocks = n_blocks or max(2, int(4 * cluster_cpus()))
+    ids_ref = ray.put(np.asarray(items.item_ids).astype(str))
+    ds = source_dataset(source, n_blocks).map_batches(
+        _AttachItemIdx, fn_constructor_args=(ids_ref,), batch_format="pandas", concurrency=(1, max(1, n_blocks)),
+        num_cpus=0.5,
+    )
+    by_user = ds.repartition(n_blocks, keys=[USER_ID]).materialize()
+    # pass 1: per block, eligible users and the smallest seeded hashes among them -> the validation threshold
+    stats = by_user.map_batches(
+        _block_stats, fn_kwargs={"seed": seed, "keep": val_users}, batch_size=None, batch_format="pandas"
+    ).to_pandas()
+    n_users = int(stats["n_users"].sum())
+    n_events_all = int(stats["n_events"].sum())
+    ts_max = int(stats["ts_max"].max()) if n_events_all else None
+    hashes = np.sort(np.concatenate([np.asarray(h, np.float64) for h in stats["hashes"]])) if len(stats) else []
+    if val_users is None:
+        threshold = np.inf
+    elif val_users <= 0 or len(hashes) == 0:
+        threshold = -np.inf
+    else:
+        threshold = float(hashes[min(val_users, len(hashes)) - 1])
+    kw = {"seed": seed, "threshold": threshold, "max_len": max_len, "min_rating": min_rating}
+    samples = by_user.map_batches(_block_samples, fn_kwargs=kw, batch_size=None, batch_format="pandas")
+    samples = samples.materialize()
+    val_rows = by_user.map_batches(_block_validation, fn_kwargs=kw, batch_size=None, batch_format="pandas")
+    val_df = val_rows.to_pandas()
+    n_items = items.n_items
+    counts = by_user.map_batches(
+        _block_item_counts, fn_kwargs={**kw, "n_items": n_items}, batch_size=None, batch_format="pandas"
+    ).to_pandas()
+    item_counts = np.zeros(n_items)
+    target_counts = np.zeros(n_items)
+    if len(counts):
+        np.add.at(item_counts, counts["item"].to_numpy(np.int64), counts["events"].to_numpy(np.float64))
+        np.add.at(target_counts, counts["item"].to_numpy(np.int64), counts["targets"].to_numpy(np.float64))
+    user_items = by_user.map_batches(_block_user_items, fn_kwargs=kw, batch_size=None, batch_format="pandas")
+    n_samples = samples.count()
+    val, val_targets = _validation_set(val_df, max_len)
+    logger.info(
+        "training data on Ray Data: %d events of %d users -> %d samples, %d validation users (%.1fs)",
+        n_events_all, n_users, n_samples, 0 if val is None else val.n_users, time.perf_counter() - t0,
+    )
+    return TrainingData(
+        samples=samples, n_samples=n_samples, n_events=int(item_counts.sum()), n_users=n_users,
+        item_counts=item_counts, target_counts=target_counts, val=val, val_targets=val_targets, ts_max=ts_max,
+        user_items=user_items,
+    )
+
+
+def user_hash(user_ids: np.ndarray, seed: int) -> np.ndarray:
+    """float64 (U,) in [0, 1): a seeded, process-independent hash of each user id (crc32)."""
+    return np.array([zlib.crc32(f"{seed}:{u}".encode("utf-8", "surrogatepass")) / 2**32 for u in user_ids])
+
+
+class _AttachItemIdx:
+    """map_batches class: canonical columns + `item_idx` (catalog row); unknown item ids raise."""
+
+    def __init__(self, item_ids: Any) -> None:
+        import ray
+
+        if isinstance(item_ids, ray.ObjectRef):  # the catalog ids travel once through the object store
+            item_ids = ray.get(item_ids)
+        self.lookup = pd.Series(np.arange(len(item_ids), dtype=np.int64), index=pd.Index(item_ids))
+
+    def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
+        df = df.copy()
+        df[USER_ID] = df[USER_ID].astype(str)
+        df[ITEM_ID] = df[ITEM_ID].astype(str)
+        if RATING not in df.columns:
+            df[RATING] = np.nan
+        idx = self.lookup.reindex(df[ITEM_ID].to_numpy())
+        if idx.isna().any():
+            unknown = df[ITEM_ID][idx.isna().to_numpy()].unique()
+            raise ValueError(
+                f"{len(unknown)} item ids in the interactions are not in the item space (embeddings), e.g. "
+                f"{list(unknown[:5])}; re-run `llmrec embed` on the same prepared data"
+            )
+        df["item_idx"] = idx.to_numpy(dtype=np.int64)
+        return df
+
+
+def _split(df: pd.DataFrame, seed: int, threshold: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train events, validation events) of a block of whole users, ordered; validation = the last event of
+    users with >= 2 events whose hash <= threshold."""
+    d = sdata.sort_events(df)
+    if not len(d):
+        return d, d
+    users = d[USER_ID].to_numpy()
+    last = np.r_[users[1:] != users[:-1], True]
+    size = d.groupby(USER_ID, sort=False)[USER_ID].transform("size").to_numpy()
+    u_last = users[last]
+    chosen = set(u_last[(user_hash(u_last, seed) <= threshold) & (size[last] >= 2)])
+    to_val = last & np.isin(users, list(chosen)) if chosen else np.zeros(len(d), bool)
+    return d[~to_val].reset_index(drop=True), d[to_val].reset_index(drop=True)
+
+
+def _block_stats(df: pd.DataFrame, seed: int, keep: int | None) -> pd.DataFrame:
+    d = df
+    size = d.groupby(USER_ID)[USER_ID].size()
+    eligible = size.index[size >= 2].to_numpy()
+    h = np.sort(user_hash(eligible, seed))
+    if keep is not None:
+        h = h[: max(keep, 0)]
+    return pd.DataFrame({"n_users": [len(size)], "n_events": [len(d)],
+                         "ts_max": [int(d[TS].max()) if len(d) else -1], "hashes": [h.tolist()]})
+
+
+def _block_samples(df: pd.DataFrame, seed: int, threshold: float, max_len: int, min_rating: float | None
+                   ) -> dict[str, np.ndarray]:
+    train, _ = _split(df, seed, threshold)
+    dummy = ItemSpace(np.zeros(int(train["item_idx"].max()) + 1 if len(train) else 1), np.zeros((1, 1)))
+    return sdata.build_samples(train, dummy, max_len=max_len, min_rating=min_rating)
+
+
+def _block_validation(df: pd.DataFrame, seed: int, threshold: float, max_len: int, min_rating: float | None
+                      ) -> pd.DataFrame:
+    train, valid = _split(df, seed, threshold)
+    valid = valid[sdata.target_mask(valid, min_rating)] if len(valid) else valid
+    rows = []
+    hists = {h.user_id: h for h in sdata.histories_from_frame(train[train[USER_ID].isin(set(valid[USER_ID]))])}
+    for uid, target in zip(valid[USER_ID], valid["item_idx"], strict=True):
+        h = hists.get(uid)
+        if h is None:
+            continue
+        idx, ev, rt, ln = sdata.pad_histories([h], max_len)
+        rows.append({USER_ID: uid, "hist_idx": idx[0].tolist(), "hist_event": ev[0].tolist(),
+                     "hist_rating": rt[0].tolist(), "hist_len": int(ln[0]), "target": int(target),
+                     "exclude": np.unique(h.item_idx).tolist(), "positives": sdata.positive_items(h).tolist()})
+    return pd.DataFrame(rows, columns=[USER_ID, "hist_idx", "hist_event", "hist_rating", "hist_len", "target",
+                                       "exclude", "positives"])
+
+
+def _block_item_counts(df: pd.DataFrame, seed: int, threshold: float, max_len: int, min_rating: float | None,
+                       n_items: int) -> pd.DataFrame:
+    train, _ = _split(df, seed, threshold)
+    item = train["item_idx"].to_numpy(np.int64)
+    users = train[USER_ID].to_numpy()
+    first = np.r_[True, users[1:] != users[:-1]] if len(users) else np.zeros(0, bool)
+    is_target = ~first & sdata.target_mask(train, min_rating)  # as build_samples: positions >= 1, target kinds
+    ev = np.bincount(item, minlength=n_items)
+    tg = np.bincount(item[is_target], minlength=n_items)
+    nz = np.flatnonzero(ev | tg)
+    return pd.DataFrame({"item": nz, "events": ev[nz], "targets": tg[nz]})
+
+
+def _block_user_items(df: pd.DataFrame, seed: int, threshold: float, max_len: int, min_rating: float | None
+                      ) -> pd.DataFrame:
+    train, valid = _split(df, seed, threshold)
+    pos = train[sdata.target_mask(train)]
+    items = pos.groupby(USER_ID)["item_idx"].agg(lambda x: np.unique(x.to_numpy()).tolist())
+    vmask = sdata.target_mask(valid) if len(valid) else np.zeros(0, bool)
+    val_item = dict(zip(valid[USER_ID][vmask], valid["item_idx"][vmask], strict=True)) if len(valid) else {}
+    users = sorted(set(items.index) | set(val_item))
+    return pd.DataFrame({USER_ID: users, "items": [items.get(u, []) for u in users],
+                         "val_item": [int(val_item.get(u, -1)) for u in users]})
+
+
+def _validation_set(df: pd.DataFrame, max_len: int) -> tuple[sdata.ValidationSet | None, np.ndarray]:
+    if not len(df):
+        return None, np.zeros(0, np.int64)
+    df = df.sort_values(USER_ID).reset_index(drop=True)
+    stack = lambda col, dt: np.asarray(np.stack(df[col].map(np.asarray).to_list()), dtype=dt)  # noqa: E731
+    val = sdata.ValidationSet(
+        hist_idx=stack("hist_idx", np.int32), hist_event=stack("hist_event", np.int8),
+        hist_rating=stack("hist_rating", np.float32), hist_len=df["hist_len"].to_numpy(np.int64),
+        targets=[np.array([t], np.int64) for t in df["target"]],
+        exclude=[np.asarray(e, np.int64) for e in df["exclude"]],
+        positives=[np.asarray(p, np.int64) for p in df["positives"]],
+    )
+    return val, df["target"].to_numpy(np.int64)
+
+
+def cooc_matrices(user_items: Any, n_items: int, n_neighbors: int) -> tuple[Any, Any]:
+    """(similarity over training positives, similarity over training + validation positives), built in one
+    Ray task that streams the per-user item lists (the driver never holds them)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def build(ds: Any) -> tuple[Any, Any]:
+        from llmrec.scorer.cooc import cooccurrence_similarity
+
+        users, items, v_users, v_items = [], [], [], []
+        code = 0
+        for b in ds.iter_batches(batch_format="pandas", batch_size=4096):
+            for lst, v in zip(b["items"], b["val_item"], strict=True):
+                lst = np.asarray(lst, np.int64)
+                users.append(np.full(len(lst), code))
+                items.append(lst)
+                if v >= 0:
+                    v_users.append(code)
+                    v_items.append(v)
+                code += 1
+        u = np.concatenate(users) if users else np.zeros(0, np.int64)
+        i = np.concatenate(items) if items else np.zeros(0, np.int64)
+        train = cooccurrence_similarity(u, i, n_items, n_neighbors)
+        full = cooccurrence_similarity(np.r_[u, np.asarray(v_users, np.int64)], np.r_[i, np.asarray(v_items, np.int64)],
+                                       n_items, n_neighbors)
+        return train, full
+
+    return ray.get(build.remote(user_items))
+
+
+def storage_path(out_dir: str | os.PathLike, checkpoint_dir: str | None) -> str:
+    """Ray Train's run storage: `checkpoint_dir` (a shared folder or URI, e.g. s3://bucket/ckpt) when given,
+    else OUT/ray on this machine's disk (single node only)."""
+    if checkpoint_dir:
+        return str(checkpoint_dir) if "://" in str(checkpoint_dir) else str(Path(checkpoint_dir).resolve())
+    return str((Path(out_dir) / "ray").resolve())

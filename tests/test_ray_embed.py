@@ -393,6 +393,14 @@ def test_gpu_plan_requests_what_the_cluster_has_or_can_start() -> None:
         p = plan_actors(8, 0, device=device, max_gpus=4, gpu_node_types=gpu_types)
         assert req(p) == ("cuda", 1, 4, 1, 1.0, True), device
         assert "autoscaler can start GPU nodes" in p["reason"] and "gpu-embed" in p["reason"]
+    assert req(plan_actors(8, 0, num_actors=2, max_gpus=4, gpu_node_types=gpu_types)) == (
+        "cuda",
+        2,
+        2,
+        1,
+        1.0,
+        True,
+    )
     unlimited = plan_actors(8, 0, max_gpus=float("inf"), gpu_node_types=("g: 8 GPU x no limit",))
     assert req(unlimited) == ("cuda", 1, 1024, 1, 1.0, True)
     # --num-gpus N: exactly N one-GPU actors, even with no GPU up and no autoscaler reporting node types

@@ -330,9 +330,10 @@ def plan_actors(
     have = f"{cpus:g} CPU, {gpus:g} GPU"
     scalable = "" if not gpu_node_types else f" (autoscaler GPU node types: {'; '.join(gpu_node_types)})"
     can_have = gpus if max_gpus is None else max(gpus, max_gpus)
-    want = num_gpus or (num_actors if device.startswith("cuda") or (device == "auto" and gpus >= 1) else None)
+    gpu_actors = device != "cpu" and bool(num_gpus or device.startswith("cuda") or can_have >= 1)
+    want = num_gpus or (num_actors if gpu_actors else None)  # an explicit GPU pool size
 
-    if device != "cpu" and (num_gpus or device.startswith("cuda") or gpus >= 1 or (max_gpus or 0) >= 1):
+    if gpu_actors:
         if want is not None and want > can_have and not (num_gpus and max_gpus is None):
             limit = f"the cluster has {gpus:g}" + (
                 "" if max_gpus is None else f" and can scale to {max_gpus:g}"

@@ -52,17 +52,27 @@ def write_meta(out_dir: str | os.PathLike, stage: str, **fields: Any) -> dict[st
     """Write `out_dir/meta.json` atomically and return what was written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {
+    meta = make_meta(stage, **fields)
+    tmp = out / (META_FILE + ".tmp")
+    tmp.write_bytes(meta_bytes(meta))
+    os.replace(tmp, out / META_FILE)
+    return meta
+
+
+def make_meta(stage: str, **fields: Any) -> dict[str, Any]:
+    """The meta dict `write_meta` writes (for writers that put meta.json elsewhere, e.g. at a URI)."""
+    return {
         "schema_version": SCHEMA_VERSION,
         "stage": stage,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "code_version": __version__,
         **fields,
     }
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, out / META_FILE)
-    return meta
+
+
+def meta_bytes(meta: Mapping[str, Any]) -> bytes:
+    """meta.json's bytes for a meta dict (sorted keys, indented, numpy values as lists)."""
+    return (json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
 
 
 def read_meta(art_dir: str | os.PathLike, stage: str | None = None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ progress lines only.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -171,3 +172,43 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def cluster_max_gpus() -> tuple[float | None, tuple[str, ...]]:
+    """GPUs the cluster's autoscaler can scale to, and its GPU node types ("name: 1 GPU x up to 4 nodes").
+
+    Read from the cluster config an autoscaler reports to the GCS (`ray._private.state.state
+    .get_cluster_config()`, ray-project/ray#49568, which Ray Data's and Ray Train's autoscaling checks read):
+    every node group, including those at 0 nodes. (None, ()) when no autoscaler reports a config (a plain
+    `ray start` / local cluster) or the config cannot be read; then only the GPUs up now count.
+    """
+    import ray._private.state
+
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception as e:  # an older GCS without the key, or no GCS connection: treated as "no autoscaler"
+        logger.debug("cannot read the autoscaler's cluster config: %s", e)
+        return None, ()
+    return max_gpus_from_config(config)
+
+
+def max_gpus_from_config(config: object | None) -> tuple[float | None, tuple[str, ...]]:
+    """`cluster_max_gpus` for a given `autoscaler_pb2.ClusterConfig` (None = no config): pure, unit-tested.
+
+    A node group with max_count -1 has no limit (inf); `max_resources["GPU"]` caps the sum when set.
+    """
+    if config is None or not getattr(config, "node_group_configs", None):
+        return None, ()
+    total, types = 0.0, []
+    for g in config.node_group_configs:
+        per_node = float(g.resources.get("GPU", 0.0))
+        if per_node <= 0 or g.max_count == 0:
+            continue
+        nodes = math.inf if g.max_count < 0 else float(g.max_count)
+        total += per_node * nodes
+        upto = "no limit" if g.max_count < 0 else f"up to {g.max_count} node(s)"
+        types.append(f"{g.name or 'unnamed'}: {per_node:g} GPU x {upto}")
+    cap = config.max_resources.get("GPU") if config.max_resources else None
+    if cap is not None:
+        total = min(total, float(cap))
+    return total, tuple(types)

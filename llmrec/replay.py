@@ -320,12 +320,9 @@ class _HttpRunner:
             raise ValueError(
                 f"{self.url}/healthz answered {r.status_code}: {r.text[:200]}; is `llmrec serve` up?"
             )
-        import pyarrow.parquet as pq
+        from llmrec.embed.artifact import read_item_ids  # either layout
 
-        t = pq.read_table(
-            Path(run_dir) / schema.RUN_EMBEDDINGS / schema.EMBEDDINGS_FILE, columns=[schema.ITEM_ID]
-        )
-        self._known = {str(x) for x in t.column(schema.ITEM_ID).to_pylist()}
+        self._known = {str(x) for x in read_item_ids(Path(run_dir) / schema.RUN_EMBEDDINGS)}
 
     def _uid(self, uid: str, mode: str) -> str:
         return f"replay-{self.tag}-{'on' if mode == 'online' else 'fr'}-{uid}"

@@ -34,7 +34,11 @@ MAX_ID_CHARS = 256  # longest user_id / item_id the HTTP API accepts (serving st
 
 # artifacts
 META_FILE = "meta.json"
+# embeddings artifact: `llmrec embed` writes shards `part-<write id>-<NNNNNN>.parquet` (meta.json key
+# "parts_prefix" = "part-<write id>-" names the files of the current version); folders written before hold one
+# EMBEDDINGS_FILE instead. Read either with llmrec.embed.artifact.load_embeddings / iter_embeddings.
 EMBEDDINGS_FILE = "embeddings.parquet"
+EMBEDDINGS_PART_PREFIX = "part-"
 EMBEDDING = "embedding"  # fixed_size_list<float32>[dim]
 INDEX_FILE = "index.faiss"
 INDEX_TORCH_FILE = "index.npy"

@@ -179,6 +179,28 @@ def exists(location: str | os.PathLike) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def shared_across_processes(location: str | os.PathLike | None) -> bool:
+    """Whether other processes (Ray workers, other nodes) can open this URI: False for fsspec's in-process
+    `memory://`, True for every other URI (s3://, gs://, hdfs://, file://, ...).
+
+    Commands whose Ray workers read or write an artifact themselves (`llmrec embed`) take such URIs as they
+    are instead of staging them through the driver's disk.
+    """
+    return is_uri(location) and os.fspath(location).split("://", 1)[0].lower() != "memory"
+
+
+def shown(location: str | os.PathLike) -> str:
+    """A location as messages and meta.json name it: a URI without its ?options (endpoint, credentials)."""
+    return _show(location)
+
+
+def check_replaceable(uri: str) -> None:
+    """Refuse (ValueError) to write an artifact at `uri` when it is a file, or a folder that holds files but
+    is neither an llmrec artifact (meta.json) nor marked as one being written (the rule of `stage_out`)."""
+    fs, path = filesystem_for(uri)
+    _check_replaceable(fs, path, uri)
+
+
 def default_cache_root(environ: Mapping[str, str]) -> Path:
     """`$LLMREC_CACHE_DIR` if set in `environ`, else `~/.cache/llmrec/artifacts`."""
     return Path(environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()

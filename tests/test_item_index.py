@@ -413,11 +413,51 @@ def test_iter_embeddings_streams_what_load_embeddings_reads(small, tmp_path):
     assert list(whole.item_ids) == _ids(2000)
     meta = json.loads((d / META_FILE).read_text())
     (d / META_FILE).write_text(json.dumps({**meta, "n_items": 2001}))
-    with pytest.raises(ArtifactError, match="holds 2000 rows, its meta.json says n_items=2001"):
+    with pytest.raises(ArtifactError, match="holds 2000 rows of dim 32, its meta.json says n_items=2001"):
         list(iter_embeddings(d))
     (d / META_FILE).write_text(json.dumps({**meta, "dim": 16}))
-    with pytest.raises(ArtifactError, match=r"fixed_size_list<float32>\[16\].*got fixed_size_list"):
+    with pytest.raises(ArtifactError, match="holds vectors of dim 32, its meta.json says .*dim=16"):
         list(iter_embeddings(d))
+
+
+def test_index_reads_both_embeddings_layouts(small, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmrec.embed.artifact import load_embeddings
+
+    def _read_embeddings(d):
+        emb = load_embeddings(d)
+        return emb.item_ids, emb.vectors, emb.meta
+
+    x, _ = small
+    d = _write_embeddings(tmp_path / "emb", x[:100], _ids(100))  # the single-file layout of older runs
+    ids1, v1, m1 = _read_embeddings(d)
+    assert list(ids1) == _ids(100) and m1["n_items"] == 100
+    np.testing.assert_array_equal(v1, x[:100])
+    s = tmp_path / "sharded"  # what `llmrec embed` writes now: part files named by meta's parts_prefix
+    s.mkdir()
+    for k, rows in enumerate((slice(0, 60), slice(60, 100))):
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(x[rows].reshape(-1), pa.float32()), x.shape[1])
+        table = pa.table({ITEM_ID: pa.array(_ids(100)[rows], pa.string()), EMBEDDING: emb})
+        pq.write_table(table, s / f"part-w1-{k:06d}-u-0.parquet")
+    write_meta(
+        s,
+        "embed",
+        model_name="tiny-bert",
+        dim=int(x.shape[1]),
+        normalized=True,
+        n_items=100,
+        parts_prefix="part-w1-",
+        n_parts=2,
+    )
+    ids2, v2, _ = _read_embeddings(s)
+    assert list(ids2) == _ids(100)
+    np.testing.assert_array_equal(v2, x[:100])
+    from llmrec.index.build import build_index  # the index stage streams the part files in row order
+
+    build_index(s, tmp_path / "idx", kind="flat", device="cpu")
+    assert list(np.load(tmp_path / "idx" / "item_ids.npy", allow_pickle=True)) == _ids(100)
 
 
 def test_build_streams_a_sample_and_keeps_no_float_copy(clustered):

@@ -402,10 +402,10 @@ def test_s3_pipeline_writes_complete_artifacts(s3_pipeline: dict[str, Any]) -> N
     files = s3_pipeline["first"]
     for part, main_file in (
         ("data", "items.parquet"),
-        ("embeddings", "embeddings.parquet"),
+        ("embeddings", json.loads(files["embeddings/meta.json"])["parts_prefix"]),  # written by the workers
         ("index", "item_ids.npy"),
     ):
-        assert f"{part}/meta.json" in files and f"{part}/{main_file}" in files, sorted(files)
+        assert f"{part}/meta.json" in files and any(f.startswith(f"{part}/{main_file}") for f in files), sorted(files)
         assert (
             json.loads(files[f"{part}/meta.json"])["stage"]
             == {"data": "prepare", "embeddings": "embed", "index": "index"}[part]
@@ -591,19 +591,24 @@ def test_s3_index_add_embeddings_matches_local(
     s3_pipeline: dict[str, Any], tmp_path: Path, monkeypatch
 ) -> None:
     """`llmrec index --add-embeddings s3://... --out s3://...` updates the remote index as a local one."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from llmrec.embed.artifact import load_embeddings
     from llmrec.index.item_index import ItemIndex
 
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
     root, local_run = storage.join(s3_pipeline["root"], "index-add"), s3_pipeline["local"]
-    # a second embeddings artifact from the same encoder: 5 new items (the first 5 vectors, new ids)
+    # a second embeddings artifact from the same encoder: 5 new items (the first 5 vectors, new ids), in the
+    # single-file layout of older runs
     new = tmp_path / "new-emb"
     new.mkdir()
-    t = pq.read_table(local_run / "embeddings" / "embeddings.parquet").slice(0, 5)
-    t = t.set_column(0, "item_id", [[f"new-{i}" for i in t.column("item_id").to_pylist()]])
+    e = load_embeddings(local_run / "embeddings")
+    t = pa.table({"item_id": [f"new-{i}" for i in e.item_ids[:5]],
+                  "embedding": pa.FixedSizeListArray.from_arrays(pa.array(e.vectors[:5].ravel()), e.dim)})
     pq.write_table(t, new / "embeddings.parquet")
     meta = json.loads((local_run / "embeddings" / "meta.json").read_text())
+    meta = {k: v for k, v in meta.items() if k not in ("parts_prefix", "n_parts")}
     (new / "meta.json").write_text(json.dumps({**meta, "n_items": 5}))
     with storage.stage_out(storage.join(root, "new-emb"), tmp_path / "w") as up:
         for p in new.iterdir():

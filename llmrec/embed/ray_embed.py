@@ -1,54 +1,69 @@
-"""Embed a whole item catalog with Ray Data: `embed_catalog(items, out_dir) -> meta`.
+"""Embed a whole item catalog with Ray Data, storage to storage: `embed_catalog(items, out_dir) -> meta`.
 
-Pipeline (all streaming, one Ray Data plan):
+Pipeline (one streaming Ray Data plan; the driver holds counts, never per-item data):
 
-    from_arrow(items: item_id, text)                # read on the driver: the file need not be on other nodes
-      -> repartition(n_blocks)                      # one table is one block (PLATFORM.md G4)
-      -> map_batches(_tokenize_block) CPU tasks     # tokenize, pad to max_length: fixed-width int32 arrays
-      -> sort("length")                             # length bucketing (bucketing="dataset", the default)
-      -> map_batches(_EncodeBatch) actor pool       # encodes batch_size length-sorted rows at a time, each
-                                                    #   batch trimmed to its longest row -> (B, D) float32
-      -> iter_batches on the driver                 # collect, then reorder to items.parquet row order
+    check tasks (one per input file)               # nulls, empty / duplicate ids (hash-partitioned), sha256
+    read_parquet(files, columns=[item_id, text])   # a local path or a URI (s3://, ...), one file or shards
+      -> repartition(target_num_rows_per_block=R)  # streaming: one file is one block (PLATFORM.md G4)
+      -> map_batches(_tokenize_block) CPU tasks     # int32 ids (R, w), w = the block's longest row
+      -> map_batches(_EncodeBatch) actor pool       # sort the block by length, encode batch_size rows at a
+                                                    #   time, each batch trimmed; rows back in order
+      -> write_parquet(out, part-<write id>-NNNNNN.parquet)   # from the workers, one file per block
+    meta.json last, by the driver (counts from the parquet footers and a small stats actor)
 
-Choices the design leaves open:
-- Row order: the driver reads the `item_id` column with pyarrow and puts the pipeline's output back in that
-  order (item ids must be unique, as the canonical items table promises; duplicates are refused).
-- Actors: with GPUs in the cluster (and device "auto" or "cuda") one actor per GPU (`num_gpus=1`,
-  `num_cpus=1`, fp16). Otherwise CPU actors with 1 torch thread each and `num_cpus=0.5`, sized so the actors
-  together hold at most `CPUs - 1`, which leaves a whole CPU for the read/tokenize tasks (the actor-pool
-  deadlock of PLATFORM.md G3). Default CPU pool size: min(CPUs, 2 * (CPUs - 1)), at least 1.
-- Length bucketing, `bucketing="dataset"` (default): `Dataset.sort("length")` after tokenizing, so every
-  encoder batch is a run of similar lengths (a shuffle barrier, cheap next to the encoder: tokenizing is
-  ~100x faster than encoding). `bucketing="group"`: no sort stage; each actor call takes
-  min(8 * batch_size, ceil(N / (4 * actors))) rows (at least batch_size) and sorts those. Either way the
-  actor sorts its call's rows and trims each batch to its longest row. `padding_efficiency` in meta is real
-  tokens / padded tokens over all encoder batches; on the 9,742 MovieLens item texts with batch 128 (by
-  hand from the token lengths): 0.33 unsorted, 0.68 sorted in groups of 1024, 0.97 sorted globally.
-- Blocks: max(4 * actors, ceil(N / 2000)) blocks, at most N.
-- `dataset_fingerprint` is the prepare stage's fingerprint (its meta's `dataset_fingerprint`, else
-  `fingerprint`) when `items` is `items.parquet` in a prepare folder, else the sha256 prefix of the items
-  file; `items_sha256` is always the latter.
+Choices:
+- Row order: the execution preserves order (`preserve_order`), so the parts in name order hold the items in
+  input order (input files in name order, rows in file order): the order `load_embeddings` returns.
+- Length bucketing happens inside each block of R rows (no global sort, no shuffle): R = clamp(N / max actors,
+  8 x batch_size, 8192). `padding_efficiency` in meta = real / padded tokens over all encoder batches;
+  on the 9,742 MovieLens texts at batch 128: 0.33 unsorted, 0.68 / 0.79 / 0.88 / 0.92 sorted within blocks of
+  1,024 / 2,048 / 4,096 / 8,192 rows, 0.97 sorted globally (the former `bucketing="dataset"`, which needed
+  a global sort; "dataset" is still accepted and now means the same as "group", with a warning).
+- Actors (`plan_actors`, a pure function of the cluster's resources): GPU actors request `num_gpus=1`, fp16,
+  one per GPU. `--num-gpus N` / `--device cuda` request them even when no GPU node is up yet, so an autoscaler
+  starts GPU nodes; `auto` chooses GPUs when the cluster has some or its autoscaler reports a GPU node type
+  (`llmrec.raysetup.cluster_max_gpus`), and logs which and why (meta `device_reason`). CPU actors: 1 torch
+  thread each and `num_cpus=0.5`, together at most `CPUs - 1`, which leaves a CPU for the read / tokenize /
+  write tasks (the actor-pool deadlock of PLATFORM.md G3); default pool size min(CPUs, 2 x (CPUs - 1)).
+- Output: a new version is written next to the old one under a fresh write id; meta.json (which names the
+  write id) replaces the old one in one step, then the old files are deleted. A failed run leaves the
+  previous version readable and deletes its own parts. A URI output is checked like `llmrec.storage` does
+  (never over a folder that holds files but is not an artifact).
+- Local input / output paths: the tasks that read or write them run on the driver's node (node affinity),
+  so a local disk works on a multi-node cluster too; a URI is read and written from any node.
+- `dataset_fingerprint` is the prepare stage's fingerprint when the input is a `llmrec prepare` folder's
+  items.parquet, else `items_sha256`: the sha256 prefix of the items file (several files: of their names and
+  digests).
 - Timing in meta: `wall_s` covers validation, actor start-up and model loads, the pipeline and the write
-  (not `ray.init`); `first_batch_s` is pipeline start to the first embedded batch (the fixed cost).
-- The input path must be readable from every Ray node (local path on one machine, shared storage otherwise).
+  (not `ray.init`); `first_batch_s` is pipeline start to the first encoded block (the fixed cost).
+Tests: tests/test_ray_embed.py.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import math
 import os
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmrec.artifacts import file_fingerprint, write_meta
+from llmrec import storage
+from llmrec.artifacts import make_meta, meta_bytes, write_meta
 from llmrec.embed.encoder import TextEncoder, TextTokenizer, attention_mask_from_length, resolve_model
-from llmrec.schema import EMBEDDING, EMBEDDINGS_FILE, ITEM_ID, ITEMS_FILE, META_FILE, TEXT
+from llmrec.embed.source import check_items, open_input, pinned, prepare_fingerprint, resolve_items
+from llmrec.schema import (
+    EMBEDDING,
+    EMBEDDINGS_FILE,
+    EMBEDDINGS_PART_PREFIX,
+    ITEM_ID,
+    META_FILE,
+    TEXT,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +71,10 @@ __all__ = ["embed_catalog", "resolve_items_file", "plan_actors"]
 
 _LENGTH = "length"
 _IDS = "input_ids"
-_WIDTH = "_padded_width"
 CPU_ACTOR_CPUS = 0.5
-# bucketing="group": an actor call sorts up to 8 * batch_size rows by length, encodes batch_size at a time
-BUCKET_FACTOR = 8
+MAX_ROWS_PER_BLOCK = 8192  # bucketing sorts within a block: bigger pads less (module doc); 4 MB of int32 ids
+MIN_BLOCK_BATCHES = 8  # at least 8 encoder batches per block, so sorting inside it has room to bucket
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node (what Ray Data pins local reads with)
 
 
 def embed_catalog(
@@ -71,28 +86,35 @@ def embed_catalog(
     num_actors: int | None = None,
     device: str = "auto",
     ray_address: str | None = None,
-    bucketing: str = "dataset",
+    bucketing: str = "group",
+    num_gpus: int | None = None,
+    rows_per_block: int | None = None,
 ) -> dict[str, Any]:
-    """Embed every item's `text` and write `out_dir/embeddings.parquet` + `meta.json`.
+    """Embed every item's `text`; write `out_dir/part-*.parquet` from the workers, then `meta.json`.
 
     Args:
-        items: the canonical items table: a parquet file, or a `llmrec prepare` folder with items.parquet.
-            Needs columns `item_id` (string, unique, non-empty) and `text` (string, non-null).
-        out_dir: artifact folder to write (created if missing; existing files are replaced).
+        items: the items table: a parquet file, a folder of parquet shards, or a `llmrec prepare` folder (its
+            items.parquet); a local path or a URI (s3://, gs://, file://, ...) every Ray node can read. Needs
+            columns `item_id` (string, unique, non-empty) and `text` (string, non-null).
+        out_dir: artifact folder to write, local or a URI (created if missing; the previous version is
+            replaced once the new one is complete).
         model: local HF model folder or hub name; None = the packaged all-MiniLM-L6-v2.
         batch_size: rows per encoder forward pass.
         max_length: token limit per text.
-        num_actors: encoder actors; None = one per GPU, or the CPU rule in the module docstring.
-        device: "auto" (GPU actors when the cluster has GPUs), "cpu" or "cuda".
+        num_actors: encoder actors; None = `plan_actors`' default (one per GPU, or the CPU rule).
+        device: "auto" (GPUs when the cluster has them or can start them), "cpu" or "cuda" (request GPUs).
         ray_address: Ray cluster to join; None = the running Ray, $RAY_ADDRESS, or a new local one.
-        bucketing: "dataset" (sort all rows by token count with `Dataset.sort`: least padding) or "group"
-            (sort within each actor call of up to 8 * batch_size rows: no shuffle barrier).
+        bucketing: "group" (sort by token count within each block; "dataset" is accepted as its old name).
+        num_gpus: request this many 1-GPU encoder actors (an autoscaler brings GPU nodes up for them).
+        rows_per_block: rows per block (the unit of tokenizing, bucketing, encoding and one output file);
+            None = the rule in the module docstring.
 
     Returns:
         The meta dict written to `out_dir/meta.json` (stage "embed").
 
     Raises:
-        ValueError: missing columns, null/duplicate ids, null texts, an empty catalog, bad arguments.
+        ValueError: missing columns, null/empty/duplicate ids, null texts, an empty catalog, bad arguments, a
+            GPU request the cluster can never meet.
         FileNotFoundError: `items` does not exist.
 
     Example::
@@ -100,11 +122,9 @@ def embed_catalog(
         meta = embed_catalog("run/data", "run/embeddings")   # all-MiniLM-L6-v2, 384-d
         print(meta["n_items"], meta["items_per_s"])
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray
 
-    from llmrec.raysetup import cluster_cpus, cluster_gpus, init_ray
+    from llmrec.raysetup import cluster_cpus, cluster_gpus, cluster_max_gpus, init_ray
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -112,110 +132,121 @@ def embed_catalog(
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
     if num_actors is not None and (not isinstance(num_actors, int) or num_actors < 1):
         raise ValueError(f"num_actors must be a positive int or None, got {num_actors!r}")
+    if rows_per_block is not None and (not isinstance(rows_per_block, int) or rows_per_block < 1):
+        raise ValueError(f"rows_per_block must be a positive int or None, got {rows_per_block!r}")
     if bucketing not in ("dataset", "group"):
-        raise ValueError(f"bucketing must be 'dataset' or 'group', got {bucketing!r}")
+        raise ValueError(f"bucketing must be 'group' (or its old name 'dataset'), got {bucketing!r}")
+    if bucketing == "dataset":
+        logger.warning(
+            "bucketing 'dataset' (a global sort by length) is gone: it needed the whole catalog in one "
+            "place; sorting within blocks of up to %d rows instead (bucketing 'group')",
+            MAX_ROWS_PER_BLOCK,
+        )
+        bucketing = "group"
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
 
     t_start = time.perf_counter()
-    items_file = resolve_items_file(items)
-    item_ids = _read_and_check_items(items_file)  # (N,) object, the output row order
-    n = len(item_ids)
+    src = resolve_items(items)  # footers only: schema, row counts
+    n = src.n_rows
     model_path, model_name = resolve_model(model)
     dim = _model_dim(model_path)
+    out = _Output(out_dir)
 
     t_ray = time.perf_counter()
     init_ray(ray_address)
     ray_init_s = time.perf_counter() - t_ray  # not part of wall_s (a no-op when Ray is already up)
-    cpus, gpus = cluster_cpus(), cluster_gpus()
-    plan = plan_actors(cpus, gpus, device=device, num_actors=num_actors)
-    n_blocks = max(1, min(n, max(4 * plan["num_actors"], math.ceil(n / 2000))))
-    # rows per actor call: bucketing sorts within a call, so bigger is better for padding, but every actor
-    # should get a few calls
-    group = max(batch_size, min(BUCKET_FACTOR * batch_size, math.ceil(n / (4 * plan["num_actors"]))))
-    if bucketing == "dataset":
-        group = batch_size  # rows arrive sorted already
+    max_gpus, gpu_types = cluster_max_gpus()
+    plan = plan_actors(
+        cluster_cpus(),
+        cluster_gpus(),
+        device=device,
+        num_actors=num_actors,
+        num_gpus=num_gpus,
+        max_gpus=max_gpus,
+        gpu_node_types=gpu_types,
+    )
+    rows = rows_per_block or _rows_per_block(n, plan["max_actors"], batch_size)
+    n_blocks = math.ceil(n / rows)
+    if plan["max_actors"] > n_blocks and plan["min_actors"] < plan["max_actors"]:
+        plan["max_actors"] = plan["num_actors"] = max(plan["min_actors"], n_blocks)  # a pool needs no more
     logger.info(
-        "embedding %d items from %s with %s: %d %s actor(s) (num_cpus=%.2f, num_gpus=%d), %d blocks, "
-        "batch %d, %d rows per actor call, bucketing %s",
+        "embedding %d items from %s (%d file(s)) with %s: %s encoder actor(s) (num_cpus=%.2f, num_gpus=%d), "
+        "%d blocks of <= %d rows, batch %d. Device %s: %s",
         n,
-        items_file,
+        src.location,
+        len(src.files),
         model_name,
-        plan["num_actors"],
-        plan["device"],
+        _pool_size(plan),
         plan["num_cpus"],
         plan["num_gpus"],
         n_blocks,
+        rows,
         batch_size,
-        group,
-        bucketing,
+        plan["device"],
+        plan["reason"],
     )
+    driver_node = ray.get_runtime_context().get_node_id()
+    checked = check_items(src, driver_node)  # raises ValueError on bad rows, before any actor starts
 
-    # the driver sends the rows (object store) rather than Ray Data reading the file, so the items file only
-    # has to exist where this runs: a staged copy of an s3:// input, or a local disk on a multi-node cluster
-    ds = ray.data.from_arrow(pq.read_table(items_file, columns=[ITEM_ID, TEXT]))
-    ds = ds.repartition(n_blocks)
-    ds = ds.map_batches(
-        _tokenize_block,
-        batch_size=None,  # the whole block per task
-        batch_format="numpy",
-        fn_kwargs={"model_path": model_path, "max_length": max_length},
-    )
-    if bucketing == "dataset":
-        ds = ds.sort(_LENGTH)
-    ds = ds.map_batches(
-        _EncodeBatch,
-        batch_size=group,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan["num_actors"]),
-        fn_constructor_kwargs={
-            "model_path": model_path,
-            "max_length": max_length,
-            "batch_size": batch_size,
-            "device": plan["device"],
-            "fp16": plan["fp16"],
-            "num_threads": plan["torch_threads"],
-        },
-        num_cpus=plan["num_cpus"],
-        num_gpus=plan["num_gpus"],
-    )
-
-    got_ids: list[np.ndarray] = []
-    got_vecs: list[np.ndarray] = []
-    n_tokens = n_padded = 0
-    done, t_pipe, t_log = 0, time.perf_counter(), 0.0
-    first_batch_s = None
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        got_ids.append(np.asarray(batch[ITEM_ID], dtype=object))
-        got_vecs.append(np.asarray(batch[EMBEDDING], dtype=np.float32))
-        n_tokens += int(batch[_LENGTH].sum())
-        n_padded += int(batch[_WIDTH].sum())
-        done += len(batch[ITEM_ID])
-        now = time.perf_counter()
-        if first_batch_s is None:
-            first_batch_s = now - t_pipe
-        if now - t_log > 5.0 or done == n:
-            t_log = now
-            logger.info("embedded %d/%d items (%.0f items/s)", done, n, done / max(now - t_pipe, 1e-9))
-
-    ids_out, vecs = _reorder(item_ids, got_ids, got_vecs, dim)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = pa.table(
-        {
-            ITEM_ID: pa.array(ids_out, type=pa.string()),
-            EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), type=pa.float32()), dim),
-        }
-    )
-    tmp = out / (EMBEDDINGS_FILE + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / EMBEDDINGS_FILE)
+    out.create()
+    stats = ray.remote(num_cpus=0)(_EmbedStats).remote()
+    prefix = f"{EMBEDDINGS_PART_PREFIX}{uuid.uuid4().hex[:8]}-"
+    t_pipe = time.time()
+    try:
+        ds = ray.data.read_parquet(
+            list(src.files),
+            filesystem=src.fs,
+            label_selector={NODE_ID_LABEL: driver_node} if src.fs is None else None,
+        ).select_columns([ITEM_ID, TEXT])
+        ds.context.execution_options.preserve_order = True  # parts in name order = items order
+        ds = ds.repartition(target_num_rows_per_block=rows)
+        ds = ds.map_batches(
+            _tokenize_block,
+            batch_size=None,  # one block per task
+            batch_format="numpy",
+            fn_kwargs={"model_path": model_path, "max_length": max_length},
+        )
+        ds = ds.map_batches(
+            _EncodeBatch,
+            batch_size=None,  # one block per call: bucketing sorts within it
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"]),
+            fn_constructor_kwargs={
+                "model_path": model_path,
+                "max_length": max_length,
+                "batch_size": batch_size,
+                "device": plan["device"],
+                "fp16": plan["fp16"],
+                "num_threads": plan["torch_threads"],
+                "stats": stats,
+            },
+            num_cpus=plan["num_cpus"],
+            num_gpus=plan["num_gpus"],
+        )
+        with _Progress(stats, n, t_pipe):
+            ds.write_parquet(
+                out.path,
+                filesystem=out.fs,
+                filename_provider=_PartNames(prefix),
+                ray_remote_args=pinned(driver_node) if out.fs is None else None,
+            )
+        totals = ray.get(stats.totals.remote())
+        parts, written = out.parts(prefix)
+        if written != n or totals["rows"] != n:
+            raise RuntimeError(
+                f"embed pipeline wrote {written} rows in {len(parts)} part files (encoded {totals['rows']}) "
+                f"for {n} items; this is a bug, please report it"
+            )
+    except BaseException:
+        out.delete_parts(prefix)  # the previous version (if any) stays as it was
+        raise
+    finally:
+        ray.kill(stats)
 
     wall_s = time.perf_counter() - t_start - ray_init_s
-    items_sha = file_fingerprint([items_file])
-    meta = write_meta(
-        out,
-        "embed",
+    first_batch_s = max(0.0, (totals["first_ts"] or t_pipe) - t_pipe)
+    fields = dict(
         model_name=model_name,
         model_path=model_path,
         dim=dim,
@@ -223,79 +254,138 @@ def embed_catalog(
         max_length=max_length,
         pooling="mean",
         n_items=n,
-        dataset_fingerprint=_prepare_fingerprint(items_file) or items_sha,
-        items_sha256=items_sha,
-        items_file=str(items_file),
+        dataset_fingerprint=prepare_fingerprint(src) or checked["sha256"],
+        items_sha256=checked["sha256"],
+        items_file=src.location,
+        n_input_files=len(src.files),
         wall_s=round(wall_s, 3),
         items_per_s=round(n / wall_s, 2),
-        first_batch_s=round(first_batch_s or 0.0, 3),
+        first_batch_s=round(first_batch_s, 3),
         batch_size=batch_size,
         num_actors=plan["num_actors"],
+        min_actors=plan["min_actors"],
+        max_actors=plan["max_actors"],
         device=plan["device"],
+        device_reason=plan["reason"],
         fp16=plan["fp16"],
         n_blocks=n_blocks,
-        rows_per_actor_call=group,
+        rows_per_actor_call=rows,
         bucketing=bucketing,
-        padding_efficiency=round(n_tokens / max(n_padded, 1), 4),
+        padding_efficiency=round(totals["tokens"] / max(totals["padded"], 1), 4),
+        layout="parts",
+        parts_prefix=prefix,
+        n_parts=len(parts),
     )
+    meta = out.commit(fields, prefix)
     logger.info(
-        "embedded %d items in %.1fs (%.0f items/s, padding efficiency %.2f) -> %s",
+        "embedded %d items in %.1fs (%.0f items/s, padding efficiency %.2f) -> %s (%d part files)",
         n,
         wall_s,
         n / wall_s,
         meta["padding_efficiency"],
-        out / EMBEDDINGS_FILE,
+        out.location,
+        len(parts),
     )
     return meta
 
 
-def resolve_items_file(items: str | os.PathLike) -> Path:
-    """A parquet file, or a folder holding items.parquet -> the items file path."""
-    p = Path(items).expanduser()
-    if p.is_dir():
-        f = p / ITEMS_FILE
-        if not f.is_file():
-            raise FileNotFoundError(
-                f"{p} is a folder without {ITEMS_FILE}; pass the items parquet file or the folder written "
-                "by `llmrec prepare`"
-            )
-        return f.resolve()
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"items table {p} does not exist; pass a parquet file or a `llmrec prepare` folder"
-        )
-    return p.resolve()
-
-
 def plan_actors(
-    cpus: float, gpus: float, device: str = "auto", num_actors: int | None = None
+    cpus: float,
+    gpus: float,
+    device: str = "auto",
+    num_actors: int | None = None,
+    *,
+    num_gpus: int | None = None,
+    max_gpus: float | None = None,
+    gpu_node_types: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Decide the encoder actor pool from the cluster's resources (see the module docstring).
+    """Decide the encoder actor pool from the cluster's resources: a pure function (no Ray calls).
+
+    Args:
+        cpus, gpus: CPUs and GPUs the cluster has now.
+        device: "auto", "cpu" or "cuda".
+        num_actors: pool size asked for (GPU actors: one GPU each).
+        num_gpus: GPU actors requested (1 GPU each): made even when no GPU is up yet.
+        max_gpus: GPUs the cluster's autoscaler can scale to (inf = no limit); None = no autoscaler config.
+        gpu_node_types: the autoscaler's GPU node types, named in `reason`.
 
     Returns:
-        {"num_actors", "num_cpus" (per actor), "num_gpus" (per actor), "device", "fp16", "torch_threads"}
+        {"num_actors", "min_actors", "max_actors" (pool size: fixed when equal, else Ray Data scales it),
+        "num_cpus" and "num_gpus" (per actor: the resources each actor requests), "device", "fp16",
+        "torch_threads", "reason" (why this device, for the log and meta)}
+
+    Raises:
+        ValueError: a GPU request the cluster can never meet, or contradicting arguments.
     """
-    use_gpu = gpus >= 1 and device != "cpu"
-    if device.startswith("cuda") and gpus < 1:
-        raise ValueError(
-            f"device {device!r} asked for, but the Ray cluster has no GPU (resources: {cpus:g} CPU, "
-            f"{gpus:g} GPU); use --device cpu or auto"
-        )
-    if use_gpu:
-        k = num_actors or int(gpus)
-        if k > gpus:
+    if num_gpus is not None:
+        if not isinstance(num_gpus, int) or num_gpus < 1:
+            raise ValueError(f"num_gpus must be a positive int or None, got {num_gpus!r}")
+        if device == "cpu":
+            raise ValueError(f"num_gpus={num_gpus} asks for GPU actors but device is 'cpu'; drop one of them")
+        if num_actors is not None and num_actors != num_gpus:
             raise ValueError(
-                f"num_actors={k} GPU actors need {k} GPUs, the cluster has {gpus:g}; pass at most {int(gpus)}"
+                f"num_actors={num_actors} and num_gpus={num_gpus} disagree: GPU actors take one GPU each; "
+                "pass only --num-gpus"
+            )
+    have = f"{cpus:g} CPU, {gpus:g} GPU"
+    scalable = "" if not gpu_node_types else f" (autoscaler GPU node types: {'; '.join(gpu_node_types)})"
+    can_have = gpus if max_gpus is None else max(gpus, max_gpus)
+    gpu_actors = device != "cpu" and bool(num_gpus or device.startswith("cuda") or can_have >= 1)
+    want = num_gpus or (num_actors if gpu_actors else None)  # an explicit GPU pool size
+
+    if gpu_actors:
+        if want is not None and want > can_have and not (num_gpus and max_gpus is None):
+            limit = f"the cluster has {gpus:g}" + (
+                "" if max_gpus is None else f" and can scale to {max_gpus:g}"
+            )
+            raise ValueError(
+                f"num_actors={want} GPU actors need {want} GPUs, {limit}{scalable}; "
+                f"pass at most {int(can_have)}"
+            )
+        if can_have < 1 and not num_gpus:
+            why = "reports no GPU node type" if max_gpus is not None else "reports no node types (none runs?)"
+            raise ValueError(
+                f"device {device!r} asked for, but the Ray cluster has no GPU (resources: {have}) and its "
+                f"autoscaler {why}; use --device cpu or auto, or --num-gpus N to request N GPUs anyway"
+            )
+        if want is not None:
+            lo = hi = want
+            if num_gpus and want > gpus:
+                reason = f"{want} GPU actor(s) requested (--num-gpus); the cluster has {have} now" + (
+                    f", so the autoscaler must add {want - gpus:g}{scalable}"
+                    if max_gpus is not None
+                    else "; no autoscaler reports node types, so they wait until GPU nodes join"
+                )
+            else:
+                reason = f"{want} GPU actor(s) asked for; the cluster has {have}"
+        elif gpus >= 1:
+            lo = hi = int(gpus)
+            reason = f"the cluster has {have}: one actor per GPU"
+        else:  # nothing up yet: start with one GPU actor and let Ray Data scale the pool up to what can come
+            lo, hi = 1, int(min(can_have, 1024))
+            reason = (
+                f"no GPU is up ({have}) but the autoscaler can start GPU nodes{scalable}: requesting 1 to "
+                f"{hi} GPU actors so it brings them up"
             )
         return {
-            "num_actors": k,
+            "num_actors": hi,
+            "min_actors": lo,
+            "max_actors": hi,
             "num_cpus": 1.0,
             "num_gpus": 1,
             "device": "cuda",
             "fp16": True,
             "torch_threads": None,
+            "reason": reason,
         }
-    spare = max(cpus - 1.0, 0.0)  # one whole CPU stays free for read/tokenize tasks (G3)
+
+    if device == "cpu":
+        reason = "device 'cpu' asked for"
+    elif max_gpus is None:
+        reason = f"no GPU in the cluster ({have}) and no autoscaler reports node types"
+    else:
+        reason = f"no GPU in the cluster ({have}) and the autoscaler has no GPU node type"
+    spare = max(cpus - 1.0, 0.0)  # one whole CPU stays free for read/tokenize/write tasks (G3)
     k = num_actors or max(1, min(int(cpus), int(spare / CPU_ACTOR_CPUS)))
     per_actor = CPU_ACTOR_CPUS if k * CPU_ACTOR_CPUS <= spare else spare / k
     if per_actor < CPU_ACTOR_CPUS:
@@ -309,61 +399,23 @@ def plan_actors(
         )
     return {
         "num_actors": k,
+        "min_actors": k,
+        "max_actors": k,
         "num_cpus": per_actor,
         "num_gpus": 0,
         "device": "cpu",
         "fp16": False,
         "torch_threads": 1,
+        "reason": reason,
     }
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def _read_and_check_items(items_file: Path) -> np.ndarray:
-    """Validate the items table (schema, ids, texts) on the driver; return item_id (N,) object, file order."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    schema = pq.read_schema(items_file)
-    missing = [c for c in (ITEM_ID, TEXT) if c not in schema.names]
-    if missing:
-        raise ValueError(
-            f"{items_file} lacks column(s) {missing}: an items table needs {ITEM_ID!r} (string) and {TEXT!r} "
-            f"(string), got columns {schema.names}; build it with `llmrec prepare`"
-        )
-    for col in (ITEM_ID, TEXT):
-        t = schema.field(col).type
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-            raise ValueError(
-                f"{items_file}: column {col!r} must be string, got {t}; "
-                "cast it to string (as `llmrec prepare` does)"
-            )
-    table = pq.read_table(items_file, columns=[ITEM_ID, TEXT])
-    n = table.num_rows
-    if n == 0:
-        raise ValueError(f"{items_file} has no rows; nothing to embed")
-    for col in (ITEM_ID, TEXT):
-        nulls = table.column(col).null_count
-        if nulls:
-            first = pc.index(pc.is_null(table.column(col)), True).as_py()
-            raise ValueError(
-                f"{items_file}: {nulls} null value(s) in {col!r} (first at row {first}); "
-                "fill or drop those rows"
-            )
-    ids = np.asarray(table.column(ITEM_ID).to_numpy(zero_copy_only=False), dtype=object)
-    empty = int(pc.sum(pc.equal(pc.utf8_length(table.column(ITEM_ID)), 0)).as_py() or 0)
-    if empty:
-        raise ValueError(f"{items_file}: {empty} empty {ITEM_ID!r} value(s); every item needs a non-empty id")
-    uniq, counts = np.unique(ids.astype(str), return_counts=True)
-    if len(uniq) != n:
-        dups = uniq[counts > 1]
-        raise ValueError(
-            f"{items_file}: {len(dups)} duplicated {ITEM_ID!r} value(s) "
-            f"(e.g. {[str(d) for d in dups[:5]]}); ids must be unique"
-        )
-    return ids
+def resolve_items_file(items: str | os.PathLike) -> Path:
+    """A parquet file, or a folder holding items.parquet -> the items file path (local, single file)."""
+    src = resolve_items(items)
+    if src.fs is not None or len(src.files) != 1:
+        raise ValueError(f"{src.location} is not one local items file ({len(src.files)} files)")
+    return Path(src.files[0])
 
 
 def _model_dim(model_path: str) -> int:
@@ -378,58 +430,177 @@ def _model_dim(model_path: str) -> int:
     return dim
 
 
-def _prepare_fingerprint(items_file: Path) -> str | None:
-    meta_path = items_file.parent / META_FILE
-    if items_file.name != ITEMS_FILE or not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if meta.get("stage") != "prepare":
-        return None
-    fp = meta.get("dataset_fingerprint") or meta.get("fingerprint")
-    return str(fp) if fp else None
+def _rows_per_block(n: int, max_actors: int, batch_size: int) -> int:
+    """Rows per block: a block per actor for small catalogs (bucketing pads less in bigger blocks), at least
+    MIN_BLOCK_BATCHES batches, at most MAX_ROWS_PER_BLOCK (more blocks than actors above 8,192 x actors)."""
+    per_actor = math.ceil(n / max(max_actors, 1))
+    return max(1, min(n, max(min(per_actor, MAX_ROWS_PER_BLOCK), MIN_BLOCK_BATCHES * batch_size)))
 
 
-def _reorder(
-    item_ids: np.ndarray, got_ids: list[np.ndarray], got_vecs: list[np.ndarray], dim: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Put the pipeline's rows back in items order; (N,) ids, (N, D) float32."""
-    import pandas as pd
-
-    n = len(item_ids)
-    ids = np.concatenate(got_ids) if got_ids else np.zeros((0,), object)
-    vecs = np.concatenate(got_vecs) if got_vecs else np.zeros((0, dim), np.float32)
-    pos = pd.Index(item_ids).get_indexer(ids)  # (n_got,) row in items order, -1 if unknown
-    if len(ids) != n or (pos < 0).any() or len(np.unique(pos)) != n or vecs.shape != (n, dim):
-        raise RuntimeError(
-            f"embed pipeline returned {len(ids)} rows / vectors {vecs.shape} for {n} items of dim {dim} "
-            f"({int((pos < 0).sum())} unknown ids); this is a bug, please report it"
-        )
-    out = np.empty((n, dim), np.float32)
-    out[pos] = vecs
-    return item_ids, out
+def _pool_size(plan: dict[str, Any]) -> str:
+    lo, hi = plan["min_actors"], plan["max_actors"]
+    return str(lo) if lo == hi else f"{lo} to {hi}"
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_tokenizer(model_path: str, max_length: int) -> TextTokenizer:
-    return TextTokenizer(model_path, max_length=max_length)  # once per Ray worker process
+# ---------------------------------------------------------------------------------------------- the output
+
+
+class _Output:
+    """The output folder (local or URI): lists, commits and cleans part files of one write id."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        import pyarrow.fs as pafs
+
+        if storage.is_uri(out_dir):
+            self.uri: str | None = os.fspath(out_dir)
+            storage.check_replaceable(self.uri)
+            self.fs, self.path = storage.filesystem_for(self.uri)
+            self.location = storage.shown(self.uri)
+        else:
+            p = Path(out_dir).expanduser()
+            if p.is_file():
+                raise ValueError(f"{p} is a file; an artifact folder is needed there")
+            self.uri, self.fs, self.path, self.location = None, None, str(p.resolve()), str(p)
+        self._local = pafs.LocalFileSystem()
+
+    def create(self) -> None:
+        """Create a local output folder (once the input checked out; URIs need none)."""
+        if self.fs is None:
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+
+    def _files(self) -> list[Any]:
+        import pyarrow.fs as pafs
+
+        fs = self.fs or self._local
+        infos = fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.base_name)
+
+    def parts(self, prefix: str) -> tuple[list[str], int]:
+        """(part file paths of this write, in name order; their total rows from the footers)."""
+        import pyarrow.parquet as pq
+
+        paths = [i.path for i in self._files() if i.base_name.startswith(prefix)]
+        rows = 0
+        for p in paths:
+            with open_input(self.fs, p) as f:
+                rows += pq.ParquetFile(f).metadata.num_rows
+        return paths, rows
+
+    def commit(self, fields: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """Write meta.json (the new version is now the artifact), then delete the old version's files."""
+        if self.fs is None:
+            meta = write_meta(self.path, "embed", **fields)
+        else:
+            meta = make_meta("embed", **fields)
+            storage.write_bytes(storage.join(self.uri, META_FILE), meta_bytes(meta))
+        fs = self.fs or self._local
+        stale = [
+            i.path
+            for i in self._files()
+            if (i.base_name.startswith(EMBEDDINGS_PART_PREFIX) and not i.base_name.startswith(prefix))
+            or i.base_name
+            in (EMBEDDINGS_FILE, EMBEDDINGS_FILE + ".tmp", storage.INCOMPLETE_MARK, storage.ADDED_MARK)
+        ]
+        for p in stale:
+            fs.delete_file(p)
+        if stale:
+            logger.info("deleted %d file(s) of the previous version in %s", len(stale), self.location)
+        return meta
+
+    def delete_parts(self, prefix: str) -> None:
+        """Best effort: remove the part files of a failed write."""
+        fs = self.fs or self._local
+        try:
+            for i in self._files():
+                if i.base_name.startswith(prefix):
+                    fs.delete_file(i.path)
+        except OSError as e:
+            logger.warning("could not delete the part files %s* of the failed write: %s", prefix, e)
+
+
+class _PartNames:
+    """Ray Data filename provider (`get_filename_for_task` protocol): `<prefix><task index:06>-<write uuid>`.
+
+    Ray Data appends `-<i>.parquet` and, when appending to a folder, insists on its write uuid in the name.
+    With `preserve_order` the write tasks are numbered in block order, so name order is row order.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.file_format = "parquet"
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.prefix}{task_index:06d}-{write_uuid}.parquet"
+
+
+# ---------------------------------------------------------------------------------------------- the workers
+
+
+class _EmbedStats:
+    """Ray actor (num_cpus=0): totals the encoder actors report, so the driver needs no per-item data."""
+
+    def __init__(self) -> None:
+        self.rows = self.tokens = self.padded = 0
+        self.first_ts: float | None = None
+
+    def add(self, rows: int, tokens: int, padded: int) -> None:
+        self.rows += rows
+        self.tokens += tokens
+        self.padded += padded
+        if self.first_ts is None:
+            self.first_ts = time.time()
+
+    def totals(self) -> dict[str, Any]:
+        return {"rows": self.rows, "tokens": self.tokens, "padded": self.padded, "first_ts": self.first_ts}
+
+
+class _Progress:
+    """Context manager: a driver thread logging the stats actor's row count every 10 s."""
+
+    def __init__(self, stats: Any, n: int, t0: float, every_s: float = 10.0) -> None:
+        self.stats, self.n, self.t0, self.every_s = stats, n, t0, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        import ray
+
+        while not self._stop.wait(self.every_s):
+            try:
+                done = ray.get(self.stats.totals.remote(), timeout=5)["rows"]
+            except Exception:  # progress is best effort; the pipeline reports its own errors
+                return
+            dt = max(time.time() - self.t0, 1e-9)
+            logger.info("embedded %d/%d items (%.0f items/s)", done, self.n, done / dt)
+
+
+_TOKENIZERS: dict[tuple[str, int], TextTokenizer] = {}
 
 
 def _tokenize_block(batch: dict[str, np.ndarray], model_path: str, max_length: int) -> dict[str, np.ndarray]:
-    """Ray task: tokenize one block, padded to max_length (fixed-width int32, so blocks concatenate)."""
-    tok = _cached_tokenizer(model_path, max_length)
-    t = tok(list(batch[TEXT]), pad_to_max_length=True)
+    """Ray task: tokenize a block: int32 ids (R, w) right-padded to its longest row, lengths (R,)."""
+    key = (model_path, max_length)
+    if key not in _TOKENIZERS:  # once per Ray worker process
+        _TOKENIZERS[key] = TextTokenizer(model_path, max_length=max_length)
+    t = _TOKENIZERS[key](list(batch[TEXT]))
     return {ITEM_ID: batch[ITEM_ID], _IDS: t[_IDS], _LENGTH: t[_LENGTH]}
 
 
 class _EncodeBatch:
-    """Ray Data actor: one TextEncoder per actor.
+    """Ray Data actor: one TextEncoder per actor; one block per call.
 
-    Takes a group of up to BUCKET_FACTOR * batch_size tokenized rows, sorts them by token count and runs the
-    encoder on `batch_size` consecutive rows at a time, each trimmed to its own longest row. Returns the rows
-    (ids with their (D,) float32 unit vectors) in that sorted order; the driver restores the items order.
+    Sorts the block's rows by token count, runs the encoder on `batch_size` consecutive rows at a time, each
+    batch trimmed to its own longest row, and returns the rows in their input order as a pyarrow table
+    (item_id string, embedding fixed_size_list<float32>[D]); reports rows / real tokens / padded tokens to the
+    stats actor.
     """
 
     def __init__(
@@ -440,6 +611,7 @@ class _EncodeBatch:
         device: str,
         fp16: bool,
         num_threads: int | None,
+        stats: Any = None,
     ) -> None:
         import torch
 
@@ -447,19 +619,44 @@ class _EncodeBatch:
             torch.set_num_threads(num_threads)
         self.encoder = TextEncoder(model_path, device=device, max_length=max_length, fp16=fp16)
         self.batch_size = batch_size
+        self.stats = stats
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        length = np.asarray(batch[_LENGTH])  # (G,)
-        ids = np.asarray(batch[_IDS])  # (G, max_length)
-        order = np.argsort(length, kind="stable")  # (G,) shortest first
-        vecs = np.empty((len(order), self.encoder.dim), np.float32)  # (G, D) in sorted order
-        width = np.zeros(len(order), np.int32)
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        import pyarrow as pa
+
+        length = np.asarray(batch[_LENGTH])  # (R,)
+        ids = _as_matrix(batch[_IDS], length)  # (R, w)
+        order = np.argsort(length, kind="stable")  # (R,) shortest first
+        vecs = np.empty((len(order), self.encoder.dim), np.float32)  # (R, D) in input order
+        padded = 0
         for b0 in range(0, len(order), self.batch_size):
             rows = order[b0 : b0 + self.batch_size]
             w = int(length[rows].max())
-            vecs[b0 : b0 + len(rows)] = self.encoder.forward(  # (B, D)
+            vecs[rows] = self.encoder.forward(  # (B, D)
                 ids[rows, :w],
                 attention_mask_from_length(length[rows], w),  # (B, w): padding tail dropped
             )
-            width[b0 : b0 + len(rows)] = w
-        return {ITEM_ID: batch[ITEM_ID][order], EMBEDDING: vecs, _LENGTH: length[order], _WIDTH: width}
+            padded += len(rows) * w
+        if self.stats is not None:
+            import ray
+
+            ray.get(self.stats.add.remote(len(order), int(length.sum()), padded))  # before the rows leave
+        return pa.table(
+            {
+                ITEM_ID: pa.array(list(batch[ITEM_ID]), type=pa.string()),
+                EMBEDDING: pa.FixedSizeListArray.from_arrays(
+                    pa.array(vecs.reshape(-1), type=pa.float32()), self.encoder.dim
+                ),
+            }
+        )
+
+
+def _as_matrix(ids: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """int32 (R, w) from a block's token ids; rows of different widths (blocks joined by Ray) are padded."""
+    if ids.dtype != object:
+        return ids
+    width = int(length.max()) if len(length) else 0
+    out = np.zeros((len(ids), width), np.int32)
+    for i, row in enumerate(ids):
+        out[i, : len(row)] = np.asarray(row)[:width]
+    return out

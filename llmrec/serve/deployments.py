@@ -543,10 +543,9 @@ class Ingress:
 
     @staticmethod
     def _read_item_ids(embeddings_dir: str) -> frozenset[str]:
-        import pyarrow.parquet as pq
+        from llmrec.embed.artifact import read_item_ids  # either layout, checked against meta.json
 
-        t = pq.read_table(Path(embeddings_dir) / schema.EMBEDDINGS_FILE, columns=[schema.ITEM_ID])
-        return frozenset(str(x) for x in t.column(schema.ITEM_ID).to_pylist())
+        return frozenset(str(x) for x in read_item_ids(embeddings_dir))
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         emb = resolve_artifacts(self.run_dir, user_config)["embeddings_dir"]

@@ -794,7 +794,7 @@ def _short(desc: dict[str, Any] | None) -> str:
 
 @dataclass(frozen=True)
 class EmbeddingsMeanVectorizer:
-    """Picklable zero-arg vectorizer factory: loads `embeddings_dir/embeddings.parquet` inside the actor.
+    """Picklable zero-arg vectorizer factory: loads the embeddings folder (either layout) inside the actor.
 
     The item matrix (N, D) float32 is shared by every shard on a node, not copied per shard: the first shard
     writes it once as a `.npy` file in `shared_dir` (default: the node's temp dir, `llmrec-item-vectors/`,

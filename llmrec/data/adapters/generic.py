@@ -1,7 +1,9 @@
 """Any catalog in parquet, CSV/TSV or JSON lines: `--items FILE --id-col COL --text-cols A,B`.
 
 - Files are read by suffix: `.parquet`/`.pq`, `.csv`, `.tsv`, `.jsonl`/`.ndjson`/`.json` (JSON lines),
-  each optionally `.gz`. A relative path is taken relative to `--source`.
+  each optionally `.gz`. A relative path is taken relative to `--source`. `--items` / `--interactions` may
+  also be a folder of shards of one such kind (read in name order; `.`/`_` names like _SUCCESS skipped), e.g.
+  the output of `python -m llmrec.data.synthetic`.
 - Items: the id column becomes `item_id`, the text columns are joined with ". " into `text`; every other
   column is kept. CSV/TSV ids are read as strings (leading zeros survive).
 - Facets (optional `--facet-cols A,B`): per item, the labels of those columns, in column order, duplicates
@@ -45,8 +47,32 @@ _FLAGS = {
 SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".jsonl", ".ndjson", ".json")
 
 
+def table_files(path: Path) -> list[Path]:
+    """The files of a table: `path` itself, or a folder's shards (supported suffixes, one kind, name order;
+    names starting with "." or "_" are skipped, e.g. _SUCCESS)."""
+    if not path.is_dir():
+        return [path]
+    files = sorted(
+        f
+        for f in path.iterdir()
+        if f.is_file() and not f.name.startswith((".", "_")) and _suffix(f) in SUFFIXES
+    )
+    kinds = sorted({_suffix(f) for f in files})
+    if not files:
+        raise FileNotFoundError(
+            f"{path} is a folder without table files; it needs shards named *{'/*'.join(SUFFIXES)} "
+            "(optionally .gz)"
+        )
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: shards of several kinds {kinds}; keep one file type per table folder")
+    return files
+
+
 def read_table(path: Path, str_cols: list[str] | None = None) -> pd.DataFrame:
-    """Read a parquet / CSV / TSV / JSON-lines file (optionally .gz) chosen by its suffix."""
+    """Read a parquet / CSV / TSV / JSON-lines file (optionally .gz) chosen by its suffix, or a folder of such
+    shards (concatenated in name order)."""
+    if path.is_dir():
+        return pd.concat([read_table(f, str_cols) for f in table_files(path)], ignore_index=True)
     name = path.name.lower()
     base = name[:-3] if name.endswith(".gz") else name
     suffix = "." + base.rsplit(".", 1)[-1] if "." in base else ""
@@ -64,6 +90,12 @@ def read_table(path: Path, str_cols: list[str] | None = None) -> pd.DataFrame:
     raise ValueError(
         f"{path}: unsupported file type {suffix!r}; use one of {list(SUFFIXES)} (optionally .gz)"
     )
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    base = name[:-3] if name.endswith(".gz") else name
+    return "." + base.rsplit(".", 1)[-1] if "." in base else ""
 
 
 def load(
@@ -90,7 +122,7 @@ def load(
     item_df = read_table(items_p, [id_col, *cols, *fcols])  # CSV: "1984" stays a title, "007" an id
     # the text becomes `text`; validate_catalog does the joining and all the checks
     item_df, facet_source = _with_facets(item_df, fcols, items_p)
-    loaded = Loaded(items=item_df, interactions=_empty_interactions(), files=[items_p])
+    loaded = Loaded(items=item_df, interactions=_empty_interactions(), files=table_files(items_p))
     loaded.facet_source = facet_source
     loaded.notes = {"id_col": id_col, "text_cols": cols, "items_file": str(items_p)}
     if interactions is None:
@@ -128,7 +160,7 @@ def load(
         rated = pd.to_numeric(out[RATING], errors="coerce").notna().to_numpy()
         out[EVENT] = pd.Series(np.where(rated, "rating", default_event), dtype="object")
     loaded.interactions = pd.DataFrame({k: pd.Series(out[k]).reset_index(drop=True) for k in names})
-    loaded.files.append(inter_p)
+    loaded.files.extend(table_files(inter_p))
     loaded.notes["interactions_file"] = str(inter_p)
     logger.info("generic: %d item rows, %d interaction rows", len(item_df), n)
     return loaded

@@ -131,6 +131,7 @@ def learn(
     events: pd.DataFrame | str | os.PathLike | None = None,
     *,
     data_dir: str | os.PathLike | None = None,
+    base: pd.DataFrame | None = None,
     epochs: int = 1,
     max_steps: int | None = 200,
     holdback_frac: float = 0.2,
@@ -145,7 +146,9 @@ def learn(
     Args:
         run_dir: the run (data/, embeddings/, scorer/ or a registry).
         events: the serving event log folder, or a canonical interactions frame of new events (replay).
-        data_dir: the interactions the current model learned from (default RUN/data).
+        data_dir: the prepared data folder: items, and the interactions the current model learned from
+            (default RUN/data).
+        base: those interactions as a frame instead of data_dir's (replay: the events before its cutoff).
         epochs, max_steps, lr: the fine-tune's budget (batches per epoch at most) and learning rate (default:
             the current model's).
         holdback_frac: share of the new events (newest first) held back to judge the candidate.
@@ -167,7 +170,7 @@ def learn(
     if ts_max is None:
         raise ValueError(f"{cur_dir}/meta.json has no data_ts_max (trained by an older version); re-train it")
     data = Path(data_dir) if data_dir else run / schema.RUN_DATA
-    base = read_interactions(data)
+    base = read_interactions(data) if base is None else base
     if events is None:
         log = base.iloc[:0]
     elif isinstance(events, pd.DataFrame):

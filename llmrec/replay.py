@@ -17,6 +17,15 @@
    would use it and it was trained only on events up to the cutoff: a scorer whose `data_ts_max` lies after
    the cutoff has learned from the replayed events, so the text user vector is replayed instead), no Ray. With `url`: the same through the HTTP API of a running `llmrec serve` (users are namespaced
    `replay-<tag>-on-<uid>` / `-fr-`, initial history posted in batches, deleted at the end).
+5. With `learn_every` N (in-process, and a scorer trained on pre-cutoff events only): a third list per target,
+   "learning": the online state ranked by the model the learning loop serves. Every N streamed events one
+   round of `llmrec.learn.learn` runs on the events streamed so far (pre-cutoff events as its base data, the
+   run's scorer as the first current model, a scratch registry outside the run): fine-tune, judge on the
+   newest held-back events, swap in only when not worse. The rounds (events seen, seconds, accepted, why) and
+   the freshness they give (an event reaches the serving model after at most N events plus one round) are
+   reported. (a) frozen state and model, (b) online = live state, (c) learning = live state + learning loop.
+   Paired 95% bootstrap intervals (targets resampled) of NDCG@k differences: online - frozen and learning -
+   online.
 Writes `replay.json` (metrics, counts, timings) to `out_dir` (default RUN/eval).
 """
 
@@ -71,6 +80,8 @@ def replay(
     out_dir: str | Path | None = None,
     auth_token: str | None = None,
     rank_config: Mapping[str, Any] | None = None,
+    learn_every: int | None = None,
+    learn_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the replay (see the module docstring) and write `replay.json`; returns what was written.
 
@@ -84,6 +95,8 @@ def replay(
         out_dir: where replay.json goes (default RUN/eval).
         auth_token: bearer token of the server (url mode, when auth is on).
         rank_config: RankConfig overrides (in-process mode).
+        learn_every: run a learning-loop round every this many streamed events (in-process mode; step 5).
+        learn_config: keyword arguments of `llmrec.learn.learn` for those rounds (epochs, max_steps, ...).
     """
     from llmrec.data.tables import read_interactions
 
@@ -92,8 +105,14 @@ def replay(
         raise ValueError(f"k must be >= 1, got {k}")
     if max_events is not None and max_events < 1:
         raise ValueError(f"max_events must be >= 1 (or None for all), got {max_events}")
+    if learn_every is not None and (learn_every < 1 or url):
+        raise ValueError(
+            f"learn_every must be >= 1 and needs the in-process replay (no --url), got {learn_every}"
+            + (f" with url {url}" if url else "")
+        )
     inter = read_interactions(data_dir)
     hist, stream, cutoff = cutoff_split(inter, test_frac)
+    hist_all = hist
     n_stream_total = len(stream)
     if max_events is not None:
         stream = stream.iloc[:max_events]
@@ -109,6 +128,8 @@ def replay(
     )
     runner = _HttpRunner(url, auth_token, k, run_dir) if url else _LocalRunner(run_dir, k, rank_config, cutoff)
     try:
+        if learn_every is not None:
+            runner.enable_learning(hist_all, data_dir, learn_every, dict(learn_config or {}))
         runner.init_users(hist)
         t_stream = time.perf_counter()
         res = _stream(runner, stream, k)
@@ -134,6 +155,16 @@ def replay(
         "scorer": getattr(runner, "has_scorer", None),
         "scorer_choice": getattr(runner, "scorer_why", None),
     }
+    if learn_every is not None:
+        out["learn_every"] = learn_every
+        out["learn_rounds"] = runner.learn_rounds
+        secs = [r["seconds"] for r in runner.learn_rounds]
+        out["model_freshness"] = {
+            "events_until_a_round": learn_every,
+            "round_s_p50": float(np.median(secs)) if secs else None,
+            "round_s_max": float(np.max(secs)) if secs else None,
+            "rounds_accepted": sum(bool(r["accepted"]) for r in runner.learn_rounds),
+        }
     out_path = Path(out_dir) if out_dir else Path(run_dir) / schema.RUN_EVAL
     out_path.mkdir(parents=True, exist_ok=True)
     (out_path / "replay.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -155,8 +186,12 @@ def replay(
 
 
 def _stream(runner: Any, stream: pd.DataFrame, k: int) -> dict[str, Any]:
+    from llmrec.eval.metrics import bootstrap_ci
+
     seen: dict[str, set[str]] = runner.seen
-    acc = {m: {"all": [0.0, 0.0, 0], "pos": [0.0, 0.0, 0]} for m in ("online", "frozen")}
+    modes = tuple(getattr(runner, "modes", ("online", "frozen")))
+    acc = {m: {"all": [0.0, 0.0, 0], "pos": [0.0, 0.0, 0]} for m in modes}
+    gains: dict[str, list[float]] = {m: [] for m in modes}
     lat: list[float] = []
     for row in stream.itertuples(index=False):
         uid, item = getattr(row, schema.USER_ID), getattr(row, schema.ITEM_ID)
@@ -167,22 +202,26 @@ def _stream(runner: Any, stream: pd.DataFrame, k: int) -> dict[str, Any]:
         user_seen = seen.setdefault(uid, set())
         if runner.knows(item) and item not in user_seen:
             positive = ev in _POSITIVE or (ev == "rating" and value is not None and value >= 4)
-            for mode in ("online", "frozen"):
+            for mode in modes:
                 t = time.perf_counter()
                 recs = runner.recommend(uid, mode)
                 if mode == "online":
                     lat.append(time.perf_counter() - t)
                 rank = recs.index(item) if item in recs[:k] else -1
                 gain = (1.0 / math.log2(rank + 2)) if rank >= 0 else 0.0
+                gains[mode].append(gain)
                 for part in ("all", "pos") if positive else ("all",):
                     a = acc[mode][part]
                     a[0] += rank >= 0
                     a[1] += gain
                     a[2] += 1
-        runner.apply(uid, item, ev, value, float(getattr(row, schema.TS)))
+        ts = float(getattr(row, schema.TS))
+        runner.apply(uid, item, ev, value, ts)
         user_seen.add(item)
+        if hasattr(runner, "after_event"):
+            runner.after_event(uid, item, ev, value, ts)
     res: dict[str, Any] = {}
-    for mode in ("online", "frozen"):
+    for mode in modes:
         a, p = acc[mode]["all"], acc[mode]["pos"]
         res[mode] = {
             f"recall@{k}": a[0] / a[2] if a[2] else 0.0,
@@ -193,6 +232,14 @@ def _stream(runner: Any, stream: pd.DataFrame, k: int) -> dict[str, Any]:
     res["n_targets"] = acc["online"]["all"][2]
     res["n_positive_targets"] = acc["online"]["pos"][2]
     res["gain"] = {m: res["online"][m] - res["frozen"][m] for m in res["online"]}
+    pairs = [("online", "frozen")] + ([("learning", "online")] if "learning" in modes else [])
+    res["diff_ci95"] = {
+        f"{a}-{b} ndcg@{k}": list(bootstrap_ci(np.asarray(gains[a]), np.asarray(gains[b])))
+        for a, b in pairs
+        if gains[a]
+    }
+    if "learning" in modes:
+        res["gain_learning"] = {m: res["learning"][m] - res["online"][m] for m in res["online"]}
     if lat:
         res["online_recommend_ms"] = {
             "p50": float(np.percentile(lat, 50) * 1e3),
@@ -233,8 +280,13 @@ class _LocalRunner:
             scorer = Scorer.load(run / schema.RUN_SCORER, device="cpu")
         self.has_scorer = scorer is not None
         self.scorer_why = why
+        self.run = run
         self.vectorizer = MeanVectorizer(catalog.item_ids, catalog.vectors)
-        self.core = RecommendCore(catalog, index, scorer=scorer, config=RankConfig(**(rank_config or {})))
+        self.rank_config = RankConfig(**(rank_config or {}))
+        self.core = RecommendCore(catalog, index, scorer=scorer, config=self.rank_config)
+        self.modes: tuple[str, ...] = ("online", "frozen")
+        self.learn_core: Any = None
+        self.learn_rounds: list[dict[str, Any]] = []
         self.k = k
         self.online: dict[str, Any] = {}
         self.frozen_recs: dict[str, list[str]] = {}
@@ -243,6 +295,54 @@ class _LocalRunner:
 
     def knows(self, item: str) -> bool:
         return item in self.core.catalog.id_to_idx
+
+    def enable_learning(
+        self, base: pd.DataFrame, data_dir: str | Path, every: int, learn_kwargs: dict[str, Any]
+    ) -> None:
+        """Step 5 of the module docstring: a scratch run (links to RUN/embeddings, index, scorer; its own
+        model registry) whose learning rounds serve the "learning" list."""
+        import tempfile
+
+        if not self.has_scorer:
+            raise ValueError(
+                f"replay with a learning loop needs RUN/scorer trained on the pre-cutoff events only; {self.scorer_why}"
+            )
+        self._scratch = tempfile.TemporaryDirectory(prefix="llmrec-replay-learn-")
+        scratch = Path(self._scratch.name)
+        for part in (schema.RUN_EMBEDDINGS, schema.RUN_INDEX, schema.RUN_SCORER):
+            (scratch / part).symlink_to((self.run / part).resolve(), target_is_directory=True)
+        self._learn = {"base": base, "data_dir": str(data_dir), "every": int(every), "kwargs": learn_kwargs,
+                       "scratch": scratch, "events": [], "since": 0}
+        self.learn_core = self.core  # the run's scorer until a round swaps another in
+        self.modes = ("online", "frozen", "learning")
+
+    def after_event(self, uid: str, item: str, ev: str, value: float | None, ts: float) -> None:
+        if self.learn_core is None:
+            return
+        lc = self._learn
+        lc["events"].append((uid, item, int(ts), np.nan if value is None else float(value), ev))
+        lc["since"] += 1
+        if lc["since"] < lc["every"]:
+            return
+        lc["since"] = 0
+        from llmrec.learn import learn
+        from llmrec.scorer.inference import Scorer
+        from llmrec.serve.recommend_core import RecommendCore
+
+        new = pd.DataFrame(lc["events"], columns=[schema.USER_ID, schema.ITEM_ID, schema.TS, schema.RATING,
+                                                  schema.EVENT])
+        t0 = time.perf_counter()
+        res = learn(lc["scratch"], new, data_dir=lc["data_dir"], base=lc["base"], **lc["kwargs"])
+        if res.accepted:
+            scorer = Scorer.load(res.candidate_dir, device="cpu")
+            self.learn_core = RecommendCore(self.core.catalog, self.core.index, scorer=scorer,
+                                            config=self.rank_config)
+        secs = time.perf_counter() - t0
+        self.learn_rounds.append({"after_events": len(lc["events"]), "seconds": round(secs, 1),
+                                  "accepted": res.accepted, "why": res.why,
+                                  "n_heldout_targets": res.n_heldout_targets})
+        logger.info("replay learning round after %d events: %s (%s, %.0fs)", len(lc["events"]),
+                    "swapped in" if res.accepted else "kept the model", res.why, secs)
 
     def _state(self, uid: str) -> Any:
         from llmrec.state.user_state import UserState
@@ -285,18 +385,21 @@ class _LocalRunner:
 
         if mode == "frozen" and uid in self.frozen_recs:
             return self.frozen_recs[uid]
-        state = self._state(uid) if mode == "online" else self.frozen.get(uid)
+        state = self.frozen.get(uid) if mode == "frozen" else self._state(uid)
         view = UserView.from_state(state, uid)
         if state is not None:
             vec = self.vectorizer(state)
             view.vector = vec
-        recs = [r["item_id"] for r in self.core.recommend([view], k=self.k)[0]]
+        core = self.learn_core if mode == "learning" else self.core
+        recs = [r["item_id"] for r in core.recommend([view], k=self.k)[0]]
         if mode == "frozen":
             self.frozen_recs[uid] = recs
         return recs
 
     def close(self) -> None:
-        pass
+        scratch = getattr(self, "_scratch", None)
+        if scratch is not None:
+            scratch.cleanup()
 
 
 class _HttpRunner:

@@ -87,3 +87,33 @@ def test_learning_loop_swaps_in_a_better_model_refuses_a_worse_one_and_rolls_bac
     back = rollback(run)
     assert back["current"]["scorer_dir"] == str((run / schema.RUN_SCORER).resolve())
     assert current_scorer(run)[0] == str((run / schema.RUN_SCORER).resolve())
+
+
+@pytest.mark.slow  # four fine-tune rounds: ~2-4 min on 2 cores
+def test_replay_with_the_learning_loop_beats_live_state_alone(ray_local, tmp_path):
+    """`llmrec replay --learn-every`: (c) live state + learning rounds ranks the held-out stream better than (b)
+    live state with the pre-cutoff model, which the learning loop starts from (new items appear only after
+    the cutoff, so the first model knows them by their text alone)."""
+    from llmrec.data.tables import read_interactions, read_items, write_interactions
+    from llmrec.eval.evaluate import load_item_space
+    from llmrec.replay import replay
+    from llmrec.scorer.train import fit_scorer
+
+    run, p2, p3 = _planted_run(tmp_path)
+    p1 = read_interactions(run / schema.RUN_DATA)
+    items, meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
+    fit_scorer(p1, items, run / schema.RUN_SCORER, epochs=6, batch_size=32, lr=1e-2, dim=16, max_len=10, n_neg=16,
+               head_neg=7, mlp_hidden=16, n_candidates=20, val_users=20, embed_meta=meta)
+    write_interactions(pd.concat([p1, p2, p3], ignore_index=True), run / schema.RUN_DATA)  # the whole stream
+    out = replay(run, run / schema.RUN_DATA, test_frac=0.5, max_events=None, out_dir=tmp_path / "eval",
+                 learn_every=120, learn_config={"epochs": 3, "max_steps": None, "holdback_frac": 0.35,
+                                                "min_new_events": 10})
+    assert out["cutoff_ts"] == int(p1[schema.TS].max()) and out["scorer"] is True
+    rounds = out["learn_rounds"]
+    assert len(rounds) == (len(p2) + len(p3)) // 120
+    assert any(r["accepted"] for r in rounds), rounds
+    assert out["learning"]["ndcg@10"] > out["online"]["ndcg@10"], (out["learning"], out["online"])
+    lo, hi = out["diff_ci95"]["learning-online ndcg@10"]
+    assert lo > 0, out["diff_ci95"]
+    assert out["model_freshness"]["rounds_accepted"] >= 1
+    assert json.loads((tmp_path / "eval" / "replay.json").read_text())["learn_every"] == 120

@@ -32,6 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--test-frac", type=float, default=0.1, help="fraction of events after the cutoff (default 0.1)"
     )
     p.add_argument("--out", default=None, help="folder for replay.json (default RUN/eval)")
+    p.add_argument(
+        "--learn-every", type=int, default=0,
+        help="also replay with the learning loop: a `llmrec learn` round every N streamed events, its model "
+        "ranking a third list (in-process only; RUN/scorer must be trained on pre-cutoff events; 0 = off)",
+    )
+    p.add_argument("--learn-max-steps", type=int, default=200,
+                   help="batches per fine-tune epoch of each learning round (default 200)")
+    p.add_argument("--learn-epochs", type=int, default=1, help="epochs of each learning round (default 1)")
     p.add_argument("--auth-token-file", default=None,
                    help="file holding the server's bearer token (with --url; default: $LLMREC_AUTH_TOKEN)")
     p.add_argument("--auth-token", default=None, help=argparse.SUPPRESS)  # refused: see llmrec.serve.auth
@@ -52,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-events must be >= 0 (0 = all), got {args.max_events}")
     if args.auth_token:
         raise ValueError(ARGV_REFUSED)
+    if args.learn_every < 0 or args.learn_max_steps < 1 or args.learn_epochs < 1:
+        raise ValueError(
+            f"--learn-every must be >= 0 (0 = off), --learn-max-steps and --learn-epochs >= 1; got "
+            f"{args.learn_every}, {args.learn_max_steps}, {args.learn_epochs}"
+        )
     out = replay(
         args.run,
         args.data,
@@ -61,11 +74,16 @@ def run(args: argparse.Namespace) -> int:
         test_frac=args.test_frac,
         out_dir=args.out,
         auth_token=read_token(args.auth_token_file, os.environ) if args.url else None,
+        learn_every=args.learn_every or None,
+        learn_config={"max_steps": args.learn_max_steps, "epochs": args.learn_epochs},
     )
     k = args.k
     print(
         json.dumps(
-            {m: out[m] for m in ("online", "frozen", "gain")} | {"n_targets": out["n_targets"]}, indent=2
+            {m: out[m] for m in ("online", "frozen", "learning", "gain", "gain_learning", "diff_ci95",
+                                 "model_freshness") if m in out}
+            | {"n_targets": out["n_targets"]},
+            indent=2,
         )
     )
     logger.info(

@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["replay", "cutoff_split"]
 
-_POSITIVE = {"like", "purchase", "click"}
 
 
 def cutoff_split(
@@ -201,7 +200,7 @@ def _stream(runner: Any, stream: pd.DataFrame, k: int) -> dict[str, Any]:
         )
         user_seen = seen.setdefault(uid, set())
         if runner.knows(item) and item not in user_seen:
-            positive = ev in _POSITIVE or (ev == "rating" and value is not None and value >= 4)
+            positive = schema.is_positive(ev, value)
             for mode in modes:
                 t = time.perf_counter()
                 recs = runner.recommend(uid, mode)

@@ -30,6 +30,14 @@ NEGATIVE_KINDS = ("dislike", "skip")
 # explicitly positive feedback (a text with one of these kinds pulls towards the text); "view" and mid ratings
 # are interactions without a direction (see llmrec.state.user_state.polarity for ratings)
 POSITIVE_KINDS = ("like", "purchase", "click")
+POSITIVE_MIN_RATING = 4.0  # a "rating" event at or above this is positive feedback
+
+
+def is_positive(event: str, value: float | None = None) -> bool:
+    """Explicitly positive feedback: a POSITIVE_KINDS event, or a rating >= POSITIVE_MIN_RATING."""
+    return event in POSITIVE_KINDS or (event == "rating" and value is not None and value >= POSITIVE_MIN_RATING)
+
+
 MAX_ID_CHARS = 256  # longest user_id / item_id the HTTP API accepts (serving state skips longer base ids)
 
 # artifacts

@@ -75,7 +75,8 @@ def test_stage_argv_spellings_normalise_alike(tmp_path: Path, monkeypatch: pytes
     rel = argvs("../shared/data/ml", "runs/ml")
     assert rel == argvs("/elsewhere/ml", str(tmp_path / "runs" / "ml"))
     assert rel == argvs("ml", "./runs/ml/")
-    assert rel["evaluate"] == ["evaluate", "--data", "RUN/data", "--run", "RUN", "--out", "RUN/eval"]
+    assert rel["evaluate"] == ["evaluate", "--data", "RUN/data", "--run", "RUN", "--out", "RUN/eval",
+                                "--fast"]
     assert rel["prepare"][3:5] == ["--source", "<source>"]  # compared by content (source_unchanged)
     # a different run folder, model or flag is a different input
     assert argvs("ml", "runs/other")["embed"] == rel["embed"]  # RUN-relative: the folder's own artifacts

@@ -179,3 +179,12 @@ def test_replay_refuses_a_scorer_trained_on_the_replayed_events(tmp_path: Path) 
     _hand_scorer(run, ids, vecs, data_ts_max=cutoff)  # trained on pre-cutoff events only: used
     out = replay(run, run / schema.RUN_DATA, test_frac=0.56, max_events=20, out_dir=tmp_path / "e2")
     assert out["scorer"] is True and out["n_targets"] == 20
+
+
+def test_one_table_of_positive_feedback() -> None:
+    """schema.is_positive is the one definition (replay's positive targets, serving's co-occurrence history)."""
+    cases = {("like", None): True, ("purchase", None): True, ("click", None): True, ("view", None): False,
+             ("dislike", None): False, ("skip", None): False, ("rating", 4.0): True, ("rating", 5.0): True,
+             ("rating", 3.5): False, ("rating", None): False}
+    assert {c: schema.is_positive(*c) for c in cases} == cases
+    assert set(schema.POSITIVE_KINDS) | set(schema.NEGATIVE_KINDS) | {"view", "rating"} == set(schema.EVENT_KINDS)

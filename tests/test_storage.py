@@ -318,8 +318,20 @@ def s3_endpoint() -> Iterator[str]:
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
+        _restart_ray_with_this_env()
         yield f"{host}:{port}"
     server.stop()
+
+
+def _restart_ray_with_this_env() -> None:
+    """Ray workers (which read and write s3:// themselves) take their environment from the raylet, i.e. from
+    the process that started Ray: a session Ray started before the fake credentials were set would send
+    anonymous requests. Restart it here (the same settings as conftest's ray_local)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
 
 
 def _bucket(endpoint: str) -> str:

@@ -106,6 +106,27 @@ def training_data(
 
     from llmrec.raysetup import cluster_cpus
 
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    kept = ctx.execution_options.preserve_order
+    # blocks keep their partition order (not task completion order): the same inputs give the same sample
+    # order, so one seed trains one model
+    ctx.execution_options.preserve_order = True
+    try:
+        return _training_data(source, items, max_len, min_rating, val_users, seed, n_blocks)
+    finally:
+        ctx.execution_options.preserve_order = kept
+
+
+def _training_data(
+    source: Any, items: ItemSpace, max_len: int, min_rating: float | None, val_users: int | None, seed: int,
+    n_blocks: int | None,
+) -> TrainingData:
+    import ray
+
+    from llmrec.raysetup import cluster_cpus
+
     t0 = time.perf_counter()
     n_blocks = n_blocks or max(2, int(4 * cluster_cpus()))
     ids_ref = ray.put(np.asarray(items.item_ids).astype(str))
@@ -130,7 +151,9 @@ def training_data(
         threshold = float(hashes[min(val_users, len(hashes)) - 1])
     kw = {"seed": seed, "threshold": threshold, "max_len": max_len, "min_rating": min_rating}
     samples = by_user.map_batches(_block_samples, fn_kwargs=kw, batch_size=None, batch_format="pandas")
-    samples = samples.materialize()
+    # one global order from the samples' content (a distributed sort, no driver copy): the block order of a
+    # hash repartition depends on task timing, and one seed must train one model
+    samples = samples.sort(ORDER_KEY).drop_columns([ORDER_KEY]).materialize()
     val_rows = by_user.map_batches(_block_validation, fn_kwargs=kw, batch_size=None, batch_format="pandas")
     val_df = val_rows.to_pandas()
     n_items = items.n_items
@@ -218,7 +241,29 @@ def _block_samples(df: pd.DataFrame, seed: int, threshold: float, max_len: int, 
                    ) -> dict[str, np.ndarray]:
     train, _ = _split(df, seed, threshold)
     dummy = ItemSpace(np.zeros(int(train["item_idx"].max()) + 1 if len(train) else 1), np.zeros((1, 1)))
-    return sdata.build_samples(train, dummy, max_len=max_len, min_rating=min_rating)
+    out = sdata.build_samples(train, dummy, max_len=max_len, min_rating=min_rating)
+    out[ORDER_KEY] = _sample_keys(out, seed)
+    return out
+
+
+ORDER_KEY = "_order"  # a seeded hash of each sample's content: the samples' one global order (a shuffle)
+
+
+def _sample_keys(samples: dict[str, np.ndarray], seed: int) -> np.ndarray:
+    """uint64 per sample from its content (target, its ts, history items / events / ratings) and the seed: the
+    order does not depend on which task or block built a sample."""
+    n = len(samples["target"])
+    if n == 0:
+        return np.zeros(0, np.uint64)
+    rows = np.concatenate([samples["hist_idx"].astype(np.int64).view(np.uint8).reshape(n, -1),
+                           samples["hist_event"].astype(np.int64).view(np.uint8).reshape(n, -1),
+                           np.nan_to_num(samples["hist_rating"], nan=-1.0).astype(np.float64).view(np.uint8)
+                           .reshape(n, -1)], axis=1)
+    frame = pd.DataFrame({"t": samples["target"].astype(np.int64), "ts": samples["target_ts"].astype(np.int64),
+                          "h": [r.tobytes() for r in rows]})
+    h = pd.util.hash_pandas_object(frame, index=False).to_numpy(np.uint64)
+    with np.errstate(over="ignore"):
+        return (h ^ np.uint64(seed % 2**63)) * np.uint64(0x9E3779B97F4A7C15)
 
 
 def _block_validation(df: pd.DataFrame, seed: int, threshold: float, max_len: int, min_rating: float | None

@@ -236,6 +236,7 @@ def fit_scorer(
             failure_config=FailureConfig(max_failures=max_failures),
         ),
         datasets={"train": ds},
+        dataset_config=_ordered_ingest(),
     )
     logger.info(
         "TorchTrainer: %d workers, gpu=%s, %d samples, %d epochs, checkpoints in %s",
@@ -354,10 +355,13 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, hp["epochs"]):
         run_epochs.append(epoch)
         t0 = time.perf_counter()
-        batches = shard.iter_torch_batches(
-            batch_size=per_worker_batch,
-            local_shuffle_buffer_size=4 * per_worker_batch,
-            local_shuffle_seed=hp["seed"] * 100_003 + epoch * 101 + rank,
+        # the samples come in one seeded global order (llmrec.scorer.dataset); each epoch permutes them within
+        # windows of SHUFFLE_WINDOW batches with a seeded rng (Ray's local shuffle buffer is not reproducible)
+        batches = shuffled_batches(
+            shard.iter_torch_batches(batch_size=per_worker_batch),
+            per_worker_batch,
+            SHUFFLE_WINDOW,
+            np.random.default_rng([hp["seed"], epoch, rank, 17]),
         )
         loss_sum, n_ex = train_epoch(
             ddp_model, optimizer, batches, neg_p, hp, gen, device, log_q, static["bank"], rng
@@ -482,6 +486,42 @@ def prepare_static(
     pop = sdata.popularity(train_df, items)
     targets = np.bincount(samples["target"], minlength=items.n_items).astype(np.float64)
     return static_from_counts(items, pop, targets, val, hp, feedback), samples
+
+
+SHUFFLE_WINDOW = 8  # batches permuted together per epoch (train_loop_per_worker)
+
+
+def shuffled_batches(
+    batches: Iterable[dict[str, torch.Tensor]], batch_size: int, window: int, rng: np.random.Generator
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Re-batch `batches` after permuting their rows within windows of `window` batches (seeded: the same
+    input stream and rng give the same batches)."""
+
+    def flush(buf: list[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+        cat = {k: torch.cat([b[k] for b in buf]) for k in buf[0]}
+        m = int(next(iter(cat.values())).shape[0])
+        perm = torch.from_numpy(rng.permutation(m))
+        for s in range(0, m, batch_size):
+            idx = perm[s : s + batch_size]
+            yield {k: v[idx] for k, v in cat.items()}
+
+    buf: list[dict[str, torch.Tensor]] = []
+    for b in batches:
+        buf.append(b)
+        if len(buf) >= window:
+            yield from flush(buf)
+            buf = []
+    if buf:
+        yield from flush(buf)
+
+
+def _ordered_ingest() -> Any:
+    """Ray Train's data ingest with blocks in dataset order (not task completion order): one seed, one model."""
+    from ray.train import DataConfig
+
+    opts = DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return DataConfig(execution_options=opts)
 
 
 def focus_samples(samples: Any, after_ts: int, seed: int = 0) -> Any:

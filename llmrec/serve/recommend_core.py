@@ -39,9 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from llmrec import schema
+
 logger = logging.getLogger(__name__)
 
-POSITIVE_EVENTS = {"like", "purchase", "click"}
 _VERBS = {"like": "liked", "purchase": "bought", "click": "clicked", "view": "viewed", "rating": "rated"}
 
 
@@ -154,7 +155,7 @@ class UserView:
         out = []
         for item, ev, val, _ in reversed(self.history):
             if item and (
-                ev in POSITIVE_EVENTS or (ev == "rating" and val is not None and val >= 4) or ev == "view"
+                schema.is_positive(ev, val) or ev == "view"
             ):
                 out.append((item, ev))
         return out

@@ -68,7 +68,7 @@ def recommend_users(
         fn_constructor_args=(str(run_dir), str(data_dir), k, n_candidates, n_shards),
         batch_size=None,
         batch_format="pandas",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=0.25,  # PLATFORM.md G3: pools of 1-CPU actors starve the other tasks on 2 CPUs
     ).materialize()
     unknown = ranked.filter(lambda r: r["item_id"] is None and r["rank"] == 0)

@@ -255,7 +255,12 @@ class _LocalRunner:
     ) -> None:
         from llmrec.artifacts import read_meta
         from llmrec.index.item_index import ItemIndex
-        from llmrec.serve.recommend_core import RankConfig, RecommendCore, default_scorer_is_better, load_catalog
+        from llmrec.serve.recommend_core import (
+            RankConfig,
+            RecommendCore,
+            default_scorer_is_better,
+            load_catalog,
+        )
         from llmrec.state.user_state import MeanVectorizer
 
         run = Path(run_dir)

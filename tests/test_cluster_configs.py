@@ -13,11 +13,11 @@ import importlib
 import json
 import re
 import shlex
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 

@@ -33,10 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from llmrec import storage
     from llmrec.schema import META_FILE
+    from llmrec.state.backends import FileBackend
     from llmrec.state.event_log import forget_user, segment_paths
     from llmrec.state.privacy import UserKeyer
     from llmrec.state.snapshots import remove_user
-    from llmrec.state.backends import FileBackend
     from llmrec.state.store import shard_of
     from llmrec.state.tombstones import Tombstones
 

@@ -102,9 +102,7 @@ def training_data(
         seed: the validation users' hash seed.
         n_blocks: user partitions (default: 4 x the cluster's CPUs, at least 2).
     """
-    import ray
 
-    from llmrec.raysetup import cluster_cpus
 
     from ray.data import DataContext
 
@@ -124,6 +122,7 @@ def _training_data(
     n_blocks: int | None,
 ) -> TrainingData:
     import ray
+    import ray.data
 
     from llmrec.raysetup import cluster_cpus
 
@@ -131,7 +130,8 @@ def _training_data(
     n_blocks = n_blocks or max(2, int(4 * cluster_cpus()))
     ids_ref = ray.put(np.asarray(items.item_ids).astype(str))
     ds = source_dataset(source, n_blocks).map_batches(
-        _AttachItemIdx, fn_constructor_args=(ids_ref,), batch_format="pandas", concurrency=(1, max(1, n_blocks)),
+        _AttachItemIdx, fn_constructor_args=(ids_ref,), batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, n_blocks)),
         num_cpus=0.5,
     )
     by_user = ds.repartition(n_blocks, keys=[USER_ID]).materialize()

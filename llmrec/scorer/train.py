@@ -657,11 +657,11 @@ def build_model(static: dict, hp: dict) -> ScorerModel:
         cold_quota=int(hp["cold_quota"]),
         cold_impute_k=int(hp["cold_impute_k"]),
     )
+    # np.require copies the read-only arrays Ray hands a worker (the model registers them as buffers)
     model = ScorerModel(
         cfg,
-        torch.from_numpy(static["text_vectors"]),
-        torch.from_numpy(static["id_slots"]),
-        torch.from_numpy(static["item_counts"]),
+        *(torch.from_numpy(np.require(static[k], requirements="W"))
+          for k in ("text_vectors", "id_slots", "item_counts")),
     )
     if hp["warm_start"]:
         model.warm_start()

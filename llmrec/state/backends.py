@@ -295,8 +295,8 @@ class RedisBackend:
 
     def records(self, after_seq: int | None = None, counters: dict[str, int] | None = None
                 ) -> Iterator[dict[str, Any]]:
-        from llmrec.state.event_log import _decode
         from llmrec.state.errors import LogCorruption
+        from llmrec.state.event_log import _decode
 
         start = f"{(after_seq or 0) + 1}-0"
         n = 0

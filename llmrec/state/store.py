@@ -66,9 +66,9 @@ from typing import Any
 import numpy as np
 
 from llmrec.schema import META_FILE
+from llmrec.state.backends import open_backend
 from llmrec.state.base import BaseHistories, base_descriptor, load_base
 from llmrec.state.errors import InvalidEvent, StateUnavailable
-from llmrec.state.backends import open_backend
 from llmrec.state.privacy import UserKeyer
 from llmrec.state.tombstones import Tombstones
 from llmrec.state.user_state import (

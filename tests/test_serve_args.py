@@ -84,3 +84,16 @@ def test_state_bounds_and_reservations_are_configurable(tmp_path: Path) -> None:
         _parse_args({"run_dir": run, "log_retention_days": 0})
     with pytest.raises(ValueError, match=r"history_len must be an integer in \[1, 100000\]"):
         _parse_args({"run_dir": run, "history_len": 0})
+
+
+def test_route_tags_come_from_the_app_routes_and_never_hold_a_user_id() -> None:
+    from starlette.requests import Request
+
+    from llmrec.serve.deployments import _route_of
+
+    def route(path: str) -> str:
+        return _route_of(Request({"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b""}))
+
+    assert route("/users/alice-123") == "/users/{user_id:path}"
+    assert route("/recommend") == "/recommend" and route("/admin/model") == "/admin/model"
+    assert route("/no/such/route") == "other"

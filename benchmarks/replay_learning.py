@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     scorer_dir = work / schema.RUN_SCORER
     meta_file = scorer_dir / schema.META_FILE
-    reuse = meta_file.is_file() and json.loads(meta_file.read_text()).get("data_ts_max") == int(hist[schema.TS].max())
+    reuse = meta_file.is_file() and json.loads(meta_file.read_text()).get("data_ts_max") == int(
+        hist[schema.TS].max()
+    )
     if not reuse:
         items, embed_meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
         fit_scorer(hist, items, scorer_dir, epochs=args.epochs, embed_meta=embed_meta)
@@ -70,9 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     registry = work / "models.json"
     if registry.exists():
         registry.unlink()  # every measurement starts from the pre-cutoff model
-    out = replay(work, run / schema.RUN_DATA, max_events=args.max_events, test_frac=args.test_frac,
-                 out_dir=work, learn_every=args.learn_every,
-                 learn_config={"max_steps": args.learn_max_steps, "epochs": 1})
+    out = replay(
+        work,
+        run / schema.RUN_DATA,
+        max_events=args.max_events,
+        test_frac=args.test_frac,
+        out_dir=work,
+        learn_every=args.learn_every,
+        learn_config={"max_steps": args.learn_max_steps, "epochs": 1},
+    )
     out["pre_cutoff_scorer_train_s"] = round(train_s, 1)
     out["pre_cutoff_scorer_reused"] = reuse
     out["cutoff_ts"] = int(cutoff)

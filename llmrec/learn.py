@@ -78,14 +78,24 @@ def set_current(
         reg = {"current": None, "history": []}
         default = Path(run_dir) / schema.RUN_SCORER
         if (default / schema.META_FILE).is_file() and default.resolve() != Path(scorer_dir).resolve():
-            reg["history"].append({"scorer_dir": str(default.resolve()),
-                                   "version": read_meta(default, stage="train").get("created_at"),
-                                   "created_at": time.time(), "why": "served before the model registry existed",
-                                   "metrics": {}})
+            reg["history"].append(
+                {
+                    "scorer_dir": str(default.resolve()),
+                    "version": read_meta(default, stage="train").get("created_at"),
+                    "created_at": time.time(),
+                    "why": "served before the model registry existed",
+                    "metrics": {},
+                }
+            )
     if reg["current"] is not None:
         reg["history"].append(reg["current"])
-    reg["current"] = {"scorer_dir": str(Path(scorer_dir).resolve()), "version": meta.get("created_at"),
-                      "created_at": time.time(), "why": why, "metrics": metrics or {}}
+    reg["current"] = {
+        "scorer_dir": str(Path(scorer_dir).resolve()),
+        "version": meta.get("created_at"),
+        "created_at": time.time(),
+        "why": why,
+        "metrics": metrics or {},
+    }
     _write_registry(run_dir, reg)
     logger.info("model registry of %s: current = %s (%s)", run_dir, scorer_dir, why)
     return reg
@@ -184,7 +194,9 @@ def learn(
     new = allev[allev[schema.TS] > int(ts_max)].sort_values(schema.TS, kind="mergesort")
     res = LearnResult(accepted=False, why="", current_dir=cur_dir, n_new_events=len(new))
     if len(new) < min_new_events:
-        res.why = f"{len(new)} new events since the current model (ts > {ts_max}) < min_new_events {min_new_events}"
+        res.why = (
+            f"{len(new)} new events since the current model (ts > {ts_max}) < min_new_events {min_new_events}"
+        )
         res.seconds = time.perf_counter() - t0
         return res
     cut = int(np.quantile(new[schema.TS].to_numpy(), 1.0 - holdback_frac, method="lower"))
@@ -199,9 +211,20 @@ def learn(
     kwargs.update(train_kwargs)
     out = run / SCORERS_DIR / time.strftime("%Y%m%d-%H%M%S")
     try:
-        fit_scorer(train_ev, items, out, epochs=epochs, lr=lr if lr is not None else cfg.get("lr", 3e-3),
-                   seed=seed, num_workers=num_workers, embed_meta=embed_meta, init_from=cur_dir,
-                   focus_after_ts=int(ts_max), max_steps=max_steps, **kwargs)
+        fit_scorer(
+            train_ev,
+            items,
+            out,
+            epochs=epochs,
+            lr=lr if lr is not None else cfg.get("lr", 3e-3),
+            seed=seed,
+            num_workers=num_workers,
+            embed_meta=embed_meta,
+            init_from=cur_dir,
+            focus_after_ts=int(ts_max),
+            max_steps=max_steps,
+            **kwargs,
+        )
     except TrainingDiverged as e:  # a fine-tune that cannot rank is refused like a worse one
         res.why = f"fine-tune diverged: {e}"
         res.seconds = time.perf_counter() - t0
@@ -212,8 +235,10 @@ def learn(
     res.n_heldout_targets = int(res.metrics["n_targets"])
     c, n = res.metrics["candidate"]["ndcg@10"], res.metrics["current"]["ndcg@10"]
     res.accepted = res.metrics["n_targets"] > 0 and c >= n
-    res.why = (f"held-back NDCG@10 {c:.4f} vs current {n:.4f} on {res.n_heldout_targets} targets from "
-               f"{len(held)} held-back events")
+    res.why = (
+        f"held-back NDCG@10 {c:.4f} vs current {n:.4f} on {res.n_heldout_targets} targets from "
+        f"{len(held)} held-back events"
+    )
     if res.accepted:
         set_current(run, out, f"learn: {res.why}", res.metrics)
     res.seconds = time.perf_counter() - t0
@@ -221,7 +246,9 @@ def learn(
     return res
 
 
-def judge(cur_dir: str, cand_dir: str, train_ev: pd.DataFrame, held: pd.DataFrame, items: Any) -> dict[str, Any]:
+def judge(
+    cur_dir: str, cand_dir: str, train_ev: pd.DataFrame, held: pd.DataFrame, items: Any
+) -> dict[str, Any]:
     """Next-item NDCG@10 / recall@10 of both scorers on the held-back events (module docstring, step 5)."""
     from llmrec.eval.metrics import bootstrap_ci
     from llmrec.scorer.inference import Scorer
@@ -246,13 +273,18 @@ def judge(cur_dir: str, cand_dir: str, train_ev: pd.DataFrame, held: pd.DataFram
                 nd.append(n)
                 rc.append(r)
         per[name] = np.asarray(nd)
-        out[name] = {"ndcg@10": float(np.mean(nd)) if nd else 0.0, "recall@10": float(np.mean(rc)) if rc else 0.0}
+        out[name] = {
+            "ndcg@10": float(np.mean(nd)) if nd else 0.0,
+            "recall@10": float(np.mean(rc)) if rc else 0.0,
+        }
     if len(targets):
         out["diff_ci95"] = list(bootstrap_ci(per["candidate"], per["current"]))
     return out
 
 
-def _heldout_targets(train_ev: pd.DataFrame, held: pd.DataFrame, pos: dict[str, int]) -> tuple[list[int], list]:
+def _heldout_targets(
+    train_ev: pd.DataFrame, held: pd.DataFrame, pos: dict[str, int]
+) -> tuple[list[int], list]:
     """Targets: held-back events (not dislike/skip) on a catalog item the user had not touched; each with the
     user's history (catalog items only) up to it, time-ordered."""
     from llmrec.eval.protocol import History

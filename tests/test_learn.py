@@ -36,12 +36,19 @@ def _planted_run(tmp_path, seed: int = 0):
         t = u % n_topics
         old = [f"t{t}-{j}" for j in rng.permutation(per)[:8]]
         new = [f"t{t}-new{j}" for j in rng.permutation(new_per)]
-        seq = [(1, i) for i in old[:6]] + [(2, old[6]), (2, new[0]), (2, new[1])] + [(3, old[7]), (3, new[2]),
-                                                                                      (3, new[3])]
+        seq = (
+            [(1, i) for i in old[:6]]
+            + [(2, old[6]), (2, new[0]), (2, new[1])]
+            + [(3, old[7]), (3, new[2]), (3, new[3])]
+        )
         for j, (period, item) in enumerate(seq):
-            rows[period].append((f"u{u}", item, 1_700_000_000 + 1000 * period * 1000 + 60 * j + u, np.nan, "click"))
-    frames = {p: pd.DataFrame(r, columns=[schema.USER_ID, schema.ITEM_ID, schema.TS, schema.RATING, schema.EVENT])
-              for p, r in rows.items()}
+            rows[period].append(
+                (f"u{u}", item, 1_700_000_000 + 1000 * period * 1000 + 60 * j + u, np.nan, "click")
+            )
+    frames = {
+        p: pd.DataFrame(r, columns=[schema.USER_ID, schema.ITEM_ID, schema.TS, schema.RATING, schema.EVENT])
+        for p, r in rows.items()
+    }
     run = tmp_path / "run"
     make_run(run, ids, vecs, ids, "planted-text", interactions=frames[1])
     return run, frames[2], frames[3]
@@ -56,9 +63,22 @@ def planted_learning_run(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("learn")
     run, p2, p3 = _planted_run(tmp)
     items, meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
-    fit_scorer(read_interactions(run / schema.RUN_DATA), items, run / schema.RUN_SCORER, epochs=6, batch_size=32,
-               lr=1e-2, dim=16, max_len=10, n_neg=16, head_neg=7, mlp_hidden=16, n_candidates=20, val_users=20,
-               embed_meta=meta)
+    fit_scorer(
+        read_interactions(run / schema.RUN_DATA),
+        items,
+        run / schema.RUN_SCORER,
+        epochs=6,
+        batch_size=32,
+        lr=1e-2,
+        dim=16,
+        max_len=10,
+        n_neg=16,
+        head_neg=7,
+        mlp_hidden=16,
+        n_candidates=20,
+        val_users=20,
+        embed_meta=meta,
+    )
     return run, p2, p3
 
 
@@ -67,18 +87,22 @@ def test_learning_loop_swaps_in_a_better_model_refuses_a_worse_one_and_rolls_bac
     first = learn(run, p2, epochs=3, max_steps=None, holdback_frac=0.35, min_new_events=10)
     assert first.accepted, first.why
     m = first.metrics
-    assert m["n_targets"] > 20 and m["candidate"]["ndcg@10"] > m["current"]["ndcg@10"]  # the new items learned
+    assert (
+        m["n_targets"] > 20 and m["candidate"]["ndcg@10"] > m["current"]["ndcg@10"]
+    )  # the new items learned
     assert current_scorer(run)[0] == str(Path(first.candidate_dir).resolve())
     reg = read_registry(run)
     assert [h["scorer_dir"] for h in reg["history"]] == [str((run / schema.RUN_SCORER).resolve())]
     assert reg["current"]["metrics"] == json.loads(json.dumps(m))
 
     # a sabotaged fine-tune (learning rate 50) must not replace the model that serves
-    worse = learn(run, pd.concat([p2, p3]), epochs=2, max_steps=None, holdback_frac=0.5, min_new_events=10,
-                  lr=50.0)
+    worse = learn(
+        run, pd.concat([p2, p3]), epochs=2, max_steps=None, holdback_frac=0.5, min_new_events=10, lr=50.0
+    )
     assert not worse.accepted, worse.why
     assert worse.why.startswith("fine-tune diverged") or (
-        worse.metrics["candidate"]["ndcg@10"] < worse.metrics["current"]["ndcg@10"])
+        worse.metrics["candidate"]["ndcg@10"] < worse.metrics["current"]["ndcg@10"]
+    )
     assert current_scorer(run)[0] == str(Path(first.candidate_dir).resolve())
 
     too_few = learn(run, p2.head(3), min_new_events=10)  # nothing after the current model's data
@@ -102,12 +126,32 @@ def test_replay_with_the_learning_loop_beats_live_state_alone(ray_local, tmp_pat
     run, p2, p3 = _planted_run(tmp_path)
     p1 = read_interactions(run / schema.RUN_DATA)
     items, meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
-    fit_scorer(p1, items, run / schema.RUN_SCORER, epochs=6, batch_size=32, lr=1e-2, dim=16, max_len=10, n_neg=16,
-               head_neg=7, mlp_hidden=16, n_candidates=20, val_users=20, embed_meta=meta)
+    fit_scorer(
+        p1,
+        items,
+        run / schema.RUN_SCORER,
+        epochs=6,
+        batch_size=32,
+        lr=1e-2,
+        dim=16,
+        max_len=10,
+        n_neg=16,
+        head_neg=7,
+        mlp_hidden=16,
+        n_candidates=20,
+        val_users=20,
+        embed_meta=meta,
+    )
     write_interactions(pd.concat([p1, p2, p3], ignore_index=True), run / schema.RUN_DATA)  # the whole stream
-    out = replay(run, run / schema.RUN_DATA, test_frac=0.5, max_events=None, out_dir=tmp_path / "eval",
-                 learn_every=120, learn_config={"epochs": 3, "max_steps": None, "holdback_frac": 0.35,
-                                                "min_new_events": 10})
+    out = replay(
+        run,
+        run / schema.RUN_DATA,
+        test_frac=0.5,
+        max_events=None,
+        out_dir=tmp_path / "eval",
+        learn_every=120,
+        learn_config={"epochs": 3, "max_steps": None, "holdback_frac": 0.35, "min_new_events": 10},
+    )
     assert out["cutoff_ts"] == int(p1[schema.TS].max()) and out["scorer"] is True
     rounds = out["learn_rounds"]
     assert len(rounds) == (len(p2) + len(p3)) // 120

@@ -22,12 +22,20 @@ HELP = "fine-tune the serving scorer on new feedback; serve it only when it is n
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder (data/, embeddings/, scorer/ or models.json)")
     p.add_argument("--events", default=None, help="serving event log folder (default RUN/events)")
-    p.add_argument("--data", default=None, help="interactions the current model learned from (default RUN/data)")
+    p.add_argument(
+        "--data", default=None, help="interactions the current model learned from (default RUN/data)"
+    )
     p.add_argument("--epochs", type=int, default=1, help="fine-tune epochs (default 1)")
     p.add_argument("--max-steps", type=int, default=200, help="batches per epoch at most (default 200)")
-    p.add_argument("--holdback-frac", type=float, default=0.2,
-                   help="share of the new events (newest) held back to judge the candidate (default 0.2)")
-    p.add_argument("--min-new-events", type=int, default=20, help="fewer new events -> do nothing (default 20)")
+    p.add_argument(
+        "--holdback-frac",
+        type=float,
+        default=0.2,
+        help="share of the new events (newest) held back to judge the candidate (default 0.2)",
+    )
+    p.add_argument(
+        "--min-new-events", type=int, default=20, help="fewer new events -> do nothing (default 20)"
+    )
     p.add_argument("--lr", type=float, default=None, help="fine-tune learning rate (default: the model's)")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (default 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -49,10 +57,21 @@ def run(args: argparse.Namespace) -> int:
 
     events = args.events or str(Path(args.run) / schema.RUN_EVENTS)
     if not Path(events).is_dir():
-        raise FileNotFoundError(f"no serving event log at {events}; pass --events DIR (the folder of `llmrec serve`)")
+        raise FileNotFoundError(
+            f"no serving event log at {events}; pass --events DIR (the folder of `llmrec serve`)"
+        )
     init_ray(address=args.address)
-    res = learn(args.run, events, data_dir=args.data, epochs=args.epochs, max_steps=args.max_steps,
-                holdback_frac=args.holdback_frac, min_new_events=args.min_new_events, lr=args.lr,
-                num_workers=args.num_workers, seed=args.seed)
+    res = learn(
+        args.run,
+        events,
+        data_dir=args.data,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        holdback_frac=args.holdback_frac,
+        min_new_events=args.min_new_events,
+        lr=args.lr,
+        num_workers=args.num_workers,
+        seed=args.seed,
+    )
     print(json.dumps(res.to_dict()))
     return 0

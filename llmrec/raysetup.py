@@ -168,6 +168,13 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
+def cluster_node_cpus() -> tuple[float, ...]:
+    """CPUs of each alive node of the cluster (one entry per node)."""
+    import ray
+
+    return tuple(float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive"))
+
+
 def cluster_gpus() -> float:
     import ray
 

@@ -77,8 +77,14 @@ def _runtime_env_json() -> str:
 
 
 class LocalCluster:
-    def __init__(self, tmp: Path) -> None:
+    """A `ray start --head --block` of this test's own (ports, temp dir, process group, env marker).
+
+    `num_cpus`: the head's CPUs; `extra_args`: more `ray start` flags (tests/test_multinode.py)."""
+
+    def __init__(self, tmp: Path, num_cpus: int = 2, extra_args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
+        self.num_cpus = num_cpus
+        self.extra_args = extra_args
         self.marker = uuid.uuid4().hex
         (self.gcs, self.dash, self.client, self.metrics, self.agent_listen, self.agent_grpc, self.rt_agent,
          self.node_mgr, self.obj_mgr, self.http) = _free_ports(10)
@@ -97,7 +103,7 @@ class LocalCluster:
 
     def start(self, timeout_s: float = 120.0) -> None:
         cmd = [
-            str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
+            str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(self.num_cpus), "--num-gpus", "0",
             "--port", str(self.gcs), "--include-dashboard=true", "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(self.dash), "--ray-client-server-port", str(self.client),
             "--metrics-export-port", str(self.metrics),
@@ -105,7 +111,7 @@ class LocalCluster:
             "--dashboard-agent-grpc-port", str(self.agent_grpc),
             "--runtime-env-agent-port", str(self.rt_agent),
             "--node-manager-port", str(self.node_mgr), "--object-manager-port", str(self.obj_mgr),
-            "--temp-dir", str(self.tmp / "ray"), "--disable-usage-stats",
+            "--temp-dir", str(self.tmp / "ray"), "--disable-usage-stats", *self.extra_args,
         ]
         self.log = open(self.tmp / "ray-start.log", "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,

@@ -185,6 +185,14 @@ def test_plan_actors_never_starves_read_tasks() -> None:
             assert p["num_actors"] * p["num_cpus"] <= cpus - 1 + 1e-9, (cpus, k, p)
             assert p["num_actors"] == (k or p["num_actors"])
     assert plan_actors(16, 0)["num_actors"] == 16
+    # several nodes: Ray spreads the actors, so they leave a whole CPU free on some node only when they take
+    # <= sum(C_i - 1); two 1-CPU nodes (tests/test_multinode.py) at 0.5 each would leave 0.5 + 0.5: deadlock
+    two = plan_actors(2, 0, node_cpus=(1.0, 1.0))
+    assert (two["num_actors"], two["num_cpus"]) == (2, 0.0), two
+    assert plan_actors(8, 0, node_cpus=(4.0, 4.0))["num_cpus"] == 0.5  # 6 spare: 0.5 each still fits
+    three = plan_actors(6, 0, node_cpus=(2.0, 2.0, 2.0))
+    assert three["num_actors"] * three["num_cpus"] <= 3 + 1e-9, three
+    assert plan_actors(2, 0, node_cpus=(2.0,)) == plan_actors(2, 0)
     g = plan_actors(16, 4)
     assert (g["num_actors"], g["num_gpus"], g["device"], g["fp16"]) == (4, 1, "cuda", True)
     assert plan_actors(16, 4, device="cpu")["device"] == "cpu"

@@ -80,6 +80,24 @@ def test_uri_helpers() -> None:
     assert storage.default_cache_root({}) == Path("~/.cache/llmrec/artifacts").expanduser()
 
 
+def test_train_with_a_uri_out_keeps_ray_checkpoints_beside_it() -> None:
+    """A URI --out is staged on the driver's node, which Ray Train workers on other nodes cannot write to:
+    train's Ray run storage defaults to OUT-ray at the same URI (tests/test_multinode.py runs it on 2 nodes)."""
+    from llmrec.cli import build_parser
+
+    def checkpoint_dir(*argv: str) -> str | None:
+        args = build_parser().parse_args(["train", "--data", "d", "--embeddings", "e", *argv])
+        args._storage(args)
+        return args.checkpoint_dir
+
+    assert checkpoint_dir("--out", "s3://b/run/scorer?endpoint_override=h:9&scheme=http") == (
+        "s3://b/run/scorer-ray?endpoint_override=h:9&scheme=http"
+    )
+    assert checkpoint_dir("--out", "gs://b/run/scorer/") == "gs://b/run/scorer-ray"
+    assert checkpoint_dir("--out", "runs/ml/scorer") is None  # local: OUT/ray (scorer.dataset.storage_path)
+    assert checkpoint_dir("--out", "s3://b/s", "--checkpoint-dir", "/mnt/ckpt") == "/mnt/ckpt"
+
+
 def test_unknown_scheme_names_what_to_install() -> None:
     with pytest.raises(ValueError, match="neither pyarrow .* nor fsspec knows the scheme 'zzz'"):
         storage.filesystem_for("zzz://bucket/x")

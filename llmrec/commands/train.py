@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from llmrec import storage
 from llmrec.storage import Arg, In, Out
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint-dir", default=None,
         help="Ray Train checkpoint storage every node reaches: a shared folder or a URI (s3://bucket/ckpt); "
-        "default OUT/ray on this machine (single-node clusters only)",
+        "default OUT/ray on this machine (single-node clusters only), or OUT-ray beside a URI --out",
     )
     p.add_argument(
         "--max-failures", type=int, default=0,
@@ -92,7 +93,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
-    """Flags that may be URIs (llmrec.cli stages them)."""
+    """Flags that may be URIs (llmrec.cli stages them).
+
+    Also, for a URI --out without --checkpoint-dir, sets args.checkpoint_dir to `checkpoint_uri(out)`: the
+    staged --out is a folder on this process's node, which Ray Train workers on other nodes cannot write
+    their checkpoints to (Ray fails "Unable to set up cluster storage"); cli calls this before staging.
+    """
+    if args.checkpoint_dir is None and storage.is_uri(args.out):
+        args.checkpoint_dir = checkpoint_uri(args.out)
     return {
         "data": In("prepare"),
         "embeddings": In("embed"),
@@ -101,6 +109,13 @@ def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
         "resume": In(),
         "out": Out(),
     }
+
+
+def checkpoint_uri(out: str) -> str:
+    """Ray Train's run storage for a URI --out: a sibling folder, `s3://b/run/scorer?q` ->
+    `s3://b/run/scorer-ray?q` (not inside --out, whose upload replaces that folder as a whole)."""
+    head, sep, query = out.partition("?")
+    return head.rstrip("/") + "-ray" + sep + query
 
 
 def run(args: argparse.Namespace) -> int:

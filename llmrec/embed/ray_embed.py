@@ -124,7 +124,7 @@ def embed_catalog(
     """
     import ray
 
-    from llmrec.raysetup import cluster_cpus, cluster_gpus, cluster_max_gpus, init_ray
+    from llmrec.raysetup import cluster_cpus, cluster_gpus, cluster_max_gpus, cluster_node_cpus, init_ray
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -165,6 +165,7 @@ def embed_catalog(
         num_gpus=num_gpus,
         max_gpus=max_gpus,
         gpu_node_types=gpu_types,
+        node_cpus=cluster_node_cpus(),
     )
     rows = rows_per_block or _rows_per_block(n, plan["max_actors"], batch_size)
     n_blocks = math.ceil(n / rows)
@@ -298,6 +299,7 @@ def plan_actors(
     num_gpus: int | None = None,
     max_gpus: float | None = None,
     gpu_node_types: tuple[str, ...] = (),
+    node_cpus: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
     """Decide the encoder actor pool from the cluster's resources: a pure function (no Ray calls).
 
@@ -308,6 +310,9 @@ def plan_actors(
         num_gpus: GPU actors requested (1 GPU each): made even when no GPU is up yet.
         max_gpus: GPUs the cluster's autoscaler can scale to (inf = no limit); None = no autoscaler config.
         gpu_node_types: the autoscaler's GPU node types, named in `reason`.
+        node_cpus: CPUs of each node (None = one node). CPU actors leave a whole CPU free on some node for
+            the read/tokenize tasks wherever Ray places them: together they take at most sum(C_i - 1) CPUs
+            (if every node had < 1 CPU free, the actors would hold more than that). On one node: CPUs - 1.
 
     Returns:
         {"num_actors", "min_actors", "max_actors" (pool size: fixed when equal, else Ray Data scales it),
@@ -387,6 +392,8 @@ def plan_actors(
         reason = f"no GPU in the cluster ({have}) and the autoscaler has no GPU node type"
     spare = max(cpus - 1.0, 0.0)  # one whole CPU stays free for read/tokenize/write tasks (G3)
     k = num_actors or max(1, min(int(cpus), int(spare / CPU_ACTOR_CPUS)))
+    if node_cpus is not None and len(node_cpus) > 1:  # e.g. two 1-CPU nodes: 0 (actors share the cores)
+        spare = sum(max(float(c) - 1.0, 0.0) for c in node_cpus)
     per_actor = CPU_ACTOR_CPUS if k * CPU_ACTOR_CPUS <= spare else spare / k
     if per_actor < CPU_ACTOR_CPUS:
         logger.warning(

@@ -249,6 +249,11 @@ def _block_samples(df: pd.DataFrame, seed: int, threshold: float, max_len: int, 
 ORDER_KEY = "_order"  # a seeded hash of each sample's content: the samples' one global order (a shuffle)
 
 
+def with_order_key(batch: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """A samples batch with its ORDER_KEY column (`_sample_keys`), for re-ordering after a selection."""
+    return {**batch, ORDER_KEY: _sample_keys(batch, seed)}
+
+
 def _sample_keys(samples: dict[str, np.ndarray], seed: int) -> np.ndarray:
     """uint64 per sample from its content (target, its ts, history items / events / ratings) and the seed: the
     order does not depend on which task or block built a sample."""

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from llmrec.state.errors import LogWriteError, StateUnavailable
-from llmrec.state.event_log import EventLog, encode_record, iter_events
+from llmrec.state.event_log import EventLog, encode_record, fsync_dir, iter_events
 from llmrec.state.privacy import load_or_create_key
 from llmrec.state.snapshots import delta_path, delta_paths, full_path, read_snapshots, write_snapshot
 from llmrec.state.user_state import Event
@@ -124,7 +124,7 @@ class FileBackend:
         finally:
             os.close(fd)
         if new_file and fsync:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
     def open_log(self, min_next_seq: int) -> None:
         self._log = EventLog(self.dir, shard=self.shard, min_next_seq=min_next_seq)
@@ -388,11 +388,3 @@ class RedisBackend:
                                  "shard: "
                                  f"stop the other one (or, if it is gone for good, `DEL {self._lock}`)")
         self._locked = True
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -235,7 +235,7 @@ class EventLog:
                     continue
                 gone.append(path)
             if gone:
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
                 logger.info("event log %s shard %d: retired %d segment(s) up to seq %d", self.dir,
                             self.shard, len(gone), upto_seq)
             return gone
@@ -288,7 +288,7 @@ class EventLog:
         self._path = path
         self._size = 0
         self._seg_count = 0
-        _fsync_dir(self.dir)  # make the new file's directory entry durable too
+        fsync_dir(self.dir)  # make the new file's directory entry durable too
 
     def _roll_back(self, pos: int) -> None:
         """Cut a failed batch off the open segment; if that fails too, repair before the next append."""
@@ -468,7 +468,7 @@ def _rewrite_without(log_dir: Path, shard: int, users: Mapping[str, int | None],
             os.replace(tmp, path)
         else:
             path.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return removed
 
 
@@ -607,7 +607,7 @@ def _repair_last_segment(log_dir: Path, shard: int, keep_upto_seq: int | None = 
                 logger.warning("event log %s: removing %s, which holds no complete batch (%d bytes; never "
                                "acknowledged)", log_dir, path.name, size)
             path.unlink()
-            _fsync_dir(log_dir)
+            fsync_dir(log_dir)
             continue
         if size > good_end:
             logger.warning("event log %s: cut %d torn byte(s) off %s (a crash or failed write mid-batch; "
@@ -628,7 +628,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: str | os.PathLike) -> None:
+    """Make the directory's entries (a new or renamed file) durable."""
     fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from llmrec.state.event_log import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["write_snapshot", "read_snapshots", "remove_user", "full_path", "delta_path", "delta_paths"]
@@ -76,7 +78,7 @@ def write_snapshot(path: Path, header: Mapping[str, Any], users: Iterable[tuple[
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -137,11 +139,3 @@ def _read_one(path: Path, shard: int) -> tuple[dict[str, Any], dict[str, dict[st
     logger.info("shard %d: read snapshot %s (%d users, seq %d) in %.2fs", shard, path.name, len(users),
                 header["last_seq"], time.perf_counter() - t0)
     return header, users
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

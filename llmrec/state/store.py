@@ -778,14 +778,6 @@ def _rss_peak_bytes() -> int | None:
     return None
 
 
-def _fsync_dir(d: str | os.PathLike) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _short(desc: dict[str, Any] | None) -> str:
     if desc is None:
         return "none"

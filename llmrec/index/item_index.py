@@ -64,7 +64,14 @@ from llmrec.index.backends import (
     faiss_or_none,
     recall_at_k,
 )
-from llmrec.index.kinds import AUTO_FLAT_MAX_ITEMS, NAMED_KINDS, auto_kind, check_factory, is_named
+from llmrec.index.kinds import (
+    AUTO_FLAT_MAX_ITEMS,
+    NAMED_KINDS,
+    auto_kind,
+    check_factory,
+    faiss_error_reason,
+    is_named,
+)
 from llmrec.schema import INDEX_FILE, INDEX_IDS_FILE, INDEX_TORCH_FILE
 
 logger = logging.getLogger(__name__)
@@ -778,10 +785,10 @@ def _train(index: Any, kind: str, xt: np.ndarray, n: int) -> None:
     try:
         index.train(np.ascontiguousarray(xt, dtype=np.float32))
     except RuntimeError as e:
-        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise ValueError(
-            f"training the {kind!r} index on {len(xt)} of {n} items failed ({why[:200]}); the kind needs "
-            f"more items than this catalog has (fewer IVF lists, a smaller PQ), or use kind 'flat' / 'hnsw'"
+            f"training the {kind!r} index on {len(xt)} of {n} items failed ({faiss_error_reason(e)}); the "
+            f"kind needs more items than this catalog has (fewer IVF lists, a smaller PQ), or use kind "
+            f"'flat' / 'hnsw'"
         ) from None
     logger.info(
         "trained the %s quantizer on %d of %d items in %.1fs", kind, len(xt), n, time.perf_counter() - t0

@@ -28,6 +28,7 @@ __all__ = [
     "auto_ivf_factory",
     "auto_kind",
     "auto_nlist",
+    "faiss_error_reason",
     "check_factory",
     "is_named",
 ]
@@ -85,6 +86,11 @@ def auto_kind(
     return "flat" if n_items < AUTO_FLAT_MAX_ITEMS else "hnsw"
 
 
+def faiss_error_reason(e: BaseException) -> str:
+    """The first non-empty line of a faiss RuntimeError (the rest is a C++ stack), at most 200 characters."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
+
+
 def check_factory(spec: str, dim: int) -> Any:
     """Build the empty faiss index of factory string `spec` for `dim`, or raise a ValueError that says why.
 
@@ -110,10 +116,9 @@ def check_factory(spec: str, dim: int) -> Any:
     try:
         index = faiss.index_factory(int(dim), spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise ValueError(
             f"index kind {spec!r} is not a FAISS index_factory string faiss can build for dim {dim} "
-            f"({why[:200]}); use one of {valid}"
+            f"({faiss_error_reason(e)}); use one of {valid}"
         ) from None
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ValueError(

@@ -114,10 +114,9 @@ def rollback(run_dir: str | os.PathLike, why: str = "rollback") -> dict[str, Any
 
 
 def _write_registry(run_dir: str | os.PathLike, reg: dict[str, Any]) -> None:
-    p = Path(run_dir) / REGISTRY_FILE
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(reg, indent=2) + "\n")
-    os.replace(tmp, p)
+    from llmrec.storage import write_bytes  # atomic on a local disk (temp file + rename)
+
+    write_bytes(Path(run_dir) / REGISTRY_FILE, (json.dumps(reg, indent=2) + "\n").encode())
 
 
 # --------------------------------------------------------------------------------------------- learning

@@ -54,33 +54,26 @@ def _planted_run(tmp_path, seed: int = 0):
     return run, frames[2], frames[3]
 
 
-@pytest.fixture(scope="module")
-def planted_learning_run(ray_local, tmp_path_factory):
-    from llmrec.data.tables import read_interactions, read_items
+def _fit_serving_model(run: Path, events: pd.DataFrame, epochs: int, lr: float) -> None:
+    """RUN/scorer trained on `events` (the tiny settings of these tests)."""
+    from llmrec.data.tables import read_items
     from llmrec.eval.evaluate import load_item_space
     from llmrec.scorer.train import fit_scorer
 
+    items, meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
+    fit_scorer(events, items, run / schema.RUN_SCORER, epochs=epochs, batch_size=32, lr=lr, dim=16, max_len=10,
+               n_neg=16, head_neg=7, mlp_hidden=16, n_candidates=20, val_users=20, embed_meta=meta)
+
+
+@pytest.fixture(scope="module")
+def planted_learning_run(ray_local, tmp_path_factory):
+    from llmrec.data.tables import read_interactions
+
     tmp = tmp_path_factory.mktemp("learn")
     run, p2, p3 = _planted_run(tmp)
-    items, meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
     # the serving model: one short epoch on period 1 (a fine-tune from a fully trained one did not beat it
     # on this tiny planted data; the test is about the loop: judge, swap, refuse, roll back)
-    fit_scorer(
-        read_interactions(run / schema.RUN_DATA),
-        items,
-        run / schema.RUN_SCORER,
-        epochs=1,
-        batch_size=32,
-        lr=1e-3,
-        dim=16,
-        max_len=10,
-        n_neg=16,
-        head_neg=7,
-        mlp_hidden=16,
-        n_candidates=20,
-        val_users=20,
-        embed_meta=meta,
-    )
+    _fit_serving_model(run, read_interactions(run / schema.RUN_DATA), epochs=1, lr=1e-3)
     return run, p2, p3
 
 
@@ -120,30 +113,12 @@ def test_replay_with_the_learning_loop_beats_live_state_alone(ray_local, tmp_pat
     """`llmrec replay --learn-every`: (c) live state + learning rounds ranks the held-out stream better than (b)
     live state with the pre-cutoff model, which the learning loop starts from (new items appear only after
     the cutoff, so the first model knows them by their text alone)."""
-    from llmrec.data.tables import read_interactions, read_items, write_interactions
-    from llmrec.eval.evaluate import load_item_space
+    from llmrec.data.tables import read_interactions, write_interactions
     from llmrec.replay import replay
-    from llmrec.scorer.train import fit_scorer
 
     run, p2, p3 = _planted_run(tmp_path)
     p1 = read_interactions(run / schema.RUN_DATA)
-    items, meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
-    fit_scorer(
-        p1,
-        items,
-        run / schema.RUN_SCORER,
-        epochs=6,
-        batch_size=32,
-        lr=1e-2,
-        dim=16,
-        max_len=10,
-        n_neg=16,
-        head_neg=7,
-        mlp_hidden=16,
-        n_candidates=20,
-        val_users=20,
-        embed_meta=meta,
-    )
+    _fit_serving_model(run, p1, epochs=6, lr=1e-2)
     write_interactions(pd.concat([p1, p2, p3], ignore_index=True), run / schema.RUN_DATA)  # the whole stream
     out = replay(
         run,

@@ -20,10 +20,12 @@ not depend on input order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,17 +104,21 @@ def training_data(
         seed: the validation users' hash seed.
         n_blocks: user partitions (default: 4 x the cluster's CPUs, at least 2).
     """
+    with ordered_blocks():
+        return _training_data(source, items, max_len, min_rating, val_users, seed, n_blocks)
 
 
+@contextlib.contextmanager
+def ordered_blocks() -> Iterator[None]:
+    """Ray Data keeps blocks in input order (not task completion order) while inside: the same inputs give the
+    same sample order, so one seed trains one model."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     kept = ctx.execution_options.preserve_order
-    # blocks keep their partition order (not task completion order): the same inputs give the same sample
-    # order, so one seed trains one model
     ctx.execution_options.preserve_order = True
     try:
-        return _training_data(source, items, max_len, min_rating, val_users, seed, n_blocks)
+        yield
     finally:
         ctx.execution_options.preserve_order = kept
 

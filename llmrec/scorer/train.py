@@ -529,24 +529,17 @@ def focus_samples(samples: Any, after_ts: int, seed: int = 0) -> Any:
     own seeded order (`llmrec.scorer.dataset`: new and old interleaved). The older ones are those whose
     content hash falls below n_new / n_old of the hash range, so the choice does not depend on how the samples
     are cut into blocks."""
-    from ray.data import DataContext
-
-    from llmrec.scorer.dataset import ORDER_KEY, with_order_key
+    from llmrec.scorer.dataset import ORDER_KEY, ordered_blocks, with_order_key
 
     n_new = samples.filter(lambda r: r["target_ts"] > after_ts).count()
     n_old = samples.count() - n_new
     if n_new == 0:
         raise ValueError(f"no training sample has a target after ts {after_ts}; nothing new to learn from")
     limit = 2**64 if n_old <= n_new else int(n_new / n_old * 2**64)
-    ctx = DataContext.get_current()
-    kept_order = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # blocks in the samples' order
-    try:
+    with ordered_blocks():  # blocks in the samples' order
         keyed = samples.map_batches(with_order_key, fn_kwargs={"seed": seed + 1}, batch_format="numpy")
         kept = keyed.filter(lambda r: r["target_ts"] > after_ts or int(r[ORDER_KEY]) < limit)
         out = kept.drop_columns([ORDER_KEY]).materialize()
-    finally:
-        ctx.execution_options.preserve_order = kept_order
     logger.info("fine-tune focus: %d samples after ts %d + ~%d of %d older ones", n_new, after_ts,
                 min(n_old, n_new), n_old)
     return out

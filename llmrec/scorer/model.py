@@ -17,12 +17,13 @@ K candidates per user. With the text arm (default) retrieval vectors are d + D w
   `u = W_out h_newest + mean(history element reps) + F_+ P e_+ - F_- P e_-`, where e_+ / e_- are the
   recency-weighted means of the user's positive / negative text-feedback vectors and F_+-, zero at the start,
   learn what a text says about behaviour.
-- User encoder, text arm (D): `a = beta(n) * m + g_+ e_+ - g_- e_-`, m = unit recency-weighted mean of the
+- User encoder, text arm (D): `a = b(n) (beta(n) * m + g_+ e_+ - g_- e_-)`, m = unit recency-weighted mean of the
   history's text vectors (negative events subtract; the zero-shot text model's vector), beta(n) a learned
   gain per history-length bucket (`LEN_BUCKETS`: short histories can lean on text, long ones on behaviour),
   g_+- learned gains of positive / negative text feedback. Every gain lies in [0, text_gain_max], so text
   feedback acts at once with a bounded strength: a negative text lowers the retrieval score of every item by
-  g_- times its cosine to the text, a positive one raises it.
+  g_- times its cosine to the text, a positive one raises it. b(n), the `text_boost` of the history-length
+  bucket, is 1 in training and chosen on validation afterwards (how much text outranks behaviour).
 - Retrieval score `u . v` over the full width (B, N); training logits are `scale * u . v` with a learned
   inverse temperature (init 20). Re-ranker `MLP([u_d; v_d; u_d*v_d] / sqrt(d)) + scale * u . v` -> (B, K),
   trained on detached u, v against negatives drawn from the retrieval top-K it re-ranks at inference (see
@@ -96,10 +97,10 @@ class ScorerConfig:
     # COLD_TEMPERATURE)): it behaves like the items it reads like instead of like an item nobody wants
     # (a cold item with a warm near-duplicate becomes that item). 0 = off (cold items are text only).
     cold_impute_k: int = 10
-    # ranking-time multiplier of beta(n) per history-length bucket (LEN_BUCKETS order; () = all 1): how much
-    # more the history's text counts than training made it, chosen on validation after training
-    # (`tune_text_boost`: the largest boost within one standard error of the bucket's best NDCG, so text
-    # carries short histories until behaviour measurably outweighs it)
+    # ranking-time multiplier of the text arm (beta(n) m and the text-feedback term alike) per history-length
+    # bucket (LEN_BUCKETS order; () = all 1): how much more text counts against behaviour than training made
+    # it, chosen on validation after training (`choose_text_boost`: the largest boost not worse than the
+    # bucket's best NDCG at 95%, so text carries short histories until behaviour measurably outweighs it)
     text_boost: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
@@ -425,8 +426,11 @@ class ScorerModel(nn.Module):
         m = F.normalize((r[..., None] * t).sum(1), dim=-1)  # (B, D), zero rows stay zero
         gains = self.text_gains()
         bucket = (torch.bucketize(lens, self.len_edges, right=True) - 1).clamp(min=0)  # (B,)
-        fb = zeros if e_pos is None else gains["fb_pos"] * e_pos - gains["fb_neg"] * e_neg
-        return u, (gains["beta"] * self.text_boost)[bucket][:, None] * m, fb
+        # the ranking-time boost scales the whole text arm, feedback included: more text for short histories
+        # must not make a text dislike weaker against the history's own text than training made it
+        boost = self.text_boost[bucket][:, None]  # (B, 1)
+        fb = zeros if e_pos is None else boost * (gains["fb_pos"] * e_pos - gains["fb_neg"] * e_neg)
+        return u, boost * gains["beta"][bucket][:, None] * m, fb
 
     def _feedback_means(
         self, fb_vec: torch.Tensor | None, fb_pol: torch.Tensor | None, B: int, dev: torch.device

@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,11 @@ class TrainingDiverged(RuntimeError):
 # co-occurrence weights tried on validation, in logit units (the head's scale; u.v is divided by `scale`)
 COOC_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 # multipliers of the text-arm gain tried per history-length bucket after training (tune_text_boost)
-TEXT_BOOST_GRID = (1.0, 2.0, 4.0, 8.0, 16.0)
+TEXT_BOOST_GRID = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
+# tune_text_boost keeps the largest boost whose paired NDCG difference to the bucket's best lies within
+# TEXT_BOOST_Z standard errors: 1.96 = not worse at 95%, the same yardstick by which a ranking change counts
+# as no regression (its interval contains 0). Text is what a user can see and steer, so it wins every tie.
+TEXT_BOOST_Z = 1.96
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1065,11 +1069,8 @@ def tune_text_boost(
     """The multiplier of the text-arm gain beta(n) per history-length bucket (`ScorerConfig.text_boost`).
 
     Every grid value is applied to all validation users (final ranking as served, co-occurrence term
-    included); per bucket the choice is the LARGEST boost whose paired NDCG@k difference to the bucket's best
-    boost is within one standard error (the one-standard-error rule, here preferring text): content carries
-    a history until behaviour measurably outranks it. A bucket with fewer than `min_users` validation users
-    takes the previous (shorter) bucket's choice, and boosts never grow with history length. Returns (boost
-    per bucket, {buckets, grid, n_users, val_ndcg (per bucket per grid value), chosen}).
+    included), then `choose_text_boost` picks per bucket from the per-user NDCG@k. Returns (boost per bucket,
+    {buckets, grid, n_users, val_ndcg (per bucket per grid value), chosen, measured, z}).
     """
     from llmrec.scorer.model import LEN_BUCKETS
 
@@ -1095,25 +1096,68 @@ def tune_text_boost(
                 per[gi, ub] = [recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub)]
     finally:
         model.text_boost.copy_(saved)
-    chosen: list[float] = []
-    table: dict[str, list[float]] = {}
-    for b in range(len(LEN_BUCKETS)):
+    chosen, measured = choose_text_boost(per, bucket, grid, len(LEN_BUCKETS), min_users)
+    table = {
+        str(LEN_BUCKETS[b]): [float(x) for x in per[:, bucket == b].mean(1)] if (bucket == b).any() else []
+        for b in range(len(LEN_BUCKETS))
+    }
+    return chosen, {"buckets": list(LEN_BUCKETS), "grid": grid, "chosen": list(chosen), "measured": measured,
+                    "z": TEXT_BOOST_Z, "n_users": [int((bucket == b).sum()) for b in range(len(LEN_BUCKETS))],
+                    "val_ndcg": table}
+
+
+def choose_text_boost(
+    per: np.ndarray,
+    bucket: np.ndarray,
+    grid: Sequence[float],
+    n_buckets: int,
+    min_users: int = 30,
+    z: float = TEXT_BOOST_Z,
+) -> tuple[tuple[float, ...], list[bool]]:
+    """Per history-length bucket, the text boost to rank with, from per-user validation NDCG.
+
+    Args:
+        per: float (G, U), NDCG@k of validation user u ranked with grid value g.
+        bucket: int (U,), each user's history-length bucket in [0, n_buckets).
+        grid: the G boosts tried.
+        min_users: a bucket with fewer validation users is not measured.
+        z: tolerance in standard errors of the paired difference (`TEXT_BOOST_Z`).
+
+    A measured bucket takes the LARGEST boost whose mean paired NDCG difference to the bucket's best boost is
+    >= -z standard errors (text wins ties). An unmeasured bucket takes the choice of the nearest measured
+    shorter bucket, or when there is none, of the nearest measured longer one (a one-like user in a dataset
+    whose validation users all have longer histories gets at least the text of the shortest measured
+    histories); with no measured bucket every boost is 1. Measured choices never grow with history length
+    (each is capped by the previous measured one). Returns (boost per bucket, measured per bucket).
+    """
+    per = np.asarray(per, dtype=np.float64)
+    bucket = np.asarray(bucket)
+    if per.ndim != 2 or per.shape != (len(grid), len(bucket)):
+        raise ValueError(f"per must be (len(grid)={len(grid)}, users={len(bucket)}), got {per.shape}")
+    picks: list[float | None] = []
+    for b in range(n_buckets):
         sel = bucket == b
-        table[str(LEN_BUCKETS[b])] = [float(x) for x in per[:, sel].mean(1)] if sel.any() else []
-        if sel.sum() < min_users:
-            chosen.append(chosen[-1] if chosen else 1.0)
+        n = int(sel.sum())
+        if n < max(min_users, 2):
+            picks.append(None)
             continue
-        best = int(np.argmax(per[:, sel].mean(1)))
-        pick = grid[best]
+        means = per[:, sel].mean(1)
+        best = int(np.argmax(means))
+        pick = float(grid[best])
         for gi in sorted(range(len(grid)), key=lambda i: -grid[i]):
             diff = per[gi, sel] - per[best, sel]
-            if diff.mean() >= -diff.std(ddof=1) / np.sqrt(sel.sum()):
-                pick = grid[gi]
+            if diff.mean() >= -z * diff.std(ddof=1) / np.sqrt(n):
+                pick = float(grid[gi])
                 break
-        chosen.append(min(pick, chosen[-1]) if chosen else pick)  # never more text for longer histories
-    return tuple(chosen), {"buckets": list(LEN_BUCKETS), "grid": grid, "chosen": chosen,
-                           "n_users": [int((bucket == b).sum()) for b in range(len(LEN_BUCKETS))],
-                           "val_ndcg": table}
+        prev = next((p for p in reversed(picks) if p is not None), None)
+        picks.append(pick if prev is None else min(pick, prev))
+    measured = [p is not None for p in picks]
+    out: list[float] = []
+    for b in range(n_buckets):
+        shorter = [p for p in picks[:b + 1] if p is not None]
+        longer = [p for p in picks[b:] if p is not None]
+        out.append(shorter[-1] if shorter else (longer[0] if longer else 1.0))
+    return tuple(out), measured
 
 
 def cooc_matrix(df: pd.DataFrame, items: ItemSpace, n_neighbors: int) -> sp.csr_matrix:

@@ -17,8 +17,8 @@ K candidates per user. With the text arm (default) retrieval vectors are d + D w
   `u = W_out h_newest + mean(history element reps) + F_+ P e_+ - F_- P e_-`, where e_+ / e_- are the
   recency-weighted means of the user's positive / negative text-feedback vectors and F_+-, zero at the start,
   learn what a text says about behaviour.
-- User encoder, text arm (D): `a = b(n) (beta(n) * m + g_+ e_+ - g_- e_-)`, m = unit recency-weighted mean of the
-  history's text vectors (negative events subtract; the zero-shot text model's vector), beta(n) a learned
+- User encoder, text arm (D): `a = b(n) (beta(n) * m + g_+ e_+ - g_- e_-)`, m = unit recency-weighted mean
+  of the history's text vectors (negative events subtract; the zero-shot text model's vector), beta(n) a learned
   gain per history-length bucket (`LEN_BUCKETS`: short histories can lean on text, long ones on behaviour),
   g_+- learned gains of positive / negative text feedback. Every gain lies in [0, text_gain_max], so text
   feedback acts at once with a bounded strength: a negative text lowers the retrieval score of every item by

@@ -173,9 +173,9 @@ class Scorer:
     ) -> np.ndarray:
         """Ranking scores float32 (B, K) of candidates cand_idx int64 (B, K) for user_vecs (B, r).
 
-        The MLP head's scores (u.v when the trained model has `rerank` off), plus `cooc_weight` times the
-        co-occurrence score when `history_items` (per user, the catalog indices of its positive history
-        items) are given.
+        The MLP head's scores (u.v when the trained model has `rerank` off) with `cold_bonus` at cold items,
+        plus `cooc_weight` times the co-occurrence score when `history_items` (per user, the catalog indices of
+        its positive history items) are given.
         """
         u = torch.as_tensor(np.asarray(user_vecs, dtype=np.float32), device=self.device)
         c = torch.as_tensor(np.asarray(cand_idx, dtype=np.int64), device=self.device)
@@ -187,7 +187,7 @@ class Scorer:
         self._check_idx(c, "cand_idx")
         if history_items is not None and len(history_items) != u.shape[0]:
             raise ValueError(f"history_items has {len(history_items)} entries for {u.shape[0]} users")
-        out = self.model.rank_pairs(u[:, None, :], self._reps()[c])
+        out = self.model.rank_pairs(u[:, None, :], self._reps()[c]) + self.model.cold_bonus(c, True)
         return self._with_cooc(out, c, history_items).cpu().numpy()
 
     @torch.no_grad()
@@ -236,7 +236,10 @@ class Scorer:
             for j in range(1, width):
                 first[:, j] = ~(more[:, :j] == more[:, j : j + 1]).any(1)
             ok &= ~in_list & first & ~torch.gather(excl, 1, more)
-            s_more = m.rank_pairs(u[:, None, :], reps[more]).masked_fill(~ok, float("-inf"))
+            s_more = m.rank_pairs(u[:, None, :], reps[more])
+            if m.cfg.cold_bonus > 0:
+                s_more = s_more + m.cold_bonus(more, True)
+            s_more = s_more.masked_fill(~ok, float("-inf"))
             cand, score = torch.cat([cand, more], 1), torch.cat([score, s_more], 1)
         valid = score.isfinite()
         # the additive split of the score (for reasons): u.v = u_d.v_d + text_hist.t + text_fb.t, in the
@@ -247,7 +250,8 @@ class Scorer:
         parts = {"behaviour": unit * (u_d[:, None, :] * v[..., :d]).sum(-1)}
         if m.cfg.text_arm:
             t = v[..., d:]
-            parts["content"] = unit * (text_hist[:, None, :] * t).sum(-1)
+            # a cold item's bonus is for its text: it counts as content
+            parts["content"] = unit * (text_hist[:, None, :] * t).sum(-1) + m.cold_bonus(cand, True)
             parts["feedback"] = unit * (text_fb[:, None, :] * t).sum(-1)
         parts["behaviour"] = parts["behaviour"] + (score - sum(parts.values()))  # + the MLP correction
         co = torch.zeros_like(score)
@@ -308,6 +312,7 @@ class Scorer:
         """
         r = self.rank(histories, n_candidates, None, exclude_history, use_cooc=use_cooc)
         raw = r.user_vecs @ self.item_vectors().T  # (B, N), history included
+        raw = raw + self.model.cold_bonus(torch.arange(self.n_items, device=self.device), False).cpu().numpy()
         out = np.empty_like(raw, dtype=np.float32)
         big = np.finfo(np.float32).max / 4
         for b in range(raw.shape[0]):

@@ -102,6 +102,12 @@ class ScorerConfig:
     # it, chosen on validation after training (`choose_text_boost`: the largest boost not worse than the
     # bucket's best NDCG at 95%, so text carries short histories until behaviour measurably outweighs it)
     text_boost: tuple[float, ...] = ()
+    # ranking-time bonus (u.v units; the head's units are scale * u.v) added to the retrieval and ranking
+    # scores of items without an ID embedding. Behaviour favours the items that carry an ID (their ID vectors
+    # hold their popularity), so a cold item that reads exactly like what the user wants still ranks below
+    # warm ones; chosen on validation after training with a seeded tenth of the warm items made cold
+    # (`tune_cold_bonus`: overall NDCG in that world, so warm users pay for every cold item pushed up)
+    cold_bonus: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -134,6 +140,8 @@ class ScorerConfig:
                 f"ScorerConfig.text_boost must be empty or {len(LEN_BUCKETS)} values >= 0 (one per history-length "
                 f"bucket {LEN_BUCKETS}), got {self.text_boost}"
             )
+        if not 0.0 <= float(self.cold_bonus) < float("inf"):
+            raise ValueError(f"ScorerConfig.cold_bonus must be a finite value >= 0, got {self.cold_bonus}")
         if float(self.rare_dropout_c) < 0 or int(self.cold_quota) < 0 or int(self.cold_impute_k) < 0:
             raise ValueError(
                 f"ScorerConfig.rare_dropout_c, cold_quota and cold_impute_k must be >= 0, got "
@@ -477,6 +485,12 @@ class ScorerModel(nn.Module):
         u, v = torch.broadcast_tensors(u, v)
         return (u * v).sum(-1)
 
+    def cold_bonus(self, item_idx: torch.Tensor, head_units: bool) -> torch.Tensor:
+        """`cfg.cold_bonus` at the items (...) without an ID slot, 0 elsewhere; in the units of `rank_pairs`
+        (scale * u.v with the re-ranker on) when head_units, else of u.v (retrieval)."""
+        b = (self.id_slots[item_idx] == 0).float() * float(self.cfg.cold_bonus)
+        return b * self.scale.detach() if head_units and self.cfg.rerank else b
+
     def head_scores(self, u: torch.Tensor, cand_idx: torch.Tensor) -> torch.Tensor:
         """u (B, retrieval_dim), cand_idx int64 (B, K) -> MLP scores (B, K)."""
         v = self.item_reps(cand_idx)  # (B, K, retrieval_dim)
@@ -606,7 +620,8 @@ def two_stage_rank(
     exclude: torch.Tensor | None,
     n_candidates: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Retrieval top-n by u.v (excluded items never candidates), then ranking scores (`rank_pairs`) on them.
+    """Retrieval top-n by u.v (excluded items never candidates), then ranking scores (`rank_pairs`) on them;
+    both plus `cfg.cold_bonus` at items without an ID embedding.
 
     With `cfg.cold_quota` q > 0 the list is the top n - q by u.v plus the top q items without an ID
     embedding (cold items) not already in it, so the best cold items always reach the ranking stage.
@@ -624,6 +639,8 @@ def two_stage_rank(
         may repeat another candidate's).
     """
     retrieval = u @ item_reps.T  # (B, N)
+    if model.cfg.cold_bonus > 0:
+        retrieval = retrieval + model.cold_bonus(torch.arange(item_reps.shape[0], device=u.device), False)
     if exclude is not None:
         retrieval = retrieval.masked_fill(exclude, float("-inf"))
     n = min(int(n_candidates), item_reps.shape[0])
@@ -639,4 +656,6 @@ def two_stage_rank(
         top = retrieval.topk(n, dim=1)
         cand, valid = top.indices, top.values.isfinite()  # (B, n)
     head = model.rank_pairs(u[:, None, :], item_reps[cand])  # (B, n)
+    if model.cfg.cold_bonus > 0:
+        head = head + model.cold_bonus(cand, True)
     return retrieval, cand, head.masked_fill(~valid, float("-inf"))

@@ -104,6 +104,9 @@ TEXT_BOOST_GRID = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
 # TEXT_BOOST_Z standard errors: 1.96 = not worse at 95%, the same yardstick by which a ranking change counts
 # as no regression (its interval contains 0). Text is what a user can see and steer, so it wins every tie.
 TEXT_BOOST_Z = 1.96
+# cold-item bonuses tried on validation (u.v units, tune_cold_bonus), with this share of the warm items made cold
+COLD_BONUS_GRID = (0.0, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8)
+COLD_VAL_FRAC = 0.1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,7 +271,7 @@ def fit_scorer(
                     cooc_matrix(pd.concat([train_df, valid_df]), items, hp["cooc_neighbors"]))
         else:
             sims = cooc_matrices(data.user_items, items.n_items, int(hp["cooc_neighbors"]))
-    state, cooc, cooc_info, boost_info = finalize_ranking(state, static, sims, hp)
+    state, cooc, cooc_info, boost_info, cold_info = finalize_ranking(state, static, sims, hp)
     ts_max = [data.ts_max] if data.ts_max is not None else []
     if explicit_val and TS in valid_df.columns:
         ts_max.append(int(valid_df[TS].max()))
@@ -286,6 +289,7 @@ def fit_scorer(
         cooc=cooc,
         cooc_info=cooc_info,
         boost_info=boost_info,
+        cold_info=cold_info,
         feedback_info=feedback_summary(static, hp),
         data_ts_max=max(ts_max) if ts_max else None,
         extra={
@@ -1003,13 +1007,14 @@ def finalize_ranking(
     static: dict,
     sims: tuple[sp.csr_matrix, sp.csr_matrix] | None,
     hp: dict,
-) -> tuple[dict, sp.csr_matrix | None, dict, dict]:
+) -> tuple[dict, sp.csr_matrix | None, dict, dict, dict]:
     """Post-training choices, each measured on validation: the MLP re-ranker on/off, then the co-occurrence
-    weight (`tune_cooc_weight`), then the text boost per history-length bucket (`tune_text_boost`).
+    weight (`tune_cooc_weight`), then the text boost per history-length bucket (`tune_text_boost`), then the
+    cold-item bonus (`tune_cold_bonus`).
 
     sims: (co-occurrence similarity of the training events, of training + validation events) or None (no
     co-occurrence term). Returns (state with model_config updated, the co-occurrence matrix to ship (train +
-    validation) or None, the co-occurrence summary and the text-boost summary for meta.json)."""
+    validation) or None, the co-occurrence, text-boost and cold-bonus summaries for meta.json)."""
     m = state["metrics"]
     cfg = dict(state["model_config"])
     if "val_ndcg@10" in m and "val_retrieval_ndcg@10" in m:
@@ -1019,6 +1024,7 @@ def finalize_ranking(
                     "on" if cfg["rerank"] else "off", m["val_ndcg@10"], m["val_retrieval_ndcg@10"])
     info: dict[str, Any] = {"cooc_neighbors": int(hp["cooc_neighbors"])}
     boost_info: dict[str, Any] = {}
+    cold_info: dict[str, Any] = {}
     cfg["cooc_weight"] = 0.0
     t0 = time.perf_counter()
     val = static["val"]
@@ -1048,11 +1054,17 @@ def finalize_ranking(
         cfg["text_boost"] = list(boost)
         logger.info("text boost per history-length bucket %s chosen on validation: %s",
                     list(boost_info["buckets"]), boost)
+    if has_val:
+        bonus, cold_info = tune_cold_bonus(model_for(cfg), val, sim_train, hp["n_candidates"])
+        cfg["cold_bonus"] = bonus
+        logger.info("cold-item bonus %.4g chosen on validation (%s)", bonus,
+                    f"{cold_info['n_cold_targets']} targets of {cold_info['n_pseudo_cold_items']} items made cold"
+                    if cold_info.get("measured") else cold_info.get("why", ""))
     if sims is None:
-        return {**state, "model_config": cfg}, None, info, boost_info
+        return {**state, "model_config": cfg}, None, info, boost_info, cold_info
     sim = sims[1]
     info.update(nnz=int(sim.nnz), seconds=time.perf_counter() - t0)
-    return {**state, "model_config": cfg}, sim, info, boost_info
+    return {**state, "model_config": cfg}, sim, info, boost_info, cold_info
 
 
 @torch.no_grad()
@@ -1141,14 +1153,7 @@ def choose_text_boost(
         if n < max(min_users, 2):
             picks.append(None)
             continue
-        means = per[:, sel].mean(1)
-        best = int(np.argmax(means))
-        pick = float(grid[best])
-        for gi in sorted(range(len(grid)), key=lambda i: -grid[i]):
-            diff = per[gi, sel] - per[best, sel]
-            if diff.mean() >= -z * diff.std(ddof=1) / np.sqrt(n):
-                pick = float(grid[gi])
-                break
+        pick = largest_tied(per[:, sel], grid, z)
         prev = next((p for p in reversed(picks) if p is not None), None)
         picks.append(pick if prev is None else min(pick, prev))
     measured = [p is not None for p in picks]
@@ -1158,6 +1163,87 @@ def choose_text_boost(
         longer = [p for p in picks[b:] if p is not None]
         out.append(shorter[-1] if shorter else (longer[0] if longer else 1.0))
     return tuple(out), measured
+
+
+@torch.no_grad()
+def tune_cold_bonus(
+    model: ScorerModel,
+    val: sdata.ValidationSet,
+    sim: sp.csr_matrix | None,
+    n_candidates: int = 200,
+    k: int = 10,
+    grid: Iterable[float] = COLD_BONUS_GRID,
+    frac: float = COLD_VAL_FRAC,
+    seed: int = 0,
+    min_targets: int = 30,
+    chunk: int = 256,
+) -> tuple[float, dict[str, Any]]:
+    """The cold-item bonus (`ScorerConfig.cold_bonus`, u.v units), chosen on validation in a world with cold items.
+
+    Validation targets are almost never cold (an item without training events rarely is anyone's next one), so
+    a seeded `frac` of the items that have an ID embedding is made cold for the measurement: their ID slots
+    set to 0 (they then borrow their text neighbours' ID vectors, as a real cold item does) and their rows and
+    columns of the co-occurrence matrix removed. Every grid value ranks every validation user (final ranking
+    as served); the choice is the LARGEST bonus whose paired overall NDCG@k difference to the best bonus is
+    within `TEXT_BOOST_Z` standard errors (cold items are text, and text wins ties). The overall NDCG counts
+    warm-target users too, so each cold item pushed up costs what it costs them. Fewer than `min_targets`
+    validation users with a made-cold target -> bonus 0, not measured. Returns (bonus, summary for meta.json:
+    measured, grid, val_ndcg, val_ndcg_cold_targets, n_pseudo_cold_items, n_cold_targets, chosen).
+    """
+    grid = [float(g) for g in grid]
+    n = model.cfg.n_items
+    warm = np.flatnonzero(model.id_slots.cpu().numpy() > 0)
+    rng = np.random.default_rng(seed)
+    pseudo = np.sort(rng.choice(warm, size=int(round(frac * len(warm))), replace=False))
+    is_cold = np.zeros(n, dtype=bool)
+    is_cold[pseudo] = True
+    cold_users = np.array([bool(is_cold[val.targets[b]].any()) for b in range(val.n_users)], dtype=bool)
+    summary: dict[str, Any] = {"n_pseudo_cold_items": int(len(pseudo)), "n_cold_targets": int(cold_users.sum()),
+                               "grid": grid, "frac": frac, "seed": seed}
+    if cold_users.sum() < max(min_targets, 2):
+        why = f"{int(cold_users.sum())} validation targets among the items made cold, fewer than {min_targets}"
+        return 0.0, {**summary, "measured": False, "why": why, "chosen": 0.0}
+    keep = sp.diags((~is_cold).astype(np.float32))
+    sim_c = (keep @ sim @ keep).tocsr() if sim is not None else None
+    w = float(model.cfg.cooc_weight)
+    impute = (
+        cooc_neighbours(sim_c, model.text_vectors.numpy(), model.cfg.cold_impute_k) if sim_c is not None else None
+    )
+    users = np.arange(val.n_users)
+    per = np.zeros((len(grid), val.n_users))
+    saved_slots, saved_cfg = model.id_slots.clone(), model.cfg
+    try:
+        model.id_slots[torch.as_tensor(pseudo)] = 0
+        model._cold_nb = None  # the neighbour cache belongs to the catalog's own cold items
+        for gi, g in enumerate(grid):
+            model.cfg = dataclasses.replace(saved_cfg, cold_bonus=g)
+            for ub, _, cand, head in _two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
+                f, cand_np = head.numpy(), cand.numpy()
+                if sim_c is not None and w > 0:
+                    f = f + w * history_scores(sim_c, [val.positives[b] for b in ub], cand_np, impute=impute)
+                top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
+                per[gi, ub] = [recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub)]
+    finally:
+        model.id_slots.copy_(saved_slots)
+        model.cfg = saved_cfg
+        model._cold_nb = None
+    pick = largest_tied(per, grid)
+    return pick, {**summary, "measured": True, "chosen": pick, "z": TEXT_BOOST_Z,
+                  "val_ndcg": [float(x) for x in per.mean(1)],
+                  "val_ndcg_cold_targets": [float(x) for x in per[:, cold_users].mean(1)]}
+
+
+def largest_tied(per: np.ndarray, grid: Sequence[float], z: float = TEXT_BOOST_Z) -> float:
+    """The largest grid value whose per-user scores (row of per, (G, U)) are not worse than the best row's
+    (highest mean) by more than z standard errors of the paired difference."""
+    per = np.asarray(per, dtype=np.float64)
+    best = int(np.argmax(per.mean(1)))
+    n = per.shape[1]
+    for gi in sorted(range(len(grid)), key=lambda i: -grid[i]):
+        diff = per[gi] - per[best]
+        if diff.mean() >= -z * diff.std(ddof=1) / np.sqrt(n):
+            return float(grid[gi])
+    return float(grid[best])
 
 
 def cooc_matrix(df: pd.DataFrame, items: ItemSpace, n_neighbors: int) -> sp.csr_matrix:
@@ -1219,6 +1305,7 @@ def _write_artifact(
     cooc: sp.csr_matrix | None = None,
     cooc_info: dict | None = None,
     boost_info: dict | None = None,
+    cold_info: dict | None = None,
     feedback_info: dict | None = None,
     data_ts_max: int | None = None,
 ) -> dict:
@@ -1237,6 +1324,7 @@ def _write_artifact(
         model_config=state["model_config"],
         cooc=cooc_info or {},
         text_boost=boost_info or {},
+        cold_bonus=cold_info or {},
         feedback=feedback_info or {},
         data_ts_max=data_ts_max,  # the latest event it learned from (replay refuses it for earlier cutoffs)
         metrics=state["metrics"],

@@ -82,6 +82,24 @@ def test_like_raises_neighbours_and_reason_names_history(core: RecommendCore) ->
         )
 
 
+def test_reasons_name_only_explicitly_positive_history(core: RecommendCore) -> None:
+    """Views have no direction (schema.is_positive, as in replay and the state): a reason never says "because
+    you viewed"; a user whose vector comes from views only is not told the pick is merely popular."""
+    cat = core.catalog
+    v = _unit(np.mean([cat.vectors[cat.id_to_idx[i]] for i in ["space1", "space2"]], axis=0))
+    hist = [("space1", "view", None, 0.0), ("cook1", "like", None, 1.0), ("space2", "view", None, 2.0),
+            ("horror1", "rating", 3.0, 3.0)]
+    u = UserView(user_id="u", history=hist, seen={h[0] for h in hist}, vector=v)
+    assert u.positives() == [("cook1", "like")]
+    recs = core.recommend([u], k=5)[0]
+    assert recs[0]["item_id"] == "space3"
+    assert recs[0]["reason"] == "because you liked 'T-cook1'"  # the only positive item, not a viewed one
+    only_views = UserView(user_id="w", history=[hist[0], hist[2]], seen={"space1", "space2"}, vector=v)
+    assert only_views.positives() == []
+    r = core.recommend([only_views], k=3)[0]
+    assert r[0]["item_id"] == "space3" and r[0]["reason"] == "based on your recent activity"
+
+
 def test_dislike_sinks_item_and_near_duplicate(core: RecommendCore) -> None:
     base = _mean_user(core, ["cook2"])
     before = core.recommend([base], k=10)[0]

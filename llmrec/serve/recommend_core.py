@@ -23,7 +23,8 @@ Pipeline for one user (batched over B users at once, see `RecommendCore.recommen
    "popular".
 
 Choices the design leaves open (documented here): exclude_seen defaults to True at the API; penalised items
-are pushed down, not removed; rating events count as positive history when value >= 4 (as in llmrec.state).
+are pushed down, not removed; the positive history a reason names is `schema.is_positive` (like, purchase,
+click, rating >= 4; not views), the one polarity table of the state, replay and training.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from llmrec import schema
 
 logger = logging.getLogger(__name__)
 
-_VERBS = {"like": "liked", "purchase": "bought", "click": "clicked", "view": "viewed", "rating": "rated"}
+_VERBS = {"like": "liked", "purchase": "bought", "click": "clicked", "rating": "rated"}
 
 
 @dataclass(frozen=True)
@@ -151,12 +152,11 @@ class UserView:
         )
 
     def positives(self) -> list[tuple[str, str]]:
-        """(item_id, event) of the positive history, newest first."""
+        """(item_id, event) of the explicitly positive history (`schema.is_positive`), newest first: the items
+        a reason may name as liked. Views and mid ratings have no direction (as in replay and the state)."""
         out = []
         for item, ev, val, _ in reversed(self.history):
-            if item and (
-                schema.is_positive(ev, val) or ev == "view"
-            ):
+            if item and schema.is_positive(ev, val):
                 out.append((item, ev))
         return out
 
@@ -513,7 +513,10 @@ class RecommendCore:
                 r = f"matches your query '{_clip(q.text)}'"
                 return r + " (similar to something you disliked)" if penalised else r
         best = max([p for p in (hist_part, tf_part) if p is not None], default=None, key=lambda p: p[0])
-        r = best[1] if best is not None else "popular with other users"
+        if best is not None:
+            r = best[1]
+        else:  # a vector from views / mid ratings only: no liked item to name, but not popularity either
+            r = "based on your recent activity" if u_cos is not None else "popular with other users"
         return r + " (similar to something you disliked)" if penalised else r
 
 

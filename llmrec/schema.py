@@ -39,7 +39,7 @@ NEGATIVE_MAX_RATING = 2.0  # a "rating" event at or below this is negative feedb
 
 
 def polarity(event: str, value: float | None = None) -> int:
-    """+1 explicitly positive, -1 negative, 0 without a direction (view, a mid rating, a rating without value)."""
+    """+1 explicitly positive, -1 negative, 0 without a direction (view, mid rating, rating without value)."""
     if event in POSITIVE_KINDS:
         return 1
     if event in NEGATIVE_KINDS:

@@ -147,8 +147,8 @@ class Event:
         if item_id is None and polarity(kind, value) == 0:
             raise InvalidEvent(
                 f"text-only event {kind!r} (value={value}) is neutral and cannot steer recommendations; "
-                f"use one of {list(POSITIVE_KINDS + NEGATIVE_KINDS)} or a rating <= {NEGATIVE_MAX_RATING:g} or >= "
-                f"{POSITIVE_MIN_RATING:g}"
+                f"use one of {list(POSITIVE_KINDS + NEGATIVE_KINDS)} or a rating <= {NEGATIVE_MAX_RATING:g} "
+                f"or >= {POSITIVE_MIN_RATING:g}"
             )
         ts = d.get("ts")
         if ts is None:

@@ -25,17 +25,33 @@ TEXT_EVENTS_FILE = "text_events.parquet"  # user_id, item_id, ts, text: the user
 
 # feedback / interaction event kinds, in the order the HTTP API documents them
 EVENT_KINDS = ("view", "click", "like", "dislike", "skip", "purchase", "rating")
-# negative feedback: never a training target or a positive history item; text models subtract their items
+# The one polarity table (`polarity`), read by serving (state, text feedback, the reasons' history), replay,
+# training and the baselines:
+#   kind      view  click  like  dislike  skip  purchase  rating
+#   polarity   0     +1     +1    -1       -1    +1        +1 if value >= 4, -1 if value <= 2, else 0
+# negative feedback: never a training target or a co-occurrence history item; text models subtract their items
 NEGATIVE_KINDS = ("dislike", "skip")
 # explicitly positive feedback (a text with one of these kinds pulls towards the text); "view" and mid ratings
-# are interactions without a direction (see llmrec.state.user_state.polarity for ratings)
+# are interactions without a direction
 POSITIVE_KINDS = ("like", "purchase", "click")
 POSITIVE_MIN_RATING = 4.0  # a "rating" event at or above this is positive feedback
+NEGATIVE_MAX_RATING = 2.0  # a "rating" event at or below this is negative feedback
+
+
+def polarity(event: str, value: float | None = None) -> int:
+    """+1 explicitly positive, -1 negative, 0 without a direction (view, mid rating, rating without value)."""
+    if event in POSITIVE_KINDS:
+        return 1
+    if event in NEGATIVE_KINDS:
+        return -1
+    if event == "rating" and value is not None:
+        return 1 if value >= POSITIVE_MIN_RATING else (-1 if value <= NEGATIVE_MAX_RATING else 0)
+    return 0
 
 
 def is_positive(event: str, value: float | None = None) -> bool:
     """Explicitly positive feedback: a POSITIVE_KINDS event, or a rating >= POSITIVE_MIN_RATING."""
-    return event in POSITIVE_KINDS or (event == "rating" and value is not None and value >= POSITIVE_MIN_RATING)
+    return polarity(event, value) > 0
 
 
 MAX_ID_CHARS = 256  # longest user_id / item_id the HTTP API accepts (serving state skips longer base ids)

@@ -82,6 +82,24 @@ def test_like_raises_neighbours_and_reason_names_history(core: RecommendCore) ->
         )
 
 
+def test_reasons_name_only_explicitly_positive_history(core: RecommendCore) -> None:
+    """Views have no direction (schema.is_positive, as in replay and the state): a reason never says "because
+    you viewed"; a user whose vector comes from views only is not told the pick is merely popular."""
+    cat = core.catalog
+    v = _unit(np.mean([cat.vectors[cat.id_to_idx[i]] for i in ["space1", "space2"]], axis=0))
+    hist = [("space1", "view", None, 0.0), ("cook1", "like", None, 1.0), ("space2", "view", None, 2.0),
+            ("horror1", "rating", 3.0, 3.0)]
+    u = UserView(user_id="u", history=hist, seen={h[0] for h in hist}, vector=v)
+    assert u.positives() == [("cook1", "like")]
+    recs = core.recommend([u], k=5)[0]
+    assert recs[0]["item_id"] == "space3"
+    assert recs[0]["reason"] == "because you liked 'T-cook1'"  # the only positive item, not a viewed one
+    only_views = UserView(user_id="w", history=[hist[0], hist[2]], seen={"space1", "space2"}, vector=v)
+    assert only_views.positives() == []
+    r = core.recommend([only_views], k=3)[0]
+    assert r[0]["item_id"] == "space3" and r[0]["reason"] == "based on your recent activity"
+
+
 def test_dislike_sinks_item_and_near_duplicate(core: RecommendCore) -> None:
     base = _mean_user(core, ["cook2"])
     before = core.recommend([base], k=10)[0]
@@ -178,6 +196,78 @@ def test_default_scorer_only_when_evaluation_measured_it_better(tmp_path):
     assert resolve_artifacts(str(run), {})["scorer_dir"] is None
     # an explicit user_config choice wins over the measurement
     assert resolve_artifacts(str(run), {"scorer_dir": str(run / "scorer")})["scorer_dir"] == str(run / "scorer")
+
+
+def test_serve_or_not_compares_with_the_served_fallback(tmp_path):
+    """The rule reads the `served_text` model (the fallback as served); an evaluation without it is read as
+    before (zeroshot_text), and the reason says that the stand-in was used."""
+    import json
+
+    from llmrec.artifacts import write_meta
+    from llmrec.serve.recommend_core import default_scorer_is_better
+
+    run = tmp_path / "run"
+    write_meta(run / "scorer", "train")
+    (run / "eval").mkdir()
+    models = {"llmrec": {"ndcg@10": 0.05}, "zeroshot_text": {"ndcg@10": 0.02}, "served_text": {"ndcg@10": 0.06}}
+    (run / "eval" / "metrics.json").write_text(json.dumps({"loo": {"models": models}}))
+    use, why = default_scorer_is_better(run)
+    assert use is False and why.startswith("loo ndcg@10 0.0500 <= served text fallback 0.0600")
+    models["served_text"]["ndcg@10"] = 0.01
+    (run / "eval" / "metrics.json").write_text(json.dumps({"loo": {"models": models}}))
+    assert default_scorer_is_better(run) == (True, "loo ndcg@10 0.0500 > served text fallback 0.0100")
+    del models["served_text"]
+    (run / "eval" / "metrics.json").write_text(json.dumps({"loo": {"models": models}}))
+    use, why = default_scorer_is_better(run)
+    assert use is True and "> zero-shot text 0.0200" in why and "no served_text model" in why
+
+
+def test_served_text_model_ranks_as_serving_does(core: RecommendCore) -> None:
+    """The `served_text` evaluation model and the serving fallback (the state's MeanVectorizer vector, then
+    RecommendCore without a scorer, seen items excluded) give the same top-k for users with likes, views,
+    mid ratings, dislikes (push-down) and no positive signal (popularity)."""
+    import pandas as pd
+
+    from llmrec.eval.protocol import History, ItemSpace
+    from llmrec.schema import ITEM_IDX
+    from llmrec.serve.served_text import HISTORY_LEN, ServedTextRecommender
+    from llmrec.state.store import EmbeddingsMeanVectorizer
+    from llmrec.state.user_state import MeanVectorizer, state_from_history, summary
+
+    cat = core.catalog
+    ids = [str(i) for i in cat.item_ids]
+    space = ItemSpace(item_ids=np.array(ids, object), text_vectors=cat.vectors)
+    # popularity from the training counts, as serving's Catalog takes it from the run's interactions
+    counts = {i: (100 if i == "popular" else 1) for i in ids}
+    train = pd.DataFrame({ITEM_IDX: np.repeat(np.arange(len(ids)), [counts[i] for i in ids])})
+    model = ServedTextRecommender()
+    model.fit(train, space)
+    f = EmbeddingsMeanVectorizer("")
+    vectorizer = MeanVectorizer(ids, cat.vectors, half_life=f.half_life, negative_weight=f.negative_weight,
+                                text_weight=f.text_weight)
+    users = {
+        "likes": [("space1", "like", None), ("space2", "view", None), ("cook2", "rating", 3.0)],
+        "dislike": [("cook2", "like", None), ("cook1", "dislike", None), ("space1", "view", None)],
+        "views": [("horror1", "view", None), ("horror2", "click", None)],
+        "cold": [("misc", "skip", None)],
+    }
+    k = 4
+    for uid, evs in users.items():
+        hist = [(i, e, v, float(t)) for t, (i, e, v) in enumerate(evs)]
+        st = state_from_history(uid, hist, history_len=HISTORY_LEN)
+        vec = vectorizer(st)
+        view = UserView.from_state({**summary(st), "vector": None if vec is None else vec.tolist()})
+        recs = core.recommend([view], k=k)[0]
+        served = [r["item_id"] for r in recs]
+        h = History(uid, np.array([cat.id_to_idx[i] for i, *_ in hist]), np.arange(len(hist)),
+                    np.array([e for _, e, *_ in hist], object),
+                    np.array([np.nan if v is None else v for _, _, v, _ in hist]))
+        s = model.score([h])[0]
+        s[h.item_idx] = -np.inf  # evaluation excludes the history, serving its seen items
+        # the same items with the same scores, best first (equal scores may come in either order)
+        assert [s[cat.id_to_idx[i]] for i in served] == pytest.approx([r["score"] for r in recs], abs=1e-5), uid
+        assert np.sort(s)[::-1][:k] == pytest.approx([r["score"] for r in recs], abs=1e-5), uid
+    assert served[0] == "popular"  # the cold user (a skip only) got the popularity prior
 
 
 def test_scorer_mode_ranks_by_the_scorer_with_its_co_occurrence_term(core: RecommendCore) -> None:

@@ -11,6 +11,9 @@
 - `EASERecommender` ("ease"): Steck's closed-form item-item model (l2 regularisation).
 - `SASRecRecommender` ("sasrec", in `llmrec.eval.sasrec`): ID-only SASRec at reference settings, full-softmax
   loss, early stopping on a validation set.
+- `ServedTextRecommender` ("served_text", in llmrec.serve.served_text): the model `llmrec serve` ranks with
+  when it serves no scorer (the state's MeanVectorizer + serving's push-down of negatives), untuned; the
+  serve-or-not rule compares the scorer with it.
 - `ZeroShotTextRecommender` ("zeroshot_text"): recency-weighted mean of the history's text vectors,
   cosine against `ItemSpace.text_vectors`; no training.
 
@@ -373,13 +376,14 @@ class ZeroShotTextRecommender:
         return (self.user_vectors(histories) @ self.vectors.T).astype(np.float32)  # (B, N)
 
 
-BASELINES = ("popularity", "itemknn", "als", "bpr", "ease", "sasrec", "zeroshot_text")
+BASELINES = ("popularity", "itemknn", "als", "bpr", "ease", "sasrec", "zeroshot_text", "served_text")
 ID_MODELS = ("als", "bpr", "ease", "sasrec")  # candidates of the "best ID model + item-kNN" hybrid
 
 
 def make_baseline(name: str, seed: int = 0, **kwargs: object) -> object:
     """A fresh baseline by its metrics.json name (one of `BASELINES`); kwargs go to its constructor."""
     from llmrec.eval.sasrec import SASRecRecommender
+    from llmrec.serve.served_text import ServedTextRecommender
 
     table = {
         "popularity": lambda: PopularityRecommender(),
@@ -389,6 +393,7 @@ def make_baseline(name: str, seed: int = 0, **kwargs: object) -> object:
         "ease": lambda: EASERecommender(**kwargs),
         "sasrec": lambda: SASRecRecommender(seed=seed, **kwargs),
         "zeroshot_text": lambda: ZeroShotTextRecommender(**kwargs),
+        "served_text": lambda: ServedTextRecommender(**kwargs),  # the serving fallback, as it serves
     }
     if name not in table:
         raise ValueError(f"unknown baseline {name!r}; choose from {list(BASELINES)}")

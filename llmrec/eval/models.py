@@ -8,8 +8,9 @@ alone) + item-kNN. Every baseline is wrapped in `llmrec.eval.tuning.Tuned` with 
 `grids`); llmrec trains on the same validation (`LLMRecRecommender(validation=...)`).
 
 Presets: `FAST_MODELS` (the pipeline's evaluation: llmrec, popularity, item-kNN, EASE (the strongest simple
-baseline, and on MovieLens the strongest here), zero-shot text and both hybrids, the ID one then being EASE +
-item-kNN; no ALS, BPR or SASRec, whose grids or epochs cost minutes each) and `ALL_MODELS`.
+baseline, and on MovieLens the strongest here), zero-shot text, the serving text fallback (`served_text`,
+which the serve-or-not rule reads) and both hybrids, the ID one then being EASE + item-kNN; no ALS, BPR or
+SASRec, whose grids or epochs cost minutes each) and `ALL_MODELS`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = ["ALL_MODELS", "FAST_MODELS", "HYBRIDS", "ModelSetup", "build_models",
 
 HYBRIDS = ("hybrid_text_itemknn", "hybrid_id_itemknn")
 ALL_MODELS = ("llmrec",) + BASELINES + HYBRIDS
-FAST_MODELS = ("llmrec", "popularity", "itemknn", "ease", "zeroshot_text") + HYBRIDS
+FAST_MODELS = ("llmrec", "popularity", "itemknn", "ease", "zeroshot_text", "served_text") + HYBRIDS
 HIDDEN_ID_PARTS = ("ease", "als")  # ID candidates a hybrid tunes itself when no ID model is evaluated
 
 

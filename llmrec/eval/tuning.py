@@ -63,6 +63,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "ease": [{"l2": lam} for lam in (1.0, 10.0, 50.0, 200.0, 500.0, 2000.0)],
     "sasrec": [{}],  # reference settings (SASRecRecommender defaults); early stopping picks the epoch
     "zeroshot_text": [{"half_life": h} for h in (1.0, 3.0, 10.0, 30.0, 1e9)],  # 1e9: the plain mean
+    "served_text": [{}],  # never tuned: it measures what serving runs, with serving's settings
 }
 HYBRID_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
 

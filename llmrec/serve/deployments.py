@@ -661,21 +661,16 @@ class Ingress:
                                                                          for t in texts])] if texts else []
         )
         from llmrec.state.errors import InvalidEvent
-        from llmrec.state.user_state import Event
 
         now = time.time()
-        dicts = []
+        typed = []  # the one validation into typed Events (the state's rules, before anything is written)
         for e in events:
-            d = e.model_dump()  # ts stays None when the client sent none: the store stamps it (and then
-            if e.text is not None:  # assigns a random id; with a client ts the id derives from the content)
-                d["text_vec"] = next(vecs)
             try:
-                Event.from_dict(d, default_ts=now)  # the state's own rules before anything is written
+                typed.append(e.to_event(text_vec=next(vecs) if e.text is not None else None, now=now))
             except InvalidEvent as err:
                 raise ClientError(422, f"invalid event: {err}") from None
-            dicts.append(d)
         try:
-            results = await self.store.apply(dicts)
+            results = await self.store.apply(typed)
         except InvalidEvent as err:  # the shard re-validates; its refusals are still client errors
             raise ClientError(422, f"invalid event: {str(err).splitlines()[-1][:300]}") from None
         for e in events:

@@ -23,7 +23,8 @@ Pipeline for one user (batched over B users at once, see `RecommendCore.recommen
    "popular".
 
 Choices the design leaves open (documented here): exclude_seen defaults to True at the API; penalised items
-are pushed down, not removed; rating events count as positive history when value >= 4 (as in llmrec.state).
+are pushed down, not removed; the positive history a reason names is `schema.is_positive` (like, purchase,
+click, rating >= 4; not views), the one polarity table of the state, replay and training.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from llmrec import schema
 
 logger = logging.getLogger(__name__)
 
-_VERBS = {"like": "liked", "purchase": "bought", "click": "clicked", "view": "viewed", "rating": "rated"}
+_VERBS = {"like": "liked", "purchase": "bought", "click": "clicked", "rating": "rated"}
 
 
 @dataclass(frozen=True)
@@ -151,12 +152,11 @@ class UserView:
         )
 
     def positives(self) -> list[tuple[str, str]]:
-        """(item_id, event) of the positive history, newest first."""
+        """(item_id, event) of the explicitly positive history (`schema.is_positive`), newest first: the items
+        a reason may name as liked. Views and mid ratings have no direction (as in replay and the state)."""
         out = []
         for item, ev, val, _ in reversed(self.history):
-            if item and (
-                schema.is_positive(ev, val) or ev == "view"
-            ):
+            if item and schema.is_positive(ev, val):
                 out.append((item, ev))
         return out
 
@@ -422,16 +422,8 @@ class RecommendCore:
         score = np.nan_to_num(score.astype(np.float32), neginf=-1e6)
 
         # push down negatives and their near-duplicates
-        neg = [(cat.id_to_idx[i], wgt) for i, wgt in u.negatives.items() if i in cat.id_to_idx and wgt > 0]
-        if neg:
-            nv = cat.vectors[[j for j, _ in neg]]  # (M, D)
-            nw = np.array([wgt for _, wgt in neg], np.float32)  # (M,)
-            sim = cv @ nv.T  # (K, M)
-            hit = sim > cfg.neg_threshold
-            pen = (hit * nw[None, :]).max(axis=1)  # (K,)
-            score = score - cfg.neg_penalty * pen
-        else:
-            pen = np.zeros(len(cand), np.float32)
+        pen = negative_penalty(cat, cv, u.negatives, cfg)  # (K,)
+        score = score - cfg.neg_penalty * pen
 
         order = np.argsort(-score, kind="stable")[:k]
         pos = [(cat.id_to_idx[i], ev) for i, ev in u.positives() if i in cat.id_to_idx][:50]
@@ -513,8 +505,25 @@ class RecommendCore:
                 r = f"matches your query '{_clip(q.text)}'"
                 return r + " (similar to something you disliked)" if penalised else r
         best = max([p for p in (hist_part, tf_part) if p is not None], default=None, key=lambda p: p[0])
-        r = best[1] if best is not None else "popular with other users"
+        if best is not None:
+            r = best[1]
+        else:  # a vector from views / mid ratings only: no liked item to name, but not popularity either
+            r = "based on your recent activity" if u_cos is not None else "popular with other users"
         return r + " (similar to something you disliked)" if penalised else r
+
+
+def negative_penalty(catalog: Catalog, cand_vectors: np.ndarray, negatives: Mapping[str, float],
+                     config: RankConfig) -> np.ndarray:
+    """Push-down weight (K,) float32 of K candidates (cand_vectors (K, D)): the largest weight of a negative
+    item (catalog id -> weight > 0) whose cosine to the candidate exceeds `config.neg_threshold`, else 0.
+    The ranking subtracts `config.neg_penalty` times it (serving and the `served_text` evaluation model)."""
+    neg = [(catalog.id_to_idx[i], w) for i, w in negatives.items() if i in catalog.id_to_idx and w > 0]
+    if not neg:
+        return np.zeros(len(cand_vectors), np.float32)
+    nv = catalog.vectors[[j for j, _ in neg]]  # (M, D)
+    nw = np.array([w for _, w in neg], np.float32)  # (M,)
+    hit = cand_vectors @ nv.T > config.neg_threshold  # (K, M)
+    return (hit * nw[None, :]).max(axis=1).astype(np.float32)  # (K,)
 
 
 @dataclass
@@ -590,11 +599,14 @@ def load_catalog(run_dir: str | Path) -> tuple[Catalog, dict[str, Any]]:
 
 
 def default_scorer_is_better(run_dir: str | Path) -> tuple[bool, str]:
-    """Serve RUN/scorer by default only where the run's own evaluation measured it above the zero-shot text model.
+    """Serve RUN/scorer by default only where the run's own evaluation measured it above the text fallback.
 
-    The text path (MeanVectorizer) also reacts to free-text feedback, which the trained user encoder does not
-    read; a scorer that ranks below it on the same split (RUN/eval/metrics.json, leave-last-out NDCG@10) would
-    make recommendations worse. Set `scorer_dir` in user_config to force either choice.
+    When no scorer is served, the app ranks with the state's text user vector (`MeanVectorizer`, which also
+    reacts to free-text feedback); a scorer that ranks below it on the same split (RUN/eval/metrics.json,
+    leave-last-out NDCG@10) would make recommendations worse. The fallback is evaluated as itself, the
+    `served_text` model (llmrec.serve.served_text); an evaluation written before that model existed is read
+    as before, against the `zeroshot_text` baseline, and the reason says so. Set `scorer_dir` in user_config
+    to force either choice. Returns (use the scorer, the reason shown by GET /admin/model).
     """
     from llmrec import schema
 
@@ -605,9 +617,14 @@ def default_scorer_is_better(run_dir: str | Path) -> tuple[bool, str]:
     if not metrics_file.is_file():
         return True, "no evaluation to compare against (run `llmrec evaluate`); using the trained scorer"
     models = json.loads(metrics_file.read_text()).get("loo", {}).get("models", {})
-    ours, text = models.get("llmrec", {}).get("ndcg@10"), models.get("zeroshot_text", {}).get("ndcg@10")
+    ours = models.get("llmrec", {}).get("ndcg@10")
+    text, name, note = models.get("served_text", {}).get("ndcg@10"), "served text fallback", ""
+    if text is None:  # evaluated before served_text existed: the old, approximate comparison
+        text, name = models.get("zeroshot_text", {}).get("ndcg@10"), "zero-shot text"
+        note = (" (this evaluation has no served_text model, so the tuned zeroshot_text baseline stands in for "
+                "the served fallback; re-run `llmrec evaluate` to compare with it)")
     if ours is None or text is None:
-        return True, "evaluation lacks llmrec or zeroshot_text under loo; using the trained scorer"
+        return True, "evaluation lacks llmrec or served_text/zeroshot_text under loo; using the trained scorer"
     if ours > text:
-        return True, f"loo ndcg@10 {ours:.4f} > zero-shot text {text:.4f}"
-    return False, f"loo ndcg@10 {ours:.4f} <= zero-shot text {text:.4f}; serving the text user vector instead"
+        return True, f"loo ndcg@10 {ours:.4f} > {name} {text:.4f}{note}"
+    return False, f"loo ndcg@10 {ours:.4f} <= {name} {text:.4f}; serving the text user vector instead{note}"

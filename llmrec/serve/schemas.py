@@ -1,7 +1,9 @@
 """Request and response models of the llmrec HTTP API (pydantic v2), plus the one error formatter.
 
 The ingress parses bodies itself (size-limited, `json.loads`) and validates them with these models, so every
-client mistake becomes a 4xx `{"error": "..."}` that names the field, what came and what is allowed.
+client mistake becomes a 4xx `{"error": "..."}` that names the field, what came and what is allowed. A
+feedback event becomes one typed `llmrec.state.user_state.Event` here (`FeedbackEvent.to_event`: the state's
+rules checked once, its id given); the state store, its shards and the event log take that object as it is.
 Limits (documented in the OpenAPI schema at /docs): ids <= 256 chars, text <= 2000 chars, <= 1000 events
 per request, bodies <= `MAX_BODY_BYTES` (the ingress may be configured lower).
 """
@@ -14,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmrec.schema import EVENT_KINDS, MAX_ID_CHARS
+from llmrec.state.user_state import Event, new_event_id
 
 MAX_TEXT_CHARS = 2000
 MAX_EVENTS = 1000
@@ -81,6 +84,22 @@ class FeedbackEvent(BaseModel):
         if self.ts is not None and not 0.0 <= self.ts < 1e11:
             raise ValueError(f"ts must be unix seconds within [0, 1e11), got {self.ts}")
         return self
+
+
+    def to_event(self, *, text_vec: list[float] | None, now: float) -> Event:
+        """The one typed `Event` of this request event, checked once against the state's rules
+        (`Event.from_dict`; raises `InvalidEvent`) and given its id here: a client-sent id as is, else one
+        derived from the content when the client sent a ts (a resent body is a duplicate), else a random one.
+
+        Args:
+            text_vec: the encoder's vector (D,) of `text` (None when there is no text).
+            now: the server clock, the ts of an event sent without one.
+        """
+        d = self.model_dump()
+        if self.text is not None:
+            d["text_vec"] = text_vec
+        ev = Event.from_dict(d, default_ts=now)
+        return ev if ev.event_id else ev.with_id(new_event_id(ev, client_ts=self.ts is not None))
 
 
 class FeedbackBatch(BaseModel):

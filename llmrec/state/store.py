@@ -204,7 +204,8 @@ class UserStateShard:
 
     # ---- API -----------------------------------------------------------------------------------------
     def apply(self, events: Sequence[Mapping[str, Any] | Event]) -> list[dict[str, Any]]:
-        """Validate all, de-duplicate, log with fsync, then update memory and vectors.
+        """Validate all (dicts in full; an `Event` is typed and validated already, so only its shard and its
+        text_vec dimension are checked), de-duplicate, log with fsync, then update memory and vectors.
 
         Duplicates (answered `duplicate: true`, neither logged nor applied): an event id already applied to
         that user or repeated for that user in the batch, and an item event equal to one of the user's base
@@ -930,8 +931,9 @@ class StateStore:
         return shard_of(user_id, self.n_shards)
 
     # ---- async API (Serve) -------------------------------------------------------------------------
-    async def apply(self, events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Apply feedback events; returns [{user_id, event_id, state_version, duplicate}] in input order."""
+    async def apply(self, events: Sequence[Mapping[str, Any] | Event]) -> list[dict[str, Any]]:
+        """Apply feedback events (typed `Event`s, or dicts validated here); returns [{user_id, event_id,
+        state_version, duplicate, deleted}] in input order."""
         groups = self._route(events)
         outs = await asyncio.gather(*(self._acall(s, "apply", [e for _, e in g]) for s, g in groups.items()))
         return self._merge(len(events), groups, outs)
@@ -959,7 +961,7 @@ class StateStore:
         return list(await asyncio.gather(*(self._acall(i, "commit_base", d) for i in shards)))
 
     # ---- sync twins (scripts, tests) ---------------------------------------------------------------
-    def apply_sync(self, events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    def apply_sync(self, events: Sequence[Mapping[str, Any] | Event]) -> list[dict[str, Any]]:
         groups = self._route(events)
         outs = self._gather_sync("apply", [(s, ([e for _, e in g],)) for s, g in groups.items()])
         return self._merge(len(events), groups, outs)
@@ -1008,11 +1010,13 @@ class StateStore:
             raise ValueError(f"user_id must be a non-empty string, got {user_id!r}")
         return shard_of(user_id, self.n_shards)
 
-    def _route(self, events: Sequence[Mapping[str, Any]]) -> dict[int, list[tuple[int, dict[str, Any]]]]:
-        """Validate every event here first (so no shard applies part of a bad batch), fix id and ts."""
+    def _route(self, events: Sequence[Mapping[str, Any] | Event]) -> dict[int, list[tuple[int, Event]]]:
+        """Typed events by shard. An `Event` (the ingress validated it) is passed on as it is; a dict
+        (scripts) is validated here, once, so no shard applies part of a bad batch. Ids and ts are fixed
+        here."""
         if isinstance(events, (Mapping, str, bytes)):
             raise ValueError(f"events must be a list of event dicts, got {type(events).__name__}")
-        groups: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+        groups: dict[int, list[tuple[int, Event]]] = {}
         now = time.time()
         for i, e in enumerate(events):
             try:
@@ -1021,12 +1025,11 @@ class StateStore:
                 raise ValueError(f"events[{i}]: {err}") from None
             if not ev.event_id:  # assigned before the first send, so a retry carries the same id
                 ev = ev.with_id(new_event_id(ev, client_ts=_has_ts(e)))
-            groups.setdefault(shard_of(ev.user_id, self.n_shards), []).append((i, ev.to_dict()))
+            groups.setdefault(shard_of(ev.user_id, self.n_shards), []).append((i, ev))
         return groups
 
     @staticmethod
-    def _merge(n: int, groups: dict[int, list[tuple[int, dict[str, Any]]]],
-               outs: Sequence[list]) -> list[dict]:
+    def _merge(n: int, groups: dict[int, list[tuple[int, Event]]], outs: Sequence[list]) -> list[dict]:
         res: list[dict[str, Any]] = [{}] * n
         for (_s, g), out in zip(groups.items(), outs):
             for (i, _e), r in zip(g, out):

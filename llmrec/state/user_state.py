@@ -4,7 +4,7 @@ An `Event` is one piece of feedback (`schema.EVENT_KINDS`) on an item, on a piec
 more space opera"), or on both. `apply_event(state, event)` returns a NEW `UserState`; the input is never
 changed, so the store can log first and update memory after, and tests can compare before/after.
 
-Polarity (the sign an event pushes the user vector with):
+Polarity (the sign an event pushes the user vector with; the polarity column is `schema.polarity`):
 
 =============  =========================================================  ========
 event          weight of the item in the user vector                      polarity
@@ -50,7 +50,14 @@ from typing import Any
 
 import numpy as np
 
-from llmrec.schema import EVENT_KINDS, NEGATIVE_KINDS, POSITIVE_KINDS
+from llmrec.schema import (  # polarity: re-exported
+    EVENT_KINDS,
+    NEGATIVE_KINDS,
+    NEGATIVE_MAX_RATING,
+    POSITIVE_KINDS,
+    POSITIVE_MIN_RATING,
+    polarity,
+)
 from llmrec.state.errors import InvalidEvent
 
 logger = logging.getLogger(__name__)
@@ -140,7 +147,8 @@ class Event:
         if item_id is None and polarity(kind, value) == 0:
             raise InvalidEvent(
                 f"text-only event {kind!r} (value={value}) is neutral and cannot steer recommendations; "
-                f"use one of {list(POSITIVE_KINDS + NEGATIVE_KINDS)} or a rating <= 2 or >= 4"
+                f"use one of {list(POSITIVE_KINDS + NEGATIVE_KINDS)} or a rating <= {NEGATIVE_MAX_RATING:g} "
+                f"or >= {POSITIVE_MIN_RATING:g}"
             )
         ts = d.get("ts")
         if ts is None:
@@ -214,27 +222,16 @@ def new_event_id(event: Event, *, client_ts: bool) -> str:
 
 
 def event_weight(kind: str, value: float | None = None) -> float:
-    """Signed weight of the event's item in the user vector (see the module table)."""
+    """Signed weight of the event's item in the user vector (see the module table); its sign is
+    `schema.polarity` except for "view" (+0.25: weak interest, no direction)."""
     if kind == "rating":
-        if value is None:
-            return 0.0
-        if value >= 4:
-            return (value - 3.0) / 2.0
-        if value <= 2:
-            return -(3.0 - value) / 2.0
+        pol = polarity(kind, value)
+        if pol > 0:
+            return (value - 3.0) / 2.0  # type: ignore[operator]
+        if pol < 0:
+            return -(3.0 - value) / 2.0  # type: ignore[operator]
         return 0.0
     return _KIND_WEIGHT[kind]
-
-
-def polarity(kind: str, value: float | None = None) -> int:
-    """+1 positive (like/purchase/click/rating>=4), -1 negative (dislike/skip/rating<=2), 0 neutral."""
-    if kind in POSITIVE_KINDS:
-        return 1
-    if kind in NEGATIVE_KINDS:
-        return -1
-    if kind == "rating" and value is not None:
-        return 1 if value >= 4 else (-1 if value <= 2 else 0)
-    return 0
 
 
 def apply_event(state: UserState, event: Event) -> UserState:

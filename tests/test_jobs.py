@@ -81,7 +81,7 @@ def test_config_to_argv_rules() -> None:
 
 
 def test_config_false_turns_off_a_switch_that_is_on_by_default(tmp_path: Path) -> None:
-    """`warm-start: false` in a job YAML reaches TrainConfig as False (not dropped, which would leave it on)."""
+    """`warm-start: false` in a job YAML reaches TrainConfig as False (dropped, it would stay on)."""
     import argparse
 
     from llmrec.cli import build_parser

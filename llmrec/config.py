@@ -36,6 +36,17 @@ def option(default: Any, help: str, *, cli_none: int | None = None) -> Any:
 # ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainConfig:
+    """Every option of the scorer's training, each field documented by its `option(default, help)`.
+
+    Raises:
+        ValueError: a field has the wrong type or is out of range (the message names both).
+
+    Example::
+
+        cfg = TrainConfig(epochs=5, dim=32)
+        fine_tune = dataclasses.replace(cfg, epochs=1, max_steps=200)
+    """
+
     # --- the flags `llmrec train` has always had (names, defaults and meanings are pinned by test_config.py)
     num_workers: int = option(1, "Ray Train workers, 1 CPU (or GPU) each")
     use_gpu: bool = option(False, "one GPU per worker")

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from llmrec import schema
+    from llmrec.config import TrainConfig
     from llmrec.data.tables import read_interactions, read_items
     from llmrec.eval.evaluate import load_item_space
     from llmrec.log import setup_logging
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not reuse:
         items, embed_meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
-        fit_scorer(hist, items, scorer_dir, epochs=args.epochs, embed_meta=embed_meta)
+        fit_scorer(TrainConfig(epochs=args.epochs), hist, items, scorer_dir, embed_meta=embed_meta)
     train_s = time.perf_counter() - t0
     registry = work / "models.json"
     if registry.exists():

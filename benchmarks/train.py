@@ -15,6 +15,7 @@ set (topic-clustered 384-d text vectors, users walking one topic).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("INFO")
     import torch
 
+    from llmrec.config import TrainConfig
     from llmrec.scorer.recommender import split_last_event
     from llmrec.scorer.train import fit_local, fit_scorer
 
@@ -84,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         items, inter = synthetic(args.n_items, args.n_users, args.events)
         source = f"synthetic {args.n_items} items x {args.n_users} users x {args.events} events"
     train, valid = split_last_event(inter)
-    common = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": 3e-3, "seed": 0, "patience": 100}
+    common = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=3e-3, seed=0, patience=100)
     results = []
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    _, hist = fit_local(train, items, valid, **common)
+    _, hist = fit_local(common, train, items, valid)
     wall = time.perf_counter() - t0
     results.append(_row(f"plain torch loop ({args.threads} thread)", hist, wall))
 
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     for w in [int(x) for x in args.workers.split(",") if x]:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            meta = fit_scorer(train, items, Path(tmp), valid_df=valid, num_workers=w, **common)
+            cfg = dataclasses.replace(common, num_workers=w)
+            meta = fit_scorer(cfg, train, items, Path(tmp), valid_df=valid)
             wall = time.perf_counter() - t0
             ray_hist = _ray_history(Path(tmp))
         results.append(

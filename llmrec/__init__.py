@@ -21,6 +21,7 @@ _EXPORTS = {
     "load_embeddings": "llmrec.embed.artifact",
     "ItemIndex": "llmrec.index.item_index",
     "build_index": "llmrec.index.build",
+    "TrainConfig": "llmrec.config",
     "fit_scorer": "llmrec.scorer.train",
     "Scorer": "llmrec.scorer.inference",
     "evaluate": "llmrec.eval.evaluate",

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from llmrec import schema
+from llmrec.config import TrainConfig, config_from_dict, with_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -204,25 +205,21 @@ def learn(
     train_ev = allev[allev[schema.TS] <= cut]
     held = new[new[schema.TS] > cut]
     items, embed_meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(data))
-    cfg = dict(meta.get("config", {}))
-    keep = {"batch_size", "patience", "dim", "max_len", "n_neg", "cooc_neighbors", "val_users", "feedback_p"}
-    kwargs = {k: v for k, v in cfg.items() if k in keep}
-    kwargs.update(train_kwargs)
+    # the current model's settings (meta.json "config" = its TrainConfig) that a fine-tune keeps; the rest are
+    # TrainConfig's defaults, then this round's budget and the caller's overrides on top
+    saved = dict(meta.get("config", {}))
+    keep = {"batch_size", "patience", "dim", "max_len", "n_neg", "cooc_neighbors", "val_users", "feedback_p",
+            "lr"}
+    kept = {k: v for k, v in saved.items() if k in keep}
+    base = config_from_dict(TrainConfig, kept, f"{cur_dir}/meta.json")
+    budget = {"epochs": epochs, "seed": seed, "num_workers": num_workers, "max_steps": max_steps}
+    if lr is not None:
+        budget["lr"] = lr
+    cfg = with_overrides(base, {**budget, **train_kwargs}, "learn()")
     out = run / SCORERS_DIR / time.strftime("%Y%m%d-%H%M%S")
     try:
         fit_scorer(
-            train_ev,
-            items,
-            out,
-            epochs=epochs,
-            lr=lr if lr is not None else cfg.get("lr", 3e-3),
-            seed=seed,
-            num_workers=num_workers,
-            embed_meta=embed_meta,
-            init_from=cur_dir,
-            focus_after_ts=int(ts_max),
-            max_steps=max_steps,
-            **kwargs,
+            cfg, train_ev, items, out, embed_meta=embed_meta, init_from=cur_dir, focus_after_ts=int(ts_max)
         )
     except TrainingDiverged as e:  # a fine-tune that cannot rank is refused like a worse one
         res.why = f"fine-tune diverged: {e}"

@@ -80,6 +80,25 @@ def test_config_to_argv_rules() -> None:
         config_to_argv({3: "a"})
 
 
+def test_config_false_turns_off_a_switch_that_is_on_by_default(tmp_path: Path) -> None:
+    """`warm-start: false` in a job YAML reaches TrainConfig as False (dropped, it would stay on)."""
+    import argparse
+
+    from llmrec.cli import build_parser
+    from llmrec.config import TrainConfig, config_from_args
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train = sub.choices["train"]
+    negatable = frozenset(s for a in train._actions for s in a.option_strings if s.startswith("--no-"))
+    assert config_to_argv({"warm-start": False, "force": False}, negatable=negatable) == ["--no-warm-start"]
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text("data: d\nembeddings: e\nout: o\nwarm-start: false\nuse-gpu: false\n"
+                        "epochs: 3\n")
+    argv = expand_config(["--config", str(cfg_file)], negatable)
+    cfg = config_from_args(TrainConfig, train.parse_args(argv))
+    assert cfg == TrainConfig(warm_start=False, use_gpu=False, epochs=3)
+
+
 def test_config_file_then_command_line_wins(tmp_path: Path) -> None:
     from llmrec.cli import build_parser
 

@@ -56,13 +56,15 @@ def _planted_run(tmp_path, seed: int = 0):
 
 def _fit_serving_model(run: Path, events: pd.DataFrame, epochs: int, lr: float) -> None:
     """RUN/scorer trained on `events` (the tiny settings of these tests)."""
+    from llmrec.config import TrainConfig
     from llmrec.data.tables import read_items
     from llmrec.eval.evaluate import load_item_space
     from llmrec.scorer.train import fit_scorer
 
     items, meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
-    fit_scorer(events, items, run / schema.RUN_SCORER, epochs=epochs, batch_size=32, lr=lr, dim=16, max_len=10,
-               n_neg=16, head_neg=7, mlp_hidden=16, n_candidates=20, val_users=20, embed_meta=meta)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=lr, dim=16, max_len=10, n_neg=16, head_neg=7, mlp_hidden=16,
+                      n_candidates=20, val_users=20)
+    fit_scorer(cfg, events, items, run / schema.RUN_SCORER, embed_meta=meta)
 
 
 @pytest.fixture(scope="module")

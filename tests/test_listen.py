@@ -51,6 +51,7 @@ COLD = {"cold-space": ("a brand new science fiction story of astronauts on a dis
 def listening_app(ray_local, tmp_path_factory, minilm_path):
     from ray import serve
 
+    from llmrec.config import TrainConfig
     from llmrec.data.tables import read_items
     from llmrec.embed.encoder import TextEncoder
     from llmrec.eval.evaluate import load_item_space
@@ -90,9 +91,9 @@ def listening_app(ray_local, tmp_path_factory, minilm_path):
     items, embed_meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
     assert items.facets is not None and items.text_model
     train, valid = split_last_event(inter, 30, 0)
-    fit_scorer(train, items, run / schema.RUN_SCORER, valid_df=valid, epochs=4, batch_size=64, lr=1e-2,
-               dim=16, max_len=10, n_neg=16, head_neg=7, mlp_hidden=16, n_candidates=20, feedback_p=0.5,
-               embed_meta=embed_meta)
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=1e-2, dim=16, max_len=10, n_neg=16, head_neg=7, mlp_hidden=16,
+                      n_candidates=20, feedback_p=0.5)
+    fit_scorer(cfg, train, items, run / schema.RUN_SCORER, valid_df=valid, embed_meta=embed_meta)
     port = start_serve()
     name = f"listen{uuid.uuid4().hex[:6]}"
     serve.run(build_app({"run_dir": str(run), "n_shards": 2, "state_name": f"test-state-{name}", "num_cpus": 0.1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 from test_scorer import SMALL, planted
 
+from llmrec.config import TrainConfig
 from llmrec.eval.metrics import ndcg_at_k
 from llmrec.eval.protocol import ItemSpace
 from llmrec.scorer.data import attach_item_idx, histories_from_frame
@@ -40,22 +42,12 @@ def trained(ray_local, planted_split, tmp_path_factory):
     """Train EPOCHS_FIRST epochs, then resume from that output to EPOCHS_TOTAL (no early stop)."""
     items, _, _, train, valid, _ = planted_split
     out1 = tmp_path_factory.mktemp("scorer1")
-    meta1 = fit_scorer(
-        train, items, out1, valid_df=valid, epochs=EPOCHS_FIRST, batch_size=64, lr=1e-2, patience=10, **SMALL
-    )
+    cfg = TrainConfig(epochs=EPOCHS_FIRST, batch_size=64, lr=1e-2, patience=10, **SMALL)
+    meta1 = fit_scorer(cfg, train, items, out1, valid_df=valid)
     out2 = tmp_path_factory.mktemp("scorer2")
-    meta2 = fit_scorer(
-        train,
-        items,
-        out2,
-        valid_df=valid,
-        epochs=EPOCHS_TOTAL,
-        batch_size=64,
-        lr=1e-2,
-        patience=10,
-        resume_from=out1,
-        **SMALL,
-    )
+    # the resumed run: the same config with more epochs
+    meta2 = fit_scorer(dataclasses.replace(cfg, epochs=EPOCHS_TOTAL), train, items, out2, valid_df=valid,
+                       resume_from=out1)
     return out1, meta1, out2, meta2
 
 
@@ -160,10 +152,10 @@ def test_cold_item_with_liked_text_ranks_high(trained, planted_split):
 
 def test_bad_input_errors(ray_local, planted_split, tmp_path):
     items, _, _, train, _, _ = planted_split
-    with pytest.raises(ValueError, match="unknown scorer options"):
-        fit_scorer(train, items, tmp_path, epochs=1, bogus=3)
+    with pytest.raises(TypeError, match="cfg must be a llmrec.config.TrainConfig, got DataFrame"):
+        fit_scorer(train, items, tmp_path, TrainConfig(epochs=1))  # the call style before TrainConfig
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
-        fit_scorer(train, items, tmp_path, epochs=1, resume_from=tmp_path, **SMALL)
+        fit_scorer(TrainConfig(epochs=1, **SMALL), train, items, tmp_path, resume_from=tmp_path)
 
 
 @pytest.mark.slow
@@ -171,9 +163,9 @@ def test_one_and_two_workers_comparable(ray_local, planted_split, tmp_path):
     """Same global batch through 1 and 2 DDP workers: both clearly beat popularity on the validation users and
     land close to each other (the 90-user validation set is small, so the tolerance is loose)."""
     items, _, _, train, valid, _ = planted_split
-    kw = dict(valid_df=valid, epochs=8, batch_size=64, lr=1e-2, patience=10, **SMALL)
-    m1 = fit_scorer(train, items, tmp_path / "w1", num_workers=1, **kw)
-    m2 = fit_scorer(train, items, tmp_path / "w2", num_workers=2, **kw)
+    kw = dict(epochs=8, batch_size=64, lr=1e-2, patience=10, **SMALL)
+    m1 = fit_scorer(TrainConfig(num_workers=1, **kw), train, items, tmp_path / "w1", valid_df=valid)
+    m2 = fit_scorer(TrainConfig(num_workers=2, **kw), train, items, tmp_path / "w2", valid_df=valid)
     counts = np.bincount(attach_item_idx(train, items)["item_idx"], minlength=items.n_items).astype(
         np.float32
     )
@@ -321,8 +313,9 @@ def test_worker_killed_mid_training_resumes_from_the_last_checkpoint(ray_local, 
 
     def run() -> None:
         try:
-            out["meta"] = fit_scorer(train, items, tmp_path / "scorer", valid_df=valid, epochs=6, batch_size=32,
-                                     patience=10, checkpoint_dir=str(ckpt), max_failures=2, **SMALL)
+            cfg = TrainConfig(epochs=6, batch_size=32, patience=10, max_failures=2, **SMALL)
+            out["meta"] = fit_scorer(cfg, train, items, tmp_path / "scorer", valid_df=valid,
+                                     checkpoint_dir=str(ckpt))
         except Exception as e:  # surfaced below
             out["error"] = e
 

@@ -29,12 +29,16 @@ import time
 from pathlib import Path
 
 from llmrec import schema, storage
+from llmrec.config import TrainConfig, with_overrides
 
 logger = logging.getLogger(__name__)
 
 HELP = "run every stage (prepare, embed, index, train, evaluate) on one dataset into a run folder"
 STAGES = ("prepare", "embed", "index", "train", "evaluate")
 STATE_FILE = "pipeline.json"
+# the pipeline's training: TrainConfig with fewer epochs (~6 min per fit on 2 CPU cores for MovieLens); its
+# --epochs / --num-workers reach `llmrec train` as flags, checked here first (before any stage runs)
+PIPELINE_TRAIN = TrainConfig(epochs=5)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-kind", default="auto",
                    help="auto|flat|hnsw|ivf|torch or a FAISS index_factory string, e.g. IVF4096,SQ8")
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: train's)")
-    p.add_argument("--epochs", type=int, default=5, help="training epochs, also for the models evaluate retrains (default 5: ~6 min per fit on 2 CPU cores for MovieLens)")
+    p.add_argument("--epochs", type=int, default=PIPELINE_TRAIN.epochs,
+                   help="training epochs, also for the models evaluate retrains (default "
+                   f"{PIPELINE_TRAIN.epochs}: ~6 min per fit on 2 CPU cores for MovieLens)")
     p.add_argument("--max-test-users", type=int, default=None, help="cap evaluated users per protocol")
     p.add_argument("--train-holdout", choices=["loo", "none"], default="loo",
                    help="loo (default): train the scorer on the leave-last-out split the evaluation scores "
@@ -95,6 +101,13 @@ UPSTREAM = {"prepare": (), "embed": ("prepare",), "index": ("embed",), "train": 
             "evaluate": ("prepare", "embed", "train")}
 
 
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of the train stage: PIPELINE_TRAIN with this pipeline's --epochs and --num-workers."""
+    given = {"epochs": args.epochs, "num_workers": getattr(args, "num_workers", None)}
+    given = {k: v for k, v in given.items() if v is not None}
+    return with_overrides(PIPELINE_TRAIN, given, "llmrec pipeline")
+
+
 def run(args: argparse.Namespace) -> int:
     from llmrec.cli import main as cli_main
 
@@ -102,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(run_dir, Path):
         run_dir.mkdir(parents=True, exist_ok=True)
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+    train_config(args)  # a bad --epochs / --num-workers fails now, not after prepare and embed
     unknown = sorted(set(wanted) - set(STAGES))
     if unknown:
         raise ValueError(f"--stages: unknown stage(s) {unknown}; valid stages are {list(STAGES)}")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llmrec import storage
+from llmrec.config import TrainConfig, add_config_arguments, config_from_args
 from llmrec.storage import Arg, In, Out
 
 logger = logging.getLogger(__name__)
@@ -37,37 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--events", default=None, help="serving event log folder: its item events are added to the data"
     )
-    p.add_argument(
-        "--num-workers", type=int, default=1, help="Ray Train workers, 1 CPU (or GPU) each (default 1)"
-    )
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    p.add_argument(
-        "--epochs", type=int, default=10, help="maximum epochs; early stopping may end sooner (default 10)"
-    )
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size (default 256)")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
-    p.add_argument(
-        "--patience", type=int, default=2, help="epochs without a better val ndcg@10 before stopping"
-    )
-    p.add_argument("--dim", type=int, default=64, help="model / retrieval dim (default 64)")
-    p.add_argument(
-        "--n-neg", type=int, default=128,
-        help="sampled negatives per batch (default 128); -1 = full softmax over the whole catalog",
-    )
-    p.add_argument(
-        "--max-len", type=int, default=50, help="history events the user encoder reads (default 50)"
-    )
-    p.add_argument(
-        "--val-users", type=int, default=1000,
-        help="hold out the last event of this many random users (>= 2 events) for validation / early "
-        "stopping (default 1000; -1 = every such user); every other event is trained on",
-    )
-    p.add_argument(
-        "--cooc-neighbors", type=int, default=100,
-        help="item co-occurrence neighbours kept per item for the ranking's co-occurrence term, whose weight is "
-        "chosen on validation (default 100; 0 = neural ranking only)",
-    )
-    p.add_argument("--seed", type=int, default=0)
+    # every training option (--epochs, --batch-size, --lr, --dim, ...) is a field of TrainConfig: one flag per
+    # field, with the field's default and help (llmrec/config.py)
+    add_config_arguments(p, TrainConfig)
     p.add_argument(
         "--holdout", choices=["none", "loo"], default="none",
         help="none: train on every event (default); loo: train on the leave-last-out split that `llmrec "
@@ -84,10 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--checkpoint-dir", default=None,
         help="Ray Train checkpoint storage every node reaches: a shared folder or a URI (s3://bucket/ckpt); "
         "default OUT/ray on this machine (single-node clusters only), or OUT-ray beside a URI --out",
-    )
-    p.add_argument(
-        "--max-failures", type=int, default=0,
-        help="worker failures to recover from by restarting the workers from the last checkpoint (default 0)",
     )
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
 
@@ -125,9 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from llmrec.schema import INTERACTIONS_FILE
     from llmrec.scorer.train import fit_scorer
 
-    if args.val_users < -1:
-        raise ValueError(f"--val-users must be >= 0, or -1 for every user with >= 2 events; got {args.val_users}")
-    val_users = None if args.val_users == -1 else args.val_users
+    cfg = config_from_args(TrainConfig, args)
     # titles, facets (synthesised text feedback) and the encoder of the item vectors come with the item space
     items, embed_meta = load_item_space(args.embeddings, read_items(args.data))
     holdout, valid_df = None, None
@@ -144,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
             extra = read_events(args.events)
             inter = pd.concat([inter, extra[inter.columns]], ignore_index=True)
             logger.info("added %d events from the serving log %s", len(extra), args.events)
-        source, valid, items, holdout = loo_holdout(inter, items, args.data, embed_meta, val_users, args.seed)
+        source, valid, items, holdout = loo_holdout(
+            inter, items, args.data, embed_meta, cfg.val_users, cfg.seed
+        )
         valid_df = valid if len(valid) else None
         logger.info("train: %d interactions (%d from --data), %d validation targets, %d test events held out "
                     "(--holdout loo)", len(inter), n_data, len(valid), holdout["n_test_held_out"])
@@ -162,26 +131,14 @@ def run(args: argparse.Namespace) -> int:
             source = source.union(ray.data.from_pandas(extra)) if len(extra) else source
             logger.info("added %d events from the serving log %s", len(extra), args.events)
     meta = fit_scorer(
+        cfg,
         source,
         items,
         args.out,
         valid_df=valid_df,
-        num_workers=args.num_workers,
-        use_gpu=args.use_gpu,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
         resume_from=args.resume,
-        patience=args.patience,
         embed_meta=embed_meta,
         checkpoint_dir=args.checkpoint_dir,
-        max_failures=args.max_failures,
-        dim=args.dim,
-        max_len=args.max_len,
-        n_neg=args.n_neg,
-        val_users=val_users,
-        cooc_neighbors=args.cooc_neighbors,
     )
     if holdout is not None:
         from llmrec.artifacts import write_meta

@@ -175,9 +175,9 @@ def evaluate(
     run_protocols, skipped_protocols = _runnable_protocols(protocols, data_meta)
     llm_cfg = {**llmrec_train_config(scorer_dir), **(llmrec_kwargs or {})}
     if val_users is None:
-        from llmrec.scorer.train import DEFAULTS
+        from llmrec.config import TrainConfig
 
-        v = llm_cfg.get("val_users", DEFAULTS["val_users"])
+        v = llm_cfg.get("val_users", TrainConfig().val_users)
         val_users = None if v is None or v < 0 else int(v)
     seeds = [seed + i for i in range(n_seeds)]
 

@@ -132,8 +132,11 @@ def llmrec_train_config(scorer_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         logger.info("no %s: llmrec is trained with fit_scorer defaults", path)
         return {}
-    from llmrec.scorer.train import DEFAULTS
+    import dataclasses
+
+    from llmrec.config import TrainConfig
 
     cfg = json.loads(path.read_text()).get("config", {}) or {}
-    keep = {"epochs", "batch_size", "lr", "patience", "num_workers", "use_gpu", *DEFAULTS}
+    # the TrainConfig fields (meta.json "config" also records the Ray run's name and the resumed checkpoint)
+    keep = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in cfg.items() if k in keep}

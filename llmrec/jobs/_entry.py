@@ -4,8 +4,9 @@ Every job is `main(argv) -> int` that runs one `llmrec` CLI subcommand with the 
 `llmrec <command>` are interchangeable. On top of the CLI flags a job accepts `--config FILE.yaml` (see
 cluster/jobs/*.yaml): a YAML mapping from flag name (without `--`, `_` or `-`) to value, expanded into CLI
 flags *before* the command-line ones so that `--key value` on the command line still wins (argparse keeps
-the last value). Values: a scalar -> `--key value`; `true` -> `--key` (store_true flag); `false`/null ->
-omitted; a list -> `--key v1 v2 ...`.
+the last value). Values: a scalar -> `--key value`; `true` -> `--key` (store_true flag); `false` ->
+`--no-key` when the command has that flag (a switch that is on by default, e.g. `warm-start: false`), else
+omitted; null -> omitted; a list -> `--key v1 v2 ...`.
 
 Inside `ray job submit` the driver finds the cluster through $RAY_ADDRESS (set by the job manager), which
 `llmrec.raysetup.init_ray` honours, so no `--address` is needed there.
@@ -24,8 +25,12 @@ logger = logging.getLogger(__name__)
 CONFIG_FLAG = "--config"
 
 
-def config_to_argv(config: dict[str, Any], source: str = "<config>") -> list[str]:
+def config_to_argv(
+    config: dict[str, Any], source: str = "<config>", negatable: frozenset[str] = frozenset()
+) -> list[str]:
     """Expand a `{flag: value}` mapping into CLI argv (see the module docstring for the rules).
+
+    negatable: the command's `--no-x` flags (a `false` value for `x` becomes `--no-x`).
 
     Raises:
         ValueError: a key is not a non-empty string or a value is a nested mapping.
@@ -40,6 +45,9 @@ def config_to_argv(config: dict[str, Any], source: str = "<config>") -> list[str
                 f"{source}: value of {key!r} is a mapping {value!r}; expected a scalar, a list or true/false "
                 "(the config is one flat mapping of CLI flags)"
             )
+        if value is False and "--no-" + flag[2:] in negatable:
+            argv.append("--no-" + flag[2:])
+            continue
         if value is None or value is False:
             continue
         if value is True:
@@ -51,7 +59,7 @@ def config_to_argv(config: dict[str, Any], source: str = "<config>") -> list[str
     return argv
 
 
-def expand_config(argv: list[str]) -> list[str]:
+def expand_config(argv: list[str], negatable: frozenset[str] = frozenset()) -> list[str]:
     """Replace every `--config FILE` / `--config=FILE` in argv by the flags in FILE (placed first).
 
     Raises:
@@ -80,7 +88,7 @@ def expand_config(argv: list[str]) -> list[str]:
                 raise ValueError(
                     f"--config {path}: expected a YAML mapping of flag: value, got {type(data).__name__}"
                 )
-            from_files += config_to_argv(data, source=path)
+            from_files += config_to_argv(data, source=path, negatable=negatable)
         else:
             rest.append(a)
             i += 1
@@ -92,7 +100,9 @@ def run_command(command: str, argv: list[str] | None = None) -> int:
 
     `--log-level LEVEL` anywhere in argv is passed to the top-level CLI parser, as for `llmrec --log-level`.
     """
-    from llmrec.cli import COMMANDS
+    import argparse
+
+    from llmrec.cli import COMMANDS, build_parser
     from llmrec.cli import main as cli_main
 
     if command not in COMMANDS:
@@ -103,7 +113,9 @@ def run_command(command: str, argv: list[str] | None = None) -> int:
         j = args.index("--log-level")
         top, args = args[j : j + 2], args[:j] + args[j + 2 :]
     try:
-        args = expand_config(args)
+        sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        flags = {s for a in sub.choices[command]._actions for s in a.option_strings}
+        args = expand_config(args, frozenset(f for f in flags if f.startswith("--no-")))
     except (ValueError, FileNotFoundError) as e:
         print(f"jobs {command}: error: {e}", file=sys.stderr)
         return 2

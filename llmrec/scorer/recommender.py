@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from llmrec.config import TrainConfig, config_from_dict
 from llmrec.data.order import split_last_event
 from llmrec.eval.protocol import History, ItemSpace
 from llmrec.schema import INDEX_IDS_FILE, META_FILE, SCORER_MODEL_FILE
@@ -39,7 +40,8 @@ class LLMRecRecommender:
             an inner-split validation).
         pretrained: `fit` loads the scorer already in `out_dir` instead of training, after checking that it
             was trained on this very train frame, validation and item vectors (`reusable_scorer`).
-        train_kwargs: passed to `fit_scorer` (num_workers, epochs, batch_size, lr, seed, patience, dim, ...).
+        train_kwargs: fields of `llmrec.config.TrainConfig` (num_workers, epochs, batch_size, lr, seed, dim,
+            ...); the others keep its defaults. An unknown name raises here, not at `fit`.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class LLMRecRecommender:
         self.validation = validation
         self.pretrained = pretrained
         self.train_kwargs = train_kwargs
+        self.train_config = config_from_dict(TrainConfig, train_kwargs, f"{name} (LLMRecRecommender)")
         self.scorer = None
         self.meta: dict | None = None
         self.tuning: dict[str, Any] = {}
@@ -73,15 +76,12 @@ class LLMRecRecommender:
             out = Path(self._tmp.name)
         else:
             out = Path(self.out_dir)
-        from llmrec.scorer.train import DEFAULTS
-
         if self.validation is not None:
             if train is not self.validation.source:
                 raise ValueError(f"{self.name}: fit got a train frame other than its validation's source")
             tr, va = self.validation.train, self.validation.valid
         else:
-            val_users = self.train_kwargs.get("val_users", DEFAULTS["val_users"])
-            tr, va = split_last_event(train, val_users, self.train_kwargs.get("seed", 0))
+            tr, va = split_last_event(train, self.train_config.val_users, self.train_config.seed)
         if self.pretrained:
             ok, why = reusable_scorer(out, tr, va, items)
             if not ok:
@@ -90,7 +90,7 @@ class LLMRecRecommender:
             logger.info("%s: reusing the scorer in %s (trained on this very split)", self.name, out)
         else:
             logger.info("%s: fit on %d events, %d validation targets", self.name, len(tr), len(va))
-            self.meta = fit_scorer(tr, items, out, valid_df=va if len(va) else None, **self.train_kwargs)
+            self.meta = fit_scorer(self.train_config, tr, items, out, valid_df=va if len(va) else None)
         self.scorer = Scorer.load(out)
         m = self.meta or {}
         cfg = m.get("model_config", {}) or {}

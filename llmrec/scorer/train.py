@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from llmrec.artifacts import load_torch_file, write_meta
+from llmrec.config import TrainConfig
 from llmrec.eval.protocol import ItemSpace
 from llmrec.schema import INDEX_IDS_FILE, TS, USER_ID
 from llmrec.schema import SCORER_COOC_FILE as COOC_FILE
@@ -56,41 +57,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 LAST_CHECKPOINT_DIR = "last_checkpoint"
 SCORE_METRIC = "val_best_ndcg@10"  # max of two-stage and retrieval-only ndcg@10 (see ScorerConfig.rerank)
-
-DEFAULTS: dict[str, Any] = {
-    "dim": 64,
-    "max_len": 50,
-    "n_layers": 1,
-    "n_heads": 2,
-    "mlp_hidden": 128,
-    "id_dropout": 0.3,
-    "dropout": 0.1,
-    "use_ids": True,
-    "n_neg": 128,  # sampled negatives per batch; -1 = full softmax over the whole catalog (small catalogs)
-    "head_neg": 31,
-    "weight_decay": 0.0,
-    "n_candidates": 200,
-    "min_rating": None,
-    "grad_clip": 5.0,
-    "logit_scale": 20.0,  # initial inverse temperature of the softmax over scale * u.v (learned)
-    "warm_start": True,  # start at the zero-shot text model (ScorerModel.warm_start)
-    "logq_correction": True,  # subtract log q(candidate) from sampled-softmax logits (see candidate_log_q)
-    # validation users: callers (`llmrec train`, LLMRecRecommender) hold out the last event of at most this
-    # many users (recommender.split_last_event); fit_scorer itself trains on the split it is given and only
-    # records the value
-    "val_users": 1000,
-    # hybrid ranking: co-occurrence neighbours kept per item (scorer.cooc); the weight of the co-occurrence
-    # score is chosen on validation after training (`tune_cooc_weight`, 0 allowed). 0 = no co-occurrence.
-    "cooc_neighbors": 100,
-    # share of training pairs that get one synthesised text feedback (scorer.feedback; needs item facets and
-    # the text encoder); 0 = the text-feedback gains stay at their start values
-    "feedback_p": 0.3,
-    "text_arm": True,  # full-dimension text arm (ScorerConfig.text_arm)
-    "rare_dropout_c": 2.0,  # extra ID dropout c / (c + n) for items seen n times (ScorerConfig.rare_dropout_c)
-    "cold_quota": 0,  # retrieval candidates reserved for cold items (ScorerConfig.cold_quota)
-    "cold_impute_k": 10,  # cold items borrow ID vectors / co-occurrences of k text neighbours (ScorerConfig)
-    "max_steps": None,  # batches per epoch at most (None = the whole epoch): bounds the time of a fine-tune
-}
 
 class TrainingDiverged(RuntimeError):
     """Training ended with weights that cannot rank (non-finite or zero scale): a learning rate too high."""
@@ -113,25 +79,18 @@ COLD_VAL_FRAC = 0.1
 # public API
 # ---------------------------------------------------------------------------------------------------------
 def fit_scorer(
+    cfg: TrainConfig,
     train_df: Any,
     items: ItemSpace,
     out_dir: str | os.PathLike,
+    *,
     valid_df: pd.DataFrame | None = None,
-    num_workers: int = 1,
-    use_gpu: bool = False,
-    epochs: int = 10,
-    batch_size: int = 256,
-    lr: float = 3e-3,
-    seed: int = 0,
     resume_from: str | os.PathLike | None = None,
-    patience: int = 2,
     embed_meta: dict | None = None,
     feedback: FeedbackBanks | None = None,
     checkpoint_dir: str | None = None,
-    max_failures: int = 0,
     init_from: str | os.PathLike | None = None,
     focus_after_ts: int | None = None,
-    **model_kwargs: Any,
 ) -> dict:
     """Train the scorer on Ray Train (`TorchTrainer`, DDP) and write `out_dir/model.pt` + `meta.json`.
 
@@ -139,36 +98,36 @@ def fit_scorer(
     driver holds only catalog-sized arrays and the validation users' rows.
 
     Args:
+        cfg: every training option (`llmrec.config.TrainConfig`: epochs, batch size, model size, workers,
+            ...); recorded as meta.json "config". `ScalingConfig(cfg.num_workers, cfg.use_gpu,
+            resources_per_worker={"CPU": 1[, "GPU": 1]})`.
         train_df: canonical interactions (user_id, item_id, ts, rating, event): a parquet file / folder / URI,
             a `RUN/data` folder, a `ray.data.Dataset`, or a pandas DataFrame.
         items: catalog index space (text vectors (N, D)).
         out_dir: artifact folder.
         valid_df: an explicit validation frame (then `train_df` must be a DataFrame too); without it the last
-            event of `val_users` (model_kwargs, default 1000) seeded-hash-chosen users with >= 2 events is held
-            out for per-epoch validation / early stopping / the post-training choices (0 = no validation: the
-            last epoch is kept).
-        num_workers, use_gpu: `ScalingConfig(num_workers, use_gpu,
-            resources_per_worker={"CPU": 1[, "GPU": 1]})`.
-        epochs: total epochs (a resumed run continues up to this count).
-        batch_size: global batch; each worker takes batch_size // num_workers.
-        resume_from: folder with `checkpoint.pt` (a Ray checkpoint or a previous out_dir).
-        patience: stop after this many epochs without a better `val_ndcg@10`.
+            event of `cfg.val_users` seeded-hash-chosen users with >= 2 events is held out for per-epoch
+            validation / early stopping / the post-training choices (0 = no validation: the last epoch is
+            kept).
+        resume_from: folder with `checkpoint.pt` (a Ray checkpoint or a previous out_dir); training continues
+            up to `cfg.epochs`.
         embed_meta: the embeddings artifact's meta, recorded under meta["embed"].
         feedback: phrase banks for synthesised text feedback (default: built from items.facets with the
             items.text_model encoder when both are known, see `scorer.feedback.banks_for`).
         checkpoint_dir: Ray Train run storage for checkpoints: a folder every node reaches or a URI
             (s3://..., gs://...); default OUT/ray on this machine (single node).
-        max_failures: worker-group failures Ray Train recovers from by restarting the workers from the last
-            checkpoint (`FailureConfig`); 0 = fail at the first.
         init_from: a previous scorer folder to start from (fine-tuning): its weights are copied where shapes
             match and its ID embeddings carried over by item id (`transfer_weights`); training then runs
-            `epochs` epochs on the given data.
+            `cfg.epochs` epochs on the given data.
         focus_after_ts: train on every sample whose target is later than this ts plus as many older samples
             drawn at random (a fine-tune on new feedback that does not forget the rest).
-        model_kwargs: overrides of DEFAULTS (dim, max_len, n_neg, id_dropout, n_candidates, ...).
 
     Returns:
         The written meta (config, best_epoch, metrics, per-epoch history, wall_s, examples_per_s).
+
+    Example::
+
+        meta = fit_scorer(TrainConfig(epochs=2, dim=16), "runs/ml/data", items, "runs/ml/scorer")
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -177,26 +136,18 @@ def fit_scorer(
     from llmrec.raysetup import init_ray
     from llmrec.scorer.dataset import cooc_matrices, storage_path, training_data
 
+    _check_config(cfg, "fit_scorer(cfg, train_df, items, out_dir)")
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    if epochs < 1 or batch_size < num_workers:
-        raise ValueError(
-            f"need epochs >= 1 and batch_size >= num_workers, got epochs={epochs} batch_size={batch_size}"
-        )
-    if max_failures < 0:
-        raise ValueError(f"max_failures must be >= 0, got {max_failures}")
-    hp = _hparams(model_kwargs, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
     if valid_df is not None and not isinstance(train_df, pd.DataFrame):
         raise ValueError("an explicit valid_df needs train_df as a DataFrame too; or pass val_users instead")
     resume_file = resolve_resume(resume_from) if resume_from is not None else None
 
     init_ray()
     explicit_val = valid_df is not None and len(valid_df) > 0
-    val_users = 0 if valid_df is not None else hp["val_users"]
-    data = training_data(train_df, items, hp["max_len"], hp["min_rating"], val_users, seed)
+    val_users = 0 if valid_df is not None else cfg.val_users
+    data = training_data(train_df, items, cfg.max_len, cfg.min_rating, val_users, cfg.seed)
     if data.n_samples == 0:
         raise ValueError(
             f"no training samples from {data.n_events} interactions: every user needs >= 2 events with a "
@@ -205,20 +156,19 @@ def fit_scorer(
     val = data.val
     if explicit_val:
         val = sdata.build_validation(
-            sdata.attach_item_idx(train_df, items), valid_df, items, max_len=hp["max_len"],
-            min_rating=hp["min_rating"],
+            sdata.attach_item_idx(train_df, items), valid_df, items, max_len=cfg.max_len,
+            min_rating=cfg.min_rating,
         )
-    static = static_from_counts(items, data.item_counts, data.target_counts, val, hp, feedback)
+    static = static_from_counts(items, data.item_counts, data.target_counts, val, cfg, feedback)
     ds = data.samples
     if focus_after_ts is not None:
-        ds = focus_samples(ds, int(focus_after_ts), seed)
+        ds = focus_samples(ds, int(focus_after_ts), cfg.seed)
     init_state = None
     if init_from is not None:
-        init_state = transfer_weights(build_model(static, hp), init_from, items.item_ids)
+        init_state = transfer_weights(build_model(static, cfg), init_from, items.item_ids)
     config = {
-        "hp": hp,
+        "train_config": dataclasses.asdict(cfg),  # plain values to every worker (TrainConfig rebuilt there)
         "static": ray.put(static),
-        "num_workers": num_workers,
         "resume_from": str(resume_file) if resume_file else None,
         "init_state": ray.put(init_state) if init_state is not None else None,
     }
@@ -228,29 +178,29 @@ def fit_scorer(
         checkpoint_score_attribute=SCORE_METRIC if has_val else "epoch",
         checkpoint_score_order="max",
     )
-    resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
+    resources = {"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": 1}
     run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{int(time.time() * 1e3) % 1000:03d}"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path(out, checkpoint_dir),
             checkpoint_config=ckpt_cfg,
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets={"train": ds},
         dataset_config=_ordered_ingest(),
     )
     logger.info(
         "TorchTrainer: %d workers, gpu=%s, %d samples, %d epochs, checkpoints in %s",
-        num_workers,
-        use_gpu,
+        cfg.num_workers,
+        cfg.use_gpu,
         data.n_samples,
-        epochs,
+        cfg.epochs,
         storage_path(out, checkpoint_dir),
     )
     result = trainer.fit()
@@ -265,13 +215,13 @@ def fit_scorer(
         shutil.copyfile(Path(d) / CHECKPOINT_FILE, last / CHECKPOINT_FILE)
         last_state = load_torch_file(Path(d) / CHECKPOINT_FILE, map_location="cpu")
     sims = None
-    if int(hp["cooc_neighbors"]) > 0:
+    if cfg.cooc_neighbors > 0:
         if explicit_val:  # both frames are in memory already
-            sims = (cooc_matrix(train_df, items, hp["cooc_neighbors"]),
-                    cooc_matrix(pd.concat([train_df, valid_df]), items, hp["cooc_neighbors"]))
+            sims = (cooc_matrix(train_df, items, cfg.cooc_neighbors),
+                    cooc_matrix(pd.concat([train_df, valid_df]), items, cfg.cooc_neighbors))
         else:
-            sims = cooc_matrices(data.user_items, items.n_items, int(hp["cooc_neighbors"]))
-    state, cooc, cooc_info, boost_info, cold_info = finalize_ranking(state, static, sims, hp)
+            sims = cooc_matrices(data.user_items, items.n_items, cfg.cooc_neighbors)
+    state, cooc, cooc_info, boost_info, cold_info = finalize_ranking(state, static, sims, cfg)
     ts_max = [data.ts_max] if data.ts_max is not None else []
     if explicit_val and TS in valid_df.columns:
         ts_max.append(int(valid_df[TS].max()))
@@ -282,7 +232,7 @@ def fit_scorer(
         state,
         last_state,
         items,
-        hp,
+        cfg,
         embed_meta,
         wall=wall,
         epochs_run=epochs_run,
@@ -290,11 +240,9 @@ def fit_scorer(
         cooc_info=cooc_info,
         boost_info=boost_info,
         cold_info=cold_info,
-        feedback_info=feedback_summary(static, hp),
+        feedback_info=feedback_summary(static, cfg),
         data_ts_max=max(ts_max) if ts_max else None,
         extra={
-            "num_workers": num_workers,
-            "use_gpu": use_gpu,
             "ray_run": run_name,
             "resumed_from": str(resume_file) if resume_file else None,
         },
@@ -324,16 +272,16 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    hp = config["hp"]
+    cfg = TrainConfig(**config["train_config"])
     static = config["static"]
     if isinstance(static, ray.ObjectRef):
         static = ray.get(static)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(hp["seed"])  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    model = build_model(static, hp).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+    model = build_model(static, cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, stop_state = 0, {"best": -math.inf, "best_epoch": -1, "bad_epochs": 0}
     history: list[dict] = []  # per-epoch metrics, carried over by a resumed run
     ckpt = ray.train.get_checkpoint()
@@ -355,12 +303,12 @@ def train_loop_per_worker(config: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     shard = ray.train.get_dataset_shard("train")
     neg_p = torch.as_tensor(static["neg_p"], dtype=torch.float32, device=device)
-    log_q = _log_q_tensor(static, hp, device)
-    gen = torch.Generator(device=device).manual_seed(hp["seed"] * 1000 + rank)
-    rng = np.random.default_rng([hp["seed"], rank, start_epoch])  # text-feedback synthesis
-    per_worker_batch = max(1, hp["batch_size"] // world)
+    log_q = _log_q_tensor(static, cfg, device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+    rng = np.random.default_rng([cfg.seed, rank, start_epoch])  # text-feedback synthesis
+    per_worker_batch = max(1, cfg.batch_size // world)
     run_epochs: list[int] = []  # epochs trained by this run (a resumed run starts after the saved epoch)
-    for epoch in range(start_epoch, hp["epochs"]):
+    for epoch in range(start_epoch, cfg.epochs):
         run_epochs.append(epoch)
         t0 = time.perf_counter()
         # the samples come in one seeded global order (llmrec.scorer.dataset); each epoch permutes them within
@@ -369,15 +317,15 @@ def train_loop_per_worker(config: dict) -> None:
             shard.iter_torch_batches(batch_size=per_worker_batch),
             per_worker_batch,
             SHUFFLE_WINDOW,
-            np.random.default_rng([hp["seed"], epoch, rank, 17]),
+            np.random.default_rng([cfg.seed, epoch, rank, 17]),
         )
         loss_sum, n_ex = train_epoch(
-            ddp_model, optimizer, batches, neg_p, hp, gen, device, log_q, static["bank"], rng
+            ddp_model, optimizer, batches, neg_p, cfg, gen, device, log_q, static["bank"], rng
         )
         train_s = time.perf_counter() - t0
         totals = torch.tensor([loss_sum, n_ex], dtype=torch.float64)
         metrics = evaluate(
-            model, static["val"], hp["n_candidates"], rank=rank, world=world, device=device, bank=static["bank"]
+            model, static["val"], cfg.n_candidates, rank=rank, world=world, device=device, bank=static["bank"]
         )
         if world > 1:
             import torch.distributed as dist
@@ -390,7 +338,7 @@ def train_loop_per_worker(config: dict) -> None:
             train_s=train_s,
             examples_per_s=float(totals[1]) / train_s,
         )
-        stop = update_early_stop(stop_state, metrics, epoch, hp["patience"])
+        stop = update_early_stop(stop_state, metrics, epoch, cfg.patience)
         metrics["best_epoch"] = stop_state["best_epoch"]
         history.append(dict(metrics))
         _report(metrics, model, optimizer, epoch, stop_state, rank, run_epochs, history)
@@ -405,44 +353,41 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def fit_local(
+    cfg: TrainConfig,
     train_df: pd.DataFrame,
     items: ItemSpace,
     valid_df: pd.DataFrame | None = None,
-    epochs: int = 10,
-    batch_size: int = 256,
-    lr: float = 3e-3,
-    seed: int = 0,
-    patience: int = 2,
+    *,
     device: str = "cpu",
     feedback: FeedbackBanks | None = None,
-    **model_kwargs: Any,
 ) -> tuple[ScorerModel, list[dict]]:
     """The same training in one plain process (no Ray): for tests, benchmarks and debugging.
 
     Returns the best model (by val_ndcg@10 when valid_df is given, else the last) in eval mode, and the
     per-epoch metrics. The post-training choices of `fit_scorer` (re-ranker on/off, co-occurrence weight:
-    `finalize_ranking`) are not made here: the model ranks with its network alone.
+    `finalize_ranking`) are not made here: the model ranks with its network alone. Of `cfg`, the Ray options
+    (num_workers, use_gpu, max_failures) and val_users (`valid_df` is the validation) are not used.
     """
-    hp = _hparams(model_kwargs, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
-    static, samples = prepare_static(train_df, items, valid_df, hp, feedback)
-    torch.manual_seed(seed)
-    model = build_model(static, hp).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=hp["weight_decay"])
+    _check_config(cfg, "fit_local(cfg, train_df, items)")
+    static, samples = prepare_static(train_df, items, valid_df, cfg, feedback)
+    torch.manual_seed(cfg.seed)
+    model = build_model(static, cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     neg_p = torch.as_tensor(static["neg_p"], dtype=torch.float32, device=device)
-    log_q = _log_q_tensor(static, hp, device)
-    gen = torch.Generator(device=device).manual_seed(seed * 1000)
-    rng = np.random.default_rng(seed)
-    fb_rng = np.random.default_rng([seed, 0, 0])
+    log_q = _log_q_tensor(static, cfg, device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000)
+    rng = np.random.default_rng(cfg.seed)
+    fb_rng = np.random.default_rng([cfg.seed, 0, 0])
     stop_state = {"best": -math.inf, "best_epoch": -1, "bad_epochs": 0}
     history, best_sd = [], None
-    for epoch in range(epochs):
+    for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         loss_sum, n_ex = train_epoch(
-            model, optimizer, iter_numpy_batches(samples, batch_size, rng, device), neg_p, hp, gen, device,
-            log_q, static["bank"], fb_rng,
+            model, optimizer, iter_numpy_batches(samples, cfg.batch_size, rng, device), neg_p, cfg, gen,
+            device, log_q, static["bank"], fb_rng,
         )
         train_s = time.perf_counter() - t0
-        metrics = evaluate(model, static["val"], hp["n_candidates"], device=device, bank=static["bank"])
+        metrics = evaluate(model, static["val"], cfg.n_candidates, device=device, bank=static["bank"])
         metrics.update(
             epoch=epoch,
             train_loss=loss_sum / max(n_ex, 1),
@@ -450,7 +395,7 @@ def fit_local(
             train_s=train_s,
             examples_per_s=n_ex / train_s,
         )
-        stop = update_early_stop(stop_state, metrics, epoch, patience)
+        stop = update_early_stop(stop_state, metrics, epoch, cfg.patience)
         if stop_state["best_epoch"] == epoch:
             best_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append(metrics)
@@ -474,12 +419,12 @@ def prepare_static(
     train_df: pd.DataFrame,
     items: ItemSpace,
     valid_df: pd.DataFrame | None,
-    hp: dict,
+    cfg: TrainConfig,
     feedback: FeedbackBanks | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """In-process preparation (`fit_local`): samples built here, then `static_from_counts`."""
     train_df = sdata.attach_item_idx(train_df, items)
-    samples = sdata.build_samples(train_df, items, max_len=hp["max_len"], min_rating=hp["min_rating"])
+    samples = sdata.build_samples(train_df, items, max_len=cfg.max_len, min_rating=cfg.min_rating)
     if len(samples["target"]) == 0:
         raise ValueError(
             f"no training samples from {len(train_df)} interactions: "
@@ -489,11 +434,11 @@ def prepare_static(
     val = None
     if valid_df is not None and len(valid_df):
         val = sdata.build_validation(
-            train_df, valid_df, items, max_len=hp["max_len"], min_rating=hp["min_rating"]
+            train_df, valid_df, items, max_len=cfg.max_len, min_rating=cfg.min_rating
         )
     pop = sdata.popularity(train_df, items)
     targets = np.bincount(samples["target"], minlength=items.n_items).astype(np.float64)
-    return static_from_counts(items, pop, targets, val, hp, feedback), samples
+    return static_from_counts(items, pop, targets, val, cfg, feedback), samples
 
 
 SHUFFLE_WINDOW = 8  # batches permuted together per epoch (train_loop_per_worker)
@@ -591,7 +536,7 @@ def static_from_counts(
     item_counts: np.ndarray,
     target_counts: np.ndarray,
     val: sdata.ValidationSet | None,
-    hp: dict,
+    cfg: TrainConfig,
     feedback: FeedbackBanks | None = None,
 ) -> dict:
     """What every worker needs (catalog-sized): text vectors, ID slots and counts, negative distribution, logQ,
@@ -603,36 +548,36 @@ def static_from_counts(
     pop = np.asarray(item_counts, dtype=np.float64)
     seen = pop > 0
     slots = np.zeros(items.n_items, np.int64)
-    if hp["use_ids"]:
+    if cfg.use_ids:
         slots[seen] = np.arange(1, int(seen.sum()) + 1)
     neg_p = sdata.negative_distribution(pop)
-    if float(hp["feedback_p"]) > 0 and feedback is None:
+    if cfg.feedback_p > 0 and feedback is None:
         feedback = banks_for(items)
     if val is not None and feedback is not None:
         first = np.array([int(t[0]) if len(t) else 0 for t in val.targets], np.int64)
         fv, fp, ff = sample_feedback(
-            feedback.heldout, first, val.hist_idx, val.hist_len, np.random.default_rng([hp["seed"], 7]), 1.0
+            feedback.heldout, first, val.hist_idx, val.hist_len, np.random.default_rng([cfg.seed, 7]), 1.0
         )
         val = dataclasses.replace(val, fb_vec=fv, fb_pol=fp, fb_facet=ff)
     return {"text_vectors": text, "id_slots": slots, "item_counts": pop.astype(np.float32), "neg_p": neg_p,
-            "val": val, "bank": feedback.train if feedback is not None and hp["feedback_p"] > 0 else None,
-            "log_q": candidate_log_q(target_counts, neg_p, hp["batch_size"], hp["n_neg"])}
+            "val": val, "bank": feedback.train if feedback is not None and cfg.feedback_p > 0 else None,
+            "log_q": candidate_log_q(target_counts, neg_p, cfg.batch_size, cfg.n_neg)}
 
 
-def feedback_summary(static: dict, hp: dict) -> dict:
+def feedback_summary(static: dict, cfg: TrainConfig) -> dict:
     """meta.json "feedback": what synthesised text feedback training used (facets, share, phrasings)."""
     bank = static.get("bank")
     if bank is None:
-        return {"used": False, "p": float(hp["feedback_p"])}
+        return {"used": False, "p": cfg.feedback_p}
     from llmrec.scorer.feedback import HELDOUT_TEMPLATES
 
-    return {"used": True, "p": float(hp["feedback_p"]), "n_facets": bank.n_facets,
+    return {"used": True, "p": cfg.feedback_p, "n_facets": bank.n_facets,
             "train_templates": {str(k): list(v) for k, v in bank.templates.items()},
             "heldout_templates": {str(k): list(v) for k, v in HELDOUT_TEMPLATES.items()}}
 
 
-def _log_q_tensor(static: dict, hp: dict, device: torch.device | str) -> torch.Tensor | None:
-    if not hp.get("logq_correction", True):
+def _log_q_tensor(static: dict, cfg: TrainConfig, device: torch.device | str) -> torch.Tensor | None:
+    if not cfg.logq_correction:
         return None
     return torch.as_tensor(static["log_q"], dtype=torch.float32, device=device)
 
@@ -652,32 +597,32 @@ def candidate_log_q(target_counts: np.ndarray, neg_p: np.ndarray, batch_size: in
     return np.log(np.maximum(q, 1e-12)).astype(np.float32)
 
 
-def build_model(static: dict, hp: dict) -> ScorerModel:
+def build_model(static: dict, cfg: TrainConfig) -> ScorerModel:
     n, d_text = static["text_vectors"].shape
-    cfg = ScorerConfig(
+    model_cfg = ScorerConfig(
         text_dim=d_text,
         n_items=n,
         n_id_slots=int(static["id_slots"].max()) + 1,
-        dim=hp["dim"],
-        max_len=hp["max_len"],
-        n_layers=hp["n_layers"],
-        n_heads=hp["n_heads"],
-        mlp_hidden=hp["mlp_hidden"],
-        id_dropout=hp["id_dropout"],
-        dropout=hp["dropout"],
-        logit_scale=hp["logit_scale"],
-        text_arm=bool(hp["text_arm"]),
-        rare_dropout_c=float(hp["rare_dropout_c"]),
-        cold_quota=int(hp["cold_quota"]),
-        cold_impute_k=int(hp["cold_impute_k"]),
+        dim=cfg.dim,
+        max_len=cfg.max_len,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        mlp_hidden=cfg.mlp_hidden,
+        id_dropout=cfg.id_dropout,
+        dropout=cfg.dropout,
+        logit_scale=cfg.logit_scale,
+        text_arm=cfg.text_arm,
+        rare_dropout_c=cfg.rare_dropout_c,
+        cold_quota=cfg.cold_quota,
+        cold_impute_k=cfg.cold_impute_k,
     )
     # np.require copies the read-only arrays Ray hands a worker (the model registers them as buffers)
     model = ScorerModel(
-        cfg,
+        model_cfg,
         *(torch.from_numpy(np.require(static[k], requirements="W"))
           for k in ("text_vectors", "id_slots", "item_counts")),
     )
-    if hp["warm_start"]:
+    if cfg.warm_start:
         model.warm_start()
     return model
 
@@ -730,7 +675,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     batches: Iterable[dict[str, torch.Tensor]],
     neg_p: torch.Tensor,
-    hp: dict,
+    cfg: TrainConfig,
     gen: torch.Generator,
     device: torch.device | str,
     log_q: torch.Tensor | None = None,
@@ -739,30 +684,30 @@ def train_epoch(
 ) -> tuple[float, int]:
     """One pass over `batches`; returns (sum of per-example loss, examples).
 
-    With a phrase bank, a share hp["feedback_p"] of the rows gets one synthesised text feedback
+    With a phrase bank, a share cfg.feedback_p of the rows gets one synthesised text feedback
     (`scorer.feedback.sample_feedback`) drawn from `rng`."""
     model.train()
     loss_sum, n_ex = 0.0, 0
-    max_steps = hp.get("max_steps")
+    max_steps = cfg.max_steps
     for step, batch in enumerate(batches):
         if max_steps is not None and step >= int(max_steps):
             break
         batch = {k: v.to(device) for k, v in batch.items()}
-        if bank is not None and float(hp["feedback_p"]) > 0:
+        if bank is not None and cfg.feedback_p > 0:
             fv, fp, _ = sample_feedback(
                 bank,
                 batch["target"].cpu().numpy(),
                 batch["hist_idx"].cpu().numpy(),
                 batch["hist_len"].cpu().numpy(),
                 rng if rng is not None else np.random.default_rng(),
-                float(hp["feedback_p"]),
+                cfg.feedback_p,
             )
             batch["fb_vec"], batch["fb_pol"] = torch.from_numpy(fv).to(device), torch.from_numpy(fp).to(device)
-        loss = batch_loss(model, batch, neg_p, hp["n_neg"], gen, hp["head_neg"], log_q, hp["n_candidates"])
+        loss = batch_loss(model, batch, neg_p, cfg.n_neg, gen, cfg.head_neg, log_q, cfg.n_candidates)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if hp["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         b = int(batch["target"].shape[0])
         loss_sum += float(loss.detach()) * b
@@ -946,18 +891,13 @@ def iter_numpy_batches(
 # ---------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------
-def _hparams(model_kwargs: dict, **fixed: Any) -> dict:
-    unknown = sorted(set(model_kwargs) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown scorer options {unknown}; valid: {sorted(DEFAULTS)}")
-    hp = {**DEFAULTS, **model_kwargs, **fixed}
-    if hp["val_users"] is not None and int(hp["val_users"]) < 0:
-        raise ValueError(f"val_users must be >= 0 (or None = every eligible user), got {hp['val_users']}")
-    if int(hp["cooc_neighbors"]) < 0:
-        raise ValueError(f"cooc_neighbors must be >= 0 (0 = no co-occurrence term), got {hp['cooc_neighbors']}")
-    if int(hp["n_neg"]) < -1:
-        raise ValueError(f"n_neg must be >= 0 (sampled negatives) or -1 (full softmax), got {hp['n_neg']}")
-    return hp
+def _check_config(cfg: Any, call: str) -> None:
+    """A clear error for the pre-TrainConfig call style `fit_scorer(train_df, items, out, epochs=...)`."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(
+            f"{call}: cfg must be a llmrec.config.TrainConfig, got {type(cfg).__name__}; the training "
+            "options moved into it: fit_scorer(TrainConfig(epochs=5, dim=32), train_df, items, out_dir)"
+        )
 
 
 def _report(
@@ -1006,7 +946,7 @@ def finalize_ranking(
     state: dict,
     static: dict,
     sims: tuple[sp.csr_matrix, sp.csr_matrix] | None,
-    hp: dict,
+    cfg: TrainConfig,
 ) -> tuple[dict, sp.csr_matrix | None, dict, dict, dict]:
     """Post-training choices, each measured on validation: the MLP re-ranker on/off, then the co-occurrence
     weight (`tune_cooc_weight`), then the text boost per history-length bucket (`tune_text_boost`), then the
@@ -1016,16 +956,16 @@ def finalize_ranking(
     co-occurrence term). Returns (state with model_config updated, the co-occurrence matrix to ship (train +
     validation) or None, the co-occurrence, text-boost and cold-bonus summaries for meta.json)."""
     m = state["metrics"]
-    cfg = dict(state["model_config"])
+    mc = dict(state["model_config"])
     if "val_ndcg@10" in m and "val_retrieval_ndcg@10" in m:
         # measured, not assumed: keep the MLP re-ranker only if it beat retrieval alone on validation
-        cfg["rerank"] = bool(m["val_ndcg@10"] >= m["val_retrieval_ndcg@10"])
+        mc["rerank"] = bool(m["val_ndcg@10"] >= m["val_retrieval_ndcg@10"])
         logger.info("re-ranker %s: val ndcg@10 two-stage %.4f vs retrieval-only %.4f",
-                    "on" if cfg["rerank"] else "off", m["val_ndcg@10"], m["val_retrieval_ndcg@10"])
-    info: dict[str, Any] = {"cooc_neighbors": int(hp["cooc_neighbors"])}
+                    "on" if mc["rerank"] else "off", m["val_ndcg@10"], m["val_retrieval_ndcg@10"])
+    info: dict[str, Any] = {"cooc_neighbors": cfg.cooc_neighbors}
     boost_info: dict[str, Any] = {}
     cold_info: dict[str, Any] = {}
-    cfg["cooc_weight"] = 0.0
+    mc["cooc_weight"] = 0.0
     t0 = time.perf_counter()
     val = static["val"]
     has_val = val is not None and val.n_users > 0
@@ -1043,28 +983,28 @@ def finalize_ranking(
     sim_train = None
     if sims is not None and has_val:
         sim_train = sims[0]
-        weight, table = tune_cooc_weight(model_for(cfg), val, sim_train, hp["n_candidates"])
-        cfg["cooc_weight"] = weight
+        weight, table = tune_cooc_weight(model_for(mc), val, sim_train, cfg.n_candidates)
+        mc["cooc_weight"] = weight
         info.update(val_ndcg_by_weight=table, cooc_weight=weight)
         logger.info("co-occurrence weight %.4g chosen on validation (ndcg@10 by weight: %s)", weight, table)
     elif sims is not None:
         logger.info("no validation set: co-occurrence weight stays 0 (neural ranking only)")
-    if has_val and cfg.get("text_arm", True):
-        boost, boost_info = tune_text_boost(model_for(cfg), val, sim_train, hp["n_candidates"])
-        cfg["text_boost"] = list(boost)
+    if has_val and mc.get("text_arm", True):
+        boost, boost_info = tune_text_boost(model_for(mc), val, sim_train, cfg.n_candidates)
+        mc["text_boost"] = list(boost)
         logger.info("text boost per history-length bucket %s chosen on validation: %s",
                     list(boost_info["buckets"]), boost)
     if has_val:
-        bonus, cold_info = tune_cold_bonus(model_for(cfg), val, sim_train, hp["n_candidates"])
-        cfg["cold_bonus"] = bonus
+        bonus, cold_info = tune_cold_bonus(model_for(mc), val, sim_train, cfg.n_candidates)
+        mc["cold_bonus"] = bonus
         logger.info("cold-item bonus %.4g chosen on validation (%s)", bonus,
                     f"{cold_info['n_cold_targets']} targets of {cold_info['n_pseudo_cold_items']} items made cold"
                     if cold_info.get("measured") else cold_info.get("why", ""))
     if sims is None:
-        return {**state, "model_config": cfg}, None, info, boost_info, cold_info
+        return {**state, "model_config": mc}, None, info, boost_info, cold_info
     sim = sims[1]
     info.update(nnz=int(sim.nnz), seconds=time.perf_counter() - t0)
-    return {**state, "model_config": cfg}, sim, info, boost_info, cold_info
+    return {**state, "model_config": mc}, sim, info, boost_info, cold_info
 
 
 @torch.no_grad()
@@ -1297,7 +1237,7 @@ def _write_artifact(
     state: dict,
     last_state: dict,
     items: ItemSpace,
-    hp: dict,
+    cfg: TrainConfig,
     embed_meta: dict | None,
     wall: float,
     epochs_run: list[int],
@@ -1320,7 +1260,7 @@ def _write_artifact(
         out,
         "train",
         embed=embed_meta or {},
-        config={**hp, **extra},
+        config={**dataclasses.asdict(cfg), **extra},  # the keys meta.json readers know
         model_config=state["model_config"],
         cooc=cooc_info or {},
         text_boost=boost_info or {},
@@ -1337,7 +1277,7 @@ def _write_artifact(
         model_file=MODEL_FILE,
         n_items=items.n_items,
         text_dim=int(np.asarray(items.text_vectors).shape[1]),
-        dim=hp["dim"],
+        dim=cfg.dim,
         wall_s=wall,
         examples_per_s=hist.get("examples_per_s"),
     )

@@ -1,0 +1,223 @@
+"""Typed, frozen configs: the one home of a stage's options and their defaults.
+
+`TrainConfig` holds every option of the scorer's training (`llmrec.scorer.train.fit_scorer(cfg, ...)`). Each
+field is declared with `option(default, help)`: the help text is the field's documentation and the text of its
+command-line flag, so adding an option is one line here. `add_config_arguments(parser, TrainConfig)` turns the
+fields into `--flag-name` arguments of `llmrec train` and `config_from_args(TrainConfig, args)` builds the
+config back from the parsed flags; job YAML (cluster/jobs/*.yaml) reaches the same flags, and code that
+changes a few options from another config uses `dataclasses.replace` (checked again in `__post_init__`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def option(default: Any, help: str, *, cli_none: int | None = None) -> Any:
+    """A config field: its default and its documentation (also the help of its command-line flag).
+
+    cli_none: for a field that may be None, the command-line value that stands for None (argparse has no
+    None), e.g. `--val-users -1` = None = every eligible user.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "cli_none": cli_none})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the scorer's training
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of the scorer's training, each field documented by its `option(default, help)`.
+
+    Raises:
+        ValueError: a field has the wrong type or is out of range (the message names both).
+
+    Example::
+
+        cfg = TrainConfig(epochs=5, dim=32)
+        fine_tune = dataclasses.replace(cfg, epochs=1, max_steps=200)
+    """
+
+    # --- the flags `llmrec train` has always had (names, defaults and meanings are pinned by test_config.py)
+    num_workers: int = option(1, "Ray Train workers, 1 CPU (or GPU) each")
+    use_gpu: bool = option(False, "one GPU per worker")
+    epochs: int = option(10, "maximum epochs; early stopping may end sooner (a resumed run continues up to "
+                         "this count)")
+    batch_size: int = option(256, "global batch size; each worker takes batch_size // num_workers")
+    lr: float = option(3e-3, "Adam learning rate")
+    patience: int = option(2, "epochs without a better val ndcg@10 before stopping")
+    dim: int = option(64, "model / retrieval dim")
+    n_neg: int = option(128, "sampled negatives per batch; -1 = full softmax over the whole catalog "
+                        "(small catalogs)")
+    max_len: int = option(50, "history events the user encoder reads")
+    # the callers that split (`llmrec train`, LLMRecRecommender) hold the validation events out; fit_scorer
+    # itself trains on the split it is given and only records the value
+    val_users: int | None = option(
+        1000,
+        "hold out the last event of this many random users (>= 2 events) for validation / early stopping; "
+        "-1 (None in code) = every such user, 0 = no validation (the last epoch is kept); every other event "
+        "is trained on",
+        cli_none=-1,
+    )
+    # the weight of the co-occurrence score is chosen on validation after training (`tune_cooc_weight`)
+    cooc_neighbors: int = option(100, "item co-occurrence neighbours kept per item for the ranking's "
+                                 "co-occurrence term, whose weight is chosen on validation (0 = neural "
+                                 "ranking only)")
+    seed: int = option(0, "seed of the initialisation, sampling, shuffling and the validation users")
+    max_failures: int = option(0, "worker failures to recover from by restarting the workers from the last "
+                               "checkpoint (Ray Train FailureConfig)")
+    # --- the model and the loss (ScorerConfig's fields of the same name; see scorer/model.py for their why)
+    n_layers: int = option(1, "causal transformer layers of the user encoder")
+    n_heads: int = option(2, "attention heads (dim must be divisible by it)")
+    mlp_hidden: int = option(128, "hidden width of the MLP re-ranker")
+    id_dropout: float = option(0.3, "probability of dropping an item's ID embedding during training")
+    dropout: float = option(0.1, "dropout of the user encoder")
+    use_ids: bool = option(True, "learn an ID embedding for every item seen in training (off: text only)")
+    head_neg: int = option(31, "negatives per row for the MLP head, drawn from the row's retrieval top list")
+    weight_decay: float = option(0.0, "Adam weight decay")
+    n_candidates: int = option(200, "retrieval candidates the MLP head re-ranks (training and validation)")
+    min_rating: float | None = option(None, "interactions rated below this are not training targets "
+                                      "(none: every target kind counts)")
+    grad_clip: float = option(5.0, "gradient-norm clip (0 = off)")
+    logit_scale: float = option(20.0, "initial inverse temperature of the softmax over scale * u.v (learned)")
+    warm_start: bool = option(True, "start at the zero-shot text model (ScorerModel.warm_start)")
+    logq_correction: bool = option(True, "subtract log q(candidate) from the sampled-softmax logits "
+                                   "(candidate_log_q)")
+    # needs item facets and the text encoder; 0 = the text-feedback gains stay at their start values
+    feedback_p: float = option(0.3, "share of training pairs that get one synthesised text feedback "
+                               "(scorer.feedback)")
+    text_arm: bool = option(True, "full-dimension text arm (ScorerConfig.text_arm)")
+    rare_dropout_c: float = option(2.0, "extra ID dropout c / (c + n) for items seen n times")
+    cold_quota: int = option(0, "retrieval candidates reserved for cold items (0 = no quota)")
+    cold_impute_k: int = option(10, "cold items borrow ID vectors / co-occurrences of k text neighbours "
+                                "(0 = off)")
+    # bounds the time of a fine-tune (`llmrec learn`)
+    max_steps: int | None = option(None, "batches per epoch at most (none: the whole epoch)")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        at_least = {"num_workers": 1, "epochs": 1, "patience": 0, "dim": 1, "n_neg": -1, "max_len": 1,
+                    "cooc_neighbors": 0, "seed": 0, "max_failures": 0, "n_layers": 1, "n_heads": 1,
+                    "mlp_hidden": 1, "head_neg": 0, "weight_decay": 0.0, "n_candidates": 1, "grad_clip": 0.0,
+                    "rare_dropout_c": 0.0, "cold_quota": 0, "cold_impute_k": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if not value >= low:  # also rejects NaN
+                raise ValueError(f"TrainConfig.{name} must be >= {low}, got {value}")
+        if self.batch_size < self.num_workers:
+            raise ValueError(f"TrainConfig.batch_size must be >= num_workers ({self.num_workers}: every "
+                             f"worker takes batch_size // num_workers), got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"TrainConfig.dim must be divisible by n_heads ({self.n_heads}), got {self.dim}")
+        for name in ("id_dropout", "dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.feedback_p <= 1.0:
+            raise ValueError(f"TrainConfig.feedback_p must be in [0, 1], got {self.feedback_p}")
+        if not 0.0 < self.logit_scale <= 100.0:
+            raise ValueError(f"TrainConfig.logit_scale must be in (0, 100], got {self.logit_scale}")
+        if self.val_users is not None and self.val_users < 0:
+            raise ValueError(f"TrainConfig.val_users must be >= 0, or None (-1 on the command line) for "
+                             f"every user with >= 2 events, got {self.val_users}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(
+                f"TrainConfig.max_steps must be >= 1 or None (the whole epoch), got {self.max_steps}"
+            )
+        if self.min_rating is not None and not math.isfinite(self.min_rating):
+            raise ValueError(f"TrainConfig.min_rating must be a finite number or None, got {self.min_rating}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers shared by every config
+# ---------------------------------------------------------------------------------------------------------
+def config_from_dict(cls: type[C], values: Mapping[str, Any], source: str = "") -> C:
+    """`cls(**values)`, but an unknown key raises a ValueError that lists the valid keys (not a TypeError)."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        where = f"{source}: " if source else ""
+        raise ValueError(f"{where}unknown {cls.__name__} option(s) {unknown}; valid: {sorted(names)}")
+    return cls(**values)
+
+
+def with_overrides(cfg: C, overrides: Mapping[str, Any], source: str = "") -> C:
+    """`dataclasses.replace(cfg, **overrides)` (checked again by `__post_init__`), but an unknown key raises a
+    ValueError that lists the valid keys."""
+    names = {f.name for f in dataclasses.fields(cfg)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        where = f"{source}: " if source else ""
+        raise ValueError(f"{where}unknown {type(cfg).__name__} option(s) {unknown}; valid: {sorted(names)}")
+    return dataclasses.replace(cfg, **overrides)  # type: ignore[type-var]
+
+
+def check_types(cfg: Any) -> None:
+    """Raise a ValueError naming the field when a value does not have the field's type; ints given for float
+    fields become floats (a YAML or JSON `1` for `lr`)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        base, optional = _base_type(hints[f.name])
+        if value is None and optional:
+            continue
+        ok = isinstance(value, base) and not (base is not bool and isinstance(value, bool))
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, float(value))
+            ok = True
+        if not ok:
+            allowed = base.__name__ + (" or None" if optional else "")
+            raise ValueError(f"{type(cfg).__name__}.{f.name} must be {allowed}, got {value!r} "
+                             f"({type(value).__name__})")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
+    """One `--field-name` flag per field of `cls`, defaulted by `defaults` (an instance; default `cls()`).
+
+    bool fields get `--x` / `--no-x`; a field that may be None takes its `cli_none` value for None.
+    """
+    base_cfg = defaults if defaults is not None else cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(base_cfg, f.name)
+        base, _ = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{help_text} (default: {'on' if default else 'off'})")
+            continue
+        cli_none = f.metadata.get("cli_none")
+        if default is None and cli_none is not None:
+            default = cli_none
+        shown = "none" if default is None else default
+        parser.add_argument(flag, type=base, default=default, help=f"{help_text} (default: {shown})")
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """The config of the flags `add_config_arguments` added (each field read from `args.<field name>`)."""
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value = getattr(args, f.name)
+        cli_none = f.metadata.get("cli_none")
+        values[f.name] = None if cli_none is not None and value == cli_none else value
+    return cls(**values)
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    """(the non-None type, whether None is allowed) of a field annotation such as `int | None`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        assert len(args) == 1, f"config fields are T or T | None, got {hint}"
+        return args[0], True
+    return hint, False

@@ -1,0 +1,169 @@
+"""TrainConfig is the one home of the training options: `llmrec train`'s flags, their defaults, the checks."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+
+from llmrec.cli import build_parser
+from llmrec.config import (
+    TrainConfig,
+    add_config_arguments,
+    config_from_args,
+    config_from_dict,
+    with_overrides,
+)
+
+REQUIRED = ["--data", "d", "--embeddings", "e", "--out", "o"]
+
+# `llmrec train --help` before TrainConfig (main at de4e08e): outside scripts use these, so each must stay
+TRAIN_FLAGS_BEFORE = [
+    "-h", "--help", "--data", "--embeddings", "--out", "--events", "--num-workers", "--use-gpu", "--epochs",
+    "--batch-size", "--lr", "--patience", "--dim", "--n-neg", "--max-len", "--val-users", "--cooc-neighbors",
+    "--seed", "--holdout", "--resume", "--checkpoint-dir", "--max-failures", "--address",
+]
+# their parsed defaults before TrainConfig (same commit)
+TRAIN_DEFAULTS_BEFORE = {
+    "events": None, "num_workers": 1, "use_gpu": False, "epochs": 10, "batch_size": 256, "lr": 0.003,
+    "patience": 2, "dim": 64, "n_neg": 128, "max_len": 50, "val_users": 1000, "cooc_neighbors": 100,
+    "seed": 0, "holdout": "none", "resume": None, "checkpoint_dir": None, "max_failures": 0, "address": None,
+}
+# scorer/train.py's DEFAULTS dict before TrainConfig (same commit): the model / loss options
+MODEL_DEFAULTS_BEFORE = {
+    "dim": 64, "max_len": 50, "n_layers": 1, "n_heads": 2, "mlp_hidden": 128, "id_dropout": 0.3,
+    "dropout": 0.1, "use_ids": True, "n_neg": 128, "head_neg": 31, "weight_decay": 0.0, "n_candidates": 200,
+    "min_rating": None, "grad_clip": 5.0, "logit_scale": 20.0, "warm_start": True, "logq_correction": True,
+    "val_users": 1000, "cooc_neighbors": 100, "feedback_p": 0.3, "text_arm": True, "rare_dropout_c": 2.0, "cold_quota": 0,
+    "cold_impute_k": 10, "max_steps": None,
+}
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def test_every_train_flag_from_before_still_exists():
+    flags = {s for a in _train_parser()._actions for s in a.option_strings}
+    assert set(TRAIN_FLAGS_BEFORE) <= flags, sorted(set(TRAIN_FLAGS_BEFORE) - flags)
+
+
+def test_train_defaults_unchanged_and_equal_to_train_config():
+    args = _train_parser().parse_args(REQUIRED)
+    assert {k: getattr(args, k) for k in TRAIN_DEFAULTS_BEFORE} == TRAIN_DEFAULTS_BEFORE
+    assert config_from_args(TrainConfig, args) == TrainConfig()
+    assert {k: getattr(TrainConfig(), k) for k in MODEL_DEFAULTS_BEFORE} == MODEL_DEFAULTS_BEFORE
+
+
+def test_every_field_is_a_flag_that_reaches_the_config():
+    """Adding a field adds its flag: a non-default value for every field, given on the command line, comes
+    back in the config (bools through --x / --no-x, None through the field's cli_none value)."""
+    changed = {
+        "num_workers": 2, "use_gpu": True, "epochs": 3, "batch_size": 64, "lr": 0.01, "patience": 4,
+        "dim": 32, "n_neg": -1, "max_len": 20, "val_users": None, "cooc_neighbors": 0, "seed": 7,
+        "max_failures": 1, "n_layers": 2, "n_heads": 4, "mlp_hidden": 64, "id_dropout": 0.5, "dropout": 0.0, "use_ids": False,
+        "head_neg": 15, "weight_decay": 1e-4, "n_candidates": 50, "min_rating": 3.5, "grad_clip": 0.0,
+        "logit_scale": 10.0, "warm_start": False, "logq_correction": False, "feedback_p": 0.0,
+        "text_arm": False,
+        "rare_dropout_c": 0.0, "cold_quota": 5, "cold_impute_k": 0, "max_steps": 100,
+    }
+    assert sorted(changed) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    argv = list(REQUIRED)
+    for name, value in changed.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(-1 if value is None else value)]
+    cfg = config_from_args(TrainConfig, _train_parser().parse_args(argv))
+    assert cfg == TrainConfig(**changed)
+    assert all(getattr(cfg, k) != getattr(TrainConfig(), k) for k in changed)
+
+
+def test_add_config_arguments_takes_other_defaults():
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, TrainConfig, dataclasses.replace(TrainConfig(), epochs=5, val_users=None))
+    args = p.parse_args([])
+    assert args.epochs == 5 and args.val_users == -1
+    assert config_from_args(TrainConfig, args) == TrainConfig(epochs=5, val_users=None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"epochs": 0}, "TrainConfig.epochs must be >= 1, got 0"),
+        ({"num_workers": 4, "batch_size": 2}, r"TrainConfig.batch_size must be >= num_workers \(4"),
+        ({"n_neg": -2}, "TrainConfig.n_neg must be >= -1, got -2"),
+        ({"val_users": -1}, r"TrainConfig.val_users must be >= 0, or None \(-1 on the command line\)"),
+        ({"lr": 0.0}, "TrainConfig.lr must be a finite number > 0, got 0.0"),
+        ({"lr": "3e-3"}, r"TrainConfig.lr must be float, got '3e-3' \(str\)"),
+        ({"dim": 30, "n_heads": 4}, r"TrainConfig.dim must be divisible by n_heads \(4\), got 30"),
+        ({"dropout": 1.0}, r"TrainConfig.dropout must be in \[0, 1\), got 1.0"),
+        ({"feedback_p": 1.5}, r"TrainConfig.feedback_p must be in \[0, 1\], got 1.5"),
+        ({"max_steps": 0}, "TrainConfig.max_steps must be >= 1 or None"),
+        ({"use_gpu": 1}, r"TrainConfig.use_gpu must be bool, got 1 \(int\)"),
+    ],
+)
+def test_bad_values_name_the_field_the_value_and_the_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+    with pytest.raises(ValueError, match=message):  # replace() checks again
+        dataclasses.replace(TrainConfig(), **kwargs)
+
+
+def test_cli_value_errors_reach_the_user():
+    args = _train_parser().parse_args([*REQUIRED, "--val-users", "-5"])
+    with pytest.raises(ValueError, match="TrainConfig.val_users must be >= 0.*got -5"):
+        config_from_args(TrainConfig, args)
+
+
+def test_int_for_float_field_becomes_float():
+    assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)
+
+
+def test_unknown_keys_list_the_valid_ones():
+    valid = r"meta.json: unknown TrainConfig option\(s\) \['bogus'\]; valid: \[.*'lr'"
+    with pytest.raises(ValueError, match=valid):
+        config_from_dict(TrainConfig, {"bogus": 3, "epochs": 2}, "meta.json")
+    with pytest.raises(ValueError, match=r"unknown TrainConfig option\(s\) \['bogus'\]"):
+        with_overrides(TrainConfig(), {"bogus": 3})
+    assert with_overrides(TrainConfig(), {"epochs": 2}) == TrainConfig(epochs=2)
+
+
+def test_meta_config_readers_load_scorers_trained_before_train_config(tmp_path):
+    """meta.json "config" of a scorer trained before TrainConfig ({**hp, num_workers, use_gpu, ray_run,
+    resumed_from}): the evaluation reads its settings back and they build a TrainConfig."""
+    from llmrec.eval.models import llmrec_train_config
+
+    old = {**MODEL_DEFAULTS_BEFORE, "epochs": 5, "batch_size": 256, "lr": 0.003, "seed": 0, "patience": 2,
+           "num_workers": 1, "use_gpu": False, "ray_run": "train-20260101-000000-1-000", "resumed_from": None,
+           "val_users": None}
+    (tmp_path / "meta.json").write_text(json.dumps({"stage": "train", "config": old}))
+    got = llmrec_train_config(tmp_path)
+    assert set(got) == set(old) - {"ray_run", "resumed_from"}
+    assert TrainConfig(**got) == TrainConfig(epochs=5, val_users=None)
+    # and today's meta "config" keeps every key it had (asdict of the config + the run's records)
+    assert set(old) - {"ray_run", "resumed_from"} <= set(dataclasses.asdict(TrainConfig()))
+
+
+def test_pipeline_epochs_go_through_train_config():
+    from llmrec.commands.pipeline import PIPELINE_TRAIN, stage_argv, train_config
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    pipe = sub.choices["pipeline"]
+    args = pipe.parse_args(["--dataset", "x", "--source", "s", "--out", "o"])
+    assert args.epochs == PIPELINE_TRAIN.epochs == 5 and args.num_workers is None
+    assert train_config(args) == TrainConfig(epochs=5)
+    train_argv = stage_argv(args, "o")["train"]
+    assert train_argv[train_argv.index("--epochs") + 1] == "5"
+    args = pipe.parse_args(["--dataset", "x", "--source", "s", "--out", "o", "--epochs", "0"])
+    with pytest.raises(ValueError, match="TrainConfig.epochs must be >= 1, got 0"):
+        train_config(args)
+    # the flags the pipeline hands `llmrec train` build the very config it checked
+    args = pipe.parse_args(["--dataset", "x", "--source", "s", "--out", "o", "--epochs", "3",
+                            "--num-workers", "2"])
+    tr = stage_argv(args, "o")["train"]
+    assert config_from_args(TrainConfig, _train_parser().parse_args(tr[1:])) == train_config(args)

@@ -148,7 +148,8 @@ def patched_package(root: Path) -> Path:
     dep = pkg / "serve" / "deployments.py"
     lines = dep.read_text().splitlines(keepends=True)
     tree = ast.parse("".join(lines))
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Ingress")
+    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Ingress"), None)
+    assert cls is not None, f"no class Ingress in {dep}: update the route section of docs/howto.md"
     marker, body = blocks["route"].split("\n", 1)  # the marker sits at column 0, the method at 4
     method = textwrap.indent(marker + "\n" + textwrap.dedent(body), "    ")
     dep.write_text("".join(lines[: cls.end_lineno]) + "\n" + method + "".join(lines[cls.end_lineno :]))

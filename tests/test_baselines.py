@@ -230,6 +230,9 @@ def test_one_table_of_model_names() -> None:
     with pytest.raises(ValueError, match=r"unknown baseline 'nope'; choose from \['popularity'"):
         make_baseline("nope")
     assert ALL_MODELS == ("llmrec", *BASELINES, *HYBRIDS)
+    from llmrec.commands import recommend
+
+    assert set(recommend.MODELS) <= set(ALL_MODELS)  # `llmrec recommend --model` offers a subset of them
 
     p = argparse.ArgumentParser()
     cmd.add_arguments(p)

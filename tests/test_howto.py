@@ -174,6 +174,9 @@ me = types.SimpleNamespace(_item_ids=frozenset({{"a", "b/c"}}))
 got = spec["paths"].get("/items/{{item_id}}", {{}}).get("get", {{}}).get("responses", {{}})
 res = {{"responses": {{k: json.dumps(v) for k, v in got.items()}}, "ok": asyncio.run(fn(me, "b/c")),
        "fields": sorted(d.S.ItemResponse.model_fields)}}
+from starlette.requests import Request
+scope = {{"type": "http", "method": "GET", "path": "/items/zz", "headers": []}}
+res["metric_route"] = d._route_of(Request(scope))
 for bad in ("zz", " "):
     try:
         asyncio.run(fn(me, bad))
@@ -192,6 +195,7 @@ def test_route_example_method_answers(tmp_path: Path) -> None:
     assert res["fields"] == ["item_id", "n_items"]
     assert res["zz"][0] == 404 and "unknown item_id 'zz'" in res["zz"][1] and "(2 items)" in res["zz"][1]
     assert res[" "][0] == 422
+    assert res["metric_route"] == "/items/{item_id:path}"  # error counts get the new route's tag, no list
 
 
 SERVED = """

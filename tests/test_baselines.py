@@ -210,3 +210,33 @@ def test_empty_and_unknown_histories_give_finite_scores(planted_results) -> None
         s = m.score(hists)
         assert not np.isnan(s).any(), m.name
         assert np.isfinite(s[:, : space.n_items - N_COLD]).all(), m.name
+
+
+def test_one_table_of_model_names() -> None:
+    """The baselines table is the one source of the names: each name builds the model that reports it, the
+    order is today's, ALL_MODELS is llmrec + it + the hybrids, and `llmrec evaluate --help` lists exactly
+    ALL_MODELS (and FAST_MODELS for --fast)."""
+    import argparse
+
+    from llmrec.commands import evaluate as cmd
+    from llmrec.eval.baselines import BASELINES, make_baseline
+    from llmrec.eval.models import ALL_MODELS, FAST_MODELS, HYBRIDS
+
+    assert BASELINES == (
+        "popularity", "itemknn", "als", "bpr", "ease", "sasrec", "zeroshot_text", "served_text"
+    )
+    for name in BASELINES:
+        assert make_baseline(name, seed=3).name == name
+    with pytest.raises(ValueError, match=r"unknown baseline 'nope'; choose from \['popularity'"):
+        make_baseline("nope")
+    assert ALL_MODELS == ("llmrec", *BASELINES, *HYBRIDS)
+    from llmrec.commands import recommend
+
+    assert set(recommend.MODELS) <= set(ALL_MODELS)  # `llmrec recommend --model` offers a subset of them
+
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    text = next(a.help for a in p._actions if a.dest == "models")
+    listed, fast = text.split(" (default all; --fast: ")
+    assert tuple(listed.removeprefix("comma list of ").split(",")) == ALL_MODELS
+    assert tuple(fast.removesuffix(" + hybrids)").split(",")) + HYBRIDS == FAST_MODELS

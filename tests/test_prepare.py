@@ -62,6 +62,29 @@ def test_datasets_tuple() -> None:
     )
 
 
+def test_registry_names() -> None:
+    """Each --dataset name is the NAME of the adapter it runs, and every adapter module with a NAME is
+    registered (a new adapter left out of ADAPTER_MODULES fails here)."""
+    import importlib
+    import pkgutil
+
+    import llmrec.data.adapters as pkg
+    from llmrec.data.adapters.registry import ADAPTERS, get_adapter
+    from llmrec.data.adapters.registry import DATASETS as REGISTRY_DATASETS
+
+    assert REGISTRY_DATASETS == DATASETS
+    for name, module in ADAPTERS.items():
+        assert module.NAME == name and get_adapter(name) is module and callable(module.load)
+    named = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        m = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        if hasattr(m, "NAME"):
+            named[m.NAME] = m
+    assert named == ADAPTERS
+    with pytest.raises(ValueError, match=r"unknown dataset 'nope'; choose one of \['movielens-latest-small'"):
+        prepare("nope", "/nonexistent", "/nonexistent")
+
+
 def test_movielens(prepared, data_dir: Path) -> None:
     out = prepared("movielens-latest-small")
     items, inter, meta = _check_canonical(out)

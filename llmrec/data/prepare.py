@@ -25,7 +25,6 @@ Tests: tests/test_prepare.py.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import time
@@ -35,6 +34,7 @@ from typing import Any
 import pandas as pd
 
 from llmrec.artifacts import file_fingerprint, write_meta
+from llmrec.data.adapters.registry import DATASETS, get_adapter
 from llmrec.data.catalog import validate_catalog, validate_interactions
 from llmrec.data.facets import facet_stats
 from llmrec.data.tables import write_interactions, write_items, write_rejects
@@ -42,24 +42,8 @@ from llmrec.schema import FACETS, ITEM_ID, TEXT, USER_ID
 
 logger = logging.getLogger(__name__)
 
-DATASETS = (
-    "movielens-latest-small",
-    "amazon-magazine-subscriptions-2018",
-    "amazon-scientific-unisrec",
-    "mind-small-sample",
-    "amazon-all-beauty-5core-2018",
-    "amazon-musical-instruments-5core-2014",
-    "generic",
-)
-_MODULES = {
-    "movielens-latest-small": "movielens",
-    "amazon-magazine-subscriptions-2018": "amazon_magazine",
-    "amazon-scientific-unisrec": "amazon_scientific",
-    "mind-small-sample": "mind",
-    "amazon-all-beauty-5core-2018": "amazon_beauty",
-    "amazon-musical-instruments-5core-2014": "amazon_instruments",
-    "generic": "generic",
-}
+__all__ = ["DATASETS", "GENERIC_OPTS", "prepare"]  # DATASETS: from llmrec.data.adapters.registry
+
 GENERIC_OPTS = (
     "items",
     "id_col",
@@ -86,7 +70,7 @@ def prepare(
     """Convert one raw dataset into canonical tables in `out`.
 
     Args:
-        dataset: one of DATASETS.
+        dataset: one of DATASETS (an adapter NAME, `llmrec.data.adapters.registry`).
         source: the raw dataset folder (for "generic": the folder relative file names are resolved in; may
             be None when the files are given as absolute paths).
         out: output folder (created); gets items.parquet, interactions.parquet, meta.json and, when rows were
@@ -103,8 +87,7 @@ def prepare(
             files missing.
     """
     t0 = time.perf_counter()
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    adapter = get_adapter(dataset)  # ValueError listing the DATASETS names
     opts = {k: v for k, v in opts.items() if v is not None}
     allowed = GENERIC_OPTS if dataset == "generic" else ()
     unknown = sorted(set(opts) - set(allowed))
@@ -120,7 +103,6 @@ def prepare(
     if source is None and dataset != "generic":
         raise ValueError(f"dataset {dataset!r} needs --source DIR (the folder with its raw files)")
     src = Path(source) if source is not None else None
-    adapter = importlib.import_module(f"llmrec.data.adapters.{_MODULES[dataset]}")
     loaded = adapter.load(src, **opts)
 
     if dataset == "generic":

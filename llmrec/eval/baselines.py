@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -376,28 +377,39 @@ class ZeroShotTextRecommender:
         return (self.user_vectors(histories) @ self.vectors.T).astype(np.float32)  # (B, N)
 
 
-BASELINES = ("popularity", "itemknn", "als", "bpr", "ease", "sasrec", "zeroshot_text", "served_text")
+def _sasrec(seed: int, **kwargs: object) -> object:
+    from llmrec.eval.sasrec import SASRecRecommender  # torch: imported only when SASRec is asked for
+
+    return SASRecRecommender(seed=seed, **kwargs)
+
+
+def _served_text(seed: int, **kwargs: object) -> object:
+    from llmrec.serve.served_text import ServedTextRecommender  # the serving fallback, as it serves
+
+    return ServedTextRecommender(**kwargs)
+
+
+# The one table of baselines: metrics.json name -> factory(seed, **constructor kwargs). `BASELINES` (and so
+# `llmrec.eval.models.ALL_MODELS` and `llmrec evaluate --models`) is its keys in this order.
+_FACTORIES: dict[str, Callable[..., object]] = {
+    "popularity": lambda seed, **kw: PopularityRecommender(),
+    "itemknn": lambda seed, **kw: ItemKNNRecommender(**kw),
+    "als": lambda seed, **kw: ALSRecommender(seed=seed, **kw),
+    "bpr": lambda seed, **kw: BPRRecommender(seed=seed, **kw),
+    "ease": lambda seed, **kw: EASERecommender(**kw),
+    "sasrec": _sasrec,
+    "zeroshot_text": lambda seed, **kw: ZeroShotTextRecommender(**kw),
+    "served_text": _served_text,
+}
+BASELINES = tuple(_FACTORIES)
 ID_MODELS = ("als", "bpr", "ease", "sasrec")  # candidates of the "best ID model + item-kNN" hybrid
 
 
 def make_baseline(name: str, seed: int = 0, **kwargs: object) -> object:
     """A fresh baseline by its metrics.json name (one of `BASELINES`); kwargs go to its constructor."""
-    from llmrec.eval.sasrec import SASRecRecommender
-    from llmrec.serve.served_text import ServedTextRecommender
-
-    table = {
-        "popularity": lambda: PopularityRecommender(),
-        "itemknn": lambda: ItemKNNRecommender(**kwargs),
-        "als": lambda: ALSRecommender(seed=seed, **kwargs),
-        "bpr": lambda: BPRRecommender(seed=seed, **kwargs),
-        "ease": lambda: EASERecommender(**kwargs),
-        "sasrec": lambda: SASRecRecommender(seed=seed, **kwargs),
-        "zeroshot_text": lambda: ZeroShotTextRecommender(**kwargs),
-        "served_text": lambda: ServedTextRecommender(**kwargs),  # the serving fallback, as it serves
-    }
-    if name not in table:
+    if name not in _FACTORIES:
         raise ValueError(f"unknown baseline {name!r}; choose from {list(BASELINES)}")
-    return table[name]()
+    return _FACTORIES[name](seed, **kwargs)
 
 
 

@@ -1,6 +1,8 @@
 """Dataset adapters: each turns one raw dataset folder into canonical-column frames.
 
-Every adapter module defines `NAME: str` and `load(source: Path, **opts) -> Loaded`. Adapters only
+Every adapter module defines `NAME: str` (its `llmrec prepare --dataset` name) and
+`load(source: Path, **opts) -> Loaded`, and is listed once in `llmrec.data.adapters.registry.ADAPTER_MODULES`,
+which is where `--dataset` names come from (docs/howto.md adds one). Adapters only
 parse, build text and build the `facets` column (schema.FACETS: a list of labels per item, from what the
 dataset really has; see llmrec.data.facets); `llmrec.data.prepare` validates (llmrec.data.catalog) and
 writes the tables. Rows that an adapter knowingly cannot use (an item without text, a click on news

@@ -17,6 +17,7 @@ _EXPORTS = {
     "read_items": "llmrec.data.tables",
     "read_interactions": "llmrec.data.tables",
     "TextEncoder": "llmrec.embed.encoder",
+    "EmbedConfig": "llmrec.config",
     "embed_catalog": "llmrec.embed.ray_embed",
     "load_embeddings": "llmrec.embed.artifact",
     "ItemIndex": "llmrec.index.item_index",

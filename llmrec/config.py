@@ -1,6 +1,7 @@
 """Typed, frozen configs: the one home of a stage's options and their defaults.
 
-`TrainConfig` holds every option of the scorer's training (`llmrec.scorer.train.fit_scorer(cfg, ...)`). Each
+`EmbedConfig` holds every option of `llmrec embed` (`llmrec.embed.ray_embed.embed_catalog(items, out, cfg)`),
+`TrainConfig` every option of the scorer's training (`llmrec.scorer.train.fit_scorer(cfg, ...)`). Each
 field is declared with `option(default, help)`: the help text is the field's documentation and the text of its
 command-line flag, so adding an option is one line here. `add_config_arguments(parser, TrainConfig)` turns the
 fields into `--flag-name` arguments of `llmrec train` and `config_from_args(TrainConfig, args)` builds the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -22,13 +24,85 @@ from typing import Any, TypeVar
 C = TypeVar("C")
 
 
-def option(default: Any, help: str, *, cli_none: int | None = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    cli_none: int | None = None,
+    flag: str | None = None,
+    aliases: tuple[str, ...] = (),
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    cli: bool = True,
+) -> Any:
     """A config field: its default and its documentation (also the help of its command-line flag).
 
     cli_none: for a field that may be None, the command-line value that stands for None (argparse has no
     None), e.g. `--val-users -1` = None = every eligible user.
+    flag: the flag's name when it is not `--field-name` (a flag older than the field, e.g. `--shards` for
+    `n_shards`); aliases: more names of the same flag; choices / metavar: as in argparse.
+    cli: False = no flag of its own (the command sets the field some other way, e.g. `--param KEY=VALUE`).
     """
-    return dataclasses.field(default=default, metadata={"help": help, "cli_none": cli_none})
+    meta = {"help": help, "cli_none": cli_none, "flag": flag, "aliases": aliases, "choices": choices,
+            "metavar": metavar, "cli": cli}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the item embeddings (`llmrec embed`)
+# ---------------------------------------------------------------------------------------------------------
+EMBED_DEVICES = ("auto", "cpu", "cuda")
+EMBED_BUCKETING = ("group", "dataset")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Every option of the embed stage (`llmrec embed`, `embed_catalog`), each documented by its `option`.
+
+    Raises:
+        ValueError: a field has the wrong type or is out of range (the message names both).
+
+    Example::
+
+        cfg = EmbedConfig(batch_size=256, device="cpu")
+        meta = embed_catalog("run/data", "run/embeddings", cfg)
+    """
+
+    # the flags `llmrec embed` has always had (names, defaults and meanings are pinned by test_config.py)
+    model: str | None = option(None, "local HF model folder or hub name (none: packaged all-MiniLM-L6-v2)")
+    batch_size: int = option(128, "rows per encoder forward pass")
+    max_length: int = option(128, "token limit per text")
+    num_actors: int | None = option(None, "encoder actors (none: one per GPU, else sized to the CPUs leaving "
+                                    "one for reads)")
+    # the library also takes "cuda:i"; the command line offers the three names it always had
+    device: str = option("auto", "auto: GPU actors when the Ray cluster has GPUs or its autoscaler can start "
+                         "GPU nodes; cuda: request GPU actors", choices=EMBED_DEVICES)
+    num_gpus: int | None = option(None, "request N encoder actors of 1 GPU each, even when no GPU node is up "
+                                  "yet (an autoscaler starts them)")
+    bucketing: str = option("group", "length bucketing within each block of rows (group; dataset: its old "
+                            "name, which sorted the whole catalog)", choices=EMBED_BUCKETING)
+    rows_per_block: int | None = option(None, "rows per block: the unit of tokenizing, length bucketing, "
+                                        "encoding and one output file (none: ~2 blocks per actor, 8 batches "
+                                        "to 8,192 rows)")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for name, low in {"batch_size": 1, "max_length": 2}.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"EmbedConfig.{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("num_actors", "num_gpus", "rows_per_block"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"EmbedConfig.{name} must be >= 1 or None, got {value}")
+        if self.device not in EMBED_DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(f"EmbedConfig.device must be one of {list(EMBED_DEVICES)} or 'cuda:i', "
+                             f"got {self.device!r}")
+        if self.bucketing not in EMBED_BUCKETING:
+            raise ValueError(f"EmbedConfig.bucketing must be 'group' (or its old name 'dataset'), "
+                             f"got {self.bucketing!r}")
+        if self.model is not None and not self.model.strip():
+            raise ValueError("EmbedConfig.model must be a model folder or hub name, or None (the packaged "
+                             "model), got ''")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,30 +258,37 @@ def check_types(cfg: Any) -> None:
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
     """One `--field-name` flag per field of `cls`, defaulted by `defaults` (an instance; default `cls()`).
 
-    bool fields get `--x` / `--no-x`; a field that may be None takes its `cli_none` value for None.
+    bool fields get `--x` / `--no-x`; a field that may be None takes its `cli_none` value for None; a field's
+    `flag`, `aliases`, `choices` and `metavar` (see `option`) shape its flag, and `cli=False` fields get none.
     """
     base_cfg = defaults if defaults is not None else cls()
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        if not f.metadata.get("cli", True):
+            continue
+        flags = [f.metadata.get("flag") or "--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         default = getattr(base_cfg, f.name)
         base, _ = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=f"{help_text} (default: {'on' if default else 'off'})")
             continue
         cli_none = f.metadata.get("cli_none")
         if default is None and cli_none is not None:
             default = cli_none
         shown = "none" if default is None else default
-        parser.add_argument(flag, type=base, default=default, help=f"{help_text} (default: {shown})")
+        extra = {k: f.metadata[k] for k in ("choices", "metavar") if f.metadata.get(k) is not None}
+        parser.add_argument(*flags, dest=f.name, type=base, default=default,
+                            help=f"{help_text} (default: {shown})", **extra)
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     """The config of the flags `add_config_arguments` added (each field read from `args.<field name>`)."""
     values = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if not f.metadata.get("cli", True):
+            continue  # the field's default, or whatever the command sets afterwards (dataclasses.replace)
         value = getattr(args, f.name)
         cli_none = f.metadata.get("cli_none")
         values[f.name] = None if cli_none is not None and value == cli_none else value

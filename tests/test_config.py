@@ -10,6 +10,7 @@ import pytest
 
 from llmrec.cli import build_parser
 from llmrec.config import (
+    EmbedConfig,
     TrainConfig,
     add_config_arguments,
     config_from_args,
@@ -41,9 +42,25 @@ MODEL_DEFAULTS_BEFORE = {
 }
 
 
-def _train_parser() -> argparse.ArgumentParser:
+def _parser(command: str) -> argparse.ArgumentParser:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["train"]
+    return sub.choices[command]
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    return _parser("train")
+
+
+def _argv(changed: dict, flag_of: dict | None = None) -> list[str]:
+    """Command-line flags that set every field in `changed` (bools as --x / --no-x)."""
+    argv = []
+    for name, value in changed.items():
+        flag = (flag_of or {}).get(name, "--" + name.replace("_", "-"))
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def test_every_train_flag_from_before_still_exists():
@@ -167,3 +184,92 @@ def test_pipeline_epochs_go_through_train_config():
                             "--num-workers", "2"])
     tr = stage_argv(args, "o")["train"]
     assert config_from_args(TrainConfig, _train_parser().parse_args(tr[1:])) == train_config(args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EmbedConfig: `llmrec embed`
+# ---------------------------------------------------------------------------------------------------------
+EMBED_REQUIRED = ["--items", "i", "--out", "o"]
+# `llmrec embed --help` before EmbedConfig (main at c157d11)
+EMBED_FLAGS_BEFORE = [
+    "-h", "--help", "--items", "--out", "--model", "--batch-size", "--max-length", "--num-actors", "--device",
+    "--num-gpus", "--bucketing", "--rows-per-block", "--address",
+]
+# their parsed defaults before EmbedConfig (same commit; embed_catalog's keyword defaults were the same)
+EMBED_DEFAULTS_BEFORE = {
+    "items": "i", "out": "o", "model": None, "batch_size": 128, "max_length": 128, "num_actors": None,
+    "device": "auto", "num_gpus": None, "bucketing": "group", "rows_per_block": None, "address": None,
+}
+
+
+def test_every_embed_flag_from_before_still_exists_with_its_default():
+    p = _parser("embed")
+    flags = {s for a in p._actions for s in a.option_strings}
+    assert set(EMBED_FLAGS_BEFORE) <= flags, sorted(set(EMBED_FLAGS_BEFORE) - flags)
+    args = p.parse_args(EMBED_REQUIRED)
+    assert {k: getattr(args, k) for k in EMBED_DEFAULTS_BEFORE} == EMBED_DEFAULTS_BEFORE
+    assert config_from_args(EmbedConfig, args) == EmbedConfig()
+    # the choices the flags always offered
+    for bad in (["--device", "cuda:0"], ["--bucketing", "sorted"]):
+        with pytest.raises(SystemExit):
+            p.parse_args([*EMBED_REQUIRED, *bad])
+
+
+def test_every_embed_field_is_a_flag_that_reaches_the_config():
+    changed = {"model": "m", "batch_size": 16, "max_length": 32, "num_actors": 3, "device": "cpu",
+               "num_gpus": 2, "bucketing": "dataset", "rows_per_block": 50}
+    assert sorted(changed) == sorted(f.name for f in dataclasses.fields(EmbedConfig))
+    cfg = config_from_args(EmbedConfig, _parser("embed").parse_args([*EMBED_REQUIRED, *_argv(changed)]))
+    assert cfg == EmbedConfig(**changed)
+    assert all(getattr(cfg, k) != getattr(EmbedConfig(), k) for k in changed)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 0}, "EmbedConfig.batch_size must be >= 1, got 0"),
+        ({"max_length": 1}, "EmbedConfig.max_length must be >= 2, got 1"),
+        ({"num_actors": 0}, "EmbedConfig.num_actors must be >= 1 or None, got 0"),
+        ({"num_gpus": -1}, "EmbedConfig.num_gpus must be >= 1 or None, got -1"),
+        ({"rows_per_block": 0}, "EmbedConfig.rows_per_block must be >= 1 or None, got 0"),
+        ({"device": "gpu"}, r"EmbedConfig.device must be one of \['auto', 'cpu', 'cuda'\] or 'cuda:i', got 'gpu'"),
+        ({"bucketing": "x"}, r"EmbedConfig.bucketing must be 'group' \(or its old name 'dataset'\), got 'x'"),
+        ({"batch_size": "128"}, r"EmbedConfig.batch_size must be int, got '128' \(str\)"),
+        ({"model": ""}, "EmbedConfig.model must be a model folder or hub name"),
+    ],
+)
+def test_bad_embed_values_name_the_field_the_value_and_the_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EmbedConfig(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(EmbedConfig(), **kwargs)
+
+
+def test_embed_config_takes_cuda_i_in_code():
+    assert EmbedConfig(device="cuda:1").device == "cuda:1"
+
+
+def test_embed_catalog_checks_its_options_before_reading_anything(tmp_path):
+    """The keyword form builds the config: an unknown option lists the valid ones, a bad value names the
+    field, both before the (missing) input is looked at."""
+    from llmrec.embed.ray_embed import embed_catalog
+
+    with pytest.raises(ValueError, match=r"embed_catalog: unknown EmbedConfig option\(s\) \['batch'\]; valid"):
+        embed_catalog(tmp_path / "missing", tmp_path / "o", batch=3)
+    with pytest.raises(ValueError, match="EmbedConfig.max_length must be >= 2, got 0"):
+        embed_catalog(tmp_path / "missing", tmp_path / "o", EmbedConfig(), max_length=0)
+
+
+def test_pipeline_embed_options_go_through_embed_config():
+    from llmrec.commands.pipeline import embed_config, stage_argv
+
+    pipe = _parser("pipeline")
+    base = ["--dataset", "x", "--source", "s", "--out", "o"]
+    assert embed_config(pipe.parse_args(base)) == EmbedConfig()
+    args = pipe.parse_args([*base, "--batch-size", "64", "--model", "m"])
+    assert embed_config(args) == EmbedConfig(batch_size=64, model="m")
+    # the flags the pipeline hands `llmrec embed` build the very config it checked
+    em = stage_argv(args, "o")["embed"]
+    assert config_from_args(EmbedConfig, _parser("embed").parse_args(em[1:])) == embed_config(args)
+    with pytest.raises(ValueError, match="EmbedConfig.batch_size must be >= 1, got 0"):
+        embed_config(pipe.parse_args([*base, "--batch-size", "0"]))

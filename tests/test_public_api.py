@@ -14,6 +14,14 @@ def test_all_names_resolve():
         assert callable(obj), name
 
 
+def test_stage_configs_are_exported():
+    """Each stage's options have one home, llmrec.config, re-exported at the top."""
+    import llmrec.config
+
+    for name in ("EmbedConfig", "TrainConfig"):
+        assert name in llmrec.__all__ and getattr(llmrec, name) is getattr(llmrec.config, name)
+
+
 def test_import_is_light():
     # no torch / ray at `import llmrec` (no side effects, fast CLI start)
     code = (

@@ -166,7 +166,7 @@ def test_catalog_errors_are_clear(ray_local, tmp_path: Path, tiny_model_dir: str
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(FileNotFoundError, match="folder without items.parquet"):
         embed_catalog(tmp_path / "empty_dir", tmp_path / "o", model=tiny_model_dir)
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    with pytest.raises(ValueError, match="EmbedConfig.batch_size must be >= 1, got 0"):
         embed_catalog(no_text, tmp_path / "o", batch_size=0)
 
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from llmrec import schema, storage
-from llmrec.config import TrainConfig, with_overrides
+from llmrec.config import EmbedConfig, TrainConfig, with_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,12 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return with_overrides(PIPELINE_TRAIN, given, "llmrec pipeline")
 
 
+def embed_config(args: argparse.Namespace) -> EmbedConfig:
+    """The EmbedConfig of the embed stage: EmbedConfig() with this pipeline's --model and --batch-size."""
+    given = {"model": getattr(args, "model", None), "batch_size": getattr(args, "batch_size", None)}
+    return with_overrides(EmbedConfig(), {k: v for k, v in given.items() if v is not None}, "llmrec pipeline")
+
+
 def run(args: argparse.Namespace) -> int:
     from llmrec.cli import main as cli_main
 
@@ -115,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(run_dir, Path):
         run_dir.mkdir(parents=True, exist_ok=True)
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+    embed_config(args)  # a bad --batch-size fails now, not after prepare
     train_config(args)  # a bad --epochs / --num-workers fails now, not after prepare and embed
     unknown = sorted(set(wanted) - set(STAGES))
     if unknown:

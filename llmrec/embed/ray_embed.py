@@ -1,4 +1,6 @@
-"""Embed a whole item catalog with Ray Data, storage to storage: `embed_catalog(items, out_dir) -> meta`.
+"""Embed a whole item catalog with Ray Data, storage to storage: `embed_catalog(items, out_dir, cfg) -> meta`.
+
+The options (batch size, token limit, actors, device, ...) are the fields of `llmrec.config.EmbedConfig`.
 
 Pipeline (one streaming Ray Data plan; the driver holds counts, never per-item data):
 
@@ -54,6 +56,7 @@ import numpy as np
 
 from llmrec import storage
 from llmrec.artifacts import make_meta, meta_bytes, write_meta
+from llmrec.config import EmbedConfig, with_overrides
 from llmrec.embed.encoder import TextEncoder, TextTokenizer, attention_mask_from_length, resolve_model
 from llmrec.embed.source import check_items, open_input, pinned, prepare_fingerprint, resolve_items
 from llmrec.schema import (
@@ -80,15 +83,10 @@ NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node (what Ray Dat
 def embed_catalog(
     items: str | os.PathLike,
     out_dir: str | os.PathLike,
-    model: str | os.PathLike | None = None,
-    batch_size: int = 128,
-    max_length: int = 128,
-    num_actors: int | None = None,
-    device: str = "auto",
+    config: EmbedConfig | None = None,
+    *,
     ray_address: str | None = None,
-    bucketing: str = "group",
-    num_gpus: int | None = None,
-    rows_per_block: int | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Embed every item's `text`; write `out_dir/part-*.parquet` from the workers, then `meta.json`.
 
@@ -98,44 +96,35 @@ def embed_catalog(
             columns `item_id` (string, unique, non-empty) and `text` (string, non-null).
         out_dir: artifact folder to write, local or a URI (created if missing; the previous version is
             replaced once the new one is complete).
-        model: local HF model folder or hub name; None = the packaged all-MiniLM-L6-v2.
-        batch_size: rows per encoder forward pass.
-        max_length: token limit per text.
-        num_actors: encoder actors; None = `plan_actors`' default (one per GPU, or the CPU rule).
-        device: "auto" (GPUs when the cluster has them or can start them), "cpu" or "cuda" (request GPUs).
+        config: the options (model, batch_size, max_length, num_actors, device, num_gpus, bucketing,
+            rows_per_block; documented in `llmrec.config.EmbedConfig`); None = `EmbedConfig()`.
         ray_address: Ray cluster to join; None = the running Ray, $RAY_ADDRESS, or a new local one.
-        bucketing: "group" (sort by token count within each block; "dataset" is accepted as its old name).
-        num_gpus: request this many 1-GPU encoder actors (an autoscaler brings GPU nodes up for them).
-        rows_per_block: rows per block (the unit of tokenizing, bucketing, encoding and one output file);
-            None = the rule in the module docstring.
+        **options: EmbedConfig fields that replace those of `config`, for keyword callers
+            (`embed_catalog(items, out, batch_size=16)`); `model` may be a path.
 
     Returns:
         The meta dict written to `out_dir/meta.json` (stage "embed").
 
     Raises:
-        ValueError: missing columns, null/empty/duplicate ids, null texts, an empty catalog, bad arguments, a
-            GPU request the cluster can never meet.
+        ValueError: missing columns, null/empty/duplicate ids, null texts, an empty catalog, an unknown or
+            out-of-range option, a GPU request the cluster can never meet.
         FileNotFoundError: `items` does not exist.
 
     Example::
 
         meta = embed_catalog("run/data", "run/embeddings")   # all-MiniLM-L6-v2, 384-d
+        meta = embed_catalog("run/data", "run/embeddings", EmbedConfig(batch_size=256, device="cpu"))
         print(meta["n_items"], meta["items_per_s"])
     """
     import ray
 
     from llmrec.raysetup import cluster_cpus, cluster_gpus, cluster_max_gpus, cluster_node_cpus, init_ray
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
-    if num_actors is not None and (not isinstance(num_actors, int) or num_actors < 1):
-        raise ValueError(f"num_actors must be a positive int or None, got {num_actors!r}")
-    if rows_per_block is not None and (not isinstance(rows_per_block, int) or rows_per_block < 1):
-        raise ValueError(f"rows_per_block must be a positive int or None, got {rows_per_block!r}")
-    if bucketing not in ("dataset", "group"):
-        raise ValueError(f"bucketing must be 'group' (or its old name 'dataset'), got {bucketing!r}")
+    if isinstance(options.get("model"), os.PathLike):
+        options["model"] = os.fspath(options["model"])
+    cfg = with_overrides(config if config is not None else EmbedConfig(), options, "embed_catalog")
+    batch_size, max_length, device = cfg.batch_size, cfg.max_length, cfg.device
+    bucketing = cfg.bucketing
     if bucketing == "dataset":
         logger.warning(
             "bucketing 'dataset' (a global sort by length) is gone: it needed the whole catalog in one "
@@ -143,13 +132,11 @@ def embed_catalog(
             MAX_ROWS_PER_BLOCK,
         )
         bucketing = "group"
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
 
     t_start = time.perf_counter()
     src = resolve_items(items)  # footers only: schema, row counts
     n = src.n_rows
-    model_path, model_name = resolve_model(model)
+    model_path, model_name = resolve_model(cfg.model)
     dim = _model_dim(model_path)
     out = _Output(out_dir)
 
@@ -161,13 +148,13 @@ def embed_catalog(
         cluster_cpus(),
         cluster_gpus(),
         device=device,
-        num_actors=num_actors,
-        num_gpus=num_gpus,
+        num_actors=cfg.num_actors,
+        num_gpus=cfg.num_gpus,
         max_gpus=max_gpus,
         gpu_node_types=gpu_types,
         node_cpus=cluster_node_cpus(),
     )
-    rows = rows_per_block or _rows_per_block(n, plan["max_actors"], batch_size)
+    rows = cfg.rows_per_block or _rows_per_block(n, plan["max_actors"], batch_size)
     n_blocks = math.ceil(n / rows)
     if plan["max_actors"] > n_blocks and plan["min_actors"] < plan["max_actors"]:
         plan["max_actors"] = plan["num_actors"] = max(plan["min_actors"], n_blocks)  # a pool needs no more

@@ -21,6 +21,7 @@ _EXPORTS = {
     "embed_catalog": "llmrec.embed.ray_embed",
     "load_embeddings": "llmrec.embed.artifact",
     "ItemIndex": "llmrec.index.item_index",
+    "IndexConfig": "llmrec.config",
     "build_index": "llmrec.index.build",
     "TrainConfig": "llmrec.config",
     "fit_scorer": "llmrec.scorer.train",

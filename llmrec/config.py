@@ -1,6 +1,7 @@
 """Typed, frozen configs: the one home of a stage's options and their defaults.
 
 `EmbedConfig` holds every option of `llmrec embed` (`llmrec.embed.ray_embed.embed_catalog(items, out, cfg)`),
+`IndexConfig` of `llmrec index` (`llmrec.index.build.build_index(embeddings, out, cfg)`),
 `TrainConfig` every option of the scorer's training (`llmrec.scorer.train.fit_scorer(cfg, ...)`). Each
 field is declared with `option(default, help)`: the help text is the field's documentation and the text of its
 command-line flag, so adding an option is one line here. `add_config_arguments(parser, TrainConfig)` turns the
@@ -103,6 +104,81 @@ class EmbedConfig:
         if self.model is not None and not self.model.strip():
             raise ValueError("EmbedConfig.model must be a model folder or hub name, or None (the packaged "
                              "model), got ''")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the item index (`llmrec index`)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IndexConfig:
+    """Every option of the index stage (`llmrec index`, `build_index`, `add_to_index`), each documented by
+    its `option`. The kind parameters (M ... chunk_elems) are set on the command line by `--param KEY=VALUE`;
+    None = the kind's default, and a kind refuses the ones it has not (`ItemIndex.build`).
+
+    Raises:
+        ValueError: a field has the wrong type or is out of range (the message names both).
+
+    Example::
+
+        cfg = IndexConfig(kind="hnsw", M=16, ef_search=64)
+        meta = build_index("run/embeddings", "run/index", cfg)
+    """
+
+    # the flags `llmrec index` has always had (names, defaults and meanings are pinned by test_config.py)
+    kind: str = option(
+        "auto",
+        "auto | flat | hnsw | ivf | torch, or a FAISS index_factory string such as IVF4096,SQ8, "
+        "IVF4096,PQ48, HNSW32,SQ8 (inner product). auto: exact flat below 50k items, HNSW below 1M, "
+        "IVF{~4 sqrt N},SQ8 from 1M; on a GPU below 1M faiss GPU flat or torch",
+        aliases=("--index-kind",), metavar="KIND",
+    )
+    check: bool = option(False, "also measure recall@10 for the exact kinds (flat, torch); approximate kinds "
+                         "always measure it against exact search on --sample catalog items (stored in "
+                         "meta.json)")
+    sample: int = option(1000, "catalog items used as recall queries")
+    device: str = option("auto", "auto | cpu | cuda | cuda:i")
+    skip_existing: bool = option(False, "with --add-embeddings: leave out items already indexed instead of "
+                                 "refusing")
+    batch_rows: int = option(65_536, "embedding rows read per chunk (the index is built streaming)")
+    # --- kind parameters (`--param KEY=VALUE`); 0 for nlist / nprobe / ef_search / train_size = None (auto)
+    M: int | None = option(None, "hnsw: graph neighbours per node (default 32)", cli=False)
+    ef_construction: int | None = option(None, "hnsw: build-time search width (default 40)", cli=False)
+    ef_search: int | None = option(None, "hnsw and factory strings: query-time search width (default: the "
+                                   "smallest that reaches target_recall)", cli=False)
+    target_recall: float | None = option(None, "hnsw, ivf, factory strings: recall@10 the tuned ef_search / "
+                                         "nprobe must reach (default 0.97)", cli=False)
+    nlist: int | None = option(None, "ivf: inverted lists (default ~sqrt N, at most N / 39)", cli=False)
+    nprobe: int | None = option(None, "ivf and factory strings: lists searched per query (default: the "
+                                "smallest that reaches target_recall)", cli=False)
+    train_size: int | None = option(None, "ivf and factory strings: rows the quantizer trains on (default "
+                                    "max(100k, 64 per list), at most N)", cli=False)
+    chunk_elems: int | None = option(None, "torch: queries x items scores held at once (default 2^26)",
+                                     cli=False)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if not self.kind.strip():
+            raise ValueError("IndexConfig.kind must be auto, flat, hnsw, ivf, torch or a FAISS index_factory "
+                             "string, got ''")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"IndexConfig.device must be auto, cpu, cuda or cuda:i, got {self.device!r}")
+        for name in ("sample", "batch_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"IndexConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name, low in {"M": 1, "ef_construction": 1, "chunk_elems": 1, "ef_search": 0, "nlist": 0,
+                          "nprobe": 0, "train_size": 0}.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"IndexConfig.{name} must be >= {low} or None (the kind's default), "
+                                 f"got {value}")
+        if self.target_recall is not None and not 0.0 < self.target_recall <= 1.0:
+            raise ValueError(f"IndexConfig.target_recall must be in (0, 1] or None (0.97), got "
+                             f"{self.target_recall}")
+
+    def params(self) -> dict[str, int | float]:
+        """The kind parameters that are set (not None), as `ItemIndex.build(**params)` takes them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not f.metadata.get("cli", True) and getattr(self, f.name) is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 from llmrec.cli import build_parser
 from llmrec.config import (
     EmbedConfig,
+    IndexConfig,
     TrainConfig,
     add_config_arguments,
     config_from_args,
@@ -232,7 +233,8 @@ def test_every_embed_field_is_a_flag_that_reaches_the_config():
         ({"num_actors": 0}, "EmbedConfig.num_actors must be >= 1 or None, got 0"),
         ({"num_gpus": -1}, "EmbedConfig.num_gpus must be >= 1 or None, got -1"),
         ({"rows_per_block": 0}, "EmbedConfig.rows_per_block must be >= 1 or None, got 0"),
-        ({"device": "gpu"}, r"EmbedConfig.device must be one of \['auto', 'cpu', 'cuda'\] or 'cuda:i', got 'gpu'"),
+        ({"device": "gpu"},
+         r"EmbedConfig.device must be one of \['auto', 'cpu', 'cuda'\] or 'cuda:i', got 'gpu'"),
         ({"bucketing": "x"}, r"EmbedConfig.bucketing must be 'group' \(or its old name 'dataset'\), got 'x'"),
         ({"batch_size": "128"}, r"EmbedConfig.batch_size must be int, got '128' \(str\)"),
         ({"model": ""}, "EmbedConfig.model must be a model folder or hub name"),
@@ -254,7 +256,8 @@ def test_embed_catalog_checks_its_options_before_reading_anything(tmp_path):
     field, both before the (missing) input is looked at."""
     from llmrec.embed.ray_embed import embed_catalog
 
-    with pytest.raises(ValueError, match=r"embed_catalog: unknown EmbedConfig option\(s\) \['batch'\]; valid"):
+    unknown = r"embed_catalog: unknown EmbedConfig option\(s\) \['batch'\]; valid"
+    with pytest.raises(ValueError, match=unknown):
         embed_catalog(tmp_path / "missing", tmp_path / "o", batch=3)
     with pytest.raises(ValueError, match="EmbedConfig.max_length must be >= 2, got 0"):
         embed_catalog(tmp_path / "missing", tmp_path / "o", EmbedConfig(), max_length=0)
@@ -273,3 +276,118 @@ def test_pipeline_embed_options_go_through_embed_config():
     assert config_from_args(EmbedConfig, _parser("embed").parse_args(em[1:])) == embed_config(args)
     with pytest.raises(ValueError, match="EmbedConfig.batch_size must be >= 1, got 0"):
         embed_config(pipe.parse_args([*base, "--batch-size", "0"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# IndexConfig: `llmrec index`
+# ---------------------------------------------------------------------------------------------------------
+INDEX_REQUIRED = ["--out", "o"]
+# `llmrec index --help` before IndexConfig (main at c157d11)
+INDEX_FLAGS_BEFORE = [
+    "-h", "--help", "--embeddings", "--out", "--kind", "--index-kind", "--check", "--sample", "--device",
+    "--param", "--add-embeddings", "--skip-existing",
+]
+# their parsed defaults before IndexConfig (same commit; build_index's keyword defaults were the same, and
+# its batch_rows 65_536; the kind parameters came only from --param)
+INDEX_DEFAULTS_BEFORE = {
+    "embeddings": None, "out": "o", "kind": "auto", "check": False, "sample": 1000, "device": "auto",
+    "param": [], "add_embeddings": None, "skip_existing": False,
+}
+
+
+def test_every_index_flag_from_before_still_exists_with_its_default():
+    from llmrec.commands.index import index_config
+
+    p = _parser("index")
+    flags = {s for a in p._actions for s in a.option_strings}
+    assert set(INDEX_FLAGS_BEFORE) <= flags, sorted(set(INDEX_FLAGS_BEFORE) - flags)
+    args = p.parse_args(INDEX_REQUIRED)
+    assert {k: getattr(args, k) for k in INDEX_DEFAULTS_BEFORE} == INDEX_DEFAULTS_BEFORE
+    assert index_config(args) == IndexConfig() and IndexConfig().batch_rows == 65_536
+    assert IndexConfig().params() == {}
+    # --index-kind is the same flag as --kind; --check and --skip-existing are switches as before
+    args = p.parse_args([*INDEX_REQUIRED, "--index-kind", "IVF32,SQ8", "--check", "--skip-existing"])
+    assert index_config(args) == IndexConfig(kind="IVF32,SQ8", check=True, skip_existing=True)
+
+
+def test_every_index_field_is_a_flag_or_a_param_that_reaches_the_config():
+    flagged = {"kind": "hnsw", "check": True, "sample": 200, "device": "cpu", "skip_existing": True,
+               "batch_rows": 256}
+    params = {"M": 16, "ef_construction": 80, "ef_search": 64, "target_recall": 0.9, "nlist": 8,
+              "nprobe": 4, "train_size": 500, "chunk_elems": 1024}
+    assert sorted({**flagged, **params}) == sorted(f.name for f in dataclasses.fields(IndexConfig))
+    from llmrec.commands.index import index_config
+
+    argv = [*INDEX_REQUIRED, *_argv(flagged)]
+    for k, v in params.items():
+        argv += ["--param", f"{k}={v}"]
+    cfg = index_config(_parser("index").parse_args(argv))
+    assert cfg == IndexConfig(**flagged, **params) and cfg.params() == params
+    assert isinstance(cfg.target_recall, float) and isinstance(cfg.M, int)
+
+
+@pytest.mark.parametrize(
+    "param, message",
+    [
+        ("M", "--param expects KEY=VALUE, got 'M'"),
+        ("efsearch=5", r"--param efsearch: unknown index parameter; valid: \[.*'ef_search'"),
+        ("nlist=1.5", "--param nlist: value must be an integer, got '1.5'"),
+        ("target_recall=high", "--param target_recall: value must be a number, got 'high'"),
+        ("target_recall=1.5", r"IndexConfig.target_recall must be in \(0, 1\] or None \(0.97\), got 1.5"),
+        ("M=0", r"IndexConfig.M must be >= 1 or None \(the kind's default\), got 0"),
+    ],
+)
+def test_bad_index_params_are_clear_errors(param, message):
+    from llmrec.commands.index import index_config
+
+    args = _parser("index").parse_args([*INDEX_REQUIRED, "--param", param])
+    with pytest.raises(ValueError, match=message):
+        index_config(args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sample": 0}, "IndexConfig.sample must be >= 1, got 0"),
+        ({"batch_rows": 0}, "IndexConfig.batch_rows must be >= 1, got 0"),
+        ({"device": "gpu"}, "IndexConfig.device must be auto, cpu, cuda or cuda:i, got 'gpu'"),
+        ({"kind": " "}, "IndexConfig.kind must be auto, flat, hnsw, ivf, torch or a FAISS index_factory"),
+        ({"nprobe": -1}, r"IndexConfig.nprobe must be >= 0 or None \(the kind's default\), got -1"),
+        ({"check": "yes"}, r"IndexConfig.check must be bool, got 'yes' \(str\)"),
+    ],
+)
+def test_bad_index_values_name_the_field_the_value_and_the_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        IndexConfig(**kwargs)
+
+
+def test_build_index_checks_its_options_before_reading_anything(tmp_path):
+    from llmrec.index.build import add_to_index, build_index
+
+    unknown = r"build_index: unknown IndexConfig option\(s\) \['nprobes'\]; valid"
+    with pytest.raises(ValueError, match=unknown):
+        build_index(tmp_path / "missing", tmp_path / "o", nprobes=3)
+    with pytest.raises(ValueError, match="IndexConfig.sample must be >= 1, got 0"):
+        build_index(tmp_path / "missing", tmp_path / "o", IndexConfig(kind="flat"), sample=0)
+    with pytest.raises(ValueError, match=r"add_to_index: unknown IndexConfig option\(s\) \['skip'\]"):
+        add_to_index(tmp_path / "missing", tmp_path / "e", skip=True)
+
+
+@pytest.mark.parametrize("command, job", [("embed", "embed_catalog"), ("index", "build_index")])
+def test_cluster_job_yaml_builds_the_stage_config(command, job):
+    """cluster/jobs/<job>.yaml reaches the command's flags (`--config`), which build a valid config."""
+    from pathlib import Path
+
+    import yaml
+
+    from llmrec.commands.index import index_config
+    from llmrec.jobs._entry import config_to_argv
+
+    path = Path(__file__).resolve().parents[1] / "cluster" / "jobs" / f"{job}.yaml"
+    data = yaml.safe_load(path.read_text())
+    args = _parser(command).parse_args(config_to_argv(data, str(path)))
+    cfg = config_from_args(EmbedConfig, args) if command == "embed" else index_config(args)
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if hasattr(cfg, name):
+            assert getattr(cfg, name) == value, key

@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="items parquet file, a folder of parquet shards, or the folder written by `llmrec prepare`",
     )
     p.add_argument("--out", required=True, help="output folder (part-*.parquet shards, meta.json)")
-    # every embedding option (--model, --batch-size, --max-length, --device, ...) is a field of EmbedConfig: one
-    # flag per field, with the field's default and help (llmrec/config.py)
+    # every embedding option (--model, --batch-size, --max-length, --device, ...) is a field of EmbedConfig:
+    # one flag per field, with the field's default and help (llmrec/config.py)
     add_config_arguments(p, EmbedConfig)
     p.add_argument(
         "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)"

@@ -4,9 +4,12 @@ string, or exact torch)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import typing
 from typing import Any
 
+from llmrec.config import IndexConfig, add_config_arguments, config_from_args, with_overrides
 from llmrec.storage import Arg, In, Out
 
 logger = logging.getLogger(__name__)
@@ -24,45 +27,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, help="index folder (index.faiss | index.npy, item_ids.npy, meta.json)"
     )
-    p.add_argument(
-        "--kind",
-        "--index-kind",
-        dest="kind",
-        default="auto",
-        metavar="KIND",
-        help="auto | flat | hnsw | ivf | torch, or a FAISS index_factory string such as IVF4096,SQ8, "
-        "IVF4096,PQ48, HNSW32,SQ8 (inner product). auto: exact flat below 50k items, HNSW below 1M, "
-        "IVF{~4 sqrt N},SQ8 from 1M; on a GPU below 1M faiss GPU flat or torch (default auto)",
-    )
-    p.add_argument(
-        "--check",
-        action="store_true",
-        help="also measure recall@10 for the exact kinds (flat, torch); approximate kinds always measure "
-        "it against exact search on --sample catalog items (stored in meta.json)",
-    )
-    p.add_argument(
-        "--sample", type=int, default=1000, help="catalog items used as recall queries (default 1000)"
-    )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:i (default auto)")
+    # every index option (--kind, --check, --sample, --device, ...) is a field of IndexConfig: one flag per
+    # field, with the field's default and help (llmrec/config.py); the kind parameters are fields too, set by
+    # --param KEY=VALUE
+    add_config_arguments(p, IndexConfig)
     p.add_argument(
         "--param",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="index parameter, repeatable: hnsw M, ef_construction, ef_search, target_recall; "
-        "ivf nlist, nprobe, target_recall, train_size; factory strings nprobe or ef_search, "
-        "target_recall, train_size; torch chunk_elems",
+        help="index parameter, repeatable: "
+        + "; ".join(f"{name} ({text})" for name, text in _param_fields().items()),
     )
     p.add_argument(
         "--add-embeddings",
         default=None,
         metavar="DIR",
         help="add the items of this embeddings artifact to the existing index in --out, in place",
-    )
-    p.add_argument(
-        "--skip-existing",
-        action="store_true",
-        help="with --add-embeddings: leave out items already indexed instead of refusing",
     )
 
 
@@ -81,9 +62,7 @@ def run(args: argparse.Namespace) -> int:
                 "pass either --embeddings (build a new index) or --add-embeddings (add to the index "
                 "in --out), not both"
             )
-        meta = add_to_index(
-            args.out, args.add_embeddings, skip_existing=args.skip_existing, device=args.device
-        )
+        meta = add_to_index(args.out, args.add_embeddings, index_config(args))
         last = meta["added"][-1]
         print(
             f"added {last['n_added']} items (skipped {last['n_skipped']}) to the {meta['kind']} index in "
@@ -95,15 +74,7 @@ def run(args: argparse.Namespace) -> int:
             "--embeddings DIR is required (the folder written by `llmrec embed`), "
             "or --add-embeddings DIR to add to an existing index"
         )
-    meta = build_index(
-        args.embeddings,
-        args.out,
-        kind=args.kind,
-        check=args.check,
-        sample=args.sample,
-        device=args.device,
-        **_parse_params(args.param),
-    )
+    meta = build_index(args.embeddings, args.out, index_config(args))
     rec = f", recall@10 {meta['recall_at_10']:.4f} vs exact" if "recall_at_10" in meta else ""
     print(
         f"indexed {meta['n_items']} x {meta['dim']} items ({meta['embed'].get('model_name')}) as a "
@@ -113,18 +84,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def index_config(args: argparse.Namespace) -> IndexConfig:
+    """The IndexConfig of the parsed flags, the `--param KEY=VALUE` kind parameters included.
+
+    Raises:
+        ValueError: a --param that is not KEY=VALUE, an unknown key, or a value of the wrong type / range.
+    """
+    return with_overrides(config_from_args(IndexConfig, args), _parse_params(args.param), "--param")
+
+
+def _param_fields() -> dict[str, str]:
+    """{kind parameter: its help}: the IndexConfig fields without a flag of their own."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(IndexConfig) if not f.metadata["cli"]}
+
+
 def _parse_params(items: list[str]) -> dict[str, Any]:
+    hints = typing.get_type_hints(IndexConfig)
     out: dict[str, Any] = {}
     for item in items:
         key, sep, val = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--param expects KEY=VALUE, got {item!r}")
-        for cast in (int, float):
-            try:
-                out[key] = cast(val)
-                break
-            except ValueError:
-                continue
-        else:
-            raise ValueError(f"--param {key}: value must be a number, got {val!r}")
+        if key not in _param_fields():
+            raise ValueError(f"--param {key}: unknown index parameter; valid: {sorted(_param_fields())}")
+        cast = int if hints[key] == (int | None) else float
+        try:
+            out[key] = cast(val)
+        except ValueError:
+            raise ValueError(
+                f"--param {key}: value must be {'an integer' if cast is int else 'a number'}, got {val!r}"
+            ) from None
     return out

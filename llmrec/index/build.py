@@ -1,5 +1,7 @@
 """Embeddings artifact -> index artifact (`llmrec index`), and in-place additions to an index artifact.
 
+The options (kind, recall sample, device, kind parameters) are the fields of `llmrec.config.IndexConfig`.
+
 `build_index` streams the embeddings folder in chunks (`llmrec.embed.artifact.iter_embeddings`) into
 `ItemIndex.build_from_batches`: kinds that train read it twice (a seeded sample, then the adds), so the
 whole matrix is never in memory beside a compressed index. Approximate kinds always measure recall@10
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from llmrec.artifacts import read_meta
+from llmrec.config import IndexConfig, with_overrides
 from llmrec.embed.artifact import iter_embeddings
 from llmrec.index.item_index import ItemIndex
 
@@ -33,43 +36,39 @@ __all__ = ["add_to_index", "build_index"]
 def build_index(
     embeddings_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    kind: str = "auto",
-    check: bool = False,
-    sample: int = 1000,
-    device: str = "auto",
-    batch_rows: int = 65_536,
-    **params: Any,
+    config: IndexConfig | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Build and save an index over an embeddings artifact, streaming it in chunks.
 
     Args:
         embeddings_dir: folder written by `llmrec embed` (read through `iter_embeddings`).
         out_dir: index folder to write (index.faiss | index.npy, item_ids.npy, meta.json).
-        kind: "auto" | "flat" | "hnsw" | "ivf" | "torch" | a FAISS index_factory string (`ItemIndex.build`).
-        check: also measure recall@10 for the exact kinds (approximate kinds always do).
-        sample: catalog items used as recall queries.
-        device: "auto" | "cpu" | "cuda[:i]".
-        batch_rows: rows per chunk read from the embeddings.
-        **params: kind parameters passed to `ItemIndex.build`.
+        config: the options (kind, check, sample, device, batch_rows and the kind parameters M, nlist,
+            nprobe, ...; documented in `llmrec.config.IndexConfig`); None = `IndexConfig()`.
+        **options: IndexConfig fields that replace those of `config`, for keyword callers
+            (`build_index(emb, out, kind="IVF32,SQ8", nprobe=1)`).
 
     Returns:
         the index meta.json written (kind, dim, metric, n_items, embed, params, build_s, index_bytes,
         [factory, recall_at_10, recall_queries, recall_at_10_n_items, train_size, tuning]).
+
+    Raises:
+        ValueError: an unknown or out-of-range option, or a kind parameter the kind has not.
     """
-    if sample < 1:
-        raise ValueError(f"sample must be >= 1 catalog items, got {sample}")
+    cfg = with_overrides(config if config is not None else IndexConfig(), options, "build_index")
     embed_meta = read_meta(embeddings_dir, "embed")
     idx = ItemIndex.build_from_batches(
-        lambda: iter_embeddings(embeddings_dir, batch_rows=batch_rows),  # a fresh pass per call
+        lambda: iter_embeddings(embeddings_dir, batch_rows=cfg.batch_rows),  # a fresh pass per call
         n_items=int(embed_meta["n_items"]),
         dim=int(embed_meta["dim"]),
-        kind=kind,
-        device=device,
+        kind=cfg.kind,
+        device=cfg.device,
         normalize=False,
         embed_meta=embed_meta,
-        recall_sample=sample,
-        check=check,
-        **params,
+        recall_sample=cfg.sample,
+        check=cfg.check,
+        **cfg.params(),
     )
     stats = idx.build_stats
     meta = idx.save(out_dir, embed_meta, embeddings_dir=os.fspath(embeddings_dir))
@@ -88,18 +87,18 @@ def build_index(
 def add_to_index(
     index_dir: str | os.PathLike,
     embeddings_dir: str | os.PathLike,
-    skip_existing: bool = False,
-    device: str = "auto",
-    batch_rows: int = 65_536,
+    config: IndexConfig | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Add the items of another embeddings artifact to an existing index folder, in place.
 
     Args:
         index_dir: folder written by `build_index` / `ItemIndex.save`; rewritten with the new items.
         embeddings_dir: embeddings artifact from the same encoder (model_name and dim must match).
-        skip_existing: leave out items already in the index (counted and logged) instead of refusing.
-        device: "auto" | "cpu" | "cuda[:i]".
-        batch_rows: rows per chunk read from the embeddings.
+        config: the options; this reads `skip_existing` (leave out items already in the index, counted and
+            logged, instead of refusing), `device` and `batch_rows` (the index keeps its kind and
+            parameters). None = `IndexConfig()`.
+        **options: IndexConfig fields that replace those of `config` (`skip_existing=True`).
 
     Returns:
         the rewritten index meta.json (n_items updated; `added` lists each addition).
@@ -107,6 +106,8 @@ def add_to_index(
     Raises:
         ArtifactError / ValueError: another encoder, or ids already indexed without `skip_existing`.
     """
+    cfg = with_overrides(config if config is not None else IndexConfig(), options, "add_to_index")
+    skip_existing, device, batch_rows = cfg.skip_existing, cfg.device, cfg.batch_rows
     embed_meta = read_meta(embeddings_dir, "embed")
     idx = ItemIndex.load(index_dir, expect_embed_meta=embed_meta, device=device)
     old_meta = read_meta(index_dir, "index")

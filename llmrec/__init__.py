@@ -28,6 +28,7 @@ _EXPORTS = {
     "Scorer": "llmrec.scorer.inference",
     "evaluate": "llmrec.eval.evaluate",
     "StateStore": "llmrec.state.store",
+    "ServeConfig": "llmrec.config",
     "build_app": "llmrec.serve.app",
 }
 

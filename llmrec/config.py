@@ -1,7 +1,8 @@
 """Typed, frozen configs: the one home of a stage's options and their defaults.
 
 `EmbedConfig` holds every option of `llmrec embed` (`llmrec.embed.ray_embed.embed_catalog(items, out, cfg)`),
-`IndexConfig` of `llmrec index` (`llmrec.index.build.build_index(embeddings, out, cfg)`),
+`IndexConfig` of `llmrec index` (`llmrec.index.build.build_index(embeddings, out, cfg)`), `ServeConfig` of
+`llmrec serve` (and the defaults and checks of `llmrec.serve.app.build_app`'s args),
 `TrainConfig` every option of the scorer's training (`llmrec.scorer.train.fit_scorer(cfg, ...)`). Each
 field is declared with `option(default, help)`: the help text is the field's documentation and the text of its
 command-line flag, so adding an option is one line here. `add_config_arguments(parser, TrainConfig)` turns the
@@ -179,6 +180,90 @@ class IndexConfig:
         """The kind parameters that are set (not None), as `ItemIndex.build(**params)` takes them."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if not f.metadata.get("cli", True) and getattr(self, f.name) is not None}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the HTTP app (`llmrec serve`, `build_app`)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServeConfig:
+    """Every option of `llmrec serve` but its paths, each documented by its `option`; `build_app(args)` takes
+    its defaults and checks from here too (`app_args()` maps the fields to build_app's keys).
+
+    No field holds a secret: the bearer token is read from `--auth-token-file` or $LLMREC_AUTH_TOKEN and the
+    Redis URL from $LLMREC_STATE_URL when the app starts (`llmrec.serve.auth`), so printing or logging a
+    ServeConfig shows none of them.
+
+    Raises:
+        ValueError: a field has the wrong type or is out of range (the message names both).
+
+    Example::
+
+        cfg = ServeConfig(shards=8, replicas=2)
+        app = build_app({"run_dir": "runs/ml", **cfg.app_args()})
+    """
+
+    # the flags `llmrec serve` has always had (names, defaults and meanings are pinned by test_config.py)
+    host: str = option("127.0.0.1", "HTTP host (0.0.0.0 exposes it)")
+    port: int = option(8000, "HTTP port")
+    shards: int = option(4, "user-state shard actors (build_app: n_shards)")
+    replicas: int = option(1, "replicas per deployment (build_app: num_replicas)")
+    model: str | None = option(None, "text encoder for q and text feedback (none: the embeddings' model)")
+    log_user_ids: bool = option(False, "log user ids in clear (off: hashed)")
+    # the flag has always been the negative one, --no-run-users
+    load_run_users: bool = option(True, "start the state shards from the users of "
+                                  "RUN/data/interactions.parquet (--no-run-users: start them empty)",
+                                  flag="--run-users")
+    history_len: int = option(200, "events kept per user in memory")
+    log_retention_days: float | None = option(None, "delete event-log segments older than this that a "
+                                              "snapshot covers (none: keep all; `llmrec train --events` "
+                                              "reads the log)")
+    shard_memory_mb: int = option(256, "Ray memory reserved per state shard (about 6 KB per active user; "
+                                  "0 = no reservation)")
+    state_backend: str = option("file", "where the state shards keep log, snapshots and tombstones: file "
+                                "(RUN/events) or redis (the URL, password included, from $LLMREC_STATE_URL; "
+                                "survives node loss)", choices=("file", "redis"))
+    train_in_background: bool = option(False, "serve at once and train the scorer meanwhile in a separate "
+                                       "process (llmrec pipeline --stages train; log in "
+                                       "RUN/logs/train-background.log), then redeploy so that it serves when "
+                                       "ready")
+
+    _RANGES: typing.ClassVar[dict[str, tuple[int, int]]] = {
+        "port": (1, 65535), "shards": (1, 1024), "replicas": (1, 1000), "history_len": (1, 100_000),
+        "shard_memory_mb": (0, 1 << 20),
+    }
+    _APP_KEYS: typing.ClassVar[dict[str, str]] = {"shards": "n_shards", "replicas": "num_replicas"}
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for name, (low, high) in self._RANGES.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                alias = f" (build_app arg {self._APP_KEYS[name]})" if name in self._APP_KEYS else ""
+                raise ValueError(f"ServeConfig.{name}{alias} must be an integer in [{low}, {high}], "
+                                 f"got {value}")
+        days = self.log_retention_days
+        if days is not None and not days > 0:  # also rejects NaN
+            raise ValueError(f"ServeConfig.log_retention_days must be > 0 (or None to keep the whole log), "
+                             f"got {days}")
+        if self.state_backend not in ("file", "redis"):
+            raise ValueError(f"ServeConfig.state_backend must be 'file' or 'redis', "
+                             f"got {self.state_backend!r}")
+        if not self.host.strip():
+            raise ValueError("ServeConfig.host must be a host name or address (127.0.0.1, 0.0.0.0), got ''")
+
+    def app_args(self) -> dict[str, Any]:
+        """The `build_app` args these options set (it also takes run_dir, auth, log_dir, state_url*)."""
+        return {
+            "n_shards": self.shards,
+            "num_replicas": self.replicas,
+            "model": self.model,
+            "log_user_ids": self.log_user_ids,
+            "load_run_users": self.load_run_users,
+            "history_len": self.history_len,
+            "log_retention_days": self.log_retention_days,
+            "shard_memory_mb": self.shard_memory_mb,
+        }
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from llmrec.cli import build_parser
 from llmrec.config import (
     EmbedConfig,
     IndexConfig,
+    ServeConfig,
     TrainConfig,
     add_config_arguments,
     config_from_args,
@@ -391,3 +392,122 @@ def test_cluster_job_yaml_builds_the_stage_config(command, job):
         name = key.replace("-", "_")
         if hasattr(cfg, name):
             assert getattr(cfg, name) == value, key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ServeConfig: `llmrec serve` and build_app's args
+# ---------------------------------------------------------------------------------------------------------
+SERVE_REQUIRED = ["--run", "r"]
+# `llmrec serve --help` before ServeConfig (main at c157d11)
+SERVE_FLAGS_BEFORE = [
+    "-h", "--help", "--run", "--host", "--port", "--shards", "--auth-token-file", "--auth-token",
+    "--replicas",
+    "--model", "--events", "--log-user-ids", "--no-run-users", "--history-len", "--log-retention-days",
+    "--shard-memory-mb", "--state-backend", "--address", "--train-in-background",
+]
+# their parsed defaults before ServeConfig (same commit); `no_run_users: False` was the store_true flag
+# `--no-run-users`, which is now the `--no-` side of `--run-users` (dest load_run_users, default True)
+SERVE_DEFAULTS_BEFORE = {
+    "run": "r", "host": "127.0.0.1", "port": 8000, "shards": 4, "auth_token_file": None, "auth_token": None,
+    "replicas": 1, "model": None, "events": None, "log_user_ids": False, "no_run_users": False,
+    "history_len": 200, "log_retention_days": None, "shard_memory_mb": 256, "state_backend": "file",
+    "address": None, "train_in_background": False,
+}
+# build_app's defaults before ServeConfig (llmrec/serve/app.py `_parse_args`, same commit)
+APP_DEFAULTS_BEFORE = {"n_shards": 4, "num_replicas": 1, "model": None, "log_user_ids": False,
+                       "load_run_users": True, "history_len": 200, "log_retention_days": None,
+                       "shard_memory_mb": 256}
+
+
+def test_every_serve_flag_from_before_still_exists_with_its_default():
+    p = _parser("serve")
+    flags = {s for a in p._actions for s in a.option_strings}
+    assert set(SERVE_FLAGS_BEFORE) <= flags, sorted(set(SERVE_FLAGS_BEFORE) - flags)
+    args = p.parse_args(SERVE_REQUIRED)
+    got = {k: getattr(args, k) for k in SERVE_DEFAULTS_BEFORE if k != "no_run_users"}
+    assert got == {k: v for k, v in SERVE_DEFAULTS_BEFORE.items() if k != "no_run_users"}
+    assert args.load_run_users is not SERVE_DEFAULTS_BEFORE["no_run_users"]
+    assert p.parse_args([*SERVE_REQUIRED, "--no-run-users"]).load_run_users is False
+    assert config_from_args(ServeConfig, args) == ServeConfig()
+    assert ServeConfig().app_args() == APP_DEFAULTS_BEFORE
+    with pytest.raises(SystemExit):  # the choices --state-backend always offered
+        p.parse_args([*SERVE_REQUIRED, "--state-backend", "s3"])
+
+
+def test_every_serve_field_is_a_flag_that_reaches_the_config():
+    changed = {"host": "0.0.0.0", "port": 8123, "shards": 2, "replicas": 3, "model": "m",
+               "log_user_ids": True,
+               "load_run_users": False, "history_len": 50, "log_retention_days": 7.5, "shard_memory_mb": 0,
+               "state_backend": "redis", "train_in_background": True}
+    assert sorted(changed) == sorted(f.name for f in dataclasses.fields(ServeConfig))
+    argv = [*SERVE_REQUIRED, *_argv(changed, {"load_run_users": "--run-users"})]
+    assert "--no-run-users" in argv
+    cfg = config_from_args(ServeConfig, _parser("serve").parse_args(argv))
+    assert cfg == ServeConfig(**changed)
+    assert all(getattr(cfg, k) != getattr(ServeConfig(), k) for k in changed)
+
+
+def test_serve_config_holds_no_secret():
+    """The token and the Redis URL are read when the app starts, never held in (or printed with) the config;
+    a token on the command line is still refused."""
+    names = [f.name for f in dataclasses.fields(ServeConfig)]
+    assert not [n for n in names if any(w in n for w in ("token", "password", "secret", "url"))], names
+    args = _parser("serve").parse_args([*SERVE_REQUIRED, "--auth-token-file", "/run/secrets/tok"])
+    assert "/run/secrets/tok" not in repr(config_from_args(ServeConfig, args))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"port": 0}, r"ServeConfig.port must be an integer in \[1, 65535\], got 0"),
+        ({"shards": 0}, r"ServeConfig.shards \(build_app arg n_shards\) must be an integer in \[1, 1024\]"),
+        ({"replicas": 1001}, r"ServeConfig.replicas \(build_app arg num_replicas\) must be an integer in "),
+        ({"history_len": 0}, r"ServeConfig.history_len must be an integer in \[1, 100000\], got 0"),
+        ({"shard_memory_mb": -1}, r"ServeConfig.shard_memory_mb must be an integer in \[0, 1048576\]"),
+        ({"log_retention_days": 0.0}, r"ServeConfig.log_retention_days must be > 0 \(or None"),
+        ({"log_retention_days": float("nan")}, r"ServeConfig.log_retention_days must be > 0"),
+        ({"state_backend": "s3"}, "ServeConfig.state_backend must be 'file' or 'redis', got 's3'"),
+        ({"host": ""}, "ServeConfig.host must be a host name or address"),
+        ({"port": "8000"}, r"ServeConfig.port must be int, got '8000' \(str\)"),
+    ],
+)
+def test_bad_serve_values_name_the_field_the_value_and_the_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ServeConfig(**kwargs)
+
+
+def test_serve_cli_checks_its_options_before_starting_ray():
+    from llmrec.commands import serve as serve_cmd
+
+    args = _parser("serve").parse_args([*SERVE_REQUIRED, "--port", "70000"])
+    with pytest.raises(ValueError, match=r"ServeConfig.port must be an integer in \[1, 65535\], got 70000"):
+        serve_cmd.run(args)
+
+
+def test_build_app_args_take_serve_config_defaults_and_checks(tmp_path):
+    """`serve run llmrec.serve.app:build_app run_dir=RUN n_shards=...` (strings) and `llmrec serve`
+    (ServeConfig.app_args) reach the same options, with ServeConfig's defaults and ranges."""
+    from llmrec.serve.app import _parse_args
+
+    run = tmp_path / "run"
+    for sub in ("embeddings", "index"):
+        (run / sub).mkdir(parents=True)
+        (run / sub / "meta.json").write_text("{}")
+    base = _parse_args({"run_dir": str(run)})
+    assert {k: base[k] for k in ("n_shards", "num_replicas", "log_user_ids", "history_len",
+                                 "shard_memory_mb", "log_retention_s")} == {
+        "n_shards": 4, "num_replicas": 1, "log_user_ids": False, "history_len": 200, "shard_memory_mb": 256,
+        "log_retention_s": None}
+    cfg = ServeConfig(shards=8, replicas=2, history_len=30, log_retention_days=2.0, shard_memory_mb=0,
+                      log_user_ids=True)
+    from_cfg = _parse_args({"run_dir": str(run), **cfg.app_args()})
+    from_strings = _parse_args({"run_dir": str(run), "n_shards": "8", "num_replicas": "2",
+                                "history_len": "30",
+                                "log_retention_days": "2", "shard_memory_mb": "0", "log_user_ids": "true"})
+    assert from_cfg == from_strings
+    assert (from_cfg["n_shards"], from_cfg["num_replicas"], from_cfg["log_retention_s"],
+            from_cfg["shard_memory_mb"]) == (8, 2, 2 * 86400.0, None)
+    with pytest.raises(ValueError, match=r"ServeConfig.shards \(build_app arg n_shards\) must be an integer"):
+        _parse_args({"run_dir": str(run), "n_shards": "0"})
+    with pytest.raises(ValueError, match="n_shards must be an integer, got 'four'"):
+        _parse_args({"run_dir": str(run), "n_shards": "four"})

@@ -18,7 +18,7 @@ def test_stage_configs_are_exported():
     """Each stage's options have one home, llmrec.config, re-exported at the top."""
     import llmrec.config
 
-    for name in ("EmbedConfig", "IndexConfig", "TrainConfig"):
+    for name in ("EmbedConfig", "IndexConfig", "ServeConfig", "TrainConfig"):
         assert name in llmrec.__all__ and getattr(llmrec, name) is getattr(llmrec.config, name)
 
 

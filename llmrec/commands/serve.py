@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from llmrec import schema
+from llmrec.config import ServeConfig, add_config_arguments, config_from_args
 from llmrec.serve.auth import ARGV_REFUSED, TOKEN_ENV, read_token
 from llmrec.storage import Arg, In, LocalOnly, Run, is_uri, redact
 
@@ -29,9 +30,10 @@ HELP = "serve recommendations over HTTP (Ray Serve): /recommend, /feedback, /use
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder (RUN/embeddings, RUN/index, optional RUN/scorer)")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--shards", type=int, default=4, help="user-state shard actors (default 4)")
+    # every serving option (--host, --port, --shards, --replicas, ...) is a field of ServeConfig: one flag per
+    # field, with the field's default and help (llmrec/config.py); the paths below, the token file included,
+    # stay plain flags (no secret is ever a config field)
+    add_config_arguments(p, ServeConfig)
     p.add_argument(
         "--auth-token-file",
         default=None,
@@ -39,42 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "set, else no auth)",
     )
     p.add_argument("--auth-token", default=None, help=argparse.SUPPRESS)  # refused: see llmrec.serve.auth
-    p.add_argument("--replicas", type=int, default=1, help="replicas per deployment (default 1)")
-    p.add_argument(
-        "--model", default=None, help="text encoder for q and text feedback (default: the embeddings' model)"
-    )
     p.add_argument(
         "--events",
         default=None,
         help="local folder of the serving event log (default RUN/events; required when --run is a URI)",
     )
-    p.add_argument("--log-user-ids", action="store_true", help="log user ids in clear (default: hashed)")
-    p.add_argument(
-        "--no-run-users",
-        action="store_true",
-        help="start the state shards empty instead of from the users of RUN/data/interactions.parquet",
-    )
-    p.add_argument("--history-len", type=int, default=200,
-                   help="events kept per user in memory (default 200)")
-    p.add_argument("--log-retention-days", type=float, default=None,
-                   help="delete event-log segments older than this that a snapshot covers (default: keep "
-                        "all; "
-                        "`llmrec train --events` reads the log)")
-    p.add_argument("--shard-memory-mb", type=int, default=256,
-                   help="Ray memory reserved per state shard (default 256; about 6 KB per active user)")
-    p.add_argument("--state-backend", choices=("file", "redis"), default="file",
-                   help="where the state shards keep log, snapshots and tombstones: file (RUN/events, "
-                        "default) "
-                        "or redis (the URL, password included, from $LLMREC_STATE_URL; survives node loss)")
     p.add_argument("--address", default=None,
                    help="join a running Ray cluster (default: start a new local one, even if `ray start` "
                         "ran)")
-    p.add_argument(
-        "--train-in-background",
-        action="store_true",
-        help="serve at once and train the scorer meanwhile in a separate process (llmrec pipeline --stages "
-        "train; log in RUN/logs/train-background.log), then redeploy so that it serves when ready",
-    )
 
 
 EVENTS_LOCAL = "the event log is appended and fsync'd before each /feedback reply, which needs a local disk"
@@ -115,25 +89,17 @@ def run(args: argparse.Namespace) -> int:
     from llmrec.raysetup import init_ray
     from llmrec.serve.app import build_app
 
-    if not 1 <= args.port <= 65535:
-        raise ValueError(f"--port must be within 1..65535, got {args.port}")
+    cfg = config_from_args(ServeConfig, args)  # checks --port, --shards, ... before Ray starts
     if args.auth_token:
         raise ValueError(ARGV_REFUSED)
     token = read_token(args.auth_token_file, os.environ)
-    train_argv = background_training_argv(args.run) if args.train_in_background else None
+    train_argv = background_training_argv(args.run) if cfg.train_in_background else None
     app_args = {
+        **cfg.app_args(),
         "run_dir": args.run,
-        "n_shards": args.shards,
         "auth_token": token,
-        "num_replicas": args.replicas,
-        "model": args.model,
-        "log_user_ids": args.log_user_ids,
-        "load_run_users": not args.no_run_users,
         "log_dir": str(Path(args.events).resolve()) if args.events else None,
-        "history_len": args.history_len,
-        "log_retention_days": args.log_retention_days,
-        "shard_memory_mb": args.shard_memory_mb,
-        "state_url_env": _state_env(args.state_backend),
+        "state_url_env": _state_env(cfg.state_backend),
     }
     app = build_app(app_args)
     init_ray(address=args.address)
@@ -141,12 +107,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # access logs off: every request line would otherwise be streamed to this terminal (PLATFORM G6)
     serve.start(
-        http_options=HTTPOptions(host=args.host, port=args.port),
+        http_options=HTTPOptions(host=cfg.host, port=cfg.port),
         logging_config=LoggingConfig(enable_access_log=False),
     )
     try:  # Ctrl-C while serve.run still waits for the app (requests may already be served) stops cleanly too
         serve.run(app, name="llmrec", route_prefix="/", logging_config=LoggingConfig(enable_access_log=False))
-        url = f"http://{args.host}:{args.port}"
+        url = f"http://{cfg.host}:{cfg.port}"
         auth = f" -H \"Authorization: Bearer ${TOKEN_ENV}\"" if token else ""  # never the token itself
         logger.info(
             "llmrec serving %s at %s (ready in %.1fs); API docs at %s/docs",

@@ -4,7 +4,8 @@ No side effects at import: Ray, FastAPI and the models are touched only when `bu
 `serve run`, `serve deploy`, `llmrec serve` or a test), and the state actors only when the Ingress starts.
 
 args (a dict; `serve run llmrec.serve.app:build_app run_dir=RUN n_shards=4` passes strings, so every value
-is coerced and checked here):
+is coerced here; the options `llmrec serve` shares take their defaults and ranges from
+`llmrec.config.ServeConfig`, whose `app_args()` gives these keys):
     run_dir (required): the run folder (RUN/embeddings, RUN/index, optional RUN/scorer; RUN/events is the
         serving event log unless `log_dir` is given).
     n_shards (4): state shard actors.
@@ -38,6 +39,8 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from llmrec.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -159,27 +162,41 @@ def _parse_args(args: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"autoscaling must be a dict like {{'min_replicas': 1, 'max_replicas': 4}}, got {autoscaling!r}"
         )
+    d = ServeConfig()  # the defaults and ranges of the options `llmrec serve` shares with build_app
+    opts = ServeConfig(
+        shards=_int(args.get("n_shards", d.shards), "n_shards"),
+        replicas=_int(args.get("num_replicas", d.replicas), "num_replicas"),
+        model=str(args["model"]) if args.get("model") else None,
+        log_user_ids=_bool(args.get("log_user_ids", d.log_user_ids), "log_user_ids"),
+        load_run_users=_bool(args.get("load_run_users", d.load_run_users), "load_run_users"),
+        history_len=_int(args.get("history_len", d.history_len), "history_len"),
+        log_retention_days=_days(args.get("log_retention_days")),
+        shard_memory_mb=_int(args.get("shard_memory_mb", d.shard_memory_mb), "shard_memory_mb"),
+    )
+    max_body_bytes = _int(args.get("max_body_bytes", 1 << 20), "max_body_bytes")
+    if not 1024 <= max_body_bytes <= 1 << 30:
+        raise ValueError(f"max_body_bytes must be an integer in [1024, {1 << 30}], got {max_body_bytes}")
     return {
         "run_dir": str(run),
-        "n_shards": _int(args.get("n_shards", 4), "n_shards", 1, 1024),
+        "n_shards": opts.shards,
         "auth_token": str(args["auth_token"]) if args.get("auth_token") else None,
         "auth_token_file": str(args["auth_token_file"]) if args.get("auth_token_file") else None,
         "auth_token_env": str(args["auth_token_env"]) if args.get("auth_token_env") else None,
-        "num_replicas": _int(args.get("num_replicas", 1), "num_replicas", 1, 1000),
+        "num_replicas": opts.replicas,
         "autoscaling": dict(autoscaling) if autoscaling else None,
-        "log_user_ids": _bool(args.get("log_user_ids", False), "log_user_ids"),
-        "model": str(args["model"]) if args.get("model") else None,
+        "log_user_ids": opts.log_user_ids,
+        "model": opts.model,
         "user_config": user_config,
         "state_name": str(args.get("state_name") or "llmrec-state"),
         "namespace": str(args.get("namespace") or "llmrec"),
-        "max_body_bytes": _int(args.get("max_body_bytes", 1 << 20), "max_body_bytes", 1024, 1 << 30),
+        "max_body_bytes": max_body_bytes,
         "num_cpus": float(args.get("num_cpus", 0.25)),
         "device": str(args.get("device") or "cpu"),
         "log_dir": str(args["log_dir"]) if args.get("log_dir") else None,
-        "data_dir": _data_dir(args, run, user_config),
-        "history_len": _int(args.get("history_len", 200), "history_len", 1, 100_000),
-        "log_retention_s": _retention(args.get("log_retention_days")),
-        "shard_memory_mb": _int(args.get("shard_memory_mb", 256), "shard_memory_mb", 0, 1 << 20) or None,
+        "data_dir": _data_dir(args, run, user_config, opts.load_run_users),
+        "history_len": opts.history_len,
+        "log_retention_s": None if opts.log_retention_days is None else opts.log_retention_days * 86400.0,
+        "shard_memory_mb": opts.shard_memory_mb or None,
         "state_url": _state_url(args.get("state_url")),
         "state_url_env": str(args["state_url_env"]) if args.get("state_url_env") else None,
     }
@@ -197,23 +214,20 @@ def _state_url(url: Any) -> str | None:
     return u
 
 
-def _retention(days: Any) -> float | None:
+def _days(days: Any) -> float | None:
+    """log_retention_days as a number (`serve run ... log_retention_days=7` passes a string); "" = None."""
     if days is None or days == "":
         return None
     try:
-        d = float(days)
+        return float(days)
     except (TypeError, ValueError):
         raise ValueError(f"log_retention_days must be a number of days > 0 or null, got {days!r}") from None
-    if not d > 0:
-        raise ValueError(f"log_retention_days must be > 0 (or null to keep the whole log), got {days!r}")
-    return d * 86400.0
 
 
-def _data_dir(args: Mapping[str, Any], run: Path, user_config: Mapping[str, Any]) -> str | None:
+def _data_dir(args: Mapping[str, Any], run: Path, user_config: Mapping[str, Any], load: bool) -> str | None:
     """The data folder whose users the state shards start from (None = start empty); see the module doc."""
     from llmrec import schema
 
-    load = _bool(args.get("load_run_users", True), "load_run_users")
     if "data_dir" in user_config:  # the hot-swap knob: start where reconfigure() would put the shards
         d = user_config["data_dir"]
     elif args.get("data_dir"):
@@ -237,13 +251,14 @@ def _data_dir(args: Mapping[str, Any], run: Path, user_config: Mapping[str, Any]
     return str(p)
 
 
-def _int(v: Any, name: str, lo: int, hi: int) -> int:
+def _int(v: Any, name: str) -> int:
+    """An int from an int or a string (`serve run ... n_shards=4`); the range is checked by ServeConfig."""
     try:
         i = int(v)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}") from None
-    if not lo <= i <= hi or (isinstance(v, float) and v != i):
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+        raise ValueError(f"{name} must be an integer, got {v!r}") from None
+    if isinstance(v, bool) or (isinstance(v, float) and v != i):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
     return i
 
 

@@ -249,9 +249,8 @@ def judge(
     cur_dir: str, cand_dir: str, train_ev: pd.DataFrame, held: pd.DataFrame, items: Any
 ) -> dict[str, Any]:
     """Next-item NDCG@10 / recall@10 of both scorers on the held-back events (module docstring, step 5)."""
-    from llmrec.eval.metrics import bootstrap_ci
+    from llmrec.metrics import bootstrap_ci, recall_ndcg
     from llmrec.scorer.inference import Scorer
-    from llmrec.scorer.train import recall_ndcg
 
     pos = {iid: i for i, iid in enumerate(np.asarray(items.item_ids).astype(str))}
     targets, hists = _heldout_targets(train_ev, held, pos)
@@ -286,7 +285,7 @@ def _heldout_targets(
 ) -> tuple[list[int], list]:
     """Targets: held-back events (not dislike/skip) on a catalog item the user had not touched; each with the
     user's history (catalog items only) up to it, time-ordered."""
-    from llmrec.eval.protocol import History
+    from llmrec.protocol import History
 
     allev = pd.concat([train_ev, held], ignore_index=True)
     allev = allev[allev[schema.ITEM_ID].astype(str).isin(pos)]

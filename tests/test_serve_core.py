@@ -187,7 +187,7 @@ def test_scorer_mode_ranks_by_the_scorer_with_its_co_occurrence_term(core: Recom
     import scipy.sparse as sp
     import torch
 
-    from llmrec.eval.protocol import History
+    from llmrec.protocol import History
     from llmrec.scorer.inference import Scorer
     from llmrec.scorer.model import ScorerConfig, ScorerModel
 

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from test_scorer import SMALL, planted
 
-from llmrec.eval.metrics import ndcg_at_k
-from llmrec.eval.protocol import ItemSpace
-from llmrec.scorer.data import attach_item_idx, histories_from_frame
+from llmrec.data.histories import attach_item_idx
+from llmrec.metrics import ndcg_at_k
+from llmrec.protocol import ItemSpace
+from llmrec.scorer.data import histories_from_frame
 from llmrec.scorer.inference import Scorer
 from llmrec.scorer.recommender import split_last_event
 from llmrec.scorer.train import fit_scorer

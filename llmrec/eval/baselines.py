@@ -1,4 +1,4 @@
-"""Strong baselines, each a `llmrec.eval.protocol.Recommender` scoring the whole catalog.
+"""Strong baselines, each a `llmrec.protocol.Recommender` scoring the whole catalog.
 
 - `PopularityRecommender` ("popularity"): train interaction count per item, the same list for everyone.
 - `ItemKNNRecommender` ("itemknn"): cosine item-item similarity of the binary user x item train matrix
@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from llmrec.eval.protocol import History, ItemSpace
+from llmrec.cooc import history_matrix
+from llmrec.protocol import History, ItemSpace
 from llmrec.schema import EVENT, ITEM_IDX, NEGATIVE_KINDS, USER_ID
-from llmrec.scorer.cooc import history_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class ItemKNNRecommender(_IDModel):
 
     sim(i, j) = |U_i & U_j| / (sqrt(|U_i| |U_j|) + shrink), diagonal zeroed, top `n_neighbors` per item kept;
     score(u, j) = sum_{i in history(u)} sim(i, j). With shrink 0 the matrix equals the scorer's co-occurrence
-    similarity (`llmrec.scorer.cooc.cooccurrence_similarity`; tests/test_tuning.py checks it).
+    similarity (`llmrec.cooc.cooccurrence_similarity`; tests/test_tuning.py checks it).
     """
 
     name = "itemknn"

@@ -165,7 +165,7 @@ def learn(
     """
     from llmrec.artifacts import read_meta
     from llmrec.data.tables import read_interactions, read_items
-    from llmrec.eval.evaluate import load_item_space
+    from llmrec.embed.artifact import load_item_space
     from llmrec.scorer.train import TrainingDiverged, fit_scorer
 
     t0 = time.perf_counter()

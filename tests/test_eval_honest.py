@@ -112,7 +112,8 @@ class LeakyPopularity:
 def honest(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
     """One `evaluate` run, and the same evaluation by hand (build_models + evaluate_models), fits kept."""
     from llmrec.data.histories import attach_item_idx
-    from llmrec.eval.evaluate import evaluate_models, load_item_space, read_tables
+    from llmrec.embed.artifact import load_item_space
+    from llmrec.eval.evaluate import evaluate_models, read_tables
     from llmrec.eval.models import ModelSetup, build_models
     from llmrec.eval.split import leave_last_out
     from llmrec.eval.tuning import InnerValidation

@@ -6,7 +6,6 @@ import sys
 import llmrec
 from llmrec import cli
 
-
 PUBLIC_API = [
     "__version__",
     "prepare",

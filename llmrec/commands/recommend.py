@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from llmrec.data.histories import attach_item_idx, make_histories
-    from llmrec.eval.evaluate import load_item_space, read_tables
+    from llmrec.embed.artifact import load_item_space
+    from llmrec.eval.evaluate import read_tables
     from llmrec.schema import USER_ID
 
     t0 = time.perf_counter()

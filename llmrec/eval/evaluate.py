@@ -60,12 +60,13 @@ import pandas as pd
 
 from llmrec.artifacts import write_meta
 from llmrec.data.histories import attach_item_idx, make_histories
-from llmrec.metrics import RankingMetrics, bootstrap_ci
+from llmrec.embed.artifact import load_item_space
 from llmrec.eval.models import ALL_MODELS, FAST_MODELS, HYBRIDS, ModelSetup, build_models, llmrec_train_config
 from llmrec.eval.split import Split, cold_item_split, leave_last_out, time_split
 from llmrec.eval.tuning import InnerValidation
+from llmrec.metrics import RankingMetrics, bootstrap_ci
 from llmrec.protocol import ItemSpace, Recommender
-from llmrec.schema import FACETS, ITEM_ID, ITEM_IDX, META_FILE, RUN_SCORER, USER_ID
+from llmrec.schema import ITEM_IDX, META_FILE, RUN_SCORER, USER_ID
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,6 @@ __all__ = [
     "evaluate",
     "evaluate_models",
     "llmrec_train_config",
-    "load_item_space",
     "read_tables",
 ]
 
@@ -529,43 +529,6 @@ def read_tables(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
     from llmrec.data.tables import read_interactions, read_items
 
     return read_items(data_dir), read_interactions(data_dir)
-
-
-def load_item_space(
-    embeddings_dir: str | os.PathLike, items: pd.DataFrame | None = None
-) -> tuple[ItemSpace, dict]:
-    """ItemSpace from an embed folder (rows in embeddings order) with titles from `items` when given."""
-    from llmrec.embed.artifact import load_embeddings
-
-    emb = load_embeddings(embeddings_dir)
-    ids, vecs, meta = emb.item_ids, emb.vectors, emb.meta
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{embeddings_dir}: duplicate item ids in the embeddings; re-run `llmrec embed`")
-    titles = facets = None
-    if items is not None and "title" in items.columns:
-        t = items.set_index(ITEM_ID)["title"]
-        titles = t.reindex(ids).fillna("").astype(str).to_numpy(dtype=object)
-    if items is not None and FACETS in items.columns:
-        by_id = dict(zip(items[ITEM_ID].astype(str), items[FACETS], strict=True))
-        facets = [list(by_id.get(str(i), [])) for i in ids]
-    return ItemSpace(
-        item_ids=np.asarray(ids, dtype=object),
-        text_vectors=np.asarray(vecs, np.float32),
-        titles=titles,
-        facets=facets,
-        text_model=text_model_of(meta),
-    ), dict(meta)
-
-
-def text_model_of(embed_meta: dict) -> str | None:
-    """The encoder of an embeddings artifact as a concrete folder or hub name (the bundled MiniLM's folder for
-    the default model), or None when the meta does not say (texts then cannot be encoded into its space)."""
-    from llmrec.embed.encoder import DEFAULT_MODEL_NAME, default_model_path, model_for_meta
-
-    model = model_for_meta(embed_meta)
-    if model is None and embed_meta.get("model_name") == DEFAULT_MODEL_NAME:
-        model = default_model_path()
-    return model
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -66,6 +66,7 @@ class Recommender(Protocol):
         """Scores over the whole catalog: float32 (B, N); higher is better. -inf = cannot recommend."""
 
 
+@runtime_checkable  # isinstance checks the members' presence (tests/test_serve_core.py)
 class UserEncoder(Protocol):
     """A user's state -> one vector in the item text space (the zero-shot user vector).
 
@@ -93,6 +94,7 @@ class Ranked:
     user_vecs: np.ndarray
 
 
+@runtime_checkable
 class Ranker(Protocol):
     """A trained user encoder + re-ranker over its own item space (`llmrec.scorer.inference.Scorer`)."""
 

@@ -66,3 +66,10 @@ def test_make_histories_in_event_order_one_per_requested_user() -> None:
     assert h[0].item_idx.tolist() == [1, 2] and h[0].ts.tolist() == [1, 2]  # oldest first
     assert len(h[1].item_idx) == 0  # no events: an empty history
     assert h[2].item_idx.tolist() == [0]
+    every = make_histories(df, max_len=1)  # all users, sorted by id; each user's last event
+    assert [x.user_id for x in every] == ["u", "v"]
+    assert every[0].item_idx.tolist() == [2] and every[0].ts.tolist() == [2]
+    assert make_histories(df.iloc[:0]) == []  # no events, no users
+    assert len(make_histories(df.iloc[:0], ["u"])[0].item_idx) == 0
+    with pytest.raises(ValueError, match="max_len must be >= 1"):
+        make_histories(df, max_len=0)

@@ -109,23 +109,39 @@ def attach_item_idx(
     return out
 
 
-def make_histories(events: pd.DataFrame, user_ids: Sequence[str], seed: int = 0) -> list[History]:
-    """One time-ordered `History` per requested user (empty when the user has no events), same order.
+def make_histories(
+    events: pd.DataFrame,
+    user_ids: Sequence[str] | None = None,
+    seed: int = 0,
+    max_len: int | None = None,
+) -> list[History]:
+    """One time-ordered `History` per user (empty when the user has no events).
 
-    events: interactions with `item_idx` (schema.ITEM_IDX); ordered by `llmrec.data.order.sort_events(events,
-    seed)` (ts, then seeded random ties), the order of the splits.
+    Args:
+        events: interactions with `item_idx` (schema.ITEM_IDX); ordered by `llmrec.data.order.sort_events(
+            events, seed)` (ts, then seeded random ties), the order of the splits and of training.
+        user_ids: the users, in the order wanted; None = every user of `events`, sorted by id.
+        max_len: keep each user's last max_len events (None = all).
+
+    Returns:
+        len(user_ids) histories: item_idx int64 (L,), ts int64 (L,), event object (L,), rating float64 (L,)
+        (NaN where none), oldest first.
     """
+    if max_len is not None and max_len < 1:
+        raise ValueError(f"max_len must be >= 1 or None, got {max_len}")
     df = sort_events(events, seed)
-    u = df[USER_ID].to_numpy()
+    u = df[USER_ID].astype(str).to_numpy()
     starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, dtype=np.int64)
-    ends = np.r_[starts[1:], len(u)]
+    ends = np.r_[starts[1:], len(u)] if len(u) else starts  # (U,) each user's rows: [start, end)
     span = {u[s]: (s, e) for s, e in zip(starts, ends, strict=True)}
     idx = df[ITEM_IDX].to_numpy(np.int64)
     ts = df[TS].to_numpy(np.int64)
     ev = df[EVENT].to_numpy(dtype=object) if EVENT in df.columns else np.full(len(df), "view", dtype=object)
-    rt = df[RATING].to_numpy(np.float64) if RATING in df.columns else np.full(len(df), np.nan)
+    rt = df[RATING].to_numpy(np.float64, na_value=np.nan) if RATING in df.columns else np.full(len(df), np.nan)
     out = []
-    for user in user_ids:
-        s, e = span.get(user, (0, 0))
+    for user in sorted(span) if user_ids is None else user_ids:
+        s, e = span.get(str(user), (0, 0))
+        if max_len is not None:
+            s = max(s, e - max_len)
         out.append(History(user_id=str(user), item_idx=idx[s:e], ts=ts[s:e], event=ev[s:e], rating=rt[s:e]))
     return out

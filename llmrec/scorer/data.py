@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from llmrec.data.histories import attach_item_idx
+from llmrec.data.histories import attach_item_idx, make_histories
 from llmrec.data.order import sort_events
 from llmrec.protocol import History, ItemSpace
 from llmrec.schema import EVENT, EVENT_KINDS, NEGATIVE_KINDS, RATING, TS, USER_ID
@@ -127,7 +127,7 @@ def build_validation(
     tr = sort_events(attach_item_idx(train, items))
     va = attach_item_idx(valid, items)
     va = va[target_mask(va, min_rating)]
-    hist = histories_from_frame(tr, max_len=None)
+    hist = make_histories(tr)
     by_user = {h.user_id: h for h in hist}
     targets, exclude, positives, hs = [], [], [], []
     n_cold = 0
@@ -152,28 +152,6 @@ def positive_items(h: History) -> np.ndarray:
     if h.event is None or len(h.event) != len(idx):
         return np.unique(idx)
     return np.unique(idx[~np.isin(np.asarray(h.event).astype(str), NEGATIVE_KINDS)])
-
-
-def histories_from_frame(df: pd.DataFrame, max_len: int | None = None) -> list[History]:
-    """One History per user (sorted by user id) from a frame with `item_idx`; last max_len events kept."""
-    df = sort_events(df)
-    out = []
-    for uid, g in df.groupby(df[USER_ID].astype(str), sort=True):
-        if max_len is not None:
-            g = g.iloc[-max_len:]
-        rating = (
-            g[RATING].to_numpy(dtype=np.float64, na_value=np.nan) if RATING in g else np.full(len(g), np.nan)
-        )
-        out.append(
-            History(
-                user_id=uid,
-                item_idx=g["item_idx"].to_numpy(dtype=np.int64),
-                ts=g[TS].to_numpy(dtype=np.int64),
-                event=g[EVENT].astype(str).to_numpy(),
-                rating=rating,
-            )
-        )
-    return out
 
 
 def pad_histories(

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from llmrec.data.histories import attach_item_idx, item_lookup
+from llmrec.data.histories import attach_item_idx, item_lookup, make_histories
 from llmrec.data.order import sort_events
 from llmrec.protocol import ItemSpace
 from llmrec.schema import EVENT, INTERACTIONS_FILE, ITEM_ID, RATING, TS, USER_ID
@@ -274,7 +274,7 @@ def _block_validation(df: pd.DataFrame, seed: int, threshold: float, max_len: in
     train, valid = _split(df, seed, threshold)
     valid = valid[sdata.target_mask(valid, min_rating)] if len(valid) else valid
     rows = []
-    hists = {h.user_id: h for h in sdata.histories_from_frame(train[train[USER_ID].isin(set(valid[USER_ID]))])}
+    hists = {h.user_id: h for h in make_histories(train[train[USER_ID].isin(set(valid[USER_ID]))])}
     for uid, target in zip(valid[USER_ID], valid["item_idx"], strict=True):
         h = hists.get(uid)
         if h is None:

@@ -284,12 +284,13 @@ def _heldout_targets(
     train_ev: pd.DataFrame, held: pd.DataFrame, pos: dict[str, int]
 ) -> tuple[list[int], list]:
     """Targets: held-back events (not dislike/skip) on a catalog item the user had not touched; each with the
-    user's history (catalog items only) up to it, time-ordered."""
+    user's history (catalog items only) up to it, in the one event order (`llmrec.data.order.sort_events`,
+    seed 0: the order the scorer was trained in)."""
+    from llmrec.data.order import sort_events
     from llmrec.protocol import History
 
     allev = pd.concat([train_ev, held], ignore_index=True)
-    allev = allev[allev[schema.ITEM_ID].astype(str).isin(pos)]
-    allev = allev.sort_values([schema.USER_ID, schema.TS, schema.ITEM_ID, schema.EVENT], kind="mergesort")
+    allev = sort_events(allev[allev[schema.ITEM_ID].astype(str).isin(pos)])
     cut = held[schema.TS].min() if len(held) else np.inf
     targets, hists = [], []
     for uid, g in allev.groupby(schema.USER_ID, sort=False):

@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # annotations only: importing the protocol costs numpy alone
 __all__ = ["History", "ItemSpace", "Ranked", "Ranker", "Recommender", "UserEncoder"]
 
 
-
 @dataclass(frozen=True)
 class ItemSpace:
     item_ids: np.ndarray  # (N,) object/str, catalog order

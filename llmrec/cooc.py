@@ -106,8 +106,8 @@ def history_scores(
 ) -> np.ndarray:
     """float32 (B, K) co-occurrence scores of candidates cand int64 (B, K) for B histories of item indices.
 
-    impute: (idx (N, k), weights (N, k)) from `llmrec.scorer.model.cooc_neighbours`: a candidate without co-occurrence data
-    (never seen with another item in training) scores the weighted sum of its text neighbours' scores, so a
+    impute: (idx (N, k), weights (N, k)) from `llmrec.scorer.model.cooc_neighbours`: a candidate without
+    co-occurrence data (never seen with another item in training) scores the weighted sum of its text neighbours' scores, so a
     hybrid ranking does not push cold items down for being cold. A neighbour that is itself in the history
     counts with similarity 1 (an item co-occurs fully with itself; the matrix's diagonal is zero), so a cold
     near-duplicate of a history item scores like the items most similar to it.

@@ -32,7 +32,9 @@ def test_known_items_get_their_rows_in_both_modes() -> None:
     assert attach_item_idx(df, lookup)[ITEM_IDX].tolist() == [2, 0, 1]
 
 
-def test_unknown_items_raise_by_default_and_are_counted_when_dropped(caplog: pytest.LogCaptureFixture) -> None:
+def test_unknown_items_raise_by_default_and_are_counted_when_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     df = _events(["a", "zz", "b", "zz", "yy"])
     with pytest.raises(ValueError, match=r"2 item ids .* not in the item space .*'zz'"):
         attach_item_idx(df, SPACE)
@@ -58,7 +60,9 @@ def test_bad_columns_and_events_are_named() -> None:
 
 def test_make_histories_in_event_order_one_per_requested_user() -> None:
     df = attach_item_idx(
-        pd.DataFrame({USER_ID: ["v", "u", "u"], ITEM_ID: ["a", "c", "b"], TS: [5, 2, 1], EVENT: ["like"] * 3}),
+        pd.DataFrame(
+            {USER_ID: ["v", "u", "u"], ITEM_ID: ["a", "c", "b"], TS: [5, 2, 1], EVENT: ["like"] * 3}
+        ),
         SPACE,
     )
     h = make_histories(df, ["u", "w", "v"])

@@ -137,7 +137,8 @@ def make_histories(
     idx = df[ITEM_IDX].to_numpy(np.int64)
     ts = df[TS].to_numpy(np.int64)
     ev = df[EVENT].to_numpy(dtype=object) if EVENT in df.columns else np.full(len(df), "view", dtype=object)
-    rt = df[RATING].to_numpy(np.float64, na_value=np.nan) if RATING in df.columns else np.full(len(df), np.nan)
+    nan = np.full(len(df), np.nan)
+    rt = df[RATING].to_numpy(np.float64, na_value=np.nan) if RATING in df.columns else nan
     out = []
     for user in sorted(span) if user_ids is None else user_ids:
         s, e = span.get(str(user), (0, 0))

@@ -39,28 +39,18 @@ MOVIELENS = "movielens-latest-small"
 
 
 def build_items(data: Path, n: int | None, out_dir: Path) -> Path:
-    """First n MovieLens items as a canonical items.parquet (via `llmrec prepare` when it is there)."""
+    """First n MovieLens items as a canonical items.parquet (via `llmrec prepare`)."""
     import pandas as pd
 
     src = data / MOVIELENS if (data / MOVIELENS).is_dir() else data
     if not (src / "movies.csv").is_file():
         raise FileNotFoundError(f"no {MOVIELENS}/movies.csv under {data}; pass --data /path/to/shared/data")
-    try:
-        from llmrec.data.prepare import prepare
+    from llmrec.data.prepare import prepare
 
-        prep = out_dir / "prepared"
-        prepare(MOVIELENS, src, prep)
-        items = pd.read_parquet(prep / "items.parquet")
-        how = "llmrec.data.prepare"
-    except ImportError:  # prepare not there yet: title + genres straight from movies.csv
-        movies = pd.read_csv(src / "movies.csv")
-        items = pd.DataFrame(
-            {
-                "item_id": movies["movieId"].astype(str),
-                "text": movies["title"] + ". " + movies["genres"].str.replace("|", ", "),
-            }
-        )
-        how = "movies.csv"
+    prep = out_dir / "prepared"
+    prepare(MOVIELENS, src, prep)
+    items = pd.read_parquet(prep / "items.parquet")
+    how = "llmrec.data.prepare"
     if n is not None:
         if n > len(items):
             raise ValueError(f"--n {n} > {len(items)} items in {src}; pass at most {len(items)}")

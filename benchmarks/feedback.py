@@ -205,7 +205,7 @@ def _single_like(http, url, run: Path, ids, facets, pop, args, rng) -> dict[str,
         st = apply_event(UserState(user), Event(user_id=user, item_id=ids[i], event="like", ts=1.0))
         view = UserView.from_state({**_summary(st), "vector": vec(st).tolist()}, user)
         ref = text_core.recommend([view], k=10)[0]
-        overlap = lambda items: float(np.mean([bool(facets[i] & facets[id_pos[it["item_id"]]]) for it in items]))  # noqa: E731
+        overlap = lambda items, i=i: float(np.mean([bool(facets[i] & facets[id_pos[it["item_id"]]]) for it in items]))  # noqa: E731
         served.append(overlap(top))
         text.append(overlap(ref))
         for it in top:

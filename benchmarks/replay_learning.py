@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmrec import schema
     from llmrec.config import TrainConfig
     from llmrec.data.tables import read_interactions, read_items
-    from llmrec.eval.evaluate import load_item_space
+    from llmrec.embed.artifact import load_item_space
     from llmrec.log import setup_logging
     from llmrec.raysetup import init_ray, local_env_defaults
     from llmrec.replay import cutoff_split, replay

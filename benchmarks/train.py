@@ -30,7 +30,7 @@ logger = logging.getLogger("benchmarks.train")
 
 
 def synthetic(n_items: int, n_users: int, events: int, text_dim: int = 384, seed: int = 0):
-    from llmrec.eval.protocol import ItemSpace
+    from llmrec.protocol import ItemSpace
 
     rng = np.random.default_rng(seed)
     n_topics = 20
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.data:
         from llmrec.data.tables import read_interactions
         from llmrec.embed.artifact import load_embeddings
-        from llmrec.eval.protocol import ItemSpace
+        from llmrec.protocol import ItemSpace
 
         emb = load_embeddings(args.embeddings)
         items, inter = ItemSpace(emb.item_ids, emb.vectors), read_interactions(args.data)

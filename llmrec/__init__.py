@@ -32,7 +32,23 @@ _EXPORTS = {
     "build_app": "llmrec.serve.app",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [  # a literal list (tests/test_public_api.py pins it): the public API is read here, not computed
+    "__version__",
+    "prepare",
+    "read_items",
+    "read_interactions",
+    "TextEncoder",
+    "embed_catalog",
+    "load_embeddings",
+    "ItemIndex",
+    "build_index",
+    "TrainConfig",
+    "fit_scorer",
+    "Scorer",
+    "evaluate",
+    "StateStore",
+    "build_app",
+]
 
 
 def __getattr__(name: str) -> Any:

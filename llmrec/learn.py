@@ -166,7 +166,7 @@ def learn(
     """
     from llmrec.artifacts import read_meta
     from llmrec.data.tables import read_interactions, read_items
-    from llmrec.eval.evaluate import load_item_space
+    from llmrec.embed.artifact import load_item_space
     from llmrec.scorer.train import TrainingDiverged, fit_scorer
 
     t0 = time.perf_counter()
@@ -246,9 +246,8 @@ def judge(
     cur_dir: str, cand_dir: str, train_ev: pd.DataFrame, held: pd.DataFrame, items: Any
 ) -> dict[str, Any]:
     """Next-item NDCG@10 / recall@10 of both scorers on the held-back events (module docstring, step 5)."""
-    from llmrec.eval.metrics import bootstrap_ci
+    from llmrec.metrics import bootstrap_ci, recall_ndcg
     from llmrec.scorer.inference import Scorer
-    from llmrec.scorer.train import recall_ndcg
 
     pos = {iid: i for i, iid in enumerate(np.asarray(items.item_ids).astype(str))}
     targets, hists = _heldout_targets(train_ev, held, pos)
@@ -282,12 +281,13 @@ def _heldout_targets(
     train_ev: pd.DataFrame, held: pd.DataFrame, pos: dict[str, int]
 ) -> tuple[list[int], list]:
     """Targets: held-back events (not dislike/skip) on a catalog item the user had not touched; each with the
-    user's history (catalog items only) up to it, time-ordered."""
-    from llmrec.eval.protocol import History
+    user's history (catalog items only) up to it, in the one event order (`llmrec.data.order.sort_events`,
+    seed 0: the order the scorer was trained in)."""
+    from llmrec.data.order import sort_events
+    from llmrec.protocol import History
 
     allev = pd.concat([train_ev, held], ignore_index=True)
-    allev = allev[allev[schema.ITEM_ID].astype(str).isin(pos)]
-    allev = allev.sort_values([schema.USER_ID, schema.TS, schema.ITEM_ID, schema.EVENT], kind="mergesort")
+    allev = sort_events(allev[allev[schema.ITEM_ID].astype(str).isin(pos)])
     cut = held[schema.TS].min() if len(held) else np.inf
     targets, hists = [], []
     for uid, g in allev.groupby(schema.USER_ID, sort=False):

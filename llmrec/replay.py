@@ -185,7 +185,7 @@ def replay(
 
 
 def _stream(runner: Any, stream: pd.DataFrame, k: int) -> dict[str, Any]:
-    from llmrec.eval.metrics import bootstrap_ci
+    from llmrec.metrics import bootstrap_ci, recall_ndcg
 
     seen: dict[str, set[str]] = runner.seen
     modes = tuple(getattr(runner, "modes", ("online", "frozen")))
@@ -206,12 +206,11 @@ def _stream(runner: Any, stream: pd.DataFrame, k: int) -> dict[str, Any]:
                 recs = runner.recommend(uid, mode)
                 if mode == "online":
                     lat.append(time.perf_counter() - t)
-                rank = recs.index(item) if item in recs[:k] else -1
-                gain = (1.0 / math.log2(rank + 2)) if rank >= 0 else 0.0
+                hit, gain = recall_ndcg(np.asarray(recs, dtype=object), np.asarray([item], dtype=object), k)
                 gains[mode].append(gain)
                 for part in ("all", "pos") if positive else ("all",):
                     a = acc[mode][part]
-                    a[0] += rank >= 0
+                    a[0] += hit
                     a[1] += gain
                     a[2] += 1
         ts = float(getattr(row, schema.TS))

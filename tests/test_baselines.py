@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from llmrec.data.histories import attach_item_idx, make_histories
 from llmrec.eval.baselines import (
     ALSRecommender,
     BPRRecommender,
@@ -16,9 +17,9 @@ from llmrec.eval.baselines import (
     SASRecRecommender,
     ZeroShotTextRecommender,
 )
-from llmrec.eval.evaluate import attach_item_idx, evaluate_models, make_histories
-from llmrec.eval.protocol import ItemSpace
+from llmrec.eval.evaluate import evaluate_models
 from llmrec.eval.split import leave_last_out
+from llmrec.protocol import ItemSpace
 
 N_CLUSTERS, PER_CLUSTER, N_COLD, DIM = 3, 20, 4, 16
 
@@ -58,8 +59,7 @@ class RandomRecommender:
 @pytest.fixture(scope="module")
 def planted_results():
     space, df = planted()
-    inter, dropped = attach_item_idx(df, space)
-    assert dropped == 0
+    inter = attach_item_idx(df, space)  # raises on an item outside the space
     split = leave_last_out(inter)
     models = [
         RandomRecommender(),
@@ -123,7 +123,7 @@ def test_popularity_ranking_is_hand_checkable() -> None:
             "event": ["view", "view", "view", "dislike", "view", "view"],
         }
     )
-    inter, _ = attach_item_idx(df, space)
+    inter = attach_item_idx(df, space)
     m = PopularityRecommender()
     m.fit(inter, space)
     s = m.score(make_histories(inter, ["u1"]))[0]
@@ -133,7 +133,7 @@ def test_popularity_ranking_is_hand_checkable() -> None:
 
 def test_itemknn_matches_dense_cosine() -> None:
     space, df = planted(seed=1, n_users=40)
-    inter, _ = attach_item_idx(df, space)
+    inter = attach_item_idx(df, space)
     m = ItemKNNRecommender(n_neighbors=space.n_items, block_items=7)  # no pruning, odd blocks
     m.fit(inter, space)
     x = np.zeros((40, space.n_items))
@@ -148,7 +148,7 @@ def test_itemknn_matches_dense_cosine() -> None:
 
 def test_als_fold_in_matches_implicit_recalculate_user() -> None:
     space, df = planted(seed=2, n_users=60)
-    inter, _ = attach_item_idx(df, space)
+    inter = attach_item_idx(df, space)
     m = ALSRecommender(factors=8, iterations=5, seed=0)
     m.fit(inter, space)
     users = sorted(inter.user_id.unique())[:10]
@@ -164,7 +164,7 @@ def test_als_fold_in_matches_implicit_recalculate_user() -> None:
 
 def test_training_is_seeded() -> None:
     space, df = planted(seed=3, n_users=30)
-    inter, _ = attach_item_idx(df, space)
+    inter = attach_item_idx(df, space)
     hist = make_histories(inter, ["u000", "u001"])
     for make in (
         lambda: ALSRecommender(factors=4, iterations=3, seed=7),
@@ -189,7 +189,7 @@ def test_zeroshot_recency_weighting_by_hand() -> None:
             "event": ["view", "view"],
         }
     )
-    inter, _ = attach_item_idx(df, space)
+    inter = attach_item_idx(df, space)
     m = ZeroShotTextRecommender(half_life=1.0)
     m.fit(inter, space)
     s = m.score(make_histories(inter, ["u"]))[0]
@@ -198,7 +198,7 @@ def test_zeroshot_recency_weighting_by_hand() -> None:
 
 
 def test_empty_and_unknown_histories_give_finite_scores(planted_results) -> None:
-    from llmrec.eval.protocol import History
+    from llmrec.protocol import History
 
     space, _, models, _, _ = planted_results
     cold = space.n_items - 1  # a history made only of a never-trained item is "empty" for ID models

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmrec.eval.protocol import ItemSpace
+from llmrec.protocol import ItemSpace
 from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
 from llmrec.scorer.data import build_validation
 from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank

@@ -8,9 +8,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from llmrec.eval.protocol import ItemSpace
+from llmrec.cooc import cooccurrence_similarity, history_scores
+from llmrec.protocol import ItemSpace
 from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
-from llmrec.scorer.cooc import cooccurrence_similarity, history_scores
 from llmrec.scorer.data import build_validation
 from llmrec.scorer.model import ScorerConfig, ScorerModel
 from llmrec.scorer.train import COOC_GRID, cooc_matrix, tune_cooc_weight
@@ -99,7 +99,7 @@ def test_scorer_adds_the_weighted_co_occurrence_term_and_can_leave_it_out():
 
     import pytest
 
-    from llmrec.eval.protocol import History
+    from llmrec.protocol import History
     from llmrec.scorer.inference import Scorer
 
     torch.manual_seed(0)
@@ -137,8 +137,8 @@ def test_scorer_adds_the_weighted_co_occurrence_term_and_can_leave_it_out():
 def test_cold_candidates_score_their_text_neighbours_co_occurrence():
     """impute: a candidate without co-occurrence data scores the softmax(cos / 0.05)-weighted sum of its k
     nearest (by text) items' co-occurrence scores with the history; other candidates keep their own."""
-    from llmrec.scorer.cooc import cooc_neighbours, cooccurrence_similarity, history_scores
-    from llmrec.scorer.model import COLD_TEMPERATURE
+    from llmrec.cooc import cooccurrence_similarity, history_scores
+    from llmrec.scorer.model import COLD_TEMPERATURE, cooc_neighbours
 
     rng = np.random.default_rng(0)
     n, D, k = 12, 6, 3

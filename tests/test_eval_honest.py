@@ -111,7 +111,9 @@ class LeakyPopularity:
 @pytest.fixture(scope="module")
 def honest(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
     """One `evaluate` run, and the same evaluation by hand (build_models + evaluate_models), fits kept."""
-    from llmrec.eval.evaluate import attach_item_idx, evaluate_models, load_item_space, read_tables
+    from llmrec.data.histories import attach_item_idx
+    from llmrec.embed.artifact import load_item_space
+    from llmrec.eval.evaluate import evaluate_models, read_tables
     from llmrec.eval.models import ModelSetup, build_models
     from llmrec.eval.split import leave_last_out
     from llmrec.eval.tuning import InnerValidation
@@ -132,7 +134,7 @@ def honest(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
     )["loo"]
     items, table = read_tables(run / "data")
     space, _ = load_item_space(run / "embeddings", items)
-    split = leave_last_out(attach_item_idx(table, space)[0], seed=0)
+    split = leave_last_out(attach_item_idx(table, space, unknown="drop"), seed=0)
     val = InnerValidation.build(split.train, space.n_items, 1000, 0, valid=split.valid)
     setup = ModelSetup(
         seed=0,
@@ -143,7 +145,7 @@ def honest(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
         baseline_kwargs=BASELINE_KWARGS,
         llmrec_kwargs=LLMREC,
     )
-    models = [*build_models(list(ALL_MODELS), setup, {}), LeakyPopularity(inter)]
+    models = [*build_models(list(ALL_MODELS), setup), LeakyPopularity(inter)]
     by_hand, _, _ = evaluate_models(split, space, models, seed=0)
     return {
         "run": run,
@@ -182,7 +184,7 @@ def test_no_model_sees_a_test_event(honest: dict) -> None:
     """Each sentinel is the test target of two or three users and occurs nowhere else; for the users it is the
     target of, every fitted model scores it against the 24 decoys. Without leakage sentinel and decoys are
     exchangeable: the share of decoys scored below the sentinel (ties half) averages about 0.5."""
-    from llmrec.eval.protocol import make_histories
+    from llmrec.data.histories import make_histories
 
     split, space, inter = honest["split"], honest["space"], honest["inter"]
     target = inter[inter.item_id.str.startswith("s")].set_index("user_id")["item_id"]

@@ -300,9 +300,10 @@ class _HistoryFirst:
 def test_repeat_targets_are_removed_and_counted() -> None:
     """A test target the user already has in their history is excluded from ranking for every model, so it is
     removed (and counted) rather than credited to models that score history items high."""
-    from llmrec.eval.evaluate import attach_item_idx, evaluate_models
-    from llmrec.eval.protocol import ItemSpace
+    from llmrec.data.histories import attach_item_idx
+    from llmrec.eval.evaluate import evaluate_models
     from llmrec.eval.split import leave_last_out
+    from llmrec.protocol import ItemSpace
 
     rows = [("a", 0), ("a", 1), ("a", 2), ("a", 1),  # a's test target (item 1) is a repeat
             ("b", 3), ("b", 4), ("b", 5)]  # b's test target (item 5) is new
@@ -310,7 +311,7 @@ def test_repeat_targets_are_removed_and_counted() -> None:
                           "ts": np.arange(len(rows)), "rating": np.nan, "event": "click"})
     space = ItemSpace(item_ids=np.array([str(i) for i in range(6)], dtype=object),
                       text_vectors=np.eye(6, dtype=np.float32))
-    inter, _ = attach_item_idx(inter, space)
+    inter = attach_item_idx(inter, space)
     res, _, n_users = evaluate_models(leave_last_out(inter), space, [_HistoryFirst()])
     assert res["repeat_targets_removed"] == 1
     assert n_users == 1  # only b is left

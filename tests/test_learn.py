@@ -58,7 +58,7 @@ def _fit_serving_model(run: Path, events: pd.DataFrame, epochs: int, lr: float) 
     """RUN/scorer trained on `events` (the tiny settings of these tests)."""
     from llmrec.config import TrainConfig
     from llmrec.data.tables import read_items
-    from llmrec.eval.evaluate import load_item_space
+    from llmrec.embed.artifact import load_item_space
     from llmrec.scorer.train import fit_scorer
 
     items, meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))

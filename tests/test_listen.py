@@ -53,8 +53,8 @@ def listening_app(ray_local, tmp_path_factory, minilm_path):
 
     from llmrec.config import TrainConfig
     from llmrec.data.tables import read_items
+    from llmrec.embed.artifact import load_item_space
     from llmrec.embed.encoder import TextEncoder
-    from llmrec.eval.evaluate import load_item_space
     from llmrec.scorer.recommender import split_last_event
     from llmrec.scorer.train import fit_scorer
     from llmrec.serve.app import build_app

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from llmrec.eval.metrics import (
+from llmrec.metrics import (
     RankingMetrics,
     compute_metrics,
     coverage_at_k,
@@ -15,6 +15,7 @@ from llmrec.eval.metrics import (
     mrr,
     ndcg_at_k,
     recall_at_k,
+    recall_ndcg,
     target_ranks,
     topk_indices,
 )
@@ -122,7 +123,7 @@ def test_bad_input_is_refused_clearly() -> None:
 def test_bootstrap_interval_covers_the_mean_and_paired_differences():
     """The percentile bootstrap interval of a mean brackets it and shrinks with more users; a paired interval of
     identical per-user values is exactly [0, 0], of a constant shift exactly that shift."""
-    from llmrec.eval.metrics import bootstrap_ci
+    from llmrec.metrics import bootstrap_ci
 
     rng = np.random.default_rng(0)
     small, large = rng.random(50), rng.random(5000)
@@ -133,3 +134,23 @@ def test_bootstrap_interval_covers_the_mean_and_paired_differences():
     assert bootstrap_ci(small, small) == (0.0, 0.0)
     lo, hi = bootstrap_ci(small + 0.25, small)
     assert lo == pytest.approx(0.25) and hi == pytest.approx(0.25)
+
+
+def test_recall_ndcg_of_a_ranked_list_by_hand_and_as_the_score_matrix_metrics() -> None:
+    # top list [4, 1, 3, 0], targets {1, 0, 7}: hits at positions 1 and 3 (0-based) within k = 4
+    r, n = recall_ndcg(np.array([4, 1, 3, 0, 2]), np.array([1, 0, 7]), k=4)
+    assert r == pytest.approx(2 / 3)
+    idcg = 1 + 1 / math.log2(3) + 1 / math.log2(4)  # min(3 targets, k) = 3 ideal hits
+    assert n == pytest.approx((1 / math.log2(3) + 1 / math.log2(5)) / idcg)
+    assert recall_ndcg(np.array(["a", "b"]), np.array(["b"]), k=1) == (0.0, 0.0)  # ids work; b is past k
+    assert recall_ndcg(np.array(["a", "b"]), np.array(["b"]), k=2)[1] == pytest.approx(1 / math.log2(3))
+    assert recall_ndcg(np.array([1, 2]), np.array([], dtype=np.int64), k=2) == (0.0, 0.0)
+    # the same figures as the score-matrix metrics when the list is that matrix's top-k (no ties)
+    rng = np.random.default_rng(0)
+    scores = rng.random((6, 20)).astype(np.float32)
+    targets = [rng.choice(20, size=t, replace=False) for t in (1, 2, 3, 1, 4, 2)]
+    per = [recall_ndcg(np.argsort(-scores[b])[:5], targets[b], 5) for b in range(6)]
+    m = compute_metrics(scores, targets, ks=(5,))
+    assert np.mean([x[0] for x in per]) == pytest.approx(m["recall@5"])
+    assert np.mean([x[1] for x in per]) == pytest.approx(m["ndcg@5"])
+

@@ -292,7 +292,7 @@ def test_scientific_facets_are_the_category_path(prepared, data_dir: Path) -> No
         want[item.strip()] = [paths[-1]] if paths and paths[-1] else []
     assert got == want
     # items with a scraping-artefact title "Industrial & Scientific />" get their real path
-    artefact = [i for i, ln in zip(want, lines.splitlines()[1:]) if "Industrial & Scientific />" in ln]
+    artefact = [i for i, ln in zip(want, lines.splitlines()[1:], strict=True) if "Industrial & Scientific />" in ln]
     assert artefact and all(got[i] and "/>" not in got[i][0] for i in artefact)
     meta = read_meta(out, "prepare")
     n_empty = sum(not v for v in want.values())

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from llmrec.eval.protocol import History, ItemSpace
+from llmrec.protocol import History, ItemSpace
 from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
 from llmrec.scorer.data import build_samples, pad_histories
 from llmrec.scorer.model import EVENT_INDEX, ScorerConfig, ScorerModel, two_stage_rank

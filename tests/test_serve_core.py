@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from llmrec.index.item_index import ItemIndex
+from llmrec.protocol import Ranker, UserEncoder
 from llmrec.serve.recommend_core import Catalog, Query, RankConfig, RecommendCore, UserView
 
 D = 8
@@ -228,9 +229,9 @@ def test_served_text_model_ranks_as_serving_does(core: RecommendCore) -> None:
     mid ratings, dislikes (push-down) and no positive signal (popularity)."""
     import pandas as pd
 
-    from llmrec.eval.protocol import History, ItemSpace
+    from llmrec.protocol import History, ItemSpace
     from llmrec.schema import ITEM_IDX
-    from llmrec.serve.served_text import HISTORY_LEN, ServedTextRecommender
+    from llmrec.eval.served_text import HISTORY_LEN, ServedTextRecommender
     from llmrec.state.store import EmbeddingsMeanVectorizer
     from llmrec.state.user_state import MeanVectorizer, state_from_history, summary
 
@@ -277,7 +278,7 @@ def test_scorer_mode_ranks_by_the_scorer_with_its_co_occurrence_term(core: Recom
     import scipy.sparse as sp
     import torch
 
-    from llmrec.eval.protocol import History
+    from llmrec.protocol import History
     from llmrec.scorer.inference import Scorer
     from llmrec.scorer.model import ScorerConfig, ScorerModel
 
@@ -292,6 +293,7 @@ def test_scorer_mode_ranks_by_the_scorer_with_its_co_occurrence_term(core: Recom
     i = cat.id_to_idx
     sim = sp.csr_matrix(([1.0, 1.0], ([i["space1"], i["cook1"]], [i["misc"], i["popular"]])), shape=(n, n))
     scorer = Scorer(model, np.asarray(cat.item_ids).astype(str), cooc=sim)
+    assert isinstance(scorer, Ranker)  # what RecommendCore is typed against
     served = RecommendCore(cat, core.index, scorer=scorer, config=RankConfig(min_candidates=20))
     hist = [("space1", "like", None, 0.0), ("space2", "click", None, 1.0), ("cook1", "dislike", None, 2.0)]
     user = UserView(user_id="u", history=hist, seen={"space1", "space2", "cook1"}, negatives={"cook1": 1.0})
@@ -306,3 +308,13 @@ def test_scorer_mode_ranks_by_the_scorer_with_its_co_occurrence_term(core: Recom
     assert ref[0] > ref[1] + 1.0  # misc, lifted by its co-occurrence with space1, is first
     plain = scorer.score(u, cand[None])[0]  # without co-occurrence
     assert got.index("misc") < list(cand[np.argsort(-plain, kind="stable")]).index(i["misc"])
+
+
+def test_the_served_models_meet_the_protocols_serving_is_typed_against() -> None:
+    from llmrec.state.user_state import MeanVectorizer
+
+    vec = MeanVectorizer(["a", "b"], np.eye(2, dtype=np.float32))
+    assert isinstance(vec, UserEncoder) and not isinstance(vec, Ranker)
+    user = UserView(user_id="u", history=[("b", "like", None, 0.0)])
+    np.testing.assert_allclose(vec(user), [0.0, 1.0])  # a UserView is a user the encoder reads
+    assert not isinstance(object(), UserEncoder)

@@ -116,8 +116,10 @@ def test_time_split_default_cutoff_and_invariants() -> None:
 
 
 def test_bad_input() -> None:
-    with pytest.raises(ValueError, match="lacks columns"):
+    with pytest.raises(ValueError, match=r"lack columns \['user_id'\]"):
         leave_last_out(pd.DataFrame({"user": ["a"], "item_id": ["x"], "ts": [1]}))
+    with pytest.raises(ValueError, match="null user_id / item_id / ts"):
+        leave_last_out(pd.DataFrame({"user_id": ["a", "a"], "item_id": ["x", None], "ts": [1, 2]}))
     with pytest.raises(ValueError, match="cutoff"):
         time_split(_events([("a", "x", 1), ("a", "y", 2)]), cutoff_ts=10)
     with pytest.raises(ValueError, match="test_frac"):

@@ -171,7 +171,7 @@ def test_store_read_your_writes_across_shards(store_factory, tmp_path: Path) -> 
     for k in range(0, 60, 12):  # each batch spans all shards; read right after each write
         res = store.apply_sync(events[k: k + 12])
         assert [r["event_id"] for r in res] == [e["event_id"] for e in events[k: k + 12]]
-        for e, r in zip(events[k: k + 12], res):
+        for e, r in zip(events[k: k + 12], res, strict=True):
             got = store.get_sync(e["user_id"])
             assert got["version"] == r["state_version"] and got["shard"] == store.shard_of(e["user_id"])
     for u in users:

@@ -11,9 +11,9 @@ import pytest
 from test_scorer import SMALL, planted
 
 from llmrec.config import TrainConfig
-from llmrec.eval.metrics import ndcg_at_k
-from llmrec.eval.protocol import ItemSpace
-from llmrec.scorer.data import attach_item_idx, histories_from_frame
+from llmrec.data.histories import attach_item_idx, make_histories
+from llmrec.metrics import ndcg_at_k
+from llmrec.protocol import ItemSpace
 from llmrec.scorer.inference import Scorer
 from llmrec.scorer.recommender import split_last_event
 from llmrec.scorer.train import fit_scorer
@@ -54,7 +54,7 @@ def trained(ray_local, planted_split, tmp_path_factory):
 def _eval_ndcg(scores: np.ndarray, hist_df: pd.DataFrame, test: pd.DataFrame, items: ItemSpace) -> float:
     users = sorted(test["user_id"].unique())
     by_user = attach_item_idx(test, items).set_index("user_id")["item_idx"]
-    hists = {h.user_id: h for h in histories_from_frame(attach_item_idx(hist_df, items))}
+    hists = {h.user_id: h for h in make_histories(attach_item_idx(hist_df, items))}
     targets = [np.array([by_user[u]]) for u in users]
     exclude = [np.unique(hists[u].item_idx) for u in users]
     return ndcg_at_k(scores, targets, 10, exclude=exclude)
@@ -76,7 +76,7 @@ def test_trained_scorer_beats_popularity(trained, planted_split):
     items, _, trainval, _, _, test = planted_split
     scorer = Scorer.load(out2)
     users = sorted(test["user_id"].unique())
-    hists = {h.user_id: h for h in histories_from_frame(attach_item_idx(trainval, items))}
+    hists = {h.user_id: h for h in make_histories(attach_item_idx(trainval, items))}
     ours = np.stack([scorer.full_scores([hists[u]], n_candidates=SMALL["n_candidates"])[0] for u in users])
     counts = np.bincount(attach_item_idx(trainval, items)["item_idx"], minlength=items.n_items).astype(
         np.float32
@@ -102,7 +102,7 @@ def test_artifact_and_inference_api(trained, planted_split):
     V = s.item_vectors()
     D = items.text_vectors.shape[1]
     assert V.shape == (items.n_items, SMALL["dim"] + D) and V.dtype == np.float32  # [behaviour; text]
-    h = histories_from_frame(attach_item_idx(planted_split[2], items))[:4]
+    h = make_histories(attach_item_idx(planted_split[2], items))[:4]
     U = s.user_vectors(h)
     idx, sc = s.recommend(h, k=5, n_candidates=20)
     # the artifact ships the co-occurrence matrix; training chose its weight on validation
@@ -132,7 +132,7 @@ def test_cold_item_with_liked_text_ranks_high(trained, planted_split):
     items, topic, trainval, *_ = planted_split
     s = Scorer.load(out2)
     n_real = len(topic)
-    hists = histories_from_frame(attach_item_idx(trainval, items))
+    hists = make_histories(attach_item_idx(trainval, items))
     ranks_own, ranks_other = [], []
     for h in hists:
         t = int(topic[h.item_idx[0]])
@@ -266,7 +266,7 @@ def test_recommender_protocol_two_stage_block(ray_local, planted_split):
         **{k: v for k, v in SMALL.items() if k != "n_candidates"},
     )
     rec.fit(attach_item_idx(trainval, items), items)
-    hists = histories_from_frame(attach_item_idx(trainval, items))[:8]
+    hists = make_histories(attach_item_idx(trainval, items))[:8]
     S = rec.score(hists)
     assert S.shape == (8, items.n_items) and S.dtype == np.float32 and np.isfinite(S).all()
     idx, _ = rec.scorer.recommend(hists, k=20, n_candidates=20)

@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 from test_scorer import planted
 
+from llmrec.data.histories import attach_item_idx
+from llmrec.data.order import sort_events
 from llmrec.schema import ITEM_ID, USER_ID
 from llmrec.scorer import data as sdata
 from llmrec.scorer.dataset import cooc_matrices, training_data, user_hash
@@ -40,7 +42,7 @@ def test_samples_counts_and_validation_match_the_driver_construction(ray_local, 
     for source in (df, str(path)):
         data = training_data(source, items, max_len=10, val_users=12, seed=3, n_blocks=3)
         # reference: the validation users by hash, their last event out, everything else in
-        d = sdata.sort_events(sdata.attach_item_idx(df, items))
+        d = sort_events(attach_item_idx(df, items))
         users = np.array(sorted(d[USER_ID].unique()))
         chosen = set(users[np.argsort(user_hash(users, 3), kind="stable")[:12]])
         last = ~d[USER_ID].duplicated(keep="last").to_numpy()

@@ -12,13 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from llmrec.cooc import cooccurrence_similarity
+from llmrec.data.histories import attach_item_idx, make_histories
 from llmrec.data.order import sample_rows, split_last_event
 from llmrec.eval.baselines import EASERecommender, ItemKNNRecommender, shrunk_cosine_similarity
-from llmrec.eval.evaluate import attach_item_idx, evaluate
-from llmrec.eval.protocol import ItemSpace, make_histories
+from llmrec.eval.evaluate import evaluate
 from llmrec.eval.split import cold_item_split, leave_last_out, time_split, visible_text_events
 from llmrec.eval.tuning import GRIDS, Hybrid, InnerValidation, Tuned, combine_scores
-from llmrec.scorer.cooc import cooccurrence_similarity
+from llmrec.protocol import ItemSpace
 
 
 def _binary(n_users: int, n_items: int, seed: int) -> tuple[pd.DataFrame, ItemSpace, np.ndarray]:
@@ -38,7 +39,7 @@ def _binary(n_users: int, n_items: int, seed: int) -> tuple[pd.DataFrame, ItemSp
         }
     )
     space = ItemSpace(item_ids=ids, text_vectors=np.eye(n_items, dtype=np.float32))
-    return attach_item_idx(df, space)[0], space, x
+    return attach_item_idx(df, space), space, x
 
 
 @pytest.mark.parametrize(("n_users", "n_items"), [(8, 20), (40, 12)])  # Woodbury (U < K) and direct inverse
@@ -85,7 +86,7 @@ def _walks(n_users: int = 60, seed: int = 0) -> tuple[pd.DataFrame, ItemSpace]:
     df = pd.DataFrame(rows, columns=["user_id", "item_id", "ts"]).assign(rating=np.nan, event="view")
     v = rng.normal(size=(30, 8)).astype(np.float32)
     space = ItemSpace(item_ids=ids, text_vectors=v / np.linalg.norm(v, axis=1, keepdims=True))
-    return attach_item_idx(df, space)[0], space
+    return attach_item_idx(df, space), space
 
 
 def test_validation_is_llmrecs_split_or_the_splits_own() -> None:

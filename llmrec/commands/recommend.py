@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
 
-    from llmrec.eval.evaluate import attach_item_idx, load_item_space, make_histories, read_tables
+    from llmrec.data.histories import attach_item_idx, make_histories
+    from llmrec.embed.artifact import load_item_space
+    from llmrec.eval.evaluate import read_tables
     from llmrec.schema import USER_ID
 
     t0 = time.perf_counter()
@@ -106,11 +108,11 @@ def run(args: argparse.Namespace) -> int:
 
     # baselines: fitted here on all interactions, in this process
     from llmrec.eval.baselines import make_baseline
-    from llmrec.eval.metrics import topk_indices
+    from llmrec.metrics import topk_indices
 
     space, _ = load_item_space(run_dir / RUN_EMBEDDINGS, items_df)
     item_ids = space.item_ids
-    inter, _ = attach_item_idx(inter, space)
+    inter = attach_item_idx(inter, space, unknown="drop")  # counted and logged
     model: Any = make_baseline(args.model, seed=args.seed)
     model.fit(inter, space)
     histories = make_histories(inter, users)

@@ -89,7 +89,7 @@ def checkpoint_uri(out: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from llmrec.data.tables import read_interactions, read_items
-    from llmrec.eval.evaluate import load_item_space
+    from llmrec.embed.artifact import load_item_space
     from llmrec.raysetup import init_ray
     from llmrec.schema import INTERACTIONS_FILE
     from llmrec.scorer.train import fit_scorer

@@ -69,6 +69,8 @@ def sort_events(df: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
             f"events lack columns {missing}; expected at least {[USER_ID, ITEM_ID, TS]}, got "
             f"{list(df.columns)}; pass the table written by `llmrec prepare`"
         )
+    if df[USER_ID].isna().any() or df[ITEM_ID].isna().any() or df[TS].isna().any():
+        raise ValueError("events have null user_id / item_id / ts values; re-run `llmrec prepare`")
     key = "__tie_key"
     out = df.assign(**{key: tie_key(df, seed)})
     out = out.sort_values([USER_ID, TS, key], kind="mergesort").drop(columns=key)

@@ -26,16 +26,28 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 from llmrec.artifacts import ArtifactError, read_meta
-from llmrec.schema import EMBEDDING, EMBEDDINGS_FILE, ITEM_ID
+from llmrec.protocol import ItemSpace
+from llmrec.schema import EMBEDDING, EMBEDDINGS_FILE, FACETS, ITEM_ID
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Embeddings", "load_embeddings", "iter_embeddings", "read_item_ids", "embedding_files"]
+__all__ = [
+    "Embeddings",
+    "load_embeddings",
+    "load_item_space",
+    "iter_embeddings",
+    "read_item_ids",
+    "embedding_files",
+    "text_model_of",
+]
 
 
 @dataclass(frozen=True)
@@ -216,3 +228,39 @@ def _arrays(path: Path, batch: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
     vecs = np.asarray(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
     ids = np.asarray(id_col.to_numpy(zero_copy_only=False), dtype=object)
     return ids, vecs
+
+
+def load_item_space(
+    embeddings_dir: str | os.PathLike, items: pd.DataFrame | None = None
+) -> tuple[ItemSpace, dict]:
+    """ItemSpace from an embed folder (rows in embeddings order) with titles and facets from `items` (the
+    prepared items table) when given; also the folder's meta."""
+    emb = load_embeddings(embeddings_dir)
+    ids, vecs, meta = emb.item_ids, emb.vectors, emb.meta
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{embeddings_dir}: duplicate item ids in the embeddings; re-run `llmrec embed`")
+    titles = facets = None
+    if items is not None and "title" in items.columns:
+        t = items.set_index(ITEM_ID)["title"]
+        titles = t.reindex(ids).fillna("").astype(str).to_numpy(dtype=object)
+    if items is not None and FACETS in items.columns:
+        by_id = dict(zip(items[ITEM_ID].astype(str), items[FACETS], strict=True))
+        facets = [list(by_id.get(str(i), [])) for i in ids]
+    return ItemSpace(
+        item_ids=np.asarray(ids, dtype=object),
+        text_vectors=np.asarray(vecs, np.float32),
+        titles=titles,
+        facets=facets,
+        text_model=text_model_of(meta),
+    ), dict(meta)
+
+
+def text_model_of(embed_meta: dict) -> str | None:
+    """The encoder of an embeddings artifact as a concrete folder or hub name (the bundled MiniLM's folder for
+    the default model), or None when the meta does not say (texts then cannot be encoded into its space)."""
+    from llmrec.embed.encoder import DEFAULT_MODEL_NAME, default_model_path, model_for_meta  # torch: lazily
+
+    model = model_for_meta(embed_meta)
+    if model is None and embed_meta.get("model_name") == DEFAULT_MODEL_NAME:
+        model = default_model_path()
+    return model

@@ -1,4 +1,4 @@
-"""Strong baselines, each a `llmrec.eval.protocol.Recommender` scoring the whole catalog.
+"""Strong baselines, each a `llmrec.protocol.Recommender` scoring the whole catalog.
 
 - `PopularityRecommender` ("popularity"): train interaction count per item, the same list for everyone.
 - `ItemKNNRecommender` ("itemknn"): cosine item-item similarity of the binary user x item train matrix
@@ -11,7 +11,7 @@
 - `EASERecommender` ("ease"): Steck's closed-form item-item model (l2 regularisation).
 - `SASRecRecommender` ("sasrec", in `llmrec.eval.sasrec`): ID-only SASRec at reference settings, full-softmax
   loss, early stopping on a validation set.
-- `ServedTextRecommender` ("served_text", in llmrec.serve.served_text): the model `llmrec serve` ranks with
+- `ServedTextRecommender` ("served_text", in llmrec.eval.served_text): the model `llmrec serve` ranks with
   when it serves no scorer (the state's MeanVectorizer + serving's push-down of negatives), untuned; the
   serve-or-not rule compares the scorer with it.
 - `ZeroShotTextRecommender` ("zeroshot_text"): recency-weighted mean of the history's text vectors,
@@ -38,9 +38,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from llmrec.eval.protocol import History, ItemSpace
+from llmrec.cooc import history_matrix
+from llmrec.protocol import History, ItemSpace
 from llmrec.schema import EVENT, ITEM_IDX, NEGATIVE_KINDS, USER_ID
-from llmrec.scorer.cooc import history_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class ItemKNNRecommender(_IDModel):
 
     sim(i, j) = |U_i & U_j| / (sqrt(|U_i| |U_j|) + shrink), diagonal zeroed, top `n_neighbors` per item kept;
     score(u, j) = sum_{i in history(u)} sim(i, j). With shrink 0 the matrix equals the scorer's co-occurrence
-    similarity (`llmrec.scorer.cooc.cooccurrence_similarity`; tests/test_tuning.py checks it).
+    similarity (`llmrec.cooc.cooccurrence_similarity`; tests/test_tuning.py checks it).
     """
 
     name = "itemknn"
@@ -384,7 +384,7 @@ def _sasrec(seed: int, **kwargs: object) -> object:
 
 
 def _served_text(seed: int, **kwargs: object) -> object:
-    from llmrec.serve.served_text import ServedTextRecommender  # the serving fallback, as it serves
+    from llmrec.eval.served_text import ServedTextRecommender  # the serving fallback, as it serves
 
     return ServedTextRecommender(**kwargs)
 

@@ -28,7 +28,7 @@ items and the sampled test users stay those of `seed`), and writes to `out_dir`:
 - `per_user.parquet`: user_id, protocol, model, rank (1-based rank of the user's best-ranked target), ndcg@10,
   seed (every seed's rows).
 - `report.md`, `metrics.png` (see `llmrec.eval.report`), and `meta.json` (stage "evaluate": split stats,
-  per-model fit/score seconds and tuning trials per seed, skipped models and protocols, item-text rebuilds,
+  per-model fit/score seconds and tuning trials per seed, skipped protocols, item-text rebuilds,
   dropped events, embedding model).
 
 Choices: the ItemSpace is the embeddings artifact (rows in its order); where the item text includes
@@ -59,12 +59,14 @@ import numpy as np
 import pandas as pd
 
 from llmrec.artifacts import write_meta
-from llmrec.eval.metrics import RankingMetrics, bootstrap_ci
+from llmrec.data.histories import attach_item_idx, make_histories
+from llmrec.embed.artifact import load_item_space
 from llmrec.eval.models import ALL_MODELS, FAST_MODELS, HYBRIDS, ModelSetup, build_models, llmrec_train_config
-from llmrec.eval.protocol import ItemSpace, Recommender, make_histories
 from llmrec.eval.split import Split, cold_item_split, leave_last_out, time_split
 from llmrec.eval.tuning import InnerValidation
-from llmrec.schema import EVENT, FACETS, ITEM_ID, ITEM_IDX, META_FILE, RATING, RUN_SCORER, USER_ID
+from llmrec.metrics import RankingMetrics, bootstrap_ci
+from llmrec.protocol import ItemSpace, Recommender
+from llmrec.schema import ITEM_IDX, META_FILE, RUN_SCORER, USER_ID
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +77,9 @@ __all__ = [
     "FAST_MODELS",
     "HYBRIDS",
     "PROTOCOLS",
-    "attach_item_idx",
     "evaluate",
     "evaluate_models",
     "llmrec_train_config",
-    "load_item_space",
-    "make_histories",
     "read_tables",
 ]
 
@@ -122,8 +121,7 @@ def evaluate(
         embeddings_dir: the `llmrec embed` folder; defines the item space.
         out_dir: where the evaluation artifacts go (created).
         protocols: subset of PROTOCOLS ("loo", "time", "cold"); default ("loo", "time").
-        models: names from ALL_MODELS (None = all; "llmrec" is skipped with a log line when its module
-            is not importable). `FAST_MODELS` is the pipeline's set.
+        models: names from ALL_MODELS (None = all). `FAST_MODELS` is the pipeline's set.
         extra_models: further Recommender instances (their `name` becomes the metrics key), fit per seed.
         max_test_users: evaluate at most this many test users per protocol (seeded sample).
         seed: the first training seed; also seeds the splits (tie order, held-out items) and the user sample.
@@ -165,7 +163,9 @@ def evaluate(
     items_df, inter = read_tables(data_dir)
     data_meta = _data_meta(data_dir)
     space, embed_meta = load_item_space(embeddings_dir, items_df)
-    inter, n_dropped = attach_item_idx(inter, space)
+    n_events = len(inter)
+    inter = attach_item_idx(inter, space, unknown="drop")  # counted and logged
+    n_dropped = n_events - len(inter)
     dataset = _dataset_name(data_dir)
     scorer_dir = Path(scorer_dir) if scorer_dir is not None else Path(embeddings_dir).parent / RUN_SCORER
     from llmrec.data.item_text import read_text_events
@@ -184,7 +184,6 @@ def evaluate(
     results: dict[str, Any] = {}
     per_user_frames: list[pd.DataFrame] = []
     meta_protocols: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
     encoders: dict[str, Any] = {}
     model_names: list[str] = []
     for proto in run_protocols:
@@ -205,7 +204,7 @@ def evaluate(
                 llmrec_kwargs=dict(llmrec_kwargs or {}),
                 reuse_scorer=reuse_scorer and proto == "loo" and i == 0,
             )
-            recs = [*build_models(names, setup, skipped), *extra_models]
+            recs = [*build_models(names, setup), *extra_models]
             label = f"{proto} seed {s}" + (f" ({i + 1}/{len(seeds)})" if len(seeds) > 1 else "")
             res, timings, n_users = evaluate_models(
                 split, pspace, recs, max_test_users, seed, batch_users, label=label, t_start=t_all
@@ -257,7 +256,6 @@ def evaluate(
         results,
         {p: m["timings"] for p, m in meta_protocols.items()},
         out,
-        skipped=skipped,
         skipped_protocols=skipped_protocols,
         item_text={p: m["item_text"] for p, m in meta_protocols.items()},
     )
@@ -268,7 +266,6 @@ def evaluate(
         protocols=list(run_protocols),
         skipped_protocols=skipped_protocols,
         models=model_names,
-        skipped_models=skipped,
         max_test_users=max_test_users,
         seed=seed,
         seeds=seeds,
@@ -532,75 +529,6 @@ def read_tables(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
     from llmrec.data.tables import read_interactions, read_items
 
     return read_items(data_dir), read_interactions(data_dir)
-
-
-def load_item_space(
-    embeddings_dir: str | os.PathLike, items: pd.DataFrame | None = None
-) -> tuple[ItemSpace, dict]:
-    """ItemSpace from an embed folder (rows in embeddings order) with titles from `items` when given."""
-    from llmrec.embed.artifact import load_embeddings
-
-    emb = load_embeddings(embeddings_dir)
-    ids, vecs, meta = emb.item_ids, emb.vectors, emb.meta
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{embeddings_dir}: duplicate item ids in the embeddings; re-run `llmrec embed`")
-    titles = facets = None
-    if items is not None and "title" in items.columns:
-        t = items.set_index(ITEM_ID)["title"]
-        titles = t.reindex(ids).fillna("").astype(str).to_numpy(dtype=object)
-    if items is not None and FACETS in items.columns:
-        by_id = dict(zip(items[ITEM_ID].astype(str), items[FACETS], strict=True))
-        facets = [list(by_id.get(str(i), [])) for i in ids]
-    return ItemSpace(
-        item_ids=np.asarray(ids, dtype=object),
-        text_vectors=np.asarray(vecs, np.float32),
-        titles=titles,
-        facets=facets,
-        text_model=text_model_of(meta),
-    ), dict(meta)
-
-
-def text_model_of(embed_meta: dict) -> str | None:
-    """The encoder of an embeddings artifact as a concrete folder or hub name (the bundled MiniLM's folder for
-    the default model), or None when the meta does not say (texts then cannot be encoded into its space)."""
-    from llmrec.embed.encoder import DEFAULT_MODEL_NAME, default_model_path, model_for_meta
-
-    model = model_for_meta(embed_meta)
-    if model is None and embed_meta.get("model_name") == DEFAULT_MODEL_NAME:
-        model = default_model_path()
-    return model
-
-
-def attach_item_idx(interactions: pd.DataFrame, items: ItemSpace) -> tuple[pd.DataFrame, int]:
-    """Add `item_idx` (int64 index into `items`); events on items outside the space are dropped (logged).
-
-    Returns:
-        (interactions with item_idx, number of dropped events).
-    """
-    index = pd.Index(items.item_ids)
-    idx = index.get_indexer(interactions[ITEM_ID])
-    missing = idx < 0
-    n_missing = int(missing.sum())
-    if n_missing:
-        ex = sorted(set(interactions.loc[missing, ITEM_ID].head(5)))
-        logger.warning(
-            "dropping %d of %d interactions on %d item(s) without an embedding (e.g. %s)",
-            n_missing,
-            len(interactions),
-            interactions.loc[missing, ITEM_ID].nunique(),
-            ex,
-        )
-    if n_missing == len(interactions):
-        raise ValueError(
-            "no interaction refers to an item of the embeddings; were they built from this data?"
-        )
-    out = interactions.loc[~missing].copy()
-    out[ITEM_IDX] = idx[~missing].astype(np.int64)
-    if RATING not in out.columns:
-        out[RATING] = np.nan
-    if EVENT not in out.columns:
-        out[EVENT] = "view"
-    return out.reset_index(drop=True), n_missing
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -20,12 +20,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmrec.eval.baselines import BASELINES, ID_MODELS, make_baseline
-from llmrec.eval.protocol import ItemSpace, Recommender
 from llmrec.eval.tuning import GRIDS, Hybrid, InnerValidation, Tuned
+from llmrec.protocol import ItemSpace, Recommender
 from llmrec.schema import META_FILE
+
+if TYPE_CHECKING:  # torch: imported only when llmrec is evaluated
+    from llmrec.scorer.recommender import LLMRecRecommender
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +56,8 @@ class ModelSetup:
     reuse_scorer: bool = False  # llmrec: load RUN/scorer when it was trained on this very split
 
 
-def build_models(names: list[str], setup: ModelSetup, skipped: dict[str, str]) -> list[Recommender]:
-    """Fresh models for `names` in evaluation order (hybrids last, after the parts they combine).
-
-    skipped: gets {name: reason} for a model that cannot run (llmrec when its module does not import).
-    """
+def build_models(names: list[str], setup: ModelSetup) -> list[Recommender]:
+    """Fresh models for `names` in evaluation order (hybrids last, after the parts they combine)."""
     unknown = [n for n in names if n not in ALL_MODELS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {list(ALL_MODELS)} (or pass extra_models)")
@@ -65,9 +65,8 @@ def build_models(names: list[str], setup: ModelSetup, skipped: dict[str, str]) -
     tuned: dict[str, Tuned] = {}
     for name in [n for n in names if n not in HYBRIDS]:
         if name == "llmrec":
-            model = _llmrec(setup, skipped)
-            if model is not None:
-                out += [model, model.neural_only()]  # the same fit ranked without its co-occurrence term
+            model = _llmrec(setup)
+            out += [model, model.neural_only()]  # the same fit ranked without its co-occurrence term
             continue
         tuned[name] = _tuned(name, setup)
         out.append(tuned[name])
@@ -100,13 +99,9 @@ def _tuned(name: str, setup: ModelSetup) -> Tuned:
     return Tuned(name, factory, grid, setup.validation, refit=not early)
 
 
-def _llmrec(setup: ModelSetup, skipped: dict[str, str]) -> Recommender | None:
-    try:
-        from llmrec.scorer.recommender import LLMRecRecommender, reusable_scorer
-    except ImportError as e:
-        skipped["llmrec"] = f"llmrec.scorer.recommender not importable: {e}"
-        logger.warning("skipping model 'llmrec': %s", skipped["llmrec"])
-        return None
+def _llmrec(setup: ModelSetup) -> LLMRecRecommender:
+    from llmrec.scorer.recommender import LLMRecRecommender, reusable_scorer  # torch: only when llmrec runs
+
     kwargs = {**llmrec_train_config(setup.scorer_dir), **setup.llmrec_kwargs, "seed": setup.seed}
     val = setup.validation
     if setup.reuse_scorer:

@@ -35,7 +35,6 @@ def write_report(
     results: dict[str, Any],
     timings: dict[str, dict[str, dict[str, float]]],
     out_dir: str | os.PathLike,
-    skipped: dict[str, str] | None = None,
     skipped_protocols: dict[str, str] | None = None,
     item_text: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[Path, Path]:
@@ -43,7 +42,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "report.md"
-    md.write_text(markdown_report(results, timings, skipped, skipped_protocols, item_text))
+    md.write_text(markdown_report(results, timings, skipped_protocols, item_text))
     png = plot_metrics(results, out / "metrics.png")
     logger.info("wrote %s and %s", md, png)
     return md, png
@@ -52,7 +51,6 @@ def write_report(
 def markdown_report(
     results: dict[str, Any],
     timings: dict[str, dict[str, dict[str, float]]],
-    skipped: dict[str, str] | None = None,
     skipped_protocols: dict[str, str] | None = None,
     item_text: dict[str, dict[str, Any]] | None = None,
 ) -> str:
@@ -106,8 +104,6 @@ def markdown_report(
     if skipped_protocols:
         lines += ["## Skipped protocols", ""]
         lines += [f"- `{p}`: {why}" for p, why in skipped_protocols.items()] + [""]
-    if skipped:
-        lines += ["## Skipped models", ""] + [f"- `{m}`: {why}" for m, why in skipped.items()] + [""]
     return "\n".join(lines)
 
 

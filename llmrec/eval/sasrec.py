@@ -29,7 +29,7 @@ import pandas as pd
 
 from llmrec.data.order import sort_events
 from llmrec.eval.baselines import _IDModel
-from llmrec.eval.protocol import History, ItemSpace
+from llmrec.protocol import History, ItemSpace
 from llmrec.schema import ITEM_IDX, USER_ID
 
 if TYPE_CHECKING:

@@ -50,15 +50,12 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from llmrec.data.order import sort_events as _sort_events
-from llmrec.data.order import tied_ts
+from llmrec.data.order import sort_events, tied_ts
 from llmrec.schema import ITEM_ID, TS, USER_ID
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Split", "cold_item_split", "leave_last_out", "sort_events", "time_split", "visible_text_events"]
-
-REQUIRED = (USER_ID, ITEM_ID, TS)
+__all__ = ["Split", "cold_item_split", "leave_last_out", "time_split", "visible_text_events"]
 
 
 @dataclass(frozen=True)
@@ -78,12 +75,6 @@ class Split:
     def targets_by_user(self) -> dict[str, np.ndarray]:
         """user_id -> item ids (object array) of that user's test targets, in event order."""
         return {u: g[ITEM_ID].to_numpy() for u, g in self.test.groupby(USER_ID, sort=False)}
-
-
-def sort_events(interactions: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """Events sorted by user, ts, then seeded random ties (`llmrec.data.order.sort_events`)."""
-    _check_columns(interactions)
-    return _sort_events(interactions, seed)
 
 
 def leave_last_out(interactions: pd.DataFrame, seed: int = 0) -> Split:
@@ -314,15 +305,3 @@ def visible_text_events(split: Split, events: pd.DataFrame) -> np.ndarray:
     first_held = held.groupby(held[USER_ID].astype(str))[TS].min()
     cut = events[USER_ID].astype(str).map(first_held).to_numpy(dtype=np.float64)  # NaN: no held-out event
     return np.isnan(cut) | (events[TS].to_numpy(dtype=np.float64) < cut)
-
-
-def _check_columns(df: pd.DataFrame) -> None:
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise ValueError(
-            f"interactions table lacks columns {missing}; expected at least {list(REQUIRED)}, "
-            f"got {list(df.columns)}; "
-            f"pass the table written by `llmrec prepare`"
-        )
-    if df[USER_ID].isna().any() or df[ITEM_ID].isna().any() or df[TS].isna().any():
-        raise ValueError("interactions have null user_id / item_id / ts values; re-run `llmrec prepare`")

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from llmrec.data.item_text import TextSpec, base_texts, build_item_texts
-from llmrec.eval.protocol import ItemSpace
 from llmrec.eval.split import Split, visible_text_events
+from llmrec.protocol import ItemSpace
 from llmrec.schema import ITEM_ID, TEXT
 
 logger = logging.getLogger(__name__)

@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from llmrec.data.histories import make_histories
 from llmrec.data.order import sample_rows, split_last_event
-from llmrec.eval.metrics import RankingMetrics
-from llmrec.eval.protocol import History, ItemSpace, Recommender, make_histories
+from llmrec.metrics import RankingMetrics
+from llmrec.protocol import History, ItemSpace, Recommender
 from llmrec.schema import ITEM_IDX, USER_ID
 
 logger = logging.getLogger(__name__)

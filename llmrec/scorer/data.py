@@ -19,49 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from llmrec.data import order
-from llmrec.eval.protocol import History, ItemSpace
-from llmrec.schema import EVENT, EVENT_KINDS, ITEM_ID, NEGATIVE_KINDS, RATING, TS, USER_ID
+from llmrec.data.histories import attach_item_idx, make_histories
+from llmrec.data.order import sort_events
+from llmrec.protocol import History, ItemSpace
+from llmrec.schema import EVENT, EVENT_KINDS, NEGATIVE_KINDS, RATING, TS, USER_ID
 from llmrec.scorer.model import EVENT_INDEX
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_COLUMNS = ("hist_idx", "hist_event", "hist_rating", "hist_len", "target", "target_ts")
-
-
-def attach_item_idx(df: pd.DataFrame, items: ItemSpace) -> pd.DataFrame:
-    """Return df with an int64 `item_idx` column (kept if present); unknown item ids raise ValueError."""
-    missing_cols = [c for c in (USER_ID, ITEM_ID, TS, EVENT) if c not in df.columns]
-    if missing_cols:
-        raise ValueError(
-            f"interactions lack columns {missing_cols}; "
-            f"expected {USER_ID}, {ITEM_ID}, {TS}, {RATING}, {EVENT} "
-            f"(the canonical table written by `llmrec prepare`), got {list(df.columns)}"
-        )
-    bad_events = sorted(set(df[EVENT].astype(str).unique()) - set(EVENT_KINDS))
-    if bad_events:
-        raise ValueError(f"unknown event kinds {bad_events[:10]}; expected one of {list(EVENT_KINDS)}")
-    if "item_idx" in df.columns:
-        idx = df["item_idx"].to_numpy(dtype=np.int64)
-        if len(idx) and (idx.min() < 0 or idx.max() >= items.n_items):
-            raise ValueError(f"item_idx must lie in [0, {items.n_items}), got [{idx.min()}, {idx.max()}]")
-        return df
-    lookup = pd.Series(np.arange(items.n_items, dtype=np.int64), index=pd.Index(items.item_ids.astype(str)))
-    idx = lookup.reindex(df[ITEM_ID].astype(str).to_numpy())
-    if idx.isna().any():
-        unknown = df[ITEM_ID][idx.isna().to_numpy()].astype(str).unique()
-        raise ValueError(
-            f"{len(unknown)} item ids in the interactions are not in the item space (embeddings), e.g. "
-            f"{list(unknown[:5])}; re-run `llmrec embed` on the same prepared data"
-        )
-    out = df.copy()
-    out["item_idx"] = idx.to_numpy(dtype=np.int64)
-    return out
-
-
-def sort_events(df: pd.DataFrame) -> pd.DataFrame:
-    """Sorted by (user_id, ts), ties in the seeded random order shared by every stage (llmrec.data.order)."""
-    return order.sort_events(df)
 
 
 def target_mask(df: pd.DataFrame, min_rating: float | None = None) -> np.ndarray:
@@ -161,7 +127,7 @@ def build_validation(
     tr = sort_events(attach_item_idx(train, items))
     va = attach_item_idx(valid, items)
     va = va[target_mask(va, min_rating)]
-    hist = histories_from_frame(tr, max_len=None)
+    hist = make_histories(tr)
     by_user = {h.user_id: h for h in hist}
     targets, exclude, positives, hs = [], [], [], []
     n_cold = 0
@@ -186,28 +152,6 @@ def positive_items(h: History) -> np.ndarray:
     if h.event is None or len(h.event) != len(idx):
         return np.unique(idx)
     return np.unique(idx[~np.isin(np.asarray(h.event).astype(str), NEGATIVE_KINDS)])
-
-
-def histories_from_frame(df: pd.DataFrame, max_len: int | None = None) -> list[History]:
-    """One History per user (sorted by user id) from a frame with `item_idx`; last max_len events kept."""
-    df = sort_events(df)
-    out = []
-    for uid, g in df.groupby(df[USER_ID].astype(str), sort=True):
-        if max_len is not None:
-            g = g.iloc[-max_len:]
-        rating = (
-            g[RATING].to_numpy(dtype=np.float64, na_value=np.nan) if RATING in g else np.full(len(g), np.nan)
-        )
-        out.append(
-            History(
-                user_id=uid,
-                item_idx=g["item_idx"].to_numpy(dtype=np.int64),
-                ts=g[TS].to_numpy(dtype=np.int64),
-                event=g[EVENT].astype(str).to_numpy(),
-                rating=rating,
-            )
-        )
-    return out
 
 
 def pad_histories(

@@ -33,7 +33,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from llmrec.eval.protocol import ItemSpace
+from llmrec.data.histories import attach_item_idx, item_lookup, make_histories
+from llmrec.data.order import sort_events
+from llmrec.protocol import ItemSpace
 from llmrec.schema import EVENT, INTERACTIONS_FILE, ITEM_ID, RATING, TS, USER_ID
 from llmrec.scorer import data as sdata
 
@@ -198,29 +200,19 @@ class _AttachItemIdx:
 
         if isinstance(item_ids, ray.ObjectRef):  # the catalog ids travel once through the object store
             item_ids = ray.get(item_ids)
-        self.lookup = pd.Series(np.arange(len(item_ids), dtype=np.int64), index=pd.Index(item_ids))
+        self.lookup = item_lookup(item_ids)  # built once per actor, not per batch
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        df = df.copy()
+        df = attach_item_idx(df, self.lookup)
         df[USER_ID] = df[USER_ID].astype(str)
         df[ITEM_ID] = df[ITEM_ID].astype(str)
-        if RATING not in df.columns:
-            df[RATING] = np.nan
-        idx = self.lookup.reindex(df[ITEM_ID].to_numpy())
-        if idx.isna().any():
-            unknown = df[ITEM_ID][idx.isna().to_numpy()].unique()
-            raise ValueError(
-                f"{len(unknown)} item ids in the interactions are not in the item space (embeddings), e.g. "
-                f"{list(unknown[:5])}; re-run `llmrec embed` on the same prepared data"
-            )
-        df["item_idx"] = idx.to_numpy(dtype=np.int64)
         return df
 
 
 def _split(df: pd.DataFrame, seed: int, threshold: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train events, validation events) of a block of whole users, ordered; validation = the last event of
     users with >= 2 events whose hash <= threshold."""
-    d = sdata.sort_events(df)
+    d = sort_events(df)
     if not len(d):
         return d, d
     users = d[USER_ID].to_numpy()
@@ -282,7 +274,7 @@ def _block_validation(df: pd.DataFrame, seed: int, threshold: float, max_len: in
     train, valid = _split(df, seed, threshold)
     valid = valid[sdata.target_mask(valid, min_rating)] if len(valid) else valid
     rows = []
-    hists = {h.user_id: h for h in sdata.histories_from_frame(train[train[USER_ID].isin(set(valid[USER_ID]))])}
+    hists = {h.user_id: h for h in make_histories(train[train[USER_ID].isin(set(valid[USER_ID]))])}
     for uid, target in zip(valid[USER_ID], valid["item_idx"], strict=True):
         h = hists.get(uid)
         if h is None:
@@ -342,7 +334,7 @@ def cooc_matrices(user_items: Any, n_items: int, n_neighbors: int) -> tuple[Any,
 
     @ray.remote(num_cpus=1)
     def build(ds: Any) -> tuple[Any, Any]:
-        from llmrec.scorer.cooc import cooccurrence_similarity
+        from llmrec.cooc import cooccurrence_similarity
 
         users, items, v_users, v_items = [], [], [], []
         code = 0

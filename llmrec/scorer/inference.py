@@ -4,7 +4,7 @@
 (`recommend`) and serving (`llmrec.serve.recommend_core.RecommendCore`) all call: retrieval top-`n_candidates`
 by u.v over the catalog (excluded items are never candidates; `cold_quota` of them reserved for cold items),
 then the candidates are ranked by the MLP head (or u.v when training turned the head off) plus `cooc_weight`
-times their item co-occurrence score with the user's positive history items (`scorer.cooc`; the matrix is
+times their item co-occurrence score with the user's positive history items (`llmrec.cooc`; the matrix is
 the artifact's `cooc.npz`, the weight was chosen on validation). A user's text feedback (`History.fb_vec`,
 `fb_pol`) is read by the user encoder, so it moves retrieval and ranking at once. `rank` also splits each
 candidate's score into the signals that made it (`Ranked.parts`), which serving turns into a reason.
@@ -18,7 +18,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,32 +25,16 @@ import scipy.sparse as sp
 import torch
 
 from llmrec.artifacts import ArtifactError, load_torch_file, read_meta
+from llmrec.cooc import history_scores
 from llmrec.device import resolve_device
-from llmrec.eval.protocol import History
+from llmrec.protocol import History, Ranked
 from llmrec.schema import INDEX_IDS_FILE
 from llmrec.schema import SCORER_COOC_FILE as COOC_FILE
 from llmrec.schema import SCORER_MODEL_FILE as MODEL_FILE
-from llmrec.scorer.cooc import cooc_neighbours, history_scores
 from llmrec.scorer.data import pad_feedback, pad_histories, positive_items
-from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
+from llmrec.scorer.model import ScorerConfig, ScorerModel, cooc_neighbours, two_stage_rank
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Ranked:
-    """What `Scorer.rank` returns for B users and n candidate slots each.
-
-    cand: int64 (B, n) catalog indices; score: float32 (B, n) final ranking score, -inf where the slot is not a
-    candidate (excluded, duplicate, or padding); parts: float32 (B, n) each, the additive split of `score`:
-    "behaviour" (ID/sequence part of the user vector and the MLP head's correction), "content" (the history
-    text arm), "feedback" (the user's text feedback), "cooc" (the co-occurrence term); user_vecs (B, r).
-    """
-
-    cand: np.ndarray
-    score: np.ndarray
-    parts: dict[str, np.ndarray]
-    user_vecs: np.ndarray
 
 
 class Scorer:

@@ -42,10 +42,13 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmrec.cooc import has_cooc
 from llmrec.schema import EVENT_KINDS, NEGATIVE_KINDS
 
 logger = logging.getLogger(__name__)
@@ -78,7 +81,7 @@ class ScorerConfig:
     # unit-norm, so at the warm start u.v is a cosine in [-1, 1]; with scale 1 the softmax over thousands of
     # candidates is nearly flat and learning stalls (val NDCG@10 0.017 after 3 epochs on Scientific).
     logit_scale: float = 20.0
-    # weight of the item co-occurrence score (scorer.cooc) added to the ranking score of the retrieval
+    # weight of the item co-occurrence score (llmrec.cooc) added to the ranking score of the retrieval
     # candidates; chosen on validation after training (0 = neural ranking only). The co-occurrence matrix
     # itself is not part of the network: it lives next to the model in the artifact (cooc.npz).
     cooc_weight: float = 0.0
@@ -605,6 +608,20 @@ def text_neighbours(
         idx[rows] = d_idx[top.indices]
         w[rows] = torch.softmax(top.values / temperature, dim=1)
     return idx, w
+
+
+def cooc_neighbours(
+    sim: sp.csr_matrix, text_vectors: np.ndarray, k: int = 10
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """For every item without co-occurrence data, its k nearest items by text that have some, with softmax
+    weights (`text_neighbours`); the `impute` argument of `llmrec.cooc.history_scores`. None when k <= 0 or
+    nothing is missing."""
+    has = has_cooc(sim)
+    if k <= 0 or has.all() or not has.any():
+        return None
+    idx, w = text_neighbours(torch.from_numpy(np.asarray(text_vectors, np.float32)), torch.from_numpy(~has),
+                             torch.from_numpy(has), k)
+    return (idx.numpy(), w.numpy()) if idx is not None else None
 
 
 def _gain_logit(value: float, bound: float) -> float:

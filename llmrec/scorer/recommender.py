@@ -1,4 +1,4 @@
-"""llmrec's scorer behind the evaluation protocol (`llmrec.eval.protocol.Recommender`).
+"""llmrec's scorer behind the evaluation protocol (`llmrec.protocol.Recommender`).
 
 `fit` trains with Ray Train (`fit_scorer`) holding out the last train event (`llmrec.data.order`: by ts,
 seeded random ties) of up to `val_users` (default 1000) random train users with >= 2 events as the validation target for early stopping and
@@ -21,7 +21,7 @@ import pandas as pd
 
 from llmrec.config import TrainConfig, config_from_dict
 from llmrec.data.order import split_last_event
-from llmrec.eval.protocol import History, ItemSpace
+from llmrec.protocol import History, ItemSpace
 from llmrec.schema import INDEX_IDS_FILE, META_FILE, SCORER_MODEL_FILE
 
 logger = logging.getLogger(__name__)

@@ -43,14 +43,16 @@ import torch.nn.functional as F
 
 from llmrec.artifacts import load_torch_file, write_meta
 from llmrec.config import TrainConfig
-from llmrec.eval.protocol import ItemSpace
+from llmrec.cooc import cooccurrence_similarity, history_scores
+from llmrec.data.histories import attach_item_idx
+from llmrec.metrics import recall_ndcg
+from llmrec.protocol import ItemSpace
 from llmrec.schema import INDEX_IDS_FILE, TS, USER_ID
 from llmrec.schema import SCORER_COOC_FILE as COOC_FILE
 from llmrec.schema import SCORER_MODEL_FILE as MODEL_FILE
 from llmrec.scorer import data as sdata
-from llmrec.scorer.cooc import cooc_neighbours, cooccurrence_similarity, history_scores
 from llmrec.scorer.feedback import FeedbackBank, FeedbackBanks, banks_for, sample_feedback
-from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
+from llmrec.scorer.model import ScorerConfig, ScorerModel, cooc_neighbours, two_stage_rank
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +158,7 @@ def fit_scorer(
     val = data.val
     if explicit_val:
         val = sdata.build_validation(
-            sdata.attach_item_idx(train_df, items), valid_df, items, max_len=cfg.max_len,
+            attach_item_idx(train_df, items), valid_df, items, max_len=cfg.max_len,
             min_rating=cfg.min_rating,
         )
     static = static_from_counts(items, data.item_counts, data.target_counts, val, cfg, feedback)
@@ -423,7 +425,7 @@ def prepare_static(
     feedback: FeedbackBanks | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """In-process preparation (`fit_local`): samples built here, then `static_from_counts`."""
-    train_df = sdata.attach_item_idx(train_df, items)
+    train_df = attach_item_idx(train_df, items)
     samples = sdata.build_samples(train_df, items, max_len=cfg.max_len, min_rating=cfg.min_rating)
     if len(samples["target"]) == 0:
         raise ValueError(
@@ -824,16 +826,6 @@ def _two_stage_chunks(
         yield ub, retrieval, cand, head
 
 
-def recall_ndcg(top: np.ndarray, targets: np.ndarray, k: int) -> tuple[float, float]:
-    """recall@k = hits / |targets|; ndcg@k with binary gains, ideal DCG over min(|targets|, k) hits."""
-    if len(targets) == 0:
-        return 0.0, 0.0
-    hits = np.isin(top[:k], targets)
-    dcg = float((hits / np.log2(np.arange(2, len(hits) + 2))).sum())
-    idcg = float((1.0 / np.log2(np.arange(2, min(len(targets), k) + 2))).sum())
-    return float(hits.sum()) / len(targets), dcg / idcg
-
-
 def update_early_stop(state: dict, metrics: dict, epoch: int, patience: int) -> bool:
     """Update {best, best_epoch, bad_epochs} in place; True when training should stop."""
     score = metrics.get(SCORE_METRIC)
@@ -1187,8 +1179,8 @@ def largest_tied(per: np.ndarray, grid: Sequence[float], z: float = TEXT_BOOST_Z
 
 
 def cooc_matrix(df: pd.DataFrame, items: ItemSpace, n_neighbors: int) -> sp.csr_matrix:
-    """Co-occurrence similarity (scorer.cooc) of the positive events of a canonical interactions frame."""
-    df = sdata.attach_item_idx(df, items)
+    """Co-occurrence similarity (llmrec.cooc) of the positive events of a canonical interactions frame."""
+    df = attach_item_idx(df, items)
     df = df[sdata.target_mask(df)] if len(df) else df
     return cooccurrence_similarity(
         df[USER_ID].astype(str).to_numpy(), df["item_idx"].to_numpy(np.int64), items.n_items, n_neighbors

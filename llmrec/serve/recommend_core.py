@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from llmrec import schema
+from llmrec.protocol import History, Ranker, UserEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +196,10 @@ class RecommendCore:
         catalog: the items (text vectors define the space of the index, the queries and the negatives).
         index: any object with `.search(queries (B, D) float32, k) -> (scores (B, k), item_ids (B, k))`
             (`llmrec.index.item_index.ItemIndex`); ids not in the catalog are ignored.
-        scorer: optional `llmrec.scorer.inference.Scorer` (user encoder + MLP re-ranker).
-        vectorizer: optional `(state) -> (D,) | None`, used when a state carries no vector.
+        scorer: optional `llmrec.protocol.Ranker` (`llmrec.scorer.inference.Scorer`: user encoder + MLP
+            re-ranker).
+        vectorizer: optional `llmrec.protocol.UserEncoder` (`(user) -> (D,) | None`, e.g.
+            `llmrec.state.user_state.MeanVectorizer`), used when a state carries no vector.
         config: RankConfig.
     """
 
@@ -204,8 +207,8 @@ class RecommendCore:
         self,
         catalog: Catalog,
         index: Any,
-        scorer: Any | None = None,
-        vectorizer: Callable[[Any], np.ndarray | None] | None = None,
+        scorer: Ranker | None = None,
+        vectorizer: UserEncoder | None = None,
         config: RankConfig | None = None,
     ) -> None:
         self.catalog = catalog
@@ -314,11 +317,9 @@ class RecommendCore:
     def _has_text(self, u: UserView) -> bool:
         return any(vec is not None and pol != 0 for _, pol, vec in u.text_feedback)
 
-    def scorer_history(self, u: UserView) -> Any:
+    def scorer_history(self, u: UserView) -> History:
         """The user as the scorer reads it: a `History` over scorer indices (items the scorer does not know are
         left out) with the user's text feedback (vector, polarity), oldest first."""
-        from llmrec.eval.protocol import History
-
         ent = [(self._s_id_to_idx[it], ev, val, ts) for it, ev, val, ts in u.history if it in self._s_id_to_idx]
         texts = [(vec, pol) for _, pol, vec in u.text_feedback
                  if vec is not None and pol != 0 and np.shape(vec) == (self.catalog.dim,)]
@@ -604,7 +605,7 @@ def default_scorer_is_better(run_dir: str | Path) -> tuple[bool, str]:
     When no scorer is served, the app ranks with the state's text user vector (`MeanVectorizer`, which also
     reacts to free-text feedback); a scorer that ranks below it on the same split (RUN/eval/metrics.json,
     leave-last-out NDCG@10) would make recommendations worse. The fallback is evaluated as itself, the
-    `served_text` model (llmrec.serve.served_text); an evaluation written before that model existed is read
+    `served_text` model (llmrec.eval.served_text); an evaluation written before that model existed is read
     as before, against the `zeroshot_text` baseline, and the reason says so. Set `scorer_dir` in user_config
     to force either choice. Returns (use the scorer, the reason shown by GET /admin/model).
     """

@@ -504,7 +504,7 @@ class BaseHistories:
         items = [b.decode("utf-8", "surrogatepass") for b in self.item_vocab[self.item_code[lo:hi]].tolist()]
         kinds = [EVENT_KINDS[k] for k in self.event_code[lo:hi].tolist()]
         values = [None if math.isnan(v) else v for v in self.rating[lo:hi].tolist()]
-        return list(zip(items, kinds, values, self.ts[lo:hi].tolist()))
+        return list(zip(items, kinds, values, self.ts[lo:hi].tolist(), strict=True))
 
     def older_items(self, r: int) -> list[str]:
         """Items of the user's events older than the kept window that the window does not hold."""

@@ -224,7 +224,7 @@ class EventLog:
             segs = segment_paths(self.dir, self.shard)
             now = time.time()
             gone = []
-            for (_sh, _first, path), nxt in zip(segs, segs[1:]):  # never the last segment
+            for (_sh, _first, path), nxt in zip(segs, segs[1:], strict=False):  # never the last segment
                 if path == self._path or nxt[1] - 1 > upto_seq:
                     continue
                 try:

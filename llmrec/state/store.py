@@ -249,7 +249,7 @@ class UserStateShard:
             {"user_id": ev.user_id, "event_id": ev.event_id, "duplicate": dup, "deleted": gone,
              "state_version": self._version(ev.user_id) if (dup or gone) else versions[(ev.user_id,
                                                                                           ev.event_id)]}
-            for ev, (dup, gone) in zip(evs, flags)
+            for ev, (dup, gone) in zip(evs, flags, strict=True)
         ]
 
     def get(self, user_id: str) -> dict[str, Any] | None:
@@ -1031,8 +1031,8 @@ class StateStore:
     @staticmethod
     def _merge(n: int, groups: dict[int, list[tuple[int, Event]]], outs: Sequence[list]) -> list[dict]:
         res: list[dict[str, Any]] = [{}] * n
-        for (_s, g), out in zip(groups.items(), outs):
-            for (i, _e), r in zip(g, out):
+        for (_s, g), out in zip(groups.items(), outs, strict=True):
+            for (i, _e), r in zip(g, out, strict=True):
                 res[i] = r
         return res
 
@@ -1074,7 +1074,7 @@ class StateStore:
         timeout = None if method in _LONG_CALLS else self.call_timeout_s
         refs = [getattr(self.actors[s], method).remote(*args) for s, args in calls]
         out = []
-        for (s, args), ref in zip(calls, refs):
+        for (s, args), ref in zip(calls, refs, strict=True):
             try:
                 out.append(ray.get(ref, timeout=timeout))
             except GetTimeoutError:

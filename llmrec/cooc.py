@@ -106,8 +106,8 @@ def history_scores(
 ) -> np.ndarray:
     """float32 (B, K) co-occurrence scores of candidates cand int64 (B, K) for B histories of item indices.
 
-    impute: (idx (N, k), weights (N, k)) from `cooc_neighbours`: a candidate without co-occurrence data
-    (never seen with another item in training) scores the weighted sum of its text neighbours' scores, so a
+    impute: (idx (N, k), weights (N, k)) from `llmrec.scorer.model.cooc_neighbours`: a candidate without
+    co-occurrence data (never seen with another item in training) scores the weighted sum of its text neighbours' scores, so a
     hybrid ranking does not push cold items down for being cold. A neighbour that is itself in the history
     counts with similarity 1 (an item co-occurs fully with itself; the matrix's diagonal is zero), so a cold
     near-duplicate of a history item scores like the items most similar to it.
@@ -135,20 +135,3 @@ def has_cooc(sim: sp.spmatrix) -> np.ndarray:
     """bool (N,): the item has co-occurrence data (a neighbour, or is some item's neighbour)."""
     return (np.diff(sim.tocsr().indptr) > 0) | (np.diff(sim.tocsc().indptr) > 0)
 
-
-def cooc_neighbours(
-    sim: sp.csr_matrix, text_vectors: np.ndarray, k: int = 10
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """For every item without co-occurrence data, its k nearest items by text that have some, with softmax
-    weights (`scorer.model.text_neighbours`); the `impute` argument of `history_scores`. None when k <= 0 or
-    nothing is missing."""
-    import torch
-
-    from llmrec.scorer.model import text_neighbours
-
-    has = has_cooc(sim)
-    if k <= 0 or has.all() or not has.any():
-        return None
-    idx, w = text_neighbours(torch.from_numpy(np.asarray(text_vectors, np.float32)), torch.from_numpy(~has),
-                             torch.from_numpy(has), k)
-    return (idx.numpy(), w.numpy()) if idx is not None else None

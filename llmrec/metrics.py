@@ -13,6 +13,8 @@ target item indices per user, and an exclusion set per user (the user's training
   DCG = sum over targets with rank <= k of 1 / log2(rank + 1), IDCG = sum_{i=1..min(#targets, k)} 1/log2(i+1).
   MRR = 1 / (rank of the best-ranked target), no cutoff. All are averaged over users (each user counts once).
 - Coverage@k = |union of the users' top-k lists| / N (finite scores only), over all users seen.
+- `recall_ndcg(top, targets, k)`: the same Recall@k / NDCG@k of one user's already-ranked list (the scorer's
+  validation, the learning loop's judge, replay).
 
 Everything works on row chunks (`chunk_rows`), so the temporaries stay O(chunk_rows x N) and a 72k x 2.4k
 evaluation runs in bounded memory; `RankingMetrics` accumulates over batches so the caller never holds the
@@ -37,6 +39,7 @@ __all__ = [
     "mrr",
     "ndcg_at_k",
     "recall_at_k",
+    "recall_ndcg",
     "target_ranks",
     "topk_indices",
 ]
@@ -199,6 +202,26 @@ def compute_metrics(
     acc = RankingMetrics(np.asarray(scores).shape[1], ks, coverage_k)
     acc.update(scores, targets, exclude)
     return acc.result()
+
+
+def recall_ndcg(top: np.ndarray, targets: np.ndarray, k: int) -> tuple[float, float]:
+    """(recall@k, ndcg@k) of one user's ranked list: the definitions above, for a list already ranked.
+
+    Args:
+        top: (L,) the user's recommendations, best first (item indices or ids); only top[:k] counts.
+        targets: (T,) the user's target items, same kind as `top`.
+        k: cutoff.
+
+    Returns:
+        recall@k = hits / T; ndcg@k with binary gains 1 / log2(position + 2) (position 0-based), ideal DCG
+        over min(T, k) hits; (0.0, 0.0) when T = 0.
+    """
+    if len(targets) == 0:
+        return 0.0, 0.0
+    hits = np.isin(top[:k], targets)
+    dcg = float((hits / np.log2(np.arange(2, len(hits) + 2))).sum())
+    idcg = float((1.0 / np.log2(np.arange(2, min(len(targets), k) + 2))).sum())
+    return float(hits.sum()) / len(targets), dcg / idcg
 
 
 def recall_at_k(scores: np.ndarray, targets: Targets, k: int, exclude: Exclude = None) -> float:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from llmrec.eval.protocol import History, ItemSpace
+from llmrec.protocol import History, ItemSpace
 from llmrec.schema import ITEM_IDX
 from llmrec.serve.recommend_core import Catalog, RankConfig, negative_penalty
 from llmrec.state.store import EmbeddingsMeanVectorizer

@@ -38,15 +38,18 @@ __all__ = [  # a literal list (tests/test_public_api.py pins it): the public API
     "read_items",
     "read_interactions",
     "TextEncoder",
+    "EmbedConfig",
     "embed_catalog",
     "load_embeddings",
     "ItemIndex",
+    "IndexConfig",
     "build_index",
     "TrainConfig",
     "fit_scorer",
     "Scorer",
     "evaluate",
     "StateStore",
+    "ServeConfig",
     "build_app",
 ]
 

@@ -12,15 +12,18 @@ PUBLIC_API = [
     "read_items",
     "read_interactions",
     "TextEncoder",
+    "EmbedConfig",
     "embed_catalog",
     "load_embeddings",
     "ItemIndex",
+    "IndexConfig",
     "build_index",
     "TrainConfig",
     "fit_scorer",
     "Scorer",
     "evaluate",
     "StateStore",
+    "ServeConfig",
     "build_app",
 ]
 

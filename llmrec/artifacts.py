@@ -11,7 +11,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +51,55 @@ def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
 
 def write_meta(out_dir: str | os.PathLike, stage: str, **fields: Any) -> dict[str, Any]:
     """Write `out_dir/meta.json` atomically and return what was written."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     meta = make_meta(stage, **fields)
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_bytes(meta_bytes(meta))
-    os.replace(tmp, out / META_FILE)
+    data = meta_bytes(meta)
+    atomic_write(Path(out_dir) / META_FILE, lambda tmp: tmp.write_bytes(data))
     return meta
+
+
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Path], object], *, durable: bool = False, mode: int = 0o666
+) -> None:
+    """Replace the local file `path` all at once: `write(tmp)` fills a fresh temporary sibling, which is then
+    renamed over `path`. A reader sees the old file or the new one, never part of one; on any error the
+    temporary file is removed and `path` is left as it was.
+
+    The temporary name is hidden (a leading dot: dataset readers such as pyarrow's skip it) and ends in the
+    target's suffix, so a writer that appends one (np.save adds ".npy") writes exactly there.
+
+    Args:
+        durable: fsync the file before the rename and the directory after it (survives a power loss: for data
+            that was acknowledged to someone).
+        mode: permission bits of the new file (before umask), set when it is created, so a file of user data is
+            never readable by others, not even while it is written.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp{p.suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+    try:
+        write(tmp)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(p.parent)
+
+
+def fsync_dir(d: str | os.PathLike) -> None:
+    """Make the directory's entries (a new or renamed file) durable."""
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def make_meta(stage: str, **fields: Any) -> dict[str, Any]:

@@ -39,7 +39,6 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlencode
 
-from llmrec.artifacts import ArtifactError
+from llmrec.artifacts import ArtifactError, atomic_write
 from llmrec.schema import META_FILE
 
 if TYPE_CHECKING:
@@ -157,11 +156,7 @@ def read_bytes(location: str | os.PathLike) -> bytes:
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     """Write one file, local (atomically: temp file + rename) or at a URI (one PUT on object stores)."""
     if not is_uri(location):
-        p = Path(location)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + f".tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
+        atomic_write(location, lambda tmp: tmp.write_bytes(data))
         return
     fs, path = filesystem_for(os.fspath(location))
     _make_parent(fs, path)

@@ -13,7 +13,7 @@ def test_write_read_round_trip(tmp_path):
     got = read_meta(tmp_path / "emb", "embed")
     assert got == written
     assert got["schema_version"] == SCHEMA_VERSION and got["dim"] == 384 and got["stage"] == "embed"
-    assert not (tmp_path / "emb" / (META_FILE + ".tmp")).exists()
+    assert [p.name for p in (tmp_path / "emb").iterdir()] == [META_FILE]  # no temporary file left
 
 
 def test_missing_meta_names_path_and_command(tmp_path):
@@ -90,3 +90,28 @@ def test_model_files_load_without_running_code(tmp_path) -> None:
     good = tmp_path / "good.pt"
     torch.save({"model_config": {"dim": 4, "names": ["a"]}, "model": {"w": torch.ones(2)}}, good)
     assert torch.equal(load_torch_file(good)["model"]["w"], torch.ones(2))
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    """A failed write leaves the old file and no temporary one; the new file gets the mode it asked for."""
+    import os
+
+    import numpy as np
+    import pytest
+
+    from llmrec.artifacts import atomic_write
+
+    path = tmp_path / "sub" / "vectors.npy"
+    atomic_write(path, lambda tmp: np.save(tmp, np.arange(3)))  # np.save appends nothing: suffix kept
+    assert np.load(path).tolist() == [0, 1, 2] and os.listdir(path.parent) == ["vectors.npy"]
+
+    def half_then_fail(tmp):
+        tmp.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half_then_fail, durable=True)
+    assert np.load(path).tolist() == [0, 1, 2] and os.listdir(path.parent) == ["vectors.npy"]
+    private = tmp_path / "histories.jsonl"
+    atomic_write(private, lambda tmp: tmp.write_text("x"), durable=True, mode=0o600)
+    assert private.read_text() == "x" and (private.stat().st_mode & 0o777) == 0o600

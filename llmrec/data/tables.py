@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from llmrec.artifacts import atomic_write
 from llmrec.schema import (
     EVENT,
     EVENT_KINDS,
@@ -233,8 +234,5 @@ def _first(mask: pd.Series, n: int = 5) -> list[int]:
 
 
 def _write(table: pa.Table, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     return path

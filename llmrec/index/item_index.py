@@ -55,7 +55,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from llmrec.artifacts import ArtifactError, check_compatible, read_meta, write_meta
+from llmrec.artifacts import ArtifactError, atomic_write, check_compatible, read_meta, write_meta
 from llmrec.index.backends import (
     FaissBackend,
     RunningTopK,
@@ -633,15 +633,15 @@ class ItemIndex:
             ids = np.array(self._ids, dtype=str)
             if isinstance(self._backend, TorchBackend):
                 data = out / INDEX_TORCH_FILE
-                _atomic(data, lambda p: np.save(p, self._backend.host[: self._n]))
+                atomic_write(data, lambda p: np.save(p, self._backend.host[: self._n]))
                 stale = out / INDEX_FILE
             else:
                 faiss = faiss_or_none()
                 cpu_index = self._backend.cpu_index()
                 data = out / INDEX_FILE
-                _atomic(data, lambda p: faiss.write_index(cpu_index, str(p)))
+                atomic_write(data, lambda p: faiss.write_index(cpu_index, str(p)))
                 stale = out / INDEX_TORCH_FILE
-            _atomic(out / INDEX_IDS_FILE, lambda p: np.save(p, ids))
+            atomic_write(out / INDEX_IDS_FILE, lambda p: np.save(p, ids))
             if stale.exists():  # a previous index of the other family in the same folder
                 stale.unlink()
             fields = {**self.build_stats, "index_bytes": data.stat().st_size, **extra}
@@ -873,8 +873,3 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / norms).astype(np.float32)
 
 
-def _atomic(path: Path, write: Any) -> None:
-    """Write via `write(tmp_path)` then rename (tmp keeps the suffix, so np.save appends nothing)."""
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    write(tmp)
-    os.replace(tmp, path)

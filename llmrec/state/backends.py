@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+from llmrec.artifacts import fsync_dir
 from llmrec.state.errors import LogWriteError, StateUnavailable
-from llmrec.state.event_log import EventLog, encode_record, fsync_dir, iter_events
+from llmrec.state.event_log import EventLog, encode_record, iter_events
 from llmrec.state.privacy import load_or_create_key
 from llmrec.state.snapshots import delta_path, delta_paths, full_path, read_snapshots, write_snapshot
 from llmrec.state.user_state import Event

@@ -70,6 +70,7 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
+from llmrec.artifacts import atomic_write, fsync_dir
 from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
 from llmrec.state.errors import LogCorruption, LogWriteError
 from llmrec.state.user_state import Event
@@ -458,17 +459,11 @@ def _rewrite_without(log_dir: Path, shard: int, users: Mapping[str, int | None],
         if not hit:
             continue
         if out:
-            tmp = path.with_name(path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
-            try:
-                _write_all(fd, b"".join(out))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            data = b"".join(out)
+            atomic_write(path, lambda tmp, data=data: tmp.write_bytes(data), durable=True, mode=_FILE_MODE)
         else:
             path.unlink()
-        fsync_dir(path.parent)
+            fsync_dir(path.parent)
     return removed
 
 
@@ -628,10 +623,3 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def fsync_dir(d: str | os.PathLike) -> None:
-    """Make the directory's entries (a new or renamed file) durable."""
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from llmrec.state.event_log import fsync_dir
+from llmrec.artifacts import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,11 @@ def write_snapshot(path: Path, header: Mapping[str, Any], users: Iterable[tuple[
     Raises:
         OSError: the write failed (the previous file at `path` stays whole; the temporary file is removed).
     """
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    try:
+
+    def write(tmp: Path) -> None:
+        nonlocal n
         with open(tmp, "w", encoding="utf-8") as f:
-            os.chmod(tmp, 0o600)  # it holds user histories
             head = json.dumps({"format": _FORMAT, **header}, separators=(",", ":"), allow_nan=False)
             n += f.write(head + "\n")
             batch: list[str] = []
@@ -75,13 +75,8 @@ def write_snapshot(path: Path, header: Mapping[str, Any], users: Iterable[tuple[
                     time.sleep(0)  # let the actor thread serve a request between chunks
             if batch:
                 n += f.write("\n".join(batch) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write, durable=True, mode=0o600)  # 0o600: it holds user histories
     return n
 
 

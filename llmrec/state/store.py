@@ -65,6 +65,7 @@ from typing import Any
 
 import numpy as np
 
+from llmrec.artifacts import atomic_write
 from llmrec.schema import META_FILE
 from llmrec.state.backends import open_backend
 from llmrec.state.base import BaseHistories, base_descriptor, load_base
@@ -823,10 +824,8 @@ class EmbeddingsMeanVectorizer:
             cache.mkdir(parents=True, exist_ok=True)
             for path, arr in ((ids_path, np.asarray(emb.item_ids).astype(str)),
                               (vec_path, np.ascontiguousarray(emb.vectors, np.float32))):
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                with open(tmp, "wb") as f:
-                    np.save(f, arr)
-                os.replace(tmp, path)  # atomic: another shard maps either nothing or the whole file
+                # atomic: another shard maps either nothing or the whole file
+                atomic_write(path, lambda tmp, arr=arr: np.save(tmp, arr))
         vectors = np.load(vec_path, mmap_mode="r")  # (N, D) float32, shared through the page cache
         item_ids = np.load(ids_path)
         return MeanVectorizer(item_ids, vectors, half_life=self.half_life,

@@ -15,7 +15,8 @@ Usage::
 
     .venv/bin/python benchmarks/embed.py --data ../shared/data --n 2000 --out results.json
 
-run from the repository root; `--data` is the datasets folder (../shared/data when it sits beside the checkout).
+run from the repository root; `--data` is the datasets folder (../shared/data when it sits beside the
+checkout).
 """
 
 from __future__ import annotations

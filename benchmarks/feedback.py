@@ -17,7 +17,8 @@ Facets: those carried by >= 30 catalog items and by at most 25% of the catalog (
 MovieLens, is a different request than one of a genre); users cycle through them. Liked items are drawn from a
 facet's 100 most popular items (interactions in RUN/data), so the scorer knows them. Seeded.
 
-    python benchmarks/feedback.py --run runs/movielens-latest-small --users 60 --out runs/bench/feedback-ml.json
+    python benchmarks/feedback.py --run runs/movielens-latest-small --users 60 \\
+        --out runs/bench/feedback-ml.json
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     eligible = _eligible_facets(facets, len(ids))
     if len(eligible) < 2:
-        raise SystemExit(f"{run}: fewer than 2 facets with >= 30 items and <= 25% of the catalog; nothing to test")
+        raise SystemExit(
+            f"{run}: fewer than 2 facets with >= 30 items and <= 25% of the catalog; nothing to test"
+        )
     init_ray()
     from ray import serve
     from ray.serve.schema import LoggingConfig
@@ -71,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     from llmrec.serve.app import build_app
 
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=LoggingConfig(enable_access_log=False))
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        logging_config=LoggingConfig(enable_access_log=False),
+    )
     events = tempfile.mkdtemp(prefix="llmrec-fb-bench-events-")
     app_args = {"run_dir": str(run), "n_shards": 2, "state_name": f"fb-bench-{uuid.uuid4().hex[:6]}",
                 "log_dir": events, "user_config": json.loads(args.user_config)}
@@ -113,7 +119,9 @@ def _catalog(run: Path) -> tuple[list[set[str]], list[str], np.ndarray]:
     items = read_items(run / "data")
     by_id = dict(zip(items["item_id"].astype(str), item_facets(items), strict=True))
     ids = [str(i) for i in emb.item_ids]
-    counts = pd.read_parquet(run / "data" / "interactions.parquet", columns=["item_id"])["item_id"].astype(str)
+    counts = pd.read_parquet(
+        run / "data" / "interactions.parquet", columns=["item_id"]
+    )["item_id"].astype(str)
     vc = counts.value_counts()
     return [set(by_id.get(i, [])) for i in ids], ids, np.array([vc.get(i, 0) for i in ids], np.float64)
 
@@ -205,7 +213,9 @@ def _single_like(http, url, run: Path, ids, facets, pop, args, rng) -> dict[str,
         st = apply_event(UserState(user), Event(user_id=user, item_id=ids[i], event="like", ts=1.0))
         view = UserView.from_state({**_summary(st), "vector": vec(st).tolist()}, user)
         ref = text_core.recommend([view], k=10)[0]
-        overlap = lambda items, i=i: float(np.mean([bool(facets[i] & facets[id_pos[it["item_id"]]]) for it in items]))  # noqa: E731
+        overlap = lambda items, i=i: float(  # noqa: E731
+            np.mean([bool(facets[i] & facets[id_pos[it["item_id"]]]) for it in items])
+        )
         served.append(overlap(top))
         text.append(overlap(ref))
         for it in top:
@@ -213,7 +223,8 @@ def _single_like(http, url, run: Path, ids, facets, pop, args, rng) -> dict[str,
             reasons[key] = reasons.get(key, 0) + 1
     s, t = float(np.mean(served)), float(np.mean(text))
     return {"n_users": len(picks), "overlap_served": s, "overlap_text_vector": t,
-            "ratio": s / t if t > 0 else None, "reasons_top10": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
+            "ratio": s / t if t > 0 else None,
+            "reasons_top10": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
 
 
 def _summary(st: Any) -> dict[str, Any]:
@@ -242,11 +253,14 @@ def _print(r: dict[str, Any]) -> None:
     d, a, s = r["dislike"], r["ask"], r["single_like"]
     print(f"model: {json.dumps(r.get('model'))}")
     print(f"dislike in words ({d['n_users']} users): facet share of top {r['args']['k']} "
-          f"{d['share_before']:.3f} -> {d['share_after']:.3f} ({d['users_halved']:.0%} of users at least halved); "
+          f"{d['share_before']:.3f} -> {d['share_after']:.3f} "
+          f"({d['users_halved']:.0%} of users at least halved); "
           f"feedback->visible p50 {d['latency_ms_p50']:.0f} ms, p95 {d['latency_ms_p95']:.0f} ms")
-    print(f"ask in words ({a['n_users']} users): facet share {a['share_before']:.3f} -> {a['share_after']:.3f} "
+    print(f"ask in words ({a['n_users']} users): "
+          f"facet share {a['share_before']:.3f} -> {a['share_after']:.3f} "
           f"({a['users_raised']:.0%} of users raised)")
-    print(f"one like ({s['n_users']} users): top-10 facet overlap served {s['overlap_served']:.3f} vs text vector "
+    print(f"one like ({s['n_users']} users): "
+          f"top-10 facet overlap served {s['overlap_served']:.3f} vs text vector "
           f"{s['overlap_text_vector']:.3f} (ratio {s['ratio']:.2f})")
 
 

@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="llmrec-bench-"))
     try:
         report: dict = {"memory_disk_recovery": [
-            measure_memory_and_recovery(n, args.events_per_user, args.tail, work / f"n{n}") for n in args.users]}
+            measure_memory_and_recovery(n, args.events_per_user, args.tail, work / f"n{n}")
+            for n in args.users]}
         if not args.skip_latency:
             report["feedback_latency_under_delete_loop"] = measure_delete_latency(args.calls, work)
     finally:

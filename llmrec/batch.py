@@ -1,12 +1,13 @@
-"""Batch recommendations on Ray Data, ranked exactly as `GET /recommend` ranks (`RecommendCore` + `Scorer.rank`).
+"""Batch recommendations on Ray Data, ranked exactly as `GET /recommend` ranks (`RecommendCore` +
+`Scorer.rank`).
 
 `recommend_users(run_dir, data_dir, users, k, out)`:
 
     users -> (user_id, pos, shard = `state.store.shard_of`, the serving shards' hash), one Ray Data block per
     shard -> actor pool `_Ranker`: loads catalog + index + scorer once per actor
-    and the base histories of the shard it is handed (`state.base.load_base`, the loader the serving shards use),
-    ranks each block's users -> rows (user_id, item_id, rank, score) -> sorted by the users' input order ->
-    one parquet file written by streaming the part files (`out` ending in .parquet), or a folder of parts.
+    and the base histories of the shard it is handed (`state.base.load_base`, the loader the serving shards
+    use), ranks each block's users -> rows (user_id, item_id, rank, score) -> sorted by the users' input order
+    -> one parquet file written by streaming the part files (`out` ending in .parquet), or a folder of parts.
 
 The driver holds the user-id list it was given (or none, for a users file read by Ray Data), the counts of
 users without interactions, and never a history or a recommendation list.
@@ -77,16 +78,23 @@ def recommend_users(
         examples = [r[USER_ID] for r in unknown.take(5)]
         if not skip_unknown:
             raise ValueError(
-                f"{n_unknown} of {len(users)} users have no interactions in {data_dir} (e.g. {examples}); pass "
+                f"{n_unknown} of {len(users)} users have no interactions in {data_dir} "
+                f"(e.g. {examples}); pass "
                 "--skip-unknown to leave them out"
             )
-        logger.warning("skipping %d of %d users without interactions (e.g. %s)", n_unknown, len(users), examples)
+        logger.warning(
+            "skipping %d of %d users without interactions (e.g. %s)", n_unknown, len(users), examples
+        )
     rows = ranked.filter(lambda r: r["rank"] > 0).sort(["pos", "rank"]).drop_columns(["pos"])
     n_rows = _write(rows, Path(out))
     if n_rows == 0:
-        raise ValueError(f"no user of the {len(users)} given has interactions in {data_dir}; nothing to recommend")
+        raise ValueError(
+            f"no user of the {len(users)} given has interactions in {data_dir}; nothing to recommend"
+        )
     wall = time.perf_counter() - t0
-    logger.info("recommended for %d users (%d rows) on Ray Data in %.1fs", len(users) - n_unknown, n_rows, wall)
+    logger.info(
+        "recommended for %d users (%d rows) on Ray Data in %.1fs", len(users) - n_unknown, n_rows, wall
+    )
     return {"n_users": len(users) - n_unknown, "n_rows": n_rows, "n_unknown": n_unknown, "wall_s": wall}
 
 

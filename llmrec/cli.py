@@ -20,8 +20,8 @@ from llmrec.log import setup_logging
 from llmrec.optional import MissingExtraError
 from llmrec.raysetup import local_env_defaults, ray_detail_to_log_files
 
-COMMANDS = ("prepare", "embed", "index", "train", "evaluate", "recommend", "serve", "replay", "learn", "pipeline",
-            "forget")
+COMMANDS = ("prepare", "embed", "index", "train", "evaluate", "recommend", "serve", "replay", "learn",
+            "pipeline", "forget")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Item co-occurrence similarity (the item-kNN signal), shared by the scorer's re-ranking and the item-kNN baseline.
+"""Item co-occurrence similarity (the item-kNN signal), shared by the scorer's re-ranking and the item-kNN
+baseline.
 
 sim(i, j) = |U_i & U_j| / sqrt(|U_i| |U_j|) over the binary user x item matrix of positive events (U_i = the
 users who interacted with item i), diagonal zeroed, the `n_neighbors` largest entries per row kept. A user's
@@ -25,7 +26,8 @@ def cooccurrence_similarity(
     """Cosine co-occurrence similarity, top `n_neighbors` per item.
 
     Args:
-        users: int (E,) user code per positive event (any integers; repeats of a (user, item) pair count once).
+        users: int (E,) user code per positive event (any integers; repeats of a (user, item) pair
+            count once).
         items: int (E,) catalog index per event, in [0, n_items).
         n_items: N.
         n_neighbors: entries kept per row (the most similar items).
@@ -86,7 +88,9 @@ def cooccurrence_similarity(
 def history_matrix(hist_items: Sequence[np.ndarray], n_items: int) -> sp.csr_matrix:
     """float32 (B, N) binary CSR: row b has a 1 at each distinct item of hist_items[b]."""
     rows = (
-        np.concatenate([np.full(len(h), b) for b, h in enumerate(hist_items)]) if len(hist_items) else np.zeros(0)
+        np.concatenate([np.full(len(h), b) for b, h in enumerate(hist_items)])
+        if len(hist_items)
+        else np.zeros(0)
     )
     cols = np.concatenate([np.asarray(h) for h in hist_items]) if len(hist_items) else np.zeros(0)
     m = sp.csr_matrix(
@@ -107,10 +111,10 @@ def history_scores(
     """float32 (B, K) co-occurrence scores of candidates cand int64 (B, K) for B histories of item indices.
 
     impute: (idx (N, k), weights (N, k)) from `llmrec.scorer.model.cooc_neighbours`: a candidate without
-    co-occurrence data (never seen with another item in training) scores the weighted sum of its text neighbours' scores, so a
-    hybrid ranking does not push cold items down for being cold. A neighbour that is itself in the history
-    counts with similarity 1 (an item co-occurs fully with itself; the matrix's diagonal is zero), so a cold
-    near-duplicate of a history item scores like the items most similar to it.
+    co-occurrence data (never seen with another item in training) scores the weighted sum of its text
+    neighbours' scores, so a hybrid ranking does not push cold items down for being cold. A neighbour that is
+    itself in the history counts with similarity 1 (an item co-occurs fully with itself; the matrix's diagonal
+    is zero), so a cold near-duplicate of a history item scores like the items most similar to it.
     """
     cand = np.asarray(cand, dtype=np.int64)
     if cand.ndim != 2 or cand.shape[0] != len(hist_items):

@@ -25,7 +25,9 @@ def resolve_device(device: DeviceArg = "auto") -> str:
         return "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+            raise ValueError(
+                f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto"
+            )
         return device
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:i', got {device!r}")
 

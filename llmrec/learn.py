@@ -1,4 +1,5 @@
-"""The learning loop: fine-tune the serving scorer on new feedback, evaluate it, swap it in only when not worse.
+"""The learning loop: fine-tune the serving scorer on new feedback, evaluate it, swap it in only when not
+worse.
 
 `learn(run_dir, events_dir)` (the core of `llmrec learn` / `python -m jobs.learn`):
 
@@ -7,21 +8,21 @@
 2. The data: RUN/data's interactions plus the serving event log (`state.event_log.read_events`). New events =
    those after `data_ts_max`. Fewer than `min_new_events` -> nothing to do.
 3. Held back: the newest `holdback_frac` of the new events (by time) are kept out of training.
-4. Fine-tune: `fit_scorer(init_from=current, focus_after_ts=data_ts_max, epochs, max_steps)` on everything up to
-   the hold-back cut: the current weights (ID embeddings carried over by item id), every sample whose target
-   is new plus as many older ones, a bounded number of steps; the co-occurrence matrix is rebuilt from all of
-   it (so items that were cold get their first co-occurrences).
+4. Fine-tune: `fit_scorer(init_from=current, focus_after_ts=data_ts_max, epochs, max_steps)` on everything up
+   to the hold-back cut: the current weights (ID embeddings carried over by item id), every sample whose
+   target is new plus as many older ones, a bounded number of steps; the co-occurrence matrix is rebuilt from
+   all of it (so items that were cold get their first co-occurrences).
 5. Evaluate both models on the held-back events, the same way: for every held-back event that is not negative
-   feedback, on an item the user had not touched, the user's history up to it (training events + earlier held-back
-   ones), full-catalog next-item NDCG@10 (`Scorer.full_scores`, the serving ranking). Accept the candidate
-   only when its mean is not below the current model's.
+   feedback, on an item the user had not touched, the user's history up to it (training events + earlier
+   held-back ones), full-catalog next-item NDCG@10 (`Scorer.full_scores`, the serving ranking). Accept the
+   candidate only when its mean is not below the current model's.
 6. Accepted: the registry's current entry becomes the candidate (the previous stays in `history`, so
    `rollback` restores it). A running Serve app notices the registry's change and swaps the new scorer in
    through its `reconfigure` path (`Recommender`), so no redeploy is needed. Refused: the candidate folder
    is kept for inspection, nothing changes.
 
-The registry `RUN/models.json`: {"current": entry, "history": [older entries, newest last]}, entry = {scorer_dir,
-version, created_at, why, metrics}. Written atomically.
+The registry `RUN/models.json`: {"current": entry, "history": [older entries, newest last]}, entry =
+{scorer_dir, version, created_at, why, metrics}. Written atomically.
 """
 
 from __future__ import annotations

@@ -170,7 +170,11 @@ class RankingMetrics:
 
 
 def bootstrap_ci(
-    values: np.ndarray, reference: np.ndarray | None = None, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+    values: np.ndarray,
+    reference: np.ndarray | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of per-user `values` (paired with `reference`: of the mean of
     values - reference, users resampled together), e.g. NDCG@10 of each test user."""

@@ -2,7 +2,8 @@
 
 `pip install llmrec` installs what every stage needs; a few libraries serve one feature only and come with an
 extra (pyproject.toml): `eval` (implicit for the ALS baseline, matplotlib for metrics.png), `cpu` / `gpu`
-(faiss-cpu / faiss-gpu, exactly one of them), `redis` (the Redis state backend), `dev` (the tests' references).
+(faiss-cpu / faiss-gpu, exactly one of them), `redis` (the Redis state backend), `dev` (the tests'
+references).
 """
 
 from __future__ import annotations

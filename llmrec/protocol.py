@@ -30,8 +30,8 @@ class ItemSpace:
     item_ids: np.ndarray  # (N,) object/str, catalog order
     text_vectors: np.ndarray  # (N, D) float32, L2-normalised BERT text embeddings, row i = item_ids[i]
     titles: np.ndarray | None = None  # (N,) str, for reports; may be None
-    # (N,) per item its facet names (schema.FACETS: genres, categories, ...), or None when the catalog has none;
-    # the scorer synthesises text feedback about them in training
+    # (N,) per item its facet names (schema.FACETS: genres, categories, ...), or None when the catalog has
+    # none; the scorer synthesises text feedback about them in training
     facets: list[list[str]] | None = None
     # the text encoder (local folder or hub name) that made text_vectors: texts are encoded with it to land in
     # the same space (None = unknown, no text can be encoded)
@@ -51,7 +51,8 @@ class History:
     ts: np.ndarray  # (L,) int64
     event: np.ndarray  # (L,) str, schema.EVENT_KINDS
     rating: np.ndarray  # (L,) float64, NaN where none
-    fb_vec: np.ndarray | None = None  # (T, D) float32 text-feedback vectors (the item encoder's), oldest first
+    # (T, D) float32 text-feedback vectors (the item encoder's), oldest first
+    fb_vec: np.ndarray | None = None
     fb_pol: np.ndarray | None = None  # (T,) float32 polarity of each text, +1 or -1
 
 
@@ -81,8 +82,8 @@ class UserEncoder(Protocol):
 class Ranked:
     """What `Ranker.rank` returns for B users and n candidate slots each.
 
-    cand: int64 (B, n) catalog indices; score: float32 (B, n) final ranking score, -inf where the slot is not a
-    candidate (excluded, duplicate, or padding); parts: float32 (B, n) each, the additive split of `score`:
+    cand: int64 (B, n) catalog indices; score: float32 (B, n) final ranking score, -inf where the slot is not
+    a candidate (excluded, duplicate, or padding); parts: float32 (B, n) each, the additive split of `score`:
     "behaviour" (ID/sequence part of the user vector and the MLP head's correction), "content" (the history
     text arm), "feedback" (the user's text feedback), "cooc" (the co-occurrence term); user_vecs (B, r).
     """

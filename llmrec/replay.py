@@ -15,7 +15,8 @@
    click / rating >= 4). Afterwards the event is applied to the online state only.
 4. In-process (default): `RecommendCore` over the run's catalog + index (+ RUN/scorer when the served app
    would use it and it was trained only on events up to the cutoff: a scorer whose `data_ts_max` lies after
-   the cutoff has learned from the replayed events, so the text user vector is replayed instead), no Ray. With `url`: the same through the HTTP API of a running `llmrec serve` (users are namespaced
+   the cutoff has learned from the replayed events, so the text user vector is replayed instead), no Ray. With
+   `url`: the same through the HTTP API of a running `llmrec serve` (users are namespaced
    `replay-<tag>-on-<uid>` / `-fr-`, initial history posted in batches, deleted at the end).
 5. With `learn_every` N (in-process, and a scorer trained on pre-cutoff events only): a third list per target,
    "learning": the online state ranked by the model the learning loop serves. Every N streamed events one
@@ -125,7 +126,9 @@ def replay(
         len(stream),
         n_stream_total,
     )
-    runner = _HttpRunner(url, auth_token, k, run_dir) if url else _LocalRunner(run_dir, k, rank_config, cutoff)
+    runner = (
+        _HttpRunner(url, auth_token, k, run_dir) if url else _LocalRunner(run_dir, k, rank_config, cutoff)
+    )
     try:
         if learn_every is not None:
             runner.enable_learning(hist_all, data_dir, learn_every, dict(learn_config or {}))
@@ -273,7 +276,8 @@ class _LocalRunner:
                 # it learned from the very events replay streams (co-occurrences included): not held out
                 use, why = False, (
                     f"RUN/scorer was trained on events up to ts {int(seen_until)}, after the replay cutoff "
-                    f"{cutoff}, so it has seen the replayed events; replaying with the text user vector instead "
+                    f"{cutoff}, so it has seen the replayed events; replaying with the text user vector "
+                    "instead "
                     "(to replay a scorer, train it on the pre-cutoff events only)"
                 )
         logger.info("RUN/scorer %s: %s", "used" if use else "not used", why)
@@ -308,7 +312,8 @@ class _LocalRunner:
 
         if not self.has_scorer:
             raise ValueError(
-                f"replay with a learning loop needs RUN/scorer trained on the pre-cutoff events only; {self.scorer_why}"
+                "replay with a learning loop needs RUN/scorer trained on the pre-cutoff events only; "
+                f"{self.scorer_why}"
             )
         self._scratch = tempfile.TemporaryDirectory(prefix="llmrec-replay-learn-")
         scratch = Path(self._scratch.name)

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray per test session, a tiny random-init BERT, the real MiniLM path, data dir."""
+"""Shared fixtures: one local Ray per test session, a tiny random-init BERT, the real MiniLM path, data
+dir."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def data_dir() -> Path:
     """The shared real datasets: $LLMREC_DATA_DIR, else ../shared/data beside the checkout."""
     d = Path(os.environ.get("LLMREC_DATA_DIR", REPO.parent / "shared" / "data"))
     if not d.is_dir():
-        pytest.fail(f"real datasets not found at {d}; set LLMREC_DATA_DIR to the folder with movielens-latest-small/")
+        pytest.fail(
+            f"real datasets not found at {d}; set LLMREC_DATA_DIR to the folder with movielens-latest-small/"
+        )
     return d
 
 

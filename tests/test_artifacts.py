@@ -38,12 +38,14 @@ def test_old_schema_version_refused(tmp_path):
 
 def test_check_compatible_names_both_values_and_fix():
     with pytest.raises(ArtifactError) as e:
-        check_compatible({"model_name": "a", "dim": 32}, {"model_name": "b", "dim": 384}, ["model_name", "dim"],
-                         found_name="index", expected_name="embeddings", rerun="llmrec index")
+        check_compatible({"model_name": "a", "dim": 32}, {"model_name": "b", "dim": 384},
+                         ["model_name", "dim"], found_name="index", expected_name="embeddings",
+                         rerun="llmrec index")
     msg = str(e.value)
     assert "embeddings has 'b', index has 'a'" in msg and "embeddings has 384, index has 32" in msg
     assert "re-run `llmrec index`" in msg
-    check_compatible({"dim": 3}, {"dim": 3}, ["dim"], found_name="x", expected_name="y", rerun="z")  # equal: no raise
+    # equal: no raise
+    check_compatible({"dim": 3}, {"dim": 3}, ["dim"], found_name="x", expected_name="y", rerun="z")
 
 
 def test_fingerprint_changes_with_content(tmp_path):

@@ -320,7 +320,9 @@ def test_cluster_serve_configs_listen_on_every_node_behind_the_token(tmp_path: P
         assert cfg["proxy_location"] == "EveryNode" and cfg["http_options"]["host"] == "0.0.0.0", where
         for app in cfg["applications"]:
             args = app["args"]
-            assert (args.get("auth_token_file") or args.get("auth_token_env")) and not args.get("auth_token"), where
+            assert (
+                (args.get("auth_token_file") or args.get("auth_token_env")) and not args.get("auth_token")
+            ), where
     env_name = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]["auth_token_env"]
     for gname, group in _groups(svc["spec"]["rayClusterConfig"]):
         pod = group["template"]["spec"]

@@ -39,7 +39,8 @@ MODEL_DEFAULTS_BEFORE = {
     "dim": 64, "max_len": 50, "n_layers": 1, "n_heads": 2, "mlp_hidden": 128, "id_dropout": 0.3,
     "dropout": 0.1, "use_ids": True, "n_neg": 128, "head_neg": 31, "weight_decay": 0.0, "n_candidates": 200,
     "min_rating": None, "grad_clip": 5.0, "logit_scale": 20.0, "warm_start": True, "logq_correction": True,
-    "val_users": 1000, "cooc_neighbors": 100, "feedback_p": 0.3, "text_arm": True, "rare_dropout_c": 2.0, "cold_quota": 0,
+    "val_users": 1000, "cooc_neighbors": 100, "feedback_p": 0.3, "text_arm": True, "rare_dropout_c": 2.0,
+    "cold_quota": 0,
     "cold_impute_k": 10, "max_steps": None,
 }
 
@@ -83,7 +84,8 @@ def test_every_field_is_a_flag_that_reaches_the_config():
     changed = {
         "num_workers": 2, "use_gpu": True, "epochs": 3, "batch_size": 64, "lr": 0.01, "patience": 4,
         "dim": 32, "n_neg": -1, "max_len": 20, "val_users": None, "cooc_neighbors": 0, "seed": 7,
-        "max_failures": 1, "n_layers": 2, "n_heads": 4, "mlp_hidden": 64, "id_dropout": 0.5, "dropout": 0.0, "use_ids": False,
+        "max_failures": 1, "n_layers": 2, "n_heads": 4, "mlp_hidden": 64, "id_dropout": 0.5, "dropout": 0.0,
+        "use_ids": False,
         "head_neg": 15, "weight_decay": 1e-4, "n_candidates": 50, "min_rating": 3.5, "grad_clip": 0.0,
         "logit_scale": 10.0, "warm_start": False, "logq_correction": False, "feedback_p": 0.0,
         "text_arm": False,

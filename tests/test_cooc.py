@@ -78,19 +78,24 @@ def test_tune_cooc_weight_picks_the_co_occurrence_term_when_it_carries_the_signa
     train_users = [f"u{u}" for u in range(150)]
     train = df[df[USER_ID].isin(train_users)]
     rest = df[~df[USER_ID].isin(train_users)]
-    first, last = rest[rest[TS] == 1], rest[rest[TS] == 2]  # validation: history = first item, target = partner
+    # validation: history = first item, target = partner
+    first, last = rest[rest[TS] == 1], rest[rest[TS] == 2]
     val = build_validation(pd.concat([train, first]), last, items, max_len=4)
     sim = cooc_matrix(train, items, n_neighbors=10)
     torch.manual_seed(0)
     cfg = ScorerConfig(text_dim=8, n_items=items.n_items, n_id_slots=1, dim=8, max_len=4, rerank=False)
-    model = ScorerModel(cfg, torch.from_numpy(items.text_vectors), torch.zeros(items.n_items, dtype=torch.long))
+    model = ScorerModel(
+        cfg, torch.from_numpy(items.text_vectors), torch.zeros(items.n_items, dtype=torch.long)
+    )
     model.warm_start()  # u.v = text cosine-like scores, in [-1, 1] for unit vectors
     w, table = tune_cooc_weight(model, val, sim, n_candidates=items.n_items - 1)
     assert w > 0 and len(table) == len(COOC_GRID)
     assert table[f"{w:.6g}"] == 1.0  # the partner is always first
     assert table["0"] < 0.5  # random text vectors alone
     # no co-occurrence signal at all: every weight ranks alike and the tie goes to weight 0
-    w0, table0 = tune_cooc_weight(model, val, sp.csr_matrix((items.n_items, items.n_items)), items.n_items - 1)
+    w0, table0 = tune_cooc_weight(
+        model, val, sp.csr_matrix((items.n_items, items.n_items)), items.n_items - 1
+    )
     assert w0 == 0.0 and len(set(table0.values())) == 1
 
 

@@ -359,6 +359,9 @@ def test_cold_protocol_only_text_models_reach_held_out_items(run_dir: Path, tmp_
     assert res["cold_items"]["n_events"] == split["n_test"] == len(pairs)
     assert res["n_users"] == split["n_test_users"] == pairs.user_id.nunique()
     report = (tmp_path / "report.md").read_text()
-    assert "## Protocol `cold`" in report and "Held-out items: a random share" in report and "| zeroshot_text |" in report
+    assert (
+        "## Protocol `cold`" in report and "Held-out items: a random share" in report
+        and "| zeroshot_text |" in report
+    )
     with pytest.raises(ValueError, match="protocols must be a non-empty subset of"):
         evaluate(run_dir / "data", run_dir / "embeddings", tmp_path, protocols=("cold", "warm"))

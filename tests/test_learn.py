@@ -62,8 +62,8 @@ def _fit_serving_model(run: Path, events: pd.DataFrame, epochs: int, lr: float) 
     from llmrec.scorer.train import fit_scorer
 
     items, meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
-    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=lr, dim=16, max_len=10, n_neg=16, head_neg=7, mlp_hidden=16,
-                      n_candidates=20, val_users=20)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=lr, dim=16, max_len=10, n_neg=16, head_neg=7,
+                      mlp_hidden=16, n_candidates=20, val_users=20)
     fit_scorer(cfg, events, items, run / schema.RUN_SCORER, embed_meta=meta)
 
 
@@ -112,8 +112,8 @@ def test_learning_loop_swaps_in_a_better_model_refuses_a_worse_one_and_rolls_bac
 
 @pytest.mark.slow  # four fine-tune rounds: ~2-4 min on 2 cores
 def test_replay_with_the_learning_loop_beats_live_state_alone(ray_local, tmp_path):
-    """`llmrec replay --learn-every`: (c) live state + learning rounds ranks the held-out stream better than (b)
-    live state with the pre-cutoff model, which the learning loop starts from (new items appear only after
+    """`llmrec replay --learn-every`: (c) live state + learning rounds ranks the held-out stream better than
+    (b) live state with the pre-cutoff model, which the learning loop starts from (new items appear only after
     the cutoff, so the first model knows them by their text alone)."""
     from llmrec.data.tables import read_interactions, write_interactions
     from llmrec.replay import replay

@@ -1,9 +1,11 @@
-"""The served model listens (issue 11): over HTTP, with a trained scorer serving, a text dislike moves the ranking
-away from the disliked topic, a text wish towards a topic, and a like of a cold item brings its text neighbours up.
+"""The served model listens (issue 11): over HTTP, with a trained scorer serving, a text dislike moves the
+ranking away from the disliked topic, a text wish towards a topic, and a like of a cold item brings its text
+neighbours up.
 
-The run is built here: 3 topics x 10 items whose texts are encoded by the real MiniLM (text feedback has to mean
-something), two cold items (no interaction anywhere), 60 users who each mostly like one topic, a scorer trained by
-`fit_scorer` (Ray Train, synthesised facet feedback on), then the Serve app on the shared session Ray.
+The run is built here: 3 topics x 10 items whose texts are encoded by the real MiniLM (text feedback has to
+mean something), two cold items (no interaction anywhere), 60 users who each mostly like one topic, a scorer
+trained by `fit_scorer` (Ray Train, synthesised facet feedback on), then the Serve app on the shared session
+Ray.
 """
 
 from __future__ import annotations
@@ -80,9 +82,13 @@ def listening_app(ray_local, tmp_path_factory, minilm_path):
         seq = list(rng.choice(pool, 7, replace=False)) + [str(rng.choice(other))]
         rng.shuffle(seq)
         rows += [(f"u{u}", it, 1_700_000_000 + 60 * j, np.nan, "like") for j, it in enumerate(seq)]
-    inter = pd.DataFrame(rows, columns=[schema.USER_ID, schema.ITEM_ID, schema.TS, schema.RATING, schema.EVENT])
+    inter = pd.DataFrame(
+        rows, columns=[schema.USER_ID, schema.ITEM_ID, schema.TS, schema.RATING, schema.EVENT]
+    )
     enc = TextEncoder(minilm_path, device="cpu")
-    make_run(run, ids, enc.encode(texts), texts, enc.model_name, model_path=enc.model_path, interactions=inter)
+    make_run(
+        run, ids, enc.encode(texts), texts, enc.model_name, model_path=enc.model_path, interactions=inter
+    )
     items_df = read_items(run / schema.RUN_DATA)
     items_df[schema.FACETS] = [[topic[i]] for i in items_df[schema.ITEM_ID]]
     from llmrec.data.tables import write_items
@@ -91,13 +97,13 @@ def listening_app(ray_local, tmp_path_factory, minilm_path):
     items, embed_meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
     assert items.facets is not None and items.text_model
     train, valid = split_last_event(inter, 30, 0)
-    cfg = TrainConfig(epochs=4, batch_size=64, lr=1e-2, dim=16, max_len=10, n_neg=16, head_neg=7, mlp_hidden=16,
-                      n_candidates=20, feedback_p=0.5)
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=1e-2, dim=16, max_len=10, n_neg=16, head_neg=7,
+                      mlp_hidden=16, n_candidates=20, feedback_p=0.5)
     fit_scorer(cfg, train, items, run / schema.RUN_SCORER, valid_df=valid, embed_meta=embed_meta)
     port = start_serve()
     name = f"listen{uuid.uuid4().hex[:6]}"
-    serve.run(build_app({"run_dir": str(run), "n_shards": 2, "state_name": f"test-state-{name}", "num_cpus": 0.1,
-                         "log_dir": str(run / "events-test")}),
+    serve.run(build_app({"run_dir": str(run), "n_shards": 2, "state_name": f"test-state-{name}",
+                         "num_cpus": 0.1, "log_dir": str(run / "events-test")}),
               name=name, route_prefix=f"/{name}")
     import requests
 
@@ -126,10 +132,14 @@ def _share(items: list[dict], topic: dict[str, str], t: str) -> float:
 def test_text_dislike_moves_the_ranking_away_from_the_topic(listening_app):
     http, url, topic, _ = listening_app
     user = f"fan-{uuid.uuid4().hex[:6]}"
-    _post(http, url, [{"user_id": user, "item_id": f"anim-{j}", "event": "like", "ts": 100.0 + j} for j in range(3)])
+    _post(http, url, [
+        {"user_id": user, "item_id": f"anim-{j}", "event": "like", "ts": 100.0 + j} for j in range(3)
+    ])
     before = _top(http, url, user, 7)
     assert _share(before, topic, "Animation") >= 4 / 7  # the scorer follows the likes
-    _post(http, url, [{"user_id": user, "event": "dislike", "text": "no more animated cartoons for kids please"}])
+    _post(http, url, [
+        {"user_id": user, "event": "dislike", "text": "no more animated cartoons for kids please"}
+    ])
     after = _top(http, url, user, 7)
     assert _share(after, topic, "Animation") <= _share(before, topic, "Animation") / 2, (before, after)
 
@@ -137,7 +147,9 @@ def test_text_dislike_moves_the_ranking_away_from_the_topic(listening_app):
 def test_text_wish_moves_the_ranking_towards_the_topic(listening_app):
     http, url, topic, _ = listening_app
     user = f"fan-{uuid.uuid4().hex[:6]}"
-    _post(http, url, [{"user_id": user, "item_id": f"roma-{j}", "event": "like", "ts": 100.0 + j} for j in range(3)])
+    _post(http, url, [
+        {"user_id": user, "item_id": f"roma-{j}", "event": "like", "ts": 100.0 + j} for j in range(3)
+    ])
     before = _top(http, url, user, 7)
     _post(http, url, [{"user_id": user, "event": "like", "text": "I want space adventures with astronauts"}])
     after = _top(http, url, user, 7)
@@ -156,7 +168,8 @@ def test_like_of_a_cold_item_brings_its_text_neighbours_up(listening_app):
 
 def test_served_ranking_of_a_known_user_equals_the_batch_command(listening_app, tmp_path):
     """A user the run knows is personalised from the first request, and `/recommend` gives exactly what
-    `llmrec recommend` writes for that user (one ranking path: the state shard's base history + RecommendCore)."""
+    `llmrec recommend` writes for that user (one ranking path: the state shard's base history +
+    RecommendCore)."""
     import pandas as pd
 
     from llmrec.commands import recommend
@@ -169,7 +182,9 @@ def test_served_ranking_of_a_known_user_equals_the_batch_command(listening_app, 
 
     parser = argparse.ArgumentParser()
     recommend.add_arguments(parser)
-    args = parser.parse_args(["--run", str(run), "--users", str(tmp_path / "users.txt"), "--k", "5", "--out", str(out)])
+    args = parser.parse_args(
+        ["--run", str(run), "--users", str(tmp_path / "users.txt"), "--k", "5", "--out", str(out)]
+    )
     assert recommend.run(args) == 0
     batch = pd.read_parquet(out)
     for u in users:

@@ -103,7 +103,8 @@ class LocalCluster:
 
     def start(self, timeout_s: float = 120.0) -> None:
         cmd = [
-            str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(self.num_cpus), "--num-gpus", "0",
+            str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(self.num_cpus),
+            "--num-gpus", "0",
             "--port", str(self.gcs), "--include-dashboard=true", "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(self.dash), "--ray-client-server-port", str(self.client),
             "--metrics-export-port", str(self.metrics),

@@ -121,8 +121,8 @@ def test_bad_input_is_refused_clearly() -> None:
 
 
 def test_bootstrap_interval_covers_the_mean_and_paired_differences():
-    """The percentile bootstrap interval of a mean brackets it and shrinks with more users; a paired interval of
-    identical per-user values is exactly [0, 0], of a constant shift exactly that shift."""
+    """The percentile bootstrap interval of a mean brackets it and shrinks with more users; a paired interval
+    of identical per-user values is exactly [0, 0], of a constant shift exactly that shift."""
     from llmrec.metrics import bootstrap_ci
 
     rng = np.random.default_rng(0)

@@ -184,8 +184,8 @@ def multinode_run(two_nodes: tuple[LocalCluster, WorkerNode], s3_endpoint: str,
     shutil.rmtree(src)
     shutil.rmtree(head.tmp / "artifact-cache", ignore_errors=True)
     t0 = time.monotonic()
-    rest = head.submit([*common, "--stages", "embed,index,train", "--model", tiny_model_dir, "--batch-size", "4",
-                        "--epochs", "1", "--num-workers", "2"], timeout_s=900)
+    rest = head.submit([*common, "--stages", "embed,index,train", "--model", tiny_model_dir,
+                        "--batch-size", "4", "--epochs", "1", "--num-workers", "2"], timeout_s=900)
     t_rest = time.monotonic() - t0
     print(f"[multinode] prepare job {t_prep:.1f}s, embed,index,train job {t_rest:.1f}s")
     nodes = _alive_nodes(head.address)

@@ -292,7 +292,9 @@ def test_scientific_facets_are_the_category_path(prepared, data_dir: Path) -> No
         want[item.strip()] = [paths[-1]] if paths and paths[-1] else []
     assert got == want
     # items with a scraping-artefact title "Industrial & Scientific />" get their real path
-    artefact = [i for i, ln in zip(want, lines.splitlines()[1:], strict=True) if "Industrial & Scientific />" in ln]
+    artefact = [
+        i for i, ln in zip(want, lines.splitlines()[1:], strict=True) if "Industrial & Scientific />" in ln
+    ]
     assert artefact and all(got[i] and "/>" not in got[i][0] for i in artefact)
     meta = read_meta(out, "prepare")
     n_empty = sum(not v for v in want.values())
@@ -571,7 +573,9 @@ def test_generic_csv_numeric_looking_text_stays_text(tmp_path: Path) -> None:
         ("amazon-musical-instruments-5core-2014", 10261, 0, 900, 1429, "Musical Instruments"),
     ],
 )
-def test_amazon_5core_reviews(prepared, data_dir: Path, name, n_raw, n_dup, n_items, n_users, category) -> None:
+def test_amazon_5core_reviews(
+    prepared, data_dir: Path, name, n_raw, n_dup, n_items, n_users, category
+) -> None:
     """Reviews only: one interaction per review (exact duplicates rejected and counted), item text = a fixed
     base line + the item's reviews oldest first, the reviews kept as text events (README counts)."""
     from llmrec.data.item_text import base_texts, build_item_texts, read_text_events

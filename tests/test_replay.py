@@ -152,7 +152,8 @@ def test_replay_command(tmp_path: Path) -> None:
 
 
 def _hand_scorer(run: Path, ids: list[str], vectors: np.ndarray, data_ts_max: int) -> None:
-    """A scorer artifact written by hand (warm-started net over the run's catalog): what `llmrec train` writes."""
+    """A scorer artifact written by hand (warm-started net over the run's catalog): what `llmrec train`
+    writes."""
     import torch
 
     from llmrec.scorer.model import ScorerConfig, ScorerModel
@@ -182,9 +183,13 @@ def test_replay_refuses_a_scorer_trained_on_the_replayed_events(tmp_path: Path) 
 
 
 def test_one_table_of_positive_feedback() -> None:
-    """schema.is_positive is the one definition (replay's positive targets, serving's co-occurrence history)."""
+    """schema.is_positive is the one definition (replay's positive targets, serving's co-occurrence
+    history)."""
     cases = {("like", None): True, ("purchase", None): True, ("click", None): True, ("view", None): False,
              ("dislike", None): False, ("skip", None): False, ("rating", 4.0): True, ("rating", 5.0): True,
              ("rating", 3.5): False, ("rating", None): False}
     assert {c: schema.is_positive(*c) for c in cases} == cases
-    assert set(schema.POSITIVE_KINDS) | set(schema.NEGATIVE_KINDS) | {"view", "rating"} == set(schema.EVENT_KINDS)
+    assert (
+        set(schema.POSITIVE_KINDS) | set(schema.NEGATIVE_KINDS) | {"view", "rating"}
+        == set(schema.EVENT_KINDS)
+    )

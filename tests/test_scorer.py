@@ -248,13 +248,14 @@ def test_rerank_off_ranks_by_retrieval_everywhere():
         torch.testing.assert_close(head_on, on.head_pairs(u[:, None, :], reps[cand_on]))
     s = Scorer(off, np.array([f"i{i}" for i in range(30)]))
     idx = np.arange(6).reshape(3, 2)
-    np.testing.assert_allclose(s.score(u.numpy(), idx), (u.numpy()[:, None, :] * reps.detach().numpy()[idx]).sum(-1),
+    np.testing.assert_allclose(s.score(u.numpy(), idx),
+                               (u.numpy()[:, None, :] * reps.detach().numpy()[idx]).sum(-1),
                                rtol=1e-5, atol=1e-6)
 
 
 def test_warm_start_reproduces_the_zero_shot_text_model():
-    """After warm_start (and with the small random event/position embeddings zeroed) u.v equals the dot product
-    of the mean history text vector with the item text vector, brute-force computed in numpy."""
+    """After warm_start (and with the small random event/position embeddings zeroed) u.v equals the dot
+    product of the mean history text vector with the item text vector, brute-force computed in numpy."""
     torch.manual_seed(0)
     n, D = 30, 12
     text = torch.nn.functional.normalize(torch.randn(n, D), dim=1)
@@ -276,8 +277,8 @@ def test_warm_start_reproduces_the_zero_shot_text_model():
 
 
 def test_head_loss_does_not_reach_the_retrieval_towers():
-    """The re-ranker trains on detached u, v: its loss alone leaves text_proj / encoder / scale gradients None,
-    while the retrieval loss does reach them."""
+    """The re-ranker trains on detached u, v: its loss alone leaves text_proj / encoder / scale gradients
+    None, while the retrieval loss does reach them."""
     torch.manual_seed(0)
     cfg = ScorerConfig(text_dim=12, n_items=40, n_id_slots=41, dim=16, max_len=8)
     m = ScorerModel(cfg, torch.randn(40, 12), torch.arange(1, 41))
@@ -317,7 +318,9 @@ def test_head_trains_on_the_retrieval_top_list_it_reranks():
     in that list gets constant zero head logits (no gradient)."""
     torch.manual_seed(0)
     n, pool = 60, 8
-    cfg = ScorerConfig(text_dim=12, n_items=n, n_id_slots=n + 1, dim=16, max_len=6, dropout=0.0, id_dropout=0.0)
+    cfg = ScorerConfig(
+        text_dim=12, n_items=n, n_id_slots=n + 1, dim=16, max_len=6, dropout=0.0, id_dropout=0.0
+    )
     m = ScorerModel(cfg, torch.randn(n, 12), torch.arange(1, n + 1))
     hi, ev, rt, ln = _inputs(24, 6, n, seed=5)
     ln = ln.clamp(min=1)
@@ -370,7 +373,9 @@ def _np_text_arm(m, hi, ev, ln, fb_vec=None, fb_pol=None):
             for sign, key in ((1, "fb_pos"), (-1, "fb_neg")):
                 rows = [j for j in range(fb_vec.shape[1]) if np.sign(fb_pol[b, j]) == sign]
                 if rows:
-                    w = np.array([0.5 ** ((len(rows) - 1 - r) / FEEDBACK_HALF_LIFE) for r in range(len(rows))])
+                    w = np.array(
+                        [0.5 ** ((len(rows) - 1 - r) / FEEDBACK_HALF_LIFE) for r in range(len(rows))]
+                    )
                     e = (w[:, None] * fb_vec[b, rows].numpy()).sum(0) / w.sum()
                     a = a + sign * g[key] * e
         out.append(a)
@@ -378,8 +383,9 @@ def _np_text_arm(m, hi, ev, ln, fb_vec=None, fb_pol=None):
 
 
 def test_text_arm_matches_brute_force_and_feedback_moves_scores_by_its_gain():
-    """The D-dim part of the user vector is the bounded-gain text arm (numpy reference); one negative text lowers
-    every item's retrieval score by exactly g- times the item's cosine to the text, a positive one raises it."""
+    """The D-dim part of the user vector is the bounded-gain text arm (numpy reference); one negative text
+    lowers every item's retrieval score by exactly g- times the item's cosine to the text, a positive one
+    raises it."""
     torch.manual_seed(0)
     n, D = 30, 12
     text = torch.nn.functional.normalize(torch.randn(n, D), dim=1)

@@ -92,7 +92,9 @@ def test_route_tags_come_from_the_app_routes_and_never_hold_a_user_id() -> None:
     from llmrec.serve.deployments import _route_of
 
     def route(path: str) -> str:
-        return _route_of(Request({"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b""}))
+        return _route_of(
+            Request({"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b""})
+        )
 
     assert route("/users/alice-123") == "/users/{user_id:path}"
     assert route("/recommend") == "/recommend" and route("/admin/model") == "/admin/model"

@@ -196,7 +196,9 @@ def test_default_scorer_only_when_evaluation_measured_it_better(tmp_path):
     assert use is False and "0.0090 <= zero-shot text 0.0095" in why
     assert resolve_artifacts(str(run), {})["scorer_dir"] is None
     # an explicit user_config choice wins over the measurement
-    assert resolve_artifacts(str(run), {"scorer_dir": str(run / "scorer")})["scorer_dir"] == str(run / "scorer")
+    assert (
+        resolve_artifacts(str(run), {"scorer_dir": str(run / "scorer")})["scorer_dir"] == str(run / "scorer")
+    )
 
 
 def test_serve_or_not_compares_with_the_served_fallback(tmp_path):
@@ -210,7 +212,9 @@ def test_serve_or_not_compares_with_the_served_fallback(tmp_path):
     run = tmp_path / "run"
     write_meta(run / "scorer", "train")
     (run / "eval").mkdir()
-    models = {"llmrec": {"ndcg@10": 0.05}, "zeroshot_text": {"ndcg@10": 0.02}, "served_text": {"ndcg@10": 0.06}}
+    models = {
+        "llmrec": {"ndcg@10": 0.05}, "zeroshot_text": {"ndcg@10": 0.02}, "served_text": {"ndcg@10": 0.06}
+    }
     (run / "eval" / "metrics.json").write_text(json.dumps({"loo": {"models": models}}))
     use, why = default_scorer_is_better(run)
     assert use is False and why.startswith("loo ndcg@10 0.0500 <= served text fallback 0.0600")
@@ -229,9 +233,9 @@ def test_served_text_model_ranks_as_serving_does(core: RecommendCore) -> None:
     mid ratings, dislikes (push-down) and no positive signal (popularity)."""
     import pandas as pd
 
+    from llmrec.eval.served_text import HISTORY_LEN, ServedTextRecommender
     from llmrec.protocol import History, ItemSpace
     from llmrec.schema import ITEM_IDX
-    from llmrec.eval.served_text import HISTORY_LEN, ServedTextRecommender
     from llmrec.state.store import EmbeddingsMeanVectorizer
     from llmrec.state.user_state import MeanVectorizer, state_from_history, summary
 
@@ -266,14 +270,16 @@ def test_served_text_model_ranks_as_serving_does(core: RecommendCore) -> None:
         s = model.score([h])[0]
         s[h.item_idx] = -np.inf  # evaluation excludes the history, serving its seen items
         # the same items with the same scores, best first (equal scores may come in either order)
-        assert [s[cat.id_to_idx[i]] for i in served] == pytest.approx([r["score"] for r in recs], abs=1e-5), uid
+        assert [s[cat.id_to_idx[i]] for i in served] == pytest.approx(
+            [r["score"] for r in recs], abs=1e-5
+        ), uid
         assert np.sort(s)[::-1][:k] == pytest.approx([r["score"] for r in recs], abs=1e-5), uid
     assert served[0] == "popular"  # the cold user (a skip only) got the popularity prior
 
 
 def test_scorer_mode_ranks_by_the_scorer_with_its_co_occurrence_term(core: RecommendCore) -> None:
-    """With a deployed Scorer (u.v + w * co-occurrence), the served order of the candidates is the Scorer's own
-    ranking-score order for the user's positive history (a disliked item adds no co-occurrence); the
+    """With a deployed Scorer (u.v + w * co-occurrence), the served order of the candidates is the Scorer's
+    own ranking-score order for the user's positive history (a disliked item adds no co-occurrence); the
     co-occurrence pair (space1 -> misc) lifts 'misc' above where u.v alone puts it."""
     import scipy.sparse as sp
     import torch
@@ -298,7 +304,8 @@ def test_scorer_mode_ranks_by_the_scorer_with_its_co_occurrence_term(core: Recom
     hist = [("space1", "like", None, 0.0), ("space2", "click", None, 1.0), ("cook1", "dislike", None, 2.0)]
     user = UserView(user_id="u", history=hist, seen={"space1", "space2", "cook1"}, negatives={"cook1": 1.0})
     recs = served.recommend([user], k=n)[0]
-    got = [r["item_id"] for r in recs if r["item_id"] not in ("cook1_dup",)]  # cook1_dup: pushed down (negative)
+    # cook1_dup: pushed down (negative)
+    got = [r["item_id"] for r in recs if r["item_id"] not in ("cook1_dup",)]
     h = History("u", np.array([i["space1"], i["space2"], i["cook1"]]), np.arange(3),
                 np.array(["like", "click", "dislike"]), np.full(3, np.nan))
     cand = np.array([i[x] for x in got])

@@ -82,7 +82,8 @@ def test_uri_helpers() -> None:
 
 def test_train_with_a_uri_out_keeps_ray_checkpoints_beside_it() -> None:
     """A URI --out is staged on the driver's node, which Ray Train workers on other nodes cannot write to:
-    train's Ray run storage defaults to OUT-ray at the same URI (tests/test_multinode.py runs it on 2 nodes)."""
+    train's Ray run storage defaults to OUT-ray at the same URI (tests/test_multinode.py runs it on 2
+    nodes)."""
     from llmrec.cli import build_parser
 
     def checkpoint_dir(*argv: str) -> str | None:
@@ -228,7 +229,8 @@ def test_update_and_add_modes(base_uri: str, tmp_path: Path) -> None:
 
 
 def test_add_into_a_new_folder_keeps_it_replaceable(base_uri: str, tmp_path: Path) -> None:
-    """`replay` before `evaluate`: RUN/eval gets replay.json but no meta.json; evaluate may still replace it."""
+    """`replay` before `evaluate`: RUN/eval gets replay.json but no meta.json; evaluate may still replace
+    it."""
     uri = storage.join(base_uri, "eval")
     with storage.stage_out(uri, tmp_path / "c", mode="add") as local:
         (local / "replay.json").write_text("{}")
@@ -435,7 +437,9 @@ def test_s3_pipeline_writes_complete_artifacts(s3_pipeline: dict[str, Any]) -> N
         ("embeddings", json.loads(files["embeddings/meta.json"])["parts_prefix"]),  # written by the workers
         ("index", "item_ids.npy"),
     ):
-        assert f"{part}/meta.json" in files and any(f.startswith(f"{part}/{main_file}") for f in files), sorted(files)
+        assert f"{part}/meta.json" in files and any(
+            f.startswith(f"{part}/{main_file}") for f in files
+        ), sorted(files)
         assert (
             json.loads(files[f"{part}/meta.json"])["stage"]
             == {"data": "prepare", "embeddings": "embed", "index": "index"}[part]

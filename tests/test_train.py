@@ -295,8 +295,9 @@ def test_split_last_event_caps_validation_users_and_drops_nothing(planted_split)
 
 @pytest.mark.slow
 def test_worker_killed_mid_training_resumes_from_the_last_checkpoint(ray_local, tmp_path):
-    """FailureConfig: kill -9 the training worker once its first checkpoint is registered; Ray Train restarts the
-    worker group from the latest checkpoint (checkpoint_dir, a shared folder here) and training ends with every epoch once."""
+    """FailureConfig: kill -9 the training worker once its first checkpoint is registered; Ray Train restarts
+    the worker group from the latest checkpoint (checkpoint_dir, a shared folder here) and training ends with
+    every epoch once."""
     import os
     import signal
     import threading

@@ -49,12 +49,15 @@ def test_samples_counts_and_validation_match_the_driver_construction(ray_local, 
         to_val = last & d[USER_ID].isin(chosen).to_numpy()
         train, valid = d[~to_val], d[to_val]
         ref = sdata.build_samples(train, items, max_len=10)
-        got = {k: np.stack(data.samples.to_pandas()[k].to_numpy()) if k.startswith("hist_") and k != "hist_len"
+        got = {k: np.stack(data.samples.to_pandas()[k].to_numpy())
+               if k.startswith("hist_") and k != "hist_len"
                else data.samples.to_pandas()[k].to_numpy() for k in sdata.SAMPLE_COLUMNS}
         assert data.n_samples == len(ref["target"]) and _rows(got) == _rows(ref)
         assert data.val.n_users == 12
         assert sorted(int(t[0]) for t in data.val.targets) == sorted(valid["item_idx"].tolist())
-        np.testing.assert_array_equal(data.item_counts, np.bincount(train["item_idx"], minlength=items.n_items))
+        np.testing.assert_array_equal(
+            data.item_counts, np.bincount(train["item_idx"], minlength=items.n_items)
+        )
         np.testing.assert_array_equal(data.target_counts, np.bincount(ref["target"], minlength=items.n_items))
         sim_train, sim_full = cooc_matrices(data.user_items, items.n_items, 20)
         np.testing.assert_allclose(sim_train.toarray(), cooc_matrix(train, items, 20).toarray(), atol=1e-6)

@@ -1,11 +1,11 @@
-"""`llmrec learn`: one round of the learning loop (`llmrec.learn`): fine-tune the serving scorer on the feedback
-logged since it was trained, judge it against the current one on held-back newest events, and make it current
-in the run's model registry (RUN/models.json) only when it is not worse. A running `llmrec serve` on the run
-notices the registry and swaps the model in without a redeploy; `GET /admin/model` shows which one serves and
-why; `--rollback` (or `POST /admin/model {"rollback": true}`) serves the previous one again.
+"""`llmrec learn`: one round of the learning loop (`llmrec.learn`): fine-tune the serving scorer on the
+feedback logged since it was trained, judge it against the current one on held-back newest events, and make it
+current in the run's model registry (RUN/models.json) only when it is not worse. A running `llmrec serve` on
+the run notices the registry and swaps the model in without a redeploy; `GET /admin/model` shows which one
+serves and why; `--rollback` (or `POST /admin/model {"rollback": true}`) serves the previous one again.
 
-Run it on a schedule (cron, `ray job submit ... -- python -m jobs.learn --run RUN`), or after a batch of events.
-Prints one JSON line: accepted, why, the held-back metrics of both models, the candidate folder.
+Run it on a schedule (cron, `ray job submit ... -- python -m jobs.learn --run RUN`), or after a batch of
+events. Prints one JSON line: accepted, why, the held-back metrics of both models, the candidate folder.
 """
 
 from __future__ import annotations

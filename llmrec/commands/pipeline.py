@@ -1,4 +1,5 @@
-"""`llmrec pipeline`: every stage in order (prepare -> embed -> index -> train -> evaluate) into one run folder.
+"""`llmrec pipeline`: every stage in order (prepare -> embed -> index -> train -> evaluate) into one run
+folder.
 
 By default the scorer is trained on the leave-last-out training split (`llmrec train --holdout loo`) and the
 evaluation is `llmrec evaluate --fast`: leave-last-out only, llmrec against the strongest tuned baselines
@@ -8,14 +9,14 @@ evaluation then trains llmrec once more on the split), `--eval full` runs the re
 (every protocol, model and 3 seeds; `make eval`).
 
 Each stage is the same code path as its own subcommand (the pipeline calls them with the flags it prints), so
-what the pipeline does can always be repeated stage by stage. A stage whose artifact already exists and was made
-from the same flags and the same upstream artifacts is reused, not recomputed (`--force` recomputes): re-running the
-pipeline is idempotent and resumes after a failed stage. "The same" compares inputs, not their spelling
-(`same_inputs`): the run folder relative or absolute is one folder, and a local `--source` is compared by the
-content of the files prepare read (sha256 against the `fingerprint` in RUN/data/meta.json), so the same data
-under another path is reused and edited data is prepared again. `--out` may be a URI (s3://bucket/run, gs://...):
-each stage then stages its inputs in and uploads its artifact (llmrec.storage), and pipeline.json and the
-meta.json digests of the reuse check are read and written there too.
+what the pipeline does can always be repeated stage by stage. A stage whose artifact already exists and was
+made from the same flags and the same upstream artifacts is reused, not recomputed (`--force` recomputes):
+re-running the pipeline is idempotent and resumes after a failed stage. "The same" compares inputs, not their
+spelling (`same_inputs`): the run folder relative or absolute is one folder, and a local `--source` is
+compared by the content of the files prepare read (sha256 against the `fingerprint` in RUN/data/meta.json), so
+the same data under another path is reused and edited data is prepared again. `--out` may be a URI
+(s3://bucket/run, gs://...): each stage then stages its inputs in and uploads its artifact (llmrec.storage),
+and pipeline.json and the meta.json digests of the reuse check are read and written there too.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder or URI (s3://bucket/run); stages write data/, "
                    "embeddings/, index/, scorer/, eval/")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma list, subset of {','.join(STAGES)}")
-    p.add_argument("--model", default=None, help="encoder: local HF dir or hub name (default: bundled MiniLM-L6)")
+    p.add_argument(
+        "--model", default=None, help="encoder: local HF dir or hub name (default: bundled MiniLM-L6)"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="embed batch size (default: embed's)")
     p.add_argument("--index-kind", default="auto",
                    help="auto|flat|hnsw|ivf|torch or a FAISS index_factory string, e.g. IVF4096,SQ8")
@@ -62,7 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", choices=["fast", "default", "full"], default="fast",
                    help="evaluation preset (llmrec evaluate --fast / no preset / --full; default fast)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
-    p.add_argument("--force", action="store_true", help="recompute stages even when their artifact is current")
+    p.add_argument(
+        "--force", action="store_true", help="recompute stages even when their artifact is current"
+    )
 
 
 def stage_argv(args: argparse.Namespace, run: str | Path) -> dict[str, list[str]]:
@@ -147,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
         rc = cli_main(["--log-level", logging.getLevelName(logging.getLogger().level), *argvs[stage]])
         dt = time.perf_counter() - t0
         if rc != 0:
-            logger.error("[%s] failed (exit %d) after %.1fs; fix the error above and re-run (finished stages are "
-                         "reused)", stage, rc, dt)
+            logger.error("[%s] failed (exit %d) after %.1fs; fix the error above and re-run "
+                         "(finished stages are reused)", stage, rc, dt)
             return rc
         key["upstream"] = {u: _meta_digest(run_dir, u) for u in UPSTREAM[stage]}
         state[stage] = key

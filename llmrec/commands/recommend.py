@@ -1,12 +1,12 @@
 """`llmrec recommend`: batch top-k recommendations for a list of users as of the end of the training data.
 
 `--model llmrec` (default) ranks exactly as `GET /recommend` of `llmrec serve` on the same run does for a user
-the run knows, on Ray Data (`llmrec.batch`): actors hold RUN/scorer, RUN/embeddings and RUN/index once each, the
-users' states are built from RUN/data (or --data) the way a state shard loads them (the last 200 events, every
-item seen, negatives; `llmrec.state.base`), and `RecommendCore` ranks them (`Scorer.rank`: retrieval + re-rank
-+ co-occurrence); items the user has seen are never recommended. A baseline name fits that baseline on all interactions first (history = every
-interaction of the user). The users file is a text file (one id per line;
-blank lines and lines starting with '#' ignored), or a .parquet / .csv with a `user_id` column. Output:
+the run knows, on Ray Data (`llmrec.batch`): actors hold RUN/scorer, RUN/embeddings and RUN/index once each,
+the users' states are built from RUN/data (or --data) the way a state shard loads them (the last 200 events,
+every item seen, negatives; `llmrec.state.base`), and `RecommendCore` ranks them (`Scorer.rank`: retrieval +
+re-rank + co-occurrence); items the user has seen are never recommended. A baseline name fits that baseline on
+all interactions first (history = every interaction of the user). The users file is a text file (one id per
+line; blank lines and lines starting with '#' ignored), or a .parquet / .csv with a `user_id` column. Output:
 parquet `user_id, item_id, rank (1 = best), score`, users in file order. A user may get fewer than k rows when
 fewer than k items are rankable for them (logged with a count).
 """
@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=10, help="recommendations per user (default 10)")
     p.add_argument(
         "--out", required=True,
-        help="output: a .parquet file (users in file order), or a folder of parquet parts written by the workers",
+        help="output: a .parquet file (users in file order), or a folder of parquet parts written by the "
+        "workers",
     )
     p.add_argument("--model", default="llmrec", choices=MODELS, help="model (default llmrec)")
     p.add_argument("--data", default=None, help="prepare folder (default RUN/data)")

@@ -1,5 +1,5 @@
-"""Job: one round of the learning loop (RUN/events since the serving scorer -> a fine-tuned candidate, judged on
-held-back events, made current in RUN/models.json only when not worse; the running app swaps it in).
+"""Job: one round of the learning loop (RUN/events since the serving scorer -> a fine-tuned candidate, judged
+on held-back events, made current in RUN/models.json only when not worse; the running app swaps it in).
 
 Flags are exactly those of `llmrec learn`; `--config FILE.yaml` takes them from a YAML file. On a schedule::
 

@@ -102,7 +102,8 @@ class ValidationSet:
     hist_len: np.ndarray  # int64 (U,)
     targets: list[np.ndarray]  # U arrays of held-out item indices
     exclude: list[np.ndarray]  # U arrays of the user's train item indices
-    positives: list[np.ndarray]  # U arrays of the user's distinct train items of positive kinds (co-occurrence)
+    # U arrays of the user's distinct train items of positive kinds (co-occurrence)
+    positives: list[np.ndarray]
     fb_vec: np.ndarray | None = None  # float32 (U, 1, D) text feedback vector (zeros where none)
     fb_pol: np.ndarray | None = None  # float32 (U, 1) its polarity, +1 / -1 / 0 = none
     fb_facet: np.ndarray | None = None  # int64 (U,) the facet the text names (-1 = none)

@@ -1,9 +1,10 @@
-"""Training data on Ray Data: interactions -> per-user training samples built in Ray tasks, never in the driver.
+"""Training data on Ray Data: interactions -> per-user training samples built in Ray tasks, never in the
+driver.
 
 `training_data(source, items, ...)` reads the interactions (a parquet file or folder, a URI, a `RUN/data`
 folder, a `ray.data.Dataset` or a pandas DataFrame) as a Ray Dataset, maps item ids to catalog rows in tasks,
-hash-partitions the events by user (`repartition(keys=[user_id])`, so each block holds whole users), and builds
-from each block, in tasks:
+hash-partitions the events by user (`repartition(keys=[user_id])`, so each block holds whole users), and
+builds from each block, in tasks:
 
 - the (history prefix, next item) samples (`scorer.data.build_samples`, the same function `fit_local` uses), a
   materialised Dataset in the object store that Ray Train workers stream through `get_dataset_shard`;
@@ -14,8 +15,8 @@ from each block, in tasks:
   matrix, built in one Ray task (`cooc_matrices`).
 
 The driver receives only catalog-sized arrays (counts per item), the validation rows (<= val_users) and a few
-counters: it never holds per-event data. Events are ordered per user by (ts, item_id, event), so the samples do
-not depend on input order.
+counters: it never holds per-event data. Events are ordered per user by (ts, item_id, event), so the samples
+do not depend on input order.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class TrainingData:
     item_counts: np.ndarray  # float64 (N,) training events per item
     target_counts: np.ndarray  # float64 (N,) training targets per item
     val: sdata.ValidationSet | None
-    val_targets: np.ndarray  # int64 (V,) catalog rows of the validation events (for the shipped co-occurrence)
+    # int64 (V,) catalog rows of the validation events (for the shipped co-occurrence)
+    val_targets: np.ndarray
     ts_max: int | None  # latest ts of any event (training or validation)
     user_items: Any  # ray.data.Dataset: per user `items` (training positives), `val_item` (-1 = none)
 
@@ -150,7 +152,9 @@ def _training_data(
     n_users = int(stats["n_users"].sum())
     n_events_all = int(stats["n_events"].sum())
     ts_max = int(stats["ts_max"].max()) if n_events_all else None
-    hashes = np.sort(np.concatenate([np.asarray(h, np.float64) for h in stats["hashes"]])) if len(stats) else []
+    hashes = (
+        np.sort(np.concatenate([np.asarray(h, np.float64) for h in stats["hashes"]])) if len(stats) else []
+    )
     if val_users is None:
         threshold = np.inf
     elif val_users <= 0 or len(hashes) == 0:
@@ -262,7 +266,8 @@ def _sample_keys(samples: dict[str, np.ndarray], seed: int) -> np.ndarray:
                            samples["hist_event"].astype(np.int64).view(np.uint8).reshape(n, -1),
                            np.nan_to_num(samples["hist_rating"], nan=-1.0).astype(np.float64).view(np.uint8)
                            .reshape(n, -1)], axis=1)
-    frame = pd.DataFrame({"t": samples["target"].astype(np.int64), "ts": samples["target_ts"].astype(np.int64),
+    frame = pd.DataFrame({"t": samples["target"].astype(np.int64),
+                          "ts": samples["target_ts"].astype(np.int64),
                           "h": [r.tobytes() for r in rows]})
     h = pd.util.hash_pandas_object(frame, index=False).to_numpy(np.uint64)
     with np.errstate(over="ignore"):
@@ -282,7 +287,8 @@ def _block_validation(df: pd.DataFrame, seed: int, threshold: float, max_len: in
         idx, ev, rt, ln = sdata.pad_histories([h], max_len)
         rows.append({USER_ID: uid, "hist_idx": idx[0].tolist(), "hist_event": ev[0].tolist(),
                      "hist_rating": rt[0].tolist(), "hist_len": int(ln[0]), "target": int(target),
-                     "exclude": np.unique(h.item_idx).tolist(), "positives": sdata.positive_items(h).tolist()})
+                     "exclude": np.unique(h.item_idx).tolist(),
+                     "positives": sdata.positive_items(h).tolist()})
     return pd.DataFrame(rows, columns=[USER_ID, "hist_idx", "hist_event", "hist_rating", "hist_len", "target",
                                        "exclude", "positives"])
 
@@ -293,7 +299,8 @@ def _block_item_counts(df: pd.DataFrame, seed: int, threshold: float, max_len: i
     item = train["item_idx"].to_numpy(np.int64)
     users = train[USER_ID].to_numpy()
     first = np.r_[True, users[1:] != users[:-1]] if len(users) else np.zeros(0, bool)
-    is_target = ~first & sdata.target_mask(train, min_rating)  # as build_samples: positions >= 1, target kinds
+    # as build_samples: positions >= 1, target kinds
+    is_target = ~first & sdata.target_mask(train, min_rating)
     ev = np.bincount(item, minlength=n_items)
     tg = np.bincount(item[is_target], minlength=n_items)
     nz = np.flatnonzero(ev | tg)
@@ -350,7 +357,8 @@ def cooc_matrices(user_items: Any, n_items: int, n_neighbors: int) -> tuple[Any,
         u = np.concatenate(users) if users else np.zeros(0, np.int64)
         i = np.concatenate(items) if items else np.zeros(0, np.int64)
         train = cooccurrence_similarity(u, i, n_items, n_neighbors)
-        full = cooccurrence_similarity(np.r_[u, np.asarray(v_users, np.int64)], np.r_[i, np.asarray(v_items, np.int64)],
+        full = cooccurrence_similarity(np.r_[u, np.asarray(v_users, np.int64)],
+                                       np.r_[i, np.asarray(v_items, np.int64)],
                                        n_items, n_neighbors)
         return train, full
 

@@ -5,9 +5,9 @@ some from the catalog's facets (`schema.FACETS`: genres, categories, ...): for a
 item) it attaches, with probability `p`, one text to the user:
 
 - positive: a template filled with a facet of the target ("more Animation"): the text points at the target;
-- negative: a template filled with a facet that the target does NOT carry, preferably one of the user's history
-  items' facets ("no more Drama" when the next item is not a drama): the text points away from the target,
-  which is exactly the case where a user's past behaviour and what they now say disagree.
+- negative: a template filled with a facet that the target does NOT carry, preferably one of the user's
+  history items' facets ("no more Drama" when the next item is not a drama): the text points away from the
+  target, which is exactly the case where a user's past behaviour and what they now say disagree.
 
 Training and evaluation use disjoint phrasings (`TRAIN_TEMPLATES`, `HELDOUT_TEMPLATES`), so validation and
 the feedback benchmark measure how the model reads unseen wording, not memorised phrases. The phrase vectors
@@ -43,8 +43,9 @@ class FeedbackBank:
     """Facets of the catalog and the phrase vectors of the texts about them.
 
     names: F facet names. indptr int64 (N + 1,), indices int32 (nnz,): item i carries facets
-    indices[indptr[i]:indptr[i+1]]. pos float32 (F, Tp, D), neg float32 (F, Tn, D): the vectors of the positive /
-    negative templates filled with each facet. facet_p float64 (F,): share of items carrying each facet.
+    indices[indptr[i]:indptr[i+1]]. pos float32 (F, Tp, D), neg float32 (F, Tn, D): the vectors of the
+    positive / negative templates filled with each facet. facet_p float64 (F,): share of items carrying each
+    facet.
     """
 
     names: list[str]
@@ -203,7 +204,9 @@ def banks_for(
 
     train = build_bank(facets, encode, TRAIN_TEMPLATES, min_items=min_items)
     if train is None:
-        logger.info("no facet is carried by >= %d items: training without synthesised text feedback", min_items)
+        logger.info(
+            "no facet is carried by >= %d items: training without synthesised text feedback", min_items
+        )
         return None
     held = build_bank(facets, encode, HELDOUT_TEMPLATES, min_items=min_items)
     assert held is not None and held.names == train.names  # same facets, same index

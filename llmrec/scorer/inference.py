@@ -61,7 +61,8 @@ class Scorer:
             raise ValueError(f"co-occurrence matrix {cooc.shape} does not match {model.cfg.n_items} items")
         if cooc is None and model.cfg.cooc_weight > 0:
             raise ValueError(
-                f"the model ranks with cooc_weight {model.cfg.cooc_weight} but no co-occurrence matrix was given"
+                f"the model ranks with cooc_weight {model.cfg.cooc_weight} "
+                "but no co-occurrence matrix was given"
             )
         self.cooc = cooc.tocsr() if cooc is not None else None
         self.device = resolve_device(device)
@@ -144,7 +145,8 @@ class Scorer:
     # ---- users ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def user_vectors(self, histories: Sequence[History]) -> np.ndarray:
-        """float32 (B, r) user vectors from time-ordered histories (last max_len events, their text feedback)."""
+        """float32 (B, r) user vectors from time-ordered histories (last max_len events, their text
+        feedback)."""
         return self._users(histories).cpu().numpy()
 
     @torch.no_grad()
@@ -157,8 +159,8 @@ class Scorer:
         """Ranking scores float32 (B, K) of candidates cand_idx int64 (B, K) for user_vecs (B, r).
 
         The MLP head's scores (u.v when the trained model has `rerank` off) with `cold_bonus` at cold items,
-        plus `cooc_weight` times the co-occurrence score when `history_items` (per user, the catalog indices of
-        its positive history items) are given.
+        plus `cooc_weight` times the co-occurrence score when `history_items` (per user, the catalog indices
+        of its positive history items) are given.
         """
         u = torch.as_tensor(np.asarray(user_vecs, dtype=np.float32), device=self.device)
         c = torch.as_tensor(np.asarray(cand_idx, dtype=np.int64), device=self.device)

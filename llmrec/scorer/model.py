@@ -2,7 +2,8 @@
 
 Shapes: B users, L history length (right-padded: the first `hist_len[b]` positions are real, oldest first),
 T text-feedback slots per user (`fb_pol` 0 = empty), N catalog items, D text-embedding dim, d model dim,
-K candidates per user. With the text arm (default) retrieval vectors are d + D wide: `[behaviour (d); text (D)]`.
+K candidates per user. With the text arm (default) retrieval vectors are d + D wide:
+`[behaviour (d); text (D)]`.
 
 - Item representation `v_i = [W_text t_i + gate(n_i) * dropout_id(E_id[id_slot(i)]) ; t_i]`: a linear
   projection of the frozen BERT text vector plus a learned ID embedding for items seen in training, and (text
@@ -18,12 +19,13 @@ K candidates per user. With the text arm (default) retrieval vectors are d + D w
   recency-weighted means of the user's positive / negative text-feedback vectors and F_+-, zero at the start,
   learn what a text says about behaviour.
 - User encoder, text arm (D): `a = b(n) (beta(n) * m + g_+ e_+ - g_- e_-)`, m = unit recency-weighted mean
-  of the history's text vectors (negative events subtract; the zero-shot text model's vector), beta(n) a learned
-  gain per history-length bucket (`LEN_BUCKETS`: short histories can lean on text, long ones on behaviour),
-  g_+- learned gains of positive / negative text feedback. Every gain lies in [0, text_gain_max], so text
-  feedback acts at once with a bounded strength: a negative text lowers the retrieval score of every item by
-  g_- times its cosine to the text, a positive one raises it. b(n), the `text_boost` of the history-length
-  bucket, is 1 in training and chosen on validation afterwards (how much text outranks behaviour).
+  of the history's text vectors (negative events subtract; the zero-shot text model's vector), beta(n) a
+  learned gain per history-length bucket (`LEN_BUCKETS`: short histories can lean on text, long ones on
+  behaviour), g_+- learned gains of positive / negative text feedback. Every gain lies in [0, text_gain_max],
+  so text feedback acts at once with a bounded strength: a negative text lowers the retrieval score of every
+  item by g_- times its cosine to the text, a positive one raises it. b(n), the `text_boost` of the
+  history-length bucket, is 1 in training and chosen on validation afterwards (how much text outranks
+  behaviour).
 - Retrieval score `u . v` over the full width (B, N); training logits are `scale * u . v` with a learned
   inverse temperature (init 20). Re-ranker `MLP([u_d; v_d; u_d*v_d] / sqrt(d)) + scale * u . v` -> (B, K),
   trained on detached u, v against negatives drawn from the retrieval top-K it re-ranks at inference (see
@@ -85,8 +87,8 @@ class ScorerConfig:
     # candidates; chosen on validation after training (0 = neural ranking only). The co-occurrence matrix
     # itself is not part of the network: it lives next to the model in the artifact (cooc.npz).
     cooc_weight: float = 0.0
-    # full-dimension text arm: retrieval vectors [behaviour (d); text (D)], see the module docstring. With it a
-    # cold item keeps the full BERT similarity (a d-dim projection loses part of it) and text feedback acts
+    # full-dimension text arm: retrieval vectors [behaviour (d); text (D)], see the module docstring. With it
+    # a cold item keeps the full BERT similarity (a d-dim projection loses part of it) and text feedback acts
     # in the text space directly.
     text_arm: bool = True
     text_gain_max: float = 4.0  # bound of the learned gains beta(n), g_+ and g_- (u.v units)
@@ -140,7 +142,8 @@ class ScorerConfig:
         object.__setattr__(self, "text_boost", tuple(float(x) for x in self.text_boost))
         if self.text_boost and (len(self.text_boost) != len(LEN_BUCKETS) or min(self.text_boost) < 0):
             raise ValueError(
-                f"ScorerConfig.text_boost must be empty or {len(LEN_BUCKETS)} values >= 0 (one per history-length "
+                f"ScorerConfig.text_boost must be empty or {len(LEN_BUCKETS)} values >= 0 "
+                "(one per history-length "
                 f"bucket {LEN_BUCKETS}), got {self.text_boost}"
             )
         if not 0.0 <= float(self.cold_bonus) < float("inf"):
@@ -221,7 +224,8 @@ class ScorerModel(nn.Module):
         nn.init.normal_(self.id_emb.weight, std=0.02)
         with torch.no_grad():
             self.id_emb.weight[0].zero_()
-        # ID gate n / (n + k0), k0 = softplus(id_gate_k) (init 1: an item seen once keeps half of its ID vector)
+        # ID gate n / (n + k0), k0 = softplus(id_gate_k) (init 1: an item seen once keeps half of its ID
+        # vector)
         self.id_gate_k = nn.Parameter(torch.tensor(math.log(math.e - 1.0)))
         self.event_emb = nn.Embedding(N_EVENT_SLOTS, d, padding_idx=0)
         nn.init.normal_(self.event_emb.weight, std=0.02)
@@ -295,7 +299,9 @@ class ScorerModel(nn.Module):
     def text_gains(self) -> dict[str, torch.Tensor]:
         """The bounded gains: beta (len(LEN_BUCKETS),) per history-length bucket, fb_pos, fb_neg (scalars)."""
         g = self.cfg.text_gain_max * torch.sigmoid(self.fb_gain_logit)
-        return {"beta": self.cfg.text_gain_max * torch.sigmoid(self.beta_logit), "fb_pos": g[0], "fb_neg": g[1]}
+        return {
+            "beta": self.cfg.text_gain_max * torch.sigmoid(self.beta_logit), "fb_pos": g[0], "fb_neg": g[1]
+        }
 
     # ---- item tower -------------------------------------------------------------------------------------
     def id_gate(self, item_idx: torch.Tensor) -> torch.Tensor:
@@ -339,9 +345,9 @@ class ScorerModel(nn.Module):
         return out
 
     def cold_neighbours(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(idx (N, k), weights (N, k)): for each cold item (no ID slot) its `cold_impute_k` nearest ID-carrying
-        items by text cosine and their softmax(cos / COLD_TEMPERATURE) weights (rows of other items are
-        unused). Cached: the catalog buffers never change."""
+        """(idx (N, k), weights (N, k)): for each cold item (no ID slot) its `cold_impute_k` nearest
+        ID-carrying items by text cosine and their softmax(cos / COLD_TEMPERATURE) weights (rows of other
+        items are unused). Cached: the catalog buffers never change."""
         cache = getattr(self, "_cold_nb", None)
         if cache is not None and (cache[0] is None or cache[0].device == self.text_vectors.device):
             return cache
@@ -350,12 +356,14 @@ class ScorerModel(nn.Module):
         return self._cold_nb
 
     def text_reps(self, text_vectors: torch.Tensor) -> torch.Tensor:
-        """Text vectors of items outside the catalog (M, D) -> cold item representations (M, retrieval_dim)."""
+        """Text vectors of items outside the catalog (M, D) -> cold item representations (M,
+        retrieval_dim)."""
         v = self.text_proj(text_vectors)
         return torch.cat([v, text_vectors], dim=-1) if self.cfg.text_arm else v
 
     def all_item_reps(self) -> torch.Tensor:
-        """(N, retrieval_dim) representations of the whole catalog (IDs included; ID dropout only in training)."""
+        """(N, retrieval_dim) representations of the whole catalog (IDs included; ID dropout only in
+        training)."""
         return self.item_reps(torch.arange(self.cfg.n_items, device=self.text_vectors.device))
 
     def inference_reps(self) -> torch.Tensor:
@@ -450,7 +458,11 @@ class ScorerModel(nn.Module):
         if fb_vec is None or fb_pol is None or fb_vec.numel() == 0:
             return None, None
         D = self.cfg.text_dim
-        if fb_vec.ndim != 3 or tuple(fb_vec.shape[::2]) != (B, D) or tuple(fb_pol.shape) != tuple(fb_vec.shape[:2]):
+        if (
+            fb_vec.ndim != 3
+            or tuple(fb_vec.shape[::2]) != (B, D)
+            or tuple(fb_pol.shape) != tuple(fb_vec.shape[:2])
+        ):
             raise ValueError(
                 f"text feedback must be fb_vec (B={B}, T, D={D}) and fb_pol (B, T), got "
                 f"{tuple(fb_vec.shape)} and {tuple(fb_pol.shape)}"
@@ -472,8 +484,8 @@ class ScorerModel(nn.Module):
         The MLP over the behaviour parts [u_d; v_d; u_d*v_d] / sqrt(d) is a residual on the retrieval score
         scale * u.v (full width, text arm included): the re-ranker starts from retrieval's order and learns
         corrections (a plain MLP score ranked worse than u.v alone on MovieLens after 2 epochs: val recall@10
-        0.012 vs 0.028). Training feeds it detached u, v (see `forward`), so the head is a stacked model on top
-        of retrieval.
+        0.012 vs 0.028). Training feeds it detached u, v (see `forward`), so the head is a stacked model on
+        top of retrieval.
         """
         u, v = torch.broadcast_tensors(u, v)
         d = self.cfg.dim

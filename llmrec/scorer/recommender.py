@@ -1,10 +1,10 @@
 """llmrec's scorer behind the evaluation protocol (`llmrec.protocol.Recommender`).
 
 `fit` trains with Ray Train (`fit_scorer`) holding out the last train event (`llmrec.data.order`: by ts,
-seeded random ties) of up to `val_users` (default 1000) random train users with >= 2 events as the validation target for early stopping and
-best-checkpoint choice; every other event is trained on. `score` returns full-catalog scores in which the retrieval top-`n_candidates` (history items
-excluded) carry their MLP re-rank score and sit above every other item, so full-ranking metrics measure the
-production two-stage pipeline.
+seeded random ties) of up to `val_users` (default 1000) random train users with >= 2 events as the validation
+target for early stopping and best-checkpoint choice; every other event is trained on. `score` returns
+full-catalog scores in which the retrieval top-`n_candidates` (history items excluded) carry their MLP re-rank
+score and sit above every other item, so full-ranking metrics measure the production two-stage pipeline.
 """
 
 from __future__ import annotations
@@ -144,8 +144,8 @@ def reusable_scorer(
 
 
 class NeuralOnlyView:
-    """`<name>_neural`: an LLMRecRecommender's scorer without the co-occurrence term (text + ID towers, and the
-    MLP head when on). It shares the parent's fit, so list it after the parent; its own `fit` only checks
+    """`<name>_neural`: an LLMRecRecommender's scorer without the co-occurrence term (text + ID towers, and
+    the MLP head when on). It shares the parent's fit, so list it after the parent; its own `fit` only checks
     that the parent was fitted on the same call sequence."""
 
     def __init__(self, parent: LLMRecRecommender):

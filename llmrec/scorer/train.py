@@ -72,7 +72,8 @@ TEXT_BOOST_GRID = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
 # TEXT_BOOST_Z standard errors: 1.96 = not worse at 95%, the same yardstick by which a ranking change counts
 # as no regression (its interval contains 0). Text is what a user can see and steer, so it wins every tie.
 TEXT_BOOST_Z = 1.96
-# cold-item bonuses tried on validation (u.v units, tune_cold_bonus), with this share of the warm items made cold
+# cold-item bonuses tried on validation (u.v units, tune_cold_bonus), with this share of the warm items made
+# cold
 COLD_BONUS_GRID = (0.0, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8)
 COLD_VAL_FRAC = 0.1
 
@@ -471,7 +472,8 @@ def shuffled_batches(
 
 
 def _ordered_ingest() -> Any:
-    """Ray Train's data ingest with blocks in dataset order (not task completion order): one seed, one model."""
+    """Ray Train's data ingest with blocks in dataset order (not task completion order): one seed, one
+    model."""
     from ray.train import DataConfig
 
     opts = DataConfig.default_ingest_options()
@@ -480,10 +482,10 @@ def _ordered_ingest() -> Any:
 
 
 def focus_samples(samples: Any, after_ts: int, seed: int = 0) -> Any:
-    """Every sample with target_ts > after_ts plus about as many older ones (a Ray Dataset op), in the samples'
-    own seeded order (`llmrec.scorer.dataset`: new and old interleaved). The older ones are those whose
-    content hash falls below n_new / n_old of the hash range, so the choice does not depend on how the samples
-    are cut into blocks."""
+    """Every sample with target_ts > after_ts plus about as many older ones (a Ray Dataset op), in the
+    samples' own seeded order (`llmrec.scorer.dataset`: new and old interleaved). The older ones are those
+    whose content hash falls below n_new / n_old of the hash range, so the choice does not depend on how the
+    samples are cut into blocks."""
     from llmrec.scorer.dataset import ORDER_KEY, ordered_blocks, with_order_key
 
     n_new = samples.filter(lambda r: r["target_ts"] > after_ts).count()
@@ -541,9 +543,9 @@ def static_from_counts(
     cfg: TrainConfig,
     feedback: FeedbackBanks | None = None,
 ) -> dict:
-    """What every worker needs (catalog-sized): text vectors, ID slots and counts, negative distribution, logQ,
-    the validation set (with one synthesised held-out-phrasing text feedback per user when there are phrase
-    banks) and the training phrase bank."""
+    """What every worker needs (catalog-sized): text vectors, ID slots and counts, negative distribution,
+    logQ, the validation set (with one synthesised held-out-phrasing text feedback per user when there are
+    phrase banks) and the training phrase bank."""
     text = np.asarray(items.text_vectors, dtype=np.float32)
     if text.ndim != 2 or text.shape[0] != items.n_items:
         raise ValueError(f"items.text_vectors must be (N={items.n_items}, D), got {text.shape}")
@@ -589,8 +591,8 @@ def candidate_log_q(target_counts: np.ndarray, neg_p: np.ndarray, batch_size: in
 
     The pool is B in-batch targets (drawn like training targets, i.e. by popularity: `target_counts` (N,)
     training targets per item) plus n_neg draws from neg_p. Without subtracting log q from the sampled-softmax
-    logits, popular items are over-represented as negatives and the model learns to rank them down, which costs
-    full-ranking accuracy (Yi et al., 2019).
+    logits, popular items are over-represented as negatives and the model learns to rank them down, which
+    costs full-ranking accuracy (Yi et al., 2019).
     """
     tgt = np.asarray(target_counts, dtype=np.float64).copy()
     tgt /= max(tgt.sum(), 1.0)
@@ -648,7 +650,8 @@ def batch_loss(
     B = target.shape[0]
     rows = torch.arange(B, device=target.device)
     if n_neg < 0:  # full softmax over the whole catalog: no sampling, so no logQ and no accidental hits
-        cand, pos, hit = torch.arange(neg_p.shape[0], device=target.device), target, None  # positive = own index
+        # positive = own index
+        cand, pos, hit = torch.arange(neg_p.shape[0], device=target.device), target, None
     else:  # the B targets first (row b's positive is column b), then n_neg sampled negatives
         negs = torch.multinomial(neg_p, n_neg, replacement=True, generator=gen) if n_neg > 0 else target[:0]
         cand, pos = torch.cat([target, negs]), rows  # (C,)
@@ -704,7 +707,9 @@ def train_epoch(
                 rng if rng is not None else np.random.default_rng(),
                 cfg.feedback_p,
             )
-            batch["fb_vec"], batch["fb_pol"] = torch.from_numpy(fv).to(device), torch.from_numpy(fp).to(device)
+            batch["fb_vec"], batch["fb_pol"] = (
+                torch.from_numpy(fv).to(device), torch.from_numpy(fp).to(device)
+            )
         loss = batch_loss(model, batch, neg_p, cfg.n_neg, gen, cfg.head_neg, log_q, cfg.n_candidates)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -746,7 +751,9 @@ def evaluate(
     users = np.arange(rank, val.n_users, world)
     with_fb = val.fb_vec is not None and bool((val.fb_pol != 0).any())
     tops: dict[int, np.ndarray] = {}
-    for ub, retrieval, cand, head in _two_stage_chunks(model, val, users, max(n_candidates, k), device, chunk):
+    for ub, retrieval, cand, head in _two_stage_chunks(
+        model, val, users, max(n_candidates, k), device, chunk
+    ):
         top_two = torch.gather(cand, 1, head.topk(k, dim=1).indices).cpu().numpy()  # (b, k)
         top_ret = retrieval.topk(k, dim=1).indices.cpu().numpy()
         for j, b in enumerate(ub):
@@ -766,7 +773,9 @@ def evaluate(
                 sums[5:8] += torch.tensor([r, n, 1.0], dtype=torch.float64)
                 if val.fb_pol[b, 0] < 0 and bank is not None:
                     f = int(val.fb_facet[b])
-                    share = [np.mean([f in bank.facets_of(int(i)) for i in t]) for t in (tops[int(b)], top_fb[j])]
+                    share = [
+                        np.mean([f in bank.facets_of(int(i)) for i in t]) for t in (tops[int(b)], top_fb[j])
+                    ]
                     sums[8:] += torch.tensor([1.0, *share], dtype=torch.float64)
     if world > 1:
         import torch.distributed as dist
@@ -990,7 +999,8 @@ def finalize_ranking(
         bonus, cold_info = tune_cold_bonus(model_for(mc), val, sim_train, cfg.n_candidates)
         mc["cold_bonus"] = bonus
         logger.info("cold-item bonus %.4g chosen on validation (%s)", bonus,
-                    f"{cold_info['n_cold_targets']} targets of {cold_info['n_pseudo_cold_items']} items made cold"
+                    f"{cold_info['n_cold_targets']} targets of "
+                    f"{cold_info['n_pseudo_cold_items']} items made cold"
                     if cold_info.get("measured") else cold_info.get("why", ""))
     if sims is None:
         return {**state, "model_config": mc}, None, info, boost_info, cold_info
@@ -1110,7 +1120,8 @@ def tune_cold_bonus(
     min_targets: int = 30,
     chunk: int = 256,
 ) -> tuple[float, dict[str, Any]]:
-    """The cold-item bonus (`ScorerConfig.cold_bonus`, u.v units), chosen on validation in a world with cold items.
+    """The cold-item bonus (`ScorerConfig.cold_bonus`, u.v units), chosen on validation in a world with cold
+    items.
 
     Validation targets are almost never cold (an item without training events rarely is anyone's next one), so
     a seeded `frac` of the items that have an ID embedding is made cold for the measurement: their ID slots
@@ -1130,16 +1141,21 @@ def tune_cold_bonus(
     is_cold = np.zeros(n, dtype=bool)
     is_cold[pseudo] = True
     cold_users = np.array([bool(is_cold[val.targets[b]].any()) for b in range(val.n_users)], dtype=bool)
-    summary: dict[str, Any] = {"n_pseudo_cold_items": int(len(pseudo)), "n_cold_targets": int(cold_users.sum()),
+    summary: dict[str, Any] = {"n_pseudo_cold_items": int(len(pseudo)),
+                               "n_cold_targets": int(cold_users.sum()),
                                "grid": grid, "frac": frac, "seed": seed}
     if cold_users.sum() < max(min_targets, 2):
-        why = f"{int(cold_users.sum())} validation targets among the items made cold, fewer than {min_targets}"
+        why = (
+            f"{int(cold_users.sum())} validation targets among the items made cold, fewer than {min_targets}"
+        )
         return 0.0, {**summary, "measured": False, "why": why, "chosen": 0.0}
     keep = sp.diags((~is_cold).astype(np.float32))
     sim_c = (keep @ sim @ keep).tocsr() if sim is not None else None
     w = float(model.cfg.cooc_weight)
     impute = (
-        cooc_neighbours(sim_c, model.text_vectors.numpy(), model.cfg.cold_impute_k) if sim_c is not None else None
+        cooc_neighbours(sim_c, model.text_vectors.numpy(), model.cfg.cold_impute_k)
+        if sim_c is not None
+        else None
     )
     users = np.arange(val.n_users)
     per = np.zeros((len(grid), val.n_users))

@@ -783,7 +783,8 @@ class Ingress:
     @api.get("/admin/model", responses={401: {"model": S.ErrorResponse}})
     @_eager_annotations
     async def admin_model(self, request: Request) -> dict[str, Any]:
-        """Which scorer serves and why, and the learning loop's model registry (bearer token when auth is on)."""
+        """Which scorer serves and why, and the learning loop's model registry (bearer token when auth is
+        on)."""
         from llmrec.learn import read_registry
 
         info = await self.recommender.info.remote()
@@ -797,12 +798,15 @@ class Ingress:
     @_eager_annotations
     async def set_model(self, request: Request) -> dict[str, Any]:
         """`{"rollback": true}` serves the previous model again; `{"scorer_dir": DIR, "why": TEXT}` serves DIR
-        (a `llmrec train` folder). The replicas swap it in within about a second (bearer token when auth is on)."""
+        (a `llmrec train` folder). The replicas swap it in within about a second (bearer token when auth is
+        on)."""
         from llmrec.artifacts import ArtifactError
         from llmrec.learn import rollback, set_current
 
         body = await self._read_json(request)
-        if not isinstance(body, dict) or not (body.get("rollback") is True or isinstance(body.get("scorer_dir"), str)):
+        if not isinstance(body, dict) or not (
+            body.get("rollback") is True or isinstance(body.get("scorer_dir"), str)
+        ):
             raise ClientError(422, 'send {"rollback": true} or {"scorer_dir": "PATH", "why": "..."}')
         try:
             if body.get("rollback") is True:

@@ -318,9 +318,11 @@ class RecommendCore:
         return any(vec is not None and pol != 0 for _, pol, vec in u.text_feedback)
 
     def scorer_history(self, u: UserView) -> History:
-        """The user as the scorer reads it: a `History` over scorer indices (items the scorer does not know are
-        left out) with the user's text feedback (vector, polarity), oldest first."""
-        ent = [(self._s_id_to_idx[it], ev, val, ts) for it, ev, val, ts in u.history if it in self._s_id_to_idx]
+        """The user as the scorer reads it: a `History` over scorer indices (items the scorer does not know
+        are left out) with the user's text feedback (vector, polarity), oldest first."""
+        ent = [
+            (self._s_id_to_idx[it], ev, val, ts) for it, ev, val, ts in u.history if it in self._s_id_to_idx
+        ]
         texts = [(vec, pol) for _, pol, vec in u.text_feedback
                  if vec is not None and pol != 0 and np.shape(vec) == (self.catalog.dim,)]
         return History(
@@ -355,7 +357,9 @@ class RecommendCore:
         to_s = self._cat_to_s
         extra = [to_s[text_cand[i]][to_s[text_cand[i]] >= 0] for i in rows]
         excl = [
-            np.array(sorted({self._s_id_to_idx[s] for s in users[i].seen if s in self._s_id_to_idx}), np.int64)
+            np.array(
+                sorted({self._s_id_to_idx[s] for s in users[i].seen if s in self._s_id_to_idx}), np.int64
+            )
             if exclude_seen[i] else np.zeros(0, np.int64)
             for i in rows
         ]
@@ -403,11 +407,14 @@ class RecommendCore:
         q_cos = cv @ q.vector if q is not None else None  # (K,)
         u_cos = cv @ uvec if uvec is not None else None  # (K,)
         w = cfg.query_weight
-        contrib: dict[str, np.ndarray] = {}  # signal -> its share of the final score (scorer mode), for reasons
+        # signal -> its share of the final score (scorer mode), for reasons
+        contrib: dict[str, np.ndarray] = {}
         if ranked is not None:
             score, m, sd = _zscore_parts(ranked.score)
-            contrib = {name: (1.0 - (w if q_cos is not None else 0.0)) * (x - _finite_mean(x, ranked.score)) / sd
-                       for name, x in ranked.parts.items()}
+            contrib = {
+                name: (1.0 - (w if q_cos is not None else 0.0)) * (x - _finite_mean(x, ranked.score)) / sd
+                for name, x in ranked.parts.items()
+            }
             if q_cos is not None:
                 zq = _zscore(q_cos)
                 score = (1.0 - w) * score + w * zq
@@ -433,8 +440,8 @@ class RecommendCore:
         for o in order:
             c = int(cand[o])
             if ranked is not None:
-                reason = self._scorer_reason(u, c, q, {n: float(x[o]) for n, x in contrib.items()}, pos, pos_v,
-                                             ranked.positives)
+                reason = self._scorer_reason(u, c, q, {n: float(x[o]) for n, x in contrib.items()}, pos,
+                                             pos_v, ranked.positives)
                 reason += " (similar to something you disliked)" if pen[o] > 0 else ""
             else:
                 reason = self._reason(u, c, q, w, q_cos, u_cos, o, pos, pos_v, bool(pen[o] > 0))
@@ -481,7 +488,10 @@ class RecommendCore:
                         return f"people who liked '{cat.titles[known[int(np.argmax(sims))]]}' also liked this"
                 continue
             if name == "behaviour" and pos:
-                return f"fits your recent activity (you {_VERBS.get(pos[0][1], 'liked')} '{cat.titles[pos[0][0]]}')"
+                return (
+                    f"fits your recent activity (you {_VERBS.get(pos[0][1], 'liked')} "
+                    f"'{cat.titles[pos[0][0]]}')"
+                )
         return "picked by your taste profile"
 
     def _reason(self, u, c, q, w, q_cos, u_cos, o, pos, pos_v, penalised) -> str:
@@ -622,10 +632,12 @@ def default_scorer_is_better(run_dir: str | Path) -> tuple[bool, str]:
     text, name, note = models.get("served_text", {}).get("ndcg@10"), "served text fallback", ""
     if text is None:  # evaluated before served_text existed: the old, approximate comparison
         text, name = models.get("zeroshot_text", {}).get("ndcg@10"), "zero-shot text"
-        note = (" (this evaluation has no served_text model, so the tuned zeroshot_text baseline stands in for "
-                "the served fallback; re-run `llmrec evaluate` to compare with it)")
+        note = (" (this evaluation has no served_text model, so the tuned zeroshot_text baseline stands "
+                "in for the served fallback; re-run `llmrec evaluate` to compare with it)")
     if ours is None or text is None:
-        return True, "evaluation lacks llmrec or served_text/zeroshot_text under loo; using the trained scorer"
+        return True, (
+            "evaluation lacks llmrec or served_text/zeroshot_text under loo; using the trained scorer"
+        )
     if ours > text:
         return True, f"loo ndcg@10 {ours:.4f} > {name} {text:.4f}{note}"
     return False, f"loo ndcg@10 {ours:.4f} <= {name} {text:.4f}; serving the text user vector instead{note}"

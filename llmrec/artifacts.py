@@ -70,8 +70,8 @@ def atomic_write(
     Args:
         durable: fsync the file before the rename and the directory after it (survives a power loss: for data
             that was acknowledged to someone).
-        mode: permission bits of the new file (before umask), set when it is created, so a file of user data is
-            never readable by others, not even while it is written.
+        mode: permission bits of the new file (before umask), set when it is created, so a file of user data
+            is never readable by others, not even while it is written.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,9 @@ eval: install
 	  $(BIN)/llmrec evaluate --full --data runs/$$d/data --run runs/$$d --out runs/$$d/eval-full $(EVAL_FLAGS); \
 	done
 
+# the lint first (pyproject.toml's ruff rules, seconds), then the default suite
 test: install
+	$(BIN)/ruff check llmrec tests benchmarks jobs
 	$(BIN)/python -m pytest
 
 test-slow: install

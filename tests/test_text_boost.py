@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmrec.scorer.train import TEXT_BOOST_Z, choose_text_boost
+from llmrec.scorer.train import TEXT_BOOST_Z, TIE_REL, choose_text_boost, largest_tied
 
 GRID = [1.0, 2.0, 4.0]
 
@@ -20,13 +20,13 @@ def _bucket_scores(n: int, boost2_shift: tuple[float, float]) -> np.ndarray:
 
 
 def test_the_largest_boost_not_worse_at_the_tolerance_wins():
-    # boost 2 vs the best (boost 1): paired diff mean -0.015, sd 0.1105 over 100 users -> SE 0.01105.
-    per = _bucket_scores(100, (0.095, -0.125))
+    # boost 2 vs the best (boost 1): paired diff mean -0.008 (1.6% of 0.5), sd 0.058 over 100 users -> SE 0.0058
+    per = _bucket_scores(100, (0.05, -0.066))
     diff = per[1] - per[0]
     se = diff.std(ddof=1) / np.sqrt(100)
     assert -1.96 * se <= diff.mean() < -1.0 * se  # hand check of the planted case
     bucket = np.zeros(100, dtype=int)
-    assert TEXT_BOOST_Z == 1.96
+    assert TEXT_BOOST_Z == 1.96 and TIE_REL == 0.02
     boost, measured = choose_text_boost(per, bucket, GRID, n_buckets=2, min_users=30)
     assert boost == (2.0, 2.0) and measured == [True, False]  # boost 4 is 0.2 worse with sd 0: never a tie
     # under the one-standard-error rule the same data keep boost 1
@@ -45,7 +45,7 @@ def test_buckets_without_validation_users_take_the_nearest_measured_one():
 
 
 def test_longer_histories_never_get_more_text_than_shorter_measured_ones():
-    short = _bucket_scores(100, (0.095, -0.125))  # picks 2
+    short = _bucket_scores(100, (0.05, -0.066))  # picks 2
     long_ = np.vstack([np.full(40, 0.1), np.full(40, 0.2), np.full(40, 0.4)])  # alone it would pick 4
     per = np.hstack([short, long_])
     bucket = np.r_[np.zeros(100, int), np.full(40, 3)]
@@ -57,3 +57,16 @@ def test_longer_histories_never_get_more_text_than_shorter_measured_ones():
 def test_a_score_table_of_the_wrong_shape_is_refused():
     with pytest.raises(ValueError, match=r"per must be \(len\(grid\)=3, users=4\)"):
         choose_text_boost(np.zeros((2, 4)), np.zeros(4, int), GRID, n_buckets=2)
+
+
+def test_a_noisy_small_bucket_does_not_buy_text_with_a_large_loss():
+    """Wide standard errors alone would call a 20% loss a tie; the relative bound refuses it."""
+    rng = np.random.default_rng(0)
+    best = (rng.random(40) < 0.5).astype(float)  # NDCG 1 or 0: very noisy per user
+    worse = best * (rng.random(40) < 0.8)  # loses a fifth of the hits
+    per = np.vstack([best, worse])
+    diff = worse - best
+    assert diff.mean() >= -1.96 * diff.std(ddof=1) / np.sqrt(40)  # within the standard errors
+    assert worse.mean() < 0.98 * best.mean()
+    assert largest_tied(per, [1.0, 2.0]) == 1.0
+    assert largest_tied(per, [1.0, 2.0], rel=1.0) == 2.0  # without the relative bound it would be taken

@@ -20,7 +20,7 @@ def _bucket_scores(n: int, boost2_shift: tuple[float, float]) -> np.ndarray:
 
 
 def test_the_largest_boost_not_worse_at_the_tolerance_wins():
-    # boost 2 vs the best (boost 1): paired diff mean -0.008 (1.6% of 0.5), sd 0.058 over 100 users -> SE 0.0058
+    # boost 2 vs the best (boost 1): paired diff mean -0.008 (1.6% of 0.5), sd 0.058, 100 users: SE 0.0058
     per = _bucket_scores(100, (0.05, -0.066))
     diff = per[1] - per[0]
     se = diff.std(ddof=1) / np.sqrt(100)

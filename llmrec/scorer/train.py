@@ -1060,8 +1060,8 @@ def tune_text_boost(
         for b in range(len(LEN_BUCKETS))
     }
     return chosen, {"buckets": list(LEN_BUCKETS), "grid": grid, "chosen": list(chosen), "measured": measured,
-                    "z": TEXT_BOOST_Z, "rel": TIE_REL, "n_users": [int((bucket == b).sum()) for b in range(len(LEN_BUCKETS))],
-                    "val_ndcg": table}
+                    "z": TEXT_BOOST_Z, "rel": TIE_REL,
+                    "n_users": [int((bucket == b).sum()) for b in range(len(LEN_BUCKETS))], "val_ndcg": table}
 
 
 def choose_text_boost(
@@ -1084,10 +1084,10 @@ def choose_text_boost(
         rel: tolerance relative to the best mean (`TIE_REL`).
 
     A measured bucket takes the LARGEST boost that ties with the bucket's best (`largest_tied`: within z
-    standard errors of the paired difference and within rel of its mean; text wins ties). An unmeasured bucket takes the choice of the nearest measured
-    shorter bucket, or when there is none, of the nearest measured longer one (a one-like user in a dataset
-    whose validation users all have longer histories gets at least the text of the shortest measured
-    histories); with no measured bucket every boost is 1. Measured choices never grow with history length
+    standard errors of the paired difference and within rel of its mean; text wins ties). An unmeasured
+    bucket takes the choice of the nearest measured shorter bucket, or when there is none, of the nearest
+    measured longer one (a one-like user in a dataset whose validation users all have longer histories gets at
+    least the text of the shortest measured histories); with no measured bucket every boost is 1. Measured choices never grow with history length
     (each is capped by the previous measured one). Returns (boost per bucket, measured per bucket).
     """
     per = np.asarray(per, dtype=np.float64)

@@ -1087,8 +1087,9 @@ def choose_text_boost(
     standard errors of the paired difference and within rel of its mean; text wins ties). An unmeasured
     bucket takes the choice of the nearest measured shorter bucket, or when there is none, of the nearest
     measured longer one (a one-like user in a dataset whose validation users all have longer histories gets at
-    least the text of the shortest measured histories); with no measured bucket every boost is 1. Measured choices never grow with history length
-    (each is capped by the previous measured one). Returns (boost per bucket, measured per bucket).
+    least the text of the shortest measured histories); with no measured bucket every boost is 1. Measured
+    choices never grow with history length (each is capped by the previous measured one). Returns (boost per
+    bucket, measured per bucket).
     """
     per = np.asarray(per, dtype=np.float64)
     bucket = np.asarray(bucket)

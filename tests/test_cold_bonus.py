@@ -50,12 +50,10 @@ def test_the_bonus_lifts_exactly_the_items_without_an_id():
     items, _ = _twins(n_pairs=5)
     m0 = _model(items, 1.0)
     m1 = _model(items, 1.0, cold_bonus=0.3)
-    for m in (m0, m1):
-        m.id_slots[[3, 7]] = 0  # two cold items
-        m._cold_nb = None
     u = torch.randn(2, m0.all_item_reps().shape[1])
-    r0, c0, h0 = two_stage_rank(m0, u, m0.all_item_reps(), None, m0.cfg.n_items)
-    r1, c1, h1 = two_stage_rank(m1, u, m1.all_item_reps(), None, m1.cfg.n_items)
+    with m0.items_made_cold(np.array([3, 7])), m1.items_made_cold(np.array([3, 7])):  # two cold items
+        r0, c0, h0 = two_stage_rank(m0, u, m0.all_item_reps(), None, m0.cfg.n_items)
+        r1, c1, h1 = two_stage_rank(m1, u, m1.all_item_reps(), None, m1.cfg.n_items)
     cold = torch.zeros(m0.cfg.n_items)
     cold[[3, 7]] = 0.3
     torch.testing.assert_close(r1, r0 + cold)

@@ -54,6 +54,12 @@ def _train_parser() -> argparse.ArgumentParser:
     return _parser("train")
 
 
+def _assert_offers_old_flags(p: argparse.ArgumentParser, flags_before: list[str]) -> None:
+    """Every flag the command had before its config existed is still offered."""
+    flags = {s for a in p._actions for s in a.option_strings}
+    assert set(flags_before) <= flags, sorted(set(flags_before) - flags)
+
+
 def _argv(changed: dict, flag_of: dict | None = None) -> list[str]:
     """Command-line flags that set every field in `changed` (bools as --x / --no-x)."""
     argv = []
@@ -67,8 +73,7 @@ def _argv(changed: dict, flag_of: dict | None = None) -> list[str]:
 
 
 def test_every_train_flag_from_before_still_exists():
-    flags = {s for a in _train_parser()._actions for s in a.option_strings}
-    assert set(TRAIN_FLAGS_BEFORE) <= flags, sorted(set(TRAIN_FLAGS_BEFORE) - flags)
+    _assert_offers_old_flags(_train_parser(), TRAIN_FLAGS_BEFORE)
 
 
 def test_train_defaults_unchanged_and_equal_to_train_config():
@@ -208,8 +213,7 @@ EMBED_DEFAULTS_BEFORE = {
 
 def test_every_embed_flag_from_before_still_exists_with_its_default():
     p = _parser("embed")
-    flags = {s for a in p._actions for s in a.option_strings}
-    assert set(EMBED_FLAGS_BEFORE) <= flags, sorted(set(EMBED_FLAGS_BEFORE) - flags)
+    _assert_offers_old_flags(p, EMBED_FLAGS_BEFORE)
     args = p.parse_args(EMBED_REQUIRED)
     assert {k: getattr(args, k) for k in EMBED_DEFAULTS_BEFORE} == EMBED_DEFAULTS_BEFORE
     assert config_from_args(EmbedConfig, args) == EmbedConfig()
@@ -302,8 +306,7 @@ def test_every_index_flag_from_before_still_exists_with_its_default():
     from llmrec.commands.index import index_config
 
     p = _parser("index")
-    flags = {s for a in p._actions for s in a.option_strings}
-    assert set(INDEX_FLAGS_BEFORE) <= flags, sorted(set(INDEX_FLAGS_BEFORE) - flags)
+    _assert_offers_old_flags(p, INDEX_FLAGS_BEFORE)
     args = p.parse_args(INDEX_REQUIRED)
     assert {k: getattr(args, k) for k in INDEX_DEFAULTS_BEFORE} == INDEX_DEFAULTS_BEFORE
     assert index_config(args) == IndexConfig() and IndexConfig().batch_rows == 65_536
@@ -423,8 +426,7 @@ APP_DEFAULTS_BEFORE = {"n_shards": 4, "num_replicas": 1, "model": None, "log_use
 
 def test_every_serve_flag_from_before_still_exists_with_its_default():
     p = _parser("serve")
-    flags = {s for a in p._actions for s in a.option_strings}
-    assert set(SERVE_FLAGS_BEFORE) <= flags, sorted(set(SERVE_FLAGS_BEFORE) - flags)
+    _assert_offers_old_flags(p, SERVE_FLAGS_BEFORE)
     args = p.parse_args(SERVE_REQUIRED)
     got = {k: getattr(args, k) for k in SERVE_DEFAULTS_BEFORE if k != "no_run_users"}
     assert got == {k: v for k, v in SERVE_DEFAULTS_BEFORE.items() if k != "no_run_users"}

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -347,13 +349,28 @@ class ScorerModel(nn.Module):
     def cold_neighbours(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(idx (N, k), weights (N, k)): for each cold item (no ID slot) its `cold_impute_k` nearest
         ID-carrying items by text cosine and their softmax(cos / COLD_TEMPERATURE) weights (rows of other
-        items are unused). Cached: the catalog buffers never change."""
+        items are unused). Cached: the catalog buffers change only inside `items_made_cold`, which drops
+        the cache."""
         cache = getattr(self, "_cold_nb", None)
         if cache is not None and (cache[0] is None or cache[0].device == self.text_vectors.device):
             return cache
         donor = self.id_slots > 0
         self._cold_nb = text_neighbours(self.text_vectors, ~donor, donor, self.cfg.cold_impute_k)
         return self._cold_nb
+
+    @contextmanager
+    def items_made_cold(self, item_idx: np.ndarray) -> Iterator[None]:
+        """Inside the block the given items have no ID embedding (slot 0: they borrow their text neighbours'
+        ID vectors and get `cold_bonus`, like a real cold item); on exit their slots and the neighbour cache
+        are restored."""
+        saved = self.id_slots.clone()
+        self.id_slots[torch.as_tensor(np.asarray(item_idx, dtype=np.int64), device=saved.device)] = 0
+        self._cold_nb = None
+        try:
+            yield
+        finally:
+            self.id_slots.copy_(saved)
+            self._cold_nb = None
 
     def text_reps(self, text_vectors: torch.Tensor) -> torch.Tensor:
         """Text vectors of items outside the catalog (M, D) -> cold item representations (M,

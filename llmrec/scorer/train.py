@@ -1033,10 +1033,8 @@ def tune_text_boost(
     from llmrec.scorer.model import LEN_BUCKETS
 
     grid = [float(g) for g in grid]
-    users = np.arange(val.n_users)
     lens = np.minimum(np.asarray(val.hist_len), model.cfg.max_len)
     bucket = np.clip(np.searchsorted(LEN_BUCKETS, lens, side="right") - 1, 0, None)
-    w = float(model.cfg.cooc_weight)
     impute = (
         cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k) if sim is not None else None
     )
@@ -1045,13 +1043,7 @@ def tune_text_boost(
     try:
         for gi, g in enumerate(grid):
             model.text_boost.fill_(g)
-            for ub, _, cand, head in _two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
-                f, cand_np = head.numpy(), cand.numpy()
-                if sim is not None and w > 0:
-                    co = history_scores(sim, [val.positives[b] for b in ub], cand_np, impute=impute)
-                    f = f + w * co
-                top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
-                per[gi, ub] = [recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub)]
+            per[gi] = served_val_ndcg(model, val, sim, impute, n_candidates, k, chunk)
     finally:
         model.text_boost.copy_(saved)
     chosen, measured = choose_text_boost(per, bucket, grid, len(LEN_BUCKETS), min_users)
@@ -1158,34 +1150,49 @@ def tune_cold_bonus(
         return 0.0, {**summary, "measured": False, "why": why, "chosen": 0.0}
     keep = sp.diags((~is_cold).astype(np.float32))
     sim_c = (keep @ sim @ keep).tocsr() if sim is not None else None
-    w = float(model.cfg.cooc_weight)
     impute = (
         cooc_neighbours(sim_c, model.text_vectors.numpy(), model.cfg.cold_impute_k)
         if sim_c is not None
         else None
     )
-    users = np.arange(val.n_users)
     per = np.zeros((len(grid), val.n_users))
-    saved_slots, saved_cfg = model.id_slots.clone(), model.cfg
+    saved_cfg = model.cfg
     try:
-        model.id_slots[torch.as_tensor(pseudo)] = 0
-        model._cold_nb = None  # the neighbour cache belongs to the catalog's own cold items
-        for gi, g in enumerate(grid):
-            model.cfg = dataclasses.replace(saved_cfg, cold_bonus=g)
-            for ub, _, cand, head in _two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
-                f, cand_np = head.numpy(), cand.numpy()
-                if sim_c is not None and w > 0:
-                    f = f + w * history_scores(sim_c, [val.positives[b] for b in ub], cand_np, impute=impute)
-                top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
-                per[gi, ub] = [recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub)]
+        with model.items_made_cold(pseudo):
+            for gi, g in enumerate(grid):
+                model.cfg = dataclasses.replace(saved_cfg, cold_bonus=g)
+                per[gi] = served_val_ndcg(model, val, sim_c, impute, n_candidates, k, chunk)
     finally:
-        model.id_slots.copy_(saved_slots)
         model.cfg = saved_cfg
-        model._cold_nb = None
     pick = largest_tied(per, grid)
     return pick, {**summary, "measured": True, "chosen": pick, "z": TEXT_BOOST_Z, "rel": TIE_REL,
                   "val_ndcg": [float(x) for x in per.mean(1)],
                   "val_ndcg_cold_targets": [float(x) for x in per[:, cold_users].mean(1)]}
+
+
+@torch.no_grad()
+def served_val_ndcg(
+    model: ScorerModel,
+    val: sdata.ValidationSet,
+    sim: sp.csr_matrix | None,
+    impute: tuple[np.ndarray, np.ndarray] | None,
+    n_candidates: int = 200,
+    k: int = 10,
+    chunk: int = 256,
+) -> np.ndarray:
+    """(U,) NDCG@k of every validation user under the final ranking as served: the two-stage scores plus
+    `cooc_weight` x the co-occurrence score (sim, with `impute` for items without co-occurrence data) when
+    both are there."""
+    out = np.zeros(val.n_users)
+    w = float(model.cfg.cooc_weight)
+    users = np.arange(val.n_users)
+    for ub, _, cand, head in _two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
+        f, cand_np = head.numpy(), cand.numpy()
+        if sim is not None and w > 0:
+            f = f + w * history_scores(sim, [val.positives[b] for b in ub], cand_np, impute=impute)
+        top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
+        out[ub] = [recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub)]
+    return out
 
 
 def largest_tied(

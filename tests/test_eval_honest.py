@@ -211,6 +211,23 @@ def test_two_runs_with_one_seed_give_identical_metrics(honest: dict) -> None:
     assert honest["by_hand"]["unique_ts"] == honest["first"]["unique_ts"]
 
 
+def test_cold_target_intervals_are_the_paired_bootstrap_over_users_with_a_cold_target(honest: dict) -> None:
+    """The sentinels are cold (only ever a test target): metrics.json's cold-item intervals are the bootstrap
+    over exactly the users with a cold target, the paired one against llmrec's per-user NDCG@10."""
+    from llmrec.metrics import bootstrap_ci
+
+    cold, per = honest["first"]["cold_items"], honest["by_hand"]["cold_items"]["per_user"]
+    assert 2 * N_SENTINELS <= cold["n_events"] <= 3 * N_SENTINELS  # each sentinel: 2-3 users' target
+    ref = per["llmrec"]["ndcg@10"]
+    assert len(ref) == cold["n_events"]  # one cold target per such user
+    assert ref.mean() == pytest.approx(cold["models"]["llmrec"]["ndcg@10"], abs=1e-12)
+    assert set(cold["diff_vs_llmrec_ci95"]) == set(cold["models"]) - {"llmrec"}
+    for name, v in per.items():
+        assert cold["ci95"][name] == list(bootstrap_ci(v["ndcg@10"], seed=0)), name
+        if name != "llmrec":
+            assert cold["diff_vs_llmrec_ci95"][name] == list(bootstrap_ci(v["ndcg@10"], ref, seed=0)), name
+
+
 def test_holdout_trained_scorer_is_what_evaluation_scores(honest: dict, tmp_path: Path) -> None:
     """`llmrec train --holdout loo` then `evaluate(reuse_scorer=True)`: llmrec is not trained again, and its
     metrics equal those of the model trained inside the evaluation on the same split (same seed)."""

@@ -96,13 +96,14 @@ def test_metrics_json_has_the_documented_layout(results: dict, run_dir: Path) ->
         assert list(res["models"]) == BASELINES
         for m in res["models"].values():
             assert list(m) == METRIC_KEYS and all(0.0 <= v <= 1.0 for v in m.values())
-        assert set(res["cold_items"]) == {"n_events", "models"}
+        assert list(res["cold_items"]) == ["n_events", "models", "ci95", "diff_vs_llmrec_ci95"]
         assert json.loads((run_dir / "eval" / f"metrics_{proto}.json").read_text()) == res
     assert on_disk["loo"]["n_users"] == N_USERS
     meta = json.loads((run_dir / "eval" / "meta.json").read_text())
     assert meta["stage"] == "evaluate" and set(meta["per_protocol"]["loo"]["timings"]) == set(BASELINES)
     report = (run_dir / "eval" / "report.md").read_text()
     assert "## Protocol `loo`" in report and "| zeroshot_text |" in report and "Cold items" in report
+    assert "95% bootstrap interval over the users with a cold target" in report
     assert (run_dir / "eval" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -131,6 +132,13 @@ def test_cold_items_only_text_can_hit(results: dict) -> None:
     assert cold["models"]["zeroshot_text"]["recall@20"] > 0.5  # text places them in the user's cluster
     warm = results["loo"]["models"]
     assert warm["itemknn"]["recall@10"] > 0.5 and warm["zeroshot_text"]["recall@10"] > 0.5
+    # intervals over the users with a cold target: an ID model's NDCG is 0 for each of them, so its interval
+    # is exactly [0, 0]; text's brackets its mean and is not a point (the users differ)
+    assert set(cold["ci95"]) == set(cold["models"]) and cold["diff_vs_llmrec_ci95"] == {}  # no llmrec here
+    for name in ("popularity", "itemknn", "als", "sasrec"):
+        assert cold["ci95"][name] == [0.0, 0.0], name
+    lo, hi = cold["ci95"]["zeroshot_text"]
+    assert lo < cold["models"]["zeroshot_text"]["ndcg@10"] < hi
 
 
 def test_max_test_users_is_a_seeded_sample(run_dir: Path, tmp_path: Path) -> None:

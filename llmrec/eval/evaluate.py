@@ -8,7 +8,8 @@ items and the sampled test users stay those of `seed`), and writes to `out_dir`:
 
 - `metrics.json`: `{"loo": {...}, "time": {...}, "cold": {...}}`, one object per protocol that was run, each
   `{"dataset", "protocol", "n_users", "n_items", "models": {name: {recall@10, recall@20, ndcg@10, ndcg@20,
-  mrr, coverage@10}}, "cold_items": {"n_events": int, "models": {name: {...same keys...}}},
+  mrr, coverage@10}}, "cold_items": {"n_events": int, "models": {name: {...same keys...}}, "ci95",
+  "diff_vs_llmrec_ci95"},
   "repeat_targets_removed": int, "ci95": {name: [lo, hi]}, "diff_vs_llmrec_ci95": {name: [lo, hi]},
   "unique_ts": {"n_users", "models"}, "seeds": {"seeds": [...], "models": {name: {metric: {"mean", "sd",
   "values"}}}}, "tuning": {name: {...}}}`. `models`, `cold_items`, `unique_ts`, the intervals and per_user
@@ -16,7 +17,9 @@ items and the sampled test users stay those of `seed`), and writes to `out_dir`:
   each model's NDCG@10; `diff_vs_llmrec_ci95`: the paired interval of (model - llmrec) NDCG@10 (empty
   without llmrec). `n_users` = test users evaluated, `n_items` = catalog size N (every item is rankable, cold
   ones included). `cold_items` holds the metrics restricted to test targets whose item never occurs in train
-  (only the users with such a target, and only those targets); its `models` is `{}` when `n_events` is 0.
+  (only the users with such a target, and only those targets), with the same two intervals over those users
+  (`ci95`, `diff_vs_llmrec_ci95`: a cold subset of a few dozen targets is a tie unless its paired interval
+  says otherwise); its `models` and intervals are `{}` when `n_events` is 0.
   Under "cold" every target is a held-out item, so its `cold_items` block equals its main block (`n_events` =
   all targets), and `repeat_targets_removed` is 0 (held-out items are in no history). `unique_ts`: the
   metrics over the test users none of whose targets shares its timestamp with another event of theirs (where
@@ -225,13 +228,19 @@ def evaluate(
         first = runs[0]
         res = first["res"]
         ci, diff_ci = intervals(res["per_user"]["models"], seed=seed)
+        cold_ci, cold_diff_ci = intervals(res["cold_items"]["per_user"], seed=seed)
         results[proto] = {
             "dataset": dataset,
             "protocol": proto,
             "n_users": first["n_users"],
             "n_items": pspace.n_items,
             "models": res["models"],
-            "cold_items": res["cold_items"],
+            "cold_items": {
+                "n_events": res["cold_items"]["n_events"],
+                "models": res["cold_items"]["models"],
+                "ci95": cold_ci,
+                "diff_vs_llmrec_ci95": cold_diff_ci,
+            },
             "repeat_targets_removed": res["repeat_targets_removed"],
             "ci95": ci,
             "diff_vs_llmrec_ci95": diff_ci,
@@ -307,10 +316,12 @@ def evaluate_models(
     unique-timestamp metrics. Logs one progress line per model (`label`, its position, elapsed time).
 
     Returns:
-        ({"models": {name: metrics}, "cold_items": {"n_events", "models"}, "unique_ts": {"n_users", "models"},
-          "repeat_targets_removed": int,
+        ({"models": {name: metrics},
+          "cold_items": {"n_events", "models", "per_user": {name: {"ndcg@10": (C,)}}},
+          "unique_ts": {"n_users", "models"}, "repeat_targets_removed": int,
           "per_user": {"users": (U,), "models": {name: {"rank": (U,), "ndcg@10": (U,)}}}},
-         {name: timings}, n_test_users). Test targets already in the user's history are removed (counted).
+         {name: timings}, n_test_users); C = the users with a cold target. Test targets already in the user's
+        history are removed (counted).
     """
     names = [m.name for m in models]
     if len(set(names)) != len(names):
@@ -362,6 +373,7 @@ def evaluate_models(
     out_cold: dict[str, Any] = {}
     out_untied: dict[str, Any] = {}
     per_user: dict[str, dict[str, np.ndarray]] = {}
+    per_user_cold: dict[str, dict[str, np.ndarray]] = {}
     timings: dict[str, dict[str, float]] = {}
     for pos, model in enumerate(models, start=1):
         t0 = time.perf_counter()
@@ -392,6 +404,7 @@ def evaluate_models(
         per_user[model.name] = {"rank": acc.per_user("rank"), "ndcg@10": acc.per_user("ndcg@10")}
         if n_cold:
             out_cold[model.name] = acc_cold.result()
+            per_user_cold[model.name] = {"ndcg@10": acc_cold.per_user("ndcg@10")}
         if (~tied).any():
             out_untied[model.name] = acc_untied.result()
         timings[model.name] = {
@@ -418,7 +431,7 @@ def evaluate_models(
     return (
         {
             "models": out_models,
-            "cold_items": {"n_events": n_cold, "models": out_cold},
+            "cold_items": {"n_events": n_cold, "models": out_cold, "per_user": per_user_cold},
             "unique_ts": {"n_users": int((~tied).sum()), "models": out_untied},
             "repeat_targets_removed": n_repeat,
             "per_user": {"users": users, "models": per_user},

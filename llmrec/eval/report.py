@@ -3,10 +3,11 @@
 `write_report(results, timings, out_dir)` takes the metrics.json object (`{protocol: {...}}`, see
 `llmrec.eval.evaluate`) and `{protocol: {model: {fit_s, score_s, users_per_s}}}`. report.md holds, per
 protocol, a line saying what the protocol is, a models x metrics table, NDCG@10 with its 95% interval and the
-paired interval to llmrec, mean +- sd over the seeds, the same table for cold-item targets (for "cold", where
-every target is cold, a line saying so instead), NDCG@10 on the users whose target has a unique timestamp,
-the setting tuning chose per model, and fit/score times; then the protocols skipped and why. metrics.png
-has one row of bar charts per protocol (Recall@10, NDCG@10, MRR per model), drawn with the Agg backend.
+paired interval to llmrec, mean +- sd over the seeds, the same two tables for cold-item targets (for
+"cold", where every target is cold, a line saying so instead), NDCG@10 on the users whose target has a unique
+timestamp, the setting tuning chose per model, and fit/score times; then the protocols skipped and why.
+metrics.png has one row of bar charts per protocol (Recall@10, NDCG@10, MRR per model), drawn with the Agg
+backend.
 `results_table(results)` is the short plain-text table the CLI prints at the end.
 """
 
@@ -74,16 +75,7 @@ def markdown_report(
             "",
         ]
         lines += _table(res["models"])
-        if res.get("ci95"):
-            diff = res.get("diff_vs_llmrec_ci95") or {}
-            lines += ["", "NDCG@10 with its 95% bootstrap interval over test users"
-                      + (" and the paired interval of (model - llmrec)" if diff else "") + ":", "",
-                      "| model | NDCG@10 | 95% interval |" + (" model - llmrec, 95% |" if diff else ""),
-                      "|---|---:|---:|" + ("---:|" if diff else "")]
-            for m, (lo, hi) in res["ci95"].items():
-                d = diff.get(m)
-                lines.append(f"| {m} | {res['models'][m]['ndcg@10']:.4f} | [{lo:.4f}, {hi:.4f}] |"
-                             + ((f" [{d[0]:+.4f}, {d[1]:+.4f}] |" if d else " |") if diff else ""))
+        lines += _interval_table(res, "test users")
         lines += _seeds_table(res.get("seeds"))
         cold = res["cold_items"]
         lines += ["", f"### Cold items ({cold['n_events']} test targets never seen in training)", ""]
@@ -91,6 +83,7 @@ def markdown_report(
             lines.append("(every test target is a held-out item: the table above is the cold-item table)")
         else:
             lines += _table(cold["models"]) if cold["models"] else ["(no cold-item targets in this split)"]
+            lines += _interval_table(cold, "the users with a cold target")
         lines += _unique_ts_table(res)
         lines += _tuning_table(res.get("tuning"))
         t = timings.get(proto, {})
@@ -134,6 +127,23 @@ def _item_text_line(info: dict[str, Any] | None) -> str:
         return ""
     return (f" Item text from user-written texts before the cutoff: {info['n_visible']} of "
             f"{info['n_text_events']} texts, {info['n_items_changed']} items re-embedded.")
+
+
+def _interval_table(res: dict[str, Any], over: str) -> list[str]:
+    """NDCG@10 per model with its 95% bootstrap interval over `over` and, with llmrec, the paired interval of
+    (model - llmrec); nothing when `res` has no intervals."""
+    if not res.get("ci95"):
+        return []
+    diff = res.get("diff_vs_llmrec_ci95") or {}
+    lines = ["", f"NDCG@10 with its 95% bootstrap interval over {over}"
+             + (" and the paired interval of (model - llmrec)" if diff else "") + ":", "",
+             "| model | NDCG@10 | 95% interval |" + (" model - llmrec, 95% |" if diff else ""),
+             "|---|---:|---:|" + ("---:|" if diff else "")]
+    for m, (lo, hi) in res["ci95"].items():
+        d = diff.get(m)
+        lines.append(f"| {m} | {res['models'][m]['ndcg@10']:.4f} | [{lo:.4f}, {hi:.4f}] |"
+                     + ((f" [{d[0]:+.4f}, {d[1]:+.4f}] |" if d else " |") if diff else ""))
+    return lines
 
 
 def _seeds_table(seeds: dict[str, Any] | None) -> list[str]:

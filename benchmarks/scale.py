@@ -19,7 +19,7 @@ code).
 - index: `llmrec index --kind KIND` (each of --index-kinds; hnsw up to --hnsw-max-items) over
   benchmarks/index.py's clustered 384-d vectors; build wall, driver RSS, the recall@10 vs exact written to
   meta.json, then that benchmark's search child for queries/s and held-out recall. No Ray.
-- train: `llmrec train` with TRAIN_FLAGS (one epoch: `llmrec train` has no step bound) on synthetic
+- train: `llmrec train` with TRAIN_FLAGS (one epoch, at most --train-max-steps batches of it) on synthetic
   interactions (20k items, events / 3 users) through `llmrec prepare`, with random unit item vectors
   (`write_random_embeddings`) so that no embedding cost is measured.
 - recommend: `llmrec recommend --k 10` for the first N users of one run (a flat index and a scorer trained
@@ -489,11 +489,13 @@ def _events_run(work: Path, n_events: int, n_users: int) -> Path:
 
 
 def stage_train(params: dict[str, Any], work: Path) -> dict[str, Any]:
-    """`llmrec train` (TRAIN_FLAGS: one epoch) of params["run"]'s data and embeddings, in this process."""
+    """`llmrec train` (TRAIN_FLAGS: one epoch; params["max_steps"] batches of it at most, when set) of
+    params["run"]'s data and embeddings, in this process."""
     from llmrec.artifacts import read_meta
     from llmrec.schema import RUN_DATA, RUN_EMBEDDINGS
 
     run, out = Path(params["run"]), Path(params["out"])
+    steps = [] if params.get("max_steps") is None else ["--max-steps", str(params["max_steps"])]
     t0 = time.perf_counter()
     _cli(
         [
@@ -505,6 +507,7 @@ def stage_train(params: dict[str, Any], work: Path) -> dict[str, Any]:
             "--out",
             str(out),
             *TRAIN_FLAGS,
+            *steps,
         ]
     )
     wall = time.perf_counter() - t0
@@ -522,7 +525,7 @@ def stage_train(params: dict[str, Any], work: Path) -> dict[str, Any]:
         "examples_per_s": round(meta["examples_per_s"], 1),
         "items_per_s_per_core": round(meta["examples_per_s"] / CORES, 1),  # examples/s per core
         "val_ndcg_at_10": meta["metrics"].get("val_ndcg@10"),
-        "flags": " ".join(TRAIN_FLAGS),
+        "flags": " ".join([*TRAIN_FLAGS, *steps]),
     }
 
 
@@ -740,7 +743,8 @@ def _jobs(
     if stage == "train":
         run = _events_run(work, n, max(1, n // EVENTS_PER_USER))
         out = Path(tempfile.mkdtemp(prefix="scorer-", dir=work)) / "scorer"
-        return [("new", {"run": str(run), "out": str(out), "size": n}, None)]
+        params = {"run": str(run), "out": str(out), "size": n, "max_steps": args.train_max_steps}
+        return [("new", params, None)]
     if stage == "recommend":
         run = _recommend_run(work, max(sizes_of_stage))
         return [("new", {"run": str(run), "users": str(_user_file(work, run, n)), "size": n}, None)]
@@ -789,6 +793,14 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=100_000,
         help="index: build hnsw only up to this many items (default 100000; 1M takes over ~15 min here)",
+    )
+    p.add_argument(
+        "--train-max-steps",
+        type=int,
+        default=None,
+        help="train: batches of the one epoch at most (`llmrec train --max-steps`; default: the whole "
+        "epoch), "
+        "so that 1M-10M events measure the data path and a bounded fit",
     )
     p.add_argument("--work", default=None, help="folder for inputs and outputs (default: a temp folder)")
     p.add_argument("--timeout-s", type=float, default=1500, help="per measurement")

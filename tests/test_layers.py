@@ -161,6 +161,23 @@ def test_no_import_runs_up_a_layer() -> None:
     assert not bad, why + "\n".join(bad)
 
 
+def test_scorer_inference_imports_no_training_module() -> None:
+    """Loading and ranking with a trained scorer (`scorer.inference`) never pulls in the trainer: the modules
+    it reaches, at any depth, include none of the training modules."""
+    graph = dependency_graph()
+    names = ("train", "loss", "validate", "finalize", "artifact", "dataset")
+    training = {f"llmrec.scorer.{m}" for m in names}
+    assert training <= set(graph), f"a training module was renamed: {sorted(training - set(graph))}"
+    seen, todo = set(), ["llmrec.scorer.inference"]
+    while todo:
+        for dep, _ in graph.get(todo.pop(), []):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    assert "llmrec.scorer.model" in seen  # the walk reaches what inference does import
+    assert not seen & training, f"llmrec.scorer.inference reaches {sorted(seen & training)}"
+
+
 def test_the_graph_sees_function_local_relative_and_importlib_imports(tmp_path: Path) -> None:
     """The reader against hand-written imports of each kind (relative, absolute, in a function, importlib),
     and a planted upward import in the real graph is named with its file, line and layers."""

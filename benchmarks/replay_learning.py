@@ -3,10 +3,10 @@
 On a prepared run (data/, embeddings/, index/): the last `--test-frac` of events (by time) are the stream.
 1. A scorer is trained on the events before the cutoff only (`llmrec.scorer.train.fit_scorer`, the run
    scorer's settings; into `--work`/scorer), so nothing it learned comes from the stream.
-2. `llmrec.replay.replay` streams the events in time order through the real state update and ranks, before
-   each event, (a) frozen: state and model as of the cutoff, (b) online: live user state, the pre-cutoff
-   model, (c) learning: live state, and a `llmrec learn` round every `--learn-every` events (fine-tune from
-   the serving model, judged on the newest held-back events, swapped in only when not worse).
+2. `llmrec.eval.replay.replay` streams the events in time order through the real state update and ranks,
+   before each event, (a) frozen: state and model as of the cutoff, (b) online: live user state, the
+   pre-cutoff model, (c) learning: live state, and a `llmrec learn` round every `--learn-every` events
+   (fine-tune from the serving model, judged on the newest held-back events, swapped in only when not worse).
 3. Prints and writes replay.json: next-event Recall@10 / NDCG@10 per list, paired 95% bootstrap intervals of
    the NDCG differences (online - frozen, learning - online), every learning round (events, seconds,
    accepted, why), model freshness.
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     from llmrec.config import TrainConfig
     from llmrec.data.tables import read_interactions, read_items
     from llmrec.embed.artifact import load_item_space
+    from llmrec.eval.replay import cutoff_split, replay
     from llmrec.log import setup_logging
     from llmrec.raysetup import init_ray, local_env_defaults
-    from llmrec.replay import cutoff_split, replay
     from llmrec.scorer.train import fit_scorer
 
     local_env_defaults()

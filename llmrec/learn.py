@@ -168,7 +168,8 @@ def learn(
     from llmrec.artifacts import read_meta
     from llmrec.data.tables import read_interactions, read_items
     from llmrec.embed.artifact import load_item_space
-    from llmrec.scorer.train import TrainingDiverged, fit_scorer
+    from llmrec.scorer.finalize import TrainingDiverged
+    from llmrec.scorer.train import fit_scorer
 
     t0 = time.perf_counter()
     if not 0.0 < holdback_frac < 1.0:

@@ -9,8 +9,8 @@ import torch
 from llmrec.protocol import ItemSpace
 from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
 from llmrec.scorer.data import build_validation
+from llmrec.scorer.finalize import tune_cold_bonus
 from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
-from llmrec.scorer.train import tune_cold_bonus
 
 
 def _twins(n_pairs: int = 30, n_users: int = 400, seed: int = 0):

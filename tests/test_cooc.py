@@ -12,8 +12,8 @@ from llmrec.cooc import cooccurrence_similarity, history_scores
 from llmrec.protocol import ItemSpace
 from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
 from llmrec.scorer.data import build_validation
+from llmrec.scorer.finalize import COOC_GRID, cooc_matrix, tune_cooc_weight
 from llmrec.scorer.model import ScorerConfig, ScorerModel
-from llmrec.scorer.train import COOC_GRID, cooc_matrix, tune_cooc_weight
 
 
 def _dense_cosine(users: np.ndarray, items: np.ndarray, n: int) -> np.ndarray:

@@ -42,7 +42,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     # protocol's Ranker / UserEncoder; evaluation scores the serving text fallback with it, `served_text`)
     3: ("llmrec.eval", "llmrec.learn", "llmrec.serve.recommend_core"),
     4: ("llmrec.serve",),  # online serving (reads learn's registry)
-    5: ("llmrec.replay", "llmrec.batch"),  # offline drivers of the serving ranking
+    5: ("llmrec.eval.replay", "llmrec.batch"),  # offline drivers of the serving ranking
     6: ("llmrec.cli", "llmrec.commands", "llmrec.jobs", "llmrec.__main__"),  # entry points
 }
 
@@ -56,15 +56,22 @@ def all_modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PKG.rglob("*.py"))}
 
 
-def layer_of(mod: str) -> int | None:
-    """The layer of the longest LAYERS entry that is `mod` or a package above it ("llmrec" only exactly)."""
-    best: tuple[int, int] | None = None  # (entry length, layer)
+def entry_of(mod: str) -> tuple[str, int] | None:
+    """(entry, layer) of the longest LAYERS entry that is `mod` or a package above it ("llmrec" only
+    exactly)."""
+    best: tuple[str, int] | None = None
     for layer, entries in LAYERS.items():
         for e in entries:
             if mod == e or (e != "llmrec" and mod.startswith(e + ".")):
-                if best is None or len(e) > best[0]:
-                    best = (len(e), layer)
-    return None if best is None else best[1]
+                if best is None or len(e) > len(best[0]):
+                    best = (e, layer)
+    return best
+
+
+def layer_of(mod: str) -> int | None:
+    """The layer of `mod` (`entry_of`), None when no entry covers it."""
+    found = entry_of(mod)
+    return None if found is None else found[1]
 
 
 def _target(name: str, modules: dict[str, Path]) -> str:
@@ -129,12 +136,14 @@ def upward_imports(graph: dict[str, list[tuple[str, int]]]) -> list[str]:
 
 
 def describe(graph: dict[str, list[tuple[str, int]]]) -> str:
-    """The layers, each with the groups (top-level names) its modules import from other groups."""
+    """The layers, each entry with the other entries its modules import."""
     uses: dict[str, set[str]] = defaultdict(set)
     for mod, deps in graph.items():
+        src = entry_of(mod)
         for dep, _ in deps:
-            if layer_of(dep) is not None and dep.split(".")[:2] != mod.split(".")[:2]:
-                uses[".".join(mod.split(".")[:2])].add(".".join(dep.split(".")[:2]))
+            dst = entry_of(dep)
+            if src is not None and dst is not None and dst[0] != src[0]:
+                uses[src[0]].add(dst[0])
     lines = []
     for layer in sorted(LAYERS, reverse=True):
         lines.append(f"layer {layer}:")
@@ -159,6 +168,23 @@ def test_no_import_runs_up_a_layer() -> None:
     bad = upward_imports(graph)
     why = "imports of a higher layer (move the shared code down, or the importer up):\n"
     assert not bad, why + "\n".join(bad)
+
+
+def test_scorer_inference_imports_no_training_module() -> None:
+    """Loading and ranking with a trained scorer (`scorer.inference`) never pulls in the trainer: the modules
+    it reaches, at any depth, include none of the training modules."""
+    graph = dependency_graph()
+    names = ("train", "loss", "validate", "finalize", "artifact", "dataset")
+    training = {f"llmrec.scorer.{m}" for m in names}
+    assert training <= set(graph), f"a training module was renamed: {sorted(training - set(graph))}"
+    seen, todo = set(), ["llmrec.scorer.inference"]
+    while todo:
+        for dep, _ in graph.get(todo.pop(), []):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    assert "llmrec.scorer.model" in seen  # the walk reaches what inference does import
+    assert not seen & training, f"llmrec.scorer.inference reaches {sorted(seen & training)}"
 
 
 def test_the_graph_sees_function_local_relative_and_importlib_imports(tmp_path: Path) -> None:

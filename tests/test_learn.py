@@ -116,7 +116,7 @@ def test_replay_with_the_learning_loop_beats_live_state_alone(ray_local, tmp_pat
     (b) live state with the pre-cutoff model, which the learning loop starts from (new items appear only after
     the cutoff, so the first model knows them by their text alone)."""
     from llmrec.data.tables import read_interactions, write_interactions
-    from llmrec.replay import replay
+    from llmrec.eval.replay import replay
 
     run, p2, p3 = _planted_run(tmp_path)
     p1 = read_interactions(run / schema.RUN_DATA)

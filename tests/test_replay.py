@@ -14,8 +14,8 @@ import pytest
 from llmrec import schema
 from llmrec.artifacts import write_meta
 from llmrec.data.tables import write_interactions, write_items
+from llmrec.eval.replay import cutoff_split, replay
 from llmrec.index.item_index import ItemIndex
-from llmrec.replay import cutoff_split, replay
 
 
 def make_run(

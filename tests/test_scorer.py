@@ -10,8 +10,8 @@ import torch
 from llmrec.protocol import History, ItemSpace
 from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
 from llmrec.scorer.data import build_samples, pad_histories
+from llmrec.scorer.loss import batch_loss
 from llmrec.scorer.model import EVENT_INDEX, ScorerConfig, ScorerModel, two_stage_rank
-from llmrec.scorer.train import batch_loss
 
 SMALL = {"dim": 16, "max_len": 10, "n_neg": 32, "head_neg": 7, "mlp_hidden": 32, "n_candidates": 20}
 

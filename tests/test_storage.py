@@ -26,6 +26,7 @@ import pytest
 from llmrec import storage
 from llmrec.artifacts import ArtifactError, write_meta
 from llmrec.cli import main as cli_main
+from llmrec.storage import staging
 
 
 def _write_artifact(folder: Path, stage: str = "embed", **files: str) -> None:
@@ -511,7 +512,7 @@ def _copy_run(src: str, dst: str, parts: tuple[str, ...] = ("data", "embeddings"
     fs, s = storage.filesystem_for(src)
     _, d = storage.filesystem_for(dst)
     for part in parts:
-        for rel, info in storage._list_files(fs, f"{s}/{part}"):
+        for rel, info in staging._list_files(fs, f"{s}/{part}"):
             fs.copy_file(info.path, f"{d}/{part}/{rel}")
 
 

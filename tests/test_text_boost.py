@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmrec.scorer.train import TEXT_BOOST_Z, TIE_REL, choose_text_boost, largest_tied
+from llmrec.scorer.finalize import TEXT_BOOST_Z, TIE_REL, choose_text_boost, largest_tied
 
 GRID = [1.0, 2.0, 4.0]
 

@@ -12,7 +12,7 @@ from llmrec.data.order import sort_events
 from llmrec.schema import ITEM_ID, USER_ID
 from llmrec.scorer import data as sdata
 from llmrec.scorer.dataset import cooc_matrices, training_data, user_hash
-from llmrec.scorer.train import cooc_matrix
+from llmrec.scorer.finalize import cooc_matrix
 
 
 def _rows(samples: dict) -> list[tuple]:

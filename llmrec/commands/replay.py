@@ -54,7 +54,7 @@ def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmrec.replay import replay
+    from llmrec.eval.replay import replay
 
     if args.max_events < 0:
         raise ValueError(f"--max-events must be >= 0 (0 = all), got {args.max_events}")

@@ -14,6 +14,8 @@ builds from each block, in tasks:
 - per user, the distinct positive items (training only, and with the validation event) for the co-occurrence
   matrix, built in one Ray task (`cooc_matrices`).
 
+`focus_samples` keeps the samples of a fine-tune on new feedback (the new ones plus as many older ones).
+
 The driver receives only catalog-sized arrays (counts per item), the validation rows (<= val_users) and a few
 counters: it never holds per-event data. Events are ordered per user by (ts, item_id, event), so the samples
 do not depend on input order.
@@ -332,6 +334,25 @@ def _validation_set(df: pd.DataFrame, max_len: int) -> tuple[sdata.ValidationSet
         positives=[np.asarray(p, np.int64) for p in df["positives"]],
     )
     return val, df["target"].to_numpy(np.int64)
+
+
+def focus_samples(samples: Any, after_ts: int, seed: int = 0) -> Any:
+    """Every sample with target_ts > after_ts plus about as many older ones (a Ray Dataset op), in the
+    samples' own seeded order (`training_data`: new and old interleaved). The older ones are those
+    whose content hash falls below n_new / n_old of the hash range, so the choice does not depend on how the
+    samples are cut into blocks."""
+    n_new = samples.filter(lambda r: r["target_ts"] > after_ts).count()
+    n_old = samples.count() - n_new
+    if n_new == 0:
+        raise ValueError(f"no training sample has a target after ts {after_ts}; nothing new to learn from")
+    limit = 2**64 if n_old <= n_new else int(n_new / n_old * 2**64)
+    with ordered_blocks():  # blocks in the samples' order
+        keyed = samples.map_batches(with_order_key, fn_kwargs={"seed": seed + 1}, batch_format="numpy")
+        kept = keyed.filter(lambda r: r["target_ts"] > after_ts or int(r[ORDER_KEY]) < limit)
+        out = kept.drop_columns([ORDER_KEY]).materialize()
+    logger.info("fine-tune focus: %d samples after ts %d + ~%d of %d older ones", n_new, after_ts,
+                min(n_old, n_new), n_old)
+    return out
 
 
 def cooc_matrices(user_items: Any, n_items: int, n_neighbors: int) -> tuple[Any, Any]:

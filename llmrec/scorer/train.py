@@ -1,25 +1,15 @@
 """Train the scorer with Ray Train (`fit_scorer`), or in one plain process (`fit_local`, same core, no Ray).
 
-Loss per batch of B (history, next item) samples: the candidates are the B targets (in-batch negatives) plus
-`n_neg` items sampled from 0.5 * uniform + 0.5 * popularity^0.75 (shared by the batch); accidental hits (a
-candidate equal to the row's own target at another column) are masked. Loss = softmax cross-entropy of the
-retrieval logits scale * u.v - log q(candidate) over the candidates (logQ correction) + softmax cross-entropy
-of the MLP head over the positive and `head_neg` (31) items drawn from the row's retrieval top-`n_candidates`
-over the whole catalog (what the head re-ranks at inference; rows whose positive is not in that top list
-add nothing; the head sees detached u, v so its loss never reaches retrieval; see ScorerModel.forward).
-The model starts at the
-zero-shot text solution (`warm_start`).
+The worker loop (`train_loop_per_worker`) and `fit_local` share the training core below: the catalog-sized
+inputs every worker gets (`static_from_counts`), the model (`build_model`, starting at the zero-shot text
+solution, `warm_start`) and one pass over the batches (`train_epoch`). Around it: the loss in
+`scorer/loss.py`, per-epoch validation and early stopping in `scorer/validate.py`, checkpoints, resuming and
+the published scorer folder in `scorer/artifact.py`, and the post-training choices measured on validation
+(re-ranker, co-occurrence weight, text boost, cold bonus) in `scorer/finalize.py`.
 
-Validation (per epoch): for each validation user, full ranking over the catalog with the user's train items
-excluded: retrieval top-`n_candidates` by u.v, re-ranked by the MLP head, then the rest by u.v (the
-production two-stage pipeline) -> `val_recall@10`, `val_ndcg@10`; also `val_retrieval_*` for u.v alone.
-Workers evaluate disjoint user slices and all-reduce the sums, so every rank takes the same early-stopping
-decision.
-
-Checkpoints: rank 0 writes `checkpoint.pt` = {model, optimizer, epoch, model_config, early-stop state} and
-reports it with the epoch's metrics; Ray keeps the 2 best by `val_ndcg@10` (plus the latest). Resuming
-(`resume_from` = a Ray checkpoint dir or a previous `llmrec train` output dir) restores model, optimizer and
-early-stop state and continues at the saved epoch + 1.
+Checkpoints: rank 0 writes `checkpoint.pt` each epoch and reports it with the epoch's metrics; Ray keeps the
+2 best by `val_best_ndcg@10` (plus the latest). Resuming (`resume_from` = a Ray checkpoint dir or a previous
+`llmrec train` output dir) continues at the saved epoch + 1.
 """
 
 from __future__ import annotations
@@ -31,55 +21,36 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 
-from llmrec.artifacts import load_torch_file, write_meta
+from llmrec.artifacts import load_torch_file
 from llmrec.config import TrainConfig
-from llmrec.cooc import cooccurrence_similarity, history_scores
 from llmrec.data.histories import attach_item_idx
-from llmrec.metrics import recall_ndcg
 from llmrec.protocol import ItemSpace
-from llmrec.schema import INDEX_IDS_FILE, TS, USER_ID
-from llmrec.schema import SCORER_COOC_FILE as COOC_FILE
-from llmrec.schema import SCORER_MODEL_FILE as MODEL_FILE
+from llmrec.schema import TS
 from llmrec.scorer import data as sdata
+from llmrec.scorer.artifact import (
+    CHECKPOINT_FILE,
+    LAST_CHECKPOINT_DIR,
+    load_train_state,
+    resolve_resume,
+    save_checkpoint,
+    transfer_weights,
+    write_scorer,
+)
 from llmrec.scorer.feedback import FeedbackBank, FeedbackBanks, banks_for, sample_feedback
-from llmrec.scorer.model import ScorerConfig, ScorerModel, cooc_neighbours, two_stage_rank
+from llmrec.scorer.finalize import cooc_matrix, finalize_ranking
+from llmrec.scorer.loss import batch_loss, candidate_log_q, log_q_tensor
+from llmrec.scorer.model import ScorerConfig, ScorerModel
+from llmrec.scorer.validate import SCORE_METRIC, best_checkpoint, evaluate, update_early_stop
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "checkpoint.pt"
-LAST_CHECKPOINT_DIR = "last_checkpoint"
-SCORE_METRIC = "val_best_ndcg@10"  # max of two-stage and retrieval-only ndcg@10 (see ScorerConfig.rerank)
-
-class TrainingDiverged(RuntimeError):
-    """Training ended with weights that cannot rank (non-finite or zero scale): a learning rate too high."""
-
-
-# co-occurrence weights tried on validation, in logit units (the head's scale; u.v is divided by `scale`)
-COOC_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
-# multipliers of the text-arm gain tried per history-length bucket after training (tune_text_boost)
-TEXT_BOOST_GRID = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
-# A tie, in the post-training choices that prefer text (`largest_tied`: text boost, cold bonus): a value
-# whose validation NDCG is within TEXT_BOOST_Z standard errors of the paired difference to the best (1.96: not
-# worse at 95%, the yardstick by which a ranking change counts as no regression) AND within TIE_REL of the
-# best's mean. The relative bound matters for small buckets, whose wide standard errors alone would let a
-# boost cost a third of the bucket's NDCG (MovieLens, 145 users: 16x text at 0.084 vs 0.133). Text is what a
-# user can see and steer, so it wins every tie.
-TEXT_BOOST_Z = 1.96
-TIE_REL = 0.02
-# cold-item bonuses tried on validation (u.v units, tune_cold_bonus), with this share of the warm items made
-# cold
-COLD_BONUS_GRID = (0.0, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8)
-COLD_VAL_FRAC = 0.1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,7 +112,7 @@ def fit_scorer(
     from ray.train.torch import TorchTrainer
 
     from llmrec.raysetup import init_ray
-    from llmrec.scorer.dataset import cooc_matrices, storage_path, training_data
+    from llmrec.scorer.dataset import cooc_matrices, focus_samples, storage_path, training_data
 
     _check_config(cfg, "fit_scorer(cfg, train_df, items, out_dir)")
     t0 = time.perf_counter()
@@ -213,7 +184,7 @@ def fit_scorer(
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    best = _pick_best(result, has_val)
+    best = best_checkpoint(result, has_val)
     with best.as_directory() as d:
         state = load_torch_file(Path(d) / CHECKPOINT_FILE, map_location="cpu")
     with result.checkpoint.as_directory() as d:
@@ -234,7 +205,7 @@ def fit_scorer(
         ts_max.append(int(valid_df[TS].max()))
     wall = time.perf_counter() - t0
     epochs_run = list(last_state.get("run_epochs", []))
-    return _write_artifact(
+    return write_scorer(
         out,
         state,
         last_state,
@@ -254,23 +225,6 @@ def fit_scorer(
             "resumed_from": str(resume_file) if resume_file else None,
         },
     )
-
-
-def _plain(x: Any) -> Any:
-    """Numbers, strings, lists and dicts only (numpy scalars -> float/int), so `weights_only` loads it."""
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, (bool, str)) or x is None:
-        return x
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x)
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu()
-    return str(x)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -310,7 +264,7 @@ def train_loop_per_worker(config: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     shard = ray.train.get_dataset_shard("train")
     neg_p = torch.as_tensor(static["neg_p"], dtype=torch.float32, device=device)
-    log_q = _log_q_tensor(static, cfg, device)
+    log_q = log_q_tensor(static, cfg, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     rng = np.random.default_rng([cfg.seed, rank, start_epoch])  # text-feedback synthesis
     per_worker_batch = max(1, cfg.batch_size // world)
@@ -381,7 +335,7 @@ def fit_local(
     model = build_model(static, cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     neg_p = torch.as_tensor(static["neg_p"], dtype=torch.float32, device=device)
-    log_q = _log_q_tensor(static, cfg, device)
+    log_q = log_q_tensor(static, cfg, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000)
     rng = np.random.default_rng(cfg.seed)
     fb_rng = np.random.default_rng([cfg.seed, 0, 0])
@@ -485,60 +439,6 @@ def _ordered_ingest() -> Any:
     return DataConfig(execution_options=opts)
 
 
-def focus_samples(samples: Any, after_ts: int, seed: int = 0) -> Any:
-    """Every sample with target_ts > after_ts plus about as many older ones (a Ray Dataset op), in the
-    samples' own seeded order (`llmrec.scorer.dataset`: new and old interleaved). The older ones are those
-    whose content hash falls below n_new / n_old of the hash range, so the choice does not depend on how the
-    samples are cut into blocks."""
-    from llmrec.scorer.dataset import ORDER_KEY, ordered_blocks, with_order_key
-
-    n_new = samples.filter(lambda r: r["target_ts"] > after_ts).count()
-    n_old = samples.count() - n_new
-    if n_new == 0:
-        raise ValueError(f"no training sample has a target after ts {after_ts}; nothing new to learn from")
-    limit = 2**64 if n_old <= n_new else int(n_new / n_old * 2**64)
-    with ordered_blocks():  # blocks in the samples' order
-        keyed = samples.map_batches(with_order_key, fn_kwargs={"seed": seed + 1}, batch_format="numpy")
-        kept = keyed.filter(lambda r: r["target_ts"] > after_ts or int(r[ORDER_KEY]) < limit)
-        out = kept.drop_columns([ORDER_KEY]).materialize()
-    logger.info("fine-tune focus: %d samples after ts %d + ~%d of %d older ones", n_new, after_ts,
-                min(n_old, n_new), n_old)
-    return out
-
-
-def transfer_weights(model: ScorerModel, scorer_dir: str | os.PathLike, item_ids: np.ndarray) -> dict:
-    """The state dict of `model` with the weights of the scorer in `scorer_dir` copied in: every parameter of
-    the same shape, and the ID embedding row of every item both catalogs know (slots differ when the training
-    data grew). The catalog buffers (text vectors, ID slots, counts) stay the new data's."""
-    from llmrec.schema import INDEX_IDS_FILE
-
-    d = Path(scorer_dir)
-    old = load_torch_file(d / MODEL_FILE, map_location="cpu")["model"]
-    old_ids = np.load(d / INDEX_IDS_FILE, allow_pickle=False).astype(str)
-    new = model.state_dict()
-    skip = {"text_vectors", "id_slots", "item_counts", "id_emb.weight"}
-    copied = 0
-    for k, v in old.items():
-        if k not in skip and k in new and tuple(new[k].shape) == tuple(v.shape):
-            new[k] = v.clone()
-            copied += 1
-    pos = {iid: i for i, iid in enumerate(np.asarray(item_ids).astype(str))}
-    o_slots, n_slots = old["id_slots"].numpy(), new["id_slots"].numpy()
-    rows_new, rows_old = [], []
-    for i, iid in enumerate(old_ids):
-        j = pos.get(iid)
-        if j is not None and o_slots[i] > 0 and n_slots[j] > 0:
-            rows_new.append(int(n_slots[j]))
-            rows_old.append(int(o_slots[i]))
-    emb = new["id_emb.weight"].clone()
-    if rows_new and old["id_emb.weight"].shape[1] == emb.shape[1]:
-        emb[torch.as_tensor(rows_new)] = old["id_emb.weight"][torch.as_tensor(rows_old)]
-    new["id_emb.weight"] = emb
-    logger.info("fine-tune from %s: %d tensors copied, %d item ID embeddings carried over", d, copied,
-                len(rows_new))
-    return new
-
-
 def static_from_counts(
     items: ItemSpace,
     item_counts: np.ndarray,
@@ -584,27 +484,6 @@ def feedback_summary(static: dict, cfg: TrainConfig) -> dict:
             "heldout_templates": {str(k): list(v) for k, v in HELDOUT_TEMPLATES.items()}}
 
 
-def _log_q_tensor(static: dict, cfg: TrainConfig, device: torch.device | str) -> torch.Tensor | None:
-    if not cfg.logq_correction:
-        return None
-    return torch.as_tensor(static["log_q"], dtype=torch.float32, device=device)
-
-
-def candidate_log_q(target_counts: np.ndarray, neg_p: np.ndarray, batch_size: int, n_neg: int) -> np.ndarray:
-    """float32 (N,) log-probability that an item enters a batch's candidate pool (logQ correction).
-
-    The pool is B in-batch targets (drawn like training targets, i.e. by popularity: `target_counts` (N,)
-    training targets per item) plus n_neg draws from neg_p. Without subtracting log q from the sampled-softmax
-    logits, popular items are over-represented as negatives and the model learns to rank them down, which
-    costs full-ranking accuracy (Yi et al., 2019).
-    """
-    tgt = np.asarray(target_counts, dtype=np.float64).copy()
-    tgt /= max(tgt.sum(), 1.0)
-    n_neg = max(int(n_neg), 0)  # -1 = full softmax (no sampling; log q unused)
-    q = (batch_size * tgt + n_neg * np.asarray(neg_p, dtype=np.float64)) / (batch_size + n_neg)
-    return np.log(np.maximum(q, 1e-12)).astype(np.float32)
-
-
 def build_model(static: dict, cfg: TrainConfig) -> ScorerModel:
     n, d_text = static["text_vectors"].shape
     model_cfg = ScorerConfig(
@@ -633,50 +512,6 @@ def build_model(static: dict, cfg: TrainConfig) -> ScorerModel:
     if cfg.warm_start:
         model.warm_start()
     return model
-
-
-def batch_loss(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    neg_p: torch.Tensor,
-    n_neg: int,
-    gen: torch.Generator,
-    head_neg: int = 31,
-    log_q: torch.Tensor | None = None,
-    head_pool: int = 200,
-) -> torch.Tensor:
-    """Sampled-softmax loss (retrieval u.v + MLP head) for one batch; see the module docstring.
-
-    log_q: float32 (N,) candidate log-probabilities subtracted from the retrieval logits (logQ correction).
-    batch may carry text feedback ("fb_vec" (B, T, D), "fb_pol" (B, T)) for the user encoder.
-    """
-    target = batch["target"].long()  # (B,)
-    B = target.shape[0]
-    rows = torch.arange(B, device=target.device)
-    if n_neg < 0:  # full softmax over the whole catalog: no sampling, so no logQ and no accidental hits
-        # positive = own index
-        cand, pos, hit = torch.arange(neg_p.shape[0], device=target.device), target, None
-    else:  # the B targets first (row b's positive is column b), then n_neg sampled negatives
-        negs = torch.multinomial(neg_p, n_neg, replacement=True, generator=gen) if n_neg > 0 else target[:0]
-        cand, pos = torch.cat([target, negs]), rows  # (C,)
-        hit = cand[None, :] == target[:, None]  # (B, C)
-        hit[rows, rows] = False
-    retrieval, head = model(
-        batch["hist_idx"].long(),
-        batch["hist_event"].long(),
-        batch["hist_rating"].float(),
-        batch["hist_len"].long(),
-        cand,
-        head_neg,
-        hit,
-        pos,
-        head_pool,
-        batch.get("fb_vec"),
-        batch.get("fb_pol"),
-    )  # (B, C), (B, 1 + head_neg)
-    if log_q is not None and n_neg >= 0:
-        retrieval = retrieval - log_q[cand][None, :]  # (B, C)
-    return F.cross_entropy(retrieval, pos) + F.cross_entropy(head, torch.zeros_like(rows))
 
 
 def train_epoch(
@@ -726,159 +561,6 @@ def train_epoch(
     return loss_sum, n_ex
 
 
-@torch.no_grad()
-def evaluate(
-    model: ScorerModel,
-    val: sdata.ValidationSet | None,
-    n_candidates: int = 200,
-    k: int = 10,
-    rank: int = 0,
-    world: int = 1,
-    device: torch.device | str = "cpu",
-    chunk: int = 256,
-    bank: FeedbackBank | None = None,
-) -> dict[str, float]:
-    """Full-ranking recall@k / ndcg@k of this rank's user slice, all-reduced over ranks when world > 1.
-
-    `val_*` rank without text feedback (what early stopping reads); when the validation set carries
-    synthesised feedback, `val_fb_*` rank the same users with it, and for the users whose text is negative
-    `val_fb_neg_share_before/after` are the shares of their top k that carry the facet the text rejects
-    (item facets from `bank`), the responsiveness the serving benchmark measures. Returns {} without a
-    validation set.
-    """
-    if val is None or val.n_users == 0:
-        return {}
-    was_training = model.training
-    # recall, ndcg, retrieval recall, retrieval ndcg, users | fb recall, fb ndcg, fb users | neg users, share
-    # of the rejected facet before, after
-    sums = torch.zeros(11, dtype=torch.float64)
-    users = np.arange(rank, val.n_users, world)
-    with_fb = val.fb_vec is not None and bool((val.fb_pol != 0).any())
-    tops: dict[int, np.ndarray] = {}
-    for ub, retrieval, cand, head in _two_stage_chunks(
-        model, val, users, max(n_candidates, k), device, chunk
-    ):
-        top_two = torch.gather(cand, 1, head.topk(k, dim=1).indices).cpu().numpy()  # (b, k)
-        top_ret = retrieval.topk(k, dim=1).indices.cpu().numpy()
-        for j, b in enumerate(ub):
-            r2, n2 = recall_ndcg(top_two[j], val.targets[b], k)
-            r1, n1 = recall_ndcg(top_ret[j], val.targets[b], k)
-            sums[:5] += torch.tensor([r2, n2, r1, n1, 1.0], dtype=torch.float64)
-            tops[int(b)] = top_two[j]
-    if with_fb:
-        for ub, _, cand, head in _two_stage_chunks(
-            model, val, users, max(n_candidates, k), device, chunk, feedback=True
-        ):
-            top_fb = torch.gather(cand, 1, head.topk(k, dim=1).indices).cpu().numpy()
-            for j, b in enumerate(ub):
-                if val.fb_pol[b, 0] == 0:
-                    continue
-                r, n = recall_ndcg(top_fb[j], val.targets[b], k)
-                sums[5:8] += torch.tensor([r, n, 1.0], dtype=torch.float64)
-                if val.fb_pol[b, 0] < 0 and bank is not None:
-                    f = int(val.fb_facet[b])
-                    share = [
-                        np.mean([f in bank.facets_of(int(i)) for i in t]) for t in (tops[int(b)], top_fb[j])
-                    ]
-                    sums[8:] += torch.tensor([1.0, *share], dtype=torch.float64)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(sums)
-    model.train(was_training)
-    n = max(float(sums[4]), 1.0)
-    out = {
-        f"val_recall@{k}": float(sums[0]) / n,
-        f"val_ndcg@{k}": float(sums[1]) / n,
-        f"val_retrieval_recall@{k}": float(sums[2]) / n,
-        f"val_retrieval_ndcg@{k}": float(sums[3]) / n,
-        f"val_best_ndcg@{k}": max(float(sums[1]), float(sums[3])) / n,
-        "val_users": int(sums[4]),
-    }
-    if with_fb:
-        n_fb = max(float(sums[7]), 1.0)
-        out.update({f"val_fb_recall@{k}": float(sums[5]) / n_fb, f"val_fb_ndcg@{k}": float(sums[6]) / n_fb})
-        if float(sums[8]) > 0:
-            out.update(val_fb_neg_share_before=float(sums[9]) / float(sums[8]),
-                       val_fb_neg_share_after=float(sums[10]) / float(sums[8]))
-    return out
-
-
-def _two_stage_chunks(
-    model: ScorerModel,
-    val: sdata.ValidationSet,
-    users: np.ndarray,
-    n_candidates: int,
-    device: torch.device | str = "cpu",
-    chunk: int = 256,
-    feedback: bool = False,
-) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Validation users in chunks through `two_stage_rank` (eval mode; each user's train items excluded;
-    with `feedback`, the user encoder also reads the validation set's synthesised text).
-
-    Yields (user rows ub, retrieval (b, N), candidates (b, n), ranking scores (b, n) with -inf where the
-    candidate is excluded).
-    """
-    model.eval()
-    reps = model.all_item_reps()  # (N, r)
-    for s in range(0, len(users), chunk):
-        ub = users[s : s + chunk]
-        t = lambda a, dt, ub=ub: torch.as_tensor(a[ub], device=device).to(dt)  # noqa: E731
-        fb = (t(val.fb_vec, torch.float32), t(val.fb_pol, torch.float32)) if feedback else (None, None)
-        u = model.user_vectors(
-            t(val.hist_idx, torch.long),
-            t(val.hist_event, torch.long),
-            t(val.hist_rating, torch.float32),
-            t(val.hist_len, torch.long),
-            *fb,
-        )
-        excl = torch.zeros(len(ub), reps.shape[0], dtype=torch.bool, device=device)
-        for j, b in enumerate(ub):
-            excl[j, torch.as_tensor(val.exclude[b], device=device)] = True
-        retrieval, cand, head = two_stage_rank(model, u, reps, excl, n_candidates)
-        yield ub, retrieval, cand, head
-
-
-def update_early_stop(state: dict, metrics: dict, epoch: int, patience: int) -> bool:
-    """Update {best, best_epoch, bad_epochs} in place; True when training should stop."""
-    score = metrics.get(SCORE_METRIC)
-    if score is None:  # no validation: the latest epoch is the best
-        state.update(best=float(epoch), best_epoch=epoch, bad_epochs=0)
-        return False
-    if score > state["best"]:
-        state.update(best=float(score), best_epoch=epoch, bad_epochs=0)
-        return False
-    state["bad_epochs"] += 1
-    return state["bad_epochs"] >= patience
-
-
-def load_train_state(model: ScorerModel, optimizer: torch.optim.Optimizer, state: dict) -> tuple[int, dict]:
-    """Restore model/optimizer from a checkpoint dict; returns (next epoch, early-stop state)."""
-    saved = state["model_config"]
-    if saved != model.cfg.to_dict():
-        diff = {k: (saved.get(k), v) for k, v in model.cfg.to_dict().items() if saved.get(k) != v}
-        raise ValueError(
-            f"checkpoint does not match this run's model config (checkpoint, now): {diff}; "
-            "resume with the same data, embeddings and model options, or train from scratch"
-        )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"]) + 1, dict(state["early_stop"])
-
-
-def resolve_resume(path: str | os.PathLike) -> Path:
-    """A Ray checkpoint dir or a previous `llmrec train` output dir -> its checkpoint.pt."""
-    p = Path(path)
-    for cand in (p / CHECKPOINT_FILE, p / LAST_CHECKPOINT_DIR / CHECKPOINT_FILE, p):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(
-        f"no {CHECKPOINT_FILE} under {p} (looked at {p / CHECKPOINT_FILE} and "
-        f"{p / LAST_CHECKPOINT_DIR / CHECKPOINT_FILE}); "
-        "pass a Ray checkpoint folder or the --out folder of an earlier `llmrec train`"
-    )
-
-
 def iter_numpy_batches(
     samples: dict[str, np.ndarray],
     batch_size: int,
@@ -921,397 +603,5 @@ def _report(
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(
-            {
-                "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "model_config": model.cfg.to_dict(),
-                # plain Python only (no numpy scalars): loaded with torch.load(weights_only=True)
-                "early_stop": _plain(dict(stop_state)),
-                "metrics": _plain(metrics),
-                "run_epochs": [int(e) for e in run_epochs],
-                "history": _plain(history),
-                "worker_pid": os.getpid(),  # which process wrote it (fault-tolerance tests, debugging)
-            },
-            Path(tmp) / CHECKPOINT_FILE,
-        )
+        save_checkpoint(Path(tmp), model, optimizer, epoch, stop_state, metrics, run_epochs, history)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _pick_best(result, has_val: bool):
-    key = SCORE_METRIC if has_val else "epoch"
-    cands = [(c, m) for c, m in (result.best_checkpoints or []) if key in m]
-    if not cands:
-        return result.checkpoint
-    return max(cands, key=lambda cm: (cm[1][key], cm[1]["epoch"]))[0]
-
-
-def finalize_ranking(
-    state: dict,
-    static: dict,
-    sims: tuple[sp.csr_matrix, sp.csr_matrix] | None,
-    cfg: TrainConfig,
-) -> tuple[dict, sp.csr_matrix | None, dict, dict, dict]:
-    """Post-training choices, each measured on validation: the MLP re-ranker on/off, then the co-occurrence
-    weight (`tune_cooc_weight`), then the text boost per history-length bucket (`tune_text_boost`), then the
-    cold-item bonus (`tune_cold_bonus`).
-
-    sims: (co-occurrence similarity of the training events, of training + validation events) or None (no
-    co-occurrence term). Returns (state with model_config updated, the co-occurrence matrix to ship (train +
-    validation) or None, the co-occurrence, text-boost and cold-bonus summaries for meta.json)."""
-    m = state["metrics"]
-    mc = dict(state["model_config"])
-    if "val_ndcg@10" in m and "val_retrieval_ndcg@10" in m:
-        # measured, not assumed: keep the MLP re-ranker only if it beat retrieval alone on validation
-        mc["rerank"] = bool(m["val_ndcg@10"] >= m["val_retrieval_ndcg@10"])
-        logger.info("re-ranker %s: val ndcg@10 two-stage %.4f vs retrieval-only %.4f",
-                    "on" if mc["rerank"] else "off", m["val_ndcg@10"], m["val_retrieval_ndcg@10"])
-    info: dict[str, Any] = {"cooc_neighbors": cfg.cooc_neighbors}
-    boost_info: dict[str, Any] = {}
-    cold_info: dict[str, Any] = {}
-    mc["cooc_weight"] = 0.0
-    t0 = time.perf_counter()
-    val = static["val"]
-    has_val = val is not None and val.n_users > 0
-
-    def model_for(c: dict) -> ScorerModel:
-        mod = ScorerModel(  # torch.tensor copies: the arrays may be read-only views of Ray's object store
-            ScorerConfig(**c),
-            torch.tensor(static["text_vectors"]),
-            torch.tensor(static["id_slots"]),
-            torch.tensor(static["item_counts"]),
-        )
-        mod.load_state_dict(state["model"])
-        return mod
-
-    sim_train = None
-    if sims is not None and has_val:
-        sim_train = sims[0]
-        weight, table = tune_cooc_weight(model_for(mc), val, sim_train, cfg.n_candidates)
-        mc["cooc_weight"] = weight
-        info.update(val_ndcg_by_weight=table, cooc_weight=weight)
-        logger.info("co-occurrence weight %.4g chosen on validation (ndcg@10 by weight: %s)", weight, table)
-    elif sims is not None:
-        logger.info("no validation set: co-occurrence weight stays 0 (neural ranking only)")
-    if has_val and mc.get("text_arm", True):
-        boost, boost_info = tune_text_boost(model_for(mc), val, sim_train, cfg.n_candidates)
-        mc["text_boost"] = list(boost)
-        logger.info("text boost per history-length bucket %s chosen on validation: %s",
-                    list(boost_info["buckets"]), boost)
-    if has_val:
-        bonus, cold_info = tune_cold_bonus(model_for(mc), val, sim_train, cfg.n_candidates)
-        mc["cold_bonus"] = bonus
-        logger.info("cold-item bonus %.4g chosen on validation (%s)", bonus,
-                    f"{cold_info['n_cold_targets']} targets of "
-                    f"{cold_info['n_pseudo_cold_items']} items made cold"
-                    if cold_info.get("measured") else cold_info.get("why", ""))
-    if sims is None:
-        return {**state, "model_config": mc}, None, info, boost_info, cold_info
-    sim = sims[1]
-    info.update(nnz=int(sim.nnz), seconds=time.perf_counter() - t0)
-    return {**state, "model_config": mc}, sim, info, boost_info, cold_info
-
-
-@torch.no_grad()
-def tune_text_boost(
-    model: ScorerModel,
-    val: sdata.ValidationSet,
-    sim: sp.csr_matrix | None,
-    n_candidates: int = 200,
-    k: int = 10,
-    grid: Iterable[float] = TEXT_BOOST_GRID,
-    min_users: int = 30,
-    chunk: int = 256,
-) -> tuple[tuple[float, ...], dict[str, Any]]:
-    """The multiplier of the text-arm gain beta(n) per history-length bucket (`ScorerConfig.text_boost`).
-
-    Every grid value is applied to all validation users (final ranking as served, co-occurrence term
-    included), then `choose_text_boost` picks per bucket from the per-user NDCG@k. Returns (boost per bucket,
-    {buckets, grid, n_users, val_ndcg (per bucket per grid value), chosen, measured, z}).
-    """
-    from llmrec.scorer.model import LEN_BUCKETS
-
-    grid = [float(g) for g in grid]
-    lens = np.minimum(np.asarray(val.hist_len), model.cfg.max_len)
-    bucket = np.clip(np.searchsorted(LEN_BUCKETS, lens, side="right") - 1, 0, None)
-    impute = (
-        cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k) if sim is not None else None
-    )
-    per = np.zeros((len(grid), val.n_users))
-    saved = model.text_boost.clone()
-    try:
-        for gi, g in enumerate(grid):
-            model.text_boost.fill_(g)
-            per[gi] = served_val_ndcg(model, val, sim, impute, n_candidates, k, chunk)
-    finally:
-        model.text_boost.copy_(saved)
-    chosen, measured = choose_text_boost(per, bucket, grid, len(LEN_BUCKETS), min_users)
-    table = {
-        str(LEN_BUCKETS[b]): [float(x) for x in per[:, bucket == b].mean(1)] if (bucket == b).any() else []
-        for b in range(len(LEN_BUCKETS))
-    }
-    return chosen, {"buckets": list(LEN_BUCKETS), "grid": grid, "chosen": list(chosen), "measured": measured,
-                    "z": TEXT_BOOST_Z, "rel": TIE_REL,
-                    "n_users": [int((bucket == b).sum()) for b in range(len(LEN_BUCKETS))], "val_ndcg": table}
-
-
-def choose_text_boost(
-    per: np.ndarray,
-    bucket: np.ndarray,
-    grid: Sequence[float],
-    n_buckets: int,
-    min_users: int = 30,
-    z: float = TEXT_BOOST_Z,
-    rel: float = TIE_REL,
-) -> tuple[tuple[float, ...], list[bool]]:
-    """Per history-length bucket, the text boost to rank with, from per-user validation NDCG.
-
-    Args:
-        per: float (G, U), NDCG@k of validation user u ranked with grid value g.
-        bucket: int (U,), each user's history-length bucket in [0, n_buckets).
-        grid: the G boosts tried.
-        min_users: a bucket with fewer validation users is not measured.
-        z: tolerance in standard errors of the paired difference (`TEXT_BOOST_Z`).
-        rel: tolerance relative to the best mean (`TIE_REL`).
-
-    A measured bucket takes the LARGEST boost that ties with the bucket's best (`largest_tied`: within z
-    standard errors of the paired difference and within rel of its mean; text wins ties). An unmeasured
-    bucket takes the choice of the nearest measured shorter bucket, or when there is none, of the nearest
-    measured longer one (a one-like user in a dataset whose validation users all have longer histories gets at
-    least the text of the shortest measured histories); with no measured bucket every boost is 1. Measured
-    choices never grow with history length (each is capped by the previous measured one). Returns (boost per
-    bucket, measured per bucket).
-    """
-    per = np.asarray(per, dtype=np.float64)
-    bucket = np.asarray(bucket)
-    if per.ndim != 2 or per.shape != (len(grid), len(bucket)):
-        raise ValueError(f"per must be (len(grid)={len(grid)}, users={len(bucket)}), got {per.shape}")
-    picks: list[float | None] = []
-    for b in range(n_buckets):
-        sel = bucket == b
-        n = int(sel.sum())
-        if n < max(min_users, 2):
-            picks.append(None)
-            continue
-        pick = largest_tied(per[:, sel], grid, z, rel)
-        prev = next((p for p in reversed(picks) if p is not None), None)
-        picks.append(pick if prev is None else min(pick, prev))
-    measured = [p is not None for p in picks]
-    out: list[float] = []
-    for b in range(n_buckets):
-        shorter = [p for p in picks[:b + 1] if p is not None]
-        longer = [p for p in picks[b:] if p is not None]
-        out.append(shorter[-1] if shorter else (longer[0] if longer else 1.0))
-    return tuple(out), measured
-
-
-@torch.no_grad()
-def tune_cold_bonus(
-    model: ScorerModel,
-    val: sdata.ValidationSet,
-    sim: sp.csr_matrix | None,
-    n_candidates: int = 200,
-    k: int = 10,
-    grid: Iterable[float] = COLD_BONUS_GRID,
-    frac: float = COLD_VAL_FRAC,
-    seed: int = 0,
-    min_targets: int = 30,
-    chunk: int = 256,
-) -> tuple[float, dict[str, Any]]:
-    """The cold-item bonus (`ScorerConfig.cold_bonus`, u.v units), chosen on validation in a world with cold
-    items.
-
-    Validation targets are almost never cold (an item without training events rarely is anyone's next one), so
-    a seeded `frac` of the items that have an ID embedding is made cold for the measurement: their ID slots
-    set to 0 (they then borrow their text neighbours' ID vectors, as a real cold item does) and their rows and
-    columns of the co-occurrence matrix removed. Every grid value ranks every validation user (final ranking
-    as served); the choice is the LARGEST bonus whose overall NDCG@k ties with the best bonus's
-    (`largest_tied`; cold items are text, and text wins ties). The overall NDCG counts
-    warm-target users too, so each cold item pushed up costs what it costs them. Fewer than `min_targets`
-    validation users with a made-cold target -> bonus 0, not measured. Returns (bonus, summary for meta.json:
-    measured, grid, val_ndcg, val_ndcg_cold_targets, n_pseudo_cold_items, n_cold_targets, chosen).
-    """
-    grid = [float(g) for g in grid]
-    n = model.cfg.n_items
-    warm = np.flatnonzero(model.id_slots.cpu().numpy() > 0)
-    rng = np.random.default_rng(seed)
-    pseudo = np.sort(rng.choice(warm, size=int(round(frac * len(warm))), replace=False))
-    is_cold = np.zeros(n, dtype=bool)
-    is_cold[pseudo] = True
-    cold_users = np.array([bool(is_cold[val.targets[b]].any()) for b in range(val.n_users)], dtype=bool)
-    summary: dict[str, Any] = {"n_pseudo_cold_items": int(len(pseudo)),
-                               "n_cold_targets": int(cold_users.sum()),
-                               "grid": grid, "frac": frac, "seed": seed}
-    if cold_users.sum() < max(min_targets, 2):
-        why = (
-            f"{int(cold_users.sum())} validation targets among the items made cold, fewer than {min_targets}"
-        )
-        return 0.0, {**summary, "measured": False, "why": why, "chosen": 0.0}
-    keep = sp.diags((~is_cold).astype(np.float32))
-    sim_c = (keep @ sim @ keep).tocsr() if sim is not None else None
-    impute = (
-        cooc_neighbours(sim_c, model.text_vectors.numpy(), model.cfg.cold_impute_k)
-        if sim_c is not None
-        else None
-    )
-    per = np.zeros((len(grid), val.n_users))
-    saved_cfg = model.cfg
-    try:
-        with model.items_made_cold(pseudo):
-            for gi, g in enumerate(grid):
-                model.cfg = dataclasses.replace(saved_cfg, cold_bonus=g)
-                per[gi] = served_val_ndcg(model, val, sim_c, impute, n_candidates, k, chunk)
-    finally:
-        model.cfg = saved_cfg
-    pick = largest_tied(per, grid)
-    return pick, {**summary, "measured": True, "chosen": pick, "z": TEXT_BOOST_Z, "rel": TIE_REL,
-                  "val_ndcg": [float(x) for x in per.mean(1)],
-                  "val_ndcg_cold_targets": [float(x) for x in per[:, cold_users].mean(1)]}
-
-
-@torch.no_grad()
-def served_val_ndcg(
-    model: ScorerModel,
-    val: sdata.ValidationSet,
-    sim: sp.csr_matrix | None,
-    impute: tuple[np.ndarray, np.ndarray] | None,
-    n_candidates: int = 200,
-    k: int = 10,
-    chunk: int = 256,
-) -> np.ndarray:
-    """(U,) NDCG@k of every validation user under the final ranking as served: the two-stage scores plus
-    `cooc_weight` x the co-occurrence score (sim, with `impute` for items without co-occurrence data) when
-    both are there."""
-    out = np.zeros(val.n_users)
-    w = float(model.cfg.cooc_weight)
-    users = np.arange(val.n_users)
-    for ub, _, cand, head in _two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
-        f, cand_np = head.numpy(), cand.numpy()
-        if sim is not None and w > 0:
-            f = f + w * history_scores(sim, [val.positives[b] for b in ub], cand_np, impute=impute)
-        top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
-        out[ub] = [recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub)]
-    return out
-
-
-def largest_tied(
-    per: np.ndarray, grid: Sequence[float], z: float = TEXT_BOOST_Z, rel: float = TIE_REL
-) -> float:
-    """The largest grid value whose per-user scores (row of per, (G, U)) tie with the best row's (highest
-    mean): the mean paired difference is within z standard errors, and the mean within `rel` of the best's."""
-    per = np.asarray(per, dtype=np.float64)
-    means = per.mean(1)
-    best = int(np.argmax(means))
-    n = per.shape[1]
-    for gi in sorted(range(len(grid)), key=lambda i: -grid[i]):
-        diff = per[gi] - per[best]
-        if diff.mean() >= -z * diff.std(ddof=1) / np.sqrt(n) and means[gi] >= (1.0 - rel) * means[best]:
-            return float(grid[gi])
-    return float(grid[best])
-
-
-def cooc_matrix(df: pd.DataFrame, items: ItemSpace, n_neighbors: int) -> sp.csr_matrix:
-    """Co-occurrence similarity (llmrec.cooc) of the positive events of a canonical interactions frame."""
-    df = attach_item_idx(df, items)
-    df = df[sdata.target_mask(df)] if len(df) else df
-    return cooccurrence_similarity(
-        df[USER_ID].astype(str).to_numpy(), df["item_idx"].to_numpy(np.int64), items.n_items, n_neighbors
-    )
-
-
-@torch.no_grad()
-def tune_cooc_weight(
-    model: ScorerModel,
-    val: sdata.ValidationSet,
-    sim: sp.csr_matrix,
-    n_candidates: int = 200,
-    k: int = 10,
-    grid: Iterable[float] = COOC_GRID,
-    chunk: int = 256,
-) -> tuple[float, dict[str, float]]:
-    """The co-occurrence weight with the best validation ndcg@k of the final ranking.
-
-    Final ranking (as in `Scorer.recommend`): retrieval top-n_candidates by u.v (train items excluded), scored
-    by `model.rank_pairs` + w * co-occurrence score of the user's positive train items. `grid` is in logit
-    units; with the re-ranker off rank_pairs is u.v, so the weights tried are grid / scale. Ties go to the
-    smaller weight. Returns (weight, {weight: ndcg@k}).
-    """
-    scale = float(model.scale)
-    if not math.isfinite(scale) or scale <= 0.0:
-        raise TrainingDiverged(f"the trained scale (inverse temperature) is {scale}; lower the learning rate")
-    unit = 1.0 if model.cfg.rerank else 1.0 / scale
-    weights = [float(g) * unit for g in grid]
-    impute = cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k)
-    sums = np.zeros(len(weights))
-    users = np.arange(val.n_users)
-    for ub, _, cand, head in _two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
-        co = history_scores(sim, [val.positives[b] for b in ub], cand.numpy(), impute=impute)  # (b, n)
-        base, cand_np = head.numpy(), cand.numpy()  # base is -inf at excluded candidates
-        for wi, w in enumerate(weights):
-            f = base + w * co
-            top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
-            sums[wi] += sum(recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub))
-    ndcg = sums / max(val.n_users, 1)
-    best = int(np.argmax(ndcg))  # first maximum = smallest weight among ties
-    return weights[best], {f"{w:.6g}": float(x) for w, x in zip(weights, ndcg, strict=True)}
-
-
-def _write_artifact(
-    out: Path,
-    state: dict,
-    last_state: dict,
-    items: ItemSpace,
-    cfg: TrainConfig,
-    embed_meta: dict | None,
-    wall: float,
-    epochs_run: list[int],
-    extra: dict,
-    cooc: sp.csr_matrix | None = None,
-    cooc_info: dict | None = None,
-    boost_info: dict | None = None,
-    cold_info: dict | None = None,
-    feedback_info: dict | None = None,
-    data_ts_max: int | None = None,
-) -> dict:
-    torch.save({"model_config": state["model_config"], "model": state["model"]}, out / MODEL_FILE)
-    np.save(out / INDEX_IDS_FILE, np.asarray(items.item_ids).astype(str))
-    if cooc is not None:
-        sp.save_npz(out / COOC_FILE, cooc)
-    elif (out / COOC_FILE).exists():
-        (out / COOC_FILE).unlink()  # an older run's matrix must not be paired with this model
-    hist = last_state["metrics"]
-    meta = write_meta(
-        out,
-        "train",
-        embed=embed_meta or {},
-        config={**dataclasses.asdict(cfg), **extra},  # the keys meta.json readers know
-        model_config=state["model_config"],
-        cooc=cooc_info or {},
-        text_boost=boost_info or {},
-        cold_bonus=cold_info or {},
-        feedback=feedback_info or {},
-        data_ts_max=data_ts_max,  # the latest event it learned from (replay refuses it for earlier cutoffs)
-        metrics=state["metrics"],
-        best_epoch=int(state["epoch"]),
-        last_epoch=int(last_state["epoch"]),
-        early_stop=last_state["early_stop"],
-        epochs_run=epochs_run,
-        history=last_state.get("history", []),
-        item_ids_file=INDEX_IDS_FILE,
-        model_file=MODEL_FILE,
-        n_items=items.n_items,
-        text_dim=int(np.asarray(items.text_vectors).shape[1]),
-        dim=cfg.dim,
-        wall_s=wall,
-        examples_per_s=hist.get("examples_per_s"),
-    )
-    logger.info(
-        "scorer written to %s: best epoch %d, %s=%s, %.1fs",
-        out,
-        meta["best_epoch"],
-        SCORE_METRIC,
-        state["metrics"].get(SCORE_METRIC),
-        wall,
-    )
-    return meta

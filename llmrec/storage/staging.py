@@ -1,8 +1,8 @@
-"""Artifact folders on local disk or on any pyarrow / fsspec filesystem URI (s3://, gs://, hdfs://, memory://).
+"""Staging: artifact folders moved between a URI and local disk, through a local cache.
 
-Every stage reads and writes plain local folders. This module moves artifact folders between a URI and local
-disk, so each command runs unchanged on local paths: `llmrec.cli` wraps every command in `localize`, driven
-by the command module's `storage_args(args)` declaration of which flags are inputs and which are outputs.
+Every stage reads and writes plain local folders, so each command runs unchanged on local paths: `llmrec.cli`
+wraps every command in `localize`, driven by the command module's `storage_args(args)` declaration
+(`llmrec.storage.flags`) of which flags are inputs and which are outputs.
 
 - `stage_in(uri, cache_root)` downloads an artifact folder (or one file) into a local cache keyed by the
   URI, and reuses the cached copy while the remote `meta.json` is unchanged (files: size and mtime).
@@ -35,19 +35,18 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qsl, urlencode
 
-from llmrec.artifacts import ArtifactError, atomic_write
+from llmrec.artifacts import ArtifactError
 from llmrec.schema import META_FILE
+from llmrec.storage.flags import Arg, In, LocalOnly, Out, OutFile, Run
+from llmrec.storage.uri import filesystem_for, is_uri, join, make_parent, redact, shown
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -60,133 +59,7 @@ INCOMPLETE_MARK = ".llmrec-incomplete"  # present while a writer replaces a remo
 ADDED_MARK = ".llmrec-added"  # an "add" created this folder: llmrec's own, replaceable without a meta.json
 _MARKS = (INCOMPLETE_MARK, ADDED_MARK)
 _CACHE_INFO = ".llmrec-cache.json"  # per cache entry: the (redacted) URI and the version it holds
-_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_SECRET_KEY_RE = re.compile(r"secret|key|token|password|credential", re.IGNORECASE)
-_OBJECT_STORES = {"s3", "gcs", "abfs"}  # no directories to create before writing an object
 _THREADS = 8  # parallel file transfers
-
-
-# ------------------------------------------------------------------------------------------------ locations
-
-
-def is_uri(location: object) -> bool:
-    """True for `scheme://...` strings (s3://b/k, file:///abs, memory://x); False for local paths."""
-    return isinstance(location, str) and bool(_URI_RE.match(location))
-
-
-def join(base: str | os.PathLike, *parts: str) -> str:
-    """`base/part/...` for a local path or a URI; a URI keeps its `?query` (e.g. endpoint options) at the end.
-
-    Example: `join("s3://b/run?scheme=http", "data")` -> `"s3://b/run/data?scheme=http"`.
-    """
-    base = os.fspath(base)
-    if not is_uri(base):
-        return os.path.join(base, *parts)
-    head, sep, query = base.partition("?")
-    return "/".join([head.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
-
-
-def redact(location: str | os.PathLike) -> str:
-    """The location with the values of secret-looking query options (secret_key, session_token) hidden."""
-    s = os.fspath(location)
-    if not is_uri(s) or "?" not in s:
-        return s
-    head, _, query = s.partition("?")
-    pairs = [
-        (k, "***" if _SECRET_KEY_RE.search(k) and k != "endpoint_override" else v)
-        for k, v in parse_qsl(query)
-    ]
-    return head + "?" + urlencode(pairs, safe=":/")
-
-
-def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and the path inside it for a URI.
-
-    pyarrow's own filesystems first (`pyarrow.fs.FileSystem.from_uri`: s3://, gs://, hdfs://, file://; S3
-    options go in the query, e.g. `s3://bucket/run?endpoint_override=host:9000&scheme=http`), then fsspec for
-    the schemes pyarrow lacks (memory://, az://, ...), wrapped in `pyarrow.fs.PyFileSystem`.
-
-    Raises:
-        ValueError: not a URI, bad URI options, or a scheme neither pyarrow nor an installed fsspec package
-            knows (the message names the package to install).
-    """
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-
-    if not is_uri(uri):
-        raise ValueError(f"expected a URI like s3://bucket/path, got {uri!r}")
-    scheme = uri.split("://", 1)[0].lower()
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except pa.ArrowInvalid as e:
-        if "Unrecognized filesystem type" not in str(e):
-            raise ValueError(f"cannot open {_show(uri)}: {e}") from e
-    try:
-        import fsspec
-    except ImportError as e:
-        raise ValueError(
-            f"cannot open {_show(uri)}: pyarrow has no {scheme}:// filesystem (it has s3, gs, hdfs, file); "
-            f"install fsspec and its {scheme} package (`pip install fsspec`)"
-        ) from e
-    try:
-        fs, path = fsspec.core.url_to_fs(uri)
-    except ImportError as e:  # fsspec knows the scheme; its message names the package ("Install adlfs ...")
-        raise ValueError(f"cannot open {_show(uri)}: {e}") from e
-    except ValueError as e:  # "Protocol not known: zzz"
-        raise ValueError(
-            f"cannot open {_show(uri)}: neither pyarrow (s3, gs, hdfs, file) nor fsspec knows the scheme "
-            f"{scheme!r}; install the fsspec implementation for it (e.g. adlfs for az://, gcsfs, s3fs)"
-        ) from e
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
-
-
-def read_bytes(location: str | os.PathLike) -> bytes:
-    """The bytes of one file, local or at a URI. Raises FileNotFoundError when it does not exist."""
-    if not is_uri(location):
-        return Path(location).read_bytes()
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem_for(os.fspath(location))
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise FileNotFoundError(f"{_show(location)} does not exist")
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def write_bytes(location: str | os.PathLike, data: bytes) -> None:
-    """Write one file, local (atomically: temp file + rename) or at a URI (one PUT on object stores)."""
-    if not is_uri(location):
-        atomic_write(location, lambda tmp: tmp.write_bytes(data))
-        return
-    fs, path = filesystem_for(os.fspath(location))
-    _make_parent(fs, path)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-
-
-def exists(location: str | os.PathLike) -> bool:
-    """Whether a file or folder exists, local or at a URI."""
-    if not is_uri(location):
-        return Path(location).exists()
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem_for(os.fspath(location))
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def shared_across_processes(location: str | os.PathLike | None) -> bool:
-    """Whether other processes (Ray workers, other nodes) can open this URI: False for fsspec's in-process
-    `memory://`, True for every other URI (s3://, gs://, hdfs://, file://, ...).
-
-    Commands whose Ray workers read or write an artifact themselves (`llmrec embed`) take such URIs as they
-    are instead of staging them through the driver's disk.
-    """
-    return is_uri(location) and os.fspath(location).split("://", 1)[0].lower() != "memory"
-
-
-def shown(location: str | os.PathLike) -> str:
-    """A location as messages and meta.json name it: a URI without its ?options (endpoint, credentials)."""
-    return _show(location)
 
 
 def check_replaceable(uri: str) -> None:
@@ -238,7 +111,7 @@ def stage_in(
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         hint = f"; run `llmrec {stage}` to create it" if stage else ""
-        raise FileNotFoundError(f"{_show(uri)} does not exist{hint}")
+        raise FileNotFoundError(f"{shown(uri)} does not exist{hint}")
     entry = _CacheEntry(Path(cache_root), uri, _basename(path))
     with entry.locked():
         for _attempt in range(3):
@@ -252,7 +125,7 @@ def stage_in(
                 elif meta is None and need_meta:
                     hint = f"; run `llmrec {stage}` to create it" if stage else ""
                     raise ArtifactError(
-                        f"{_show(uri)} is not an llmrec artifact: {_show(uri)}/{META_FILE} does not "
+                        f"{shown(uri)} is not an llmrec artifact: {shown(uri)}/{META_FILE} does not "
                         f"exist (missing, or an upload that did not finish){hint}"
                     )
                 else:
@@ -289,7 +162,7 @@ def stage_in(
             logger.warning("%s changed while it was downloaded; downloading it again", redact(uri))
             info = fs.get_file_info(path)
     raise OSError(
-        f"{_show(uri)} kept changing while it was downloaded (is a writer replacing it?); retry later"
+        f"{shown(uri)} kept changing while it was downloaded (is a writer replacing it?); retry later"
     )
 
 
@@ -386,55 +259,11 @@ def stage_out_file(uri: str, cache_root: str | os.PathLike) -> Iterator[Path]:
         local = staging / _basename(path)
         yield local
         if not local.is_file():
-            raise FileNotFoundError(f"the command wrote no file to upload to {_show(uri)} (expected {local})")
+            raise FileNotFoundError(f"the command wrote no file to upload to {shown(uri)} (expected {local})")
         _put_file(fs, local, path)
         logger.info("uploaded %s -> %s (%.1f MB)", local, redact(uri), local.stat().st_size / 1e6)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------- declarations
-
-
-@dataclass(frozen=True)
-class In:
-    """An input folder or file. `stage`: the command that writes it (its meta.json is then required).
-
-    `by_listing`: a folder that grows while its meta.json stays the same (the serving event log): the cached
-    copy is reused only while the remote file names, sizes and mtimes are unchanged (see `stage_in`).
-    """
-
-    stage: str | None = None
-    by_listing: bool = False
-
-
-@dataclass(frozen=True)
-class Run:
-    """An input run folder; `parts` are the sub-artifacts the command reads (missing ones are left out)."""
-
-    parts: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Out:
-    """An output artifact folder; `mode` as in `stage_out`."""
-
-    mode: Literal["replace", "update", "add"] = "replace"
-
-
-@dataclass(frozen=True)
-class OutFile:
-    """An output file (e.g. a parquet of recommendations)."""
-
-
-@dataclass(frozen=True)
-class LocalOnly:
-    """A folder that must be on local disk; `why` is the reason a URI is refused."""
-
-    why: str
-
-
-Arg = In | Run | Out | OutFile | LocalOnly
 
 
 @contextlib.contextmanager
@@ -459,7 +288,7 @@ def localize(
                 continue
             flag = "--" + name.replace("_", "-")
             if isinstance(arg, LocalOnly):
-                raise ValueError(f"{flag} {_show(value)}: must be a local folder: {arg.why}")
+                raise ValueError(f"{flag} {shown(value)}: must be a local folder: {arg.why}")
             if isinstance(arg, In):
                 out[name] = str(
                     stage_in(
@@ -484,7 +313,7 @@ def localize(
             msg = str(e)
             for name in spec:
                 if is_uri(values.get(name)) and out[name] in msg:
-                    msg = msg.replace(out[name], _show(values[name]))
+                    msg = msg.replace(out[name], shown(values[name]))
             if msg == str(e) or len(e.args) != 1:
                 raise
             raise type(e)(msg) from e
@@ -530,11 +359,6 @@ class _CacheEntry:
             shutil.rmtree(self.path)
         elif self.path.exists() or self.path.is_symlink():
             self.path.unlink()
-
-
-def _show(location: str | os.PathLike) -> str:
-    """A location for error messages: a URI without its ?options (endpoint, credentials)."""
-    return os.fspath(location).partition("?")[0]
 
 
 def _key(uri: str) -> str:
@@ -599,24 +423,18 @@ def _inside(local: Path, rel: str, remote: str) -> Path:
     whoever can write the bucket must not be able to write anywhere on this machine."""
     parts = rel.split("/")
     if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
-        raise ValueError(f"remote key {rel!r} under {_show(remote)} is not a plain relative path (it has "
+        raise ValueError(f"remote key {rel!r} under {shown(remote)} is not a plain relative path (it has "
                          "'..', "
                          "'.', an empty part or a leading '/'); refusing to download it outside the cache "
                          "folder: remove or rename it in the bucket")
     dest = (local / rel).resolve()
     if not dest.is_relative_to(local.resolve()):
-        raise ValueError(f"remote key {rel!r} under {_show(remote)} resolves outside the cache folder")
+        raise ValueError(f"remote key {rel!r} under {shown(remote)} resolves outside the cache folder")
     return dest
 
 
-def _make_parent(fs: pafs.FileSystem, path: str) -> None:
-    parent = path.rstrip("/").rsplit("/", 1)[0]
-    if fs.type_name not in _OBJECT_STORES and parent and parent != path:
-        fs.create_dir(parent, recursive=True)
-
-
 def _put_file(fs: pafs.FileSystem, local: Path, remote: str) -> None:
-    _make_parent(fs, remote)
+    make_parent(fs, remote)
     with open(local, "rb") as src, fs.open_output_stream(remote) as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
 
@@ -628,11 +446,11 @@ def _check_replaceable(fs: pafs.FileSystem, path: str, uri: str) -> None:
     if info.type == pafs.FileType.NotFound:
         return
     if info.type == pafs.FileType.File:
-        raise ValueError(f"{_show(uri)} is a file; an artifact folder is needed there")
+        raise ValueError(f"{shown(uri)} is a file; an artifact folder is needed there")
     names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
     if names and META_FILE not in names and not set(_MARKS) & set(names):
         raise ValueError(
-            f"refusing to overwrite {_show(uri)}: it holds {len(names)} entries (e.g. {sorted(names)[:3]}) "
+            f"refusing to overwrite {shown(uri)}: it holds {len(names)} entries (e.g. {sorted(names)[:3]}) "
             f"but no {META_FILE}, so it is not an llmrec artifact; point the output at an empty or new folder"
         )
 
@@ -662,6 +480,6 @@ def _upload(local: Path, fs: pafs.FileSystem, path: str, uri: str, *, replace: b
 
 
 def _put_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    _make_parent(fs, path)
+    make_parent(fs, path)
     with fs.open_output_stream(path) as f:
         f.write(data)

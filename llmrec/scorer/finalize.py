@@ -1,0 +1,364 @@
+"""The post-training ranking choices, each measured on validation (`finalize_ranking`): the MLP re-ranker
+on/off, the co-occurrence weight (`tune_cooc_weight`), the text boost per history-length bucket
+(`tune_text_boost` / `choose_text_boost`) and the cold-item bonus (`tune_cold_bonus`). Each grid value ranks
+every validation user as served (`served_val_ndcg`); the choices that prefer text take the largest value that
+ties with the best (`largest_tied`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from llmrec.config import TrainConfig
+from llmrec.cooc import cooccurrence_similarity, history_scores
+from llmrec.data.histories import attach_item_idx
+from llmrec.metrics import recall_ndcg
+from llmrec.protocol import ItemSpace
+from llmrec.schema import USER_ID
+from llmrec.scorer import data as sdata
+from llmrec.scorer.model import ScorerConfig, ScorerModel, cooc_neighbours
+from llmrec.scorer.validate import two_stage_chunks
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Training ended with weights that cannot rank (non-finite or zero scale): a learning rate too high."""
+
+
+# co-occurrence weights tried on validation, in logit units (the head's scale; u.v is divided by `scale`)
+COOC_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+# multipliers of the text-arm gain tried per history-length bucket after training (tune_text_boost)
+TEXT_BOOST_GRID = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
+# A tie, in the post-training choices that prefer text (`largest_tied`: text boost, cold bonus): a value
+# whose validation NDCG is within TEXT_BOOST_Z standard errors of the paired difference to the best (1.96: not
+# worse at 95%, the yardstick by which a ranking change counts as no regression) AND within TIE_REL of the
+# best's mean. The relative bound matters for small buckets, whose wide standard errors alone would let a
+# boost cost a third of the bucket's NDCG (MovieLens, 145 users: 16x text at 0.084 vs 0.133). Text is what a
+# user can see and steer, so it wins every tie.
+TEXT_BOOST_Z = 1.96
+TIE_REL = 0.02
+# cold-item bonuses tried on validation (u.v units, tune_cold_bonus), with this share of the warm items made
+# cold
+COLD_BONUS_GRID = (0.0, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8)
+COLD_VAL_FRAC = 0.1
+
+
+def finalize_ranking(
+    state: dict,
+    static: dict,
+    sims: tuple[sp.csr_matrix, sp.csr_matrix] | None,
+    cfg: TrainConfig,
+) -> tuple[dict, sp.csr_matrix | None, dict, dict, dict]:
+    """Post-training choices, each measured on validation: the MLP re-ranker on/off, then the co-occurrence
+    weight (`tune_cooc_weight`), then the text boost per history-length bucket (`tune_text_boost`), then the
+    cold-item bonus (`tune_cold_bonus`).
+
+    sims: (co-occurrence similarity of the training events, of training + validation events) or None (no
+    co-occurrence term). Returns (state with model_config updated, the co-occurrence matrix to ship (train +
+    validation) or None, the co-occurrence, text-boost and cold-bonus summaries for meta.json)."""
+    m = state["metrics"]
+    mc = dict(state["model_config"])
+    if "val_ndcg@10" in m and "val_retrieval_ndcg@10" in m:
+        # measured, not assumed: keep the MLP re-ranker only if it beat retrieval alone on validation
+        mc["rerank"] = bool(m["val_ndcg@10"] >= m["val_retrieval_ndcg@10"])
+        logger.info("re-ranker %s: val ndcg@10 two-stage %.4f vs retrieval-only %.4f",
+                    "on" if mc["rerank"] else "off", m["val_ndcg@10"], m["val_retrieval_ndcg@10"])
+    info: dict[str, Any] = {"cooc_neighbors": cfg.cooc_neighbors}
+    boost_info: dict[str, Any] = {}
+    cold_info: dict[str, Any] = {}
+    mc["cooc_weight"] = 0.0
+    t0 = time.perf_counter()
+    val = static["val"]
+    has_val = val is not None and val.n_users > 0
+
+    def model_for(c: dict) -> ScorerModel:
+        mod = ScorerModel(  # torch.tensor copies: the arrays may be read-only views of Ray's object store
+            ScorerConfig(**c),
+            torch.tensor(static["text_vectors"]),
+            torch.tensor(static["id_slots"]),
+            torch.tensor(static["item_counts"]),
+        )
+        mod.load_state_dict(state["model"])
+        return mod
+
+    sim_train = None
+    if sims is not None and has_val:
+        sim_train = sims[0]
+        weight, table = tune_cooc_weight(model_for(mc), val, sim_train, cfg.n_candidates)
+        mc["cooc_weight"] = weight
+        info.update(val_ndcg_by_weight=table, cooc_weight=weight)
+        logger.info("co-occurrence weight %.4g chosen on validation (ndcg@10 by weight: %s)", weight, table)
+    elif sims is not None:
+        logger.info("no validation set: co-occurrence weight stays 0 (neural ranking only)")
+    if has_val and mc.get("text_arm", True):
+        boost, boost_info = tune_text_boost(model_for(mc), val, sim_train, cfg.n_candidates)
+        mc["text_boost"] = list(boost)
+        logger.info("text boost per history-length bucket %s chosen on validation: %s",
+                    list(boost_info["buckets"]), boost)
+    if has_val:
+        bonus, cold_info = tune_cold_bonus(model_for(mc), val, sim_train, cfg.n_candidates)
+        mc["cold_bonus"] = bonus
+        logger.info("cold-item bonus %.4g chosen on validation (%s)", bonus,
+                    f"{cold_info['n_cold_targets']} targets of "
+                    f"{cold_info['n_pseudo_cold_items']} items made cold"
+                    if cold_info.get("measured") else cold_info.get("why", ""))
+    if sims is None:
+        return {**state, "model_config": mc}, None, info, boost_info, cold_info
+    sim = sims[1]
+    info.update(nnz=int(sim.nnz), seconds=time.perf_counter() - t0)
+    return {**state, "model_config": mc}, sim, info, boost_info, cold_info
+
+
+@torch.no_grad()
+def tune_text_boost(
+    model: ScorerModel,
+    val: sdata.ValidationSet,
+    sim: sp.csr_matrix | None,
+    n_candidates: int = 200,
+    k: int = 10,
+    grid: Iterable[float] = TEXT_BOOST_GRID,
+    min_users: int = 30,
+    chunk: int = 256,
+) -> tuple[tuple[float, ...], dict[str, Any]]:
+    """The multiplier of the text-arm gain beta(n) per history-length bucket (`ScorerConfig.text_boost`).
+
+    Every grid value is applied to all validation users (final ranking as served, co-occurrence term
+    included), then `choose_text_boost` picks per bucket from the per-user NDCG@k. Returns (boost per bucket,
+    {buckets, grid, n_users, val_ndcg (per bucket per grid value), chosen, measured, z}).
+    """
+    from llmrec.scorer.model import LEN_BUCKETS
+
+    grid = [float(g) for g in grid]
+    lens = np.minimum(np.asarray(val.hist_len), model.cfg.max_len)
+    bucket = np.clip(np.searchsorted(LEN_BUCKETS, lens, side="right") - 1, 0, None)
+    impute = (
+        cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k) if sim is not None else None
+    )
+    per = np.zeros((len(grid), val.n_users))
+    saved = model.text_boost.clone()
+    try:
+        for gi, g in enumerate(grid):
+            model.text_boost.fill_(g)
+            per[gi] = served_val_ndcg(model, val, sim, impute, n_candidates, k, chunk)
+    finally:
+        model.text_boost.copy_(saved)
+    chosen, measured = choose_text_boost(per, bucket, grid, len(LEN_BUCKETS), min_users)
+    table = {
+        str(LEN_BUCKETS[b]): [float(x) for x in per[:, bucket == b].mean(1)] if (bucket == b).any() else []
+        for b in range(len(LEN_BUCKETS))
+    }
+    return chosen, {"buckets": list(LEN_BUCKETS), "grid": grid, "chosen": list(chosen), "measured": measured,
+                    "z": TEXT_BOOST_Z, "rel": TIE_REL,
+                    "n_users": [int((bucket == b).sum()) for b in range(len(LEN_BUCKETS))], "val_ndcg": table}
+
+
+def choose_text_boost(
+    per: np.ndarray,
+    bucket: np.ndarray,
+    grid: Sequence[float],
+    n_buckets: int,
+    min_users: int = 30,
+    z: float = TEXT_BOOST_Z,
+    rel: float = TIE_REL,
+) -> tuple[tuple[float, ...], list[bool]]:
+    """Per history-length bucket, the text boost to rank with, from per-user validation NDCG.
+
+    Args:
+        per: float (G, U), NDCG@k of validation user u ranked with grid value g.
+        bucket: int (U,), each user's history-length bucket in [0, n_buckets).
+        grid: the G boosts tried.
+        min_users: a bucket with fewer validation users is not measured.
+        z: tolerance in standard errors of the paired difference (`TEXT_BOOST_Z`).
+        rel: tolerance relative to the best mean (`TIE_REL`).
+
+    A measured bucket takes the LARGEST boost that ties with the bucket's best (`largest_tied`: within z
+    standard errors of the paired difference and within rel of its mean; text wins ties). An unmeasured
+    bucket takes the choice of the nearest measured shorter bucket, or when there is none, of the nearest
+    measured longer one (a one-like user in a dataset whose validation users all have longer histories gets at
+    least the text of the shortest measured histories); with no measured bucket every boost is 1. Measured
+    choices never grow with history length (each is capped by the previous measured one). Returns (boost per
+    bucket, measured per bucket).
+    """
+    per = np.asarray(per, dtype=np.float64)
+    bucket = np.asarray(bucket)
+    if per.ndim != 2 or per.shape != (len(grid), len(bucket)):
+        raise ValueError(f"per must be (len(grid)={len(grid)}, users={len(bucket)}), got {per.shape}")
+    picks: list[float | None] = []
+    for b in range(n_buckets):
+        sel = bucket == b
+        n = int(sel.sum())
+        if n < max(min_users, 2):
+            picks.append(None)
+            continue
+        pick = largest_tied(per[:, sel], grid, z, rel)
+        prev = next((p for p in reversed(picks) if p is not None), None)
+        picks.append(pick if prev is None else min(pick, prev))
+    measured = [p is not None for p in picks]
+    out: list[float] = []
+    for b in range(n_buckets):
+        shorter = [p for p in picks[:b + 1] if p is not None]
+        longer = [p for p in picks[b:] if p is not None]
+        out.append(shorter[-1] if shorter else (longer[0] if longer else 1.0))
+    return tuple(out), measured
+
+
+@torch.no_grad()
+def tune_cold_bonus(
+    model: ScorerModel,
+    val: sdata.ValidationSet,
+    sim: sp.csr_matrix | None,
+    n_candidates: int = 200,
+    k: int = 10,
+    grid: Iterable[float] = COLD_BONUS_GRID,
+    frac: float = COLD_VAL_FRAC,
+    seed: int = 0,
+    min_targets: int = 30,
+    chunk: int = 256,
+) -> tuple[float, dict[str, Any]]:
+    """The cold-item bonus (`ScorerConfig.cold_bonus`, u.v units), chosen on validation in a world with cold
+    items.
+
+    Validation targets are almost never cold (an item without training events rarely is anyone's next one), so
+    a seeded `frac` of the items that have an ID embedding is made cold for the measurement: their ID slots
+    set to 0 (they then borrow their text neighbours' ID vectors, as a real cold item does) and their rows and
+    columns of the co-occurrence matrix removed. Every grid value ranks every validation user (final ranking
+    as served); the choice is the LARGEST bonus whose overall NDCG@k ties with the best bonus's
+    (`largest_tied`; cold items are text, and text wins ties). The overall NDCG counts
+    warm-target users too, so each cold item pushed up costs what it costs them. Fewer than `min_targets`
+    validation users with a made-cold target -> bonus 0, not measured. Returns (bonus, summary for meta.json:
+    measured, grid, val_ndcg, val_ndcg_cold_targets, n_pseudo_cold_items, n_cold_targets, chosen).
+    """
+    grid = [float(g) for g in grid]
+    n = model.cfg.n_items
+    warm = np.flatnonzero(model.id_slots.cpu().numpy() > 0)
+    rng = np.random.default_rng(seed)
+    pseudo = np.sort(rng.choice(warm, size=int(round(frac * len(warm))), replace=False))
+    is_cold = np.zeros(n, dtype=bool)
+    is_cold[pseudo] = True
+    cold_users = np.array([bool(is_cold[val.targets[b]].any()) for b in range(val.n_users)], dtype=bool)
+    summary: dict[str, Any] = {"n_pseudo_cold_items": int(len(pseudo)),
+                               "n_cold_targets": int(cold_users.sum()),
+                               "grid": grid, "frac": frac, "seed": seed}
+    if cold_users.sum() < max(min_targets, 2):
+        why = (
+            f"{int(cold_users.sum())} validation targets among the items made cold, fewer than {min_targets}"
+        )
+        return 0.0, {**summary, "measured": False, "why": why, "chosen": 0.0}
+    keep = sp.diags((~is_cold).astype(np.float32))
+    sim_c = (keep @ sim @ keep).tocsr() if sim is not None else None
+    impute = (
+        cooc_neighbours(sim_c, model.text_vectors.numpy(), model.cfg.cold_impute_k)
+        if sim_c is not None
+        else None
+    )
+    per = np.zeros((len(grid), val.n_users))
+    saved_cfg = model.cfg
+    try:
+        with model.items_made_cold(pseudo):
+            for gi, g in enumerate(grid):
+                model.cfg = dataclasses.replace(saved_cfg, cold_bonus=g)
+                per[gi] = served_val_ndcg(model, val, sim_c, impute, n_candidates, k, chunk)
+    finally:
+        model.cfg = saved_cfg
+    pick = largest_tied(per, grid)
+    return pick, {**summary, "measured": True, "chosen": pick, "z": TEXT_BOOST_Z, "rel": TIE_REL,
+                  "val_ndcg": [float(x) for x in per.mean(1)],
+                  "val_ndcg_cold_targets": [float(x) for x in per[:, cold_users].mean(1)]}
+
+
+@torch.no_grad()
+def served_val_ndcg(
+    model: ScorerModel,
+    val: sdata.ValidationSet,
+    sim: sp.csr_matrix | None,
+    impute: tuple[np.ndarray, np.ndarray] | None,
+    n_candidates: int = 200,
+    k: int = 10,
+    chunk: int = 256,
+) -> np.ndarray:
+    """(U,) NDCG@k of every validation user under the final ranking as served: the two-stage scores plus
+    `cooc_weight` x the co-occurrence score (sim, with `impute` for items without co-occurrence data) when
+    both are there."""
+    out = np.zeros(val.n_users)
+    w = float(model.cfg.cooc_weight)
+    users = np.arange(val.n_users)
+    for ub, _, cand, head in two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
+        f, cand_np = head.numpy(), cand.numpy()
+        if sim is not None and w > 0:
+            f = f + w * history_scores(sim, [val.positives[b] for b in ub], cand_np, impute=impute)
+        top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
+        out[ub] = [recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub)]
+    return out
+
+
+def largest_tied(
+    per: np.ndarray, grid: Sequence[float], z: float = TEXT_BOOST_Z, rel: float = TIE_REL
+) -> float:
+    """The largest grid value whose per-user scores (row of per, (G, U)) tie with the best row's (highest
+    mean): the mean paired difference is within z standard errors, and the mean within `rel` of the best's."""
+    per = np.asarray(per, dtype=np.float64)
+    means = per.mean(1)
+    best = int(np.argmax(means))
+    n = per.shape[1]
+    for gi in sorted(range(len(grid)), key=lambda i: -grid[i]):
+        diff = per[gi] - per[best]
+        if diff.mean() >= -z * diff.std(ddof=1) / np.sqrt(n) and means[gi] >= (1.0 - rel) * means[best]:
+            return float(grid[gi])
+    return float(grid[best])
+
+
+def cooc_matrix(df: pd.DataFrame, items: ItemSpace, n_neighbors: int) -> sp.csr_matrix:
+    """Co-occurrence similarity (llmrec.cooc) of the positive events of a canonical interactions frame."""
+    df = attach_item_idx(df, items)
+    df = df[sdata.target_mask(df)] if len(df) else df
+    return cooccurrence_similarity(
+        df[USER_ID].astype(str).to_numpy(), df["item_idx"].to_numpy(np.int64), items.n_items, n_neighbors
+    )
+
+
+@torch.no_grad()
+def tune_cooc_weight(
+    model: ScorerModel,
+    val: sdata.ValidationSet,
+    sim: sp.csr_matrix,
+    n_candidates: int = 200,
+    k: int = 10,
+    grid: Iterable[float] = COOC_GRID,
+    chunk: int = 256,
+) -> tuple[float, dict[str, float]]:
+    """The co-occurrence weight with the best validation ndcg@k of the final ranking.
+
+    Final ranking (as in `Scorer.recommend`): retrieval top-n_candidates by u.v (train items excluded), scored
+    by `model.rank_pairs` + w * co-occurrence score of the user's positive train items. `grid` is in logit
+    units; with the re-ranker off rank_pairs is u.v, so the weights tried are grid / scale. Ties go to the
+    smaller weight. Returns (weight, {weight: ndcg@k}).
+    """
+    scale = float(model.scale)
+    if not math.isfinite(scale) or scale <= 0.0:
+        raise TrainingDiverged(f"the trained scale (inverse temperature) is {scale}; lower the learning rate")
+    unit = 1.0 if model.cfg.rerank else 1.0 / scale
+    weights = [float(g) * unit for g in grid]
+    impute = cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k)
+    sums = np.zeros(len(weights))
+    users = np.arange(val.n_users)
+    for ub, _, cand, head in two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
+        co = history_scores(sim, [val.positives[b] for b in ub], cand.numpy(), impute=impute)  # (b, n)
+        base, cand_np = head.numpy(), cand.numpy()  # base is -inf at excluded candidates
+        for wi, w in enumerate(weights):
+            f = base + w * co
+            top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
+            sums[wi] += sum(recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub))
+    ndcg = sums / max(val.n_users, 1)
+    best = int(np.argmax(ndcg))  # first maximum = smallest weight among ties
+    return weights[best], {f"{w:.6g}": float(x) for w, x in zip(weights, ndcg, strict=True)}

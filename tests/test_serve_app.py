@@ -374,7 +374,7 @@ def test_deployments_are_healthy_and_a_recommender_without_model_fails_its_probe
     """Serve calls check_health on both deployments; the Recommender's probe searches its index."""
     from ray import serve
 
-    from llmrec.serve.deployments import Recommender
+    from llmrec.serve.recommender import Recommender
 
     status = serve.status().applications[app.name]
     assert {name: d.status == "HEALTHY" for name, d in status.deployments.items()} == {

@@ -175,8 +175,8 @@ def test_default_scorer_only_when_evaluation_measured_it_better(tmp_path):
     import json
 
     from llmrec.artifacts import write_meta
-    from llmrec.serve.deployments import resolve_artifacts
     from llmrec.serve.recommend_core import default_scorer_is_better
+    from llmrec.serve.run_artifacts import resolve_artifacts
 
     run = tmp_path / "run"
     assert default_scorer_is_better(run) == (False, "no trained scorer in the run")

@@ -88,7 +88,8 @@ def build_app(args: Mapping[str, Any]) -> Any:
     cfg = _parse_args(args)
     from ray.serve.config import AutoscalingConfig  # noqa: F401  (fail early with a clear import error)
 
-    from llmrec.serve.deployments import Ingress, Recommender
+    from llmrec.serve.ingress import Ingress
+    from llmrec.serve.recommender import Recommender
 
     scale: dict[str, Any] = (
         {"autoscaling_config": cfg["autoscaling"]}

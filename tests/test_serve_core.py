@@ -190,14 +190,14 @@ def test_default_scorer_only_when_evaluation_measured_it_better(tmp_path):
 
     metrics(0.05, 0.02)
     assert default_scorer_is_better(run)[0] is True
-    assert resolve_artifacts(str(run), {})["scorer_dir"] == str(run / "scorer")
+    assert resolve_artifacts(str(run), {}).scorer_dir == str(run / "scorer")
     metrics(0.009, 0.0095)
     use, why = default_scorer_is_better(run)
     assert use is False and "0.0090 <= zero-shot text 0.0095" in why
-    assert resolve_artifacts(str(run), {})["scorer_dir"] is None
+    assert resolve_artifacts(str(run), {}).scorer_dir is None
     # an explicit user_config choice wins over the measurement
     assert (
-        resolve_artifacts(str(run), {"scorer_dir": str(run / "scorer")})["scorer_dir"] == str(run / "scorer")
+        resolve_artifacts(str(run), {"scorer_dir": str(run / "scorer")}).scorer_dir == str(run / "scorer")
     )
 
 

@@ -36,7 +36,7 @@ from llmrec import __version__, schema
 from llmrec.serve import auth
 from llmrec.serve import schemas as S
 from llmrec.serve.recommender import unwrap_result
-from llmrec.serve.run_artifacts import resolve_artifacts
+from llmrec.serve.run_artifacts import RunArtifacts, embeddings_dir_of
 from llmrec.state.errors import StateUnavailable
 
 logger = logging.getLogger(__name__)
@@ -223,7 +223,10 @@ class Ingress:
         shard_memory_mb: int | None = 256,
         state_url: str | None = None,
         state_url_env: str | None = None,
+        artifacts: RunArtifacts | None = None,
     ) -> None:
+        """`artifacts`: what the app serves, resolved once by `build_app` (None: RUN's defaults); the Ingress
+        validates item ids against its embeddings. The other args: `build_app`'s of the same names."""
         from llmrec.state.store import EmbeddingsMeanVectorizer, StateStore
 
         self.recommender = recommender
@@ -238,15 +241,17 @@ class Ingress:
         auth.set_replica_token(self.auth_token)
         self.log_user_ids = bool(log_user_ids)
         self.max_body_bytes = int(max_body_bytes)
-        arts = resolve_artifacts(self.run_dir, None)
-        self._embeddings_dir = arts["embeddings_dir"]
+        self._embeddings_dir = (artifacts.embeddings_dir if artifacts is not None
+                                else embeddings_dir_of(self.run_dir, None))
         self._item_ids = self._read_item_ids(self._embeddings_dir)
         log_dir = log_dir or str(Path(self.run_dir) / schema.RUN_EVENTS)
         self.store = StateStore(
             n_shards=n_shards,
             log_dir=log_dir,
             namespace=namespace,
-            vectorizer_factory=EmbeddingsMeanVectorizer(self._embeddings_dir),
+            # the shards' text user vectors live in the space of RUN's own embeddings (a user_config override
+            # of embeddings_dir changes the catalog the Ingress validates against, not that space)
+            vectorizer_factory=EmbeddingsMeanVectorizer(embeddings_dir_of(self.run_dir, None)),
             name=state_name,
             base_dir=data_dir,
             history_len=history_len,
@@ -278,7 +283,7 @@ class Ingress:
         return frozenset(str(x) for x in read_item_ids(embeddings_dir))
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        emb = resolve_artifacts(self.run_dir, user_config)["embeddings_dir"]
+        emb = embeddings_dir_of(self.run_dir, user_config)  # no scorer choice here: nothing is read
         if emb != self._embeddings_dir:
             self._item_ids = await asyncio.get_running_loop().run_in_executor(None, self._read_item_ids, emb)
             self._embeddings_dir = emb

@@ -24,38 +24,62 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
-from llmrec.serve.run_artifacts import load_catalog_from, load_text_encoder, resolve_artifacts
+from llmrec.serve.run_artifacts import (
+    RunArtifacts,
+    load_catalog_from,
+    load_text_encoder,
+    registry_mtime_ns,
+    resolve_artifacts,
+)
+
+if TYPE_CHECKING:
+    from llmrec.serve.recommend_core import RecommendCore
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Served:
+    """The model one replica serves, swapped in one assignment."""
+
+    core: RecommendCore
+    model_version: str
+    arts: RunArtifacts
 
 
 @serve.deployment(name="Recommender", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Recommender:
     """Retrieval + re-ranking + text encoding for one run folder (see the module docstring)."""
 
-    def __init__(self, run_dir: str, model: str | None = None, device: str = "cpu") -> None:
+    def __init__(self, run_dir: str, model: str | None = None, device: str = "cpu", *,
+                 artifacts: RunArtifacts | None = None) -> None:
+        """Args:
+            run_dir: the run folder (titles, popularity, the model registry).
+            model: the text encoder (default: the embeddings' model); device: "cpu" | "cuda[:i]".
+            artifacts: what to serve, resolved once for the app by `build_app` (None: RUN's defaults,
+                resolved here, for use without build_app). Resolved again here only when the model registry
+                changed since (a replica that Serve starts long after the deploy).
+        """
         self._run_dir = str(run_dir)
         self._model_arg = model
         self._device = device
         self._encoder: Any = None
-        self._state: dict[str, Any] | None = None
+        self._state: _Served | None = None
         self._load_lock = asyncio.Lock()
-        self._user_config: dict[str, Any] = {}
-        self._registry = Path(self._run_dir) / "models.json"  # llmrec.learn's model registry
-        self._registry_mtime = self._mtime()
+        arts = artifacts if artifacts is not None else resolve_artifacts(self._run_dir, None)
+        self._user_config: dict[str, Any] = dict(arts.user_config)
+        moved = registry_mtime_ns(self._run_dir) != arts.registry_mtime_ns
+        if moved and "scorer_dir" not in arts.user_config:
+            logger.info("model registry changed since the app was built: resolving the artifacts again")
+            arts = resolve_artifacts(self._run_dir, arts.user_config)
+        self._registry_mtime = arts.registry_mtime_ns
         self._checked = time.monotonic()
-        self._swap(self._build(resolve_artifacts(self._run_dir, None)))
-
-    def _mtime(self) -> float | None:
-        try:
-            return self._registry.stat().st_mtime_ns
-        except FileNotFoundError:
-            return None
+        self._swap(self._build(arts))
 
     def _watch_registry(self) -> None:
         """At most once a second: when the learning loop changed the model registry (and user_config does not
@@ -65,28 +89,27 @@ class Recommender:
         if now - self._checked < 1.0 or "scorer_dir" in self._user_config:
             return
         self._checked = now
-        m = self._mtime()
+        m = registry_mtime_ns(self._run_dir)
         if m != self._registry_mtime:
             self._registry_mtime = m
             logger.info("model registry changed: reloading")
             asyncio.get_running_loop().create_task(self.reconfigure(self._user_config, force=True))
 
     # -- model loading / swapping
-    def _build(self, arts: dict[str, Any]) -> dict[str, Any]:
+    def _build(self, arts: RunArtifacts) -> _Served:
+        """Load catalog, index, scorer (and the encoder, once): each artifact's meta.json is read once."""
         from llmrec.index.item_index import ItemIndex
         from llmrec.serve.recommend_core import RankConfig, RecommendCore, load_catalog
 
         t0 = time.perf_counter()
-        catalog, embed_meta = load_catalog_from(arts["embeddings_dir"], self._run_dir, load_catalog)
-        index = ItemIndex.load(arts["index_dir"], expect_embed_meta=embed_meta, device=self._device)
-        scorer, scorer_meta = None, {}
-        if arts["scorer_dir"]:
-            from llmrec.artifacts import read_meta
+        catalog, embed_meta = load_catalog_from(arts.embeddings_dir, self._run_dir, load_catalog)
+        index = ItemIndex.load(arts.index_dir, expect_embed_meta=embed_meta, device=self._device)
+        scorer = None
+        if arts.scorer_dir:
             from llmrec.scorer.inference import Scorer
 
-            scorer_meta = read_meta(arts["scorer_dir"])
-            scorer = Scorer.load(arts["scorer_dir"], device=self._device)
-        core = RecommendCore(catalog, index, scorer=scorer, config=RankConfig(**arts["rank"]))
+            scorer = Scorer.load(arts.scorer_dir, device=self._device)
+        core = RecommendCore(catalog, index, scorer=scorer, config=RankConfig(**arts.rank))
         if self._encoder is None:
             self._encoder = load_text_encoder(self._model_arg, embed_meta, self._device)
         if self._encoder.dim != catalog.dim:
@@ -94,21 +117,8 @@ class Recommender:
                 f"text encoder {self._encoder.model_name!r} is {self._encoder.dim}-d but the embeddings are "
                 f"{catalog.dim}-d ({embed_meta.get('model_name')!r}); serve with the encoder that built them"
             )
-        from llmrec.artifacts import read_meta
-
-        index_meta = read_meta(arts["index_dir"])
-        version = (
-            arts["model_version"]
-            or hashlib.sha256(
-                json.dumps(
-                    [
-                        embed_meta.get("created_at"),
-                        index_meta.get("created_at"),
-                        scorer_meta.get("created_at"),
-                    ]
-                ).encode()
-            ).hexdigest()[:10]
-        )
+        created = [m.get("created_at") for m in (embed_meta, index.meta or {}, scorer.meta if scorer else {})]
+        version = arts.model_version or hashlib.sha256(json.dumps(created).encode()).hexdigest()[:10]
         logger.info(
             "recommender ready: %d items, index %s, scorer %s, version %s (%.1fs)",
             catalog.n_items,
@@ -117,32 +127,30 @@ class Recommender:
             version,
             time.perf_counter() - t0,
         )
-        return {"core": core, "model_version": str(version), "arts": arts}
+        return _Served(core=core, model_version=str(version), arts=arts)
 
-    def _swap(self, state: dict[str, Any]) -> None:
+    def _swap(self, state: _Served) -> None:
         self._state = state  # one assignment: requests see the old or the new model, never a mix
 
     async def reconfigure(self, user_config: dict[str, Any], force: bool = False) -> None:
+        """Serve's user_config hook (also at replica start): the artifacts resolved for this very user_config
+        are kept; another one is resolved here, and only new folders are loaded again (off the event loop)."""
         self._user_config = dict(user_config or {})
-        arts = resolve_artifacts(self._run_dir, user_config)
         old = self._state
-        if old is not None and arts == old["arts"] and not force:
+        if old is not None and not force and self._user_config == dict(old.arts.user_config):
+            return  # what build_app (or the last reconfigure) resolved from this user_config
+        arts = resolve_artifacts(self._run_dir, user_config)
+        if old is not None and arts == old.arts and not force:
             return
-        files = ("embeddings_dir", "index_dir", "scorer_dir")
-        if old is not None and all(arts[f] == old["arts"][f] for f in files):
+        if old is not None and arts.same_files(old.arts):
             # same artifacts, new ranking knobs or version label: no reload
             from llmrec.serve.recommend_core import RankConfig, RecommendCore
 
-            c = old["core"]
-            core = RecommendCore(c.catalog, c.index, scorer=c.scorer, config=RankConfig(**arts["rank"]))
-            self._swap(
-                {
-                    "core": core,
-                    "model_version": str(arts["model_version"] or old["model_version"]),
-                    "arts": arts,
-                }
-            )
-            logger.info("reconfigured ranking (%s), version %s", arts["rank"], self._state["model_version"])
+            c = old.core
+            core = RecommendCore(c.catalog, c.index, scorer=c.scorer, config=RankConfig(**arts.rank))
+            version = str(arts.model_version or old.model_version)
+            self._swap(_Served(core=core, model_version=version, arts=arts))
+            logger.info("reconfigured ranking (%s), version %s", arts.rank, self._state.model_version)
             return
         async with self._load_lock:
             new = await asyncio.get_running_loop().run_in_executor(None, self._build, arts)
@@ -158,27 +166,26 @@ class Recommender:
         st = self._state
         if st is None or self._encoder is None:
             raise RuntimeError("Recommender has no model loaded")
-        core = st["core"]
-        core.index.search(core.catalog.vectors[:1], k=1)
+        st.core.index.search(st.core.catalog.vectors[:1], k=1)
 
     # -- requests
     def info(self) -> dict[str, Any]:
         self._watch_registry()
         st = self._state
-        cat = st["core"].catalog
+        cat = st.core.catalog
         return {
-            "scorer_dir": st["arts"]["scorer_dir"],
-            "scorer_why": st["arts"].get("scorer_why"),
-            "model_version": st["model_version"],
+            "scorer_dir": st.arts.scorer_dir,
+            "scorer_why": st.arts.scorer_why,
+            "model_version": st.model_version,
             "n_items": cat.n_items,
             "dim": cat.dim,
-            "scorer": st["core"].scorer is not None,
-            "index_kind": getattr(st["core"].index, "kind", "?"),
-            "embeddings_dir": st["arts"]["embeddings_dir"],
+            "scorer": st.core.scorer is not None,
+            "index_kind": getattr(st.core.index, "kind", "?"),
+            "embeddings_dir": st.arts.embeddings_dir,
         }
 
     def item_ids(self) -> list[str]:
-        return [str(i) for i in self._state["core"].catalog.item_ids]
+        return [str(i) for i in self._state.core.catalog.item_ids]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def embed(self, texts: list[str]) -> list[list[float] | dict[str, str]]:
@@ -195,10 +202,10 @@ class Recommender:
         st = self._state  # one model for the whole batch, also when it is re-ranked request by request
         return _isolated(lambda batch: self._rank(st, batch), reqs, "recommend")
 
-    def _rank(self, st: dict[str, Any], reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _rank(self, st: _Served, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from llmrec.serve.recommend_core import Query, UserView
 
-        core = st["core"]
+        core = st.core
         q_texts = [r["q"] for r in reqs if r.get("q")]
         q_vecs = iter(self._encoder.encode(q_texts, batch_size=32) if q_texts else [])
         queries = [Query(r["q"], next(q_vecs)) if r.get("q") else None for r in reqs]
@@ -209,7 +216,7 @@ class Recommender:
             queries=queries,
             exclude_seen=[bool(r.get("exclude_seen", True)) for r in reqs],
         )
-        return [{"items": items, "model_version": st["model_version"]} for items in out]
+        return [{"items": items, "model_version": st.model_version} for items in out]
 
 
 def _isolated(fn: Callable[[list[Any]], list[Any]], batch: list[Any], what: str) -> list[Any]:

@@ -196,7 +196,8 @@ def _text_scenario(http, url, ids, facets, pop, eligible, args, rng, negative: b
 def _single_like(http, url, run: Path, ids, facets, pop, args, rng) -> dict[str, Any]:
     """One like per user: facet overlap of the top 10, served model vs the text user vector."""
     from llmrec.index.item_index import ItemIndex
-    from llmrec.serve.recommend_core import RecommendCore, UserView, load_catalog
+    from llmrec.serve.recommend_core import RecommendCore, load_catalog
+    from llmrec.serve.user_view import UserView
     from llmrec.state.user_state import Event, MeanVectorizer, UserState, apply_event
 
     cat, _ = load_catalog(run)

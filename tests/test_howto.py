@@ -106,7 +106,8 @@ def _brute_force(
 
 def test_user_encoder_example_ranks_like_brute_force() -> None:
     from llmrec.index.item_index import ItemIndex
-    from llmrec.serve.recommend_core import Catalog, RecommendCore, UserView
+    from llmrec.serve.recommend_core import Catalog, RecommendCore
+    from llmrec.serve.user_view import UserView
     from llmrec.state.user_state import Event, UserState, apply_event
 
     ns: dict = {}

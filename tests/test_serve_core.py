@@ -7,7 +7,8 @@ import pytest
 
 from llmrec.index.item_index import ItemIndex
 from llmrec.protocol import Ranker, UserEncoder
-from llmrec.serve.recommend_core import Catalog, Query, RankConfig, RecommendCore, UserView
+from llmrec.serve.recommend_core import Catalog, RankConfig, RecommendCore
+from llmrec.serve.user_view import Query, UserView
 
 D = 8
 

@@ -203,7 +203,7 @@ class Recommender:
         return _isolated(lambda batch: self._rank(st, batch), reqs, "recommend")
 
     def _rank(self, st: _Served, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from llmrec.serve.recommend_core import Query, UserView
+        from llmrec.serve.user_view import Query, UserView
 
         core = st.core
         q_texts = [r["q"] for r in reqs if r.get("q")]

@@ -437,7 +437,7 @@ class Ingress:
         return {
             "user_id": user_id,
             "items": res["items"],
-            "state_version": int((state or {}).get("version", 0)),
+            "state_version": int(state.version) if state is not None else 0,
             "model_version": res["model_version"],
         }
 
@@ -479,11 +479,7 @@ class Ingress:
             raise ClientError(
                 404, "unknown user: not in the run's interactions and no feedback recorded for this user_id"
             )
-        out = {k: v for k, v in state.items() if k != "vector"}
-        out["has_vector"] = state.get("vector") is not None
-        # text vectors stay server-side (the ranker uses them); the response keeps `has_vec`
-        out["text_feedback"] = [{k: v for k, v in t.items() if k != "vec"} for t in out["text_feedback"]]
-        return out
+        return state.to_json()  # the vectors stay server-side (the ranker uses them)
 
     async def _delete_user(self, user_id: str) -> dict[str, Any]:
         self._check_user_id(user_id)

@@ -196,7 +196,7 @@ class Recommender:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def recommend(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Batched ranking. A request: {user_id, state (dict|None), k, q (str|None), exclude_seen}.
+        """Batched ranking. A request: {user_id, state (StateSummary|None), k, q (str|None), exclude_seen}.
         Returns {items, model_version} per request, or {"error": ...} for a request that failed alone."""
         self._watch_registry()  # a model the learning loop made current since the last batch swaps in first
         st = self._state  # one model for the whole batch, also when it is re-ranked request by request

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llmrec import schema
 
+if TYPE_CHECKING:
+    from llmrec.state.user_state import StateSummary, UserState
+
 
 @dataclass
 class UserView:
-    """What the ranker needs from a user's state (a `llmrec.state` summary, a `UserState`, or nothing)."""
+    """What the ranker needs from a user's state (a `StateSummary`, a `UserState`, or nothing)."""
 
     user_id: str
     history: list[tuple[str, str, float | None, float]] = field(
@@ -30,8 +33,10 @@ class UserView:
     version: int = 0
 
     @classmethod
-    def from_state(cls, state: Any, user_id: str | None = None) -> UserView:
-        """Accepts None (new user), a summary dict (as `StateStore.get` returns) or a `UserState` object."""
+    def from_state(cls, state: StateSummary | UserState | Mapping[str, Any] | None,
+                   user_id: str | None = None) -> UserView:
+        """Accepts None (new user), a `StateSummary` (as `StateStore.get` returns), a `UserState`, or a dict
+        with the same keys (`history` entries as dicts or tuples)."""
         if state is None:
             return cls(user_id=user_id or "")
         get = state.get if isinstance(state, Mapping) else (lambda k, d=None: getattr(state, k, d))

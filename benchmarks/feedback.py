@@ -196,8 +196,9 @@ def _text_scenario(http, url, ids, facets, pop, eligible, args, rng, negative: b
 def _single_like(http, url, run: Path, ids, facets, pop, args, rng) -> dict[str, Any]:
     """One like per user: facet overlap of the top 10, served model vs the text user vector."""
     from llmrec.index.item_index import ItemIndex
-    from llmrec.serve.recommend_core import RecommendCore, UserView, load_catalog
-    from llmrec.state.user_state import Event, MeanVectorizer, UserState, apply_event
+    from llmrec.serve.recommend_core import RecommendCore, load_catalog
+    from llmrec.serve.user_view import UserView
+    from llmrec.state.user_state import Event, MeanVectorizer, UserState, apply_event, summary
 
     cat, _ = load_catalog(run)
     text_core = RecommendCore(cat, ItemIndex.load(run / "index"), scorer=None)
@@ -211,7 +212,7 @@ def _single_like(http, url, run: Path, ids, facets, pop, args, rng) -> dict[str,
         _post(http, url, [{"user_id": user, "item_id": ids[i], "event": "like", "ts": 1.0}])
         top = _recommend(http, url, user, 10)
         st = apply_event(UserState(user), Event(user_id=user, item_id=ids[i], event="like", ts=1.0))
-        view = UserView.from_state({**_summary(st), "vector": vec(st).tolist()}, user)
+        view = UserView.from_state(summary(st, vector=vec(st)), user)
         ref = text_core.recommend([view], k=10)[0]
         overlap = lambda items, i=i: float(  # noqa: E731
             np.mean([bool(facets[i] & facets[id_pos[it["item_id"]]]) for it in items])
@@ -225,12 +226,6 @@ def _single_like(http, url, run: Path, ids, facets, pop, args, rng) -> dict[str,
     return {"n_users": len(picks), "overlap_served": s, "overlap_text_vector": t,
             "ratio": s / t if t > 0 else None,
             "reasons_top10": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
-
-
-def _summary(st: Any) -> dict[str, Any]:
-    from llmrec.state.user_state import summary
-
-    return summary(st)
 
 
 def _kill_state(name: str) -> None:

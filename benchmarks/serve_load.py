@@ -166,7 +166,8 @@ def _core_latency(run: Path, ids: np.ndarray, n_calls: int) -> dict[str, float]:
 
     from llmrec import schema
     from llmrec.index.item_index import ItemIndex
-    from llmrec.serve.recommend_core import RecommendCore, UserView, load_catalog
+    from llmrec.serve.recommend_core import RecommendCore, load_catalog
+    from llmrec.serve.user_view import UserView
     from llmrec.state.user_state import Event, MeanVectorizer, UserState, apply_event
 
     faiss.omp_set_num_threads(1)  # as in a Serve replica (Ray sets OMP_NUM_THREADS=1 there)

@@ -122,7 +122,7 @@ class _Ranker:
         return self._base[1]
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
-        from llmrec.serve.recommend_core import UserView
+        from llmrec.serve.user_view import UserView
         from llmrec.state.user_state import summary
 
         out: list[dict[str, Any]] = []

@@ -106,7 +106,7 @@ def test_delete_is_durable_and_purged_on_both(storage: Storage) -> None:
     assert shard.apply([e])[0]["deleted"] is True  # a retry of an event sent before the delete
     shard.close()
     again = storage.shard()
-    assert again.get("gone") is None and again.get("stay")["n_events"] == 1
+    assert again.get("gone") is None and again.get("stay").n_events == 1
     assert {r["user_id"] for r in storage.records(again)} == {"stay"}
     assert again.tombstones.seq("gone") >= 0
     again.close()

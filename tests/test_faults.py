@@ -104,8 +104,8 @@ def test_kill_9_of_a_shard_mid_stream(ray_local, tmp_path: Path, backend: str,
         got = {u: store.get_sync(u) for u in users}
         ref = reference_states(events)
         for u in users:
-            assert got[u]["n_events"] == ref[u].n_events
-            assert [h["item_id"] for h in got[u]["history"]] == [h[0] for h in ref[u].history]
+            assert got[u].n_events == ref[u].n_events
+            assert [h.item_id for h in got[u].history] == [h[0] for h in ref[u].history]
         assert all(r["duplicate"] for r in store.apply_sync(events[:40]))  # resending changes nothing
     finally:
         store.shutdown(kill_all=True)

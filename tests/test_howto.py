@@ -106,7 +106,8 @@ def _brute_force(
 
 def test_user_encoder_example_ranks_like_brute_force() -> None:
     from llmrec.index.item_index import ItemIndex
-    from llmrec.serve.recommend_core import Catalog, RecommendCore, UserView
+    from llmrec.serve.recommend_core import Catalog, RecommendCore
+    from llmrec.serve.user_view import UserView
     from llmrec.state.user_state import Event, UserState, apply_event
 
     ns: dict = {}
@@ -145,7 +146,7 @@ def patched_package(root: Path) -> Path:
     shutil.copytree(REPO / "llmrec", pkg, ignore=shutil.ignore_patterns("__pycache__"))
     schemas = pkg / "serve" / "schemas.py"
     schemas.write_text(schemas.read_text() + "\n\n" + blocks["route-schema"])
-    dep = pkg / "serve" / "deployments.py"
+    dep = pkg / "serve" / "ingress.py"
     lines = dep.read_text().splitlines(keepends=True)
     tree = ast.parse("".join(lines))
     cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Ingress"), None)
@@ -166,7 +167,7 @@ def _run(root: Path, script: str, timeout_s: float) -> dict:
 
 DIRECT = """
 import asyncio, json, types
-import llmrec, llmrec.serve.deployments as d
+import llmrec, llmrec.serve.ingress as d
 assert llmrec.__file__.startswith({root!r}), llmrec.__file__
 spec = d.api.openapi()  # the ingress class's routes sit in an included router: read them from the spec
 fn = d.Ingress.func_or_class.get_item

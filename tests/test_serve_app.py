@@ -6,6 +6,7 @@ The run folder is built here: a tiny synthetic catalog in three topics, embedded
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+from test_user_state import USERS_BODY
 
 from llmrec import schema
 
@@ -268,6 +270,11 @@ def test_query_and_text_feedback(app: App) -> None:
     s = app.call("GET", "/users/dave").json()
     assert s["text_feedback"][0]["has_vec"] and s["has_vector"]
     assert "vec" not in s["text_feedback"][0]  # the text vector stays server-side (the ranker gets it)
+    # the public body keeps its keys in their order (test_user_state.USERS_BODY: as before StateSummary)
+    want = json.loads(USERS_BODY)
+    assert list(s) == list(want) and list(s["text_feedback"][0]) == list(want["text_feedback"][0])
+    hist = app.call("GET", "/users/p1").json()  # a user of the run's interactions (the shards' base)
+    assert list(hist) == list(want) and list(hist["history"][0]) == list(want["history"][0])
     ids = _ids(app.call("GET", "/recommend", params={"user_id": "dave", "k": 3}))
     assert all(app.info["topic"][i] == "cook" for i in ids)
 
@@ -374,7 +381,7 @@ def test_deployments_are_healthy_and_a_recommender_without_model_fails_its_probe
     """Serve calls check_health on both deployments; the Recommender's probe searches its index."""
     from ray import serve
 
-    from llmrec.serve.deployments import Recommender
+    from llmrec.serve.recommender import Recommender
 
     status = serve.status().applications[app.name]
     assert {name: d.status == "HEALTHY" for name, d in status.deployments.items()} == {

@@ -89,7 +89,7 @@ def test_state_bounds_and_reservations_are_configurable(tmp_path: Path) -> None:
 def test_route_tags_come_from_the_app_routes_and_never_hold_a_user_id() -> None:
     from starlette.requests import Request
 
-    from llmrec.serve.deployments import _route_of
+    from llmrec.serve.ingress import _route_of
 
     def route(path: str) -> str:
         return _route_of(

@@ -14,7 +14,7 @@ import numpy as np
 def test_one_bad_request_does_not_fail_its_batch(tiny_model_dir: str, tmp_path: Path) -> None:
     from test_serve_app import build_tiny_run
 
-    from llmrec.serve.deployments import Recommender, RequestFailed, _result
+    from llmrec.serve.recommender import Recommender, RequestFailed, unwrap_result
 
     build_tiny_run(tmp_path / "run", tiny_model_dir)
     rec = Recommender.func_or_class(str(tmp_path / "run"))
@@ -30,7 +30,7 @@ def test_one_bad_request_does_not_fail_its_batch(tiny_model_dir: str, tmp_path: 
     assert out[0] == alone and out[2] == alone  # the good requests get exactly what they get alone
     assert set(out[1]) == {"error"}
     try:
-        _result(out[1], "ranking")
+        unwrap_result(out[1], "ranking")
     except RequestFailed as e:
         assert "ranking failed" in str(e)
     else:

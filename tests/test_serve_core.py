@@ -7,7 +7,8 @@ import pytest
 
 from llmrec.index.item_index import ItemIndex
 from llmrec.protocol import Ranker, UserEncoder
-from llmrec.serve.recommend_core import Catalog, Query, RankConfig, RecommendCore, UserView
+from llmrec.serve.recommend_core import Catalog, RankConfig, RecommendCore
+from llmrec.serve.user_view import Query, UserView
 
 D = 8
 
@@ -160,6 +161,27 @@ def test_state_summary_forms_are_accepted(core: RecommendCore) -> None:
     assert v.version == 3 and v.seen == {"space1"} and v.negatives == {"cook1": 1.0}
     v2 = UserView.from_state({**summary, "history": [["space1", "like", None, 1.0]]})
     assert v2.history == v.history
+    # the typed StateSummary the store returns, and the UserState it summarises, give the same view
+    from llmrec.state.user_state import Event, UserState, apply_event
+    from llmrec.state.user_state import summary as summarise
+
+    st = UserState("s")
+    for e in [Event(user_id="s", item_id="space1", event="like", ts=1.0),
+              Event(user_id="s", item_id="cook1", event="dislike", ts=2.0),
+              Event(user_id="s", event="like", text="more space", text_vec=_e(0).tolist(), ts=3.0)]:
+        st = apply_event(st, e)
+    st.vector = _e(0)
+    typed = UserView.from_state(summarise(st, vector=st.vector, shard=0))
+    direct = UserView.from_state(st)
+    assert (typed.user_id, typed.history, typed.seen, typed.negatives, typed.version) == (
+        "s", [("space1", "like", None, 1.0), ("cook1", "dislike", None, 2.0)], {"space1", "cook1"},
+        {"cook1": 1.0}, 3)
+    assert (direct.history, direct.seen, direct.negatives, direct.version) == (
+        typed.history, typed.seen, typed.negatives, typed.version)
+    np.testing.assert_array_equal(typed.vector, direct.vector)
+    assert [(t, p) for t, p, _ in typed.text_feedback] == [("more space", 1.0)]
+    np.testing.assert_array_equal(typed.text_feedback[0][2], direct.text_feedback[0][2])
+    assert core.recommend([typed], k=3) == core.recommend([direct], k=3)
 
 
 def test_bad_inputs_raise_clear_errors(core: RecommendCore) -> None:
@@ -175,8 +197,8 @@ def test_default_scorer_only_when_evaluation_measured_it_better(tmp_path):
     import json
 
     from llmrec.artifacts import write_meta
-    from llmrec.serve.deployments import resolve_artifacts
     from llmrec.serve.recommend_core import default_scorer_is_better
+    from llmrec.serve.run_artifacts import resolve_artifacts
 
     run = tmp_path / "run"
     assert default_scorer_is_better(run) == (False, "no trained scorer in the run")
@@ -190,14 +212,14 @@ def test_default_scorer_only_when_evaluation_measured_it_better(tmp_path):
 
     metrics(0.05, 0.02)
     assert default_scorer_is_better(run)[0] is True
-    assert resolve_artifacts(str(run), {})["scorer_dir"] == str(run / "scorer")
+    assert resolve_artifacts(str(run), {}).scorer_dir == str(run / "scorer")
     metrics(0.009, 0.0095)
     use, why = default_scorer_is_better(run)
     assert use is False and "0.0090 <= zero-shot text 0.0095" in why
-    assert resolve_artifacts(str(run), {})["scorer_dir"] is None
+    assert resolve_artifacts(str(run), {}).scorer_dir is None
     # an explicit user_config choice wins over the measurement
     assert (
-        resolve_artifacts(str(run), {"scorer_dir": str(run / "scorer")})["scorer_dir"] == str(run / "scorer")
+        resolve_artifacts(str(run), {"scorer_dir": str(run / "scorer")}).scorer_dir == str(run / "scorer")
     )
 
 
@@ -261,7 +283,7 @@ def test_served_text_model_ranks_as_serving_does(core: RecommendCore) -> None:
         hist = [(i, e, v, float(t)) for t, (i, e, v) in enumerate(evs)]
         st = state_from_history(uid, hist, history_len=HISTORY_LEN)
         vec = vectorizer(st)
-        view = UserView.from_state({**summary(st), "vector": None if vec is None else vec.tolist()})
+        view = UserView.from_state(summary(st, vector=vec))
         recs = core.recommend([view], k=k)[0]
         served = [r["item_id"] for r in recs]
         h = History(uid, np.array([cat.id_to_idx[i] for i, *_ in hist]), np.arange(len(hist)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import pickle
 import threading
@@ -15,11 +16,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_user_state import USERS_BODY
 
 from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
 from llmrec.state.event_log import iter_events, read_events
 from llmrec.state.store import EmbeddingsMeanVectorizer, StateStore, UserStateShard, shard_of
-from llmrec.state.user_state import Event, MeanVectorizer, UserState, apply_event, state_to_dict, summary
+from llmrec.state.user_state import (
+    Event,
+    HistoryEntry,
+    MeanVectorizer,
+    StateSummary,
+    UserState,
+    apply_event,
+    state_to_dict,
+    summary,
+)
 
 RNG = np.random.default_rng(0)
 N_ITEMS, DIM = 40, 8
@@ -89,7 +100,7 @@ def test_shard_rebuilds_from_snapshot_plus_log_and_deletes(tmp_path: Path) -> No
     for u in users:
         assert comparable(rebuilt.users[u]) == comparable(ref[u])
         assert rebuilt.get(u) == got[u]
-        np.testing.assert_allclose(got[u]["vector"], MeanVectorizer(IDS, V)(ref[u]), rtol=1e-6)
+        np.testing.assert_allclose(got[u].vector, MeanVectorizer(IDS, V)(ref[u]), rtol=1e-6)
     # the reply to the last batch was "lost" (the old shard is gone): its retry is recognised after replay
     assert all(r["duplicate"] for r in rebuilt.apply(events[-4:]))
     assert rebuilt.log.last_seq == 25 and rebuilt.users["a"].n_events == ref["a"].n_events
@@ -173,16 +184,16 @@ def test_store_read_your_writes_across_shards(store_factory, tmp_path: Path) -> 
         assert [r["event_id"] for r in res] == [e["event_id"] for e in events[k: k + 12]]
         for e, r in zip(events[k: k + 12], res, strict=True):
             got = store.get_sync(e["user_id"])
-            assert got["version"] == r["state_version"] and got["shard"] == store.shard_of(e["user_id"])
+            assert got.version == r["state_version"] and got.shard == store.shard_of(e["user_id"])
     for u in users:
         got = store.get_sync(u)
-        assert got["n_events"] == ref[u].n_events == 5
-        assert [h["item_id"] for h in got["history"]] == [h[0] for h in ref[u].history]
+        assert got.n_events == ref[u].n_events == 5
+        assert [h.item_id for h in got.history] == [h[0] for h in ref[u].history]
         want = vectorizer(ref[u])
         if want is None:
-            assert got["vector"] is None
+            assert got.vector is None
         else:
-            np.testing.assert_allclose(got["vector"], want, rtol=1e-5)
+            np.testing.assert_allclose(got.vector, want, rtol=1e-5)
 
     async def async_flow() -> tuple:
         res = await store.apply([{"user_id": "new", "item_id": "i3", "event": "like"}])
@@ -191,16 +202,16 @@ def test_store_read_your_writes_across_shards(store_factory, tmp_path: Path) -> 
 
     res, got, stats, deleted, gone = asyncio.run(async_flow())
     assert res[0]["duplicate"] is False and len(res[0]["event_id"]) == 32  # id assigned by the client
-    np.testing.assert_allclose(got["vector"], V[3], rtol=1e-5)
+    np.testing.assert_allclose(got.vector, V[3], rtol=1e-5)
     assert stats["n_users"] == 13 and stats["n_events"] == 61 and stats["n_shards"] == 3
     assert deleted is True and gone is None and store.get_sync("nobody") is None
     with pytest.raises(ValueError, match=r"events\[0\]: event.user_id"):
         store.apply_sync([{"user_id": "", "item_id": "i1", "event": "like"}])
 
     joined = StateStore(n_shards=3, log_dir=store.log_dir, namespace=store.namespace, name=store.name)
-    assert joined._created == [] and joined.get_sync("user0")["n_events"] == 5
+    assert joined._created == [] and joined.get_sync("user0").n_events == 5
     joined.shutdown()  # kills nothing it did not create
-    assert store.get_sync("user0")["n_events"] == 5
+    assert store.get_sync("user0").n_events == 5
     with pytest.raises(ValueError, match="n_shards=3, got n_shards=2"):
         StateStore(n_shards=2, log_dir=store.log_dir, namespace=store.namespace, name="other")
     with pytest.raises(ValueError, match="already exists for log_dir"):
@@ -221,7 +232,7 @@ def test_retry_after_restart_is_recognised_as_duplicate(store_factory) -> None:
     assert res[0]["duplicate"] is True and res[0]["state_version"] == 1
     st = store.stats_sync()["shards"][s]
     assert st["pid"] != pid and st["replayed_at_start"] == 1
-    assert store.get_sync("alice")["n_events"] == 1
+    assert store.get_sync("alice").n_events == 1
 
 
 def test_fault_kill_shard_mid_stream_every_acked_event_counted_once(store_factory, caplog) -> None:
@@ -277,12 +288,12 @@ def test_fault_kill_shard_mid_stream_every_acked_event_counted_once(store_factor
         # each event was acknowledged exactly once (as new, or as a duplicate when the shard had logged it
         # just before dying and the retry found it), and each is counted exactly once
         n_acked = sum(1 for a in acked if a["user_id"] == u)
-        assert got["n_events"] == n_acked == ref[u].n_events == 30
-        assert [h["item_id"] for h in got["history"]] == [h[0] for h in ref[u].history]
+        assert got.n_events == n_acked == ref[u].n_events == 30
+        assert [h.item_id for h in got.history] == [h[0] for h in ref[u].history]
         want = vectorizer(ref[u])
-        assert (got["vector"] is None) == (want is None)
+        assert (got.vector is None) == (want is None)
         if want is not None:
-            np.testing.assert_allclose(got["vector"], want, rtol=1e-5)
+            np.testing.assert_allclose(got.vector, want, rtol=1e-5)
     assert stats["n_events"] == 300
     # the log holds each event once (a duplicate flag marks any retry that reached a restarted shard)
     log_ids = [r["event_id"] for r in iter_events(store.log_dir)]
@@ -366,10 +377,9 @@ def brute_force(df: pd.DataFrame, user: str, history_len: int = H) -> dict:
             "seen": sorted(set(rows[ITEM_ID])), "last_ts": float(rows[TS].max())}
 
 
-def as_expected(got: dict) -> dict:
-    return {"history": [[h["item_id"], h["event"], h["value"], h["ts"]] for h in got["history"]],
-            "negatives": got["negatives"], "n_events": got["n_events"], "seen": got["seen"],
-            "last_ts": got["last_ts"]}
+def as_expected(got: StateSummary) -> dict:
+    return {"history": [list(h) for h in got.history], "negatives": got.negatives, "n_events": got.n_events,
+            "seen": list(got.seen), "last_ts": got.last_ts}
 
 
 def test_crc32_strings_equals_zlib_for_every_shape() -> None:
@@ -448,7 +458,9 @@ def test_base_user_get_feedback_dedup_and_restart(tmp_path: Path) -> None:
     users = base_users(df, 0)
     for u in users:  # base-only users: transient states from the arrays, nothing materialised
         got = shard.get(u)
-        assert as_expected(got) == brute_force(df, u) and got["version"] == got["n_events"]
+        assert as_expected(got) == brute_force(df, u) and got.version == got.n_events
+    body = json.loads(json.dumps(shard.get(users[0]).to_json()))  # GET /users/{id}: plain JSON, old keys
+    assert list(body) == list(json.loads(USERS_BODY)) and body["shard"] == 0
     assert shard.users == {} and shard.stats()["n_users"] == len(users)
     assert shard.stats()["n_events"] == int(df[USER_ID].isin(users).sum())
     u = next(x for x in users if brute_force(df, x)["n_events"] > H)
@@ -457,7 +469,7 @@ def test_base_user_get_feedback_dedup_and_restart(tmp_path: Path) -> None:
     for item, kind, value, ts in want["history"]:
         st_ref = apply_event(st_ref, Event(user_id=u, item_id=item, event=kind, value=value, ts=ts))
     vec = MeanVectorizer(IDS, V)(st_ref)
-    np.testing.assert_allclose(shard.get(u)["vector"], vec, rtol=1e-6)
+    np.testing.assert_allclose(shard.get(u).vector, vec, rtol=1e-6)
 
     # a live event equal to a base event (same item, event, ts; ts compared in whole seconds) is a duplicate
     item, kind, value, ts = want["history"][-1]
@@ -470,7 +482,7 @@ def test_base_user_get_feedback_dedup_and_restart(tmp_path: Path) -> None:
     assert res[0]["duplicate"] is False and res[0]["state_version"] == want["n_events"] + 1
     got = shard.get(u)
     assert as_expected(got)["history"] == want["history"][1:] + [["i39", "like", None, 5000.0]]
-    assert got["n_events"] == want["n_events"] + 1 and set(got["seen"]) == set(want["seen"]) | {"i39"}
+    assert got.n_events == want["n_events"] + 1 and set(got.seen) == set(want["seen"]) | {"i39"}
     assert list(shard.users) == [u] and shard.stats()["n_users"] == len(users)
     before = {x: shard.get(x) for x in users}
     stats = {k: shard.stats()[k] for k in ("n_users", "n_events", "n_base_users", "n_materialised")}
@@ -502,7 +514,7 @@ def test_logged_event_equal_to_a_base_event_is_not_counted_twice(tmp_path: Path)
     assert again.replay_counts == {"replayed": 0, "duplicate_id": 0, "duplicate_base": 3, "deleted": 0,
                                    "invalid": 0, "torn": 0}
     got = again.get("z")
-    assert got["n_events"] == 3 and [h["item_id"] for h in got["history"]] == IDS[:3]
+    assert got.n_events == 3 and [h.item_id for h in got.history] == IDS[:3]
     assert again.users == {}  # replayed events that the base holds do not materialise the user
     assert again.apply(live[:1])[0]["duplicate"] is True  # a retry: the base holds it
     assert again.stats()["n_events"] == len(new_run)
@@ -537,13 +549,13 @@ def test_tombstone_survives_restart_and_base_swap(tmp_path: Path) -> None:
     # a later event starts a fresh state without the base history
     again.apply([{"event_id": "v2", "user_id": victim, "item_id": "i2", "event": "click"}])  # stamped now
     fresh = again.get(victim)
-    assert [h["item_id"] for h in fresh["history"]] == ["i2"] and fresh["n_events"] == 1
+    assert [h.item_id for h in fresh.history] == ["i2"] and fresh.n_events == 1
     assert again.set_base(str(data2))["changed"] is True  # a new run that also holds both users
     assert again.get(other) is None
-    assert [h["item_id"] for h in again.get(victim)["history"]] == ["i2"]
+    assert [h.item_id for h in again.get(victim).history] == ["i2"]
     again.close()
     third = UserStateShard(0, str(log), vec_factory(), history_len=H, n_shards=1, base_dir=str(data2))
-    assert third.get(other) is None and third.get(victim)["n_events"] == 1
+    assert third.get(other) is None and third.get(victim).n_events == 1
     third.close()
 
 
@@ -562,7 +574,7 @@ def test_interrupted_delete_is_finished_at_restart(tmp_path: Path) -> None:
     again.apply([{"event_id": "e9", "user_id": "w", "item_id": "i9", "event": "like"}])  # after the delete
     again.close()
     third = UserStateShard(0, str(log), vec_factory(), history_len=H)
-    assert third.get("w")["n_events"] == 1  # events after the delete are kept
+    assert third.get("w").n_events == 1  # events after the delete are kept
     third.close()
 
 
@@ -580,7 +592,7 @@ def test_set_base_swaps_runs_and_rebuilds_materialised_users(tmp_path: Path) -> 
     want = brute_force(df_b, "p0")
     got = shard.get("p0")
     assert as_expected(got)["history"] == want["history"][1:] + [["i7", "purchase", None, 7000.0]]
-    assert got["n_events"] == want["n_events"] + 1
+    assert got.n_events == want["n_events"] + 1
     assert shard.get("p1") is None and as_expected(shard.get("q1")) == brute_force(df_b, "q1")
     assert shard.stats()["n_users"] == df_b[USER_ID].nunique()
     shard.close()
@@ -588,8 +600,8 @@ def test_set_base_swaps_runs_and_rebuilds_materialised_users(tmp_path: Path) -> 
     again = UserStateShard(0, str(log), vec_factory(), history_len=H, base_dir=str(b))
     assert again.replay_counts["replayed"] == 0 and again.get("p0") == got
     assert again.set_base(None)["changed"] is True  # no base: only what the log holds
-    assert again.stats()["n_users"] == 1 and again.get("p0")["history"] == [
-        {"item_id": "i7", "event": "purchase", "value": None, "ts": 7000.0}]
+    assert again.stats()["n_users"] == 1 and again.get("p0").history == (
+        HistoryEntry(item_id="i7", event="purchase", value=None, ts=7000.0),)
     again.close()
 
 
@@ -613,7 +625,7 @@ def test_store_loads_base_in_every_shard_and_a_restarted_shard_keeps_the_swapped
     ray.kill(store.actors[s], no_restart=False)  # Ray restarts it with the constructor's base_dir=a ...
     after = {u: store.get_sync(u) for u in before}  # ... but it keeps the swapped-in base b
     assert store.stats_sync()["shards"][s]["pid"] != pid
-    assert after == before and after["q2"]["history"][-1]["item_id"] == "i1"
+    assert after == before and after["q2"].history[-1].item_id == "i1"
 
 
 def test_get_carries_text_feedback_vectors_for_the_ranker(tmp_path: Path) -> None:
@@ -621,11 +633,10 @@ def test_get_carries_text_feedback_vectors_for_the_ranker(tmp_path: Path) -> Non
     shard.apply([{"user_id": "t", "event": "dislike", "text": "no gore", "text_vec": V[5].tolist(),
                   "ts": 1.0},
                  {"user_id": "t", "event": "like", "text": "more space", "ts": 2.0}])
-    tf = shard.get("t")["text_feedback"]
-    assert [(t["text"], t["polarity"], t["has_vec"]) for t in tf] == [("no gore", -1.0, True),
-                                                                      ("more space", 1.0, False)]
-    np.testing.assert_array_equal(tf[0]["vec"], V[5].tolist())  # the stored vector, as sent
-    assert tf[1]["vec"] is None
+    tf = shard.get("t").text_feedback
+    assert [(t.text, t.polarity) for t in tf] == [("no gore", -1.0), ("more space", 1.0)]
+    np.testing.assert_array_equal(tf[0].vec, V[5].tolist())  # the stored vector, as sent
+    assert tf[1].vec is None
     shard.close()
 
 
@@ -713,7 +724,7 @@ def test_failed_log_write_applies_nothing_and_is_not_a_client_error(tmp_path: Pa
     with pytest.raises(StateUnavailable) as exc:
         shard.apply(events[1:3])
     assert not isinstance(exc.value, ValueError)
-    assert shard.get("a")["n_events"] == 1 and shard.log.last_seq == 1
+    assert shard.get("a").n_events == 1 and shard.log.last_seq == 1
     spy.on = False
     assert [r["duplicate"] for r in shard.apply(events[1:3])] == [False, False]  # the client's retry
     shard.close()
@@ -732,7 +743,7 @@ def test_events_without_id_get_one_that_makes_retries_idempotent(tmp_path: Path)
     a, b = shard.apply([no_ts])[0], shard.apply([dict(no_ts)])[0]  # server clock: two real clicks
     assert not a["duplicate"] and not b["duplicate"] and a["event_id"] != b["event_id"]
     assert shard.apply([{**no_ts, "event_id": a["event_id"]}])[0]["duplicate"] is True  # a retry with its id
-    assert shard.get("r")["n_events"] == 3
+    assert shard.get("r").n_events == 3
     shard.close()
 
 
@@ -795,10 +806,10 @@ def test_retried_or_in_flight_event_does_not_recreate_a_deleted_user(tmp_path: P
     assert [(r["duplicate"], r["deleted"]) for r in res] == [(False, True), (False, True)]
     assert shard.get("bob") is None and shard.log.last_seq == 1
     fresh = shard.apply([{"user_id": "bob", "item_id": "i2", "event": "click"}])  # stamped after the delete
-    assert fresh[0]["deleted"] is False and shard.get("bob")["n_events"] == 1
+    assert fresh[0]["deleted"] is False and shard.get("bob").n_events == 1
     shard.close()
     again = UserStateShard(0, str(tmp_path), vec_factory())
-    assert [h["item_id"] for h in again.get("bob")["history"]] == ["i2"]
+    assert [h.item_id for h in again.get("bob").history] == ["i2"]
     again.close()
 
 
@@ -846,7 +857,7 @@ def test_forget_command_reaches_stopped_logs_and_cached_copies(tmp_path: Path, m
     for folder in (log, cache / "abcd" / "events"):
         assert set(read_events(folder)[USER_ID]) == {"p2"}
     again = UserStateShard(0, str(log), vec_factory(), n_shards=1, base_dir=str(data))
-    assert again.get("p1") is None and again.get("p2")["n_events"] > 1
+    assert again.get("p1") is None and again.get("p2").n_events > 1
     again.close()
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from llmrec.state.user_state import (
     Event,
+    HistoryEntry,
     MeanVectorizer,
+    StateSummary,
+    TextFeedbackEntry,
     UserState,
     apply_event,
     event_weight,
@@ -137,16 +142,41 @@ def test_state_from_history_equals_folding_apply_event() -> None:
         state_from_history("u1", hist[-25:], n_events=3)
 
 
-def test_summary_is_json_safe_and_snapshot_dict_round_trips() -> None:
+# The body of GET /users/{id} (a public API) for the state below, as the ingress built it from the summary
+# dict before the summary was typed (computed with that code: keys, their order and values, byte for byte).
+USERS_BODY = (
+    '{"user_id": "u1", "version": 3, "n_events": 3, "last_ts": 2.0, "history": [{"item_id": "a", '
+    '"event": "like", "value": null, "ts": 2.0}, {"item_id": "b", "event": "rating", "value": 2.0, '
+    '"ts": 1.0}], "seen": ["a", "b"], "negatives": {"b": 0.5}, "text_feedback": [{"text": "no gore", '
+    '"polarity": -1.0, "has_vec": true}], "shard": 1, "has_vector": true}'
+)
+
+
+def test_summary_is_typed_and_its_json_is_the_users_api_body() -> None:
     import json
 
     s = run([ev("like", "a", ts=2.0), ev("dislike", text="no gore", text_vec=[0.0, 1.0]),
              ev("rating", "b", value=2)])
-    d = summary(s)
-    assert json.loads(json.dumps(d)) == d
-    assert d["n_events"] == 3 and d["seen"] == ["a", "b"] and d["negatives"] == {"b": 0.5}
-    # the stored text vector travels with the summary (the ranker scores against it)
-    assert d["text_feedback"] == [{"text": "no gore", "polarity": -1.0, "has_vec": True, "vec": [0.0, 1.0]}]
+    got = summary(s, vector=np.array([0.6, 0.8], np.float32), shard=1)
+    assert isinstance(got, StateSummary) and (got.user_id, got.version, got.n_events, got.last_ts) == (
+        "u1", 3, 3, 2.0)
+    assert got.history == (HistoryEntry("a", "like", None, 2.0), HistoryEntry("b", "rating", 2.0, 1.0))
+    assert got.seen == ("a", "b") and got.negatives == {"b": 0.5}
+    # the stored text vector travels with the summary (the ranker scores against it), never in the body
+    assert got.text_feedback == (TextFeedbackEntry("no gore", -1.0, [0.0, 1.0]),)
+    assert got.vector == [np.float32(0.6), np.float32(0.8)] and got.shard == 1
+    assert json.dumps(got.to_json()) == USERS_BODY
+    cold = summary(UserState(user_id="c"))
+    assert cold.vector is None and cold.shard is None and cold.to_json()["has_vector"] is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.version = 4  # type: ignore[misc]
+
+
+def test_snapshot_dict_round_trips() -> None:
+    import json
+
+    s = run([ev("like", "a", ts=2.0), ev("dislike", text="no gore", text_vec=[0.0, 1.0]),
+             ev("rating", "b", value=2)])
     back = state_from_dict(json.loads(json.dumps(state_to_dict(s))))
     assert state_to_dict(back) == state_to_dict(s) and back.seen == s.seen
 

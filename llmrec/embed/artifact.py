@@ -96,11 +96,12 @@ def embedding_files(art_dir: str | os.PathLike, meta: dict[str, Any] | None = No
 
 
 def iter_embeddings(
-    art_dir: str | os.PathLike, batch_rows: int = 65536
+    art_dir: str | os.PathLike, batch_rows: int = 65536, meta: dict[str, Any] | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (item_ids object (B,), vectors float32 (B, D)) batches in row order, at most `batch_rows` each.
 
-    Checks every file's columns, dim and nulls as it goes, and the total row count against meta.json.
+    Checks every file's columns, dim and nulls as it goes, and the total row count against meta.json
+    (`meta`: the folder's meta.json when the caller has read it already).
 
     Raises:
         ArtifactError: as `load_embeddings`.
@@ -108,7 +109,7 @@ def iter_embeddings(
     import pyarrow.parquet as pq
 
     d = Path(art_dir)
-    meta = read_meta(d, "embed")
+    meta = read_meta(d, "embed") if meta is None else meta
     dim, n_meta = meta.get("dim"), meta.get("n_items")
     n = 0
     for path in embedding_files(d, meta):
@@ -188,7 +189,7 @@ def load_embeddings(art_dir: str | os.PathLike) -> Embeddings:
 def _iter_checked(d: Path, meta: dict[str, Any], n: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """iter_embeddings, but refusing more rows than meta's n_items before they overflow the matrix."""
     seen = 0
-    for ids, vecs in iter_embeddings(d, batch_rows=1 << 18):
+    for ids, vecs in iter_embeddings(d, batch_rows=1 << 18, meta=meta):
         seen += len(ids)
         if seen > n:
             raise ArtifactError(

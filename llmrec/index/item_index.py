@@ -131,6 +131,7 @@ class ItemIndex:
         self.params = params
         self.device = device
         self.embed_meta: dict[str, Any] | None = dict(embed_meta) if embed_meta else None
+        self.meta: dict[str, Any] | None = None  # the meta.json it was loaded from or saved to; None: built
         self.build_stats: dict[
             str, Any
         ] = {}  # recall_at_10, recall_queries, train_size, tuning ... (build only)
@@ -438,7 +439,9 @@ class ItemIndex:
                 backend = FaissBackend(index, gpu_device=dev if (on_cuda and faiss_num_gpus() > 0) else None)
                 backend.set_search_params(params)
         logger.info("loaded %s index %d x %d from %s in %.2fs", kind, n, dim, d, time.perf_counter() - t0)
-        return cls(kind, backend, [str(x) for x in ids], params, dev, embed, factory=meta.get("factory"))
+        idx = cls(kind, backend, [str(x) for x in ids], params, dev, embed, factory=meta.get("factory"))
+        idx.meta = meta
+        return idx
 
     # ------------------------------------------------------------------ properties
     @property
@@ -659,6 +662,7 @@ class ItemIndex:
                 **fields,
             )
         self.embed_meta = embed or None
+        self.meta = meta
         logger.info("saved %s index (%d items) to %s", self._kind, self._n, out)
         return meta
 

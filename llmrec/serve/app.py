@@ -88,7 +88,13 @@ def build_app(args: Mapping[str, Any]) -> Any:
     cfg = _parse_args(args)
     from ray.serve.config import AutoscalingConfig  # noqa: F401  (fail early with a clear import error)
 
-    from llmrec.serve.deployments import Ingress, Recommender
+    from llmrec.serve.ingress import Ingress
+    from llmrec.serve.recommender import Recommender
+    from llmrec.serve.run_artifacts import resolve_artifacts
+
+    # once per app, handed to both deployments: which embeddings, index and scorer serve (the registry or
+    # the run's evaluation decides the scorer), so the replicas neither repeat nor disagree on that choice
+    artifacts = resolve_artifacts(cfg["run_dir"], cfg["user_config"])
 
     scale: dict[str, Any] = (
         {"autoscaling_config": cfg["autoscaling"]}
@@ -102,7 +108,7 @@ def build_app(args: Mapping[str, Any]) -> Any:
     scale["max_surge_percent"] = 100
     recommender = Recommender.options(
         user_config=cfg["user_config"], ray_actor_options=actor_opts, **scale
-    ).bind(cfg["run_dir"], cfg["model"], cfg["device"])
+    ).bind(cfg["run_dir"], cfg["model"], cfg["device"], artifacts=artifacts)
     ingress = Ingress.options(user_config=cfg["user_config"], ray_actor_options=actor_opts, **scale).bind(
         recommender,
         cfg["run_dir"],
@@ -121,6 +127,7 @@ def build_app(args: Mapping[str, Any]) -> Any:
         shard_memory_mb=cfg["shard_memory_mb"],
         state_url=cfg["state_url"],
         state_url_env=cfg["state_url_env"],
+        artifacts=artifacts,
     )
     logger.info(
         "built llmrec app for %s (%d shards, users from %s, auth %s)",

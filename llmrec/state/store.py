@@ -39,8 +39,8 @@ Choices the design leaves open:
 - Joining existing actors whose `log_dir` differs from ours is refused (pass the same folder or another name).
 - `delete` writes the tombstone, removes the user from memory, writes a snapshot, then rewrites the log
   segments without the user (a crash before that last step is finished at the next start).
-- `get` returns the summary (`user_state.summary`: text_feedback entries carry their `vec`) plus `vector`
-  (list[float] or None) and `shard`; `n_events` / `version` of a base user count its base events.
+- `get` returns a `user_state.StateSummary` (text_feedback entries carry their `vec`; the user `vector`
+  (list[float] or None) and `shard` set); `n_events` / `version` of a base user count its base events.
 - A shard Ray restarts after a crash keeps the base its snapshot names (a `set_base` after the constructor).
 - The vectorizer factory should be small (a path, not arrays): Ray stores constructor arguments over ~100 KB
   in the object store, where a detached actor's restart can no longer find them once the creating driver is
@@ -75,6 +75,7 @@ from llmrec.state.tombstones import Tombstones
 from llmrec.state.user_state import (
     Event,
     MeanVectorizer,
+    StateSummary,
     UserState,
     apply_event,
     new_event_id,
@@ -253,23 +254,21 @@ class UserStateShard:
             for ev, (dup, gone) in zip(evs, flags, strict=True)
         ]
 
-    def get(self, user_id: str) -> dict[str, Any] | None:
-        """Summary (`user_state.summary`, text_feedback entries with `vec`) + `vector` (list[float] (D,) or
-        None) + `shard`; None for an unknown user. A base-only user gets a transient state from the arrays."""
+    def get(self, user_id: str) -> StateSummary | None:
+        """The user's `StateSummary` (text feedback with its vectors, the user vector, this shard's id); None
+        for an unknown user. A base-only user gets a transient state from the arrays."""
         st = self.users.get(user_id)
         if st is not None:
             if user_id in self._dirty:
                 self._refresh_vector(user_id)
                 st = self.users[user_id]
-            return {**summary(st), "vector": None if st.vector is None else st.vector.tolist(),
-                    "shard": self.shard_id}
+            return summary(st, vector=st.vector, shard=self.shard_id)
         r = self._base_row(self.base, user_id)
         if r is None:
             return None
         st = self.base.state(r, history_len=self.history_len)  # type: ignore[union-attr]
         vec = self.vectorizer(st) if self.vectorizer is not None else None
-        return {**summary(st), "vector": None if vec is None else np.asarray(vec, np.float32).tolist(),
-                "shard": self.shard_id}
+        return summary(st, vector=vec, shard=self.shard_id)
 
     def delete(self, user_id: str) -> bool:
         """Forget a user: a durable tombstone first (its base history is never loaded again, its logged
@@ -843,7 +842,7 @@ class StateStore:
 
         store = StateStore(n_shards=2, log_dir="RUN/events")
         store.apply_sync([{"user_id": "u1", "item_id": "i9", "event": "like"}])
-        store.get_sync("u1")["n_events"]  # 1
+        store.get_sync("u1").n_events  # 1
         store.shutdown()
     """
 
@@ -937,7 +936,7 @@ class StateStore:
         outs = await asyncio.gather(*(self._acall(s, "apply", [e for _, e in g]) for s, g in groups.items()))
         return self._merge(len(events), groups, outs)
 
-    async def get(self, user_id: str) -> dict[str, Any] | None:
+    async def get(self, user_id: str) -> StateSummary | None:
         return await self._acall(self._user_shard(user_id), "get", user_id)
 
     async def delete(self, user_id: str) -> bool:
@@ -965,7 +964,7 @@ class StateStore:
         outs = self._gather_sync("apply", [(s, ([e for _, e in g],)) for s, g in groups.items()])
         return self._merge(len(events), groups, outs)
 
-    def get_sync(self, user_id: str) -> dict[str, Any] | None:
+    def get_sync(self, user_id: str) -> StateSummary | None:
         return self._gather_sync("get", [(self._user_shard(user_id), (user_id,))])[0]
 
     def delete_sync(self, user_id: str) -> bool:

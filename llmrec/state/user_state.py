@@ -1,4 +1,5 @@
-"""Per-user state as a pure value: `Event`, `UserState`, `apply_event`, `summary`, `MeanVectorizer` (no Ray).
+"""Per-user state as a pure value: `Event`, `UserState`, `apply_event`, `summary` (-> `StateSummary`),
+`MeanVectorizer` (no Ray).
 
 An `Event` is one piece of feedback (`schema.EVENT_KINDS`) on an item, on a piece of free text ("less horror,
 more space opera"), or on both. `apply_event(state, event)` returns a NEW `UserState`; the input is never
@@ -46,7 +47,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -70,6 +71,9 @@ __all__ = [
     "polarity",
     "new_event_id",
     "summary",
+    "StateSummary",
+    "HistoryEntry",
+    "TextFeedbackEntry",
     "state_from_history",
     "MeanVectorizer",
     "Vectorizer",
@@ -315,27 +319,77 @@ def state_from_history(user_id: str, history: Sequence[tuple[str, str, float | N
     return st
 
 
-def summary(state: UserState) -> dict[str, Any]:
-    """JSON-safe view for GET /users/{id}: counts, history (oldest first), seen, negatives, text feedback.
+class HistoryEntry(NamedTuple):
+    """One item event of a `StateSummary`'s history."""
 
-    Each text_feedback entry carries its stored text vector as `vec` (list[float] (D,) or None; the ranker
-    scores candidates against it) and `has_vec`. The user vector is not included (the store adds it as
-    `vector`).
-    """
-    return {
-        "user_id": state.user_id,
-        "version": state.version,
-        "n_events": state.n_events,
-        "last_ts": state.last_ts,
-        "history": [{"item_id": i, "event": e, "value": v, "ts": t} for i, e, v, t in state.history],
-        "seen": sorted(state.seen),
-        "negatives": dict(state.negatives),
-        "text_feedback": [
-            {"text": t, "polarity": p, "has_vec": vec is not None,
-             "vec": None if vec is None else np.asarray(vec, dtype=np.float32).tolist()}
+    item_id: str
+    event: str  # one of schema.EVENT_KINDS
+    value: float | None  # the rating of a "rating" event
+    ts: float  # unix seconds
+
+
+class TextFeedbackEntry(NamedTuple):
+    """One free-text feedback of a `StateSummary`."""
+
+    text: str
+    polarity: float  # +1 / -1 (`schema.polarity` of its event)
+    vec: list[float] | None  # its stored text vector (D,) (the ranker scores candidates against it), or None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateSummary:
+    """One user as the state store returns it (`UserStateShard.get`, `StateStore.get`): what the ranker reads
+    (`llmrec.serve.user_view.UserView.from_state`) and, through `to_json`, the body of GET /users/{id}."""
+
+    user_id: str
+    version: int  # the user's state version (events applied, base events included)
+    n_events: int
+    last_ts: float | None  # the newest event's ts; None before any
+    history: tuple[HistoryEntry, ...]  # item events, oldest first (at most history_len)
+    seen: tuple[str, ...]  # every item the user touched, sorted
+    negatives: dict[str, float]  # item_id -> push-down weight (> 0), oldest first
+    text_feedback: tuple[TextFeedbackEntry, ...]  # oldest first
+    vector: list[float] | None = None  # the user vector (D,); None = cold user or no vectorizer
+    shard: int | None = None  # the state shard that holds the user (None outside the store)
+
+    def to_json(self) -> dict[str, Any]:
+        """The GET /users/{id} body (a public API; its keys and their order are pinned by a test): every field
+        but the vectors, which stay server-side; `has_vec` per text feedback and `has_vector` instead."""
+        return {
+            "user_id": self.user_id,
+            "version": self.version,
+            "n_events": self.n_events,
+            "last_ts": self.last_ts,
+            "history": [h._asdict() for h in self.history],
+            "seen": list(self.seen),
+            "negatives": dict(self.negatives),
+            "text_feedback": [{"text": t.text, "polarity": t.polarity, "has_vec": t.vec is not None}
+                              for t in self.text_feedback],
+            "shard": self.shard,
+            "has_vector": self.vector is not None,
+        }
+
+
+def summary(state: UserState, *, vector: np.ndarray | Sequence[float] | None = None,
+            shard: int | None = None) -> StateSummary:
+    """The `StateSummary` of a state: counts, history (oldest first), seen, negatives, text feedback with each
+    stored text vector, plus the user vector (D,) and shard the store gives (the state's own `vector` is not
+    read: a base user's is computed by the store)."""
+    return StateSummary(
+        user_id=state.user_id,
+        version=state.version,
+        n_events=state.n_events,
+        last_ts=state.last_ts,
+        history=tuple(HistoryEntry(*h) for h in state.history),
+        seen=tuple(sorted(state.seen)),
+        negatives=dict(state.negatives),
+        text_feedback=tuple(
+            TextFeedbackEntry(t, p, None if vec is None else np.asarray(vec, dtype=np.float32).tolist())
             for t, p, vec in state.text_feedback
-        ],
-    }
+        ),
+        vector=None if vector is None else np.asarray(vector, np.float32).tolist(),
+        shard=shard,
+    )
 
 
 def state_to_dict(state: UserState) -> dict[str, Any]:

@@ -1,32 +1,21 @@
-"""Ray Serve deployments: `Ingress` (FastAPI, HTTP API) and `Recommender` (retrieval, scoring, text encoding).
+"""The HTTP deployment `Ingress` (FastAPI): routes, error handlers, the bearer-token check and metrics.
 
     HTTP --> Ingress --(StateStore: S named UserStateShard actors)--> state get/apply/delete
                     \\--(DeploymentHandle)--> Recommender.recommend (@serve.batch) / .embed (@serve.batch)
 
-- `Recommender` holds a `RecommendCore` (catalog + ItemIndex + optional Scorer) and the BERT `TextEncoder`
-  (for `q` queries and text feedback). `reconfigure(user_config)` builds a new core off the event loop and
-  swaps it in one assignment, so requests keep being served by the old model until the new one is ready.
-- `Ingress` validates everything (4xx `{"error": ...}` for any client mistake, never a 500), embeds feedback
-  text through the Recommender, writes events through the `StateStore` (fsync'd log before the answer, so
-  the next /recommend sees them: read-your-writes) and exports the metrics named in `METRICS` (through
-  `ray.serve.metrics`, so each series also carries its deployment, replica and application; the users gauge
-  is per state shard, so every Ingress replica exports the same per-shard values: dashboards take the max
-  per shard, then the sum).
-- Both define `check_health`, Serve's periodic probe (every 10 s): a Recommender whose index cannot answer a
-  search (e.g. a device error after start) is replaced instead of being sent requests.
-
-user_config keys (both deployments get the same dict; all optional): `embeddings_dir`, `index_dir`,
-`scorer_dir` (null = no scorer; default RUN/scorer when it holds a meta.json), `model_version` (default: a
-hash of the artifacts' created_at), `rank` (RankConfig fields), `data_dir` (Ingress: the prepared data folder
-whose users the state shards start from; a new value hot-swaps every shard to that run's users, null = none;
-absent = the build_app default). Changing the embedding model needs a redeploy (the state shards' user
-vectors live in that space); a new index, scorer or data folder does not.
+The Ingress validates everything (4xx `{"error": ...}` for any client mistake, never a 500), embeds feedback
+text through the Recommender (`llmrec.serve.recommender`), writes events through the `StateStore` (fsync'd
+log before the answer, so the next /recommend sees them: read-your-writes) and exports the metrics named in
+`METRICS` (through `ray.serve.metrics`, so each series also carries its deployment, replica and application;
+the users gauge is per state shard, so every Ingress replica exports the same per-shard values: dashboards
+take the max per shard, then the sum). A route is one method of `Ingress` plus its response model in
+`llmrec.serve.schemas`: error answers are counted under the route template `_route_of` reads from the app's
+own routes. `check_health` is Serve's periodic probe. user_config: see `llmrec.serve.recommender`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import logging
@@ -37,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -47,6 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmrec import __version__, schema
 from llmrec.serve import auth
 from llmrec.serve import schemas as S
+from llmrec.serve.recommender import unwrap_result
+from llmrec.serve.run_artifacts import RunArtifacts, embeddings_dir_of
 from llmrec.state.errors import StateUnavailable
 
 logger = logging.getLogger(__name__)
@@ -70,37 +60,6 @@ class ClientError(Exception):
         self.message = message
 
 
-# --------------------------------------------------------------------------- helpers shared by both sides
-def resolve_artifacts(run_dir: str, user_config: dict[str, Any] | None) -> dict[str, Any]:
-    """Artifact folders for a run: RUN/{embeddings,index,scorer} unless user_config overrides them."""
-    cfg = dict(user_config or {})
-    run = Path(run_dir)
-    why = "user_config.scorer_dir"
-    if "scorer_dir" in cfg:  # an explicit choice (a path, or null for none) always wins
-        scorer = cfg["scorer_dir"]
-    elif (run / "models.json").is_file():  # the learning loop's registry (llmrec.learn)
-        from llmrec.learn import current_scorer
-
-        scorer, why = current_scorer(run)
-        why = f"model registry: {why}"
-        logger.info("serving the registry's current scorer %s (%s)", scorer, why)
-    else:
-        from llmrec.serve.recommend_core import default_scorer_is_better
-
-        use, why = default_scorer_is_better(run)
-        logger.info("RUN/scorer %s: %s", "used" if use else "not used", why)
-        scorer = str(run / schema.RUN_SCORER) if use else None
-        why = f"RUN/scorer {'used' if use else 'not used'}: {why}"
-    return {
-        "embeddings_dir": str(cfg.get("embeddings_dir") or run / schema.RUN_EMBEDDINGS),
-        "index_dir": str(cfg.get("index_dir") or run / schema.RUN_INDEX),
-        "scorer_dir": str(scorer) if scorer else None,
-        "scorer_why": why,
-        "model_version": cfg.get("model_version"),
-        "rank": dict(cfg.get("rank") or {}),
-    }
-
-
 def _abs_or_none(path: str | os.PathLike | None) -> str | None:
     return None if not path else str(Path(path).expanduser().resolve())
 
@@ -112,243 +71,7 @@ def _eager_annotations(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-# --------------------------------------------------------------------------- Recommender
-@serve.deployment(name="Recommender", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
-class Recommender:
-    """Retrieval + re-ranking + text encoding for one run folder (see the module docstring)."""
-
-    def __init__(self, run_dir: str, model: str | None = None, device: str = "cpu") -> None:
-        self._run_dir = str(run_dir)
-        self._model_arg = model
-        self._device = device
-        self._encoder: Any = None
-        self._state: dict[str, Any] | None = None
-        self._load_lock = asyncio.Lock()
-        self._user_config: dict[str, Any] = {}
-        self._registry = Path(self._run_dir) / "models.json"  # llmrec.learn's model registry
-        self._registry_mtime = self._mtime()
-        self._checked = time.monotonic()
-        self._swap(self._build(resolve_artifacts(self._run_dir, None)))
-
-    def _mtime(self) -> float | None:
-        try:
-            return self._registry.stat().st_mtime_ns
-        except FileNotFoundError:
-            return None
-
-    def _watch_registry(self) -> None:
-        """At most once a second: when the learning loop changed the model registry (and user_config does not
-        pin a scorer), rebuild through the reconfigure path in the background; requests keep the old model
-        until the new one is ready."""
-        now = time.monotonic()
-        if now - self._checked < 1.0 or "scorer_dir" in self._user_config:
-            return
-        self._checked = now
-        m = self._mtime()
-        if m != self._registry_mtime:
-            self._registry_mtime = m
-            logger.info("model registry changed: reloading")
-            asyncio.get_running_loop().create_task(self.reconfigure(self._user_config, force=True))
-
-    # -- model loading / swapping
-    def _build(self, arts: dict[str, Any]) -> dict[str, Any]:
-        from llmrec.index.item_index import ItemIndex
-        from llmrec.serve.recommend_core import RankConfig, RecommendCore, load_catalog
-
-        t0 = time.perf_counter()
-        catalog, embed_meta = load_catalog_from(arts["embeddings_dir"], self._run_dir, load_catalog)
-        index = ItemIndex.load(arts["index_dir"], expect_embed_meta=embed_meta, device=self._device)
-        scorer, scorer_meta = None, {}
-        if arts["scorer_dir"]:
-            from llmrec.artifacts import read_meta
-            from llmrec.scorer.inference import Scorer
-
-            scorer_meta = read_meta(arts["scorer_dir"])
-            scorer = Scorer.load(arts["scorer_dir"], device=self._device)
-        core = RecommendCore(catalog, index, scorer=scorer, config=RankConfig(**arts["rank"]))
-        if self._encoder is None:
-            self._encoder = _load_encoder(self._model_arg, embed_meta, self._device)
-        if self._encoder.dim != catalog.dim:
-            raise ValueError(
-                f"text encoder {self._encoder.model_name!r} is {self._encoder.dim}-d but the embeddings are "
-                f"{catalog.dim}-d ({embed_meta.get('model_name')!r}); serve with the encoder that built them"
-            )
-        from llmrec.artifacts import read_meta
-
-        index_meta = read_meta(arts["index_dir"])
-        version = (
-            arts["model_version"]
-            or hashlib.sha256(
-                json.dumps(
-                    [
-                        embed_meta.get("created_at"),
-                        index_meta.get("created_at"),
-                        scorer_meta.get("created_at"),
-                    ]
-                ).encode()
-            ).hexdigest()[:10]
-        )
-        logger.info(
-            "recommender ready: %d items, index %s, scorer %s, version %s (%.1fs)",
-            catalog.n_items,
-            index.kind,
-            "yes" if scorer is not None else "no",
-            version,
-            time.perf_counter() - t0,
-        )
-        return {"core": core, "model_version": str(version), "arts": arts}
-
-    def _swap(self, state: dict[str, Any]) -> None:
-        self._state = state  # one assignment: requests see the old or the new model, never a mix
-
-    async def reconfigure(self, user_config: dict[str, Any], force: bool = False) -> None:
-        self._user_config = dict(user_config or {})
-        arts = resolve_artifacts(self._run_dir, user_config)
-        old = self._state
-        if old is not None and arts == old["arts"] and not force:
-            return
-        files = ("embeddings_dir", "index_dir", "scorer_dir")
-        if old is not None and all(arts[f] == old["arts"][f] for f in files):
-            # same artifacts, new ranking knobs or version label: no reload
-            from llmrec.serve.recommend_core import RankConfig, RecommendCore
-
-            c = old["core"]
-            core = RecommendCore(c.catalog, c.index, scorer=c.scorer, config=RankConfig(**arts["rank"]))
-            self._swap(
-                {
-                    "core": core,
-                    "model_version": str(arts["model_version"] or old["model_version"]),
-                    "arts": arts,
-                }
-            )
-            logger.info("reconfigured ranking (%s), version %s", arts["rank"], self._state["model_version"])
-            return
-        async with self._load_lock:
-            new = await asyncio.get_running_loop().run_in_executor(None, self._build, arts)
-            self._swap(new)
-
-    def check_health(self) -> None:
-        """Serve's health probe: one top-1 search for the first catalog vector on the serving index.
-
-        Raises:
-            RuntimeError: no model is loaded (Serve then restarts this replica); an index or device error from
-                the search propagates the same way.
-        """
-        st = self._state
-        if st is None or self._encoder is None:
-            raise RuntimeError("Recommender has no model loaded")
-        core = st["core"]
-        core.index.search(core.catalog.vectors[:1], k=1)
-
-    # -- requests
-    def info(self) -> dict[str, Any]:
-        self._watch_registry()
-        st = self._state
-        cat = st["core"].catalog
-        return {
-            "scorer_dir": st["arts"]["scorer_dir"],
-            "scorer_why": st["arts"].get("scorer_why"),
-            "model_version": st["model_version"],
-            "n_items": cat.n_items,
-            "dim": cat.dim,
-            "scorer": st["core"].scorer is not None,
-            "index_kind": getattr(st["core"].index, "kind", "?"),
-            "embeddings_dir": st["arts"]["embeddings_dir"],
-        }
-
-    def item_ids(self) -> list[str]:
-        return [str(i) for i in self._state["core"].catalog.item_ids]
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def embed(self, texts: list[str]) -> list[list[float] | dict[str, str]]:
-        """Batched BERT encoding: one text in, its (D,) unit vector out (or {"error": ...} for that text
-        alone when it cannot be encoded: one bad request never fails the others of its batch)."""
-        return _isolated(lambda batch: [v.tolist() for v in self._encoder.encode(list(batch), batch_size=32)],
-                         texts, "embed")
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def recommend(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Batched ranking. A request: {user_id, state (dict|None), k, q (str|None), exclude_seen}.
-        Returns {items, model_version} per request, or {"error": ...} for a request that failed alone."""
-        self._watch_registry()  # a model the learning loop made current since the last batch swaps in first
-        st = self._state  # one model for the whole batch, also when it is re-ranked request by request
-        return _isolated(lambda batch: self._rank(st, batch), reqs, "recommend")
-
-    def _rank(self, st: dict[str, Any], reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from llmrec.serve.recommend_core import Query, UserView
-
-        core = st["core"]
-        q_texts = [r["q"] for r in reqs if r.get("q")]
-        q_vecs = iter(self._encoder.encode(q_texts, batch_size=32) if q_texts else [])
-        queries = [Query(r["q"], next(q_vecs)) if r.get("q") else None for r in reqs]
-        users = [UserView.from_state(r.get("state"), r["user_id"]) for r in reqs]
-        out = core.recommend(
-            users,
-            k=[int(r["k"]) for r in reqs],
-            queries=queries,
-            exclude_seen=[bool(r.get("exclude_seen", True)) for r in reqs],
-        )
-        return [{"items": items, "model_version": st["model_version"]} for items in out]
-
-
-def _isolated(fn: Callable[[list[Any]], list[Any]], batch: list[Any], what: str) -> list[Any]:
-    """`fn(batch)`; if it raises, `fn` on each item alone, so only the failing items get an error result
-    ({"error": exception type}) and the rest of the batch is answered normally."""
-    try:
-        return fn(batch)
-    except Exception as e:  # noqa: BLE001 - decided per item below
-        if len(batch) == 1:
-            logger.error("%s failed: %s", what, type(e).__name__)
-            return [{"error": type(e).__name__}]
-    out: list[Any] = []
-    for item in batch:
-        try:
-            out.extend(fn([item]))
-        except Exception as e:  # noqa: BLE001 - reported to this item's caller only
-            logger.error("%s failed for one request of a batch of %d: %s", what, len(batch), type(e).__name__)
-            out.append({"error": type(e).__name__})
-    return out
-
-
-class RequestFailed(RuntimeError):
-    """A request the model deployment could not answer (its batch mates were answered)."""
-
-
-def _result(res: Any, what: str) -> Any:
-    if isinstance(res, dict) and "error" in res and len(res) == 1:
-        raise RequestFailed(f"{what} failed ({res['error']}); see the server log")
-    return res
-
-
-def load_catalog_from(embeddings_dir: str, run_dir: str, loader: Any) -> tuple[Any, dict[str, Any]]:
-    """`load_catalog` for RUN, but with the embeddings taken from `embeddings_dir` when it is elsewhere."""
-    from llmrec.embed.artifact import load_embeddings
-    from llmrec.serve.recommend_core import Catalog
-
-    default = Path(run_dir) / schema.RUN_EMBEDDINGS
-    if Path(embeddings_dir).resolve() == default.resolve():
-        return loader(run_dir)
-    base, _ = loader(run_dir) if default.is_dir() else (None, None)
-    emb = load_embeddings(embeddings_dir)
-    titles = pop = None
-    if base is not None:
-        titles = np.array(
-            [base.titles[base.id_to_idx[i]] if i in base.id_to_idx else i for i in emb.item_ids], dtype=object
-        )
-        raw_pop = np.expm1(base.pop_score.astype(np.float64))
-        pop = np.array([raw_pop[base.id_to_idx[i]] if i in base.id_to_idx else 0.0 for i in emb.item_ids])
-    return Catalog(item_ids=emb.item_ids, vectors=emb.vectors, titles=titles, popularity=pop), dict(emb.meta)
-
-
-def _load_encoder(model: str | None, embed_meta: dict[str, Any], device: str) -> Any:
-    from llmrec.embed.encoder import TextEncoder, model_for_meta
-
-    if model is None:
-        model = model_for_meta(embed_meta)
-    return TextEncoder(model, device=device, max_length=int(embed_meta.get("max_length") or 128))
-
-
-# --------------------------------------------------------------------------- Ingress (FastAPI)
+# ------------------------------------------------------------- the FastAPI app: errors, auth, metrics
 api = FastAPI(
     title="llmrec",
     description='Text-first, feedback-adaptive recommendations. Errors are `{"error": "..."}` with a 4xx.',
@@ -500,7 +223,10 @@ class Ingress:
         shard_memory_mb: int | None = 256,
         state_url: str | None = None,
         state_url_env: str | None = None,
+        artifacts: RunArtifacts | None = None,
     ) -> None:
+        """`artifacts`: what the app serves, resolved once by `build_app` (None: RUN's defaults); the Ingress
+        validates item ids against its embeddings. The other args: `build_app`'s of the same names."""
         from llmrec.state.store import EmbeddingsMeanVectorizer, StateStore
 
         self.recommender = recommender
@@ -515,15 +241,17 @@ class Ingress:
         auth.set_replica_token(self.auth_token)
         self.log_user_ids = bool(log_user_ids)
         self.max_body_bytes = int(max_body_bytes)
-        arts = resolve_artifacts(self.run_dir, None)
-        self._embeddings_dir = arts["embeddings_dir"]
+        self._embeddings_dir = (artifacts.embeddings_dir if artifacts is not None
+                                else embeddings_dir_of(self.run_dir, None))
         self._item_ids = self._read_item_ids(self._embeddings_dir)
         log_dir = log_dir or str(Path(self.run_dir) / schema.RUN_EVENTS)
         self.store = StateStore(
             n_shards=n_shards,
             log_dir=log_dir,
             namespace=namespace,
-            vectorizer_factory=EmbeddingsMeanVectorizer(self._embeddings_dir),
+            # the shards' text user vectors live in the space of RUN's own embeddings (a user_config override
+            # of embeddings_dir changes the catalog the Ingress validates against, not that space)
+            vectorizer_factory=EmbeddingsMeanVectorizer(embeddings_dir_of(self.run_dir, None)),
             name=state_name,
             base_dir=data_dir,
             history_len=history_len,
@@ -555,7 +283,7 @@ class Ingress:
         return frozenset(str(x) for x in read_item_ids(embeddings_dir))
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        emb = resolve_artifacts(self.run_dir, user_config)["embeddings_dir"]
+        emb = embeddings_dir_of(self.run_dir, user_config)  # no scorer choice here: nothing is read
         if emb != self._embeddings_dir:
             self._item_ids = await asyncio.get_running_loop().run_in_executor(None, self._read_item_ids, emb)
             self._embeddings_dir = emb
@@ -656,10 +384,8 @@ class Ingress:
                 f"ids must come from the catalog ({len(self._item_ids)} items)",
             )
         texts = [e.text for e in events if e.text is not None]
-        vecs = iter(
-            [_result(v, "text encoding") for v in await asyncio.gather(*[self.recommender.embed.remote(t)
-                                                                         for t in texts])] if texts else []
-        )
+        encoded = await asyncio.gather(*[self.recommender.embed.remote(t) for t in texts]) if texts else []
+        vecs = iter([unwrap_result(v, "text encoding") for v in encoded])
         from llmrec.state.errors import InvalidEvent
 
         now = time.time()
@@ -702,7 +428,7 @@ class Ingress:
         if q is not None and not S.printable(q):
             raise ClientError(422, "q must contain non-blank text without control characters")
         state = await self.store.get(user_id)
-        res = _result(await self.recommender.recommend.remote(
+        res = unwrap_result(await self.recommender.recommend.remote(
             {"user_id": user_id, "state": state, "k": k, "q": q, "exclude_seen": exclude_seen}
         ), "ranking")
         dt = (time.perf_counter() - t0) * 1e3
@@ -711,7 +437,7 @@ class Ingress:
         return {
             "user_id": user_id,
             "items": res["items"],
-            "state_version": int((state or {}).get("version", 0)),
+            "state_version": int(state.version) if state is not None else 0,
             "model_version": res["model_version"],
         }
 
@@ -753,11 +479,7 @@ class Ingress:
             raise ClientError(
                 404, "unknown user: not in the run's interactions and no feedback recorded for this user_id"
             )
-        out = {k: v for k, v in state.items() if k != "vector"}
-        out["has_vector"] = state.get("vector") is not None
-        # text vectors stay server-side (the ranker uses them); the response keeps `has_vec`
-        out["text_feedback"] = [{k: v for k, v in t.items() if k != "vec"} for t in out["text_feedback"]]
-        return out
+        return state.to_json()  # the vectors stay server-side (the ranker uses them)
 
     async def _delete_user(self, user_id: str) -> dict[str, Any]:
         self._check_user_id(user_id)

@@ -389,7 +389,7 @@ class _LocalRunner:
         )
 
     def recommend(self, uid: str, mode: str) -> list[str]:
-        from llmrec.serve.recommend_core import UserView
+        from llmrec.serve.user_view import UserView
 
         if mode == "frozen" and uid in self.frozen_recs:
             return self.frozen_recs[uid]

@@ -86,7 +86,7 @@ def source_dataset(source: Any, n_blocks: int | None = None) -> Any:
         path = str(source)
         if "://" not in path and Path(path).is_dir() and (Path(path) / INTERACTIONS_FILE).is_file():
             path = str(Path(path) / INTERACTIONS_FILE)
-        ds = ray.data.read_parquet(path, columns=list(_COLUMNS))
+        ds = ray.data.read_parquet(path).select_columns(list(_COLUMNS))  # projected at the read (Ray 2.60)
     return ds
 
 

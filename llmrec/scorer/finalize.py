@@ -92,17 +92,21 @@ def finalize_ranking(
         mod.load_state_dict(state["model"])
         return mod
 
-    sim_train = None
+    sim_train = impute = None
     if sims is not None and has_val:
         sim_train = sims[0]
-        weight, table = tune_cooc_weight(model_for(mc), val, sim_train, cfg.n_candidates)
+        model = model_for(mc)
+        # the text neighbours standing in for items without co-occurrences: one computation for the
+        # co-occurrence weight and the text boost, which rank with the same training matrix
+        impute = cooc_neighbours(sim_train, model.text_vectors.numpy(), model.cfg.cold_impute_k)
+        weight, table = tune_cooc_weight(model, val, sim_train, cfg.n_candidates, impute=impute)
         mc["cooc_weight"] = weight
         info.update(val_ndcg_by_weight=table, cooc_weight=weight)
         logger.info("co-occurrence weight %.4g chosen on validation (ndcg@10 by weight: %s)", weight, table)
     elif sims is not None:
         logger.info("no validation set: co-occurrence weight stays 0 (neural ranking only)")
     if has_val and mc.get("text_arm", True):
-        boost, boost_info = tune_text_boost(model_for(mc), val, sim_train, cfg.n_candidates)
+        boost, boost_info = tune_text_boost(model_for(mc), val, sim_train, cfg.n_candidates, impute=impute)
         mc["text_boost"] = list(boost)
         logger.info("text boost per history-length bucket %s chosen on validation: %s",
                     list(boost_info["buckets"]), boost)
@@ -130,11 +134,13 @@ def tune_text_boost(
     grid: Iterable[float] = TEXT_BOOST_GRID,
     min_users: int = 30,
     chunk: int = 256,
+    impute: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[tuple[float, ...], dict[str, Any]]:
     """The multiplier of the text-arm gain beta(n) per history-length bucket (`ScorerConfig.text_boost`).
 
     Every grid value is applied to all validation users (final ranking as served, co-occurrence term
-    included), then `choose_text_boost` picks per bucket from the per-user NDCG@k. Returns (boost per bucket,
+    included; `impute`: `cooc_neighbours` of sim when the caller has it, else computed here), then
+    `choose_text_boost` picks per bucket from the per-user NDCG@k. Returns (boost per bucket,
     {buckets, grid, n_users, val_ndcg (per bucket per grid value), chosen, measured, z}).
     """
     from llmrec.scorer.model import LEN_BUCKETS
@@ -142,9 +148,8 @@ def tune_text_boost(
     grid = [float(g) for g in grid]
     lens = np.minimum(np.asarray(val.hist_len), model.cfg.max_len)
     bucket = np.clip(np.searchsorted(LEN_BUCKETS, lens, side="right") - 1, 0, None)
-    impute = (
-        cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k) if sim is not None else None
-    )
+    if impute is None and sim is not None:
+        impute = cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k)
     per = np.zeros((len(grid), val.n_users))
     saved = model.text_boost.clone()
     try:
@@ -336,20 +341,23 @@ def tune_cooc_weight(
     k: int = 10,
     grid: Iterable[float] = COOC_GRID,
     chunk: int = 256,
+    impute: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[float, dict[str, float]]:
     """The co-occurrence weight with the best validation ndcg@k of the final ranking.
 
     Final ranking (as in `Scorer.recommend`): retrieval top-n_candidates by u.v (train items excluded), scored
     by `model.rank_pairs` + w * co-occurrence score of the user's positive train items. `grid` is in logit
     units; with the re-ranker off rank_pairs is u.v, so the weights tried are grid / scale. Ties go to the
-    smaller weight. Returns (weight, {weight: ndcg@k}).
+    smaller weight. `impute`: `cooc_neighbours` of sim when the caller has it (else computed here). Returns
+    (weight, {weight: ndcg@k}).
     """
     scale = float(model.scale)
     if not math.isfinite(scale) or scale <= 0.0:
         raise TrainingDiverged(f"the trained scale (inverse temperature) is {scale}; lower the learning rate")
     unit = 1.0 if model.cfg.rerank else 1.0 / scale
     weights = [float(g) * unit for g in grid]
-    impute = cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k)
+    if impute is None:
+        impute = cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k)
     sums = np.zeros(len(weights))
     users = np.arange(val.n_users)
     for ub, _, cand, head in two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):

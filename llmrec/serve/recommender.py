@@ -99,10 +99,10 @@ class Recommender:
     def _build(self, arts: RunArtifacts) -> _Served:
         """Load catalog, index, scorer (and the encoder, once): each artifact's meta.json is read once."""
         from llmrec.index.item_index import ItemIndex
-        from llmrec.serve.recommend_core import RankConfig, RecommendCore, load_catalog
+        from llmrec.serve.recommend_core import RankConfig, RecommendCore
 
         t0 = time.perf_counter()
-        catalog, embed_meta = load_catalog_from(arts.embeddings_dir, self._run_dir, load_catalog)
+        catalog, embed_meta = load_catalog_from(arts.embeddings_dir, self._run_dir)
         index = ItemIndex.load(arts.index_dir, expect_embed_meta=embed_meta, device=self._device)
         scorer = None
         if arts.scorer_dir:

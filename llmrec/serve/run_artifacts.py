@@ -5,7 +5,7 @@
   for another user_config (a `serve deploy` that changed it) or when the learning loop's model registry
   changed since (`registry_mtime_ns`); so every replica of an app serves the same choice, and the choice
   (registry, RUN/eval/metrics.json) is read once, not once per deployment and again per reconfigure.
-- `load_catalog_from(embeddings_dir, run_dir, loader)`: the served catalog (titles and popularity from RUN).
+- `load_catalog_from(embeddings_dir, run_dir)`: the served catalog (titles and popularity from RUN).
 - `load_text_encoder(model, embed_meta, device)`: the BERT encoder of queries and text feedback.
 """
 
@@ -99,15 +99,15 @@ def registry_mtime_ns(run_dir: str | os.PathLike) -> int | None:
         return None
 
 
-def load_catalog_from(embeddings_dir: str, run_dir: str, loader: Any) -> tuple[Any, dict[str, Any]]:
+def load_catalog_from(embeddings_dir: str, run_dir: str) -> tuple[Any, dict[str, Any]]:
     """`load_catalog` for RUN, but with the embeddings taken from `embeddings_dir` when it is elsewhere."""
     from llmrec.embed.artifact import load_embeddings
-    from llmrec.serve.recommend_core import Catalog
+    from llmrec.serve.recommend_core import Catalog, load_catalog
 
     default = Path(run_dir) / schema.RUN_EMBEDDINGS
     if Path(embeddings_dir).resolve() == default.resolve():
-        return loader(run_dir)
-    base, _ = loader(run_dir) if default.is_dir() else (None, None)
+        return load_catalog(run_dir)
+    base, _ = load_catalog(run_dir) if default.is_dir() else (None, None)
     emb = load_embeddings(embeddings_dir)
     titles = pop = None
     if base is not None:

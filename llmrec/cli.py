@@ -1,4 +1,4 @@
-"""`llmrec` command line: one subcommand per stage, each in llmrec/commands/<name>.py.
+"""`llmrec` command line: one subcommand per stage, each in llmrec/commands/<name>.py (`-` in a name is `_`).
 
 Each command module defines `HELP: str`, `add_arguments(parser) -> None` and `run(args) -> int`, and keeps
 heavy imports (torch, ray, faiss) inside `run` so that `llmrec --help` stays fast. A command whose flags name
@@ -20,8 +20,8 @@ from llmrec.log import setup_logging
 from llmrec.optional import MissingExtraError
 from llmrec.raysetup import local_env_defaults, ray_detail_to_log_files
 
-COMMANDS = ("prepare", "embed", "index", "train", "evaluate", "recommend", "serve", "replay", "learn",
-            "pipeline", "forget")
+COMMANDS = ("prepare", "embed", "tune-encoder", "index", "train", "evaluate", "recommend", "serve", "replay",
+            "learn", "pipeline", "forget")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        mod = importlib.import_module(f"llmrec.commands.{name}")
+        mod = importlib.import_module(f"llmrec.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run, _storage=getattr(mod, "storage_args", None))

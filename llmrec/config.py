@@ -3,7 +3,8 @@
 `EmbedConfig` holds every option of `llmrec embed` (`llmrec.embed.ray_embed.embed_catalog(items, out, cfg)`),
 `IndexConfig` of `llmrec index` (`llmrec.index.build.build_index(embeddings, out, cfg)`), `ServeConfig` of
 `llmrec serve` (and the defaults and checks of `llmrec.serve.app.build_app`'s args),
-`TrainConfig` every option of the scorer's training (`llmrec.scorer.train.fit_scorer(cfg, ...)`). Each
+`TrainConfig` every option of the scorer's training (`llmrec.scorer.train.fit_scorer(cfg, ...)`),
+`EncoderTuneConfig` of `llmrec tune-encoder` (`llmrec.embed.ray_tune.tune_encoder(data, out, cfg)`). Each
 field is declared with `option(default, help)`: the help text is the field's documentation and the text of its
 command-line flag, so adding an option is one line here. `add_config_arguments(parser, TrainConfig)` turns the
 fields into `--flag-name` arguments of `llmrec train` and `config_from_args(TrainConfig, args)` builds the
@@ -371,6 +372,59 @@ class TrainConfig:
             )
         if self.min_rating is not None and not math.isfinite(self.min_rating):
             raise ValueError(f"TrainConfig.min_rating must be a finite number or None, got {self.min_rating}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fine-tuning the text encoder (`llmrec tune-encoder`)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncoderTuneConfig:
+    """Every option of the text-encoder fine-tune (`llmrec tune-encoder`,
+    `llmrec.embed.ray_tune.tune_encoder`), each documented by its `option`.
+
+    Raises:
+        ValueError: a field has the wrong type or is out of range (the message names both).
+
+    Example::
+
+        cfg = EncoderTuneConfig(max_steps=200, train_layers=2)
+    """
+
+    model: str | None = option(None, "the encoder to start from: local HF model folder or hub name (none: "
+                               "packaged all-MiniLM-L6-v2)")
+    train_layers: int = option(2, "top transformer layers trained; the embeddings and the layers below stay "
+                               "frozen (more than the model has = all of them)")
+    max_steps: int = option(300, "optimizer steps at most")
+    max_seconds: float | None = option(None, "stop after this many seconds of training (none: no limit)")
+    batch_size: int = option(32, "(context item, next item) pairs per step; the other pairs' items are the "
+                             "negatives")
+    lr: float = option(2e-5, "AdamW learning rate")
+    temperature: float = option(0.05, "softmax temperature of the contrastive loss over cosines")
+    max_length: int = option(128, "token limit per item text (as `llmrec embed --max-length`)")
+    eval_every: int = option(100, "steps between validation passes (the best pass, step 0 included, is kept)")
+    val_pairs: int = option(2000, "validation pairs at most (each from a different user)")
+    eval_max_items: int = option(20000, "items ranked per validation pass: the whole catalog up to this "
+                                 "many, else the validation targets plus a seeded sample")
+    seed: int = option(0, "seed of the split's tie order, pair sampling and validation users")
+    num_workers: int = option(1, "Ray Train workers (DDP), 1 CPU (or GPU) each")
+    use_gpu: bool = option(False, "one GPU per worker")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        at_least = {"train_layers": 1, "max_steps": 1, "batch_size": 2, "max_length": 2, "eval_every": 1,
+                    "val_pairs": 1, "eval_max_items": 10, "seed": 0, "num_workers": 1}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"EncoderTuneConfig.{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"EncoderTuneConfig.{name} must be a finite number > 0, got {value}")
+        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            raise ValueError(f"EncoderTuneConfig.max_seconds must be > 0 or None, got {self.max_seconds}")
+        if self.model is not None and not self.model.strip():
+            raise ValueError("EncoderTuneConfig.model must be a model folder or hub name, or None (the "
+                             "packaged model), got ''")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -354,6 +354,10 @@ class TextTokenizer:
 
     tokenize = __call__
 
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """Write the tokenizer files into `out_dir` (a model folder's tokenizer)."""
+        self._tok.save_pretrained(out_dir)
+
 
 def _right_align(ids: np.ndarray, length: np.ndarray, pad_id: int) -> np.ndarray:
     out = np.full_like(ids, pad_id)
@@ -462,6 +466,28 @@ class TextEncoder:
             hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, D)
             vecs = _pool(hidden, mask, self.config.pooling, self._skip, self.config.normalize)  # (B, D)
         return vecs.cpu().numpy()
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The Hugging Face model under the pooling (`llmrec.embed.tune` trains its top layers)."""
+        return self._model
+
+    def embed_for_training(self, texts: Sequence[str], net: torch.nn.Module | None = None) -> torch.Tensor:
+        """`forward` of raw texts with autograd on: float32 (N, D) unit rows as a torch tensor.
+
+        net: the module to run (the transformer wrapped for data-parallel training); None = `transformer`.
+        """
+        import torch
+
+        tok = self.tokenize(texts)
+        ids = torch.as_tensor(tok["input_ids"], dtype=torch.long, device=self.device)
+        mask = torch.as_tensor(attention_mask_from_length(tok["length"], ids.shape[1]), device=self.device)
+        hidden = (net or self._model)(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, L, H)
+        return _pool(hidden, mask, self.config.pooling, self._skip, self.config.normalize)
+
+    def save_tokenizer(self, out_dir: str | os.PathLike) -> None:
+        """Write the tokenizer files into `out_dir` (beside a tuned model's weights)."""
+        self.tokenizer.save_pretrained(out_dir)
 
     def encode(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
         """Embed `texts`; batches are formed from length-sorted rows, the output is in input order.

@@ -25,12 +25,13 @@ CLI_JOBS = {  # job module -> llmrec subcommand
     "evaluate": "evaluate",
     "pipeline": "pipeline",
     "learn": "learn",
+    "tune_encoder": "tune-encoder",
 }
 FLAG_RE = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 
 
 def _command_options(command: str) -> set[str]:
-    mod = importlib.import_module(f"llmrec.commands.{command}")
+    mod = importlib.import_module(f"llmrec.commands.{command.replace('-', '_')}")
     p = argparse.ArgumentParser()
     mod.add_arguments(p)
     return {s for a in p._actions for s in a.option_strings if s.startswith("--")}

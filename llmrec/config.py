@@ -406,13 +406,16 @@ class EncoderTuneConfig:
     eval_max_items: int = option(20000, "items ranked per validation pass: the whole catalog up to this "
                                  "many, else the validation targets plus a seeded sample")
     seed: int = option(0, "seed of the split's tie order, pair sampling and validation users")
+    cache_max_bytes: int = option(2 << 30, "cache the frozen layers' token states of every item when they "
+                                  "fit in this many bytes (one worker only): a step then runs only the "
+                                  "trained layers")
     num_workers: int = option(1, "Ray Train workers (DDP), 1 CPU (or GPU) each")
     use_gpu: bool = option(False, "one GPU per worker")
 
     def __post_init__(self) -> None:
         check_types(self)
         at_least = {"train_layers": 1, "max_steps": 1, "batch_size": 2, "max_length": 2, "eval_every": 1,
-                    "val_pairs": 1, "eval_max_items": 10, "seed": 0, "num_workers": 1}
+                    "val_pairs": 1, "eval_max_items": 10, "seed": 0, "num_workers": 1, "cache_max_bytes": 0}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"EncoderTuneConfig.{name} must be >= {low}, got {getattr(self, name)}")

@@ -106,7 +106,30 @@ def _planted(
     return texts, topic, TunePairs(train=draw(n_users * 3), val=draw(120))
 
 
-def test_tune_learns_planted_topics_and_saves_a_model_folder(tiny_model_dir: str, tmp_path: Path) -> None:
+def test_frozen_bottom_cache_reproduces_the_forward(tiny_model_dir: str) -> None:
+    """The cached lower layers + the top layer give the encoder's own vectors, with and without autograd."""
+    import torch
+
+    from llmrec.embed.encoder import TextEncoder
+    from llmrec.embed.tune import FrozenBottom
+
+    texts, _, _ = _planted(n_per_topic=5)
+    enc = TextEncoder(tiny_model_dir, device="cpu", max_length=16)
+    bottom = FrozenBottom(enc, texts, train_layers=1)
+    assert bottom.ok and bottom.k == 1
+    rows = np.arange(len(texts))
+    with torch.no_grad():
+        got = bottom.embed(rows, grad=False).numpy()
+    np.testing.assert_allclose(got, enc.encode(texts), atol=1e-5)
+    with_grad = bottom.embed(rows[:6])
+    assert with_grad.requires_grad
+    np.testing.assert_allclose(with_grad.detach().numpy(), got[:6], atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached-bottom", "whole-model"])
+def test_tune_learns_planted_topics_and_saves_a_model_folder(
+    tiny_model_dir: str, tmp_path: Path, cache: bool
+) -> None:
     from llmrec.embed.encoder import TextEncoder
     from llmrec.embed.tune import save_tuned, tune_loop
 
@@ -114,7 +137,7 @@ def test_tune_learns_planted_topics_and_saves_a_model_folder(tiny_model_dir: str
     enc = TextEncoder(tiny_model_dir, device="cpu", max_length=16)
     before = enc.encode(texts)
     cfg = EncoderTuneConfig(train_layers=2, max_steps=120, batch_size=32, lr=1e-3, eval_every=40,
-                            temperature=0.1)
+                            temperature=0.1, cache_max_bytes=(2 << 30) if cache else 0)
     res = tune_loop(enc, texts, pairs, cfg)
     assert res.improved and res.best_step > 0
     assert res.best_metrics["ndcg@10"] > res.frozen_metrics["ndcg@10"] + 0.05, res.history

@@ -38,6 +38,7 @@ import pandas as pd
 
 from llmrec.config import EncoderTuneConfig
 from llmrec.data.order import sort_events
+from llmrec.embed.encoder import attention_mask_from_length
 from llmrec.schema import ITEM_ID, USER_ID
 
 if TYPE_CHECKING:
@@ -174,21 +175,21 @@ def trainable_parameters(model: torch.nn.Module, train_layers: int) -> list[torc
     return params
 
 
-def evaluate_pairs(encode: Callable[[list[str]], np.ndarray], texts: Sequence[str], val: np.ndarray,
+def evaluate_pairs(encode: Callable[[np.ndarray], np.ndarray], n_items: int, val: np.ndarray,
                    max_items: int, seed: int = 0) -> dict[str, float]:
     """Recall@10 / NDCG@10 of each validation pair's next item, ranked by cosine to its context item among
     the catalog (or, above `max_items` items, the validation items plus a seeded sample), context excluded.
 
     Args:
-        encode: texts -> float32 (n, D) unit rows (the encoder as it is now).
-        texts: every catalog item's text, by row.
+        encode: catalog rows (n,) -> float32 (n, D) unit rows (the encoder as it is now).
+        n_items: catalog size.
         val: int64 (V, 2) (context, next) rows.
     """
     from llmrec.metrics import compute_metrics
 
     if len(val) == 0:
         return {}
-    n = len(texts)
+    n = n_items
     if n <= max_items:
         rows = np.arange(n)
     else:
@@ -198,11 +199,78 @@ def evaluate_pairs(encode: Callable[[list[str]], np.ndarray], texts: Sequence[st
         rows = np.sort(np.concatenate([need, extra]))
     pos = np.full(n, -1, np.int64)
     pos[rows] = np.arange(len(rows))
-    vecs = encode([texts[i] for i in rows])  # (M, D)
+    vecs = encode(rows)  # (M, D)
     ctx, nxt = pos[val[:, 0]], pos[val[:, 1]]
     scores = vecs[ctx] @ vecs.T  # (V, M)
     m = compute_metrics(scores, nxt, exclude=[np.array([c]) for c in ctx], ks=(EVAL_K,))
     return {f"recall@{EVAL_K}": float(m[f"recall@{EVAL_K}"]), f"ndcg@{EVAL_K}": float(m[f"ndcg@{EVAL_K}"])}
+
+
+class FrozenBottom:
+    """The frozen layers' output of every item, computed once, so a step runs only the trained top layers.
+
+    `embed(rows, grad)` -> float32 (B, D) unit rows, equal to the encoder's own forward (checked on a few
+    items at construction; `ok` False, and the caller runs the whole model, when this transformers version's
+    layers cannot be called this way). Memory: the states of every item's real tokens, float32 (at most
+    `nbytes`: items x max_length x hidden size x 4 bytes; `tune_loop` caches only below `cache_max_bytes`).
+    """
+
+    def __init__(self, encoder: TextEncoder, texts: Sequence[str], train_layers: int, batch_size: int = 64):
+        import torch
+
+        self.encoder = encoder
+        model = encoder.transformer
+        layers = list(model.encoder.layer)
+        self.top = layers[-min(train_layers, len(layers)):]
+        self.k = len(layers) - len(self.top)  # hidden_states[k] is the input of the first trained layer
+        tok = encoder.tokenize(list(texts))
+        ids, length = tok["input_ids"], tok["length"]
+        self.states: list[torch.Tensor] = [None] * len(length)  # type: ignore[list-item]
+        order = np.argsort(length, kind="stable")
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            for b0 in range(0, len(order), batch_size):
+                rows = order[b0 : b0 + batch_size]
+                width = int(length[rows].max())
+                x = torch.as_tensor(ids[rows, :width], dtype=torch.long, device=encoder.device)
+                m = torch.as_tensor(attention_mask_from_length(length[rows], width), device=encoder.device)
+                h = model(input_ids=x, attention_mask=m, output_hidden_states=True).hidden_states[self.k]
+                for j, r in enumerate(rows):
+                    self.states[r] = h[j, : length[r]].clone()
+        model.train(was_training)
+        probe = np.arange(min(8, len(texts)))
+        with torch.inference_mode():
+            got = self.embed(probe, grad=False).cpu().numpy()
+        want = encoder.encode([texts[i] for i in probe])
+        self.ok = bool(np.allclose(got, want, atol=1e-4))
+        if not self.ok:
+            logger.warning("tune-encoder: the cached frozen layers do not reproduce the model's forward "
+                           "(max diff %.2g); running the whole model every step",
+                           float(np.abs(got - want).max()))
+
+    @staticmethod
+    def nbytes(encoder: TextEncoder, n_items: int) -> int:
+        """Bytes the cache takes at most: items x max_length tokens x hidden size x 4."""
+        return n_items * encoder.max_length * int(encoder.transformer.config.hidden_size) * 4
+
+    def embed(self, rows: np.ndarray, grad: bool = True) -> torch.Tensor:
+        import torch
+        from transformers.masking_utils import create_bidirectional_mask
+
+        lens = [int(self.states[r].shape[0]) for r in rows]
+        width = max(lens)
+        h = torch.zeros(len(rows), width, self.states[rows[0]].shape[1], device=self.encoder.device)
+        for j, r in enumerate(rows):
+            h[j, : lens[j]] = self.states[r]
+        mask = torch.as_tensor(attention_mask_from_length(np.asarray(lens), width), device=h.device)
+        model = self.encoder.transformer
+        with torch.set_grad_enabled(grad):
+            m4 = create_bidirectional_mask(config=model.config, inputs_embeds=h, attention_mask=mask)
+            for layer in self.top:
+                h = layer(h, m4)
+                h = h[0] if isinstance(h, tuple) else h
+            return self.encoder.pool(h, mask)
 
 
 @dataclass
@@ -258,9 +326,23 @@ def tune_loop(
     def snapshot() -> dict[str, Any]:
         return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if n in trained_names}
 
+    bottom = None
+    if world == 1 and FrozenBottom.nbytes(encoder, len(texts)) <= cfg.cache_max_bytes:
+        bottom = FrozenBottom(encoder, texts, cfg.train_layers)
+        bottom = bottom if bottom.ok else None
+    logger.info("tune-encoder: %s", "frozen layers cached once per item" if bottom is not None
+                else "the whole model runs every step")
+
+    def encode_rows(rows: np.ndarray) -> np.ndarray:
+        if bottom is None:
+            return encoder.encode([texts[i] for i in rows])
+        with torch.inference_mode():
+            return np.concatenate([bottom.embed(rows[b : b + 128], grad=False).cpu().numpy()
+                                   for b in range(0, len(rows), 128)])
+
     def run_eval(step: int, loss: float | None) -> dict[str, Any]:
         model.eval()
-        m = evaluate_pairs(lambda t: encoder.encode(t), texts, pairs.val, cfg.eval_max_items, cfg.seed)
+        m = evaluate_pairs(encode_rows, len(texts), pairs.val, cfg.eval_max_items, cfg.seed)
         model.train()
         row = {"step": step, "loss": loss, **m}
         history.append(row)
@@ -279,9 +361,11 @@ def tune_loop(
     model.train()
     for step in range(1, cfg.max_steps + 1):
         batch = pairs.train[rng.integers(0, len(pairs.train), per_worker)]
-        ctx_t = [texts[i] for i in batch[:, 0]]
-        nxt_t = [texts[i] for i in batch[:, 1]]
-        vec = encoder.embed_for_training(ctx_t + nxt_t, net)  # (2B, D)
+        both = np.concatenate([batch[:, 0], batch[:, 1]])
+        if bottom is not None:
+            vec = bottom.embed(both)  # (2B, D)
+        else:
+            vec = encoder.embed_for_training([texts[i] for i in both], net)
         loss = contrastive_loss(vec[:per_worker], vec[per_worker:], torch.as_tensor(batch[:, 0]),
                                 torch.as_tensor(batch[:, 1]), cfg.temperature)
         opt.zero_grad(set_to_none=True)

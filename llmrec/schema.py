@@ -73,6 +73,7 @@ SCORER_COOC_FILE = "cooc.npz"  # the co-occurrence matrix of the scorer's hybrid
 # run directory layout (`llmrec pipeline --out RUN`)
 RUN_DATA = "data"
 RUN_EMBEDDINGS = "embeddings"
+RUN_ENCODER = "encoder"  # `llmrec pipeline --tune-encoder`: the tuned text encoder (a model folder)
 RUN_INDEX = "index"
 RUN_SCORER = "scorer"
 RUN_EVAL = "eval"

@@ -199,3 +199,40 @@ def test_tune_encoder_command_then_embed_with_it(tiny_model_dir: str, tmp_path: 
     want = TextEncoder(enc_dir, device="cpu", max_length=16).encode(texts)
     pos = {i: k for k, i in enumerate(ids)}
     np.testing.assert_allclose(vecs, want[[pos[i] for i in got_ids]], atol=1e-5)
+
+
+def test_evaluate_refuses_splits_a_tuned_encoder_learnt_from(tmp_path: Path) -> None:
+    """Embeddings of a tuned encoder are evaluated only on the split it held out (loo, its seed)."""
+    from llmrec.artifacts import write_meta
+    from llmrec.eval.evaluate import check_tuned_encoder
+
+    enc = tmp_path / "encoder"
+    enc.mkdir()
+    write_meta(enc, "tune-encoder", pairs={"seed": 3})
+    meta = {"model_path": str(enc)}
+    check_tuned_encoder(meta, ["loo"], [3])  # the split it held out
+    with pytest.raises(ValueError, match=r"seed 3 .*\['time'\] would score events it learnt from"):
+        check_tuned_encoder(meta, ["loo", "time"], [3])
+    with pytest.raises(ValueError, match=r"\['seed 4'\]"):
+        check_tuned_encoder(meta, ["loo"], [3, 4])
+    other = tmp_path / "plain-model"  # a model folder llmrec did not tune: nothing to check
+    other.mkdir()
+    check_tuned_encoder({"model_path": str(other)}, ["loo", "time"], [0, 1])
+
+
+def test_pipeline_tune_encoder_embeds_with_it_and_allows_only_fast_eval(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llmrec.cli import build_parser, main
+    from llmrec.commands.pipeline import stage_argv
+
+    base = ["pipeline", "--dataset", "movielens-latest-small", "--source", str(tmp_path / "src"),
+            "--out", str(tmp_path / "run")]
+    plain = stage_argv(build_parser().parse_args(base), "run")
+    tuned = stage_argv(build_parser().parse_args([*base, "--tune-encoder"]), "run")
+    assert "--model" not in plain["embed"]
+    assert tuned["tune-encoder"] == ["tune-encoder", "--data", "run/data", "--out", "run/encoder"]
+    assert tuned["embed"][tuned["embed"].index("--model") + 1] == "run/encoder"
+    assert main([*base, "--tune-encoder", "--eval", "full"]) == 2
+    assert "--tune-encoder evaluates only with --eval fast" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "data").exists()  # refused before any stage ran

@@ -1,12 +1,14 @@
-"""`llmrec pipeline`: every stage in order (prepare -> embed -> index -> train -> evaluate) into one run
-folder.
+"""`llmrec pipeline`: every stage in order (prepare -> [tune-encoder] -> embed -> index -> train -> evaluate)
+into one run folder.
 
 By default the scorer is trained on the leave-last-out training split (`llmrec train --holdout loo`) and the
 evaluation is `llmrec evaluate --fast`: leave-last-out only, llmrec against the strongest tuned baselines
 and the hybrids, and llmrec's row is that very scorer (no second training), so what `make run` evaluates is
 what it serves; the run ends by printing the results table. `--train-holdout none` trains on every event (the
 evaluation then trains llmrec once more on the split), `--eval full` runs the reviewer-grade evaluation
-(every protocol, model and 3 seeds; `make eval`).
+(every protocol, model and 3 seeds; `make eval`). `--tune-encoder` first fine-tunes the encoder on the run's
+leave-last-out training events (`llmrec tune-encoder` -> RUN/encoder, issue 14's first lever) and embeds with
+it; it allows only `--eval fast`.
 
 Each stage is the same code path as its own subcommand (the pipeline calls them with the flags it prints), so
 what the pipeline does can always be repeated stage by stage. A stage whose artifact already exists and was
@@ -35,7 +37,8 @@ from llmrec.config import EmbedConfig, TrainConfig, with_overrides
 logger = logging.getLogger(__name__)
 
 HELP = "run every stage (prepare, embed, index, train, evaluate) on one dataset into a run folder"
-STAGES = ("prepare", "embed", "index", "train", "evaluate")
+STAGES = ("prepare", "tune-encoder", "embed", "index", "train", "evaluate")
+OPTIONAL_STAGES = ("tune-encoder",)  # run only when asked for (`--tune-encoder`)
 STATE_FILE = "pipeline.json"
 # the pipeline's training: TrainConfig with fewer epochs (~6 min per fit on 2 CPU cores for MovieLens); its
 # --epochs / --num-workers reach `llmrec train` as flags, checked here first (before any stage runs)
@@ -64,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "it on; none: on every event")
     p.add_argument("--eval", choices=["fast", "default", "full"], default="fast",
                    help="evaluation preset (llmrec evaluate --fast / no preset / --full; default fast)")
+    p.add_argument("--tune-encoder", action="store_true",
+                   help="fine-tune the encoder's top layers on the run's leave-last-out training events "
+                   "first (`llmrec tune-encoder` -> RUN/encoder) and embed with it; only `--eval fast` then "
+                   "(the other protocols and seeds would score events the encoder learnt from)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
     p.add_argument(
         "--force", action="store_true", help="recompute stages even when their artifact is current"
@@ -79,11 +86,15 @@ def stage_argv(args: argparse.Namespace, run: str | Path) -> dict[str, list[str]
     def sub(name: str) -> str:
         return storage.join(run, name)
 
-    data, emb = sub(schema.RUN_DATA), sub(schema.RUN_EMBEDDINGS)
+    data, emb, enc = sub(schema.RUN_DATA), sub(schema.RUN_EMBEDDINGS), sub(schema.RUN_ENCODER)
+    tuned = bool(getattr(args, "tune_encoder", False))
     return {
         "prepare": ["prepare", "--dataset", args.dataset, "--source", str(args.source), "--out", data],
+        "tune-encoder": ["tune-encoder", "--data", data, "--out", enc]
+        + opt("--model", args.model) + opt("--address", args.address),
         "embed": ["embed", "--items", data, "--out", emb]
-        + opt("--model", args.model) + opt("--batch-size", args.batch_size) + opt("--address", args.address),
+        + opt("--model", enc if tuned else args.model) + opt("--batch-size", args.batch_size)
+        + opt("--address", args.address),
         "index": ["index", "--embeddings", emb, "--out", sub(schema.RUN_INDEX),
                   "--kind", args.index_kind, "--check"],
         "train": ["train", "--data", data, "--embeddings", emb, "--out", sub(schema.RUN_SCORER)]
@@ -97,13 +108,20 @@ def stage_argv(args: argparse.Namespace, run: str | Path) -> dict[str, list[str]
 
 STAGE_DIR = {
     "prepare": schema.RUN_DATA,
+    "tune-encoder": schema.RUN_ENCODER,
     "embed": schema.RUN_EMBEDDINGS,
     "index": schema.RUN_INDEX,
     "train": schema.RUN_SCORER,
     "evaluate": schema.RUN_EVAL,
 }
-UPSTREAM = {"prepare": (), "embed": ("prepare",), "index": ("embed",), "train": ("prepare", "embed"),
-            "evaluate": ("prepare", "embed", "train")}
+UPSTREAM = {"prepare": (), "tune-encoder": ("prepare",), "embed": ("prepare",), "index": ("embed",),
+            "train": ("prepare", "embed"), "evaluate": ("prepare", "embed", "train")}
+
+
+def upstream(stage: str, tuned: bool) -> tuple[str, ...]:
+    """The stages whose artifacts `stage` reads: embed also reads the tuned encoder with --tune-encoder (runs
+    without it keep the key they always had, so their stages stay reusable)."""
+    return UPSTREAM[stage] + (("tune-encoder",) if tuned and stage == "embed" else ())
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -131,6 +149,12 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(wanted) - set(STAGES))
     if unknown:
         raise ValueError(f"--stages: unknown stage(s) {unknown}; valid stages are {list(STAGES)}")
+    tuned = bool(getattr(args, "tune_encoder", False))
+    if tuned and getattr(args, "eval", "fast") != "fast" and "evaluate" in wanted:
+        raise ValueError(f"--tune-encoder evaluates only with --eval fast (loo, one seed), got --eval "
+                         f"{args.eval}: the encoder learnt from events other protocols and seeds hold out")
+    if not tuned:
+        wanted = [s for s in wanted if s not in OPTIONAL_STAGES]
     argvs = stage_argv(args, run_dir)
     state_path = storage.join(run_dir, STATE_FILE)
     state = json.loads(storage.read_bytes(state_path)) if storage.exists(state_path) else {}
@@ -139,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     for stage in STAGES:
         if stage not in wanted:
             continue
-        key = {"argv": argvs[stage], "upstream": {u: _meta_digest(run_dir, u) for u in UPSTREAM[stage]}}
+        ups = upstream(stage, tuned)
+        key = {"argv": argvs[stage], "upstream": {u: _meta_digest(run_dir, u) for u in ups}}
         out_dir = storage.join(run_dir, STAGE_DIR[stage])
         if not args.force and same_inputs(stage, state.get(stage), key, run_dir):
             logger.info("[%s] reusing %s (same flags and inputs; --force recomputes)", stage,
@@ -155,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             logger.error("[%s] failed (exit %d) after %.1fs; fix the error above and re-run "
                          "(finished stages are reused)", stage, rc, dt)
             return rc
-        key["upstream"] = {u: _meta_digest(run_dir, u) for u in UPSTREAM[stage]}
+        key["upstream"] = {u: _meta_digest(run_dir, u) for u in ups}
         state[stage] = key
         storage.write_bytes(state_path, json.dumps(state, indent=2).encode())  # local: atomic rename
         summary.append((stage, "done", dt, out_dir))

@@ -94,6 +94,35 @@ ITEM_TEXT_MODES = ("before-cutoff", "as-prepared")
 SEED_METRICS = ("recall@10", "ndcg@10", "mrr")
 
 
+def check_tuned_encoder(embed_meta: dict, protocols: Sequence[str], seeds: Sequence[int]) -> None:
+    """Refuse an evaluation the item vectors have seen: an encoder tuned by `llmrec tune-encoder` learnt from
+    the training events of the leave-last-out split of one seed, so only that split (`loo`, that seed) holds
+    out events it never saw; other seeds order same-timestamp events differently and other protocols cut
+    elsewhere.
+
+    Raises:
+        ValueError: naming the tune's split and seed and what to run instead.
+    """
+    from llmrec.artifacts import read_meta
+
+    path = embed_meta.get("model_path")
+    if not path or not (Path(path) / "meta.json").is_file():
+        return
+    try:
+        tune = read_meta(path, "tune-encoder")
+    except ValueError:
+        return  # a model folder with some other meta.json: not ours
+    t_seed = int(tune.get("pairs", {}).get("seed", tune.get("config", {}).get("seed", 0)))
+    bad = [p for p in protocols if p != "loo"] + [f"seed {s}" for s in seeds if s != t_seed]
+    if bad:
+        raise ValueError(
+            f"the item embeddings were made by an encoder tuned on the training events of the leave-last-out "
+            f"split of seed {t_seed} ({path}); {bad} would score events it learnt from. Evaluate --protocol "
+            f"loo --seed {t_seed} --seeds 1 (what `--fast` does at seed {t_seed}), or embed with the frozen "
+            "encoder for the other protocols and seeds"
+        )
+
+
 def evaluate(
     data_dir: str | os.PathLike,
     embeddings_dir: str | os.PathLike,
@@ -166,6 +195,7 @@ def evaluate(
     items_df, inter = read_tables(data_dir)
     data_meta = _data_meta(data_dir)
     space, embed_meta = load_item_space(embeddings_dir, items_df)
+    check_tuned_encoder(embed_meta, protocols, [seed + i for i in range(n_seeds)])
     n_events = len(inter)
     inter = attach_item_idx(inter, space, unknown="drop")  # counted and logged
     n_dropped = n_events - len(inter)

@@ -4,7 +4,7 @@
 `IndexConfig` of `llmrec index` (`llmrec.index.build.build_index(embeddings, out, cfg)`), `ServeConfig` of
 `llmrec serve` (and the defaults and checks of `llmrec.serve.app.build_app`'s args),
 `TrainConfig` every option of the scorer's training (`llmrec.scorer.train.fit_scorer(cfg, ...)`),
-`EncoderTuneConfig` of `llmrec tune-encoder` (`llmrec.embed.ray_tune.tune_encoder(data, out, cfg)`). Each
+`EncoderTuneConfig` of `llmrec tune-encoder` (`llmrec.finetune.ray_tune.tune_encoder(data, out, cfg)`). Each
 field is declared with `option(default, help)`: the help text is the field's documentation and the text of its
 command-line flag, so adding an option is one line here. `add_config_arguments(parser, TrainConfig)` turns the
 fields into `--flag-name` arguments of `llmrec train` and `config_from_args(TrainConfig, args)` builds the
@@ -380,7 +380,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EncoderTuneConfig:
     """Every option of the text-encoder fine-tune (`llmrec tune-encoder`,
-    `llmrec.embed.ray_tune.tune_encoder`), each documented by its `option`.
+    `llmrec.finetune.ray_tune.tune_encoder`), each documented by its `option`.
 
     Raises:
         ValueError: a field has the wrong type or is out of range (the message names both).

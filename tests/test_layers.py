@@ -41,7 +41,9 @@ LAYERS: dict[int, tuple[str, ...]] = {
     # uses of the model: evaluation, the learning loop, and serving's pure ranking core with what it reads of
     # a user and a query (typed against protocol's Ranker / UserEncoder; evaluation scores the serving text
     # fallback with it, `served_text`)
-    3: ("llmrec.eval", "llmrec.learn", "llmrec.serve.recommend_core", "llmrec.serve.user_view"),
+    # the encoder fine-tune reads the evaluation's leave-last-out split and the scorer's target kinds
+    3: ("llmrec.eval", "llmrec.learn", "llmrec.finetune", "llmrec.serve.recommend_core",
+        "llmrec.serve.user_view"),
     4: ("llmrec.serve",),  # online serving (reads learn's registry)
     5: ("llmrec.eval.replay", "llmrec.batch"),  # offline drivers of the serving ranking
     6: ("llmrec.cli", "llmrec.commands", "llmrec.jobs", "llmrec.__main__"),  # entry points

@@ -1,4 +1,4 @@
-"""Text-encoder fine-tuning (`llmrec.embed.tune`, `llmrec tune-encoder`): pairs against hand-computed
+"""Text-encoder fine-tuning (`llmrec.finetune.tune`, `llmrec tune-encoder`): pairs against hand-computed
 ones, the loss against a direct computation, a tune that learns planted structure (and one that cannot,
 which keeps the frozen weights), and the whole command on Ray with the tuned folder read back by
 `llmrec embed`."""
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from llmrec.config import EncoderTuneConfig
-from llmrec.embed.tune import TunePairs, build_pairs, contrastive_loss
+from llmrec.finetune.tune import TunePairs, build_pairs, contrastive_loss
 
 TOPICS = [
     "apple banana cherry grape lemon mango",
@@ -111,7 +111,7 @@ def test_frozen_bottom_cache_reproduces_the_forward(tiny_model_dir: str) -> None
     import torch
 
     from llmrec.embed.encoder import TextEncoder
-    from llmrec.embed.tune import FrozenBottom
+    from llmrec.finetune.tune import FrozenBottom
 
     texts, _, _ = _planted(n_per_topic=5)
     enc = TextEncoder(tiny_model_dir, device="cpu", max_length=16)
@@ -131,7 +131,7 @@ def test_tune_learns_planted_topics_and_saves_a_model_folder(
     tiny_model_dir: str, tmp_path: Path, cache: bool
 ) -> None:
     from llmrec.embed.encoder import TextEncoder
-    from llmrec.embed.tune import save_tuned, tune_loop
+    from llmrec.finetune.tune import save_tuned, tune_loop
 
     texts, _, pairs = _planted()
     enc = TextEncoder(tiny_model_dir, device="cpu", max_length=16)
@@ -151,7 +151,7 @@ def test_tune_learns_planted_topics_and_saves_a_model_folder(
 
 def test_tune_that_cannot_help_keeps_the_frozen_encoder(tiny_model_dir: str) -> None:
     from llmrec.embed.encoder import TextEncoder
-    from llmrec.embed.tune import tune_loop
+    from llmrec.finetune.tune import tune_loop
 
     texts, _, pairs = _planted()
     enc = TextEncoder(tiny_model_dir, device="cpu", max_length=16)

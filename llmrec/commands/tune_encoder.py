@@ -1,10 +1,10 @@
 """`llmrec tune-encoder`: prepared interactions -> a text encoder fine-tuned on them (a model folder).
 
 Trains the top layers of the text encoder (default the packaged MiniLM) on Ray Train so that an item embeds
-close to the item the same user took next (`llmrec.embed.tune`): pairs come only from the training events of
-the leave-last-out split that `llmrec train --holdout loo` and `llmrec evaluate` use (same --seed), so neither
-the validation nor the test targets are seen. The best validation pass is kept (step 0, the frozen encoder,
-when tuning does not help: meta.json `improved` false). Use the folder as any model:
+close to the item the same user took next (`llmrec.finetune.tune`): pairs come only from the training events
+of the leave-last-out split that `llmrec train --holdout loo` and `llmrec evaluate` use (same --seed), so
+neither the validation nor the test targets are seen. The best validation pass is kept (step 0, the frozen
+encoder, when tuning does not help: meta.json `improved` false). Use the folder as any model:
 
     llmrec tune-encoder --data runs/D/data --out runs/D/encoder
     llmrec embed --items runs/D/data --model runs/D/encoder --out runs/D/embeddings-tuned
@@ -45,7 +45,7 @@ def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmrec.embed.ray_tune import tune_encoder
+    from llmrec.finetune.ray_tune import tune_encoder
 
     meta = tune_encoder(args.data, args.out, config_from_args(EncoderTuneConfig, args),
                         ray_address=args.address, checkpoint_dir=args.checkpoint_dir)

@@ -469,7 +469,7 @@ class TextEncoder:
 
     @property
     def transformer(self) -> torch.nn.Module:
-        """The Hugging Face model under the pooling (`llmrec.embed.tune` trains its top layers)."""
+        """The Hugging Face model under the pooling (`llmrec.finetune.tune` trains its top layers)."""
         return self._model
 
     def embed_for_training(self, texts: Sequence[str], net: torch.nn.Module | None = None) -> torch.Tensor:

@@ -64,6 +64,9 @@ class TrainingData:
     user_items: Any  # ray.data.Dataset: per user `items` (training positives), `val_item` (-1 = none)
 
 
+EVENTS_PER_BLOCK = 200_000  # user partitions of the sample build: at least one per this many events
+
+
 def source_dataset(source: Any, n_blocks: int | None = None) -> Any:
     """Interactions as a Ray Dataset with the canonical columns (see the module docstring for sources)."""
     import ray.data
@@ -108,7 +111,8 @@ def training_data(
         min_rating: rating events below it are no targets.
         val_users: validation users (0 = none; None = every eligible user).
         seed: the validation users' hash seed.
-        n_blocks: user partitions (default: 4 x the cluster's CPUs, at least 2).
+        n_blocks: user partitions (default: 4 x the cluster's CPUs, at least 2, and at least one per
+            EVENTS_PER_BLOCK events, so a block's memory does not grow with the data).
     """
     with ordered_blocks():
         return _training_data(source, items, max_len, min_rating, val_users, seed, n_blocks)
@@ -139,9 +143,14 @@ def _training_data(
     from llmrec.raysetup import cluster_cpus
 
     t0 = time.perf_counter()
-    n_blocks = n_blocks or max(2, int(4 * cluster_cpus()))
+    src = source_dataset(source, n_blocks)
+    if n_blocks is None:
+        # enough user partitions that one holds ~EVENTS_PER_BLOCK events: a sample-building task's memory
+        # follows its block, which a fixed count would let grow with the data (10M events in 8 blocks: 2.5 GB)
+        n_rows = len(source) if isinstance(source, pd.DataFrame) else int(src.count())
+        n_blocks = max(2, int(4 * cluster_cpus()), -(-n_rows // EVENTS_PER_BLOCK))
     ids_ref = ray.put(np.asarray(items.item_ids).astype(str))
-    ds = source_dataset(source, n_blocks).map_batches(
+    ds = src.map_batches(
         _AttachItemIdx, fn_constructor_args=(ids_ref,), batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, n_blocks)),
         num_cpus=0.5,

@@ -1,8 +1,8 @@
 """Fine-tune the text encoder on behaviour: items a user takes one after the other should embed close.
 
-Pure pandas/torch/transformers, no Ray (the Ray Train adapter is `llmrec.embed.ray_tune`). The tuned encoder
-is saved as a model folder `llmrec embed --model` reads, so the catalog, queries and text feedback are all
-encoded by it and share one space (serving finds it through the embeddings' meta.json `model_path`).
+Pure pandas/torch/transformers, no Ray (the Ray Train adapter is `llmrec.finetune.ray_tune`). The tuned
+encoder is saved as a model folder `llmrec embed --model` reads, so the catalog, queries and text feedback are
+all encoded by it and share one space (serving finds it through the embeddings' meta.json `model_path`).
 
 - Pairs (`build_pairs`): the leave-last-out split of `llmrec evaluate` / `llmrec train --holdout loo`
   (`llmrec.eval.split.leave_last_out`, same seed): only its *train* events make training pairs, so the tuned

@@ -1,4 +1,5 @@
-"""`tune_encoder`: the text-encoder fine-tune (`llmrec.embed.tune`) on Ray Train, written as a model folder.
+"""`tune_encoder`: the text-encoder fine-tune (`llmrec.finetune.tune`) on Ray Train, written as a model
+folder.
 
 The driver reads the prepared items and interactions and builds the (context, next item) pairs (int64 (P, 2):
 16 bytes per pair, no texts or events beyond that step); the texts and pairs go to the `TorchTrainer` workers
@@ -51,7 +52,7 @@ def tune_encoder(
     from llmrec.artifacts import write_meta
     from llmrec.data.tables import read_interactions, read_items
     from llmrec.embed.encoder import resolve_model
-    from llmrec.embed.tune import build_pairs
+    from llmrec.finetune.tune import build_pairs
     from llmrec.raysetup import init_ray
     from llmrec.schema import ITEM_ID, TEXT
     from llmrec.scorer.dataset import storage_path
@@ -114,7 +115,7 @@ def _worker(config: dict[str, Any]) -> None:
     import torch
 
     from llmrec.embed.encoder import TextEncoder
-    from llmrec.embed.tune import save_tuned, tune_loop
+    from llmrec.finetune.tune import save_tuned, tune_loop
 
     cfg = EncoderTuneConfig(**config["cfg"])
     ctx = ray.train.get_context()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -43,6 +43,22 @@ def cooccurrence_similarity(
         raise ValueError(f"users and items must be 1-d of equal length, got {users.shape} and {items.shape}")
     if len(items) and (items.min() < 0 or items.max() >= n_items):
         raise ValueError(f"items must lie in [0, {n_items}), got [{items.min()}, {items.max()}]")
+    x = _binary_user_items(users, items, n_items)
+    xt = x.T.tocsr()  # (N, U)
+    per_item = np.asarray(x.sum(axis=0)).ravel()  # (N,) users per item
+    sim_m = _top_similar(lambda a, b: xt[a:b] @ x, per_item, n_items, n_neighbors, block_items)
+    logger.info(
+        "co-occurrence: %d users x %d items, %d similarities kept (%.1fs)",
+        x.shape[0],
+        int((per_item > 0).sum()),
+        sim_m.nnz,
+        time.perf_counter() - t0,
+    )
+    return sim_m
+
+
+def _binary_user_items(users: np.ndarray, items: np.ndarray, n_items: int) -> sp.csr_matrix:
+    """float32 (U, N) binary CSR of (user code, item) events; user codes are compacted to 0..U-1."""
     codes = np.unique(users, return_inverse=True)[1].ravel() if len(users) else np.zeros(0, np.int64)
     x = sp.csr_matrix(
         (np.ones(len(items), dtype=np.float32), (codes, items)),
@@ -50,8 +66,62 @@ def cooccurrence_similarity(
     )
     x.sum_duplicates()
     x.data[:] = 1.0  # binary
-    xt = x.T.tocsr()  # (N, U)
-    norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel()).astype(np.float32)  # (N,)
+    return x
+
+
+class CoocCounts:
+    """Item x item co-occurrence counts summed over chunks of users (`add`), for data no process holds whole.
+
+    Memory: the (N, N) count matrix's non-zeros (at most the distinct co-occurring pairs, whatever the number
+    of users) plus one chunk of events. `similarity(n_neighbors)` equals `cooccurrence_similarity` over every
+    added event, each user added once with all its items (a user added twice counts as two users).
+    """
+
+    def __init__(self, n_items: int, chunk_events: int = 1 << 20) -> None:
+        self.n_items = int(n_items)
+        self.chunk_events = int(chunk_events)
+        self.counts = sp.csr_matrix((self.n_items, self.n_items), dtype=np.float32)
+        self._users: list[np.ndarray] = []
+        self._items: list[np.ndarray] = []
+        self._pending = 0
+        self._next_user = 0
+
+    def add(self, user_items: Sequence[np.ndarray]) -> None:
+        """Add users, each given as the int array of its positive items (repeats count once)."""
+        lens = np.fromiter((len(x) for x in user_items), np.int64, count=len(user_items))
+        if not len(lens):
+            return
+        self._users.append(np.repeat(np.arange(self._next_user, self._next_user + len(lens)), lens))
+        self._items.append(np.concatenate([np.asarray(x, np.int64) for x in user_items]))
+        self._next_user += len(lens)
+        self._pending += int(lens.sum())
+        if self._pending >= self.chunk_events:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._users:
+            return
+        items = np.concatenate(self._items)
+        if len(items) and (items.min() < 0 or items.max() >= self.n_items):
+            raise ValueError(f"items must lie in [0, {self.n_items}), got [{items.min()}, {items.max()}]")
+        x = _binary_user_items(np.concatenate(self._users), items, self.n_items)
+        self.counts = (self.counts + (x.T @ x).tocsr()).tocsr()
+        self._users, self._items, self._pending = [], [], 0
+
+    def similarity(self, n_neighbors: int = 100, block_items: int = 1024) -> sp.csr_matrix:
+        """The top-`n_neighbors` cosine co-occurrence similarity (`cooccurrence_similarity`'s definition)."""
+        self._flush()
+        c = self.counts
+        return _top_similar(lambda a, b: c[a:b], c.diagonal(), self.n_items, n_neighbors, block_items)
+
+
+def _top_similar(
+    co_rows: Callable[[int, int], sp.spmatrix], n_users: np.ndarray, n_items: int, n_neighbors: int,
+    block_items: int,
+) -> sp.csr_matrix:
+    """Top-k cosine rows from co-occurrence counts: co_rows(a, b) -> counts of items a..b-1 (b - a, N);
+    n_users (N,): users per item (the counts' diagonal)."""
+    norms = np.sqrt(np.asarray(n_users, np.float64)).astype(np.float32)  # (N,)
     inv = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
     rows, cols, vals = [], [], []
     k = min(n_neighbors, n_items - 1)
@@ -59,7 +129,7 @@ def cooccurrence_similarity(
         stop = min(start + block_items, n_items)
         if k <= 0:
             break
-        co = (xt[start:stop] @ x).toarray()  # (b, N) co-occurrence counts
+        co = co_rows(start, stop).toarray()  # (b, N) co-occurrence counts
         sim = co * inv[start:stop, None] * inv[None, :]
         sim[np.arange(stop - start), np.arange(start, stop)] = 0.0
         top = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # (b, k)
@@ -72,17 +142,9 @@ def cooccurrence_similarity(
     def cat(parts: list[np.ndarray], dt: type) -> np.ndarray:
         return np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
 
-    sim_m = sp.csr_matrix(
+    return sp.csr_matrix(
         (cat(vals, np.float32), (cat(rows, np.int64), cat(cols, np.int64))), shape=(n_items, n_items)
     )
-    logger.info(
-        "co-occurrence: %d users x %d items, %d similarities kept (%.1fs)",
-        x.shape[0],
-        int((norms > 0).sum()),
-        sim_m.nnz,
-        time.perf_counter() - t0,
-    )
-    return sim_m
 
 
 def history_matrix(hist_items: Sequence[np.ndarray], n_items: int) -> sp.csr_matrix:

@@ -43,6 +43,30 @@ def test_similarity_equals_dense_cosine_and_keeps_the_top_neighbours():
         np.testing.assert_allclose(top3[i][top3[i] > 0], ref[i][top3[i] > 0], rtol=1e-5)
 
 
+def test_counts_summed_over_chunks_equal_the_one_shot_similarity():
+    """CoocCounts, fed users a few at a time with a tiny chunk (many partial sums), gives the dense cosine."""
+    from llmrec.cooc import CoocCounts
+
+    rng = np.random.default_rng(3)
+    n = 25
+    users = rng.integers(0, 60, 500)
+    items = rng.integers(0, n, 500)
+    ref = _dense_cosine(users, items, n)
+    acc = CoocCounts(n, chunk_events=37)
+    ids = np.unique(users)
+    for start in range(0, len(ids), 9):
+        acc.add([items[users == u] for u in ids[start : start + 9]])  # repeats within a user count once
+    np.testing.assert_allclose(acc.similarity(n_neighbors=n, block_items=6).toarray(), ref, rtol=1e-5,
+                               atol=1e-7)
+    top4 = acc.similarity(n_neighbors=4).toarray()
+    np.testing.assert_allclose(top4, cooccurrence_similarity(users, items, n, n_neighbors=4).toarray(),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match=r"items must lie in \[0, 25\)"):
+        bad = CoocCounts(n)
+        bad.add([np.array([3, 25])])
+        bad.similarity()
+
+
 def test_history_scores_sum_the_rows_of_distinct_history_items():
     rng = np.random.default_rng(1)
     n = 12

@@ -366,31 +366,21 @@ def focus_samples(samples: Any, after_ts: int, seed: int = 0) -> Any:
 
 def cooc_matrices(user_items: Any, n_items: int, n_neighbors: int) -> tuple[Any, Any]:
     """(similarity over training positives, similarity over training + validation positives), built in one
-    Ray task that streams the per-user item lists (the driver never holds them)."""
+    Ray task that streams the per-user item lists (the driver never holds them) into item x item counts
+    (`llmrec.cooc.CoocCounts`): the task holds the counts and one chunk of users, not every event."""
     import ray
 
     @ray.remote(num_cpus=1)
     def build(ds: Any) -> tuple[Any, Any]:
-        from llmrec.cooc import cooccurrence_similarity
+        from llmrec.cooc import CoocCounts
 
-        users, items, v_users, v_items = [], [], [], []
-        code = 0
+        train, full = CoocCounts(n_items), CoocCounts(n_items)
         for b in ds.iter_batches(batch_format="pandas", batch_size=4096):
-            for lst, v in zip(b["items"], b["val_item"], strict=True):
-                lst = np.asarray(lst, np.int64)
-                users.append(np.full(len(lst), code))
-                items.append(lst)
-                if v >= 0:
-                    v_users.append(code)
-                    v_items.append(v)
-                code += 1
-        u = np.concatenate(users) if users else np.zeros(0, np.int64)
-        i = np.concatenate(items) if items else np.zeros(0, np.int64)
-        train = cooccurrence_similarity(u, i, n_items, n_neighbors)
-        full = cooccurrence_similarity(np.r_[u, np.asarray(v_users, np.int64)],
-                                       np.r_[i, np.asarray(v_items, np.int64)],
-                                       n_items, n_neighbors)
-        return train, full
+            lists = [np.asarray(lst, np.int64) for lst in b["items"]]
+            train.add(lists)
+            full.add([np.append(lst, v) if v >= 0 else lst
+                      for lst, v in zip(lists, b["val_item"], strict=True)])
+        return train.similarity(n_neighbors), full.similarity(n_neighbors)
 
     return ray.get(build.remote(user_items))
 

@@ -41,8 +41,6 @@ def cooccurrence_similarity(
     items = np.asarray(items, dtype=np.int64)
     if users.shape != items.shape or users.ndim != 1:
         raise ValueError(f"users and items must be 1-d of equal length, got {users.shape} and {items.shape}")
-    if len(items) and (items.min() < 0 or items.max() >= n_items):
-        raise ValueError(f"items must lie in [0, {n_items}), got [{items.min()}, {items.max()}]")
     x = _binary_user_items(users, items, n_items)
     xt = x.T.tocsr()  # (N, U)
     per_item = np.asarray(x.sum(axis=0)).ravel()  # (N,) users per item
@@ -58,7 +56,13 @@ def cooccurrence_similarity(
 
 
 def _binary_user_items(users: np.ndarray, items: np.ndarray, n_items: int) -> sp.csr_matrix:
-    """float32 (U, N) binary CSR of (user code, item) events; user codes are compacted to 0..U-1."""
+    """float32 (U, N) binary CSR of (user code, item) events; user codes are compacted to 0..U-1.
+
+    Raises:
+        ValueError: an item outside [0, n_items).
+    """
+    if len(items) and (items.min() < 0 or items.max() >= n_items):
+        raise ValueError(f"items must lie in [0, {n_items}), got [{items.min()}, {items.max()}]")
     codes = np.unique(users, return_inverse=True)[1].ravel() if len(users) else np.zeros(0, np.int64)
     x = sp.csr_matrix(
         (np.ones(len(items), dtype=np.float32), (codes, items)),
@@ -101,10 +105,7 @@ class CoocCounts:
     def _flush(self) -> None:
         if not self._users:
             return
-        items = np.concatenate(self._items)
-        if len(items) and (items.min() < 0 or items.max() >= self.n_items):
-            raise ValueError(f"items must lie in [0, {self.n_items}), got [{items.min()}, {items.max()}]")
-        x = _binary_user_items(np.concatenate(self._users), items, self.n_items)
+        x = _binary_user_items(np.concatenate(self._users), np.concatenate(self._items), self.n_items)
         self.counts = (self.counts + (x.T @ x).tocsr()).tocsr()
         self._users, self._items, self._pending = [], [], 0
 

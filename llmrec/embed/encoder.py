@@ -483,15 +483,11 @@ class TextEncoder:
         ids = torch.as_tensor(tok["input_ids"], dtype=torch.long, device=self.device)
         mask = torch.as_tensor(attention_mask_from_length(tok["length"], ids.shape[1]), device=self.device)
         hidden = (net or self._model)(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, L, H)
-        return _pool(hidden, mask, self.config.pooling, self._skip, self.config.normalize)
+        return self.pool(hidden, mask)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The model's pooling (+ normalisation) of token states (B, L, H) -> float32 (B, D), autograd on."""
         return _pool(hidden, attention_mask, self.config.pooling, self._skip, self.config.normalize)
-
-    def save_tokenizer(self, out_dir: str | os.PathLike) -> None:
-        """Write the tokenizer files into `out_dir` (beside a tuned model's weights)."""
-        self.tokenizer.save_pretrained(out_dir)
 
     def encode(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
         """Embed `texts`; batches are formed from length-sorted rows, the output is in input order.

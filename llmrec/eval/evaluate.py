@@ -106,13 +106,13 @@ def check_tuned_encoder(embed_meta: dict, protocols: Sequence[str], seeds: Seque
     from llmrec.artifacts import read_meta
 
     path = embed_meta.get("model_path")
-    if not path or not (Path(path) / "meta.json").is_file():
+    if not path:
         return
     try:
         tune = read_meta(path, "tune-encoder")
     except ValueError:
-        return  # a model folder with some other meta.json: not ours
-    t_seed = int(tune.get("pairs", {}).get("seed", tune.get("config", {}).get("seed", 0)))
+        return  # no meta.json, or another stage's: a model folder llmrec did not tune
+    t_seed = int(tune["pairs"]["seed"])
     bad = [p for p in protocols if p != "loo"] + [f"seed {s}" for s in seeds if s != t_seed]
     if bad:
         raise ValueError(

@@ -84,11 +84,7 @@ def tune_encoder(
         raise RuntimeError(f"tune-encoder run {run_name} reported no checkpoint; see its Ray Train logs")
     m = result.metrics
     with result.checkpoint.as_directory() as d:
-        for p in Path(d).iterdir():
-            if p.is_dir():
-                shutil.copytree(p, out_dir / p.name, dirs_exist_ok=True)
-            else:
-                shutil.copy2(p, out_dir / p.name)
+        shutil.copytree(d, out_dir, dirs_exist_ok=True)
     wall = time.perf_counter() - t0
     meta = write_meta(
         out_dir, STAGE,

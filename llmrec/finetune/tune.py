@@ -189,15 +189,14 @@ def evaluate_pairs(encode: Callable[[np.ndarray], np.ndarray], n_items: int, val
 
     if len(val) == 0:
         return {}
-    n = n_items
-    if n <= max_items:
-        rows = np.arange(n)
+    if n_items <= max_items:
+        rows = np.arange(n_items)
     else:
         need = np.unique(val)
-        rest = np.setdiff1d(np.arange(n), need)
+        rest = np.setdiff1d(np.arange(n_items), need)
         extra = np.random.default_rng(seed).choice(rest, max(0, max_items - len(need)), replace=False)
         rows = np.sort(np.concatenate([need, extra]))
-    pos = np.full(n, -1, np.int64)
+    pos = np.full(n_items, -1, np.int64)
     pos[rows] = np.arange(len(rows))
     vecs = encode(rows)  # (M, D)
     ctx, nxt = pos[val[:, 0]], pos[val[:, 1]]
@@ -396,16 +395,11 @@ def save_tuned(encoder: TextEncoder, out_dir: str | Path) -> Path:
     """Write the encoder as a model folder `llmrec embed --model` reads: the base model's files (tokenizer,
     sentence-transformers modules and pooling, prompts) with the tuned weights (`save_pretrained`)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     src = Path(encoder.model_path)
     if src.is_dir():
-        for p in src.iterdir():
-            if p.name in WEIGHT_FILES or p.name == "README.md" or p.name.startswith("."):
-                continue
-            if p.is_dir():
-                shutil.copytree(p, out / p.name, dirs_exist_ok=True)
-            else:
-                shutil.copy2(p, out / p.name)
-    encoder.save_tokenizer(out)
+        shutil.copytree(src, out, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(*WEIGHT_FILES, "README.md", ".*"))
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.tokenizer.save_pretrained(out)
     encoder.transformer.save_pretrained(out, safe_serialization=True)
     return out

@@ -3,14 +3,17 @@
 
 `recommend_users(run_dir, data_dir, users, k, out)`:
 
-    users -> (user_id, pos, shard = `state.store.shard_of`, the serving shards' hash), one Ray Data block per
-    shard -> actor pool `_Ranker`: loads catalog + index + scorer once per actor
+    users file -> Ray Data read tasks (text: one id per line; .parquet / .csv / a folder of parquet parts:
+    a `user_id` column), in file order -> `_split` tasks: each block's ids with their position (block, row)
+    cut by `state.store.shard_of`, the serving shards' hash, into one part per shard; shards sized by users
+    (`USERS_PER_SHARD`) -> `_gather` tasks: one block per shard, each id once (its first position)
+    -> actor pool `_Ranker`: loads catalog + index + scorer once per actor
     and the base histories of the shard it is handed (`state.base.load_base`, the loader the serving shards
     use), ranks each block's users -> rows (user_id, item_id, rank, score) -> sorted by the users' input order
     -> one parquet file written by streaming the part files (`out` ending in .parquet), or a folder of parts.
 
-The driver holds the user-id list it was given (or none, for a users file read by Ray Data), the counts of
-users without interactions, and never a history or a recommendation list.
+The driver holds object references and counts (ids read, distinct ids, users without interactions), never
+the user-id list, a history or a recommendation list; a ranker holds one shard's base histories at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,38 +36,67 @@ from llmrec.schema import RUN_INDEX, RUN_SCORER, USER_ID
 logger = logging.getLogger(__name__)
 
 OUT_COLUMNS = (USER_ID, "item_id", "rank", "score")
+USERS_PER_SHARD = 50_000  # users per shard at most: bounds a ranker's base histories, whatever the users file
+_POS = ("block", "row")  # a user's position in the users file: (block of the read, row in that block)
 
 
 def recommend_users(
     run_dir: str | os.PathLike,
     data_dir: str | os.PathLike,
-    users: list[str],
+    users: Sequence[str] | str | os.PathLike,
     k: int,
     out: str | os.PathLike,
     n_candidates: int | None = None,
     n_shards: int | None = None,
     skip_unknown: bool = False,
+    users_per_shard: int = USERS_PER_SHARD,
 ) -> dict[str, Any]:
-    """Write the top-k of every user (input order) to `out`; returns {n_users, n_rows, n_unknown, wall_s}.
+    """Write the top-k of every user (input order, each id once) to `out`.
+
+    Args:
+        users: a users file (path or URI; see `read_users`) or the ids themselves (an in-memory list).
+        n_shards: hash shards of the users; None = max(2 x cluster CPUs, ceil(ids / users_per_shard)),
+            at most one per id.
+
+    Returns:
+        {n_users, n_rows, n_unknown, n_ids, wall_s}: n_ids counts the ids read (duplicates included).
 
     Raises:
-        ValueError: users without interactions in `data_dir` (unless skip_unknown), or nothing to rank.
+        ValueError: users without interactions in `data_dir` (unless skip_unknown), no ids, nothing to rank.
+        FileNotFoundError: no users file.
     """
     import ray
     import ray.data
 
     from llmrec.raysetup import cluster_cpus
-    from llmrec.state.store import shard_of
 
     t0 = time.perf_counter()
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    n_shards = n_shards or max(1, min(len(users), int(2 * cluster_cpus())))
-    frame = pd.DataFrame({USER_ID: users, "pos": np.arange(len(users), dtype=np.int64)})
-    frame["shard"] = [shard_of(u, n_shards) for u in users]
-    # one block per shard, cut here (the ids are in this process already): no shuffle, whose aggregator
-    # actors and tasks can starve an actor pool on a small cluster (PLATFORM.md G3)
-    ds = ray.data.from_pandas([g for _, g in frame.groupby("shard", sort=True)])
+    if users_per_shard < 1:
+        raise ValueError(f"users_per_shard must be >= 1, got {users_per_shard}")
+    source = _user_dataset(users)
+    n_ids = source.ds.count()
+    if n_ids == 0:
+        raise ValueError(f"{source.name} lists no user ids")
+    n_shards = n_shards or max(int(2 * cluster_cpus()), -(-n_ids // users_per_shard))
+    n_shards = max(1, min(n_shards, n_ids))
+    # one block per shard, cut by tasks that see one block each: no shuffle, whose aggregator actors and tasks
+    # can starve an actor pool on a small cluster (PLATFORM.md G3), and no id list in this process
+    split, gather = ray.remote(_split_impl), ray.remote(_gather_impl)
+    blocks = (ref for bundle in source.ds.iter_internal_ref_bundles() for ref in bundle.block_refs)
+    split = split.options(num_returns=n_shards)
+    parts = [split.remote(ref, b, n_shards, source.is_text) for b, ref in enumerate(blocks)]
+    parts = [p if n_shards > 1 else [p] for p in parts]
+    gathered = [gather.options(num_returns=2).remote(*(p[s] for p in parts)) for s in range(n_shards)]
+    sizes = ray.get([n for _, n in gathered])
+    n_distinct = int(sum(sizes))
+    if n_distinct == 0:
+        raise ValueError(f"{source.name} lists no user ids (blank lines and # comments only)")
+    if n_distinct < n_ids:
+        logger.info("%s lists %d ids, %d distinct; recommending once per distinct id", source.name, n_ids,
+                    n_distinct)
+    ds = ray.data.from_arrow_refs([t for (t, _), n in zip(gathered, sizes, strict=True) if n])
     actors = max(1, min(n_shards, int(cluster_cpus())))
     ranked = ds.map_batches(
         _Ranker,
@@ -78,24 +112,136 @@ def recommend_users(
         examples = [r[USER_ID] for r in unknown.take(5)]
         if not skip_unknown:
             raise ValueError(
-                f"{n_unknown} of {len(users)} users have no interactions in {data_dir} "
+                f"{n_unknown} of {n_distinct} users have no interactions in {data_dir} "
                 f"(e.g. {examples}); pass "
                 "--skip-unknown to leave them out"
             )
         logger.warning(
-            "skipping %d of %d users without interactions (e.g. %s)", n_unknown, len(users), examples
+            "skipping %d of %d users without interactions (e.g. %s)", n_unknown, n_distinct, examples
         )
-    rows = ranked.filter(lambda r: r["rank"] > 0).sort(["pos", "rank"]).drop_columns(["pos"])
+    rows = ranked.filter(lambda r: r["rank"] > 0).sort([*_POS, "rank"]).drop_columns(list(_POS))
     n_rows = _write(rows, Path(out))
     if n_rows == 0:
         raise ValueError(
-            f"no user of the {len(users)} given has interactions in {data_dir}; nothing to recommend"
+            f"no user of the {n_distinct} given has interactions in {data_dir}; nothing to recommend"
         )
     wall = time.perf_counter() - t0
     logger.info(
-        "recommended for %d users (%d rows) on Ray Data in %.1fs", len(users) - n_unknown, n_rows, wall
+        "recommended for %d users (%d rows, %d shards) on Ray Data in %.1fs",
+        n_distinct - n_unknown, n_rows, n_shards, wall,
     )
-    return {"n_users": len(users) - n_unknown, "n_rows": n_rows, "n_unknown": n_unknown, "wall_s": wall}
+    return {"n_users": n_distinct - n_unknown, "n_rows": n_rows, "n_unknown": n_unknown, "n_ids": n_ids,
+            "wall_s": wall}
+
+
+@dataclass(frozen=True)
+class UsersSource:
+    """A users file read by Ray Data: `ds` (lazy), `name` for messages, `is_text`: one id per line in column
+    `text` (stripped; blank lines and # comments left out), else a `user_id` column."""
+
+    ds: Any
+    name: str
+    is_text: bool
+
+
+def _user_dataset(users: Sequence[str] | str | os.PathLike) -> UsersSource:
+    """The users as a materialized source whose blocks are in input order."""
+    import pyarrow as pa
+    import ray.data
+
+    if not isinstance(users, (str, os.PathLike)):
+        ids = pa.table({USER_ID: pa.array([str(u) for u in users], pa.string())})
+        return UsersSource(ray.data.from_arrow(ids), "the user list", is_text=False)
+    ctx = ray.data.DataContext.get_current()
+    keep = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # blocks in file order: positions are (block, row)
+    try:
+        src = read_users(users)
+        return UsersSource(src.ds.materialize(), src.name, src.is_text)
+    finally:
+        ctx.execution_options.preserve_order = keep
+
+
+def read_users(path: str | os.PathLike) -> UsersSource:
+    """A users file as a lazy Ray Dataset (read by Ray Data's tasks, not this process).
+
+    Formats: a text file (one id per line, column `text`), a .parquet or .csv file or a folder of .parquet
+    parts (a `user_id` column; other types are read as strings).
+
+    Raises:
+        FileNotFoundError: no such file or folder. ValueError: no `user_id` column.
+    """
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from llmrec.storage.uri import is_uri
+
+    p = str(path)
+    local = None if is_uri(p) else Path(p)
+    if local is not None and not local.exists():
+        raise FileNotFoundError(f"users file {p} not found")
+    fix = "add one or pass a text file with one id per line"
+    if p.endswith(".parquet") or (local is not None and local.is_dir()):
+        names = pq.read_schema(_first_parquet(local) if local is not None else p).names
+        if USER_ID not in names:
+            raise ValueError(f"{p} has no {USER_ID!r} column (columns: {names}); {fix}")
+        return UsersSource(ray.data.read_parquet(p, columns=[USER_ID]), p, is_text=False)
+    if p.endswith(".csv"):
+        if local is not None:
+            with local.open(encoding="utf-8") as f:
+                names = next(csv.reader(f), [])
+            if USER_ID not in names:
+                raise ValueError(f"{p} has no {USER_ID!r} column (columns: {names}); {fix}")
+        opts = pcsv.ConvertOptions(column_types={USER_ID: pa.string()}, include_columns=[USER_ID])
+        return UsersSource(ray.data.read_csv(p, convert_options=opts), p, is_text=False)
+    return UsersSource(ray.data.read_text(p, drop_empty_lines=True), p, is_text=True)
+
+
+def _first_parquet(path: Path) -> Path:
+    if path.is_file():
+        return path
+    files = sorted(path.rglob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"users folder {path} holds no .parquet file")
+    return files[0]
+
+
+def _split_impl(block: Any, b: int, n_shards: int, is_text: bool) -> Any:
+    """One block of ids -> n_shards tables (user_id, block, row, shard): blanks, comments and nulls out; the
+    one table itself for one shard (a task of num_returns=1 returns its value as one object)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from ray.data.block import BlockAccessor
+
+    from llmrec.state.store import shard_of
+
+    t = BlockAccessor.for_block(block).to_arrow()
+    ids = pc.cast(t.column("text" if is_text else USER_ID), pa.string()).to_pylist()
+    if is_text:
+        ids = [u.strip() for u in ids]
+    keep = [i for i, u in enumerate(ids) if u is not None and u != "" and not (is_text and u.startswith("#"))]
+    ids, rows = [ids[i] for i in keep], np.asarray(keep, dtype=np.int64)
+    shard = np.fromiter((shard_of(u, n_shards) for u in ids), dtype=np.int64, count=len(ids))
+    full = pa.table({USER_ID: pa.array(ids, pa.string()), "block": pa.array(np.full(len(ids), b, np.int64)),
+                     "row": pa.array(rows), "shard": pa.array(shard)})
+    if n_shards == 1:
+        return full
+    return [full.filter(pa.array(shard == s)) for s in range(n_shards)]
+
+
+def _gather_impl(*parts: Any) -> tuple[Any, int]:
+    """A shard's parts -> (one table, each id once at its first position; its row count)."""
+    import pyarrow as pa
+
+    t = pa.concat_tables(parts) if parts else pa.table({USER_ID: pa.array([], pa.string())})
+    if t.num_rows == 0:
+        return t, 0
+    df = t.to_pandas().sort_values(list(_POS), kind="stable").drop_duplicates(USER_ID, keep="first")
+    return pa.Table.from_pandas(df, preserve_index=False), len(df)
 
 
 class _Ranker:
@@ -129,19 +275,20 @@ class _Ranker:
         for shard, part in df.groupby("shard", sort=False):
             base = self._shard_base(int(shard))
             views, keep = [], []
-            for u, pos in zip(part[USER_ID], part["pos"], strict=True):
+            for u, *pos in zip(part[USER_ID], *(part[c] for c in _POS), strict=True):
                 r = base.row(str(u))
                 if r is None:  # no interactions: reported (rank 0), never ranked as a new user
-                    out.append({USER_ID: u, "item_id": None, "rank": 0, "score": np.nan, "pos": int(pos)})
+                    out.append({USER_ID: u, "item_id": None, "rank": 0, "score": np.nan,
+                                **dict(zip(_POS, map(int, pos), strict=True))})
                     continue
                 views.append(UserView.from_state(summary(base.state(r, history_len=200)), str(u)))
-                keep.append(int(pos))
+                keep.append(dict(zip(_POS, map(int, pos), strict=True)))
             for b in range(0, len(views), 256):
                 for view, pos, recs in zip(views[b : b + 256], keep[b : b + 256],
                                            self.core.recommend(views[b : b + 256], k=self.k), strict=True):
                     out += [{USER_ID: view.user_id, "item_id": r["item_id"], "rank": i + 1,
-                             "score": np.float32(r["score"]), "pos": pos} for i, r in enumerate(recs)]
-        return pd.DataFrame(out, columns=[*OUT_COLUMNS, "pos"])
+                             "score": np.float32(r["score"]), **pos} for i, r in enumerate(recs)]
+        return pd.DataFrame(out, columns=[*OUT_COLUMNS, *_POS])
 
 
 def _write(rows: Any, out: Path) -> int:

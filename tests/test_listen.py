@@ -5,7 +5,8 @@ neighbours up.
 The run is built here: 3 topics x 10 items whose texts are encoded by the real MiniLM (text feedback has to
 mean something), two cold items (no interaction anywhere), 60 users who each mostly like one topic, a scorer
 trained by `fit_scorer` (Ray Train, synthesised facet feedback on), then the Serve app on the shared session
-Ray.
+Ray. The batch command (`llmrec.batch`) ranks the same run: its users file, sharding and order are checked
+against a single-shard run of itself and the served ranking.
 """
 
 from __future__ import annotations
@@ -47,19 +48,18 @@ TOPICS = {
 COLD = {"cold-space": ("a brand new science fiction story of astronauts on a distant alien planet",
                        "Science Fiction"),
         "cold-anim": ("a new animated cartoon for children about a clumsy little robot", "Animation")}
+N_USERS = 60
 
 
 @pytest.fixture(scope="module")
-def listening_app(ray_local, tmp_path_factory, minilm_path):
-    from ray import serve
-
+def listening_run(ray_local, tmp_path_factory, minilm_path) -> tuple[Path, dict[str, str]]:
+    """(the run folder, item id -> topic)."""
     from llmrec.config import TrainConfig
     from llmrec.data.tables import read_items
     from llmrec.embed.artifact import load_item_space
     from llmrec.embed.encoder import TextEncoder
     from llmrec.scorer.recommender import split_last_event
     from llmrec.scorer.train import fit_scorer
-    from llmrec.serve.app import build_app
 
     run = Path(tmp_path_factory.mktemp("listen-run"))
     ids, texts, topic = [], [], {}
@@ -75,7 +75,7 @@ def listening_app(ray_local, tmp_path_factory, minilm_path):
     rng = np.random.default_rng(0)
     rows = []
     names = list(TOPICS)
-    for u in range(60):
+    for u in range(N_USERS):
         main = names[u % 3]
         pool = [i for i in ids if topic[i] == main and not i.startswith("cold")]
         other = [i for i in ids if topic[i] != main and not i.startswith("cold")]
@@ -100,6 +100,16 @@ def listening_app(ray_local, tmp_path_factory, minilm_path):
     cfg = TrainConfig(epochs=4, batch_size=64, lr=1e-2, dim=16, max_len=10, n_neg=16, head_neg=7,
                       mlp_hidden=16, n_candidates=20, feedback_p=0.5)
     fit_scorer(cfg, train, items, run / schema.RUN_SCORER, valid_df=valid, embed_meta=embed_meta)
+    return run, topic
+
+
+@pytest.fixture(scope="module")
+def listening_app(listening_run):
+    from ray import serve
+
+    from llmrec.serve.app import build_app
+
+    run, topic = listening_run
     port = start_serve()
     name = f"listen{uuid.uuid4().hex[:6]}"
     serve.run(build_app({"run_dir": str(run), "n_shards": 2, "state_name": f"test-state-{name}",
@@ -192,3 +202,59 @@ def test_served_ranking_of_a_known_user_equals_the_batch_command(listening_app, 
         assert not any(it["reason"].startswith("popular") for it in served)  # personalised at once
         expect = batch[batch["user_id"] == u].sort_values("rank")["item_id"].tolist()
         assert [it["item_id"] for it in served] == expect
+
+
+def _batch(run: Path, users, out: Path, **kw) -> pd.DataFrame:
+    from llmrec.batch import recommend_users
+
+    res = recommend_users(run, run / schema.RUN_DATA, users, 5, out, **kw)
+    df = pd.read_parquet(out)
+    assert res["n_rows"] == len(df) and res["n_users"] == df["user_id"].nunique()
+    return df
+
+
+def test_batch_reads_users_files_in_order_once_per_id_and_shards_change_nothing(listening_run, tmp_path):
+    """The users file is read by Ray Data (text, csv, a folder of parquet parts in several blocks); every id
+    is ranked once at its first position; the ranking of a user does not depend on how many shards the users
+    are cut into (many shards of 7 users vs one shard holding all)."""
+    run, _ = listening_run
+    rng = np.random.default_rng(1)
+    order = [f"u{i}" for i in rng.permutation(N_USERS)]
+    listed = order[:40] + order[5:10] + order[40:]  # five repeats
+    (tmp_path / "users.txt").write_text("# users to score\n\n" + "\n".join(f" {u} " for u in listed) + "\n")
+    one = _batch(run, tmp_path / "users.txt", tmp_path / "one.parquet", n_shards=1)
+    assert list(dict.fromkeys(one["user_id"])) == order  # file order, first occurrence, comments/blanks out
+    assert (one.groupby("user_id", sort=False)["rank"].apply(list) == [[1, 2, 3, 4, 5]] * N_USERS).all()
+    seen = pd.read_parquet(run / schema.RUN_DATA / "interactions.parquet").groupby("user_id")["item_id"]
+    assert all(not set(g["item_id"]) & set(seen.get_group(u)) for u, g in one.groupby("user_id"))
+
+    many = _batch(run, tmp_path / "users.txt", tmp_path / "many.parquet", users_per_shard=7)
+    pd.testing.assert_frame_equal(many, one)
+    parts = tmp_path / "users-parts"
+    parts.mkdir()
+    for j, s in enumerate(range(0, len(listed), 20)):
+        pd.DataFrame({"user_id": listed[s : s + 20]}).to_parquet(parts / f"part-{j}.parquet")
+    pd.testing.assert_frame_equal(_batch(run, parts, tmp_path / "p.parquet", users_per_shard=7), one)
+    pd.DataFrame({"user_id": listed, "note": "x"}).to_csv(tmp_path / "users.csv", index=False)
+    pd.testing.assert_frame_equal(_batch(run, tmp_path / "users.csv", tmp_path / "c.parquet"), one)
+
+
+def test_batch_users_file_errors(listening_run, tmp_path):
+    from llmrec.batch import recommend_users
+
+    run, _ = listening_run
+    (tmp_path / "users.txt").write_text("u1\nnobody\nu2\n")
+    with pytest.raises(ValueError, match=r"1 of 3 users have no interactions .*nobody.*--skip-unknown"):
+        recommend_users(run, run / schema.RUN_DATA, tmp_path / "users.txt", 5, tmp_path / "r.parquet")
+    res = recommend_users(run, run / schema.RUN_DATA, tmp_path / "users.txt", 5, tmp_path / "r.parquet",
+                          skip_unknown=True)
+    assert (res["n_unknown"], res["n_users"]) == (1, 2)
+    assert list(dict.fromkeys(pd.read_parquet(tmp_path / "r.parquet")["user_id"])) == ["u1", "u2"]
+    (tmp_path / "blank.txt").write_text("# nobody here\n\n")
+    with pytest.raises(ValueError, match="lists no user ids"):
+        recommend_users(run, run / schema.RUN_DATA, tmp_path / "blank.txt", 5, tmp_path / "r.parquet")
+    pd.DataFrame({"uid": ["u1"]}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"has no 'user_id' column \(columns: \['uid'\]\)"):
+        recommend_users(run, run / schema.RUN_DATA, tmp_path / "bad.parquet", 5, tmp_path / "r.parquet")
+    with pytest.raises(FileNotFoundError, match="users file .*missing.txt not found"):
+        recommend_users(run, run / schema.RUN_DATA, tmp_path / "missing.txt", 5, tmp_path / "r.parquet")

@@ -6,8 +6,10 @@ the users' states are built from RUN/data (or --data) the way a state shard load
 every item seen, negatives; `llmrec.state.base`), and `RecommendCore` ranks them (`Scorer.rank`: retrieval +
 re-rank + co-occurrence); items the user has seen are never recommended. A baseline name fits that baseline on
 all interactions first (history = every interaction of the user). The users file is a text file (one id per
-line; blank lines and lines starting with '#' ignored), or a .parquet / .csv with a `user_id` column. Output:
-parquet `user_id, item_id, rank (1 = best), score`, users in file order. A user may get fewer than k rows when
+line; blank lines and lines starting with '#' ignored), or a .parquet / .csv with a `user_id` column (with
+`--model llmrec` also a folder of .parquet parts; that model reads the file with Ray Data's tasks, so no
+process holds the whole id list). Each id is ranked once. Output: parquet `user_id, item_id, rank (1 = best),
+score`, users in file order (first occurrence). A user may get fewer than k rows when
 fewer than k items are rankable for them (logged with a count).
 """
 
@@ -79,17 +81,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     run_dir = Path(args.run)
     data_dir = Path(args.data) if args.data else run_dir / RUN_DATA
-    users = read_user_ids(args.users)
-    if args.model == "llmrec":  # on Ray Data, the serving ranking (llmrec.batch)
+    if args.model == "llmrec":  # on Ray Data, the serving ranking (llmrec.batch); the users file too
         from llmrec.batch import recommend_users
         from llmrec.raysetup import init_ray
 
         init_ray(address=getattr(args, "address", None))
-        res = recommend_users(run_dir, data_dir, users, args.k, args.out, args.n_candidates,
+        res = recommend_users(run_dir, data_dir, args.users, args.k, args.out, args.n_candidates,
                               skip_unknown=args.skip_unknown)
         print(f"wrote {res['n_rows']} recommendations for {res['n_users']} users (llmrec, k={args.k}) to "
               f"{args.out} in {res['wall_s']:.1f}s")
         return 0
+    users = read_user_ids(args.users)
     items_df, inter = read_tables(data_dir)
     known = set(inter[USER_ID].unique())
     unknown = [u for u in users if u not in known]

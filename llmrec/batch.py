@@ -7,23 +7,26 @@
     a `user_id` column), in file order -> `_split` tasks: each block's ids with their position (block, row)
     cut by `state.store.shard_of`, the serving shards' hash, into one part per shard; shards sized by users
     (`USERS_PER_SHARD`) -> `_gather` tasks: one block per shard, each id once (its first position)
-    -> actor pool `_Ranker`: loads catalog + index + scorer once per actor
-    and the base histories of the shard it is handed (`state.base.load_base`, the loader the serving shards
-    use), ranks each block's users -> rows (user_id, item_id, rank, score) -> sorted by the users' input order
-    -> one parquet file written by streaming the part files (`out` ending in .parquet), or a folder of parts.
+    -> actor pool `_Ranker`: loads catalog + index + scorer once per actor and, per block, the base histories
+    of that block's users (`state.base.load_base`, the loader the serving shards use, keeping only the users
+    asked for), ranks them -> rows (user_id, item_id, rank, score) -> sorted by the users' input order
+    -> part files written by the workers -> one parquet file (`out` ending in .parquet) streamed from the
+    parts in position order by this process, one record batch at a time, or the folder of parts.
 
 The driver holds object references and counts (ids read, distinct ids, users without interactions), never
-the user-id list, a history or a recommendation list; a ranker holds one shard's base histories at a time.
+the user-id list, a history or a recommendation list; a ranker holds the base histories of one block (at most
+`USERS_PER_SHARD` users) at a time, however many users the run has.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +109,7 @@ def recommend_users(
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=0.25,  # PLATFORM.md G3: pools of 1-CPU actors starve the other tasks on 2 CPUs
     ).materialize()
-    unknown = ranked.filter(lambda r: r["item_id"] is None and r["rank"] == 0)
+    unknown = ranked.filter(expr="rank == 0")  # rank 0: a user without interactions
     n_unknown = unknown.count()
     if n_unknown:
         examples = [r[USER_ID] for r in unknown.take(5)]
@@ -119,8 +122,7 @@ def recommend_users(
         logger.warning(
             "skipping %d of %d users without interactions (e.g. %s)", n_unknown, n_distinct, examples
         )
-    rows = ranked.filter(lambda r: r["rank"] > 0).sort([*_POS, "rank"]).drop_columns(list(_POS))
-    n_rows = _write(rows, Path(out))
+    n_rows = _write(ranked.filter(expr="rank > 0").sort([*_POS, "rank"]), Path(out))
     if n_rows == 0:
         raise ValueError(
             f"no user of the {n_distinct} given has interactions in {data_dir}; nothing to recommend"
@@ -152,14 +154,9 @@ def _user_dataset(users: Sequence[str] | str | os.PathLike) -> UsersSource:
     if not isinstance(users, (str, os.PathLike)):
         ids = pa.table({USER_ID: pa.array([str(u) for u in users], pa.string())})
         return UsersSource(ray.data.from_arrow(ids), "the user list", is_text=False)
-    ctx = ray.data.DataContext.get_current()
-    keep = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # blocks in file order: positions are (block, row)
-    try:
+    with _ordered():  # blocks in file order: positions are (block, row)
         src = read_users(users)
         return UsersSource(src.ds.materialize(), src.name, src.is_text)
-    finally:
-        ctx.execution_options.preserve_order = keep
 
 
 def read_users(path: str | os.PathLike) -> UsersSource:
@@ -258,22 +255,16 @@ class _Ranker:
         rank = RankConfig() if n_candidates is None else RankConfig(min_candidates=n_candidates)
         self.core = RecommendCore(catalog, index, scorer=Scorer.load(run / RUN_SCORER), config=rank)
         self.data_dir, self.k, self.n_shards = data_dir, int(k), int(n_shards)
-        self._base: tuple[int, Any] | None = None
-
-    def _shard_base(self, shard: int) -> Any:
-        from llmrec.state.base import load_base
-
-        if self._base is None or self._base[0] != shard:
-            self._base = (shard, load_base(self.data_dir, shard_id=shard, n_shards=self.n_shards))
-        return self._base[1]
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         from llmrec.serve.user_view import UserView
+        from llmrec.state.base import load_base
         from llmrec.state.user_state import summary
 
         out: list[dict[str, Any]] = []
-        for shard, part in df.groupby("shard", sort=False):
-            base = self._shard_base(int(shard))
+        for shard, part in df.groupby("shard", sort=False):  # one block = one shard's users
+            base = load_base(self.data_dir, shard_id=int(shard), n_shards=self.n_shards,
+                             only=part[USER_ID].astype(str).tolist())
             views, keep = [], []
             for u, *pos in zip(part[USER_ID], *(part[c] for c in _POS), strict=True):
                 r = base.row(str(u))
@@ -288,40 +279,74 @@ class _Ranker:
                                            self.core.recommend(views[b : b + 256], k=self.k), strict=True):
                     out += [{USER_ID: view.user_id, "item_id": r["item_id"], "rank": i + 1,
                              "score": np.float32(r["score"]), **pos} for i, r in enumerate(recs)]
-        return pd.DataFrame(out, columns=[*OUT_COLUMNS, *_POS])
+        frame = pd.DataFrame(out, columns=[*OUT_COLUMNS, *_POS])
+        return frame.astype({"rank": np.int32, "score": np.float32})
 
 
 def _write(rows: Any, out: Path) -> int:
-    """`out` ending in .parquet: one file, the sorted rows streamed in order into one writer (the driver holds
-    one batch at a time); anything else: a folder of part files written by the workers (rows of a user stay
-    together and in rank order; the order across parts is not the users-file order)."""
+    """Write `rows` (sorted by position, position columns included) to `out`.
+
+    `out` ending in .parquet: one file. The workers write the sorted blocks as part files (each a contiguous
+    range of positions, in order under `_ordered`); this process orders the parts by their first position and
+    streams them, one record batch at a time, into one writer, checking that positions only grow across
+    parts. Anything else: a folder of those part files (rows of a user stay together and in rank order; the
+    order across parts is not the users-file order)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.schema([(USER_ID, pa.string()), ("item_id", pa.string()), ("rank", pa.int32()),
                         ("score", pa.float32())])
-    rows = rows.select_columns(list(OUT_COLUMNS))
-    if out.suffix == ".parquet":
+    key_cols = [*_POS, "rank"]
+    stage = Path(tempfile.mkdtemp(prefix=".llmrec-recs-", dir=out.parent))
+    try:
+        if out.suffix != ".parquet":
+            rows.select_columns(list(OUT_COLUMNS)).write_parquet(str(stage))
+            n = sum(pq.ParquetFile(f).metadata.num_rows for f in stage.glob("*.parquet"))
+            if out.exists():
+                shutil.rmtree(out)
+            stage.rename(out)
+            return n
+        with _ordered():
+            rows.write_parquet(str(stage))
+        parts = []
+        for f in stage.glob("*.parquet"):
+            pf = pq.ParquetFile(f)
+            if pf.metadata.num_rows:
+                first = next(pf.iter_batches(batch_size=1, columns=key_cols))
+                parts.append((tuple(first.column(c)[0].as_py() for c in key_cols), f))
+        parts.sort(key=lambda p: p[0])
         tmp = out.with_name(out.name + ".tmp")
-        n = 0
+        n, last = 0, None
         try:
             with pq.ParquetWriter(tmp, schema) as w:
-                for batch in rows.iter_batches(batch_format="pyarrow", batch_size=65536):
-                    t = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-                    w.write_table(t.cast(schema))
-                    n += len(t)
+                for _, f in parts:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=65536):
+                        t = pa.Table.from_batches([batch])
+                        first = tuple(t.column(c)[0].as_py() for c in key_cols)
+                        if last is not None and first <= last:
+                            raise RuntimeError(f"batch recommendations out of order at position {first} "
+                                               f"after {last} (part {f.name}): a bug, please report it")
+                        last = tuple(t.column(c)[-1].as_py() for c in key_cols)
+                        w.write_table(t.select(list(OUT_COLUMNS)).cast(schema))
+                        n += len(t)
             tmp.replace(out)
         finally:
             tmp.unlink(missing_ok=True)
         return n
-    stage = Path(tempfile.mkdtemp(prefix=".llmrec-recs-", dir=out.parent))
-    try:
-        rows.write_parquet(str(stage))
-        n = sum(pq.ParquetFile(f).metadata.num_rows for f in stage.glob("*.parquet"))
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
-        return n
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ordered() -> Iterator[None]:
+    """Ray Data runs in order while inside (`preserve_order`): blocks come out in the order they went in."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    keep = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order = keep

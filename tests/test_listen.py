@@ -237,6 +237,10 @@ def test_batch_reads_users_files_in_order_once_per_id_and_shards_change_nothing(
     pd.testing.assert_frame_equal(_batch(run, parts, tmp_path / "p.parquet", users_per_shard=7), one)
     pd.DataFrame({"user_id": listed, "note": "x"}).to_csv(tmp_path / "users.csv", index=False)
     pd.testing.assert_frame_equal(_batch(run, tmp_path / "users.csv", tmp_path / "c.parquet"), one)
+    parts_out = _batch(run, tmp_path / "users.txt", tmp_path / "recs-folder", users_per_shard=7)  # a folder
+    key = ["user_id", "rank"]
+    pd.testing.assert_frame_equal(parts_out.sort_values(key, ignore_index=True), one.sort_values(key,
+                                  ignore_index=True))
 
 
 def test_batch_users_file_errors(listening_run, tmp_path):

@@ -420,6 +420,25 @@ def test_base_load_keeps_exactly_each_shards_users_last_events(tmp_path: Path, b
     assert heavy["n_events"] > H and len(heavy["seen"]) > len({h[0] for h in heavy["history"]})
 
 
+def test_base_load_only_keeps_the_users_asked_for(tmp_path: Path) -> None:
+    """`only` (a batch job's users) loads exactly those users of the shard, each as the full load has them;
+    ids of other shards or of nobody are not loaded."""
+    from llmrec.state.base import load_base
+
+    df = make_interactions()
+    data = write_run_data(tmp_path / "data", df)
+    users = sorted(set(df[USER_ID]))
+    for s in range(2):
+        mine = [u for u in users if shard_of(u, 2) == s]
+        asked = [*mine[::2], "nobody", *[u for u in users if shard_of(u, 2) != s][:2]]
+        base = load_base(data, shard_id=s, n_shards=2, history_len=H, batch_rows=37, only=asked)
+        got = [base.user_id(r) for r in range(base.n_users)]
+        assert got == sorted(mine[::2], key=lambda u: u.encode()) and base.rows_read == len(df)
+        for r, u in enumerate(got):
+            assert as_expected(summary(base.state(r, history_len=H))) == brute_force(df, u), u
+    assert load_base(data, only=[]).n_users == 0
+
+
 def test_base_load_counts_and_skips_rows_it_cannot_serve(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -38,7 +38,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,7 +298,7 @@ class _Compactor:
 
 def load_base(data_dir: str | os.PathLike, *, shard_id: int = 0, n_shards: int | None = None,
               history_len: int = 200, deleted: Callable[[str], bool] | None = None, batch_rows: int = 1 << 18,
-              compact_rows: int = 1 << 21) -> BaseHistories:
+              compact_rows: int = 1 << 21, only: Sequence[str] | pa.Array | None = None) -> BaseHistories:
     """Stream `data_dir/interactions.parquet` and keep the last `history_len` events of this shard's users.
 
     Args:
@@ -306,6 +306,8 @@ def load_base(data_dir: str | os.PathLike, *, shard_id: int = 0, n_shards: int |
         shard_id, n_shards: keep users with `shard_of(user_id, n_shards) == shard_id`; n_shards None = all.
         deleted: `is_deleted(user_id)` of users never to load (the shard's tombstones,
             `Tombstones.matcher()`); asked once per distinct id of this shard per batch.
+        only: keep only these user ids (a batch job's users: memory follows them, not the run's users);
+            None = every user of the shard.
         batch_rows: rows per record batch read.
         compact_rows: new rows that trigger a compaction (also at least the rows kept by the previous one), so
             memory stays near the kept rows when histories are longer than `history_len`.
@@ -328,6 +330,9 @@ def load_base(data_dir: str | os.PathLike, *, shard_id: int = 0, n_shards: int |
         raise ValueError(f"{path}: column(s) {missing} missing (columns: {names}), expected {_COLUMNS}; "
                          f"{_FIX}")
     comp = _Compactor(history_len, compact_rows)
+    wanted = None
+    if only is not None:
+        wanted = only.cast(pa.string()) if isinstance(only, pa.Array) else pa.array(list(only), pa.string())
     skipped: dict[str, int] = {}
     rows_read = rows_mine = 0
     kinds = pa.array(list(EVENT_KINDS), pa.string())
@@ -344,6 +349,9 @@ def load_base(data_dir: str | os.PathLike, *, shard_id: int = 0, n_shards: int |
         mine = np.ones(len(dic), dtype=bool)
         if n_shards is not None:
             mine = (crc32_strings(dic) % np.uint32(n_shards)) == shard_id
+        if wanted is not None:
+            vs = wanted if wanted.type == dic.type else wanted.cast(dic.type)
+            mine &= pc.fill_null(pc.is_in(dic, value_set=vs), False).to_numpy(zero_copy_only=False)
         bad_user = _bad_ids(dic)
         gone = np.zeros(len(dic), dtype=bool)
         if deleted is not None:  # a keyed hash per distinct id of this shard (no unkeyed pre-filter: it would

@@ -20,13 +20,12 @@ the user-id list, a history or a recommendation list; a ranker holds the base hi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,7 +153,9 @@ def _user_dataset(users: Sequence[str] | str | os.PathLike) -> UsersSource:
     if not isinstance(users, (str, os.PathLike)):
         ids = pa.table({USER_ID: pa.array([str(u) for u in users], pa.string())})
         return UsersSource(ray.data.from_arrow(ids), "the user list", is_text=False)
-    with _ordered():  # blocks in file order: positions are (block, row)
+    from llmrec.scorer.dataset import ordered_blocks
+
+    with ordered_blocks():  # blocks in file order: positions are (block, row)
         src = read_users(users)
         return UsersSource(src.ds.materialize(), src.name, src.is_text)
 
@@ -214,7 +215,7 @@ def _split_impl(block: Any, b: int, n_shards: int, is_text: bool) -> Any:
     import pyarrow.compute as pc
     from ray.data.block import BlockAccessor
 
-    from llmrec.state.store import shard_of
+    from llmrec.state.base import crc32_strings
 
     t = BlockAccessor.for_block(block).to_arrow()
     ids = pc.cast(t.column("text" if is_text else USER_ID), pa.string()).to_pylist()
@@ -222,8 +223,9 @@ def _split_impl(block: Any, b: int, n_shards: int, is_text: bool) -> Any:
         ids = [u.strip() for u in ids]
     keep = [i for i, u in enumerate(ids) if u is not None and u != "" and not (is_text and u.startswith("#"))]
     ids, rows = [ids[i] for i in keep], np.asarray(keep, dtype=np.int64)
-    shard = np.fromiter((shard_of(u, n_shards) for u in ids), dtype=np.int64, count=len(ids))
-    full = pa.table({USER_ID: pa.array(ids, pa.string()), "block": pa.array(np.full(len(ids), b, np.int64)),
+    arr = pa.array(ids, pa.string())
+    shard = (crc32_strings(arr) % np.uint32(n_shards)).astype(np.int64)  # = state.store.shard_of, vectorised
+    full = pa.table({USER_ID: arr, "block": pa.array(np.full(len(ids), b, np.int64)),
                      "row": pa.array(rows), "shard": pa.array(shard)})
     if n_shards == 1:
         return full
@@ -287,8 +289,8 @@ def _write(rows: Any, out: Path) -> int:
     """Write `rows` (sorted by position, position columns included) to `out`.
 
     `out` ending in .parquet: one file. The workers write the sorted blocks as part files (each a contiguous
-    range of positions, in order under `_ordered`); this process orders the parts by their first position and
-    streams them, one record batch at a time, into one writer, checking that positions only grow across
+    range of positions, in order under `ordered_blocks`); this process orders the parts by first position
+    and streams them, one record batch at a time, into one writer, checking that positions only grow across
     parts. Anything else: a folder of those part files (rows of a user stay together and in rank order; the
     order across parts is not the users-file order)."""
     import pyarrow as pa
@@ -307,7 +309,9 @@ def _write(rows: Any, out: Path) -> int:
                 shutil.rmtree(out)
             stage.rename(out)
             return n
-        with _ordered():
+        from llmrec.scorer.dataset import ordered_blocks
+
+        with ordered_blocks():
             rows.write_parquet(str(stage))
         parts = []
         for f in stage.glob("*.parquet"):
@@ -337,16 +341,3 @@ def _write(rows: Any, out: Path) -> int:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
-
-@contextlib.contextmanager
-def _ordered() -> Iterator[None]:
-    """Ray Data runs in order while inside (`preserve_order`): blocks come out in the order they went in."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    keep = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    try:
-        yield
-    finally:
-        ctx.execution_options.preserve_order = keep

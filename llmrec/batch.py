@@ -13,6 +13,11 @@
     -> part files written by the workers -> one parquet file (`out` ending in .parquet) streamed from the
     parts in position order by this process, one record batch at a time, or the folder of parts.
 
+`run_dir`, `data_dir`, the users file and `out` may be URIs (s3://, gs://, ...; `llmrec.storage`): the read
+tasks read the users file from the bucket, each ranker stages the run into its own node's artifact cache (once
+per node), and the workers write their part files to a staging prefix beside `out`, so no node needs a file
+that only the driver's disk has.
+
 The driver holds object references and counts (ids read, distinct ids, users without interactions), never
 the user-id list, a history or a recommendation list; a ranker holds the base histories of one block (at most
 `USERS_PER_SHARD` users) at a time, however many users the run has.
@@ -20,11 +25,13 @@ the user-id list, a history or a recommendation list; a ranker holds the base hi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import posixpath
 import shutil
-import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +40,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from llmrec.schema import RUN_INDEX, RUN_SCORER, USER_ID
+from llmrec.schema import (
+    INTERACTIONS_FILE,
+    META_FILE,
+    RUN_DATA,
+    RUN_EMBEDDINGS,
+    RUN_INDEX,
+    RUN_SCORER,
+    USER_ID,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +84,7 @@ def recommend_users(
     """
     import ray
     import ray.data
+    from ray.data.expressions import col
 
     from llmrec.raysetup import cluster_cpus
 
@@ -77,6 +93,7 @@ def recommend_users(
         raise ValueError(f"k must be >= 1, got {k}")
     if users_per_shard < 1:
         raise ValueError(f"users_per_shard must be >= 1, got {users_per_shard}")
+    _check_run(run_dir, data_dir)
     source = _user_dataset(users)
     n_ids = source.ds.count()
     if n_ids == 0:
@@ -99,16 +116,21 @@ def recommend_users(
         logger.info("%s lists %d ids, %d distinct; recommending once per distinct id", source.name, n_ids,
                     n_distinct)
     ds = ray.data.from_arrow_refs([t for (t, _), n in zip(gathered, sizes, strict=True) if n])
+    # the ranker pool starts work only when all its actors are up (default: as soon as one is), so every
+    # ranker gets a share of the blocks: an actor on a node that still stages the run from a bucket would
+    # find the work done by the first one up. `ds.context` is this dataset's own (a Dataset seals a copy of
+    # DataContext.get_current() when it is created).
+    ds.context.wait_for_min_actors_s = RANKERS_START_S
     actors = max(1, min(n_shards, int(cluster_cpus())))
     ranked = ds.map_batches(
         _Ranker,
-        fn_constructor_args=(str(run_dir), str(data_dir), k, n_candidates, n_shards),
+        fn_constructor_args=(os.fspath(run_dir), os.fspath(data_dir), k, n_candidates, n_shards),
         batch_size=None,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=0.25,  # PLATFORM.md G3: pools of 1-CPU actors starve the other tasks on 2 CPUs
     ).materialize()
-    unknown = ranked.filter(expr="rank == 0")  # rank 0: a user without interactions
+    unknown = ranked.filter(expr=col("rank") == 0)  # rank 0: a user without interactions
     n_unknown = unknown.count()
     if n_unknown:
         examples = [r[USER_ID] for r in unknown.take(5)]
@@ -121,7 +143,7 @@ def recommend_users(
         logger.warning(
             "skipping %d of %d users without interactions (e.g. %s)", n_unknown, n_distinct, examples
         )
-    n_rows = _write(ranked.filter(expr="rank > 0").sort([*_POS, "rank"]), Path(out))
+    n_rows = _write(ranked.filter(expr=col("rank") > 0).sort([*_POS, "rank"]), os.fspath(out))
     if n_rows == 0:
         raise ValueError(
             f"no user of the {n_distinct} given has interactions in {data_dir}; nothing to recommend"
@@ -133,6 +155,44 @@ def recommend_users(
     )
     return {"n_users": n_distinct - n_unknown, "n_rows": n_rows, "n_unknown": n_unknown, "n_ids": n_ids,
             "wall_s": wall}
+
+
+RUN_PARTS = (RUN_DATA, RUN_EMBEDDINGS, RUN_INDEX, RUN_SCORER)  # what a ranker reads of a run
+RANKERS_START_S = 600.0  # the whole ranker pool must be up within this, else Ray's "Timed out while starting
+# actors" error (the pool is sized from the CPUs the cluster has now, so it never waits for an autoscaler)
+
+
+
+
+def _check_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike) -> None:
+    """Fail in the driver, before any worker starts, when a part the rankers need has no meta.json."""
+    from llmrec import storage
+
+    for part, stage in ((RUN_EMBEDDINGS, "embed"), (RUN_INDEX, "index"), (RUN_SCORER, "train")):
+        if not storage.exists(storage.join(run_dir, part, META_FILE)):
+            raise FileNotFoundError(
+                f"{storage.shown(storage.join(run_dir, part))} has no {META_FILE}: run `llmrec {stage}` (or "
+                f"`llmrec pipeline`) for this run first"
+            )
+    data = os.fspath(data_dir)
+    if not storage.exists(data if data.partition("?")[0].endswith(".parquet")
+                          else storage.join(data, INTERACTIONS_FILE)):
+        raise FileNotFoundError(
+            f"no {INTERACTIONS_FILE} at {storage.shown(data)}: pass a prepare folder (--data) or run `llmrec "
+            "prepare` first"
+        )
+
+
+def _local_inputs(run_dir: str, data_dir: str) -> tuple[Path, Path]:
+    """The run and data folders on this worker's node: a URI is staged into this node's artifact cache
+    (`storage.default_cache_root`; reused while its meta.json is unchanged, shared by the node's actors)."""
+    from llmrec import storage
+
+    cache = storage.default_cache_root(os.environ)
+    run = storage.stage_in_run(run_dir, cache, RUN_PARTS) if storage.is_uri(run_dir) else Path(run_dir)
+    data = (storage.stage_in(data_dir, cache, need_meta=False) if storage.is_uri(data_dir)
+            else Path(data_dir))
+    return run, data
 
 
 @dataclass(frozen=True)
@@ -164,47 +224,59 @@ def read_users(path: str | os.PathLike) -> UsersSource:
     """A users file as a lazy Ray Dataset (read by Ray Data's tasks, not this process).
 
     Formats: a text file (one id per line, column `text`), a .parquet or .csv file or a folder of .parquet
-    parts (a `user_id` column; other types are read as strings).
+    parts (a `user_id` column; other types are read as strings). `path` may be a URI (`llmrec.storage`); the
+    read tasks open it themselves, on whichever node they run.
 
     Raises:
         FileNotFoundError: no such file or folder. ValueError: no `user_id` column.
     """
     import csv
+    import io
 
     import pyarrow as pa
     import pyarrow.csv as pcsv
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
     import ray.data
 
-    from llmrec.storage.uri import is_uri
+    from llmrec import storage
 
-    p = str(path)
-    local = None if is_uri(p) else Path(p)
-    if local is not None and not local.exists():
-        raise FileNotFoundError(f"users file {p} not found")
+    p = os.fspath(path)
+    name = storage.shown(p)
+    if storage.is_uri(p):
+        fs, fpath = storage.filesystem_for(p)
+    else:
+        fs, fpath = pafs.LocalFileSystem(), os.path.abspath(p)
+    info = fs.get_file_info(fpath)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"users file {name} not found")
     fix = "add one or pass a text file with one id per line"
-    if p.endswith(".parquet") or (local is not None and local.is_dir()):
-        names = pq.read_schema(_first_parquet(local) if local is not None else p).names
+    if fpath.endswith(".parquet") or info.type == pafs.FileType.Directory:
+        first = fpath if info.type == pafs.FileType.File else _first_parquet(fs, fpath, name)
+        with fs.open_input_file(first) as f:
+            names = pq.read_schema(f).names
         if USER_ID not in names:
-            raise ValueError(f"{p} has no {USER_ID!r} column (columns: {names}); {fix}")
-        return UsersSource(ray.data.read_parquet(p, columns=[USER_ID]), p, is_text=False)
-    if p.endswith(".csv"):
-        if local is not None:
-            with local.open(encoding="utf-8") as f:
-                names = next(csv.reader(f), [])
-            if USER_ID not in names:
-                raise ValueError(f"{p} has no {USER_ID!r} column (columns: {names}); {fix}")
+            raise ValueError(f"{name} has no {USER_ID!r} column (columns: {names}); {fix}")
+        ds = ray.data.read_parquet(fpath, filesystem=fs).select_columns([USER_ID])
+        return UsersSource(ds, name, is_text=False)
+    if fpath.endswith(".csv"):
+        with fs.open_input_stream(fpath) as f:
+            header = f.read(65536).decode("utf-8", errors="replace").splitlines()[:1]
+        names = next(csv.reader(io.StringIO(header[0] if header else "")), [])
+        if USER_ID not in names:
+            raise ValueError(f"{name} has no {USER_ID!r} column (columns: {names}); {fix}")
         opts = pcsv.ConvertOptions(column_types={USER_ID: pa.string()}, include_columns=[USER_ID])
-        return UsersSource(ray.data.read_csv(p, convert_options=opts), p, is_text=False)
-    return UsersSource(ray.data.read_text(p, drop_empty_lines=True), p, is_text=True)
+        return UsersSource(ray.data.read_csv(fpath, convert_options=opts, filesystem=fs), name, is_text=False)
+    return UsersSource(ray.data.read_text(fpath, drop_empty_lines=True, filesystem=fs), name, is_text=True)
 
 
-def _first_parquet(path: Path) -> Path:
-    if path.is_file():
-        return path
-    files = sorted(path.rglob("*.parquet"))
+def _first_parquet(fs: Any, folder: str, name: str) -> str:
+    import pyarrow.fs as pafs
+
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
     if not files:
-        raise FileNotFoundError(f"users folder {path} holds no .parquet file")
+        raise FileNotFoundError(f"users folder {name} holds no .parquet file")
     return files[0]
 
 
@@ -251,12 +323,12 @@ class _Ranker:
         from llmrec.scorer.inference import Scorer
         from llmrec.serve.recommend_core import RankConfig, RecommendCore, load_catalog
 
-        run = Path(run_dir)
+        run, data = _local_inputs(run_dir, data_dir)
         catalog, embed_meta = load_catalog(run)
         index = ItemIndex.load(run / RUN_INDEX, expect_embed_meta=embed_meta)
         rank = RankConfig() if n_candidates is None else RankConfig(min_candidates=n_candidates)
         self.core = RecommendCore(catalog, index, scorer=Scorer.load(run / RUN_SCORER), config=rank)
-        self.data_dir, self.k, self.n_shards = data_dir, int(k), int(n_shards)
+        self.data_dir, self.k, self.n_shards = data, int(k), int(n_shards)
 
     def __call__(self, df: pd.DataFrame) -> pd.DataFrame:
         from llmrec.serve.user_view import UserView
@@ -285,59 +357,110 @@ class _Ranker:
         return frame.astype({"rank": np.int32, "score": np.float32})
 
 
-def _write(rows: Any, out: Path) -> int:
-    """Write `rows` (sorted by position, position columns included) to `out`.
+def _write(rows: Any, out: str) -> int:
+    """Write `rows` (sorted by position, position columns included) to `out`, a local path or a URI.
 
-    `out` ending in .parquet: one file. The workers write the sorted blocks as part files (each a contiguous
-    range of positions, in order under `ordered_blocks`); this process orders the parts by first position
-    and streams them, one record batch at a time, into one writer, checking that positions only grow across
-    parts. Anything else: a folder of those part files (rows of a user stay together and in rank order; the
-    order across parts is not the users-file order)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    The workers write the sorted blocks (range partitions of the sort) as part files into a staging folder
+    beside `out` (on the bucket for a URI: every node reaches it), each part a contiguous range of positions.
+    `out` ending in .parquet: this process orders the parts by first position and streams
+    them, one record batch at a time, into one file (checking that positions only grow across parts), written
+    locally and renamed, or uploaded when complete (`storage.stage_out_file`). Anything else: the folder of
+    those parts replaces `out` (rows of a user stay together and in rank order; the order across parts is not
+    the users-file order). The staging folder is removed in every case."""
+    import pyarrow.fs as pafs
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([(USER_ID, pa.string()), ("item_id", pa.string()), ("rank", pa.int32()),
-                        ("score", pa.float32())])
-    key_cols = [*_POS, "rank"]
-    stage = Path(tempfile.mkdtemp(prefix=".llmrec-recs-", dir=out.parent))
+    from llmrec import storage
+
+    if storage.is_uri(out):
+        fs, path = storage.filesystem_for(out)
+    else:
+        fs, path = pafs.LocalFileSystem(), os.path.abspath(out)
+    parent = posixpath.dirname(path)
+    fs.create_dir(parent, recursive=True)
+    stage = f"{parent}/.llmrec-recs-{uuid.uuid4().hex[:16]}"
     try:
-        if out.suffix != ".parquet":
-            rows.select_columns(list(OUT_COLUMNS)).write_parquet(str(stage))
-            n = sum(pq.ParquetFile(f).metadata.num_rows for f in stage.glob("*.parquet"))
-            if out.exists():
-                shutil.rmtree(out)
-            stage.rename(out)
+        if not path.endswith(".parquet"):
+            rows.select_columns(list(OUT_COLUMNS)).write_parquet(stage, filesystem=fs)
+            files = _parquet_files(fs, stage)
+            n = sum(_num_rows(fs, f) for f in files)
+            _replace_folder(fs, stage, files, path)
             return n
-        from llmrec.scorer.dataset import ordered_blocks
-
-        with ordered_blocks():
-            rows.write_parquet(str(stage))
-        parts = []
-        for f in stage.glob("*.parquet"):
-            pf = pq.ParquetFile(f)
-            if pf.metadata.num_rows:
-                first = next(pf.iter_batches(batch_size=1, columns=key_cols))
-                parts.append((tuple(first.column(c)[0].as_py() for c in key_cols), f))
-        parts.sort(key=lambda p: p[0])
-        tmp = out.with_name(out.name + ".tmp")
-        n, last = 0, None
+        rows.write_parquet(stage, filesystem=fs)
+        if storage.is_uri(out):
+            with storage.stage_out_file(out, storage.default_cache_root(os.environ)) as local:
+                return _merge_parts(fs, _parquet_files(fs, stage), local)
+        tmp = Path(path + ".tmp")
         try:
-            with pq.ParquetWriter(tmp, schema) as w:
-                for _, f in parts:
-                    for batch in pq.ParquetFile(f).iter_batches(batch_size=65536):
-                        t = pa.Table.from_batches([batch])
-                        first = tuple(t.column(c)[0].as_py() for c in key_cols)
-                        if last is not None and first <= last:
-                            raise RuntimeError(f"batch recommendations out of order at position {first} "
-                                               f"after {last} (part {f.name}): a bug, please report it")
-                        last = tuple(t.column(c)[-1].as_py() for c in key_cols)
-                        w.write_table(t.select(list(OUT_COLUMNS)).cast(schema))
-                        n += len(t)
-            tmp.replace(out)
+            n = _merge_parts(fs, _parquet_files(fs, stage), tmp)
+            tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
         return n
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_dir(stage)
 
+
+def _parquet_files(fs: Any, folder: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def _num_rows(fs: Any, file: str) -> int:
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(file) as f:
+        return int(pq.ParquetFile(f).metadata.num_rows)
+
+
+def _replace_folder(fs: Any, stage: str, files: list[str], out: str) -> None:
+    """The part files in `stage` become the folder `out`. Locally a rename (the old folder removed first);
+    on object storage each part is moved in, then the previous version's .parquet files are deleted."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(stage, out)
+        return
+    old = set(_parquet_files(fs, out))
+    fs.create_dir(out, recursive=True)
+    new = {f"{out}/{posixpath.basename(f)}" for f in files}
+    for f in files:
+        fs.move(f, f"{out}/{posixpath.basename(f)}")
+    for f in sorted(old - new):
+        fs.delete_file(f)
+
+
+def _merge_parts(fs: Any, files: list[str], dest: Path) -> int:
+    """Stream the sorted part files, ordered by their first position, into one parquet file at `dest`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(USER_ID, pa.string()), ("item_id", pa.string()), ("rank", pa.int32()),
+                        ("score", pa.float32())])
+    key_cols = [*_POS, "rank"]
+    parts = []
+    for f in files:
+        with fs.open_input_file(f) as fh:
+            pf = pq.ParquetFile(fh)
+            if pf.metadata.num_rows:
+                first = next(pf.iter_batches(batch_size=1, columns=key_cols))
+                parts.append((tuple(first.column(c)[0].as_py() for c in key_cols), f))
+    parts.sort(key=lambda p: p[0])
+    n, last = 0, None
+    with pq.ParquetWriter(dest, schema) as w:
+        for _, f in parts:
+            with fs.open_input_file(f) as fh:
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=65536):
+                    t = pa.Table.from_batches([batch])
+                    first = tuple(t.column(c)[0].as_py() for c in key_cols)
+                    if last is not None and first <= last:
+                        raise RuntimeError(f"batch recommendations out of order at position {first} after "
+                                           f"{last} (part {posixpath.basename(f)}): a bug, please report it")
+                    last = tuple(t.column(c)[-1].as_py() for c in key_cols)
+                    w.write_table(t.select(list(OUT_COLUMNS)).cast(schema))
+                    n += len(t)
+    return n

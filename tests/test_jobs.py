@@ -26,6 +26,7 @@ CLI_JOBS = {  # job module -> llmrec subcommand
     "pipeline": "pipeline",
     "learn": "learn",
     "tune_encoder": "tune-encoder",
+    "recommend": "recommend",
 }
 FLAG_RE = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 

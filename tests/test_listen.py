@@ -262,3 +262,35 @@ def test_batch_users_file_errors(listening_run, tmp_path):
         recommend_users(run, run / schema.RUN_DATA, tmp_path / "bad.parquet", 5, tmp_path / "r.parquet")
     with pytest.raises(FileNotFoundError, match="users file .*missing.txt not found"):
         recommend_users(run, run / schema.RUN_DATA, tmp_path / "missing.txt", 5, tmp_path / "r.parquet")
+
+
+def test_batch_on_uris_stages_the_run_per_worker_and_equals_local(listening_run, tmp_path, monkeypatch):
+    """Run, data, users file and output given as URIs (file://, which pyarrow opens like a bucket): the
+    rankers stage the run into their node's artifact cache themselves, the read tasks open the users URI,
+    the workers' parts go to a staging folder beside the output; the result equals the local-path run, a
+    second write to the same output folder replaces the first, and no staging folder is left behind."""
+    from llmrec import storage
+    from llmrec.batch import recommend_users
+
+    run, _ = listening_run
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    users = [f"u{i}" for i in (7, 3, 11, 0, 3)]
+    (tmp_path / "users.txt").write_text("\n".join(users) + "\n")
+    local = _batch(run, tmp_path / "users.txt", tmp_path / "local.parquet")
+    uri = f"file://{run}"
+    out_dir = tmp_path / "out"
+    res = recommend_users(uri, storage.join(uri, schema.RUN_DATA), f"file://{tmp_path}/users.txt", 5,
+                          f"file://{out_dir}/recs.parquet")
+    assert (res["n_users"], res["n_rows"]) == (4, 20)
+    pd.testing.assert_frame_equal(pd.read_parquet(out_dir / "recs.parquet"), local)
+    for _ in range(2):  # the second write replaces the first folder's parts
+        recommend_users(uri, storage.join(uri, schema.RUN_DATA), f"file://{tmp_path}/users.txt", 5,
+                        f"file://{out_dir}/folder", users_per_shard=2)
+    folder = pd.read_parquet(out_dir / "folder")
+    key = ["user_id", "rank"]
+    pd.testing.assert_frame_equal(folder.sort_values(key, ignore_index=True),
+                                  local.sort_values(key, ignore_index=True))
+    assert sorted(p.name for p in out_dir.iterdir()) == ["folder", "recs.parquet"]  # no staging left
+    with pytest.raises(FileNotFoundError, match=r"nothing/embeddings has no meta.json: run `llmrec embed`"):
+        recommend_users(f"file://{tmp_path}/nothing", str(run / schema.RUN_DATA), users, 5,
+                        f"file://{out_dir}/x.parquet")

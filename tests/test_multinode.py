@@ -4,9 +4,11 @@ Two `ray start` nodes on this machine (a head and a worker that joins it), 1 CPU
 spread; a local S3 server (moto) holds the run. `ray job submit` runs `jobs.pipeline` twice: `--stages
 prepare` (the only stage that reads the local raw-data folder), then, after that folder is deleted and with
 an empty artifact cache, `--stages embed,index,train` (`--num-workers 2`): every later stage can read its
-inputs only from S3. The test then reads every artifact's meta.json back through llmrec.storage and asks
-Ray's state API on which node ids the embed stage's Ray Data work (tokenize tasks, encoder actors) and the
-train stage's Ray Train workers (`RayTrainWorker` actors) ran: both stages must have used both nodes.
+inputs only from S3. Then `jobs.recommend` ranks a users file on S3 into a parquet file on S3. The test reads
+every artifact's meta.json back through llmrec.storage and asks Ray's state API on which node ids the embed
+stage's Ray Data work (tokenize tasks, encoder actors), the train stage's Ray Train workers (`RayTrainWorker`
+actors) and the batch rankers ran: each stage must have used both nodes. The worker node has an artifact cache
+of its own, so its rankers can only have read the run by staging it from S3 themselves.
 
 Isolation as in tests/test_local_cluster.py (whose helpers it uses): free ports, its own --temp-dir, its own
 process groups, an env marker on every process it starts; teardown stops only those. Never `ray stop`.
@@ -26,9 +28,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from test_local_cluster import BIN, LocalCluster, _free_ports, _marked_pids
-from test_storage import _bucket, _movielens_like_source
+from test_storage import _bucket, _movielens_like_source, _remote_files
 
 from llmrec import schema, storage
 
@@ -59,6 +62,7 @@ class WorkerNode:
     def __init__(self, head: LocalCluster, num_cpus: int = 1) -> None:
         self.head = head
         self.num_cpus = num_cpus
+        self.cache = head.tmp / "artifact-cache-worker"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -74,7 +78,8 @@ class WorkerNode:
             "--temp-dir", str(self.head.tmp / "ray-w"), "--disable-usage-stats",
         ]
         self.log = open(self.head.tmp / "ray-worker.log", "ab")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(cmd, env=self.head.env, stdout=self.log, stderr=subprocess.STDOUT,
+        env = {**self.head.env, storage.CACHE_ENV: str(self.cache)}  # not the head's: no disk is shared
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
     def stop(self) -> None:
@@ -145,10 +150,11 @@ def two_nodes(s3_endpoint: str) -> Iterator[tuple[LocalCluster, WorkerNode]]:
         assert not leftover, f"processes of the test cluster survived teardown: {leftover}"
 
 
-def _job_id(head: LocalCluster, stages: str) -> str:
+def _job_id(head: LocalCluster, needle: str) -> str:
+    """The Ray job id of the one submitted job whose entrypoint contains `needle`."""
     from ray.job_submission import JobSubmissionClient
 
-    jobs = [j for j in JobSubmissionClient(head.address).list_jobs() if f"--stages {stages}" in j.entrypoint]
+    jobs = [j for j in JobSubmissionClient(head.address).list_jobs() if needle in j.entrypoint]
     assert len(jobs) == 1, [j.entrypoint for j in jobs]
     assert jobs[0].job_id, jobs[0]
     return jobs[0].job_id
@@ -171,7 +177,7 @@ def _where(address: str, job_id: str) -> list[tuple[str, str, str]]:
 @pytest.fixture(scope="module")
 def multinode_run(two_nodes: tuple[LocalCluster, WorkerNode], s3_endpoint: str,
                   tiny_model_dir: str) -> dict[str, Any]:
-    head, _ = two_nodes
+    head, worker = two_nodes
     src = _movielens_like_source(head.tmp / "raw", n_items=N_ITEMS, n_users=24)
     run = f"s3://{_bucket(s3_endpoint)}/runs/ml?endpoint_override={s3_endpoint}&scheme=http"
     common = ["python", "-m", "jobs.pipeline", "--dataset", "movielens-latest-small", "--source", str(src),
@@ -183,16 +189,30 @@ def multinode_run(two_nodes: tuple[LocalCluster, WorkerNode], s3_endpoint: str,
     # from here on nothing local can help: no raw data, and the job stages into an empty cache
     shutil.rmtree(src)
     shutil.rmtree(head.tmp / "artifact-cache", ignore_errors=True)
+    shutil.rmtree(worker.cache, ignore_errors=True)
     t0 = time.monotonic()
     rest = head.submit([*common, "--stages", "embed,index,train", "--model", tiny_model_dir,
                         "--batch-size", "4", "--epochs", "1", "--num-workers", "2"], timeout_s=900)
     t_rest = time.monotonic() - t0
     print(f"[multinode] prepare job {t_prep:.1f}s, embed,index,train job {t_rest:.1f}s")
+    # batch recommendations: users file and output on S3, the run read from S3 by the rankers themselves
+    data = storage.stage_in(storage.join(run, schema.RUN_DATA), head.tmp / "test-cache")
+    inter = pd.read_parquet(data / schema.INTERACTIONS_FILE, columns=[schema.USER_ID, schema.ITEM_ID])
+    users = list(dict.fromkeys(inter[schema.USER_ID].astype(str)))[::-1]
+    users_uri, recs_uri = storage.join(run, "users.txt"), storage.join(run, "recs", "top5.parquet")
+    storage.write_bytes(users_uri, ("\n".join(users) + "\n").encode())
+    t0 = time.monotonic()
+    recs = head.submit(["python", "-m", "jobs.recommend", "--run", run, "--users", users_uri, "--k", "5",
+                        "--out", recs_uri, "--users-per-shard", "2"], timeout_s=600)  # 12 blocks to rank
+    print(f"[multinode] recommend job {time.monotonic() - t0:.1f}s")
     nodes = _alive_nodes(head.address)
-    where = _where(head.address, _job_id(head, "embed,index,train"))
-    (head.tmp / "where.json").write_text(json.dumps(where, indent=1))
-    print(sorted({f"{k} {n} @{node[:8]}" for k, n, node in where}))
-    return {"run": run, "rest": rest, "nodes": nodes, "where": where}
+    where = _where(head.address, _job_id(head, "--stages embed,index,train"))
+    where_recs = _where(head.address, _job_id(head, "jobs.recommend"))
+    (head.tmp / "where.json").write_text(json.dumps({"pipeline": where, "recommend": where_recs}, indent=1))
+    print(sorted({f"{k} {n} @{node[:8]}" for k, n, node in where + where_recs}))
+    return {"run": run, "rest": rest, "nodes": nodes, "where": where, "recs": recs, "where_recs": where_recs,
+            "users": users, "inter": inter, "recs_uri": recs_uri, "worker_cache": worker.cache,
+            "tmp": head.tmp}
 
 
 def test_pipeline_on_two_nodes_writes_every_artifact_to_s3(multinode_run: dict[str, Any]) -> None:
@@ -227,3 +247,23 @@ def test_embed_and_train_ran_on_both_nodes(multinode_run: dict[str, Any]) -> Non
     assert nodes_of("MapBatches(_tokenize_block) ", "MapBatches(_EncodeBatch)).submit") == nodes, where
     # the train stage: the training loop of each Ray Train worker (one per node: 1 CPU each)
     assert nodes_of("RayTrainWorker.run_train_fn") == nodes, where
+
+
+def test_batch_recommend_job_ranks_on_both_nodes_from_s3(multinode_run: dict[str, Any]) -> None:
+    status, logs = multinode_run["recs"]
+    assert status == "SUCCEEDED", logs[-4000:]
+    recs = pd.read_parquet(storage.stage_in(multinode_run["recs_uri"], multinode_run["tmp"] / "test-cache"))
+    users, inter = multinode_run["users"], multinode_run["inter"]
+    assert list(dict.fromkeys(recs[schema.USER_ID])) == users  # the users file's order
+    ranks = recs.groupby(schema.USER_ID, sort=False)["rank"].apply(list)
+    assert (ranks == [[1, 2, 3, 4, 5]] * len(users)).all()
+    seen = inter.groupby(schema.USER_ID)[schema.ITEM_ID].apply(set)
+    assert not any(i in seen[u] for u, i in zip(recs[schema.USER_ID], recs[schema.ITEM_ID], strict=True))
+    # the workers' part files went to a staging prefix on S3 that is gone: only the output is left
+    assert set(_remote_files(storage.join(multinode_run["run"], "recs"))) == {"top5.parquet"}
+    # the rankers (actor pool calls) ran on both nodes, and the worker node's ranker staged the scorer from
+    # S3 into that node's own cache
+    nodes = set(multinode_run["nodes"])
+    where = multinode_run["where_recs"]
+    assert {node for _, name, node in where if node and "_Ranker)).submit" in name} == nodes, where
+    assert list(Path(multinode_run["worker_cache"]).rglob("model.pt")), "the worker node staged no scorer"

@@ -11,6 +11,7 @@ that run, `train --resume s3://...`, and `llmrec serve --run s3://... --events D
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -728,8 +729,6 @@ def test_s3_train_evaluate_pipeline_matches_local(s3_trained: dict[str, Any]) ->
     assert _remote_files(s3_trained["run"]) == files
     assert s3_trained["times"][1] < min(5.0, s3_trained["times"][0] / 3), s3_trained["times"]
     # seeded single-worker training: the same weights as the local run, and the same evaluation
-    import io
-
     remote_sd = torch.load(io.BytesIO(files["scorer/model.pt"]), map_location="cpu", weights_only=True)
     local_sd = torch.load(local / "scorer" / "model.pt", map_location="cpu", weights_only=True)
     assert remote_sd["model_config"] == local_sd["model_config"]
@@ -758,6 +757,20 @@ def test_s3_recommend_llmrec_matches_local(s3_trained: dict[str, Any], tmp_path:
     remote = pd.read_parquet(storage.stage_in(out, tmp_path / "c2"))
     assert remote["user_id"].tolist() == ["u0003"] * 5 + ["u0000"] * 5
     pd.testing.assert_frame_equal(remote, pd.read_parquet(tmp_path / "llmrec.parquet"))
+    # a folder on S3: the workers' parts moved in; a second write replaces the first one's parts
+    folder = storage.join(run, "recs", "parts")
+    listings = []
+    for _ in range(2):
+        assert cli_main(["recommend", "--run", run, "--users", users, "--k", "5", "--out", folder,
+                         "--users-per-shard", "1"]) == 0
+        listings.append(set(_remote_files(folder)))
+    assert listings[1] and not listings[0] & listings[1], listings  # new part names, the old ones gone
+    assert all(name.endswith(".parquet") for name in listings[1]), listings
+    assert not [f for f in _remote_files(storage.join(run, "recs")) if ".llmrec-recs-" in f]  # staging gone
+    parts = pd.concat(pd.read_parquet(io.BytesIO(b)) for b in _remote_files(folder).values())
+    key = ["user_id", "rank"]
+    pd.testing.assert_frame_equal(parts.sort_values(key, ignore_index=True),
+                                  remote.sort_values(key, ignore_index=True))
 
 
 @pytest.mark.slow

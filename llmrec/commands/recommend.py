@@ -10,7 +10,9 @@ line; blank lines and lines starting with '#' ignored), or a .parquet / .csv wit
 `--model llmrec` also a folder of .parquet parts; that model reads the file with Ray Data's tasks, so no
 process holds the whole id list). Each id is ranked once. Output: parquet `user_id, item_id, rank (1 = best),
 score`, users in file order (first occurrence). A user may get fewer than k rows when
-fewer than k items are rankable for them (logged with a count).
+fewer than k items are rankable for them (logged with a count). With `--model llmrec`, `--run`, `--data`,
+`--users` and `--out` URIs go to the Ray workers as they are (each node stages the run into its own cache), so
+the job runs on any node of a cluster without a shared disk; baselines stage them through this process.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmrec import storage
 from llmrec.schema import RUN_DATA, RUN_EMBEDDINGS, RUN_INDEX, RUN_SCORER
 from llmrec.storage import Arg, In, OutFile, Run
 
@@ -53,18 +56,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="llmrec: retrieval candidates per user beyond those for k (RankConfig.min_candidates; default: "
         "the serving default)",
     )
+    p.add_argument(
+        "--users-per-shard", type=int, default=None,
+        help="llmrec: users per hash shard at most, one ranker block each; bounds a ranker's memory "
+        "(default: llmrec.batch.USERS_PER_SHARD, 50000)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for baselines that train (default 0)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
 
 
 def storage_args(args: argparse.Namespace) -> dict[str, Arg]:
-    """Flags that may be URIs (llmrec.cli stages them); --out is one parquet file."""
-    return {
+    """Flags that may be URIs, staged by llmrec.cli through this process's disk, except with `--model llmrec`
+    where the Ray workers read the run, the data and the users file and write the output themselves (any
+    node, `llmrec.batch`): there only URIs other processes cannot open (memory://) are staged."""
+    spec: dict[str, Arg] = {
         "run": Run((RUN_DATA, RUN_EMBEDDINGS, RUN_INDEX, RUN_SCORER)),
         "data": In("prepare"),
         "users": In(),
         "out": OutFile(),
     }
+    if getattr(args, "model", "llmrec") != "llmrec":
+        return spec
+    return {n: arg for n, arg in spec.items() if not storage.shared_across_processes(getattr(args, n))}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,18 +92,20 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
-    run_dir = Path(args.run)
-    data_dir = Path(args.data) if args.data else run_dir / RUN_DATA
     if args.model == "llmrec":  # on Ray Data, the serving ranking (llmrec.batch); the users file too
         from llmrec.batch import recommend_users
         from llmrec.raysetup import init_ray
 
         init_ray(address=getattr(args, "address", None))
-        res = recommend_users(run_dir, data_dir, args.users, args.k, args.out, args.n_candidates,
-                              skip_unknown=args.skip_unknown)
+        data = args.data or storage.join(args.run, RUN_DATA)  # a local path or a URI, as given
+        per_shard = {} if args.users_per_shard is None else {"users_per_shard": args.users_per_shard}
+        res = recommend_users(args.run, data, args.users, args.k, args.out, args.n_candidates,
+                              skip_unknown=args.skip_unknown, **per_shard)
         print(f"wrote {res['n_rows']} recommendations for {res['n_users']} users (llmrec, k={args.k}) to "
-              f"{args.out} in {res['wall_s']:.1f}s")
+              f"{storage.shown(args.out)} in {res['wall_s']:.1f}s")
         return 0
+    run_dir = Path(args.run)
+    data_dir = Path(args.data) if args.data else run_dir / RUN_DATA
     users = read_user_ids(args.users)
     items_df, inter = read_tables(data_dir)
     known = set(inter[USER_ID].unique())

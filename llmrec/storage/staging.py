@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -183,10 +184,14 @@ def stage_in_run(uri: str, cache_root: str | os.PathLike, parts: tuple[str, ...]
         except ArtifactError as e:
             logger.warning("leaving out %s: %s", part, e)
             target = None
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        if target is not None:
-            link.symlink_to(target, target_is_directory=target.is_dir())
+        if target is None:
+            link.unlink(missing_ok=True)
+            continue
+        # a new link under a unique name renamed over the old one: processes staging the same run at once
+        # (batch rankers on one node) never see the link missing or fail to create it
+        tmp = run / f".{part}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp.symlink_to(target, target_is_directory=target.is_dir())
+        os.replace(tmp, link)
     return run
 
 

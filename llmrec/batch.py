@@ -162,8 +162,6 @@ RANKERS_START_S = 600.0  # the whole ranker pool must be up within this, else Ra
 # actors" error (the pool is sized from the CPUs the cluster has now, so it never waits for an autoscaler)
 
 
-
-
 def _check_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike) -> None:
     """Fail in the driver, before any worker starts, when a part the rankers need has no meta.json."""
     from llmrec import storage
@@ -241,12 +239,8 @@ def read_users(path: str | os.PathLike) -> UsersSource:
 
     from llmrec import storage
 
-    p = os.fspath(path)
-    name = storage.shown(p)
-    if storage.is_uri(p):
-        fs, fpath = storage.filesystem_for(p)
-    else:
-        fs, fpath = pafs.LocalFileSystem(), os.path.abspath(p)
+    name = storage.shown(path)
+    fs, fpath = storage.filesystem_and_path(path)
     info = fs.get_file_info(fpath)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"users file {name} not found")
@@ -271,10 +265,7 @@ def read_users(path: str | os.PathLike) -> UsersSource:
 
 
 def _first_parquet(fs: Any, folder: str, name: str) -> str:
-    import pyarrow.fs as pafs
-
-    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
-                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    files = _parquet_files(fs, folder, recursive=True)
     if not files:
         raise FileNotFoundError(f"users folder {name} holds no .parquet file")
     return files[0]
@@ -367,14 +358,9 @@ def _write(rows: Any, out: str) -> int:
     locally and renamed, or uploaded when complete (`storage.stage_out_file`). Anything else: the folder of
     those parts replaces `out` (rows of a user stay together and in rank order; the order across parts is not
     the users-file order). The staging folder is removed in every case."""
-    import pyarrow.fs as pafs
-
     from llmrec import storage
 
-    if storage.is_uri(out):
-        fs, path = storage.filesystem_for(out)
-    else:
-        fs, path = pafs.LocalFileSystem(), os.path.abspath(out)
+    fs, path = storage.filesystem_and_path(out)
     parent = posixpath.dirname(path)
     fs.create_dir(parent, recursive=True)
     stage = f"{parent}/.llmrec-recs-{uuid.uuid4().hex[:16]}"
@@ -401,10 +387,11 @@ def _write(rows: Any, out: str) -> int:
             fs.delete_dir(stage)
 
 
-def _parquet_files(fs: Any, folder: str) -> list[str]:
+def _parquet_files(fs: Any, folder: str, recursive: bool = False) -> list[str]:
+    """The .parquet files in `folder` (and below it with `recursive`), sorted; none if it does not exist."""
     import pyarrow.fs as pafs
 
-    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=recursive, allow_not_found=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
 

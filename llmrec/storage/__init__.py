@@ -3,7 +3,7 @@
 The public face of three modules; callers write `from llmrec import storage` and `storage.stage_in(...)`:
 
 - `llmrec.storage.uri`: locations and one-file I/O (`is_uri`, `join`, `redact`, `shown`, `filesystem_for`,
-  `read_bytes`, `write_bytes`, `exists`, `shared_across_processes`);
+  `filesystem_and_path`, `read_bytes`, `write_bytes`, `exists`, `shared_across_processes`);
 - `llmrec.storage.staging`: artifact folders moved between a URI and a local cache (`stage_in`,
   `stage_in_run`, `stage_out`, `stage_out_file`, `localize`, `check_replaceable`, `default_cache_root`), with
   the overwrite rules (meta.json last, the `.llmrec-incomplete` / `.llmrec-added` marks);
@@ -29,6 +29,7 @@ from llmrec.storage.staging import (
 )
 from llmrec.storage.uri import (
     exists,
+    filesystem_and_path,
     filesystem_for,
     is_uri,
     join,
@@ -53,6 +54,7 @@ __all__ = [  # a literal list: the storage API the commands, the CLI and the tes
     "check_replaceable",
     "default_cache_root",
     "exists",
+    "filesystem_and_path",
     "filesystem_for",
     "is_uri",
     "join",

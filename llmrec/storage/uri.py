@@ -95,6 +95,17 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def filesystem_and_path(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path of a URI (`filesystem_for`) or of a local path (the local filesystem,
+    the absolute path with `~` expanded): one way to list, open and write both."""
+    import pyarrow.fs as pafs
+
+    loc = os.fspath(location)
+    if is_uri(loc):
+        return filesystem_for(loc)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(loc))
+
+
 def read_bytes(location: str | os.PathLike) -> bytes:
     """The bytes of one file, local or at a URI. Raises FileNotFoundError when it does not exist."""
     if not is_uri(location):

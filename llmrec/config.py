@@ -270,6 +270,9 @@ class ServeConfig:
 # ---------------------------------------------------------------------------------------------------------
 # the scorer's training
 # ---------------------------------------------------------------------------------------------------------
+USER_ENCODERS = ("transformer", "gru")  # TrainConfig / ScorerConfig.user_encoder
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every option of the scorer's training, each field documented by its `option(default, help)`.
@@ -312,7 +315,9 @@ class TrainConfig:
     max_failures: int = option(0, "worker failures to recover from by restarting the workers from the last "
                                "checkpoint (Ray Train FailureConfig)")
     # --- the model and the loss (ScorerConfig's fields of the same name; see scorer/model.py for their why)
-    n_layers: int = option(1, "causal transformer layers of the user encoder")
+    n_layers: int = option(1, "layers of the user encoder")
+    user_encoder: str = option("transformer", "sequence model of the user encoder: a causal transformer or a "
+                               "GRU", choices=USER_ENCODERS)
     n_heads: int = option(2, "attention heads (dim must be divisible by it)")
     mlp_hidden: int = option(128, "hidden width of the MLP re-ranker")
     id_dropout: float = option(0.3, "probability of dropping an item's ID embedding during training")

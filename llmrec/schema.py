@@ -69,6 +69,9 @@ INDEX_TORCH_FILE = "index.npy"
 INDEX_IDS_FILE = "item_ids.npy"
 SCORER_MODEL_FILE = "model.pt"  # {"model_config", "model"} of the scorer checkpoint training chose
 SCORER_COOC_FILE = "cooc.npz"  # the co-occurrence matrix of the scorer's hybrid ranking
+# float64 (U,) NDCG@10 of every validation user under the served ranking (meta.json "served_val" fingerprints
+# the validation set, so two scorers' files pair up user by user)
+SCORER_VAL_FILE = "val_ndcg.npy"
 
 # run directory layout (`llmrec pipeline --out RUN`)
 RUN_DATA = "data"

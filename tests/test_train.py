@@ -124,6 +124,30 @@ def test_artifact_and_inference_api(trained, planted_split):
         assert np.all(np.diff(sc[b]) <= 0)
 
 
+def test_served_validation_file_equals_the_loaded_scorer_on_validation(trained, planted_split):
+    """val_ndcg.npy holds each validation user's NDCG@10 under the final ranking as served (re-ranker,
+    co-occurrence at its weight with the training matrix, text boost, cold bonus): the loaded Scorer, given the
+    validation users' training histories and that matrix, reproduces it user by user."""
+    from llmrec.metrics import recall_ndcg
+    from llmrec.scorer.finalize import cooc_matrix
+
+    _, _, out2, meta2 = trained
+    items, _, _, train, valid, _ = planted_split
+    per = np.load(out2 / "val_ndcg.npy")
+    served = meta2["served_val"]
+    users = sorted(valid["user_id"].astype(str).unique())
+    assert served["n_users"] == len(per) == len(users) and served["file"] == "val_ndcg.npy"
+    assert served["val_ndcg@10"] == pytest.approx(per.mean()) and len(served["targets_sha1"]) == 40
+    loaded = Scorer.load(out2)
+    s = Scorer(loaded.model, loaded.item_ids, cooc=cooc_matrix(train, items, meta2["config"]["cooc_neighbors"]))
+    hists = {h.user_id: h for h in make_histories(attach_item_idx(train, items))}
+    idx, _ = s.recommend([hists[u] for u in users], k=10, n_candidates=SMALL["n_candidates"])
+    target = attach_item_idx(valid, items).set_index("user_id")["item_idx"]
+    ref = np.array([recall_ndcg(idx[b], np.array([target[u]]), 10)[1] for b, u in enumerate(users)])
+    np.testing.assert_allclose(per, ref, atol=1e-12)
+    assert 0 < per.mean() < 1
+
+
 def test_cold_item_with_liked_text_ranks_high(trained, planted_split):
     """Cold twins (no ID, never interacted) of item t share its text. Among the items a user has not seen, the
     twin of the user's topic ranks with that topic's items (top 20 of ~110, a topic has 20 items), far above

@@ -28,6 +28,7 @@ from llmrec.protocol import ItemSpace
 from llmrec.schema import INDEX_IDS_FILE
 from llmrec.schema import SCORER_COOC_FILE as COOC_FILE
 from llmrec.schema import SCORER_MODEL_FILE as MODEL_FILE
+from llmrec.schema import SCORER_VAL_FILE as VAL_FILE
 from llmrec.scorer.model import ScorerModel
 from llmrec.scorer.validate import SCORE_METRIC
 
@@ -108,16 +109,25 @@ def write_scorer(
     cold_info: dict | None = None,
     feedback_info: dict | None = None,
     data_ts_max: int | None = None,
+    served: dict | None = None,
 ) -> dict:
     """Publish the scorer folder `out`: model.pt (the chosen state's model_config + weights), item_ids.npy,
     cooc.npz (removed when this run has none), then meta.json (`write_meta`: config + `extra`, metrics and
-    history of the checkpoints, the post-training choices). Returns the written meta."""
+    history of the checkpoints, the post-training choices; with `served` (`finalize_ranking`'s validation of
+    the served ranking) also val_ndcg.npy and meta "served_val"). Returns the written meta."""
     torch.save({"model_config": state["model_config"], "model": state["model"]}, out / MODEL_FILE)
     np.save(out / INDEX_IDS_FILE, np.asarray(items.item_ids).astype(str))
     if cooc is not None:
         sp.save_npz(out / COOC_FILE, cooc)
     elif (out / COOC_FILE).exists():
         (out / COOC_FILE).unlink()  # an older run's matrix must not be paired with this model
+    served = dict(served or {})
+    per_user = served.pop("per_user", None)
+    if per_user is not None:
+        np.save(out / VAL_FILE, np.asarray(per_user, dtype=np.float64))
+        served["file"] = VAL_FILE
+    elif (out / VAL_FILE).exists():
+        (out / VAL_FILE).unlink()
     hist = last_state["metrics"]
     meta = write_meta(
         out,
@@ -129,6 +139,7 @@ def write_scorer(
         text_boost=boost_info or {},
         cold_bonus=cold_info or {},
         feedback=feedback_info or {},
+        served_val=served,
         data_ts_max=data_ts_max,  # the latest event it learned from (replay refuses it for earlier cutoffs)
         metrics=state["metrics"],
         best_epoch=int(state["epoch"]),

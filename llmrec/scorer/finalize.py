@@ -8,6 +8,7 @@ ties with the best (`largest_tied`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -66,7 +67,9 @@ def finalize_ranking(
 
     sims: (co-occurrence similarity of the training events, of training + validation events) or None (no
     co-occurrence term). Returns (state with model_config updated, the co-occurrence matrix to ship (train +
-    validation) or None, the co-occurrence, text-boost and cold-bonus summaries for meta.json)."""
+    validation) or None, the co-occurrence, text-boost and cold-bonus summaries for meta.json, and the served
+    ranking's validation: {"val_ndcg@10", "n_users", "targets_sha1", "per_user": (U,) NDCG@10} or {} without
+    validation users)."""
     m = state["metrics"]
     mc = dict(state["model_config"])
     if "val_ndcg@10" in m and "val_retrieval_ndcg@10" in m:
@@ -117,11 +120,27 @@ def finalize_ranking(
                     f"{cold_info['n_cold_targets']} targets of "
                     f"{cold_info['n_pseudo_cold_items']} items made cold"
                     if cold_info.get("measured") else cold_info.get("why", ""))
+    served: dict[str, Any] = {}
+    if has_val:
+        per_user = served_val_ndcg(model_for(mc), val, sim_train, impute, cfg.n_candidates)
+        served = {"val_ndcg@10": float(per_user.mean()), "n_users": int(val.n_users),
+                  "targets_sha1": validation_fingerprint(val), "per_user": per_user}
+        logger.info("served ranking: val ndcg@10 %.4f over %d users", served["val_ndcg@10"], val.n_users)
     if sims is None:
-        return {**state, "model_config": mc}, None, info, boost_info, cold_info
+        return {**state, "model_config": mc}, None, info, boost_info, cold_info, served
     sim = sims[1]
     info.update(nnz=int(sim.nnz), seconds=time.perf_counter() - t0)
-    return {**state, "model_config": mc}, sim, info, boost_info, cold_info
+    return {**state, "model_config": mc}, sim, info, boost_info, cold_info, served
+
+
+def validation_fingerprint(val: sdata.ValidationSet) -> str:
+    """sha1 of the validation users' targets in order: two scorers' per-user validation scores pair up row by
+    row only when their fingerprints agree (same data, seed and val_users)."""
+    h = hashlib.sha1()
+    for t in val.targets:
+        h.update(np.asarray(t, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
 
 
 @torch.no_grad()

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmrec.config import USER_ENCODERS
 from llmrec.cooc import has_cooc
 from llmrec.schema import EVENT_KINDS, NEGATIVE_KINDS
 
@@ -73,7 +74,10 @@ class ScorerConfig:
     n_id_slots: int  # 1 + number of items with a learned ID embedding (slot 0 = cold); 1 disables IDs
     dim: int = 64  # d, retrieval / model dim
     max_len: int = 50  # L, history elements the encoder reads (most recent kept)
-    n_layers: int = 1  # causal transformer layers
+    n_layers: int = 1  # layers of the user encoder
+    # the sequence model over the history: "transformer" (causal self-attention, pre-norm, FFN 2d) or "gru"
+    # (a recurrent encoder: order carried by the recurrence, the position embedding still marks recency)
+    user_encoder: str = "transformer"
     n_heads: int = 2
     mlp_hidden: int = 128
     id_dropout: float = 0.3  # probability of dropping an item's ID embedding during training
@@ -131,6 +135,10 @@ class ScorerConfig:
                 raise ValueError(f"ScorerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ValueError(f"ScorerConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.user_encoder not in USER_ENCODERS:
+            raise ValueError(
+                f"ScorerConfig.user_encoder must be one of {USER_ENCODERS}, got {self.user_encoder!r}"
+            )
         if not 0.0 < float(self.logit_scale) <= 100.0:
             raise ValueError(f"ScorerConfig.logit_scale must be in (0, 100], got {self.logit_scale}")
         if float(self.cooc_weight) < 0:
@@ -234,13 +242,20 @@ class ScorerModel(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.rating_w = nn.Parameter(torch.zeros(d))
-        self.encoder = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(
-                d, cfg.n_heads, dim_feedforward=2 * d, dropout=cfg.dropout, batch_first=True, norm_first=True
-            ),
-            num_layers=cfg.n_layers,
-            enable_nested_tensor=False,
-        )
+        self.encoder: nn.Module
+        if cfg.user_encoder == "gru":
+            # between-layer dropout only (torch applies none after the last layer)
+            self.encoder = nn.GRU(d, d, num_layers=cfg.n_layers, batch_first=True,
+                                  dropout=cfg.dropout if cfg.n_layers > 1 else 0.0)
+        else:
+            self.encoder = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(
+                    d, cfg.n_heads, dim_feedforward=2 * d, dropout=cfg.dropout, batch_first=True,
+                    norm_first=True,
+                ),
+                num_layers=cfg.n_layers,
+                enable_nested_tensor=False,
+            )
         self.register_buffer(
             "causal", torch.triu(torch.full((cfg.max_len, cfg.max_len), float("-inf")), 1), persistent=False
         )
@@ -445,8 +460,11 @@ class ScorerModel(nn.Module):
         ) * mask[..., None]  # (B, L, d)
         x = self.drop(x)
         mean = x.sum(1) / lens.clamp(min=1)[:, None].float()  # (B, d)
-        # causal attention: position t sees positions <= t, so right padding never reaches a real position
-        y = self.encoder(x, mask=self.causal[:L, :L], is_causal=True)  # (B, L, d)
+        # both encoders are causal: position t sees positions <= t, so right padding never reaches a real one
+        if self.cfg.user_encoder == "gru":
+            y = self.encoder(x)[0]  # (B, L, d)
+        else:
+            y = self.encoder(x, mask=self.causal[:L, :L], is_causal=True)  # (B, L, d)
         last = (lens - 1).clamp(min=0)
         h = y[torch.arange(B, device=dev), last] * (lens > 0)[:, None]  # (B, d), output at the newest event
         u = self.out(h) + mean

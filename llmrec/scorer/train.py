@@ -199,7 +199,7 @@ def fit_scorer(
                     cooc_matrix(pd.concat([train_df, valid_df]), items, cfg.cooc_neighbors))
         else:
             sims = cooc_matrices(data.user_items, items.n_items, cfg.cooc_neighbors)
-    state, cooc, cooc_info, boost_info, cold_info = finalize_ranking(state, static, sims, cfg)
+    state, cooc, cooc_info, boost_info, cold_info, served = finalize_ranking(state, static, sims, cfg)
     ts_max = [data.ts_max] if data.ts_max is not None else []
     if explicit_val and TS in valid_df.columns:
         ts_max.append(int(valid_df[TS].max()))
@@ -219,6 +219,7 @@ def fit_scorer(
         boost_info=boost_info,
         cold_info=cold_info,
         feedback_info=feedback_summary(static, cfg),
+        served=served,
         data_ts_max=max(ts_max) if ts_max else None,
         extra={
             "ray_run": run_name,
@@ -493,6 +494,7 @@ def build_model(static: dict, cfg: TrainConfig) -> ScorerModel:
         dim=cfg.dim,
         max_len=cfg.max_len,
         n_layers=cfg.n_layers,
+        user_encoder=cfg.user_encoder,
         n_heads=cfg.n_heads,
         mlp_hidden=cfg.mlp_hidden,
         id_dropout=cfg.id_dropout,

@@ -89,7 +89,8 @@ def test_every_field_is_a_flag_that_reaches_the_config():
     changed = {
         "num_workers": 2, "use_gpu": True, "epochs": 3, "batch_size": 64, "lr": 0.01, "patience": 4,
         "dim": 32, "n_neg": -1, "max_len": 20, "val_users": None, "cooc_neighbors": 0, "seed": 7,
-        "max_failures": 1, "n_layers": 2, "user_encoder": "gru", "n_heads": 4, "mlp_hidden": 64, "id_dropout": 0.5, "dropout": 0.0,
+        "max_failures": 1, "n_layers": 2, "user_encoder": "gru", "n_heads": 4, "mlp_hidden": 64,
+        "id_dropout": 0.5, "dropout": 0.0,
         "use_ids": False,
         "head_neg": 15, "weight_decay": 1e-4, "n_candidates": 50, "min_rating": 3.5, "grad_clip": 0.0,
         "logit_scale": 10.0, "warm_start": False, "logq_correction": False, "feedback_p": 0.0,

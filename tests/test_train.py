@@ -126,8 +126,8 @@ def test_artifact_and_inference_api(trained, planted_split):
 
 def test_served_validation_file_equals_the_loaded_scorer_on_validation(trained, planted_split):
     """val_ndcg.npy holds each validation user's NDCG@10 under the final ranking as served (re-ranker,
-    co-occurrence at its weight with the training matrix, text boost, cold bonus): the loaded Scorer, given the
-    validation users' training histories and that matrix, reproduces it user by user."""
+    co-occurrence at its weight with the training matrix, text boost, cold bonus): the loaded Scorer, given
+    the validation users' training histories and that matrix, reproduces it user by user."""
     from llmrec.metrics import recall_ndcg
     from llmrec.scorer.finalize import cooc_matrix
 
@@ -139,7 +139,8 @@ def test_served_validation_file_equals_the_loaded_scorer_on_validation(trained, 
     assert served["n_users"] == len(per) == len(users) and served["file"] == "val_ndcg.npy"
     assert served["val_ndcg@10"] == pytest.approx(per.mean()) and len(served["targets_sha1"]) == 40
     loaded = Scorer.load(out2)
-    s = Scorer(loaded.model, loaded.item_ids, cooc=cooc_matrix(train, items, meta2["config"]["cooc_neighbors"]))
+    train_cooc = cooc_matrix(train, items, meta2["config"]["cooc_neighbors"])
+    s = Scorer(loaded.model, loaded.item_ids, cooc=train_cooc)
     hists = {h.user_id: h for h in make_histories(attach_item_idx(train, items))}
     idx, _ = s.recommend([hists[u] for u in users], k=10, n_candidates=SMALL["n_candidates"])
     target = attach_item_idx(valid, items).set_index("user_id")["item_idx"]

@@ -13,7 +13,8 @@ Only validation is read: the test split is never scored here.
         --out runs/bench/user-encoder-magazine.json
 
 Variants (`--variants`, names from VARIANTS): tf1 (the default: 1 causal transformer layer, dropout 0.1), tf2
-(2 layers, dropout 0.2), gru1 (1 GRU layer, dropout 0.1), gru2 (2 GRU layers, dropout 0.2).
+(2 layers, dropout 0.2), gru1 (1 GRU layer, dropout 0.1), gru2 (2 GRU layers, dropout 0.2); and one loss:
+tf1-full (tf1 with the full softmax over the catalog instead of 128 logQ-corrected sampled negatives).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ VARIANTS: dict[str, list[str]] = {
     "tf2": ["--user-encoder", "transformer", "--n-layers", "2", "--dropout", "0.2"],
     "gru1": ["--user-encoder", "gru", "--n-layers", "1", "--dropout", "0.1"],
     "gru2": ["--user-encoder", "gru", "--n-layers", "2", "--dropout", "0.2"],
+    # the loss at tf1's encoder: the full softmax over the catalog instead of 128 logQ-corrected samples
+    "tf1-full": ["--user-encoder", "transformer", "--n-layers", "1", "--dropout", "0.1", "--n-neg", "-1"],
 }
 
 

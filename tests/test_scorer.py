@@ -161,6 +161,23 @@ def test_build_samples_matches_hand_built_prefixes():
         build_samples(bad, items)
 
 
+def _train_steps(m: ScorerModel, batch: dict, steps: int, head_neg: int) -> tuple[float, float]:
+    """`steps` Adam steps (lr 1e-2) of `batch_loss` on one fixed batch, 16 uniform negatives (seeded); the
+    model is left in eval mode. Returns (first loss, last loss)."""
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    neg_p = torch.full((m.cfg.n_items,), 1.0 / m.cfg.n_items)
+    gen = torch.Generator().manual_seed(2)
+    losses = []
+    for _ in range(steps):
+        loss = batch_loss(m, batch, neg_p, 16, gen, head_neg=head_neg)
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    return losses[0], losses[-1]
+
+
 @pytest.mark.parametrize("encoder", ["transformer", "gru"])
 def test_user_encoder_reads_the_order_of_the_history(encoder):
     """Every ordering of one item set, the target fixed by the newest item: a bag of the history (its mean)
@@ -176,14 +193,7 @@ def test_user_encoder_reads_the_order_of_the_history(encoder):
     hist = torch.tensor([p for s in ([0, 1, 2], [3, 4, 5], [6, 7, 8]) for p in itertools.permutations(s)])
     batch = {"hist_idx": hist, "hist_event": torch.ones_like(hist), "hist_rating": torch.zeros(hist.shape),
              "hist_len": torch.full((len(hist),), 3), "target": hist[:, -1] + 12}
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(2)
-    for _ in range(150):
-        loss = batch_loss(m, batch, torch.full((n,), 1.0 / n), 16, gen, head_neg=0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
+    _train_steps(m, batch, steps=150, head_neg=0)
     with torch.no_grad():
         u = m.user_vectors(batch["hist_idx"], batch["hist_event"], batch["hist_rating"], batch["hist_len"])
         top = (u @ m.all_item_reps().T).argmax(1)
@@ -206,22 +216,13 @@ def test_model_overfits_planted_pairs():
         "hist_len": torch.full((32,), 4),
         "target": torch.randperm(n, generator=g)[:32],
     }
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    neg_p = torch.full((n,), 1.0 / n)
-    first, gen = None, torch.Generator().manual_seed(2)
-    for _ in range(80):
-        loss = batch_loss(m, batch, neg_p, 16, gen, head_neg=7)
-        first = float(loss.detach()) if first is None else first
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
+    first, last = _train_steps(m, batch, steps=80, head_neg=7)
     with torch.no_grad():
         u = m.user_vectors(batch["hist_idx"], batch["hist_event"], batch["hist_rating"], batch["hist_len"])
         top_r = (u @ m.all_item_reps().T).argmax(1)
         _, cand, head = two_stage_rank(m, u, m.all_item_reps(), None, 10)
         top_h = cand.gather(1, head.argmax(1, keepdim=True))[:, 0]
-    assert float(loss.detach()) < 0.1 * first
+    assert last < 0.1 * first
     assert (top_r == batch["target"]).float().mean() >= 0.9  # retrieval over the whole catalog
     assert (top_h == batch["target"]).float().mean() >= 0.9  # MLP re-rank of the top 10
 

@@ -6,7 +6,8 @@ and embeddings (the pipeline's training: same split, epochs, batch, negatives an
 RUN/exp-user-encoder/<variant>-s<seed>. Every fit writes the NDCG@10 of each validation user under the final
 ranking as served (scorer/val_ndcg.npy, fingerprinted in meta.json "served_val"); fits of one seed rank the
 same validation users, so each variant is compared with the first one user by user: the mean paired
-difference over all seeds' users and its 95% interval (normal, per-user differences of every seed pooled).
+difference over all seeds' users and its 95% interval (`llmrec.metrics.bootstrap_ci` over the per-user
+differences of every seed pooled, as the evaluation's paired intervals).
 Only validation is read: the test split is never scored here.
 
     python benchmarks/user_encoder.py --run runs/amazon-magazine-subscriptions-2018 --seeds 0 1 \\
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from llmrec.metrics import bootstrap_ci
 
 VARIANTS: dict[str, list[str]] = {
     "tf1": ["--user-encoder", "transformer", "--n-layers", "1", "--dropout", "0.1"],
@@ -85,11 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             diffs.append(a["per_user"] - b["per_user"])
             means.append(float(a["per_user"].mean()))
         d = np.concatenate(diffs)
-        half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
         rows.append({
             "variant": v, "flags": " ".join(VARIANTS[v]), "val_ndcg@10_by_seed": means,
             "val_ndcg@10": float(np.mean(means)), "diff_vs_ref": float(d.mean()),
-            "ci95": [float(d.mean() - half), float(d.mean() + half)], "n_user_pairs": int(len(d)),
+            "ci95": [float(x) for x in bootstrap_ci(d)], "n_user_pairs": int(len(d)),
             "best_epoch_by_seed": [fits[(v, s)]["meta"]["best_epoch"] for s in args.seeds],
             "train_s_per_fit": float(np.mean([fits[(v, s)]["meta"]["wall_s"] for s in args.seeds])),
         })

@@ -271,6 +271,7 @@ class ServeConfig:
 # the scorer's training
 # ---------------------------------------------------------------------------------------------------------
 USER_ENCODERS = ("transformer", "gru")  # TrainConfig / ScorerConfig.user_encoder
+COOC_KINDS = ("auto", "itemknn", "ease")  # TrainConfig.cooc_kind (llmrec.cooc.candidate_terms)
 
 
 @dataclass(frozen=True)
@@ -311,6 +312,9 @@ class TrainConfig:
     cooc_neighbors: int = option(100, "item co-occurrence neighbours kept per item for the ranking's "
                                  "co-occurrence term, whose weight is chosen on validation (0 = neural "
                                  "ranking only)")
+    cooc_kind: str = option("auto", "the co-occurrence term: item-kNN cosine, EASE (its l2 chosen on "
+                            "validation) or auto (both tried, the better on validation kept; EASE only for "
+                            "catalogs of at most 16,384 items)", choices=COOC_KINDS)
     seed: int = option(0, "seed of the initialisation, sampling, shuffling and the validation users")
     max_failures: int = option(0, "worker failures to recover from by restarting the workers from the last "
                                "checkpoint (Ray Train FailureConfig)")
@@ -377,6 +381,9 @@ class TrainConfig:
             )
         if self.min_rating is not None and not math.isfinite(self.min_rating):
             raise ValueError(f"TrainConfig.min_rating must be a finite number or None, got {self.min_rating}")
+        if self.cooc_kind not in COOC_KINDS:
+            raise ValueError(f"TrainConfig.cooc_kind must be one of {', '.join(COOC_KINDS)}, got "
+                             f"{self.cooc_kind!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,11 +1,16 @@
-"""Item co-occurrence similarity (the item-kNN signal), shared by the scorer's re-ranking and the item-kNN
-baseline.
+"""Item co-occurrence matrices (the behaviour term of the scorer's ranking), shared by the scorer and the
+item-kNN baseline.
 
-sim(i, j) = |U_i & U_j| / sqrt(|U_i| |U_j|) over the binary user x item matrix of positive events (U_i = the
-users who interacted with item i), diagonal zeroed, the `n_neighbors` largest entries per row kept. A user's
-co-occurrence score for item j is sum over the distinct items i of its history of sim(i, j).
+Two kinds, both built from the item x item co-occurrence counts G = X^T X of the binary user x item matrix X
+of positive events (`CoocCounts`), both (N, N) CSR with the `n_neighbors` largest positive entries per row:
+- **item-kNN** (term name "itemknn"): sim(i, j) = |U_i & U_j| / sqrt(|U_i| |U_j|) (U_i = the users who
+  interacted with item i), diagonal zeroed;
+- **EASE** (term names "ease:l2=<lambda>", `ease_term`): the closed-form item weights of Steck (WWW 2019),
+  `ease_weights`; needs a dense inverse over the items with events, so it is built only for catalogs of at
+  most `EASE_MAX_ITEMS` items.
+A user's score for item j is sum over the distinct items i of its history of M(i, j) (`history_scores`).
 
-Pure numpy / scipy; the matrix is an (N, N) CSR with at most N * n_neighbors entries.
+Pure numpy / scipy.
 """
 
 from __future__ import annotations
@@ -18,6 +23,61 @@ import numpy as np
 import scipy.sparse as sp
 
 logger = logging.getLogger(__name__)
+
+ITEMKNN = "itemknn"
+# EASE regularisation strengths: the scorer's behaviour terms tried on validation and the EASE baseline's grid
+EASE_L2_GRID = (1.0, 10.0, 50.0, 200.0, 500.0, 2000.0)
+# largest catalog for which EASE is built: a dense float64 inverse over the items with events (2 GiB at 16k,
+# about 30 s per inverse at 9k items on 2 cores)
+EASE_MAX_ITEMS = 16384
+
+
+def ease_term(l2: float) -> str:
+    """The term name of EASE with regularisation l2 ("ease:l2=50")."""
+    return f"ease:l2={float(l2):g}"
+
+
+def candidate_terms(kind: str, n_items: int) -> list[str]:
+    """The behaviour terms a scorer tries on validation for `TrainConfig.cooc_kind` (the first wins ties).
+
+    "itemknn" -> item-kNN; "ease" -> EASE at every `EASE_L2_GRID` value; "auto" -> item-kNN, plus the EASE
+    terms when the catalog has at most `EASE_MAX_ITEMS` items.
+
+    Raises:
+        ValueError: an unknown kind, or "ease" for a catalog larger than EASE_MAX_ITEMS.
+    """
+    ease = [ease_term(x) for x in EASE_L2_GRID]
+    if kind == ITEMKNN:
+        return [ITEMKNN]
+    if kind == "ease":
+        if n_items > EASE_MAX_ITEMS:
+            raise ValueError(
+                f"cooc_kind 'ease' needs a dense inverse over the catalog's items: at most {EASE_MAX_ITEMS} "
+                f"items, this catalog has {n_items}; use --cooc-kind itemknn (or auto, which skips EASE here)"
+            )
+        return ease
+    if kind == "auto":
+        return [ITEMKNN] + (ease if n_items <= EASE_MAX_ITEMS else [])
+    raise ValueError(f"cooc_kind must be one of auto, itemknn, ease; got {kind!r}")
+
+
+def term_l2(term: str) -> float | None:
+    """EASE's l2 of a term name, None for item-kNN.
+
+    Raises:
+        ValueError: a name that is neither "itemknn" nor "ease:l2=<number>".
+    """
+    if term == ITEMKNN:
+        return None
+    prefix = "ease:l2="
+    try:
+        if term.startswith(prefix):
+            l2 = float(term[len(prefix):])
+            if l2 > 0:
+                return l2
+    except ValueError:
+        pass
+    raise ValueError(f"a co-occurrence term is 'itemknn' or 'ease:l2=<positive number>', got {term!r}")
 
 
 def cooccurrence_similarity(
@@ -114,6 +174,62 @@ class CoocCounts:
         self._flush()
         c = self.counts
         return _top_similar(lambda a, b: c[a:b], c.diagonal(), self.n_items, n_neighbors, block_items)
+
+    def matrix(self, term: str, n_neighbors: int = 100) -> sp.csr_matrix:
+        """The named behaviour term ("itemknn" or `ease_term(l2)`) over every added user."""
+        l2 = term_l2(term)
+        if l2 is None:
+            return self.similarity(n_neighbors)
+        self._flush()
+        return ease_weights(self.counts, l2, n_neighbors)
+
+
+def ease_weights(counts: sp.spmatrix, l2: float, n_neighbors: int = 100) -> sp.csr_matrix:
+    """EASE item weights (Steck, WWW 2019) from co-occurrence counts, the `n_neighbors` largest per row.
+
+    Over the K items with events (counts' diagonal > 0): P = (G + l2 I)^-1, B_ij = -P_ij / P_jj, B_jj = 0,
+    the weights of `llmrec.eval.baselines.EASERecommender` fit on the same events; row i holds what item i in a
+    history adds to every item's score. Items without events have no entries. Only positive entries are kept
+    (the top-k of a row never reaches a negative one while it has k positive ones).
+
+    Args:
+        counts: (N, N) G = X^T X of a binary user x item matrix X (`CoocCounts.counts`).
+        l2: regularisation, > 0.
+        n_neighbors: entries kept per row.
+
+    Returns:
+        float32 (N, N) CSR.
+
+    Raises:
+        ValueError: l2 <= 0, or N > EASE_MAX_ITEMS (the dense inverse would not fit).
+    """
+    n = counts.shape[0]
+    if not l2 > 0:
+        raise ValueError(f"EASE l2 must be > 0, got {l2}")
+    if n > EASE_MAX_ITEMS:
+        raise ValueError(f"EASE needs a dense inverse: at most {EASE_MAX_ITEMS} items, got {n}")
+    t0 = time.perf_counter()
+    counts = sp.csr_matrix(counts)
+    known = np.flatnonzero(counts.diagonal() > 0)  # (K,)
+    kk = len(known)
+    k = min(n_neighbors, kk - 1)
+    if k <= 0:
+        return sp.csr_matrix((n, n), dtype=np.float32)
+    g = counts[known][:, known].toarray().astype(np.float64)  # (K, K)
+    g[np.diag_indices(kk)] += l2
+    p = np.linalg.inv(g)
+    del g
+    b = (p / (-np.diag(p))[None, :]).astype(np.float32)  # (K, K) B_ij = -P_ij / P_jj
+    del p
+    b[np.diag_indices(kk)] = 0.0
+    top = np.argpartition(-b, k - 1, axis=1)[:, :k]  # (K, k)
+    tv = np.take_along_axis(b, top, axis=1)
+    keep = (tv > 0).ravel()
+    out = sp.csr_matrix(
+        (tv.ravel()[keep], (np.repeat(known, k)[keep], known[top.ravel()[keep]])), shape=(n, n)
+    )
+    logger.info("EASE l2 %g: %d items, %d weights kept (%.1fs)", l2, kk, out.nnz, time.perf_counter() - t0)
+    return out
 
 
 def _top_similar(

@@ -210,8 +210,8 @@ def learn(
     # the current model's settings (meta.json "config" = its TrainConfig) that a fine-tune keeps; the rest are
     # TrainConfig's defaults, then this round's budget and the caller's overrides on top
     saved = dict(meta.get("config", {}))
-    keep = {"batch_size", "patience", "dim", "max_len", "n_neg", "cooc_neighbors", "val_users", "feedback_p",
-            "lr"}
+    keep = {"batch_size", "patience", "dim", "max_len", "n_neg", "cooc_neighbors", "cooc_kind", "val_users",
+            "feedback_p", "lr"}
     kept = {k: v for k, v in saved.items() if k in keep}
     base = config_from_dict(TrainConfig, kept, f"{cur_dir}/meta.json")
     budget = {"epochs": epochs, "seed": seed, "num_workers": num_workers, "max_steps": max_steps}

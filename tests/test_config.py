@@ -88,7 +88,7 @@ def test_every_field_is_a_flag_that_reaches_the_config():
     back in the config (bools through --x / --no-x, None through the field's cli_none value)."""
     changed = {
         "num_workers": 2, "use_gpu": True, "epochs": 3, "batch_size": 64, "lr": 0.01, "patience": 4,
-        "dim": 32, "n_neg": -1, "max_len": 20, "val_users": None, "cooc_neighbors": 0, "seed": 7,
+        "dim": 32, "n_neg": -1, "max_len": 20, "val_users": None, "cooc_neighbors": 0, "cooc_kind": "ease", "seed": 7,
         "max_failures": 1, "n_layers": 2, "user_encoder": "gru", "n_heads": 4, "mlp_hidden": 64,
         "id_dropout": 0.5, "dropout": 0.0,
         "use_ids": False,
@@ -130,6 +130,7 @@ def test_add_config_arguments_takes_other_defaults():
         ({"dim": 30, "n_heads": 4}, r"TrainConfig.dim must be divisible by n_heads \(4\), got 30"),
         ({"dropout": 1.0}, r"TrainConfig.dropout must be in \[0, 1\), got 1.0"),
         ({"feedback_p": 1.5}, r"TrainConfig.feedback_p must be in \[0, 1\], got 1.5"),
+        ({"cooc_kind": "knn"}, "TrainConfig.cooc_kind must be one of auto, itemknn, ease, got 'knn'"),
         ({"max_steps": 0}, "TrainConfig.max_steps must be >= 1 or None"),
         ({"use_gpu": 1}, r"TrainConfig.use_gpu must be bool, got 1 \(int\)"),
     ],

@@ -12,7 +12,7 @@ from llmrec.cooc import cooccurrence_similarity, history_scores
 from llmrec.protocol import ItemSpace
 from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
 from llmrec.scorer.data import build_validation
-from llmrec.scorer.finalize import COOC_GRID, cooc_matrix, tune_cooc_weight
+from llmrec.scorer.finalize import COOC_GRID, cooc_matrix, tune_behaviour, tune_cooc_weight
 from llmrec.scorer.model import ScorerConfig, ScorerModel
 
 
@@ -80,6 +80,55 @@ def test_history_scores_sum_the_rows_of_distinct_history_items():
         np.testing.assert_allclose(got[b], ref, rtol=1e-6)
 
 
+def test_ease_weights_equal_the_ease_baseline_and_keep_the_top_entries():
+    """ease_weights from streamed co-occurrence counts equals the weights B of the EASE baseline fit on the
+    same events (its own direct inverse over a users x items matrix), positive entries only; items without
+    events have no entries; the top-k form keeps each row's k largest."""
+    from llmrec.cooc import CoocCounts, ease_weights
+    from llmrec.eval.baselines import EASERecommender
+
+    rng = np.random.default_rng(5)
+    n, l2 = 30, 10.0
+    users = rng.integers(0, 80, 700)
+    items = rng.integers(0, n - 3, 700)  # items 27-29 have no events
+    df = pd.DataFrame({USER_ID: [f"u{u}" for u in users], ITEM_ID: [f"i{i}" for i in items],
+                       TS: np.arange(len(users)), RATING: np.nan, EVENT: "click", "item_idx": items})
+    space = ItemSpace(np.array([f"i{i}" for i in range(n)]), rng.normal(size=(n, 4)).astype(np.float32))
+    base = EASERecommender(l2=l2)
+    base.fit(df, space)
+    ref = np.zeros((n, n))
+    ref[np.ix_(base.cols, base.cols)] = base.b
+    counts = CoocCounts(n, chunk_events=50)
+    for u in np.unique(users):
+        counts.add([items[users == u]])
+    counts._flush()
+    got = ease_weights(counts.counts, l2, n_neighbors=n).toarray()
+    np.testing.assert_allclose(got, np.where(ref > 0, ref, 0.0), rtol=1e-4, atol=1e-6)
+    assert (got > 0).sum() > n and not got[27:].any() and not got[:, 27:].any()
+    top4 = counts.matrix("ease:l2=10", n_neighbors=4).toarray()
+    for i in range(n):
+        kept = top4[i][top4[i] > 0]
+        assert len(kept) == min(4, int((ref[i] > 0).sum()))
+        np.testing.assert_allclose(np.sort(kept), np.sort(ref[i])[::-1][: len(kept)][::-1], rtol=1e-4)
+    with pytest.raises(ValueError, match="EASE l2 must be > 0, got 0"):
+        ease_weights(counts.counts, 0.0)
+
+
+def test_candidate_terms_follow_the_kind_and_the_catalog_size():
+    from llmrec.cooc import EASE_L2_GRID, EASE_MAX_ITEMS, candidate_terms, term_l2
+
+    ease = [f"ease:l2={x:g}" for x in EASE_L2_GRID]
+    assert candidate_terms("auto", 100) == ["itemknn", *ease]
+    assert candidate_terms("auto", EASE_MAX_ITEMS + 1) == ["itemknn"]
+    assert candidate_terms("itemknn", 100) == ["itemknn"] and candidate_terms("ease", 100) == ease
+    assert [term_l2(t) for t in ease] == list(EASE_L2_GRID) and term_l2("itemknn") is None
+    with pytest.raises(ValueError, match=f"at most {EASE_MAX_ITEMS} items, this catalog has"):
+        candidate_terms("ease", EASE_MAX_ITEMS + 1)
+    for bad in ("ease:l2=0", "ease:l2=x", "knn"):
+        with pytest.raises(ValueError, match="a co-occurrence term is 'itemknn' or 'ease:l2="):
+            term_l2(bad)
+
+
 def _pairs_data(n_pairs: int = 20, n_users: int = 200, seed: int = 0):
     """Items come in pairs (2p, 2p+1); a user buys one item of a pair, then its partner. Text vectors are
     random, so the text model knows nothing of the pairs while co-occurrence knows them exactly."""
@@ -121,6 +170,30 @@ def test_tune_cooc_weight_picks_the_co_occurrence_term_when_it_carries_the_signa
         model, val, sp.csr_matrix((items.n_items, items.n_items)), items.n_items - 1
     )
     assert w0 == 0.0 and len(set(table0.values())) == 1
+
+
+def test_tune_behaviour_picks_the_term_that_carries_the_signal_and_ties_go_to_the_first():
+    items, df = _pairs_data()
+    train_users = [f"u{u}" for u in range(150)]
+    train = df[df[USER_ID].isin(train_users)]
+    rest = df[~df[USER_ID].isin(train_users)]
+    first, last = rest[rest[TS] == 1], rest[rest[TS] == 2]
+    val = build_validation(pd.concat([train, first]), last, items, max_len=4)
+    torch.manual_seed(0)
+    cfg = ScorerConfig(text_dim=8, n_items=items.n_items, n_id_slots=1, dim=8, max_len=4, rerank=False)
+    model = ScorerModel(
+        cfg, torch.from_numpy(items.text_vectors), torch.zeros(items.n_items, dtype=torch.long)
+    )
+    model.warm_start()
+    ease = cooc_matrix(train, items, n_neighbors=10, term="ease:l2=1")
+    empty = sp.csr_matrix((items.n_items, items.n_items), dtype=np.float32)
+    term, w, tables = tune_behaviour(model, val, {"itemknn": empty, "ease:l2=1": ease}, items.n_items - 1)
+    assert term == "ease:l2=1" and w > 0 and tables[term][f"{w:.6g}"] == 1.0  # the partner is always first
+    assert len(set(tables["itemknn"].values())) == 1  # the empty term ranks like weight 0 at every weight
+    knn = cooc_matrix(train, items, n_neighbors=10)
+    term2, w2, tables2 = tune_behaviour(model, val, {"itemknn": knn, "ease:l2=1": ease}, items.n_items - 1)
+    assert term2 == "itemknn" and tables2["ease:l2=1"][f"{w2:.6g}"] == 1.0  # both perfect: the first wins
+    assert tune_cooc_weight(model, val, knn, items.n_items - 1) == (w2, tables2["itemknn"])
 
 
 def test_scorer_adds_the_weighted_co_occurrence_term_and_can_leave_it_out():

@@ -139,7 +139,12 @@ def test_served_validation_file_equals_the_loaded_scorer_on_validation(trained, 
     assert served["n_users"] == len(per) == len(users) and served["file"] == "val_ndcg.npy"
     assert served["val_ndcg@10"] == pytest.approx(per.mean()) and len(served["targets_sha1"]) == 40
     loaded = Scorer.load(out2)
-    train_cooc = cooc_matrix(train, items, meta2["config"]["cooc_neighbors"])
+    term, k = meta2["cooc"]["term"], meta2["config"]["cooc_neighbors"]
+    assert meta2["cooc"]["val_ndcg_by_term"][term] == max(meta2["cooc"]["val_ndcg_by_term"].values())
+    # the shipped matrix is the chosen term over training + validation events
+    np.testing.assert_allclose(loaded.cooc.toarray(), cooc_matrix(pd.concat([train, valid]), items, k, term)
+                               .toarray(), rtol=1e-5, atol=1e-7)
+    train_cooc = cooc_matrix(train, items, k, term)
     s = Scorer(loaded.model, loaded.item_ids, cooc=train_cooc)
     hists = {h.user_id: h for h in make_histories(attach_item_idx(train, items))}
     idx, _ = s.recommend([hists[u] for u in users], k=10, n_candidates=SMALL["n_candidates"])

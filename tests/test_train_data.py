@@ -59,7 +59,8 @@ def test_samples_counts_and_validation_match_the_driver_construction(ray_local, 
             data.item_counts, np.bincount(train["item_idx"], minlength=items.n_items)
         )
         np.testing.assert_array_equal(data.target_counts, np.bincount(ref["target"], minlength=items.n_items))
-        sim_train, sim_full = cooc_matrices(data.user_items, items.n_items, 20)
+        train_m, full_m = cooc_matrices(data.user_items, items.n_items, 20)
+        sim_train, sim_full = train_m["itemknn"], full_m["itemknn"]
         np.testing.assert_allclose(sim_train.toarray(), cooc_matrix(train, items, 20).toarray(), atol=1e-6)
         np.testing.assert_allclose(sim_full.toarray(), cooc_matrix(d, items, 20).toarray(), atol=1e-6)
 

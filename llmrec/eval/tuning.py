@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from llmrec.cooc import EASE_L2_GRID
 from llmrec.data.histories import make_histories
 from llmrec.data.order import sample_rows, split_last_event
 from llmrec.metrics import RankingMetrics
@@ -61,7 +62,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         for lr in (0.01, 0.05)
         for r in (0.001, 0.01)
     ],
-    "ease": [{"l2": lam} for lam in (1.0, 10.0, 50.0, 200.0, 500.0, 2000.0)],
+    "ease": [{"l2": lam} for lam in EASE_L2_GRID],  # the grid of the scorer's EASE term (llmrec.cooc)
     "sasrec": [{}],  # reference settings (SASRecRecommender defaults); early stopping picks the epoch
     "zeroshot_text": [{"half_life": h} for h in (1.0, 3.0, 10.0, 30.0, 1e9)],  # 1e9: the plain mean
     "served_text": [{}],  # never tuned: it measures what serving runs, with serving's settings

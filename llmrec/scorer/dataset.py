@@ -28,7 +28,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from llmrec.cooc import ITEMKNN
 from llmrec.data.histories import attach_item_idx, item_lookup, make_histories
 from llmrec.data.order import sort_events
 from llmrec.protocol import ItemSpace
@@ -364,23 +365,35 @@ def focus_samples(samples: Any, after_ts: int, seed: int = 0) -> Any:
     return out
 
 
-def cooc_matrices(user_items: Any, n_items: int, n_neighbors: int) -> tuple[Any, Any]:
-    """(similarity over training positives, similarity over training + validation positives), built in one
-    Ray task that streams the per-user item lists (the driver never holds them) into item x item counts
-    (`llmrec.cooc.CoocCounts`): the task holds the counts and one chunk of users, not every event."""
+def cooc_matrices(
+    user_items: Any,
+    n_items: int,
+    n_neighbors: int,
+    train_terms: Sequence[str] = (ITEMKNN,),
+    full_terms: Sequence[str] = (ITEMKNN,),
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({term: matrix over training positives}, {term: matrix over training + validation positives}) for the
+    named behaviour terms (`llmrec.cooc.candidate_terms`), built in one Ray task that streams the per-user
+    item lists (the driver never holds them) into item x item counts (`llmrec.cooc.CoocCounts`): the task
+    holds the counts and one chunk of users, not every event."""
     import ray
 
+    train_terms, full_terms = list(train_terms), list(full_terms)
+
     @ray.remote(num_cpus=1)
-    def build(ds: Any) -> tuple[Any, Any]:
+    def build(ds: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         from llmrec.cooc import CoocCounts
 
         train, full = CoocCounts(n_items), CoocCounts(n_items)
         for b in ds.iter_batches(batch_format="pandas", batch_size=4096):
             lists = [np.asarray(lst, np.int64) for lst in b["items"]]
-            train.add(lists)
-            full.add([np.append(lst, v) if v >= 0 else lst
-                      for lst, v in zip(lists, b["val_item"], strict=True)])
-        return train.similarity(n_neighbors), full.similarity(n_neighbors)
+            if train_terms:
+                train.add(lists)
+            if full_terms:
+                full.add([np.append(lst, v) if v >= 0 else lst
+                          for lst, v in zip(lists, b["val_item"], strict=True)])
+        return ({t: train.matrix(t, n_neighbors) for t in train_terms},
+                {t: full.matrix(t, n_neighbors) for t in full_terms})
 
     return ray.get(build.remote(user_items))
 

@@ -1,5 +1,5 @@
 """The post-training ranking choices, each measured on validation (`finalize_ranking`): the MLP re-ranker
-on/off, the co-occurrence weight (`tune_cooc_weight`), the text boost per history-length bucket
+on/off, the co-occurrence term and its weight (`tune_behaviour`: item-kNN or EASE, `llmrec.cooc`), the text boost per history-length bucket
 (`tune_text_boost` / `choose_text_boost`) and the cold-item bonus (`tune_cold_bonus`). Each grid value ranks
 every validation user as served (`served_val_ndcg`); the choices that prefer text take the largest value that
 ties with the best (`largest_tied`).
@@ -12,7 +12,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from llmrec.config import TrainConfig
-from llmrec.cooc import cooccurrence_similarity, history_scores
+from llmrec.cooc import ITEMKNN, CoocCounts, history_scores
 from llmrec.data.histories import attach_item_idx
 from llmrec.metrics import recall_ndcg
 from llmrec.protocol import ItemSpace
@@ -55,21 +55,38 @@ COLD_BONUS_GRID = (0.0, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8)
 COLD_VAL_FRAC = 0.1
 
 
+@dataclasses.dataclass(frozen=True)
+class BehaviourTerms:
+    """The co-occurrence terms a scorer may rank with (`llmrec.cooc.candidate_terms`).
+
+    train: {term name: (N, N) matrix over the training positives}, in order of preference (the first wins
+        ties and is shipped when nothing is measured); the choices on validation rank with these.
+    full: term name -> the same term over training + validation positives, the matrix shipped (built only
+        for the chosen term: an EASE term costs a dense inverse).
+    """
+
+    train: Mapping[str, sp.csr_matrix]
+    full: Callable[[str], sp.csr_matrix]
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError("BehaviourTerms needs at least one term")
+
+
 def finalize_ranking(
     state: dict,
     static: dict,
-    sims: tuple[sp.csr_matrix, sp.csr_matrix] | None,
+    terms: BehaviourTerms | None,
     cfg: TrainConfig,
-) -> tuple[dict, sp.csr_matrix | None, dict, dict, dict]:
+) -> tuple[dict, sp.csr_matrix | None, dict, dict, dict, dict]:
     """Post-training choices, each measured on validation: the MLP re-ranker on/off, then the co-occurrence
-    weight (`tune_cooc_weight`), then the text boost per history-length bucket (`tune_text_boost`), then the
-    cold-item bonus (`tune_cold_bonus`).
+    term and its weight (`tune_behaviour`), then the text boost per history-length bucket (`tune_text_boost`),
+    then the cold-item bonus (`tune_cold_bonus`).
 
-    sims: (co-occurrence similarity of the training events, of training + validation events) or None (no
-    co-occurrence term). Returns (state with model_config updated, the co-occurrence matrix to ship (train +
-    validation) or None, the co-occurrence, text-boost and cold-bonus summaries for meta.json, and the served
-    ranking's validation: {"val_ndcg@10", "n_users", "targets_sha1", "per_user": (U,) NDCG@10} or {} without
-    validation users)."""
+    terms: the co-occurrence terms to choose from, or None (no co-occurrence term). Returns (state with
+    model_config updated, the chosen term's matrix to ship (train + validation) or None, the co-occurrence,
+    text-boost and cold-bonus summaries for meta.json, and the served ranking's validation: {"val_ndcg@10",
+    "n_users", "targets_sha1", "per_user": (U,) NDCG@10} or {} without validation users)."""
     m = state["metrics"]
     mc = dict(state["model_config"])
     if "val_ndcg@10" in m and "val_retrieval_ndcg@10" in m:
@@ -96,17 +113,22 @@ def finalize_ranking(
         return mod
 
     sim_train = impute = None
-    if sims is not None and has_val:
-        sim_train = sims[0]
+    term = next(iter(terms.train)) if terms is not None else None
+    if terms is not None and has_val:
         model = model_for(mc)
-        # the text neighbours standing in for items without co-occurrences: one computation for the
-        # co-occurrence weight and the text boost, which rank with the same training matrix
-        impute = cooc_neighbours(sim_train, model.text_vectors.numpy(), model.cfg.cold_impute_k)
-        weight, table = tune_cooc_weight(model, val, sim_train, cfg.n_candidates, impute=impute)
+        # the text neighbours standing in for items without co-occurrences: one computation per term, for the
+        # choice of term and weight and for the text boost, which rank with the same training matrix
+        imputes = {t: cooc_neighbours(m, model.text_vectors.numpy(), model.cfg.cold_impute_k)
+                   for t, m in terms.train.items()}
+        term, weight, tables = tune_behaviour(model, val, terms.train, cfg.n_candidates, imputes=imputes)
+        sim_train, impute = terms.train[term], imputes[term]
         mc["cooc_weight"] = weight
-        info.update(val_ndcg_by_weight=table, cooc_weight=weight)
-        logger.info("co-occurrence weight %.4g chosen on validation (ndcg@10 by weight: %s)", weight, table)
-    elif sims is not None:
+        info.update(term=term, val_ndcg_by_weight=tables[term], cooc_weight=weight,
+                    val_ndcg_by_term={t: max(tab.values()) for t, tab in tables.items()})
+        logger.info("co-occurrence term %s, weight %.4g chosen on validation (ndcg@10 by weight: %s; best by "
+                    "term: %s)", term, weight, tables[term], info["val_ndcg_by_term"])
+    elif terms is not None:
+        info.update(term=term)
         logger.info("no validation set: co-occurrence weight stays 0 (neural ranking only)")
     if has_val and mc.get("text_arm", True):
         boost, boost_info = tune_text_boost(model_for(mc), val, sim_train, cfg.n_candidates, impute=impute)
@@ -126,9 +148,9 @@ def finalize_ranking(
         served = {"val_ndcg@10": float(per_user.mean()), "n_users": int(val.n_users),
                   "targets_sha1": validation_fingerprint(val), "per_user": per_user}
         logger.info("served ranking: val ndcg@10 %.4f over %d users", served["val_ndcg@10"], val.n_users)
-    if sims is None:
+    if terms is None:
         return {**state, "model_config": mc}, None, info, boost_info, cold_info, served
-    sim = sims[1]
+    sim = terms.full(term)
     info.update(nnz=int(sim.nnz), seconds=time.perf_counter() - t0)
     return {**state, "model_config": mc}, sim, info, boost_info, cold_info, served
 
@@ -342,13 +364,20 @@ def largest_tied(
     return float(grid[best])
 
 
-def cooc_matrix(df: pd.DataFrame, items: ItemSpace, n_neighbors: int) -> sp.csr_matrix:
-    """Co-occurrence similarity (llmrec.cooc) of the positive events of a canonical interactions frame."""
+def cooc_counts(df: pd.DataFrame, items: ItemSpace) -> CoocCounts:
+    """Item x item co-occurrence counts (llmrec.cooc) of the positive events of a canonical interactions
+    frame."""
     df = attach_item_idx(df, items)
     df = df[sdata.target_mask(df)] if len(df) else df
-    return cooccurrence_similarity(
-        df[USER_ID].astype(str).to_numpy(), df["item_idx"].to_numpy(np.int64), items.n_items, n_neighbors
-    )
+    counts = CoocCounts(items.n_items)
+    counts.add([g.to_numpy(np.int64) for _, g in df.groupby(df[USER_ID].astype(str), sort=False)["item_idx"]])
+    return counts
+
+
+def cooc_matrix(df: pd.DataFrame, items: ItemSpace, n_neighbors: int, term: str = ITEMKNN) -> sp.csr_matrix:
+    """The named co-occurrence term ("itemknn" or an EASE term, llmrec.cooc) of the positive events of a
+    canonical interactions frame."""
+    return cooc_counts(df, items).matrix(term, n_neighbors)
 
 
 @torch.no_grad()
@@ -362,30 +391,58 @@ def tune_cooc_weight(
     chunk: int = 256,
     impute: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """The co-occurrence weight with the best validation ndcg@k of the final ranking.
+    """The co-occurrence weight with the best validation ndcg@k of the final ranking (`tune_behaviour` with
+    one term). Returns (weight, {weight: ndcg@k})."""
+    _, weight, tables = tune_behaviour(model, val, {ITEMKNN: sim}, n_candidates, k, grid, chunk,
+                                       imputes={ITEMKNN: impute} if impute is not None else None)
+    return weight, tables[ITEMKNN]
+
+
+@torch.no_grad()
+def tune_behaviour(
+    model: ScorerModel,
+    val: sdata.ValidationSet,
+    sims: Mapping[str, sp.csr_matrix],
+    n_candidates: int = 200,
+    k: int = 10,
+    grid: Iterable[float] = COOC_GRID,
+    chunk: int = 256,
+    imputes: Mapping[str, tuple[np.ndarray, np.ndarray] | None] | None = None,
+) -> tuple[str, float, dict[str, dict[str, float]]]:
+    """The co-occurrence term and weight with the best validation ndcg@k of the final ranking.
 
     Final ranking (as in `Scorer.recommend`): retrieval top-n_candidates by u.v (train items excluded), scored
-    by `model.rank_pairs` + w * co-occurrence score of the user's positive train items. `grid` is in logit
-    units; with the re-ranker off rank_pairs is u.v, so the weights tried are grid / scale. Ties go to the
-    smaller weight. `impute`: `cooc_neighbours` of sim when the caller has it (else computed here). Returns
-    (weight, {weight: ndcg@k}).
+    by `model.rank_pairs` + w * the term's score of the user's positive train items (`history_scores`).
+    `grid` is in logit units; with the re-ranker off rank_pairs is u.v, so the weights tried are grid / scale.
+    Ties go to the earlier term in `sims`, then to the smaller weight (weight 0 is the same ranking for every
+    term, so it goes to the first). `imputes`: `cooc_neighbours` of each term's matrix when the caller has
+    them (else computed here). Returns (term, weight, {term: {weight: ndcg@k}}).
     """
+    if not sims:
+        raise ValueError("tune_behaviour needs at least one co-occurrence term")
     scale = float(model.scale)
     if not math.isfinite(scale) or scale <= 0.0:
         raise TrainingDiverged(f"the trained scale (inverse temperature) is {scale}; lower the learning rate")
     unit = 1.0 if model.cfg.rerank else 1.0 / scale
     weights = [float(g) * unit for g in grid]
-    if impute is None:
-        impute = cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k)
-    sums = np.zeros(len(weights))
+    names = list(sims)
+    imputes = dict(imputes or {})
+    for t in names:
+        if t not in imputes:
+            imputes[t] = cooc_neighbours(sims[t], model.text_vectors.numpy(), model.cfg.cold_impute_k)
+    sums = np.zeros((len(names), len(weights)))
     users = np.arange(val.n_users)
     for ub, _, cand, head in two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
-        co = history_scores(sim, [val.positives[b] for b in ub], cand.numpy(), impute=impute)  # (b, n)
         base, cand_np = head.numpy(), cand.numpy()  # base is -inf at excluded candidates
-        for wi, w in enumerate(weights):
-            f = base + w * co
-            top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
-            sums[wi] += sum(recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub))
+        pos = [val.positives[b] for b in ub]
+        for ti, t in enumerate(names):
+            co = history_scores(sims[t], pos, cand_np, impute=imputes[t])  # (b, n)
+            for wi, w in enumerate(weights):
+                f = base + w * co
+                top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
+                sums[ti, wi] += sum(recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub))
     ndcg = sums / max(val.n_users, 1)
-    best = int(np.argmax(ndcg))  # first maximum = smallest weight among ties
-    return weights[best], {f"{w:.6g}": float(x) for w, x in zip(weights, ndcg, strict=True)}
+    ti, wi = np.unravel_index(int(np.argmax(ndcg)), ndcg.shape)  # first maximum in (term, weight) order
+    tables = {t: {f"{w:.6g}": float(x) for w, x in zip(weights, ndcg[i], strict=True)}
+              for i, t in enumerate(names)}
+    return names[int(ti)], weights[int(wi)], tables

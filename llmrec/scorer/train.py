@@ -31,6 +31,7 @@ import torch
 
 from llmrec.artifacts import load_torch_file
 from llmrec.config import TrainConfig
+from llmrec.cooc import candidate_terms
 from llmrec.data.histories import attach_item_idx
 from llmrec.protocol import ItemSpace
 from llmrec.schema import TS
@@ -45,7 +46,7 @@ from llmrec.scorer.artifact import (
     write_scorer,
 )
 from llmrec.scorer.feedback import FeedbackBank, FeedbackBanks, banks_for, sample_feedback
-from llmrec.scorer.finalize import cooc_matrix, finalize_ranking
+from llmrec.scorer.finalize import BehaviourTerms, cooc_counts, finalize_ranking
 from llmrec.scorer.loss import batch_loss, candidate_log_q, log_q_tensor
 from llmrec.scorer.model import ScorerConfig, ScorerModel
 from llmrec.scorer.validate import SCORE_METRIC, best_checkpoint, evaluate, update_early_stop
@@ -192,14 +193,19 @@ def fit_scorer(
         last.mkdir(exist_ok=True)
         shutil.copyfile(Path(d) / CHECKPOINT_FILE, last / CHECKPOINT_FILE)
         last_state = load_torch_file(Path(d) / CHECKPOINT_FILE, map_location="cpu")
-    sims = None
+    terms = None
     if cfg.cooc_neighbors > 0:
+        names, k = candidate_terms(cfg.cooc_kind, items.n_items), cfg.cooc_neighbors
         if explicit_val:  # both frames are in memory already
-            sims = (cooc_matrix(train_df, items, cfg.cooc_neighbors),
-                    cooc_matrix(pd.concat([train_df, valid_df]), items, cfg.cooc_neighbors))
+            train_counts = cooc_counts(train_df, items)
+            full_counts = cooc_counts(pd.concat([train_df, valid_df]), items)
+            terms = BehaviourTerms({t: train_counts.matrix(t, k) for t in names},
+                                   lambda t: full_counts.matrix(t, k))
         else:
-            sims = cooc_matrices(data.user_items, items.n_items, cfg.cooc_neighbors)
-    state, cooc, cooc_info, boost_info, cold_info, served = finalize_ranking(state, static, sims, cfg)
+            train_m, full_m = cooc_matrices(data.user_items, items.n_items, k, names, names[:1])
+            terms = BehaviourTerms(train_m, lambda t: full_m[t] if t in full_m else cooc_matrices(
+                data.user_items, items.n_items, k, (), (t,))[1][t])
+    state, cooc, cooc_info, boost_info, cold_info, served = finalize_ranking(state, static, terms, cfg)
     ts_max = [data.ts_max] if data.ts_max is not None else []
     if explicit_val and TS in valid_df.columns:
         ts_max.append(int(valid_df[TS].max()))

@@ -188,8 +188,8 @@ def ease_weights(counts: sp.spmatrix, l2: float, n_neighbors: int = 100) -> sp.c
     """EASE item weights (Steck, WWW 2019) from co-occurrence counts, the `n_neighbors` largest per row.
 
     Over the K items with events (counts' diagonal > 0): P = (G + l2 I)^-1, B_ij = -P_ij / P_jj, B_jj = 0,
-    the weights of `llmrec.eval.baselines.EASERecommender` fit on the same events; row i holds what item i in a
-    history adds to every item's score. Items without events have no entries. Only positive entries are kept
+    the weights of `llmrec.eval.baselines.EASERecommender` fit on the same events; row i holds what item i in
+    a history adds to every item's score. Items without events have no entries. Only positive entries are kept
     (the top-k of a row never reaches a negative one while it has k positive ones).
 
     Args:

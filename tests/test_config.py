@@ -88,7 +88,8 @@ def test_every_field_is_a_flag_that_reaches_the_config():
     back in the config (bools through --x / --no-x, None through the field's cli_none value)."""
     changed = {
         "num_workers": 2, "use_gpu": True, "epochs": 3, "batch_size": 64, "lr": 0.01, "patience": 4,
-        "dim": 32, "n_neg": -1, "max_len": 20, "val_users": None, "cooc_neighbors": 0, "cooc_kind": "ease", "seed": 7,
+        "dim": 32, "n_neg": -1, "max_len": 20, "val_users": None, "cooc_neighbors": 0, "cooc_kind": "ease",
+        "seed": 7,
         "max_failures": 1, "n_layers": 2, "user_encoder": "gru", "n_heads": 4, "mlp_hidden": 64,
         "id_dropout": 0.5, "dropout": 0.0,
         "use_ids": False,

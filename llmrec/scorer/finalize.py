@@ -1,8 +1,8 @@
 """The post-training ranking choices, each measured on validation (`finalize_ranking`): the MLP re-ranker
-on/off, the co-occurrence term and its weight (`tune_behaviour`: item-kNN or EASE, `llmrec.cooc`), the text boost per history-length bucket
-(`tune_text_boost` / `choose_text_boost`) and the cold-item bonus (`tune_cold_bonus`). Each grid value ranks
-every validation user as served (`served_val_ndcg`); the choices that prefer text take the largest value that
-ties with the best (`largest_tied`).
+on/off, the co-occurrence term and its weight (`tune_behaviour`: item-kNN or EASE, `llmrec.cooc`), the text
+boost per history-length bucket (`tune_text_boost` / `choose_text_boost`) and the cold-item bonus
+(`tune_cold_bonus`). Each grid value ranks every validation user as served (`served_val_ndcg`); the choices
+that prefer text take the largest value that ties with the best (`largest_tied`).
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ def _model(items: ItemSpace, id_strength: float, **cfg) -> ScorerModel:
     warm item by about id_strength^2 over a cold one, whatever the user wants (a popularity prior)."""
     n = items.n_items
     torch.manual_seed(0)
-    c = ScorerConfig(text_dim=16, n_items=n, n_id_slots=n + 1, dim=8, max_len=4, rerank=False,
-                     cold_impute_k=0, **cfg)
+    c = ScorerConfig(**{"text_dim": 16, "n_items": n, "n_id_slots": n + 1, "dim": 8, "max_len": 4,
+                        "rerank": False, "cold_impute_k": 0, **cfg})
     m = ScorerModel(c, torch.from_numpy(items.text_vectors), torch.arange(1, n + 1))
     m.warm_start()
     with torch.no_grad():
@@ -81,3 +81,64 @@ def test_validation_chooses_the_bonus_that_undoes_the_warm_items_advantage():
     # overall NDCG (not the cold targets' alone, which only grows) refuses it
     assert bonus < 3.2 and ndcg[-1] < max(ndcg)
     assert torch.equal(model.id_slots, slots) and model.cfg.cold_bonus == 0.0  # the model is left as it was
+
+
+def test_imputed_co_occurrence_scales_linearly_and_zero_turns_it_off():
+    """ScorerModel.cooc_impute: the text neighbours' weights times cfg.cooc_impute, so an item without
+    co-occurrence data scores that multiple of its unscaled imputed score; 0 -> no imputation at all."""
+    import dataclasses
+
+    import scipy.sparse as sp
+
+    from llmrec.cooc import history_scores
+
+    items, df = _twins(n_pairs=6)
+    model = _model(items, 1.0, cold_impute_k=3)
+    n = items.n_items
+    sim = sp.random(n, n, density=0.3, random_state=0, dtype=np.float32).tolil()
+    sim[5, :] = 0
+    sim[:, 5] = 0  # item 5 has no co-occurrence data
+    sim = sim.tocsr()
+    hists, cand = [np.array([4, 7]), np.array([1])], np.tile(np.arange(n), (2, 1))
+    full = history_scores(sim, hists, cand, impute=model.cooc_impute(sim))
+    model.cfg = dataclasses.replace(model.cfg, cooc_impute=0.5)
+    half = history_scores(sim, hists, cand, impute=model.cooc_impute(sim))
+    np.testing.assert_allclose(half[:, 5], 0.5 * full[:, 5], rtol=1e-6)
+    assert full[0, 5] > 0  # its twin, item 4, is in the first history
+    np.testing.assert_allclose(np.delete(half, 5, 1), np.delete(full, 5, 1))  # the others are untouched
+    model.cfg = dataclasses.replace(model.cfg, cooc_impute=0.0)
+    assert model.cooc_impute(sim) is None
+
+
+def test_validation_turns_the_imputation_on_where_made_cold_targets_need_it():
+    """Twins: the next item is the twin of the history item. A made-cold target has no co-occurrence data,
+    but its text neighbour (the twin in the history) does: borrowing it ranks the target first, so the
+    imputation is chosen on (not 0), and the model is left as it was. (The bonus is held at 0 here: it could
+    lift the made-cold twins too.)"""
+    import dataclasses
+
+    from llmrec.scorer.finalize import cooc_matrix
+
+    items, df = _twins()
+    train = df[df[USER_ID].isin([f"u{u}" for u in range(200)])]
+    rest = df[~df[USER_ID].isin(train[USER_ID])]
+    n = items.n_items
+    # other training users take an item with one of the next pair: every item keeps co-occurrence data when
+    # its twin is made cold (else the twin in the history would have none to lend)
+    bridge = pd.DataFrame([(f"b{i}", f"i{j}", t, np.nan, "like") for i in range(n)
+                           for t, j in ((1, i), (2, (i + 2) % n))], columns=df.columns)
+    train = pd.concat([train, bridge], ignore_index=True)
+    val = build_validation(pd.concat([train, rest[rest[TS] == 1]]), rest[rest[TS] == 2], items, max_len=4)
+    model = _model(items, 2.0, cold_impute_k=3)
+    model.cfg = dataclasses.replace(model.cfg, cooc_weight=5.0, cooc_impute=0.0)
+    sim = cooc_matrix(train, items, n_neighbors=10)
+    bonus, info = tune_cold_bonus(model, val, sim, n_candidates=items.n_items, grid=(0.0,), frac=0.2,
+                                  min_targets=20, impute_grid=(0.0, 1.0))
+    assert info["measured"] and info["impute_grid"] == [0.0, 1.0]
+    by, cold = info["val_ndcg_by_impute"], info["val_ndcg_cold_targets"]
+    assert info["cooc_impute"] == 1.0 and by["1"][0] > by["0"][0], by
+    assert cold[0] > 0.9  # the made-cold targets, at the chosen imputation
+    assert model.cfg.cooc_impute == 0.0 and model.cfg.cold_bonus == 0.0
+    # without a co-occurrence term there is nothing to impute: the grid is not tried
+    _, info0 = tune_cold_bonus(model, val, None, n_candidates=items.n_items, frac=0.2, min_targets=20)
+    assert info0["impute_grid"] == [0.0] and "1" not in info0["val_ndcg_by_impute"]

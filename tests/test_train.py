@@ -110,12 +110,20 @@ def test_artifact_and_inference_api(trained, planted_split):
     assert (out2 / "cooc.npz").is_file() and s.cooc.shape == (items.n_items, items.n_items)
     assert meta2["cooc"]["cooc_weight"] == w and str(0) in meta2["cooc"]["val_ndcg_by_weight"]
     dense = s.cooc.toarray()
-    # reference: brute force two-stage with the public pieces (+ w * co-occurrence summed by hand)
+    no_data = (dense.sum(0) == 0) & (dense.sum(1) == 0)  # items without co-occurrence data (the cold twins)
+    impute = s.model.cooc_impute(s.cooc)  # their text neighbours and weights (times cfg.cooc_impute)
+    # reference: brute force two-stage with the public pieces (+ w * co-occurrence summed by hand; an item
+    # without co-occurrence data borrows its text neighbours' scores, a neighbour in the history counting 1)
     for b in range(4):
+        hist = np.unique(h[b].item_idx)
         ret = U[b] @ V.T
-        ret[np.unique(h[b].item_idx)] = -np.inf
+        ret[hist] = -np.inf
         cand = np.argsort(-ret, kind="stable")[:20]
-        head = s.score(U[b : b + 1], cand[None])[0] + w * dense[np.unique(h[b].item_idx)][:, cand].sum(0)
+        co = dense[hist].sum(0)  # (N,)
+        if impute is not None:
+            nb, wt = impute
+            co = np.where(no_data, (wt * (co[nb] + np.isin(nb, hist))).sum(1), co)
+        head = s.score(U[b : b + 1], cand[None])[0] + w * co[cand]
         np.testing.assert_allclose(
             s.score(U[b : b + 1], cand[None], history_items=[np.unique(h[b].item_idx)])[0], head, rtol=1e-5
         )

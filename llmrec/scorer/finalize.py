@@ -27,7 +27,7 @@ from llmrec.metrics import recall_ndcg
 from llmrec.protocol import ItemSpace
 from llmrec.schema import USER_ID
 from llmrec.scorer import data as sdata
-from llmrec.scorer.model import ScorerConfig, ScorerModel, cooc_neighbours
+from llmrec.scorer.model import ScorerConfig, ScorerModel
 from llmrec.scorer.validate import two_stage_chunks
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class TrainingDiverged(RuntimeError):
 
 
 # co-occurrence weights tried on validation, in logit units (the head's scale; u.v is divided by `scale`)
-COOC_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+COOC_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 # multipliers of the text-arm gain tried per history-length bucket after training (tune_text_boost)
 TEXT_BOOST_GRID = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
 # A tie, in the post-training choices that prefer text (`largest_tied`: text boost, cold bonus): a value
@@ -53,6 +53,9 @@ TIE_REL = 0.02
 # cold
 COLD_BONUS_GRID = (0.0, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8)
 COLD_VAL_FRAC = 0.1
+# multipliers of the co-occurrence score items without co-occurrence data borrow from their text neighbours
+# (`ScorerConfig.cooc_impute`), tried with the cold bonus (tune_cold_bonus)
+COLD_IMPUTE_GRID = (0.0, 0.5, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,16 +115,15 @@ def finalize_ranking(
         mod.load_state_dict(state["model"])
         return mod
 
-    sim_train = impute = None
+    sim_train = None
     term = next(iter(terms.train)) if terms is not None else None
     if terms is not None and has_val:
-        model = model_for(mc)
-        # the text neighbours standing in for items without co-occurrences: one computation per term, for the
-        # choice of term and weight and for the text boost, which rank with the same training matrix
-        imputes = {t: cooc_neighbours(m, model.text_vectors.numpy(), model.cfg.cold_impute_k)
-                   for t, m in terms.train.items()}
-        term, weight, tables = tune_behaviour(model, val, terms.train, cfg.n_candidates, imputes=imputes)
-        sim_train, impute = terms.train[term], imputes[term]
+        # warm validation has (almost) no cold targets: the term and weight are chosen without the scores that
+        # items without co-occurrence data borrow from their text neighbours, and `tune_cold_bonus` decides
+        # that borrowing (`cooc_impute`) in a world with cold items
+        mc["cooc_impute"] = 0.0
+        term, weight, tables = tune_behaviour(model_for(mc), val, terms.train, cfg.n_candidates)
+        sim_train = terms.train[term]
         mc["cooc_weight"] = weight
         info.update(term=term, val_ndcg_by_weight=tables[term], cooc_weight=weight,
                     val_ndcg_by_term={t: max(tab.values()) for t, tab in tables.items()})
@@ -131,20 +133,22 @@ def finalize_ranking(
         info.update(term=term)
         logger.info("no validation set: co-occurrence weight stays 0 (neural ranking only)")
     if has_val and mc.get("text_arm", True):
-        boost, boost_info = tune_text_boost(model_for(mc), val, sim_train, cfg.n_candidates, impute=impute)
+        boost, boost_info = tune_text_boost(model_for(mc), val, sim_train, cfg.n_candidates)
         mc["text_boost"] = list(boost)
         logger.info("text boost per history-length bucket %s chosen on validation: %s",
                     list(boost_info["buckets"]), boost)
     if has_val:
         bonus, cold_info = tune_cold_bonus(model_for(mc), val, sim_train, cfg.n_candidates)
         mc["cold_bonus"] = bonus
-        logger.info("cold-item bonus %.4g chosen on validation (%s)", bonus,
-                    f"{cold_info['n_cold_targets']} targets of "
+        mc["cooc_impute"] = cold_info["cooc_impute"]
+        logger.info("cold-item bonus %.4g, imputed co-occurrence x %.4g chosen on validation (%s)", bonus,
+                    mc["cooc_impute"], f"{cold_info['n_cold_targets']} targets of "
                     f"{cold_info['n_pseudo_cold_items']} items made cold"
                     if cold_info.get("measured") else cold_info.get("why", ""))
     served: dict[str, Any] = {}
     if has_val:
-        per_user = served_val_ndcg(model_for(mc), val, sim_train, impute, cfg.n_candidates)
+        final = model_for(mc)
+        per_user = served_val_ndcg(final, val, sim_train, final.cooc_impute(sim_train), cfg.n_candidates)
         served = {"val_ndcg@10": float(per_user.mean()), "n_users": int(val.n_users),
                   "targets_sha1": validation_fingerprint(val), "per_user": per_user}
         logger.info("served ranking: val ndcg@10 %.4f over %d users", served["val_ndcg@10"], val.n_users)
@@ -180,7 +184,7 @@ def tune_text_boost(
     """The multiplier of the text-arm gain beta(n) per history-length bucket (`ScorerConfig.text_boost`).
 
     Every grid value is applied to all validation users (final ranking as served, co-occurrence term
-    included; `impute`: `cooc_neighbours` of sim when the caller has it, else computed here), then
+    included; `impute`: `model.cooc_impute(sim)` when the caller has it, else computed here), then
     `choose_text_boost` picks per bucket from the per-user NDCG@k. Returns (boost per bucket,
     {buckets, grid, n_users, val_ndcg (per bucket per grid value), chosen, measured, z}).
     """
@@ -189,8 +193,8 @@ def tune_text_boost(
     grid = [float(g) for g in grid]
     lens = np.minimum(np.asarray(val.hist_len), model.cfg.max_len)
     bucket = np.clip(np.searchsorted(LEN_BUCKETS, lens, side="right") - 1, 0, None)
-    if impute is None and sim is not None:
-        impute = cooc_neighbours(sim, model.text_vectors.numpy(), model.cfg.cold_impute_k)
+    if impute is None:
+        impute = model.cooc_impute(sim)
     per = np.zeros((len(grid), val.n_users))
     saved = model.text_boost.clone()
     try:
@@ -271,21 +275,29 @@ def tune_cold_bonus(
     seed: int = 0,
     min_targets: int = 30,
     chunk: int = 256,
+    impute_grid: Iterable[float] = COLD_IMPUTE_GRID,
 ) -> tuple[float, dict[str, Any]]:
-    """The cold-item bonus (`ScorerConfig.cold_bonus`, u.v units), chosen on validation in a world with cold
+    """The cold-item bonus (`ScorerConfig.cold_bonus`, u.v units) and the co-occurrence score cold items
+    borrow from their text neighbours (`ScorerConfig.cooc_impute`), chosen on validation in a world with cold
     items.
 
     Validation targets are almost never cold (an item without training events rarely is anyone's next one), so
     a seeded `frac` of the items that have an ID embedding is made cold for the measurement: their ID slots
     set to 0 (they then borrow their text neighbours' ID vectors, as a real cold item does) and their rows and
-    columns of the co-occurrence matrix removed. Every grid value ranks every validation user (final ranking
-    as served); the choice is the LARGEST bonus whose overall NDCG@k ties with the best bonus's
-    (`largest_tied`; cold items are text, and text wins ties). The overall NDCG counts
-    warm-target users too, so each cold item pushed up costs what it costs them. Fewer than `min_targets`
-    validation users with a made-cold target -> bonus 0, not measured. Returns (bonus, summary for meta.json:
-    measured, grid, val_ndcg, val_ndcg_cold_targets, n_pseudo_cold_items, n_cold_targets, chosen).
+    columns of the co-occurrence matrix removed. Every (imputation, bonus) pair ranks every validation user
+    (final ranking as served). Per imputation value the bonus is the LARGEST whose overall NDCG@k ties with
+    the best bonus's (`largest_tied`; cold items are text, and text wins ties); then the imputation is the
+    largest whose NDCG at its bonus ties with the best. The imputation grid is tried only where the ranking
+    has a co-occurrence term (sim given, `cooc_weight` > 0); otherwise the model's value stays. The overall
+    NDCG counts warm-target users too, so each cold item pushed up costs what it costs them. Fewer than
+    `min_targets` validation users with a made-cold target -> bonus 0 and the imputation at 1 (the text-first
+    default), not measured. Returns (bonus, summary for meta.json: measured, grid, impute_grid, cooc_impute
+    (the imputation chosen), val_ndcg and val_ndcg_cold_targets (per bonus, at the chosen imputation),
+    val_ndcg_by_impute, n_pseudo_cold_items, n_cold_targets, chosen).
     """
     grid = [float(g) for g in grid]
+    with_term = sim is not None and float(model.cfg.cooc_weight) > 0
+    imp_grid = [float(f) for f in impute_grid] if with_term else [float(model.cfg.cooc_impute)]
     n = model.cfg.n_items
     warm = np.flatnonzero(model.id_slots.cpu().numpy() > 0)
     rng = np.random.default_rng(seed)
@@ -295,32 +307,37 @@ def tune_cold_bonus(
     cold_users = np.array([bool(is_cold[val.targets[b]].any()) for b in range(val.n_users)], dtype=bool)
     summary: dict[str, Any] = {"n_pseudo_cold_items": int(len(pseudo)),
                                "n_cold_targets": int(cold_users.sum()),
-                               "grid": grid, "frac": frac, "seed": seed}
+                               "grid": grid, "impute_grid": imp_grid, "frac": frac, "seed": seed}
     if cold_users.sum() < max(min_targets, 2):
         why = (
             f"{int(cold_users.sum())} validation targets among the items made cold, fewer than {min_targets}"
         )
-        return 0.0, {**summary, "measured": False, "why": why, "chosen": 0.0}
+        return 0.0, {**summary, "measured": False, "why": why, "chosen": 0.0,
+                     "cooc_impute": 1.0 if with_term else float(model.cfg.cooc_impute)}
     keep = sp.diags((~is_cold).astype(np.float32))
     sim_c = (keep @ sim @ keep).tocsr() if sim is not None else None
-    impute = (
-        cooc_neighbours(sim_c, model.text_vectors.numpy(), model.cfg.cold_impute_k)
-        if sim_c is not None
-        else None
-    )
-    per = np.zeros((len(grid), val.n_users))
+    per = np.zeros((len(imp_grid), len(grid), val.n_users))
     saved_cfg = model.cfg
     try:
         with model.items_made_cold(pseudo):
-            for gi, g in enumerate(grid):
-                model.cfg = dataclasses.replace(saved_cfg, cold_bonus=g)
-                per[gi] = served_val_ndcg(model, val, sim_c, impute, n_candidates, k, chunk)
+            for fi, f in enumerate(imp_grid):
+                model.cfg = dataclasses.replace(saved_cfg, cooc_impute=f)
+                impute = model.cooc_impute(sim_c)
+                for gi, g in enumerate(grid):
+                    model.cfg = dataclasses.replace(saved_cfg, cooc_impute=f, cold_bonus=g)
+                    per[fi, gi] = served_val_ndcg(model, val, sim_c, impute, n_candidates, k, chunk)
     finally:
         model.cfg = saved_cfg
-    pick = largest_tied(per, grid)
-    return pick, {**summary, "measured": True, "chosen": pick, "z": TEXT_BOOST_Z, "rel": TIE_REL,
-                  "val_ndcg": [float(x) for x in per.mean(1)],
-                  "val_ndcg_cold_targets": [float(x) for x in per[:, cold_users].mean(1)]}
+    bonus_at = [largest_tied(per[fi], grid) for fi in range(len(imp_grid))]
+    at_bonus = np.stack([per[fi, grid.index(b)] for fi, b in enumerate(bonus_at)])  # (F, U)
+    f_pick = largest_tied(at_bonus, imp_grid)
+    fi = imp_grid.index(f_pick)
+    pick = bonus_at[fi]
+    return pick, {**summary, "measured": True, "chosen": pick, "cooc_impute": f_pick, "z": TEXT_BOOST_Z,
+                  "rel": TIE_REL, "val_ndcg": [float(x) for x in per[fi].mean(1)],
+                  "val_ndcg_cold_targets": [float(x) for x in per[fi][:, cold_users].mean(1)],
+                  "val_ndcg_by_impute": {f"{f:g}": [float(x) for x in per[i].mean(1)]
+                                         for i, f in enumerate(imp_grid)}}
 
 
 @torch.no_grad()
@@ -415,7 +432,7 @@ def tune_behaviour(
     by `model.rank_pairs` + w * the term's score of the user's positive train items (`history_scores`).
     `grid` is in logit units; with the re-ranker off rank_pairs is u.v, so the weights tried are grid / scale.
     Ties go to the earlier term in `sims`, then to the smaller weight (weight 0 is the same ranking for every
-    term, so it goes to the first). `imputes`: `cooc_neighbours` of each term's matrix when the caller has
+    term, so it goes to the first). `imputes`: `model.cooc_impute` of each term's matrix when the caller has
     them (else computed here). Returns (term, weight, {term: {weight: ndcg@k}}).
     """
     if not sims:
@@ -429,7 +446,7 @@ def tune_behaviour(
     imputes = dict(imputes or {})
     for t in names:
         if t not in imputes:
-            imputes[t] = cooc_neighbours(sims[t], model.text_vectors.numpy(), model.cfg.cold_impute_k)
+            imputes[t] = model.cooc_impute(sims[t])
     sums = np.zeros((len(names), len(weights)))
     users = np.arange(val.n_users)
     for ub, _, cand, head in two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):

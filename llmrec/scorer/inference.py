@@ -32,7 +32,7 @@ from llmrec.schema import INDEX_IDS_FILE
 from llmrec.schema import SCORER_COOC_FILE as COOC_FILE
 from llmrec.schema import SCORER_MODEL_FILE as MODEL_FILE
 from llmrec.scorer.data import pad_feedback, pad_histories, positive_items
-from llmrec.scorer.model import ScorerConfig, ScorerModel, cooc_neighbours, two_stage_rank
+from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
 
 logger = logging.getLogger(__name__)
 
@@ -324,13 +324,10 @@ class Scorer:
         return scores + w * torch.from_numpy(co).to(scores.device)
 
     def _cooc_impute(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Text neighbours with co-occurrence data for the items without (cold_impute_k; computed once)."""
+        """Text neighbours with co-occurrence data for the items without (`ScorerModel.cooc_impute`; computed
+        once)."""
         if not hasattr(self, "_cooc_nb"):
-            k = int(self.model.cfg.cold_impute_k)
-            self._cooc_nb = (
-                cooc_neighbours(self.cooc, self.model.text_vectors.cpu().numpy(), k) if self.cooc is not None
-                else None
-            )
+            self._cooc_nb = self.model.cooc_impute(self.cooc)
         return self._cooc_nb
 
     def _reps(self) -> torch.Tensor:

@@ -119,6 +119,11 @@ class ScorerConfig:
     # warm ones; chosen on validation after training with a seeded tenth of the warm items made cold
     # (`tune_cold_bonus`: overall NDCG in that world, so warm users pay for every cold item pushed up)
     cold_bonus: float = 0.0
+    # multiplier of the co-occurrence score an item without co-occurrence data borrows from its text
+    # neighbours (`cooc_impute`; 0 = such items get no co-occurrence score). Chosen with the cold bonus in the
+    # world with cold items (`tune_cold_bonus`): warm validation has no cold targets, so there it can only
+    # lift the wrong items (Magazine: near-duplicates of history items)
+    cooc_impute: float = 1.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -156,8 +161,11 @@ class ScorerConfig:
                 "(one per history-length "
                 f"bucket {LEN_BUCKETS}), got {self.text_boost}"
             )
-        if not 0.0 <= float(self.cold_bonus) < float("inf"):
-            raise ValueError(f"ScorerConfig.cold_bonus must be a finite value >= 0, got {self.cold_bonus}")
+        for name in ("cold_bonus", "cooc_impute"):
+            if not 0.0 <= float(getattr(self, name)) < float("inf"):
+                raise ValueError(
+                    f"ScorerConfig.{name} must be a finite value >= 0, got {getattr(self, name)}"
+                )
         if float(self.rare_dropout_c) < 0 or int(self.cold_quota) < 0 or int(self.cold_impute_k) < 0:
             raise ValueError(
                 f"ScorerConfig.rare_dropout_c, cold_quota and cold_impute_k must be >= 0, got "
@@ -372,6 +380,14 @@ class ScorerModel(nn.Module):
         donor = self.id_slots > 0
         self._cold_nb = text_neighbours(self.text_vectors, ~donor, donor, self.cfg.cold_impute_k)
         return self._cold_nb
+
+    def cooc_impute(self, sim: sp.csr_matrix | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The `impute` argument of `llmrec.cooc.history_scores` for this model: `cooc_neighbours` of sim with
+        `cfg.cold_impute_k`, weights times `cfg.cooc_impute`; None when there is nothing to impute."""
+        if sim is None or float(self.cfg.cooc_impute) <= 0:
+            return None
+        nb = cooc_neighbours(sim, self.text_vectors.cpu().numpy(), self.cfg.cold_impute_k)
+        return None if nb is None else (nb[0], nb[1] * np.float32(self.cfg.cooc_impute))
 
     @contextmanager
     def items_made_cold(self, item_idx: np.ndarray) -> Iterator[None]:

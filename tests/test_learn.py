@@ -55,7 +55,10 @@ def _planted_run(tmp_path, seed: int = 0):
 
 
 def _fit_serving_model(run: Path, events: pd.DataFrame, epochs: int, lr: float) -> None:
-    """RUN/scorer trained on `events` (the tiny settings of these tests)."""
+    """RUN/scorer trained on `events` (the tiny settings of these tests), without the co-occurrence term: it
+    knows the later items by their text alone (with the term, a weight chosen on 20 validation users lets new
+    items borrow their text neighbours' co-occurrences at full strength, which on this planted data is the
+    answer the fine-tune is meant to learn from the new events)."""
     from llmrec.config import TrainConfig
     from llmrec.data.tables import read_items
     from llmrec.embed.artifact import load_item_space
@@ -63,7 +66,7 @@ def _fit_serving_model(run: Path, events: pd.DataFrame, epochs: int, lr: float) 
 
     items, meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
     cfg = TrainConfig(epochs=epochs, batch_size=32, lr=lr, dim=16, max_len=10, n_neg=16, head_neg=7,
-                      mlp_hidden=16, n_candidates=20, val_users=20)
+                      mlp_hidden=16, n_candidates=20, val_users=20, cooc_neighbors=0)
     fit_scorer(cfg, events, items, run / schema.RUN_SCORER, embed_meta=meta)
 
 

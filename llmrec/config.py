@@ -308,7 +308,7 @@ class TrainConfig:
         "is trained on",
         cli_none=-1,
     )
-    # the weight of the co-occurrence score is chosen on validation after training (`tune_cooc_weight`)
+    # the co-occurrence term and its weight are chosen on validation after training (`tune_behaviour`)
     cooc_neighbors: int = option(100, "item co-occurrence neighbours kept per item for the ranking's "
                                  "co-occurrence term, whose weight is chosen on validation (0 = neural "
                                  "ranking only)")

@@ -12,7 +12,7 @@ from llmrec.cooc import cooccurrence_similarity, history_scores
 from llmrec.protocol import ItemSpace
 from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
 from llmrec.scorer.data import build_validation
-from llmrec.scorer.finalize import COOC_GRID, cooc_matrix, tune_behaviour, tune_cooc_weight
+from llmrec.scorer.finalize import COOC_GRID, cooc_matrix, tune_behaviour
 from llmrec.scorer.model import ScorerConfig, ScorerModel
 
 
@@ -146,45 +146,41 @@ def _pairs_data(n_pairs: int = 20, n_users: int = 200, seed: int = 0):
     return items, df
 
 
-def test_tune_cooc_weight_picks_the_co_occurrence_term_when_it_carries_the_signal():
+def _pairs_validation():
+    """(items, train frame, validation set, text-only warm-started model) of `_pairs_data`: 150 users train;
+    the others are validation users, history = their first item, target = its partner."""
     items, df = _pairs_data()
     train_users = [f"u{u}" for u in range(150)]
     train = df[df[USER_ID].isin(train_users)]
     rest = df[~df[USER_ID].isin(train_users)]
-    # validation: history = first item, target = partner
     first, last = rest[rest[TS] == 1], rest[rest[TS] == 2]
     val = build_validation(pd.concat([train, first]), last, items, max_len=4)
-    sim = cooc_matrix(train, items, n_neighbors=10)
     torch.manual_seed(0)
     cfg = ScorerConfig(text_dim=8, n_items=items.n_items, n_id_slots=1, dim=8, max_len=4, rerank=False)
     model = ScorerModel(
         cfg, torch.from_numpy(items.text_vectors), torch.zeros(items.n_items, dtype=torch.long)
     )
     model.warm_start()  # u.v = text cosine-like scores, in [-1, 1] for unit vectors
-    w, table = tune_cooc_weight(model, val, sim, n_candidates=items.n_items - 1)
-    assert w > 0 and len(table) == len(COOC_GRID)
+    return items, train, val, model
+
+
+def test_tune_behaviour_picks_the_co_occurrence_term_when_it_carries_the_signal():
+    items, train, val, model = _pairs_validation()
+    sim = cooc_matrix(train, items, n_neighbors=10)
+    term, w, tables = tune_behaviour(model, val, {"itemknn": sim}, n_candidates=items.n_items - 1)
+    table = tables["itemknn"]
+    assert term == "itemknn" and w > 0 and len(table) == len(COOC_GRID)
     assert table[f"{w:.6g}"] == 1.0  # the partner is always first
     assert table["0"] < 0.5  # random text vectors alone
     # no co-occurrence signal at all: every weight ranks alike and the tie goes to weight 0
-    w0, table0 = tune_cooc_weight(
-        model, val, sp.csr_matrix((items.n_items, items.n_items)), items.n_items - 1
+    _, w0, tables0 = tune_behaviour(
+        model, val, {"itemknn": sp.csr_matrix((items.n_items, items.n_items))}, items.n_items - 1
     )
-    assert w0 == 0.0 and len(set(table0.values())) == 1
+    assert w0 == 0.0 and len(set(tables0["itemknn"].values())) == 1
 
 
 def test_tune_behaviour_picks_the_term_that_carries_the_signal_and_ties_go_to_the_first():
-    items, df = _pairs_data()
-    train_users = [f"u{u}" for u in range(150)]
-    train = df[df[USER_ID].isin(train_users)]
-    rest = df[~df[USER_ID].isin(train_users)]
-    first, last = rest[rest[TS] == 1], rest[rest[TS] == 2]
-    val = build_validation(pd.concat([train, first]), last, items, max_len=4)
-    torch.manual_seed(0)
-    cfg = ScorerConfig(text_dim=8, n_items=items.n_items, n_id_slots=1, dim=8, max_len=4, rerank=False)
-    model = ScorerModel(
-        cfg, torch.from_numpy(items.text_vectors), torch.zeros(items.n_items, dtype=torch.long)
-    )
-    model.warm_start()
+    items, train, val, model = _pairs_validation()
     ease = cooc_matrix(train, items, n_neighbors=10, term="ease:l2=1")
     empty = sp.csr_matrix((items.n_items, items.n_items), dtype=np.float32)
     term, w, tables = tune_behaviour(model, val, {"itemknn": empty, "ease:l2=1": ease}, items.n_items - 1)
@@ -193,7 +189,9 @@ def test_tune_behaviour_picks_the_term_that_carries_the_signal_and_ties_go_to_th
     knn = cooc_matrix(train, items, n_neighbors=10)
     term2, w2, tables2 = tune_behaviour(model, val, {"itemknn": knn, "ease:l2=1": ease}, items.n_items - 1)
     assert term2 == "itemknn" and tables2["ease:l2=1"][f"{w2:.6g}"] == 1.0  # both perfect: the first wins
-    assert tune_cooc_weight(model, val, knn, items.n_items - 1) == (w2, tables2["itemknn"])
+    assert tune_behaviour(model, val, {"itemknn": knn}, items.n_items - 1) == (
+        "itemknn", w2, {"itemknn": tables2["itemknn"]}
+    )  # a term's table does not depend on the other terms tried
 
 
 def test_scorer_adds_the_weighted_co_occurrence_term_and_can_leave_it_out():

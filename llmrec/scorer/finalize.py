@@ -179,12 +179,11 @@ def tune_text_boost(
     grid: Iterable[float] = TEXT_BOOST_GRID,
     min_users: int = 30,
     chunk: int = 256,
-    impute: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[tuple[float, ...], dict[str, Any]]:
     """The multiplier of the text-arm gain beta(n) per history-length bucket (`ScorerConfig.text_boost`).
 
     Every grid value is applied to all validation users (final ranking as served, co-occurrence term
-    included; `impute`: `model.cooc_impute(sim)` when the caller has it, else computed here), then
+    included, items without co-occurrence data imputed as `model.cooc_impute(sim)` says), then
     `choose_text_boost` picks per bucket from the per-user NDCG@k. Returns (boost per bucket,
     {buckets, grid, n_users, val_ndcg (per bucket per grid value), chosen, measured, z}).
     """
@@ -193,8 +192,7 @@ def tune_text_boost(
     grid = [float(g) for g in grid]
     lens = np.minimum(np.asarray(val.hist_len), model.cfg.max_len)
     bucket = np.clip(np.searchsorted(LEN_BUCKETS, lens, side="right") - 1, 0, None)
-    if impute is None:
-        impute = model.cooc_impute(sim)
+    impute = model.cooc_impute(sim)
     per = np.zeros((len(grid), val.n_users))
     saved = model.text_boost.clone()
     try:
@@ -398,24 +396,6 @@ def cooc_matrix(df: pd.DataFrame, items: ItemSpace, n_neighbors: int, term: str 
 
 
 @torch.no_grad()
-def tune_cooc_weight(
-    model: ScorerModel,
-    val: sdata.ValidationSet,
-    sim: sp.csr_matrix,
-    n_candidates: int = 200,
-    k: int = 10,
-    grid: Iterable[float] = COOC_GRID,
-    chunk: int = 256,
-    impute: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[float, dict[str, float]]:
-    """The co-occurrence weight with the best validation ndcg@k of the final ranking (`tune_behaviour` with
-    one term). Returns (weight, {weight: ndcg@k})."""
-    _, weight, tables = tune_behaviour(model, val, {ITEMKNN: sim}, n_candidates, k, grid, chunk,
-                                       imputes={ITEMKNN: impute} if impute is not None else None)
-    return weight, tables[ITEMKNN]
-
-
-@torch.no_grad()
 def tune_behaviour(
     model: ScorerModel,
     val: sdata.ValidationSet,
@@ -424,7 +404,6 @@ def tune_behaviour(
     k: int = 10,
     grid: Iterable[float] = COOC_GRID,
     chunk: int = 256,
-    imputes: Mapping[str, tuple[np.ndarray, np.ndarray] | None] | None = None,
 ) -> tuple[str, float, dict[str, dict[str, float]]]:
     """The co-occurrence term and weight with the best validation ndcg@k of the final ranking.
 
@@ -432,8 +411,8 @@ def tune_behaviour(
     by `model.rank_pairs` + w * the term's score of the user's positive train items (`history_scores`).
     `grid` is in logit units; with the re-ranker off rank_pairs is u.v, so the weights tried are grid / scale.
     Ties go to the earlier term in `sims`, then to the smaller weight (weight 0 is the same ranking for every
-    term, so it goes to the first). `imputes`: `model.cooc_impute` of each term's matrix when the caller has
-    them (else computed here). Returns (term, weight, {term: {weight: ndcg@k}}).
+    term, so it goes to the first). Items without co-occurrence data borrow their text neighbours' scores as
+    the model's `cooc_impute` says. Returns (term, weight, {term: {weight: ndcg@k}}).
     """
     if not sims:
         raise ValueError("tune_behaviour needs at least one co-occurrence term")
@@ -443,10 +422,7 @@ def tune_behaviour(
     unit = 1.0 if model.cfg.rerank else 1.0 / scale
     weights = [float(g) * unit for g in grid]
     names = list(sims)
-    imputes = dict(imputes or {})
-    for t in names:
-        if t not in imputes:
-            imputes[t] = model.cooc_impute(sims[t])
+    imputes = {t: model.cooc_impute(sims[t]) for t in names}
     sums = np.zeros((len(names), len(weights)))
     users = np.arange(val.n_users)
     for ub, _, cand, head in two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):

@@ -222,12 +222,8 @@ def ease_weights(counts: sp.spmatrix, l2: float, n_neighbors: int = 100) -> sp.c
     b = (p / (-np.diag(p))[None, :]).astype(np.float32)  # (K, K) B_ij = -P_ij / P_jj
     del p
     b[np.diag_indices(kk)] = 0.0
-    top = np.argpartition(-b, k - 1, axis=1)[:, :k]  # (K, k)
-    tv = np.take_along_axis(b, top, axis=1)
-    keep = (tv > 0).ravel()
-    out = sp.csr_matrix(
-        (tv.ravel()[keep], (np.repeat(known, k)[keep], known[top.ravel()[keep]])), shape=(n, n)
-    )
+    r, c, v = top_per_row(b, k)
+    out = sp.csr_matrix((v, (known[r], known[c])), shape=(n, n))
     logger.info("EASE l2 %g: %d items, %d weights kept (%.1fs)", l2, kk, out.nnz, time.perf_counter() - t0)
     return out
 
@@ -249,12 +245,10 @@ def _top_similar(
         co = co_rows(start, stop).toarray()  # (b, N) co-occurrence counts
         sim = co * inv[start:stop, None] * inv[None, :]
         sim[np.arange(stop - start), np.arange(start, stop)] = 0.0
-        top = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # (b, k)
-        tv = np.take_along_axis(sim, top, axis=1)
-        keep = tv > 0
-        rows.append(np.repeat(np.arange(start, stop), k)[keep.ravel()])
-        cols.append(top.ravel()[keep.ravel()])
-        vals.append(tv.ravel()[keep.ravel()])
+        r, c, v = top_per_row(sim, k)
+        rows.append(start + r)
+        cols.append(c)
+        vals.append(v)
 
     def cat(parts: list[np.ndarray], dt: type) -> np.ndarray:
         return np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
@@ -262,6 +256,15 @@ def _top_similar(
     return sp.csr_matrix(
         (cat(vals, np.float32), (cat(rows, np.int64), cat(cols, np.int64))), shape=(n_items, n_items)
     )
+
+
+def top_per_row(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k largest entries of each row of a dense (b, M) block, positive ones only: (row in the block,
+    column, value), each (<= b * k,). 0 < k <= M."""
+    top = np.argpartition(-block, k - 1, axis=1)[:, :k]  # (b, k)
+    tv = np.take_along_axis(block, top, axis=1)
+    keep = (tv > 0).ravel()
+    return np.repeat(np.arange(block.shape[0]), k)[keep], top.ravel()[keep], tv.ravel()[keep]
 
 
 def history_matrix(hist_items: Sequence[np.ndarray], n_items: int) -> sp.csr_matrix:

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from llmrec.cooc import history_matrix
+from llmrec.cooc import history_matrix, top_per_row
 from llmrec.protocol import History, ItemSpace
 from llmrec.schema import EVENT, ITEM_IDX, NEGATIVE_KINDS, USER_ID
 
@@ -456,12 +456,10 @@ def knn_from_cocounts(
             sim = co[start:stop].toarray() / (norms[start:stop, None] * norms[None, :] + shrink)  # (b, N)
         sim = np.nan_to_num(sim, nan=0.0, posinf=0.0)
         sim[np.arange(stop - start), np.arange(start, stop)] = 0.0
-        top = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # (b, k)
-        tv = np.take_along_axis(sim, top, axis=1)
-        keep = (tv > 0).ravel()
-        rows.append(np.repeat(np.arange(start, stop), k)[keep])
-        cols.append(top.ravel()[keep])
-        vals.append(tv.ravel()[keep])
+        r, c, v = top_per_row(sim, k)
+        rows.append(start + r)
+        cols.append(c)
+        vals.append(v)
     def cat(parts: list[np.ndarray], dt: type) -> np.ndarray:
         return np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
 

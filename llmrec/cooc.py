@@ -294,9 +294,12 @@ def history_scores(
 
     impute: (idx (N, k), weights (N, k)) from `llmrec.scorer.model.cooc_neighbours`: a candidate without
     co-occurrence data (never seen with another item in training) scores the weighted sum of its text
-    neighbours' scores, so a hybrid ranking does not push cold items down for being cold. A neighbour that is
-    itself in the history counts with similarity 1 (an item co-occurs fully with itself; the matrix's diagonal
-    is zero), so a cold near-duplicate of a history item scores like the items most similar to it.
+    neighbours' scores as candidates, so a hybrid ranking does not push cold items down for being cold: a cold
+    item scores what the items it reads like would score in its place. A neighbour in the history adds nothing
+    of its own (the matrix's diagonal is zero), so a cold near-duplicate of a history item is not lifted above
+    what that item's co-occurrences earn (a fixed self-similarity of 1 did that, and on Magazine, where such
+    duplicates are other subscription terms of a magazine the user has, it cost validation NDCG with a tenth
+    of the items made cold 0.247 -> 0.189).
     """
     cand = np.asarray(cand, dtype=np.int64)
     if cand.ndim != 2 or cand.shape[0] != len(hist_items):
@@ -312,7 +315,7 @@ def history_scores(
             r, c = np.nonzero(cold)
             nbi = nb[cand[r, c]]  # (m, k)
             rr = np.repeat(r, nbi.shape[1])
-            vals = np.asarray(full[rr, nbi.ravel()] + hist_m[rr, nbi.ravel()], dtype=np.float32)
+            vals = np.asarray(full[rr, nbi.ravel()], dtype=np.float32)
             out[r, c] = (w[cand[r, c]] * vals.reshape(nbi.shape)).sum(1)
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmrec.scorer.finalize import TEXT_BOOST_Z, TIE_REL, choose_text_boost, largest_tied
+from llmrec.scorer.finalize import TEXT_BOOST_Z, TIE_REL, choose_text_boost, largest_tied, tied_with_best
 
 GRID = [1.0, 2.0, 4.0]
 
@@ -70,3 +70,14 @@ def test_a_noisy_small_bucket_does_not_buy_text_with_a_large_loss():
     assert worse.mean() < 0.98 * best.mean()
     assert largest_tied(per, [1.0, 2.0]) == 1.0
     assert largest_tied(per, [1.0, 2.0], rel=1.0) == 2.0  # without the relative bound it would be taken
+
+
+def test_tied_with_best_by_hand():
+    """Rows 0-3 against the best row 1 (mean 0.6), 5 users: row 0 is 0.2 lower at one user (mean paired
+    difference -0.04, standard error 0.04: within 1.96 of them, but 0.56 < 0.98 x 0.6 -> not tied); row 2
+    is 0.01 lower at one user (tied: within both bounds); row 3 is far below (not tied)."""
+    best = np.array([1.0, 1.0, 0.5, 0.5, 0.0])
+    per = np.vstack([best - [0.2, 0, 0, 0, 0], best, best - [0, 0, 0.01, 0, 0], best * 0.1])
+    np.testing.assert_array_equal(tied_with_best(per), [False, True, True, False])
+    np.testing.assert_array_equal(tied_with_best(per, rel=0.1), [True, True, True, False])
+    assert largest_tied(per, [1.0, 2.0, 3.0, 4.0]) == 3.0

@@ -41,7 +41,7 @@ class TrainingDiverged(RuntimeError):
 COOC_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 # multipliers of the text-arm gain tried per history-length bucket after training (tune_text_boost)
 TEXT_BOOST_GRID = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
-# A tie, in the post-training choices that prefer text (`largest_tied`: text boost, cold bonus): a value
+# A tie, in the post-training choices that prefer text (`tied_with_best`: text boost, cold bonus): a value
 # whose validation NDCG is within TEXT_BOOST_Z standard errors of the paired difference to the best (1.96: not
 # worse at 95%, the yardstick by which a ranking change counts as no regression) AND within TIE_REL of the
 # best's mean. The relative bound matters for small buckets, whose wide standard errors alone would let a
@@ -283,15 +283,17 @@ def tune_cold_bonus(
     a seeded `frac` of the items that have an ID embedding is made cold for the measurement: their ID slots
     set to 0 (they then borrow their text neighbours' ID vectors, as a real cold item does) and their rows and
     columns of the co-occurrence matrix removed. Every (imputation, bonus) pair ranks every validation user
-    (final ranking as served). Per imputation value the bonus is the LARGEST whose overall NDCG@k ties with
-    the best bonus's (`largest_tied`; cold items are text, and text wins ties); then the imputation is the
-    largest whose NDCG at its bonus ties with the best. The imputation grid is tried only where the ranking
-    has a co-occurrence term (sim given, `cooc_weight` > 0); otherwise the model's value stays. The overall
-    NDCG counts warm-target users too, so each cold item pushed up costs what it costs them. Fewer than
-    `min_targets` validation users with a made-cold target -> bonus 0 and the imputation at 1 (the text-first
-    default), not measured. Returns (bonus, summary for meta.json: measured, grid, impute_grid, cooc_impute
-    (the imputation chosen), val_ndcg and val_ndcg_cold_targets (per bonus, at the chosen imputation),
-    val_ndcg_by_impute, n_pseudo_cold_items, n_cold_targets, chosen).
+    (final ranking as served). Of the pairs whose overall NDCG@k ties with the best pair's (`tied_with_best`:
+    not worse at 95%, within `TIE_REL`), the one with the best NDCG@k of the users whose target was made cold
+    wins (exact ties: the larger bonus, then the larger imputation): of the rankings that cost the warm-target
+    users nothing measurable, the one that serves new items best (cold items are text, and text wins ties).
+    The overall NDCG counts warm-target users too, so each cold item pushed up costs what it costs them. The
+    imputation grid is tried only where the ranking has a co-occurrence term (sim given, `cooc_weight` > 0);
+    otherwise the model's value stays. Fewer than `min_targets` validation users with a made-cold target ->
+    bonus 0 and the imputation at 1 (the text-first default), not measured. Returns (bonus, summary for
+    meta.json: measured, grid, impute_grid, cooc_impute (the imputation chosen), val_ndcg and
+    val_ndcg_cold_targets (per bonus, at the chosen imputation), val_ndcg_by_impute and
+    val_ndcg_cold_targets_by_impute, n_pseudo_cold_items, n_cold_targets, chosen).
     """
     grid = [float(g) for g in grid]
     with_term = sim is not None and float(model.cfg.cooc_weight) > 0
@@ -326,16 +328,20 @@ def tune_cold_bonus(
                     per[fi, gi] = served_val_ndcg(model, val, sim_c, impute, n_candidates, k, chunk)
     finally:
         model.cfg = saved_cfg
-    bonus_at = [largest_tied(per[fi], grid) for fi in range(len(imp_grid))]
-    at_bonus = np.stack([per[fi, grid.index(b)] for fi, b in enumerate(bonus_at)])  # (F, U)
-    f_pick = largest_tied(at_bonus, imp_grid)
-    fi = imp_grid.index(f_pick)
-    pick = bonus_at[fi]
+    flat = per.reshape(len(imp_grid) * len(grid), val.n_users)
+    cold_mean = flat[:, cold_users].mean(1)
+    # of the pairs whose overall NDCG ties with the best pair's, the best for the made-cold targets; exact
+    # ties to the larger bonus, then the larger imputation
+    tied = np.flatnonzero(tied_with_best(flat))
+    best = int(max(tied, key=lambda i: (cold_mean[i], grid[i % len(grid)], imp_grid[i // len(grid)])))
+    fi, pick, f_pick = best // len(grid), grid[best % len(grid)], imp_grid[best // len(grid)]
+    means, cold_means = per.mean(2), per[:, :, cold_users].mean(2)  # (F, G)
     return pick, {**summary, "measured": True, "chosen": pick, "cooc_impute": f_pick, "z": TEXT_BOOST_Z,
-                  "rel": TIE_REL, "val_ndcg": [float(x) for x in per[fi].mean(1)],
-                  "val_ndcg_cold_targets": [float(x) for x in per[fi][:, cold_users].mean(1)],
-                  "val_ndcg_by_impute": {f"{f:g}": [float(x) for x in per[i].mean(1)]
-                                         for i, f in enumerate(imp_grid)}}
+                  "rel": TIE_REL, "val_ndcg": [float(x) for x in means[fi]],
+                  "val_ndcg_cold_targets": [float(x) for x in cold_means[fi]],
+                  "val_ndcg_by_impute": {f"{f:g}": means[i].tolist() for i, f in enumerate(imp_grid)},
+                  "val_ndcg_cold_targets_by_impute": {f"{f:g}": cold_means[i].tolist()
+                                                      for i, f in enumerate(imp_grid)}}
 
 
 @torch.no_grad()
@@ -363,20 +369,26 @@ def served_val_ndcg(
     return out
 
 
-def largest_tied(
-    per: np.ndarray, grid: Sequence[float], z: float = TEXT_BOOST_Z, rel: float = TIE_REL
-) -> float:
-    """The largest grid value whose per-user scores (row of per, (G, U)) tie with the best row's (highest
-    mean): the mean paired difference is within z standard errors, and the mean within `rel` of the best's."""
+def tied_with_best(per: np.ndarray, z: float = TEXT_BOOST_Z, rel: float = TIE_REL) -> np.ndarray:
+    """bool (G,): the rows of per (G, U) (per-user scores of G rankings) that tie with the best row (highest
+    mean): the mean paired difference is within z standard errors, and the mean within `rel` of the best's.
+    The best row ties with itself."""
     per = np.asarray(per, dtype=np.float64)
     means = per.mean(1)
     best = int(np.argmax(means))
-    n = per.shape[1]
-    for gi in sorted(range(len(grid)), key=lambda i: -grid[i]):
-        diff = per[gi] - per[best]
-        if diff.mean() >= -z * diff.std(ddof=1) / np.sqrt(n) and means[gi] >= (1.0 - rel) * means[best]:
-            return float(grid[gi])
-    return float(grid[best])
+    diff = per - per[best]
+    se = diff.std(1, ddof=1) / np.sqrt(per.shape[1]) if per.shape[1] > 1 else np.zeros(len(per))
+    out = (diff.mean(1) >= -z * se) & (means >= (1.0 - rel) * means[best])
+    out[best] = True
+    return out
+
+
+def largest_tied(
+    per: np.ndarray, grid: Sequence[float], z: float = TEXT_BOOST_Z, rel: float = TIE_REL
+) -> float:
+    """The largest grid value whose per-user scores (row of per, (G, U)) tie with the best row's
+    (`tied_with_best`)."""
+    return float(max(g for g, t in zip(grid, tied_with_best(per, z, rel), strict=True) if t))
 
 
 def cooc_counts(df: pd.DataFrame, items: ItemSpace) -> CoocCounts:

@@ -121,8 +121,8 @@ class ScorerConfig:
     cold_bonus: float = 0.0
     # multiplier of the co-occurrence score an item without co-occurrence data borrows from its text
     # neighbours (`cooc_impute`; 0 = such items get no co-occurrence score). Chosen with the cold bonus in the
-    # world with cold items (`tune_cold_bonus`): warm validation has no cold targets, so there it can only
-    # lift the wrong items (Magazine: near-duplicates of history items)
+    # world with cold items (`tune_cold_bonus`): warm validation has (almost) no cold targets, so there it
+    # could only lift the wrong items
     cooc_impute: float = 1.0
 
     def __post_init__(self) -> None:

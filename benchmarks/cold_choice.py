@@ -1,0 +1,90 @@
+"""The cold-item choice of a trained scorer, on validation: what each (imputation, bonus) pair costs the
+warm-target users and buys the users whose target is a new item (issue 11: cold items vs the warm protocols).
+
+Loads RUN/scorer (trained with `--holdout loo`), rebuilds its validation exactly as training did (the same
+leave-last-out split and `val_users` sample; the fingerprints in meta.json "holdout" are checked) and its
+co-occurrence term from the training events, then runs `llmrec.scorer.finalize.tune_cold_bonus` (a seeded
+tenth of the warm items made cold) over `--impute-grid` x `--bonus-grid`. Prints, per pair, the overall
+validation NDCG@10 and that of the users whose target was made cold, and the pair the rule picks. Only
+validation is read: the test split is never scored here.
+
+    python benchmarks/cold_choice.py --run runs/amazon-magazine-subscriptions-2018 \\
+        --impute-grid 0 0.5 1 2 4 8 --out runs/bench/cold-choice-magazine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmrec.scorer.finalize import COLD_BONUS_GRID, COLD_IMPUTE_GRID
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="run folder: data/, embeddings/, scorer/ (loo)")
+    p.add_argument("--scorer", default=None, help="scorer folder (default RUN/scorer)")
+    p.add_argument("--impute-grid", type=float, nargs="+", default=list(COLD_IMPUTE_GRID))
+    p.add_argument("--bonus-grid", type=float, nargs="+", default=list(COLD_BONUS_GRID))
+    p.add_argument("--out", default=None, help="also write the JSON report here")
+    args = p.parse_args(argv)
+    report = measure(Path(args.run), Path(args.scorer) if args.scorer else Path(args.run) / "scorer",
+                     args.impute_grid, args.bonus_grid)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 0
+
+
+def measure(run: Path, scorer_dir: Path, impute_grid: list[float], bonus_grid: list[float]) -> dict[str, Any]:
+    from llmrec.commands.train import loo_holdout
+    from llmrec.data.order import frame_fingerprint
+    from llmrec.data.tables import read_interactions, read_items
+    from llmrec.embed.artifact import load_item_space
+    from llmrec.scorer.data import build_validation
+    from llmrec.scorer.finalize import cooc_matrix, tune_cold_bonus
+    from llmrec.scorer.inference import Scorer
+
+    meta = json.loads((scorer_dir / "meta.json").read_text())
+    hold, cfg = meta.get("holdout") or {}, meta["config"]
+    if hold.get("protocol") != "loo":
+        raise SystemExit(f"{scorer_dir} was trained with holdout {hold.get('protocol')!r}; this needs a "
+                         "scorer trained with `llmrec train --holdout loo` (its validation can be rebuilt)")
+    t0 = time.perf_counter()
+    data = run / "data"
+    items, embed_meta = load_item_space(run / "embeddings", read_items(data))
+    train, valid, items, _ = loo_holdout(read_interactions(data), items, str(data), embed_meta,
+                                         cfg["val_users"], cfg["seed"])
+    got = (frame_fingerprint(train), frame_fingerprint(valid))
+    if got != (hold["train_fingerprint"], hold["valid_fingerprint"]):
+        raise SystemExit(f"the rebuilt split differs from the one {scorer_dir} was trained on (fingerprints "
+                         f"{got} vs {hold['train_fingerprint']}, {hold['valid_fingerprint']}): same data?")
+    val = build_validation(train, valid, items, max_len=cfg["max_len"])
+    model = Scorer.load(scorer_dir).model
+    term = meta["cooc"].get("term")
+    sim = cooc_matrix(train, items, cfg["cooc_neighbors"], term) if term else None
+    model.cfg = dataclasses.replace(model.cfg, cold_bonus=0.0)
+    bonus, info = tune_cold_bonus(model, val, sim, cfg["n_candidates"], grid=bonus_grid,
+                                  impute_grid=impute_grid)
+    return {
+        "run": str(run), "scorer": str(scorer_dir), "term": term, "cooc_weight": model.cfg.cooc_weight,
+        "shipped": {"cold_bonus": meta["model_config"].get("cold_bonus"),
+                    "cooc_impute": meta["model_config"].get("cooc_impute")},
+        "picked": {"cold_bonus": bonus, "cooc_impute": info["cooc_impute"]},
+        "bonus_grid": info["grid"], "impute_grid": info["impute_grid"],
+        "n_cold_targets": info["n_cold_targets"], "n_pseudo_cold_items": info["n_pseudo_cold_items"],
+        "val_ndcg_by_impute": info.get("val_ndcg_by_impute"), "measured": info["measured"],
+        "val_ndcg_cold_targets_by_impute": info.get("val_ndcg_cold_targets_by_impute"),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

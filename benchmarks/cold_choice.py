@@ -2,9 +2,10 @@
 warm-target users and buys the users whose target is a new item (issue 11: cold items vs the warm protocols).
 
 Loads RUN/scorer (trained with `--holdout loo`), rebuilds its validation exactly as training did (the same
-leave-last-out split and `val_users` sample; the fingerprints in meta.json "holdout" are checked) and its
-co-occurrence term from the training events, then runs `llmrec.scorer.finalize.tune_cold_bonus` (a seeded
-tenth of the warm items made cold) over `--impute-grid` x `--bonus-grid`. Prints, per pair, the overall
+leave-last-out split and `val_users` sample; `reusable_scorer` checks the meta.json "holdout" fingerprints,
+item ids and text vectors) and its co-occurrence term from the training events, then runs
+`llmrec.scorer.finalize.tune_cold_bonus` (a seeded tenth of the warm items made cold) over `--impute-grid` x
+`--bonus-grid`. Prints, per pair, the overall
 validation NDCG@10 and that of the users whose target was made cold, and the pair the rule picks. Only
 validation is read: the test split is never scored here.
 
@@ -15,7 +16,6 @@ validation is read: the test split is never scored here.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -45,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(run: Path, scorer_dir: Path, impute_grid: list[float], bonus_grid: list[float]) -> dict[str, Any]:
     from llmrec.commands.train import loo_holdout
-    from llmrec.data.order import frame_fingerprint
     from llmrec.data.tables import read_interactions, read_items
     from llmrec.embed.artifact import load_item_space
     from llmrec.scorer.data import build_validation
     from llmrec.scorer.finalize import cooc_matrix, tune_cold_bonus
     from llmrec.scorer.inference import Scorer
+    from llmrec.scorer.recommender import reusable_scorer
 
     meta = json.loads((scorer_dir / "meta.json").read_text())
     hold, cfg = meta.get("holdout") or {}, meta["config"]
@@ -62,15 +62,13 @@ def measure(run: Path, scorer_dir: Path, impute_grid: list[float], bonus_grid: l
     items, embed_meta = load_item_space(run / "embeddings", read_items(data))
     train, valid, items, _ = loo_holdout(read_interactions(data), items, str(data), embed_meta,
                                          cfg["val_users"], cfg["seed"])
-    got = (frame_fingerprint(train), frame_fingerprint(valid))
-    if got != (hold["train_fingerprint"], hold["valid_fingerprint"]):
-        raise SystemExit(f"the rebuilt split differs from the one {scorer_dir} was trained on (fingerprints "
-                         f"{got} vs {hold['train_fingerprint']}, {hold['valid_fingerprint']}): same data?")
-    val = build_validation(train, valid, items, max_len=cfg["max_len"])
+    same, why = reusable_scorer(scorer_dir, train, valid, items)
+    if not same:
+        raise SystemExit(f"{scorer_dir} was not trained on the split rebuilt from {data} ({why}): same data?")
+    val = build_validation(train, valid, items, max_len=cfg["max_len"], min_rating=cfg.get("min_rating"))
     model = Scorer.load(scorer_dir).model
     term = meta["cooc"].get("term")
     sim = cooc_matrix(train, items, cfg["cooc_neighbors"], term) if term else None
-    model.cfg = dataclasses.replace(model.cfg, cold_bonus=0.0)
     bonus, info = tune_cold_bonus(model, val, sim, cfg["n_candidates"], grid=bonus_grid,
                                   impute_grid=impute_grid)
     return {

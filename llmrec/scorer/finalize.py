@@ -328,14 +328,13 @@ def tune_cold_bonus(
                     per[fi, gi] = served_val_ndcg(model, val, sim_c, impute, n_candidates, k, chunk)
     finally:
         model.cfg = saved_cfg
-    flat = per.reshape(len(imp_grid) * len(grid), val.n_users)
-    cold_mean = flat[:, cold_users].mean(1)
+    means, cold_means = per.mean(2), per[:, :, cold_users].mean(2)  # (F, G)
     # of the pairs whose overall NDCG ties with the best pair's, the best for the made-cold targets; exact
     # ties to the larger bonus, then the larger imputation
-    tied = np.flatnonzero(tied_with_best(flat))
-    best = int(max(tied, key=lambda i: (cold_mean[i], grid[i % len(grid)], imp_grid[i // len(grid)])))
-    fi, pick, f_pick = best // len(grid), grid[best % len(grid)], imp_grid[best // len(grid)]
-    means, cold_means = per.mean(2), per[:, :, cold_users].mean(2)  # (F, G)
+    tied = np.flatnonzero(tied_with_best(per.reshape(-1, val.n_users)))
+    fi, gi = max((divmod(int(i), len(grid)) for i in tied),
+                 key=lambda fg: (cold_means[fg], grid[fg[1]], imp_grid[fg[0]]))
+    pick, f_pick = grid[gi], imp_grid[fi]
     return pick, {**summary, "measured": True, "chosen": pick, "cooc_impute": f_pick, "z": TEXT_BOOST_Z,
                   "rel": TIE_REL, "val_ndcg": [float(x) for x in means[fi]],
                   "val_ndcg_cold_targets": [float(x) for x in cold_means[fi]],

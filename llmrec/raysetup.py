@@ -1,4 +1,4 @@
-"""Start or join Ray the way this project needs on every machine (see docs/platform.md).
+"""Start or join Ray the way this project needs on every machine (docs/design.md, first section).
 
 Entry points (CLI, jobs, tests) call `local_env_defaults()` once, before Ray starts, then `init_ray()`.
 Entry points that talk to a person (the CLI, the jobs) also call `ray_detail_to_log_files()`: then
@@ -25,6 +25,11 @@ LOCAL_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar in every model-loading actor
+    # Ray kills a worker process that sits idle beyond the CPU count for 1 s (its default), so after every
+    # shuffle or actor pool the next stage's tasks wait for new processes to start and import pandas and
+    # llmrec (~3 s each on 2 cores): training data for 900 events took 24 s, 5 s with the idle workers kept
+    # a minute. Only a Ray this process starts reads it.
+    "RAY_idle_worker_killing_time_threshold_ms": "60000",
 }
 # Ray Data's logging config for the workers of an embedded local Ray: console at WARNING (see the file)
 RAY_DATA_LOGGING_CONFIG = Path(__file__).with_name("ray_data_logging.yaml")

@@ -25,6 +25,8 @@ TEXT_EVENTS_FILE = "text_events.parquet"  # user_id, item_id, ts, text: the user
 
 # feedback / interaction event kinds, in the order the HTTP API documents them
 EVENT_KINDS = ("view", "click", "like", "dislike", "skip", "purchase", "rating")
+# a kind's slot in the scorer's event embedding: 0 = padding, 1.. = EVENT_KINDS order
+EVENT_INDEX = {kind: i + 1 for i, kind in enumerate(EVENT_KINDS)}
 # The one polarity table (`polarity`), read by serving (state, text feedback, the reasons' history), replay,
 # training and the baselines:
 #   kind      view  click  like  dislike  skip  purchase  rating

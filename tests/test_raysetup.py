@@ -61,3 +61,39 @@ def test_no_address_starts_a_local_ray_even_with_a_stale_recorded_cluster() -> N
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "started" in out.stdout and out.stdout.split()[2] == "1.0"
+
+
+_IDLE_WORKERS_SCRIPT = """
+import os, time
+import numpy as np
+import ray, ray.data
+from llmrec.raysetup import init_ray, local_env_defaults
+local_env_defaults()
+init_ray(num_cpus=2, dashboard=False)
+ray.data.DataContext.get_current().enable_progress_bars = False
+
+def pids(ds):
+    out = ds.map_batches(lambda b: {"pid": np.full(len(b["id"]), os.getpid())}, batch_size=None).to_pandas()
+    return set(out["pid"].tolist())
+
+ds = ray.data.range(100, override_num_blocks=4).materialize()
+before = pids(ds)
+shuffled = ds.repartition(4, keys=["id"]).materialize()  # the hash shuffle's actors take worker slots
+time.sleep(3)  # longer than Ray's default idle-worker lifetime (1 s)
+after = pids(shuffled)
+print("REUSED", len(after & before), "NEW", len(after - before), flush=True)
+ray.shutdown()
+"""
+
+
+def test_an_embedded_ray_keeps_its_idle_workers_across_a_shuffle(tmp_path: Path) -> None:
+    """With Ray's default (idle workers beyond the CPU count die after 1 s) the stage after a shuffle starts
+    new worker processes, each importing pandas and llmrec again (~3 s per stage on 2 cores: a tiny fit took
+    49 s instead of 31). An embedded Ray started through local_env_defaults + init_ray reuses them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # as local_env_defaults sets them
+    out = subprocess.run([sys.executable, "-c", _IDLE_WORKERS_SCRIPT], capture_output=True, text=True,
+                         timeout=180, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("REUSED"))
+    reused, new = int(line.split()[1]), int(line.split()[3])
+    assert reused >= 1 and new == 0, line

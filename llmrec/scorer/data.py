@@ -22,8 +22,7 @@ import pandas as pd
 from llmrec.data.histories import attach_item_idx, make_histories
 from llmrec.data.order import sort_events
 from llmrec.protocol import History, ItemSpace
-from llmrec.schema import EVENT, EVENT_KINDS, NEGATIVE_KINDS, RATING, TS, USER_ID
-from llmrec.scorer.model import EVENT_INDEX
+from llmrec.schema import EVENT, EVENT_INDEX, EVENT_KINDS, NEGATIVE_KINDS, RATING, TS, USER_ID
 
 logger = logging.getLogger(__name__)
 

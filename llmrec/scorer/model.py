@@ -54,12 +54,10 @@ from torch import nn
 
 from llmrec.config import USER_ENCODERS
 from llmrec.cooc import has_cooc
-from llmrec.schema import EVENT_KINDS, NEGATIVE_KINDS
+from llmrec.schema import EVENT_INDEX, EVENT_KINDS, NEGATIVE_KINDS
 
 logger = logging.getLogger(__name__)
 
-# event kind index: 0 = padding, 1.. = schema.EVENT_KINDS order
-EVENT_INDEX = {kind: i + 1 for i, kind in enumerate(EVENT_KINDS)}
 N_EVENT_SLOTS = len(EVENT_KINDS) + 1
 # history-length buckets of the text-arm gain beta(n): bucket j holds n in [LEN_BUCKETS[j], LEN_BUCKETS[j+1])
 LEN_BUCKETS = (1, 2, 3, 5, 9, 17, 33)

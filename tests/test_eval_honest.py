@@ -7,7 +7,8 @@
   i.e. above decoys (items that occur nowhere, with the same kind of text); a control model that does read the
   test rows scores them above every decoy, so the check has teeth;
 - two runs with one seed give identical metrics (`evaluate`, and the same models built and evaluated by hand
-  with `build_models` + `evaluate_models`, whose fitted models the leakage check then scores);
+  with `build_models` + `evaluate_models`, llmrec's from the `llmrec train --holdout loo` scorer, whose
+  fitted models the leakage check then scores);
 - `llmrec train --holdout loo` trains exactly the model `evaluate(reuse_scorer=True)` scores, with the same
   metrics as training it inside the evaluation.
 """
@@ -132,18 +133,25 @@ def honest(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
         extra_models=[LeakyPopularity(inter)],
         seed=0,
     )["loo"]
+    # `llmrec train --holdout loo`: the run's scorer, trained on the split evaluate holds out
+    argv = ["train", "--data", str(run / "data"), "--embeddings", str(run / "embeddings"),
+            "--out", str(run / "scorer"), "--holdout", "loo", *TRAIN_FLAGS]
+    assert cli_main(argv) == 0
     items, table = read_tables(run / "data")
     space, _ = load_item_space(run / "embeddings", items)
     split = leave_last_out(attach_item_idx(table, space, unknown="drop"), seed=0)
     val = InnerValidation.build(split.train, space.n_items, 1000, 0, valid=split.valid)
+    # by hand, every baseline fitted again; llmrec is the CLI-trained scorer (the same split and seed as the
+    # model `evaluate` trained above), so identical metrics also say the two trainings gave one model
     setup = ModelSetup(
         seed=0,
         validation=val,
         space=space,
-        scorer_dir=run / "no-scorer",
+        scorer_dir=run / "scorer",
         grids=GRIDS,
         baseline_kwargs=BASELINE_KWARGS,
         llmrec_kwargs=LLMREC,
+        reuse_scorer=True,
     )
     models = [*build_models(list(ALL_MODELS), setup), LeakyPopularity(inter)]
     by_hand, _, _ = evaluate_models(split, space, models, seed=0)
@@ -207,6 +215,9 @@ def test_no_model_sees_a_test_event(honest: dict) -> None:
 
 
 def test_two_runs_with_one_seed_give_identical_metrics(honest: dict) -> None:
+    """Every baseline fitted twice, and llmrec trained twice (inside `evaluate`, and by `llmrec train
+    --holdout loo`, which the by-hand run loads): identical metrics."""
+    assert [m.pretrained for m in honest["models"] if m.name == "llmrec"] == [True]
     assert honest["by_hand"]["models"] == honest["first"]["models"]
     assert honest["by_hand"]["unique_ts"] == honest["first"]["unique_ts"]
 
@@ -231,24 +242,7 @@ def test_cold_target_intervals_are_the_paired_bootstrap_over_users_with_a_cold_t
 def test_holdout_trained_scorer_is_what_evaluation_scores(honest: dict, tmp_path: Path) -> None:
     """`llmrec train --holdout loo` then `evaluate(reuse_scorer=True)`: llmrec is not trained again, and its
     metrics equal those of the model trained inside the evaluation on the same split (same seed)."""
-    run = honest["run"]
-    assert (
-        cli_main(
-            [
-                "train",
-                "--data",
-                str(run / "data"),
-                "--embeddings",
-                str(run / "embeddings"),
-                "--out",
-                str(run / "scorer"),
-                "--holdout",
-                "loo",
-                *TRAIN_FLAGS,
-            ]
-        )
-        == 0
-    )
+    run = honest["run"]  # the fixture ran `llmrec train --holdout loo` into RUN/scorer
     hold = json.loads((run / "scorer" / "meta.json").read_text())["holdout"]
     assert hold["protocol"] == "loo" and hold["n_test_held_out"] == N_USERS
     res = evaluate(

@@ -46,10 +46,22 @@ def items_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
 
 
 @pytest.mark.timeout(300)  # ~15 s alone; the 2 cores are shared
-def test_ray_pipeline_equals_in_process_encode(
+def test_ray_pipeline_equals_in_process_encode_and_replaces_the_old_version(
     ray_local, items_dir: Path, tiny_model_dir: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "emb"
+    out.mkdir()
+    # an earlier sharded version (another write id): replaced as a whole once the new meta.json is written
+    pq.write_table(
+        pa.table(
+            {
+                ITEM_ID: ["x", "y", "z"],
+                EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(3 * 32, np.float32)), 32),
+            }
+        ),
+        out / "part-0ld0ld00-000000-u-0.parquet",
+    )
+    write_meta(out, "embed", model_name="old", dim=32, n_items=3, parts_prefix="part-0ld0ld00-", n_parts=1)
     meta = embed_catalog(items_dir, out, model=tiny_model_dir, batch_size=16, max_length=32, device="cpu")
     items = pd.read_parquet(items_dir / ITEMS_FILE)
 
@@ -61,9 +73,11 @@ def test_ray_pipeline_equals_in_process_encode(
 
     # parquet schema per design: item_id string, embedding fixed_size_list<float32>[D], in part files written
     # by the workers (300 rows in a block per actor: 2 parts of 150); no single-file output
+    # (the old version's part is gone)
     parts = embedding_files(out)
     assert [p.name for p in parts] == sorted(p.name for p in out.glob("part-*.parquet"))
     assert len(parts) == meta["n_parts"] == meta["n_blocks"] == 2 and not (out / EMBEDDINGS_FILE).exists()
+    assert meta["parts_prefix"] != "part-0ld0ld00-"
     assert all(p.name.startswith(meta["parts_prefix"]) for p in parts)
     for part in parts:
         schema = pq.read_schema(part)
@@ -281,30 +295,6 @@ def test_shards_in_uri_out_replacing_the_single_file_layout(
     streamed = list(iter_embeddings(out, batch_rows=40))
     assert max(len(i) for i, _ in streamed) <= 40
     np.testing.assert_array_equal(np.concatenate([v for _, v in streamed]), emb.vectors)
-
-
-@pytest.mark.timeout(300)
-def test_a_new_version_replaces_the_old(
-    ray_local, items_dir: Path, tiny_model_dir: str, tmp_path: Path
-) -> None:
-    out = tmp_path / "emb"
-    out.mkdir()
-    # an earlier sharded version (another write id): replaced as a whole once the new meta.json is written
-    vecs = np.zeros((3, 32), np.float32)
-    pq.write_table(
-        pa.table(
-            {
-                ITEM_ID: ["x", "y", "z"],
-                EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), 32),
-            }
-        ),
-        out / "part-0ld0ld00-000000-u-0.parquet",
-    )
-    write_meta(out, "embed", model_name="old", dim=32, n_items=3, parts_prefix="part-0ld0ld00-", n_parts=1)
-    meta = embed_catalog(items_dir, out, model=tiny_model_dir, batch_size=16, max_length=32, device="cpu")
-    parts = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert len(parts) == meta["n_parts"] == 2 and all(p.startswith(meta["parts_prefix"]) for p in parts)
-    assert list(read_item_ids(out)) == list(pd.read_parquet(items_dir / ITEMS_FILE)[ITEM_ID])
 
 
 @pytest.mark.slow  # the failing encoder actors are restarted by Ray before the pipeline gives up: ~1-3 min

@@ -205,14 +205,21 @@ def multinode_run(two_nodes: tuple[LocalCluster, WorkerNode], s3_endpoint: str,
     recs = head.submit(["python", "-m", "jobs.recommend", "--run", run, "--users", users_uri, "--k", "5",
                         "--out", recs_uri, "--users-per-shard", "2"], timeout_s=600)  # 12 blocks to rank
     print(f"[multinode] recommend job {time.monotonic() - t0:.1f}s")
+    # offline evaluation: llmrec retrained on the loo split by two Ray Train workers, data and output on S3
+    t0 = time.monotonic()
+    ev = head.submit(["python", "-m", "jobs.evaluate", "--data", storage.join(run, schema.RUN_DATA),
+                      "--run", run, "--out", storage.join(run, "eval"), "--protocol", "loo",
+                      "--models", "llmrec,popularity", "--epochs", "1", "--num-workers", "2"], timeout_s=900)
+    print(f"[multinode] evaluate job {time.monotonic() - t0:.1f}s")
     nodes = _alive_nodes(head.address)
     where = _where(head.address, _job_id(head, "--stages embed,index,train"))
     where_recs = _where(head.address, _job_id(head, "jobs.recommend"))
+    where_eval = _where(head.address, _job_id(head, "jobs.evaluate"))
     (head.tmp / "where.json").write_text(json.dumps({"pipeline": where, "recommend": where_recs}, indent=1))
     print(sorted({f"{k} {n} @{node[:8]}" for k, n, node in where + where_recs}))
     return {"run": run, "rest": rest, "nodes": nodes, "where": where, "recs": recs, "where_recs": where_recs,
             "users": users, "inter": inter, "recs_uri": recs_uri, "worker_cache": worker.cache,
-            "tmp": head.tmp}
+            "tmp": head.tmp, "eval": ev, "where_eval": where_eval}
 
 
 def test_pipeline_on_two_nodes_writes_every_artifact_to_s3(multinode_run: dict[str, Any]) -> None:
@@ -267,3 +274,20 @@ def test_batch_recommend_job_ranks_on_both_nodes_from_s3(multinode_run: dict[str
     where = multinode_run["where_recs"]
     assert {node for _, name, node in where if node and "_Ranker)).submit" in name} == nodes, where
     assert list(Path(multinode_run["worker_cache"]).rglob("model.pt")), "the worker node staged no scorer"
+
+
+def test_evaluate_job_trains_llmrec_on_both_nodes_and_writes_metrics_to_s3(multinode_run: dict[str, Any]
+                                                                            ) -> None:
+    status, logs = multinode_run["eval"]
+    assert status == "SUCCEEDED", logs[-4000:]
+    run = multinode_run["run"]
+    loo = json.loads(storage.read_bytes(storage.join(run, "eval", "metrics.json")))["loo"]
+    assert set(loo["models"]) == {"llmrec", "llmrec_neural", "popularity"}, sorted(loo["models"])
+    assert loo["tuning"]["llmrec"]["reused_run_scorer"] is False  # the run's scorer saw every event
+    per_user = storage.stage_in(storage.join(run, "eval"), multinode_run["tmp"] / "eval-cache")
+    llm = pd.read_parquet(per_user / "per_user.parquet").query("model == 'llmrec' and protocol == 'loo'")
+    assert len(llm) == llm["user_id"].nunique() == loo["n_users"] > 0  # every test user ranked once
+    # llmrec's training loop ran in one Ray Train worker per node
+    nodes = set(multinode_run["nodes"])
+    where = multinode_run["where_eval"]
+    assert {node for _, name, node in where if node and "RayTrainWorker.run_train_fn" in name} == nodes, where

@@ -31,7 +31,8 @@ LOCAL_ENV = {
     # a minute. Only a Ray this process starts reads it.
     "RAY_idle_worker_killing_time_threshold_ms": "60000",
     # Ray Train's controller polls its workers every 2 s (its default): a fit's start and end each wait for a
-    # poll. Every 0.5 s: a tiny fit 31 -> 25 s; a local Ray has a handful of workers to poll.
+    # poll. Every 0.5 s: a tiny fit 31 -> 25 s (also in the jobs of a cluster this process joins: LOCAL_ENV
+    # travels in their runtime_env; two calls per worker and second are little for a controller).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 # Ray Data's logging config for the workers of an embedded local Ray: console at WARNING (see the file)

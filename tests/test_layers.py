@@ -10,8 +10,6 @@ tests/test_layers.py` prints the layers with what each one imports.
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -190,17 +188,6 @@ def test_scorer_inference_imports_no_training_module() -> None:
                 todo.append(dep)
     assert "llmrec.scorer.model" in seen  # the walk reaches what inference does import
     assert not seen & training, f"llmrec.scorer.inference reaches {sorted(seen & training)}"
-
-
-def test_training_data_tasks_import_no_torch() -> None:
-    """The Ray Data tasks that build training samples run `llmrec.scorer.dataset` functions: a fresh worker
-    imports that module, and torch would add ~2 s to each new worker (there was such an import chain, through
-    `scorer.data` -> `scorer.model` for one dict). Checked in a fresh interpreter."""
-    code = ("import sys, llmrec.scorer.dataset\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "[]", out.stdout[:500]
 
 
 def test_the_graph_sees_function_local_relative_and_importlib_imports(tmp_path: Path) -> None:

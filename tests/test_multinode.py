@@ -215,8 +215,9 @@ def multinode_run(two_nodes: tuple[LocalCluster, WorkerNode], s3_endpoint: str,
     where = _where(head.address, _job_id(head, "--stages embed,index,train"))
     where_recs = _where(head.address, _job_id(head, "jobs.recommend"))
     where_eval = _where(head.address, _job_id(head, "jobs.evaluate"))
-    (head.tmp / "where.json").write_text(json.dumps({"pipeline": where, "recommend": where_recs}, indent=1))
-    print(sorted({f"{k} {n} @{node[:8]}" for k, n, node in where + where_recs}))
+    (head.tmp / "where.json").write_text(json.dumps({"pipeline": where, "recommend": where_recs,
+                                                     "evaluate": where_eval}, indent=1))
+    print(sorted({f"{k} {n} @{node[:8]}" for k, n, node in where + where_recs + where_eval}))
     return {"run": run, "rest": rest, "nodes": nodes, "where": where, "recs": recs, "where_recs": where_recs,
             "users": users, "inter": inter, "recs_uri": recs_uri, "worker_cache": worker.cache,
             "tmp": head.tmp, "eval": ev, "where_eval": where_eval}

@@ -44,14 +44,24 @@ def test_stage_configs_are_exported():
         assert name in llmrec.__all__ and getattr(llmrec, name) is getattr(llmrec.config, name)
 
 
+def _heavy_modules_after(code: str, heavy: tuple[str, ...]) -> str:
+    """Run `code` in a fresh interpreter; the printed sorted list of the `heavy` packages it imported."""
+    probe = f"import sys\n{code}\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def test_import_is_light():
     # no torch / ray at `import llmrec` (no side effects, fast CLI start)
-    code = (
-        "import sys, llmrec, llmrec.cli; llmrec.cli.build_parser(); "
-        "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    code = "import llmrec, llmrec.cli; llmrec.cli.build_parser()"
+    assert _heavy_modules_after(code, ("torch", "ray")) == "[]"
+
+
+def test_training_data_tasks_import_no_torch() -> None:
+    """The Ray Data tasks that build training samples run `llmrec.scorer.dataset` functions: a fresh worker
+    imports that module, and torch would add ~2 s to each new worker (there was such an import chain, through
+    `scorer.data` -> `scorer.model` for one dict)."""
+    assert _heavy_modules_after("import llmrec.scorer.dataset", ("torch",)) == "[]"
 
 
 def test_every_command_has_help():

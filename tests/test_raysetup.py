@@ -86,7 +86,7 @@ ray.shutdown()
 """
 
 
-def test_an_embedded_ray_keeps_its_idle_workers_across_a_shuffle(tmp_path: Path) -> None:
+def test_an_embedded_ray_keeps_its_idle_workers_across_a_shuffle() -> None:
     """With Ray's default (idle workers beyond the CPU count die after 1 s) the stage after a shuffle starts
     new worker processes, each importing pandas and llmrec again (~3 s per stage on 2 cores: a tiny fit took
     49 s instead of 31). An embedded Ray started through local_env_defaults + init_ray reuses them."""

@@ -72,13 +72,17 @@ class _RunsCodeOnLoad:
 def test_model_files_load_without_running_code(tmp_path) -> None:
     """Scorer.load used torch.load(weights_only=False): a model file from a bucket could run code."""
     import numpy as np
+    import pandas as pd
     import pytest
     import torch
 
     from llmrec.artifacts import ArtifactError, load_torch_file, write_meta
-    from llmrec.schema import INDEX_IDS_FILE
+    from llmrec.data.order import frame_fingerprint
+    from llmrec.protocol import ItemSpace
+    from llmrec.schema import INDEX_IDS_FILE, ITEM_ID, TS, USER_ID
     from llmrec.schema import SCORER_MODEL_FILE as MODEL_FILE
     from llmrec.scorer.inference import Scorer
+    from llmrec.scorer.recommender import reusable_scorer
 
     marker = tmp_path / "pwned"
     d = tmp_path / "scorer"
@@ -88,6 +92,16 @@ def test_model_files_load_without_running_code(tmp_path) -> None:
     write_meta(d, "train")
     with pytest.raises(ArtifactError, match=r"not loaded, since unpickling them could run code. Re-train"):
         Scorer.load(d)
+    assert not marker.exists()
+    # evaluation's check whether a run's scorer was trained on its split reads the same file (it unpickled it
+    # in full before): a tampered file whose meta.json fingerprints match is refused there too
+    train = pd.DataFrame({USER_ID: ["u"], ITEM_ID: ["a"], TS: [1]})
+    valid = pd.DataFrame({USER_ID: ["u"], ITEM_ID: ["a"], TS: [2]})
+    write_meta(d, "train", holdout={"train_fingerprint": frame_fingerprint(train),
+                                    "valid_fingerprint": frame_fingerprint(valid)})
+    items = ItemSpace(np.array(["a"]), np.ones((1, 4), np.float32))
+    with pytest.raises(ArtifactError, match=r"not loaded, since unpickling them could run code"):
+        reusable_scorer(d, train, valid, items)
     assert not marker.exists()
     good = tmp_path / "good.pt"
     torch.save({"model_config": {"dim": 4, "names": ["a"]}, "model": {"w": torch.ones(2)}}, good)

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from llmrec.artifacts import load_torch_file
 from llmrec.config import TrainConfig, config_from_dict
-from llmrec.data.order import split_last_event
+from llmrec.data.order import frame_fingerprint, split_last_event
 from llmrec.protocol import History, ItemSpace
 from llmrec.schema import INDEX_IDS_FILE, META_FILE, SCORER_MODEL_FILE
 
@@ -120,10 +121,6 @@ def reusable_scorer(
     """(True, "") when `scorer_dir` holds a scorer trained on exactly these train and validation events
     (meta.json "holdout" fingerprints, written by `llmrec train --holdout loo`) over these item ids and text
     vectors; else (False, why)."""
-    import torch
-
-    from llmrec.data.order import frame_fingerprint
-
     path = Path(scorer_dir) / META_FILE
     if not path.is_file():
         return False, f"no {path}"
@@ -134,8 +131,8 @@ def reusable_scorer(
         return False, "its training events differ from this split's"
     if hold.get("valid_fingerprint") != frame_fingerprint(valid):
         return False, "its validation events differ from this split's"
-    sd = torch.load(Path(scorer_dir) / SCORER_MODEL_FILE, map_location="cpu", weights_only=False)["model"]
-    ids = np.load(Path(scorer_dir) / INDEX_IDS_FILE, allow_pickle=True)
+    sd = load_torch_file(Path(scorer_dir) / SCORER_MODEL_FILE)["model"]  # tensors only: never runs code
+    ids = np.load(Path(scorer_dir) / INDEX_IDS_FILE, allow_pickle=False)
     if len(ids) != items.n_items or not np.array_equal(ids.astype(str), items.item_ids.astype(str)):
         return False, "its item ids differ from the evaluation's"
     if not np.array_equal(sd["text_vectors"].numpy(), np.asarray(items.text_vectors, np.float32)):

@@ -1,13 +1,15 @@
-"""The cold-item choice of a trained scorer, on validation: what each (imputation, bonus) pair costs the
-warm-target users and buys the users whose target is a new item (issue 11: cold items vs the warm protocols).
+"""The cold-item choice of a trained scorer, on validation: what each (imputation, bonus, slots) triple costs
+the warm-target users and buys the users whose target is a new item (issue 11: cold items vs the warm
+protocols).
 
 Loads RUN/scorer (trained with `--holdout loo`), rebuilds its validation exactly as training did (the same
 leave-last-out split and `val_users` sample; `reusable_scorer` checks the meta.json "holdout" fingerprints,
 item ids and text vectors) and its co-occurrence term from the training events, then runs
 `llmrec.scorer.finalize.tune_cold_bonus` (a seeded tenth of the warm items made cold) over `--impute-grid` x
-`--bonus-grid`. Prints, per pair, the overall
-validation NDCG@10 and that of the users whose target was made cold, and the pair the rule picks. Only
-validation is read: the test split is never scored here.
+`--bonus-grid` x `--every-grid` (cold-item slots: one item without an ID embedding in every that many
+positions, 0 = none). Prints the overall validation NDCG@10 by bonus and that of the users whose target was
+made cold, per imputation (at the chosen slots) and per slot setting (at the chosen imputation), and the
+triple the rule picks. Only validation is read: the test split is never scored here.
 
     python benchmarks/cold_choice.py --run runs/amazon-magazine-subscriptions-2018 \\
         --impute-grid 0 0.5 1 2 4 8 --out runs/bench/cold-choice-magazine.json
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmrec.scorer.finalize import COLD_BONUS_GRID, COLD_IMPUTE_GRID
+from llmrec.scorer.finalize import COLD_BONUS_GRID, COLD_EVERY_GRID, COLD_IMPUTE_GRID
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scorer", default=None, help="scorer folder (default RUN/scorer)")
     p.add_argument("--impute-grid", type=float, nargs="+", default=list(COLD_IMPUTE_GRID))
     p.add_argument("--bonus-grid", type=float, nargs="+", default=list(COLD_BONUS_GRID))
+    p.add_argument("--every-grid", type=int, nargs="+", default=list(COLD_EVERY_GRID))
     p.add_argument("--out", default=None, help="also write the JSON report here")
     args = p.parse_args(argv)
     report = measure(Path(args.run), Path(args.scorer) if args.scorer else Path(args.run) / "scorer",
-                     args.impute_grid, args.bonus_grid)
+                     args.impute_grid, args.bonus_grid, args.every_grid)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
@@ -43,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(run: Path, scorer_dir: Path, impute_grid: list[float], bonus_grid: list[float]) -> dict[str, Any]:
+def measure(run: Path, scorer_dir: Path, impute_grid: list[float], bonus_grid: list[float],
+            every_grid: list[int]) -> dict[str, Any]:
     from llmrec.commands.train import loo_holdout
     from llmrec.data.tables import read_interactions, read_items
     from llmrec.embed.artifact import load_item_space
@@ -70,16 +74,19 @@ def measure(run: Path, scorer_dir: Path, impute_grid: list[float], bonus_grid: l
     term = meta["cooc"].get("term")
     sim = cooc_matrix(train, items, cfg["cooc_neighbors"], term) if term else None
     bonus, info = tune_cold_bonus(model, val, sim, cfg["n_candidates"], grid=bonus_grid,
-                                  impute_grid=impute_grid)
+                                  impute_grid=impute_grid, every_grid=every_grid)
     return {
         "run": str(run), "scorer": str(scorer_dir), "term": term, "cooc_weight": model.cfg.cooc_weight,
         "shipped": {"cold_bonus": meta["model_config"].get("cold_bonus"),
-                    "cooc_impute": meta["model_config"].get("cooc_impute")},
-        "picked": {"cold_bonus": bonus, "cooc_impute": info["cooc_impute"]},
-        "bonus_grid": info["grid"], "impute_grid": info["impute_grid"],
+                    "cooc_impute": meta["model_config"].get("cooc_impute"),
+                    "cold_every": meta["model_config"].get("cold_every", 0)},
+        "picked": {"cold_bonus": bonus, "cooc_impute": info["cooc_impute"], "cold_every": info["cold_every"]},
+        "bonus_grid": info["grid"], "impute_grid": info["impute_grid"], "every_grid": info["every_grid"],
         "n_cold_targets": info["n_cold_targets"], "n_pseudo_cold_items": info["n_pseudo_cold_items"],
         "val_ndcg_by_impute": info.get("val_ndcg_by_impute"), "measured": info["measured"],
         "val_ndcg_cold_targets_by_impute": info.get("val_ndcg_cold_targets_by_impute"),
+        "val_ndcg_by_every": info.get("val_ndcg_by_every"),
+        "val_ndcg_cold_targets_by_every": info.get("val_ndcg_cold_targets_by_every"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 

@@ -1,16 +1,18 @@
-"""The cold-item bonus: what it adds to a ranking, and how validation chooses it (tune_cold_bonus)."""
+"""The cold-item bonus and slots: what they do to a ranking, and how validation chooses them
+(tune_cold_bonus)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from llmrec.protocol import ItemSpace
 from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
 from llmrec.scorer.data import build_validation
 from llmrec.scorer.finalize import tune_cold_bonus
-from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
+from llmrec.scorer.model import ScorerConfig, ScorerModel, cold_slot_scores, two_stage_rank
 
 
 def _twins(n_pairs: int = 30, n_users: int = 400, seed: int = 0):
@@ -71,7 +73,7 @@ def test_validation_chooses_the_bonus_that_undoes_the_warm_items_advantage():
     slots = model.id_slots.clone()
     grid = (0.0, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
     bonus, info = tune_cold_bonus(model, val, None, n_candidates=items.n_items, grid=grid, frac=0.2,
-                                  min_targets=20)
+                                  min_targets=20, every_grid=(0,))  # the bonus alone (slots: below)
     assert info["measured"] and info["n_pseudo_cold_items"] == 12 and info["n_cold_targets"] >= 20
     ndcg, cold_ndcg = info["val_ndcg"], info["val_ndcg_cold_targets"]
     # without a bonus the made-cold twins fall below every warm item; the chosen bonus brings them back
@@ -150,3 +152,97 @@ def test_validation_turns_the_imputation_on_where_made_cold_targets_need_it():
     # without a co-occurrence term there is nothing to impute: the grid is not tried
     _, info0 = tune_cold_bonus(model, val, None, n_candidates=items.n_items, frac=0.2, min_targets=20)
     assert info0["impute_grid"] == [0.0] and "1" not in info0["val_ndcg_by_impute"]
+
+
+def _greedy_slots(score: np.ndarray, cold: np.ndarray, every: int) -> list[int]:
+    """Reference for one row: fill positions 1, 2, ... from the plain order, taking the best remaining cold
+    candidate whenever fewer than position // every cold items are placed, else whichever of the best
+    remaining cold and other candidate comes first in the plain order."""
+    order = list(np.argsort(-score, kind="stable"))
+    cold = cold & np.isfinite(score)
+    c_q, w_q = [i for i in order if cold[i]], [i for i in order if not cold[i]]
+    out: list[int] = []
+    for p in range(1, len(order) + 1):
+        n_cold = sum(bool(cold[i]) for i in out)
+        if c_q and (n_cold < p // every or not w_q or order.index(c_q[0]) < order.index(w_q[0])):
+            out.append(c_q.pop(0))
+        else:
+            out.append(w_q.pop(0))
+    return out
+
+
+def test_cold_slots_give_the_greedy_slotted_order_and_move_only_the_promoted_items():
+    rng = np.random.default_rng(0)
+    for every in (2, 3, 5, 10):
+        score = rng.normal(size=(40, 30)).astype(np.float32)
+        score[rng.random(score.shape) < 0.1] = -np.inf  # not candidates: never moved
+        cold = rng.random(score.shape) < rng.uniform(0.05, 0.5, size=(40, 1))
+        out = cold_slot_scores(score, cold, every)
+        for b in range(len(score)):
+            got = list(np.argsort(-out[b], kind="stable"))
+            assert got == _greedy_slots(score[b], cold[b], every), (every, b)
+            moved = out[b] != score[b]
+            assert np.all(cold[b][moved] & np.isfinite(score[b][moved]))
+            assert np.all(out[b][moved] > score[b][moved])  # moved up, never down
+            top = got[: 3 * every]  # at least one cold item in every `every` positions while there are any
+            n_cold = int((cold[b] & np.isfinite(score[b])).sum())
+            for p in range(every, len(top) + 1, every):
+                assert sum(bool(cold[b][i] and np.isfinite(score[b][i])) for i in top[:p]) >= min(p // every,
+                                                                                                  n_cold)
+    np.testing.assert_array_equal(cold_slot_scores(score, cold, 0), score)
+
+
+def test_served_ranking_applies_the_slots_and_its_reason_parts_still_add_up():
+    """Scorer.rank (what serving, batch recommendations and evaluation all rank with) puts a cold item in
+    every cold_every positions; the lift counts as content, and full_scores orders the catalog the same
+    way."""
+    import dataclasses
+
+    from llmrec.protocol import History
+    from llmrec.scorer.inference import Scorer
+
+    items, _ = _twins(n_pairs=10)
+    warm_first = _model(items, 3.0)  # every warm item far above every cold one
+    cold_items = np.array([1, 5, 9, 13])
+    slots = warm_first.id_slots.clone()
+    slots[torch.as_tensor(cold_items)] = 0
+    m = ScorerModel(dataclasses.replace(warm_first.cfg, cold_every=3), warm_first.text_vectors, slots)
+    m.load_state_dict({k: v for k, v in warm_first.state_dict().items() if k != "id_slots"}, strict=False)
+    s = Scorer(m.eval(), items.item_ids)
+    plain = Scorer(ScorerModel(warm_first.cfg, warm_first.text_vectors, slots).eval(), items.item_ids)
+    plain.model.load_state_dict(m.state_dict())
+    hists = [History(f"u{b}", np.array([2 * b]), np.array([1]), np.array(["like"]), np.array([np.nan]))
+             for b in range(4)]
+    idx0, _ = plain.recommend(hists, k=9)
+    idx, _ = s.recommend(hists, k=9)
+    assert not np.isin(idx0[:, :4], cold_items).any()  # without slots the cold items trail the warm ones
+    for b in range(len(hists)):
+        assert [bool(i in cold_items) for i in idx[b]] == [False, False, True] * 3, idx[b]
+        assert list(idx[b][[0, 1, 3, 4, 6, 7]]) == list(idx0[b][:6])  # the others keep their order
+    r = s.rank(hists)
+    ok = np.isfinite(r.score)
+    np.testing.assert_allclose(sum(r.parts.values())[ok], r.score[ok], rtol=1e-5, atol=1e-5)
+    full = s.full_scores(hists)
+    np.testing.assert_array_equal(np.argsort(-full, axis=1, kind="stable")[:, :9], idx)
+
+
+def test_validation_takes_slots_where_the_warm_advantage_hides_cold_targets_and_no_bonus_is_tried():
+    """Every warm item above every cold one and no bonus to try: a made-cold target (the text twin of the
+    history item) ranks below all warm items, while warm-target users find their target first. A slot every
+    `e` positions lifts the best cold candidate, the twin, to exactly position e (NDCG 1 / log2(e + 1)) at no
+    cost to them: validation takes the most slots (every 3rd position) and leaves the model as it was."""
+    items, df = _twins()
+    train = df[df[USER_ID].isin([f"u{u}" for u in range(200)])]
+    rest = df[~df[USER_ID].isin(train[USER_ID])]
+    val = build_validation(pd.concat([train, rest[rest[TS] == 1]]), rest[rest[TS] == 2], items, max_len=4)
+    model = _model(items, 1.0)
+    _, info = tune_cold_bonus(model, val, None, n_candidates=items.n_items, grid=(0.0,), frac=0.2,
+                              min_targets=20, every_grid=(0, 10, 5, 3))
+    assert info["measured"] and info["every_grid"] == [0, 10, 5, 3]
+    cold = {int(e): v[0] for e, v in info["val_ndcg_cold_targets_by_every"].items()}
+    assert cold[0] == 0.0
+    for e in (10, 5, 3):
+        assert cold[e] == pytest.approx(1 / np.log2(e + 1)), cold
+    overall = info["val_ndcg_by_every"]
+    assert overall["3"][0] > overall["0"][0]
+    assert info["cold_every"] == 3 and model.cfg.cold_every == 0

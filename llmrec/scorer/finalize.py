@@ -1,8 +1,9 @@
 """The post-training ranking choices, each measured on validation (`finalize_ranking`): the MLP re-ranker
 on/off, the co-occurrence term and its weight (`tune_behaviour`: item-kNN or EASE, `llmrec.cooc`), the text
-boost per history-length bucket (`tune_text_boost` / `choose_text_boost`) and the cold-item bonus
-(`tune_cold_bonus`). Each grid value ranks every validation user as served (`served_val_ndcg`); the choices
-that prefer text take the largest value that ties with the best (`largest_tied`).
+boost per history-length bucket (`tune_text_boost` / `choose_text_boost`) and the cold-item bonus,
+imputation and slots (`tune_cold_bonus`). Each grid value ranks every validation user as served
+(`served_val_ndcg`); the choices that prefer text take the largest value that ties with the best
+(`largest_tied`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from llmrec.metrics import recall_ndcg
 from llmrec.protocol import ItemSpace
 from llmrec.schema import USER_ID
 from llmrec.scorer import data as sdata
-from llmrec.scorer.model import ScorerConfig, ScorerModel
+from llmrec.scorer.model import ScorerConfig, ScorerModel, cold_slot_scores
 from llmrec.scorer.validate import two_stage_chunks
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ COLD_VAL_FRAC = 0.1
 # multipliers of the co-occurrence score items without co-occurrence data borrow from their text neighbours
 # (`ScorerConfig.cooc_impute`), tried with the cold bonus (tune_cold_bonus)
 COLD_IMPUTE_GRID = (0.0, 0.5, 1.0)
+# cold-item slots (`ScorerConfig.cold_every`: one cold item in every that many positions; 0 = none), tried
+# with the cold bonus and the imputation (tune_cold_bonus)
+COLD_EVERY_GRID = (0, 10, 5, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +88,7 @@ def finalize_ranking(
 ) -> tuple[dict, sp.csr_matrix | None, dict, dict, dict, dict]:
     """Post-training choices, each measured on validation: the MLP re-ranker on/off, then the co-occurrence
     term and its weight (`tune_behaviour`), then the text boost per history-length bucket (`tune_text_boost`),
-    then the cold-item bonus (`tune_cold_bonus`).
+    then the cold-item bonus, imputation and slots (`tune_cold_bonus`).
 
     terms: the co-occurrence terms to choose from, or None (no co-occurrence term). Returns (state with
     model_config updated, the chosen term's matrix to ship (train + validation) or None, the co-occurrence,
@@ -141,8 +145,10 @@ def finalize_ranking(
         bonus, cold_info = tune_cold_bonus(model_for(mc), val, sim_train, cfg.n_candidates)
         mc["cold_bonus"] = bonus
         mc["cooc_impute"] = cold_info["cooc_impute"]
-        logger.info("cold-item bonus %.4g, imputed co-occurrence x %.4g chosen on validation (%s)", bonus,
-                    mc["cooc_impute"], f"{cold_info['n_cold_targets']} targets of "
+        mc["cold_every"] = cold_info["cold_every"]
+        logger.info("cold-item bonus %.4g, imputed co-occurrence x %.4g, a cold slot every %s positions "
+                    "chosen on validation (%s)", bonus, mc["cooc_impute"], mc["cold_every"] or "- (none)",
+                    f"{cold_info['n_cold_targets']} targets of "
                     f"{cold_info['n_pseudo_cold_items']} items made cold"
                     if cold_info.get("measured") else cold_info.get("why", ""))
     served: dict[str, Any] = {}
@@ -274,28 +280,32 @@ def tune_cold_bonus(
     min_targets: int = 30,
     chunk: int = 256,
     impute_grid: Iterable[float] = COLD_IMPUTE_GRID,
+    every_grid: Iterable[int] = COLD_EVERY_GRID,
 ) -> tuple[float, dict[str, Any]]:
-    """The cold-item bonus (`ScorerConfig.cold_bonus`, u.v units) and the co-occurrence score cold items
-    borrow from their text neighbours (`ScorerConfig.cooc_impute`), chosen on validation in a world with cold
-    items.
+    """The cold-item bonus (`ScorerConfig.cold_bonus`, u.v units), the co-occurrence score cold items
+    borrow from their text neighbours (`ScorerConfig.cooc_impute`) and the cold-item slots of the list
+    (`ScorerConfig.cold_every`), chosen on validation in a world with cold items.
 
     Validation targets are almost never cold (an item without training events rarely is anyone's next one), so
     a seeded `frac` of the items that have an ID embedding is made cold for the measurement: their ID slots
     set to 0 (they then borrow their text neighbours' ID vectors, as a real cold item does) and their rows and
-    columns of the co-occurrence matrix removed. Every (imputation, bonus) pair ranks every validation user
-    (final ranking as served). Of the pairs whose overall NDCG@k ties with the best pair's (`tied_with_best`:
-    not worse at 95%, within `TIE_REL`), the one with the best NDCG@k of the users whose target was made cold
-    wins (exact ties: the larger bonus, then the larger imputation): of the rankings that cost the warm-target
-    users nothing measurable, the one that serves new items best (cold items are text, and text wins ties).
-    The overall NDCG counts warm-target users too, so each cold item pushed up costs what it costs them. The
-    imputation grid is tried only where the ranking has a co-occurrence term (sim given, `cooc_weight` > 0);
-    otherwise the model's value stays. Fewer than `min_targets` validation users with a made-cold target ->
-    bonus 0 and the imputation at 1 (the text-first default), not measured. Returns (bonus, summary for
-    meta.json: measured, grid, impute_grid, cooc_impute (the imputation chosen), val_ndcg and
-    val_ndcg_cold_targets (per bonus, at the chosen imputation), val_ndcg_by_impute and
-    val_ndcg_cold_targets_by_impute, n_pseudo_cold_items, n_cold_targets, chosen).
+    columns of the co-occurrence matrix removed. Every (imputation, bonus, slots) triple ranks every
+    validation user (final ranking as served). Of the triples whose overall NDCG@k ties with the best one's
+    (`tied_with_best`: not worse at 95%, within `TIE_REL`), the one with the best NDCG@k of the users whose
+    target was made cold wins (exact ties: the larger bonus, then the larger imputation, then more slots): of
+    the rankings that cost the warm-target users nothing measurable, the one that serves new items best (cold
+    items are text, and text wins ties). The overall NDCG counts warm-target users too, so each cold item
+    pushed up costs what it costs them. The imputation grid is tried only where the ranking has a
+    co-occurrence term (sim given, `cooc_weight` > 0); otherwise the model's value stays. Fewer than
+    `min_targets` validation users with a made-cold target -> bonus 0, no slots and the imputation at 1 (the
+    text-first default), not measured. Returns (bonus, summary for meta.json: measured, grid, impute_grid,
+    every_grid, cooc_impute and cold_every (chosen), val_ndcg and val_ndcg_cold_targets (per bonus, at the
+    chosen imputation and slots), val_ndcg_by_impute and val_ndcg_cold_targets_by_impute (at the chosen
+    slots), val_ndcg_by_every and val_ndcg_cold_targets_by_every (at the chosen imputation),
+    n_pseudo_cold_items, n_cold_targets, chosen).
     """
     grid = [float(g) for g in grid]
+    every = [int(e) for e in every_grid]
     with_term = sim is not None and float(model.cfg.cooc_weight) > 0
     imp_grid = [float(f) for f in impute_grid] if with_term else [float(model.cfg.cooc_impute)]
     n = model.cfg.n_items
@@ -307,16 +317,17 @@ def tune_cold_bonus(
     cold_users = np.array([bool(is_cold[val.targets[b]].any()) for b in range(val.n_users)], dtype=bool)
     summary: dict[str, Any] = {"n_pseudo_cold_items": int(len(pseudo)),
                                "n_cold_targets": int(cold_users.sum()),
-                               "grid": grid, "impute_grid": imp_grid, "frac": frac, "seed": seed}
+                               "grid": grid, "impute_grid": imp_grid, "every_grid": every, "frac": frac,
+                               "seed": seed}
     if cold_users.sum() < max(min_targets, 2):
         why = (
             f"{int(cold_users.sum())} validation targets among the items made cold, fewer than {min_targets}"
         )
-        return 0.0, {**summary, "measured": False, "why": why, "chosen": 0.0,
+        return 0.0, {**summary, "measured": False, "why": why, "chosen": 0.0, "cold_every": 0,
                      "cooc_impute": 1.0 if with_term else float(model.cfg.cooc_impute)}
     keep = sp.diags((~is_cold).astype(np.float32))
     sim_c = (keep @ sim @ keep).tocsr() if sim is not None else None
-    per = np.zeros((len(imp_grid), len(grid), val.n_users))
+    per = np.zeros((len(imp_grid), len(grid), len(every), val.n_users))
     saved_cfg = model.cfg
     try:
         with model.items_made_cold(pseudo):
@@ -325,22 +336,27 @@ def tune_cold_bonus(
                 impute = model.cooc_impute(sim_c)
                 for gi, g in enumerate(grid):
                     model.cfg = dataclasses.replace(saved_cfg, cooc_impute=f, cold_bonus=g)
-                    per[fi, gi] = served_val_ndcg(model, val, sim_c, impute, n_candidates, k, chunk)
+                    per[fi, gi] = served_val_ndcg_slots(model, val, sim_c, impute, every, n_candidates, k,
+                                                        chunk)
     finally:
         model.cfg = saved_cfg
-    means, cold_means = per.mean(2), per[:, :, cold_users].mean(2)  # (F, G)
-    # of the pairs whose overall NDCG ties with the best pair's, the best for the made-cold targets; exact
-    # ties to the larger bonus, then the larger imputation
+    means, cold_means = per.mean(3), per[..., cold_users].mean(3)  # (F, G, E)
+    # of the triples whose overall NDCG ties with the best one's, the best for the made-cold targets; exact
+    # ties to the larger bonus, then the larger imputation, then more slots
     tied = np.flatnonzero(tied_with_best(per.reshape(-1, val.n_users)))
-    fi, gi = max((divmod(int(i), len(grid)) for i in tied),
-                 key=lambda fg: (cold_means[fg], grid[fg[1]], imp_grid[fg[0]]))
-    pick, f_pick = grid[gi], imp_grid[fi]
-    return pick, {**summary, "measured": True, "chosen": pick, "cooc_impute": f_pick, "z": TEXT_BOOST_Z,
-                  "rel": TIE_REL, "val_ndcg": [float(x) for x in means[fi]],
-                  "val_ndcg_cold_targets": [float(x) for x in cold_means[fi]],
-                  "val_ndcg_by_impute": {f"{f:g}": means[i].tolist() for i, f in enumerate(imp_grid)},
-                  "val_ndcg_cold_targets_by_impute": {f"{f:g}": cold_means[i].tolist()
-                                                      for i, f in enumerate(imp_grid)}}
+    slots = [1.0 / e if e else 0.0 for e in every]  # cold slots per position
+    fi, gi, ei = max((np.unravel_index(int(i), means.shape) for i in tied),
+                     key=lambda t: (cold_means[t], grid[t[1]], imp_grid[t[0]], slots[t[2]]))
+    pick, f_pick, e_pick = grid[gi], imp_grid[fi], every[ei]
+    return pick, {**summary, "measured": True, "chosen": pick, "cooc_impute": f_pick, "cold_every": e_pick,
+                  "z": TEXT_BOOST_Z, "rel": TIE_REL, "val_ndcg": [float(x) for x in means[fi, :, ei]],
+                  "val_ndcg_cold_targets": [float(x) for x in cold_means[fi, :, ei]],
+                  "val_ndcg_by_impute": {f"{f:g}": means[i, :, ei].tolist() for i, f in enumerate(imp_grid)},
+                  "val_ndcg_cold_targets_by_impute": {f"{f:g}": cold_means[i, :, ei].tolist()
+                                                      for i, f in enumerate(imp_grid)},
+                  "val_ndcg_by_every": {str(e): means[fi, :, j].tolist() for j, e in enumerate(every)},
+                  "val_ndcg_cold_targets_by_every": {str(e): cold_means[fi, :, j].tolist()
+                                                     for j, e in enumerate(every)}}
 
 
 @torch.no_grad()
@@ -355,16 +371,36 @@ def served_val_ndcg(
 ) -> np.ndarray:
     """(U,) NDCG@k of every validation user under the final ranking as served: the two-stage scores plus
     `cooc_weight` x the co-occurrence score (sim, with `impute` for items without co-occurrence data) when
-    both are there."""
-    out = np.zeros(val.n_users)
+    both are there, with the model's cold-item slots."""
+    return served_val_ndcg_slots(model, val, sim, impute, [int(model.cfg.cold_every)], n_candidates, k,
+                                 chunk)[0]
+
+
+@torch.no_grad()
+def served_val_ndcg_slots(
+    model: ScorerModel,
+    val: sdata.ValidationSet,
+    sim: sp.csr_matrix | None,
+    impute: tuple[np.ndarray, np.ndarray] | None,
+    every: Sequence[int],
+    n_candidates: int = 200,
+    k: int = 10,
+    chunk: int = 256,
+) -> np.ndarray:
+    """(E, U) `served_val_ndcg` with each of the cold-item slot settings `every` (`cold_slot_scores`) in
+    place of the model's: the scores are computed once and slotted E ways."""
+    out = np.zeros((len(every), val.n_users))
     w = float(model.cfg.cooc_weight)
     users = np.arange(val.n_users)
+    cold_item = (model.id_slots == 0).cpu().numpy()
     for ub, _, cand, head in two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
         f, cand_np = head.numpy(), cand.numpy()
         if sim is not None and w > 0:
             f = f + w * history_scores(sim, [val.positives[b] for b in ub], cand_np, impute=impute)
-        top = np.take_along_axis(cand_np, np.argsort(-f, axis=1, kind="stable")[:, :k], axis=1)
-        out[ub] = [recall_ndcg(top[j], val.targets[b], k)[1] for j, b in enumerate(ub)]
+        for j, e in enumerate(every):
+            fe = cold_slot_scores(f, cold_item[cand_np], e)
+            top = np.take_along_axis(cand_np, np.argsort(-fe, axis=1, kind="stable")[:, :k], axis=1)
+            out[j, ub] = [recall_ndcg(top[i], val.targets[b], k)[1] for i, b in enumerate(ub)]
     return out
 
 

@@ -5,7 +5,8 @@
 by u.v over the catalog (excluded items are never candidates; `cold_quota` of them reserved for cold items),
 then the candidates are ranked by the MLP head (or u.v when training turned the head off) plus `cooc_weight`
 times their item co-occurrence score with the user's positive history items (`llmrec.cooc`; the matrix is
-the artifact's `cooc.npz`, the weight was chosen on validation). A user's text feedback (`History.fb_vec`,
+the artifact's `cooc.npz`, the weight was chosen on validation), with `cold_every` slots of the list kept for
+cold items (`cold_slot_scores`). A user's text feedback (`History.fb_vec`,
 `fb_pol`) is read by the user encoder, so it moves retrieval and ranking at once. `rank` also splits each
 candidate's score into the signals that made it (`Ranked.parts`), which serving turns into a reason.
 Retrieval over an external ANN index uses the same space: `item_vectors()` rows and `user_vectors()` rows,
@@ -32,7 +33,7 @@ from llmrec.schema import INDEX_IDS_FILE
 from llmrec.schema import SCORER_COOC_FILE as COOC_FILE
 from llmrec.schema import SCORER_MODEL_FILE as MODEL_FILE
 from llmrec.scorer.data import pad_feedback, pad_histories, positive_items
-from llmrec.scorer.model import ScorerConfig, ScorerModel, two_stage_rank
+from llmrec.scorer.model import ScorerConfig, ScorerModel, cold_slot_scores, two_stage_rank
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +245,13 @@ class Scorer:
             co = self._with_cooc(torch.zeros_like(score), cand, [positive_items(h) for h in histories])
         parts["cooc"] = co
         score = (score + co).masked_fill(~valid, float("-inf"))
+        if m.cfg.cold_every:
+            # cold-item slots: a moved cold item's lift is for its text, like its bonus
+            cold = (m.id_slots[cand] == 0).cpu().numpy()
+            slotted = torch.from_numpy(cold_slot_scores(score.cpu().numpy(), cold, m.cfg.cold_every))
+            slotted = slotted.to(score.device)
+            parts["content" if m.cfg.text_arm else "behaviour"] += torch.where(valid, slotted - score, 0.0)
+            score = slotted
         np_parts = {k: x.masked_fill(~valid, 0.0).cpu().numpy().astype(np.float32) for k, x in parts.items()}
         return Ranked(cand.cpu().numpy(), score.cpu().numpy().astype(np.float32), np_parts, u.cpu().numpy())
 

@@ -122,6 +122,13 @@ class ScorerConfig:
     # world with cold items (`tune_cold_bonus`): warm validation has (almost) no cold targets, so there it
     # could only lift the wrong items
     cooc_impute: float = 1.0
+    # cold-item slots in the final list: at least one item without an ID embedding in every `cold_every`
+    # positions (the j-th best cold candidate moves up to position j * cold_every when it ranks lower;
+    # `cold_slot_scores`), as long as cold candidates remain; 0 = off. A bonus lifts every cold item by the
+    # same amount, so a few warm items far above them still fill the top; a slot guarantees new items a place
+    # the way a freshness slot does. Chosen with the cold bonus in the world with cold items
+    # (`tune_cold_bonus`)
+    cold_every: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -164,6 +171,11 @@ class ScorerConfig:
                 raise ValueError(
                     f"ScorerConfig.{name} must be a finite value >= 0, got {getattr(self, name)}"
                 )
+        if int(self.cold_every) < 0 or int(self.cold_every) == 1:
+            raise ValueError(
+                "ScorerConfig.cold_every must be 0 (no cold-item slots) or >= 2 (one item without an ID "
+                f"embedding in every cold_every positions), got {self.cold_every}"
+            )
         if float(self.rare_dropout_c) < 0 or int(self.cold_quota) < 0 or int(self.cold_impute_k) < 0:
             raise ValueError(
                 f"ScorerConfig.rare_dropout_c, cold_quota and cold_impute_k must be >= 0, got "
@@ -737,3 +749,46 @@ def two_stage_rank(
     if model.cfg.cold_bonus > 0:
         head = head + model.cold_bonus(cand, True)
     return retrieval, cand, head.masked_fill(~valid, float("-inf"))
+
+
+def cold_slot_scores(score: np.ndarray, cold: np.ndarray, every: int) -> np.ndarray:
+    """Ranking scores float (B, n) with cold-item slots (`ScorerConfig.cold_every`): their descending order
+    holds at least one cold item in every `every` positions while cold candidates remain.
+
+    The j-th best cold candidate (1-based) moves up to position j * every when it ranks lower; every other
+    candidate keeps its relative order. Only moved items' scores change: each gets the midpoint of its new
+    neighbours' scores (never two moved items side by side when every >= 2), so scores stay on the ranking's
+    scale and a sort by score gives the slotted order (up to exact ties of the two neighbours).
+
+    Args:
+        score: (B, n) ranking scores, -inf where the candidate is not one (never moved).
+        cold: bool (B, n), True at candidates without an ID embedding.
+        every: 0 = no slots (score returned as is), else >= 2.
+    """
+    score = np.asarray(score)
+    if every <= 0 or score.size == 0:
+        return score
+    if every == 1:
+        raise ValueError("every must be 0 or >= 2, got 1")
+    B, n = score.shape
+    order = np.argsort(-score, axis=1, kind="stable")
+    s_sorted = np.take_along_axis(score, order, 1)
+    c_sorted = np.take_along_axis(np.asarray(cold, dtype=bool), order, 1) & np.isfinite(s_sorted)
+    natural = np.arange(1, n + 1)[None, :]  # 1-based positions in the plain order
+    pos = np.where(c_sorted, np.minimum(natural, np.cumsum(c_sorted, axis=1) * every), 0)
+    moved = c_sorted & (pos < natural)
+    if not moved.any():
+        return score
+    # the others fill the free positions in their order
+    taken = np.zeros((B, n + 1), dtype=bool)
+    taken[np.arange(B)[:, None], pos] = True
+    free = np.argsort(taken[:, 1:], axis=1, kind="stable")  # 0-based free positions first, in order
+    rank_other = np.clip(np.cumsum(~c_sorted, axis=1) - 1, 0, n - 1)
+    final = np.where(c_sorted, pos - 1, np.take_along_axis(free, rank_other, 1))  # (B, n) 0-based
+    by_pos = np.empty_like(s_sorted)
+    np.put_along_axis(by_pos, final, s_sorted, 1)
+    b, k = np.nonzero(moved)
+    p = final[b, k]  # >= every - 1 >= 1, and a moved item has a displaced one below it
+    out = np.array(score, copy=True)
+    out[b, order[b, k]] = by_pos[b, p - 1] / 2 + by_pos[b, p + 1] / 2
+    return out

@@ -34,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impute-grid", type=float, nargs="+", default=list(COLD_IMPUTE_GRID))
     p.add_argument("--bonus-grid", type=float, nargs="+", default=list(COLD_BONUS_GRID))
     p.add_argument("--every-grid", type=int, nargs="+", default=list(COLD_EVERY_GRID))
+    p.add_argument("--tie-on", choices=("all", "warm"), default="all",
+                   help="judge the tie on all validation users (training's rule) or the warm-target ones")
     p.add_argument("--out", default=None, help="also write the JSON report here")
     args = p.parse_args(argv)
     report = measure(Path(args.run), Path(args.scorer) if args.scorer else Path(args.run) / "scorer",
-                     args.impute_grid, args.bonus_grid, args.every_grid)
+                     args.impute_grid, args.bonus_grid, args.every_grid, args.tie_on)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(run: Path, scorer_dir: Path, impute_grid: list[float], bonus_grid: list[float],
-            every_grid: list[int]) -> dict[str, Any]:
+            every_grid: list[int], tie_on: str = "all") -> dict[str, Any]:
     from llmrec.commands.train import loo_holdout
     from llmrec.data.tables import read_interactions, read_items
     from llmrec.embed.artifact import load_item_space
@@ -74,13 +76,15 @@ def measure(run: Path, scorer_dir: Path, impute_grid: list[float], bonus_grid: l
     term = meta["cooc"].get("term")
     sim = cooc_matrix(train, items, cfg["cooc_neighbors"], term) if term else None
     bonus, info = tune_cold_bonus(model, val, sim, cfg["n_candidates"], grid=bonus_grid,
-                                  impute_grid=impute_grid, every_grid=every_grid)
+                                  impute_grid=impute_grid, every_grid=every_grid, tie_on=tie_on)
     return {
         "run": str(run), "scorer": str(scorer_dir), "term": term, "cooc_weight": model.cfg.cooc_weight,
         "shipped": {"cold_bonus": meta["model_config"].get("cold_bonus"),
                     "cooc_impute": meta["model_config"].get("cooc_impute"),
                     "cold_every": meta["model_config"].get("cold_every", 0)},
         "picked": {"cold_bonus": bonus, "cooc_impute": info["cooc_impute"], "cold_every": info["cold_every"]},
+        "tie_on": tie_on, "val_ndcg_at_pick": info.get("val_ndcg"),
+        "val_ndcg_warm_targets_at_pick": info.get("val_ndcg_warm_targets"),
         "bonus_grid": info["grid"], "impute_grid": info["impute_grid"], "every_grid": info["every_grid"],
         "n_cold_targets": info["n_cold_targets"], "n_pseudo_cold_items": info["n_pseudo_cold_items"],
         "val_ndcg_by_impute": info.get("val_ndcg_by_impute"), "measured": info["measured"],

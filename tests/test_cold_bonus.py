@@ -246,3 +246,15 @@ def test_validation_takes_slots_where_the_warm_advantage_hides_cold_targets_and_
     overall = info["val_ndcg_by_every"]
     assert overall["3"][0] > overall["0"][0]
     assert info["cold_every"] == 3 and model.cfg.cold_every == 0
+    # the overall NDCG is the users' mean: warm-target and made-cold-target users weighted by their numbers
+    n_cold = info["n_cold_targets"]
+    warm_part = np.array(info["val_ndcg_warm_targets"]) * (val.n_users - n_cold)
+    np.testing.assert_allclose((warm_part + np.array(info["val_ndcg_cold_targets"]) * n_cold) / val.n_users,
+                               info["val_ndcg"])
+    # judged on the warm-target users alone (the stricter rule), the slots still cost them nothing here
+    _, warm_info = tune_cold_bonus(model, val, None, n_candidates=items.n_items, grid=(0.0,), frac=0.2,
+                                   min_targets=20, every_grid=(0, 10, 5, 3), tie_on="warm")
+    assert warm_info["cold_every"] == 3 and warm_info["tie_on"] == "warm"
+    with pytest.raises(ValueError, match="tie_on must be 'all' or 'warm', got 'cold'"):
+        tune_cold_bonus(model, val, None, n_candidates=items.n_items, grid=(0.0,), frac=0.2, min_targets=20,
+                        tie_on="cold")

@@ -219,15 +219,31 @@ def test_store_read_your_writes_across_shards(store_factory, tmp_path: Path) -> 
                    name=store.name)
 
 
-def test_retry_after_restart_is_recognised_as_duplicate(store_factory) -> None:
+def _kill_and_wait(actor, pid: int, timeout_s: float = 60.0) -> None:
+    """ray.kill the shard actor (Ray restarts it) and wait until its process `pid` is gone (or a zombie):
+    ray.kill is asynchronous, so a call right after it may still reach the old process."""
     import ray
 
+    ray.kill(actor, no_restart=False)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):  # state field, after the command name
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"shard process {pid} still alive {timeout_s:.0f} s after ray.kill")
+
+
+def test_retry_after_restart_is_recognised_as_duplicate(store_factory) -> None:
     store = store_factory(n_shards=2, retry_timeout_s=60)  # the loaded test machine may restart slowly
     e = {"event_id": "once", "user_id": "alice", "item_id": "i1", "event": "purchase", "ts": 5.0}
     assert store.apply_sync([e])[0]["duplicate"] is False
     s = store.shard_of("alice")
     pid = store.stats_sync()["shards"][s]["pid"]
-    ray.kill(store.actors[s], no_restart=False)
+    _kill_and_wait(store.actors[s], pid)
     res = asyncio.run(store.apply([e]))  # the async path waits for the restart (log replay) and retries
     assert res[0]["duplicate"] is True and res[0]["state_version"] == 1
     st = store.stats_sync()["shards"][s]
@@ -626,7 +642,6 @@ def test_set_base_swaps_runs_and_rebuilds_materialised_users(tmp_path: Path) -> 
 
 def test_store_loads_base_in_every_shard_and_a_restarted_shard_keeps_the_swapped_base(
         store_factory, tmp_path: Path) -> None:
-    import ray
 
     df_a, df_b = make_interactions(seed=1), make_interactions(seed=2, user_prefix="q")
     a, b = write_run_data(tmp_path / "a", df_a), write_run_data(tmp_path / "b", df_b)
@@ -641,7 +656,7 @@ def test_store_loads_base_in_every_shard_and_a_restarted_shard_keeps_the_swapped
     before = {u: store.get_sync(u) for u in sorted(set(df_b[USER_ID]))}
     s = store.shard_of("q2")
     pid = store.stats_sync()["shards"][s]["pid"]
-    ray.kill(store.actors[s], no_restart=False)  # Ray restarts it with the constructor's base_dir=a ...
+    _kill_and_wait(store.actors[s], pid)  # Ray restarts it with the constructor's base_dir=a ...
     after = {u: store.get_sync(u) for u in before}  # ... but it keeps the swapped-in base b
     assert store.stats_sync()["shards"][s]["pid"] != pid
     assert after == before and after["q2"].history[-1].item_id == "i1"

@@ -308,6 +308,8 @@ def tune_cold_bonus(
     slots), val_ndcg_by_every and val_ndcg_cold_targets_by_every (at the chosen imputation),
     n_pseudo_cold_items, n_cold_targets, chosen).
     """
+    if tie_on not in ("all", "warm"):
+        raise ValueError(f"tie_on must be 'all' or 'warm', got {tie_on!r}")
     grid = [float(g) for g in grid]
     every = [int(e) for e in every_grid]
     with_term = sim is not None and float(model.cfg.cooc_weight) > 0
@@ -347,8 +349,6 @@ def tune_cold_bonus(
     means, cold_means = per.mean(3), per[..., cold_users].mean(3)  # (F, G, E)
     # of the triples whose overall NDCG ties with the best one's, the best for the made-cold targets; exact
     # ties to the larger bonus, then the larger imputation, then more slots
-    if tie_on not in ("all", "warm"):
-        raise ValueError(f"tie_on must be 'all' or 'warm', got {tie_on!r}")
     judged = per.reshape(-1, val.n_users)
     judged = judged[:, ~cold_users] if tie_on == "warm" else judged
     tied = np.flatnonzero(tied_with_best(judged))

@@ -288,7 +288,8 @@ class TrainConfig:
     """
 
     # --- the flags `llmrec train` has always had (names, defaults and meanings are pinned by test_config.py)
-    num_workers: int = option(1, "Ray Train workers, 1 CPU (or GPU) each")
+    num_workers: int = option(1, "Ray Train workers, 1 CPU (or GPU) each; 0 = train in this process (Ray "
+                             "Train's local mode: no worker actors, no retry after a failure)")
     use_gpu: bool = option(False, "one GPU per worker")
     epochs: int = option(10, "maximum epochs; early stopping may end sooner (a resumed run continues up to "
                          "this count)")
@@ -350,7 +351,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        at_least = {"num_workers": 1, "epochs": 1, "patience": 0, "dim": 1, "n_neg": -1, "max_len": 1,
+        at_least = {"num_workers": 0, "epochs": 1, "patience": 0, "dim": 1, "n_neg": -1, "max_len": 1,
                     "cooc_neighbors": 0, "seed": 0, "max_failures": 0, "n_layers": 1, "n_heads": 1,
                     "mlp_hidden": 1, "head_neg": 0, "weight_decay": 0.0, "n_candidates": 1, "grad_clip": 0.0,
                     "rare_dropout_c": 0.0, "cold_quota": 0, "cold_impute_k": 0}
@@ -358,6 +359,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not value >= low:  # also rejects NaN
                 raise ValueError(f"TrainConfig.{name} must be >= {low}, got {value}")
+        if self.num_workers == 0 and self.use_gpu:
+            raise ValueError("TrainConfig.num_workers=0 (in this process) cannot take use_gpu=True: GPUs are "
+                             "requested per Ray Train worker; give num_workers >= 1")
         if self.batch_size < self.num_workers:
             raise ValueError(f"TrainConfig.batch_size must be >= num_workers ({self.num_workers}: every "
                              f"worker takes batch_size // num_workers), got {self.batch_size}")

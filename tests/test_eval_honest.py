@@ -43,12 +43,13 @@ BASELINE_KWARGS = {
     "sasrec": {"epochs": 4, "dim": 16, "n_blocks": 1, "max_len": 8, "num_threads": 1, "patience": 2}
 }
 # only settings `llmrec train` has flags for, so the CLI run below trains the same model
-LLMREC = {"epochs": 2, "num_workers": 1, "dim": 16, "max_len": 8, "n_neg": -1, "batch_size": 64}
+# num_workers 0: trained in this process (Ray Train local mode); Ray Train workers are tested in test_train
+LLMREC = {"epochs": 2, "num_workers": 0, "dim": 16, "max_len": 8, "n_neg": -1, "batch_size": 64}
 TRAIN_FLAGS = [
     "--epochs",
     "2",
     "--num-workers",
-    "1",
+    "0",
     "--dim",
     "16",
     "--max-len",

@@ -66,7 +66,8 @@ def _fit_serving_model(run: Path, events: pd.DataFrame, epochs: int, lr: float) 
 
     items, meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
     cfg = TrainConfig(epochs=epochs, batch_size=32, lr=lr, dim=16, max_len=10, n_neg=16, head_neg=7,
-                      mlp_hidden=16, n_candidates=20, val_users=20, cooc_neighbors=0)
+                      mlp_hidden=16, n_candidates=20, val_users=20, cooc_neighbors=0,
+                      num_workers=0)  # in this process (Ray Train local mode; workers: test_train)
     fit_scorer(cfg, events, items, run / schema.RUN_SCORER, embed_meta=meta)
 
 
@@ -84,7 +85,8 @@ def planted_learning_run(ray_local, tmp_path_factory):
 
 def test_learning_loop_swaps_in_a_better_model_refuses_a_worse_one_and_rolls_back(planted_learning_run):
     run, p2, p3 = planted_learning_run
-    first = learn(run, p2, epochs=3, max_steps=None, holdback_frac=0.35, min_new_events=10, lr=1e-2)
+    first = learn(run, p2, epochs=3, max_steps=None, holdback_frac=0.35, min_new_events=10, lr=1e-2,
+                  num_workers=0)
     assert first.accepted, first.why
     m = first.metrics
     assert (
@@ -97,7 +99,8 @@ def test_learning_loop_swaps_in_a_better_model_refuses_a_worse_one_and_rolls_bac
 
     # a sabotaged fine-tune (learning rate 50) must not replace the model that serves
     worse = learn(
-        run, pd.concat([p2, p3]), epochs=2, max_steps=None, holdback_frac=0.5, min_new_events=10, lr=50.0
+        run, pd.concat([p2, p3]), epochs=2, max_steps=None, holdback_frac=0.5, min_new_events=10, lr=50.0,
+        num_workers=0,
     )
     assert not worse.accepted, worse.why
     assert worse.why.startswith("fine-tune diverged") or (

@@ -98,7 +98,8 @@ def listening_run(ray_local, tmp_path_factory, minilm_path) -> tuple[Path, dict[
     assert items.facets is not None and items.text_model
     train, valid = split_last_event(inter, 30, 0)
     cfg = TrainConfig(epochs=4, batch_size=64, lr=1e-2, dim=16, max_len=10, n_neg=16, head_neg=7,
-                      mlp_hidden=16, n_candidates=20, feedback_p=0.5)
+                      mlp_hidden=16, n_candidates=20, feedback_p=0.5,
+                      num_workers=0)  # in this process: the Ray Train workers are tested in test_train
     fit_scorer(cfg, train, items, run / schema.RUN_SCORER, valid_df=valid, embed_meta=embed_meta)
     return run, topic
 

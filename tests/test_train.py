@@ -188,6 +188,32 @@ def test_cold_item_with_liked_text_ranks_high(trained, planted_split):
     )
 
 
+def test_local_mode_trains_the_one_worker_model_in_this_process(trained, planted_split, tmp_path):
+    """num_workers=0 (Ray Train's local mode: the same loop in this process, no worker actors) trains the
+    model the 1-worker run trained (same samples in the same order, same seed: per-epoch metrics equal up to
+    float summation order, as torch's thread count differs), keeps the best and the last checkpoint in the
+    run's storage as Ray Train does, and resumes from a worker-trained output. (Weights are not compared: Adam
+    turns float noise in near-zero gradients into full-size steps.)"""
+    out1, meta1, _, _ = trained
+    items, _, _, train, valid, _ = planted_split
+    cfg = TrainConfig(epochs=EPOCHS_FIRST, batch_size=64, lr=1e-2, patience=10, **{**SMALL, "num_workers": 0})
+    meta = fit_scorer(cfg, train, items, tmp_path / "local", valid_df=valid)
+    assert meta["config"]["num_workers"] == 0 and meta["epochs_run"] == list(range(EPOCHS_FIRST))
+    for h0, h1 in zip(meta["history"], meta1["history"], strict=True):
+        assert h0["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-4)
+        assert h0["val_ndcg@10"] == pytest.approx(h1["val_ndcg@10"], abs=1e-3)
+    (run_dir,) = (tmp_path / "local" / "ray").iterdir()
+    kept = sorted(p.name for p in run_dir.iterdir())
+    best = f"checkpoint_{meta['best_epoch']:06d}"
+    assert kept == sorted({best, f"checkpoint_{EPOCHS_FIRST - 1:06d}"})  # best and last, as num_to_keep=2
+    resumed = fit_scorer(dataclasses.replace(cfg, epochs=EPOCHS_TOTAL), train, items, tmp_path / "resumed",
+                         valid_df=valid, resume_from=out1)
+    assert resumed["epochs_run"] == list(range(EPOCHS_FIRST, EPOCHS_TOTAL))
+    assert [h["epoch"] for h in resumed["history"]] == list(range(EPOCHS_TOTAL))
+    with pytest.raises(ValueError, match="num_workers=0 .* cannot take use_gpu=True"):
+        TrainConfig(num_workers=0, use_gpu=True)
+
+
 def test_bad_input_errors(ray_local, planted_split, tmp_path):
     items, _, _, train, _, _ = planted_split
     with pytest.raises(TypeError, match="cfg must be a llmrec.config.TrainConfig, got DataFrame"):

@@ -50,6 +50,8 @@ from llmrec.scorer.finalize import BehaviourTerms, cooc_counts, finalize_ranking
 from llmrec.scorer.loss import batch_loss, candidate_log_q, log_q_tensor
 from llmrec.scorer.model import ScorerConfig, ScorerModel
 from llmrec.scorer.validate import SCORE_METRIC, best_checkpoint, evaluate, update_early_stop
+from llmrec.storage.uri import filesystem_and_path
+from llmrec.storage.uri import join as storage_join
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +147,18 @@ def fit_scorer(
     init_state = None
     if init_from is not None:
         init_state = transfer_weights(build_model(static, cfg), init_from, items.item_ids)
+    run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{int(time.time() * 1e3) % 1000:03d}"
+    store = storage_path(out, checkpoint_dir)
+    local = cfg.num_workers == 0  # Ray Train's local mode: no controller keeps checkpoints
     config = {
         "train_config": dataclasses.asdict(cfg),  # plain values to every worker (TrainConfig rebuilt there)
         "static": ray.put(static),
         "resume_from": str(resume_file) if resume_file else None,
         "init_state": ray.put(init_state) if init_state is not None else None,
+        "local_checkpoints": storage_join(store, run_name) if local else None,
     }
+    if local:
+        ds.context.execution_options.preserve_order = True  # what `_ordered_ingest` asks of Train's ingest
     has_val = static["val"] is not None and static["val"].n_users > 0
     ckpt_cfg = CheckpointConfig(
         num_to_keep=2,
@@ -158,16 +166,17 @@ def fit_scorer(
         checkpoint_score_order="max",
     )
     resources = {"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": 1}
-    run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{int(time.time() * 1e3) % 1000:03d}"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=None if local else resources,
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_path(out, checkpoint_dir),
+            storage_path=store,
             checkpoint_config=ckpt_cfg,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
@@ -175,16 +184,18 @@ def fit_scorer(
         dataset_config=_ordered_ingest(),
     )
     logger.info(
-        "TorchTrainer: %d workers, gpu=%s, %d samples, %d epochs, checkpoints in %s",
-        cfg.num_workers,
+        "TorchTrainer: %s, gpu=%s, %d samples, %d epochs, checkpoints in %s",
+        "in this process (local mode)" if local else f"{cfg.num_workers} workers",
         cfg.use_gpu,
         data.n_samples,
         cfg.epochs,
-        storage_path(out, checkpoint_dir),
+        store,
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if local:
+        result = local_result(result.return_value, has_val)
     best = best_checkpoint(result, has_val)
     with best.as_directory() as d:
         state = load_torch_file(Path(d) / CHECKPOINT_FILE, map_location="cpu")
@@ -234,8 +245,12 @@ def fit_scorer(
     )
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: DDP model, Ray Data shard batches, per-epoch validation + checkpoint + early stop."""
+def train_loop_per_worker(config: dict) -> list[tuple[str, dict]] | None:
+    """Ray Train worker: DDP model, Ray Data shard batches, per-epoch validation + checkpoint + early stop.
+
+    In Ray Train's local mode (`num_workers=0`, config["local_checkpoints"] set) the loop runs in the driver,
+    writes each epoch's checkpoint under that folder itself and returns [(checkpoint folder, metrics)] (no
+    controller keeps them); else None."""
     import ray
     import ray.train
     import ray.train.torch
@@ -276,6 +291,7 @@ def train_loop_per_worker(config: dict) -> None:
     rng = np.random.default_rng([cfg.seed, rank, start_epoch])  # text-feedback synthesis
     per_worker_batch = max(1, cfg.batch_size // world)
     run_epochs: list[int] = []  # epochs trained by this run (a resumed run starts after the saved epoch)
+    local_dir, reported = config.get("local_checkpoints"), []
     for epoch in range(start_epoch, cfg.epochs):
         run_epochs.append(epoch)
         t0 = time.perf_counter()
@@ -309,7 +325,9 @@ def train_loop_per_worker(config: dict) -> None:
         stop = update_early_stop(stop_state, metrics, epoch, cfg.patience)
         metrics["best_epoch"] = stop_state["best_epoch"]
         history.append(dict(metrics))
-        _report(metrics, model, optimizer, epoch, stop_state, rank, run_epochs, history)
+        saved = _report(metrics, model, optimizer, epoch, stop_state, rank, run_epochs, history, local_dir)
+        if saved is not None:
+            reported.append((saved, dict(metrics)))
         if rank == 0:
             logger.info(
                 "epoch %d: %s",
@@ -318,6 +336,7 @@ def train_loop_per_worker(config: dict) -> None:
             )
         if stop:
             break
+    return reported if local_dir else None
 
 
 def fit_local(
@@ -604,12 +623,47 @@ def _report(
     rank: int,
     run_epochs: list[int],
     history: list[dict],
-) -> None:
+    local_dir: str | None = None,
+) -> str | None:
+    """Report the epoch's metrics; rank 0 adds the checkpoint. Ray Train persists it to the run's storage; in
+    local mode (`local_dir`) it is written to `local_dir/checkpoint_EPOCH` here, and that folder returned."""
+    import pyarrow.fs as pafs
     import ray.train
 
     if rank != 0:
         ray.train.report(metrics)
-        return
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp), model, optimizer, epoch, stop_state, metrics, run_epochs, history)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if local_dir is None:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            return None
+        dest = storage_join(local_dir, f"checkpoint_{epoch:06d}")
+        fs, path = filesystem_and_path(dest)
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(tmp, path, destination_filesystem=fs)
+    ray.train.report(metrics)
+    return dest
+
+
+def local_result(reported: list[tuple[str, dict]], has_val: bool) -> Any:
+    """A local-mode fit's result in the shape `best_checkpoint` reads (`checkpoint`: the last epoch's,
+    `best_checkpoints`: [(Checkpoint, metrics)]); checkpoints other than the best and the last are deleted,
+    as `CheckpointConfig(num_to_keep=2)` does for a distributed run."""
+    import types
+
+    from ray.train import Checkpoint
+
+    if not reported:
+        raise RuntimeError("the local-mode training loop reported no checkpoint (no epoch ran)")
+    cps = []
+    for folder, metrics in reported:
+        fs, path = filesystem_and_path(folder)
+        cps.append((Checkpoint(path=path, filesystem=fs), metrics))
+    result = types.SimpleNamespace(checkpoint=cps[-1][0], best_checkpoints=cps)
+    keep = {best_checkpoint(result, has_val).path, cps[-1][0].path}
+    for cp, _ in cps:
+        if cp.path not in keep:
+            cp.filesystem.delete_dir(cp.path)
+    result.best_checkpoints = [(cp, m) for cp, m in cps if cp.path in keep]
+    return result

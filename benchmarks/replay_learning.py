@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-events", type=int, default=3000, help="stream at most this many events")
     p.add_argument("--learn-every", type=int, default=750, help="a learning round every N events")
     p.add_argument("--learn-max-steps", type=int, default=200, help="batches per fine-tune epoch")
+    p.add_argument("--learn-num-workers", default="1",
+                   help="Ray Train workers of each round; a comma list replays once per value with the same "
+                   "pre-cutoff model (e.g. 1,0: worker processes vs Ray Train's local mode)")
     p.add_argument("--epochs", type=int, default=5, help="epochs of the pre-cutoff scorer (default 5)")
     p.add_argument("--work", default=None, help="work folder (default RUN/replay-learning)")
     p.add_argument("--out", default=None, help="JSON report path (default WORK/replay.json)")
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     from llmrec.raysetup import init_ray, local_env_defaults
     from llmrec.scorer.train import fit_scorer
 
+    workers = [int(w) for w in args.learn_num_workers.split(",")]
+    if not workers or min(workers) < 0:
+        raise SystemExit(f"--learn-num-workers takes counts >= 0, comma-separated: {args.learn_num_workers}")
     local_env_defaults()
     setup_logging("INFO")
     run = Path(args.run)
@@ -70,27 +76,46 @@ def main(argv: list[str] | None = None) -> int:
         items, embed_meta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
         fit_scorer(TrainConfig(epochs=args.epochs), hist, items, scorer_dir, embed_meta=embed_meta)
     train_s = time.perf_counter() - t0
-    registry = work / "models.json"
-    if registry.exists():
-        registry.unlink()  # every measurement starts from the pre-cutoff model
-    out = replay(
-        work,
-        run / schema.RUN_DATA,
-        max_events=args.max_events,
-        test_frac=args.test_frac,
-        out_dir=work,
-        learn_every=args.learn_every,
-        learn_config={"max_steps": args.learn_max_steps, "epochs": 1},
-    )
-    out["pre_cutoff_scorer_train_s"] = round(train_s, 1)
-    out["pre_cutoff_scorer_reused"] = reuse
-    out["cutoff_ts"] = int(cutoff)
+    outs = {}
+    for n in workers:
+        registry = work / "models.json"
+        if registry.exists():
+            registry.unlink()  # every measurement starts from the pre-cutoff model
+        out = replay(
+            work,
+            run / schema.RUN_DATA,
+            max_events=args.max_events,
+            test_frac=args.test_frac,
+            out_dir=work,
+            learn_every=args.learn_every,
+            learn_config={"max_steps": args.learn_max_steps, "epochs": 1, "num_workers": n},
+        )
+        out["pre_cutoff_scorer_train_s"] = round(train_s, 1)
+        out["pre_cutoff_scorer_reused"] = reuse
+        out["cutoff_ts"] = int(cutoff)
+        out["learn_num_workers"] = n
+        outs[n] = out
+    report = outs[workers[0]] if len(workers) == 1 else {
+        "by_learn_num_workers": {str(n): o for n, o in outs.items()},
+        # round seconds of each setting over the first one's (the named baseline of this run)
+        "round_s_p50_ratio": {str(n): _round_p50(outs[n]) / _round_p50(outs[workers[0]]) for n in workers},
+    }
     path = Path(args.out) if args.out else work / "replay.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=2) + "\n")
     keys = ("frozen", "online", "learning", "diff_ci95", "model_freshness", "learn_rounds", "n_targets")
-    print(json.dumps({k: out.get(k) for k in keys}, indent=2))
+    for n, out in outs.items():
+        print(f"learn_num_workers={n}:", json.dumps({k: out.get(k) for k in keys}, indent=2))
+    if len(workers) > 1:
+        print("round seconds p50 / first setting's:", json.dumps(report["round_s_p50_ratio"]))
     return 0
+
+
+def _round_p50(out: dict) -> float:
+    """Median seconds of a replay's learning rounds."""
+    import numpy as np
+
+    return float(np.median([r["seconds"] for r in out["learn_rounds"]]))
 
 
 if __name__ == "__main__":

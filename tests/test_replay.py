@@ -151,6 +151,18 @@ def test_replay_command(tmp_path: Path) -> None:
     )
 
 
+def test_replay_learning_flags_are_checked_before_any_work(tmp_path: Path, capsys) -> None:
+    from llmrec.cli import main
+
+    run, _ = planted(tmp_path)
+    base = ["replay", "--run", str(run), "--data", str(run / schema.RUN_DATA), "--out", str(tmp_path / "o")]
+    for flag, value in (("--learn-num-workers", "-1"), ("--learn-every", "-5"), ("--learn-epochs", "0")):
+        assert main([*base, "--learn-every", "10", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert "--learn-every and --learn-num-workers must be >= 0" in err and f"{value}" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def _hand_scorer(run: Path, ids: list[str], vectors: np.ndarray, data_ts_max: int) -> None:
     """A scorer artifact written by hand (warm-started net over the run's catalog): what `llmrec train`
     writes."""

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learn-max-steps", type=int, default=200,
                    help="batches per fine-tune epoch of each learning round (default 200)")
     p.add_argument("--learn-epochs", type=int, default=1, help="epochs of each learning round (default 1)")
+    p.add_argument("--learn-num-workers", type=int, default=1,
+                   help="Ray Train workers of each learning round (default 1; 0 = in this process, Ray "
+                   "Train's local mode: no worker processes to start, a fresher model)")
     p.add_argument("--auth-token-file", default=None,
                    help="file holding the server's bearer token (with --url; default: $LLMREC_AUTH_TOKEN)")
     p.add_argument("--auth-token", default=None, help=argparse.SUPPRESS)  # refused: see llmrec.serve.auth
@@ -60,10 +63,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-events must be >= 0 (0 = all), got {args.max_events}")
     if args.auth_token:
         raise ValueError(ARGV_REFUSED)
-    if args.learn_every < 0 or args.learn_max_steps < 1 or args.learn_epochs < 1:
+    if min(args.learn_every, args.learn_num_workers) < 0 or min(args.learn_max_steps, args.learn_epochs) < 1:
         raise ValueError(
-            f"--learn-every must be >= 0 (0 = off), --learn-max-steps and --learn-epochs >= 1; got "
-            f"{args.learn_every}, {args.learn_max_steps}, {args.learn_epochs}"
+            f"--learn-every and --learn-num-workers must be >= 0, --learn-max-steps and --learn-epochs >= 1; "
+            f"got {args.learn_every}, {args.learn_num_workers}, {args.learn_max_steps}, {args.learn_epochs}"
         )
     out = replay(
         args.run,
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         auth_token=read_token(args.auth_token_file, os.environ) if args.url else None,
         learn_every=args.learn_every or None,
-        learn_config={"max_steps": args.learn_max_steps, "epochs": args.learn_epochs},
+        learn_config={"max_steps": args.learn_max_steps, "epochs": args.learn_epochs,
+                      "num_workers": args.learn_num_workers},
     )
     k = args.k
     print(

@@ -47,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     from llmrec.embed.artifact import load_item_space
     from llmrec.eval.replay import cutoff_split, replay
     from llmrec.log import setup_logging
-    from llmrec.raysetup import init_ray, local_env_defaults
+    from llmrec.raysetup import init_ray, local_env_defaults, ray_detail_to_log_files
     from llmrec.scorer.train import fit_scorer
 
     workers = [int(w) for w in args.learn_num_workers.split(",")]
     if not workers or min(workers) < 0:
         raise SystemExit(f"--learn-num-workers takes counts >= 0, comma-separated: {args.learn_num_workers}")
     local_env_defaults()
+    ray_detail_to_log_files()  # Ray Data's progress dumps to the session's log files
     setup_logging("INFO")
     run = Path(args.run)
     work = Path(args.work) if args.work else run / "replay-learning"

@@ -146,9 +146,10 @@ def _child(stage: str, params: dict[str, Any], work: Path) -> dict[str, Any]:
         return {**res, "driver_peak_rss_mib": round(_status_kib("self", "VmHWM") / 1024, 1)}
     import ray
 
-    from llmrec.raysetup import init_ray, local_env_defaults
+    from llmrec.raysetup import init_ray, local_env_defaults, ray_detail_to_log_files
 
     local_env_defaults()
+    ray_detail_to_log_files()  # Ray Data's progress dumps to the session's log files
     t0 = time.perf_counter()
     init_ray(None, num_cpus=CORES, dashboard=False)
     ray_init_s = time.perf_counter() - t0
@@ -807,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the JSON report here too (after every measurement)")
     args = p.parse_args(argv)
     from llmrec.log import setup_logging
-    from llmrec.raysetup import local_env_defaults
+    from llmrec.raysetup import local_env_defaults, ray_detail_to_log_files
 
     stages = args.stages.split(",")
     unknown = [st for st in stages if st not in STAGES]
@@ -815,6 +816,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"unknown stage(s) {unknown}; this benchmark has {sorted(STAGES)}")
     sizes = parse_stage_sizes(args.stage_sizes, stages, args.sizes)
     local_env_defaults()
+    ray_detail_to_log_files()  # Ray Data's progress dumps to the session's log files
     setup_logging("INFO")
     work = Path(args.work or tempfile.mkdtemp(prefix="llmrec-scale-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -120,10 +120,11 @@ def measure_delete_latency(n_calls: int, work: Path) -> dict:
 
     import ray
 
-    from llmrec.raysetup import init_ray, local_env_defaults
+    from llmrec.raysetup import init_ray, local_env_defaults, ray_detail_to_log_files
     from llmrec.state.store import StateStore
 
     local_env_defaults()
+    ray_detail_to_log_files()  # Ray Data's progress dumps to the session's log files
     init_ray(num_cpus=2, dashboard=False)
     store = StateStore(n_shards=1, log_dir=str(work / "lat-events"), name="bench-lat", namespace="bench",
                        snapshot_every=1000)

@@ -64,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from llmrec.log import setup_logging
-    from llmrec.raysetup import init_ray, local_env_defaults
+    from llmrec.raysetup import init_ray, local_env_defaults, ray_detail_to_log_files
 
     local_env_defaults()
+    ray_detail_to_log_files()  # Ray Data's progress dumps to the session's log files
     setup_logging("INFO")
     init_ray(dashboard=False)
     report: dict[str, Any] = {"machine": _machine(), "args": vars(args), "loadavg_start": os.getloadavg(),

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--min-new-events", type=int, default=20, help="fewer new events -> do nothing (default 20)"
     )
     p.add_argument("--lr", type=float, default=None, help="fine-tune learning rate (default: the model's)")
-    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (default 1)")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (default 1; 0 = in this process, Ray Train's local mode)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rollback", action="store_true", help="serve the previous model again and exit")
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")

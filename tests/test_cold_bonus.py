@@ -152,6 +152,32 @@ def test_validation_turns_the_imputation_on_where_made_cold_targets_need_it():
     # without a co-occurrence term there is nothing to impute: the grid is not tried
     _, info0 = tune_cold_bonus(model, val, None, n_candidates=items.n_items, frac=0.2, min_targets=20)
     assert info0["impute_grid"] == [0.0] and "1" not in info0["val_ndcg_by_impute"]
+    # the grid's one two-stage pass gives, per imputation and slot setting, what the served ranking of a model
+    # with those settings gives (served_val_ndcg, its own pass)
+    import scipy.sparse as sp
+
+    from llmrec.scorer.finalize import served_val_ndcg, served_val_ndcg_grid
+
+    cold = np.arange(0, items.n_items, 5)
+    keep = np.ones(items.n_items, dtype=np.float32)
+    keep[cold] = 0
+    sim_c = (sp.diags(keep) @ sim @ sp.diags(keep)).tocsr()  # made-cold items lose their co-occurrence data
+    with model.items_made_cold(cold):
+        grid_f, grid_e, saved = (0.0, 1.0), (0, 3), model.cfg
+        imputes = []
+        for f in grid_f:
+            model.cfg = dataclasses.replace(saved, cooc_impute=f)
+            imputes.append(model.cooc_impute(sim_c))
+        model.cfg = saved
+        got = served_val_ndcg_grid(model, val, sim_c, imputes, grid_e, n_candidates=items.n_items)
+        for fi, f in enumerate(grid_f):
+            for ei, e in enumerate(grid_e):
+                model.cfg = dataclasses.replace(saved, cooc_impute=f, cold_every=e)
+                want = served_val_ndcg(model, val, sim_c, model.cooc_impute(sim_c), items.n_items)
+                np.testing.assert_array_equal(got[fi, ei], want)
+        model.cfg = saved
+    # the imputation and the slots change the ranking here, so the check has teeth
+    assert got[0, 0].mean() != got[1, 0].mean() and got[1, 0].mean() != got[1, 1].mean()
 
 
 def _greedy_slots(score: np.ndarray, cold: np.ndarray, every: int) -> list[int]:

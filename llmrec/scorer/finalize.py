@@ -142,15 +142,17 @@ def finalize_ranking(
         logger.info("text boost per history-length bucket %s chosen on validation: %s",
                     list(boost_info["buckets"]), boost)
     if has_val:
+        t_cold = time.perf_counter()
         bonus, cold_info = tune_cold_bonus(model_for(mc), val, sim_train, cfg.n_candidates)
         mc["cold_bonus"] = bonus
         mc["cooc_impute"] = cold_info["cooc_impute"]
         mc["cold_every"] = cold_info["cold_every"]
         logger.info("cold-item bonus %.4g, imputed co-occurrence x %.4g, a cold slot every %s positions "
-                    "chosen on validation (%s)", bonus, mc["cooc_impute"], mc["cold_every"] or "- (none)",
+                    "chosen on validation (%s; %.1fs)", bonus, mc["cooc_impute"],
+                    mc["cold_every"] or "- (none)",
                     f"{cold_info['n_cold_targets']} targets of "
                     f"{cold_info['n_pseudo_cold_items']} items made cold"
-                    if cold_info.get("measured") else cold_info.get("why", ""))
+                    if cold_info.get("measured") else cold_info.get("why", ""), time.perf_counter() - t_cold)
     served: dict[str, Any] = {}
     if has_val:
         final = model_for(mc)
@@ -337,13 +339,14 @@ def tune_cold_bonus(
     saved_cfg = model.cfg
     try:
         with model.items_made_cold(pseudo):
-            for fi, f in enumerate(imp_grid):
+            imputes = []
+            for f in imp_grid:
                 model.cfg = dataclasses.replace(saved_cfg, cooc_impute=f)
-                impute = model.cooc_impute(sim_c)
-                for gi, g in enumerate(grid):
-                    model.cfg = dataclasses.replace(saved_cfg, cooc_impute=f, cold_bonus=g)
-                    per[fi, gi] = served_val_ndcg_slots(model, val, sim_c, impute, every, n_candidates, k,
-                                                        chunk)
+                imputes.append(model.cooc_impute(sim_c))
+            # the two-stage pass depends on the bonus only: one per bonus, every imputation and slots from it
+            for gi, g in enumerate(grid):
+                model.cfg = dataclasses.replace(saved_cfg, cold_bonus=g)
+                per[:, gi] = served_val_ndcg_grid(model, val, sim_c, imputes, every, n_candidates, k, chunk)
     finally:
         model.cfg = saved_cfg
     means, cold_means = per.mean(3), per[..., cold_users].mean(3)  # (F, G, E)
@@ -382,35 +385,39 @@ def served_val_ndcg(
     """(U,) NDCG@k of every validation user under the final ranking as served: the two-stage scores plus
     `cooc_weight` x the co-occurrence score (sim, with `impute` for items without co-occurrence data) when
     both are there, with the model's cold-item slots."""
-    return served_val_ndcg_slots(model, val, sim, impute, [int(model.cfg.cold_every)], n_candidates, k,
-                                 chunk)[0]
+    return served_val_ndcg_grid(model, val, sim, [impute], [int(model.cfg.cold_every)], n_candidates, k,
+                                chunk)[0, 0]
 
 
 @torch.no_grad()
-def served_val_ndcg_slots(
+def served_val_ndcg_grid(
     model: ScorerModel,
     val: sdata.ValidationSet,
     sim: sp.csr_matrix | None,
-    impute: tuple[np.ndarray, np.ndarray] | None,
+    imputes: Sequence[tuple[np.ndarray, np.ndarray] | None],
     every: Sequence[int],
     n_candidates: int = 200,
     k: int = 10,
     chunk: int = 256,
 ) -> np.ndarray:
-    """(E, U) `served_val_ndcg` with each of the cold-item slot settings `every` (`cold_slot_scores`) in
-    place of the model's: the scores are computed once and slotted E ways."""
-    out = np.zeros((len(every), val.n_users))
+    """(F, E, U) `served_val_ndcg` with each co-occurrence imputation of `imputes` (F) and each cold-item slot
+    setting of `every` (E) in place of the model's: one two-stage pass (which neither changes), then the
+    co-occurrence term F ways and the slots E ways."""
+    out = np.zeros((len(imputes), len(every), val.n_users))
     w = float(model.cfg.cooc_weight)
     users = np.arange(val.n_users)
     cold_item = (model.id_slots == 0).cpu().numpy()
     for ub, _, cand, head in two_stage_chunks(model, val, users, max(n_candidates, k), chunk=chunk):
-        f, cand_np = head.numpy(), cand.numpy()
-        if sim is not None and w > 0:
-            f = f + w * history_scores(sim, [val.positives[b] for b in ub], cand_np, impute=impute)
-        for j, e in enumerate(every):
-            fe = cold_slot_scores(f, cold_item[cand_np], e)
-            top = np.take_along_axis(cand_np, np.argsort(-fe, axis=1, kind="stable")[:, :k], axis=1)
-            out[j, ub] = [recall_ndcg(top[i], val.targets[b], k)[1] for i, b in enumerate(ub)]
+        base, cand_np = head.numpy(), cand.numpy()
+        positives = [val.positives[b] for b in ub]
+        for fi, impute in enumerate(imputes):
+            f = base
+            if sim is not None and w > 0:
+                f = base + w * history_scores(sim, positives, cand_np, impute=impute)
+            for j, e in enumerate(every):
+                fe = cold_slot_scores(f, cold_item[cand_np], e)
+                top = np.take_along_axis(cand_np, np.argsort(-fe, axis=1, kind="stable")[:, :k], axis=1)
+                out[fi, j, ub] = [recall_ndcg(top[i], val.targets[b], k)[1] for i, b in enumerate(ub)]
     return out
 
 

@@ -289,8 +289,11 @@ def _heldout_targets(
     from llmrec.protocol import History
 
     allev = pd.concat([train_ev, held], ignore_index=True)
-    allev = sort_events(allev[allev[schema.ITEM_ID].astype(str).isin(pos)])
+    allev = allev[allev[schema.ITEM_ID].astype(str).isin(pos)]
     cut = held[schema.TS].min() if len(held) else np.inf
+    # only a user with an event at or after the cut has a target: the others' histories are not built (the
+    # tie order is a function of each event's own columns, so the subset sorts as it would in the whole)
+    allev = sort_events(allev[allev[schema.USER_ID].isin(allev.loc[allev[schema.TS] >= cut, schema.USER_ID])])
     targets, hists = [], []
     for uid, g in allev.groupby(schema.USER_ID, sort=False):
         idx = np.array([pos[str(i)] for i in g[schema.ITEM_ID]], np.int64)

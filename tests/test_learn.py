@@ -146,3 +146,36 @@ def test_replay_with_the_learning_loop_beats_live_state_alone(ray_local, tmp_pat
     assert lo > 0, out["diff_ci95"]
     assert out["model_freshness"]["rounds_accepted"] >= 1
     assert json.loads((tmp_path / "eval" / "replay.json").read_text())["learn_every"] == 120
+
+
+def test_heldout_targets_equal_a_walk_over_every_user():
+    """The judge's targets and histories (only users with an event at or after the cut are walked) equal
+    the walk over every user's sorted events: same targets, same histories, same order; with same-second
+    ties at the cut, negative feedback, repeats and users that have no held-back event."""
+    from llmrec.data.order import sort_events
+    from llmrec.learn import _heldout_targets
+
+    rng = np.random.default_rng(3)
+    items = [f"i{j}" for j in range(60)]
+    pos = {i: k for k, i in enumerate(items)}
+    rows = [(f"u{rng.integers(80)}", items[rng.integers(60)], int(rng.integers(0, 30)), np.nan,
+             ["click", "like", "dislike", "skip"][rng.integers(4)]) for _ in range(600)]
+    rows.append(("u99", "not-in-catalog", 29, np.nan, "click"))
+    ev = pd.DataFrame(rows, columns=[schema.USER_ID, schema.ITEM_ID, schema.TS, schema.RATING, schema.EVENT])
+    ev = ev.sort_values(schema.TS, kind="mergesort")
+    train, held = ev.iloc[:-100], ev.iloc[-100:]  # training rows share the cut's second with held-back ones
+    cut = held[schema.TS].min()
+    assert (train[schema.TS] == cut).any()
+    targets, hists = _heldout_targets(train, held, pos)
+    want_t, want_h = [], []
+    allev = sort_events(ev[ev[schema.ITEM_ID].isin(pos)])
+    for uid, g in allev.groupby(schema.USER_ID, sort=False):
+        idx = g[schema.ITEM_ID].map(pos).to_numpy()
+        for t in range(1, len(g)):
+            if g[schema.TS].iloc[t] >= cut and g[schema.EVENT].iloc[t] not in schema.NEGATIVE_KINDS \
+                    and idx[t] not in idx[:t]:
+                want_t.append(int(idx[t]))
+                want_h.append((uid, tuple(idx[:t])))
+    assert len(want_t) > 20 and len({u for u, _ in want_h}) < 80  # some users have no target
+    assert targets == want_t
+    assert [(h.user_id, tuple(h.item_idx)) for h in hists] == want_h

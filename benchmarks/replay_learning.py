@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     report = outs[workers[0]] if len(workers) == 1 else {
         "by_learn_num_workers": {str(n): o for n, o in outs.items()},
         # round seconds of each setting over the first one's (the named baseline of this run)
-        "round_s_p50_ratio": {str(n): _round_p50(outs[n]) / _round_p50(outs[workers[0]]) for n in workers},
+        "round_s_p50_ratio": {str(n): outs[n]["model_freshness"]["round_s_p50"]
+                              / outs[workers[0]]["model_freshness"]["round_s_p50"] for n in workers},
     }
     path = Path(args.out) if args.out else work / "replay.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,13 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(workers) > 1:
         print("round seconds p50 / first setting's:", json.dumps(report["round_s_p50_ratio"]))
     return 0
-
-
-def _round_p50(out: dict) -> float:
-    """Median seconds of a replay's learning rounds."""
-    import numpy as np
-
-    return float(np.median([r["seconds"] for r in out["learn_rounds"]]))
 
 
 if __name__ == "__main__":

@@ -642,7 +642,6 @@ def test_set_base_swaps_runs_and_rebuilds_materialised_users(tmp_path: Path) -> 
 
 def test_store_loads_base_in_every_shard_and_a_restarted_shard_keeps_the_swapped_base(
         store_factory, tmp_path: Path) -> None:
-
     df_a, df_b = make_interactions(seed=1), make_interactions(seed=2, user_prefix="q")
     a, b = write_run_data(tmp_path / "a", df_a), write_run_data(tmp_path / "b", df_b)
     store = store_factory(n_shards=2, vectorizer_factory=vec_factory(), history_len=H, base_dir=str(a),

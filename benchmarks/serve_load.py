@@ -1,16 +1,22 @@
 """Bounded HTTP load test of the llmrec Serve app on 127.0.0.1 (synthetic catalogs of random unit vectors).
 
-For each catalog size: build a run folder (random 384-d unit vectors, ItemIndex kind "auto": flat at 10k,
-HNSW at 100k), start the app on a free loopback port, give `--users` users 20 liked items each, then measure
-(client-side wall time per request, keep-alive sessions):
+For each catalog size and each `--topologies` entry (`in_ingress`: the default app, the model inside each
+Ingress replica; `split`: `build_app(split_model=True)`, the model in a Recommender deployment behind a
+handle, the app's only topology before 2026-12-02 and the baseline of the ratios): build a run folder (random
+384-d unit vectors, ItemIndex kind "auto": flat at 10k, HNSW at 100k), start the app on a free loopback port,
+give `--users` users 20 liked items each, then measure (client-side wall time per request, keep-alive
+sessions):
   - POST /feedback (one event) and GET /recommend (k=10) latency, 1 client and `--clients` concurrent clients;
   - feedback->visible: POST a like, then GET /recommend until it reports the new state_version (read-your-
     writes means one GET; the figure is the POST+GET pair);
   - sustained events/s: `--clients` clients posting single events, and batches of 50, for `--seconds` s.
-Writes a JSON report (`--out`) and prints a table. Everything runs on this machine: the load generator,
-proxy, replicas and shard actors share its cores, so the figures are a lower bound for a real deployment.
+Then the floor of the platform (`--floor`, on by default): the same hops with no work in them (Serve's
+HTTP proxy -> a FastAPI deployment -> one actor call, a fixed 10-item answer), GET at 1 and `--clients`
+clients: no llmrec app on this machine can beat it. Writes a JSON report (`--out`) and prints a table.
+Everything runs on this machine: the load generator, proxy, replicas and shard actors share its cores, so
+the figures are a lower bound for a real deployment.
 
-    python benchmarks/serve_load.py --sizes 10000 100000 --out benchmarks/results/serve_load.json
+    python benchmarks/serve_load.py --sizes 10000 --clients 16 --out runs/bench/serve_load.json
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=200, help="users with a history")
     p.add_argument("--seconds", type=float, default=10.0, help="duration of each sustained-throughput phase")
     p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--topologies", nargs="+", default=["in_ingress", "split"],
+                   choices=["in_ingress", "split"], help="where the model runs (see the module docstring)")
+    p.add_argument("--no-floor", dest="floor", action="store_false", help="skip the no-work app")
     p.add_argument("--out", default=None, help="JSON report path")
     args = p.parse_args(argv)
 
@@ -62,9 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         for n in args.sizes:
-            with tempfile.TemporaryDirectory(prefix=f"llmrec-load-{n}-") as tmp:
-                report["results"].append(_bench_size(n, args, Path(tmp), port))
-            _print(report["results"][-1])
+            for topology in args.topologies:
+                with tempfile.TemporaryDirectory(prefix=f"llmrec-load-{n}-") as tmp:
+                    report["results"].append(_bench_size(n, args, Path(tmp), port, topology))
+                _print(report["results"][-1])
+            _ratios(report["results"], n, args.clients)
+        if args.floor:
+            report["floor"] = _floor(args, port)
+            print("\n== floor (proxy -> FastAPI -> an actor call, no work):", json.dumps(report["floor"]))
     finally:
         serve.shutdown()
     if args.out:
@@ -74,7 +88,60 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _bench_size(n: int, args: argparse.Namespace, tmp: Path, port: int) -> dict[str, Any]:
+def _ratios(results: list[dict[str, Any]], n: int, clients: int) -> None:
+    """in_ingress / split throughput and p99 of GET /recommend, into the in_ingress result (both measured)."""
+    by = {r["topology"]: r for r in results if r["n_items"] == n}
+    if {"in_ingress", "split"} <= set(by):
+        new, old = by["in_ingress"], by["split"]
+        for c in (1, clients):
+            key = f"recommend_{c}client" + ("s" if c > 1 else "")
+            new[f"{key}_vs_split"] = {
+                "req_per_s_ratio": round(new[key]["req_per_s"] / old[key]["req_per_s"], 2),
+                "p99_ratio": round(new[key]["p99_ms"] / old[key]["p99_ms"], 2),
+            }
+            print(f"  in_ingress / split, {key}: {new[f'{key}_vs_split']}")
+
+
+def _floor(args: argparse.Namespace, port: int) -> dict[str, Any]:
+    """The no-work app of the same hops (module docstring): GET latency at 1 and `--clients` clients."""
+    import ray
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @ray.remote(num_cpus=0)
+    class Nothing:
+        def get(self, user_id: str) -> dict[str, Any]:
+            return {"user_id": user_id}
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=200)
+    @serve.ingress(api)
+    class Floor:
+        def __init__(self) -> None:
+            self.actor = Nothing.remote()
+
+        @api.get("/recommend")
+        async def recommend(self, user_id: str) -> dict[str, Any]:
+            state = await self.actor.get.remote(user_id)
+            return {"user_id": state["user_id"], "items": [{"item_id": str(i)} for i in range(10)]}
+
+    serve.run(Floor.bind(), name="floor", route_prefix="/floor", logging_config={"enable_access_log": False})
+    url = f"http://127.0.0.1:{port}/floor/recommend"
+
+    def get(s: Any, r: np.random.Generator) -> None:
+        resp = s.get(url, params={"user_id": f"user{int(r.integers(100))}"}, timeout=60)
+        assert resp.status_code == 200, resp.text
+
+    for _ in range(20):
+        get(__import__("requests").Session(), np.random.default_rng(0))
+    out = {"get_1client": _latency(get, 1, args.requests),
+           f"get_{args.clients}clients": _latency(get, args.clients, args.requests // 2)}
+    serve.delete("floor")
+    return out
+
+
+def _bench_size(n: int, args: argparse.Namespace, tmp: Path, port: int, topology: str) -> dict[str, Any]:
     import requests
     from ray import serve
 
@@ -85,11 +152,12 @@ def _bench_size(n: int, args: argparse.Namespace, tmp: Path, port: int) -> dict[
     ids = _make_run(tmp / "run", n, args.dim)
     build_s = time.perf_counter() - t0
     core_ms = _core_latency(tmp / "run", ids, args.requests)
-    name = f"load{n}"
+    name = f"load{n}{topology}"
     state_name = f"load-state-{uuid.uuid4().hex[:6]}"
     t0 = time.perf_counter()
     serve.run(
-        build_app({"run_dir": str(tmp / "run"), "n_shards": args.shards, "state_name": state_name}),
+        build_app({"run_dir": str(tmp / "run"), "n_shards": args.shards, "state_name": state_name,
+                   "split_model": topology == "split"}),
         name=name,
         route_prefix=f"/{name}",
         logging_config={"enable_access_log": False},
@@ -143,6 +211,7 @@ def _bench_size(n: int, args: argparse.Namespace, tmp: Path, port: int) -> dict[
 
     res: dict[str, Any] = {
         "n_items": n,
+        "topology": topology,
         "build_s": round(build_s, 1),
         "app_start_s": round(start_s, 1),
         "core_recommend_in_process": core_ms,
@@ -315,7 +384,8 @@ def _machine() -> dict[str, Any]:
 
 
 def _print(res: dict[str, Any]) -> None:
-    print(f"\n== {res['n_items']} items (index build {res['build_s']} s, app start {res['app_start_s']} s)")
+    print(f"\n== {res['n_items']} items, model {res['topology']} (index build {res['build_s']} s, "
+          f"app start {res['app_start_s']} s)")
     for k, v in res.items():
         if isinstance(v, dict):
             print(

@@ -224,6 +224,10 @@ class ServeConfig:
     state_backend: str = option("file", "where the state shards keep log, snapshots and tombstones: file "
                                 "(RUN/events) or redis (the URL, password included, from $LLMREC_STATE_URL; "
                                 "survives node loss)", choices=("file", "redis"))
+    split_model: bool = option(False, "run the model (index, scorer, text encoder) as a Recommender "
+                               "deployment of its own instead of inside each Ingress replica: its replicas "
+                               "scale (and may take GPUs) apart from the HTTP ones, at the cost of one more "
+                               "hop per request (benchmarks/serve_load.py measures both)")
     train_in_background: bool = option(False, "serve at once and train the scorer meanwhile in a separate "
                                        "process (llmrec pipeline --stages train; log in "
                                        "RUN/logs/train-background.log), then redeploy so that it serves when "
@@ -264,6 +268,7 @@ class ServeConfig:
             "history_len": self.history_len,
             "log_retention_days": self.log_retention_days,
             "shard_memory_mb": self.shard_memory_mb,
+            "split_model": self.split_model,
         }
 
 

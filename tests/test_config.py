@@ -436,7 +436,7 @@ def test_every_serve_flag_from_before_still_exists_with_its_default():
     assert args.load_run_users is not SERVE_DEFAULTS_BEFORE["no_run_users"]
     assert p.parse_args([*SERVE_REQUIRED, "--no-run-users"]).load_run_users is False
     assert config_from_args(ServeConfig, args) == ServeConfig()
-    assert ServeConfig().app_args() == APP_DEFAULTS_BEFORE
+    assert ServeConfig().app_args() == {**APP_DEFAULTS_BEFORE, "split_model": False}  # one key added since
     with pytest.raises(SystemExit):  # the choices --state-backend always offered
         p.parse_args([*SERVE_REQUIRED, "--state-backend", "s3"])
 
@@ -445,7 +445,7 @@ def test_every_serve_field_is_a_flag_that_reaches_the_config():
     changed = {"host": "0.0.0.0", "port": 8123, "shards": 2, "replicas": 3, "model": "m",
                "log_user_ids": True,
                "load_run_users": False, "history_len": 50, "log_retention_days": 7.5, "shard_memory_mb": 0,
-               "state_backend": "redis", "train_in_background": True}
+               "state_backend": "redis", "train_in_background": True, "split_model": True}
     assert sorted(changed) == sorted(f.name for f in dataclasses.fields(ServeConfig))
     argv = [*SERVE_REQUIRED, *_argv(changed, {"load_run_users": "--run-users"})]
     assert "--no-run-users" in argv

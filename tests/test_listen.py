@@ -113,14 +113,17 @@ def listening_app(listening_run):
     run, topic = listening_run
     port = start_serve()
     name = f"listen{uuid.uuid4().hex[:6]}"
+    # the model in a Recommender deployment of its own (split_model): the other served-app tests
+    # (test_serve_app) run the default app, with the model inside the Ingress
     serve.run(build_app({"run_dir": str(run), "n_shards": 2, "state_name": f"test-state-{name}",
-                         "num_cpus": 0.1, "log_dir": str(run / "events-test")}),
+                         "num_cpus": 0.1, "log_dir": str(run / "events-test"), "split_model": True}),
               name=name, route_prefix=f"/{name}")
     import requests
 
     http = requests.Session()
     url = f"http://127.0.0.1:{port}/{name}"
     assert http.get(f"{url}/admin/stats", timeout=60).json()["model"]["scorer"] is True  # the scorer serves
+    assert set(serve.status().applications[name].deployments) == {"Ingress", "Recommender"}
     yield http, url, topic, run
     serve.delete(name)
 

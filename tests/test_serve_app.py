@@ -378,16 +378,19 @@ def test_redeploy_with_another_data_dir_swaps_the_run_users(
 
 
 def test_deployments_are_healthy_and_a_recommender_without_model_fails_its_probe(app: App) -> None:
-    """Serve calls check_health on both deployments; the Recommender's probe searches its index."""
+    """The default app is one deployment, the Ingress, with the model in its process (test_listen serves
+    the split one); Serve calls its check_health, which runs the model's probe: a search on its index."""
     from ray import serve
 
-    from llmrec.serve.recommender import Recommender
+    from llmrec.serve.recommender import ModelClient, Recommender
 
     status = serve.status().applications[app.name]
-    assert {name: d.status == "HEALTHY" for name, d in status.deployments.items()} == {
-        "Ingress": True, "Recommender": True}
+    assert {name: d.status == "HEALTHY" for name, d in status.deployments.items()} == {"Ingress": True}
     rec = Recommender.func_or_class(str(app.run), None, "cpu")  # the deployment's class, in this process
-    assert rec.check_health() is None  # one top-1 search on the loaded index
+    client = ModelClient(local=rec)  # what the Ingress holds and its check_health calls
+    assert rec.check_health() is None and client.check_health() is None  # one top-1 search on the index
     rec._state = None  # as before its model loads (or after a failed swap)
     with pytest.raises(RuntimeError, match="no model loaded"):
-        rec.check_health()
+        client.check_health()
+    with pytest.raises(ValueError, match="exactly one of local"):
+        ModelClient()

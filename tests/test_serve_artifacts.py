@@ -57,12 +57,16 @@ def test_build_app_resolves_once_and_both_deployments_get_that_value(
 ) -> None:
     from llmrec.serve.app import build_app
     from llmrec.serve.ingress import Ingress
-    from llmrec.serve.recommender import Recommender
+    from llmrec.serve.recommender import ModelClient, Recommender
     from llmrec.serve.run_artifacts import RunArtifacts, resolve_artifacts
 
     run = tiny_run_with_eval(tmp_path / "run", tiny_model_dir)
     reads = count_reads(monkeypatch, run)
-    app = build_app({"run_dir": str(run), "user_config": USER_CONFIG})
+    default = build_app({"run_dir": str(run), "user_config": USER_CONFIG})._bound_deployment
+    assert default.init_args[0] is None  # no Recommender deployment: each Ingress replica loads the model
+    assert isinstance(default.init_kwargs["artifacts"], RunArtifacts)
+    reads.clear()
+    app = build_app({"run_dir": str(run), "user_config": USER_CONFIG, "split_model": True})
     assert reads == {"eval/metrics.json": 1}  # the scorer choice, made once for the app
     ingress = app._bound_deployment
     recommender = ingress.init_args[0]._bound_deployment
@@ -78,9 +82,10 @@ def test_build_app_resolves_once_and_both_deployments_get_that_value(
     assert reads == {"embeddings/meta.json": 1, "index/meta.json": 1}  # each meta once, no re-resolution
     assert rec.info()["scorer_why"] == arts.scorer_why and rec.info()["n_items"] == 19
 
-    # the Ingress's reconfigure needs the embeddings folder only: with the same user_config it reads nothing
+    # the Ingress's reconfigure needs the embeddings folder only, and passes the user_config to its
+    # in-process model (here the Recommender above): with the same user_config neither reads anything
     me = types.SimpleNamespace(run_dir=str(run), _embeddings_dir=arts.embeddings_dir, _default_data_dir=None,
-                               _data_dir=None)
+                               _data_dir=None, model=ModelClient(local=rec))
     asyncio.run(Ingress.func_or_class.reconfigure(me, dict(USER_CONFIG)))
     assert reads == {"embeddings/meta.json": 1, "index/meta.json": 1}
 

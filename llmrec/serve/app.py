@@ -13,7 +13,10 @@ is coerced here; the options `llmrec serve` shares take their defaults and range
         read by each replica from this file (a mounted Kubernetes Secret) or environment variable; none =
         no auth. auth_token (None): the token itself, for callers that already read it (`llmrec serve`);
         never put it in a config file.
-    num_replicas (1) or autoscaling ({"min_replicas", "max_replicas", ...}): for both deployments.
+    num_replicas (1) or autoscaling ({"min_replicas", "max_replicas", ...}): for the Ingress (and the
+        Recommender when split).
+    split_model (False): the model (index, scorer, text encoder) as a `Recommender` deployment of its own,
+        called through its handle, instead of inside each Ingress replica (one more hop per request).
     log_user_ids (False): log user ids in clear instead of hashed.
     model (None): text encoder path/name for queries and text feedback (default: the embeddings' model).
     user_config ({}): initial Recommender/Ingress user_config (embeddings_dir, index_dir, scorer_dir,
@@ -68,11 +71,13 @@ _KNOWN_ARGS = {
     "shard_memory_mb",
     "state_url",
     "state_url_env",
+    "split_model",
 }
 
 
 def build_app(args: Mapping[str, Any]) -> Any:
-    """Build the Serve application (Ingress -> Recommender, plus the state shards the Ingress opens).
+    """Build the Serve application: the Ingress (with the model in its process, or a Recommender deployment
+    behind it when `split_model`), plus the state shards the Ingress opens.
 
     Returns:
         a `ray.serve.Application`; run it with `serve.run(app)`.
@@ -106,13 +111,17 @@ def build_app(args: Mapping[str, Any]) -> Any:
     # starts the new replicas before the old ones stop, so a redeploy has no gap. `serve deploy` with only a
     # changed user_config is an in-place `reconfigure` instead.
     scale["max_surge_percent"] = 100
-    recommender = Recommender.options(
-        user_config=cfg["user_config"], ray_actor_options=actor_opts, **scale
-    ).bind(cfg["run_dir"], cfg["model"], cfg["device"], artifacts=artifacts)
+    recommender = (  # None: every Ingress replica loads the model itself (no hop per request)
+        Recommender.options(user_config=cfg["user_config"], ray_actor_options=actor_opts, **scale).bind(
+            cfg["run_dir"], cfg["model"], cfg["device"], artifacts=artifacts)
+        if cfg["split_model"] else None
+    )
     ingress = Ingress.options(user_config=cfg["user_config"], ray_actor_options=actor_opts, **scale).bind(
         recommender,
         cfg["run_dir"],
         n_shards=cfg["n_shards"],
+        model=cfg["model"],
+        device=cfg["device"],
         auth_token=cfg["auth_token"],
         auth_token_file=cfg["auth_token_file"],
         auth_token_env=cfg["auth_token_env"],
@@ -130,8 +139,9 @@ def build_app(args: Mapping[str, Any]) -> Any:
         artifacts=artifacts,
     )
     logger.info(
-        "built llmrec app for %s (%d shards, users from %s, auth %s)",
+        "built llmrec app for %s (model %s, %d shards, users from %s, auth %s)",
         cfg["run_dir"],
+        "in its own Recommender deployment" if cfg["split_model"] else "in the Ingress replicas",
         cfg["n_shards"],
         cfg["data_dir"] or "nowhere: the state shards start empty",
         "on" if cfg["auth_token"] or cfg["auth_token_file"] or cfg["auth_token_env"] else "off",
@@ -179,6 +189,7 @@ def _parse_args(args: Mapping[str, Any]) -> dict[str, Any]:
         history_len=_int(args.get("history_len", d.history_len), "history_len"),
         log_retention_days=_days(args.get("log_retention_days")),
         shard_memory_mb=_int(args.get("shard_memory_mb", d.shard_memory_mb), "shard_memory_mb"),
+        split_model=_bool(args.get("split_model", d.split_model), "split_model"),
     )
     max_body_bytes = _int(args.get("max_body_bytes", 1 << 20), "max_body_bytes")
     if not 1024 <= max_body_bytes <= 1 << 30:
@@ -206,6 +217,7 @@ def _parse_args(args: Mapping[str, Any]) -> dict[str, Any]:
         "shard_memory_mb": opts.shard_memory_mb or None,
         "state_url": _state_url(args.get("state_url")),
         "state_url_env": str(args["state_url_env"]) if args.get("state_url_env") else None,
+        "split_model": opts.split_model,
     }
 
 

@@ -1,10 +1,12 @@
 """The HTTP deployment `Ingress` (FastAPI): routes, error handlers, the bearer-token check and metrics.
 
     HTTP --> Ingress --(StateStore: S named UserStateShard actors)--> state get/apply/delete
-                    \\--(DeploymentHandle)--> Recommender.recommend (@serve.batch) / .embed (@serve.batch)
+                    \\--(ModelClient)--> Recommender.recommend (@serve.batch) / .embed (@serve.batch)
 
-The Ingress validates everything (4xx `{"error": ...}` for any client mistake, never a 500), embeds feedback
-text through the Recommender (`llmrec.serve.recommender`), writes events through the `StateStore` (fsync'd
+The model (`llmrec.serve.recommender.Recommender`) lives in the Ingress replica's own process by default;
+with `split_model` it is a deployment of its own behind a handle (one more hop per request). The Ingress
+validates everything (4xx `{"error": ...}` for any client mistake, never a 500), embeds feedback text through
+the model, writes events through the `StateStore` (fsync'd
 log before the answer, so the next /recommend sees them: read-your-writes) and exports the metrics named in
 `METRICS` (through `ray.serve.metrics`, so each series also carries its deployment, replica and application;
 the users gauge is per state shard, so every Ingress replica exports the same per-shard values: dashboards
@@ -35,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmrec import __version__, schema
 from llmrec.serve import auth
 from llmrec.serve import schemas as S
-from llmrec.serve.recommender import unwrap_result
+from llmrec.serve.recommender import ModelClient, unwrap_result
 from llmrec.serve.run_artifacts import RunArtifacts, embeddings_dir_of
 from llmrec.state.errors import StateUnavailable
 
@@ -127,21 +129,34 @@ def unavailable(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-@api.middleware("http")
-async def _require_token(request: Request, call_next: Callable[..., Any]) -> Any:
+class _RequireToken:
     """Every route except /healthz needs `Authorization: Bearer <token>` when a token is configured (reads
-    too: /users holds a user's whole history and text feedback)."""
-    token = auth.replica_token()  # set by this replica's Ingress (llmrec.serve.auth says why it lives there)
-    if token is not None and not request.url.path.endswith("/healthz"):
-        scheme, _, got = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), token.encode()):
-            _count_error(request, 401)
-            return JSONResponse(
-                {"error": "missing or wrong bearer token: send `Authorization: Bearer <token>`"},
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-    return await call_next(request)
+    too: /users holds a user's whole history and text feedback). A plain ASGI middleware: Starlette's
+    `BaseHTTPMiddleware` (`@app.middleware("http")`) runs every request through extra tasks and streams."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(
+        self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
+    ) -> None:
+        token = auth.replica_token()  # set by this replica's Ingress (llmrec.serve.auth says why)
+        if scope["type"] == "http" and token is not None and not scope["path"].endswith("/healthz"):
+            request = Request(scope)
+            scheme, _, got = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), token.encode()):
+                _count_error(request, 401)
+                response = JSONResponse(
+                    {"error": "missing or wrong bearer token: send `Authorization: Bearer <token>`"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(_RequireToken)
 
 
 _METRICS: dict[str, Any] = {}
@@ -209,6 +224,8 @@ class Ingress:
         recommender: Any,
         run_dir: str,
         n_shards: int = 4,
+        model: str | None = None,
+        device: str = "cpu",
         auth_token: str | None = None,
         auth_token_file: str | None = None,
         auth_token_env: str | None = None,
@@ -225,11 +242,17 @@ class Ingress:
         state_url_env: str | None = None,
         artifacts: RunArtifacts | None = None,
     ) -> None:
-        """`artifacts`: what the app serves, resolved once by `build_app` (None: RUN's defaults); the Ingress
-        validates item ids against its embeddings. The other args: `build_app`'s of the same names."""
+        """`recommender`: the `Recommender` deployment's handle (`split_model`), or None to load the model
+        in this replica (`model`, `device`: the text encoder and its device). `artifacts`: what the app
+        serves, resolved once by `build_app` (None: RUN's defaults); the Ingress validates item ids against
+        its embeddings. The other args: `build_app`'s of the same names."""
+        from llmrec.serve.recommender import Recommender
         from llmrec.state.store import EmbeddingsMeanVectorizer, StateStore
 
-        self.recommender = recommender
+        self.model = (
+            ModelClient(handle=recommender) if recommender is not None
+            else ModelClient(local=Recommender.func_or_class(run_dir, model, device, artifacts=artifacts))
+        )
         self.run_dir = str(run_dir)
         from llmrec.serve.auth import read_token
 
@@ -283,6 +306,7 @@ class Ingress:
         return frozenset(str(x) for x in read_item_ids(embeddings_dir))
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        await self.model.reconfigure(user_config)  # an in-process model first: it resolves the artifacts
         emb = embeddings_dir_of(self.run_dir, user_config)  # no scorer choice here: nothing is read
         if emb != self._embeddings_dir:
             self._item_ids = await asyncio.get_running_loop().run_in_executor(None, self._read_item_ids, emb)
@@ -301,13 +325,16 @@ class Ingress:
             )
 
     async def check_health(self) -> None:
-        """Serve's health probe: the ingress is usable when it holds the catalog ids it validates against.
+        """Serve's health probe: the ingress is usable when it holds the catalog ids it validates against
+        and its in-process model answers a search (`Recommender.check_health`).
 
-        State shards are actors that Ray restarts by themselves, and the Recommender has its own probe;
-        replacing this replica would mend neither, so their outages fail requests (5xx), not this probe.
+        State shards are actors that Ray restarts by themselves, and a split Recommender deployment has its
+        own probe; replacing this replica would mend neither, so their outages fail requests (5xx), not
+        this probe.
         """
         if not self._item_ids:
             raise RuntimeError("Ingress holds no catalog item ids")
+        self.model.check_health()
 
     # -- helpers
     def _uid(self, user_id: str) -> str:
@@ -384,7 +411,7 @@ class Ingress:
                 f"ids must come from the catalog ({len(self._item_ids)} items)",
             )
         texts = [e.text for e in events if e.text is not None]
-        encoded = await asyncio.gather(*[self.recommender.embed.remote(t) for t in texts]) if texts else []
+        encoded = await asyncio.gather(*[self.model.embed(t) for t in texts]) if texts else []
         vecs = iter([unwrap_result(v, "text encoding") for v in encoded])
         from llmrec.state.errors import InvalidEvent
 
@@ -428,7 +455,7 @@ class Ingress:
         if q is not None and not S.printable(q):
             raise ClientError(422, "q must contain non-blank text without control characters")
         state = await self.store.get(user_id)
-        res = unwrap_result(await self.recommender.recommend.remote(
+        res = unwrap_result(await self.model.recommend(
             {"user_id": user_id, "state": state, "k": k, "q": q, "exclude_seen": exclude_seen}
         ), "ranking")
         dt = (time.perf_counter() - t0) * 1e3
@@ -491,7 +518,7 @@ class Ingress:
     @_eager_annotations
     async def healthz(self) -> dict[str, Any]:
         """Liveness of the model deployment and every state shard; also refreshes `llmrec_state_users`."""
-        info = await self.recommender.info.remote()
+        info = await self.model.info()
         stats = await self.store.stats()
         _set_users_gauge(stats)
         return {
@@ -509,7 +536,7 @@ class Ingress:
         on)."""
         from llmrec.learn import read_registry
 
-        info = await self.recommender.info.remote()
+        info = await self.model.info()
         try:
             registry = read_registry(self.run_dir)
         except ValueError as e:
@@ -547,7 +574,7 @@ class Ingress:
     @_eager_annotations
     async def admin_stats(self, request: Request) -> dict[str, Any]:
         """Model info and per-shard state counts (bearer token when auth is on)."""
-        info = await self.recommender.info.remote()
+        info = await self.model.info()
         stats = await self.store.stats()
         _set_users_gauge(stats)
         return {"model": info, "state": stats, "pid": os.getpid()}

@@ -1,12 +1,16 @@
-"""The model deployment `Recommender`: retrieval, re-ranking and text encoding for one run folder.
+"""The model `Recommender`: retrieval, re-ranking and text encoding for one run folder.
 
 It holds a `RecommendCore` (catalog + ItemIndex + optional Scorer) and the BERT `TextEncoder` (for `q`
-queries and text feedback). `reconfigure(user_config)` builds a new core off the event loop and swaps it in
-one assignment, so requests keep being served by the old model until the new one is ready. Its batch
-handlers answer each request of a batch alone when the batch fails (`{"error": ...}` for the failing ones;
-`unwrap_result` turns that into `RequestFailed` in the caller). `check_health` is Serve's periodic probe
-(every 10 s): a Recommender whose index cannot answer a search (e.g. a device error after start) is
-replaced instead of being sent requests.
+queries and text feedback). By default every Ingress replica holds one in its own process (`ModelClient`:
+no hop between the HTTP request and its ranking); with `build_app(split_model=True)` it is a deployment of
+its own, called through its handle, whose replicas scale (and may take GPUs) apart from the HTTP ones.
+`reconfigure(user_config)` builds a new core off the event loop and swaps it in one assignment, so
+requests keep being served by the old model until the new one is ready. Its batch handlers run the
+ranking and the encoder in a worker thread (the event loop keeps answering other requests) and answer each
+request of a batch alone when the batch fails (`{"error": ...}` for the failing ones; `unwrap_result` turns
+that into `RequestFailed` in the caller). `check_health` is Serve's periodic probe (every 10 s): a replica
+whose index cannot answer a search (e.g. a device error after start) is replaced instead of being sent
+requests.
 
 user_config keys (the Ingress gets the same dict; all optional): `embeddings_dir`, `index_dir`,
 `scorer_dir` (null = no scorer; default RUN/scorer when it holds a meta.json), `model_version` (default: a
@@ -191,8 +195,10 @@ class Recommender:
     async def embed(self, texts: list[str]) -> list[list[float] | dict[str, str]]:
         """Batched BERT encoding: one text in, its (D,) unit vector out (or {"error": ...} for that text
         alone when it cannot be encoded: one bad request never fails the others of its batch)."""
-        return _isolated(lambda batch: [v.tolist() for v in self._encoder.encode(list(batch), batch_size=32)],
-                         texts, "embed")
+        encoder = self._encoder
+        return await asyncio.get_running_loop().run_in_executor(
+            None, _isolated, lambda batch: [v.tolist() for v in encoder.encode(list(batch), batch_size=32)],
+            texts, "embed")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def recommend(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -200,7 +206,8 @@ class Recommender:
         Returns {items, model_version} per request, or {"error": ...} for a request that failed alone."""
         self._watch_registry()  # a model the learning loop made current since the last batch swaps in first
         st = self._state  # one model for the whole batch, also when it is re-ranked request by request
-        return _isolated(lambda batch: self._rank(st, batch), reqs, "recommend")
+        return await asyncio.get_running_loop().run_in_executor(
+            None, _isolated, lambda batch: self._rank(st, batch), reqs, "recommend")
 
     def _rank(self, st: _Served, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from llmrec.serve.user_view import Query, UserView
@@ -236,6 +243,48 @@ def _isolated(fn: Callable[[list[Any]], list[Any]], batch: list[Any], what: str)
             logger.error("%s failed for one request of a batch of %d: %s", what, len(batch), type(e).__name__)
             out.append({"error": type(e).__name__})
     return out
+
+
+class ModelClient:
+    """How the Ingress reaches the model: a `Recommender` in its own process (`local`, the default app) or
+    the `Recommender` deployment's handle (`handle`, `build_app(split_model=True)`); the same awaitable
+    calls either way.
+
+    Raises:
+        ValueError: not exactly one of `local` and `handle` given.
+    """
+
+    def __init__(self, local: Any = None, handle: Any = None) -> None:
+        if (local is None) == (handle is None):
+            raise ValueError("ModelClient needs exactly one of local (a Recommender) and handle (a "
+                             "DeploymentHandle)")
+        self.local, self.handle = local, handle
+
+    async def recommend(self, req: dict[str, Any]) -> dict[str, Any]:
+        """`Recommender.recommend` for one request (batched with the others in flight)."""
+        if self.local is not None:
+            return await self.local.recommend(req)
+        return await self.handle.recommend.remote(req)
+
+    async def embed(self, text: str) -> list[float] | dict[str, str]:
+        if self.local is not None:
+            return await self.local.embed(text)
+        return await self.handle.embed.remote(text)
+
+    async def info(self) -> dict[str, Any]:
+        if self.local is not None:
+            return self.local.info()
+        return await self.handle.info.remote()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """The in-process model takes the Ingress's user_config; Serve sends a split deployment its own."""
+        if self.local is not None:
+            await self.local.reconfigure(user_config)
+
+    def check_health(self) -> None:
+        """The in-process model's probe (a split deployment has its own, which Serve calls)."""
+        if self.local is not None:
+            self.local.check_health()
 
 
 class RequestFailed(RuntimeError):

@@ -97,8 +97,9 @@ def build_app(args: Mapping[str, Any]) -> Any:
     from llmrec.serve.recommender import Recommender
     from llmrec.serve.run_artifacts import resolve_artifacts
 
-    # once per app, handed to both deployments: which embeddings, index and scorer serve (the registry or
-    # the run's evaluation decides the scorer), so the replicas neither repeat nor disagree on that choice
+    # once per app, handed to the Ingress (and a split Recommender): which embeddings, index and scorer
+    # serve (the registry or the run's evaluation decides the scorer), so the replicas neither repeat nor
+    # disagree on that choice
     artifacts = resolve_artifacts(cfg["run_dir"], cfg["user_config"])
 
     scale: dict[str, Any] = (

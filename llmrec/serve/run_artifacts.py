@@ -1,7 +1,7 @@
 """Which artifacts a serving app uses, and loading them: the run folder's embeddings, index and scorer.
 
 - `RunArtifacts`: the folders (and ranking knobs) one app serves, resolved ONCE per app by `build_app` with
-  `resolve_artifacts(run_dir, user_config)` and handed to both deployments. A replica resolves again only
+  `resolve_artifacts(run_dir, user_config)` and handed to the deployments. A replica resolves again only
   for another user_config (a `serve deploy` that changed it) or when the learning loop's model registry
   changed since (`registry_mtime_ns`); so every replica of an app serves the same choice, and the choice
   (registry, RUN/eval/metrics.json) is read once, not once per deployment and again per reconfigure.

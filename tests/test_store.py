@@ -116,6 +116,68 @@ def test_shard_rebuilds_from_snapshot_plus_log_and_deletes(tmp_path: Path) -> No
     again.close()
 
 
+def test_recovery_runs_no_cyclic_gc_and_restores_the_setting(tmp_path: Path, monkeypatch) -> None:
+    """A shard rebuilding its users (snapshot + log tail) makes many new containers and no garbage; each
+    collection walks them all, which made recovery 2-3x slower at 60k users. The same load runs collections
+    with the collector left on (the reference) and none with the pause; the states equal the reference
+    fold; the collector is as it was after."""
+    import contextlib
+    import gc
+
+    import llmrec.state.store as store_mod
+
+    users = [f"u{k}" for k in range(300)]
+    events = make_events(3000, users)
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10**9, background=False)
+    shard.apply(events[:2500])
+    shard.snapshot()
+    shard.apply(events[2500:])  # the log tail after the snapshot
+    shard.close()
+
+    real_pause = store_mod.cyclic_gc_paused
+
+    def rebuild(pause: bool = True) -> tuple[UserStateShard, list[int]]:
+        """The shard rebuilt from tmp_path; the collections that start inside its bulk load."""
+        starts: list[int] = []
+        inside = [False]
+
+        def count(phase: str, info: dict) -> None:
+            if phase == "start" and inside[0]:
+                starts.append(info["generation"])
+
+        @contextlib.contextmanager
+        def watched():
+            with real_pause() if pause else contextlib.nullcontext():
+                inside[0] = True  # from here to the end of the load
+                try:
+                    yield
+                finally:
+                    inside[0] = False
+
+        monkeypatch.setattr(store_mod, "cyclic_gc_paused", watched)
+        gc.callbacks.append(count)
+        try:
+            rebuilt = UserStateShard(0, str(tmp_path), vec_factory(), background=False)
+        finally:
+            gc.callbacks.remove(count)
+            monkeypatch.setattr(store_mod, "cyclic_gc_paused", real_pause)
+        rebuilt.close()
+        return rebuilt, starts
+
+    _, unpaused = rebuild(pause=False)
+    assert len(unpaused) >= 5  # the same load with the collector left on: it collects, again and again
+    rebuilt, paused = rebuild()
+    assert paused == [] and rebuilt.replayed == 500 and gc.isenabled()
+    ref = reference_states(events)
+    assert {u: comparable(rebuilt.users[u]) for u in users} == {u: comparable(ref[u]) for u in users}
+    gc.disable()
+    try:
+        rebuild()
+        assert not gc.isenabled()  # a collector someone turned off stays off
+    finally:
+        gc.enable()
+
+
 def test_shard_refuses_wrong_routing_and_text_vec_dim(tmp_path: Path) -> None:
     shard = UserStateShard(0, str(tmp_path), vec_factory(), n_shards=4)
     wrong = next(u for u in (f"u{k}" for k in range(50)) if shard_of(u, 4) != 0)

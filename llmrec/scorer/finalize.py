@@ -339,10 +339,7 @@ def tune_cold_bonus(
     saved_cfg = model.cfg
     try:
         with model.items_made_cold(pseudo):
-            imputes = []
-            for f in imp_grid:
-                model.cfg = dataclasses.replace(saved_cfg, cooc_impute=f)
-                imputes.append(model.cooc_impute(sim_c))
+            imputes = model.cooc_imputes(sim_c, imp_grid)  # the neighbours once, weighted per factor
             # the two-stage pass depends on the bonus only: one per bonus, every imputation and slots from it
             for gi, g in enumerate(grid):
                 model.cfg = dataclasses.replace(saved_cfg, cold_bonus=g)

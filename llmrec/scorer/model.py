@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -394,10 +394,16 @@ class ScorerModel(nn.Module):
     def cooc_impute(self, sim: sp.csr_matrix | None) -> tuple[np.ndarray, np.ndarray] | None:
         """The `impute` argument of `llmrec.cooc.history_scores` for this model: `cooc_neighbours` of sim with
         `cfg.cold_impute_k`, weights times `cfg.cooc_impute`; None when there is nothing to impute."""
-        if sim is None or float(self.cfg.cooc_impute) <= 0:
-            return None
+        return self.cooc_imputes(sim, [float(self.cfg.cooc_impute)])[0]
+
+    def cooc_imputes(self, sim: sp.csr_matrix | None, factors: Sequence[float]
+                     ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """`cooc_impute` with each imputation factor of `factors` in place of `cfg.cooc_impute`: the
+        neighbours are found once and weighted per factor."""
+        if sim is None or all(float(f) <= 0 for f in factors):
+            return [None] * len(factors)
         nb = cooc_neighbours(sim, self.text_vectors.cpu().numpy(), self.cfg.cold_impute_k)
-        return None if nb is None else (nb[0], nb[1] * np.float32(self.cfg.cooc_impute))
+        return [None if nb is None or float(f) <= 0 else (nb[0], nb[1] * np.float32(f)) for f in factors]
 
     @contextmanager
     def items_made_cold(self, item_idx: np.ndarray) -> Iterator[None]:

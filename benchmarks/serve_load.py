@@ -105,6 +105,7 @@ def _ratios(results: list[dict[str, Any]], n: int, clients: int) -> None:
 def _floor(args: argparse.Namespace, port: int) -> dict[str, Any]:
     """The no-work app of the same hops (module docstring): GET latency at 1 and `--clients` clients."""
     import ray
+    import requests
     from fastapi import FastAPI
     from ray import serve
 
@@ -133,8 +134,9 @@ def _floor(args: argparse.Namespace, port: int) -> dict[str, Any]:
         resp = s.get(url, params={"user_id": f"user{int(r.integers(100))}"}, timeout=60)
         assert resp.status_code == 200, resp.text
 
+    warm, rng = requests.Session(), np.random.default_rng(0)
     for _ in range(20):
-        get(__import__("requests").Session(), np.random.default_rng(0))
+        get(warm, rng)
     out = {"get_1client": _latency(get, 1, args.requests),
            f"get_{args.clients}clients": _latency(get, args.clients, args.requests // 2)}
     serve.delete("floor")

@@ -10,9 +10,12 @@ events each (`--events-per-user`), applied in batches of 1,000 (vectors computed
 load, as a `get` leaves them). Shard RSS per user = RSS growth / N (after a
 GC and malloc_trim); disk per user = (log segments + snapshot) / N. Recovery = a restart from the full
 snapshot plus a log tail of `--tail` events (wall and CPU seconds: on a loaded machine the CPU time is the
-better guide to an idle one). Latency: one shard actor on the local Ray, 1-event /feedback
-batches through `StateStore.apply` (what the ingress awaits), idle, then while a second client loops DELETE
-(known users, then unknown ones). Prints one JSON report.
+better guide to an idle one); the restarted shard keeps snapshot users unparsed until first read
+(`llmrec.state.table`), so the report also gives its RSS per user, a full snapshot taken right after the
+restart, the first and second `get` of 1,000 random users (p50/p99 ms; the first parses the user and
+recomputes its vector) and the time to parse every remaining user. Latency: one shard actor on the local
+Ray, 1-event /feedback batches through `StateStore.apply` (what the ingress awaits), idle, then while a
+second client loops DELETE (known users, then unknown ones). Prints one JSON report.
 """
 
 from __future__ import annotations
@@ -98,10 +101,33 @@ def measure_memory_and_recovery(n_users: int, per_user: int, tail: int, work: Pa
     shard.close()
     del shard
     _trim()
+    rss2 = _rss()
     t2, c2 = time.perf_counter(), time.process_time()
     again = UserStateShard(0, str(log), factory, background=False)  # vectors recompute lazily on get
     recovery_s, recovery_cpu_s = time.perf_counter() - t2, time.process_time() - c2
     replayed = again.replayed
+    _trim()
+    rss3 = _rss()
+    parsed_at_start = again.users.n_parsed
+    # the costs the lazy load defers: a full snapshot of mostly unparsed users, the first read of a user
+    # (parse + vector; every user's vector is recomputed on its first read after a restart either way), and
+    # parsing every user
+    t3 = time.perf_counter()
+    again.snapshot()
+    snapshot_after_s = time.perf_counter() - t3
+    sample = [str(u) for u in np.random.default_rng(3).permutation(list(again.users))[:1000]]
+    first, second = [], []
+    for uid in sample:
+        t = time.perf_counter()
+        again.get(uid)
+        first.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        again.get(uid)
+        second.append(time.perf_counter() - t)
+    t4 = time.perf_counter()
+    for uid in list(again.users):
+        again.users[uid]
+    parse_all_s = time.perf_counter() - t4
     again.close()
     return {"users": n_users, "events_per_user": per_user, "events": n_events,
             "apply_events_per_s": round(n_users * per_user / apply_s),
@@ -112,7 +138,16 @@ def measure_memory_and_recovery(n_users: int, per_user: int, tail: int, work: Pa
             "full_snapshot_s": round(snapshot_s, 2), "full_snapshot_cpu_s": round(snapshot_cpu_s, 2),
             "snapshot_bytes": snap["bytes"],
             "recovery_s": round(recovery_s, 2), "recovery_cpu_s": round(recovery_cpu_s, 2),
-            "recovery_replayed_tail": replayed}
+            "recovery_replayed_tail": replayed, "recovery_users_parsed": parsed_at_start,
+            "recovered_rss_bytes_per_user": round((rss3 - rss2) / n_users),
+            "full_snapshot_after_restart_s": round(snapshot_after_s, 2),
+            "first_get_ms": _pcts(first), "next_get_ms": _pcts(second),
+            "parse_remaining_users_s": round(parse_all_s, 2)}
+
+
+def _pcts(xs: list[float]) -> dict[str, float]:
+    ms = np.asarray(xs) * 1e3
+    return {"p50": round(float(np.percentile(ms, 50)), 3), "p99": round(float(np.percentile(ms, 99)), 3)}
 
 
 def measure_delete_latency(n_calls: int, work: Path) -> dict:

@@ -134,6 +134,26 @@ def test_background_snapshots_and_batched_purges(storage: Storage) -> None:
     again.close()
 
 
+def test_snapshot_users_are_parsed_on_first_read_after_a_restart(storage: Storage) -> None:
+    """Both backends store a user's event count beside its state text, so a restart counts without parsing
+    and parses each user when first read; the states equal the brute-force fold; a delta (files) or an
+    in-place update (Redis) of one user replaces its full-snapshot state."""
+    users = [f"u{k}" for k in range(40)]
+    events = make_events(200, users)
+    shard = storage.shard(snapshot_every=20)
+    shard.apply(events[:180])  # a full snapshot
+    shard.apply(events[180:])  # u20..u39 change: a delta (files) / in-place update (Redis) of those users
+    assert shard.stats()["snapshots_written"] == {"full": 1, "delta": 1}
+    shard.close()
+    again = storage.shard()
+    assert again.replayed == 0 and again.users.n_parsed == 0 and len(again.users) == 40
+    assert again.stats()["n_events"] == 200
+    want = {u: comparable(s) for u, s in reference_states(events).items()}
+    assert comparable(again.users["u39"]) == want["u39"] and again.users.n_parsed == 1
+    assert {u: comparable(s) for u, s in again.users.items()} == want and again.users.n_parsed == 40
+    again.close()
+
+
 def test_acknowledged_events_survive_a_hard_storage_restart(storage: Storage) -> None:
     """Redis killed with SIGKILL and restarted (AOF, appendfsync always): every acknowledged event is there.
     (For files the same holds by fsync; the restart is the shard's own.)"""

@@ -178,6 +178,87 @@ def test_recovery_runs_no_cyclic_gc_and_restores_the_setting(tmp_path: Path, mon
         gc.enable()
 
 
+def _snapshot_lines(path: Path) -> dict[str, str]:
+    """user id -> its line in a snapshot file."""
+    return {json.loads(line)["u"]: line for line in path.read_text().splitlines()[1:]}
+
+
+def test_restart_parses_a_snapshot_user_only_when_first_read(tmp_path: Path) -> None:
+    """A restart keeps each snapshot user as its text (a line scan instead of one object graph per user) and
+    parses it on first use; every state equals the brute-force fold, the counts need no parsing, and a full
+    snapshot writes the text of users nobody touched back byte for byte."""
+    users = ['\u00fc/"q" \\ x'] + [f"u{k}" for k in range(1, 200)]  # the first: an id that JSON escapes
+    events = make_events(600, users)
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10**9, background=False)
+    shard.apply(events[:500])
+    shard.snapshot()
+    shard.apply(events[500:])  # the log tail: 100 of the 200 users
+    before = shard.stats()
+    shard.close()
+    snap = tmp_path / "snapshot-s000.json"
+    lines = _snapshot_lines(snap)
+    assert json.loads(snap.read_text().splitlines()[0])["format"] == 3 and len(lines) == 200
+
+    again = UserStateShard(0, str(tmp_path), vec_factory(), background=False)
+    in_tail = {e["user_id"] for e in events[500:]}
+    assert len(in_tail) == 100 and again.users.n_parsed == 100  # the replay parsed exactly its users
+    st = again.stats()
+    assert (st["n_users"], st["n_events"], st["n_materialised"]) == (200, before["n_events"], 200) == (
+        200, 600, 200)
+    ref = reference_states(events)
+    quiet = [u for u in users if u not in in_tail]
+    assert users[0] == quiet[0]
+    for k, u in enumerate(quiet[:4]):
+        got = again.get(u)
+        assert got.n_events == ref[u].n_events and got.version == ref[u].version
+        np.testing.assert_allclose(got.vector, MeanVectorizer(IDS, V)(ref[u]), rtol=1e-6)
+        assert comparable(again.users[u]) == comparable(ref[u]) and again.users.n_parsed == 101 + k
+    again.snapshot()
+    after = _snapshot_lines(snap)
+    untouched = quiet[4:]
+    assert len(untouched) == 96 and all(after[u] == lines[u] for u in untouched)  # written back as read
+    again.close()
+    third = UserStateShard(0, str(tmp_path), vec_factory(), background=False)
+    assert third.replayed == 0 and third.users.n_parsed == 0
+    assert {u: comparable(s) for u, s in third.users.items()} == {u: comparable(ref[u]) for u in users}
+    third.close()
+
+
+def test_snapshot_of_the_previous_format_loads_and_a_damaged_state_is_a_server_fault(tmp_path: Path) -> None:
+    """A format-2 snapshot (lines without the event count) is parsed at once, as before; a user whose state
+    text is damaged fails loudly when first read (SnapshotCorruption, not a client error), naming the file,
+    while the shard's other users serve."""
+    from llmrec.state.errors import InvalidEvent, SnapshotCorruption
+
+    users = [f"u{k}" for k in range(20)]
+    events = make_events(200, users)
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10**9, background=False)
+    shard.apply(events)
+    shard.snapshot()
+    shard.close()
+    snap = tmp_path / "snapshot-s000.json"
+    text = snap.read_text()
+    head, *rows = text.splitlines()
+    old = [json.dumps({"format": 2, **{k: v for k, v in json.loads(head).items() if k != "format"}})]
+    old += [json.dumps({"u": r["u"], "s": r["s"]}) for r in map(json.loads, rows)]
+    snap.write_text("\n".join(old) + "\n")
+    ref = reference_states(events)
+    v2 = UserStateShard(0, str(tmp_path), vec_factory(), background=False)
+    assert v2.users.n_parsed == 20 and v2.replayed == 0 and v2.stats()["n_events"] == 200
+    assert {u: comparable(s) for u, s in v2.users.items()} == {u: comparable(ref[u]) for u in users}
+    v2.close()
+
+    line = next(r for r in rows if json.loads(r)["u"] == "u7")
+    assert '"history":[[' in line
+    snap.write_text(text.replace(line, line.replace('"history":[[', '"history":[[[', 1)))
+    broken = UserStateShard(0, str(tmp_path), vec_factory(), background=False)
+    with pytest.raises(SnapshotCorruption, match=r"snapshot-s000\.json holds a damaged user state") as e:
+        broken.get("u7")
+    assert not isinstance(e.value, InvalidEvent | ValueError)
+    assert comparable(broken.users["u8"]) == comparable(ref["u8"])
+    broken.close()
+
+
 def test_shard_refuses_wrong_routing_and_text_vec_dim(tmp_path: Path) -> None:
     shard = UserStateShard(0, str(tmp_path), vec_factory(), n_shards=4)
     wrong = next(u for u in (f"u{k}" for k in range(50)) if shard_of(u, 4) != 0)

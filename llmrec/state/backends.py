@@ -15,7 +15,8 @@ Two backends with one interface (`ShardBackend`); `UserStateShard` only talks to
 
 Redis keys (PREFIX defaults to "llmrec"): `PREFIX:hash-key`, `PREFIX:meta` (n_shards), per shard
 `PREFIX:sNNN:log` (stream; entry id `<seq>-0`, fields r = the JSON record, w = write time),
-`PREFIX:sNNN:users` (hash user -> {"q": seq written at, "s": state}), `PREFIX:sNNN:snap` (snapshot header
+`PREFIX:sNNN:users` (hash user -> {"q": seq written at, "n": n_events, "s": state}; read lazily like the
+files, `llmrec.state.snapshots.StoredState`), `PREFIX:sNNN:snap` (snapshot header
 JSON), `PREFIX:sNNN:tomb`
 (list of tombstone lines), `PREFIX:sNNN:lock` (the live writer's name).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -36,7 +38,16 @@ from llmrec.artifacts import fsync_dir
 from llmrec.state.errors import LogWriteError, StateUnavailable
 from llmrec.state.event_log import EventLog, encode_record, iter_events
 from llmrec.state.privacy import load_or_create_key
-from llmrec.state.snapshots import delta_path, delta_paths, full_path, read_snapshots, write_snapshot
+from llmrec.state.snapshots import (
+    SnapshotState,
+    delta_path,
+    delta_paths,
+    full_path,
+    read_snapshots,
+    split_tagged,
+    state_text,
+    write_snapshot,
+)
 from llmrec.state.user_state import Event
 
 logger = logging.getLogger(__name__)
@@ -45,6 +56,9 @@ __all__ = ["ShardBackend", "FileBackend", "RedisBackend", "open_backend", "HASH_
 
 HASH_KEY_FILE = "hash-key"
 
+# a user's value in the Redis users hash (format 3); group 1 is the seq it was written at
+_USER_VALUE = re.compile(r'\{"q":(\d+),"n":(\d+),"s":(\{.*\})\}\s*\Z', re.S)
+
 
 class ShardBackend(Protocol):
     """One shard's durable storage (see the module docstring)."""
@@ -52,7 +66,7 @@ class ShardBackend(Protocol):
     last_seq: int
 
     def hash_key(self) -> bytes: ...
-    def read_snapshots(self) -> tuple[dict[str, Any] | None, list[tuple[int, dict[str, Any]]]]: ...
+    def read_snapshots(self) -> tuple[dict[str, Any] | None, list[tuple[int, dict[str, SnapshotState]]]]: ...
     def tomb_lines(self) -> list[str]: ...
     def tomb_append(self, line: str, fsync: bool) -> None: ...
     def open_log(self, min_next_seq: int) -> None: ...
@@ -61,7 +75,7 @@ class ShardBackend(Protocol):
                 ) -> Iterator[dict[str, Any]]: ...
     def forget_users(self, users: Mapping[str, int | None]) -> int: ...
     def retire(self, upto_seq: int, older_than_s: float) -> int: ...
-    def write_snapshot(self, full: bool, header: Mapping[str, Any], users: Iterable[tuple[str, dict]]
+    def write_snapshot(self, full: bool, header: Mapping[str, Any], users: Iterable[tuple[str, SnapshotState]]
                        ) -> int: ...
     def snapshot_info(self) -> tuple[bool, int]: ...
     def close(self) -> None: ...
@@ -95,7 +109,7 @@ class FileBackend:
     def hash_key(self) -> bytes:
         return load_or_create_key(self._key_file)
 
-    def read_snapshots(self) -> tuple[dict[str, Any] | None, list[tuple[int, dict[str, Any]]]]:
+    def read_snapshots(self) -> tuple[dict[str, Any] | None, list[tuple[int, dict[str, SnapshotState]]]]:
         return read_snapshots(self.dir, self.shard)
 
     def snapshot_info(self) -> tuple[bool, int]:
@@ -158,7 +172,8 @@ class FileBackend:
     def retire(self, upto_seq: int, older_than_s: float) -> int:
         return len(self._log.retire(upto_seq, older_than_s))  # type: ignore[union-attr]
 
-    def write_snapshot(self, full: bool, header: Mapping[str, Any], users: Iterable[tuple[str, dict]]) -> int:
+    def write_snapshot(self, full: bool, header: Mapping[str, Any],
+                       users: Iterable[tuple[str, SnapshotState]]) -> int:
         if full:
             n = write_snapshot(full_path(self.dir, self.shard), header, users)
             for _sq, p in delta_paths(self.dir, self.shard):
@@ -224,15 +239,21 @@ class RedisBackend:
         self._call("hash key", self.r.set, key, os.urandom(32), nx=True)
         return self._call("hash key", self.r.get, key)
 
-    def read_snapshots(self) -> tuple[dict[str, Any] | None, list[tuple[int, dict[str, Any]]]]:
+    def read_snapshots(self) -> tuple[dict[str, Any] | None, list[tuple[int, dict[str, SnapshotState]]]]:
         raw = self._call("snapshot read", self.r.get, self._snap)
         if raw is None:
             return None, []
         header = json.loads(raw)
-        by_seq: dict[int, dict[str, Any]] = {}
+        by_seq: dict[int, dict[str, SnapshotState]] = {}
         for uid, v in self._call("snapshot read", self.r.hgetall, self._users).items():
-            d = json.loads(v)
-            by_seq.setdefault(int(d["q"]), {})[uid.decode("utf-8", "surrogatepass")] = d["s"]
+            text = v.decode("utf-8", "surrogatepass")
+            got = split_tagged(text, _USER_VALUE, self._users)
+            if got is None:  # written before "n" (format 2): parse it whole
+                d = json.loads(text)
+                q, st = str(d["q"]), d["s"]
+            else:
+                q, st = got
+            by_seq.setdefault(int(q), {})[uid.decode("utf-8", "surrogatepass")] = st
         return header, sorted(by_seq.items())
 
     def snapshot_info(self) -> tuple[bool, int]:
@@ -341,7 +362,8 @@ class RedisBackend:
             return 0
         return int(self._call("log retire", self.r.xtrim, self._log_key, minid=f"{cut + 1}-0"))
 
-    def write_snapshot(self, full: bool, header: Mapping[str, Any], users: Iterable[tuple[str, dict]]) -> int:
+    def write_snapshot(self, full: bool, header: Mapping[str, Any],
+                       users: Iterable[tuple[str, SnapshotState]]) -> int:
         """Full: the users hash is rebuilt under a temporary key and renamed into place with the header (one
         MULTI/EXEC); delta: the changed users and the header in one MULTI/EXEC."""
         seq = int(header["last_seq"])
@@ -351,13 +373,14 @@ class RedisBackend:
         if full:
             pipe.delete(target)
         for uid, st in users:
-            v = json.dumps({"q": seq, "s": st}, separators=(",", ":"))
+            text, n_events = state_text(st)
+            v = f'{{"q":{seq},"n":{n_events},"s":{text}}}'
             n += len(v)
             pipe.hset(target, uid, v)
             if len(pipe) >= 500 and full:
                 self._call("snapshot write", pipe.execute)
                 time.sleep(0)  # between chunks, the actor thread may serve a request
-        body = json.dumps({"format": 2, **header}, separators=(",", ":"))
+        body = json.dumps({"format": 3, **header}, separators=(",", ":"))
         if full:
             self._call("snapshot write", pipe.execute)
             pipe = self.r.pipeline(transaction=True)

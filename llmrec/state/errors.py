@@ -13,7 +13,7 @@ Both classes pickle by name, so they keep their type across Ray calls (Ray re-ra
 
 from __future__ import annotations
 
-__all__ = ["InvalidEvent", "StateUnavailable", "LogWriteError", "LogCorruption"]
+__all__ = ["InvalidEvent", "StateUnavailable", "LogWriteError", "LogCorruption", "SnapshotCorruption"]
 
 
 class InvalidEvent(ValueError):
@@ -38,3 +38,8 @@ class LogWriteError(StateUnavailable):
 
 class LogCorruption(RuntimeError):
     """A log record that is damaged somewhere other than the torn tail a crash can leave: recovery stops."""
+
+
+class SnapshotCorruption(RuntimeError):
+    """A user's state in a snapshot that does not parse (found when the user is first read after a restart:
+    snapshot users are parsed lazily). A server fault, never a client error."""

@@ -22,9 +22,11 @@ snapshot was taken over the same base (equal `base.base_descriptor`: path, size,
 history_len) it loads the snapshot and replays the log records after its seq, else it replays the whole log
 over the new base. A hot swap (`StateStore.set_base`) does the same: each shard loads the new base in a
 background thread while it keeps serving from the old one, then commits (whole-log replay, swap,
-snapshot). Logged events of a deleted user up to its tombstone are never replayed, and its base history is
-never loaded again; a later event starts a fresh state. Vectors are not trusted from the snapshot (the
-vectorizer may have changed): they are recomputed lazily on `get`.
+snapshot). Snapshot users are kept as their JSON text and parsed on first read (`UserTable` in
+`llmrec.state.table`), so a restart costs a scan of the snapshot lines plus the log tail, not one object
+graph per user. Logged events of a deleted user up to its tombstone are never replayed, and its base
+history is never loaded again; a later event starts a fresh state. Vectors are not trusted from the
+snapshot (the vectorizer may have changed): they are recomputed lazily on `get`.
 
 `StateStore` creates (or joins) named detached actors `{name}-{i}` in `namespace` with `max_restarts=-1`
 and `num_cpus=0`, routes calls by `shard_of`, and when an actor dies mid-call (`RayActorError`, which covers
@@ -72,6 +74,7 @@ from llmrec.state.backends import open_backend
 from llmrec.state.base import BaseHistories, base_descriptor, load_base
 from llmrec.state.errors import InvalidEvent, StateUnavailable
 from llmrec.state.privacy import UserKeyer
+from llmrec.state.table import UserTable
 from llmrec.state.tombstones import Tombstones
 from llmrec.state.user_state import (
     Event,
@@ -80,7 +83,6 @@ from llmrec.state.user_state import (
     UserState,
     apply_event,
     new_event_id,
-    state_from_dict,
     state_to_dict,
     summary,
 )
@@ -159,14 +161,14 @@ class UserStateShard:
             self.base_info: dict[str, Any] = {}
             self._pending: dict[str, Any] | None = None  # a base loading in the background (prepare_base)
             self._set_loaded_base(self._load_base(self._base_dir_at_start(base_dir, snap)))
-            self.users: dict[str, UserState] = {}
+            self.users = UserTable()  # snapshot users stay unparsed text until first touched
             after = 0
             if snap is not None and snap.get("base") == self._base_desc():
                 for part_seq, users in parts:  # the full snapshot, then each newer delta
                     for uid, d in users.items():
                         # a user deleted at or after the part's seq (a crash before the delete's own snapshot)
                         if self.tombstones.seq(uid) < part_seq:
-                            self.users[uid] = state_from_dict(d)
+                            self.users.put(uid, d)
                 after = snap_seq
             elif snap is not None:
                 logger.info("shard %d: the base changed since the snapshot (%s -> %s): replaying the whole "
@@ -202,9 +204,10 @@ class UserStateShard:
             self._worker = threading.Thread(target=self._snapshot_loop, daemon=True,
                                             name=f"llmrec-shard-{self.shard_id}-snapshots")
             self._worker.start()
-        logger.info("shard %d ready: %d users (%d from the base only, %d materialised), snapshot seq %d + "
-                    "replay %s in %.2fs", self.shard_id, self._n_users(), self._n_base_live, len(self.users),
-                    snap_seq, self.replay_counts, time.perf_counter() - t0)
+        logger.info("shard %d ready: %d users (%d from the base only, %d materialised, %d of them parsed), "
+                    "snapshot seq %d + replay %s in %.2fs", self.shard_id, self._n_users(), self._n_base_live,
+                    len(self.users), self.users.n_parsed, snap_seq, self.replay_counts,
+                    time.perf_counter() - t0)
 
     # ---- API -----------------------------------------------------------------------------------------
     def apply(self, events: Sequence[Mapping[str, Any] | Event]) -> list[dict[str, Any]]:
@@ -377,7 +380,7 @@ class UserStateShard:
             if r is not None:
                 new_base.hidden.add(r)  # type: ignore[union-attr]
         t1 = time.perf_counter()
-        users: dict[str, UserState] = {}
+        users = UserTable()
         with cyclic_gc_paused():
             counts = self._replay(users, new_base, 0)
         with self._mu:
@@ -399,6 +402,7 @@ class UserStateShard:
         return {
             "shard_id": self.shard_id, "n_users": self._n_users(),
             "n_events": self._n_events, "n_base_users": self._n_base_live, "n_materialised": len(self.users),
+            "n_parsed": self.users.n_parsed,  # materialised users held as objects (the rest: snapshot text)
             "n_tombstones": len(self.tombstones), "base": self.base_info, "last_seq": self.log.last_seq,
             "log_dir": self.log_dir, "replayed_at_start": self.replayed,
             "since_snapshot": self._since_snapshot, "pid": os.getpid(),
@@ -458,8 +462,13 @@ class UserStateShard:
                 return None
             full = full or self._need_full or bool(self._purge) or not self._has_full \
                 or self._n_deltas >= self.full_every
-            users = dict(self.users) if full else {u: self.users[u] for u in self._snap_dirty
-                                                   if u in self.users}
+            if full:
+                users = self.users.copy()
+            else:
+                users = UserTable()
+                for u in self._snap_dirty:
+                    if u in self.users:
+                        users[u] = self.users[u]
             job = {"full": full, "users": users, "last_seq": self.log.last_seq, "base": self._base_desc(),
                    "tombstones": self.tombstones.to_json(), "purge": self._purge,
                    "since": self._since_snapshot}
@@ -478,7 +487,7 @@ class UserStateShard:
             purged = self.log.forget_users(purge) if purge else 0
             header = {"kind": "full" if job["full"] else "delta", "shard": self.shard_id, "last_seq": seq,
                       "created_at": time.time(), "base": job["base"], "tombstones": job["tombstones"]}
-            items = ((u, _snapshot_dict(st)) for u, st in job["users"].items())
+            items = job["users"].snapshot_items(_snapshot_dict)
             nbytes = self.log.write_snapshot(job["full"], header, items)
             if job["full"]:
                 self._has_full, self._n_deltas = True, 0
@@ -547,7 +556,7 @@ class UserStateShard:
         """The user's row in `base`, unless there is no base or the user was deleted."""
         return None if base is None else base.row(user_id)
 
-    def _duplicate(self, users: dict[str, UserState], base: BaseHistories | None, ev: Event) -> str | None:
+    def _duplicate(self, users: UserTable, base: BaseHistories | None, ev: Event) -> str | None:
         """"id" (event id already applied), "base" (equals a base event of the user), or None (new)."""
         st = users.get(ev.user_id)
         if st is not None and st.has_applied(ev.event_id):
@@ -558,7 +567,7 @@ class UserStateShard:
                 return "base"
         return None
 
-    def _fold(self, users: dict[str, UserState], base: BaseHistories | None, ev: Event, *,
+    def _fold(self, users: UserTable, base: BaseHistories | None, ev: Event, *,
               count: bool = False) -> UserState:
         """Apply `ev` to its user in `users`, materialising a base user (overlay on its base history)."""
         st = users.get(ev.user_id)
@@ -576,7 +585,7 @@ class UserStateShard:
             self._n_events += 1
         return new
 
-    def _replay(self, users: dict[str, UserState], base: BaseHistories | None, after_seq: int
+    def _replay(self, users: UserTable, base: BaseHistories | None, after_seq: int
                 ) -> dict[str, int]:
         """Fold this shard's log records with seq > after_seq into `users` (over `base`), skipping invalid
         records, duplicates and the events of deleted users up to their tombstone."""
@@ -624,7 +633,7 @@ class UserStateShard:
     def _recount(self) -> None:
         """Recompute the O(1) counters after a (re)build: users/events from the base only + materialised."""
         base = self.base
-        self._n_events = sum(s.n_events for s in self.users.values())
+        self._n_events = self.users.n_events()
         self._n_base_live = 0
         if base is not None:
             hidden = {r for r in (base.row(u) for u in self.users) if r is not None} | base.hidden

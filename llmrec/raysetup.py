@@ -34,6 +34,10 @@ LOCAL_ENV = {
     # poll. Every 0.5 s: a tiny fit 31 -> 25 s (also in the jobs of a cluster this process joins: LOCAL_ENV
     # travels in their runtime_env; two calls per worker and second are little for a controller).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray Data's parquet reader (2.60) starts a pool of 32 actors to read the files' footers for every
+    # read_parquet, each a new worker process: on 2 cores listing one file took ~4.5 s. Footer reads are I/O
+    # (each actor runs 128 of them at once), so 2 actors list thousands of files as well. Read by the driver.
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
 }
 # Ray Data's logging config for the workers of an embedded local Ray: console at WARNING (see the file)
 RAY_DATA_LOGGING_CONFIG = Path(__file__).with_name("ray_data_logging.yaml")

@@ -130,7 +130,7 @@ def test_cli_embed_command(ray_local, items_dir: Path, tiny_model_dir: str, tmp_
             "--max-length",
             "16",
             "--num-actors",
-            "1",
+            "2",
             "--device",
             "cpu",
             "--bucketing",
@@ -141,7 +141,10 @@ def test_cli_embed_command(ray_local, items_dir: Path, tiny_model_dir: str, tmp_
     printed = capsys.readouterr().out
     assert "wrote 300 x 32 embeddings" in printed and "items/s" in printed and str(out) in printed
     emb = load_embeddings(out)
-    assert emb.meta["num_actors"] == 1 and emb.meta["max_length"] == 16 and emb.meta["bucketing"] == "group"
+    # 300 rows fit one block (>= 8 batches of 64): a second actor would only load the model, so there is one
+    assert emb.meta["n_blocks"] == 1 and emb.meta["num_actors"] == 1
+    assert emb.meta["device_reason"].endswith("1 block(s) of items, so at most 1 actor(s)")
+    assert emb.meta["max_length"] == 16 and emb.meta["bucketing"] == "group"
     assert list(emb.item_ids) == list(pd.read_parquet(items_dir / ITEMS_FILE)[ITEM_ID])
     items = pd.read_parquet(items_dir / ITEMS_FILE)
     ref = TextEncoder(tiny_model_dir, device="cpu", max_length=16).encode(list(items[TEXT][:50]))

@@ -82,14 +82,22 @@ shuffled = ds.repartition(4, keys=["id"]).materialize()  # the hash shuffle's ac
 time.sleep(3)  # longer than Ray's default idle-worker lifetime (1 s)
 after = pids(shuffled)
 print("REUSED", len(after & before), "NEW", len(after - before), flush=True)
+import tempfile, pandas as pd, ray._private.state as rstate
+path = os.path.join(tempfile.mkdtemp(), "x.parquet")
+pd.DataFrame({"id": range(10)}).to_parquet(path)
+assert len(ray.data.read_parquet(path).to_pandas()) == 10
+footer = [a for a in rstate.actors().values() if a.get("ActorClassName") == "FooterReader"]
+print("FOOTER_ACTORS", len(footer), flush=True)
 ray.shutdown()
 """
 
 
+@pytest.mark.slow  # a performance guard (a fresh Ray in a subprocess, ~28 s); `make test-slow` runs it
 def test_an_embedded_ray_keeps_its_idle_workers_across_a_shuffle() -> None:
     """With Ray's default (idle workers beyond the CPU count die after 1 s) the stage after a shuffle starts
     new worker processes, each importing pandas and llmrec again (~3 s per stage on 2 cores: a tiny fit took
-    49 s instead of 31). An embedded Ray started through local_env_defaults + init_ray reuses them."""
+    49 s instead of 31). An embedded Ray started through local_env_defaults + init_ray reuses them. And a
+    read_parquet lists its file with 2 footer-reading actors, not Ray's 32 new processes."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # as local_env_defaults sets them
     out = subprocess.run([sys.executable, "-c", _IDLE_WORKERS_SCRIPT], capture_output=True, text=True,
                          timeout=180, env=env)
@@ -97,3 +105,5 @@ def test_an_embedded_ray_keeps_its_idle_workers_across_a_shuffle() -> None:
     line = next(x for x in out.stdout.splitlines() if x.startswith("REUSED"))
     reused, new = int(line.split()[1]), int(line.split()[3])
     assert reused >= 1 and new == 0, line
+    footer = next(x for x in out.stdout.splitlines() if x.startswith("FOOTER_ACTORS"))
+    assert int(footer.split()[1]) == 2, footer

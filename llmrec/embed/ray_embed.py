@@ -156,8 +156,10 @@ def embed_catalog(
     )
     rows = cfg.rows_per_block or _rows_per_block(n, plan["max_actors"], batch_size)
     n_blocks = math.ceil(n / rows)
-    if plan["max_actors"] > n_blocks and plan["min_actors"] < plan["max_actors"]:
-        plan["max_actors"] = plan["num_actors"] = max(plan["min_actors"], n_blocks)  # a pool needs no more
+    if plan["max_actors"] > n_blocks:  # an actor per block at most: each more one only loads the model
+        plan["max_actors"] = plan["num_actors"] = n_blocks
+        plan["min_actors"] = min(plan["min_actors"], n_blocks)
+        plan["reason"] += f"; {n_blocks} block(s) of items, so at most {n_blocks} actor(s)"
     logger.info(
         "embedding %d items from %s (%d file(s)) with %s: %s encoder actor(s) (num_cpus=%.2f, num_gpus=%d), "
         "%d blocks of <= %d rows, batch %d. Device %s: %s",

@@ -93,6 +93,9 @@ def measure_memory_and_recovery(n_users: int, per_user: int, tail: int, work: Pa
     t1, c1 = time.perf_counter(), time.process_time()
     snap = shard.snapshot()
     snapshot_s, snapshot_cpu_s = time.perf_counter() - t1, time.process_time() - c1
+    _trim()
+    rss_text = _rss()  # the full snapshot turned the users it wrote into its text (UserTable.to_text)
+    text_after = shard.users.n_parsed == 0
     for batch in _events(max(1, tail // per_user), per_user, ids, seed=9):  # the log tail after the snapshot
         shard.apply([{**e, "event_id": "t" + e["event_id"]} for e in batch])
     disk_log = sum(p.stat().st_size for p in log.glob("s000-*.jsonl"))
@@ -132,6 +135,8 @@ def measure_memory_and_recovery(n_users: int, per_user: int, tail: int, work: Pa
     return {"users": n_users, "events_per_user": per_user, "events": n_events,
             "apply_events_per_s": round(n_users * per_user / apply_s),
             "shard_rss_bytes_per_user": round((rss1 - rss0) / n_users),
+            "shard_rss_bytes_per_user_after_full_snapshot": round((rss_text - rss0) / n_users),
+            "users_text_after_full_snapshot": text_after,
             "log_bytes_per_event": round(disk_log / n_events),
             "snapshot_bytes_per_user": round(disk_snap / n_users),
             "disk_bytes_per_user": round((disk_log + disk_snap) / n_users),

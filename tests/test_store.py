@@ -224,6 +224,38 @@ def test_restart_parses_a_snapshot_user_only_when_first_read(tmp_path: Path) -> 
     third.close()
 
 
+def test_a_full_snapshot_turns_the_users_it_wrote_back_into_text(tmp_path: Path) -> None:
+    """After a full snapshot the users it wrote are kept as its text (memory follows the active users), except
+    one whose state changed while the snapshot was written; reads parse them again and equal the brute-force
+    fold, vectors included; with the option off every user stays an object."""
+    users = [f"u{k}" for k in range(30)]
+    events = make_events(300, users)
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10**9, background=False)
+    shard.apply(events)
+    for u in users:
+        shard.get(u)
+    assert shard.users.n_parsed == 30
+    job = shard._capture(full=True)  # captured; "u3" changes before the write is done
+    late = {"event_id": "late", "user_id": "u3", "item_id": "i5", "event": "like", "ts": 1_800_000_000.0}
+    shard.apply([late])
+    shard._run_job(job, raise_errors=True)
+    assert shard.users.n_parsed == 1 and "u3" in shard.users._live and len(shard.users) == 30
+    ref = reference_states(events + [late])
+    assert shard.stats()["n_events"] == 301
+    for u in users:
+        got = shard.get(u)
+        assert comparable(shard.users[u]) == comparable(ref[u])
+        np.testing.assert_allclose(got.vector, MeanVectorizer(IDS, V)(ref[u]), rtol=1e-6)
+    shard.close()
+    again = UserStateShard(0, str(tmp_path), vec_factory(), background=False, text_after_snapshot=False)
+    for u in users:
+        again.get(u)
+    again.snapshot()
+    assert again.users.n_parsed == 30
+    assert {u: comparable(s) for u, s in again.users.items()} == {u: comparable(ref[u]) for u in users}
+    again.close()
+
+
 def test_snapshot_of_the_previous_format_loads_and_a_damaged_state_is_a_server_fault(tmp_path: Path) -> None:
     """A format-2 snapshot (lines without the event count) is parsed at once, as before; a user whose state
     text is damaged fails loudly when first read (SnapshotCorruption, not a client error), naming the file,

@@ -24,9 +24,11 @@ over the new base. A hot swap (`StateStore.set_base`) does the same: each shard 
 background thread while it keeps serving from the old one, then commits (whole-log replay, swap,
 snapshot). Snapshot users are kept as their JSON text and parsed on first read (`UserTable` in
 `llmrec.state.table`), so a restart costs a scan of the snapshot lines plus the log tail, not one object
-graph per user. Logged events of a deleted user up to its tombstone are never replayed, and its base
-history is never loaded again; a later event starts a fresh state. Vectors are not trusted from the
-snapshot (the vectorizer may have changed): they are recomputed lazily on `get`.
+graph per user; after each full snapshot the users it wrote go back to that text unless they changed
+meanwhile (`text_after_snapshot`), so memory follows the users active between full snapshots. Logged
+events of a deleted user up to its tombstone are never replayed, and its base history is never loaded
+again; a later event starts a fresh state. Vectors are not trusted from the snapshot (the vectorizer may
+have changed): they are recomputed lazily on `get`.
 
 `StateStore` creates (or joins) named detached actors `{name}-{i}` in `namespace` with `max_restarts=-1`
 and `num_cpus=0`, routes calls by `shard_of`, and when an actor dies mid-call (`RayActorError`, which covers
@@ -127,15 +129,20 @@ class UserStateShard:
         applied_len: event ids kept per user for de-duplication (`UserState.applied_len`).
         state_url: keep the log, snapshots and tombstones in Redis (`llmrec.state.backends.RedisBackend`,
             redis://...) instead of files in log_dir, so a shard restarted on another node finds them.
+        text_after_snapshot: after a full snapshot, users unchanged since it was captured are kept as its
+            text and parsed again on their next read (`UserTable.to_text`): memory follows the users active
+            between full snapshots, not all users. False = parsed users stay objects.
     """
 
     def __init__(self, shard_id: int, log_dir: str, vectorizer_factory: Callable[[], Any] | None = None,
                  snapshot_every: int = 1000, history_len: int = 200, *, n_shards: int | None = None,
                  base_dir: str | None = None, log_retention_s: float | None = None,
                  hash_key_file: str | None = None, background: bool = True, purge_interval_s: float = 1.0,
-                 full_every: int = 16, applied_len: int = 1000, state_url: str | None = None) -> None:
+                 full_every: int = 16, applied_len: int = 1000, state_url: str | None = None,
+                 text_after_snapshot: bool = True) -> None:
         t0 = time.perf_counter()
         self.applied_len = int(applied_len)
+        self.text_after_snapshot = bool(text_after_snapshot)
         self.log_retention_s = None if log_retention_s is None else float(log_retention_s)
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
@@ -487,7 +494,8 @@ class UserStateShard:
             purged = self.log.forget_users(purge) if purge else 0
             header = {"kind": "full" if job["full"] else "delta", "shard": self.shard_id, "last_seq": seq,
                       "created_at": time.time(), "base": job["base"], "tombstones": job["tombstones"]}
-            items = job["users"].snapshot_items(_snapshot_dict)
+            written: dict[str, Any] | None = {} if job["full"] and self.text_after_snapshot else None
+            items = job["users"].snapshot_items(_snapshot_dict, written)
             nbytes = self.log.write_snapshot(job["full"], header, items)
             if job["full"]:
                 self._has_full, self._n_deltas = True, 0
@@ -515,6 +523,9 @@ class UserStateShard:
                 raise
             return {"error": self._snapshot_error}
         self._snapshot_error, self._snapshot_retry_at, self._snapshot_backoff_s = None, 0.0, 0.0
+        if written:
+            with self._mu:  # the written users unchanged since: their text replaces their objects
+                self._dirty.update(self.users.to_text(written))  # vectors are recomputed on the next read
         dt = time.perf_counter() - t0
         self._last_snapshot = {"kind": header["kind"], "last_seq": seq, "n_users": len(job["users"]),
                                "bytes": nbytes, "wall_s": round(dt, 4), "purged_events": purged,

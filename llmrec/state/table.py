@@ -4,7 +4,10 @@ A shard restarted from a snapshot of N users used to parse every line into a `Us
 tuples for each event) before it served its first request; at 100,000 users that was most of a restart's
 time and twice the memory of the text. `UserTable` keeps a restored user as its `StoredState` (the JSON text
 and its event count) until something reads it, then parses it once and keeps the object. Users nobody
-touches cost their text, and a full snapshot writes that text back as it was (`snapshot_items`).
+touches cost their text, and a full snapshot writes that text back as it was (`snapshot_items`). After a
+full snapshot the shard turns the users it wrote back into text too (`to_text`), unless they changed
+meanwhile: a user's object graph (~10 KB for 20 events with its vector) lives only while the user is active
+between two full snapshots, its text (~1.5 KB) the rest of the time.
 
 It is a `MutableMapping[str, UserState]`: `table[uid]` and `table.get(uid)` parse on demand; iteration and
 `len` cover both kinds without parsing; `values()` / `items()` parse everything (for tests and tools).
@@ -22,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
-from llmrec.state.snapshots import SnapshotState, StoredState
+from llmrec.state.snapshots import SnapshotState, StoredState, state_text
 from llmrec.state.user_state import UserState, state_from_dict
 
 __all__ = ["UserTable"]
@@ -102,8 +105,27 @@ class UserTable(MutableMapping[str, UserState]):
         t._live, t._stored, t._stored_events = dict(self._live), dict(self._stored), self._stored_events
         return t
 
-    def snapshot_items(self, to_dict: Any) -> Iterator[tuple[str, SnapshotState]]:
-        """(user_id, `to_dict(state)` for parsed users, the unchanged `StoredState` for the rest)."""
+    def snapshot_items(self, to_dict: Any, written: dict[str, tuple[UserState, StoredState]] | None = None
+                       ) -> Iterator[tuple[str, SnapshotState]]:
+        """(user_id, state) for every user: parsed users as the `StoredState` of `to_dict(state)`'s JSON, the
+        rest unchanged. With `written`, each parsed user's (state object, its StoredState) is recorded there,
+        for `to_text` once the snapshot is durable."""
         for uid, st in self._live.items():
-            yield uid, to_dict(st)
+            text, n_events = state_text(to_dict(st))
+            stored = StoredState(text, n_events, "a snapshot written by this shard")
+            if written is not None:
+                written[uid] = (st, stored)
+            yield uid, stored
         yield from self._stored.items()
+
+    def to_text(self, written: dict[str, tuple[UserState, StoredState]]) -> list[str]:
+        """Keep users whose state is still the object `snapshot_items` wrote as that text (they are parsed
+        again on their next read); returns their ids. A user changed since (a new state object) stays."""
+        done = []
+        for uid, (st, stored) in written.items():
+            if self._live.get(uid) is st:
+                del self._live[uid]
+                self._stored[uid] = stored
+                self._stored_events += stored.n_events
+                done.append(uid)
+        return done

@@ -155,6 +155,74 @@ def _pcts(xs: list[float]) -> dict[str, float]:
     return {"p50": round(float(np.percentile(ms, 50)), 3), "p99": round(float(np.percentile(ms, 99)), 3)}
 
 
+def measure_synthetic_restart(n_users: int, work: Path, templates: int = 2000, per_user: int = 20) -> dict:
+    """Restart of a shard whose full snapshot holds `n_users` users (1M takes ~3 min; building them through
+    `apply` would take ~40). `templates` real users (per_user events each, applied like the live path) are
+    snapshotted, then the snapshot is rewritten with n_users lines, line i being template i % templates under
+    the id `syn-<i>` (in the line and in its state); the log stays (all of it older than the snapshot). The
+    restart is timed (wall, CPU) with its RSS growth; 1,000 random users are read and checked against their
+    template (same history and counts), then a full snapshot is written."""
+    from llmrec.state.store import UserStateShard
+    from llmrec.state.user_state import MeanVectorizer
+
+    ids = [f"item{k}" for k in range(10_000)]
+    vecs = np.random.default_rng(1).normal(size=(10_000, 384)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    log = work / "events"
+    shard = UserStateShard(0, str(log), None, snapshot_every=10**12, background=False)
+    for batch in _events(templates, per_user, ids):
+        shard.apply(batch)
+    shard.snapshot()
+    shard.close()
+    del shard
+    snap = log / "snapshot-s000.json"
+    head, *lines = snap.read_text().splitlines()
+    olds = [json.loads(line)["u"] for line in lines]
+    t0 = time.perf_counter()
+    tmp = snap.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(head + "\n")
+        for i in range(n_users):
+            k = i % len(lines)
+            f.write(lines[k].replace(f'"{olds[k]}"', f'"syn-{i:08d}"') + "\n")
+    os.replace(tmp, snap)
+    write_s = time.perf_counter() - t0
+    snap_bytes = snap.stat().st_size
+    del lines
+    _trim()
+    rss0 = _rss()
+    t1, c1 = time.perf_counter(), time.process_time()
+    again = UserStateShard(0, str(log), lambda: MeanVectorizer(ids, vecs), background=False)
+    restart_s, restart_cpu_s = time.perf_counter() - t1, time.process_time() - c1
+    _trim()
+    rss1 = _rss()
+    n = again.stats()["n_users"]
+    rng = np.random.default_rng(5)
+    ref = UserStateShard(0, str(work / "ref"), None, snapshot_every=10**12, background=False)
+    for batch in _events(templates, per_user, ids):
+        ref.apply(batch)
+    first = []
+    for i in rng.integers(n_users, size=1000):
+        t = time.perf_counter()
+        got = again.get(f"syn-{int(i):08d}")
+        first.append(time.perf_counter() - t)
+        want = ref.get(olds[int(i) % len(olds)])
+        if got is None or (got.n_events, got.history) != (want.n_events, want.history):
+            raise AssertionError(f"syn-{int(i):08d} does not equal its template {olds[int(i) % len(olds)]}")
+    ref.close()
+    t2 = time.perf_counter()
+    again.snapshot()
+    snapshot_s = time.perf_counter() - t2
+    again.close()
+    return {"users": n_users, "users_loaded": n, "templates": templates, "events_per_user": per_user,
+            "snapshot_bytes": snap_bytes, "snapshot_write_s": round(write_s, 1),
+            "restart_s": round(restart_s, 2), "restart_cpu_s": round(restart_cpu_s, 2),
+            "restart_rss_bytes_per_user": round((rss1 - rss0) / n_users),
+            "restart_rss_gib": round((rss1 - rss0) / 2**30, 2),
+            "first_get_ms": _pcts(first), "checked_users": len(first),
+            "full_snapshot_after_restart_s": round(snapshot_s, 2)}
+
+
 def measure_delete_latency(n_calls: int, work: Path) -> dict:
     import asyncio
 
@@ -220,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tail", type=int, default=10_000, help="log events after the snapshot (recovery)")
     p.add_argument("--calls", type=int, default=1000, help="/feedback calls per latency phase")
     p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--synthetic-restart", type=int, nargs="*", default=[], metavar="USERS",
+                   help="also time a restart from a full snapshot of this many users, built from 2,000 "
+                        "templates (e.g. 1000000)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="llmrec-bench-"))
@@ -227,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         report: dict = {"memory_disk_recovery": [
             measure_memory_and_recovery(n, args.events_per_user, args.tail, work / f"n{n}")
             for n in args.users]}
+        if args.synthetic_restart:
+            report["synthetic_restart"] = [measure_synthetic_restart(n, work / f"syn{n}")
+                                           for n in args.synthetic_restart]
         if not args.skip_latency:
             report["feedback_latency_under_delete_loop"] = measure_delete_latency(args.calls, work)
     finally:

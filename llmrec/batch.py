@@ -67,6 +67,7 @@ def recommend_users(
     n_shards: int | None = None,
     skip_unknown: bool = False,
     users_per_shard: int = USERS_PER_SHARD,
+    num_rankers: int | None = None,
 ) -> dict[str, Any]:
     """Write the top-k of every user (input order, each id once) to `out`.
 
@@ -74,9 +75,12 @@ def recommend_users(
         users: a users file (path or URI; see `read_users`) or the ids themselves (an in-memory list).
         n_shards: hash shards of the users; None = max(2 x cluster CPUs, ceil(ids / users_per_shard)),
             at most one per id.
+        num_rankers: ranker actors (at most one per shard); None = one per CPU, at most one per
+            USERS_PER_RANKER distinct ids.
 
     Returns:
-        {n_users, n_rows, n_unknown, n_ids, wall_s}: n_ids counts the ids read (duplicates included).
+        {n_users, n_rows, n_unknown, n_ids, n_rankers, wall_s}: n_ids counts the ids read (duplicates
+        included); n_rankers = ranker actors: one per CPU, at most one per USERS_PER_RANKER distinct ids.
 
     Raises:
         ValueError: users without interactions in `data_dir` (unless skip_unknown), no ids, nothing to rank.
@@ -93,6 +97,8 @@ def recommend_users(
         raise ValueError(f"k must be >= 1, got {k}")
     if users_per_shard < 1:
         raise ValueError(f"users_per_shard must be >= 1, got {users_per_shard}")
+    if num_rankers is not None and num_rankers < 1:
+        raise ValueError(f"num_rankers must be >= 1 or None, got {num_rankers}")
     _check_run(run_dir, data_dir)
     source = _user_dataset(users)
     n_ids = source.ds.count()
@@ -121,7 +127,9 @@ def recommend_users(
     # find the work done by the first one up. `ds.context` is this dataset's own (a Dataset seals a copy of
     # DataContext.get_current() when it is created).
     ds.context.wait_for_min_actors_s = RANKERS_START_S
-    actors = max(1, min(n_shards, int(cluster_cpus())))
+    # a ranker per CPU, but one per USERS_PER_RANKER users at most: each more one loads the run (seconds)
+    auto = min(int(cluster_cpus()), -(-n_distinct // USERS_PER_RANKER))
+    actors = max(1, min(n_shards, num_rankers or auto))
     ranked = ds.map_batches(
         _Ranker,
         fn_constructor_args=(os.fspath(run_dir), os.fspath(data_dir), k, n_candidates, n_shards),
@@ -154,10 +162,13 @@ def recommend_users(
         n_distinct - n_unknown, n_rows, n_shards, wall,
     )
     return {"n_users": n_distinct - n_unknown, "n_rows": n_rows, "n_unknown": n_unknown, "n_ids": n_ids,
-            "wall_s": wall}
+            "n_rankers": actors, "wall_s": wall}
 
 
 RUN_PARTS = (RUN_DATA, RUN_EMBEDDINGS, RUN_INDEX, RUN_SCORER)  # what a ranker reads of a run
+# users that pay for one more ranker actor: starting one (torch, the scorer, the index) takes ~5 s of a
+# 2-core machine, in which a ranker ranks ~2,000 users (460 users/s per core at 1M users)
+USERS_PER_RANKER = 2000
 RANKERS_START_S = 600.0  # the whole ranker pool must be up within this, else Ray's "Timed out while starting
 # actors" error (the pool is sized from the CPUs the cluster has now, so it never waits for an autoscaler)
 

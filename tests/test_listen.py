@@ -238,7 +238,9 @@ def test_batch_reads_users_files_in_order_once_per_id_and_shards_change_nothing(
     parts.mkdir()
     for j, s in enumerate(range(0, len(listed), 20)):
         pd.DataFrame({"user_id": listed[s : s + 20]}).to_parquet(parts / f"part-{j}.parquet")
-    pd.testing.assert_frame_equal(_batch(run, parts, tmp_path / "p.parquet", users_per_shard=7), one)
+    # two rankers share the shards (the default takes one for these few users)
+    two = _batch(run, parts, tmp_path / "p.parquet", users_per_shard=7, num_rankers=2)
+    pd.testing.assert_frame_equal(two, one)
     # a csv in shards of 7, written by the workers as a folder of parts: the same rows
     pd.DataFrame({"user_id": listed, "note": "x"}).to_csv(tmp_path / "users.csv", index=False)
     parts_out = _batch(run, tmp_path / "users.csv", tmp_path / "recs-folder", users_per_shard=7)
@@ -258,6 +260,10 @@ def test_batch_users_file_errors(listening_run, tmp_path):
     res = recommend_users(run, run / schema.RUN_DATA, tmp_path / "users.txt", 5, tmp_path / "r.parquet",
                           skip_unknown=True)
     assert (res["n_unknown"], res["n_users"]) == (1, 2)
+    assert res["n_rankers"] == 1  # 3 ids: a second ranker on the 2 CPUs would only load the run again
+    with pytest.raises(ValueError, match="num_rankers must be >= 1 or None, got 0"):
+        recommend_users(run, run / schema.RUN_DATA, tmp_path / "users.txt", 5, tmp_path / "r.parquet",
+                        num_rankers=0)
     assert list(dict.fromkeys(pd.read_parquet(tmp_path / "r.parquet")["user_id"])) == ["u1", "u2"]
     (tmp_path / "blank.txt").write_text("# nobody here\n\n")
     with pytest.raises(ValueError, match="lists no user ids"):

@@ -203,7 +203,8 @@ def multinode_run(two_nodes: tuple[LocalCluster, WorkerNode], s3_endpoint: str,
     storage.write_bytes(users_uri, ("\n".join(users) + "\n").encode())
     t0 = time.monotonic()
     recs = head.submit(["python", "-m", "jobs.recommend", "--run", run, "--users", users_uri, "--k", "5",
-                        "--out", recs_uri, "--users-per-shard", "2"], timeout_s=600)  # 12 blocks to rank
+                        "--out", recs_uri, "--users-per-shard", "2", "--num-rankers", "2"],
+                       timeout_s=600)  # 12 blocks to rank, a ranker on each node (24 users: 1 by default)
     print(f"[multinode] recommend job {time.monotonic() - t0:.1f}s")
     # offline evaluation: llmrec retrained on the loo split by two Ray Train workers, data and output on S3
     t0 = time.monotonic()

@@ -61,6 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="llmrec: users per hash shard at most, one ranker block each; bounds a ranker's memory "
         "(default: llmrec.batch.USERS_PER_SHARD, 50000)",
     )
+    p.add_argument(
+        "--num-rankers", type=int, default=None,
+        help="llmrec: ranker actors (each loads the run once); default: one per CPU, at most one per "
+        "llmrec.batch.USERS_PER_RANKER (2000) users",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for baselines that train (default 0)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
 
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         data = args.data or storage.join(args.run, RUN_DATA)  # a local path or a URI, as given
         per_shard = {} if args.users_per_shard is None else {"users_per_shard": args.users_per_shard}
         res = recommend_users(args.run, data, args.users, args.k, args.out, args.n_candidates,
-                              skip_unknown=args.skip_unknown, **per_shard)
+                              skip_unknown=args.skip_unknown, num_rankers=args.num_rankers, **per_shard)
         print(f"wrote {res['n_rows']} recommendations for {res['n_users']} users (llmrec, k={args.k}) to "
               f"{storage.shown(args.out)} in {res['wall_s']:.1f}s")
         return 0

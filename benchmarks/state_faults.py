@@ -62,13 +62,19 @@ def _events(n_users: int, per_user: int, ids: list[str], seed: int = 0):
         yield batch
 
 
+def _item_space() -> tuple[list[str], np.ndarray]:
+    """10k synthetic item ids and their L2-normalised 384-d vectors (the MeanVectorizer's catalog)."""
+    ids = [f"item{k}" for k in range(10_000)]
+    vecs = np.random.default_rng(1).normal(size=(10_000, 384)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return ids, vecs
+
+
 def measure_memory_and_recovery(n_users: int, per_user: int, tail: int, work: Path) -> dict:
     from llmrec.state.store import UserStateShard
     from llmrec.state.user_state import MeanVectorizer
 
-    ids = [f"item{k}" for k in range(10_000)]
-    vecs = np.random.default_rng(1).normal(size=(10_000, 384)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids, vecs = _item_space()
 
     def factory() -> MeanVectorizer:
         return MeanVectorizer(ids, vecs)
@@ -165,9 +171,7 @@ def measure_synthetic_restart(n_users: int, work: Path, templates: int = 2000, p
     from llmrec.state.store import UserStateShard
     from llmrec.state.user_state import MeanVectorizer
 
-    ids = [f"item{k}" for k in range(10_000)]
-    vecs = np.random.default_rng(1).normal(size=(10_000, 384)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids, vecs = _item_space()
     log = work / "events"
     shard = UserStateShard(0, str(log), None, snapshot_every=10**12, background=False)
     for batch in _events(templates, per_user, ids):

@@ -298,9 +298,9 @@ class UserStateShard:
             if user_id not in self.users and r is None and self._pending is None:
                 return False
             key = self.tombstones.add(user_id, self.log.last_seq)
-            gone = self.users.pop(user_id, None)
-            if gone is not None:
-                self._n_events -= gone.n_events
+            gone_events = self.users.discard(user_id)  # a user still as snapshot text is not parsed for it
+            if gone_events is not None:
+                self._n_events -= gone_events
                 # its logged events and its state in snapshot files go in the next background pass
                 self._purge[user_id] = (self.tombstones.seq(user_id), key)
                 self._need_full = True
@@ -316,9 +316,9 @@ class UserStateShard:
                 self._pending["deleted"].append(user_id)
             self._dirty.discard(user_id)
         logger.info("shard %d: deleted user %s (in memory: %s, in the base: %s)", self.shard_id,
-                    self.keyer.log_id(user_id), gone is not None, r is not None)
+                    self.keyer.log_id(user_id), gone_events is not None, r is not None)
         self._maybe_snapshot()
-        return gone is not None or r is not None
+        return gone_events is not None or r is not None
 
     def log_key(self) -> bytes:
         """The derived key of the keyed user ids in log lines (`UserKeyer.for_logs`), for the ingress."""

@@ -22,7 +22,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 from llmrec.state.snapshots import SnapshotState, StoredState, state_text
@@ -41,44 +41,40 @@ class UserTable(MutableMapping[str, UserState]):
         self._stored: dict[str, StoredState] = {}
         self._stored_events = 0  # sum of n_events over _stored
 
-    def put(self, user_id: str, st: SnapshotState | UserState) -> None:
+    def put(self, user_id: str, st: SnapshotState) -> None:
         """Add or replace a user from a snapshot (a `StoredState` stays unparsed; a dict is parsed now)."""
-        self._forget(user_id)
         if isinstance(st, StoredState):
+            self.discard(user_id)
             self._stored[user_id] = st
             self._stored_events += st.n_events
-        elif isinstance(st, UserState):
-            self._live[user_id] = st
         else:
-            self._live[user_id] = state_from_dict(st)
+            self[user_id] = state_from_dict(st)
 
     def __getitem__(self, user_id: str) -> UserState:
         st = self._live.get(user_id)
-        if st is not None:
-            return st
-        stored = self._stored[user_id]  # KeyError for an unknown user
-        st = state_from_dict(stored.load())
-        del self._stored[user_id]
-        self._stored_events -= stored.n_events
-        self._live[user_id] = st
+        if st is None:
+            st = state_from_dict(self._stored[user_id].load())  # KeyError for an unknown user
+            self[user_id] = st
         return st
 
     def __setitem__(self, user_id: str, st: UserState) -> None:
-        self._forget(user_id)
+        self.discard(user_id)
         self._live[user_id] = st
 
     def __delitem__(self, user_id: str) -> None:
-        if not self._forget(user_id):
+        if self.discard(user_id) is None:
             raise KeyError(user_id)
 
-    def _forget(self, user_id: str) -> bool:
-        if self._live.pop(user_id, None) is not None:
-            return True
+    def discard(self, user_id: str) -> int | None:
+        """Remove the user without parsing it; its `n_events`, or None when it is not here."""
+        st = self._live.pop(user_id, None)
+        if st is not None:
+            return st.n_events
         stored = self._stored.pop(user_id, None)
         if stored is None:
-            return False
+            return None
         self._stored_events -= stored.n_events
-        return True
+        return stored.n_events
 
     def __contains__(self, user_id: object) -> bool:
         return user_id in self._live or user_id in self._stored
@@ -105,7 +101,8 @@ class UserTable(MutableMapping[str, UserState]):
         t._live, t._stored, t._stored_events = dict(self._live), dict(self._stored), self._stored_events
         return t
 
-    def snapshot_items(self, to_dict: Any, written: dict[str, tuple[UserState, StoredState]] | None = None
+    def snapshot_items(self, to_dict: Callable[[UserState], dict[str, Any]],
+                       written: dict[str, tuple[UserState, StoredState]] | None = None
                        ) -> Iterator[tuple[str, SnapshotState]]:
         """(user_id, state) for every user: parsed users as the `StoredState` of `to_dict(state)`'s JSON, the
         rest unchanged. With `written`, each parsed user's (state object, its StoredState) is recorded there,
@@ -121,11 +118,7 @@ class UserTable(MutableMapping[str, UserState]):
     def to_text(self, written: dict[str, tuple[UserState, StoredState]]) -> list[str]:
         """Keep users whose state is still the object `snapshot_items` wrote as that text (they are parsed
         again on their next read); returns their ids. A user changed since (a new state object) stays."""
-        done = []
-        for uid, (st, stored) in written.items():
-            if self._live.get(uid) is st:
-                del self._live[uid]
-                self._stored[uid] = stored
-                self._stored_events += stored.n_events
-                done.append(uid)
+        done = [uid for uid, (st, _stored) in written.items() if self._live.get(uid) is st]
+        for uid in done:
+            self.put(uid, written[uid][1])
         return done

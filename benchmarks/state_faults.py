@@ -15,7 +15,12 @@ better guide to an idle one); the restarted shard keeps snapshot users unparsed 
 restart, the first and second `get` of 1,000 random users (p50/p99 ms; the first parses the user and
 recomputes its vector) and the time to parse every remaining user. Latency: one shard actor on the local
 Ray, 1-event /feedback batches through `StateStore.apply` (what the ingress awaits), idle, then while a
-second client loops DELETE (known users, then unknown ones). Prints one JSON report.
+second client loops DELETE (known users, then unknown ones); `--log-events N` first fills the shard's log
+with N events of other users (10 each), since every purge pass of the deletes works on the whole log.
+Purge pass (`--purge-events`): the log purge of 100 random users' events from a log of N events (20 per
+user, 1-4 per batch) as a shard runs it (`forget_users`: a pattern scan, only the users' batches decoded),
+against the careful rewrite that decodes and re-encodes every record (the reference its test compares
+with), each on its own copy of the log. Prints one JSON report.
 """
 
 from __future__ import annotations
@@ -227,7 +232,36 @@ def measure_synthetic_restart(n_users: int, work: Path, templates: int = 2000, p
             "full_snapshot_after_restart_s": round(snapshot_s, 2)}
 
 
-def measure_delete_latency(n_calls: int, work: Path) -> dict:
+def measure_purge_pass(n_events: int, work: Path, n_gone: int = 100, per_user: int = 20) -> dict:
+    from llmrec.state.event_log import EventLog, _rewrite_without
+    from llmrec.state.user_state import Event
+
+    rng = np.random.default_rng(0)
+    n_users = max(1, n_events // per_user)
+    src = work / "src"
+    with EventLog(src, shard=0) as log:
+        k = 0
+        while k < n_events:
+            size = int(rng.integers(1, 5))
+            log.append([Event(event_id=f"e{k + j}", user_id=f"user-{(k + j) % n_users:07d}",
+                              item_id=f"item{int(rng.integers(10_000))}", event="click", ts=1.7e9 + k + j)
+                        for j in range(min(size, n_events - k))])
+            k += size
+    gone = {f"user-{u:07d}": None for u in rng.choice(n_users, size=min(n_gone, n_users), replace=False)}
+    out: dict = {"log_events": n_events, "users_purged": len(gone),
+                 "log_mb": round(sum(p.stat().st_size for p in src.glob("*.jsonl")) / 2**20, 1)}
+    for name, fast in (("careful_s", False), ("pass_s", True)):
+        dst = work / name
+        shutil.copytree(src, dst)
+        t = time.perf_counter()
+        out[name.replace("_s", "_removed")] = _rewrite_without(dst, 0, gone, fast=fast)
+        out[name] = round(time.perf_counter() - t, 3)
+    out["speedup"] = round(out["careful_s"] / out["pass_s"], 1)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def measure_delete_latency(n_calls: int, work: Path, log_events: int = 0) -> dict:
     import asyncio
 
     import ray
@@ -241,6 +275,9 @@ def measure_delete_latency(n_calls: int, work: Path) -> dict:
     store = StateStore(n_shards=1, log_dir=str(work / "lat-events"), name="bench-lat", namespace="bench",
                        snapshot_every=1000)
     try:
+        for k in range(0, log_events, 1000):  # other users' events: the log every purge pass works on
+            store.apply_sync([{"user_id": f"bg-{(k + j) // 10}", "item_id": f"i{j}", "event": "click",
+                               "ts": 1.0 + j} for j in range(min(1000, log_events - k))])
         for k in range(0, 2000, 500):  # users the deleter can remove
             store.apply_sync([{"user_id": f"victim-{u}", "item_id": "i1", "event": "like", "ts": 1.0}
                               for u in range(k, k + 500)])
@@ -277,7 +314,8 @@ def measure_delete_latency(n_calls: int, work: Path) -> dict:
         phases = (("idle", idle), ("with_delete_loop", busy))
         pct = {name: {"p50_ms": round(float(np.percentile(v, 50)), 2),
                       "p99_ms": round(float(np.percentile(v, 99)), 2)} for name, v in phases}
-        return {"calls": n_calls, **pct, "deletes_during": n_del[0],
+        return {"calls": n_calls, "log_events_before": log_events, **pct,
+                "deletes_during": n_del[0], "last_pass": st["last_snapshot"],
                 "p99_ratio": round(pct["with_delete_loop"]["p99_ms"] / pct["idle"]["p99_ms"], 2),
                 "purged_users": st["purged_users"], "full_snapshots": st["snapshots_written"]["full"]}
     finally:
@@ -292,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tail", type=int, default=10_000, help="log events after the snapshot (recovery)")
     p.add_argument("--calls", type=int, default=1000, help="/feedback calls per latency phase")
     p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--log-events", type=int, default=0,
+                   help="events of other users in the log before the DELETE-loop latency phase")
+    p.add_argument("--purge-events", type=int, nargs="*", default=[], metavar="EVENTS",
+                   help="also time a purge pass over a log of this many events (e.g. 200000)")
     p.add_argument("--synthetic-restart", type=int, nargs="*", default=[], metavar="USERS",
                    help="also time a restart from a full snapshot of this many users, built from 2,000 "
                         "templates (e.g. 1000000)")
@@ -305,8 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.synthetic_restart:
             report["synthetic_restart"] = [measure_synthetic_restart(n, work / f"syn{n}")
                                            for n in args.synthetic_restart]
+        if args.purge_events:
+            report["purge_pass"] = [measure_purge_pass(n, work / f"purge{n}") for n in args.purge_events]
         if not args.skip_latency:
-            report["feedback_latency_under_delete_loop"] = measure_delete_latency(args.calls, work)
+            report["feedback_latency_under_delete_loop"] = measure_delete_latency(args.calls, work,
+                                                                                  args.log_events)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = json.dumps(report, indent=1)

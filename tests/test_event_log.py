@@ -154,6 +154,55 @@ def test_forget_user_rewrites_segments(tmp_path: Path) -> None:
         forget_user(tmp_path, "")
 
 
+def test_forget_users_rewrites_only_the_users_batches_as_the_careful_rewrite_would(tmp_path: Path) -> None:
+    """The fast purge (a pattern scan; only batches holding the users are decoded and re-framed) leaves
+    exactly the bytes of the careful one (every record decoded, re-encoded), skips segments without the
+    users, and is not fooled by ids, event ids or texts that contain the pattern it scans for."""
+    import random
+    import shutil
+
+    from llmrec.state.event_log import _drop_users, _rewrite_without, user_tokens
+
+    rng = random.Random(0)
+    users = ["plain", 'a"b', "back\\slash", "\u00fcn\u00ef\u2028", 'x,"user_id":"plain', "other"]
+    k = 0
+    src = tmp_path / "src"
+    with EventLog(src, segment_max_events=7, shard=0) as log:
+        for _ in range(40):
+            batch = []
+            for _ in range(rng.randint(1, 4)):
+                u = rng.choice(users)
+                kw = {"text": 'say "user_id":"plain" ok', "text_vec": [0.25, -1.5]} if k % 5 == 0 else {}
+                batch.append(Event(event_id=f'e{k},"user_id":"plain"' if k % 7 == 0 else f"e{k}", user_id=u,
+                                   item_id=f"i{k}", event="click", ts=1000.0 + k, **kw))
+                k += 1
+            log.append(batch)
+        log.rotate()
+        log.append([mk(1000 + j, user="other") for j in range(7)])  # a segment without the users
+    old = [json.dumps({"seq": 9999 + j, **mk(2000 + j, user="plain").to_dict()}) + "\n" for j in range(2)]
+    (src / "s000-000000009999.jsonl").write_text("".join(old))  # lines from before checksums, own layout
+    gone = {"plain": None, 'a"b': 60, 'x,"user_id":"plain': None}
+    cap = {u: float("inf") if m is None else m for u, m in gone.items()}
+    want = [r for r in iter_events(src) if r["seq"] > cap.get(r["user_id"], -1)]
+    ref, fast = tmp_path / "ref", tmp_path / "fast"
+    shutil.copytree(src, ref)
+    shutil.copytree(src, fast)
+    inodes = {p.name: p.stat().st_ino for _s, _f, p in segment_paths(fast, 0)}
+    removed = _rewrite_without(fast, 0, gone)
+    n_all = sum(1 for _ in iter_events(src))
+    assert removed == _rewrite_without(ref, 0, gone, fast=False) == n_all - len(want) > 0
+    assert list(iter_events(fast)) == want
+    assert [p.name for _s, _f, p in segment_paths(fast, 0)] == [p.name for _s, _f, p in segment_paths(ref, 0)]
+    for _s, _f, p in segment_paths(ref, 0):
+        assert (fast / p.name).read_bytes() == p.read_bytes(), p.name
+    for _s, _f, p in segment_paths(src, 0):  # each checksummed segment took the fast path, none fell back
+        legacy = p.name == "s000-000000009999.jsonl"
+        assert (_drop_users(p.read_bytes(), user_tokens(gone)) is None) == legacy
+    untouched = [p for _s, _f, p in segment_paths(fast, 0) if b'"user_id":"other"' in p.read_bytes()
+                 and p.read_bytes() == (src / p.name).read_bytes()]
+    assert untouched and all(p.stat().st_ino == inodes[p.name] for p in untouched)  # not rewritten
+
+
 def test_append_refuses_events_without_id(tmp_path: Path) -> None:
     with EventLog(tmp_path) as log:
         with pytest.raises(ValueError, match=r"events\[1\] has no event_id"):

@@ -317,35 +317,55 @@ class RedisBackend:
 
     def records(self, after_seq: int | None = None, counters: dict[str, int] | None = None
                 ) -> Iterator[dict[str, Any]]:
-        from llmrec.state.errors import LogCorruption
-        from llmrec.state.event_log import _decode
-
-        start = f"{(after_seq or 0) + 1}-0"
         n = 0
-        while True:
-            page = self._call("log read", self.r.xrange, self._log_key, start, "+", count=1000)
-            for eid, fields in page:
-                status, rec = _decode(fields[b"r"])
-                if rec is None:  # Redis gives whole entries: a damaged one is corruption, never a torn tail
-                    raise LogCorruption(f"redis {self.describe()}: log entry {eid.decode()} of shard "
-                                        f"{self.shard} fails its checksum; recovery stopped")
-                rec.pop("bn", None)
-                rec["shard"] = self.shard
-                n += 1
-                yield rec
-            if len(page) < 1000:
-                break
-            start = "(" + page[-1][0].decode()
+        for eid, raw in self._entries(after_seq):
+            rec = self._decode(eid, raw)
+            rec["shard"] = self.shard
+            n += 1
+            yield rec
         if counters is not None:
             counters["torn"] = counters.get("torn", 0)
             counters["records"] = counters.get("records", 0) + n
 
     def forget_users(self, users: Mapping[str, int | None]) -> int:
-        ids = [f"{r['seq']}-0" for r in self.records() if r["user_id"] in users
-               and (users[r["user_id"]] is None or r["seq"] <= users[r["user_id"]])]
+        """XDEL the users' entries; an entry is decoded only when its user id token is one of theirs (or
+        cannot be read off its bytes), as in the file log's purge."""
+        from llmrec.state.event_log import record_user_token, user_tokens
+
+        tokens = user_tokens(users)
+        ids = []
+        for eid, raw in self._entries():
+            tok = record_user_token(raw)
+            if tok is not None and tok not in tokens:
+                continue
+            r = self._decode(eid, raw)
+            if r["user_id"] in users and (users[r["user_id"]] is None or r["seq"] <= users[r["user_id"]]):
+                ids.append(f"{r['seq']}-0")
         for k in range(0, len(ids), 1000):
             self._call("log purge", self.r.xdel, self._log_key, *ids[k: k + 1000])
         return len(ids)
+
+    def _entries(self, after_seq: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """(stream id, the record's line) of every log entry after `after_seq`, read in pages."""
+        start = f"{(after_seq or 0) + 1}-0"
+        while True:
+            page = self._call("log read", self.r.xrange, self._log_key, start, "+", count=1000)
+            for eid, fields in page:
+                yield eid, fields[b"r"]
+            if len(page) < 1000:
+                break
+            start = "(" + page[-1][0].decode()
+
+    def _decode(self, eid: bytes, raw: bytes) -> dict[str, Any]:
+        from llmrec.state.errors import LogCorruption
+        from llmrec.state.event_log import _decode
+
+        _status, rec = _decode(raw)
+        if rec is None:  # Redis gives whole entries: a damaged one is corruption, never a torn tail
+            raise LogCorruption(f"redis {self.describe()}: log entry {eid.decode()} of shard "
+                                f"{self.shard} fails its checksum; recovery stopped")
+        rec.pop("bn", None)
+        return rec
 
     def forget_user(self, user_id: str, max_seq: int | None = None) -> int:
         return self.forget_users({user_id: max_seq})

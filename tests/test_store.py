@@ -224,6 +224,39 @@ def test_restart_parses_a_snapshot_user_only_when_first_read(tmp_path: Path) -> 
     third.close()
 
 
+def test_a_read_while_the_snapshot_thread_turns_a_user_back_into_text_finds_it(tmp_path: Path) -> None:
+    """The snapshot thread swaps a written user's object for its text (`to_text`); a `get` from the actor
+    thread in the middle of that swap must wait for it, not answer "unknown user" (or fail)."""
+    events = make_events(40, ["u1", "u2"])
+    shard = UserStateShard(0, str(tmp_path), vec_factory(), snapshot_every=10**9, background=False)
+    shard.apply(events)
+    want = comparable(reference_states(events)["u1"])
+    paused, go = threading.Event(), threading.Event()
+
+    class PausingDict(dict):  # pauses between taking "u1" out of the objects and storing its text
+        def pop(self, key, *default):
+            v = super().pop(key, *default)
+            if key == "u1" and not go.is_set():
+                paused.set()
+                go.wait(10)
+            return v
+
+    shard.users._live = PausingDict(shard.users._live)
+    writer = threading.Thread(target=shard.snapshot)
+    writer.start()
+    assert paused.wait(10)
+    got: dict = {}
+    reader = threading.Thread(target=lambda: got.update(s=shard.get("u1")))
+    reader.start()
+    reader.join(0.5)
+    go.set()
+    writer.join(10)
+    reader.join(10)
+    assert got["s"] is not None and got["s"].n_events == want["n_events"] == 20
+    assert comparable(shard.users["u1"]) == want
+    shard.close()
+
+
 def test_a_full_snapshot_turns_the_users_it_wrote_back_into_text(tmp_path: Path) -> None:
     """After a full snapshot the users it wrote are kept as its text (memory follows the active users), except
     one whose state changed while the snapshot was written; reads parse them again and equal the brute-force

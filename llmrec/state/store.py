@@ -268,19 +268,23 @@ class UserStateShard:
 
     def get(self, user_id: str) -> StateSummary | None:
         """The user's `StateSummary` (text feedback with its vectors, the user vector, this shard's id); None
-        for an unknown user. A base-only user gets a transient state from the arrays."""
-        st = self.users.get(user_id)
-        if st is not None:
-            if user_id in self._dirty:
-                self._refresh_vector(user_id)
-                st = self.users[user_id]
-            return summary(st, vector=st.vector, shard=self.shard_id)
-        r = self._base_row(self.base, user_id)
-        if r is None:
-            return None
-        st = self.base.state(r, history_len=self.history_len)  # type: ignore[union-attr]
-        vec = self.vectorizer(st) if self.vectorizer is not None else None
-        return summary(st, vector=vec, shard=self.shard_id)
+        for an unknown user. A base-only user gets a transient state from the arrays.
+
+        Under the state lock: the snapshot thread turns written users back into text under it
+        (`UserTable.to_text`), and a read in the middle of that would find the user in neither form."""
+        with self._mu:
+            st = self.users.get(user_id)
+            if st is not None:
+                if user_id in self._dirty:
+                    self._refresh_vector(user_id)
+                    st = self.users[user_id]
+                return summary(st, vector=st.vector, shard=self.shard_id)
+            r = self._base_row(self.base, user_id)
+            if r is None:
+                return None
+            st = self.base.state(r, history_len=self.history_len)  # type: ignore[union-attr]
+            vec = self.vectorizer(st) if self.vectorizer is not None else None
+            return summary(st, vector=vec, shard=self.shard_id)
 
     def delete(self, user_id: str) -> bool:
         """Forget a user: a durable tombstone first (its base history is never loaded again, its logged
@@ -539,9 +543,11 @@ class UserStateShard:
 
     def set_vectorizer(self, vectorizer_factory: Callable[[], Any] | None) -> int:
         """Swap the vectorizer (e.g. a new scorer); every vector is recomputed on its next `get`."""
-        self.vectorizer = vectorizer_factory() if vectorizer_factory is not None else None
-        self._dirty = set(self.users)
-        return len(self._dirty)
+        vectorizer = vectorizer_factory() if vectorizer_factory is not None else None
+        with self._mu:  # beside the snapshot thread, which marks the users it turned back into text
+            self.vectorizer = vectorizer
+            self._dirty = set(self.users)
+            return len(self._dirty)
 
     def ping(self) -> int:
         return self.shard_id

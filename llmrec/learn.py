@@ -122,6 +122,10 @@ def _write_registry(run_dir: str | os.PathLike, reg: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- learning
+# how a round makes the post-training choices (`learn(choices=)`, `llmrec learn --choices`)
+LEARN_CHOICES = ("reuse", "refit")
+
+
 @dataclass
 class LearnResult:
     accepted: bool
@@ -150,6 +154,7 @@ def learn(
     seed: int = 0,
     num_workers: int = 1,
     lr: float | None = None,
+    choices: str = "reuse",
     **train_kwargs: Any,
 ) -> LearnResult:
     """One round of the learning loop (module docstring).
@@ -164,6 +169,9 @@ def learn(
             the current model's).
         holdback_frac: share of the new events (newest first) held back to judge the candidate.
         min_new_events: fewer new events than this -> no training.
+        choices: "reuse" = the candidate keeps the current model's post-training choices (co-occurrence
+            term and weight, text boosts, cold-item choices; `finalize_ranking(reuse=)`), "refit" = it makes
+            them again on its validation users (most of a round's time).
     """
     from llmrec.artifacts import read_meta
     from llmrec.data.tables import read_interactions, read_items
@@ -174,6 +182,8 @@ def learn(
     t0 = time.perf_counter()
     if not 0.0 < holdback_frac < 1.0:
         raise ValueError(f"holdback_frac must be in (0, 1), got {holdback_frac}")
+    if choices not in LEARN_CHOICES:
+        raise ValueError(f"choices must be one of {', '.join(LEARN_CHOICES)}, got {choices!r}")
     run = Path(run_dir)
     cur_dir, _ = current_scorer(run)
     cur_dir = cur_dir or str(run / schema.RUN_SCORER)
@@ -221,7 +231,8 @@ def learn(
     out = run / SCORERS_DIR / time.strftime("%Y%m%d-%H%M%S")
     try:
         fit_scorer(
-            cfg, train_ev, items, out, embed_meta=embed_meta, init_from=cur_dir, focus_after_ts=int(ts_max)
+            cfg, train_ev, items, out, embed_meta=embed_meta, init_from=cur_dir, focus_after_ts=int(ts_max),
+            reuse_choices_from=cur_dir if choices == "reuse" else None,
         )
     except TrainingDiverged as e:  # a fine-tune that cannot rank is refused like a worse one
         res.why = f"fine-tune diverged: {e}"

@@ -116,6 +116,40 @@ def test_learning_loop_swaps_in_a_better_model_refuses_a_worse_one_and_rolls_bac
     assert current_scorer(run)[0] == str((run / schema.RUN_SCORER).resolve())
 
 
+def test_a_fine_tune_keeps_the_post_training_choices_of_the_model_it_reuses(planted_learning_run, tmp_path):
+    """`fit_scorer(reuse_choices_from=)` (a `llmrec learn --choices reuse` round): the text boosts and the
+    cold-item bonus, imputation and slots of the given model, set here to values no validation grid holds,
+    are what the new model serves with; meta.json says where they came from."""
+    import shutil
+
+    from llmrec.config import TrainConfig
+    from llmrec.data.tables import read_interactions, read_items
+    from llmrec.embed.artifact import load_item_space
+    from llmrec.scorer.inference import Scorer
+    from llmrec.scorer.train import fit_scorer
+
+    run, p2, _p3 = planted_learning_run
+    src = tmp_path / "current"
+    shutil.copytree(run / schema.RUN_SCORER, src)
+    meta = json.loads((src / schema.META_FILE).read_text())
+    planted = {"text_boost": [1.7] * len(meta["model_config"]["text_boost"]), "cold_bonus": 0.123,
+               "cooc_impute": 0.77, "cold_every": 7}
+    meta["model_config"].update(planted)
+    (src / schema.META_FILE).write_text(json.dumps(meta))
+    items, emeta = load_item_space(run / schema.RUN_EMBEDDINGS, read_items(run / schema.RUN_DATA))
+    cfg = TrainConfig(epochs=1, batch_size=32, dim=16, max_len=10, n_neg=16, head_neg=7, mlp_hidden=16,
+                      n_candidates=20, val_users=20, cooc_neighbors=0, num_workers=0)
+    events = pd.concat([read_interactions(run / schema.RUN_DATA), p2], ignore_index=True)
+    out = tmp_path / "candidate"
+    got = fit_scorer(cfg, events, items, out, embed_meta=emeta, init_from=src, reuse_choices_from=src)
+    assert {k: got["model_config"][k] for k in planted} == planted
+    assert got["text_boost"]["reused_from"] == got["cold_bonus"]["reused_from"] == str(src)
+    served = Scorer.load(out).model.cfg
+    assert (served.cold_bonus, served.cooc_impute, served.cold_every) == (0.123, 0.77, 7)
+    assert list(served.text_boost) == planted["text_boost"]
+    assert Scorer.load(run / schema.RUN_SCORER).model.cfg.cold_every != 7  # not the source's own value
+
+
 @pytest.mark.slow  # four fine-tune rounds: ~2-4 min on 2 cores
 def test_replay_with_the_learning_loop_beats_live_state_alone(ray_local, tmp_path):
     """`llmrec replay --learn-every`: (c) live state + learning rounds ranks the held-out stream better than

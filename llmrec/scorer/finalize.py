@@ -80,17 +80,27 @@ class BehaviourTerms:
             raise ValueError("BehaviourTerms needs at least one term")
 
 
+# the post-training choices a fine-tune may keep from the model it starts from (`finalize_ranking(reuse=)`)
+REUSABLE_CHOICES = ("cooc_weight", "text_boost", "cold_bonus", "cooc_impute", "cold_every")
+
+
 def finalize_ranking(
     state: dict,
     static: dict,
     terms: BehaviourTerms | None,
     cfg: TrainConfig,
+    reuse: Mapping[str, Any] | None = None,
 ) -> tuple[dict, sp.csr_matrix | None, dict, dict, dict, dict]:
     """Post-training choices, each measured on validation: the MLP re-ranker on/off, then the co-occurrence
     term and its weight (`tune_behaviour`), then the text boost per history-length bucket (`tune_text_boost`),
     then the cold-item bonus, imputation and slots (`tune_cold_bonus`).
 
-    terms: the co-occurrence terms to choose from, or None (no co-occurrence term). Returns (state with
+    terms: the co-occurrence terms to choose from, or None (no co-occurrence term).
+    reuse: {"from": folder, "model_config": its model config, "term": its co-occurrence term} of the model a
+        fine-tune starts from: its `REUSABLE_CHOICES` and term are kept instead of chosen again (a learning
+        round: most of its time is these choices); the re-ranker is still measured and the served ranking
+        still validated. Ignored (everything chosen again, and said why) when its term is not among `terms`.
+    Returns (state with
     model_config updated, the chosen term's matrix to ship (train + validation) or None, the co-occurrence,
     text-boost and cold-bonus summaries for meta.json, and the served ranking's validation: {"val_ndcg@10",
     "n_users", "targets_sha1", "per_user": (U,) NDCG@10} or {} without validation users)."""
@@ -121,7 +131,28 @@ def finalize_ranking(
 
     sim_train = None
     term = next(iter(terms.train)) if terms is not None else None
-    if terms is not None and has_val:
+    if reuse is not None:
+        prev, prev_term = reuse["model_config"], reuse.get("term")
+        if terms is not None and prev.get("cooc_weight", 0.0) and prev_term not in terms.train:
+            logger.warning("the post-training choices of %s are chosen again: its co-occurrence term %s is "
+                           "not one of %s", reuse["from"], prev_term, list(terms.train))
+            reuse = None
+    if reuse is not None:
+        for k in REUSABLE_CHOICES:
+            if k in prev:
+                mc[k] = prev[k]
+        if terms is None:
+            mc["cooc_weight"] = 0.0
+        else:
+            term = prev_term if prev_term in terms.train else term
+            sim_train = terms.train[term]
+        kept = {k: mc[k] for k in REUSABLE_CHOICES if k in mc}
+        info.update(term=term, cooc_weight=mc["cooc_weight"], reused_from=str(reuse["from"]))
+        boost_info = {"reused_from": str(reuse["from"]), "text_boost": mc.get("text_boost")}
+        cold_info = {"reused_from": str(reuse["from"]),
+                     **{k: mc[k] for k in ("cold_bonus", "cooc_impute", "cold_every") if k in mc}}
+        logger.info("post-training choices kept from %s (term %s): %s", reuse["from"], term, kept)
+    elif terms is not None and has_val:
         # warm validation has (almost) no cold targets: the term and weight are chosen without the scores that
         # items without co-occurrence data borrow from their text neighbours, and `tune_cold_bonus` decides
         # that borrowing (`cooc_impute`) in a world with cold items
@@ -136,12 +167,12 @@ def finalize_ranking(
     elif terms is not None:
         info.update(term=term)
         logger.info("no validation set: co-occurrence weight stays 0 (neural ranking only)")
-    if has_val and mc.get("text_arm", True):
+    if reuse is None and has_val and mc.get("text_arm", True):
         boost, boost_info = tune_text_boost(model_for(mc), val, sim_train, cfg.n_candidates)
         mc["text_boost"] = list(boost)
         logger.info("text boost per history-length bucket %s chosen on validation: %s",
                     list(boost_info["buckets"]), boost)
-    if has_val:
+    if reuse is None and has_val:
         t_cold = time.perf_counter()
         bonus, cold_info = tune_cold_bonus(model_for(mc), val, sim_train, cfg.n_candidates)
         mc["cold_bonus"] = bonus

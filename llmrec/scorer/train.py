@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmrec.artifacts import load_torch_file
+from llmrec.artifacts import load_torch_file, read_meta
 from llmrec.config import TrainConfig
 from llmrec.cooc import candidate_terms
 from llmrec.data.histories import attach_item_idx
@@ -72,6 +72,7 @@ def fit_scorer(
     checkpoint_dir: str | None = None,
     init_from: str | os.PathLike | None = None,
     focus_after_ts: int | None = None,
+    reuse_choices_from: str | os.PathLike | None = None,
 ) -> dict:
     """Train the scorer on Ray Train (`TorchTrainer`, DDP) and write `out_dir/model.pt` + `meta.json`.
 
@@ -102,6 +103,10 @@ def fit_scorer(
             `cfg.epochs` epochs on the given data.
         focus_after_ts: train on every sample whose target is later than this ts plus as many older samples
             drawn at random (a fine-tune on new feedback that does not forget the rest).
+        reuse_choices_from: a scorer folder (usually `init_from`) whose post-training choices this fit keeps
+            (co-occurrence term and weight, text boosts, cold-item bonus / imputation / slots:
+            `finalize_ranking(reuse=)`) instead of choosing them again on validation; `llmrec learn
+            --choices reuse`.
 
     Returns:
         The written meta (config, best_epoch, metrics, per-epoch history, wall_s, examples_per_s).
@@ -216,7 +221,12 @@ def fit_scorer(
             train_m, full_m = cooc_matrices(data.user_items, items.n_items, k, names, names[:1])
             terms = BehaviourTerms(train_m, lambda t: full_m[t] if t in full_m else cooc_matrices(
                 data.user_items, items.n_items, k, (), (t,))[1][t])
-    state, cooc, cooc_info, boost_info, cold_info, served = finalize_ranking(state, static, terms, cfg)
+    reuse = None
+    if reuse_choices_from is not None:
+        prev = read_meta(reuse_choices_from, stage="train")
+        reuse = {"from": str(reuse_choices_from), "model_config": prev.get("model_config", {}),
+                 "term": prev.get("cooc", {}).get("term")}
+    state, cooc, cooc_info, boost_info, cold_info, served = finalize_ranking(state, static, terms, cfg, reuse)
     ts_max = [data.ts_max] if data.ts_max is not None else []
     if explicit_val and TS in valid_df.columns:
         ts_max.append(int(valid_df[TS].max()))

@@ -13,6 +13,10 @@ On a prepared run (data/, embeddings/, index/): the last `--test-frac` of events
 
     python benchmarks/replay_learning.py --run runs/amazon-magazine-subscriptions-2018 \
         --max-events 3000 --learn-every 750 --out runs/bench/replay-learning-magazine.json
+    # rounds that choose the co-occurrence weight, text boosts and cold-item settings again vs rounds that
+    # keep the serving model's (`llmrec learn --choices`), the same pre-cutoff model and stream
+    python benchmarks/replay_learning.py --run runs/amazon-magazine-subscriptions-2018 \
+        --learn-num-workers 0 --learn-choices refit,reuse --out runs/bench/replay-learning-choices.json
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import json
 import logging
 import time
 from pathlib import Path
+
+import numpy as np
 
 logger = logging.getLogger("replay_learning")
 
@@ -36,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learn-num-workers", default="1",
                    help="Ray Train workers of each round; a comma list replays once per value with the same "
                    "pre-cutoff model (e.g. 1,0: worker processes vs Ray Train's local mode)")
+    p.add_argument("--learn-choices", default="refit",
+                   help="post-training choices of each round (`llmrec learn --choices`: reuse or refit); a "
+                   "comma list replays once per value with the same pre-cutoff model (e.g. refit,reuse)")
     p.add_argument("--epochs", type=int, default=5, help="epochs of the pre-cutoff scorer (default 5)")
     p.add_argument("--work", default=None, help="work folder (default RUN/replay-learning)")
     p.add_argument("--out", default=None, help="JSON report path (default WORK/replay.json)")
@@ -47,12 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     from llmrec.embed.artifact import load_item_space
     from llmrec.eval.replay import cutoff_split, replay
     from llmrec.log import setup_logging
+    from llmrec.metrics import bootstrap_ci
     from llmrec.raysetup import init_ray, local_env_defaults, ray_detail_to_log_files
     from llmrec.scorer.train import fit_scorer
 
     workers = [int(w) for w in args.learn_num_workers.split(",")]
     if not workers or min(workers) < 0:
         raise SystemExit(f"--learn-num-workers takes counts >= 0, comma-separated: {args.learn_num_workers}")
+    choices = args.learn_choices.split(",")
+    if not set(choices) <= {"reuse", "refit"}:
+        raise SystemExit(f"--learn-choices takes reuse and/or refit, comma-separated: {args.learn_choices}")
+    settings = [(n, c) for n in workers for c in choices]
     local_env_defaults()
     ray_detail_to_log_files()  # Ray Data's progress dumps to the session's log files
     setup_logging("INFO")
@@ -78,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         fit_scorer(TrainConfig(epochs=args.epochs), hist, items, scorer_dir, embed_meta=embed_meta)
     train_s = time.perf_counter() - t0
     outs = {}
-    for n in workers:
+    for n, choice in settings:
         registry = work / "models.json"
         if registry.exists():
             registry.unlink()  # every measurement starts from the pre-cutoff model
@@ -89,27 +103,38 @@ def main(argv: list[str] | None = None) -> int:
             test_frac=args.test_frac,
             out_dir=work,
             learn_every=args.learn_every,
-            learn_config={"max_steps": args.learn_max_steps, "epochs": 1, "num_workers": n},
+            learn_config={"max_steps": args.learn_max_steps, "epochs": 1, "num_workers": n,
+                          "choices": choice},
         )
         out["pre_cutoff_scorer_train_s"] = round(train_s, 1)
         out["pre_cutoff_scorer_reused"] = reuse
         out["cutoff_ts"] = int(cutoff)
         out["learn_num_workers"] = n
-        outs[n] = out
-    report = outs[workers[0]] if len(workers) == 1 else {
-        "by_learn_num_workers": {str(n): o for n, o in outs.items()},
-        # round seconds of each setting over the first one's (the named baseline of this run)
-        "round_s_p50_ratio": {str(n): outs[n]["model_freshness"]["round_s_p50"]
-                              / outs[workers[0]]["model_freshness"]["round_s_p50"] for n in workers},
+        out["learn_choices"] = choice
+        outs[f"workers={n},choices={choice}"] = out
+    first = next(iter(outs))
+    base = outs[first]
+    report = base if len(outs) == 1 else {
+        "by_setting": outs,
+        # each setting against the first one (the named baseline of this run): round seconds p50 as a ratio,
+        # and the learning lists' NDCG@10 target by target (the same stream): paired 95% bootstrap interval
+        "round_s_p50_ratio": {k: o["model_freshness"]["round_s_p50"] / base["model_freshness"]["round_s_p50"]
+                              for k, o in outs.items()},
+        "learning_ndcg@10_minus_first_ci95": {
+            k: list(bootstrap_ci(np.asarray(o["ndcg@10_per_target"]["learning"]),
+                                 np.asarray(base["ndcg@10_per_target"]["learning"])))
+            for k, o in outs.items() if k != first},
     }
     path = Path(args.out) if args.out else work / "replay.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     keys = ("frozen", "online", "learning", "diff_ci95", "model_freshness", "learn_rounds", "n_targets")
-    for n, out in outs.items():
-        print(f"learn_num_workers={n}:", json.dumps({k: out.get(k) for k in keys}, indent=2))
-    if len(workers) > 1:
+    for name, out in outs.items():
+        print(f"{name}:", json.dumps({k: out.get(k) for k in keys}, indent=2))
+    if len(outs) > 1:
         print("round seconds p50 / first setting's:", json.dumps(report["round_s_p50_ratio"]))
+        print("learning NDCG@10 - first setting's (paired 95%):",
+              json.dumps(report["learning_ndcg@10_minus_first_ci95"]))
     return 0
 
 

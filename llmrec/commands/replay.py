@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learn-num-workers", type=int, default=1,
                    help="Ray Train workers of each learning round (default 1; 0 = in this process, Ray "
                    "Train's local mode: no worker processes to start, a fresher model)")
+    p.add_argument("--learn-choices", default="refit", choices=("refit", "reuse"),
+                   help="post-training choices of each learning round (`llmrec learn --choices`)")
     p.add_argument("--auth-token-file", default=None,
                    help="file holding the server's bearer token (with --url; default: $LLMREC_AUTH_TOKEN)")
     p.add_argument("--auth-token", default=None, help=argparse.SUPPRESS)  # refused: see llmrec.serve.auth
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         auth_token=read_token(args.auth_token_file, os.environ) if args.url else None,
         learn_every=args.learn_every or None,
         learn_config={"max_steps": args.learn_max_steps, "epochs": args.learn_epochs,
-                      "num_workers": args.learn_num_workers},
+                      "num_workers": args.learn_num_workers, "choices": args.learn_choices},
     )
     k = args.k
     print(

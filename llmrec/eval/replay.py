@@ -241,6 +241,8 @@ def _stream(runner: Any, stream: pd.DataFrame, k: int) -> dict[str, Any]:
     }
     if "learning" in modes:
         res["gain_learning"] = {m: res["learning"][m] - res["online"][m] for m in res["online"]}
+    # each list's NDCG@k in stream order (targets are the same in every mode): paired comparisons across runs
+    res[f"ndcg@{k}_per_target"] = {m: [round(float(g), 6) for g in gains[m]] for m in modes}
     if lat:
         res["online_recommend_ms"] = {
             "p50": float(np.percentile(lat, 50) * 1e3),

@@ -80,7 +80,7 @@ def recommend_users(
 
     Returns:
         {n_users, n_rows, n_unknown, n_ids, n_rankers, wall_s}: n_ids counts the ids read (duplicates
-        included); n_rankers = ranker actors: one per CPU, at most one per USERS_PER_RANKER distinct ids.
+        included); n_rankers the ranker actors used (`num_rankers`, or its default).
 
     Raises:
         ValueError: users without interactions in `data_dir` (unless skip_unknown), no ids, nothing to rank.

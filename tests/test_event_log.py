@@ -197,7 +197,7 @@ def test_forget_users_rewrites_only_the_users_batches_as_the_careful_rewrite_wou
         assert (fast / p.name).read_bytes() == p.read_bytes(), p.name
     for _s, _f, p in segment_paths(src, 0):  # each checksummed segment took the fast path, none fell back
         legacy = p.name == "s000-000000009999.jsonl"
-        assert (_drop_users(p.read_bytes(), user_tokens(gone)) is None) == legacy
+        assert (_drop_users(p.read_bytes(), gone, user_tokens(gone)) is None) == legacy
     untouched = [p for _s, _f, p in segment_paths(fast, 0) if b'"user_id":"other"' in p.read_bytes()
                  and p.read_bytes() == (src / p.name).read_bytes()]
     assert untouched and all(p.stat().st_ino == inodes[p.name] for p in untouched)  # not rewritten

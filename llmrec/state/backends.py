@@ -319,7 +319,7 @@ class RedisBackend:
                 ) -> Iterator[dict[str, Any]]:
         n = 0
         for eid, raw in self._entries(after_seq):
-            rec = self._decode(eid, raw)
+            rec = self._parse_entry(eid, raw)
             rec["shard"] = self.shard
             n += 1
             yield rec
@@ -330,7 +330,7 @@ class RedisBackend:
     def forget_users(self, users: Mapping[str, int | None]) -> int:
         """XDEL the users' entries; an entry is decoded only when its user id token is one of theirs (or
         cannot be read off its bytes), as in the file log's purge."""
-        from llmrec.state.event_log import record_user_token, user_tokens
+        from llmrec.state.event_log import forgets, record_user_token, user_tokens
 
         tokens = user_tokens(users)
         ids = []
@@ -338,8 +338,8 @@ class RedisBackend:
             tok = record_user_token(raw)
             if tok is not None and tok not in tokens:
                 continue
-            r = self._decode(eid, raw)
-            if r["user_id"] in users and (users[r["user_id"]] is None or r["seq"] <= users[r["user_id"]]):
+            r = self._parse_entry(eid, raw)
+            if forgets(users, r):
                 ids.append(f"{r['seq']}-0")
         for k in range(0, len(ids), 1000):
             self._call("log purge", self.r.xdel, self._log_key, *ids[k: k + 1000])
@@ -356,7 +356,7 @@ class RedisBackend:
                 break
             start = "(" + page[-1][0].decode()
 
-    def _decode(self, eid: bytes, raw: bytes) -> dict[str, Any]:
+    def _parse_entry(self, eid: bytes, raw: bytes) -> dict[str, Any]:
         from llmrec.state.errors import LogCorruption
         from llmrec.state.event_log import _decode
 

@@ -446,11 +446,12 @@ def _rewrite_without(log_dir: Path, shard: int, users: Mapping[str, int | None],
     for k, (_sh, first, path) in enumerate(segs):
         if max_first_seq is not None and first > max_first_seq:
             continue
-        try:
-            data = path.read_bytes() if fast else b""
-        except FileNotFoundError:
-            continue  # a concurrent retire
-        quick = _drop_users(data, tokens) if fast else None
+        quick = None
+        if fast:
+            try:
+                quick = _drop_users(path.read_bytes(), users, tokens)
+            except FileNotFoundError:
+                continue  # a concurrent retire
         if quick is not None:
             out_data, n = quick
             if not n:
@@ -490,7 +491,14 @@ def record_user_token(line: bytes) -> bytes | None:
     return None if m is None else m.group(1)
 
 
-def _drop_users(data: bytes, tokens: Mapping[bytes, int | None]) -> tuple[bytes, int] | None:
+def forgets(users: Mapping[str, int | None], rec: Mapping[str, Any]) -> bool:
+    """True when a purge of `users` ({user_id: max_seq or None}) removes this decoded record."""
+    uid = rec.get("user_id")
+    return uid in users and (users[uid] is None or rec["seq"] <= users[uid])
+
+
+def _drop_users(data: bytes, users: Mapping[str, int | None], tokens: Mapping[bytes, int | None]
+                ) -> tuple[bytes, int] | None:
     """(the segment without the users' records, how many went) for a segment of complete checksummed
     batches; None when it is anything else (a torn tail, old lines without checksums, a damaged head or
     batch around one of the users' records, a damaged record in a batch to re-frame): the careful path
@@ -499,11 +507,11 @@ def _drop_users(data: bytes, tokens: Mapping[bytes, int | None]) -> tuple[bytes,
     Only the users' own batches are read record by record: the user id tokens of all records are read off
     the bytes by one pattern scan (one per line), a record of theirs marks its batch (the run of lines
     around it whose `bn` counts down to 0), and every other byte is copied as it is. `tokens`:
-    `user_tokens({user_id: max_seq or None})`."""
-    if not data.endswith(b"\n") or data.count(b"\n") != data.count(b',"crc":"'):
+    `user_tokens(users)`."""
+    newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+    if not data.endswith(b"\n") or len(newlines) != data.count(b',"crc":"'):
         return None  # a torn or blank line, or lines from before checksums (written in another layout)
     toks = _UID_RE.findall(data)  # one per line: every checksummed record's id is found by the pattern
-    newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
     if len(toks) != len(newlines):
         return None
     hit = [i for i, t in enumerate(toks) if t in tokens]
@@ -519,7 +527,6 @@ def _drop_users(data: bytes, tokens: Mapping[bytes, int | None]) -> tuple[bytes,
         if span is None:
             return None
         batches[span[0]] = end = span[1]
-    caps = {json.loads(t): cap for t, cap in tokens.items()}
     out: list[bytes] = []
     removed = pos = 0
     for b0 in sorted(batches):
@@ -530,8 +537,7 @@ def _drop_users(data: bytes, tokens: Mapping[bytes, int | None]) -> tuple[bytes,
             status, rec = _decode(line)
             if status != "ok" or rec is None:
                 return None
-            cap = caps.get(rec["user_id"], -1)
-            if cap != -1 and (cap is None or rec["seq"] <= cap):
+            if forgets(users, rec):
                 removed += 1
             else:
                 kept.append(rec)
@@ -584,8 +590,7 @@ def _drop_users_careful(path: Path, last_of_shard: bool, users: Mapping[str, int
         if rec is None:
             hit += 1
             continue
-        uid = rec.get("user_id")
-        drop = uid in users and (users[uid] is None or rec["seq"] <= users[uid])
+        drop = forgets(users, rec)
         hit += drop
         removed += drop
         bn = rec.pop("bn")

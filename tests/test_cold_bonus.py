@@ -73,7 +73,7 @@ def test_validation_chooses_the_bonus_that_undoes_the_warm_items_advantage():
     slots = model.id_slots.clone()
     grid = (0.0, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
     bonus, info = tune_cold_bonus(model, val, None, n_candidates=items.n_items, grid=grid, frac=0.2,
-                                  min_targets=20, every_grid=(0,))  # the bonus alone (slots: below)
+                                  min_targets=20, every_grid=(0,), keep_grid=(0.0,))  # the bonus alone
     assert info["measured"] and info["n_pseudo_cold_items"] == 12 and info["n_cold_targets"] >= 20
     ndcg, cold_ndcg = info["val_ndcg"], info["val_ndcg_cold_targets"]
     # without a bonus the made-cold twins fall below every warm item; the chosen bonus brings them back
@@ -163,7 +163,7 @@ def test_validation_turns_the_imputation_on_where_made_cold_targets_need_it():
     keep[cold] = 0
     sim_c = (sp.diags(keep) @ sim @ sp.diags(keep)).tocsr()  # made-cold items lose their co-occurrence data
     with model.items_made_cold(cold):
-        grid_f, grid_e, saved = (0.0, 1.0), (0, 3), model.cfg
+        grid_f, grid_e, saved = (0.0, 1.0), ((0, 0.0), (3, 0.0), (0, 1.0), (5, 2.0)), model.cfg
         imputes = []
         for f in grid_f:
             model.cfg = dataclasses.replace(saved, cooc_impute=f)
@@ -171,13 +171,14 @@ def test_validation_turns_the_imputation_on_where_made_cold_targets_need_it():
         model.cfg = saved
         got = served_val_ndcg_grid(model, val, sim_c, imputes, grid_e, n_candidates=items.n_items)
         for fi, f in enumerate(grid_f):
-            for ei, e in enumerate(grid_e):
-                model.cfg = dataclasses.replace(saved, cooc_impute=f, cold_every=e)
+            for ei, (e, keep) in enumerate(grid_e):
+                model.cfg = dataclasses.replace(saved, cooc_impute=f, cold_every=e, cold_keep=keep)
                 want = served_val_ndcg(model, val, sim_c, model.cooc_impute(sim_c), items.n_items)
                 np.testing.assert_array_equal(got[fi, ei], want)
         model.cfg = saved
     # the imputation and the slots change the ranking here, so the check has teeth
     assert got[0, 0].mean() != got[1, 0].mean() and got[1, 0].mean() != got[1, 1].mean()
+    assert got[1, 0].mean() != got[1, 2].mean()
 
 
 def _greedy_slots(score: np.ndarray, cold: np.ndarray, every: int) -> list[int]:
@@ -218,6 +219,72 @@ def test_cold_slots_give_the_greedy_slotted_order_and_move_only_the_promoted_ite
     np.testing.assert_array_equal(cold_slot_scores(score, cold, 0), score)
 
 
+def _greedy_placed(score: np.ndarray, cold: np.ndarray, every: int, keep: float,
+                   neural: np.ndarray) -> list[int]:
+    """Reference for one row: fill positions 1, 2, ... taking whichever of the best remaining cold and other
+    candidate comes first in the plain order, except that a cold candidate is taken whenever putting another
+    one here would leave some remaining cold candidate (they keep their order) no way to meet its deadline
+    (j * every for the j-th cold one; ceil(keep * its position in the neural order))."""
+    order = list(np.argsort(-score, kind="stable"))
+    cold = cold & np.isfinite(score)
+    nat = {int(i): r + 1 for r, i in enumerate(np.argsort(-neural, kind="stable"))}
+    c_q, w_q = [i for i in order if cold[i]], [i for i in order if not cold[i]]
+    deadline = {}
+    for j, i in enumerate(c_q, start=1):
+        d = len(order)
+        if every:
+            d = min(d, j * every)
+        if keep:
+            d = min(d, int(np.ceil(keep * nat[int(i)])))
+        deadline[i] = d
+    out: list[int] = []
+    for p in range(1, len(order) + 1):
+        if c_q and w_q and order.index(w_q[0]) < order.index(c_q[0]):
+            if any(p + 1 + k > deadline[i] for k, i in enumerate(c_q)):
+                out.append(c_q.pop(0))
+            else:
+                out.append(w_q.pop(0))
+        else:
+            out.append(c_q.pop(0) if c_q else w_q.pop(0))
+    return out
+
+
+def test_cold_items_keep_their_neural_place_as_the_greedy_reference_places_them():
+    """cold_keep: a cold candidate ranks no lower than keep x its place in the ranking without the
+    co-occurrence term, cold candidates keep their order (an earlier one makes room for a later one's
+    deadline), the others keep theirs, and only moved cold items change score, upwards; with slots too."""
+    rng = np.random.default_rng(1)
+    n_moved = 0
+    for every, keep in ((0, 1.0), (0, 1.5), (0, 2.0), (0, 3.0), (5, 1.0), (3, 2.0), (10, 1.0)):
+        score = rng.normal(size=(40, 25)).astype(np.float32)
+        score[rng.random(score.shape) < 0.1] = -np.inf
+        cold = rng.random(score.shape) < rng.uniform(0.05, 0.6, size=(40, 1))
+        # the neural order agrees with the plain one in part (the co-occurrence term reorders the rest)
+        neural = (score + rng.normal(scale=1.0, size=score.shape)).astype(np.float32)
+        neural[~np.isfinite(score)] = -np.inf
+        out = cold_slot_scores(score, cold, every, keep=keep, neural=neural)
+        for b in range(len(score)):
+            got = list(np.argsort(-out[b], kind="stable"))
+            assert got == _greedy_placed(score[b], cold[b], every, keep, neural[b]), (every, keep, b)
+            moved = out[b] != score[b]
+            n_moved += int(moved.sum())
+            assert np.all(cold[b][moved] & np.isfinite(score[b][moved]))
+            assert np.all(out[b][moved] > score[b][moved])  # moved up, never down
+            # every cold candidate meets its deadline, or sits right below the cold ones before it
+            nat = {int(i): r + 1 for r, i in enumerate(np.argsort(-neural[b], kind="stable"))}
+            cold_in_order = [i for i in got if cold[b][i] and np.isfinite(score[b][i])]
+            for j, i in enumerate(cold_in_order, start=1):
+                d = min(j * every if every else len(got), int(np.ceil(keep * nat[int(i)])))
+                assert got.index(i) + 1 <= max(j, d), (every, keep, b, i)
+    assert n_moved > 100  # the check has teeth
+    # without the co-occurrence term the neural order is the plain one: nothing moves
+    np.testing.assert_array_equal(cold_slot_scores(score, cold, 0, keep=1.0, neural=score), score)
+    with pytest.raises(ValueError, match="needs the neural scores"):
+        cold_slot_scores(score, cold, 0, keep=1.0)
+    with pytest.raises(ValueError, match="keep must be 0 or >= 1, got 0.5"):
+        cold_slot_scores(score, cold, 0, keep=0.5, neural=score)
+
+
 def test_served_ranking_applies_the_slots_and_its_reason_parts_still_add_up():
     """Scorer.rank (what serving, batch recommendations and evaluation all rank with) puts a cold item in
     every cold_every positions; the lift counts as content, and full_scores orders the catalog the same
@@ -250,6 +317,60 @@ def test_served_ranking_applies_the_slots_and_its_reason_parts_still_add_up():
     np.testing.assert_allclose(sum(r.parts.values())[ok], r.score[ok], rtol=1e-5, atol=1e-5)
     full = s.full_scores(hists)
     np.testing.assert_array_equal(np.argsort(-full, axis=1, kind="stable")[:, :9], idx)
+
+
+def test_served_ranking_keeps_cold_items_at_their_neural_place_above_the_co_occurrence_winners():
+    """Scorer.rank with cold_keep: the co-occurrence term lifts the warm items it knows above every cold item;
+    with cold_keep each cold item ranks no lower than cold_keep x its place in the ranking without the term,
+    the warm items keep the order the term gave them, and the reason parts still add up."""
+    import dataclasses
+
+    import scipy.sparse as sp
+
+    from llmrec.protocol import History
+    from llmrec.scorer.inference import Scorer
+
+    items, _ = _twins(n_pairs=15)
+    n = items.n_items
+    base = _model(items, 0.0)  # no ID prior: the neural order is the text's
+    cold_items = np.arange(1, n, 4)
+    slots = base.id_slots.clone()
+    slots[torch.as_tensor(cold_items)] = 0
+    rng = np.random.default_rng(3)
+    sim = sp.random(n, n, density=0.3, random_state=4, format="csr", dtype=np.float32)
+    keep_cold = np.ones(n, dtype=np.float32)
+    keep_cold[cold_items] = 0
+    sim = (sp.diags(keep_cold) @ sim @ sp.diags(keep_cold)).tocsr()  # cold items have no co-occurrences
+
+    def scorer(keep: float) -> Scorer:
+        cfg = dataclasses.replace(base.cfg, cooc_weight=5.0, cooc_impute=0.0, cold_keep=keep)
+        m = ScorerModel(cfg, base.text_vectors, slots)
+        m.load_state_dict({k: v for k, v in base.state_dict().items() if k != "id_slots"}, strict=False)
+        return Scorer(m.eval(), items.item_ids, cooc=sim)
+
+    hists = [History(f"u{b}", rng.choice(n, size=2, replace=False), np.array([1, 2]),
+                     np.array(["like", "like"]), np.array([np.nan, np.nan])) for b in range(12)]
+    plain, kept = scorer(0.0), scorer(1.5)
+    neural = plain.rank(hists, n_candidates=n, use_cooc=False)
+    idx0, _ = plain.recommend(hists, k=n, n_candidates=n)
+    idx, _ = kept.recommend(hists, k=n, n_candidates=n)
+    pushed_down = 0
+    for b in range(len(hists)):
+        ok = np.isfinite(neural.score[b])
+        order = neural.cand[b][ok][np.argsort(-neural.score[b][ok], kind="stable")]
+        place = {int(i): r + 1 for r, i in enumerate(order)}
+        got = [int(i) for i in idx[b] if i >= 0]
+        was = [int(i) for i in idx0[b] if i >= 0]
+        pushed_down += sum(was.index(i) + 1 > place[i] for i in was if i in cold_items)
+        cold_in_order = [i for i in got if i in cold_items]
+        for j, i in enumerate(cold_in_order, start=1):
+            assert got.index(i) + 1 <= max(j, int(np.ceil(1.5 * place[i]))), (b, i)
+        assert [i for i in got if i not in cold_items] == [i for i in was if i not in cold_items]
+        assert cold_in_order == [i for i in was if i in cold_items]
+    assert pushed_down > 20  # without cold_keep the term does push the cold items down: the check has teeth
+    r = kept.rank(hists, n_candidates=n)
+    ok = np.isfinite(r.score)
+    np.testing.assert_allclose(sum(r.parts.values())[ok], r.score[ok], rtol=1e-5, atol=1e-5)
 
 
 def test_validation_takes_slots_where_the_warm_advantage_hides_cold_targets_and_no_bonus_is_tried():

@@ -1,7 +1,7 @@
 """The post-training ranking choices, each measured on validation (`finalize_ranking`): the MLP re-ranker
 on/off, the co-occurrence term and its weight (`tune_behaviour`: item-kNN or EASE, `llmrec.cooc`), the text
 boost per history-length bucket (`tune_text_boost` / `choose_text_boost`) and the cold-item bonus,
-imputation and slots (`tune_cold_bonus`). Each grid value ranks every validation user as served
+imputation, slots and neural places (`tune_cold_bonus`). Each grid value ranks every validation user as served
 (`served_val_ndcg`); the choices that prefer text take the largest value that ties with the best
 (`largest_tied`).
 """
@@ -60,6 +60,9 @@ COLD_IMPUTE_GRID = (0.0, 0.5, 1.0)
 # cold-item slots (`ScorerConfig.cold_every`: one cold item in every that many positions; 0 = none), tried
 # with the cold bonus and the imputation (tune_cold_bonus)
 COLD_EVERY_GRID = (0, 10, 5, 3)
+# cold items' neural places (`ScorerConfig.cold_keep`: a cold item no lower than that many times its place
+# without the co-occurrence term; 0 = off), tried with the slots (tune_cold_bonus)
+COLD_KEEP_GRID = (0.0, 1.0, 1.5, 2.0, 3.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +84,7 @@ class BehaviourTerms:
 
 
 # the post-training choices a fine-tune may keep from the model it starts from (`finalize_ranking(reuse=)`)
-REUSABLE_CHOICES = ("cooc_weight", "text_boost", "cold_bonus", "cooc_impute", "cold_every")
+REUSABLE_CHOICES = ("cooc_weight", "text_boost", "cold_bonus", "cooc_impute", "cold_every", "cold_keep")
 
 
 def finalize_ranking(
@@ -150,7 +153,8 @@ def finalize_ranking(
         info.update(term=term, cooc_weight=mc["cooc_weight"], reused_from=str(reuse["from"]))
         boost_info = {"reused_from": str(reuse["from"]), "text_boost": mc.get("text_boost")}
         cold_info = {"reused_from": str(reuse["from"]),
-                     **{k: mc[k] for k in ("cold_bonus", "cooc_impute", "cold_every") if k in mc}}
+                     **{k: mc[k] for k in ("cold_bonus", "cooc_impute", "cold_every", "cold_keep")
+                        if k in mc}}
         logger.info("post-training choices kept from %s (term %s): %s", reuse["from"], term, kept)
     elif terms is not None and has_val:
         # warm validation has (almost) no cold targets: the term and weight are chosen without the scores that
@@ -178,9 +182,11 @@ def finalize_ranking(
         mc["cold_bonus"] = bonus
         mc["cooc_impute"] = cold_info["cooc_impute"]
         mc["cold_every"] = cold_info["cold_every"]
-        logger.info("cold-item bonus %.4g, imputed co-occurrence x %.4g, a cold slot every %s positions "
-                    "chosen on validation (%s; %.1fs)", bonus, mc["cooc_impute"],
-                    mc["cold_every"] or "- (none)",
+        mc["cold_keep"] = cold_info["cold_keep"]
+        keep_txt = f"{mc['cold_keep']:g}" if mc["cold_keep"] else "- (off)"
+        logger.info("cold-item bonus %.4g, imputed co-occurrence x %.4g, a cold slot every %s positions, "
+                    "cold items no lower than %s x their neural place chosen on validation (%s; %.1fs)",
+                    bonus, mc["cooc_impute"], mc["cold_every"] or "- (none)", keep_txt,
                     f"{cold_info['n_cold_targets']} targets of "
                     f"{cold_info['n_pseudo_cold_items']} items made cold"
                     if cold_info.get("measured") else cold_info.get("why", ""), time.perf_counter() - t_cold)
@@ -315,36 +321,41 @@ def tune_cold_bonus(
     impute_grid: Iterable[float] = COLD_IMPUTE_GRID,
     every_grid: Iterable[int] = COLD_EVERY_GRID,
     tie_on: str = "all",
+    keep_grid: Iterable[float] = COLD_KEEP_GRID,
 ) -> tuple[float, dict[str, Any]]:
     """The cold-item bonus (`ScorerConfig.cold_bonus`, u.v units), the co-occurrence score cold items
-    borrow from their text neighbours (`ScorerConfig.cooc_impute`) and the cold-item slots of the list
-    (`ScorerConfig.cold_every`), chosen on validation in a world with cold items.
+    borrow from their text neighbours (`ScorerConfig.cooc_impute`), the cold-item slots of the list
+    (`ScorerConfig.cold_every`) and cold items' neural places (`ScorerConfig.cold_keep`), chosen on validation
+    in a world with cold items.
 
     Validation targets are almost never cold (an item without training events rarely is anyone's next one), so
     a seeded `frac` of the items that have an ID embedding is made cold for the measurement: their ID slots
     set to 0 (they then borrow their text neighbours' ID vectors, as a real cold item does) and their rows and
-    columns of the co-occurrence matrix removed. Every (imputation, bonus, slots) triple ranks every
-    validation user (final ranking as served). Of the triples whose overall NDCG@k ties with the best one's
-    (`tied_with_best`: not worse at 95%, within `TIE_REL`), the one with the best NDCG@k of the users whose
-    target was made cold wins (exact ties: the larger bonus, then the larger imputation, then more slots): of
-    the rankings that cost this validation nothing measurable, the one that serves new items best (cold items
-    are text, and text wins ties). The overall NDCG counts warm-target users too, so each cold item pushed up
-    costs what it costs them; but a tenth of the items made cold gives more cold targets than next-item
-    traffic usually has, so what the warm-target users pay can hide behind the made-cold users' gain.
+    columns of the co-occurrence matrix removed. Every (imputation, bonus, slots, neural place) setting ranks
+    every validation user (final ranking as served). Of the settings whose overall NDCG@k ties with the best
+    one's (`tied_with_best`: not worse at 95%, within `TIE_REL`), the one with the best NDCG@k of the users
+    whose target was made cold wins (exact ties: the larger bonus, then the larger imputation, then more
+    slots, then the nearer neural place): of the rankings that cost this validation nothing measurable, the
+    one that serves new items best (cold items are text, and text wins ties). The overall NDCG counts
+    warm-target users too, so each cold item pushed up costs what it costs them; but a tenth of the items made
+    cold gives more cold targets than next-item traffic usually has, so what the warm-target users pay can
+    hide behind the made-cold users' gain.
     tie_on "warm" judges the tie on the warm-target users' NDCG alone (a stricter rule, for measurement). The
     imputation grid is tried only where the ranking has a co-occurrence term (sim given, `cooc_weight` > 0);
     otherwise the model's value stays. Fewer than `min_targets` validation users with a made-cold target ->
-    bonus 0, no slots and the imputation at 1 (the text-first default), not measured. Returns (bonus, summary
-    for meta.json: measured, grid, impute_grid, every_grid, tie_on, cooc_impute and cold_every (chosen),
-    val_ndcg, val_ndcg_warm_targets and val_ndcg_cold_targets (per bonus, at the chosen imputation and
-    slots), val_ndcg_by_impute and val_ndcg_cold_targets_by_impute (at the chosen
-    slots), val_ndcg_by_every and val_ndcg_cold_targets_by_every (at the chosen imputation),
-    n_pseudo_cold_items, n_cold_targets, chosen).
+    bonus 0, no slots or neural places and the imputation at 1 (the text-first default), not measured.
+    Returns (bonus, summary for meta.json: measured, grid, impute_grid, every_grid, keep_grid, tie_on,
+    cooc_impute, cold_every and cold_keep (chosen), val_ndcg, val_ndcg_warm_targets and val_ndcg_cold_targets
+    (per bonus, at the other chosen values), val_ndcg_by_impute and val_ndcg_cold_targets_by_impute,
+    val_ndcg_by_every and val_ndcg_cold_targets_by_every, val_ndcg_by_keep and val_ndcg_cold_targets_by_keep
+    (each at the other chosen values), n_pseudo_cold_items, n_cold_targets, chosen).
     """
     if tie_on not in ("all", "warm"):
         raise ValueError(f"tie_on must be 'all' or 'warm', got {tie_on!r}")
     grid = [float(g) for g in grid]
     every = [int(e) for e in every_grid]
+    keeps = [float(x) for x in keep_grid]
+    places = [(e, x) for e in every for x in keeps]  # (slots, neural place) settings
     with_term = sim is not None and float(model.cfg.cooc_weight) > 0
     imp_grid = [float(f) for f in impute_grid] if with_term else [float(model.cfg.cooc_impute)]
     n = model.cfg.n_items
@@ -356,48 +367,58 @@ def tune_cold_bonus(
     cold_users = np.array([bool(is_cold[val.targets[b]].any()) for b in range(val.n_users)], dtype=bool)
     summary: dict[str, Any] = {"n_pseudo_cold_items": int(len(pseudo)),
                                "n_cold_targets": int(cold_users.sum()),
-                               "grid": grid, "impute_grid": imp_grid, "every_grid": every, "frac": frac,
+                               "grid": grid, "impute_grid": imp_grid, "every_grid": every, "keep_grid": keeps,
+                               "frac": frac,
                                "seed": seed}
     if cold_users.sum() < max(min_targets, 2):
         why = (
             f"{int(cold_users.sum())} validation targets among the items made cold, fewer than {min_targets}"
         )
         return 0.0, {**summary, "measured": False, "why": why, "chosen": 0.0, "cold_every": 0,
-                     "cooc_impute": 1.0 if with_term else float(model.cfg.cooc_impute)}
+                     "cold_keep": 0.0, "cooc_impute": 1.0 if with_term else float(model.cfg.cooc_impute)}
     keep = sp.diags((~is_cold).astype(np.float32))
     sim_c = (keep @ sim @ keep).tocsr() if sim is not None else None
-    per = np.zeros((len(imp_grid), len(grid), len(every), val.n_users))
+    per = np.zeros((len(imp_grid), len(grid), len(places), val.n_users))
     saved_cfg = model.cfg
     try:
         with model.items_made_cold(pseudo):
             imputes = model.cooc_imputes(sim_c, imp_grid)  # the neighbours once, weighted per factor
-            # the two-stage pass depends on the bonus only: one per bonus, every imputation and slots from it
+            # the two-stage pass depends on the bonus only: one per bonus, each imputation and placement after
             for gi, g in enumerate(grid):
                 model.cfg = dataclasses.replace(saved_cfg, cold_bonus=g)
-                per[:, gi] = served_val_ndcg_grid(model, val, sim_c, imputes, every, n_candidates, k, chunk)
+                per[:, gi] = served_val_ndcg_grid(model, val, sim_c, imputes, places, n_candidates, k, chunk)
     finally:
         model.cfg = saved_cfg
-    means, cold_means = per.mean(3), per[..., cold_users].mean(3)  # (F, G, E)
-    # of the triples whose overall NDCG ties with the best one's, the best for the made-cold targets; exact
-    # ties to the larger bonus, then the larger imputation, then more slots
+    means, cold_means = per.mean(3), per[..., cold_users].mean(3)  # (F, G, P)
+    # of the settings whose overall NDCG ties with the best one's, the best for the made-cold targets; exact
+    # ties to the larger bonus, then the larger imputation, then more slots, then the nearer neural place
     judged = per.reshape(-1, val.n_users)
     judged = judged[:, ~cold_users] if tie_on == "warm" else judged
     tied = np.flatnonzero(tied_with_best(judged))
-    slots = [1.0 / e if e else 0.0 for e in every]  # cold slots per position
-    fi, gi, ei = max((np.unravel_index(int(i), means.shape) for i in tied),
-                     key=lambda t: (cold_means[t], grid[t[1]], imp_grid[t[0]], slots[t[2]]))
-    pick, f_pick, e_pick = grid[gi], imp_grid[fi], every[ei]
+
+    def pull(pi: int) -> tuple[float, float]:
+        e, x = places[pi]
+        return (1.0 / e if e else 0.0, 1.0 / x if x else 0.0)  # cold slots per position, neural closeness
+
+    fi, gi, pi = max((np.unravel_index(int(i), means.shape) for i in tied),
+                     key=lambda t: (cold_means[t], grid[t[1]], imp_grid[t[0]], pull(int(t[2]))))
+    pick, f_pick, (e_pick, k_pick) = grid[gi], imp_grid[fi], places[pi]
+    by_e = {e: places.index((e, k_pick)) for e in every}
+    by_k = {x: places.index((e_pick, x)) for x in keeps}
     return pick, {**summary, "measured": True, "chosen": pick, "cooc_impute": f_pick, "cold_every": e_pick,
-                  "z": TEXT_BOOST_Z, "rel": TIE_REL, "tie_on": tie_on,
-                  "val_ndcg": [float(x) for x in means[fi, :, ei]],
-                  "val_ndcg_warm_targets": [float(x) for x in per[fi, :, ei][:, ~cold_users].mean(1)],
-                  "val_ndcg_cold_targets": [float(x) for x in cold_means[fi, :, ei]],
-                  "val_ndcg_by_impute": {f"{f:g}": means[i, :, ei].tolist() for i, f in enumerate(imp_grid)},
-                  "val_ndcg_cold_targets_by_impute": {f"{f:g}": cold_means[i, :, ei].tolist()
+                  "cold_keep": k_pick, "z": TEXT_BOOST_Z, "rel": TIE_REL, "tie_on": tie_on,
+                  "val_ndcg": [float(x) for x in means[fi, :, pi]],
+                  "val_ndcg_warm_targets": [float(x) for x in per[fi, :, pi][:, ~cold_users].mean(1)],
+                  "val_ndcg_cold_targets": [float(x) for x in cold_means[fi, :, pi]],
+                  "val_ndcg_by_impute": {f"{f:g}": means[i, :, pi].tolist() for i, f in enumerate(imp_grid)},
+                  "val_ndcg_cold_targets_by_impute": {f"{f:g}": cold_means[i, :, pi].tolist()
                                                       for i, f in enumerate(imp_grid)},
-                  "val_ndcg_by_every": {str(e): means[fi, :, j].tolist() for j, e in enumerate(every)},
+                  "val_ndcg_by_every": {str(e): means[fi, :, j].tolist() for e, j in by_e.items()},
                   "val_ndcg_cold_targets_by_every": {str(e): cold_means[fi, :, j].tolist()
-                                                     for j, e in enumerate(every)}}
+                                                     for e, j in by_e.items()},
+                  "val_ndcg_by_keep": {f"{x:g}": means[fi, :, j].tolist() for x, j in by_k.items()},
+                  "val_ndcg_cold_targets_by_keep": {f"{x:g}": cold_means[fi, :, j].tolist()
+                                                    for x, j in by_k.items()}}
 
 
 @torch.no_grad()
@@ -412,8 +433,9 @@ def served_val_ndcg(
 ) -> np.ndarray:
     """(U,) NDCG@k of every validation user under the final ranking as served: the two-stage scores plus
     `cooc_weight` x the co-occurrence score (sim, with `impute` for items without co-occurrence data) when
-    both are there, with the model's cold-item slots."""
-    return served_val_ndcg_grid(model, val, sim, [impute], [int(model.cfg.cold_every)], n_candidates, k,
+    both are there, with the model's cold-item slots and neural places."""
+    place = (int(model.cfg.cold_every), float(model.cfg.cold_keep))
+    return served_val_ndcg_grid(model, val, sim, [impute], [place], n_candidates, k,
                                 chunk)[0, 0]
 
 
@@ -423,15 +445,15 @@ def served_val_ndcg_grid(
     val: sdata.ValidationSet,
     sim: sp.csr_matrix | None,
     imputes: Sequence[tuple[np.ndarray, np.ndarray] | None],
-    every: Sequence[int],
+    places: Sequence[tuple[int, float]],
     n_candidates: int = 200,
     k: int = 10,
     chunk: int = 256,
 ) -> np.ndarray:
-    """(F, E, U) `served_val_ndcg` with each co-occurrence imputation of `imputes` (F) and each cold-item slot
-    setting of `every` (E) in place of the model's: one two-stage pass (which neither changes), then the
-    co-occurrence term F ways and the slots E ways."""
-    out = np.zeros((len(imputes), len(every), val.n_users))
+    """(F, P, U) `served_val_ndcg` with each co-occurrence imputation of `imputes` (F) and each cold-item
+    placement of `places` (P: (cold_every, cold_keep) pairs) in place of the model's: one two-stage pass
+    (which neither changes), then the co-occurrence term F ways and the placements P ways."""
+    out = np.zeros((len(imputes), len(places), val.n_users))
     w = float(model.cfg.cooc_weight)
     users = np.arange(val.n_users)
     cold_item = (model.id_slots == 0).cpu().numpy()
@@ -442,8 +464,8 @@ def served_val_ndcg_grid(
             f = base
             if sim is not None and w > 0:
                 f = base + w * history_scores(sim, positives, cand_np, impute=impute)
-            for j, e in enumerate(every):
-                fe = cold_slot_scores(f, cold_item[cand_np], e)
+            for j, (e, keep) in enumerate(places):
+                fe = cold_slot_scores(f, cold_item[cand_np], e, keep, base)
                 top = np.take_along_axis(cand_np, np.argsort(-fe, axis=1, kind="stable")[:, :k], axis=1)
                 out[fi, j, ub] = [recall_ndcg(top[i], val.targets[b], k)[1] for i, b in enumerate(ub)]
     return out

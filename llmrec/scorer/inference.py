@@ -6,7 +6,8 @@ by u.v over the catalog (excluded items are never candidates; `cold_quota` of th
 then the candidates are ranked by the MLP head (or u.v when training turned the head off) plus `cooc_weight`
 times their item co-occurrence score with the user's positive history items (`llmrec.cooc`; the matrix is
 the artifact's `cooc.npz`, the weight was chosen on validation), with `cold_every` slots of the list kept for
-cold items (`cold_slot_scores`). A user's text feedback (`History.fb_vec`,
+cold items and each cold item no lower than `cold_keep` x its place without the term (`cold_slot_scores`).
+A user's text feedback (`History.fb_vec`,
 `fb_pol`) is read by the user encoder, so it moves retrieval and ranking at once. `rank` also splits each
 candidate's score into the signals that made it (`Ranked.parts`), which serving turns into a reason.
 Retrieval over an external ANN index uses the same space: `item_vectors()` rows and `user_vectors()` rows,
@@ -244,11 +245,13 @@ class Scorer:
         if use_cooc:
             co = self._with_cooc(torch.zeros_like(score), cand, [positive_items(h) for h in histories])
         parts["cooc"] = co
+        neural = score.masked_fill(~valid, float("-inf"))
         score = (score + co).masked_fill(~valid, float("-inf"))
-        if m.cfg.cold_every:
-            # cold-item slots: a moved cold item's lift is for its text, like its bonus
+        if m.cfg.cold_every or m.cfg.cold_keep:
+            # cold-item slots and neural places: a moved cold item's lift is for its text, like its bonus
             cold = (m.id_slots[cand] == 0).cpu().numpy()
-            slotted = torch.from_numpy(cold_slot_scores(score.cpu().numpy(), cold, m.cfg.cold_every))
+            slotted = torch.from_numpy(cold_slot_scores(score.cpu().numpy(), cold, m.cfg.cold_every,
+                                                        m.cfg.cold_keep, neural.cpu().numpy()))
             slotted = slotted.to(score.device)
             parts["content" if m.cfg.text_arm else "behaviour"] += torch.where(valid, slotted - score, 0.0)
             score = slotted

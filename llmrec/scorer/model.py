@@ -129,6 +129,13 @@ class ScorerConfig:
     # the way a freshness slot does. Chosen with the cold bonus in the world with cold items
     # (`tune_cold_bonus`)
     cold_every: int = 0
+    # cold items keep the place the neural towers give them: an item without an ID embedding ranks no lower
+    # in the final list than `cold_keep` x its position in the ranking without the co-occurrence term
+    # (`cold_slot_scores`); 0 = off, else >= 1. The co-occurrence term reorders the warm items it knows and
+    # lifts them above every cold item; this keeps a new item where its text and the user's history put it,
+    # per user, where a slot gives every user the same quota. Chosen with the slots in the world with cold
+    # items (`tune_cold_bonus`)
+    cold_keep: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -175,6 +182,11 @@ class ScorerConfig:
             raise ValueError(
                 "ScorerConfig.cold_every must be 0 (no cold-item slots) or >= 2 (one item without an ID "
                 f"embedding in every cold_every positions), got {self.cold_every}"
+            )
+        if not (float(self.cold_keep) == 0.0 or 1.0 <= float(self.cold_keep) < float("inf")):
+            raise ValueError(
+                "ScorerConfig.cold_keep must be 0 (off) or a finite value >= 1 (a cold item ranks no lower "
+                f"than cold_keep x its place in the neural ranking), got {self.cold_keep}"
             )
         if float(self.rare_dropout_c) < 0 or int(self.cold_quota) < 0 or int(self.cold_impute_k) < 0:
             raise ValueError(
@@ -757,44 +769,90 @@ def two_stage_rank(
     return retrieval, cand, head.masked_fill(~valid, float("-inf"))
 
 
-def cold_slot_scores(score: np.ndarray, cold: np.ndarray, every: int) -> np.ndarray:
-    """Ranking scores float (B, n) with cold-item slots (`ScorerConfig.cold_every`): their descending order
-    holds at least one cold item in every `every` positions while cold candidates remain.
+def cold_slot_scores(
+    score: np.ndarray,
+    cold: np.ndarray,
+    every: int,
+    keep: float = 0.0,
+    neural: np.ndarray | None = None,
+) -> np.ndarray:
+    """Ranking scores float (B, n) with cold items placed (`ScorerConfig.cold_every`, `cold_keep`): their
+    descending order is the plain order of `score` with some cold candidates moved up.
 
-    The j-th best cold candidate (1-based) moves up to position j * every when it ranks lower; every other
-    candidate keeps its relative order. Only moved items' scores change: each gets the midpoint of its new
-    neighbours' scores (never two moved items side by side when every >= 2), so scores stay on the ranking's
-    scale and a sort by score gives the slotted order (up to exact ties of the two neighbours).
+    Each cold candidate (one without an ID embedding) has a deadline, the lowest position it may take: with
+    slots (every >= 2) the j-th best cold candidate (1-based, in the plain order) must be at or above position
+    j * every; with keep >= 1 a cold candidate at position r of the `neural` order (the ranking without the
+    co-occurrence term) must be at or above ceil(keep * r). Cold candidates keep their relative order, so an
+    earlier one must also make room for a later one's deadline; every cold candidate goes to the lowest
+    position that meets all of these and its own plain position, and the other candidates fill the free
+    positions in their order. Only moved items' scores change: a run of moved items gets evenly spaced scores
+    between those of the unmoved items around it, so scores stay on the ranking's scale and a sort by score
+    gives the placed order (up to exact ties of those neighbours).
 
     Args:
         score: (B, n) ranking scores, -inf where the candidate is not one (never moved).
         cold: bool (B, n), True at candidates without an ID embedding.
-        every: 0 = no slots (score returned as is), else >= 2.
+        every: 0 = no slots (score returned as is without keep), else >= 2.
+        keep: 0 = no neural places, else >= 1 (needs `neural`).
+        neural: (B, n) the same candidates' scores without the co-occurrence term.
     """
     score = np.asarray(score)
-    if every <= 0 or score.size == 0:
-        return score
     if every == 1:
         raise ValueError("every must be 0 or >= 2, got 1")
+    if keep and keep < 1:
+        raise ValueError(f"keep must be 0 or >= 1, got {keep}")
+    if keep and neural is None:
+        raise ValueError("keep > 0 needs the neural scores (the ranking without the co-occurrence term)")
+    if (every <= 0 and not keep) or score.size == 0:
+        return score
     B, n = score.shape
+    rows = np.arange(B)[:, None]
     order = np.argsort(-score, axis=1, kind="stable")
     s_sorted = np.take_along_axis(score, order, 1)
     c_sorted = np.take_along_axis(np.asarray(cold, dtype=bool), order, 1) & np.isfinite(s_sorted)
-    natural = np.arange(1, n + 1)[None, :]  # 1-based positions in the plain order
-    pos = np.where(c_sorted, np.minimum(natural, np.cumsum(c_sorted, axis=1) * every), 0)
+    natural = np.broadcast_to(np.arange(1, n + 1)[None, :], (B, n))  # 1-based positions in the plain order
+    c_count = np.cumsum(c_sorted, axis=1)  # j for the j-th cold candidate
+    deadline = natural.copy()
+    if every > 0:
+        deadline = np.minimum(deadline, c_count * every)
+    if keep:
+        nat_of = np.empty((B, n), dtype=np.int64)  # position of each candidate in the neural order
+        nat_of[rows, np.argsort(-np.asarray(neural), axis=1, kind="stable")] = np.arange(1, n + 1)[None, :]
+        deadline = np.minimum(deadline, np.ceil(keep * np.take_along_axis(nat_of, order, 1)).astype(np.int64))
+    # cold candidates in their order: p_j = c_j + max(0, min over later cold k of (deadline_k - c_k)), the
+    # lowest positions that keep their order and meet every deadline (strictly increasing in j)
+    slack = np.where(c_sorted, deadline - c_count, n)
+    slack = np.minimum.accumulate(slack[:, ::-1], axis=1)[:, ::-1]
+    pos = np.where(c_sorted, c_count + np.maximum(slack, 0), 0)
     moved = c_sorted & (pos < natural)
     if not moved.any():
         return score
     # the others fill the free positions in their order
     taken = np.zeros((B, n + 1), dtype=bool)
-    taken[np.arange(B)[:, None], pos] = True
+    taken[rows, pos] = True
     free = np.argsort(taken[:, 1:], axis=1, kind="stable")  # 0-based free positions first, in order
     rank_other = np.clip(np.cumsum(~c_sorted, axis=1) - 1, 0, n - 1)
     final = np.where(c_sorted, pos - 1, np.take_along_axis(free, rank_other, 1))  # (B, n) 0-based
     by_pos = np.empty_like(s_sorted)
     np.put_along_axis(by_pos, final, s_sorted, 1)
-    b, k = np.nonzero(moved)
-    p = final[b, k]  # >= every - 1 >= 1, and a moved item has a displaced one below it
+    moved_at = np.zeros((B, n), dtype=bool)
+    np.put_along_axis(moved_at, final, moved, 1)
+    # a run of moved items at positions a..b sits between the unmoved items at a - 1 and b + 1 (one is always
+    # below: the last candidate's place is never a moved item's); a run at the top gets steps above it
+    idx = np.where(~moved_at, np.arange(n)[None, :], -1)
+    above = np.maximum.accumulate(idx, axis=1)  # the nearest unmoved position at or above
+    idx_b = np.where(~moved_at, np.arange(n)[None, :], n)
+    below = np.minimum.accumulate(idx_b[:, ::-1], axis=1)[:, ::-1]  # the nearest unmoved at or below
+    b, p = np.nonzero(moved_at)
+    lo, hi = below[b, p], above[b, p]
+    s_lo = by_pos[b, lo]
+    n_fin = np.isfinite(s_sorted).sum(1)  # a row with a moved item has at least two candidates
+    span = s_sorted[b, 0] - s_sorted[b, np.maximum(n_fin[b] - 1, 0)]
+    step = np.maximum(span / n, 1e-6)
+    s_hi = np.where(hi < 0, s_lo + (lo - hi) * step, by_pos[b, np.maximum(hi, 0)])
+    new = s_hi + (s_lo - s_hi) * (p - hi) / (lo - hi)
+    at = np.empty((B, n), dtype=np.int64)  # final position -> index in the plain order
+    np.put_along_axis(at, final, np.broadcast_to(np.arange(n)[None, :], (B, n)), 1)
     out = np.array(score, copy=True)
-    out[b, order[b, k]] = by_pos[b, p - 1] / 2 + by_pos[b, p + 1] / 2
+    out[b, order[b, at[b, p]]] = new.astype(out.dtype)
     return out

@@ -1,0 +1,121 @@
+"""The cold-item choice under the cold protocol: is the made-cold validation a good proxy for held-out items?
+
+Trains llmrec on the cold split of a prepared run (`llmrec.eval.split.cold_item_split`, 10% of the items
+held out with all their events, seed 0) exactly as `llmrec evaluate --protocol cold` does, into `--out`
+(reused when it is already there), then makes its cold-item choice (`llmrec.scorer.finalize.tune_cold_bonus`)
+twice on the scorer's own validation: as training does, and with the items that have no ID embedding (the
+held-out test items, which have no validation event and can only be distractors there) left out of every
+validation user's ranking. Each pick, and the neural towers alone, are then scored on the cold protocol's test
+(`llmrec.eval.evaluate.evaluate_models`: NDCG@10 of the held-out targets, the figure of `llmrec evaluate
+--protocol cold`). The picks are made on validation only; the test scores them once.
+
+    python benchmarks/cold_split_choice.py --run runs/amazon-magazine-subscriptions-2018 \\
+        --out runs/bench/cold-split-magazine --report runs/bench/cold-split-choice-magazine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class _Fixed:
+    """A fitted scorer as an evaluation model: `fit` does nothing, `score` ranks as served (or without the
+    co-occurrence term)."""
+
+    def __init__(self, name: str, scorer: Any, n_candidates: int, use_cooc: bool = True) -> None:
+        self.name, self.scorer, self.n_candidates, self.use_cooc = name, scorer, n_candidates, use_cooc
+
+    def fit(self, train: Any, items: Any) -> None:
+        pass
+
+    def score(self, histories: list) -> np.ndarray:
+        out = np.empty((len(histories), self.scorer.n_items), np.float32)
+        for s in range(0, len(histories), 256):
+            out[s : s + 256] = self.scorer.full_scores(histories[s : s + 256], n_candidates=self.n_candidates,
+                                                       use_cooc=self.use_cooc)
+        return out
+
+
+def measure(run: Path, out: Path) -> dict[str, Any]:
+    from llmrec.data.histories import attach_item_idx
+    from llmrec.data.item_text import read_text_events
+    from llmrec.embed.artifact import load_item_space
+    from llmrec.eval.evaluate import evaluate_models, read_tables
+    from llmrec.eval.models import llmrec_train_config
+    from llmrec.eval.split import cold_item_split
+    from llmrec.eval.text_cutoff import split_item_space
+    from llmrec.eval.tuning import InnerValidation
+    from llmrec.scorer.data import build_validation
+    from llmrec.scorer.finalize import cooc_matrix, tune_cold_bonus
+    from llmrec.scorer.inference import Scorer
+    from llmrec.scorer.recommender import LLMRecRecommender
+
+    t0 = time.perf_counter()
+    items_df, inter = read_tables(run / "data")
+    space, embed_meta = load_item_space(run / "embeddings", items_df)
+    inter = attach_item_idx(inter, space, unknown="drop")
+    split = cold_item_split(inter, frac=0.1, seed=0)
+    pspace, _ = split_item_space(space, items_df, read_text_events(run / "data"), split, embed_meta, {})
+    kw = {**llmrec_train_config(run / "scorer"), "seed": 0}
+    val = InnerValidation.build(split.train, pspace.n_items, kw.get("val_users", 1000), 0, valid=None)
+    if not (out / "model.pt").is_file():
+        LLMRecRecommender(out_dir=out, validation=val, **kw).fit(split.train, pspace)
+    meta = json.loads((out / "meta.json").read_text())
+    cfg = meta["config"]
+    model = Scorer.load(out).model
+    vs = build_validation(val.train, val.valid, pspace, max_len=cfg["max_len"],
+                          min_rating=cfg.get("min_rating"))
+    term = meta["cooc"].get("term")
+    sim = cooc_matrix(val.train, pspace, cfg["cooc_neighbors"], term) if term else None
+    no_id = np.flatnonzero(model.id_slots.cpu().numpy() == 0)
+    left_out = dataclasses.replace(vs, exclude=[np.union1d(e, no_id).astype(e.dtype) for e in vs.exclude])
+    keys = ("cold_bonus", "cooc_impute", "cold_every", "cold_keep")
+    report: dict[str, Any] = {"run": str(run), "scorer": str(out), "n_no_id_items": int(len(no_id)),
+                              "n_held_out_items": int(len(split.cold_items)),
+                              "shipped": {k: meta["model_config"].get(k) for k in keys}, "choices": {}}
+    models = []
+    for name, v in (("as training", vs), ("held-out items left out", left_out)):
+        bonus, info = tune_cold_bonus(model, v, sim, cfg["n_candidates"])
+        chosen = (bonus, info["cooc_impute"], info["cold_every"], info["cold_keep"])
+        pick = dict(zip(keys, chosen, strict=True))
+        report["choices"][name] = {"pick": pick, "n_cold_targets": info["n_cold_targets"],
+                                   "val_ndcg_by_keep": info["val_ndcg_by_keep"],
+                                   "val_ndcg_cold_targets_by_keep": info["val_ndcg_cold_targets_by_keep"],
+                                   "bonus_grid": info["grid"]}
+        sc = Scorer.load(out)
+        sc.model.cfg = dataclasses.replace(sc.model.cfg, **pick)
+        models.append(_Fixed(name, sc, cfg["n_candidates"]))
+    models.append(_Fixed("neural towers alone", Scorer.load(out), cfg["n_candidates"], use_cooc=False))
+    res, _, n_users = evaluate_models(split, pspace, models, None, 0, 256, label="cold")
+    report["cold_test_ndcg@10"] = {m: float(r["ndcg@10"]) for m, r in res["models"].items()}
+    report["n_test_users"] = int(n_users)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True,
+                   help="prepared run folder: data/, embeddings/, scorer/ (its training config)")
+    p.add_argument("--out", required=True, help="folder for the scorer trained on the cold split (reused)")
+    p.add_argument("--report", default=None, help="also write the JSON report here")
+    args = p.parse_args(argv)
+    report = measure(Path(args.run), Path(args.out))
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

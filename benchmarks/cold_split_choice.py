@@ -26,22 +26,18 @@ from typing import Any
 import numpy as np
 
 
-class _Fixed:
-    """A fitted scorer as an evaluation model: `fit` does nothing, `score` ranks as served (or without the
-    co-occurrence term)."""
+class _Fitted:
+    """An `LLMRecRecommender` holding an already fitted scorer, as an evaluation model: `fit` does nothing
+    (`evaluate_models` calls it), `score` is the recommender's."""
 
-    def __init__(self, name: str, scorer: Any, n_candidates: int, use_cooc: bool = True) -> None:
-        self.name, self.scorer, self.n_candidates, self.use_cooc = name, scorer, n_candidates, use_cooc
+    def __init__(self, rec: Any) -> None:
+        self.rec, self.name = rec, rec.name
 
     def fit(self, train: Any, items: Any) -> None:
         pass
 
     def score(self, histories: list) -> np.ndarray:
-        out = np.empty((len(histories), self.scorer.n_items), np.float32)
-        for s in range(0, len(histories), 256):
-            out[s : s + 256] = self.scorer.full_scores(histories[s : s + 256], n_candidates=self.n_candidates,
-                                                       use_cooc=self.use_cooc)
-        return out
+        return self.rec.score(histories)
 
 
 def measure(run: Path, out: Path) -> dict[str, Any]:
@@ -54,9 +50,9 @@ def measure(run: Path, out: Path) -> dict[str, Any]:
     from llmrec.eval.text_cutoff import split_item_space
     from llmrec.eval.tuning import InnerValidation
     from llmrec.scorer.data import build_validation
-    from llmrec.scorer.finalize import cooc_matrix, tune_cold_bonus
+    from llmrec.scorer.finalize import COLD_CHOICES, cooc_matrix, tune_cold_bonus
     from llmrec.scorer.inference import Scorer
-    from llmrec.scorer.recommender import LLMRecRecommender
+    from llmrec.scorer.recommender import LLMRecRecommender, NeuralOnlyView
 
     t0 = time.perf_counter()
     items_df, inter = read_tables(run / "data")
@@ -77,23 +73,26 @@ def measure(run: Path, out: Path) -> dict[str, Any]:
     sim = cooc_matrix(val.train, pspace, cfg["cooc_neighbors"], term) if term else None
     no_id = np.flatnonzero(model.id_slots.cpu().numpy() == 0)
     left_out = dataclasses.replace(vs, exclude=[np.union1d(e, no_id).astype(e.dtype) for e in vs.exclude])
-    keys = ("cold_bonus", "cooc_impute", "cold_every", "cold_keep")
     report: dict[str, Any] = {"run": str(run), "scorer": str(out), "n_no_id_items": int(len(no_id)),
                               "n_held_out_items": int(len(split.cold_items)),
-                              "shipped": {k: meta["model_config"].get(k) for k in keys}, "choices": {}}
+                              "shipped": {k: meta["model_config"].get(k) for k in COLD_CHOICES},
+                              "choices": {}}
     models = []
     for name, v in (("as training", vs), ("held-out items left out", left_out)):
         bonus, info = tune_cold_bonus(model, v, sim, cfg["n_candidates"])
         chosen = (bonus, info["cooc_impute"], info["cold_every"], info["cold_keep"])
-        pick = dict(zip(keys, chosen, strict=True))
+        pick = dict(zip(COLD_CHOICES, chosen, strict=True))
         report["choices"][name] = {"pick": pick, "n_cold_targets": info["n_cold_targets"],
                                    "val_ndcg_by_keep": info["val_ndcg_by_keep"],
                                    "val_ndcg_cold_targets_by_keep": info["val_ndcg_cold_targets_by_keep"],
                                    "bonus_grid": info["grid"]}
-        sc = Scorer.load(out)
-        sc.model.cfg = dataclasses.replace(sc.model.cfg, **pick)
-        models.append(_Fixed(name, sc, cfg["n_candidates"]))
-    models.append(_Fixed("neural towers alone", Scorer.load(out), cfg["n_candidates"], use_cooc=False))
+        rec = LLMRecRecommender(name=name, n_candidates=cfg["n_candidates"])
+        rec.scorer = Scorer.load(out)
+        rec.scorer.model.cfg = dataclasses.replace(rec.scorer.model.cfg, **pick)
+        models.append(_Fitted(rec))
+    neural = NeuralOnlyView(models[0].rec)  # the towers are the same in every pick
+    neural.name = "neural towers alone"
+    models.append(neural)
     res, _, n_users = evaluate_models(split, pspace, models, None, 0, 256, label="cold")
     report["cold_test_ndcg@10"] = {m: float(r["ndcg@10"]) for m, r in res["models"].items()}
     report["n_test_users"] = int(n_users)

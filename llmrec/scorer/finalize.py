@@ -83,8 +83,10 @@ class BehaviourTerms:
             raise ValueError("BehaviourTerms needs at least one term")
 
 
+# the cold-item choices (`tune_cold_bonus`), as ScorerConfig fields
+COLD_CHOICES = ("cold_bonus", "cooc_impute", "cold_every", "cold_keep")
 # the post-training choices a fine-tune may keep from the model it starts from (`finalize_ranking(reuse=)`)
-REUSABLE_CHOICES = ("cooc_weight", "text_boost", "cold_bonus", "cooc_impute", "cold_every", "cold_keep")
+REUSABLE_CHOICES = ("cooc_weight", "text_boost", *COLD_CHOICES)
 
 
 def finalize_ranking(
@@ -152,9 +154,7 @@ def finalize_ranking(
         kept = {k: mc[k] for k in REUSABLE_CHOICES if k in mc}
         info.update(term=term, cooc_weight=mc["cooc_weight"], reused_from=str(reuse["from"]))
         boost_info = {"reused_from": str(reuse["from"]), "text_boost": mc.get("text_boost")}
-        cold_info = {"reused_from": str(reuse["from"]),
-                     **{k: mc[k] for k in ("cold_bonus", "cooc_impute", "cold_every", "cold_keep")
-                        if k in mc}}
+        cold_info = {"reused_from": str(reuse["from"]), **{k: mc[k] for k in COLD_CHOICES if k in mc}}
         logger.info("post-training choices kept from %s (term %s): %s", reuse["from"], term, kept)
     elif terms is not None and has_val:
         # warm validation has (almost) no cold targets: the term and weight are chosen without the scores that

@@ -245,13 +245,14 @@ class Scorer:
         if use_cooc:
             co = self._with_cooc(torch.zeros_like(score), cand, [positive_items(h) for h in histories])
         parts["cooc"] = co
-        neural = score.masked_fill(~valid, float("-inf"))
+        plain = score  # without the co-occurrence term: the neural places' order
         score = (score + co).masked_fill(~valid, float("-inf"))
         if m.cfg.cold_every or m.cfg.cold_keep:
             # cold-item slots and neural places: a moved cold item's lift is for its text, like its bonus
             cold = (m.id_slots[cand] == 0).cpu().numpy()
+            neural = plain.masked_fill(~valid, float("-inf")).cpu().numpy()
             slotted = torch.from_numpy(cold_slot_scores(score.cpu().numpy(), cold, m.cfg.cold_every,
-                                                        m.cfg.cold_keep, neural.cpu().numpy()))
+                                                        m.cfg.cold_keep, neural))
             slotted = slotted.to(score.device)
             parts["content" if m.cfg.text_arm else "behaviour"] += torch.where(valid, slotted - score, 0.0)
             score = slotted

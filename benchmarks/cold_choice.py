@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmrec.artifacts import write_json_report
 from llmrec.scorer.finalize import COLD_BONUS_GRID, COLD_EVERY_GRID, COLD_IMPUTE_GRID, COLD_KEEP_GRID
 
 
@@ -42,11 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     report = measure(Path(args.run), Path(args.scorer) if args.scorer else Path(args.run) / "scorer",
                      args.impute_grid, args.bonus_grid, args.every_grid, args.tie_on, args.keep_grid)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    write_json_report(report, args.out, indent=1, echo=True)
     return 0
 
 

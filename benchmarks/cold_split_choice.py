@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from llmrec.artifacts import write_json_report
+
 
 class _Fitted:
     """An `LLMRecRecommender` holding an already fitted scorer, as an evaluation model: `fit` does nothing
@@ -108,11 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default=None, help="also write the JSON report here")
     args = p.parse_args(argv)
     report = measure(Path(args.run), Path(args.out))
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(text)
+    write_json_report(report, args.report, indent=1, echo=True)
     return 0
 
 

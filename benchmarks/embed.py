@@ -22,7 +22,6 @@ checkout).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from llmrec.artifacts import write_json_report
 
 logger = logging.getLogger("benchmarks.embed")
 
@@ -196,11 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "steady_state": round(res["ray_embed"]["steady_items_per_s"] / st_rate["items_per_s"], 3),
     }
     res["machine"]["loadavg_end"] = os.getloadavg()
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_json_report(res, args.out, echo=True)
     ok = res["cosine_vs_sentence_transformers"]["n_below_0.999"] == 0
     if not ok:
         logger.error(

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from llmrec.artifacts import write_json_report
+
 logger = logging.getLogger("feedback_bench")
 
 DISLIKE = "please stop recommending {f}"  # HELDOUT_TEMPLATES[-1][0] of llmrec.scorer.feedback
@@ -102,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.delete("fbbench")
         _kill_state(app_args["state_name"])
     _print(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json_report(report, args.out)
     return 0
 
 

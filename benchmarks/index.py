@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmrec.artifacts import write_json_report
+
 logger = logging.getLogger(__name__)
 
 
@@ -284,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             row["wall_s"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-            if args.json:  # partial results survive an interrupted run
-                Path(args.json).write_text(json.dumps(rows, indent=1))
+            write_json_report(rows, args.json, indent=1)  # partial results survive an interrupted run
         flat = next((r for r in rows if r["n_items"] == n and r["asked"] == "flat"), None)
         for r in rows:
             if flat and r["n_items"] == n and r is not flat:
@@ -317,9 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['batch_qps']} ({r['batch_qps_per_cpu_s']}) | "
             f"{r['single_ms_p50']} ({r['single_excl_ms_p50']}) | {r['params'] or ''} | {ratios} |"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json_report(rows, args.json, indent=1)
     return 0
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmrec.artifacts import write_json_report
+
 logger = logging.getLogger("replay_learning")
 
 
@@ -125,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                                  np.asarray(base["ndcg@10_per_target"]["learning"])))
             for k, o in outs.items() if k != first},
     }
-    path = Path(args.out) if args.out else work / "replay.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_report(report, args.out or work / "replay.json")
     keys = ("frozen", "online", "learning", "diff_ci95", "model_freshness", "learn_rounds", "n_targets")
     for name, out in outs.items():
         print(f"{name}:", json.dumps({k: out.get(k) for k in keys}, indent=2))

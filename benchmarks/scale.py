@@ -48,6 +48,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmrec.artifacts import write_json_report
+
 logger = logging.getLogger("benchmarks.scale")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -827,9 +829,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
     }
 
-    def save() -> None:
-        if args.out:
-            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    def save(echo: bool = False) -> None:  # after every measurement: an interrupted run keeps its rows
+        write_json_report(report, args.out, echo=echo)
 
     for stage in stages:
         rows: list[dict[str, Any]] = []
@@ -847,8 +848,7 @@ def main(argv: list[str] | None = None) -> int:
                 save()
         report[stage]["ratios"] = ratios(rows)
     report["machine"]["loadavg_end"] = os.getloadavg()
-    save()
-    print(json.dumps(report, indent=2))
+    save(echo=True)
     return 0
 
 

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from llmrec.artifacts import write_json_report
+
 logger = logging.getLogger("serve_load")
 
 
@@ -82,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json_report(report, args.out)
         logger.info("wrote %s", args.out)
     return 0
 

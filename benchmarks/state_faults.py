@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmrec.artifacts import write_json_report
+
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:
@@ -354,11 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                   args.log_events)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    write_json_report(report, args.out, indent=1, echo=True)
     return 0
 
 

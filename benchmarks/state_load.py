@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from llmrec.artifacts import write_json_report
+
 logger = logging.getLogger("state_load")
 
 RUNS = Path(__file__).resolve().parents[1] / "runs"
@@ -95,11 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         report["results"].append(res)
         _print(res)
     report["loadavg_end"] = os.getloadavg()
-    text = json.dumps(report, indent=2)
-    print(text)
+    write_json_report(report, args.out, echo=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
         logger.info("wrote %s", args.out)
     import ray
 

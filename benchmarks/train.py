@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from llmrec.artifacts import write_json_report
+
 logger = logging.getLogger("benchmarks.train")
 
 
@@ -132,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     )
-    if args.out:
-        Path(args.out).write_text(
-            json.dumps({"source": source, "baseline": results[0]["config"], "results": results}, indent=2)
-        )
+    write_json_report({"source": source, "baseline": results[0]["config"], "results": results}, args.out)
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from llmrec.artifacts import write_json_report
 from llmrec.metrics import bootstrap_ci
 
 VARIANTS: dict[str, list[str]] = {
@@ -96,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_s_per_fit": float(np.mean([fits[(v, s)]["meta"]["wall_s"] for s in args.seeds])),
         })
     report = {"run": str(run), "reference": ref, "seeds": args.seeds, "epochs": args.epochs, "rows": rows}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    write_json_report(report, args.out, echo=True)
     print(f"\n{'variant':<8} {'val ndcg@10 (seeds)':<28} {'diff vs ' + ref:<10} {'95% interval':<20} s/fit",
           file=sys.stderr)
     for r in rows:

@@ -3,6 +3,8 @@
 Every `meta.json` has at least `{schema_version, stage, created_at, code_version}`; stages add their own keys
 (`model_name`, `dim`, ...). `check_compatible` turns a mismatch into one clear line that says what was
 expected, what was found and which stage to re-run.
+
+`atomic_write` replaces a file all at once; `write_json_report` writes a benchmark's JSON report with it.
 """
 
 from __future__ import annotations
@@ -91,6 +93,33 @@ def atomic_write(
         raise
     if durable:
         fsync_dir(p.parent)
+
+
+def write_json_report(
+    report: dict[str, Any] | list[Any], path: str | os.PathLike | None, *, indent: int = 2, echo: bool = False
+) -> str:
+    """Serialise a benchmark's JSON report once, write it to `path` when one is given, and return the text.
+
+    The text is `json.dumps(report, indent=indent)` and a newline: exactly the file's content. The file is
+    written with `atomic_write` (parent folders created), so a report rewritten after every measurement is
+    never left half-written by an interrupted run, and a failed write leaves the previous file, or none.
+
+    Args:
+        report: a JSON-serialisable dict (or a list of rows).
+        path: where to write it; None (or "") writes nothing: a script's `--out` left unset.
+        echo: print the text to stdout first, so a failed write still leaves the report on screen.
+
+    Example::
+
+        write_json_report(report, args.out, indent=1, echo=True)  # prints it; writes it with --out
+    """
+    text = json.dumps(report, indent=indent) + "\n"
+    if echo:
+        print(text, end="")
+    if path:
+        data = text.encode()
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return text
 
 
 def fsync_dir(d: str | os.PathLike) -> None:

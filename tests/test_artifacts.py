@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -131,3 +132,38 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     private = tmp_path / "histories.jsonl"
     atomic_write(private, lambda tmp: tmp.write_text("x"), durable=True, mode=0o600)
     assert private.read_text() == "x" and (private.stat().st_mode & 0o777) == 0o600
+
+
+def test_write_json_report_writes_what_it_returns_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    """The benchmarks' report writer: the file is json.dumps(report) and a newline, in folders it creates,
+    equal to the returned text; a write that fails half-way leaves the previous report and no other file."""
+    from pathlib import Path
+
+    from llmrec.artifacts import write_json_report
+
+    report = {"run": "runs/x", "rows": [{"n": 1, "ndcg@10": 0.25, "ci": [0.1, 0.4]}], "ok": True, "no": None}
+    path = tmp_path / "bench" / "sub" / "report.json"
+    text = write_json_report(report, path, indent=1)
+    assert text == json.dumps(report, indent=1) + "\n" == path.read_text()
+    assert json.loads(path.read_text()) == report and os.listdir(path.parent) == ["report.json"]
+    assert capsys.readouterr().out == ""
+
+    rows = [{"kind": "flat"}, {"kind": "hnsw"}]  # index.py writes a list of rows
+    assert write_json_report(rows, None, echo=True) == json.dumps(rows, indent=2) + "\n"  # no --out: no file
+    assert capsys.readouterr().out == json.dumps(rows, indent=2) + "\n"  # as `print(json.dumps(...))` did
+    assert os.listdir(tmp_path) == ["bench"]
+
+    def half_then_fail(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:5])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_json_report({"rows": []}, path, echo=True)
+    assert capsys.readouterr().out == '{\n  "rows": []\n}\n'  # printed before the write failed
+    assert path.read_text() == text and os.listdir(path.parent) == ["report.json"]
+    monkeypatch.undo()
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_json_report({"when": object()}, tmp_path / "new" / "r.json")
+    assert not (tmp_path / "new").exists()

@@ -405,3 +405,81 @@ def test_validation_takes_slots_where_the_warm_advantage_hides_cold_targets_and_
     with pytest.raises(ValueError, match="tie_on must be 'all' or 'warm', got 'cold'"):
         tune_cold_bonus(model, val, None, n_candidates=items.n_items, grid=(0.0,), frac=0.2, min_targets=20,
                         tie_on="cold")
+
+
+def test_held_out_validation_judges_its_own_cold_targets_and_picks_the_best_bonus():
+    """frac 0 (the cold protocol's held-out validation, llmrec.eval.cold_choice): no item is made cold; the
+    cold targets are the validation's own items without an ID embedding, every user here has one, and the
+    pick is the bonus with the best NDCG of the served ranking (brute force: `served_val_ndcg` per bonus),
+    the larger bonus on exact ties."""
+    import dataclasses
+
+    from llmrec.scorer.finalize import served_val_ndcg
+
+    items, df = _twins()
+    n = items.n_items
+    model = _model(items, 1.0)
+    never = np.arange(1, n, 4)  # items never trained: no ID embedding
+    model.id_slots[torch.as_tensor(never)] = 0
+    names = {f"i{i}" for i in never}
+    hist, nxt = df[df[TS] == 1], df[df[TS] == 2]
+    users = nxt.loc[nxt[ITEM_ID].isin(names), USER_ID]
+    val = build_validation(hist[hist[USER_ID].isin(users)], nxt[nxt[USER_ID].isin(users)], items, max_len=4)
+    grid = (0.0, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+    slots = model.id_slots.clone()
+    bonus, info = tune_cold_bonus(model, val, None, n_candidates=n, grid=grid, frac=0.0, min_targets=20,
+                                  every_grid=(0,), keep_grid=(0.0,))
+    assert info["measured"] and info["n_pseudo_cold_items"] == 0 and info["n_cold_targets"] == val.n_users
+    assert val.n_users == len(users) > 20
+    ref = []
+    for g in grid:
+        m = _model(items, 1.0, cold_bonus=g)
+        m.id_slots.copy_(slots)
+        ref.append(float(served_val_ndcg(m, val, None, None, n_candidates=n).mean()))
+    np.testing.assert_allclose(info["val_ndcg"], ref)
+    np.testing.assert_allclose(info["val_ndcg_cold_targets"], ref)  # every target is cold
+    assert bonus == max(grid, key=lambda g: (ref[grid.index(g)], g))
+    assert ref[grid.index(bonus)] > ref[0] + 0.2  # the warm items' ID advantage hid the never-trained targets
+    assert torch.equal(model.id_slots, slots) and model.cfg == dataclasses.replace(model.cfg, cold_bonus=0.0)
+
+
+def test_scorer_choose_replaces_choices_and_drops_what_it_cached_from_them():
+    """Scorer.choose (a cold-item choice made on another validation): the ranking equals that of a scorer
+    built with those values, although the old imputation's text neighbours were cached by an earlier call."""
+    import dataclasses
+
+    import scipy.sparse as sp
+
+    from llmrec.protocol import History
+    from llmrec.scorer.inference import Scorer
+
+    items, _ = _twins(n_pairs=15)
+    n = items.n_items
+    base = _model(items, 0.5, cold_impute_k=3)
+    cold = np.arange(1, n, 4)
+    keep = np.ones(n, dtype=np.float32)
+    keep[cold] = 0
+    sim = sp.random(n, n, density=0.3, random_state=4, format="csr", dtype=np.float32)
+    sim = (sp.diags(keep) @ sim @ sp.diags(keep)).tocsr()
+
+    def scorer(**fields) -> Scorer:
+        cfg = dataclasses.replace(base.cfg, cooc_weight=2.0, **fields)
+        m = ScorerModel(cfg, base.text_vectors, base.id_slots.clone())
+        m.id_slots[torch.as_tensor(cold)] = 0
+        m.load_state_dict({k: v for k, v in base.state_dict().items() if k != "id_slots"}, strict=False)
+        return Scorer(m.eval(), items.item_ids, cooc=sim)
+
+    rng = np.random.default_rng(5)
+    hists = [History(f"u{b}", rng.choice(n, size=2, replace=False), np.array([1, 2]),
+                     np.array(["like", "like"]), np.array([np.nan, np.nan])) for b in range(10)]
+    s = scorer(cooc_impute=1.0)
+    before = s.rank(hists, n_candidates=n).score  # caches the imputation's neighbours, weighted by 1.0
+    want = dict(cooc_impute=4.0, cold_bonus=0.3, cold_every=3, cold_keep=1.5)
+    s.choose(**want)
+    got = s.rank(hists, n_candidates=n).score
+    ref = scorer(**want).rank(hists, n_candidates=n).score
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert not np.allclose(np.nan_to_num(got, neginf=0), np.nan_to_num(before, neginf=0))
+    assert all(getattr(s.model.cfg, k) == v for k, v in want.items())
+    with pytest.raises(TypeError, match="cold_place"):
+        s.choose(cold_place=1)

@@ -373,3 +373,33 @@ def test_cold_protocol_only_text_models_reach_held_out_items(run_dir: Path, tmp_
     )
     with pytest.raises(ValueError, match="protocols must be a non-empty subset of"):
         evaluate(run_dir / "data", run_dir / "embeddings", tmp_path, protocols=("cold", "warm"))
+
+
+def test_cold_protocol_makes_llmrec_cold_choice_on_items_held_out_of_its_training(
+    run_dir: Path, tmp_path: Path, ray_local
+) -> None:
+    """Under `--protocol cold` llmrec's cold-item fields are chosen on items held out of the *training* split
+    (llmrec.eval.cold_choice): the inner split is `cold_item_split` of the train frame (the reference below,
+    rebuilt from the interactions), every validation target is one of its never-trained items, and the pick
+    covers every cold-item field."""
+    from llmrec.eval.split import cold_item_split
+    from llmrec.scorer.finalize import COLD_BONUS_GRID, COLD_CHOICES, COLD_KEEP_GRID
+
+    tiny = {"epochs": 2, "num_workers": 0, "dim": 16, "max_len": 8, "batch_size": 64, "val_users": 40}
+    res = evaluate(run_dir / "data", run_dir / "embeddings", tmp_path, protocols=("cold",),
+                   models=["llmrec", "zeroshot_text"], llmrec_kwargs=tiny, seed=0)["cold"]
+    choice = res["tuning"]["llmrec"]["cold_choice"]
+    inter = pd.read_parquet(run_dir / "data" / "interactions.parquet")
+    train = cold_item_split(inter, frac=0.1, seed=0).train
+    inner = cold_item_split(train, frac=0.1, seed=0)
+    assert choice["held_out"] == json.loads(json.dumps(inner.stats))
+    assert choice["held_out"]["n_heldout_items"] == round(0.1 * train.item_id.nunique()) == 6
+    n_val = inner.test.user_id.nunique()  # every inner test user has other training events (the split's rule)
+    assert choice["measured"] and choice["n_validation_users"] == choice["n_cold_targets"] == n_val > 30
+    assert choice["n_pseudo_cold_items"] == 0 and choice["val_ndcg_warm_targets"] is None
+    assert list(choice["pick"]) == list(COLD_CHOICES) and list(choice["made_cold_pick"]) == list(COLD_CHOICES)
+    assert choice["pick"]["cold_bonus"] in COLD_BONUS_GRID and choice["pick"]["cold_keep"] in COLD_KEEP_GRID
+    # the pick is the best validation NDCG of its grid (every target cold: ties go to the larger bonus)
+    best = max(max(v) for v in choice["val_ndcg_by_keep"].values())
+    assert max(choice["val_ndcg"]) == pytest.approx(best)
+    assert res["models"]["llmrec"]["ndcg@10"] > 0

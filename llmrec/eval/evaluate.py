@@ -236,6 +236,7 @@ def evaluate(
                 baseline_kwargs=dict(baseline_kwargs or {}),
                 llmrec_kwargs=dict(llmrec_kwargs or {}),
                 reuse_scorer=reuse_scorer and proto == "loo" and i == 0,
+                cold_choice_frac=cold_frac if proto == "cold" else None,
             )
             recs = [*build_models(names, setup), *extra_models]
             label = f"{proto} seed {s}" + (f" ({i + 1}/{len(seeds)})" if len(seeds) > 1 else "")

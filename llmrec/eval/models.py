@@ -54,6 +54,9 @@ class ModelSetup:
     )  # constructor kwargs, every config
     llmrec_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of the run scorer's settings
     reuse_scorer: bool = False  # llmrec: load RUN/scorer when it was trained on this very split
+    # llmrec's cold-item choice on this share of the train split's items held out (the cold protocol:
+    # `llmrec.eval.cold_choice`); None: the made-cold validation of its own fit
+    cold_choice_frac: float | None = None
 
 
 def build_models(names: list[str], setup: ModelSetup) -> list[Recommender]:
@@ -104,16 +107,25 @@ def _llmrec(setup: ModelSetup) -> LLMRecRecommender:
 
     kwargs = {**llmrec_train_config(setup.scorer_dir), **setup.llmrec_kwargs, "seed": setup.seed}
     val = setup.validation
+    choice = None
+    if setup.cold_choice_frac is not None:
+        from llmrec.eval.cold_choice import held_out_cold_choice
+
+        frac = float(setup.cold_choice_frac)
+
+        def choice(train: Any, items: ItemSpace) -> tuple[dict[str, Any], dict[str, Any]]:
+            return held_out_cold_choice(train, items, kwargs, seed=setup.seed, frac=frac)
     if setup.reuse_scorer:
         ok, why = reusable_scorer(setup.scorer_dir, val.train, val.valid, setup.space)
         if ok:
             logger.info(
                 "llmrec: the run's scorer was trained on this very split: evaluating it, no retraining"
             )
-            return LLMRecRecommender(out_dir=setup.scorer_dir, pretrained=True, validation=val)
+            return LLMRecRecommender(out_dir=setup.scorer_dir, pretrained=True, validation=val,
+                                     cold_choice=choice)
         logger.info("llmrec: the run's scorer cannot be reused (%s): retraining it on this split", why)
     logger.info("llmrec is trained on this split's train with %s", kwargs)
-    return LLMRecRecommender(validation=val, **kwargs)
+    return LLMRecRecommender(validation=val, cold_choice=choice, **kwargs)
 
 
 def llmrec_train_config(scorer_dir: str | os.PathLike) -> dict[str, Any]:

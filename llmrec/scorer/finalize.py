@@ -340,6 +340,9 @@ def tune_cold_bonus(
     warm-target users too, so each cold item pushed up costs what it costs them; but a tenth of the items made
     cold gives more cold targets than next-item traffic usually has, so what the warm-target users pay can
     hide behind the made-cold users' gain.
+    `frac` 0 makes no item cold: the cold targets are then the validation's own targets without an ID
+    embedding (a validation built from held-out items, as `llmrec.eval.cold_choice` does for the cold
+    protocol).
     tie_on "warm" judges the tie on the warm-target users' NDCG alone (a stricter rule, for measurement). The
     imputation grid is tried only where the ranking has a co-occurrence term (sim given, `cooc_weight` > 0);
     otherwise the model's value stays. Fewer than `min_targets` validation users with a made-cold target ->
@@ -364,6 +367,8 @@ def tune_cold_bonus(
     pseudo = np.sort(rng.choice(warm, size=int(round(frac * len(warm))), replace=False))
     is_cold = np.zeros(n, dtype=bool)
     is_cold[pseudo] = True
+    if frac == 0:  # the validation's own cold targets: items that never had an ID embedding
+        is_cold |= model.id_slots.cpu().numpy() == 0
     cold_users = np.array([bool(is_cold[val.targets[b]].any()) for b in range(val.n_users)], dtype=bool)
     summary: dict[str, Any] = {"n_pseudo_cold_items": int(len(pseudo)),
                                "n_cold_targets": int(cold_users.sum()),
@@ -408,7 +413,8 @@ def tune_cold_bonus(
     return pick, {**summary, "measured": True, "chosen": pick, "cooc_impute": f_pick, "cold_every": e_pick,
                   "cold_keep": k_pick, "z": TEXT_BOOST_Z, "rel": TIE_REL, "tie_on": tie_on,
                   "val_ndcg": [float(x) for x in means[fi, :, pi]],
-                  "val_ndcg_warm_targets": [float(x) for x in per[fi, :, pi][:, ~cold_users].mean(1)],
+                  "val_ndcg_warm_targets": ([float(x) for x in per[fi, :, pi][:, ~cold_users].mean(1)]
+                                            if (~cold_users).any() else None),  # None: every target cold
                   "val_ndcg_cold_targets": [float(x) for x in cold_means[fi, :, pi]],
                   "val_ndcg_by_impute": {f"{f:g}": means[i, :, pi].tolist() for i, f in enumerate(imp_grid)},
                   "val_ndcg_cold_targets_by_impute": {f"{f:g}": cold_means[i, :, pi].tolist()

@@ -16,11 +16,13 @@ score = inner product.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -323,6 +325,14 @@ class Scorer:
                 out[b][~in_block] = np.maximum(rest - rest.max(), -big) + floor
             out[b][c] = h
         return out
+
+    def choose(self, **fields: Any) -> None:
+        """Replace post-training choices of the model's `ScorerConfig` (e.g. `finalize.COLD_CHOICES`, chosen
+        on another validation) and drop what this scorer cached from the old values; an unknown field
+        raises."""
+        self.model.cfg = dataclasses.replace(self.model.cfg, **fields)
+        self.__dict__.pop("_cooc_nb", None)
+        self._item_vecs = None
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def _with_cooc(

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,10 @@ class LLMRecRecommender:
             an inner-split validation).
         pretrained: `fit` loads the scorer already in `out_dir` instead of training, after checking that it
             was trained on this very train frame, validation and item vectors (`reusable_scorer`).
+        cold_choice: makes the cold-item choices (`llmrec.scorer.finalize.COLD_CHOICES`) in place of the
+            made-cold validation's: called as `cold_choice(train, items)` after the fit, it returns
+            ({field: value}, summary for `tuning`) (the cold protocol's
+            `llmrec.eval.cold_choice.held_out_cold_choice`).
         train_kwargs: fields of `llmrec.config.TrainConfig` (num_workers, epochs, batch_size, lr, seed, dim,
             ...); the others keep its defaults. An unknown name raises here, not at `fit`.
     """
@@ -52,6 +57,7 @@ class LLMRecRecommender:
         n_candidates: int = 200,
         validation: Any = None,
         pretrained: bool = False,
+        cold_choice: Callable[[pd.DataFrame, ItemSpace], tuple[dict[str, Any], dict[str, Any]]] | None = None,
         **train_kwargs: Any,
     ):
         if pretrained and out_dir is None:
@@ -61,6 +67,7 @@ class LLMRecRecommender:
         self.n_candidates = n_candidates
         self.validation = validation
         self.pretrained = pretrained
+        self.cold_choice = cold_choice
         self.train_kwargs = train_kwargs
         self.train_config = config_from_dict(TrainConfig, train_kwargs, f"{name} (LLMRecRecommender)")
         self.scorer = None
@@ -99,6 +106,15 @@ class LLMRecRecommender:
                        "cooc_weight": cfg.get("cooc_weight"), "n_valid": len(va),
                        "reused_run_scorer": self.pretrained,
                        "val_ndcg@10": (m.get("metrics") or {}).get("val_ndcg@10")}
+        if self.cold_choice is not None:
+            from llmrec.scorer.finalize import COLD_CHOICES
+
+            made_cold = {k: cfg.get(k) for k in COLD_CHOICES}
+            pick, summary = self.cold_choice(train, items)
+            self.scorer.choose(**pick)
+            self.tuning["cold_choice"] = {"pick": pick, "made_cold_pick": made_cold, **summary}
+            logger.info("%s: cold-item choice %s in place of the made-cold validation's %s", self.name, pick,
+                        made_cold)
 
     def score(self, histories: list[History], use_cooc: bool = True) -> np.ndarray:
         if self.scorer is None:

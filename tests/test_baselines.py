@@ -197,6 +197,28 @@ def test_zeroshot_recency_weighting_by_hand() -> None:
     np.testing.assert_allclose(s, np.r_[w / np.linalg.norm(w), 0.0], atol=1e-6)
 
 
+def test_new_first_text_ranks_every_item_without_a_train_event_first_then_by_cosine() -> None:
+    """zeroshot_text_new (the cold protocol's reference for a model told that the next item is new): the
+    items that never occur in train (the 4 planted cold items) fill the top of every list, in zero-shot text's
+    order, and the seen items follow in that same order."""
+    from llmrec.eval.baselines import NewFirstTextRecommender
+
+    space, df = planted()
+    inter = attach_item_idx(df, space)
+    hists = make_histories(inter)[:20]
+    text, new_first = ZeroShotTextRecommender(half_life=3.0), NewFirstTextRecommender(half_life=3.0)
+    text.fit(inter, space)
+    new_first.fit(inter, space)
+    cold = np.arange(space.n_items - N_COLD, space.n_items)
+    np.testing.assert_array_equal(np.flatnonzero(new_first.new), cold)
+    ref, got = text.score(hists), new_first.score(hists)
+    for b in range(len(hists)):
+        order = np.argsort(-ref[b], kind="stable")
+        want = np.r_[order[np.isin(order, cold)], order[~np.isin(order, cold)]]
+        np.testing.assert_array_equal(np.argsort(-got[b], kind="stable"), want)
+    np.testing.assert_allclose(got[:, : -N_COLD], ref[:, : -N_COLD])  # seen items: zero-shot's scores
+
+
 def test_empty_and_unknown_histories_give_finite_scores(planted_results) -> None:
     from llmrec.protocol import History
 
@@ -223,7 +245,8 @@ def test_one_table_of_model_names() -> None:
     from llmrec.eval.models import ALL_MODELS, FAST_MODELS, HYBRIDS
 
     assert BASELINES == (
-        "popularity", "itemknn", "als", "bpr", "ease", "sasrec", "zeroshot_text", "served_text"
+        "popularity", "itemknn", "als", "bpr", "ease", "sasrec", "zeroshot_text", "served_text",
+        "zeroshot_text_new"
     )
     for name in BASELINES:
         assert make_baseline(name, seed=3).name == name

@@ -56,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         # the names of llmrec.eval.models.ALL_MODELS / FAST_MODELS, written out so that `llmrec --help` does
         # not import the models (scipy, +1.5 s); tests/test_baselines.py checks this text against them
         help="comma list of llmrec,popularity,itemknn,als,bpr,ease,sasrec,zeroshot_text,served_text,"
-        "hybrid_text_itemknn,hybrid_id_itemknn (default all; --fast: llmrec,popularity,itemknn,ease,"
-        "zeroshot_text,served_text + hybrids)",
+        "zeroshot_text_new,hybrid_text_itemknn,hybrid_id_itemknn (default all; --fast: llmrec,popularity,"
+        "itemknn,ease,zeroshot_text,served_text + hybrids)",
     )
     p.add_argument("--seeds", type=int, default=None,
                    help="training seeds per protocol, reported as mean +- sd (default 1; --full 3)")

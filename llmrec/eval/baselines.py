@@ -52,6 +52,7 @@ __all__ = [
     "ID_MODELS",
     "ItemKNNRecommender",
     "NEGATIVE_EVENTS",
+    "NewFirstTextRecommender",
     "PopularityRecommender",
     "SASRecRecommender",  # noqa: F822 (module __getattr__ below: it lives in llmrec.eval.sasrec)
     "ZeroShotTextRecommender",
@@ -377,6 +378,24 @@ class ZeroShotTextRecommender:
         return (self.user_vectors(histories) @ self.vectors.T).astype(np.float32)  # (B, N)
 
 
+class NewFirstTextRecommender(ZeroShotTextRecommender):
+    """Zero-shot text with every item that has no train event ranked above every item that has one: the
+    reference for a model that knows the next item is new (the cold protocol, where llmrec makes its cold-item
+    choice on items held out of its training, `llmrec.eval.cold_choice`). Within each group: the cosine."""
+
+    name = "zeroshot_text_new"
+
+    def fit(self, train: pd.DataFrame, items: ItemSpace) -> None:
+        super().fit(train, items)
+        self.new = np.ones(items.n_items, dtype=bool)
+        self.new[np.unique(train[ITEM_IDX].to_numpy(dtype=np.int64))] = False
+
+    def score(self, histories: list[History]) -> np.ndarray:
+        s = super().score(histories)
+        s[:, self.new] += np.float32(4.0)  # cosines lie in [-1, 1]: +4 puts every new item above the rest
+        return s
+
+
 def _sasrec(seed: int, **kwargs: object) -> object:
     from llmrec.eval.sasrec import SASRecRecommender  # torch: imported only when SASRec is asked for
 
@@ -400,6 +419,7 @@ _FACTORIES: dict[str, Callable[..., object]] = {
     "sasrec": _sasrec,
     "zeroshot_text": lambda seed, **kw: ZeroShotTextRecommender(**kw),
     "served_text": _served_text,
+    "zeroshot_text_new": lambda seed, **kw: NewFirstTextRecommender(**kw),
 }
 BASELINES = tuple(_FACTORIES)
 ID_MODELS = ("als", "bpr", "ease", "sasrec")  # candidates of the "best ID model + item-kNN" hybrid

@@ -65,6 +65,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "ease": [{"l2": lam} for lam in EASE_L2_GRID],  # the grid of the scorer's EASE term (llmrec.cooc)
     "sasrec": [{}],  # reference settings (SASRecRecommender defaults); early stopping picks the epoch
     "zeroshot_text": [{"half_life": h} for h in (1.0, 3.0, 10.0, 30.0, 1e9)],  # 1e9: the plain mean
+    "zeroshot_text_new": [{"half_life": h} for h in (1.0, 3.0, 10.0, 30.0, 1e9)],
     "served_text": [{}],  # never tuned: it measures what serving runs, with serving's settings
 }
 HYBRID_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)

@@ -7,7 +7,9 @@ twice on the scorer's own validation: as training does, and with the items that 
 held-out test items, which have no validation event and can only be distractors there) left out of every
 validation user's ranking. Each pick, and the neural towers alone, are then scored on the cold protocol's test
 (`llmrec.eval.evaluate.evaluate_models`: NDCG@10 of the held-out targets, the figure of `llmrec evaluate
---protocol cold`). The picks are made on validation only; the test scores them once.
+--protocol cold`). The picks are made on validation only; the test scores them once. This is the measurement
+that showed the made-cold validation to be the failing proxy; `llmrec evaluate --protocol cold` now makes
+the choice on items held out of the training split instead (`llmrec.eval.cold_choice`).
 
     python benchmarks/cold_split_choice.py --run runs/amazon-magazine-subscriptions-2018 \\
         --out runs/bench/cold-split-magazine --report runs/bench/cold-split-choice-magazine.json

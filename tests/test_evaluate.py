@@ -398,6 +398,8 @@ def test_cold_protocol_makes_llmrec_cold_choice_on_items_held_out_of_its_trainin
     assert choice["measured"] and choice["n_validation_users"] == choice["n_cold_targets"] == n_val > 30
     assert choice["n_pseudo_cold_items"] == 0 and choice["val_ndcg_warm_targets"] is None
     assert list(choice["pick"]) == list(COLD_CHOICES) and list(choice["made_cold_pick"]) == list(COLD_CHOICES)
+    # the evaluated scorer ranks with the held-out pick, which here differs from the made-cold validation's
+    assert res["tuning"]["llmrec"]["cold_served"] == choice["pick"] != choice["made_cold_pick"]
     assert choice["pick"]["cold_bonus"] in COLD_BONUS_GRID and choice["pick"]["cold_keep"] in COLD_KEEP_GRID
     # the pick is the best validation NDCG of its grid (every target cold: ties go to the larger bonus)
     best = max(max(v) for v in choice["val_ndcg_by_keep"].values())

@@ -106,15 +106,17 @@ class LLMRecRecommender:
                        "cooc_weight": cfg.get("cooc_weight"), "n_valid": len(va),
                        "reused_run_scorer": self.pretrained,
                        "val_ndcg@10": (m.get("metrics") or {}).get("val_ndcg@10")}
-        if self.cold_choice is not None:
-            from llmrec.scorer.finalize import COLD_CHOICES
+        from llmrec.scorer.finalize import COLD_CHOICES
 
+        if self.cold_choice is not None:
             made_cold = {k: cfg.get(k) for k in COLD_CHOICES}
             pick, summary = self.cold_choice(train, items)
             self.scorer.choose(**pick)
             self.tuning["cold_choice"] = {"pick": pick, "made_cold_pick": made_cold, **summary}
             logger.info("%s: cold-item choice %s in place of the made-cold validation's %s", self.name, pick,
                         made_cold)
+        # what the scorer ranks with (the made-cold validation's choice, or cold_choice's)
+        self.tuning["cold_served"] = {k: getattr(self.scorer.model.cfg, k) for k in COLD_CHOICES}
 
     def score(self, histories: list[History], use_cooc: bool = True) -> np.ndarray:
         if self.scorer is None:

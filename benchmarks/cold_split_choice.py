@@ -54,7 +54,7 @@ def measure(run: Path, out: Path) -> dict[str, Any]:
     from llmrec.eval.text_cutoff import split_item_space
     from llmrec.eval.tuning import InnerValidation
     from llmrec.scorer.data import build_validation
-    from llmrec.scorer.finalize import COLD_CHOICES, cooc_matrix, tune_cold_bonus
+    from llmrec.scorer.finalize import COLD_CHOICES, cold_choices, cooc_matrix, tune_cold_bonus
     from llmrec.scorer.inference import Scorer
     from llmrec.scorer.recommender import LLMRecRecommender, NeuralOnlyView
 
@@ -83,16 +83,15 @@ def measure(run: Path, out: Path) -> dict[str, Any]:
                               "choices": {}}
     models = []
     for name, v in (("as training", vs), ("held-out items left out", left_out)):
-        bonus, info = tune_cold_bonus(model, v, sim, cfg["n_candidates"])
-        chosen = (bonus, info["cooc_impute"], info["cold_every"], info["cold_keep"])
-        pick = dict(zip(COLD_CHOICES, chosen, strict=True))
+        _, info = tune_cold_bonus(model, v, sim, cfg["n_candidates"])
+        pick = cold_choices(info)
         report["choices"][name] = {"pick": pick, "n_cold_targets": info["n_cold_targets"],
                                    "val_ndcg_by_keep": info["val_ndcg_by_keep"],
                                    "val_ndcg_cold_targets_by_keep": info["val_ndcg_cold_targets_by_keep"],
                                    "bonus_grid": info["grid"]}
         rec = LLMRecRecommender(name=name, n_candidates=cfg["n_candidates"])
         rec.scorer = Scorer.load(out)
-        rec.scorer.model.cfg = dataclasses.replace(rec.scorer.model.cfg, **pick)
+        rec.scorer.choose(**pick)
         models.append(_Fitted(rec))
     neural = NeuralOnlyView(models[0].rec)  # the towers are the same in every pick
     neural.name = "neural towers alone"

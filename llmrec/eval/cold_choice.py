@@ -55,8 +55,9 @@ def held_out_cold_choice(
         (pick: {field: value} for every COLD_CHOICES field, summary for metrics.json: the inner split's
         counts, tune_cold_bonus's grids and validation NDCGs, seconds).
     """
+    from llmrec.config import TrainConfig, config_from_dict
     from llmrec.scorer.data import build_validation
-    from llmrec.scorer.finalize import COLD_CHOICES, tune_cold_bonus
+    from llmrec.scorer.finalize import cold_choices, tune_cold_bonus
     from llmrec.scorer.recommender import LLMRecRecommender
 
     t0 = time.perf_counter()
@@ -65,7 +66,7 @@ def held_out_cold_choice(
     if max_users is not None and test["user_id"].nunique() > max_users:
         users = pd.Series(test["user_id"].unique()).sample(n=max_users, random_state=seed)
         test = test[test["user_id"].isin(set(users))]
-    val_users = int(train_kwargs.get("val_users", 1000))
+    val_users = config_from_dict(TrainConfig, train_kwargs, "held_out_cold_choice").val_users  # None: all
     val = InnerValidation.build(inner.train, items.n_items, val_users, seed)
     with tempfile.TemporaryDirectory(prefix="llmrec-cold-choice-") as d:
         rec = LLMRecRecommender(name="llmrec (held-out items)", out_dir=d, validation=val,
@@ -77,8 +78,7 @@ def held_out_cold_choice(
                               min_rating=cfg.get("min_rating"))
         bonus, info = tune_cold_bonus(rec.scorer.model, vs, rec.scorer.cooc, cfg["n_candidates"], frac=0.0,
                                       seed=seed)
-    pick = dict(zip(COLD_CHOICES, (bonus, info["cooc_impute"], info["cold_every"], info["cold_keep"]),
-                    strict=True))
+    pick = cold_choices(info)
     summary = {**info, "held_out": inner.stats, "n_validation_users": int(vs.n_users),
                "seconds": round(time.perf_counter() - t0, 1)}
     at = (f"validation NDCG@10 {info['val_ndcg'][info['grid'].index(bonus)]:.4f}" if info.get("measured")

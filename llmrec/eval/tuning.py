@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["GRIDS", "HYBRID_WEIGHTS", "Hybrid", "InnerValidation", "Tuned", "combine_scores"]
 
+# zero-shot text's recency half-lives (events) tried on validation; 1e9: the plain mean
+TEXT_HALF_LIVES = (1.0, 3.0, 10.0, 30.0, 1e9)
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "popularity": [{}],
     "itemknn": [{"n_neighbors": k, "shrink": s} for k in (20, 50, 100, 200) for s in (0.0, 10.0, 100.0)],
@@ -64,8 +66,8 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     ],
     "ease": [{"l2": lam} for lam in EASE_L2_GRID],  # the grid of the scorer's EASE term (llmrec.cooc)
     "sasrec": [{}],  # reference settings (SASRecRecommender defaults); early stopping picks the epoch
-    "zeroshot_text": [{"half_life": h} for h in (1.0, 3.0, 10.0, 30.0, 1e9)],  # 1e9: the plain mean
-    "zeroshot_text_new": [{"half_life": h} for h in (1.0, 3.0, 10.0, 30.0, 1e9)],
+    "zeroshot_text": [{"half_life": h} for h in TEXT_HALF_LIVES],
+    "zeroshot_text_new": [{"half_life": h} for h in TEXT_HALF_LIVES],
     "served_text": [{}],  # never tuned: it measures what serving runs, with serving's settings
 }
 HYBRID_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)

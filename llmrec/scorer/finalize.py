@@ -85,6 +85,14 @@ class BehaviourTerms:
 
 # the cold-item choices (`tune_cold_bonus`), as ScorerConfig fields
 COLD_CHOICES = ("cold_bonus", "cooc_impute", "cold_every", "cold_keep")
+
+
+def cold_choices(summary: dict[str, Any]) -> dict[str, Any]:
+    """The `COLD_CHOICES` fields (ScorerConfig values) of a `tune_cold_bonus` summary."""
+    return dict(zip(COLD_CHOICES, (summary["chosen"], summary["cooc_impute"], summary["cold_every"],
+                                   summary["cold_keep"]), strict=True))
+
+
 # the post-training choices a fine-tune may keep from the model it starts from (`finalize_ranking(reuse=)`)
 REUSABLE_CHOICES = ("cooc_weight", "text_boost", *COLD_CHOICES)
 
@@ -179,10 +187,7 @@ def finalize_ranking(
     if reuse is None and has_val:
         t_cold = time.perf_counter()
         bonus, cold_info = tune_cold_bonus(model_for(mc), val, sim_train, cfg.n_candidates)
-        mc["cold_bonus"] = bonus
-        mc["cooc_impute"] = cold_info["cooc_impute"]
-        mc["cold_every"] = cold_info["cold_every"]
-        mc["cold_keep"] = cold_info["cold_keep"]
+        mc.update(cold_choices(cold_info))
         keep_txt = f"{mc['cold_keep']:g}" if mc["cold_keep"] else "- (off)"
         logger.info("cold-item bonus %.4g, imputed co-occurrence x %.4g, a cold slot every %s positions, "
                     "cold items no lower than %s x their neural place chosen on validation (%s; %.1fs)",

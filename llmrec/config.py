@@ -277,6 +277,7 @@ class ServeConfig:
 # ---------------------------------------------------------------------------------------------------------
 USER_ENCODERS = ("transformer", "gru")  # TrainConfig / ScorerConfig.user_encoder
 COOC_KINDS = ("auto", "itemknn", "ease")  # TrainConfig.cooc_kind (llmrec.cooc.candidate_terms)
+COLD_CHOICE_KINDS = ("made-cold", "held-out")  # TrainConfig.cold_choice
 
 
 @dataclass(frozen=True)
@@ -351,6 +352,14 @@ class TrainConfig:
     cold_quota: int = option(0, "retrieval candidates reserved for cold items (0 = no quota)")
     cold_impute_k: int = option(10, "cold items borrow ID vectors / co-occurrences of k text neighbours "
                                 "(0 = off)")
+    # made-cold: `finalize.tune_cold_bonus` on the validation with a tenth of the trained items stripped of
+    # their IDs; held-out: `llmrec.eval.cold_choice.held_out_cold_choice`, made by the callers above the
+    # scorer (`llmrec train`, `llmrec evaluate`) and handed to `fit_scorer(cold_pick=)`
+    cold_choice: str = option("made-cold", "how the cold-item bonus, imputation, slots and neural places are "
+                              "chosen: made-cold = on the validation with a tenth of the trained items made "
+                              "cold (no extra cost); held-out = on a tenth of the items held out of a second "
+                              "training (about twice the training time; the choice the cold protocol "
+                              "evaluates, far better for new items)", choices=COLD_CHOICE_KINDS)
     # bounds the time of a fine-tune (`llmrec learn`)
     max_steps: int | None = option(None, "batches per epoch at most (none: the whole epoch)")
 
@@ -390,6 +399,9 @@ class TrainConfig:
             )
         if self.min_rating is not None and not math.isfinite(self.min_rating):
             raise ValueError(f"TrainConfig.min_rating must be a finite number or None, got {self.min_rating}")
+        if self.cold_choice not in COLD_CHOICE_KINDS:
+            raise ValueError(f"TrainConfig.cold_choice must be one of {', '.join(COLD_CHOICE_KINDS)}, got "
+                             f"{self.cold_choice!r}")
         if self.cooc_kind not in COOC_KINDS:
             raise ValueError(f"TrainConfig.cooc_kind must be one of {', '.join(COOC_KINDS)}, got "
                              f"{self.cooc_kind!r}")

@@ -170,7 +170,8 @@ def learn(
         holdback_frac: share of the new events (newest first) held back to judge the candidate.
         min_new_events: fewer new events than this -> no training.
         choices: "refit" = the candidate makes its post-training choices (co-occurrence term and weight, text
-            boosts, cold-item choices) again on its validation users (about half of a round's time); "reuse"
+            boosts, cold-item choices) again on its validation users (about half of a round's time; a current
+            model's held-out cold-item choice, `TrainConfig.cold_choice`, is carried over); "reuse"
             = it keeps the current model's (`finalize_ranking(reuse=)`): rounds in 0.55x the time, lists a
             little worse on Magazine's replay (README, "Keeps learning from live feedback").
     """
@@ -222,7 +223,7 @@ def learn(
     # TrainConfig's defaults, then this round's budget and the caller's overrides on top
     saved = dict(meta.get("config", {}))
     keep = {"batch_size", "patience", "dim", "max_len", "n_neg", "cooc_neighbors", "cooc_kind", "val_users",
-            "feedback_p", "lr"}
+            "feedback_p", "lr", "cold_choice"}
     kept = {k: v for k, v in saved.items() if k in keep}
     base = config_from_dict(TrainConfig, kept, f"{cur_dir}/meta.json")
     budget = {"epochs": epochs, "seed": seed, "num_workers": num_workers, "max_steps": max_steps}
@@ -230,10 +231,18 @@ def learn(
         budget["lr"] = lr
     cfg = with_overrides(base, {**budget, **train_kwargs}, "learn()")
     out = run / SCORERS_DIR / time.strftime("%Y%m%d-%H%M%S")
+    cold_pick = None
+    if cfg.cold_choice == "held-out" and choices == "refit":
+        # choosing again on held-out items would train a second model, beyond a round's bounded time: the
+        # current model's held-out choice is carried over (its other choices are made again)
+        from llmrec.scorer.finalize import COLD_CHOICES
+
+        mc = meta.get("model_config", {})
+        cold_pick = ({k: mc[k] for k in COLD_CHOICES}, {"carried_from": cur_dir})
     try:
         fit_scorer(
             cfg, train_ev, items, out, embed_meta=embed_meta, init_from=cur_dir, focus_after_ts=int(ts_max),
-            reuse_choices_from=cur_dir if choices == "reuse" else None,
+            reuse_choices_from=cur_dir if choices == "reuse" else None, cold_pick=cold_pick,
         )
     except TrainingDiverged as e:  # a fine-tune that cannot rank is refused like a worse one
         res.why = f"fine-tune diverged: {e}"

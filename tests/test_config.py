@@ -96,7 +96,8 @@ def test_every_field_is_a_flag_that_reaches_the_config():
         "head_neg": 15, "weight_decay": 1e-4, "n_candidates": 50, "min_rating": 3.5, "grad_clip": 0.0,
         "logit_scale": 10.0, "warm_start": False, "logq_correction": False, "feedback_p": 0.0,
         "text_arm": False,
-        "rare_dropout_c": 0.0, "cold_quota": 5, "cold_impute_k": 0, "max_steps": 100,
+        "rare_dropout_c": 0.0, "cold_quota": 5, "cold_impute_k": 0, "cold_choice": "held-out",
+        "max_steps": 100,
     }
     assert sorted(changed) == sorted(f.name for f in dataclasses.fields(TrainConfig))
     argv = list(REQUIRED)
@@ -133,6 +134,8 @@ def test_add_config_arguments_takes_other_defaults():
         ({"feedback_p": 1.5}, r"TrainConfig.feedback_p must be in \[0, 1\], got 1.5"),
         ({"cooc_kind": "knn"}, "TrainConfig.cooc_kind must be one of auto, itemknn, ease, got 'knn'"),
         ({"max_steps": 0}, "TrainConfig.max_steps must be >= 1 or None"),
+        ({"cold_choice": "heldout"},
+         "TrainConfig.cold_choice must be one of made-cold, held-out, got 'heldout'"),
         ({"use_gpu": 1}, r"TrainConfig.use_gpu must be bool, got 1 \(int\)"),
     ],
 )

@@ -397,11 +397,61 @@ def test_cold_protocol_makes_llmrec_cold_choice_on_items_held_out_of_its_trainin
     n_val = inner.test.user_id.nunique()  # every inner test user has other training events (the split's rule)
     assert choice["measured"] and choice["n_validation_users"] == choice["n_cold_targets"] == n_val > 30
     assert choice["n_pseudo_cold_items"] == 0 and choice["val_ndcg_warm_targets"] is None
-    assert list(choice["pick"]) == list(COLD_CHOICES) and list(choice["made_cold_pick"]) == list(COLD_CHOICES)
-    # the evaluated scorer ranks with the held-out pick, which here differs from the made-cold validation's
-    assert res["tuning"]["llmrec"]["cold_served"] == choice["pick"] != choice["made_cold_pick"]
+    assert list(choice["pick"]) == list(COLD_CHOICES)
+    # the evaluated scorer was fitted with the held-out pick in place of a made-cold choice
+    assert res["tuning"]["llmrec"]["cold_served"] == choice["pick"]
+    assert res["tuning"]["llmrec"]["cold_method"] == "held-out"
     assert choice["pick"]["cold_bonus"] in COLD_BONUS_GRID and choice["pick"]["cold_keep"] in COLD_KEEP_GRID
     # the pick is the best validation NDCG of its grid (every target cold: ties go to the larger bonus)
     best = max(max(v) for v in choice["val_ndcg_by_keep"].values())
     assert max(choice["val_ndcg"]) == pytest.approx(best)
     assert res["models"]["llmrec"]["ndcg@10"] > 0
+
+
+def test_train_cold_choice_held_out_serves_the_held_out_pick_and_evaluate_scores_it(
+    run_dir: Path, tmp_path: Path, ray_local
+) -> None:
+    """`llmrec train --holdout loo --cold-choice held-out`: the scorer's cold-item fields are the pick that
+    `held_out_cold_choice` makes on the very training split (called here directly: the reference), model.pt
+    ranks with them, and `llmrec evaluate` reusing that scorer scores it with that pick, choosing nothing
+    again (what is evaluated is what is served)."""
+    import dataclasses
+    import shutil
+
+    from llmrec.commands.train import loo_holdout
+    from llmrec.config import TrainConfig
+    from llmrec.data.tables import read_interactions, read_items
+    from llmrec.embed.artifact import load_item_space
+    from llmrec.eval.cold_choice import held_out_cold_choice
+    from llmrec.scorer.finalize import COLD_CHOICES
+    from llmrec.scorer.inference import Scorer
+
+    run = tmp_path / "run"
+    for sub in ("data", "embeddings"):
+        shutil.copytree(run_dir / sub, run / sub)
+    flags = ["--epochs", "2", "--num-workers", "0", "--dim", "16", "--max-len", "8", "--batch-size", "64",
+             "--val-users", "40"]
+    argv = ["train", "--data", str(run / "data"), "--embeddings", str(run / "embeddings"),
+            "--out", str(run / "scorer"), "--holdout", "loo", "--cold-choice", "held-out", *flags]
+    assert cli_main(argv) == 0
+    meta = json.loads((run / "scorer" / "meta.json").read_text())
+    assert meta["config"]["cold_choice"] == "held-out" and meta["cold_bonus"]["method"] == "held-out"
+    served = {k: meta["model_config"][k] for k in COLD_CHOICES}
+    assert {k: getattr(Scorer.load(run / "scorer").model.cfg, k) for k in COLD_CHOICES} == served
+
+    items, embed_meta = load_item_space(run / "embeddings", read_items(run / "data"))
+    train, _, space, _ = loo_holdout(read_interactions(run / "data"), items, str(run / "data"), embed_meta,
+                                     40, 0)
+    kwargs = {f.name: meta["config"][f.name] for f in dataclasses.fields(TrainConfig)}
+    pick, summary = held_out_cold_choice(train, space, kwargs, seed=0)
+    assert served == pick
+    assert meta["cold_bonus"]["held_out"] == json.loads(json.dumps(summary["held_out"]))
+    assert meta["cold_bonus"]["n_pseudo_cold_items"] == 0 < meta["cold_bonus"]["n_cold_targets"]
+
+    res = evaluate(run / "data", run / "embeddings", tmp_path / "eval", protocols=("loo",), models=["llmrec"],
+                   seed=0, reuse_scorer=True, llmrec_kwargs={"val_users": 40})["loo"]
+    t = res["tuning"]["llmrec"]
+    assert t["reused_run_scorer"] is True and t["cold_method"] == "held-out"
+    assert t["cold_served"] == t["cold_choice"]["pick"] == pick
+    # the artifact's own choice, not made again
+    assert t["cold_choice"]["seconds"] == meta["cold_bonus"]["seconds"]

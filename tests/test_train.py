@@ -217,6 +217,12 @@ def test_bad_input_errors(ray_local, planted_split, tmp_path):
         fit_scorer(train, items, tmp_path, TrainConfig(epochs=1))  # the call style before TrainConfig
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
         fit_scorer(TrainConfig(epochs=1, **SMALL), train, items, tmp_path, resume_from=tmp_path)
+    # the held-out cold-item choice is made above the scorer and handed in; never silently replaced
+    with pytest.raises(ValueError, match="cold_choice='held-out' needs the choice itself"):
+        fit_scorer(TrainConfig(epochs=1, cold_choice="held-out", **SMALL), train, items, tmp_path)
+    pick = ({"cold_bonus": 0.8, "cooc_impute": 0.0, "cold_every": 3, "cold_keep": 1.0}, {})
+    with pytest.raises(ValueError, match="cold_pick is the held-out cold-item choice, but cfg.cold_choice"):
+        fit_scorer(TrainConfig(epochs=1, **SMALL), train, items, tmp_path, cold_pick=pick)
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from llmrec import schema, storage
-from llmrec.config import EmbedConfig, TrainConfig, with_overrides
+from llmrec.config import COLD_CHOICE_KINDS, EmbedConfig, TrainConfig, with_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=PIPELINE_TRAIN.epochs,
                    help="training epochs, also for the models evaluate retrains (default "
                    f"{PIPELINE_TRAIN.epochs}: ~6 min per fit on 2 CPU cores for MovieLens)")
+    p.add_argument("--cold-choice", choices=COLD_CHOICE_KINDS, default=None,
+                   help="how the scorer chooses its cold-item settings (`llmrec train --cold-choice`; "
+                   f"default {PIPELINE_TRAIN.cold_choice}; held-out about doubles the train stage)")
     p.add_argument("--max-test-users", type=int, default=None, help="cap evaluated users per protocol")
     p.add_argument("--train-holdout", choices=["loo", "none"], default="loo",
                    help="loo (default): train the scorer on the leave-last-out split the evaluation scores "
@@ -99,6 +102,7 @@ def stage_argv(args: argparse.Namespace, run: str | Path) -> dict[str, list[str]
                   "--kind", args.index_kind, "--check"],
         "train": ["train", "--data", data, "--embeddings", emb, "--out", sub(schema.RUN_SCORER)]
         + opt("--num-workers", args.num_workers) + opt("--epochs", args.epochs)
+        + opt("--cold-choice", getattr(args, "cold_choice", None))
         + (["--holdout", "loo"] if getattr(args, "train_holdout", "loo") == "loo" else []),
         "evaluate": ["evaluate", "--data", data, "--run", str(run), "--out", sub(schema.RUN_EVAL)]
         + opt("--max-test-users", args.max_test_users)
@@ -125,8 +129,10 @@ def upstream(stage: str, tuned: bool) -> tuple[str, ...]:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of the train stage: PIPELINE_TRAIN with this pipeline's --epochs and --num-workers."""
-    given = {"epochs": args.epochs, "num_workers": getattr(args, "num_workers", None)}
+    """The TrainConfig of the train stage: PIPELINE_TRAIN with this pipeline's --epochs, --num-workers and
+    --cold-choice."""
+    given = {"epochs": args.epochs, "num_workers": getattr(args, "num_workers", None),
+             "cold_choice": getattr(args, "cold_choice", None)}
     given = {k: v for k, v in given.items() if v is not None}
     return with_overrides(PIPELINE_TRAIN, given, "llmrec pipeline")
 

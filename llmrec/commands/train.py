@@ -13,6 +13,11 @@ written before those events. meta.json records `holdout` (fingerprints of the tr
 so `llmrec evaluate --fast` scores this very artifact instead of training another: what is evaluated is what
 is served. The price: the served model has not learnt from each user's last two events (it still sees them
 in a user's history when it recommends).
+
+`--cold-choice held-out` chooses the cold-item bonus, imputation, slots and neural places on a tenth of the
+training items held out of a second, inner training (`llmrec.eval.cold_choice`, the choice the cold
+protocol evaluates) instead of on trained items made cold: about twice the training time, and this process
+then reads the interactions (the inner training runs on frames).
 """
 
 from __future__ import annotations
@@ -118,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         logger.info("train: %d interactions (%d from --data), %d validation targets, %d test events held out "
                     "(--holdout loo)", len(inter), n_data, len(valid), holdout["n_test_held_out"])
     init_ray(address=args.address)
+    extra = None
     if holdout is None:  # every event: the interactions are read by Ray Data tasks, never by this process
         import ray.data
 
@@ -130,6 +136,21 @@ def run(args: argparse.Namespace) -> int:
             extra = read_events(args.events)  # the serving log is read here, then handed to Ray Data
             source = source.union(ray.data.from_pandas(extra)) if len(extra) else source
             logger.info("added %d events from the serving log %s", len(extra), args.events)
+    cold_pick = None
+    if cfg.cold_choice == "held-out":
+        import dataclasses
+
+        from llmrec.eval.cold_choice import held_out_cold_choice
+
+        if holdout is None:  # the held-out choice trains on frames: this process reads the interactions
+            import pandas as pd
+
+            frame = read_interactions(args.data)
+            if extra is not None and len(extra):
+                frame = pd.concat([frame, extra[frame.columns]], ignore_index=True)
+        else:
+            frame = source
+        cold_pick = held_out_cold_choice(frame, items, dataclasses.asdict(cfg), seed=cfg.seed)
     meta = fit_scorer(
         cfg,
         source,
@@ -139,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         resume_from=args.resume,
         embed_meta=embed_meta,
         checkpoint_dir=args.checkpoint_dir,
+        cold_pick=cold_pick,
     )
     if holdout is not None:
         from llmrec.artifacts import write_meta
@@ -157,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         f"val ndcg@10 {m.get(f'{key}_ndcg@10', float('nan')):.4f}, "
         f"recall@10 {m.get(f'{key}_recall@10', float('nan')):.4f}, "
         + (f"co-occurrence weight {w:.4g} (val ndcg@10 {with_cooc:.4f}), " if with_cooc is not None else "")
+        + f"cold-item choice {meta.get('cold_bonus', {}).get('method', cfg.cold_choice)}, "
         + f"{meta['wall_s']:.1f}s"
     )
     return 0

@@ -9,7 +9,11 @@ as the test: `held_out_cold_choice` holds out a seeded share of the *training* s
 events (`cold_item_split` again, on the train frame only), trains llmrec alike on the rest, and picks the
 settings whose NDCG@10 of the held-out targets (each validation user ranking the whole catalog, as served)
 is best, text winning ties (`tune_cold_bonus` with `frac=0`). The final scorer is trained on the whole
-training split as always; only its cold-item fields are replaced by that pick. No test event is seen.
+training split as always and takes that pick instead of making the made-cold one (`fit_scorer(cold_pick=)`).
+No test event is seen.
+
+`llmrec train --cold-choice held-out` (`TrainConfig.cold_choice`) makes the served scorer's choice the same
+way, on the events it trains on; `llmrec evaluate` then makes it alike on every protocol for that run.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from llmrec.data.histories import attach_item_idx
 from llmrec.eval.split import cold_item_split
 from llmrec.eval.tuning import InnerValidation
 from llmrec.protocol import ItemSpace
@@ -44,7 +49,8 @@ def held_out_cold_choice(
     """The cold-item fields of `llmrec.scorer.finalize.COLD_CHOICES`, chosen on items held out of `train`.
 
     Args:
-        train: the split's train frame (canonical interactions with item_idx); test events never.
+        train: the split's train frame (canonical interactions; item_idx attached here when absent); test
+            events never.
         items: the split's item space (held-out test items included: they stay distractors, as in the test).
         train_kwargs: `llmrec.config.TrainConfig` fields of the scorer (the same as the final fit's).
         seed: seeds the held-out items, the inner validation and training.
@@ -61,6 +67,7 @@ def held_out_cold_choice(
     from llmrec.scorer.recommender import LLMRecRecommender
 
     t0 = time.perf_counter()
+    train = attach_item_idx(train, items)  # kept where there (range-checked); an unknown item raises
     inner = cold_item_split(train, frac=frac, seed=seed)
     test = inner.test
     if max_users is not None and test["user_id"].nunique() > max_users:
@@ -70,7 +77,7 @@ def held_out_cold_choice(
     val = InnerValidation.build(inner.train, items.n_items, val_users, seed)
     with tempfile.TemporaryDirectory(prefix="llmrec-cold-choice-") as d:
         rec = LLMRecRecommender(name="llmrec (held-out items)", out_dir=d, validation=val,
-                                **{**train_kwargs, "seed": seed})
+                                **{**train_kwargs, "seed": seed, "cold_choice": "made-cold"})
         rec.fit(inner.train, items)
         assert rec.scorer is not None and rec.meta is not None
         cfg = rec.meta["config"]
@@ -79,8 +86,8 @@ def held_out_cold_choice(
         bonus, info = tune_cold_bonus(rec.scorer.model, vs, rec.scorer.cooc, cfg["n_candidates"], frac=0.0,
                                       seed=seed)
     pick = cold_choices(info)
-    summary = {**info, "held_out": inner.stats, "n_validation_users": int(vs.n_users),
-               "seconds": round(time.perf_counter() - t0, 1)}
+    summary = {**info, "held_out": inner.stats, "frac": frac, "seed": seed,
+               "n_validation_users": int(vs.n_users), "seconds": round(time.perf_counter() - t0, 1)}
     at = (f"validation NDCG@10 {info['val_ndcg'][info['grid'].index(bonus)]:.4f}" if info.get("measured")
           else info.get("why", ""))
     logger.info("cold-item choice on %d items held out of training (%d validation users with a held-out "

@@ -55,7 +55,8 @@ class ModelSetup:
     llmrec_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of the run scorer's settings
     reuse_scorer: bool = False  # llmrec: load RUN/scorer when it was trained on this very split
     # llmrec's cold-item choice on this share of the train split's items held out (the cold protocol:
-    # `llmrec.eval.cold_choice`); None: the made-cold validation of its own fit
+    # `llmrec.eval.cold_choice`); None: as the run's scorer made it (TrainConfig.cold_choice: made-cold, or
+    # held-out on `cold_choice.HELD_OUT_FRAC` of the items)
     cold_choice_frac: float | None = None
 
 
@@ -108,13 +109,18 @@ def _llmrec(setup: ModelSetup) -> LLMRecRecommender:
     kwargs = {**llmrec_train_config(setup.scorer_dir), **setup.llmrec_kwargs, "seed": setup.seed}
     val = setup.validation
     choice = None
-    if setup.cold_choice_frac is not None:
+    frac = setup.cold_choice_frac
+    if frac is None and kwargs.get("cold_choice") == "held-out":
+        from llmrec.eval.cold_choice import HELD_OUT_FRAC
+
+        frac = HELD_OUT_FRAC  # the run's scorer made its choice so: evaluated as it is served
+    if frac is not None:
         from llmrec.eval.cold_choice import held_out_cold_choice
 
-        frac = float(setup.cold_choice_frac)
+        kwargs["cold_choice"] = "held-out"
 
         def choice(train: Any, items: ItemSpace) -> tuple[dict[str, Any], dict[str, Any]]:
-            return held_out_cold_choice(train, items, kwargs, seed=setup.seed, frac=frac)
+            return held_out_cold_choice(train, items, kwargs, seed=setup.seed, frac=float(frac))
     if setup.reuse_scorer:
         ok, why = reusable_scorer(setup.scorer_dir, val.train, val.valid, setup.space)
         if ok:
@@ -122,10 +128,10 @@ def _llmrec(setup: ModelSetup) -> LLMRecRecommender:
                 "llmrec: the run's scorer was trained on this very split: evaluating it, no retraining"
             )
             return LLMRecRecommender(out_dir=setup.scorer_dir, pretrained=True, validation=val,
-                                     cold_choice=choice)
+                                     cold_chooser=choice)
         logger.info("llmrec: the run's scorer cannot be reused (%s): retraining it on this split", why)
     logger.info("llmrec is trained on this split's train with %s", kwargs)
-    return LLMRecRecommender(validation=val, cold_choice=choice, **kwargs)
+    return LLMRecRecommender(validation=val, cold_chooser=choice, **kwargs)
 
 
 def llmrec_train_config(scorer_dir: str | os.PathLike) -> dict[str, Any]:

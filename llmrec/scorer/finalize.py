@@ -103,6 +103,7 @@ def finalize_ranking(
     terms: BehaviourTerms | None,
     cfg: TrainConfig,
     reuse: Mapping[str, Any] | None = None,
+    cold_pick: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
 ) -> tuple[dict, sp.csr_matrix | None, dict, dict, dict, dict]:
     """Post-training choices, each measured on validation: the MLP re-ranker on/off, then the co-occurrence
     term and its weight (`tune_behaviour`), then the text boost per history-length bucket (`tune_text_boost`),
@@ -113,6 +114,9 @@ def finalize_ranking(
         fine-tune starts from: its `REUSABLE_CHOICES` and term are kept instead of chosen again (a learning
         round: most of its time is these choices); the re-ranker is still measured and the served ranking
         still validated. Ignored (everything chosen again, and said why) when its term is not among `terms`.
+    cold_pick: ({field: value} for every `COLD_CHOICES` field, summary for meta.json "cold_bonus") made
+        elsewhere (`TrainConfig.cold_choice` "held-out": `llmrec.eval.cold_choice.held_out_cold_choice`), used
+        in place of `tune_cold_bonus`'s made-cold choice; the served ranking is validated with it.
     Returns (state with
     model_config updated, the chosen term's matrix to ship (train + validation) or None, the co-occurrence,
     text-boost and cold-bonus summaries for meta.json, and the served ranking's validation: {"val_ndcg@10",
@@ -184,10 +188,19 @@ def finalize_ranking(
         mc["text_boost"] = list(boost)
         logger.info("text boost per history-length bucket %s chosen on validation: %s",
                     list(boost_info["buckets"]), boost)
-    if reuse is None and has_val:
+    if reuse is None and cold_pick is not None:
+        pick, cold_summary = cold_pick
+        if sorted(pick) != sorted(COLD_CHOICES):
+            raise ValueError(f"cold_pick must give exactly the fields {list(COLD_CHOICES)}, got "
+                             f"{sorted(pick)}")
+        mc.update(pick)
+        cold_info = {**cold_summary, "method": "held-out"}
+        logger.info("cold-item choices %s made on items held out of training", dict(pick))
+    elif reuse is None and has_val:
         t_cold = time.perf_counter()
         bonus, cold_info = tune_cold_bonus(model_for(mc), val, sim_train, cfg.n_candidates)
         mc.update(cold_choices(cold_info))
+        cold_info["method"] = "made-cold"
         keep_txt = f"{mc['cold_keep']:g}" if mc["cold_keep"] else "- (off)"
         logger.info("cold-item bonus %.4g, imputed co-occurrence x %.4g, a cold slot every %s positions, "
                     "cold items no lower than %s x their neural place chosen on validation (%s; %.1fs)",

@@ -9,6 +9,7 @@ score and sit above every other item, so full-ranking metrics measure the produc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,9 @@ from llmrec.schema import INDEX_IDS_FILE, META_FILE, SCORER_MODEL_FILE
 
 logger = logging.getLogger(__name__)
 
+# (train frame, item space) -> ({COLD_CHOICES field: value}, summary): `llmrec.eval.cold_choice`
+ColdChooser = Callable[[pd.DataFrame, ItemSpace], tuple[dict[str, Any], dict[str, Any]]]
+
 
 class LLMRecRecommender:
     """Recommender protocol adapter: Ray Train fit + two-stage full-catalog scores.
@@ -42,10 +46,12 @@ class LLMRecRecommender:
             an inner-split validation).
         pretrained: `fit` loads the scorer already in `out_dir` instead of training, after checking that it
             was trained on this very train frame, validation and item vectors (`reusable_scorer`).
-        cold_choice: makes the cold-item choices (`llmrec.scorer.finalize.COLD_CHOICES`) in place of the
-            made-cold validation's: called as `cold_choice(train, items)` after the fit, it returns
-            ({field: value}, summary for `tuning`) (the cold protocol's
-            `llmrec.eval.cold_choice.held_out_cold_choice`).
+        cold_chooser: makes the cold-item choices (`llmrec.scorer.finalize.COLD_CHOICES`) in place of the
+            made-cold validation's: called as `cold_chooser(train, items)` before the fit, it returns
+            ({field: value}, summary), handed to `fit_scorer(cold_pick=)` (`llmrec.eval.cold_choice.
+            held_out_cold_choice`, which `llmrec.eval.models` passes under the cold protocol and for a run
+            whose scorer was trained with `cold_choice="held-out"`); the fit then records
+            `cold_choice="held-out"` (`TrainConfig.cold_choice`). Required when train_kwargs say so.
         train_kwargs: fields of `llmrec.config.TrainConfig` (num_workers, epochs, batch_size, lr, seed, dim,
             ...); the others keep its defaults. An unknown name raises here, not at `fit`.
     """
@@ -57,7 +63,7 @@ class LLMRecRecommender:
         n_candidates: int = 200,
         validation: Any = None,
         pretrained: bool = False,
-        cold_choice: Callable[[pd.DataFrame, ItemSpace], tuple[dict[str, Any], dict[str, Any]]] | None = None,
+        cold_chooser: ColdChooser | None = None,
         **train_kwargs: Any,
     ):
         if pretrained and out_dir is None:
@@ -67,9 +73,14 @@ class LLMRecRecommender:
         self.n_candidates = n_candidates
         self.validation = validation
         self.pretrained = pretrained
-        self.cold_choice = cold_choice
+        self.cold_chooser = cold_chooser
         self.train_kwargs = train_kwargs
         self.train_config = config_from_dict(TrainConfig, train_kwargs, f"{name} (LLMRecRecommender)")
+        if cold_chooser is None and self.train_config.cold_choice == "held-out":
+            raise ValueError(f"{name}: cold_choice='held-out' needs the cold_chooser callable that makes it "
+                             "(llmrec.eval.cold_choice.held_out_cold_choice; llmrec.eval.models passes it)")
+        if cold_chooser is not None:
+            self.train_config = dataclasses.replace(self.train_config, cold_choice="held-out")
         self.scorer = None
         self.meta: dict | None = None
         self.tuning: dict[str, Any] = {}
@@ -90,15 +101,22 @@ class LLMRecRecommender:
             tr, va = self.validation.train, self.validation.valid
         else:
             tr, va = split_last_event(train, self.train_config.val_users, self.train_config.seed)
+        choice: tuple[dict[str, Any], dict[str, Any]] | None = None
         if self.pretrained:
             ok, why = reusable_scorer(out, tr, va, items)
             if not ok:
                 raise ValueError(f"{self.name}: the scorer in {out} cannot stand for this fit: {why}")
             self.meta = json.loads((out / META_FILE).read_text())
             logger.info("%s: reusing the scorer in %s (trained on this very split)", self.name, out)
+            made = (self.meta.get("config") or {}).get("cold_choice", "made-cold")
+            if self.cold_chooser is not None and made != "held-out":  # its choice was made otherwise: make it
+                choice = self.cold_chooser(train, items)
         else:
+            if self.cold_chooser is not None:  # an inner training of its own, independent of this fit
+                choice = self.cold_chooser(train, items)
             logger.info("%s: fit on %d events, %d validation targets", self.name, len(tr), len(va))
-            self.meta = fit_scorer(self.train_config, tr, items, out, valid_df=va if len(va) else None)
+            self.meta = fit_scorer(self.train_config, tr, items, out, valid_df=va if len(va) else None,
+                                   cold_pick=choice)
         self.scorer = Scorer.load(out)
         m = self.meta or {}
         cfg = m.get("model_config", {}) or {}
@@ -108,15 +126,18 @@ class LLMRecRecommender:
                        "val_ndcg@10": (m.get("metrics") or {}).get("val_ndcg@10")}
         from llmrec.scorer.finalize import COLD_CHOICES
 
-        if self.cold_choice is not None:
-            made_cold = {k: cfg.get(k) for k in COLD_CHOICES}
-            pick, summary = self.cold_choice(train, items)
-            self.scorer.choose(**pick)
-            self.tuning["cold_choice"] = {"pick": pick, "made_cold_pick": made_cold, **summary}
-            logger.info("%s: cold-item choice %s in place of the made-cold validation's %s", self.name, pick,
-                        made_cold)
-        # what the scorer ranks with (the made-cold validation's choice, or cold_choice's)
+        if choice is not None and self.pretrained:
+            self.scorer.choose(**choice[0])
+            logger.info("%s: cold-item choice %s in place of the reused scorer's", self.name, choice[0])
+        if choice is not None:
+            self.tuning["cold_choice"] = {"pick": choice[0], **choice[1]}
+        elif self.cold_chooser is not None:  # the reused scorer's own held-out choice, made on this split
+            self.tuning["cold_choice"] = {"pick": {k: cfg.get(k) for k in COLD_CHOICES},
+                                          **(m.get("cold_bonus") or {})}
+        # what the scorer ranks with (the made-cold validation's choice, or the held-out one)
         self.tuning["cold_served"] = {k: getattr(self.scorer.model.cfg, k) for k in COLD_CHOICES}
+        method = (m.get("cold_bonus") or {}).get("method", "made-cold")
+        self.tuning["cold_method"] = "held-out" if choice is not None else method
 
     def score(self, histories: list[History], use_cooc: bool = True) -> np.ndarray:
         if self.scorer is None:

@@ -73,6 +73,7 @@ def fit_scorer(
     init_from: str | os.PathLike | None = None,
     focus_after_ts: int | None = None,
     reuse_choices_from: str | os.PathLike | None = None,
+    cold_pick: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> dict:
     """Train the scorer on Ray Train (`TorchTrainer`, DDP) and write `out_dir/model.pt` + `meta.json`.
 
@@ -107,6 +108,10 @@ def fit_scorer(
             (co-occurrence term and weight, text boosts, cold-item bonus / imputation / slots:
             `finalize_ranking(reuse=)`) instead of choosing them again on validation; `llmrec learn
             --choices reuse`.
+        cold_pick: the cold-item choices (`finalize.COLD_CHOICES` fields, and their summary for meta.json
+            "cold_bonus") made on items held out of a second training (`llmrec.eval.cold_choice`), used in
+            place of the made-cold validation's; required when `cfg.cold_choice` is "held-out" (unless
+            `reuse_choices_from` keeps another model's), refused otherwise.
 
     Returns:
         The written meta (config, best_epoch, metrics, per-epoch history, wall_s, examples_per_s).
@@ -129,6 +134,15 @@ def fit_scorer(
     if valid_df is not None and not isinstance(train_df, pd.DataFrame):
         raise ValueError("an explicit valid_df needs train_df as a DataFrame too; or pass val_users instead")
     resume_file = resolve_resume(resume_from) if resume_from is not None else None
+    if cfg.cold_choice == "held-out" and cold_pick is None and reuse_choices_from is None:
+        raise ValueError(
+            "TrainConfig.cold_choice='held-out' needs the choice itself: make it with "
+            "llmrec.eval.cold_choice.held_out_cold_choice(train, items, train_kwargs) and pass it as "
+            "cold_pick (`llmrec train --cold-choice held-out` does both), or use cold_choice='made-cold'"
+        )
+    if cold_pick is not None and cfg.cold_choice != "held-out":
+        raise ValueError(f"cold_pick is the held-out cold-item choice, but cfg.cold_choice is "
+                         f"{cfg.cold_choice!r}: set cold_choice='held-out' so meta.json says how it was made")
 
     init_ray()
     explicit_val = valid_df is not None and len(valid_df) > 0
@@ -226,7 +240,9 @@ def fit_scorer(
         prev = read_meta(reuse_choices_from, stage="train")
         reuse = {"from": str(reuse_choices_from), "model_config": prev.get("model_config", {}),
                  "term": prev.get("cooc", {}).get("term")}
-    state, cooc, cooc_info, boost_info, cold_info, served = finalize_ranking(state, static, terms, cfg, reuse)
+    state, cooc, cooc_info, boost_info, cold_info, served = finalize_ranking(
+        state, static, terms, cfg, reuse, cold_pick
+    )
     ts_max = [data.ts_max] if data.ts_max is not None else []
     if explicit_val and TS in valid_df.columns:
         ts_max.append(int(valid_df[TS].max()))

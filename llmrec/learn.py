@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from llmrec import schema
-from llmrec.config import TrainConfig, config_from_dict, with_overrides
+from llmrec.config import HELD_OUT_KINDS, TrainConfig, config_from_dict, with_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def learn(
     cfg = with_overrides(base, {**budget, **train_kwargs}, "learn()")
     out = run / SCORERS_DIR / time.strftime("%Y%m%d-%H%M%S")
     cold_pick = None
-    if cfg.cold_choice == "held-out" and choices == "refit":
+    if cfg.cold_choice in HELD_OUT_KINDS and choices == "refit":
         # choosing again on held-out items would train a second model, beyond a round's bounded time: the
         # current model's held-out choice is carried over (its other choices are made again)
         from llmrec.scorer.finalize import COLD_CHOICES

@@ -135,7 +135,7 @@ def test_add_config_arguments_takes_other_defaults():
         ({"cooc_kind": "knn"}, "TrainConfig.cooc_kind must be one of auto, itemknn, ease, got 'knn'"),
         ({"max_steps": 0}, "TrainConfig.max_steps must be >= 1 or None"),
         ({"cold_choice": "heldout"},
-         "TrainConfig.cold_choice must be one of made-cold, held-out, got 'heldout'"),
+         "TrainConfig.cold_choice must be one of made-cold, held-out, held-out-new, got 'heldout'"),
         ({"use_gpu": 1}, r"TrainConfig.use_gpu must be bool, got 1 \(int\)"),
     ],
 )

@@ -400,7 +400,7 @@ def test_cold_protocol_makes_llmrec_cold_choice_on_items_held_out_of_its_trainin
     assert list(choice["pick"]) == list(COLD_CHOICES)
     # the evaluated scorer was fitted with the held-out pick in place of a made-cold choice
     assert res["tuning"]["llmrec"]["cold_served"] == choice["pick"]
-    assert res["tuning"]["llmrec"]["cold_method"] == "held-out"
+    assert res["tuning"]["llmrec"]["cold_method"] == "held-out-new"
     assert choice["pick"]["cold_bonus"] in COLD_BONUS_GRID and choice["pick"]["cold_keep"] in COLD_KEEP_GRID
     # the pick is the best validation NDCG of its grid (every target cold: ties go to the larger bonus)
     best = max(max(v) for v in choice["val_ndcg_by_keep"].values())
@@ -412,9 +412,10 @@ def test_train_cold_choice_held_out_serves_the_held_out_pick_and_evaluate_scores
     run_dir: Path, tmp_path: Path, ray_local
 ) -> None:
     """`llmrec train --holdout loo --cold-choice held-out`: the scorer's cold-item fields are the pick that
-    `held_out_cold_choice` makes on the very training split (called here directly: the reference), model.pt
-    ranks with them, and `llmrec evaluate` reusing that scorer scores it with that pick, choosing nothing
-    again (what is evaluated is what is served)."""
+    `held_out_cold_choice` makes on the very training split (called here directly: the reference), weighing
+    the held-out targets against warm validation users (ties judged on those), model.pt ranks with them, and
+    `llmrec evaluate` reusing that scorer scores it with that pick, choosing nothing again (what is evaluated
+    is what is served)."""
     import dataclasses
     import shutil
 
@@ -443,10 +444,18 @@ def test_train_cold_choice_held_out_serves_the_held_out_pick_and_evaluate_scores
     train, _, space, _ = loo_holdout(read_interactions(run / "data"), items, str(run / "data"), embed_meta,
                                      40, 0)
     kwargs = {f.name: meta["config"][f.name] for f in dataclasses.fields(TrainConfig)}
-    pick, summary = held_out_cold_choice(train, space, kwargs, seed=0)
+    pick, summary = held_out_cold_choice(train, space, kwargs, seed=0, kind="held-out")
     assert served == pick
     assert meta["cold_bonus"]["held_out"] == json.loads(json.dumps(summary["held_out"]))
-    assert meta["cold_bonus"]["n_pseudo_cold_items"] == 0 < meta["cold_bonus"]["n_cold_targets"]
+    cb = meta["cold_bonus"]
+    assert cb["kind"] == "held-out" and cb["tie_on"] == "warm" and cb["n_pseudo_cold_items"] == 0
+    # warm validation users beside the held-out targets: 40 warm (val_users) and the users of the inner
+    # split's held-out items (a user may have both)
+    assert cb["val_ndcg_warm_targets"] is not None and 0 < cb["n_cold_targets"] < cb["n_validation_users"]
+    # the held-out-new kind judges the held-out targets alone: every validation user's target is new
+    new_pick, new = held_out_cold_choice(train, space, {**kwargs, "cold_choice": "held-out-new"}, seed=0)
+    assert new["tie_on"] == "all" and new["n_cold_targets"] == new["n_validation_users"]
+    assert new["val_ndcg_warm_targets"] is None
 
     res = evaluate(run / "data", run / "embeddings", tmp_path / "eval", protocols=("loo",), models=["llmrec"],
                    seed=0, reuse_scorer=True, llmrec_kwargs={"val_users": 40})["loo"]

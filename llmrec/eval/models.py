@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmrec.config import HELD_OUT_KINDS
 from llmrec.eval.baselines import BASELINES, ID_MODELS, make_baseline
 from llmrec.eval.tuning import GRIDS, Hybrid, InnerValidation, Tuned
 from llmrec.protocol import ItemSpace, Recommender
@@ -109,18 +110,17 @@ def _llmrec(setup: ModelSetup) -> LLMRecRecommender:
     kwargs = {**llmrec_train_config(setup.scorer_dir), **setup.llmrec_kwargs, "seed": setup.seed}
     val = setup.validation
     choice = None
-    frac = setup.cold_choice_frac
-    if frac is None and kwargs.get("cold_choice") == "held-out":
-        from llmrec.eval.cold_choice import HELD_OUT_FRAC
+    # the cold protocol makes its own choice for its world (every next item new); elsewhere the run's scorer's
+    # kind, made on this split as `llmrec train` made it: evaluated as it is served
+    kind = "held-out-new" if setup.cold_choice_frac is not None else kwargs.get("cold_choice", "made-cold")
+    if kind in HELD_OUT_KINDS:
+        from llmrec.eval.cold_choice import HELD_OUT_FRAC, held_out_cold_choice
 
-        frac = HELD_OUT_FRAC  # the run's scorer made its choice so: evaluated as it is served
-    if frac is not None:
-        from llmrec.eval.cold_choice import held_out_cold_choice
-
-        kwargs["cold_choice"] = "held-out"
+        frac = HELD_OUT_FRAC if setup.cold_choice_frac is None else float(setup.cold_choice_frac)
+        kwargs["cold_choice"] = kind
 
         def choice(train: Any, items: ItemSpace) -> tuple[dict[str, Any], dict[str, Any]]:
-            return held_out_cold_choice(train, items, kwargs, seed=setup.seed, frac=float(frac))
+            return held_out_cold_choice(train, items, kwargs, seed=setup.seed, frac=frac, kind=kind)
     if setup.reuse_scorer:
         ok, why = reusable_scorer(setup.scorer_dir, val.train, val.valid, setup.space)
         if ok:
@@ -128,7 +128,7 @@ def _llmrec(setup: ModelSetup) -> LLMRecRecommender:
                 "llmrec: the run's scorer was trained on this very split: evaluating it, no retraining"
             )
             return LLMRecRecommender(out_dir=setup.scorer_dir, pretrained=True, validation=val,
-                                     cold_chooser=choice)
+                                     cold_chooser=choice, cold_choice=kind)
         logger.info("llmrec: the run's scorer cannot be reused (%s): retraining it on this split", why)
     logger.info("llmrec is trained on this split's train with %s", kwargs)
     return LLMRecRecommender(validation=val, cold_chooser=choice, **kwargs)

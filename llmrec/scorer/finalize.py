@@ -115,8 +115,9 @@ def finalize_ranking(
         round: most of its time is these choices); the re-ranker is still measured and the served ranking
         still validated. Ignored (everything chosen again, and said why) when its term is not among `terms`.
     cold_pick: ({field: value} for every `COLD_CHOICES` field, summary for meta.json "cold_bonus") made
-        elsewhere (`TrainConfig.cold_choice` "held-out": `llmrec.eval.cold_choice.held_out_cold_choice`), used
-        in place of `tune_cold_bonus`'s made-cold choice; the served ranking is validated with it.
+        elsewhere (the held-out kinds of `TrainConfig.cold_choice`: `llmrec.eval.cold_choice.
+        held_out_cold_choice`), used in place of `tune_cold_bonus`'s made-cold choice; the served ranking is
+        validated with it.
     Returns (state with
     model_config updated, the chosen term's matrix to ship (train + validation) or None, the co-occurrence,
     text-boost and cold-bonus summaries for meta.json, and the served ranking's validation: {"val_ndcg@10",
@@ -194,8 +195,9 @@ def finalize_ranking(
             raise ValueError(f"cold_pick must give exactly the fields {list(COLD_CHOICES)}, got "
                              f"{sorted(pick)}")
         mc.update(pick)
-        cold_info = {**cold_summary, "method": "held-out"}
-        logger.info("cold-item choices %s made on items held out of training", dict(pick))
+        cold_info = {**cold_summary, "method": cfg.cold_choice}
+        logger.info("cold-item choices %s handed in (TrainConfig.cold_choice %s), not chosen on this "
+                    "validation", dict(pick), cfg.cold_choice)
     elif reuse is None and has_val:
         t_cold = time.perf_counter()
         bonus, cold_info = tune_cold_bonus(model_for(mc), val, sim_train, cfg.n_candidates)

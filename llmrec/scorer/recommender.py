@@ -9,7 +9,6 @@ score and sit above every other item, so full-ranking metrics measure the produc
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from llmrec.artifacts import load_torch_file
-from llmrec.config import TrainConfig, config_from_dict
+from llmrec.config import HELD_OUT_KINDS, TrainConfig, config_from_dict
 from llmrec.data.order import frame_fingerprint, split_last_event
 from llmrec.protocol import History, ItemSpace
 from llmrec.schema import INDEX_IDS_FILE, META_FILE, SCORER_MODEL_FILE
@@ -50,8 +49,8 @@ class LLMRecRecommender:
             made-cold validation's: called as `cold_chooser(train, items)` before the fit, it returns
             ({field: value}, summary), handed to `fit_scorer(cold_pick=)` (`llmrec.eval.cold_choice.
             held_out_cold_choice`, which `llmrec.eval.models` passes under the cold protocol and for a run
-            whose scorer was trained with `cold_choice="held-out"`); the fit then records
-            `cold_choice="held-out"` (`TrainConfig.cold_choice`). Required when train_kwargs say so.
+            whose scorer was trained with a held-out `cold_choice`). Given exactly when train_kwargs'
+            `cold_choice` (`TrainConfig.cold_choice`) is a held-out kind: the kind it makes.
         train_kwargs: fields of `llmrec.config.TrainConfig` (num_workers, epochs, batch_size, lr, seed, dim,
             ...); the others keep its defaults. An unknown name raises here, not at `fit`.
     """
@@ -76,11 +75,12 @@ class LLMRecRecommender:
         self.cold_chooser = cold_chooser
         self.train_kwargs = train_kwargs
         self.train_config = config_from_dict(TrainConfig, train_kwargs, f"{name} (LLMRecRecommender)")
-        if cold_chooser is None and self.train_config.cold_choice == "held-out":
-            raise ValueError(f"{name}: cold_choice='held-out' needs the cold_chooser callable that makes it "
-                             "(llmrec.eval.cold_choice.held_out_cold_choice; llmrec.eval.models passes it)")
-        if cold_chooser is not None:
-            self.train_config = dataclasses.replace(self.train_config, cold_choice="held-out")
+        held_out = self.train_config.cold_choice in HELD_OUT_KINDS
+        if (cold_chooser is not None) != held_out:
+            raise ValueError(
+                f"{name}: a cold_chooser goes with a held-out cold_choice ({', '.join(HELD_OUT_KINDS)}: the "
+                f"kind it makes), got cold_choice={self.train_config.cold_choice!r} and "
+                f"{'a' if cold_chooser else 'no'} cold_chooser (llmrec.eval.models passes both)")
         self.scorer = None
         self.meta: dict | None = None
         self.tuning: dict[str, Any] = {}
@@ -109,7 +109,7 @@ class LLMRecRecommender:
             self.meta = json.loads((out / META_FILE).read_text())
             logger.info("%s: reusing the scorer in %s (trained on this very split)", self.name, out)
             made = (self.meta.get("config") or {}).get("cold_choice", "made-cold")
-            if self.cold_chooser is not None and made != "held-out":  # its choice was made otherwise: make it
+            if self.cold_chooser is not None and made != self.train_config.cold_choice:  # made otherwise
                 choice = self.cold_chooser(train, items)
         else:
             if self.cold_chooser is not None:  # an inner training of its own, independent of this fit
@@ -137,7 +137,7 @@ class LLMRecRecommender:
         # what the scorer ranks with (the made-cold validation's choice, or the held-out one)
         self.tuning["cold_served"] = {k: getattr(self.scorer.model.cfg, k) for k in COLD_CHOICES}
         method = (m.get("cold_bonus") or {}).get("method", "made-cold")
-        self.tuning["cold_method"] = "held-out" if choice is not None else method
+        self.tuning["cold_method"] = self.train_config.cold_choice if choice is not None else method
 
     def score(self, histories: list[History], use_cooc: bool = True) -> np.ndarray:
         if self.scorer is None:

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from llmrec.artifacts import load_torch_file, read_meta
-from llmrec.config import TrainConfig
+from llmrec.config import HELD_OUT_KINDS, TrainConfig
 from llmrec.cooc import candidate_terms
 from llmrec.data.histories import attach_item_idx
 from llmrec.protocol import ItemSpace
@@ -110,7 +110,7 @@ def fit_scorer(
             --choices reuse`.
         cold_pick: the cold-item choices (`finalize.COLD_CHOICES` fields, and their summary for meta.json
             "cold_bonus") made on items held out of a second training (`llmrec.eval.cold_choice`), used in
-            place of the made-cold validation's; required when `cfg.cold_choice` is "held-out" (unless
+            place of the made-cold validation's; required when `cfg.cold_choice` is a held-out kind (unless
             `reuse_choices_from` keeps another model's), refused otherwise.
 
     Returns:
@@ -134,15 +134,16 @@ def fit_scorer(
     if valid_df is not None and not isinstance(train_df, pd.DataFrame):
         raise ValueError("an explicit valid_df needs train_df as a DataFrame too; or pass val_users instead")
     resume_file = resolve_resume(resume_from) if resume_from is not None else None
-    if cfg.cold_choice == "held-out" and cold_pick is None and reuse_choices_from is None:
+    if cfg.cold_choice in HELD_OUT_KINDS and cold_pick is None and reuse_choices_from is None:
         raise ValueError(
-            "TrainConfig.cold_choice='held-out' needs the choice itself: make it with "
-            "llmrec.eval.cold_choice.held_out_cold_choice(train, items, train_kwargs) and pass it as "
-            "cold_pick (`llmrec train --cold-choice held-out` does both), or use cold_choice='made-cold'"
+            f"TrainConfig.cold_choice={cfg.cold_choice!r} needs the choice itself: make it with "
+            "llmrec.eval.cold_choice.held_out_cold_choice(train, items, train_kwargs, kind=...) and pass it "
+            "as cold_pick (`llmrec train --cold-choice held-out` does both), or use cold_choice='made-cold'"
         )
-    if cold_pick is not None and cfg.cold_choice != "held-out":
-        raise ValueError(f"cold_pick is the held-out cold-item choice, but cfg.cold_choice is "
-                         f"{cfg.cold_choice!r}: set cold_choice='held-out' so meta.json says how it was made")
+    if cold_pick is not None and cfg.cold_choice not in HELD_OUT_KINDS:
+        raise ValueError(f"cold_pick is a held-out cold-item choice, but cfg.cold_choice is "
+                         f"{cfg.cold_choice!r}: set the kind it was made with ({', '.join(HELD_OUT_KINDS)}) "
+                         "so meta.json says how it was made")
 
     init_ray()
     explicit_val = valid_df is not None and len(valid_df) > 0

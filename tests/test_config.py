@@ -196,9 +196,13 @@ def test_pipeline_epochs_go_through_train_config():
         train_config(args)
     # the flags the pipeline hands `llmrec train` build the very config it checked
     args = pipe.parse_args(["--dataset", "x", "--source", "s", "--out", "o", "--epochs", "3",
-                            "--num-workers", "2"])
+                            "--num-workers", "2", "--cold-choice", "held-out"])
     tr = stage_argv(args, "o")["train"]
     assert config_from_args(TrainConfig, _train_parser().parse_args(tr[1:])) == train_config(args)
+    assert train_config(args).cold_choice == "held-out"
+    # without --cold-choice the train stage's argv (its reuse key) is what it was
+    assert "--cold-choice" not in stage_argv(pipe.parse_args(["--dataset", "x", "--source", "s", "--out",
+                                                              "o"]), "o")["train"]
 
 
 # ---------------------------------------------------------------------------------------------------------

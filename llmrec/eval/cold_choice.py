@@ -16,8 +16,8 @@ That choice (kind "held-out-new") serves a world where every next item is new, a
 (Magazine leave-last-out NDCG@10 0.327 -> 0.084, README). Kind "held-out" ranks the inner validation's warm
 targets beside the held-out ones and keeps only settings that cost those warm users nothing measurable.
 `llmrec train --cold-choice held-out|held-out-new` (`TrainConfig.cold_choice`) makes the served scorer's
-choice so, on the events it trains on; `llmrec evaluate` then makes it alike for that run on the loo and time
-protocols (the cold protocol always makes its own, held-out-new).
+choice so, on the events it trains on; `llmrec evaluate` then makes it alike for that run under every
+protocol (the cold protocol makes held-out-new for a made-cold scorer, whose proxy fails there).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def held_out_cold_choice(
                "n_validation_users": int(vs.n_users), "seconds": round(time.perf_counter() - t0, 1)}
     at = (f"validation NDCG@10 {info['val_ndcg'][info['grid'].index(bonus)]:.4f}" if info.get("measured")
           else info.get("why", ""))
-    logger.info("cold-item choice on %d items held out of training (%d validation users with a held-out "
-                "target): %s (%s; %.0fs)", inner.stats["n_heldout_items"], vs.n_users, pick, at,
-                summary["seconds"])
+    logger.info("cold-item choice (%s) on %d items held out of training (%d validation users, %d with a "
+                "held-out target): %s (%s; %.0fs)", kind, inner.stats["n_heldout_items"], vs.n_users,
+                info["n_cold_targets"], pick, at, summary["seconds"])
     return pick, summary

@@ -55,9 +55,10 @@ class ModelSetup:
     )  # constructor kwargs, every config
     llmrec_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of the run scorer's settings
     reuse_scorer: bool = False  # llmrec: load RUN/scorer when it was trained on this very split
-    # llmrec's cold-item choice on this share of the train split's items held out (the cold protocol:
-    # `llmrec.eval.cold_choice`); None: as the run's scorer made it (TrainConfig.cold_choice: made-cold, or
-    # held-out on `cold_choice.HELD_OUT_FRAC` of the items)
+    # the cold protocol: llmrec's cold-item choice on this share of the train split's items held out
+    # (`llmrec.eval.cold_choice`; the run scorer's held-out kind, held-out-new for a made-cold one); None: as
+    # the run's scorer made it (TrainConfig.cold_choice: made-cold, or a held-out kind on
+    # `cold_choice.HELD_OUT_FRAC` of the items)
     cold_choice_frac: float | None = None
 
 
@@ -110,9 +111,11 @@ def _llmrec(setup: ModelSetup) -> LLMRecRecommender:
     kwargs = {**llmrec_train_config(setup.scorer_dir), **setup.llmrec_kwargs, "seed": setup.seed}
     val = setup.validation
     choice = None
-    # the cold protocol makes its own choice for its world (every next item new); elsewhere the run's scorer's
-    # kind, made on this split as `llmrec train` made it: evaluated as it is served
-    kind = "held-out-new" if setup.cold_choice_frac is not None else kwargs.get("cold_choice", "made-cold")
+    # the run's scorer's kind, made on this split as `llmrec train` made it: evaluated as it is served; a
+    # made-cold scorer's proxy fails on never-trained items, so the cold protocol makes held-out-new for it
+    kind = kwargs.get("cold_choice", "made-cold")
+    if setup.cold_choice_frac is not None and kind not in HELD_OUT_KINDS:
+        kind = "held-out-new"
     if kind in HELD_OUT_KINDS:
         from llmrec.eval.cold_choice import HELD_OUT_FRAC, held_out_cold_choice
 

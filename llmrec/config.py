@@ -277,7 +277,7 @@ class ServeConfig:
 # ---------------------------------------------------------------------------------------------------------
 USER_ENCODERS = ("transformer", "gru")  # TrainConfig / ScorerConfig.user_encoder
 COOC_KINDS = ("auto", "itemknn", "ease")  # TrainConfig.cooc_kind (llmrec.cooc.candidate_terms)
-COLD_CHOICE_KINDS = ("made-cold", "held-out", "held-out-new")  # TrainConfig.cold_choice
+COLD_CHOICE_KINDS = ("made-cold", "held-out-new")  # TrainConfig.cold_choice
 HELD_OUT_KINDS = COLD_CHOICE_KINDS[1:]  # the kinds made on items held out of a second training
 
 
@@ -358,11 +358,10 @@ class TrainConfig:
     # the scorer (`llmrec train`, `llmrec evaluate`) and handed to `fit_scorer(cold_pick=)`
     cold_choice: str = option("made-cold", "how the cold-item bonus, imputation, slots and neural places are "
                               "chosen: made-cold = on the validation with a tenth of the trained items made "
-                              "cold (no extra cost); held-out = on a tenth of the items held out of a second "
-                              "training, the best for them of the settings that cost the warm validation "
-                              "users nothing measurable (about twice the training time); held-out-new = the "
-                              "best for the held-out items alone, for traffic whose next item is nearly "
-                              "always new (news; the cold protocol's choice: costly for warm traffic)",
+                              "cold (no extra cost); held-out-new = the best for a tenth of the items held "
+                              "out of a second training, every validation target new: for traffic whose next "
+                              "item is nearly always new (news; the cold protocol's choice; about twice the "
+                              "training time, and costly for warm traffic: README)",
                               choices=COLD_CHOICE_KINDS)
     # bounds the time of a fine-tune (`llmrec learn`)
     max_steps: int | None = option(None, "batches per epoch at most (none: the whole epoch)")

@@ -96,7 +96,7 @@ def test_every_field_is_a_flag_that_reaches_the_config():
         "head_neg": 15, "weight_decay": 1e-4, "n_candidates": 50, "min_rating": 3.5, "grad_clip": 0.0,
         "logit_scale": 10.0, "warm_start": False, "logq_correction": False, "feedback_p": 0.0,
         "text_arm": False,
-        "rare_dropout_c": 0.0, "cold_quota": 5, "cold_impute_k": 0, "cold_choice": "held-out",
+        "rare_dropout_c": 0.0, "cold_quota": 5, "cold_impute_k": 0, "cold_choice": "held-out-new",
         "max_steps": 100,
     }
     assert sorted(changed) == sorted(f.name for f in dataclasses.fields(TrainConfig))
@@ -135,7 +135,7 @@ def test_add_config_arguments_takes_other_defaults():
         ({"cooc_kind": "knn"}, "TrainConfig.cooc_kind must be one of auto, itemknn, ease, got 'knn'"),
         ({"max_steps": 0}, "TrainConfig.max_steps must be >= 1 or None"),
         ({"cold_choice": "heldout"},
-         "TrainConfig.cold_choice must be one of made-cold, held-out, held-out-new, got 'heldout'"),
+         "TrainConfig.cold_choice must be one of made-cold, held-out-new, got 'heldout'"),
         ({"use_gpu": 1}, r"TrainConfig.use_gpu must be bool, got 1 \(int\)"),
     ],
 )
@@ -196,10 +196,10 @@ def test_pipeline_epochs_go_through_train_config():
         train_config(args)
     # the flags the pipeline hands `llmrec train` build the very config it checked
     args = pipe.parse_args(["--dataset", "x", "--source", "s", "--out", "o", "--epochs", "3",
-                            "--num-workers", "2", "--cold-choice", "held-out"])
+                            "--num-workers", "2", "--cold-choice", "held-out-new"])
     tr = stage_argv(args, "o")["train"]
     assert config_from_args(TrainConfig, _train_parser().parse_args(tr[1:])) == train_config(args)
-    assert train_config(args).cold_choice == "held-out"
+    assert train_config(args).cold_choice == "held-out-new"
     # without --cold-choice the train stage's argv (its reuse key) is what it was
     assert "--cold-choice" not in stage_argv(pipe.parse_args(["--dataset", "x", "--source", "s", "--out",
                                                               "o"]), "o")["train"]

@@ -411,11 +411,10 @@ def test_cold_protocol_makes_llmrec_cold_choice_on_items_held_out_of_its_trainin
 def test_train_cold_choice_held_out_serves_the_held_out_pick_and_evaluate_scores_it(
     run_dir: Path, tmp_path: Path, ray_local
 ) -> None:
-    """`llmrec train --holdout loo --cold-choice held-out`: the scorer's cold-item fields are the pick that
-    `held_out_cold_choice` makes on the very training split (called here directly: the reference), weighing
-    the held-out targets against warm validation users (ties judged on those), model.pt ranks with them, and
-    `llmrec evaluate` reusing that scorer scores it with that pick, choosing nothing again (what is evaluated
-    is what is served)."""
+    """`llmrec train --holdout loo --cold-choice held-out-new`: the scorer's cold-item fields are the pick
+    that `held_out_cold_choice` makes on the very training split (called here directly: the reference),
+    model.pt ranks with them, and `llmrec evaluate` reusing that scorer scores it with that pick, choosing
+    nothing again (what is evaluated is what is served)."""
     import dataclasses
     import shutil
 
@@ -433,10 +432,10 @@ def test_train_cold_choice_held_out_serves_the_held_out_pick_and_evaluate_scores
     flags = ["--epochs", "2", "--num-workers", "0", "--dim", "16", "--max-len", "8", "--batch-size", "64",
              "--val-users", "40"]
     argv = ["train", "--data", str(run / "data"), "--embeddings", str(run / "embeddings"),
-            "--out", str(run / "scorer"), "--holdout", "loo", "--cold-choice", "held-out", *flags]
+            "--out", str(run / "scorer"), "--holdout", "loo", "--cold-choice", "held-out-new", *flags]
     assert cli_main(argv) == 0
     meta = json.loads((run / "scorer" / "meta.json").read_text())
-    assert meta["config"]["cold_choice"] == "held-out" and meta["cold_bonus"]["method"] == "held-out"
+    assert meta["config"]["cold_choice"] == meta["cold_bonus"]["method"] == "held-out-new"
     served = {k: meta["model_config"][k] for k in COLD_CHOICES}
     assert {k: getattr(Scorer.load(run / "scorer").model.cfg, k) for k in COLD_CHOICES} == served
 
@@ -444,23 +443,17 @@ def test_train_cold_choice_held_out_serves_the_held_out_pick_and_evaluate_scores
     train, _, space, _ = loo_holdout(read_interactions(run / "data"), items, str(run / "data"), embed_meta,
                                      40, 0)
     kwargs = {f.name: meta["config"][f.name] for f in dataclasses.fields(TrainConfig)}
-    pick, summary = held_out_cold_choice(train, space, kwargs, seed=0, kind="held-out")
+    pick, summary = held_out_cold_choice(train, space, kwargs, seed=0)
     assert served == pick
-    assert meta["cold_bonus"]["held_out"] == json.loads(json.dumps(summary["held_out"]))
     cb = meta["cold_bonus"]
-    assert cb["kind"] == "held-out" and cb["tie_on"] == "warm" and cb["n_pseudo_cold_items"] == 0
-    # warm validation users beside the held-out targets: 40 warm (val_users) and the users of the inner
-    # split's held-out items (a user may have both)
-    assert cb["val_ndcg_warm_targets"] is not None and 0 < cb["n_cold_targets"] < cb["n_validation_users"]
-    # the held-out-new kind judges the held-out targets alone: every validation user's target is new
-    new_pick, new = held_out_cold_choice(train, space, {**kwargs, "cold_choice": "held-out-new"}, seed=0)
-    assert new["tie_on"] == "all" and new["n_cold_targets"] == new["n_validation_users"]
-    assert new["val_ndcg_warm_targets"] is None
+    assert cb["held_out"] == json.loads(json.dumps(summary["held_out"])) and cb["measured"]
+    # every validation user's target is one of the items held out of the inner training
+    assert cb["n_pseudo_cold_items"] == 0 and cb["n_cold_targets"] == cb["n_validation_users"] > 30
 
     res = evaluate(run / "data", run / "embeddings", tmp_path / "eval", protocols=("loo",), models=["llmrec"],
                    seed=0, reuse_scorer=True, llmrec_kwargs={"val_users": 40})["loo"]
     t = res["tuning"]["llmrec"]
-    assert t["reused_run_scorer"] is True and t["cold_method"] == "held-out"
+    assert t["reused_run_scorer"] is True and t["cold_method"] == "held-out-new"
     assert t["cold_served"] == t["cold_choice"]["pick"] == pick
     # the artifact's own choice, not made again
     assert t["cold_choice"]["seconds"] == meta["cold_bonus"]["seconds"]

@@ -218,8 +218,8 @@ def test_bad_input_errors(ray_local, planted_split, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
         fit_scorer(TrainConfig(epochs=1, **SMALL), train, items, tmp_path, resume_from=tmp_path)
     # the held-out cold-item choice is made above the scorer and handed in; never silently replaced
-    with pytest.raises(ValueError, match="cold_choice='held-out' needs the choice itself"):
-        fit_scorer(TrainConfig(epochs=1, cold_choice="held-out", **SMALL), train, items, tmp_path)
+    with pytest.raises(ValueError, match="cold_choice=.held-out-new. needs the choice itself"):
+        fit_scorer(TrainConfig(epochs=1, cold_choice="held-out-new", **SMALL), train, items, tmp_path)
     pick = ({"cold_bonus": 0.8, "cooc_impute": 0.0, "cold_every": 3, "cold_keep": 1.0}, {})
     with pytest.raises(ValueError, match="cold_pick is a held-out cold-item choice, but cfg.cold_choice"):
         fit_scorer(TrainConfig(epochs=1, **SMALL), train, items, tmp_path, cold_pick=pick)

@@ -14,12 +14,11 @@ so `llmrec evaluate --fast` scores this very artifact instead of training anothe
 is served. The price: the served model has not learnt from each user's last two events (it still sees them
 in a user's history when it recommends).
 
-`--cold-choice held-out` chooses the cold-item bonus, imputation, slots and neural places on a tenth of the
-training items held out of a second, inner training (`llmrec.eval.cold_choice`) instead of on trained items
-made cold: the best for those never-trained items of the settings that cost the warm validation users nothing
-measurable; `held-out-new` the best for them alone (traffic whose next item is nearly always new, as in the
-cold protocol). About twice the training time, and this process then reads the interactions (the inner
-training runs on frames).
+`--cold-choice held-out-new` chooses the cold-item bonus, imputation, slots and neural places on a tenth of
+the training items held out of a second, inner training (`llmrec.eval.cold_choice`) instead of on trained
+items made cold, every validation target new: for traffic whose next item is nearly always new (news), as in
+the cold protocol; it costs warm traffic dearly (README). About twice the training time, and this process
+then reads the interactions (the inner training runs on frames).
 """
 
 from __future__ import annotations

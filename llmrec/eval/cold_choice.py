@@ -12,12 +12,13 @@ is best, text winning ties (`tune_cold_bonus` with `frac=0`). The final scorer i
 training split as always and takes that pick instead of making the made-cold one (`fit_scorer(cold_pick=)`).
 No test event is seen.
 
-That choice (kind "held-out-new") serves a world where every next item is new, and costs warm traffic dearly
-(Magazine leave-last-out NDCG@10 0.327 -> 0.084, README). Kind "held-out" ranks the inner validation's warm
-targets beside the held-out ones and keeps only settings that cost those warm users nothing measurable.
-`llmrec train --cold-choice held-out|held-out-new` (`TrainConfig.cold_choice`) makes the served scorer's
-choice so, on the events it trains on; `llmrec evaluate` then makes it alike for that run under every
-protocol (the cold protocol makes held-out-new for a made-cold scorer, whose proxy fails there).
+That choice (`TrainConfig.cold_choice` "held-out-new") serves a world where every next item is new, and costs
+warm traffic dearly (Magazine leave-last-out NDCG@10 0.327 -> 0.084, README). `llmrec train --cold-choice
+held-out-new` makes the served scorer's choice so, on the events it trains on (for news-like traffic);
+`llmrec evaluate` then makes it alike for that run under every protocol (and under the cold protocol for a
+made-cold scorer too, whose proxy fails there). A variant that ranked the inner validation's warm targets
+beside the held-out ones and kept only settings that cost the warm users nothing measurable was measured and
+dropped: on Magazine it kept the warm figure but served new items worse than the made-cold choice (README).
 """
 
 from __future__ import annotations
@@ -65,12 +66,8 @@ def held_out_cold_choice(
         seed: seeds the held-out items, the inner validation and training.
         frac: share of `train`'s items held out with all their events.
         max_users: at most this many validation users with a held-out target (seeded sample; None = all).
-        kind: "held-out-new" (the cold protocol's): the best NDCG@10 of the held-out targets alone, every
-            validation target new; "held-out" (`llmrec train --cold-choice held-out`): the inner validation's
-            warm targets ranked too (histories and co-occurrences without them), and of the settings whose
-            NDCG@10 of those warm users ties with the best one's (`tune_cold_bonus(tie_on="warm")`), the best
-            for the held-out targets: new items served as well as they can be at no measurable cost to the
-            traffic that is not new.
+        kind: the `TrainConfig.cold_choice` kind it makes ("held-out-new": the best NDCG@10 of the held-out
+            targets, every validation target new).
 
     Returns:
         (pick: {field: value} for every COLD_CHOICES field, summary for metrics.json: the inner split's
@@ -78,7 +75,7 @@ def held_out_cold_choice(
     """
     from llmrec.config import HELD_OUT_KINDS, TrainConfig, config_from_dict
     from llmrec.scorer.data import build_validation
-    from llmrec.scorer.finalize import cold_choices, cooc_counts, tune_cold_bonus
+    from llmrec.scorer.finalize import cold_choices, tune_cold_bonus
     from llmrec.scorer.recommender import LLMRecRecommender
 
     if kind not in HELD_OUT_KINDS:
@@ -92,10 +89,6 @@ def held_out_cold_choice(
         test = test[test["user_id"].isin(set(users))]
     val_users = config_from_dict(TrainConfig, train_kwargs, "held_out_cold_choice").val_users  # None: all
     val = InnerValidation.build(inner.train, items.n_items, val_users, seed)
-    if kind == "held-out" and not len(val.valid):
-        raise ValueError("cold_choice 'held-out' weighs the held-out items against warm validation users, "
-                         f"and this training has none (val_users={val_users}): give val_users > 0, or use "
-                         "'held-out-new'")
     with tempfile.TemporaryDirectory(prefix="llmrec-cold-choice-") as d:
         rec = LLMRecRecommender(name="llmrec (held-out items)", out_dir=d, validation=val,
                                 cold_chooser=lambda _train, _items: (dict(INNER_PICK), {"inner": True}),
@@ -103,17 +96,10 @@ def held_out_cold_choice(
         rec.fit(inner.train, items)
         assert rec.scorer is not None and rec.meta is not None
         cfg = rec.meta["config"]
-        sim = rec.scorer.cooc  # the inner fit's train + validation co-occurrences
-        if kind == "held-out":  # warm targets beside the held-out ones: nothing of theirs in histories or sim
-            history, targets = val.train, pd.concat([val.valid, test], ignore_index=True)
-            if sim is not None:
-                sim = cooc_counts(val.train, items).matrix(rec.meta["cooc"]["term"], cfg["cooc_neighbors"])
-        else:
-            history, targets = inner.train, test
-        vs = build_validation(history, targets, items, max_len=cfg["max_len"],
+        vs = build_validation(inner.train, test, items, max_len=cfg["max_len"],
                               min_rating=cfg.get("min_rating"))
-        bonus, info = tune_cold_bonus(rec.scorer.model, vs, sim, cfg["n_candidates"], frac=0.0, seed=seed,
-                                      tie_on="warm" if kind == "held-out" else "all")
+        bonus, info = tune_cold_bonus(rec.scorer.model, vs, rec.scorer.cooc, cfg["n_candidates"], frac=0.0,
+                                      seed=seed)
     pick = cold_choices(info)
     summary = {**info, "kind": kind, "held_out": inner.stats, "frac": frac, "seed": seed,
                "n_validation_users": int(vs.n_users), "seconds": round(time.perf_counter() - t0, 1)}

@@ -360,8 +360,8 @@ class TrainConfig:
                               "chosen: made-cold = on the validation with a tenth of the trained items made "
                               "cold (no extra cost); held-out-new = the best for a tenth of the items held "
                               "out of a second training, every validation target new: for traffic whose next "
-                              "item is nearly always new (news; the cold protocol's choice; about twice the "
-                              "training time, and costly for warm traffic: README)",
+                              "item is nearly always new (the cold protocol's choice; about twice the "
+                              "training time, and costly for any traffic with warm items: README)",
                               choices=COLD_CHOICE_KINDS)
     # bounds the time of a fine-tune (`llmrec learn`)
     max_steps: int | None = option(None, "batches per epoch at most (none: the whole epoch)")

@@ -16,7 +16,7 @@ in a user's history when it recommends).
 
 `--cold-choice held-out-new` chooses the cold-item bonus, imputation, slots and neural places on a tenth of
 the training items held out of a second, inner training (`llmrec.eval.cold_choice`) instead of on trained
-items made cold, every validation target new: for traffic whose next item is nearly always new (news), as in
+items made cold, every validation target new: for traffic whose next item is nearly always new, as in
 the cold protocol; it costs warm traffic dearly (README). About twice the training time, and this process
 then reads the interactions (the inner training runs on frames).
 """

@@ -13,8 +13,8 @@ training split as always and takes that pick instead of making the made-cold one
 No test event is seen.
 
 That choice (`TrainConfig.cold_choice` "held-out-new") serves a world where every next item is new, and costs
-warm traffic dearly (Magazine leave-last-out NDCG@10 0.327 -> 0.084, README). `llmrec train --cold-choice
-held-out-new` makes the served scorer's choice so, on the events it trains on (for news-like traffic);
+warm traffic dearly (Magazine leave-last-out NDCG@10 0.327 -> 0.084, MIND 0.097 -> 0.003, README). `llmrec
+train --cold-choice held-out-new` makes the served scorer's choice so, on the events it trains on;
 `llmrec evaluate` then makes it alike for that run under every protocol (and under the cold protocol for a
 made-cold scorer too, whose proxy fails there). A variant that ranked the inner validation's warm targets
 beside the held-out ones and kept only settings that cost the warm users nothing measurable was measured and

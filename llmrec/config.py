@@ -405,6 +405,10 @@ class TrainConfig:
         if self.cold_choice not in COLD_CHOICE_KINDS:
             raise ValueError(f"TrainConfig.cold_choice must be one of {', '.join(COLD_CHOICE_KINDS)}, got "
                              f"{self.cold_choice!r}")
+        if self.cold_choice in HELD_OUT_KINDS and self.val_users == 0:
+            raise ValueError(f"TrainConfig.cold_choice={self.cold_choice!r} trains an inner model with a "
+                             "validation, as the final fit does, but val_users is 0 (no validation): give "
+                             "val_users > 0 (or -1: every user), or cold_choice='made-cold'")
         if self.cooc_kind not in COOC_KINDS:
             raise ValueError(f"TrainConfig.cooc_kind must be one of {', '.join(COOC_KINDS)}, got "
                              f"{self.cooc_kind!r}")

@@ -134,6 +134,8 @@ def test_add_config_arguments_takes_other_defaults():
         ({"feedback_p": 1.5}, r"TrainConfig.feedback_p must be in \[0, 1\], got 1.5"),
         ({"cooc_kind": "knn"}, "TrainConfig.cooc_kind must be one of auto, itemknn, ease, got 'knn'"),
         ({"max_steps": 0}, "TrainConfig.max_steps must be >= 1 or None"),
+        ({"cold_choice": "held-out-new", "val_users": 0},
+         r"TrainConfig.cold_choice='held-out-new' trains an inner model with a validation.*val_users is 0"),
         ({"cold_choice": "heldout"},
          "TrainConfig.cold_choice must be one of made-cold, held-out-new, got 'heldout'"),
         ({"use_gpu": 1}, r"TrainConfig.use_gpu must be bool, got 1 \(int\)"),

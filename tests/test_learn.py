@@ -13,7 +13,7 @@ import pytest
 from test_replay import make_run
 
 from llmrec import schema
-from llmrec.learn import current_scorer, learn, read_registry, rollback
+from llmrec.learn import REGISTRY_FILE, SCORERS_DIR, current_scorer, learn, read_registry, rollback
 
 
 def _planted_run(tmp_path, seed: int = 0):
@@ -148,6 +148,35 @@ def test_a_fine_tune_keeps_the_post_training_choices_of_the_model_it_reuses(plan
     assert (served.cold_bonus, served.cooc_impute, served.cold_every) == (0.123, 0.77, 7)
     assert list(served.text_boost) == planted["text_boost"]
     assert Scorer.load(run / schema.RUN_SCORER).model.cfg.cold_every != 7  # not the source's own value
+
+
+def test_a_refit_round_carries_a_held_out_cold_choice_over(planted_learning_run, tmp_path):
+    """A serving model trained with `--cold-choice held-out-new` (its cold-item fields chosen on items held
+    out of a second training): a `llmrec learn` round that makes its other choices again keeps those
+    fields (planted here at values no grid holds) instead of choosing made-cold ones, and says so."""
+    import shutil
+
+    from llmrec.scorer.finalize import COLD_CHOICES
+    from llmrec.scorer.inference import Scorer
+
+    run0, p2, _p3 = planted_learning_run
+    run = tmp_path / "run"
+    # the run without its learning history (the registry names run0's scorers by absolute path)
+    shutil.copytree(run0, run, ignore=shutil.ignore_patterns(SCORERS_DIR, REGISTRY_FILE))
+    meta_path = run / schema.RUN_SCORER / schema.META_FILE
+    meta = json.loads(meta_path.read_text())
+    planted = {"cold_bonus": 0.321, "cooc_impute": 0.66, "cold_every": 9, "cold_keep": 2.5}
+    meta["config"]["cold_choice"] = "held-out-new"
+    meta["model_config"].update(planted)
+    meta_path.write_text(json.dumps(meta))
+    res = learn(run, p2, epochs=1, max_steps=None, holdback_frac=0.35, min_new_events=10, num_workers=0,
+                choices="refit")
+    got = json.loads((Path(res.candidate_dir) / schema.META_FILE).read_text())
+    assert got["config"]["cold_choice"] == got["cold_bonus"]["method"] == "held-out-new"
+    assert got["cold_bonus"]["carried_from"] == str(run / schema.RUN_SCORER)
+    assert {k: got["model_config"][k] for k in COLD_CHOICES} == planted
+    served = Scorer.load(res.candidate_dir).model.cfg
+    assert {k: getattr(served, k) for k in COLD_CHOICES} == planted
 
 
 @pytest.mark.slow  # four fine-tune rounds: ~2-4 min on 2 cores

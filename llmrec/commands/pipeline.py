@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"{PIPELINE_TRAIN.epochs}: ~6 min per fit on 2 CPU cores for MovieLens)")
     p.add_argument("--cold-choice", choices=COLD_CHOICE_KINDS, default=None,
                    help="how the scorer chooses its cold-item settings (`llmrec train --cold-choice`; "
-                   f"default {PIPELINE_TRAIN.cold_choice}; held-out about doubles the train stage)")
+                   f"default {PIPELINE_TRAIN.cold_choice}; held-out-new about doubles the train stage)")
     p.add_argument("--max-test-users", type=int, default=None, help="cap evaluated users per protocol")
     p.add_argument("--train-holdout", choices=["loo", "none"], default="loo",
                    help="loo (default): train the scorer on the leave-last-out split the evaluation scores "

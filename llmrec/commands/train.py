@@ -151,8 +151,7 @@ def run(args: argparse.Namespace) -> int:
                 frame = pd.concat([frame, extra[frame.columns]], ignore_index=True)
         else:
             frame = source
-        cold_pick = held_out_cold_choice(frame, items, dataclasses.asdict(cfg), seed=cfg.seed,
-                                         kind=cfg.cold_choice)
+        cold_pick = held_out_cold_choice(frame, items, dataclasses.asdict(cfg), seed=cfg.seed)
     meta = fit_scorer(
         cfg,
         source,

@@ -54,7 +54,6 @@ def held_out_cold_choice(
     seed: int = 0,
     frac: float = HELD_OUT_FRAC,
     max_users: int | None = 2000,
-    kind: str = "held-out-new",
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """The cold-item fields of `llmrec.scorer.finalize.COLD_CHOICES`, chosen on items held out of `train`.
 
@@ -66,20 +65,16 @@ def held_out_cold_choice(
         seed: seeds the held-out items, the inner validation and training.
         frac: share of `train`'s items held out with all their events.
         max_users: at most this many validation users with a held-out target (seeded sample; None = all).
-        kind: the `TrainConfig.cold_choice` kind it makes ("held-out-new": the best NDCG@10 of the held-out
-            targets, every validation target new).
 
     Returns:
         (pick: {field: value} for every COLD_CHOICES field, summary for metrics.json: the inner split's
         counts, tune_cold_bonus's grids and validation NDCGs, seconds).
     """
-    from llmrec.config import HELD_OUT_KINDS, TrainConfig, config_from_dict
+    from llmrec.config import TrainConfig, config_from_dict
     from llmrec.scorer.data import build_validation
     from llmrec.scorer.finalize import cold_choices, tune_cold_bonus
     from llmrec.scorer.recommender import LLMRecRecommender
 
-    if kind not in HELD_OUT_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(HELD_OUT_KINDS)}, got {kind!r}")
     t0 = time.perf_counter()
     train = attach_item_idx(train, items)  # kept where there (range-checked); an unknown item raises
     inner = cold_item_split(train, frac=frac, seed=seed)
@@ -92,7 +87,7 @@ def held_out_cold_choice(
     with tempfile.TemporaryDirectory(prefix="llmrec-cold-choice-") as d:
         rec = LLMRecRecommender(name="llmrec (held-out items)", out_dir=d, validation=val,
                                 cold_chooser=lambda _train, _items: (dict(INNER_PICK), {"inner": True}),
-                                **{**train_kwargs, "seed": seed, "cold_choice": kind})
+                                **{**train_kwargs, "seed": seed, "cold_choice": "held-out-new"})
         rec.fit(inner.train, items)
         assert rec.scorer is not None and rec.meta is not None
         cfg = rec.meta["config"]
@@ -101,11 +96,11 @@ def held_out_cold_choice(
         bonus, info = tune_cold_bonus(rec.scorer.model, vs, rec.scorer.cooc, cfg["n_candidates"], frac=0.0,
                                       seed=seed)
     pick = cold_choices(info)
-    summary = {**info, "kind": kind, "held_out": inner.stats, "frac": frac, "seed": seed,
+    summary = {**info, "held_out": inner.stats, "frac": frac, "seed": seed,
                "n_validation_users": int(vs.n_users), "seconds": round(time.perf_counter() - t0, 1)}
     at = (f"validation NDCG@10 {info['val_ndcg'][info['grid'].index(bonus)]:.4f}" if info.get("measured")
           else info.get("why", ""))
-    logger.info("cold-item choice (%s) on %d items held out of training (%d validation users, %d with a "
-                "held-out target): %s (%s; %.0fs)", kind, inner.stats["n_heldout_items"], vs.n_users,
+    logger.info("cold-item choice on %d items held out of training (%d validation users, %d with a "
+                "held-out target): %s (%s; %.0fs)", inner.stats["n_heldout_items"], vs.n_users,
                 info["n_cold_targets"], pick, at, summary["seconds"])
     return pick, summary

@@ -123,7 +123,7 @@ def _llmrec(setup: ModelSetup) -> LLMRecRecommender:
         kwargs["cold_choice"] = kind
 
         def choice(train: Any, items: ItemSpace) -> tuple[dict[str, Any], dict[str, Any]]:
-            return held_out_cold_choice(train, items, kwargs, seed=setup.seed, frac=frac, kind=kind)
+            return held_out_cold_choice(train, items, kwargs, seed=setup.seed, frac=frac)
     if setup.reuse_scorer:
         ok, why = reusable_scorer(setup.scorer_dir, val.train, val.valid, setup.space)
         if ok:

@@ -137,7 +137,7 @@ def fit_scorer(
     if cfg.cold_choice in HELD_OUT_KINDS and cold_pick is None and reuse_choices_from is None:
         raise ValueError(
             f"TrainConfig.cold_choice={cfg.cold_choice!r} needs the choice itself: make it with "
-            "llmrec.eval.cold_choice.held_out_cold_choice(train, items, train_kwargs, kind=...) and pass "
+            "llmrec.eval.cold_choice.held_out_cold_choice(train, items, train_kwargs) and pass "
             "it as cold_pick (`llmrec train --cold-choice held-out-new` does both), or use "
             "cold_choice='made-cold'"
         )

@@ -383,3 +383,129 @@ def test_retire_deletes_only_old_segments_a_snapshot_covers(tmp_path: Path) -> N
         log.append([mk(6)])
         assert log.retire(upto_seq=7, older_than_s=3600) == []  # seg 3 is recent
     assert [r["seq"] for r in iter_events(tmp_path)] == [5, 6, 7]
+
+
+def _purge_fixture(root: Path) -> tuple[Path, Path]:
+    """The same log twice (`a`, `b`): users u0..u4, 60 events in 1-3 event batches over several segments."""
+    import shutil
+
+    a = root / "a"
+    with EventLog(a, segment_max_events=8, shard=0) as log:
+        for k in range(0, 60, 3):
+            log.append([mk(k + j, user=f"u{(k + j) % 5}") for j in range(1 + k % 3)])
+    shutil.copytree(a, root / "b")
+    return a, root / "b"
+
+
+def test_a_purge_runs_in_the_logs_worker_process_and_leaves_the_in_process_bytes(tmp_path: Path) -> None:
+    """`EventLog.forget_users` runs the rewrite in a child process (the shard's GIL stays with its
+    requests) and leaves exactly the bytes the same rewrite leaves when run in this process."""
+    import os
+
+    from llmrec.state.event_log import _rewrite_without
+
+    a, b = _purge_fixture(tmp_path)
+    gone = {"u1": None, "u3": 30}
+    with EventLog(a, shard=0) as log:
+        upto = log.last_seq
+        assert log.purge_worker_stats() == {"pid": None, "jobs": 0, "in_process": 0, "starts": 0}
+        removed = log.forget_users(gone)
+        st = log.purge_worker_stats()
+        assert st["pid"] is not None and st["pid"] != os.getpid()
+        assert (st["jobs"], st["in_process"], st["starts"]) == (1, 0, 1)
+        assert log.forget_users({"u2": None}) > 0 and log.purge_worker_stats()["pid"] == st["pid"]  # reused
+        worker = st["pid"]
+    assert _rewrite_without(b, 0, gone, max_first_seq=upto) == removed > 0
+    _rewrite_without(b, 0, {"u2": None}, max_first_seq=upto)
+    assert [p.name for _s, _f, p in segment_paths(a, 0)] == [p.name for _s, _f, p in segment_paths(b, 0)]
+    for _s, _f, p in segment_paths(b, 0):
+        assert (a / p.name).read_bytes() == p.read_bytes(), p.name
+    assert not Path(f"/proc/{worker}").exists() or "Z" in _proc_state(worker)  # close() ended the worker
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return next(ln for ln in lines if ln.startswith("State"))
+    except (FileNotFoundError, ProcessLookupError):
+        return "State: gone (Z)"
+
+
+def test_a_dead_purge_worker_is_replaced_and_a_worker_that_cannot_start_leaves_the_purge_in_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+    import time
+
+    a, _b = _purge_fixture(tmp_path)
+    with EventLog(a, shard=0) as log:
+        assert log.forget_users({"u1": None}) > 0
+        first = log.purge_worker_stats()["pid"]
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while log.purge_worker_stats()["pid"] is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert log.forget_users({"u2": None}) > 0
+        st = log.purge_worker_stats()
+        assert st["pid"] not in (None, first) and (st["jobs"], st["in_process"], st["starts"]) == (2, 0, 2)
+
+        log._purger.close()  # the next job needs a new worker, and none can start
+        monkeypatch.setattr("llmrec.state.purge_worker.subprocess.Popen",
+                            lambda *a, **kw: (_ for _ in ()).throw(OSError(24, "Too many open files")))
+        assert log.forget_users({"u3": None}) > 0
+        assert log.purge_worker_stats()["in_process"] == 1
+    assert {r["user_id"] for r in iter_events(a)} == {"u0", "u4"}
+
+
+def test_a_purge_workers_error_is_raised_in_the_shard_as_the_rewrite_raises_it(tmp_path: Path) -> None:
+    """An OSError in the worker comes back as an OSError with its errno (the store's retry and backoff
+    handle it as before: not as a crash of the shard)."""
+    import errno
+
+    from llmrec.state.event_log import _rewrite_without
+
+    a, b = _purge_fixture(tmp_path)
+    for d in (a, b):  # a folder where a segment should be: reading it fails with EISDIR
+        (d / "s000-000000000000.jsonl").mkdir()
+    with pytest.raises(OSError) as here:
+        _rewrite_without(b, 0, {"u1": None})
+    with EventLog(a, shard=0) as log, pytest.raises(OSError) as there:
+        log.forget_users({"u1": None})
+    assert here.value.errno == there.value.errno == errno.EISDIR and "purge worker" in str(there.value)
+
+
+def test_a_purge_worker_ends_with_its_shard_process_and_waits_for_the_purge_lock(tmp_path: Path) -> None:
+    """A worker whose shard process was killed (-9) exits once its stdin closes; while a segment rewrite
+    holds the shard's purge lock, another rewrite (a restarted shard's) waits for it."""
+    import threading
+    import time
+
+    from llmrec.state.event_log import _purge_lock
+
+    a, _b = _purge_fixture(tmp_path)
+    code = ("import sys, time; from llmrec.state.event_log import EventLog\n"
+            f"log = EventLog({str(a)!r}, shard=0); log.forget_users({{'u1': None}})\n"
+            "print(log.purge_worker_stats()['pid'], flush=True); time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        assert "Z" not in _proc_state(worker)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while "Z" not in _proc_state(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "Z" in _proc_state(worker), "the purge worker outlived its shard process"
+    finally:
+        parent.kill()
+        parent.stdout.close()
+
+    done = threading.Event()
+    with EventLog(a, shard=0) as log:
+        with _purge_lock(a, 0):
+            t = threading.Thread(target=lambda: (log.forget_users({"u2": None}), done.set()))
+            t.start()
+            assert not done.wait(0.5)  # the rewrite waits for the lock
+        t.join(30)
+        assert done.is_set()
+    assert "u2" not in {r["user_id"] for r in iter_events(a)}

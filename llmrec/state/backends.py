@@ -74,6 +74,7 @@ class ShardBackend(Protocol):
     def records(self, after_seq: int | None = None, counters: dict[str, int] | None = None
                 ) -> Iterator[dict[str, Any]]: ...
     def forget_users(self, users: Mapping[str, int | None]) -> int: ...
+    def purge_stats(self) -> dict[str, Any] | None: ...
     def retire(self, upto_seq: int, older_than_s: float) -> int: ...
     def write_snapshot(self, full: bool, header: Mapping[str, Any], users: Iterable[tuple[str, SnapshotState]]
                        ) -> int: ...
@@ -165,6 +166,10 @@ class FileBackend:
 
     def forget_users(self, users: Mapping[str, int | None]) -> int:
         return self._log.forget_users(users)  # type: ignore[union-attr]
+
+    def purge_stats(self) -> dict[str, Any] | None:
+        """The log's purge worker (`llmrec.state.purge_worker`): pid, jobs it ran, jobs run in the shard."""
+        return None if self._log is None else self._log.purge_worker_stats()
 
     def forget_user(self, user_id: str, max_seq: int | None = None) -> int:
         return self._log.forget_user(user_id, max_seq)  # type: ignore[union-attr]
@@ -326,6 +331,9 @@ class RedisBackend:
         if counters is not None:
             counters["torn"] = counters.get("torn", 0)
             counters["records"] = counters.get("records", 0) + n
+
+    def purge_stats(self) -> dict[str, Any] | None:
+        return None  # purges scan the stream in the shard (no worker process)
 
     def forget_users(self, users: Mapping[str, int | None]) -> int:
         """XDEL the users' entries; an entry is decoded only when its user id token is one of theirs (or

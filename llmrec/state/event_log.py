@@ -7,6 +7,7 @@ Layout of a log folder (`RUN/events/`)::
                               `segment_max_events` records; a batch is never split across segments)
     s001-000000000001.jsonl   shard 1 ...
     s000.lock                 held (flock) by the live writer of shard 0
+    s000.purge.lock           held (flock) while a purge rewrites or retirement deletes shard 0's segments
     snapshot-s000.json        written by the store (llmrec.state.store), not by this module
 
 Each line is one JSON object, one event::
@@ -57,6 +58,7 @@ Durability and failure rules:
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import logging
@@ -67,15 +69,18 @@ import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from llmrec.artifacts import atomic_write, fsync_dir
 from llmrec.schema import EVENT, ITEM_ID, RATING, TS, USER_ID
 from llmrec.state.errors import LogCorruption, LogWriteError
+from llmrec.state.purge_worker import PurgeWorker
 from llmrec.state.user_state import Event
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +154,7 @@ class EventLog:
         self._size = 0
         self._seg_count = 0
         self._needs_repair = False
+        self._purger = PurgeWorker(self.dir)  # purges run in a child process (started on the first)
         logger.info("event log %s shard %d opened: last seq %d (%.3fs)", self.dir, shard, self.last_seq,
                     time.perf_counter() - t0)
 
@@ -214,16 +220,22 @@ class EventLog:
         """`forget_user` for many users in one pass over the segments: {user_id: max_seq or None}.
 
         Only the segment switch holds the writer's lock: the rewrite covers the segments closed at that
-        moment (every record up to `last_seq`), so appends go on meanwhile in a new segment."""
+        moment (every record up to `last_seq`), so appends go on meanwhile in a new segment. The scan and
+        rewrite run in this log's purge worker, a child process (`llmrec.state.purge_worker`): the caller
+        waits on a pipe, and the shard's other threads keep the GIL."""
         with self._mutex:
             self._close_segment()
             upto = self.last_seq
-        return _rewrite_without(self.dir, self.shard, user_ids, max_first_seq=upto)
+        return self._purger.rewrite_without(self.shard, user_ids, upto)
+
+    def purge_worker_stats(self) -> dict[str, Any]:
+        """{"pid", "jobs", "in_process", "starts"} of this log's purge worker."""
+        return self._purger.stats()
 
     def retire(self, upto_seq: int, older_than_s: float) -> list[Path]:
         """Delete closed segments whose records all have seq <= upto_seq (a snapshot holds their effect) and
         that were last written more than `older_than_s` seconds ago. Returns the deleted paths."""
-        with self._mutex:
+        with self._mutex, _purge_lock(self.dir, self.shard):  # never beside a rewrite of the same segments
             segs = segment_paths(self.dir, self.shard)
             now = time.time()
             gone = []
@@ -244,6 +256,7 @@ class EventLog:
             return gone
 
     def close(self) -> None:
+        self._purger.close()
         with self._mutex:
             self._close_segment()
             if self._lock_f is not None:
@@ -391,6 +404,8 @@ def read_events(log_dir: str | os.PathLike) -> pd.DataFrame:
         value = rec.get("value")
         rows[RATING].append(value if rec["event"] == "rating" and value is not None else np.nan)
         rows[EVENT].append(rec["event"])
+    import pandas as pd  # here, not at the top: the purge worker imports this module and needs no pandas
+
     df = pd.DataFrame({
         USER_ID: pd.Series(rows[USER_ID], dtype=object).astype(str),
         ITEM_ID: pd.Series(rows[ITEM_ID], dtype=object).astype(str),
@@ -440,6 +455,24 @@ def _rewrite_without(log_dir: Path, shard: int, users: Mapping[str, int | None],
     own batches, not a JSON decode and re-encode of every record (seconds per 100k events, each time a
     shard purges its deletes). Segments that are not plain checksummed batches take the careful path
     (`_drop_users_careful`; `fast=False`: every segment, the reference of the tests and benchmarks)."""
+    with _purge_lock(log_dir, shard):
+        return _rewrite_locked(log_dir, shard, users, max_first_seq, fast)
+
+
+@contextlib.contextmanager
+def _purge_lock(log_dir: Path, shard: int) -> Iterator[None]:
+    """Held (flock) while one of the shard's segments is rewritten or retired: a purge worker that a killed
+    shard left running finishes its job before a restarted shard touches the same segments."""
+    with open(Path(log_dir) / f"s{shard:03d}.purge.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _rewrite_locked(log_dir: Path, shard: int, users: Mapping[str, int | None], max_first_seq: int | None,
+                    fast: bool) -> int:
     removed = 0
     tokens = user_tokens(users)
     segs = segment_paths(log_dir, shard)

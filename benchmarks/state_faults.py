@@ -16,7 +16,8 @@ restart, the first and second `get` of 1,000 random users (p50/p99 ms; the first
 recomputes its vector) and the time to parse every remaining user. Latency: one shard actor on the local
 Ray, 1-event /feedback batches through `StateStore.apply` (what the ingress awaits), idle, then while a
 second client loops DELETE (known users, then unknown ones); `--log-events N` first fills the shard's log
-with N events of other users (10 each), since every purge pass of the deletes works on the whole log.
+with N events of other users (10 each), since every purge pass of the deletes works on the whole log;
+`--state-url redis://...` runs it on the Redis backend (an empty database: the shard's keys must be new).
 Purge pass (`--purge-events`): the log purge of 100 random users' events from a log of N events (20 per
 user, 1-4 per batch) as a shard runs it (`forget_users`: a pattern scan, only the users' batches decoded),
 against the careful rewrite that decodes and re-encodes every record (the reference its test compares
@@ -263,7 +264,8 @@ def measure_purge_pass(n_events: int, work: Path, n_gone: int = 100, per_user: i
     return out
 
 
-def measure_delete_latency(n_calls: int, work: Path, log_events: int = 0) -> dict:
+def measure_delete_latency(n_calls: int, work: Path, log_events: int = 0,
+                           state_url: str | None = None) -> dict:
     import asyncio
 
     import ray
@@ -275,7 +277,7 @@ def measure_delete_latency(n_calls: int, work: Path, log_events: int = 0) -> dic
     ray_detail_to_log_files()  # Ray Data's progress dumps to the session's log files
     init_ray(num_cpus=2, dashboard=False)
     store = StateStore(n_shards=1, log_dir=str(work / "lat-events"), name="bench-lat", namespace="bench",
-                       snapshot_every=1000)
+                       snapshot_every=1000, state_url=state_url)
     try:
         for k in range(0, log_events, 1000):  # other users' events: the log every purge pass works on
             store.apply_sync([{"user_id": f"bg-{(k + j) // 10}", "item_id": f"i{j}", "event": "click",
@@ -316,7 +318,8 @@ def measure_delete_latency(n_calls: int, work: Path, log_events: int = 0) -> dic
         phases = (("idle", idle), ("with_delete_loop", busy))
         pct = {name: {"p50_ms": round(float(np.percentile(v, 50)), 2),
                       "p99_ms": round(float(np.percentile(v, 99)), 2)} for name, v in phases}
-        return {"calls": n_calls, "log_events_before": log_events, **pct,
+        return {"calls": n_calls, "log_events_before": log_events,
+                "backend": "redis" if state_url else "file", **pct,
                 "deletes_during": n_del[0], "last_pass": st["last_snapshot"],
                 "p99_ratio": round(pct["with_delete_loop"]["p99_ms"] / pct["idle"]["p99_ms"], 2),
                 "purged_users": st["purged_users"], "full_snapshots": st["snapshots_written"]["full"],
@@ -335,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--log-events", type=int, default=0,
                    help="events of other users in the log before the DELETE-loop latency phase")
+    p.add_argument("--state-url", default=None,
+                   help="run the latency phase on the Redis backend at this URL (an empty redis, e.g. "
+                        "redis://127.0.0.1:6399/0?prefix=bench) instead of the file log")
     p.add_argument("--purge-events", type=int, nargs="*", default=[], metavar="EVENTS",
                    help="also time a purge pass over a log of this many events (e.g. 200000)")
     p.add_argument("--synthetic-restart", type=int, nargs="*", default=[], metavar="USERS",
@@ -353,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.purge_events:
             report["purge_pass"] = [measure_purge_pass(n, work / f"purge{n}") for n in args.purge_events]
         if not args.skip_latency:
-            report["feedback_latency_under_delete_loop"] = measure_delete_latency(args.calls, work,
-                                                                                  args.log_events)
+            report["feedback_latency_under_delete_loop"] = measure_delete_latency(
+                args.calls, work, args.log_events, args.state_url)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_json_report(report, args.out, indent=1, echo=True)

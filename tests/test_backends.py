@@ -127,6 +127,8 @@ def test_background_snapshots_and_batched_purges(storage: Storage) -> None:
         time.sleep(0.05)
     assert shard.stats()["purged_users"] == 5
     assert not {r["user_id"] for r in storage.records(shard)} & set(users[:5])
+    pw = shard.stats()["purge_worker"]  # the purge ran in the child process, not in the shard's GIL
+    assert pw["jobs"] >= 1 and pw["in_process"] == 0 and pw["pid"] not in (None, os.getpid())
     want = {u: comparable(s) for u, s in shard.users.items()}
     shard.close()
     again = storage.shard()
@@ -169,3 +171,24 @@ def test_acknowledged_events_survive_a_hard_storage_restart(storage: Storage) ->
     want = {u: comparable(s) for u, s in reference_states(events).items()}
     assert {u: comparable(s) for u, s in again.users.items()} == want
     again.close()
+
+
+def test_a_purge_while_redis_is_down_is_unavailable_and_done_once_it_is_back(redis_server, tmp_path: Path
+                                                                              ) -> None:
+    """The purge worker's Redis errors come back as the shard's own (StateUnavailable: the pass is retried),
+    and a worker whose connection broke serves the next pass."""
+    shard = UserStateShard(0, str(tmp_path / "events"), vec_factory(), state_url=redis_server.url,
+                           background=True, purge_interval_s=600)  # the purge waits for snapshot()
+    shard.apply([{"event_id": f"e{k}", "user_id": u, "item_id": f"i{k}", "event": "like", "ts": 1.0 + k}
+                 for k, u in enumerate(["gone", "stay", "gone", "stay"])])
+    shard.snapshot()
+    assert shard.delete("gone") is True  # tombstone written; the log purge waits for the next pass
+    redis_server.stop(hard=True)
+    with pytest.raises(StateUnavailable, match="purge worker"):
+        shard.snapshot()
+    redis_server.start()
+    shard.snapshot()
+    assert [r["user_id"] for r in shard.log.records()] == ["stay", "stay"]
+    pw = shard.stats()["purge_worker"]
+    assert (pw["jobs"], pw["in_process"], pw["starts"]) == (2, 0, 1)
+    shard.close()

@@ -38,6 +38,7 @@ from llmrec.artifacts import fsync_dir
 from llmrec.state.errors import LogWriteError, StateUnavailable
 from llmrec.state.event_log import EventLog, encode_record, iter_events
 from llmrec.state.privacy import load_or_create_key
+from llmrec.state.purge_worker import PurgeWorker
 from llmrec.state.snapshots import (
     SnapshotState,
     delta_path,
@@ -226,6 +227,7 @@ class RedisBackend:
             f"{k}:log", f"{k}:users", f"{k}:snap", f"{k}:tomb", f"{k}:lock")
         self._locked = False
         self._uncertain = False
+        self._purger = PurgeWorker({"kind": "redis", "url": url})  # started on the first purge
 
     def describe(self) -> str:
         return f"{self._url_shown} prefix {self.prefix}"
@@ -333,9 +335,15 @@ class RedisBackend:
             counters["records"] = counters.get("records", 0) + n
 
     def purge_stats(self) -> dict[str, Any] | None:
-        return None  # purges scan the stream in the shard (no worker process)
+        """The purge worker (`llmrec.state.purge_worker`): pid, jobs it ran, jobs run in the shard."""
+        return self._purger.stats()
 
     def forget_users(self, users: Mapping[str, int | None]) -> int:
+        """`forget_here` in this shard's purge worker, a child process (the scan of the whole stream leaves
+        the shard's GIL to its requests)."""
+        return self._purger.forget(self.shard, users)
+
+    def forget_here(self, users: Mapping[str, int | None]) -> int:
         """XDEL the users' entries; an entry is decoded only when its user id token is one of theirs (or
         cannot be read off its bytes), as in the file log's purge."""
         from llmrec.state.event_log import forgets, record_user_token, user_tokens
@@ -421,6 +429,7 @@ class RedisBackend:
         return n + len(body)
 
     def close(self) -> None:
+        self._purger.close()
         if self._locked:
             try:
                 if self.r.get(self._lock) == self.owner.encode():

@@ -154,7 +154,7 @@ class EventLog:
         self._size = 0
         self._seg_count = 0
         self._needs_repair = False
-        self._purger = PurgeWorker(self.dir)  # purges run in a child process (started on the first)
+        self._purger = PurgeWorker({"kind": "file", "dir": str(self.dir)})  # started on the first purge
         logger.info("event log %s shard %d opened: last seq %d (%.3fs)", self.dir, shard, self.last_seq,
                     time.perf_counter() - t0)
 
@@ -226,7 +226,7 @@ class EventLog:
         with self._mutex:
             self._close_segment()
             upto = self.last_seq
-        return self._purger.rewrite_without(self.shard, user_ids, upto)
+        return self._purger.forget(self.shard, user_ids, upto)
 
     def purge_worker_stats(self) -> dict[str, Any]:
         """{"pid", "jobs", "in_process", "starts"} of this log's purge worker."""

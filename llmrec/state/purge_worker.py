@@ -1,20 +1,24 @@
-"""A child process that runs an event log's purges, so that their CPU work leaves the shard's GIL.
+"""A child process that runs a shard's log purges, so that their CPU work leaves the shard's GIL.
 
-A delete's log purge reads every closed segment of the shard and rewrites those that hold the deleted users'
-records (`event_log._rewrite_without`): a pattern scan over the whole log, 0.2-0.5 s per pass over 200,000
-events on this project's 2-core machine. Run in a thread of the shard actor, that work shares the actor's GIL
-with the requests, and under a client that loops DELETE it set the `/feedback` p99 (README, issue 15). Here
-each `EventLog` starts one child (`python -m llmrec.state.purge_worker`) on its first purge and sends it
-jobs over a pipe; the calling thread waits on the pipe (without the GIL) for the answer.
+A delete's log purge reads the whole log of the shard to find the deleted users' records: for the file log a
+pattern scan of every closed segment and a rewrite of those that hold them (`event_log._rewrite_without`),
+0.2-0.5 s per pass over 200,000 events on this project's 2-core machine; for Redis a read of the whole stream
+and an XDEL (`RedisBackend.forget_here`). Run in a thread of the shard actor, that work shares the actor's
+GIL with the requests, and under a client that loops DELETE it set the `/feedback` p99 (README, issue 15).
+Here each log starts one child (`python -m llmrec.state.purge_worker`) on its first purge and sends it jobs
+over a pipe; the calling thread waits on the pipe (without the GIL) for the answer.
 
-The protocol is one JSON line per job on the child's stdin, `{"dir", "shard", "users", "max_first_seq"}`, and
-one JSON line per answer on its stdout: `{"removed": n}` or `{"error": kind, "message", "errno"}`. The child
-exits when its stdin closes (the log closed, or the shard process died). A segment is only ever rewritten
-under the shard's purge lock (`_rewrite_without` takes it), so a child left running by a killed shard and a
-restarted shard never rewrite the same segment at once.
+The protocol is one JSON line per job on the child's stdin, the log's target (`{"kind": "file", "dir"}` or
+`{"kind": "redis", "url"}`; a Redis URL with its password travels on the pipe, never in argv) plus `shard`,
+`users` and `max_first_seq`, and one JSON line per answer on its stdout: `{"removed": n}` or
+`{"error": kind, "message", "errno", "retry_after_s"}`. The child exits when its stdin closes (the log
+closed, or the shard process died). A file segment is only ever rewritten under the shard's purge lock
+(`_rewrite_without` takes it), so a child left running by a killed shard and a restarted shard never rewrite
+the same segment at once; an XDEL is idempotent.
 
-If the child cannot be started, or dies during a job, the job runs in the calling process (the rewrite is
-idempotent: each segment is replaced atomically) and the next job starts a new child; `stats()` counts both.
+If the child cannot be started, or dies during a job, the job runs in the calling process (`run_job`, the
+function the child runs: each file segment is replaced atomically, so a half-done job is only redone) and
+the next job starts a new child; `stats()` counts both.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from llmrec.state.errors import LogCorruption
+from llmrec.state.errors import LogCorruption, StateUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +42,17 @@ _CLOSE_TIMEOUT_S = 10.0
 
 
 class PurgeWorker:
-    """The child process of one log folder's purges (started on the first job, reused after).
+    """The child process of one log's purges (started on the first job, reused after).
 
-    `rewrite_without(shard, users, max_first_seq)` has the contract of `event_log._rewrite_without`
-    (returns how many records went; raises OSError with the child's errno, or LogCorruption)."""
+    `target`: `{"kind": "file", "dir": log folder}` or `{"kind": "redis", "url": redis URL}`.
+    `forget(shard, users, max_first_seq)` has the contract of the backend's own purge (returns how many
+    records went; raises OSError with the child's errno, LogCorruption, or StateUnavailable)."""
 
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = Path(log_dir)
+    def __init__(self, target: Mapping[str, Any]) -> None:
+        if target.get("kind") not in ("file", "redis"):
+            raise ValueError(f"target kind must be 'file' or 'redis', got {target.get('kind')!r}")
+        self.target = dict(target)
+        self._where = str(target.get("dir") or "a redis log")  # never the URL (it may hold a password)
         self._proc: subprocess.Popen[bytes] | None = None
         self._mu = threading.Lock()  # one job at a time on the pipe
         self.jobs = 0  # jobs the child answered
@@ -60,22 +68,21 @@ class PurgeWorker:
     def stats(self) -> dict[str, Any]:
         return {"pid": self.pid, "jobs": self.jobs, "in_process": self.in_process, "starts": self.starts}
 
-    def rewrite_without(self, shard: int, users: Mapping[str, int | None], max_first_seq: int | None) -> int:
-        from llmrec.state.event_log import _rewrite_without
-
-        job = json.dumps({"dir": str(self.log_dir), "shard": shard, "users": dict(users),
-                          "max_first_seq": max_first_seq}).encode("ascii") + b"\n"
+    def forget(self, shard: int, users: Mapping[str, int | None], max_first_seq: int | None = None) -> int:
+        job = {**self.target, "shard": shard, "users": dict(users), "max_first_seq": max_first_seq}
         with self._mu:
-            reply = self._ask(job)
+            reply = self._ask(json.dumps(job).encode("ascii") + b"\n")
             if reply is None:  # no child: the work runs here, as it did before the child existed
                 self.in_process += 1
-                return _rewrite_without(self.log_dir, shard, users, max_first_seq=max_first_seq)
+                return run_job(job)
             self.jobs += 1
         if "error" not in reply:
             return int(reply["removed"])
         msg = f"log purge in the purge worker: {reply['message']}"
         if reply["error"] == "LogCorruption":
             raise LogCorruption(msg)
+        if reply["error"] in ("StateUnavailable", "LogWriteError"):
+            raise StateUnavailable(msg, retry_after_s=float(reply.get("retry_after_s") or 1.0))
         if reply.get("errno") is not None:
             raise OSError(int(reply["errno"]), msg)
         raise RuntimeError(f"{reply['error']}: {msg}")
@@ -98,7 +105,7 @@ class PurgeWorker:
             line = b""
         if not line:
             logger.warning("log purge worker (pid %d) of %s died during a job (exit %s); the job runs in "
-                           "the shard, the next one starts a new worker", proc.pid, self.log_dir, proc.poll())
+                           "the shard, the next one starts a new worker", proc.pid, self._where, proc.poll())
             self._stop(kill=True)
             return None
         return json.loads(line)
@@ -111,7 +118,7 @@ class PurgeWorker:
                 stdout=subprocess.PIPE, env=_child_env(), close_fds=True)
         except OSError as e:
             logger.warning("cannot start the log purge worker of %s (%s: %s); purges run in the shard",
-                           self.log_dir, type(e).__name__, e)
+                           self._where, type(e).__name__, e)
             self._proc = None
             return None
         self.starts += 1
@@ -151,18 +158,31 @@ def _close_quietly(f: IO[bytes] | None) -> None:
         pass
 
 
-def main() -> int:
-    from llmrec.state.event_log import _rewrite_without
+def run_job(job: Mapping[str, Any]) -> int:
+    """One purge job (see the module docstring): how many records went."""
+    if job["kind"] == "file":
+        from llmrec.state.event_log import _rewrite_without
 
+        return _rewrite_without(Path(job["dir"]), int(job["shard"]), job["users"],
+                                max_first_seq=job["max_first_seq"])
+    from llmrec.state.backends import RedisBackend
+
+    backend = RedisBackend(job["url"], int(job["shard"]))
+    try:
+        return backend.forget_here(job["users"])
+    finally:
+        backend.r.close()
+
+
+def main() -> int:
     out = sys.stdout.buffer
     for line in sys.stdin.buffer:
         job = json.loads(line)
         try:
-            n = _rewrite_without(Path(job["dir"]), int(job["shard"]), job["users"],
-                                 max_first_seq=job["max_first_seq"])
-            reply: dict[str, Any] = {"removed": n}
+            reply: dict[str, Any] = {"removed": run_job(job)}
         except Exception as e:  # answered, so the shard raises it where it would have run the job itself
-            reply = {"error": type(e).__name__, "message": str(e), "errno": getattr(e, "errno", None)}
+            reply = {"error": type(e).__name__, "message": str(e), "errno": getattr(e, "errno", None),
+                     "retry_after_s": getattr(e, "retry_after_s", None)}
         out.write(json.dumps(reply).encode("ascii") + b"\n")
         out.flush()
     return 0

@@ -323,7 +323,7 @@ def measure_delete_latency(n_calls: int, work: Path, log_events: int = 0,
                 "deletes_during": n_del[0], "last_pass": st["last_snapshot"],
                 "p99_ratio": round(pct["with_delete_loop"]["p99_ms"] / pct["idle"]["p99_ms"], 2),
                 "purged_users": st["purged_users"], "full_snapshots": st["snapshots_written"]["full"],
-                "purge_worker": st["purge_worker"]}
+                "purge_worker": st.get("purge_worker")}
     finally:
         store.shutdown(kill_all=True)
         ray.shutdown()

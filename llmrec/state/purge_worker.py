@@ -128,8 +128,7 @@ class PurgeWorker:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        for f in (proc.stdin, proc.stdout):
-            _close_quietly(f)
+        _close_quietly(proc.stdin)  # the child exits on this EOF once its job is answered
         if kill:
             proc.kill()
         try:
@@ -137,6 +136,7 @@ class PurgeWorker:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        _close_quietly(proc.stdout)
 
 
 def _child_env() -> dict[str, str]:
@@ -176,6 +176,7 @@ def run_job(job: Mapping[str, Any]) -> int:
 
 def main() -> int:
     out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # stdout carries the answers only: anything printed goes to the shard's log
     for line in sys.stdin.buffer:
         job = json.loads(line)
         try:

@@ -421,7 +421,7 @@ class UserStateShard:
             "last_snapshot": dict(self._last_snapshot),
             "pending_purges": len(self._purge) + self._purges_in_flight,  # deletes not yet off disk
             "snapshots_written": dict(self._written), "purged_users": self._purged_users_total,
-            "purge_worker": self.log.purge_stats(),  # file log: the child process its purges run in
+            "purge_worker": self.log.purge_stats(),  # the child process the log purges run in (both backends)
             "resources": _assigned_resources(),
         }
 

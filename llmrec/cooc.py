@@ -28,8 +28,34 @@ ITEMKNN = "itemknn"
 # EASE regularisation strengths: the scorer's behaviour terms tried on validation and the EASE baseline's grid
 EASE_L2_GRID = (1.0, 10.0, 50.0, 200.0, 500.0, 2000.0)
 # largest catalog for which EASE is built: a dense float64 inverse over the items with events (2 GiB at 16k,
-# about 30 s per inverse at 9k items on 2 cores)
+# about 15 s per inverse at 9.7k items on 2 cores by Cholesky, `spd_inverse`; 25 s by LU)
 EASE_MAX_ITEMS = 16384
+
+
+def spd_inverse(a: np.ndarray) -> np.ndarray:
+    """The inverse of a symmetric positive definite float64 (K, K) matrix (EASE's G + l2 I), by Cholesky
+    (LAPACK potrf + potri: about half the flops of `np.linalg.inv`'s LU; MovieLens' K = 9,724 items on 2
+    cores: 15.4 s vs 25.2 s, EASE's B equal within 5e-16 of its largest entry). `a` is not modified. A
+    matrix that is not positive definite in floating point (potrf fails) is inverted by LU instead, with a
+    warning.
+
+    Returns:
+        float64 (K, K), symmetric.
+    """
+    from scipy.linalg import lapack
+
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"spd_inverse needs a square matrix, got shape {a.shape}")
+    c, info = lapack.dpotrf(np.asarray(a, np.float64), lower=False, clean=False, overwrite_a=False)
+    if info == 0:
+        p, info = lapack.dpotri(c, lower=False, overwrite_c=True)
+    if info != 0:
+        logger.warning("Cholesky of a %d x %d matrix failed (LAPACK info %d): inverting it by LU",
+                       *a.shape, info)
+        return np.linalg.inv(a)
+    p = np.triu(p)  # potri fills the upper triangle; the lower holds the factor's leftovers
+    p += np.triu(p, 1).T
+    return p
 
 
 def ease_term(l2: float) -> str:
@@ -217,7 +243,7 @@ def ease_weights(counts: sp.spmatrix, l2: float, n_neighbors: int = 100) -> sp.c
         return sp.csr_matrix((n, n), dtype=np.float32)
     g = counts[known][:, known].toarray().astype(np.float64)  # (K, K)
     g[np.diag_indices(kk)] += l2
-    p = np.linalg.inv(g)
+    p = spd_inverse(g)
     del g
     b = (p / (-np.diag(p))[None, :]).astype(np.float32)  # (K, K) B_ij = -P_ij / P_jj
     del p

@@ -114,6 +114,33 @@ def test_ease_weights_equal_the_ease_baseline_and_keep_the_top_entries():
         ease_weights(counts.counts, 0.0)
 
 
+def test_spd_inverse_equals_the_lu_inverse_and_falls_back_on_a_matrix_that_is_not_positive_definite(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """EASE's inverse by Cholesky (`spd_inverse`) against numpy's LU inverse on G + l2 I of a random binary
+    matrix (and A P = I); the input is left as it was; a symmetric matrix that is not positive definite
+    (Cholesky fails) is still inverted, by LU, with a warning; a non-square one is refused."""
+    import logging
+
+    from llmrec.cooc import spd_inverse
+
+    rng = np.random.default_rng(11)
+    x = (rng.random((40, 25)) < 0.2).astype(np.float64)
+    g = x.T @ x + 3.0 * np.eye(25)
+    before = g.copy()
+    p = spd_inverse(g)
+    np.testing.assert_array_equal(g, before)
+    np.testing.assert_allclose(p, np.linalg.inv(g), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(p, p.T, rtol=0, atol=0)
+    np.testing.assert_allclose(g @ p, np.eye(25), atol=1e-10)
+    indefinite = np.array([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3 and -1
+    with caplog.at_level(logging.WARNING, logger="llmrec.cooc"):
+        np.testing.assert_allclose(spd_inverse(indefinite), np.linalg.inv(indefinite), rtol=1e-12)
+    assert "Cholesky of a 2 x 2 matrix failed" in caplog.text
+    with pytest.raises(ValueError, match=r"square matrix, got shape \(2, 3\)"):
+        spd_inverse(np.zeros((2, 3)))
+
+
 def test_candidate_terms_follow_the_kind_and_the_catalog_size():
     from llmrec.cooc import EASE_L2_GRID, EASE_MAX_ITEMS, candidate_terms, term_l2
 

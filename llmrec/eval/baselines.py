@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from llmrec.cooc import history_matrix, top_per_row
+from llmrec.cooc import history_matrix, spd_inverse, top_per_row
 from llmrec.protocol import History, ItemSpace
 from llmrec.schema import EVENT, ITEM_IDX, NEGATIVE_KINDS, USER_ID
 
@@ -189,7 +189,7 @@ class EASERecommender(_IDModel):
         else:
             g = (x.T @ x).toarray()  # (K, K) Gram matrix
             g[np.diag_indices(k)] += self.l2
-            p = np.linalg.inv(g).astype(np.float32)
+            p = spd_inverse(g).astype(np.float32)
         b = p / (-np.diag(p))[None, :]  # B_ij = -P_ij / P_jj
         b[np.diag_indices(k)] = 0.0
         self.b = b.astype(np.float32)  # (K, K)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,24 +49,32 @@ def _slice(data_dir: Path, out: Path, n_ratings: int = 3000) -> Path:
     return out
 
 
-@pytest.mark.timeout(1500)
-def test_serve_answers_at_once_then_swaps_in_the_trained_scorer(
-    data_dir: Path, tiny_model_dir: str, tmp_path: Path
-) -> None:
+CLI = [sys.executable, "-m", "llmrec"]
+
+
+def _prepared_run(data_dir: Path, tiny_model_dir: str, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """(run folder after `llmrec pipeline --stages prepare,embed,index` on the slice, env for the CLI)."""
     src = _slice(data_dir, tmp_path / "raw")
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    cli = [sys.executable, "-m", "llmrec"]
     prep = subprocess.run(
-        cli + ["pipeline", "--dataset", "movielens-latest-small", "--source", str(src), "--out", str(run),
+        CLI + ["pipeline", "--dataset", "movielens-latest-small", "--source", str(src), "--out", str(run),
                "--stages", "prepare,embed,index", "--model", tiny_model_dir],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert prep.returncode == 0, prep.stderr[-3000:]
+    return run, env
+
+
+@pytest.mark.timeout(1500)
+def test_serve_answers_at_once_then_swaps_in_the_trained_scorer(
+    data_dir: Path, tiny_model_dir: str, tmp_path: Path
+) -> None:
+    run, env = _prepared_run(data_dir, tiny_model_dir, tmp_path)
     port = _free_port()
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(cli + ["serve", "--run", str(run), "--port", str(port), "--shards", "2",
+    proc = subprocess.Popen(CLI + ["serve", "--run", str(run), "--port", str(port), "--shards", "2",
                                    "--train-in-background"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -105,3 +114,51 @@ def test_serve_answers_at_once_then_swaps_in_the_trained_scorer(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(900)
+def test_sigterm_stops_serve_and_its_background_training(
+    data_dir: Path, tiny_model_dir: str, tmp_path: Path
+) -> None:
+    """`kill PID` (as `docker stop` or a pod's stop sends it) to `llmrec serve --train-in-background` while
+    the scorer trains: the command takes the Ctrl-C path, so the training process stops with it and serve
+    exits 0. Before, Python died at the signal (exit -15) and the trainer lived on, orphaned, with its own
+    Ray. Reference: the trainer's pid (from the serve log) no longer exists, and the exit code."""
+    run, env = _prepared_run(data_dir, tiny_model_dir, tmp_path)
+    port, log_path = _free_port(), tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        argv = CLI + ["serve", "--run", str(run), "--port", str(port), "--shards", "1",
+                      "--train-in-background"]
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    trainer_pid = None
+    try:
+        t0 = time.monotonic()
+        while trainer_pid is None:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            m = re.search(r"training the scorer in the background \(pid (\d+)", log_path.read_text())
+            trainer_pid = int(m.group(1)) if m else None
+            assert time.monotonic() - t0 < 600, "no background training within 10 minutes"
+            time.sleep(1)
+        r = requests.get(f"http://127.0.0.1:{port}/recommend", params={"user_id": "1", "k": 5}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["items"]) == 5, r.text
+        assert _alive(trainer_pid) and proc.poll() is None  # the scorer is still training
+        proc.send_signal(signal.SIGTERM)  # the serve process alone, as `kill PID` does
+        rc = proc.wait(timeout=180)
+        assert rc == 0, log_path.read_text()[-3000:]
+        assert not _alive(trainer_pid), "the background training outlived serve"
+        text = log_path.read_text()
+        assert "SIGTERM: stopping as on Ctrl-C" in text, text[-3000:]
+        assert "background training stopped" in text, text[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if trainer_pid is not None and _alive(trainer_pid):
+            os.kill(trainer_pid, signal.SIGKILL)

@@ -5,17 +5,23 @@ no scorer yet, while a separate process trains one (`llmrec pipeline --stages tr
 local Ray; log in RUN/logs/train-background.log). When that succeeds and RUN/scorer changed, the app is
 redeployed with the same args (new replicas start before the old ones stop, so answers never pause) and picks
 the scorer by the usual rule (`RUN/eval`, when present, must rate it above the zero-shot text model).
+
+Stopping: Ctrl-C and SIGTERM (`kill`, `docker stop`, a Kubernetes pod's stop) take the same path: the
+background training gets Ctrl-C (and is terminated if it does not stop), the app is deleted and Ray shut down.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from llmrec import schema
@@ -110,49 +116,76 @@ def run(args: argparse.Namespace) -> int:
         http_options=HTTPOptions(host=cfg.host, port=cfg.port),
         logging_config=LoggingConfig(enable_access_log=False),
     )
-    try:  # Ctrl-C while serve.run still waits for the app (requests may already be served) stops cleanly too
-        serve.run(app, name="llmrec", route_prefix="/", logging_config=LoggingConfig(enable_access_log=False))
-        url = f"http://{cfg.host}:{cfg.port}"
-        auth = f" -H \"Authorization: Bearer ${TOKEN_ENV}\"" if token else ""  # never the token itself
-        logger.info(
-            "llmrec serving %s at %s (ready in %.1fs); API docs at %s/docs",
-            args.run,
-            url,
-            time.perf_counter() - t0,
-            url,
-        )
-        logger.info("try: curl%s '%s/recommend?user_id=alice&k=5'", auth, url)
-        logger.info(
-            "     curl -X POST %s/feedback%s -H 'Content-Type: application/json' "
-            '-d \'{"user_id": "alice", "item_id": "<an item id>", "event": "like"}\'',
-            url,
-            auth,
-        )
-        if train_argv is not None:
-            trainer = _BackgroundTraining(train_argv, Path(args.run))
-        while True:
-            time.sleep(5.0 if trainer is not None else 3600.0)
-            if trainer is not None and trainer.finished():
-                if trainer.scorer_changed():
-                    t1 = time.perf_counter()
-                    logger.info("redeploying the app so that it picks up the new scorer")
-                    serve.run(
-                        build_app(app_args),
-                        name="llmrec",
-                        route_prefix="/",
-                        logging_config=LoggingConfig(enable_access_log=False),
-                    )
-                    logger.info("app redeployed in %.1fs; /admin/stats shows which user model serves",
-                                time.perf_counter() - t1)
-                trainer = None
-    except KeyboardInterrupt:
-        if trainer is not None:
-            trainer.stop()
-        logger.info("stopping: Serve app deleted; state shards stay (their log is in RUN/events)")
-        serve.delete("llmrec")
-        serve.shutdown()
-        ray.shutdown()
+    with sigterm_as_interrupt():  # `kill`, `docker stop`: the Ctrl-C path below, trainer included
+        try:  # Ctrl-C while serve.run still waits for the app (requests may already be served) stops cleanly
+            serve.run(app, name="llmrec", route_prefix="/",
+                      logging_config=LoggingConfig(enable_access_log=False))
+            url = f"http://{cfg.host}:{cfg.port}"
+            auth = f" -H \"Authorization: Bearer ${TOKEN_ENV}\"" if token else ""  # never the token itself
+            logger.info(
+                "llmrec serving %s at %s (ready in %.1fs); API docs at %s/docs",
+                args.run,
+                url,
+                time.perf_counter() - t0,
+                url,
+            )
+            logger.info("try: curl%s '%s/recommend?user_id=alice&k=5'", auth, url)
+            logger.info(
+                "     curl -X POST %s/feedback%s -H 'Content-Type: application/json' "
+                '-d \'{"user_id": "alice", "item_id": "<an item id>", "event": "like"}\'',
+                url,
+                auth,
+            )
+            if train_argv is not None:
+                trainer = _BackgroundTraining(train_argv, Path(args.run))
+            while True:
+                time.sleep(5.0 if trainer is not None else 3600.0)
+                if trainer is not None and trainer.finished():
+                    if trainer.scorer_changed():
+                        t1 = time.perf_counter()
+                        logger.info("redeploying the app so that it picks up the new scorer")
+                        serve.run(
+                            build_app(app_args),
+                            name="llmrec",
+                            route_prefix="/",
+                            logging_config=LoggingConfig(enable_access_log=False),
+                        )
+                        logger.info("app redeployed in %.1fs; /admin/stats shows which user model serves",
+                                    time.perf_counter() - t1)
+                    trainer = None
+        except KeyboardInterrupt:
+            if trainer is not None:
+                trainer.stop()
+            logger.info("stopping: Serve app deleted; state shards stay (their log is in RUN/events)")
+            serve.delete("llmrec")
+            serve.shutdown()
+            ray.shutdown()
     return 0
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block the first SIGTERM raises KeyboardInterrupt in the main thread, so `kill`, `docker
+    stop` and a pod's stop run the same cleanup as Ctrl-C (without it Python dies at once and a background
+    training process lives on, orphaned, with its own Ray); further SIGTERMs are ignored while that cleanup
+    runs (SIGKILL still ends it). The previous handler is restored on exit. Main thread only (Python's rule
+    for signal handlers)."""
+    received = False
+
+    def _interrupt(signum: int, frame: object) -> None:
+        nonlocal received
+        if received:
+            logger.info("SIGTERM again: still stopping")
+            return
+        received = True
+        logger.info("SIGTERM: stopping as on Ctrl-C")
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 TRAIN_LOG = "logs/train-background.log"  # under the run folder
@@ -225,12 +258,10 @@ class _BackgroundTraining:
         """Ctrl-C for the trainer too (its driver shuts its own Ray down), then terminate if it hangs."""
         if self.proc.poll() is not None:
             return
-        import signal
-
         self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.proc.terminate()
             self.proc.wait(timeout=timeout_s)
-        logger.info("background training stopped")
+        logger.info("background training stopped (exit %s)", self.proc.returncode)

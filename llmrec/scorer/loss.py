@@ -66,7 +66,7 @@ def log_q_tensor(static: dict, cfg: TrainConfig, device: torch.device | str) -> 
     """float32 (N,) `static["log_q"]` on `device`, or None when cfg turns the logQ correction off."""
     if not cfg.logq_correction:
         return None
-    return torch.as_tensor(static["log_q"], dtype=torch.float32, device=device)
+    return torch.as_tensor(np.array(static["log_q"], np.float32), device=device)  # writable: no torch warning
 
 
 def candidate_log_q(target_counts: np.ndarray, neg_p: np.ndarray, batch_size: int, n_neg: int) -> np.ndarray:

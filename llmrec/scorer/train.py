@@ -313,7 +313,7 @@ def train_loop_per_worker(config: dict) -> list[tuple[str, dict]] | None:
             logger.info("resuming at epoch %d (best %s=%.4f)", start_epoch, SCORE_METRIC, stop_state["best"])
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     shard = ray.train.get_dataset_shard("train")
-    neg_p = torch.as_tensor(static["neg_p"], dtype=torch.float32, device=device)
+    neg_p = torch.as_tensor(np.array(static["neg_p"], np.float32), device=device)  # a writable copy
     log_q = log_q_tensor(static, cfg, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     rng = np.random.default_rng([cfg.seed, rank, start_epoch])  # text-feedback synthesis
@@ -388,7 +388,7 @@ def fit_local(
     torch.manual_seed(cfg.seed)
     model = build_model(static, cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    neg_p = torch.as_tensor(static["neg_p"], dtype=torch.float32, device=device)
+    neg_p = torch.as_tensor(np.array(static["neg_p"], np.float32), device=device)  # a writable copy
     log_q = log_q_tensor(static, cfg, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000)
     rng = np.random.default_rng(cfg.seed)
